@@ -1,0 +1,155 @@
+"""The swarm's settings: read from the environment once, validated in one place, frozen."""
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from configs_env import parsing as p
+from configs_env.errors import ConfigError
+from configs_env.presets import PRESETS, TEST_MODE_VALUES, preset_names
+
+DEFAULT_TASKS = "chain_sum:1,basic_arithmetic:1"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One knob: the environment variable, the parser, and the help line the README and --help show."""
+
+    env: str
+    attr: str
+    parse: p.Parser
+    help: str
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    # Where and what
+    gdrive_path: Path = Path("./swarm-drive")
+    experiment_name: str = "sapo-gpt2"
+    node_id: str = "worker"
+    model_name: str | None = None
+    device: str = "auto"
+    cache_dir: Path = Path.home() / ".cache" / "rl-swarm"
+    seed: int = 42
+    preset: str = "default"
+    test_mode: bool = False
+    # The swarm and its rounds
+    num_workers: int = 4
+    max_rounds: int = 2000
+    num_train_samples: int = 2          # I: local questions per round
+    num_transplant_trees: int = 2       # J: external groups taken from peers per round
+    num_generations: int = 4            # G: completions per question
+    tasks: tuple[tuple[str, float], ...] = p.task_mix("TASKS", DEFAULT_TASKS)
+    coordinator_round_interval: float = 120.0
+    rollout_fetch_timeout: float = 60.0
+    peer_timeout: float = 120.0
+    # Generation and training
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    learning_rate: float | None = None   # None: the model's own default (workers.model)
+    advantage_scale: str = "std"
+    kl_beta: float = 0.0
+    checkpoint_interval: int = 50
+    # The shared folder
+    rollout_publish_frequency: str = "stage"
+    rollout_cleanup_enabled: bool = False
+    rollout_keep_last_n_rounds: int = 10
+    rollout_archive_old: bool = False
+    # Supervision
+    max_restarts: int = 5
+    restart_window: float = 600.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, role: str = "up") -> "SwarmConfig":
+        """Defaults, then TEST_MODE, then the preset, then every variable set explicitly (it always wins)."""
+        explicit = {s.attr: s.parse(s.env, env[s.env]) for s in SETTINGS if env.get(s.env, "") != ""}
+        values: dict[str, Any] = {}
+        if explicit.get("test_mode"):
+            values.update(TEST_MODE_VALUES)
+        values.update(PRESETS[explicit.get("preset", "default")])
+        values.update(explicit)
+        cfg = cls(**values)
+        cfg.check(role)
+        return cfg
+
+    def check(self, role: str = "up") -> None:
+        """Cross-field rules; `role="join"` allows J>0 with one local worker, since peers run elsewhere."""
+        i, j, n = self.num_train_samples, self.num_transplant_trees, self.num_workers
+        if i + j == 0:
+            raise ConfigError("NUM_TRAIN_SAMPLES=0 and NUM_TRANSPLANT_TREES=0: a round needs at least one "
+                              "group to train on (e.g. NUM_TRAIN_SAMPLES=2)")
+        if role == "up" and j > 0 and n < 2:
+            raise ConfigError(f"NUM_TRANSPLANT_TREES={j} with NUM_WORKERS={n}: external rollouts need at least "
+                              "2 workers (set NUM_WORKERS=2 or more, or NUM_TRANSPLANT_TREES=0)")
+        if role == "up" and j > (n - 1) * i:
+            raise ConfigError(f"NUM_TRANSPLANT_TREES={j}: the other {n - 1} workers publish only {(n - 1) * i} "
+                              f"groups a round (NUM_TRAIN_SAMPLES={i} each); set NUM_TRANSPLANT_TREES <= {(n - 1) * i}")
+
+    def with_overrides(self, **changes: Any) -> "SwarmConfig":
+        return replace(self, **changes)
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.gdrive_path / "experiments" / self.experiment_name
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        out["tasks"] = [[name, weight] for name, weight in self.tasks]
+        return out
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("GDRIVE_PATH", "gdrive_path", lambda n, r: Path(p.text(n, r)).expanduser(),
+            "Shared folder of the swarm (a mounted Google Drive folder on Colab, any directory elsewhere)"),
+    Setting("EXPERIMENT_NAME", "experiment_name", p.safe_name, "Experiment folder under <GDRIVE_PATH>/experiments/"),
+    Setting("NODE_ID", "node_id", p.safe_name, "Name prefix of this machine's workers (worker-1, worker-2, ...)"),
+    Setting("MODEL_NAME", "model_name", p.optional_text,
+            "Hugging Face model id, a local folder, or rl-swarm/tiny-gpt2, rl-swarm/gpt2-124m-random; "
+            "unset: openai-community/gpt2, else the tiny offline model"),
+    Setting("DEVICE", "device", p.device, "auto (cuda:0 when present), cpu, cuda or cuda:N"),
+    Setting("RL_SWARM_CACHE", "cache_dir", lambda n, r: Path(p.text(n, r)).expanduser(),
+            "Where offline models are built once and reused"),
+    Setting("SEED", "seed", p.integer(0), "Base seed; each worker's questions use SEED + its index"),
+    Setting("PRESET", "preset", p.choice(preset_names()), "I/J split: default (2/2), sapo-4-0, sapo-3-1, "
+            "sapo-2-2, sapo-1-3 (the paper's four configurations scaled to 4 workers)"),
+    Setting("TEST_MODE", "test_mode", p.boolean, "Quick validation run: 3 rounds, I=4, G=4, tiny sizes"),
+    Setting("NUM_WORKERS", "num_workers", p.integer(1, 64, example=4), "Worker processes on this machine"),
+    Setting("MAX_ROUNDS", "max_rounds", p.integer(1, example=2000), "Rounds the coordinator runs before the swarm stops"),
+    Setting("NUM_TRAIN_SAMPLES", "num_train_samples", p.integer(0, 1024, example=2), "I: local questions per worker per round"),
+    Setting("NUM_TRANSPLANT_TREES", "num_transplant_trees", p.integer(0, 1024, example=2),
+            "J: groups taken from other workers' rollouts per round"),
+    Setting("NUM_GENERATIONS", "num_generations", p.integer(2, 256, example=4), "G: completions generated per question"),
+    Setting("TASKS", "tasks", p.task_mix, "reasoning-gym tasks and weights (task:weight,...)"),
+    Setting("COORDINATOR_ROUND_INTERVAL", "coordinator_round_interval", p.number(0.1, "120", exclusive=True),
+            "Seconds after which the coordinator advances the round even if some workers are not done"),
+    Setting("ROLLOUT_FETCH_TIMEOUT", "rollout_fetch_timeout", p.number(0, "60"),
+            "Seconds a worker waits for peers' rollouts of the round before going on with what arrived"),
+    Setting("PEER_TIMEOUT", "peer_timeout", p.number(1, "120"),
+            "Seconds without a heartbeat after which a node counts as gone"),
+    Setting("MAX_NEW_TOKENS", "max_new_tokens", p.integer(1, 4096), "Longest completion, in tokens"),
+    Setting("TEMPERATURE", "temperature", p.number(0, "1.0", exclusive=True), "Sampling temperature"),
+    Setting("LEARNING_RATE", "learning_rate", p.number(0, "1e-5", exclusive=True),
+            "AdamW learning rate (unset: 1e-5 for GPT-2 124M, 1e-4 for the tiny model)"),
+    Setting("ADVANTAGE_SCALE", "advantage_scale", p.choice(("std", "none")),
+            "std: (r - mean) / (std + eps) per group; none: r - mean"),
+    Setting("KL_BETA", "kl_beta", p.number(0, "0.0"), "KL penalty weight (0: no reference model is kept)"),
+    Setting("CHECKPOINT_INTERVAL", "checkpoint_interval", p.integer(1), "K: a checkpoint every K rounds"),
+    Setting("ROLLOUT_PUBLISH_FREQUENCY", "rollout_publish_frequency", p.choice(("generation", "stage", "round")),
+            "When rollouts are written to the folder: after each generation batch, each stage, or each round"),
+    Setting("ROLLOUT_CLEANUP_ENABLED", "rollout_cleanup_enabled", p.boolean,
+            "Let the coordinator remove old rounds' rollouts"),
+    Setting("ROLLOUT_KEEP_LAST_N_ROUNDS", "rollout_keep_last_n_rounds", p.integer(1),
+            "Rounds of rollouts kept when cleanup is on"),
+    Setting("ROLLOUT_ARCHIVE_OLD", "rollout_archive_old", p.boolean,
+            "Move old rounds to <GDRIVE_PATH>/archives/<EXPERIMENT_NAME>/ instead of deleting them"),
+    Setting("MAX_RESTARTS", "max_restarts", p.integer(0), "Restarts of one worker within RESTART_WINDOW before "
+            "it is marked failed"),
+    Setting("RESTART_WINDOW", "restart_window", p.number(1, "600"), "Seconds over which restarts are counted"),
+)
+
+_defaults = {f.name for f in fields(SwarmConfig)}
+assert all(s.attr in _defaults for s in SETTINGS), "every Setting must name a SwarmConfig field"

@@ -1,0 +1,107 @@
+"""Parsers for environment values; each raises ConfigError with one line: name, value, what is allowed."""
+
+import re
+from typing import Callable, Sequence
+
+from configs_env.errors import ConfigError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+Parser = Callable[[str, str], object]
+
+
+def integer(minimum: int, maximum: int | None = None, example: int | None = None) -> Parser:
+    shown = example if example is not None else max(minimum, 1)
+
+    def parse(name: str, raw: str) -> int:
+        text = raw.strip()
+        ok = text.lstrip("-").isdigit() and int(text) >= minimum and (maximum is None or int(text) <= maximum)
+        if not ok:
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise ConfigError(f"{name}={raw!r}: expected an integer >= {minimum}{upper} (e.g. {name}={shown})")
+        return int(text)
+    return parse
+
+
+def number(minimum: float, example: str, exclusive: bool = False) -> Parser:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not (value > minimum if exclusive else value >= minimum) or value != value or value == float("inf"):
+            bound = ">" if exclusive else ">="
+            raise ConfigError(f"{name}={raw!r}: expected a number {bound} {minimum:g} (e.g. {name}={example})")
+        return value
+    return parse
+
+
+def boolean(name: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true or false (e.g. {name}=true)")
+
+
+def choice(options: Sequence[str]) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        text = raw.strip().lower()
+        if text not in options:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(options)}")
+        return text
+    return parse
+
+
+def safe_name(name: str, raw: str) -> str:
+    """Names that become folder names: no separators, no dots first, bounded length."""
+    text = raw.strip()
+    if not SAFE_NAME.match(text):
+        raise ConfigError(f"{name}={raw!r}: expected 1-64 letters, digits, '.', '_' or '-', "
+                          f"starting with a letter or digit (e.g. {name}=sapo-run1)")
+    return text
+
+
+def text(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ConfigError(f"{name} is set but empty: unset it to use the default, or give a value")
+    return value
+
+
+def optional_text(name: str, raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def device(name: str, raw: str) -> str:
+    text_ = raw.strip().lower()
+    if text_ in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,2}", text_):
+        return text_
+    raise ConfigError(f"{name}={raw!r}: expected auto, cpu, cuda or cuda:N (e.g. {name}=cuda:0)")
+
+
+def task_mix(name: str, raw: str) -> tuple[tuple[str, float], ...]:
+    """`chain_sum:1,basic_arithmetic:2` -> (("chain_sum", 1.0), ("basic_arithmetic", 2.0))."""
+    mix: list[tuple[str, float]] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        task, _, weight = part.partition(":")
+        task = task.strip()
+        try:
+            value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            value = -1.0
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", task) or not value > 0:
+            raise ConfigError(f"{name}={raw!r}: expected task:weight pairs with positive weights "
+                              f"(e.g. {name}=chain_sum:1,basic_arithmetic:1)")
+        if any(t == task for t, _ in mix):
+            raise ConfigError(f"{name}={raw!r}: task {task!r} is listed twice")
+        mix.append((task, value))
+    if not mix:
+        raise ConfigError(f"{name}={raw!r}: expected at least one task (e.g. {name}=chain_sum:1)")
+    return tuple(mix)

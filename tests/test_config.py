@@ -1,0 +1,78 @@
+"""Settings come from the environment; bad values stop the program with one line naming the variable."""
+
+from pathlib import Path
+
+import pytest
+
+from configs_env import SETTINGS, ConfigError, SwarmConfig
+
+
+def test_defaults_are_the_seeds_five_node_swarm():
+    cfg = SwarmConfig.from_env({})
+    assert (cfg.num_workers, cfg.num_train_samples, cfg.num_transplant_trees, cfg.num_generations) == (4, 2, 2, 4)
+    assert cfg.max_rounds == 2000
+    assert cfg.experiment_dir == Path("swarm-drive") / "experiments" / "sapo-gpt2"
+    assert cfg.model_name is None
+
+
+def test_test_mode_is_the_quick_run_and_explicit_values_win():
+    cfg = SwarmConfig.from_env({"TEST_MODE": "True"})
+    assert (cfg.max_rounds, cfg.num_train_samples, cfg.num_generations) == (3, 4, 4)
+    assert SwarmConfig.from_env({"TEST_MODE": "true", "MAX_ROUNDS": "6"}).max_rounds == 6
+
+
+@pytest.mark.parametrize("preset, split", [("sapo-4-0", (4, 0)), ("sapo-3-1", (3, 1)),
+                                           ("sapo-2-2", (2, 2)), ("sapo-1-3", (1, 3))])
+def test_sapo_presets_split_four_groups_between_local_and_external(preset, split):
+    cfg = SwarmConfig.from_env({"PRESET": preset, "TEST_MODE": "1"})
+    assert (cfg.num_train_samples, cfg.num_transplant_trees) == split
+    assert cfg.max_rounds == 3
+
+
+def test_explicit_value_wins_over_preset():
+    assert SwarmConfig.from_env({"PRESET": "sapo-1-3", "NUM_TRAIN_SAMPLES": "2"}).num_train_samples == 2
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"NUM_GENERATIONS": "abc"}, "NUM_GENERATIONS='abc': expected an integer >= 2"),
+    ({"NUM_TRAIN_SAMPLES": "-1"}, "NUM_TRAIN_SAMPLES='-1': expected an integer >= 0"),
+    ({"NUM_WORKERS": "1"}, "NUM_TRANSPLANT_TREES=2 with NUM_WORKERS=1"),
+    ({"ROLLOUT_PUBLISH_FREQUENCY": "hourly"}, "ROLLOUT_PUBLISH_FREQUENCY='hourly': expected one of generation"),
+    ({"TEST_MODE": "maybe"}, "TEST_MODE='maybe': expected true or false"),
+    ({"EXPERIMENT_NAME": "../../etc"}, "EXPERIMENT_NAME='../../etc'"),
+    ({"NODE_ID": "a/b"}, "NODE_ID='a/b'"),
+    ({"TASKS": "chain_sum:-1"}, "TASKS='chain_sum:-1'"),
+    ({"COORDINATOR_ROUND_INTERVAL": "0"}, "COORDINATOR_ROUND_INTERVAL='0'"),
+    ({"PRESET": "5/0"}, "PRESET='5/0': expected one of default"),
+    ({"DEVICE": "tpu"}, "DEVICE='tpu'"),
+    ({"NUM_TRANSPLANT_TREES": "7"}, "NUM_TRANSPLANT_TREES=7: the other 3 workers publish only 6"),
+])
+def test_bad_values_give_one_line_naming_variable_and_value(env, expected):
+    with pytest.raises(ConfigError) as error:
+        SwarmConfig.from_env(env)
+    message = str(error.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_join_allows_external_rollouts_with_one_local_worker():
+    cfg = SwarmConfig.from_env({"NUM_WORKERS": "1"}, role="join")
+    assert cfg.num_transplant_trees == 2
+
+
+def test_every_setting_has_help_and_a_unique_variable():
+    names = [s.env for s in SETTINGS]
+    assert len(names) == len(set(names))
+    for required in ("GDRIVE_PATH", "EXPERIMENT_NAME", "NODE_ID", "MODEL_NAME", "SEED", "TEST_MODE", "MAX_ROUNDS",
+                     "NUM_TRAIN_SAMPLES", "NUM_TRANSPLANT_TREES", "NUM_GENERATIONS", "COORDINATOR_ROUND_INTERVAL",
+                     "ROLLOUT_PUBLISH_FREQUENCY", "ROLLOUT_CLEANUP_ENABLED", "ROLLOUT_KEEP_LAST_N_ROUNDS",
+                     "ROLLOUT_ARCHIVE_OLD", "NUM_WORKERS", "DEVICE", "MAX_NEW_TOKENS", "TEMPERATURE",
+                     "LEARNING_RATE"):
+        assert required in names
+    assert all(s.help for s in SETTINGS)
+
+
+def test_config_is_frozen():
+    cfg = SwarmConfig.from_env({})
+    with pytest.raises(AttributeError):
+        cfg.max_rounds = 1
