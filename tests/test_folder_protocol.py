@@ -1,0 +1,128 @@
+"""The shared folder is untrusted: bad files are skipped and counted, never trusted, never a crash."""
+
+import json
+import os
+import threading
+
+import pytest
+
+from workers.exchange import Exchange, live_workers
+from workers.folder import (ExperimentFolder, RejectedFile, append_jsonl, check_node_name, read_json_bounded,
+                            read_jsonl, write_json_atomic)
+from workers.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundMetrics, RoundState
+
+
+def group(g: int = 4, task: str = "chain_sum") -> RolloutGroup:
+    return RolloutGroup(task=task, question="1 + 2 =", answer="3", metadata={"source_dataset": task},
+                        prompt="1 + 2 =\nAnswer:", completions=tuple(f"<answer>{i}</answer>" for i in range(g)),
+                        finished=(True,) * g, rewards=(0.0,) * g)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return ExperimentFolder(tmp_path / "experiments" / "exp").create()
+
+
+def test_atomic_write_leaves_no_temp_files_and_round_trips(folder):
+    path = folder.round_state_file(1)
+    state = RoundState(round=1, max_rounds=3, started_at=1.0, reason="start")
+    write_json_atomic(path, state.to_json())
+    assert RoundState.from_json(read_json_bounded(path)) == state
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_layout_matches_the_seeds(folder):
+    for sub in ("state", "peers", "rollouts", "rewards", "checkpoints", "logs", "metrics"):
+        assert (folder.root / sub).is_dir()
+    assert folder.rollout_file(3, 0, "worker-1").relative_to(folder.root).as_posix() == \
+        "rollouts/round_3/stage_0/worker-1.json"
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "", ".", "..", "x" * 65, "-lead", "bad name"])
+def test_unsafe_node_names_never_become_paths(name):
+    with pytest.raises(RejectedFile):
+        check_node_name(name)
+
+
+def test_truncated_oversized_and_wrong_typed_files_are_rejected(tmp_path):
+    good = {"schema": 1, "round": 2, "max_rounds": 3, "started_at": 1.0, "reason": "x"}
+    truncated = tmp_path / "t.json"
+    truncated.write_text(json.dumps(good)[:-5])
+    with pytest.raises(RejectedFile, match="not valid JSON"):
+        read_json_bounded(truncated)
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(5 * 1024 * 1024)
+    with pytest.raises(RejectedFile, match="over the"):
+        read_json_bounded(big)
+    with pytest.raises(RejectedFile, match="'round' must be int"):
+        RoundState.from_json({**good, "round": "2"})
+    with pytest.raises(RejectedFile, match="schema version 99"):
+        RoundState.from_json({**good, "schema": 99})
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(RejectedFile, match="expected a JSON object"):
+        read_json_bounded(listing)
+
+
+def test_peer_rollouts_skip_bad_files_and_own_and_count_them(folder):
+    writer = {n: Exchange(folder, n) for n in ("w-1", "w-2", "w-3")}
+    writer["w-1"].publish_rollouts(1, 0, [group()])
+    writer["w-2"].publish_rollouts(1, 0, [group(), group()])
+    stage = folder.rollout_dir(1, 0)
+    (stage / "w-4.json").write_text('{"schema": 1, "node": "w-4", "round"')                 # truncated
+    bad_types = RolloutFile(node="w-5", round=1, stage=0, created_at=0.0, groups=(group(),)).to_json()
+    bad_types["groups"][0]["rewards"] = ["high"] * 4
+    (stage / "w-5.json").write_text(json.dumps(bad_types))
+    liar = RolloutFile(node="w-2", round=1, stage=0, created_at=0.0, groups=(group(),)).to_json()
+    (stage / "w-6.json").write_text(json.dumps(liar))                                       # claims to be w-2
+    (stage / "..json").write_text("{}")
+    reader = writer["w-3"]
+    writer["w-3"].publish_rollouts(1, 0, [group()])
+    found = reader.peer_rollouts(1)
+    assert sorted(found) == ["w-1", "w-2"]
+    assert len(found["w-2"]) == 2
+    assert len(reader.rejected) == 3
+
+
+def test_wait_for_peers_is_bounded_by_its_timeout(folder):
+    exchange = Exchange(folder, "w-1")
+    Exchange(folder, "w-2").publish_rollouts(1, 0, [group()])
+    found = exchange.wait_for_peers(1, {"w-2", "w-dead"}, timeout_s=0.5, stop=threading.Event())
+    assert list(found) == ["w-2"]
+
+
+def test_generation_frequency_parts_are_read_as_one_node(folder):
+    exchange = Exchange(folder, "w-2")
+    exchange.publish_rollouts(1, 0, [group()], part=0)
+    exchange.publish_rollouts(1, 0, [group()], part=1)
+    assert len(Exchange(folder, "w-1").peer_rollouts(1)["w-2"]) == 2
+
+
+def test_heartbeats_tell_alive_from_gone(folder):
+    now = 1000.0
+    for node, age, status in (("w-1", 1, "training"), ("w-2", 500, "training"), ("w-3", 1, "stopped")):
+        Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+                                                         status=status, round=1, stage=0, started_at=0,
+                                                         updated_at=now - age))
+    beats = Exchange(folder, "w-1").read_heartbeats()
+    assert live_workers(beats, peer_timeout=120, now=now) == {"w-1"}
+
+
+def test_jsonl_reader_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"round": 1})
+    with open(path, "a") as f:
+        f.write('{"round": 2, "rew')
+    assert list(read_jsonl(path)) == [{"round": 1}]
+
+
+def test_metrics_row_round_trips_and_rejects_bad_fields():
+    row = RoundMetrics(node="w-1", round=1, reward_mean=0.5, accuracy=0.25, loss=0.1, local_groups=2,
+                       external_groups=2, external_available=6, zero_advantage_groups=0, completions=8,
+                       mean_completion_tokens=9.5, generate_s=1.0, fetch_s=0.1, train_s=0.2, round_s=1.3)
+    assert RoundMetrics.from_json(json.loads(json.dumps(row.to_json()))) == row
+    with pytest.raises(RejectedFile):
+        RoundMetrics.from_json({**row.to_json(), "node": "../x"})
+    with pytest.raises(RejectedFile):
+        RoundMetrics.from_json({**row.to_json(), "loss": True})

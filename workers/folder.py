@@ -1,0 +1,162 @@
+"""The shared folder: its layout, and the only ways anything is written to it or read from it.
+
+The folder may be a Google Drive mount shared by several machines, so it is untrusted input:
+every read is size-bounded and JSON-only, every name is validated before it becomes a path,
+and every write is atomic (temp file in the same folder, fsync, rename).
+"""
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from configs_env import SwarmError
+
+log = logging.getLogger(__name__)
+
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_RECORD_BYTES = 4 * 1024 * 1024     # a round's rollouts of one node: I*G completions, far below this
+MAX_JSONL_BYTES = 64 * 1024 * 1024
+
+
+class FolderError(SwarmError):
+    """The shared folder cannot be used (missing, not writable, or claimed by someone else)."""
+
+
+class RejectedFile(SwarmError):
+    """A file in the shared folder failed validation; it is skipped and counted, never trusted."""
+
+
+def check_node_name(name: str) -> str:
+    """Node ids become file names: letters, digits, '.', '_', '-' only, so `../../etc` never becomes a path."""
+    if not isinstance(name, str) or not NODE_NAME.match(name) or name in (".", ".."):
+        raise RejectedFile(f"node id {name!r} is not a safe name (letters, digits, '.', '_', '-', at most 64)")
+    return name
+
+
+def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, separators=(",", ":"), allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json_bounded(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any]:
+    """One JSON object from the folder, or RejectedFile naming the file and why."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise RejectedFile(f"{path}: {size} bytes is over the {max_bytes}-byte limit; skipped")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise RejectedFile(f"{path}: unreadable ({exc.strerror or exc}); skipped") from exc
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RejectedFile(f"{path}: not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]}); skipped") from exc
+    if not isinstance(record, dict):
+        raise RejectedFile(f"{path}: expected a JSON object, got {type(record).__name__}; skipped")
+    return record
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one line with a single write and fsync; a crash can only leave a torn last line, which readers skip."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path, max_bytes: int = MAX_JSONL_BYTES) -> Iterator[dict[str, Any]]:
+    """Every well-formed object line of a JSONL file; malformed lines are logged and skipped."""
+    if not path.exists():
+        return
+    if path.stat().st_size > max_bytes:
+        raise RejectedFile(f"{path}: over the {max_bytes}-byte limit for a JSONL file; skipped")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                log.warning("%s line %d: not valid JSON; skipped", path, number)
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+class ExperimentFolder:
+    """Paths of one experiment: <GDRIVE_PATH>/experiments/<EXPERIMENT_NAME>/ and the seeds' layout under it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def create(self) -> "ExperimentFolder":
+        for sub in ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        probe = self.root / "state" / f".probe.{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise FolderError(f"{self.root}: the shared folder is not writable ({exc.strerror}); "
+                              "check GDRIVE_PATH and that the Drive is mounted") from exc
+        return self
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.json"
+
+    def round_state_file(self, round_: int) -> Path:
+        return self.root / "state" / f"round_{round_:06d}.json"
+
+    @property
+    def finished_file(self) -> Path:
+        return self.root / "state" / "finished.json"
+
+    def heartbeat_file(self, node: str) -> Path:
+        return self.root / "peers" / f"{check_node_name(node)}.json"
+
+    def rollout_dir(self, round_: int, stage: int = 0) -> Path:
+        return self.root / "rollouts" / f"round_{round_}" / f"stage_{stage}"
+
+    def rollout_file(self, round_: int, stage: int, node: str, part: int | None = None) -> Path:
+        name = check_node_name(node) if part is None else f"{check_node_name(node)}.part{part}"
+        return self.rollout_dir(round_, stage) / f"{name}.json"
+
+    def reward_file(self, round_: int, node: str) -> Path:
+        return self.root / "rewards" / f"round_{round_}" / f"{check_node_name(node)}.json"
+
+    def metrics_file(self, node: str) -> Path:
+        return self.root / "metrics" / check_node_name(node) / "metrics.jsonl"
+
+    def checkpoint_dir(self, node: str) -> Path:
+        return self.root / "checkpoints" / check_node_name(node)
+
+    def log_dir(self, node: str) -> Path:
+        return self.root / "logs" / check_node_name(node)
+
+    @property
+    def events_file(self) -> Path:
+        return self.root / "logs" / "supervisor" / "events.jsonl"
+
+    def state_rounds(self) -> list[int]:
+        """Round numbers with a state file, ascending."""
+        found = []
+        for path in (self.root / "state").glob("round_*.json"):
+            digits = path.stem.removeprefix("round_")
+            if digits.isdigit():
+                found.append(int(digits))
+        return sorted(found)

@@ -1,0 +1,201 @@
+"""Records exchanged through the shared folder, each with a schema version and a validating from_json."""
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from workers.folder import RejectedFile, check_node_name
+
+SCHEMA = 1
+MAX_TEXT = 16_384          # characters of one question, prompt or completion
+MAX_GROUP = 256            # completions in one group (NUM_GENERATIONS is capped at 256 too)
+MAX_GROUPS = 1024
+
+
+def _need(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = record.get(key)
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise RejectedFile(f"{where}: field {key!r} must be a number, not a boolean")
+    if not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise RejectedFile(f"{where}: field {key!r} must be {expected}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RejectedFile(f"{where}: field {key!r} is not a finite number")
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise RejectedFile(f"{where}: field {key!r} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _check_schema(record: dict[str, Any], where: str) -> None:
+    version = record.get("schema")
+    if version != SCHEMA:
+        raise RejectedFile(f"{where}: schema version {version!r} is not {SCHEMA} (written by another rl-swarm "
+                           "version?); skipped")
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """The coordinator's word that a round has begun; one write-once file per round."""
+
+    round: int
+    max_rounds: int
+    started_at: float
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: str = "round state") -> "RoundState":
+        _check_schema(record, where)
+        state = cls(round=_need(record, "round", int, where), max_rounds=_need(record, "max_rounds", int, where),
+                    started_at=float(_need(record, "started_at", (int, float), where)),
+                    reason=_need(record, "reason", str, where))
+        if not 1 <= state.round <= state.max_rounds:
+            raise RejectedFile(f"{where}: round {state.round} is outside 1..{state.max_rounds}")
+        return state
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A node's own liveness record in peers/; rewritten only by that node."""
+
+    node: str
+    role: str
+    pid: int
+    host: str
+    instance: str            # random per process start: two live processes with one NODE_ID differ here
+    status: str
+    round: int
+    stage: int
+    started_at: float
+    updated_at: float
+    last_reward: float | None = None
+    last_accuracy: float | None = None
+    last_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: str = "heartbeat") -> "Heartbeat":
+        _check_schema(record, where)
+        optional = {}
+        for key in ("last_reward", "last_accuracy"):
+            value = record.get(key)
+            optional[key] = None if value is None else float(_need(record, key, (int, float), where))
+        error = record.get("last_error")
+        optional["last_error"] = None if error is None else _need(record, "last_error", str, where)[:500]
+        return cls(node=check_node_name(_need(record, "node", str, where)), role=_need(record, "role", str, where),
+                   pid=_need(record, "pid", int, where), host=_need(record, "host", str, where)[:128],
+                   instance=_need(record, "instance", str, where)[:64], status=_need(record, "status", str, where)[:32],
+                   round=_need(record, "round", int, where), stage=_need(record, "stage", int, where),
+                   started_at=float(_need(record, "started_at", (int, float), where)),
+                   updated_at=float(_need(record, "updated_at", (int, float), where)), **optional)
+
+    def age(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.updated_at)
+
+
+@dataclass(frozen=True)
+class RolloutGroup:
+    """G completions of one question, with what a reader needs to re-score them itself."""
+
+    task: str
+    question: str
+    answer: str
+    metadata: dict[str, Any]
+    prompt: str
+    completions: tuple[str, ...]
+    finished: tuple[bool, ...]      # the completion ended with EOS (so EOS is part of what is trained)
+    rewards: tuple[float, ...]      # the publisher's scores: shown, never trusted for training
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("completions", "finished", "rewards"):
+            out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_json(cls, record: Any, where: str) -> "RolloutGroup":
+        if not isinstance(record, dict):
+            raise RejectedFile(f"{where}: a group must be a JSON object")
+        completions = _need(record, "completions", list, where)
+        finished = _need(record, "finished", list, where)
+        rewards = _need(record, "rewards", list, where)
+        if not 1 <= len(completions) <= MAX_GROUP or not len(completions) == len(finished) == len(rewards):
+            raise RejectedFile(f"{where}: completions, finished and rewards must be 1..{MAX_GROUP} long and equal")
+        if not all(isinstance(c, str) and len(c) <= MAX_TEXT for c in completions):
+            raise RejectedFile(f"{where}: every completion must be a string of at most {MAX_TEXT} characters")
+        if not all(isinstance(f, bool) for f in finished):
+            raise RejectedFile(f"{where}: 'finished' must hold booleans")
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards):
+            raise RejectedFile(f"{where}: 'rewards' must hold finite numbers")
+        return cls(task=_need(record, "task", str, where), question=_need(record, "question", str, where),
+                   answer=_need(record, "answer", str, where), metadata=_need(record, "metadata", dict, where),
+                   prompt=_need(record, "prompt", str, where), completions=tuple(completions),
+                   finished=tuple(finished), rewards=tuple(float(r) for r in rewards))
+
+
+@dataclass(frozen=True)
+class RolloutFile:
+    """What one node publishes for one round and stage."""
+
+    node: str
+    round: int
+    stage: int
+    created_at: float
+    groups: tuple[RolloutGroup, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "node": self.node, "round": self.round, "stage": self.stage,
+                "created_at": self.created_at, "groups": [g.to_json() for g in self.groups]}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: str) -> "RolloutFile":
+        _check_schema(record, where)
+        groups = _need(record, "groups", list, where)
+        if len(groups) > MAX_GROUPS:
+            raise RejectedFile(f"{where}: more than {MAX_GROUPS} groups")
+        return cls(node=check_node_name(_need(record, "node", str, where)), round=_need(record, "round", int, where),
+                   stage=_need(record, "stage", int, where),
+                   created_at=float(_need(record, "created_at", (int, float), where)),
+                   groups=tuple(RolloutGroup.from_json(g, f"{where} group {i}") for i, g in enumerate(groups)))
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """One worker's result for one round: a line of metrics.jsonl, and its rewards/ file that marks the round done."""
+
+    node: str
+    round: int
+    reward_mean: float
+    accuracy: float               # exact-match rate (score == 1.0); reasoning-gym gives partial credit
+    loss: float
+    local_groups: int
+    external_groups: int
+    external_available: int
+    zero_advantage_groups: int
+    completions: int
+    mean_completion_tokens: float
+    generate_s: float
+    fetch_s: float
+    train_s: float
+    round_s: float
+    finished_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: str = "metrics") -> "RoundMetrics":
+        _check_schema(record, where)
+        values: dict[str, Any] = {}
+        for name, kind in cls.__annotations__.items():
+            if kind is float:
+                values[name] = float(_need(record, name, (int, float), where))
+            else:
+                values[name] = _need(record, name, kind, where)
+        values["node"] = check_node_name(values["node"])
+        return cls(**values)

@@ -1,0 +1,109 @@
+"""Questions from reasoning-gym, prompts, answer extraction and scoring."""
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import reasoning_gym
+from reasoning_gym.factory import DATASETS
+from reasoning_gym.utils import extract_answer
+
+from configs_env import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Difficulty that GPT-2-sized models can partly solve after a warm-up: one-digit operands, two terms.
+# Tasks not listed here use reasoning-gym's own defaults.
+TASK_SETTINGS: dict[str, dict[str, Any]] = {
+    "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
+                         "operators": ("+", "-"), "allow_parentheses": False, "allow_negation": False},
+    "products": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    "leg_counting": {"min_animals": 1, "max_animals": 2, "max_instances": 2},
+}
+DATASET_SIZE = 1_000_000   # reasoning-gym builds item i from (seed, i) on demand, so a large size costs nothing
+
+
+@dataclass(frozen=True)
+class Question:
+    task: str
+    question: str
+    answer: str
+    metadata: dict[str, Any]
+
+    def entry(self) -> dict[str, Any]:
+        """The dict reasoning-gym's scorers expect."""
+        return {"question": self.question, "answer": self.answer, "metadata": self.metadata}
+
+
+def build_prompt(question: str) -> str:
+    # Prompt and completion are tokenised separately and concatenated (BPE merges across the
+    # boundary would otherwise differ between training and generation).
+    return f"{question}\nAnswer:"
+
+
+def check_tasks(tasks: tuple[tuple[str, float], ...]) -> None:
+    unknown = [name for name, _ in tasks if name not in DATASETS or name == "composite"]
+    if unknown:
+        raise ConfigError(f"TASKS names unknown reasoning-gym task(s) {', '.join(unknown)}: "
+                          f"use names such as chain_sum, basic_arithmetic, leg_counting")
+
+
+class TaskMix:
+    """A weighted mix of reasoning-gym tasks; questions are drawn with the caller's seeded RNG."""
+
+    def __init__(self, tasks: tuple[tuple[str, float], ...], seed: int):
+        check_tasks(tasks)
+        self.names = [name for name, _ in tasks]
+        self.weights = [weight for _, weight in tasks]
+        self.datasets = {}
+        for index, name in enumerate(self.names):
+            try:
+                self.datasets[name] = reasoning_gym.create_dataset(
+                    name, size=DATASET_SIZE, seed=seed * 1009 + index, **TASK_SETTINGS.get(name, {}))
+            except (TypeError, ValueError, AssertionError) as exc:
+                raise ConfigError(f"TASKS: reasoning-gym task {name!r} could not be built ({exc}); "
+                                  "choose another task") from exc
+
+    def sample(self, count: int, rng: random.Random) -> list[Question]:
+        questions = []
+        for name in rng.choices(self.names, weights=self.weights, k=count):
+            item = self.datasets[name][rng.randrange(DATASET_SIZE)]
+            metadata = dict(item.get("metadata", {}))
+            metadata["source_dataset"] = name
+            questions.append(Question(task=name, question=item["question"], answer=str(item["answer"]),
+                                      metadata=_json_safe(metadata)))
+        return questions
+
+
+def _json_safe(value: Any) -> Any:
+    """reasoning-gym metadata holds tuples; make it what a JSON round trip gives, so local and peer scoring agree."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+_scorers: dict[str, Callable[[str | None, dict[str, Any]], float]] = {}
+
+
+def score_completion(task: str, completion: str, entry: dict[str, Any]) -> float:
+    """Reward in [0, 1] from reasoning-gym's own scorer on the last <answer> tag; a scorer that raises scores 0."""
+    if task not in DATASETS:
+        raise KeyError(task)
+    scorer = _scorers.get(task)
+    if scorer is None:
+        scorer = _scorers[task] = reasoning_gym.get_score_answer_fn(task)
+    answer = extract_answer(completion)
+    if answer is None:
+        return 0.0
+    try:
+        reward = float(scorer(answer, entry))
+    except Exception as exc:  # noqa: BLE001 - third-party scorers raise anything on odd answers
+        log.warning("scorer of %s raised %s on answer %r; counted as reward 0", task, type(exc).__name__, answer[:80])
+        return 0.0
+    return min(1.0, max(0.0, reward)) if reward == reward else 0.0
