@@ -1,0 +1,137 @@
+"""The coordinator: a thread that starts rounds by writing one write-once state file per round.
+
+A round r ends when every live worker has written rewards/round_r/<node>.json, or when
+COORDINATOR_ROUND_INTERVAL seconds have passed and at least one has (an empty round teaches nothing,
+so a swarm with no working worker waits instead of racing to MAX_ROUNDS).
+"""
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from typing import Callable
+
+from configs_env import SwarmConfig
+from workers.exchange import live_workers, read_heartbeats
+from workers.folder import ExperimentFolder, write_json_atomic
+from workers.protocol import Heartbeat, RoundState
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1
+HEARTBEAT_S = 2.0
+
+
+class Coordinator(threading.Thread):
+    def __init__(self, cfg: SwarmConfig, folder: ExperimentFolder, stop: threading.Event,
+                 local_workers: Callable[[], set[str]], on_event: Callable[[str], None] = lambda _: None):
+        super().__init__(name="coordinator", daemon=True)
+        self.cfg, self.folder, self.stop = cfg, folder, stop
+        self.local_workers = local_workers
+        self.on_event = on_event
+        self.round = 0
+        self.round_started = time.monotonic()
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self._beat = Heartbeat(node="coordinator", role="coordinator", pid=os.getpid(), host=socket.gethostname(),
+                               instance=uuid.uuid4().hex[:12], status="running", round=0, stage=0,
+                               started_at=time.time(), updated_at=time.time())
+        self._last_beat = 0.0
+
+    def run(self) -> None:
+        try:
+            self._resume()
+            while not self.stop.is_set() and not self.finished.is_set():
+                self._heartbeat()
+                self._maybe_advance()
+                self.stop.wait(POLL_S)
+            self._heartbeat(status="done" if self.finished.is_set() else "stopped", force=True)
+        except BaseException as exc:  # the supervisor reports it and stops the swarm
+            log.exception("coordinator failed")
+            self.error = exc
+
+    def _resume(self) -> None:
+        rounds = self.folder.state_rounds()
+        if rounds:
+            self.round = rounds[-1]
+            self.on_event(f"coordinator resumes at round {self.round}")
+        else:
+            self._start_round(1, "start")
+
+    def done_nodes(self, round_: int) -> set[str]:
+        directory = self.folder.reward_file(round_, "x").parent
+        if not directory.is_dir():
+            return set()
+        return {p.stem for p in directory.glob("*.json") if not p.name.startswith(".")}
+
+    def expected_nodes(self) -> set[str]:
+        """Workers this swarm waits for: local processes that are up, and remote nodes with a fresh heartbeat."""
+        remote = live_workers(read_heartbeats(self.folder), self.cfg.peer_timeout)
+        return remote | self.local_workers()
+
+    def _maybe_advance(self) -> None:
+        done = self.done_nodes(self.round)
+        if not done:
+            return
+        waited = time.monotonic() - self.round_started
+        if self.expected_nodes() <= done:
+            self._advance("all workers done")
+        elif waited >= self.cfg.coordinator_round_interval:
+            missing = sorted(self.expected_nodes() - done)
+            self.on_event(f"round {self.round}: interval of {self.cfg.coordinator_round_interval:.0f}s reached, "
+                          f"going on without {', '.join(missing)}")
+            self._advance("interval")
+
+    def _advance(self, reason: str) -> None:
+        if self.round >= self.cfg.max_rounds:
+            write_json_atomic(self.folder.finished_file, {"schema": 1, "rounds": self.round,
+                                                          "finished_at": time.time()})
+            self.finished.set()
+            self.on_event(f"all {self.round} rounds done")
+            return
+        self._start_round(self.round + 1, reason)
+
+    def _start_round(self, round_: int, reason: str) -> None:
+        state = RoundState(round=round_, max_rounds=self.cfg.max_rounds, started_at=time.time(), reason=reason)
+        write_json_atomic(self.folder.round_state_file(round_), state.to_json())
+        self.round = round_
+        self.round_started = time.monotonic()
+        self._heartbeat(force=True)
+        if self.cfg.rollout_cleanup_enabled:
+            self.retire_old_rollouts()
+
+    def retire_old_rollouts(self) -> None:
+        """Delete or archive rollouts of rounds older than the last N; only the coordinator does this.
+
+        One round more than asked is kept, because a worker the interval left behind may still be
+        reading the previous round while this one starts.
+        """
+        oldest_kept = self.round - self.cfg.rollout_keep_last_n_rounds
+        archive = self.cfg.gdrive_path / "archives" / self.cfg.experiment_name / "rollouts"
+        for path in (self.folder.root / "rollouts").glob("round_*"):
+            number = path.name.removeprefix("round_")
+            if not number.isdigit() or int(number) >= oldest_kept:
+                continue
+            try:
+                if self.cfg.rollout_archive_old:
+                    archive.mkdir(parents=True, exist_ok=True)
+                    target = archive / path.name
+                    if target.exists():
+                        shutil.rmtree(target)
+                    shutil.move(str(path), str(target))
+                else:
+                    shutil.rmtree(path)
+            except OSError as exc:   # a Drive hiccup: the next round tries again
+                log.warning("could not retire %s: %s", path, exc)
+
+    def _heartbeat(self, status: str = "running", force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_beat < HEARTBEAT_S:
+            return
+        self._last_beat = now
+        self._beat = Heartbeat(**{**self._beat.__dict__, "status": status, "round": self.round,
+                                  "updated_at": time.time()})
+        write_json_atomic(self.folder.heartbeat_file("coordinator"), self._beat.to_json())
