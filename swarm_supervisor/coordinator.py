@@ -95,7 +95,8 @@ class Coordinator(threading.Thread):
         self._start_round(self.round + 1, reason)
 
     def _start_round(self, round_: int, reason: str) -> None:
-        state = RoundState(round=round_, max_rounds=self.cfg.max_rounds, started_at=time.time(), reason=reason)
+        state = RoundState(round=round_, max_rounds=self.cfg.max_rounds, started_at=time.time(), reason=reason,
+                           nodes=tuple(sorted(self.expected_nodes())))
         write_json_atomic(self.folder.round_state_file(round_), state.to_json())
         self.round = round_
         self.round_started = time.monotonic()

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 ROLLOUT_NAME = re.compile(r"^(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>\d{1,4}))?\.json$")
 POLL_S = 0.2
+TERMINAL = ("stopped", "done", "failed", "crashed")     # heartbeat statuses of a node that will publish no more
 
 
 class Exchange:
@@ -125,4 +126,4 @@ def live_workers(beats: dict[str, Heartbeat], peer_timeout: float, now: float | 
     """Workers whose heartbeat is recent and who have not said they stopped."""
     now = time.time() if now is None else now
     return {b.node for b in beats.values()
-            if b.role == "worker" and b.age(now) < peer_timeout and b.status not in ("stopped", "done", "failed", "crashed")}
+            if b.role == "worker" and b.age(now) < peer_timeout and b.status not in TERMINAL}

@@ -42,16 +42,18 @@ class RoundState:
     max_rounds: int
     started_at: float
     reason: str
+    nodes: tuple[str, ...] = ()     # the workers the coordinator expects this round; peers wait for these
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, **asdict(self)}
+        return {"schema": SCHEMA, **asdict(self), "nodes": list(self.nodes)}
 
     @classmethod
     def from_json(cls, record: dict[str, Any], where: str = "round state") -> "RoundState":
         _check_schema(record, where)
         state = cls(round=_need(record, "round", int, where), max_rounds=_need(record, "max_rounds", int, where),
                     started_at=float(_need(record, "started_at", (int, float), where)),
-                    reason=_need(record, "reason", str, where))
+                    reason=_need(record, "reason", str, where),
+                    nodes=tuple(check_node_name(n) for n in record.get("nodes", [])[:1024]))
         if not 1 <= state.round <= state.max_rounds:
             raise RejectedFile(f"{where}: round {state.round} is outside 1..{state.max_rounds}")
         return state

@@ -1,0 +1,202 @@
+"""`rl-swarm`: up (the whole swarm), worker (join a swarm started elsewhere), status, config."""
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from configs_env import SETTINGS, SwarmConfig, SwarmError
+from workers.folder import ExperimentFolder, FolderError, write_json_atomic
+from workers.exchange import read_heartbeats
+from workers.model import ensure_model_available, resolve_default_model
+from workers.tasks import check_tasks
+from workers.worker import WorkerSpec
+
+EXIT_USAGE = 2
+
+
+def settings_table() -> str:
+    width = max(len(s.env) for s in SETTINGS)
+    defaults = SwarmConfig()
+    lines = []
+    for s in SETTINGS:
+        default = getattr(defaults, s.attr)
+        if s.attr == "tasks":
+            default = ",".join(f"{name}:{weight:g}" for name, weight in default)
+        lines.append(f"  {s.env:<{width}}  {s.help} [default: {default}]")
+    return "\n".join(lines)
+
+
+def resolve_device(requested: str) -> tuple[str, str | None]:
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda:0", None
+        return "cpu", "CUDA is not available: the workers run on the CPU"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SwarmError(f"DEVICE={requested}: CUDA is not available on this machine; use DEVICE=cpu or DEVICE=auto")
+    return ("cuda:0" if requested == "cuda" else requested), None
+
+
+def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
+    """The model every worker loads; built or checked here once, before any process starts."""
+    if cfg.model_name is None:
+        name, note = resolve_default_model(cfg.cache_dir)
+    else:
+        name, note = cfg.model_name, None
+    ensure_model_available(name, cfg.cache_dir)
+    return name, note
+
+
+def worker_names(cfg: SwarmConfig) -> list[str]:
+    if cfg.num_workers == 1 and cfg.node_id != "worker":
+        return [cfg.node_id]
+    return [f"{cfg.node_id}-{i}" for i in range(1, cfg.num_workers + 1)]
+
+
+def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list[str]) -> None:
+    """Two live processes with one node id would overwrite each other's files: the second refuses to start."""
+    beats = read_heartbeats(folder)
+    for node in nodes:
+        beat = beats.get(node)
+        if beat is None or beat.age() > cfg.peer_timeout or beat.status in ("stopped", "done", "crashed", "failed"):
+            continue
+        if beat.host == os.uname().nodename and not _pid_alive(beat.pid):
+            continue
+        raise FolderError(f"node {node!r} is already running in experiment {cfg.experiment_name!r} "
+                          f"(pid {beat.pid} on {beat.host}, heartbeat {beat.age():.0f}s ago): stop it, or pick "
+                          f"another NODE_ID / EXPERIMENT_NAME")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start(cfg: SwarmConfig, role: str) -> int:
+    from swarm_supervisor.supervisor import Supervisor
+
+    check_tasks(cfg.tasks)
+    device, device_note = resolve_device(cfg.device)
+    model_name, model_note = resolve_model(cfg)
+    for note in (device_note, model_note):
+        if note:
+            print(f"rl-swarm: {note}")
+    folder = ExperimentFolder(cfg.experiment_dir).create()
+    nodes = worker_names(cfg)
+    refuse_running_nodes(folder, cfg, nodes + (["coordinator"] if role == "up" else []))
+    if role == "up" and not _prepare_rounds(folder, cfg):
+        return 0
+    _log_to_file(folder)
+    if role == "up":
+        write_json_atomic(folder.config_file, {"schema": 1, **cfg.to_json(), "model_resolved": model_name,
+                                               "device_resolved": device, "started_at": time.time()})
+    specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
+             for i, node in enumerate(nodes)]
+    supervisor = Supervisor(cfg, specs, run_coordinator=role == "up", model_label=model_name, device_label=device)
+    started = time.monotonic()
+    code = supervisor.run()
+    print(summary(supervisor, time.monotonic() - started, code))
+    return code
+
+
+def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig) -> bool:
+    """False when the experiment already ran all MAX_ROUNDS; a raised MAX_ROUNDS continues it."""
+    finished = folder.finished_file
+    rounds = folder.state_rounds()
+    if finished.exists():
+        done = rounds[-1] if rounds else 0
+        if done >= cfg.max_rounds:
+            print(f"rl-swarm: experiment {cfg.experiment_name!r} already finished its {done} rounds; raise "
+                  f"MAX_ROUNDS to continue it, or set a new EXPERIMENT_NAME")
+            return False
+        finished.unlink()    # only the coordinator of `up` writes it, and it is not running yet
+    return True
+
+
+def _log_to_file(folder: ExperimentFolder) -> None:
+    """The dashboard owns the terminal; the supervisor's own log goes to logs/supervisor/."""
+    log_dir = folder.root / "logs" / "supervisor"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / "supervisor.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def summary(supervisor, wall_s: float, code: int) -> str:
+    view = supervisor.reader.view(supervisor.handles)
+    verdict = {0: "finished", 130: "stopped (resumable: run the same command again)"}.get(code, "FAILED")
+    lines = [f"rl-swarm: {verdict}: experiment {view.experiment!r}, round {view.round}/{view.max_rounds}, "
+             f"{wall_s:.1f}s, folder {supervisor.folder.root}"]
+    for row in view.nodes:
+        if row.role != "worker":
+            continue
+        reward = "-" if row.reward is None else f"{row.reward:.3f}"
+        error = f" ({row.last_error})" if row.last_error else ""
+        lines.append(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, "
+                     f"restarts {row.restarts}{error}")
+    return "\n".join(lines)
+
+
+def show_status(cfg: SwarmConfig) -> int:
+    from rich.console import Console
+
+    from swarm_supervisor.dashboard import render
+    from swarm_supervisor.status import SwarmReader, experiment_config, read_events
+
+    folder = ExperimentFolder(cfg.experiment_dir)
+    if not folder.root.is_dir():
+        raise FolderError(f"no experiment at {folder.root}: check GDRIVE_PATH and EXPERIMENT_NAME")
+    recorded = experiment_config(folder)
+    if isinstance(recorded.get("max_rounds"), int):
+        cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])
+    reader = SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")),
+                         str(recorded.get("device_resolved", "?")))
+    Console().print(render(reader.view(events=read_events(folder))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rl-swarm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A one-machine, many-node SAPO swarm of GPT-2 workers sharing rollouts through a folder.",
+        epilog="Configuration is read from environment variables:\n" + settings_table())
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("up", help="start the coordinator and NUM_WORKERS workers (the default command)")
+    sub.add_parser("worker", aliases=["join"], help="start only workers, joining a swarm started elsewhere "
+                                                    "on the same GDRIVE_PATH/EXPERIMENT_NAME")
+    sub.add_parser("status", help="show the swarm's state read from the shared folder alone")
+    sub.add_parser("config", help="print the resolved configuration")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "up"
+    try:
+        cfg = SwarmConfig.from_env(role="join" if command in ("worker", "join") else "up")
+        if command == "config":
+            for key, value in cfg.to_json().items():
+                print(f"{key} = {value}")
+            return 0
+        if command == "status":
+            return show_status(cfg)
+        return start(cfg, "join" if command in ("worker", "join") else "up")
+    except SwarmError as error:
+        print(f"rl-swarm: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def entry() -> None:
+    sys.exit(main())
+
+

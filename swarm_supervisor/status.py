@@ -1,0 +1,154 @@
+"""What the dashboard shows, read from the shared folder (and, in the supervisor, from its own processes).
+
+`rl-swarm status` uses the same reader with no processes, so any machine that mounts the folder sees
+the same table the supervisor draws.
+"""
+
+import json
+import logging
+import time
+from collections import deque
+from typing import Iterable
+
+from configs_env import SwarmConfig
+from swarm_supervisor.dashboard import NodeRow, SwarmView
+from swarm_supervisor.monitor import MonitorSnapshot
+from workers.exchange import read_heartbeats
+from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded, read_jsonl
+from workers.protocol import RoundMetrics, RoundState
+
+log = logging.getLogger(__name__)
+
+TREND = 8
+
+
+class SwarmReader:
+    """Reads metrics incrementally (new lines only) so a refresh several times a second stays cheap."""
+
+    def __init__(self, folder: ExperimentFolder, cfg: SwarmConfig, model_label: str, device_label: str):
+        self.folder, self.cfg = folder, cfg
+        self.model_label, self.device_label = model_label, device_label
+        self._offsets: dict[str, int] = {}
+        self.latest: dict[str, RoundMetrics] = {}
+        self.trends: dict[str, deque[float]] = {}
+        self.rejected = 0
+        self._first_round: tuple[int, float] | None = None
+
+    def _read_new_metrics(self, node: str) -> None:
+        path = self.folder.metrics_file(node)
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._offsets.get(node, 0))
+                chunk = f.read(1024 * 1024)
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]   # a torn last line waits for its newline
+        self._offsets[node] = self._offsets.get(node, 0) + len(complete)
+        for line in complete.splitlines():
+            try:
+                row = RoundMetrics.from_json(json.loads(line), str(path))
+            except (ValueError, RejectedFile):
+                self.rejected += 1
+                continue
+            self.latest[node] = row
+            self.trends.setdefault(node, deque(maxlen=TREND)).append(row.reward_mean)
+
+    def last_error(self, node: str) -> str | None:
+        beat = read_heartbeats(self.folder).get(node)
+        return beat.last_error if beat else None
+
+    def current_round(self) -> int:
+        rounds = self.folder.state_rounds()
+        return rounds[-1] if rounds else 0
+
+    def _timing(self, round_: int) -> tuple[float, float | None, float | None]:
+        """Elapsed seconds, rounds per hour and ETA, from the round state files' timestamps."""
+        rounds = self.folder.state_rounds()
+        if not rounds:
+            return 0.0, None, None
+        if self._first_round is None or self._first_round[0] != rounds[0]:
+            try:
+                first = RoundState.from_json(read_json_bounded(self.folder.round_state_file(rounds[0])))
+                self._first_round = (first.round, first.started_at)
+            except (RejectedFile, FileNotFoundError):
+                return 0.0, None, None
+        elapsed = max(0.0, time.time() - self._first_round[1])
+        done = max(0, round_ - self._first_round[0])
+        if done == 0 or elapsed <= 0:
+            return elapsed, None, None
+        per_hour = done / elapsed * 3600
+        return elapsed, per_hour, max(0, self.cfg.max_rounds - round_) / per_hour * 3600
+
+    def view(self, handles: Iterable = (), snapshot: MonitorSnapshot | None = None, events: Iterable[str] = (),
+             started: float | None = None, coordinator_round: int | None = None) -> SwarmView:
+        beats = read_heartbeats(self.folder)
+        handles = list(handles)
+        nodes = [h.node for h in handles] + sorted(n for n, b in beats.items()
+                                                   if b.role == "worker" and n not in {h.node for h in handles})
+        rows = []
+        coordinator = beats.get("coordinator")
+        if coordinator is not None:
+            rows.append(NodeRow(node_id="coordinator", role="coordinator", status=coordinator.status,
+                                round=coordinator.round, stage=None, reward=None, accuracy=None, reward_trend=(),
+                                local_rollouts=None, external_rollouts=None, gpu_mib=None, ram_mib=None,
+                                restarts=0, heartbeat_age_s=coordinator.age(), last_error=coordinator.last_error))
+        by_node = {h.node: h for h in handles}
+        for node in nodes:
+            self._read_new_metrics(node)
+            rows.append(self._row(node, beats.get(node), by_node.get(node), snapshot))
+        round_ = coordinator_round or self.current_round()
+        elapsed, per_hour, eta = self._timing(round_)
+        return SwarmView(experiment=self.cfg.experiment_name, model=self.model_label, device_label=self.device_label,
+                         round=round_, max_rounds=self.cfg.max_rounds, elapsed_s=elapsed, rounds_per_hour=per_hour,
+                         eta_s=eta, device=snapshot.device if snapshot else None, nodes=tuple(rows),
+                         events=tuple(events), rejected_files=self.rejected)
+
+    def _row(self, node: str, beat, handle, snapshot: MonitorSnapshot | None) -> NodeRow:
+        metrics = self.latest.get(node)
+        status = beat.status if beat else "starting"
+        if handle is not None:
+            if handle.failed:
+                status = "failed"
+            elif handle.restart_at is not None:
+                status = "restarting"
+            elif not handle.alive() and handle.exited_ok:
+                status = beat.status if beat else "done"
+        process = None
+        if snapshot is not None and handle is not None and handle.process is not None:
+            process = snapshot.processes.get(handle.process.pid)
+        error = (handle.last_error if handle is not None and handle.last_error else None) or \
+            (beat.last_error if beat else None)
+        return NodeRow(node_id=node, role="worker", status=status, round=beat.round if beat else None,
+                       stage=beat.stage if beat else None,
+                       reward=metrics.reward_mean if metrics else None,
+                       accuracy=metrics.accuracy if metrics else None,
+                       reward_trend=tuple(self.trends.get(node, ())),
+                       local_rollouts=metrics.local_groups if metrics else None,
+                       external_rollouts=metrics.external_groups if metrics else None,
+                       gpu_mib=process.gpu_mib if process else None, ram_mib=process.rss_mib if process else None,
+                       restarts=handle.total_restarts if handle is not None else 0,
+                       heartbeat_age_s=beat.age() if beat else None,
+                       last_error=error if status in ("failed", "crashed", "restarting") else None)
+
+
+def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
+    """The supervisor's newest events, for `rl-swarm status`."""
+    try:
+        rows = list(read_jsonl(folder.events_file))
+    except RejectedFile as error:
+        return [str(error)]
+    out = []
+    for row in rows[-last:]:
+        if isinstance(row.get("time"), (int, float)) and isinstance(row.get("event"), str):
+            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + row["event"][:200])
+    return out
+
+
+def experiment_config(folder: ExperimentFolder) -> dict:
+    try:
+        return read_json_bounded(folder.config_file, max_bytes=256 * 1024)
+    except (FileNotFoundError, RejectedFile):
+        return {}
+
+
+

@@ -1,0 +1,214 @@
+"""The supervisor: spawn the workers, restart the ones that crash, run the coordinator, draw the dashboard.
+
+Restart policy is data, as in an OTP supervisor: at most R restarts of one worker within T seconds,
+with exponential backoff between them; past that the worker is marked failed and the others go on.
+"""
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from configs_env import SwarmConfig
+from swarm_supervisor.coordinator import Coordinator
+from swarm_supervisor.dashboard import Dashboard
+from swarm_supervisor.monitor import Monitor, MonitorSnapshot
+from swarm_supervisor.status import SwarmReader
+from workers.folder import ExperimentFolder, append_jsonl
+from workers.worker import EXIT_CONFIG, WorkerSpec, worker_main
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+MONITOR_S = 1.0
+SHUTDOWN_GRACE_S = 30.0
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_restarts: int = 5          # R
+    window_s: float = 600.0        # T
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+
+    def delay(self, recent_restarts: int) -> float:
+        return min(self.backoff_max_s, self.backoff_s * 2 ** max(0, recent_restarts - 1))
+
+
+@dataclass
+class WorkerHandle:
+    spec: WorkerSpec
+    process: Any = None
+    restarts: deque = field(default_factory=deque)   # monotonic times of restarts within the window
+    total_restarts: int = 0
+    restart_at: float | None = None
+    failed: bool = False
+    exited_ok: bool = False
+    last_error: str | None = None
+
+    @property
+    def node(self) -> str:
+        return self.spec.node
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+class Supervisor:
+    def __init__(self, cfg: SwarmConfig, specs: list[WorkerSpec], run_coordinator: bool,
+                 model_label: str, device_label: str, dashboard: Dashboard | None = None):
+        self.cfg = cfg
+        self.folder = ExperimentFolder(cfg.experiment_dir)
+        self.ctx = mp.get_context("spawn")
+        self.stop_workers = self.ctx.Event()
+        self.stop_coordinator = threading.Event()
+        self.handles = [WorkerHandle(spec) for spec in specs]
+        self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window_s=cfg.restart_window)
+        self.events: deque[str] = deque(maxlen=8)
+        self.coordinator = (Coordinator(cfg, self.folder, self.stop_coordinator, self.local_workers, self.event)
+                            if run_coordinator else None)
+        self.monitor = Monitor()
+        self.snapshot: MonitorSnapshot | None = None
+        self.dashboard = dashboard or Dashboard()
+        self.reader = SwarmReader(self.folder, cfg, model_label, device_label)
+        self.started = time.monotonic()
+        self.interrupts = 0
+        self.exit_code: int | None = None
+
+    # -- events --------------------------------------------------------------------------------------
+    def event(self, message: str) -> None:
+        self.events.append(time.strftime("%H:%M:%S ") + message)
+        log.info(message)
+        try:
+            append_jsonl(self.folder.events_file, {"time": time.time(), "event": message})
+        except OSError as exc:
+            log.warning("event not written to %s: %s", self.folder.events_file, exc)
+
+    def local_workers(self) -> set[str]:
+        return {h.node for h in self.handles if h.alive() or h.restart_at is not None}
+
+    # -- processes -----------------------------------------------------------------------------------
+    def _spawn(self, handle: WorkerHandle) -> None:
+        handle.process = self.ctx.Process(target=worker_main, args=(handle.spec, self.stop_workers),
+                                          name=handle.node, daemon=True)
+        handle.process.start()
+        handle.restart_at = None
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for h in self.handles:
+            if h.failed or h.exited_ok:
+                continue
+            if h.restart_at is not None:
+                if now >= h.restart_at and not self.stop_workers.is_set():
+                    self.event(f"{h.node}: restarting from its last checkpoint (restart {h.total_restarts})")
+                    self._spawn(h)
+                continue
+            if h.process is None or h.process.is_alive():
+                continue
+            code = h.process.exitcode
+            h.process.join(timeout=1)
+            if code == 0:
+                h.exited_ok = True
+                continue
+            h.last_error = self.reader.last_error(h.node) or f"exit code {code}"
+            if self.stop_workers.is_set():
+                continue
+            while h.restarts and now - h.restarts[0] > self.policy.window_s:
+                h.restarts.popleft()
+            if code == EXIT_CONFIG or len(h.restarts) >= self.policy.max_restarts:
+                h.failed = True
+                why = "a setting or file it cannot work with" if code == EXIT_CONFIG else \
+                    f"{len(h.restarts)} restarts within {self.policy.window_s:.0f}s"
+                self.event(f"{h.node}: failed ({why}): {h.last_error}")
+                continue
+            h.restarts.append(now)
+            h.total_restarts += 1
+            delay = self.policy.delay(len(h.restarts))
+            h.restart_at = now + delay
+            self.event(f"{h.node}: exited with code {code} ({h.last_error}); restart in {delay:.0f}s")
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.event("stop requested: workers finish their files and save checkpoints (again to kill now)")
+            self.stop_workers.set()
+            self.stop_coordinator.set()
+            self.exit_code = EXIT_INTERRUPTED
+        else:
+            self._kill_all()
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run()
+        finally:
+            self._shutdown()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.monitor.close()
+
+    def _run(self) -> int:
+        self.folder.create()
+        for h in self.handles:
+            self._spawn(h)
+        if self.coordinator:   # after the spawns, so round 1 already lists every local worker
+            self.coordinator.start()
+        self.event(f"started {len(self.handles)} workers" + (" and the coordinator" if self.coordinator else ""))
+        self.dashboard.start()
+        last_sample = 0.0
+        while self.exit_code is None:
+            self._reap()
+            now = time.monotonic()
+            if now - last_sample >= MONITOR_S:
+                self.snapshot = self.monitor.sample(h.process.pid for h in self.handles if h.alive())
+                last_sample = now
+            self.dashboard.update(self.reader.view(self.handles, self.snapshot, self.events, self.started,
+                                                   self.coordinator.round if self.coordinator else None))
+            self.exit_code = self._verdict()
+            if self.exit_code is None:
+                time.sleep(TICK_S)
+        return self.exit_code
+
+    def _verdict(self) -> int | None:
+        if self.coordinator and self.coordinator.error is not None:
+            self.event(f"coordinator failed: {self.coordinator.error}")
+            return EXIT_FAILED
+        if all(h.failed for h in self.handles):
+            self.event("every worker failed; stopping the swarm")
+            return EXIT_FAILED
+        finished = self.coordinator.finished.is_set() if self.coordinator else self.folder.finished_file.exists()
+        if finished and all(h.failed or h.exited_ok for h in self.handles):
+            failed = [h.node for h in self.handles if h.failed]
+            return EXIT_FAILED if failed else EXIT_OK
+        return None
+
+    def _shutdown(self) -> None:
+        self.stop_workers.set()
+        self.stop_coordinator.set()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for h in self.handles:
+            if h.process is not None:
+                h.process.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._kill_all()
+        if self.coordinator and self.coordinator.is_alive():
+            self.coordinator.join(timeout=5)
+        try:
+            self.dashboard.update(self.reader.view(self.handles, self.snapshot, self.events, self.started,
+                                                   self.coordinator.round if self.coordinator else None))
+        finally:
+            self.dashboard.stop()
+
+    def _kill_all(self) -> None:
+        for h in self.handles:
+            if h.process is not None and h.process.is_alive():
+                h.process.kill()
+                h.process.join(timeout=5)

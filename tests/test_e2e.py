@@ -1,0 +1,102 @@
+"""End to end: `rl-swarm up` in a subprocess, on this CPU, with the tiny offline model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def swarm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUM_", "MAX_", "ROLLOUT_", "PRESET"))}
+    env.update({"GDRIVE_PATH": str(tmp_path / "drive"), "EXPERIMENT_NAME": "e2e", "TEST_MODE": "True",
+                "MODEL_NAME": "rl-swarm/tiny-gpt2", "RL_SWARM_CACHE": str(tmp_path / "cache"),
+                "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_up(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def metrics_rows(exp: Path, node: str) -> list[dict]:
+    path = exp / "metrics" / node / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_test_mode_swarm_runs_every_round_and_shares_rollouts(tmp_path):
+    result = run_up(swarm_env(tmp_path, NUM_WORKERS="3"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    nodes = ["worker-1", "worker-2", "worker-3"]
+    for round_ in (1, 2, 3):
+        assert (exp / "state" / f"round_{round_:06d}.json").exists()
+        for node in nodes:
+            published = json.loads((exp / "rollouts" / f"round_{round_}" / "stage_0" / f"{node}.json").read_text())
+            assert len(published["groups"]) == 4                                  # I=4
+            assert all(len(g["completions"]) == 4 for g in published["groups"])   # G=4
+    for node in nodes:
+        rows = metrics_rows(exp, node)
+        assert [r["round"] for r in rows] == [1, 2, 3]
+        assert all(r["external_available"] == 8 for r in rows)    # 2 peers x I=4 groups, re-scored locally
+        assert all(r["local_groups"] == 4 for r in rows)
+        assert (exp / "checkpoints" / node / "round_000003" / "model.safetensors").exists()
+        assert (exp / "logs" / node / "worker.log").stat().st_size > 0
+    assert (exp / "state" / "finished.json").exists()
+    assert "finished" in result.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_up_again_resumes(tmp_path):
+    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="40", NUM_TRAIN_SAMPLES="1",
+                    NUM_TRANSPLANT_TREES="1", CHECKPOINT_INTERVAL="100")
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    proc = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not (exp / "rewards" / "round_2").is_dir() or len(list((exp / "rewards" / "round_2").iterdir())) < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "round 2 never finished"
+        time.sleep(0.2)
+    children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    stopped_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert time.monotonic() - stopped_at < 30
+    assert not [pid for pid in children if psutil.pid_exists(pid) and
+                psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "orphan worker processes"
+    done = {n: metrics_rows(exp, n)[-1]["round"] for n in ("worker-1", "worker-2")}
+    for node, last in done.items():                  # stopping saved a checkpoint of the last completed round
+        assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir()
+
+    result = run_up({**env, "MAX_ROUNDS": str(max(done.values()) + 2)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node, last in done.items():
+        rounds = [r["round"] for r in metrics_rows(exp, node)]
+        assert rounds[-1] == max(done.values()) + 2
+        assert rounds[: len(rounds)] == sorted(rounds)      # resumed forward, no round replayed from scratch
+        assert "resumed from checkpoint" in (exp / "logs" / node / "worker.log").read_text()
+
+
+def test_a_model_that_cannot_load_is_one_line_and_nothing_starts(tmp_path):
+    result = run_up(swarm_env(tmp_path, MODEL_NAME="no-such-org/no-such-model"), timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no-such-org/no-such-model" in lines[0] and "rl-swarm/tiny-gpt2" in lines[0]
+    assert not (tmp_path / "drive" / "experiments" / "e2e" / "state").exists()
+
+
+def test_bad_setting_stops_before_anything_starts(tmp_path):
+    result = run_up(swarm_env(tmp_path, NUM_GENERATIONS="abc"), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("rl-swarm: error: NUM_GENERATIONS='abc': expected an integer >= 2 and "
+                                     "<= 256 (e.g. NUM_GENERATIONS=4)")

@@ -1,0 +1,74 @@
+"""Sampling G completions for each of a round's prompts, in one padded batch."""
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.model import Policy
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion: its token ids (with EOS when it finished) and its text (without EOS)."""
+
+    prompt_ids: tuple[int, ...]
+    ids: tuple[int, ...]
+    text: str
+    finished: bool
+
+
+def encode_prompt(policy: Policy, prompt: str, max_new_tokens: int) -> list[int]:
+    """Prompt ids, cut from the left so prompt + completion fit the model's context."""
+    ids = policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    limit = max(1, _context_length(policy) - max_new_tokens)
+    return ids[-limit:]
+
+
+def _context_length(policy: Policy) -> int:
+    config = policy.model.config
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+
+
+@torch.no_grad()
+def sample_completions(policy: Policy, prompts: list[str], num_generations: int, max_new_tokens: int,
+                       temperature: float, generator_seed: int) -> list[list[Completion]]:
+    """G completions per prompt, sampled at `temperature` with no top-k/top-p, in one left-padded batch."""
+    if not prompts:
+        return []
+    tokenizer, model = policy.tokenizer, policy.model
+    eos = tokenizer.eos_token_id
+    prompt_ids = [encode_prompt(policy, p, max_new_tokens) for p in prompts]
+    width = max(len(ids) for ids in prompt_ids)
+    rows = [ids for ids in prompt_ids for _ in range(num_generations)]
+    input_ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=policy.device)
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=policy.device)
+    torch.manual_seed(generator_seed)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
+                                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                pad_token_id=eos, eos_token_id=eos)
+    finally:
+        model.train(was_training)
+    new_tokens = output[:, width:].tolist()
+    groups: list[list[Completion]] = []
+    for p, ids in enumerate(prompt_ids):
+        group = []
+        for g in range(num_generations):
+            tokens = new_tokens[p * num_generations + g]
+            # pad == eos in GPT-2: the completion ends at the first EOS, which is kept and trained
+            finished = eos in tokens
+            kept = tokens[: tokens.index(eos) + 1] if finished else tokens
+            text = tokenizer.decode(kept[:-1] if finished else kept, skip_special_tokens=True)
+            group.append(Completion(prompt_ids=tuple(ids), ids=tuple(kept), text=text, finished=finished))
+        groups.append(group)
+    return groups
+
+
+def encode_completion(policy: Policy, text: str, finished: bool, max_new_tokens: int) -> list[int]:
+    """A peer's completion as our tokens: text tokenised alone, EOS appended when it finished."""
+    ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
+    if finished:
+        ids = ids[: max_new_tokens - 1] + [policy.tokenizer.eos_token_id]
+    return ids or [policy.tokenizer.eos_token_id]

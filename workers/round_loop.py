@@ -1,0 +1,156 @@
+"""One SAPO round of one worker: I local questions x G completions, J external groups, one GRPO update.
+
+Read top to bottom, this is the round of the SAPO paper (arXiv:2509.08721, Sec. 3): sample local
+questions, generate, score, share, take J groups from the swarm, drop groups with no signal, update.
+"""
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from configs_env import SwarmConfig
+from workers.exchange import Exchange
+from workers.folder import RejectedFile
+from workers.generation import encode_completion, encode_prompt, sample_completions
+from workers.grpo import build_batch, group_advantages, grpo_step
+from workers.model import Policy
+from workers.protocol import RolloutGroup, RoundMetrics
+from workers.tasks import Question, TaskMix, build_prompt, score_completion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingGroup:
+    """A group ready for the update: token ids of every completion and the locally computed rewards."""
+
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    rewards: list[float]
+
+
+def round_seed(cfg: SwarmConfig, index: int, round_: int) -> int:
+    """Deterministic per node and round, so a resumed worker draws what it would have drawn."""
+    return (cfg.seed * 1_000_003 + index * 10_007 + round_) % (2**31 - 1)
+
+
+def score_group(task: str, entry: dict, completions: list[str]) -> list[float]:
+    return [score_completion(task, text, entry) for text in completions]
+
+
+def _has_signal(rewards: list[float]) -> bool:
+    return max(rewards) - min(rewards) > 1e-9
+
+
+def local_rollouts(policy: Policy, cfg: SwarmConfig, questions: list[Question],
+                   seed: int) -> tuple[list[RolloutGroup], list[TrainingGroup]]:
+    prompts = [build_prompt(q.question) for q in questions]
+    sampled = sample_completions(policy, prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature, seed)
+    shared, training = [], []
+    for question, prompt, group in zip(questions, prompts, sampled):
+        texts = [c.text for c in group]
+        rewards = score_group(question.task, question.entry(), texts)
+        shared.append(RolloutGroup(task=question.task, question=question.question, answer=question.answer,
+                                   metadata=question.metadata, prompt=prompt, completions=tuple(texts),
+                                   finished=tuple(c.finished for c in group), rewards=tuple(rewards)))
+        training.append(TrainingGroup(prompt_ids=list(group[0].prompt_ids),
+                                      completion_ids=[list(c.ids) for c in group], rewards=rewards))
+    return shared, training
+
+
+def external_candidates(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
+                        peer_groups: dict[str, list[RolloutGroup]], exchange: Exchange,
+                        round_: int) -> tuple[list[TrainingGroup], int]:
+    """Peers' groups re-scored here (their numbers are never trusted); groups without signal are dropped."""
+    kept, available = [], 0
+    for node, groups in sorted(peer_groups.items()):
+        for number, group in enumerate(groups):
+            where = f"round {round_} rollouts of {node}, group {number}"
+            if group.task not in tasks.datasets:
+                exchange.reject_group(where, f"task {group.task!r} is not in this worker's TASKS")
+                continue
+            if len(group.completions) != cfg.num_generations:
+                exchange.reject_group(where, f"{len(group.completions)} completions, expected G="
+                                             f"{cfg.num_generations}")
+                continue
+            available += 1
+            entry = {"question": group.question, "answer": group.answer, "metadata": group.metadata}
+            rewards = score_group(group.task, entry, list(group.completions))
+            if not _has_signal(rewards):
+                continue
+            kept.append(TrainingGroup(
+                prompt_ids=encode_prompt(policy, group.prompt, cfg.max_new_tokens),
+                completion_ids=[encode_completion(policy, text, done, cfg.max_new_tokens)
+                                for text, done in zip(group.completions, group.finished)],
+                rewards=rewards))
+    return kept, available
+
+
+def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig,
+                    groups: list[TrainingGroup]) -> float:
+    """One GRPO update on the groups that carry signal; 0.0 when none does."""
+    if not groups:
+        return 0.0
+    rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+    advantages = group_advantages(rewards, scale=cfg.advantage_scale).flatten().to(policy.device)
+    prompts = [g.prompt_ids for g in groups for _ in g.completion_ids]
+    completions = [ids for g in groups for ids in g.completion_ids]
+    batch = build_batch(prompts, completions, pad_id=policy.tokenizer.eos_token_id, device=policy.device)
+    policy.model.train()
+    stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta)
+    return float(stats["loss"])
+
+
+def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig, tasks: TaskMix,
+               exchange: Exchange, index: int, round_: int, stop: threading.Event,
+               expected_peers: Callable[[], set[str]], set_stage: Callable[[str], None]) -> RoundMetrics | None:
+    """One round; None when a stop was requested before the update (nothing half-done is recorded)."""
+    started = time.monotonic()
+    seed = round_seed(cfg, index, round_)
+    questions = tasks.sample(cfg.num_train_samples, random.Random(seed))
+
+    set_stage("generating")
+    shared, local = local_rollouts(policy, cfg, questions, seed)
+    if shared:
+        if cfg.rollout_publish_frequency == "generation":
+            for part, group in enumerate(shared):
+                exchange.publish_rollouts(round_, 0, [group], part=part)
+        else:
+            exchange.publish_rollouts(round_, 0, shared)
+    generated = time.monotonic()
+    if stop.is_set():
+        return None
+
+    chosen: list[TrainingGroup] = []
+    available = 0
+    if cfg.num_transplant_trees > 0:
+        set_stage("fetching")
+        peers = expected_peers() - {exchange.node}
+        found = exchange.wait_for_peers(round_, peers, cfg.rollout_fetch_timeout, stop)
+        candidates, available = external_candidates(policy, cfg, tasks, found, exchange, round_)
+        chosen = random.Random(seed + 1).sample(candidates, min(cfg.num_transplant_trees, len(candidates)))
+    fetched = time.monotonic()
+    if stop.is_set():
+        return None
+
+    set_stage("training")
+    with_signal = [g for g in local if _has_signal(g.rewards)]
+    loss = train_on_groups(policy, optimizer, cfg, with_signal + chosen)
+    trained = time.monotonic()
+
+    local_rewards = [r for g in local for r in g.rewards]
+    lengths = [len(ids) for g in local for ids in g.completion_ids]
+    return RoundMetrics(
+        node=exchange.node, round=round_,
+        reward_mean=sum(local_rewards) / max(1, len(local_rewards)),
+        accuracy=sum(r >= 1.0 for r in local_rewards) / max(1, len(local_rewards)),
+        loss=loss, local_groups=len(local), external_groups=len(chosen), external_available=available,
+        zero_advantage_groups=len(local) - len(with_signal), completions=len(local_rewards),
+        mean_completion_tokens=sum(lengths) / max(1, len(lengths)),
+        generate_s=generated - started, fetch_s=fetched - generated, train_s=trained - fetched,
+        round_s=trained - started)

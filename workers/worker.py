@@ -1,0 +1,202 @@
+"""A worker process: load the model, resume, and play rounds as the coordinator starts them.
+
+`worker_main` is the spawn target; it talks to the supervisor only through the shared folder,
+a stop Event and its exit code (0: finished or stopped on request, non-zero: crashed).
+"""
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from configs_env import SwarmConfig, SwarmError
+from workers.checkpoint import CheckpointMeta, load_latest_checkpoint, save_checkpoint
+from workers.exchange import TERMINAL, Exchange, read_heartbeats
+from workers.folder import ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, write_json_atomic
+from workers.model import load_policy
+from workers.protocol import Heartbeat, RoundState
+from workers.round_loop import play_round
+from workers.tasks import TaskMix
+
+log = logging.getLogger("workers.worker")
+
+HEARTBEAT_S = 2.0
+EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    cfg: SwarmConfig
+    node: str
+    index: int
+    model_name: str
+    device: str
+    parent_pid: int
+
+
+def default_learning_rate(model_name: str) -> float:
+    # The tiny model needs a larger step to move at all; GPT-2 124M collapses above ~1e-5 in RL.
+    return 1e-4 if "tiny" in model_name else 1e-5
+
+
+def _log_to_folder(log_dir: Path) -> None:
+    """Everything the process prints, Python or C level, goes to logs/<node>/worker.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, stop: threading.Event):
+        self.spec, self.cfg, self.stop = spec, spec.cfg, stop
+        self.folder = ExperimentFolder(spec.cfg.experiment_dir)
+        self.exchange = Exchange(self.folder, spec.node)
+        self.beat = Heartbeat(node=spec.node, role="worker", pid=os.getpid(), host=socket.gethostname(),
+                              instance=uuid.uuid4().hex[:12], status="starting", round=0, stage=0,
+                              started_at=time.time(), updated_at=time.time())
+        self._beat_lock = threading.Lock()
+
+    # -- heartbeat -----------------------------------------------------------------------------------
+    def update(self, **changes: object) -> None:
+        with self._beat_lock:
+            self.beat = replace(self.beat, updated_at=time.time(), **changes)
+            self.exchange.write_heartbeat(self.beat)
+
+    def _heartbeat_loop(self, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_S):
+            try:
+                self.update()
+            except OSError as exc:  # a Drive hiccup must not kill the worker; the next beat retries
+                log.warning("heartbeat not written: %s", exc)
+
+    # -- rounds --------------------------------------------------------------------------------------
+    def _coordinator_alive(self) -> bool:
+        beat = read_heartbeats(self.folder).get("coordinator")
+        return beat is not None and beat.age() < self.cfg.peer_timeout
+
+    def wait_for_round(self, at_least: int) -> RoundState | None:
+        """The newest round once it is >= at_least; None when the swarm finished or we must stop."""
+        quiet_since = time.monotonic()
+        while not self.stop.is_set():
+            if os.getppid() != self.spec.parent_pid:
+                log.error("the supervisor (pid %d) is gone; exiting", self.spec.parent_pid)
+                sys.exit(EXIT_ORPHANED)
+            rounds = self.folder.state_rounds()
+            newest = rounds[-1] if rounds else 0
+            if newest >= at_least:
+                return self._checked_round(newest)
+            if self.folder.finished_file.exists() or at_least > self.cfg.max_rounds:
+                return None
+            if time.monotonic() - quiet_since > self.cfg.peer_timeout:
+                if not self._coordinator_alive():
+                    raise SwarmError(f"no coordinator heartbeat for {self.cfg.peer_timeout:.0f}s and no round "
+                                     f"{at_least} in {self.folder.root}/state: start the swarm with `rl-swarm up`")
+                quiet_since = time.monotonic()
+            self.stop.wait(0.2)
+        return None
+
+    def _checked_round(self, round_: int) -> RoundState:
+        path = self.folder.round_state_file(round_)
+        try:
+            return RoundState.from_json(read_json_bounded(path), str(path))
+        except RejectedFile as error:
+            raise SwarmError(f"the coordinator's round file is unreadable: {error}") from error
+
+    def expected_peers(self, state: RoundState) -> set[str]:
+        """The workers the coordinator listed for this round, less those whose heartbeat says they stopped."""
+        beats = self.exchange.read_heartbeats()
+        gone = {n for n, b in beats.items() if b.status in TERMINAL or b.age() > self.cfg.peer_timeout}
+        return set(state.nodes) - gone - {self.spec.node}
+
+    def run(self) -> None:
+        self.update()
+        done = threading.Event()
+        threading.Thread(target=self._heartbeat_loop, args=(done,), daemon=True, name="heartbeat").start()
+        try:
+            self._play()
+        finally:
+            done.set()
+
+    def _play(self) -> None:
+        cfg, spec = self.cfg, self.spec
+        policy = load_policy(spec.model_name, spec.device, cfg.cache_dir)
+        lr = cfg.learning_rate or default_learning_rate(spec.model_name)
+        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=lr, weight_decay=0.0,
+                                      fused=policy.device.type == "cuda")
+        checkpoints = self.folder.checkpoint_dir(spec.node)
+        meta = load_latest_checkpoint(checkpoints, policy.model, optimizer, spec.model_name)
+        last_done = last_saved = meta.round if meta else 0
+        if meta:
+            log.info("resumed from checkpoint of round %d", meta.round)
+        tasks = TaskMix(cfg.tasks, seed=cfg.seed + spec.index)
+
+        def save(round_: int) -> None:
+            save_checkpoint(checkpoints, CheckpointMeta(round_, spec.node, spec.model_name), policy.model, optimizer)
+
+        while not self.stop.is_set():
+            self.update(status="waiting", round=last_done)
+            state = self.wait_for_round(last_done + 1)
+            if state is None:
+                break
+            round_ = state.round
+            self.update(status="generating", round=round_)
+            metrics = play_round(policy, optimizer, cfg, tasks, self.exchange, spec.index, round_, self.stop,
+                                 lambda: self.expected_peers(state), lambda stage: self.update(status=stage))
+            if metrics is None:
+                break
+            record = metrics.to_json()
+            append_jsonl(self.folder.metrics_file(spec.node), record)
+            last_done = round_
+            if round_ % cfg.checkpoint_interval == 0 or round_ >= cfg.max_rounds:
+                save(round_)
+                last_saved = round_
+            # the rewards file is the round's "done" mark for the coordinator, so it is written last
+            write_json_atomic(self.folder.reward_file(round_, spec.node), record)
+            self.update(status="waiting", last_reward=metrics.reward_mean, last_accuracy=metrics.accuracy)
+            log.info("round %d: reward %.3f exact %.2f loss %.4f local %d external %d/%d (%.1fs)", round_,
+                     metrics.reward_mean, metrics.accuracy, metrics.loss, metrics.local_groups,
+                     metrics.external_groups, metrics.external_available, metrics.round_s)
+        if last_done > last_saved:
+            save(last_done)
+        self.update(status="stopped" if self.stop.is_set() else "done", round=last_done)
+
+
+def worker_main(spec: WorkerSpec, stop: threading.Event) -> None:
+    """Process target (spawn): Ctrl-C reaches the supervisor, which asks us to stop through `stop`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    folder = ExperimentFolder(spec.cfg.experiment_dir)
+    _log_to_folder(folder.log_dir(spec.node))
+    if spec.device == "cpu":
+        torch.set_num_threads(1)
+    worker = Worker(spec, stop)
+    try:
+        worker.run()
+    except SwarmError as error:
+        log.error("%s", error)
+        _last_words(worker, str(error))
+        sys.exit(EXIT_CONFIG)
+    except Exception as error:
+        log.exception("worker crashed")
+        _last_words(worker, f"{type(error).__name__}: {error}".splitlines()[0][:300])
+        raise
+
+
+def _last_words(worker: Worker, message: str) -> None:
+    try:
+        worker.update(status="crashed", last_error=message)
+    except OSError as exc:
+        log.warning("could not record the error in the heartbeat: %s", exc)
