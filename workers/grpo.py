@@ -69,7 +69,9 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size:
     flat_states, flat_targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
     pieces = []
     for start in range(0, flat_states.shape[0], chunk_size):
-        logits = head(flat_states[start:start + chunk_size]).float()
+        logits = head(flat_states[start:start + chunk_size])
+        if logits.dtype in (torch.float16, torch.bfloat16):    # log_softmax over 50k entries needs fp32
+            logits = logits.float()
         pieces.append(torch.gather(F.log_softmax(logits, dim=-1), 1,
                                    flat_targets[start:start + chunk_size, None]).squeeze(1))
     return torch.cat(pieces).view_as(targets)
