@@ -51,6 +51,9 @@ class SwarmConfig:
     advantage_scale: str = "std"
     kl_beta: float = 0.0
     checkpoint_interval: int = 50
+    warmup_steps: int = 400
+    warmup_batch_size: int = 32
+    warmup_lr: float | None = None       # None: 1e-3 for the tiny model, 5e-5 otherwise
     # The shared folder
     rollout_publish_frequency: str = "stage"
     rollout_cleanup_enabled: bool = False
@@ -138,6 +141,11 @@ SETTINGS: tuple[Setting, ...] = (
             "std: (r - mean) / (std + eps) per group; none: r - mean"),
     Setting("KL_BETA", "kl_beta", p.number(0, "0.0"), "KL penalty weight (0: no reference model is kept)"),
     Setting("CHECKPOINT_INTERVAL", "checkpoint_interval", p.integer(1), "K: a checkpoint every K rounds"),
+    Setting("WARMUP_STEPS", "warmup_steps", p.integer(0, example=400),
+            "Supervised warm-up steps (question -> <answer>gold</answer>) run once before round 1; 0: none"),
+    Setting("WARMUP_BATCH_SIZE", "warmup_batch_size", p.integer(1, 4096, example=32), "Warm-up batch size"),
+    Setting("WARMUP_LR", "warmup_lr", p.number(0, "1e-3", exclusive=True),
+            "Warm-up learning rate (unset: 1e-3 for the tiny model, 5e-5 otherwise)"),
     Setting("ROLLOUT_PUBLISH_FREQUENCY", "rollout_publish_frequency", p.choice(("generation", "stage", "round")),
             "When rollouts are written to the folder: after each generation batch, each stage, or each round"),
     Setting("ROLLOUT_CLEANUP_ENABLED", "rollout_cleanup_enabled", p.boolean,

@@ -21,6 +21,7 @@ TEST_MODE_VALUES: dict[str, Any] = {
     "coordinator_round_interval": 60.0,
     "rollout_fetch_timeout": 20.0,
     "checkpoint_interval": 1,
+    "warmup_steps": 150,
 }
 
 

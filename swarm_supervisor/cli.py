@@ -94,6 +94,7 @@ def start(cfg: SwarmConfig, role: str) -> int:
     refuse_running_nodes(folder, cfg, nodes + (["coordinator"] if role == "up" else []))
     if role == "up" and not _prepare_rounds(folder, cfg):
         return 0
+    ensure_base(cfg, folder, model_name, device)
     _log_to_file(folder)
     if role == "up":
         write_json_atomic(folder.config_file, {"schema": 1, **cfg.to_json(), "model_resolved": model_name,
@@ -105,6 +106,30 @@ def start(cfg: SwarmConfig, role: str) -> int:
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))
     return code
+
+
+def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, device: str) -> None:
+    """Run the supervised warm-up once per experiment (with a progress bar) unless its base exists."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from workers.model import load_policy
+    from workers.warmup import read_base_meta, save_base, supervised_warmup
+
+    meta = read_base_meta(folder.root)
+    if cfg.warmup_steps == 0 or (meta is not None and meta.get("model_name") == model_name):
+        return
+    if folder.state_rounds():
+        return    # the swarm already started without a base; a base now would not match its checkpoints
+    policy = load_policy(model_name, device, cfg.cache_dir)
+    with Progress(TextColumn("warm-up"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("warm-up", total=cfg.warmup_steps, loss="-")
+        report = supervised_warmup(policy, cfg, lambda step, loss: bar.update(task, completed=step,
+                                                                              loss=f"{loss:.3f}"))
+    path = save_base(folder.root, policy, report)
+    print(f"rl-swarm: warm-up {report.steps} steps in {report.seconds:.0f}s: greedy exact-match "
+          f"{report.greedy_accuracy_before:.0%} -> {report.greedy_accuracy_after:.0%} (base saved to {path})")
+    del policy
 
 
 def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig) -> bool:

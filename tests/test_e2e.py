@@ -49,10 +49,12 @@ def test_test_mode_swarm_runs_every_round_and_shares_rollouts(tmp_path):
         assert [r["round"] for r in rows] == [1, 2, 3]
         assert all(r["external_available"] == 8 for r in rows)    # 2 peers x I=4 groups, re-scored locally
         assert all(r["local_groups"] == 4 for r in rows)
+        assert sum(r["external_groups"] for r in rows) > 0          # J > 0: peers' groups were trained on
         assert (exp / "checkpoints" / node / "round_000003" / "model.safetensors").exists()
         assert (exp / "logs" / node / "worker.log").stat().st_size > 0
     assert (exp / "state" / "finished.json").exists()
-    assert "finished" in result.stdout
+    assert (exp / "base" / "model.safetensors").exists()             # the warm-up ran once, before round 1
+    assert "finished" in result.stdout and "warm-up 150 steps" in result.stdout
 
 
 def test_ctrl_c_stops_cleanly_and_up_again_resumes(tmp_path):

@@ -31,7 +31,7 @@ def _context_length(policy: Policy) -> int:
 
 @torch.no_grad()
 def sample_completions(policy: Policy, prompts: list[str], num_generations: int, max_new_tokens: int,
-                       temperature: float, generator_seed: int) -> list[list[Completion]]:
+                       temperature: float, generator_seed: int, greedy: bool = False) -> list[list[Completion]]:
     """G completions per prompt, sampled at `temperature` with no top-k/top-p, in one left-padded batch."""
     if not prompts:
         return []
@@ -46,9 +46,9 @@ def sample_completions(policy: Policy, prompts: list[str], num_generations: int,
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                pad_token_id=eos, eos_token_id=eos)
+        sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+        output = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=not greedy,
+                                max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos, **sampling)
     finally:
         model.train(was_training)
     new_tokens = output[:, width:].tolist()

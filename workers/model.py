@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from configs_env import SwarmError
 from workers.offline_models import GPT2_RANDOM, TINY, prepare_model
@@ -70,6 +71,7 @@ def _dropout_off(model: torch.nn.Module) -> None:
 
 
 def load_policy(name: str, device: str | torch.device, cache_dir: Path, dtype: torch.dtype | None = None) -> Policy:
+    hf_logging.disable_progress_bar()     # the dashboard owns the terminal
     source = _source(name, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -25,6 +25,7 @@ from workers.model import load_policy
 from workers.protocol import Heartbeat, RoundState
 from workers.round_loop import play_round
 from workers.tasks import TaskMix
+from workers.warmup import load_base
 
 log = logging.getLogger("workers.worker")
 
@@ -142,6 +143,8 @@ class Worker:
         last_done = last_saved = meta.round if meta else 0
         if meta:
             log.info("resumed from checkpoint of round %d", meta.round)
+        elif load_base(self.folder.root, policy):
+            log.info("starting from the experiment's warmed-up base model")
         tasks = TaskMix(cfg.tasks, seed=cfg.seed + spec.index)
 
         def save(round_: int) -> None:

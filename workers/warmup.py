@@ -1,0 +1,139 @@
+"""Supervised warm-up: teach the base model the answer format before RL, so rewards are not all zero.
+
+GPT-2 (and any model without instruction tuning) almost never writes `<answer>...</answer>`, so every
+group has equal rewards and GRPO has no gradient. A short SFT on question -> `<answer>gold</answer>`
+pairs from the experiment's own tasks gives a policy that is partly right, which RL can improve.
+The result is saved once as the experiment's base in the shared folder; every worker starts from it.
+"""
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from configs_env import SwarmConfig
+from workers.folder import RejectedFile, read_json_bounded
+from workers.generation import encode_prompt, sample_completions
+from workers.grpo import build_batch, completion_logprobs
+from workers.model import Policy
+from workers.tasks import Question, TaskMix, build_prompt, score_completion
+
+log = logging.getLogger(__name__)
+
+EVAL_QUESTIONS = 64
+EVAL_SEED = 987_654      # held out: workers draw questions from seeds near SEED, never this one
+
+
+@dataclass(frozen=True)
+class WarmupReport:
+    model_name: str
+    steps: int
+    final_loss: float
+    greedy_accuracy_before: float
+    greedy_accuracy_after: float
+    seconds: float
+
+
+def default_warmup_lr(model_name: str) -> float:
+    return 1e-3 if "tiny" in model_name else 5e-5
+
+
+def target_text(answer: str) -> str:
+    return f" <answer>{answer}</answer>"
+
+
+def greedy_accuracy(policy: Policy, questions: list[Question], max_new_tokens: int) -> float:
+    """Exact-match rate (score == 1) of greedy answers."""
+    groups = sample_completions(policy, [build_prompt(q.question) for q in questions], 1, max_new_tokens,
+                                1.0, generator_seed=0, greedy=True)
+    hits = [score_completion(q.task, g[0].text, q.entry()) >= 1.0 for q, g in zip(questions, groups)]
+    return sum(hits) / max(1, len(hits))
+
+
+def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, float], None] = lambda *_: None,
+                      ) -> WarmupReport:
+    started = time.monotonic()
+    tasks = TaskMix(cfg.tasks, seed=EVAL_SEED)
+    held_out = tasks.sample(EVAL_QUESTIONS, random.Random(EVAL_SEED))
+    eval_tokens = min(cfg.max_new_tokens, 24)
+    before = greedy_accuracy(policy, held_out, eval_tokens)
+    train_tasks = TaskMix(cfg.tasks, seed=cfg.seed + 7919)
+    rng = random.Random(cfg.seed)
+    eos = policy.tokenizer.eos_token_id
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.warmup_lr or default_warmup_lr(policy.name),
+                                  weight_decay=0.0)
+    policy.model.train()
+    loss_value = float("nan")
+    for step in range(1, cfg.warmup_steps + 1):
+        questions = train_tasks.sample(cfg.warmup_batch_size, rng)
+        # prompt and target are tokenised apart, exactly as generation sees them (BPE merges across the
+        # boundary would otherwise teach the model a prompt ending it never sees)
+        prompts = [encode_prompt(policy, build_prompt(q.question), cfg.max_new_tokens) for q in questions]
+        targets = [policy.tokenizer(target_text(q.answer), add_special_tokens=False)["input_ids"] + [eos]
+                   for q in questions]
+        batch = build_batch(prompts, targets, pad_id=eos, device=policy.device)
+        logp = completion_logprobs(policy.model, batch)
+        loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+        optimizer.step()
+        if step % 10 == 0 or step == cfg.warmup_steps:
+            loss_value = loss.item()
+        on_step(step, loss_value)
+    after = greedy_accuracy(policy, held_out, eval_tokens)
+    return WarmupReport(model_name=policy.name, steps=cfg.warmup_steps, final_loss=loss_value,
+                        greedy_accuracy_before=before, greedy_accuracy_after=after,
+                        seconds=time.monotonic() - started)
+
+
+def base_dir(experiment_root: Path) -> Path:
+    return experiment_root / "base"
+
+
+def save_base(experiment_root: Path, policy: Policy, report: WarmupReport) -> Path:
+    """Temp folder, fsync, rename: a half-written base is never seen."""
+    final = base_dir(experiment_root)
+    tmp = final.with_name(f".base.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(policy.model, str(tmp / "model.safetensors"))
+    with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+        json.dump({"schema": 1, **asdict(report)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def read_base_meta(experiment_root: Path) -> dict | None:
+    path = base_dir(experiment_root) / "meta.json"
+    try:
+        return read_json_bounded(path, max_bytes=64 * 1024)
+    except FileNotFoundError:
+        return None
+    except RejectedFile as error:
+        log.warning("%s; the base will be rebuilt", error)
+        return None
+
+
+def load_base(experiment_root: Path, policy: Policy) -> bool:
+    """Start from the experiment's warmed-up base, if it has one made for this model."""
+    meta = read_base_meta(experiment_root)
+    if meta is None:
+        return False
+    if meta.get("model_name") != policy.name:
+        raise RejectedFile(f"{base_dir(experiment_root)} was made for MODEL_NAME={meta.get('model_name')!r}, not "
+                           f"{policy.name!r}: use a new EXPERIMENT_NAME or the same MODEL_NAME")
+    load_model(policy.model, str(base_dir(experiment_root) / "model.safetensors"), device=str(policy.device))
+    return True
