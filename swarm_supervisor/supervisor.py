@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 MONITOR_S = 1.0
+RECORD_S = 5.0       # how often the monitor's samples are kept in logs/supervisor/monitor.jsonl
 SHUTDOWN_GRACE_S = 30.0
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -164,19 +165,40 @@ class Supervisor:
             self.coordinator.start()
         self.event(f"started {len(self.handles)} workers" + (" and the coordinator" if self.coordinator else ""))
         self.dashboard.start()
-        last_sample = 0.0
+        last_sample = last_record = 0.0
         while self.exit_code is None:
             self._reap()
             now = time.monotonic()
             if now - last_sample >= MONITOR_S:
                 self.snapshot = self.monitor.sample(h.process.pid for h in self.handles if h.alive())
                 last_sample = now
+            if now - last_record >= RECORD_S:
+                self._record(self.snapshot)
+                last_record = now
             self.dashboard.update(self.reader.view(self.handles, self.snapshot, self.events, self.started,
                                                    self.coordinator.round if self.coordinator else None))
             self.exit_code = self._verdict()
             if self.exit_code is None:
                 time.sleep(TICK_S)
         return self.exit_code
+
+    def _record(self, snapshot: MonitorSnapshot | None) -> None:
+        """Per-node GPU/RAM/CPU over time, for plots and for checking the memory budget after a run."""
+        if snapshot is None:
+            return
+        nodes = {}
+        for h in self.handles:
+            proc = snapshot.processes.get(h.process.pid) if h.process is not None else None
+            if proc is not None and proc.alive:
+                nodes[h.node] = {"gpu_mib": proc.gpu_mib, "rss_mib": proc.rss_mib, "cpu_pct": proc.cpu_pct}
+        device = snapshot.device
+        try:
+            append_jsonl(self.folder.root / "logs" / "supervisor" / "monitor.jsonl", {
+                "time": snapshot.taken_at, "nodes": nodes, "supervisor_cpu_pct": snapshot.supervisor_cpu_pct,
+                "device_used_mib": device.used_mib if device else None,
+                "device_total_mib": device.total_mib if device else None})
+        except OSError as exc:
+            log.warning("monitor sample not written: %s", exc)
 
     def _verdict(self) -> int | None:
         if self.coordinator and self.coordinator.error is not None:

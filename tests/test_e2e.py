@@ -28,6 +28,23 @@ def run_up(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedPro
                           text=True, timeout=timeout)
 
 
+def survivors(pids: list[int], grace_s: float) -> list[str]:
+    """Processes still running after a grace period (multiprocessing's helper exits when it sees EOF)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(" ".join(proc.cmdline())[:200])
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
 def metrics_rows(exp: Path, node: str) -> list[dict]:
     path = exp / "metrics" / node / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -74,8 +91,7 @@ def test_ctrl_c_stops_cleanly_and_up_again_resumes(tmp_path):
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert time.monotonic() - stopped_at < 30
-    assert not [pid for pid in children if psutil.pid_exists(pid) and
-                psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "orphan worker processes"
+    assert not survivors(children, grace_s=10), "orphan processes after the supervisor exited"
     done = {n: metrics_rows(exp, n)[-1]["round"] for n in ("worker-1", "worker-2")}
     for node, last in done.items():                  # stopping saved a checkpoint of the last completed round
         assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir()

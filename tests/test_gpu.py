@@ -1,0 +1,23 @@
+"""On the GPU machine: the swarm runs on cuda:0 and the supervisor sees every worker's GPU memory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_e2e import swarm_env
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def test_swarm_on_cuda_reports_per_worker_gpu_memory(tmp_path):
+    env = swarm_env(tmp_path, NUM_WORKERS="2", DEVICE="auto", MAX_ROUNDS="4")
+    result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    assert json.loads((exp / "config.json").read_text())["device_resolved"] == "cuda:0"
+    rows = [json.loads(line) for line in (exp / "logs" / "supervisor" / "monitor.jsonl").read_text().splitlines()]
+    seen = {node for row in rows for node, values in row["nodes"].items() if values["gpu_mib"]}
+    assert seen == {"worker-1", "worker-2"}
