@@ -16,6 +16,20 @@ from workers.worker import WorkerSpec
 EXIT_USAGE = 2
 
 
+def settings_markdown() -> str:
+    """The README's configuration table, generated from the same SETTINGS that parse the environment."""
+    defaults = SwarmConfig()
+    lines = ["| variable | default | what it sets |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = getattr(defaults, s.attr)
+        if s.attr == "tasks":
+            default = ",".join(f"{name}:{weight:g}" for name, weight in default)
+        elif s.attr == "cache_dir":
+            default = "~/.cache/rl-swarm"
+        lines.append(f"| `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(lines)
+
+
 def settings_table() -> str:
     width = max(len(s.env) for s in SETTINGS)
     defaults = SwarmConfig()
@@ -127,6 +141,11 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
         report = supervised_warmup(policy, cfg, lambda step, loss: bar.update(task, completed=step,
                                                                               loss=f"{loss:.3f}"))
     path = save_base(folder.root, policy, report)
+    policy.model.to("cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()     # leave the GPU to the workers
     print(f"rl-swarm: warm-up {report.steps} steps in {report.seconds:.0f}s: greedy exact-match "
           f"{report.greedy_accuracy_before:.0%} -> {report.greedy_accuracy_after:.0%} (base saved to {path})")
     del policy
@@ -200,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", aliases=["join"], help="start only workers, joining a swarm started elsewhere "
                                                     "on the same GDRIVE_PATH/EXPERIMENT_NAME")
     sub.add_parser("status", help="show the swarm's state read from the shared folder alone")
-    sub.add_parser("config", help="print the resolved configuration")
+    config = sub.add_parser("config", help="print the resolved configuration")
+    config.add_argument("--markdown", action="store_true", help="print the table of every setting (README)")
     return parser
 
 
@@ -209,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "up"
     try:
         cfg = SwarmConfig.from_env(role="join" if command in ("worker", "join") else "up")
+        if command == "config" and args.markdown:
+            print(settings_markdown())
+            return 0
         if command == "config":
             for key, value in cfg.to_json().items():
                 print(f"{key} = {value}")

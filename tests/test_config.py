@@ -76,3 +76,12 @@ def test_config_is_frozen():
     cfg = SwarmConfig.from_env({})
     with pytest.raises(AttributeError):
         cfg.max_rounds = 1
+
+
+def test_the_readme_table_is_the_generated_one():
+    from pathlib import Path
+
+    from swarm_supervisor.cli import settings_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert settings_markdown() in readme, "README is stale: paste the output of `rl-swarm config --markdown`"
