@@ -62,6 +62,7 @@ class SwarmConfig:
     # Supervision
     max_restarts: int = 5
     restart_window: float = 600.0
+    worker_hang_timeout: float = 900.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, role: str = "up") -> "SwarmConfig":
@@ -157,6 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_RESTARTS", "max_restarts", p.integer(0), "Restarts of one worker within RESTART_WINDOW before "
             "it is marked failed"),
     Setting("RESTART_WINDOW", "restart_window", p.number(1, "600"), "Seconds over which restarts are counted"),
+    Setting("WORKER_HANG_TIMEOUT", "worker_hang_timeout", p.number(5, "900"),
+            "Seconds a worker may stay in one stage (waiting excepted) before it is killed and restarted"),
 )
 
 _defaults = {f.name for f in fields(SwarmConfig)}

@@ -20,6 +20,7 @@ from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from swarm_supervisor.status import SwarmReader
+from workers.exchange import read_heartbeats
 from workers.folder import ExperimentFolder, append_jsonl
 from workers.worker import EXIT_CONFIG, WorkerSpec, worker_main
 
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 MONITOR_S = 1.0
-RECORD_S = 5.0       # how often the monitor's samples are kept in logs/supervisor/monitor.jsonl
+RECORD_S = 5.0
+HANG_CHECK_S = 2.0       # how often the monitor's samples are kept in logs/supervisor/monitor.jsonl
 SHUTDOWN_GRACE_S = 30.0
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -53,6 +55,7 @@ class WorkerHandle:
     failed: bool = False
     exited_ok: bool = False
     last_error: str | None = None
+    kill_reason: str | None = None      # set when the supervisor itself killed the process
 
     @property
     def node(self) -> str:
@@ -68,7 +71,9 @@ class Supervisor:
         self.cfg = cfg
         self.folder = ExperimentFolder(cfg.experiment_dir)
         self.ctx = mp.get_context("spawn")
-        self.stop_workers = self.ctx.Event()
+        # Workers are asked to stop with SIGTERM, not a multiprocessing.Event: a worker killed with -9
+        # while waiting on such an Event leaves its lock held, and the next set() blocks forever.
+        self.stopping = False
         self.stop_coordinator = threading.Event()
         self.handles = [WorkerHandle(spec) for spec in specs]
         self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window_s=cfg.restart_window)
@@ -97,7 +102,7 @@ class Supervisor:
 
     # -- processes -----------------------------------------------------------------------------------
     def _spawn(self, handle: WorkerHandle) -> None:
-        handle.process = self.ctx.Process(target=worker_main, args=(handle.spec, self.stop_workers),
+        handle.process = self.ctx.Process(target=worker_main, args=(handle.spec,),
                                           name=handle.node, daemon=True)
         handle.process.start()
         handle.restart_at = None
@@ -108,7 +113,7 @@ class Supervisor:
             if h.failed or h.exited_ok:
                 continue
             if h.restart_at is not None:
-                if now >= h.restart_at and not self.stop_workers.is_set():
+                if now >= h.restart_at and not self.stopping:
                     self.event(f"{h.node}: restarting from its last checkpoint (restart {h.total_restarts})")
                     self._spawn(h)
                 continue
@@ -119,8 +124,9 @@ class Supervisor:
             if code == 0:
                 h.exited_ok = True
                 continue
-            h.last_error = self.reader.last_error(h.node) or f"exit code {code}"
-            if self.stop_workers.is_set():
+            h.last_error = h.kill_reason or self.reader.last_error(h.node) or f"exit code {code}"
+            h.kill_reason = None
+            if self.stopping:
                 continue
             while h.restarts and now - h.restarts[0] > self.policy.window_s:
                 h.restarts.popleft()
@@ -136,12 +142,27 @@ class Supervisor:
             h.restart_at = now + delay
             self.event(f"{h.node}: exited with code {code} ({h.last_error}); restart in {delay:.0f}s")
 
+    def _kill_hung(self) -> None:
+        """A worker stuck in one stage (a deadlock, a wedged GPU call) is killed; _reap restarts it."""
+        beats = read_heartbeats(self.folder)
+        now = time.time()
+        for h in self.handles:
+            beat = beats.get(h.node)
+            if not h.alive() or beat is None or beat.pid != h.process.pid or beat.status in ("waiting",):
+                continue
+            stuck = now - max(beat.progress_at, beat.started_at)
+            if stuck > self.cfg.worker_hang_timeout:
+                h.kill_reason = f"hung: no progress for {stuck:.0f}s in stage {beat.status!r}"
+                self.event(f"{h.node}: {h.kill_reason}; killing it")
+                h.process.kill()
+                h.process.join(timeout=5)
+
     # -- the loop ------------------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
         self.interrupts += 1
         if self.interrupts == 1:
             self.event("stop requested: workers finish their files and save checkpoints (again to kill now)")
-            self.stop_workers.set()
+            self._ask_workers_to_stop()
             self.stop_coordinator.set()
             self.exit_code = EXIT_INTERRUPTED
         else:
@@ -165,10 +186,13 @@ class Supervisor:
             self.coordinator.start()
         self.event(f"started {len(self.handles)} workers" + (" and the coordinator" if self.coordinator else ""))
         self.dashboard.start()
-        last_sample = last_record = 0.0
+        last_sample = last_record = last_hang_check = 0.0
         while self.exit_code is None:
-            self._reap()
             now = time.monotonic()
+            if now - last_hang_check >= HANG_CHECK_S:
+                self._kill_hung()
+                last_hang_check = now
+            self._reap()
             if now - last_sample >= MONITOR_S:
                 self.snapshot = self.monitor.sample(h.process.pid for h in self.handles if h.alive())
                 last_sample = now
@@ -213,8 +237,16 @@ class Supervisor:
             return EXIT_FAILED if failed else EXIT_OK
         return None
 
+    def _ask_workers_to_stop(self) -> None:
+        """SIGTERM: each worker finishes the file it is writing, saves a checkpoint and exits 0."""
+        self.stopping = True
+        for h in self.handles:
+            if h.alive():
+                h.process.terminate()
+
     def _shutdown(self) -> None:
-        self.stop_workers.set()
+        if not self.stopping:
+            self._ask_workers_to_stop()
         self.stop_coordinator.set()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         for h in self.handles:

@@ -68,13 +68,16 @@ class Worker:
         self.exchange = Exchange(self.folder, spec.node)
         self.beat = Heartbeat(node=spec.node, role="worker", pid=os.getpid(), host=socket.gethostname(),
                               instance=uuid.uuid4().hex[:12], status="starting", round=0, stage=0,
-                              started_at=time.time(), updated_at=time.time())
+                              started_at=time.time(), updated_at=time.time(), progress_at=time.time())
         self._beat_lock = threading.Lock()
 
     # -- heartbeat -----------------------------------------------------------------------------------
     def update(self, **changes: object) -> None:
         with self._beat_lock:
-            self.beat = replace(self.beat, updated_at=time.time(), **changes)
+            now = time.time()
+            if changes.get("status", self.beat.status) != self.beat.status or "round" in changes:
+                changes["progress_at"] = now
+            self.beat = replace(self.beat, updated_at=now, **changes)
             self.exchange.write_heartbeat(self.beat)
 
     def _heartbeat_loop(self, done: threading.Event) -> None:
@@ -178,9 +181,11 @@ class Worker:
         self.update(status="stopped" if self.stop.is_set() else "done", round=last_done)
 
 
-def worker_main(spec: WorkerSpec, stop: threading.Event) -> None:
-    """Process target (spawn): Ctrl-C reaches the supervisor, which asks us to stop through `stop`."""
+def worker_main(spec: WorkerSpec) -> None:
+    """Process target (spawn): Ctrl-C reaches the supervisor, which asks us to stop with SIGTERM."""
+    stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     folder = ExperimentFolder(spec.cfg.experiment_dir)
     _log_to_folder(folder.log_dir(spec.node))
     if spec.device == "cpu":

@@ -1,0 +1,81 @@
+"""Workers that crash are restarted from their checkpoints; one that keeps crashing is marked failed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_e2e import metrics_rows, swarm_env
+
+pytestmark = pytest.mark.slow
+
+
+def heartbeat(exp, node):
+    try:
+        return json.loads((exp / "peers" / f"{node}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def wait_for(predicate, timeout, what, proc):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the supervisor exited while waiting for {what}: {proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def start(tmp_path, **extra):
+    env = swarm_env(tmp_path, NUM_WORKERS="2", NUM_TRAIN_SAMPLES="1", NUM_TRANSPLANT_TREES="1", **extra)
+    proc = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    return proc, tmp_path / "drive" / "experiments" / "e2e"
+
+
+def test_a_worker_killed_mid_round_is_restarted_from_its_checkpoint_and_the_swarm_finishes(tmp_path):
+    proc, exp = start(tmp_path, MAX_ROUNDS="8", ROLLOUT_FETCH_TIMEOUT="5")
+    try:
+        wait_for(lambda: (exp / "rewards" / "round_3" / "worker-1.json").exists(), 180, "round 3", proc)
+        victim = heartbeat(exp, "worker-1")["pid"]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: (heartbeat(exp, "worker-1") or {}).get("pid") not in (None, victim), 60,
+                 "the restarted worker's first heartbeat", proc)
+        restart_latency = time.monotonic() - killed_at
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "worker-1: exited with code -9" in (exp / "logs" / "supervisor" / "events.jsonl").read_text()
+    assert "resumed from checkpoint" in (exp / "logs" / "worker-1" / "worker.log").read_text()
+    assert metrics_rows(exp, "worker-1")[-1]["round"] == 8
+    print(f"restart latency (kill -9 to first heartbeat of the new process): {restart_latency:.1f}s")
+
+
+def test_a_worker_that_keeps_crashing_is_marked_failed_while_the_other_finishes(tmp_path):
+    proc, exp = start(tmp_path, MAX_ROUNDS="6", MAX_RESTARTS="2", ROLLOUT_FETCH_TIMEOUT="2",
+                      COORDINATOR_ROUND_INTERVAL="3")
+    killed = set()
+    try:
+        deadline = time.monotonic() + 200
+        while proc.poll() is None and time.monotonic() < deadline:
+            beat = heartbeat(exp, "worker-2")
+            if beat and beat["pid"] not in killed and beat["status"] not in ("crashed", "stopped", "done"):
+                try:
+                    os.kill(beat["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed.add(beat["pid"])
+            time.sleep(0.1)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert len(killed) == 3                           # the first run and R=2 restarts
+    assert proc.returncode == 1, output               # finished, but not every worker made it
+    assert "worker-2: failed" in output and "worker-1: done, round 6" in output
+    assert metrics_rows(exp, "worker-1")[-1]["round"] == 6
+    assert "failed (2 restarts within" in (exp / "logs" / "supervisor" / "events.jsonl").read_text()
