@@ -1,5 +1,6 @@
 """Sampling G completions for each of a round's prompts, in one padded batch."""
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,22 @@ def _context_length(policy: Policy) -> int:
 
 
 @torch.no_grad()
+def generate_ids(policy: Policy, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int,
+                 temperature: float, greedy: bool, fast: bool, min_new_tokens: int = 0) -> torch.Tensor:
+    """`model.generate` with no top-k/top-p; `fast` adds bf16 autocast and a static KV cache (CUDA only)."""
+    eos = policy.tokenizer.eos_token_id
+    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    extra = {"cache_implementation": "static"} if fast else {}
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if fast else contextlib.nullcontext()
+    with context:
+        return policy.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=not greedy,
+                                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                     pad_token_id=eos, eos_token_id=eos, **sampling, **extra)
+
+
 def sample_completions(policy: Policy, prompts: list[str], num_generations: int, max_new_tokens: int,
-                       temperature: float, generator_seed: int, greedy: bool = False) -> list[list[Completion]]:
+                       temperature: float, generator_seed: int, greedy: bool = False,
+                       fast: bool = False) -> list[list[Completion]]:
     """G completions per prompt, sampled at `temperature` with no top-k/top-p, in one left-padded batch."""
     if not prompts:
         return []
@@ -46,9 +61,7 @@ def sample_completions(policy: Policy, prompts: list[str], num_generations: int,
     was_training = model.training
     model.eval()
     try:
-        sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-        output = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=not greedy,
-                                max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos, **sampling)
+        output = generate_ids(policy, input_ids, attention, max_new_tokens, temperature, greedy, fast)
     finally:
         model.train(was_training)
     new_tokens = output[:, width:].tolist()
