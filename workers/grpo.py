@@ -1,8 +1,9 @@
 """GRPO as SAPO uses it: group-relative advantages, a clipped token-level surrogate, optional KL.
 
 Notation follows the GRPO/DAPO papers: for question q with G completions o_i and rewards r_i,
-A_i = (r_i - mean(r)) / (std(r) + eps); the loss is the negative clipped surrogate
-min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i), averaged over every completion token of
+A_i = (r_i - mean(r)) / (std(r) + eps); the per-token objective is the clipped surrogate
+min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) with rho_t = pi(o_t) / pi_old(o_t), minus
+beta * KL(pi || pi_ref) (k3 estimator); the loss is its negative averaged over every completion token of
 the batch ("token" normalisation, DAPO) or per sequence then over sequences ("sequence", GRPO).
 """
 
@@ -10,105 +11,149 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
     """(num_groups, G) rewards -> advantages; a group whose rewards are all equal gets exactly zero."""
+    if scale not in ("std", "none"):
+        raise ValueError(f"scale={scale!r}: expected 'std' or 'none'")
     centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if scale == "none":
-        return centred
-    # population std (divide by G): the group is the whole sample of this question, not an estimate of one
-    return centred / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
+    if scale == "std":
+        # population std (divide by G, unbiased=True): the G completions are the whole group the
+        # advantage is relative to, not a sample from which to estimate a wider spread
+        centred = centred / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
+    # the mean of equal floats need not round back to them (8 x 0.1 in float32), and dividing that
+    # residue by eps would turn "no signal" into a spurious push
+    flat = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(flat, torch.zeros_like(centred), centred)
 
 
 @dataclass
 class RolloutBatch:
     """Prompts left-padded to P, completions right-padded to C; masks are by position, never by token id."""
 
-    input_ids: torch.Tensor        # (B, P + C)
-    attention_mask: torch.Tensor   # (B, P + C)
-    position_ids: torch.Tensor     # (B, P + C)
+    input_ids: torch.Tensor        # (B, P + C) long
+    attention_mask: torch.Tensor   # (B, P + C) long: 1 for prompt and completion tokens
+    position_ids: torch.Tensor     # (B, P + C) long: 0 at each row's first real token
     completion_mask: torch.Tensor  # (B, C) float: 1 for completion tokens (EOS included), 0 for padding
-    prompt_len: int
+    prompt_len: int                # P
 
     def rows(self, index: slice) -> "RolloutBatch":
+        """The same batch restricted to some rows (a micro-batch)."""
         return RolloutBatch(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
                             self.completion_mask[index], self.prompt_len)
 
 
 def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
                 device: torch.device | str = "cpu") -> RolloutBatch:
+    """Token-id lists -> one padded batch; a completion's EOS is trained, its padding is not."""
+    if not prompts or len(prompts) != len(completions):
+        raise ValueError(f"build_batch: {len(prompts)} prompts for {len(completions)} completions")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("build_batch: an empty prompt leaves no position to predict the first completion token")
     width_p = max(len(p) for p in prompts)
     width_c = max(len(c) for c in completions)
     ids, mask, done = [], [], []
     for prompt, completion in zip(prompts, completions):
         left, right = width_p - len(prompt), width_c - len(completion)
         ids.append([pad_id] * left + prompt + completion + [pad_id] * right)
+        # by position: GPT-2 pads with its EOS id, so a token-id test would also drop the trained EOS
         mask.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
         done.append([1.0] * len(completion) + [0.0] * right)
-    attention = torch.tensor(mask, device=device)
+    attention = torch.tensor(mask, dtype=torch.long, device=device)
     # GPT-2 does not derive positions from the mask: a left-padded row must still start at position 0
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    return RolloutBatch(input_ids=torch.tensor(ids, device=device), attention_mask=attention,
+    return RolloutBatch(input_ids=torch.tensor(ids, dtype=torch.long, device=device), attention_mask=attention,
                         position_ids=positions, completion_mask=torch.tensor(done, device=device),
                         prompt_len=width_p)
 
 
-def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size: int = 4096) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) for completion tokens only, (B, C).
+def _token_logprobs(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(head(states))[target] for one chunk of rows."""
+    logits = head(states)
+    # a softmax over 50k entries loses too much in half precision; float64 (tests) is kept as is
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None]).squeeze(1)
 
-    Only the hidden states that predict completion tokens go through the output head, in chunks of
-    rows, so the (rows x vocab) logits never exist for prompt positions or all at once.
+
+def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size: int = 4096) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for completion tokens only, (B, C); 0 where completion_mask is 0.
+
+    Only the hidden states that predict completion tokens go through the output head, `chunk_size`
+    rows at a time. Under autograd each chunk is checkpointed, so backward recomputes its
+    (rows x vocab) logits instead of keeping all of them: peak memory stays one chunk's worth
+    however large G and the completion length grow.
     """
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids).last_hidden_state
-    p = batch.prompt_len
-    states = hidden[:, p - 1:-1, :]                                    # position t predicts token t + 1
-    targets = batch.input_ids[:, p:]
+    p, c = batch.prompt_len, batch.completion_mask.shape[1]
+    states = hidden[:, p - 1:p - 1 + c, :]                            # position t predicts token t + 1
+    targets = batch.input_ids[:, p:p + c]
     head = model.get_output_embeddings()
     flat_states, flat_targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
+    keep_graph = torch.is_grad_enabled() and flat_states.requires_grad
     pieces = []
     for start in range(0, flat_states.shape[0], chunk_size):
-        logits = head(flat_states[start:start + chunk_size])
-        if logits.dtype in (torch.float16, torch.bfloat16):    # log_softmax over 50k entries needs fp32
-            logits = logits.float()
-        pieces.append(torch.gather(F.log_softmax(logits, dim=-1), 1,
-                                   flat_targets[start:start + chunk_size, None]).squeeze(1))
-    return torch.cat(pieces).view_as(targets)
+        rows, wanted = flat_states[start:start + chunk_size], flat_targets[start:start + chunk_size]
+        if keep_graph:
+            # no randomness in head + log_softmax, so the RNG state need not be saved for the recompute
+            pieces.append(checkpoint(_token_logprobs, head, rows, wanted, use_reentrant=False,
+                                     preserve_rng_state=False))
+        else:
+            pieces.append(_token_logprobs(head, rows, wanted))
+    if not pieces:                                                     # C == 0: every completion empty
+        return flat_states.new_zeros(targets.shape)
+    logp = torch.cat(pieces).view_as(targets)
+    # padding positions get 0 rather than the log-prob of a pad token, so nothing downstream can overflow
+    return torch.where(batch.completion_mask.bool(), logp, torch.zeros_like(logp))
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor,
               ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.28,
               normalize: str = "token", total_tokens: torch.Tensor | None = None,
               total_rows: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and detached stats (tensors, so the caller syncs with the device once, not per number).
+    """Loss of (B, C) token log-probs under (B,) advantages, and its stats.
 
-    `total_tokens`/`total_rows` let micro-batches normalise by the whole batch, so accumulated
+    The stats (loss, clip_fraction, ratio and, when beta > 0, kl; means over this batch's completion
+    tokens) are detached 0-d tensors, not floats: a float would stop the host for the device at every
+    micro-batch, so the caller converts them once. clip_fraction counts the tokens whose gradient the
+    clip removes (ratio above 1 + eps_high with A > 0, or below 1 - eps_low with A < 0).
+    `total_tokens` / `total_rows` let a micro-batch normalise by the whole batch, so accumulated
     gradients equal those of one large step.
     """
-    mask = completion_mask.to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
+    if normalize not in ("token", "sequence"):
+        raise ValueError(f"normalize={normalize!r}: expected 'token' or 'sequence'")
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} needs ref_logp (the reference policy's log-probs)")
+    mask = completion_mask.bool()
+    zero = torch.zeros_like(logp)
+    # padded positions are zeroed before exp, not after: 0 * inf there would poison the gradient
+    log_ratio = torch.where(mask, logp - old_logp, zero)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logp.dtype)[:, None]
     per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     kl = None
-    if beta > 0 and ref_logp is not None:
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1                              # k3 estimator, always >= 0
+    if beta > 0:
+        delta = torch.where(mask, ref_logp - logp, zero)
+        kl = torch.exp(delta) - delta - 1                              # k3 estimator: unbiased, always >= 0
         per_token = per_token + beta * kl
+    per_token = torch.where(mask, per_token, zero)
+    counts = mask.sum(dim=1).to(logp.dtype)
     if normalize == "token":
-        denom = total_tokens if total_tokens is not None else mask.sum()
-        loss = (per_token * mask).sum() / denom.clamp(min=1)
-    elif normalize == "sequence":
-        rows = total_rows if total_rows is not None else logp.shape[0]
-        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / rows
+        denom = total_tokens if total_tokens is not None else counts.sum()
+        loss = per_token.sum() / denom.clamp(min=1)
     else:
-        raise ValueError(f"normalize={normalize!r}: expected 'token' or 'sequence'")
+        rows = total_rows if total_rows is not None else logp.shape[0]
+        loss = (per_token.sum(dim=1) / counts.clamp(min=1)).sum() / max(rows, 1)
     with torch.no_grad():
-        tokens = mask.sum().clamp(min=1)
-        clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).to(mask.dtype)
-        stats = {"clip_fraction": (clipped * mask).sum() / tokens, "ratio": (ratio * mask).sum() / tokens}
+        tokens = counts.sum().clamp(min=1)
+        clipped = ((ratio > 1 + eps_high) & (adv > 0)) | ((ratio < 1 - eps_low) & (adv < 0))
+        stats = {"loss": loss.detach(), "clip_fraction": (clipped & mask).sum() / tokens,
+                 "ratio": torch.where(mask, ratio, zero).sum() / tokens}
         if kl is not None:
-            stats["kl"] = (kl * mask).sum() / tokens
+            stats["kl"] = torch.where(mask, kl, zero).sum() / tokens
     return loss, stats
 
 
@@ -117,36 +162,56 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
               ref_model: torch.nn.Module | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float = 0.28, normalize: str = "token", max_grad_norm: float = 1.0,
               chunk_size: int = 4096) -> dict[str, float]:
-    """`num_iterations` optimizer steps on one batch; with one step the ratio is 1 and clipping a no-op."""
+    """`num_iterations` optimizer steps on one batch of (B,) advantages; stats averaged over the steps.
+
+    Gradients accumulate over micro-batches of `micro_batch_size` rows, each normalised by the whole
+    batch, so the step is the same as one full-batch step. The KL term is used only when beta > 0 and
+    a `ref_model` is given. Returns loss, grad_norm (before clipping), clip_fraction, ratio, kl (when
+    used) and tokens, as floats read from the device once.
+    """
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations={num_iterations}: expected an integer >= 1")
     rows = batch.input_ids.shape[0]
+    if advantages.shape != (rows,):
+        raise ValueError(f"advantages of shape {tuple(advantages.shape)}: expected ({rows},), one per completion")
     size = micro_batch_size or rows
-    slices = [slice(i, i + size) for i in range(0, rows, size)]
+    if size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size}: expected an integer >= 1 or None")
+    parts = [slice(i, i + size) for i in range(0, rows, size)]
+    device = batch.input_ids.device
     total_tokens = batch.completion_mask.sum()
-    old, ref = [], []
-    if num_iterations > 1 or (beta > 0 and ref_model is not None):
+    if batch.completion_mask.shape[1] == 0:                           # nothing to learn from
+        return {"loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0, "ratio": 1.0, "tokens": 0.0}
+    use_kl = beta > 0 and ref_model is not None
+    ref: list[torch.Tensor | None] = [None] * len(parts)
+    if use_kl:
         with torch.no_grad():
-            for part in slices:
-                if num_iterations > 1:
-                    old.append(completion_logprobs(model, batch.rows(part), chunk_size))
-                if beta > 0 and ref_model is not None:
-                    ref.append(completion_logprobs(ref_model, batch.rows(part), chunk_size))
-    loss_sum = torch.zeros((), device=batch.input_ids.device)
-    clip_sum = torch.zeros((), device=batch.input_ids.device)
-    grad_norm = torch.zeros((), device=batch.input_ids.device)
+            ref = [completion_logprobs(ref_model, batch.rows(part), chunk_size) for part in parts]
+    # pi_old is the policy before the first step, so the first iteration's own log-probs (detached) are
+    # old_logp: no separate no-grad forward, and with one iteration the ratio is exactly 1
+    old: list[torch.Tensor | None] = [None] * len(parts)
+    names = ["loss", "grad_norm", "clip_fraction", "ratio"] + (["kl"] if use_kl else [])
+    sums = {name: torch.zeros((), device=device) for name in names}
     for _ in range(num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for k, part in enumerate(slices):
+        for k, part in enumerate(parts):
             sub = batch.rows(part)
             logp = completion_logprobs(model, sub, chunk_size)
-            loss, stats = grpo_loss(logp, old[k] if old else logp.detach(), advantages[part], sub.completion_mask,
-                                    ref_logp=ref[k] if ref else None, beta=beta, eps_low=eps_low,
-                                    eps_high=eps_high, normalize=normalize, total_tokens=total_tokens,
-                                    total_rows=rows)
+            if old[k] is None:
+                old[k] = logp.detach()
+            loss, stats = grpo_loss(logp, old[k], advantages[part], sub.completion_mask, ref_logp=ref[k],
+                                    beta=beta if use_kl else 0.0, eps_low=eps_low, eps_high=eps_high,
+                                    normalize=normalize, total_tokens=total_tokens, total_rows=rows)
             loss.backward()
-            loss_sum = loss_sum + loss.detach()
-            clip_sum = clip_sum + stats["clip_fraction"] * sub.completion_mask.sum() / total_tokens.clamp(min=1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            # each part's loss is already a share of the whole batch's; per-token stats weigh by tokens
+            share = sub.completion_mask.sum() / total_tokens.clamp(min=1)
+            for name in names:
+                if name == "loss":
+                    sums[name] = sums[name] + stats["loss"]
+                elif name != "grad_norm":
+                    sums[name] = sums[name] + stats[name] * share
+        sums["grad_norm"] = sums["grad_norm"] + torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    values = torch.stack([loss_sum / num_iterations, grad_norm.float(), clip_sum / num_iterations]).tolist()
-    return {"loss": values[0], "grad_norm": values[1], "clip_fraction": values[2], "tokens": float(total_tokens)}
+    values = torch.stack([sums[name].float() / num_iterations for name in names] + [total_tokens.float()]).tolist()
+    return dict(zip(names + ["tokens"], values))

@@ -5,83 +5,107 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from configs_env import SwarmError
-from workers.offline_models import GPT2_RANDOM, TINY, prepare_model
+from workers.offline_models import GPT2_RANDOM, NO_DROPOUT, TINY, prepare_model
 
 log = logging.getLogger(__name__)
 
 OFFLINE_MODEL_NAMES: tuple[str, ...] = (TINY, GPT2_RANDOM)
 DEFAULT_HUB_MODEL = "openai-community/gpt2"
+# What transformers and huggingface_hub raise for a missing, gated, unreachable or malformed model
+# (hub errors are OSError subclasses; bad ids are ValueError; unknown architectures are KeyError).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError)
 
 
 class ModelLoadError(SwarmError):
     """A model the user named cannot be loaded; never silently replaced by another."""
 
-    def __init__(self, name: str, cause: BaseException | str):
-        reason = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else type(cause).__name__
-        super().__init__(f"MODEL_NAME={name!r} could not be loaded ({reason}): check the name, or use an offline "
-                         f"model: MODEL_NAME={TINY} (CPU, tests) or {GPT2_RANDOM} (GPU benchmarks)")
+    def __init__(self, model_name: str, cause: BaseException | str):
+        text = str(cause).strip()
+        reason = text.splitlines()[0][:160] if text else type(cause).__name__
+        super().__init__(f"MODEL_NAME={model_name!r} could not be loaded ({reason}): check the name, or use an "
+                         f"offline model: MODEL_NAME={TINY} (CPU, tests) or {GPT2_RANDOM} (GPU benchmarks)")
 
 
 @dataclass
 class Policy:
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     name: str
     device: torch.device
 
 
-def _source(name: str, cache_dir: Path) -> str:
-    if name in OFFLINE_MODEL_NAMES:
-        return str(prepare_model(name, cache_dir))
-    return name
+def _source(model_name: str, cache_dir: Path) -> str:
+    """What from_pretrained should open: an offline model's cache folder, a local folder, or a hub id."""
+    if model_name in OFFLINE_MODEL_NAMES:
+        try:
+            return str(prepare_model(model_name, cache_dir))
+        except OSError as exc:
+            raise ModelLoadError(model_name, f"building it in {cache_dir} failed: {exc}") from exc
+    if model_name.startswith("rl-swarm/"):
+        raise ModelLoadError(model_name, "not one of the built-in offline models")
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if model_name.startswith(("/", ".", "~")):     # hub ids never start so: the user meant a folder
+        raise ModelLoadError(model_name, f"no folder {path}")
+    return model_name
 
 
-def ensure_model_available(name: str, cache_dir: Path) -> None:
+def ensure_model_available(model_name: str, cache_dir: Path) -> None:
     """Build an offline model, or check a named one's config resolves, before any worker starts."""
+    source = _source(model_name, cache_dir)
     try:
-        AutoConfig.from_pretrained(_source(name, cache_dir))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(name, exc) from exc
+        AutoConfig.from_pretrained(source)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(model_name, exc) from exc
 
 
 def resolve_default_model(cache_dir: Path) -> tuple[str, str | None]:
     """MODEL_NAME unset: GPT-2 when the hub or its local cache has it, else the tiny offline model (saying so)."""
     try:
-        AutoConfig.from_pretrained(DEFAULT_HUB_MODEL)
+        # The local cache first: no network round trip when GPT-2 was downloaded before.
+        AutoConfig.from_pretrained(DEFAULT_HUB_MODEL, local_files_only=True)
         return DEFAULT_HUB_MODEL, None
-    except (OSError, ValueError) as exc:
+    except _LOAD_ERRORS as exc:
+        log.info("default model not in the local Hugging Face cache: %s", exc)
+    try:
+        AutoConfig.from_pretrained(DEFAULT_HUB_MODEL)   # fails at once under HF_HUB_OFFLINE=1
+        return DEFAULT_HUB_MODEL, None
+    except _LOAD_ERRORS as exc:
         log.info("default model unavailable: %s", exc)
         return TINY, (f"MODEL_NAME is unset and {DEFAULT_HUB_MODEL} is not reachable (no Hugging Face hub or "
                       f"cache): using the built-in offline model {TINY}")
 
 
 def _dropout_off(model: torch.nn.Module) -> None:
-    # GRPO's ratio pi/pi_old needs the same forward twice; dropout would make it noise.
+    # GRPO's ratio pi/pi_old needs the same forward twice; dropout would make it noise, even in train mode.
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "dropout",
-                "attention_dropout", "hidden_dropout"):
-        if hasattr(model.config, key):
+    for key in (*NO_DROPOUT, "dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):
+        if isinstance(getattr(model.config, key, None), (int, float)):
             setattr(model.config, key, 0.0)
 
 
-def load_policy(name: str, device: str | torch.device, cache_dir: Path, dtype: torch.dtype | None = None) -> Policy:
+def load_policy(model_name: str, device: str | torch.device, cache_dir: Path,
+                dtype: torch.dtype | None = None) -> Policy:
+    """The model (dropout off, on `device`) and its left-padding tokenizer; any failure is a ModelLoadError."""
     hf_logging.disable_progress_bar()     # the dashboard owns the terminal
-    source = _source(name, cache_dir)
+    source = _source(model_name, cache_dir)
     try:
+        # The model first: a folder without config.json says so, rather than a tokenizer riddle.
+        model = AutoModelForCausalLM.from_pretrained(source, **({"dtype": dtype} if dtype else {}))
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype) if dtype else \
-            AutoModelForCausalLM.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(name, exc) from exc
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(model_name, exc) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "left"       # generation appends on the right; prompts must end flush
     _dropout_off(model)
     device = torch.device(device)
-    return Policy(model=model.to(device), tokenizer=tokenizer, name=name, device=device)
+    return Policy(model=model.to(device), tokenizer=tokenizer, name=model_name, device=device)
