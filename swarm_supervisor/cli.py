@@ -14,6 +14,7 @@ from workers.tasks import check_tasks
 from workers.worker import WorkerSpec
 
 EXIT_USAGE = 2
+WARMUP_SILENCE_S = 600    # the warm-up reports every step; this long without a word means it is stuck
 
 
 def settings_markdown() -> str:
@@ -123,32 +124,48 @@ def start(cfg: SwarmConfig, role: str) -> int:
 
 
 def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, device: str) -> None:
-    """Run the supervised warm-up once per experiment (with a progress bar) unless its base exists."""
+    """Run the supervised warm-up once per experiment, in its own process, unless its base exists.
+
+    A process of its own, so the supervisor never holds a CUDA context or the model's memory.
+    """
+    import queue as queues
+
+    import torch.multiprocessing as mp
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from workers.model import load_policy
-    from workers.warmup import read_base_meta, save_base, supervised_warmup
+    from workers.warmup import read_base_meta, warmup_main
 
     meta = read_base_meta(folder.root)
     if cfg.warmup_steps == 0 or (meta is not None and meta.get("model_name") == model_name):
         return
     if folder.state_rounds():
         return    # the swarm already started without a base; a base now would not match its checkpoints
-    policy = load_policy(model_name, device, cfg.cache_dir)
+    ctx = mp.get_context("spawn")
+    messages = ctx.Queue()
+    process = ctx.Process(target=warmup_main, args=(cfg, model_name, device, messages), name="warm-up", daemon=True)
+    process.start()
+    report = None
     with Progress(TextColumn("warm-up"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                   TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task("warm-up", total=cfg.warmup_steps, loss="-")
-        report = supervised_warmup(policy, cfg, lambda step, loss: bar.update(task, completed=step,
-                                                                              loss=f"{loss:.3f}"))
-    path = save_base(folder.root, policy, report)
-    policy.model.to("cpu")
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()     # leave the GPU to the workers
-    print(f"rl-swarm: warm-up {report.steps} steps in {report.seconds:.0f}s: greedy exact-match "
-          f"{report.greedy_accuracy_before:.0%} -> {report.greedy_accuracy_after:.0%} (base saved to {path})")
-    del policy
+        while report is None:
+            try:
+                kind, value = messages.get(timeout=WARMUP_SILENCE_S)
+            except queues.Empty:
+                process.kill()
+                raise SwarmError(f"the warm-up said nothing for {WARMUP_SILENCE_S}s and was stopped: see "
+                                 f"{folder.log_dir('supervisor')}, or set WARMUP_STEPS=0 to skip it") from None
+            if kind == "step":
+                bar.update(task, completed=value[0], loss=f"{value[1]:.3f}")
+            elif kind == "error":
+                process.join(timeout=10)
+                raise SwarmError(f"warm-up failed: {value}")
+            else:
+                report = value
+    process.join(timeout=60)
+    print(f"rl-swarm: warm-up {report['steps']} steps in {report['seconds']:.0f}s: greedy exact-match "
+          f"{report['greedy_accuracy_before']:.0%} -> {report['greedy_accuracy_after']:.0%} "
+          f"(base saved to {report['path']})")
 
 
 def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig) -> bool:

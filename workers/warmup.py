@@ -137,3 +137,27 @@ def load_base(experiment_root: Path, policy: Policy) -> bool:
                            f"{policy.name!r}: use a new EXPERIMENT_NAME or the same MODEL_NAME")
     load_model(policy.model, str(base_dir(experiment_root) / "model.safetensors"), device=str(policy.device))
     return True
+
+
+def warmup_main(cfg: SwarmConfig, model_name: str, device: str, messages) -> None:
+    """Spawn target: warm up, save the base, and report steps and the result through `messages`."""
+    from workers.model import load_policy
+
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    try:
+        policy = load_policy(model_name, device, cfg.cache_dir)
+        last = [0.0]
+
+        def on_step(step: int, loss: float) -> None:
+            now = time.monotonic()
+            if now - last[0] > 0.2 or step == cfg.warmup_steps:     # a few updates a second are plenty
+                messages.put(("step", (step, loss)))
+                last[0] = now
+
+        report = supervised_warmup(policy, cfg, on_step)
+        path = save_base(cfg.experiment_dir, policy, report)
+        messages.put(("done", {**asdict(report), "path": str(path)}))
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor as one line, then the process ends
+        log.exception("warm-up failed")
+        messages.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]))
