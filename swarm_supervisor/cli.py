@@ -120,6 +120,8 @@ def start(cfg: SwarmConfig, role: str) -> int:
     started = time.monotonic()
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))
+    if role == "up" and cfg.test_mode and code == 0:      # the seeds' validation run checks its own folder
+        return run_validate(cfg, cfg.experiment_name)
     return code
 
 
@@ -226,6 +228,54 @@ def show_status(cfg: SwarmConfig) -> int:
     return 0
 
 
+def run_validate(cfg: SwarmConfig, name: str) -> int:
+    from configs_env.parsing import safe_name
+    from swarm_supervisor.experiments import format_checks, validate
+
+    root = cfg.gdrive_path / "experiments" / safe_name("experiment", name)
+    if not root.is_dir():
+        raise FolderError(f"no experiment at {root}: check GDRIVE_PATH and the experiment name")
+    checks = validate(root)
+    print(format_checks(name, checks))
+    return 0 if all(c.passed for c in checks) else 1
+
+
+def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from configs_env.parsing import safe_name
+    from swarm_supervisor.experiments import experiment_roots, summaries_csv, summarize
+
+    roots = experiment_roots(cfg.gdrive_path)
+    if names:
+        wanted = {safe_name("experiment", n) for n in names}
+        missing = wanted - {r.name for r in roots}
+        if missing:
+            raise FolderError(f"no experiment {', '.join(sorted(missing))} under {cfg.gdrive_path / 'experiments'}")
+        roots = [r for r in roots if r.name in wanted]
+    summaries = [summarize(r) for r in roots]
+    if as_csv:
+        print(summaries_csv(summaries), end="")
+        return 0
+    table = Table()
+    columns = ("name", "status", "rounds", "nodes", "split", "model", "started", "last activity") if action == "list" \
+        else ("name", "split", "rounds", "cumulative reward", "final acc", "rounds/h", "restarts", "bad lines")
+    for column in columns:
+        table.add_column(column)
+    for s in summaries:
+        if action == "list":
+            table.add_row(s.name, s.status, f"{s.rounds}/{s.max_rounds}", str(s.nodes), s.split, s.model, s.started,
+                          s.last_activity)
+        else:
+            table.add_row(s.name, s.split, f"{s.rounds}/{s.max_rounds}", f"{s.cumulative_reward:.3f}",
+                          "-" if s.final_accuracy is None else f"{s.final_accuracy:.1%}",
+                          "-" if s.rounds_per_hour is None else f"{s.rounds_per_hour:.0f}", str(s.restarts),
+                          str(s.rejected_lines))
+    Console().print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-swarm", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -236,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", aliases=["join"], help="start only workers, joining a swarm started elsewhere "
                                                     "on the same GDRIVE_PATH/EXPERIMENT_NAME")
     sub.add_parser("status", help="show the swarm's state read from the shared folder alone")
+    validate = sub.add_parser("validate", help="check one experiment's folder for completeness (exit 1 on a FAIL)")
+    validate.add_argument("experiment", nargs="?", help="experiment name (default: EXPERIMENT_NAME)")
+    experiments = sub.add_parser("experiments", help="list or compare the experiments under GDRIVE_PATH")
+    experiments.add_argument("action", choices=["list", "compare"])
+    experiments.add_argument("names", nargs="*", help="experiments to compare (default: all)")
+    experiments.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     config = sub.add_parser("config", help="print the resolved configuration")
     config.add_argument("--markdown", action="store_true", help="print the table of every setting (README)")
     return parser
@@ -255,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "status":
             return show_status(cfg)
+        if command == "validate":
+            return run_validate(cfg, args.experiment or cfg.experiment_name)
+        if command == "experiments":
+            return show_experiments(cfg, args.action, args.names, args.csv)
         return start(cfg, "join" if command in ("worker", "join") else "up")
     except SwarmError as error:
         print(f"rl-swarm: error: {error}", file=sys.stderr)

@@ -1,7 +1,10 @@
 """End to end: `rl-swarm up` in a subprocess, on this CPU, with the tiny offline model."""
 
+import csv
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,8 +53,15 @@ def metrics_rows(exp: Path, node: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_test_mode_swarm_runs_every_round_and_shares_rollouts(tmp_path):
-    result = run_up(swarm_env(tmp_path, NUM_WORKERS="3"))
+@pytest.fixture(scope="module")
+def test_mode_run(tmp_path_factory):
+    """One real TEST_MODE swarm (3 workers), shared by the tests that read its folder."""
+    tmp_path = tmp_path_factory.mktemp("test-mode")
+    return tmp_path, run_up(swarm_env(tmp_path, NUM_WORKERS="3"))
+
+
+def test_test_mode_swarm_runs_every_round_and_shares_rollouts(test_mode_run):
+    tmp_path, result = test_mode_run
     assert result.returncode == 0, result.stdout + result.stderr
     exp = tmp_path / "drive" / "experiments" / "e2e"
     nodes = ["worker-1", "worker-2", "worker-3"]
@@ -72,6 +82,50 @@ def test_test_mode_swarm_runs_every_round_and_shares_rollouts(tmp_path):
     assert (exp / "state" / "finished.json").exists()
     assert (exp / "base" / "model.safetensors").exists()             # the warm-up ran once, before round 1
     assert "finished" in result.stdout and "warm-up 150 steps" in result.stdout
+    assert "validate e2e: 7/7 checks passed" in result.stdout          # TEST_MODE validates its own folder
+
+
+def rl_swarm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swarm_supervisor", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_validate_fails_on_a_damaged_copy_naming_what_is_wrong(test_mode_run, tmp_path):
+    source, _ = test_mode_run
+    shutil.copytree(source / "drive", tmp_path / "drive")
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    (exp / "state" / "round_000002.json").unlink()                              # a missing round
+    with open(exp / "metrics" / "worker-2" / "metrics.jsonl", "a") as f:
+        f.write('{"schema": 1, "node": "worker-2", "round": "three"}\n')          # a corrupt metrics line
+    (exp / "rollouts" / "round_3" / "stage_0" / "worker-1.json").unlink()         # a worker's rollouts gone
+    result = rl_swarm(swarm_env(tmp_path), "validate", "e2e")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "FAIL  round states: no state file for rounds [2]" in lines
+    assert any(line.startswith("FAIL  metrics lines: 1 bad: metrics/worker-2/metrics.jsonl line 4") for line in lines)
+    assert any(line.startswith("FAIL  rollouts and metrics per round") and "round 3: worker-1 has no rollouts" in line
+               for line in lines)
+    assert "PASS  logs: every worker has logs/<node>/worker.log" in lines
+    assert lines[-1] == "validate e2e: 4/7 checks passed, 3 FAILED"
+
+
+def test_experiments_list_and_compare_read_the_folder(test_mode_run):
+    source, _ = test_mode_run
+    env = swarm_env(source)
+    listing = rl_swarm(env, "experiments", "list", "--csv")
+    assert listing.returncode == 0, listing.stderr
+    rows = list(csv.DictReader(io.StringIO(listing.stdout)))
+    assert [(r["name"], r["status"], r["rounds"], r["nodes"], r["split"]) for r in rows] == \
+        [("e2e", "finished", "3", "3", "I=4 J=2 G=4")]
+    exp = source / "drive" / "experiments" / "e2e"
+    per_round = {}
+    for node in ("worker-1", "worker-2", "worker-3"):
+        for row in metrics_rows(exp, node):
+            per_round.setdefault(row["round"], []).append(row["reward_mean"])
+    expected = sum(sum(v) / len(v) for v in per_round.values())
+    assert float(rows[0]["cumulative_reward"]) == pytest.approx(expected)
+    missing = rl_swarm(env, "experiments", "compare", "no-such-exp")
+    assert missing.returncode == 2 and "no experiment no-such-exp" in missing.stderr
 
 
 def test_ctrl_c_stops_cleanly_and_up_again_resumes(tmp_path):

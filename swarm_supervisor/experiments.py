@@ -1,0 +1,192 @@
+"""Experiments read from the shared folder alone: list, compare, validate (any machine that mounts it)."""
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.exchange import read_heartbeats
+from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded
+from workers.protocol import RolloutFile, RoundMetrics, RoundState
+
+
+def experiment_roots(gdrive: Path) -> list[Path]:
+    base = gdrive / "experiments"
+    return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+
+def _config(folder: ExperimentFolder) -> dict:
+    try:
+        return read_json_bounded(folder.config_file, max_bytes=256 * 1024)
+    except (FileNotFoundError, RejectedFile):
+        return {}
+
+
+def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, RoundMetrics]], list[str]]:
+    """Every worker's valid metrics rows by round (a re-run round keeps its last row), and the bad lines."""
+    rows: dict[int, dict[str, RoundMetrics]] = {}
+    bad: list[str] = []
+    for path in sorted((folder.root / "metrics").glob("*/metrics.jsonl")):
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            try:
+                row = RoundMetrics.from_json(json.loads(line), f"{path}:{number}")
+            except (ValueError, RejectedFile) as exc:
+                bad.append(f"{path.relative_to(folder.root)} line {number}: {str(exc)[:120]}")
+                continue
+            rows.setdefault(row.round, {})[row.node] = row
+    return rows, bad
+
+
+def status_of(folder: ExperimentFolder) -> str:
+    if folder.finished_file.exists():
+        return "finished"
+    beat = read_heartbeats(folder).get("coordinator")
+    if beat is not None and beat.status == "running" and beat.age() < 120:
+        return "running"
+    beats = read_heartbeats(folder)
+    workers = [b for b in beats.values() if b.role == "worker"]
+    if workers and all(b.status in ("failed", "crashed") for b in workers):
+        return "failed"
+    return "stopped"
+
+
+@dataclass(frozen=True)
+class Summary:
+    name: str
+    status: str
+    rounds: int
+    max_rounds: int
+    nodes: int
+    split: str
+    model: str
+    started: str
+    last_activity: str
+    cumulative_reward: float
+    final_accuracy: float | None
+    rounds_per_hour: float | None
+    restarts: int
+    rejected_lines: int
+
+
+def summarize(root: Path, last_n: int = 10) -> Summary:
+    folder = ExperimentFolder(root)
+    cfg = _config(folder)
+    rounds = folder.state_rounds()
+    by_round, bad = metrics_by_round(folder)
+    # the SAPO paper's measure: the sum over rounds of the mean reward of every worker
+    cumulative = sum(sum(r.reward_mean for r in nodes.values()) / len(nodes) for nodes in by_round.values())
+    tail = [r for k in sorted(by_round)[-last_n:] for r in by_round[k].values()]
+    per_hour = None
+    if len(rounds) >= 2:
+        try:
+            first = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[0])))
+            last = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[-1])))
+            if last.started_at > first.started_at:
+                per_hour = (last.round - first.round) / (last.started_at - first.started_at) * 3600
+        except (FileNotFoundError, RejectedFile):
+            per_hour = None
+    events = folder.events_file.read_text(encoding="utf-8", errors="replace") if folder.events_file.exists() else ""
+    beats = read_heartbeats(folder)
+    last_seen = max((b.updated_at for b in beats.values()), default=None)
+    started = cfg.get("started_at")
+    return Summary(
+        name=root.name, status=status_of(folder), rounds=rounds[-1] if rounds else 0,
+        max_rounds=int(cfg.get("max_rounds", 0) or 0),
+        nodes=len({n for nodes in by_round.values() for n in nodes}),
+        split=f"I={cfg.get('num_train_samples', '?')} J={cfg.get('num_transplant_trees', '?')} "
+              f"G={cfg.get('num_generations', '?')}",
+        model=str(cfg.get("model_resolved", "?")),
+        started=time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if isinstance(started, (int, float)) else "-",
+        last_activity=time.strftime("%Y-%m-%d %H:%M", time.localtime(last_seen)) if last_seen else "-",
+        cumulative_reward=cumulative,
+        final_accuracy=sum(r.accuracy for r in tail) / len(tail) if tail else None,
+        rounds_per_hour=per_hour, restarts=events.count("restarting from its last checkpoint"),
+        rejected_lines=len(bad))
+
+
+def summaries_csv(summaries: list[Summary]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(Summary.__dataclass_fields__)
+    for s in summaries:
+        writer.writerow(s.__dict__.values())
+    return out.getvalue()
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def validate(root: Path) -> list[Check]:
+    """Completeness and consistency of one experiment's folder; each check is PASS or FAIL with a reason."""
+    folder = ExperimentFolder(root)
+    checks: list[Check] = []
+    cfg = _config(folder)
+    checks.append(Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"))
+    rounds = folder.state_rounds()
+    missing_states = sorted(set(range(1, (rounds[-1] if rounds else 0) + 1)) - set(rounds))
+    checks.append(Check("round states", bool(rounds) and not missing_states,
+                        f"rounds 1..{rounds[-1] if rounds else 0} each have a state file" if not missing_states
+                        else f"no state file for rounds {missing_states[:10]}"))
+    unreadable = []
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith(".") or "checkpoints" in path.parts:
+            continue
+        try:
+            record = read_json_bounded(path)
+            if "rollouts" in path.relative_to(root).parts:
+                RolloutFile.from_json(record, str(path))
+        except (RejectedFile, FileNotFoundError) as exc:
+            unreadable.append(f"{path.relative_to(root)} ({str(exc)[-80:]})")
+    checks.append(Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
+                        else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"))
+    by_round, bad = metrics_by_round(folder)
+    checks.append(Check("metrics lines", not bad, "every metrics line is valid" if not bad
+                        else f"{len(bad)} bad: {bad[0]}"))
+    gaps = []
+    for r in rounds:
+        try:
+            state = RoundState.from_json(read_json_bounded(folder.round_state_file(r)))
+        except (RejectedFile, FileNotFoundError):
+            continue
+        done = {p.stem for p in (root / "rewards" / f"round_{r}").glob("*.json")}
+        for node in sorted(set(state.nodes) & done):
+            if not any(folder.rollout_dir(r, 0).glob(f"{node}*.json")) and cfg.get("num_train_samples", 1):
+                gaps.append(f"round {r}: {node} has no rollouts")
+            if node not in by_round.get(r, {}):
+                gaps.append(f"round {r}: {node} has no metrics row")
+    cleanup = bool(cfg.get("rollout_cleanup_enabled"))
+    if cleanup:
+        gaps = [g for g in gaps if "rollouts" not in g]     # retired rounds are gone on purpose
+    checks.append(Check("rollouts and metrics per round", not gaps, "every worker that finished a round published "
+                        "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}"))
+    interval = int(cfg.get("checkpoint_interval", 1) or 1)
+    stale = []
+    for node in sorted({n for nodes in by_round.values() for n in nodes}):
+        last_round = max(r for r, nodes in by_round.items() if node in nodes)
+        saved = [int(p.name.removeprefix("round_")) for p in folder.checkpoint_dir(node).glob("round_*")
+                 if (p / "meta.json").exists()]
+        if not saved or max(saved) < last_round - interval:
+            stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
+    checks.append(Check("checkpoints", not stale, f"every worker has a checkpoint within {interval} rounds of its "
+                        "last round" if not stale else "; ".join(stale[:3])))
+    no_logs = [n for n in sorted({n for nodes in by_round.values() for n in nodes})
+               if not (folder.log_dir(n) / "worker.log").exists()]
+    checks.append(Check("logs", not no_logs, "every worker has logs/<node>/worker.log" if not no_logs
+                        else f"no log for {', '.join(no_logs)}"))
+    return checks
+
+
+def format_checks(name: str, checks: list[Check]) -> str:
+    lines = [f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}" for c in checks]
+    failed = sum(not c.passed for c in checks)
+    lines.append(f"validate {name}: {len(checks) - failed}/{len(checks)} checks passed"
+                 + (f", {failed} FAILED" if failed else ""))
+    return "\n".join(lines)
