@@ -129,7 +129,7 @@ def test_padding_gets_no_gradient_and_eos_does():
     logp.retain_grad()
     assert torch.equal(logp[0, 2:], torch.zeros(2, dtype=torch.float64))
     old = logp.detach().clone()
-    old[0, 2:] = 1000.0                                   # garbage at padding must not leak in (exp would overflow)
+    old[0, 2:] = -1000.0                                  # garbage at padding must not leak in: exp(1000) overflows
     loss, _ = grpo_loss(logp, old, torch.tensor([1.0, -1.0]), batch.completion_mask)
     loss.backward()
     assert torch.isfinite(loss)

@@ -20,7 +20,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "std", eps: float = 1e-
         raise ValueError(f"scale={scale!r}: expected 'std' or 'none'")
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if scale == "std":
-        # population std (divide by G, unbiased=True): the G completions are the whole group the
+        # population std (divide by G, unbiased=False): the G completions are the whole group the
         # advantage is relative to, not a sample from which to estimate a wider spread
         centred = centred / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
     # the mean of equal floats need not round back to them (8 x 0.1 in float32), and dividing that
@@ -82,9 +82,9 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size:
     """log pi(o_t | q, o_<t) for completion tokens only, (B, C); 0 where completion_mask is 0.
 
     Only the hidden states that predict completion tokens go through the output head, `chunk_size`
-    rows at a time. Under autograd each chunk is checkpointed, so backward recomputes its
-    (rows x vocab) logits instead of keeping all of them: peak memory stays one chunk's worth
-    however large G and the completion length grow.
+    rows at a time. Under autograd, when there is more than one chunk, each is checkpointed: backward
+    recomputes its (rows x vocab) logits instead of keeping all of them, so the logits' memory stays
+    one chunk's worth however large G and the completion length grow.
     """
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids).last_hidden_state
@@ -93,11 +93,13 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size:
     targets = batch.input_ids[:, p:p + c]
     head = model.get_output_embeddings()
     flat_states, flat_targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
-    keep_graph = torch.is_grad_enabled() and flat_states.requires_grad
+    # one chunk's logits are the peak whether kept or recomputed, so checkpointing it would only cost
+    # time (~12% of a GPT-2 step on an H100); with several, keeping them all is what grows with B x C
+    recompute = torch.is_grad_enabled() and flat_states.requires_grad and flat_states.shape[0] > chunk_size
     pieces = []
     for start in range(0, flat_states.shape[0], chunk_size):
         rows, wanted = flat_states[start:start + chunk_size], flat_targets[start:start + chunk_size]
-        if keep_graph:
+        if recompute:
             # no randomness in head + log_softmax, so the RNG state need not be saved for the recompute
             pieces.append(checkpoint(_token_logprobs, head, rows, wanted, use_reentrant=False,
                                      preserve_rng_state=False))
