@@ -94,7 +94,7 @@ def external_candidates(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
 
 
 def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig,
-                    groups: list[TrainingGroup]) -> float:
+                    groups: list[TrainingGroup], reference: torch.nn.Module | None = None) -> float:
     """One GRPO update on the groups that carry signal; 0.0 when none does."""
     if not groups:
         return 0.0
@@ -105,13 +105,16 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
     batch = build_batch(prompts, completions, pad_id=policy.tokenizer.eos_token_id, device=policy.device)
     policy.model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
-        stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta)
+        # 1024-row chunks keep the (rows x vocab) fp32 logits near 200 MiB for GPT-2's 50k vocabulary
+        stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
+                          chunk_size=1024)
     return float(stats["loss"])
 
 
 def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig, tasks: TaskMix,
                exchange: Exchange, index: int, round_: int, stop: threading.Event,
-               expected_peers: Callable[[], set[str]], set_stage: Callable[[str], None]) -> RoundMetrics | None:
+               expected_peers: Callable[[], set[str]], set_stage: Callable[[str], None],
+               reference: torch.nn.Module | None = None) -> RoundMetrics | None:
     """One round; None when a stop was requested before the update (nothing half-done is recorded)."""
     started = time.monotonic()
     seed = round_seed(cfg, index, round_)
@@ -143,7 +146,7 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
 
     set_stage("training")
     with_signal = [g for g in local if _has_signal(g.rewards)]
-    loss = train_on_groups(policy, optimizer, cfg, with_signal + chosen)
+    loss = train_on_groups(policy, optimizer, cfg, with_signal + chosen, reference)
     trained = time.monotonic()
 
     local_rewards = [r for g in local for r in g.rewards]

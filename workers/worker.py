@@ -21,7 +21,7 @@ from configs_env import SwarmConfig, SwarmError
 from workers.checkpoint import CheckpointMeta, load_latest_checkpoint, save_checkpoint
 from workers.exchange import TERMINAL, Exchange, read_heartbeats
 from workers.folder import ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, write_json_atomic
-from workers.model import load_policy
+from workers.model import Policy, load_policy
 from workers.protocol import Heartbeat, RoundState
 from workers.round_loop import play_round
 from workers.tasks import TaskMix
@@ -149,6 +149,11 @@ class Worker:
         elif load_base(self.folder.root, policy):
             log.info("starting from the experiment's warmed-up base model")
         tasks = TaskMix(cfg.tasks, seed=cfg.seed + spec.index)
+        # the KL anchor is the policy every worker started from (the base), frozen; kept only when beta > 0
+        reference = None
+        if cfg.kl_beta > 0:
+            reference = load_policy(spec.model_name, spec.device, cfg.cache_dir).model.eval().requires_grad_(False)
+            load_base(self.folder.root, Policy(reference, policy.tokenizer, spec.model_name, policy.device))
 
         def save(round_: int) -> None:
             save_checkpoint(checkpoints, CheckpointMeta(round_, spec.node, spec.model_name), policy.model, optimizer)
@@ -161,7 +166,8 @@ class Worker:
             round_ = state.round
             self.update(status="generating", round=round_)
             metrics = play_round(policy, optimizer, cfg, tasks, self.exchange, spec.index, round_, self.stop,
-                                 lambda: self.expected_peers(state), lambda stage: self.update(status=stage))
+                                 lambda: self.expected_peers(state), lambda stage: self.update(status=stage),
+                                 reference)
             if metrics is None:
                 break
             record = metrics.to_json()
