@@ -70,11 +70,11 @@ def scaling_process(cache_dir: str, seconds: float, batch: int, new_tokens: int,
     """One of N concurrent generators on the same GPU (spawn target)."""
     policy = load_policy(MODEL, "cuda:0", Path(cache_dir))
     ids, mask = prompts(policy, batch)
-    generate_ids(policy, ids, mask, new_tokens, 1.0, greedy=False, fast=False, min_new_tokens=new_tokens)
+    generate_ids(policy, ids, mask, new_tokens, 1.0, greedy=False, fast=True, min_new_tokens=new_tokens)
     torch.cuda.synchronize()
     tokens, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        generate_ids(policy, ids, mask, new_tokens, 1.0, greedy=False, fast=False, min_new_tokens=new_tokens)
+        generate_ids(policy, ids, mask, new_tokens, 1.0, greedy=False, fast=True, min_new_tokens=new_tokens)
         tokens += batch * new_tokens
     torch.cuda.synchronize()
     results.put({"tokens": tokens, "seconds": time.perf_counter() - started,

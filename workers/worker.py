@@ -196,6 +196,9 @@ def worker_main(spec: WorkerSpec) -> None:
     _log_to_folder(folder.log_dir(spec.node))
     if spec.device == "cpu":
         torch.set_num_threads(1)
+    else:
+        # several processes share the GPU: expandable segments keep each one's cache from fragmenting
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     worker = Worker(spec, stop)
     try:
         worker.run()
