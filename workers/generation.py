@@ -8,6 +8,9 @@ import torch
 from workers.model import Policy
 
 
+PROMPT_BUCKET = 32
+
+
 @dataclass(frozen=True)
 class Completion:
     """One sampled completion: its token ids (with EOS when it finished) and its text (without EOS)."""
@@ -37,7 +40,8 @@ def generate_ids(policy: Policy, input_ids: torch.Tensor, attention: torch.Tenso
     eos = policy.tokenizer.eos_token_id
     sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
     extra = {"cache_implementation": "static"} if fast else {}
-    context = torch.autocast("cuda", dtype=torch.bfloat16) if fast else contextlib.nullcontext()
+    on_cuda = fast and input_ids.device.type == "cuda"
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
     with context:
         return policy.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=not greedy,
                                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -54,6 +58,10 @@ def sample_completions(policy: Policy, prompts: list[str], num_generations: int,
     eos = tokenizer.eos_token_id
     prompt_ids = [encode_prompt(policy, p, max_new_tokens) for p in prompts]
     width = max(len(ids) for ids in prompt_ids)
+    if fast:
+        # the static cache compiles the forward per shape: round prompt widths up to a few buckets, so
+        # rounds with new prompt lengths reuse the compiled graphs instead of recompiling
+        width = min(-(-width // PROMPT_BUCKET) * PROMPT_BUCKET, max(width, _context_length(policy) - max_new_tokens))
     rows = [ids for ids in prompt_ids for _ in range(num_generations)]
     input_ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=policy.device)
     attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=policy.device)
