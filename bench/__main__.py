@@ -115,8 +115,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     cache = Path(tempfile.mkdtemp())
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or \
-        os.environ.get("GIT_SHA", "unknown")
+    # the device's copy of the tree may have no usable .git: the caller passes the commit it sent
+    sha = os.environ.get("GIT_SHA") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                      text=True).stdout.strip() or "unknown"
     results = {"device": torch.cuda.get_device_name(0), "git_sha": sha, "date": time.strftime("%Y-%m-%d"),
                "command": "python -m bench all --out bench/results.json", "torch": torch.__version__}
     for name, run in (("generation", lambda: bench_generation(cache)), ("train", lambda: bench_train(cache)),
