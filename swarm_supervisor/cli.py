@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from workers.folder import ExperimentFolder, FolderError, write_json_atomic
@@ -240,7 +241,7 @@ def run_validate(cfg: SwarmConfig, name: str) -> int:
     return 0 if all(c.passed for c in checks) else 1
 
 
-def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bool) -> int:
+def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bool, out: Path | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -254,6 +255,12 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
         if missing:
             raise FolderError(f"no experiment {', '.join(sorted(missing))} under {cfg.gdrive_path / 'experiments'}")
         roots = [r for r in roots if r.name in wanted]
+    if action == "plot":
+        from swarm_supervisor.experiments import plot_experiments
+
+        target = out or cfg.gdrive_path / "plots" / ("-".join(r.name for r in roots)[:100] + ".png")
+        print(f"rl-swarm: plot saved to {plot_experiments(roots, target)}")
+        return 0
     summaries = [summarize(r) for r in roots]
     if as_csv:
         print(summaries_csv(summaries), end="")
@@ -289,9 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check one experiment's folder for completeness (exit 1 on a FAIL)")
     validate.add_argument("experiment", nargs="?", help="experiment name (default: EXPERIMENT_NAME)")
     experiments = sub.add_parser("experiments", help="list or compare the experiments under GDRIVE_PATH")
-    experiments.add_argument("action", choices=["list", "compare"])
+    experiments.add_argument("action", choices=["list", "compare", "plot"])
     experiments.add_argument("names", nargs="*", help="experiments to compare (default: all)")
     experiments.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    experiments.add_argument("--out", type=Path, default=None, help="PNG path for plot "
+                             "(default: <GDRIVE_PATH>/plots/<names>.png)")
     config = sub.add_parser("config", help="print the resolved configuration")
     config.add_argument("--markdown", action="store_true", help="print the table of every setting (README)")
     return parser
@@ -314,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "validate":
             return run_validate(cfg, args.experiment or cfg.experiment_name)
         if command == "experiments":
-            return show_experiments(cfg, args.action, args.names, args.csv)
+            return show_experiments(cfg, args.action, args.names, args.csv, args.out)
         return start(cfg, "join" if command in ("worker", "join") else "up")
     except SwarmError as error:
         print(f"rl-swarm: error: {error}", file=sys.stderr)

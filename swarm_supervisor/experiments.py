@@ -190,3 +190,63 @@ def format_checks(name: str, checks: list[Check]) -> str:
     lines.append(f"validate {name}: {len(checks) - failed}/{len(checks)} checks passed"
                  + (f", {failed} FAILED" if failed else ""))
     return "\n".join(lines)
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
+    """Reward and exact-match per round (smoothed, band = min..max over workers), seconds per round, GPU per node."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (reward_ax, acc_ax), (speed_ax, gpu_ax) = axes
+    for root in roots:
+        folder = ExperimentFolder(root)
+        by_round, _ = metrics_by_round(folder)
+        rounds = sorted(by_round)
+        if not rounds:
+            continue
+        for ax, field in ((reward_ax, "reward_mean"), (acc_ax, "accuracy")):
+            means = [sum(getattr(r, field) for r in by_round[k].values()) / len(by_round[k]) for k in rounds]
+            lows = [min(getattr(r, field) for r in by_round[k].values()) for k in rounds]
+            highs = [max(getattr(r, field) for r in by_round[k].values()) for k in rounds]
+            line, = ax.plot(rounds, _smooth(means, window), label=root.name)
+            ax.fill_between(rounds, _smooth(lows, window), _smooth(highs, window), alpha=0.15,
+                            color=line.get_color())
+        speed = [max(r.round_s for r in by_round[k].values()) for k in rounds]
+        speed_ax.plot(rounds, _smooth(speed, window), label=root.name)
+        samples = folder.root / "logs" / "supervisor" / "monitor.jsonl"
+        if samples.exists():
+            rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+            for node in sorted({n for row in rows for n in row.get("nodes", {})}):
+                points = [(row["time"] - rows[0]["time"], row["nodes"][node].get("gpu_mib"))
+                          for row in rows if node in row.get("nodes", {})]
+                points = [(t, v) for t, v in points if v is not None]
+                if points:
+                    gpu_ax.plot(*zip(*points), label=f"{root.name}/{node}")
+    reward_ax.set(title=f"reward per round (mean of workers, {window}-round average; band: min..max)",
+                  xlabel="round", ylabel="reward")
+    acc_ax.set(title="exact-match rate (score == 1)", xlabel="round", ylabel="accuracy")
+    speed_ax.set(title="seconds per round (slowest worker)", xlabel="round", ylabel="s")
+    gpu_ax.set(title="GPU memory per node (NVML)", xlabel="seconds", ylabel="MiB")
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -172,3 +172,12 @@ def test_bad_setting_stops_before_anything_starts(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("rl-swarm: error: NUM_GENERATIONS='abc': expected an integer >= 2 and "
                                      "<= 256 (e.g. NUM_GENERATIONS=4)")
+
+
+def test_experiments_plot_writes_a_png_and_says_where(test_mode_run, tmp_path):
+    source, _ = test_mode_run
+    target = tmp_path / "figures" / "run.png"
+    result = rl_swarm(swarm_env(source), "experiments", "plot", "e2e", "--out", str(target))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"rl-swarm: plot saved to {target}"
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
