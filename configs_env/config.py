@@ -51,6 +51,7 @@ class SwarmConfig:
     advantage_scale: str = "std"
     kl_beta: float = 0.0
     checkpoint_interval: int = 50
+    train_micro_batch: int = 8           # rows per forward/backward; gradients accumulate over the round
     warmup_steps: int = 400
     warmup_batch_size: int = 32
     warmup_lr: float | None = None       # None: 1e-3 for the tiny model, 5e-5 otherwise
@@ -63,6 +64,7 @@ class SwarmConfig:
     max_restarts: int = 5
     restart_window: float = 600.0
     worker_hang_timeout: float = 900.0
+    memory_high_water: float = 0.95
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, role: str = "up") -> "SwarmConfig":
@@ -141,6 +143,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADVANTAGE_SCALE", "advantage_scale", p.choice(("std", "none")),
             "std: (r - mean) / (std + eps) per group; none: r - mean"),
     Setting("KL_BETA", "kl_beta", p.number(0, "0.0"), "KL penalty weight (0: no reference model is kept)"),
+    Setting("TRAIN_MICRO_BATCH", "train_micro_batch", p.integer(1, 4096, example=8),
+            "Completions per forward/backward of the update (gradients accumulate; bounds activation memory)"),
     Setting("CHECKPOINT_INTERVAL", "checkpoint_interval", p.integer(1), "K: a checkpoint every K rounds"),
     Setting("WARMUP_STEPS", "warmup_steps", p.integer(0, example=400),
             "Supervised warm-up steps (question -> <answer>gold</answer>) run once before round 1; 0: none"),
@@ -158,6 +162,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_RESTARTS", "max_restarts", p.integer(0), "Restarts of one worker within RESTART_WINDOW before "
             "it is marked failed"),
     Setting("RESTART_WINDOW", "restart_window", p.number(1, "600"), "Seconds over which restarts are counted"),
+    Setting("MEMORY_HIGH_WATER", "memory_high_water", p.number(0.05, "0.95"),
+            "Share of GPU memory in use above which the dashboard and events.jsonl warn"),
     Setting("WORKER_HANG_TIMEOUT", "worker_hang_timeout", p.number(5, "900"),
             "Seconds a worker may stay in one stage (waiting excepted) before it is killed and restarted"),
 )

@@ -66,6 +66,30 @@ def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
     return name, note
 
 
+def check_fit(cfg: SwarmConfig, model_name: str, device: str) -> None:
+    """Refuse a swarm that cannot fit on the GPU, before any worker starts, saying how many would."""
+    from transformers import AutoConfig
+
+    from swarm_supervisor.monitor import Monitor
+    from workers.memory import estimate_worker_mib
+    from workers.model import _source
+
+    monitor = Monitor(device_index=int(device.partition(":")[2] or 0))
+    snapshot = monitor.sample([])
+    monitor.close()
+    if snapshot.device is None:
+        return                                   # no NVML: nothing to check against
+    need = estimate_worker_mib(AutoConfig.from_pretrained(_source(model_name, cfg.cache_dir)), cfg)
+    free = snapshot.device.free_mib * cfg.memory_high_water
+    fit = int(free // need)
+    print(f"rl-swarm: {device}: ~{need / 1024:.1f} GiB per worker, {snapshot.device.free_mib / 1024:.1f} GiB free: "
+          f"room for {fit} workers")
+    if cfg.num_workers > fit:
+        raise SwarmError(f"NUM_WORKERS={cfg.num_workers} needs ~{cfg.num_workers * need / 1024:.0f} GiB but "
+                         f"{device} has {snapshot.device.free_mib / 1024:.0f} GiB free: at most {fit} fit "
+                         f"(set NUM_WORKERS={max(1, fit)}, or lower MAX_NEW_TOKENS / NUM_GENERATIONS)")
+
+
 def worker_names(cfg: SwarmConfig) -> list[str]:
     if cfg.num_workers == 1 and cfg.node_id != "worker":
         return [cfg.node_id]
@@ -105,6 +129,8 @@ def start(cfg: SwarmConfig, role: str) -> int:
     for note in (device_note, model_note):
         if note:
             print(f"rl-swarm: {note}")
+    if device.startswith("cuda"):
+        check_fit(cfg, model_name, device)
     folder = ExperimentFolder(cfg.experiment_dir).create()
     nodes = worker_names(cfg)
     refuse_running_nodes(folder, cfg, nodes + (["coordinator"] if role == "up" else []))

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -22,7 +22,7 @@ from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from swarm_supervisor.status import SwarmReader
 from workers.exchange import read_heartbeats
 from workers.folder import ExperimentFolder, append_jsonl
-from workers.worker import EXIT_CONFIG, WorkerSpec, worker_main
+from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class Supervisor:
         self.reader = SwarmReader(self.folder, cfg, model_label, device_label)
         self.started = time.monotonic()
         self.interrupts = 0
+        self.above_high_water = False
         self.exit_code: int | None = None
 
     # -- events --------------------------------------------------------------------------------------
@@ -136,6 +137,11 @@ class Supervisor:
                     f"{len(h.restarts)} restarts within {self.policy.window_s:.0f}s"
                 self.event(f"{h.node}: failed ({why}): {h.last_error}")
                 continue
+            if code == EXIT_OUT_OF_MEMORY:
+                # restarting the same way would crash the same way: generate in smaller batches
+                h.spec = replace(h.spec, generation_splits=h.spec.generation_splits * 2)
+                self.event(f"{h.node}: CUDA out of memory; it restarts generating in {h.spec.generation_splits} "
+                           "batches")
             h.restarts.append(now)
             h.total_restarts += 1
             delay = self.policy.delay(len(h.restarts))
@@ -195,6 +201,7 @@ class Supervisor:
             self._reap()
             if now - last_sample >= MONITOR_S:
                 self.snapshot = self.monitor.sample(h.process.pid for h in self.handles if h.alive())
+                self._check_high_water(self.snapshot)
                 last_sample = now
             if now - last_record >= RECORD_S:
                 self._record(self.snapshot)
@@ -205,6 +212,18 @@ class Supervisor:
             if self.exit_code is None:
                 time.sleep(TICK_S)
         return self.exit_code
+
+    def _check_high_water(self, snapshot: MonitorSnapshot) -> None:
+        """One event each time device memory crosses the high-water mark (and again after it fell back)."""
+        device = snapshot.device
+        if device is None or not device.total_mib:
+            return
+        share = device.used_mib / device.total_mib
+        above = share >= self.cfg.memory_high_water
+        if above and not self.above_high_water:
+            self.event(f"GPU memory at {share:.0%} of {device.total_mib / 1024:.0f} GiB (high-water mark "
+                       f"{self.cfg.memory_high_water:.0%}): a worker may hit CUDA out of memory")
+        self.above_high_water = above
 
     def _record(self, snapshot: MonitorSnapshot | None) -> None:
         """Per-node GPU/RAM/CPU over time, for plots and for checking the memory budget after a run."""

@@ -47,12 +47,16 @@ def _has_signal(rewards: list[float]) -> bool:
     return max(rewards) - min(rewards) > 1e-9
 
 
-def local_rollouts(policy: Policy, cfg: SwarmConfig, questions: list[Question],
-                   seed: int) -> tuple[list[RolloutGroup], list[TrainingGroup]]:
+def local_rollouts(policy: Policy, cfg: SwarmConfig, questions: list[Question], seed: int,
+                   splits: int = 1) -> tuple[list[RolloutGroup], list[TrainingGroup]]:
+    """Generate in `splits` batches (more after a CUDA out-of-memory restart), then score locally."""
     prompts = [build_prompt(q.question) for q in questions]
-    # on CUDA: bf16 and a static KV cache, 2.8-3.6x the tokens/s of plain generate (bench/RESULTS.md)
-    sampled = sample_completions(policy, prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature, seed,
-                                 fast=policy.device.type == "cuda")
+    size = max(1, -(-len(prompts) // max(1, splits)))
+    sampled = []
+    for start in range(0, len(prompts), size):
+        # on CUDA: bf16 and a static KV cache, ~4x the tokens/s of plain generate (bench/RESULTS.md)
+        sampled += sample_completions(policy, prompts[start:start + size], cfg.num_generations, cfg.max_new_tokens,
+                                      cfg.temperature, seed + start, fast=policy.device.type == "cuda")
     shared, training = [], []
     for question, prompt, group in zip(questions, prompts, sampled):
         texts = [c.text for c in group]
@@ -107,21 +111,21 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
         # 1024-row chunks keep the (rows x vocab) fp32 logits near 200 MiB for GPT-2's 50k vocabulary
         stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
-                          chunk_size=1024)
+                          chunk_size=1024, micro_batch_size=cfg.train_micro_batch)
     return float(stats["loss"])
 
 
 def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig, tasks: TaskMix,
                exchange: Exchange, index: int, round_: int, stop: threading.Event,
                expected_peers: Callable[[], set[str]], set_stage: Callable[[str], None],
-               reference: torch.nn.Module | None = None) -> RoundMetrics | None:
+               reference: torch.nn.Module | None = None, splits: int = 1) -> RoundMetrics | None:
     """One round; None when a stop was requested before the update (nothing half-done is recorded)."""
     started = time.monotonic()
     seed = round_seed(cfg, index, round_)
     questions = tasks.sample(cfg.num_train_samples, random.Random(seed))
 
     set_stage("generating")
-    shared, local = local_rollouts(policy, cfg, questions, seed)
+    shared, local = local_rollouts(policy, cfg, questions, seed, splits)
     if shared:
         if cfg.rollout_publish_frequency == "generation":
             for part, group in enumerate(shared):

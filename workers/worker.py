@@ -30,7 +30,7 @@ from workers.warmup import load_base
 log = logging.getLogger("workers.worker")
 
 HEARTBEAT_S = 2.0
-EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED = 1, 2, 3
+EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class WorkerSpec:
     model_name: str
     device: str
     parent_pid: int
+    generation_splits: int = 1    # doubled by the supervisor after each CUDA out-of-memory exit
 
 
 def default_learning_rate(model_name: str) -> float:
@@ -167,7 +168,7 @@ class Worker:
             self.update(status="generating", round=round_)
             metrics = play_round(policy, optimizer, cfg, tasks, self.exchange, spec.index, round_, self.stop,
                                  lambda: self.expected_peers(state), lambda stage: self.update(status=stage),
-                                 reference)
+                                 reference, spec.generation_splits)
             if metrics is None:
                 break
             record = metrics.to_json()
@@ -206,6 +207,11 @@ def worker_main(spec: WorkerSpec) -> None:
         log.error("%s", error)
         _last_words(worker, str(error))
         sys.exit(EXIT_CONFIG)
+    except torch.cuda.OutOfMemoryError as error:
+        log.error("CUDA out of memory with generation in %d batch(es): %s", spec.generation_splits,
+                  str(error).splitlines()[0])
+        _last_words(worker, f"CUDA out of memory (generation in {spec.generation_splits} batches)")
+        sys.exit(EXIT_OUT_OF_MEMORY)
     except Exception as error:
         log.exception("worker crashed")
         _last_words(worker, f"{type(error).__name__}: {error}".splitlines()[0][:300])
