@@ -49,6 +49,7 @@ class SwarmConfig:
     temperature: float = 1.0
     learning_rate: float | None = None   # None: the model's own default (workers.model)
     advantage_scale: str = "std"
+    loss_normalization: str = "token"
     kl_beta: float = 0.0
     checkpoint_interval: int = 50
     train_micro_batch: int = 8           # rows per forward/backward; gradients accumulate over the round
@@ -63,6 +64,7 @@ class SwarmConfig:
     # Supervision
     max_restarts: int = 5
     restart_window: float = 600.0
+    restart_backoff: float = 1.0
     worker_hang_timeout: float = 900.0
     memory_high_water: float = 0.95
 
@@ -142,6 +144,9 @@ SETTINGS: tuple[Setting, ...] = (
             "AdamW learning rate (unset: 1e-5 for GPT-2 124M, 1e-4 for the tiny model)"),
     Setting("ADVANTAGE_SCALE", "advantage_scale", p.choice(("std", "none")),
             "std: (r - mean) / (std + eps) per group; none: r - mean"),
+    Setting("LOSS_NORMALIZATION", "loss_normalization", p.choice(("token", "sequence")),
+            "token: average over every completion token of the batch (DAPO); sequence: per completion, then over "
+            "completions (GRPO)"),
     Setting("KL_BETA", "kl_beta", p.number(0, "0.0"), "KL penalty weight (0: no reference model is kept)"),
     Setting("TRAIN_MICRO_BATCH", "train_micro_batch", p.integer(1, 4096, example=8),
             "Completions per forward/backward of the update (gradients accumulate; bounds activation memory)"),
@@ -162,6 +167,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_RESTARTS", "max_restarts", p.integer(0), "Restarts of one worker within RESTART_WINDOW before "
             "it is marked failed"),
     Setting("RESTART_WINDOW", "restart_window", p.number(1, "600"), "Seconds over which restarts are counted"),
+    Setting("RESTART_BACKOFF", "restart_backoff", p.number(0, "1"),
+            "Seconds before the first restart; doubled for each further restart in the window (at most 30 s)"),
     Setting("MEMORY_HIGH_WATER", "memory_high_water", p.number(0.05, "0.95"),
             "Share of GPU memory in use above which the dashboard and events.jsonl warn"),
     Setting("WORKER_HANG_TIMEOUT", "worker_hang_timeout", p.number(5, "900"),

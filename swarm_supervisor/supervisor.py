@@ -76,7 +76,8 @@ class Supervisor:
         self.stopping = False
         self.stop_coordinator = threading.Event()
         self.handles = [WorkerHandle(spec) for spec in specs]
-        self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window_s=cfg.restart_window)
+        self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window_s=cfg.restart_window,
+                                    backoff_s=cfg.restart_backoff)
         self.events: deque[str] = deque(maxlen=8)
         self.coordinator = (Coordinator(cfg, self.folder, self.stop_coordinator, self.local_workers, self.event)
                             if run_coordinator else None)

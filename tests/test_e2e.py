@@ -128,7 +128,8 @@ def test_experiments_list_and_compare_read_the_folder(test_mode_run):
     assert missing.returncode == 2 and "no experiment no-such-exp" in missing.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_up_again_resumes(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal):
     env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="40", NUM_TRAIN_SAMPLES="1",
                     NUM_TRANSPLANT_TREES="1", CHECKPOINT_INTERVAL="100")
     exp = tmp_path / "drive" / "experiments" / "e2e"
@@ -141,7 +142,7 @@ def test_ctrl_c_stops_cleanly_and_up_again_resumes(tmp_path):
         time.sleep(0.2)
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     stopped_at = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert time.monotonic() - stopped_at < 30
@@ -181,3 +182,12 @@ def test_experiments_plot_writes_a_png_and_says_where(test_mode_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"rl-swarm: plot saved to {target}"
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_shows_every_node_from_the_folder_alone(test_mode_run):
+    source, _ = test_mode_run
+    result = rl_swarm({**swarm_env(source), "COLUMNS": "200"}, "status")
+    assert result.returncode == 0, result.stderr
+    for node in ("coordinator", "worker-1", "worker-2", "worker-3"):
+        assert node in result.stdout
+    assert "round 3/3" in result.stdout and "done" in result.stdout

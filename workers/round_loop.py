@@ -111,7 +111,8 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
         # 1024-row chunks keep the (rows x vocab) fp32 logits near 200 MiB for GPT-2's 50k vocabulary
         stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
-                          chunk_size=1024, micro_batch_size=cfg.train_micro_batch)
+                          chunk_size=1024, micro_batch_size=cfg.train_micro_batch,
+                          normalize=cfg.loss_normalization)
     return float(stats["loss"])
 
 
