@@ -5,7 +5,6 @@ with exponential backoff between them; past that the worker is marked failed and
 """
 
 import logging
-import os
 import signal
 import threading
 import time

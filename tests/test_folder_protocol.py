@@ -1,7 +1,6 @@
 """The shared folder is untrusted: bad files are skipped and counted, never trusted, never a crash."""
 
 import json
-import os
 import threading
 
 import pytest
@@ -126,3 +125,29 @@ def test_metrics_row_round_trips_and_rejects_bad_fields():
         RoundMetrics.from_json({**row.to_json(), "node": "../x"})
     with pytest.raises(RejectedFile):
         RoundMetrics.from_json({**row.to_json(), "loss": True})
+
+
+def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(folder, monkeypatch, caplog):
+    import workers.exchange as exchange_module
+    import workers.folder as folder_module
+
+    monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
+    real_write, failures = exchange_module.write_json_atomic, []
+
+    def flaky(path, record):
+        if len(failures) < 2:
+            failures.append(path)
+            raise OSError(5, "Input/output error")
+        real_write(path, record)
+
+    monkeypatch.setattr(exchange_module, "write_json_atomic", flaky)
+    path = Exchange(folder, "w-1").publish_rollouts(1, 0, [group()])
+    assert path.exists() and len(failures) == 2
+    assert "retry 2/3" in caplog.text
+
+    def dead(path, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exchange_module, "write_json_atomic", dead)
+    with pytest.raises(OSError):
+        Exchange(folder, "w-1").publish_rollouts(2, 0, [group()])

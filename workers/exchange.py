@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded, write_json_atomic
+from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded, with_retries, write_json_atomic
 from workers.protocol import Heartbeat, RolloutFile, RolloutGroup
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,19 @@ class Exchange:
     def publish_rollouts(self, round_: int, stage: int, groups: list[RolloutGroup], part: int | None = None) -> Path:
         record = RolloutFile(node=self.node, round=round_, stage=stage, created_at=time.time(), groups=tuple(groups))
         path = self.folder.rollout_file(round_, stage, self.node, part)
-        write_json_atomic(path, record.to_json())
+        with_retries(lambda: write_json_atomic(path, record.to_json()), f"publishing {path.name}")
         return path
 
     def peer_rollouts(self, round_: int, stage: int = 0) -> dict[str, list[RolloutGroup]]:
         """Every valid group other nodes published for this round and stage, by node."""
         found: dict[str, list[RolloutGroup]] = {}
         directory = self.folder.rollout_dir(round_, stage)
-        if not directory.is_dir():
+        try:
+            listing = sorted(directory.iterdir()) if directory.is_dir() else []
+        except OSError as exc:     # a Drive listing that fails is a round with no peers yet, not a crash
+            log.warning("could not list %s: %s", directory, exc)
             return found
-        for path in sorted(directory.iterdir()):
+        for path in listing:
             match = ROLLOUT_NAME.match(path.name)
             if path.name.startswith(".") or match is None:
                 continue

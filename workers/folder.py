@@ -9,8 +9,9 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from configs_env import SwarmError
 
@@ -19,6 +20,24 @@ log = logging.getLogger(__name__)
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_RECORD_BYTES = 4 * 1024 * 1024     # a round's rollouts of one node: I*G completions, far below this
 MAX_JSONL_BYTES = 64 * 1024 * 1024
+
+
+T = TypeVar("T")
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = 4, first_wait_s: float = 0.5) -> T:
+    """Retry an OSError with exponential backoff: a Drive mount throttles bursts and drops calls now and then."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except OSError as exc:
+            if attempt == attempts:
+                raise
+            wait = first_wait_s * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, exc.strerror or exc, attempt,
+                        attempts - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 class FolderError(SwarmError):

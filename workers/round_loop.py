@@ -15,7 +15,6 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.exchange import Exchange
-from workers.folder import RejectedFile
 from workers.generation import encode_completion, encode_prompt, sample_completions
 from workers.grpo import build_batch, group_advantages, grpo_step
 from workers.model import Policy
@@ -128,11 +127,15 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
     set_stage("generating")
     shared, local = local_rollouts(policy, cfg, questions, seed, splits)
     if shared:
-        if cfg.rollout_publish_frequency == "generation":
-            for part, group in enumerate(shared):
-                exchange.publish_rollouts(round_, 0, [group], part=part)
-        else:
-            exchange.publish_rollouts(round_, 0, shared)
+        try:
+            if cfg.rollout_publish_frequency == "generation":
+                for part, group in enumerate(shared):
+                    exchange.publish_rollouts(round_, 0, [group], part=part)
+            else:
+                exchange.publish_rollouts(round_, 0, shared)
+        except OSError as exc:
+            # graceful degradation: the folder is down, so this round trains on what it has locally
+            log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
     generated = time.monotonic()
     if stop.is_set():
         return None
