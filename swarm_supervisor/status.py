@@ -101,7 +101,8 @@ class SwarmReader:
         return SwarmView(experiment=self.cfg.experiment_name, model=self.model_label, device_label=self.device_label,
                          round=round_, max_rounds=self.cfg.max_rounds, elapsed_s=elapsed, rounds_per_hour=per_hour,
                          eta_s=eta, device=snapshot.device if snapshot else None, nodes=tuple(rows),
-                         events=tuple(events), rejected_files=self.rejected)
+                         events=tuple(events),
+                         rejected_files=self.rejected + sum(b.rejected for b in beats.values()))
 
     def _row(self, node: str, beat, handle, snapshot: MonitorSnapshot | None) -> NodeRow:
         metrics = self.latest.get(node)

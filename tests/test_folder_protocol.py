@@ -151,3 +151,19 @@ def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(fol
     monkeypatch.setattr(exchange_module, "write_json_atomic", dead)
     with pytest.raises(OSError):
         Exchange(folder, "w-1").publish_rollouts(2, 0, [group()])
+
+
+def test_rejected_files_reach_the_dashboard_through_heartbeats(folder):
+    from configs_env import SwarmConfig
+    from swarm_supervisor.status import SwarmReader
+
+    stage = folder.rollout_dir(1, 0)
+    stage.mkdir(parents=True)
+    (stage / "w-9.json").write_text("{not json")
+    exchange = Exchange(folder, "w-1")
+    exchange.peer_rollouts(1)
+    exchange.write_heartbeat(Heartbeat(node="w-1", role="worker", pid=1, host="h", instance="i", status="training",
+                                       round=1, stage=0, started_at=0, updated_at=0,
+                                       rejected=len(exchange.rejected)))
+    view = SwarmReader(folder, SwarmConfig.from_env({}), "m", "cpu").view()
+    assert view.rejected_files == 1

@@ -77,6 +77,7 @@ class Heartbeat:
     last_accuracy: float | None = None
     last_error: str | None = None
     progress_at: float = 0.0         # when the status last changed: a beating but stuck worker shows here
+    rejected: int = 0                # files and groups from the folder this node refused to trust
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
@@ -92,6 +93,8 @@ class Heartbeat:
         optional["last_error"] = None if error is None else _need(record, "last_error", str, where)[:500]
         if "progress_at" in record:
             optional["progress_at"] = float(_need(record, "progress_at", (int, float), where))
+        if "rejected" in record:
+            optional["rejected"] = max(0, _need(record, "rejected", int, where))
         return cls(node=check_node_name(_need(record, "node", str, where)), role=_need(record, "role", str, where),
                    pid=_need(record, "pid", int, where), host=_need(record, "host", str, where)[:128],
                    instance=_need(record, "instance", str, where)[:64], status=_need(record, "status", str, where)[:32],

@@ -78,7 +78,7 @@ class Worker:
             now = time.time()
             if changes.get("status", self.beat.status) != self.beat.status or "round" in changes:
                 changes["progress_at"] = now
-            self.beat = replace(self.beat, updated_at=now, **changes)
+            self.beat = replace(self.beat, updated_at=now, rejected=len(self.exchange.rejected), **changes)
             self.exchange.write_heartbeat(self.beat)
 
     def _heartbeat_loop(self, done: threading.Event) -> None:
