@@ -287,6 +287,8 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
         target = out or cfg.gdrive_path / "plots" / ("-".join(r.name for r in roots)[:100] + ".png")
         print(f"rl-swarm: plot saved to {plot_experiments(roots, target)}")
         return 0
+    if action == "aggregate":
+        return show_aggregate(roots)
     summaries = [summarize(r) for r in roots]
     if as_csv:
         print(summaries_csv(summaries), end="")
@@ -309,6 +311,22 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
     return 0
 
 
+def show_aggregate(roots: list[Path]) -> int:
+    from swarm_supervisor.experiments import aggregate
+
+    def shown(value: tuple[float, float | None] | None, percent: bool = False) -> str:
+        if value is None:
+            return "-"
+        mean, half = value
+        fmt = (lambda v: f"{v:.1%}") if percent else (lambda v: f"{v:.3f}")
+        return fmt(mean) + ("" if half is None else f" ± {fmt(half)}")
+
+    for row in aggregate(roots):
+        print(f"{row.configuration}: {len(row.experiments)} run(s) ({', '.join(row.experiments)}): cumulative "
+              f"reward {shown(row.cumulative_reward)}, final accuracy {shown(row.final_accuracy, True)} (95% interval)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-swarm", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -322,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check one experiment's folder for completeness (exit 1 on a FAIL)")
     validate.add_argument("experiment", nargs="?", help="experiment name (default: EXPERIMENT_NAME)")
     experiments = sub.add_parser("experiments", help="list or compare the experiments under GDRIVE_PATH")
-    experiments.add_argument("action", choices=["list", "compare", "plot"])
+    experiments.add_argument("action", choices=["list", "compare", "aggregate", "plot"])
     experiments.add_argument("names", nargs="*", help="experiments to compare (default: all)")
     experiments.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     experiments.add_argument("--out", type=Path, default=None, help="PNG path for plot "

@@ -250,3 +250,45 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# -- aggregate over seeds -------------------------------------------------------------------------
+
+# two-sided 95% Student-t critical values by degrees of freedom (1..10); 1.96 beyond
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
+def mean_interval(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% interval (None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, _T95.get(n - 1, 1.96) * sd / n ** 0.5
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    configuration: str
+    experiments: tuple[str, ...]
+    cumulative_reward: tuple[float, float | None]
+    final_accuracy: tuple[float, float | None] | None
+
+
+def aggregate(roots: list[Path]) -> list[Aggregate]:
+    """Experiments that differ only in SEED are one configuration: mean and 95% interval across them."""
+    groups: dict[str, list[Summary]] = {}
+    for root in roots:
+        cfg = _config(ExperimentFolder(root))
+        key = (f"{cfg.get('model_resolved', '?')} I={cfg.get('num_train_samples', '?')} "
+               f"J={cfg.get('num_transplant_trees', '?')} G={cfg.get('num_generations', '?')} "
+               f"workers={cfg.get('num_workers', '?')} rounds={cfg.get('max_rounds', '?')}")
+        groups.setdefault(key, []).append(summarize(root))
+    out = []
+    for key, members in sorted(groups.items()):
+        accuracies = [m.final_accuracy for m in members if m.final_accuracy is not None]
+        out.append(Aggregate(configuration=key, experiments=tuple(m.name for m in members),
+                             cumulative_reward=mean_interval([m.cumulative_reward for m in members]),
+                             final_accuracy=mean_interval(accuracies) if accuracies else None))
+    return out

@@ -191,3 +191,14 @@ def test_status_shows_every_node_from_the_folder_alone(test_mode_run):
     for node in ("coordinator", "worker-1", "worker-2", "worker-3"):
         assert node in result.stdout
     assert "round 3/3" in result.stdout and "done" in result.stdout
+
+
+def test_experiments_aggregate_groups_seeds_of_one_configuration(test_mode_run, tmp_path):
+    source, _ = test_mode_run
+    for name in ("seed-1", "seed-2"):
+        shutil.copytree(source / "drive" / "experiments" / "e2e", tmp_path / "drive" / "experiments" / name)
+    result = rl_swarm(swarm_env(tmp_path), "experiments", "aggregate")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and "2 run(s) (seed-1, seed-2)" in lines[0]
+    assert "± 0.000" in lines[0]                                     # two identical runs: no spread
