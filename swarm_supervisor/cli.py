@@ -295,7 +295,7 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
         return 0
     table = Table()
     columns = ("name", "status", "rounds", "nodes", "split", "model", "started", "last activity") if action == "list" \
-        else ("name", "split", "rounds", "cumulative reward", "final acc", "rounds/h", "restarts", "bad lines")
+        else ("name", "split", "rounds", "cumulative reward", "final acc", "rounds/h", "restarts", "rejected")
     for column in columns:
         table.add_column(column)
     for s in summaries:
@@ -306,7 +306,7 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
             table.add_row(s.name, s.split, f"{s.rounds}/{s.max_rounds}", f"{s.cumulative_reward:.3f}",
                           "-" if s.final_accuracy is None else f"{s.final_accuracy:.1%}",
                           "-" if s.rounds_per_hour is None else f"{s.rounds_per_hour:.0f}", str(s.restarts),
-                          str(s.rejected_lines))
+                          str(s.rejected_files))
     Console().print(table)
     return 0
 

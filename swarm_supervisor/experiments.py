@@ -67,7 +67,7 @@ class Summary:
     final_accuracy: float | None
     rounds_per_hour: float | None
     restarts: int
-    rejected_lines: int
+    rejected_files: int       # folder files and groups the workers refused, plus bad metrics lines
 
 
 def summarize(root: Path, last_n: int = 10) -> Summary:
@@ -103,7 +103,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         cumulative_reward=cumulative,
         final_accuracy=sum(r.accuracy for r in tail) / len(tail) if tail else None,
         rounds_per_hour=per_hour, restarts=events.count("restarting from its last checkpoint"),
-        rejected_lines=len(bad))
+        rejected_files=len(bad) + sum(b.rejected for b in beats.values()))
 
 
 def summaries_csv(summaries: list[Summary]) -> str:
