@@ -197,6 +197,30 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
           f"(base saved to {report['path']})")
 
 
+def pretrain(cfg: SwarmConfig) -> int:
+    """`rl-swarm pretrain`: the warm-up alone, so a swarm (or joining machines) can start from its base."""
+    from workers.warmup import read_base_meta
+
+    if cfg.warmup_steps == 0:
+        raise SwarmError("WARMUP_STEPS=0: nothing to pretrain; set WARMUP_STEPS (e.g. WARMUP_STEPS=400)")
+    check_tasks(cfg.tasks)
+    device, _ = resolve_device(cfg.device)
+    model_name, note = resolve_model(cfg)
+    if note:
+        print(f"rl-swarm: {note}")
+    folder = ExperimentFolder(cfg.experiment_dir).create()
+    meta = read_base_meta(folder.root)
+    if meta is not None and meta.get("model_name") == model_name:
+        print(f"rl-swarm: {folder.root / 'base'} already holds a warmed-up {model_name} "
+              f"(greedy exact-match {meta.get('greedy_accuracy_after', 0):.0%}); nothing to do")
+        return 0
+    if folder.state_rounds():
+        raise SwarmError(f"experiment {cfg.experiment_name!r} already started without a base: its checkpoints "
+                         "would not match one; pretrain a new EXPERIMENT_NAME")
+    ensure_base(cfg, folder, model_name, device)
+    return 0
+
+
 def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig) -> bool:
     """False when the experiment already ran all MAX_ROUNDS; a raised MAX_ROUNDS continues it."""
     finished = folder.finished_file
@@ -337,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", aliases=["join"], help="start only workers, joining a swarm started elsewhere "
                                                     "on the same GDRIVE_PATH/EXPERIMENT_NAME")
     sub.add_parser("status", help="show the swarm's state read from the shared folder alone")
+    sub.add_parser("pretrain", help="run the supervised warm-up now and save the experiment's base model "
+                                    "(`up` does this by itself when no base exists)")
     validate = sub.add_parser("validate", help="check one experiment's folder for completeness (exit 1 on a FAIL)")
     validate.add_argument("experiment", nargs="?", help="experiment name (default: EXPERIMENT_NAME)")
     experiments = sub.add_parser("experiments", help="list or compare the experiments under GDRIVE_PATH")
@@ -364,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "status":
             return show_status(cfg)
+        if command == "pretrain":
+            return pretrain(cfg)
         if command == "validate":
             return run_validate(cfg, args.experiment or cfg.experiment_name)
         if command == "experiments":

@@ -202,3 +202,13 @@ def test_experiments_aggregate_groups_seeds_of_one_configuration(test_mode_run, 
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and "2 run(s) (seed-1, seed-2)" in lines[0]
     assert "± 0.000" in lines[0]                                     # two identical runs: no spread
+
+
+def test_pretrain_saves_the_base_once(tmp_path):
+    env = swarm_env(tmp_path, WARMUP_STEPS="20")
+    first = rl_swarm(env, "pretrain")
+    assert first.returncode == 0, first.stderr
+    assert "warm-up 20 steps" in first.stdout
+    assert (tmp_path / "drive" / "experiments" / "e2e" / "base" / "model.safetensors").exists()
+    second = rl_swarm(env, "pretrain")
+    assert second.returncode == 0 and "already holds a warmed-up rl-swarm/tiny-gpt2" in second.stdout
