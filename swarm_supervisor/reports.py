@@ -1,0 +1,96 @@
+"""Read-only views of the shared folder for the CLI: status, validate, experiments list/compare/aggregate/plot."""
+
+from pathlib import Path
+
+from configs_env import SwarmConfig
+from workers.folder import ExperimentFolder, FolderError
+
+
+def show_status(cfg: SwarmConfig) -> int:
+    from rich.console import Console
+
+    from swarm_supervisor.dashboard import render
+    from swarm_supervisor.status import SwarmReader, experiment_config, read_events
+
+    folder = ExperimentFolder(cfg.experiment_dir)
+    if not folder.root.is_dir():
+        raise FolderError(f"no experiment at {folder.root}: check GDRIVE_PATH and EXPERIMENT_NAME")
+    recorded = experiment_config(folder)
+    if isinstance(recorded.get("max_rounds"), int):
+        cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])
+    reader = SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")),
+                         str(recorded.get("device_resolved", "?")))
+    Console().print(render(reader.view(events=read_events(folder))))
+    return 0
+
+
+def run_validate(cfg: SwarmConfig, name: str) -> int:
+    from configs_env.parsing import safe_name
+    from swarm_supervisor.experiments import format_checks, validate
+
+    root = cfg.gdrive_path / "experiments" / safe_name("experiment", name)
+    if not root.is_dir():
+        raise FolderError(f"no experiment at {root}: check GDRIVE_PATH and the experiment name")
+    checks = validate(root)
+    print(format_checks(name, checks))
+    return 0 if all(c.passed for c in checks) else 1
+
+
+def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bool, out: Path | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from configs_env.parsing import safe_name
+    from swarm_supervisor.experiments import experiment_roots, summaries_csv, summarize
+
+    roots = experiment_roots(cfg.gdrive_path)
+    if names:
+        wanted = {safe_name("experiment", n) for n in names}
+        missing = wanted - {r.name for r in roots}
+        if missing:
+            raise FolderError(f"no experiment {', '.join(sorted(missing))} under {cfg.gdrive_path / 'experiments'}")
+        roots = [r for r in roots if r.name in wanted]
+    if action == "plot":
+        from swarm_supervisor.experiments import plot_experiments
+
+        target = out or cfg.gdrive_path / "plots" / ("-".join(r.name for r in roots)[:100] + ".png")
+        print(f"rl-swarm: plot saved to {plot_experiments(roots, target)}")
+        return 0
+    if action == "aggregate":
+        return show_aggregate(roots)
+    summaries = [summarize(r) for r in roots]
+    if as_csv:
+        print(summaries_csv(summaries), end="")
+        return 0
+    table = Table()
+    columns = ("name", "status", "rounds", "nodes", "split", "model", "started", "last activity") if action == "list" \
+        else ("name", "split", "rounds", "cumulative reward", "final acc", "rounds/h", "restarts", "rejected")
+    for column in columns:
+        table.add_column(column)
+    for s in summaries:
+        if action == "list":
+            table.add_row(s.name, s.status, f"{s.rounds}/{s.max_rounds}", str(s.nodes), s.split, s.model, s.started,
+                          s.last_activity)
+        else:
+            table.add_row(s.name, s.split, f"{s.rounds}/{s.max_rounds}", f"{s.cumulative_reward:.3f}",
+                          "-" if s.final_accuracy is None else f"{s.final_accuracy:.1%}",
+                          "-" if s.rounds_per_hour is None else f"{s.rounds_per_hour:.0f}", str(s.restarts),
+                          str(s.rejected_files))
+    Console().print(table)
+    return 0
+
+
+def show_aggregate(roots: list[Path]) -> int:
+    from swarm_supervisor.experiments import aggregate
+
+    def shown(value: tuple[float, float | None] | None, percent: bool = False) -> str:
+        if value is None:
+            return "-"
+        mean, half = value
+        fmt = (lambda v: f"{v:.1%}") if percent else (lambda v: f"{v:.3f}")
+        return fmt(mean) + ("" if half is None else f" ± {fmt(half)}")
+
+    for row in aggregate(roots):
+        print(f"{row.configuration}: {len(row.experiments)} run(s) ({', '.join(row.experiments)}): cumulative "
+              f"reward {shown(row.cumulative_reward)}, final accuracy {shown(row.final_accuracy, True)} (95% interval)")
+    return 0
