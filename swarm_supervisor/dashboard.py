@@ -1,9 +1,14 @@
-"""Renders SwarmView snapshots: a live rich table in a terminal, a compact status line anywhere else."""
+"""Renders SwarmView snapshots: a live rich table in a terminal, a compact status line anywhere else.
 
+Nothing here measures or reads files: the monitor and the status reader build the snapshots, this only draws them,
+so every field may be None (not measured yet, no GPU) and is shown as "N/A" or "-".
+"""
+
+import math
 import time
 from dataclasses import dataclass
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -11,20 +16,27 @@ from rich.text import Text
 from swarm_supervisor.monitor import DeviceSnapshot
 
 SPARK = "▁▂▃▄▅▆▇█"
+BAR_WIDTH = 20
+STATUS_WIDTH = 48                 # status and the start of last_error
+COLUMNS = ("node", "role", "status", "round", "reward", "trend", "acc", "loc+ext", "GPU MiB", "RAM MiB", "restarts",
+           "beat")
+EVENTS_SHOWN = 5
 STATUS_STYLE = {"failed": "bold red", "crashed": "red", "restarting": "yellow", "done": "green",
                 "stopped": "dim", "training": "cyan", "generating": "magenta", "fetching": "blue"}
+TROUBLE = ("failed", "crashed", "restarting")
+NOT_RUNNING = TROUBLE + ("stopped", "done")
 
 
 @dataclass(frozen=True)
 class NodeRow:
     node_id: str
-    role: str
-    status: str
+    role: str                        # "worker" or "coordinator"
+    status: str                      # starting, generating, training, waiting, done, restarting, failed, stopped
     round: int | None
     stage: int | None
     reward: float | None
-    accuracy: float | None
-    reward_trend: tuple[float, ...]
+    accuracy: float | None           # a share, 0..1
+    reward_trend: tuple[float, ...]  # the last few rounds' mean rewards, oldest first
     local_rollouts: int | None
     external_rollouts: int | None
     gpu_mib: float | None
@@ -46,12 +58,13 @@ class SwarmView:
     eta_s: float | None
     device: DeviceSnapshot | None
     nodes: tuple[NodeRow, ...]
-    events: tuple[str, ...]
+    events: tuple[str, ...]          # newest last
     rejected_files: int = 0
 
 
 def format_duration(seconds: float | None) -> str:
-    if seconds is None:
+    """21h04m, 3m05s or 12s; "-" when unknown."""
+    if seconds is None or not math.isfinite(seconds):
         return "-"
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -67,65 +80,124 @@ def _num(value: float | None, fmt: str) -> str:
     return "N/A" if value is None else format(value, fmt)
 
 
+def _mib(value: float | None) -> str:
+    return _num(value, ",.0f")
+
+
+def _gib_pair(device: DeviceSnapshot) -> str:
+    return f"{device.used_mib / 1024:.1f}/{device.total_mib / 1024:.1f} GiB"
+
+
+def _rate(rounds_per_hour: float | None) -> str:
+    if not rounds_per_hour:
+        return "- rounds/h"
+    return f"{rounds_per_hour:.1f} rounds/h" if rounds_per_hour < 10 else f"{rounds_per_hour:.0f} rounds/h"
+
+
 def sparkline(values: tuple[float, ...]) -> str:
-    if not values:
+    """One block character per value, scaled between the lowest and the highest; a flat series sits at the bottom."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
         return ""
-    low, high = min(values), max(values)
-    span = (high - low) or 1.0
-    return "".join(SPARK[min(7, int((v - low) / span * 7.999))] if high > low else SPARK[0] for v in values)
+    low, high = min(finite), max(finite)
+    if high == low:
+        return SPARK[0] * len(finite)
+    return "".join(SPARK[min(7, int((v - low) / (high - low) * 8))] for v in finite)
 
 
-def _memory(device: DeviceSnapshot | None, label: str) -> Text:
+def _memory_line(device: DeviceSnapshot | None, label: str) -> Text:
     if device is None:
         return Text(f"GPU: N/A ({label})", style="dim")
-    share = device.used_mib / device.total_mib if device.total_mib else 0.0
+    share = device.used_mib / device.total_mib if device.total_mib > 0 else 0.0
+    share = share if math.isfinite(share) else 0.0
     style = "red" if share > 0.95 else "yellow" if share > 0.85 else "green"
-    filled = int(round(share * 20))
-    return Text.assemble(f"{device.name} ", ("█" * filled + "░" * (20 - filled), style),
-                         f" {device.used_mib / 1024:.1f}/{device.total_mib / 1024:.1f} GiB")
+    filled = max(0, min(BAR_WIDTH, round(share * BAR_WIDTH)))
+    util = "" if device.utilization_pct is None else f" · util {device.utilization_pct:.0f}%"
+    return Text.assemble(f"{label} {device.name} ", ("█" * filled, style), ("░" * (BAR_WIDTH - filled), "dim"),
+                         (f" {_mib(device.used_mib)}/{_mib(device.total_mib)} MiB ({share:.0%})", style), util)
+
+
+def _status_cell(row: NodeRow) -> Text:
+    status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
+    if row.last_error and row.last_error.strip():
+        status.append(" " + row.last_error.strip().splitlines()[-1], style="red")   # a traceback's last line says what
+    return status
+
+
+def _rollouts(row: NodeRow) -> str:
+    if row.local_rollouts is None and row.external_rollouts is None:
+        return "-"
+    return f"{row.local_rollouts if row.local_rollouts is not None else '-'}+" \
+           f"{row.external_rollouts if row.external_rollouts is not None else '-'}"
+
+
+def _cells(row: NodeRow) -> list[Text]:
+    # Text, not str: rich would read "[...]" in a node id or an error as markup.
+    return [Text(row.node_id), Text(row.role), _status_cell(row), Text("-" if row.round is None else str(row.round)),
+            Text(_num(row.reward, ".3f")), Text(sparkline(row.reward_trend), style="cyan"),
+            Text("N/A" if row.accuracy is None else f"{row.accuracy:.0%}"), Text(_rollouts(row)),
+            Text(_mib(row.gpu_mib)), Text(_mib(row.ram_mib)), Text(str(row.restarts)),
+            Text("-" if row.heartbeat_age_s is None else format_duration(row.heartbeat_age_s))]
+
+
+class _NodeTable:
+    """One line per node: the status cell (with the error) takes the width the numbers leave, cut with "…"."""
+
+    def __init__(self, nodes: tuple[NodeRow, ...]):
+        self.nodes = nodes
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        rows = [_cells(node) for node in self.nodes]
+        others = [max([len(column)] + [row[i].cell_len for row in rows]) for i, column in enumerate(COLUMNS)
+                  if column != "status"]
+        room = options.max_width - sum(others) - 3 * (len(COLUMNS) - 1)     # " │ " between columns
+        width = max(len("restarting"), min(STATUS_WIDTH, room))
+        table = Table(expand=False, show_edge=False, pad_edge=False)
+        for column in COLUMNS:
+            table.add_column(column, justify="left" if column in ("node", "role", "status", "trend") else "right",
+                             no_wrap=True, overflow="ellipsis")
+        for cells in rows:
+            cells[COLUMNS.index("status")].truncate(width, overflow="ellipsis")
+            table.add_row(*cells)
+        yield table
 
 
 def render(view: SwarmView) -> Group:
-    rate = "-" if view.rounds_per_hour is None else f"{view.rounds_per_hour:.0f} rounds/h"
+    """The whole frame: header, device memory, one table row per node, the newest events."""
     header = Text.assemble(("rl-swarm ", "bold"), f"{view.experiment} · {view.model} · ",
                            ("round ", "bold"), f"{view.round}/{view.max_rounds} · elapsed ",
-                           format_duration(view.elapsed_s), f" · {rate} · ETA {format_duration(view.eta_s)} · ",
-                           f"rejected files {view.rejected_files}")
-    table = Table(expand=False, show_edge=False, pad_edge=False)
-    for column in ("node", "role", "status", "round", "reward", "trend", "acc", "loc+ext", "GPU MiB", "RAM MiB",
-                   "restarts", "beat"):
-        table.add_column(column, justify="left" if column in ("node", "role", "status", "trend") else "right")
-    for row in view.nodes:
-        status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
-        if row.last_error:
-            status.append(f" {row.last_error[:60]}", style="red")
-        rollouts = "-" if row.local_rollouts is None else f"{row.local_rollouts}+{row.external_rollouts or 0}"
-        table.add_row(row.node_id, row.role, status, "-" if row.round is None else str(row.round),
-                      _num(row.reward, ".3f"), sparkline(row.reward_trend),
-                      "N/A" if row.accuracy is None else f"{row.accuracy:.0%}", rollouts,
-                      _num(row.gpu_mib, ".0f"), _num(row.ram_mib, ".0f"), str(row.restarts),
-                      "-" if row.heartbeat_age_s is None else format_duration(row.heartbeat_age_s))
-    parts = [header, _memory(view.device, view.device_label), table]
+                           format_duration(view.elapsed_s), f" · {_rate(view.rounds_per_hour)} · ETA ",
+                           format_duration(view.eta_s))
+    if view.rejected_files:
+        header.append(f" · rejected files {view.rejected_files}", style="yellow")
+    parts = [header, _memory_line(view.device, view.device_label), _NodeTable(view.nodes)]
     if view.events:
-        parts.append(Text("\n".join(view.events[-5:]), style="dim"))
+        parts.append(Text("\n".join(view.events[-EVENTS_SHOWN:]), style="dim"))
     return Group(*parts)
 
 
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
 def status_line(view: SwarmView) -> str:
+    """One plain line for pipes, notebooks and CI logs."""
     workers = [n for n in view.nodes if n.role == "worker"]
-    running = sum(n.status not in ("failed", "crashed", "stopped", "done", "restarting") for n in workers)
-    rewards = [n.reward for n in workers if n.reward is not None]
-    accs = [n.accuracy for n in workers if n.accuracy is not None]
-    reward = f"reward {sum(rewards) / len(rewards):.3f}" if rewards else "reward -"
-    acc = f"acc {sum(accs) / len(accs):.1%}" if accs else "acc -"
-    speed = "-" if not view.rounds_per_hour else f"{3600 / view.rounds_per_hour:.1f} s/round"
-    gpu = "GPU N/A" if view.device is None else \
-        f"GPU {view.device.used_mib / 1024:.1f}/{view.device.total_mib / 1024:.1f} GiB"
-    failed = [n.node_id for n in workers if n.status in ("failed", "restarting", "crashed")]
-    trouble = f" | {', '.join(failed)}: {'/'.join(sorted({n.status for n in workers if n.node_id in failed}))}" \
-        if failed else ""
-    return (f"[rl-swarm] exp={view.experiment} round {view.round}/{view.max_rounds} | {running}/{len(workers)} "
-            f"workers running | {reward} {acc} | {speed}, ETA {format_duration(view.eta_s)} | {gpu}{trouble}")
+    running = sum(n.status not in NOT_RUNNING for n in workers)
+    reward = _mean([n.reward for n in workers if n.reward is not None])
+    acc = _mean([n.accuracy for n in workers if n.accuracy is not None])
+    speed = f"{3600 / view.rounds_per_hour:.1f} s/round" if view.rounds_per_hour else "- s/round"
+    gpu = "GPU N/A" if view.device is None else f"GPU {_gib_pair(view.device)}"
+    line = (f"[rl-swarm] exp={view.experiment} round {view.round}/{view.max_rounds} | {running}/{len(workers)} "
+            f"workers running | reward {'-' if reward is None else f'{reward:.3f}'} "
+            f"acc {'-' if acc is None else f'{acc:.1%}'} | {speed}, ETA {format_duration(view.eta_s)} | {gpu}")
+    trouble = [f"{n.node_id}: {n.status}" for n in workers if n.status in TROUBLE]
+    if trouble:
+        line += " | " + ", ".join(trouble)
+    if view.rejected_files:
+        line += f" | rejected files {view.rejected_files}"
+    return line
 
 
 class Dashboard:
@@ -133,13 +205,13 @@ class Dashboard:
 
     def __init__(self, console: Console | None = None, refresh_per_second: float = 4, line_interval_s: float = 30.0):
         self.console = console or Console()
-        self.min_gap = 1.0 / refresh_per_second
+        self.min_gap_s = 1.0 / refresh_per_second if refresh_per_second > 0 else 0.0
         self.line_interval_s = line_interval_s
         self._live: Live | None = None
-        self._last_draw = 0.0
-        self._last_key: tuple | None = None
-        self._last_line = 0.0
         self._view: SwarmView | None = None
+        self._drawn: SwarmView | None = None     # the view on screen (live) or last printed (lines)
+        self._last_draw = float("-inf")
+        self._last_key: tuple | None = None
 
     def start(self) -> None:
         if self.console.is_terminal and self._live is None:
@@ -149,26 +221,39 @@ class Dashboard:
 
     def update(self, view: SwarmView) -> None:
         self._view = view
-        now = time.monotonic()
-        if self._live is not None:
-            if now - self._last_draw >= self.min_gap:
-                self._live.update(render(view), refresh=True)
-                self._last_draw = now
-            return
-        key = (view.round, tuple((n.node_id, n.status) for n in view.nodes
-                                 if n.status in ("failed", "restarting", "crashed")))
-        if key != self._last_key or now - self._last_line >= self.line_interval_s:
-            self.console.print(status_line(view), markup=False, highlight=False, soft_wrap=True)
-            self._last_key, self._last_line = key, now
+        if self.console.is_terminal:
+            self.start()
+            self._draw_live(force=False)
+        else:
+            self._print_line(force=False)
 
     def stop(self) -> None:
+        """A terminal keeps the last frame on screen; a pipe gets a final status line."""
         if self._live is not None:
-            if self._view is not None:
-                self._live.update(render(self._view), refresh=True)
+            self._draw_live(force=True)
             self._live.stop()
             self._live = None
-        elif self._view is not None:
-            self.console.print(status_line(self._view), markup=False, highlight=False, soft_wrap=True)
+        elif not self.console.is_terminal:
+            self._print_line(force=True)
+
+    def _draw_live(self, force: bool) -> None:
+        now = time.monotonic()
+        if self._live is None or self._view is None or self._view is self._drawn:
+            return
+        # Rate-limited: the supervisor updates on every tick, but redrawing faster than the eye reads only costs CPU.
+        if force or now - self._last_draw >= self.min_gap_s:
+            self._live.update(render(self._view), refresh=True)
+            self._drawn, self._last_draw = self._view, now
+
+    def _print_line(self, force: bool) -> None:
+        view = self._view
+        if view is None or (force and view is self._drawn):
+            return
+        now = time.monotonic()
+        key = (view.round, tuple((n.node_id, n.status) for n in view.nodes if n.status in TROUBLE))
+        if force or key != self._last_key or now - self._last_draw >= self.line_interval_s:
+            self.console.print(status_line(view), markup=False, highlight=False, soft_wrap=True)
+            self._drawn, self._last_key, self._last_draw = view, key, now
 
     def __enter__(self) -> "Dashboard":
         self.start()

@@ -6,90 +6,144 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from rich.console import Console
 
-from swarm_supervisor.dashboard import Dashboard, NodeRow, SwarmView, format_duration, render, status_line
-from swarm_supervisor.monitor import Monitor
+from swarm_supervisor.dashboard import Dashboard, NodeRow, SwarmView, format_duration, render, sparkline, status_line
+from swarm_supervisor.monitor import DeviceSnapshot, Monitor
 
 
 def row(node: str, status: str = "training", **extra) -> NodeRow:
     values = dict(node_id=node, role="worker", status=status, round=3, stage=0, reward=0.3125, accuracy=0.25,
                   reward_trend=(0.1, 0.2, 0.3), local_rollouts=2, external_rollouts=2, gpu_mib=None,
-                  ram_mib=812.0, restarts=0, heartbeat_age_s=1.0, last_error=None)
+                  ram_mib=812.0, restarts=0, heartbeat_age_s=3.2, last_error=None)
     values.update(extra)
     return NodeRow(**values)
 
 
-def view(nodes, round_=3) -> SwarmView:
-    return SwarmView(experiment="exp", model="rl-swarm/tiny-gpt2", device_label="cpu", round=round_, max_rounds=10,
-                     elapsed_s=125, rounds_per_hour=120.0, eta_s=210, device=None, nodes=tuple(nodes),
-                     events=("12:00:00 worker-3: failed (3 restarts within 600s): CUDA out of memory",))
+def view(nodes, round_=3, **extra) -> SwarmView:
+    values = dict(experiment="exp", model="rl-swarm/tiny-gpt2", device_label="cpu", round=round_, max_rounds=10,
+                  elapsed_s=125, rounds_per_hour=120.0, eta_s=210, device=None, nodes=tuple(nodes),
+                  events=("12:00:00 worker-3: failed (3 restarts within 600s): CUDA out of memory",))
+    values.update(extra)
+    return SwarmView(**values)
+
+
+def frame(swarm: SwarmView) -> str:
+    console = Console(record=True, width=160, force_terminal=False)
+    console.print(render(swarm))
+    return console.export_text()
 
 
 def test_monitor_on_a_cpu_machine_reports_ram_and_na_for_gpu():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=30)
     monitor = Monitor()
-    snap = monitor.sample([os.getpid(), dead.pid])
-    monitor.close()
-    assert snap.processes[os.getpid()].alive and snap.processes[os.getpid()].rss_mib > 10
-    assert not snap.processes[dead.pid].alive and snap.processes[dead.pid].rss_mib is None
-    if not torch.cuda.is_available():
-        assert snap.device is None and snap.processes[os.getpid()].gpu_mib is None
+    try:
+        first = monitor.sample([os.getpid(), dead.pid])
+        again = monitor.sample([os.getpid(), dead.pid])     # the cached psutil.Process is reused
+        on_gpu = monitor.gpu_available()
+    finally:
+        monitor.close()
+    me = again.processes[os.getpid()]
+    assert me.alive and me.rss_mib > 10 and me.cpu_pct is not None
+    assert first.processes[dead.pid] == again.processes[dead.pid]
+    assert not again.processes[dead.pid].alive and again.processes[dead.pid].rss_mib is None
+    assert again.host_ram_total_mib > again.host_ram_used_mib > 0
+    if not on_gpu:
+        assert again.device is None and me.gpu_mib is None
+    assert not monitor.gpu_available()      # closed
 
 
 def test_a_recorded_frame_has_a_row_per_node_with_the_failed_nodes_error():
-    console = Console(record=True, width=200, force_terminal=False)
-    console.print(render(view([row("worker-1"), row("worker-2", status="waiting"),
-                               row("worker-3", status="failed", last_error="CUDA out of memory")])))
-    text = console.export_text()
-    for node in ("worker-1", "worker-2", "worker-3"):
-        assert node in text
-    assert "0.312" in text and "25%" in text and "2+2" in text and "812" in text
+    text = frame(view([row("worker-1"), row("worker-2", status="waiting"),
+                       row("worker-3", status="failed", last_error="CUDA out of memory")]))
+    lines = text.splitlines()
+    for node, status in (("worker-1", "training"), ("worker-2", "waiting"), ("worker-3", "failed")):
+        [line] = [line for line in lines if node in line and "restarts" not in line and ":" not in line]
+        assert status in line and "0.312" in line and "25%" in line and "2+2" in line and "812" in line
+        assert "N/A" in line and "3s" in line and "▁▅█" in line
     assert "failed CUDA out of memory" in text
-    assert "GPU: N/A (cpu)" in text and "round 3/10" in text
+    assert "GPU: N/A (cpu)" in text and "round 3/10" in text and "ETA 3m30s" in text
+    assert "CUDA out of memory" in lines[-1]     # the newest event closes the frame
 
 
 def test_a_view_of_nothing_but_unknowns_renders():
     empty = row("worker-1", status="starting", round=None, stage=None, reward=None, accuracy=None, reward_trend=(),
-                local_rollouts=None, external_rollouts=None, ram_mib=None, heartbeat_age_s=None)
-    console = Console(record=True, width=200, force_terminal=False)
-    console.print(render(view([empty])))
-    assert "worker-1" in console.export_text()
-    assert "reward -" in status_line(view([empty]))
+                local_rollouts=None, external_rollouts=None, ram_mib=None, heartbeat_age_s=None,
+                last_error=None)
+    swarm = view([empty], round_=0, rounds_per_hour=None, eta_s=None, events=())
+    assert "worker-1" in frame(swarm)
+    assert "reward - acc -" in status_line(swarm) and "ETA -" in status_line(swarm)
+    assert "worker-1" in frame(view([row("worker-1", reward=float("nan"), reward_trend=(float("nan"), 0.2))]))
+
+
+def test_the_memory_bar_turns_red_near_full_and_shows_mib():
+    full = DeviceSnapshot(name="NVIDIA H100", total_mib=81559, used_mib=79000, free_mib=2559, utilization_pct=None)
+    console = Console(record=True, width=160, force_terminal=True, color_system="truecolor")
+    console.print(render(view([row("worker-1", gpu_mib=6512.0)], device=full, device_label="cuda:0")))
+    text = console.export_text(clear=False)
+    assert "cuda:0 NVIDIA H100" in text and "79,000/81,559 MiB (97%)" in text and "6,512" in text
+    assert "\x1b[31m 79,000/81,559 MiB" in console.export_text(styles=True)     # red
+    assert "GPU 77.1/79.6 GiB" in status_line(view([row("worker-1")], device=full))
 
 
 def test_status_line_summarises_the_swarm():
-    line = status_line(view([row("worker-1"), row("worker-2", status="failed", last_error="x")]))
+    line = status_line(view([row("worker-1"), row("worker-2", status="failed", last_error="x")], rejected_files=2))
     assert line.startswith("[rl-swarm] exp=exp round 3/10 | 1/2 workers running | reward 0.312 acc 25.0%")
-    assert "30.0 s/round" in line and "worker-2: failed" in line
+    assert "30.0 s/round, ETA 3m30s | GPU N/A" in line and "worker-2: failed" in line
+    assert "rejected files 2" in line and "\n" not in line
 
 
-def test_in_a_pipe_the_dashboard_prints_a_line_per_round_not_a_table():
+def test_in_a_pipe_the_dashboard_prints_a_line_when_something_changes_not_a_table():
     out = io.StringIO()
-    dashboard = Dashboard(Console(file=out, force_terminal=False, width=200), line_interval_s=3600)
-    dashboard.start()
-    dashboard.update(view([row("worker-1")], round_=1))
-    dashboard.update(view([row("worker-1")], round_=1))
-    dashboard.update(view([row("worker-1")], round_=2))
-    dashboard.stop()
+    with Dashboard(Console(file=out, force_terminal=False, width=80), line_interval_s=3600) as dashboard:
+        dashboard.update(view([row("worker-1"), row("worker-2")], round_=1))
+        dashboard.update(view([row("worker-1"), row("worker-2")], round_=1))
+        dashboard.update(view([row("worker-1"), row("worker-2")], round_=2))
+        dashboard.update(view([row("worker-1"), row("worker-2", status="restarting")], round_=2))
+        dashboard.update(view([row("worker-1"), row("worker-2", status="restarting")], round_=2))
     lines = out.getvalue().splitlines()
-    assert [line.split(" | ")[0] for line in lines] == ["[rl-swarm] exp=exp round 1/10", "[rl-swarm] exp=exp round 2/10",
-                                                        "[rl-swarm] exp=exp round 2/10"]
+    assert [line.split(" | ")[0] for line in lines] == ["[rl-swarm] exp=exp round 1/10"] + \
+        ["[rl-swarm] exp=exp round 2/10"] * 3      # round 2, the restart, and the final line on stop
+    assert "worker-2: restarting" in lines[2] and "worker-2: restarting" in lines[3]
     assert "┃" not in out.getvalue() and "│" not in out.getvalue()
 
 
-@pytest.mark.parametrize("seconds, text", [(12, "12s"), (185, "3m05s"), (75840, "21h04m"), (None, "-")])
+def test_in_a_terminal_the_last_frame_stays_on_screen():
+    out = io.StringIO()
+    dashboard = Dashboard(Console(file=out, force_terminal=True, width=160), refresh_per_second=1000)
+    dashboard.start()
+    dashboard.update(view([row("worker-1")], round_=1))
+    dashboard.update(view([row("worker-1", status="done")], round_=10))
+    dashboard.stop()
+    last_frame = out.getvalue().rsplit("rl-swarm", 1)[1]
+    assert "10/10" in last_frame and "done" in last_frame
+    assert "[rl-swarm]" not in out.getvalue()
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (12, "12s"), (185, "3m05s"), (75840, "21h04m"),
+                                           (-5, "0s"), (None, "-"), (float("inf"), "-")])
 def test_durations(seconds, text):
     assert format_duration(seconds) == text
 
 
+def test_a_reward_trend_is_a_sparkline_from_lowest_to_highest():
+    assert sparkline((0.0, 0.5, 1.0)) == "▁▅█"
+    assert sparkline((0.3, 0.3)) == "▁▁" and sparkline(()) == ""
+
+
 @pytest.mark.gpu
-def test_nvml_reports_this_processs_gpu_memory():
+def test_nvml_reports_the_device_and_this_processs_gpu_memory():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     torch.zeros(1024, 1024, device="cuda")
     monitor = Monitor()
-    snap = monitor.sample([os.getpid()])
-    monitor.close()
-    assert snap.device is not None and snap.device.total_mib > 1000
+    try:
+        if not monitor.gpu_available():
+            pytest.skip("NVML cannot be initialised here")
+        snap = monitor.sample([os.getpid()])
+    finally:
+        monitor.close()
+    assert snap.device is not None and snap.device.total_mib > 1000 and snap.device.used_mib > 0
     assert snap.processes[os.getpid()].gpu_mib is None or snap.processes[os.getpid()].gpu_mib > 0
