@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from bench.workload import MODEL, generation_tok_s, scaling_process, train_step
+from bench.memory_probe import NAIVE_SETUP, WORKER_SETUP, measure_train, worker_peak
+from bench.workload import MODEL, generation_tok_s, scaling_process
 from workers.model import load_policy
 
 HERE = Path(__file__).parent
@@ -33,13 +34,29 @@ def bench_generation(cache: Path) -> dict:
 
 
 def bench_train(cache: Path) -> dict:
+    """One update of 16 rows x 256 completion tokens: the straightforward way, ours, ours without checkpointing."""
+    no_ckpt = {**WORKER_SETUP, "name": "ours without activation checkpointing", "ckpt": False}
+    rows = {"naive": NAIVE_SETUP, "ours": WORKER_SETUP, "ours_no_checkpointing": no_ckpt}
     out = {}
-    for name, naive in (("naive", True), ("ours", False)):
-        policy = load_policy(MODEL, "cuda:0", cache)
-        out[name] = train_step(policy, rows=16, completion_len=256, naive=naive)
-        del policy
-        torch.cuda.empty_cache()
+    for key, setup in rows.items():
+        row = measure_train(cache, setup)
+        out[key] = {"name": setup["name"], "seconds": row["seconds"], "peak_gib": row["peak_alloc_gib"]}
     return out
+
+
+def bench_worker_memory(cache: Path) -> dict:
+    """A worker's worst case (every completion 256 tokens, generate then update, 8 rounds) by NVML, and the
+    supervisor's pre-start estimate for it."""
+    from transformers import AutoConfig
+
+    from configs_env import SwarmConfig
+    from workers.memory import estimate_worker_mib
+    from workers.model import model_source
+
+    row = worker_peak(cache, WORKER_SETUP)
+    config = AutoConfig.from_pretrained(model_source(MODEL, cache))
+    return {"nvml_peak_gib": row["nvml_peak_gib"], "nvml_peak_by_round": row["nvml_peak_by_cycle"],
+            "estimate_gib": estimate_worker_mib(config, SwarmConfig.from_env({}), checkpointing=True) / 1024}
 
 
 def bench_swarm(cache: Path, rounds: int) -> dict:
@@ -55,10 +72,16 @@ def bench_swarm(cache: Path, rounds: int) -> dict:
         return {"error": (result.stdout + result.stderr)[-800:]}
     states = [json.loads((exp / "state" / f"round_{r:06d}.json").read_text())["started_at"] for r in (2, rounds)]
     samples = [json.loads(line) for line in (exp / "logs" / "supervisor" / "monitor.jsonl").read_text().splitlines()]
-    peak = max((v["gpu_mib"] or 0) for row in samples for v in row["nodes"].values()) / 1024
+
+    def peak_until(until: float) -> float:
+        return max([(v["gpu_mib"] or 0) for row in samples if row["time"] <= until
+                    for v in row["nodes"].values()] or [0]) / 1024
+
+    peak = peak_until(float("inf"))
+    round_11 = json.loads((exp / "state" / "round_000011.json").read_text())["started_at"]
     metrics = [json.loads(line) for line in (exp / "metrics" / "worker-1" / "metrics.jsonl").read_text().splitlines()]
     return {"rounds": rounds, "wall_s": wall, "seconds_per_round": (states[1] - states[0]) / (rounds - 2),
-            "peak_gib_per_worker": peak,
+            "peak_gib_per_worker": peak, "peak_gib_by_round_10": peak_until(round_11),
             "mean_completion_tokens": sum(m["mean_completion_tokens"] for m in metrics) / len(metrics),
             "final_reward_mean": sum(m["reward_mean"] for m in metrics[-5:]) / 5}
 
@@ -89,10 +112,16 @@ def render(results: dict) -> str:
         lines.append(f"| {row['batch']} | {row['plain_tok_s']:.0f} | "
                      f"{'%.0f' % fast if fast else row.get('fast_error', '-')} | "
                      f"{'%.2fx' % (fast / row['plain_tok_s']) if fast else '-'} |")
-    lines += ["", "## Train step (16 rows x 256 completion tokens, bf16 autocast, fused AdamW)", "",
-              "| path | seconds | peak GiB |", "|---|---|---|"]
-    for name in ("naive", "ours"):
-        lines.append(f"| {name} | {t[name]['seconds']:.4f} | {t[name]['peak_gib']:.2f} |")
+    lines += ["", "## Train step (16 rows x 256 completion tokens + 48 prompt tokens, bf16 autocast)", "",
+              "| path | seconds | peak GiB (torch allocator) |", "|---|---|---|"]
+    for row in t.values():
+        lines.append(f"| {row['name']} | {row['seconds']:.4f} | {row['peak_gib']:.2f} |")
+    w = results.get("worker_memory")
+    if w:
+        lines += ["", "## One worker's worst case by NVML (generate 8 x 256 tokens, update 16 x 256, 8 rounds)", "",
+                  f"- peak {w['nvml_peak_gib']:.2f} GiB, CUDA context included (target <= 3); by round: "
+                  + ", ".join(f"{x:.2f}" for x in w["nvml_peak_by_round"]),
+                  f"- the supervisor's pre-start estimate for it: {w['estimate_gib']:.2f} GiB"]
     lines += ["", "## Whole default swarm (4 workers, I=2, J=2, G=4, max 256 new tokens)", ""]
     if "error" in s:
         lines.append(f"failed: {s['error']}")
@@ -100,7 +129,9 @@ def render(results: dict) -> str:
         lines += [f"- rounds: {s['rounds']}, wall {s['wall_s']:.0f}s (warm-up and start-up included)",
                   f"- seconds per round: {s['seconds_per_round']:.2f} (target <= 1.8)",
                   f"- peak GPU per worker (NVML, CUDA context included): {s['peak_gib_per_worker']:.2f} GiB "
-                  "(target <= 3)", f"- mean completion tokens: {s['mean_completion_tokens']:.1f}"]
+                  f"(target <= 3); by round 10: {s['peak_gib_by_round_10']:.2f} GiB "
+                  f"(growth {100 * (s['peak_gib_per_worker'] / s['peak_gib_by_round_10'] - 1):+.1f}%)",
+                  f"- mean completion tokens: {s['mean_completion_tokens']:.1f}"]
     lines += ["", "## Scaling (N processes generating at once, batch 16, 256 tokens, the workers' fast path)", "",
               "| workers | aggregate tok/s | peak GiB per worker |", "|---|---|---|"]
     for row in results["scaling"]:
@@ -112,15 +143,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", choices=["all"])
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
     cache = Path(tempfile.mkdtemp())
     # the device's copy of the tree may have no usable .git: the caller passes the commit it sent
     sha = os.environ.get("GIT_SHA") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                                       text=True).stdout.strip() or "unknown"
     results = {"device": torch.cuda.get_device_name(0), "git_sha": sha, "date": time.strftime("%Y-%m-%d"),
-               "command": "python -m bench all --out bench/results.json", "torch": torch.__version__}
+               "command": f"python -m bench all --out bench/results.json --rounds {args.rounds}", "torch": torch.__version__}
     for name, run in (("generation", lambda: bench_generation(cache)), ("train", lambda: bench_train(cache)),
+                      ("worker_memory", lambda: bench_worker_memory(cache)),
                       ("swarm_default", lambda: bench_swarm(cache, args.rounds)),
                       ("scaling", lambda: bench_scaling(cache, (1, 2, 4, 8, 16)))):
         started = time.monotonic()

@@ -8,7 +8,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.workload import MODEL
 from configs_env import SwarmConfig
-from workers.model import load_policy
+from workers.model import enable_activation_checkpointing, load_policy, use_activation_checkpointing
+from workers.optim import make_optimizer
 from workers.round_loop import TrainingGroup, local_rollouts, train_on_groups
 from workers.tasks import TaskMix
 
@@ -16,7 +17,9 @@ from workers.tasks import TaskMix
 def profile_round(cache: Path, rows: int = 15) -> str:
     cfg = SwarmConfig.from_env({})          # the default preset: I=2, J=2, G=4, 256 new tokens
     policy = load_policy(MODEL, "cuda:0", cache)
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-5, fused=True)
+    optimizer = make_optimizer(policy.model, 1e-5)
+    if use_activation_checkpointing(cfg.gradient_checkpointing, policy.device):
+        enable_activation_checkpointing(policy.model)
     tasks = TaskMix(cfg.tasks, seed=0)
 
     def one_round(seed: int) -> None:

@@ -51,16 +51,24 @@ class SwarmConfig:
     advantage_scale: str = "std"
     loss_normalization: str = "token"
     kl_beta: float = 0.0
+    format_reward: float = 0.0          # added to the reward of a well-formed <answer> tag; for raw models
     checkpoint_interval: int = 50
-    train_micro_batch: int = 8           # rows per forward/backward; gradients accumulate over the round
+    train_micro_batch: int = 16          # rows per forward/backward; gradients accumulate over the round
+    gradient_checkpointing: str = "auto"  # recompute activations in backward: auto = on CUDA only
     warmup_steps: int = 400
     warmup_batch_size: int = 32
     warmup_lr: float | None = None       # None: 1e-3 for the tiny model, 5e-5 otherwise
+    warmup_target_accuracy: float = 0.0  # stop the warm-up once held-out greedy accuracy reaches it (0: off)
+    # Held-out evaluation
+    eval_every: int = 50                 # rounds between held-out evaluations (0: start and end only)
+    eval_size: int = 100                 # held-out questions (0: no evaluation)
     # The shared folder
     rollout_publish_frequency: str = "stage"
     rollout_cleanup_enabled: bool = False
     rollout_keep_last_n_rounds: int = 10
     rollout_archive_old: bool = False
+    drive_sim_lag: float = 0.0           # testing only: others' new files show up this many seconds late
+    drive_sim_fail_rate: float = 0.0     # testing only: share of folder operations that fail with EIO
     # Supervision
     max_restarts: int = 5
     restart_window: float = 600.0
@@ -93,6 +101,23 @@ class SwarmConfig:
         if role == "up" and j > (n - 1) * i:
             raise ConfigError(f"NUM_TRANSPLANT_TREES={j}: the other {n - 1} workers publish only {(n - 1) * i} "
                               f"groups a round (NUM_TRAIN_SAMPLES={i} each); set NUM_TRANSPLANT_TREES <= {(n - 1) * i}")
+        if self.warmup_target_accuracy > 0 and self.warmup_steps == 0:
+            raise ConfigError(f"WARMUP_TARGET_ACCURACY={self.warmup_target_accuracy:g} with WARMUP_STEPS=0: the "
+                              "warm-up is off; set WARMUP_STEPS to the most steps it may take (e.g. WARMUP_STEPS=400)")
+        self._check_drive_lag()
+
+    def _check_drive_lag(self) -> None:
+        """Under a Drive lag L a peer's rollouts arrive >= L after its publish, and a round is seen done >= 2L
+        after it started plus the wait for peers: shorter waits would cut rounds short, not slow them down."""
+        lag, fetch = self.drive_sim_lag, self.rollout_fetch_timeout
+        if lag > 0 and self.num_transplant_trees > 0 and fetch < 2 * lag:
+            raise ConfigError(f"DRIVE_SIM_LAG={lag:g} with ROLLOUT_FETCH_TIMEOUT={fetch:g}: peers' rollouts show up "
+                              f"at least {lag:g}s late; set ROLLOUT_FETCH_TIMEOUT={2 * lag:g} or more")
+        if lag > 0 and self.coordinator_round_interval < fetch + 3 * lag:
+            raise ConfigError(f"DRIVE_SIM_LAG={lag:g} with COORDINATOR_ROUND_INTERVAL="
+                              f"{self.coordinator_round_interval:g}: a round is seen done only after the lag three "
+                              f"times over plus ROLLOUT_FETCH_TIMEOUT; set COORDINATOR_ROUND_INTERVAL="
+                              f"{fetch + 3 * lag:g} or more")
 
     def with_overrides(self, **changes: Any) -> "SwarmConfig":
         return replace(self, **changes)
@@ -148,14 +173,27 @@ SETTINGS: tuple[Setting, ...] = (
             "token: average over every completion token of the batch (DAPO); sequence: per completion, then over "
             "completions (GRPO)"),
     Setting("KL_BETA", "kl_beta", p.number(0, "0.0"), "KL penalty weight (0: no reference model is kept)"),
-    Setting("TRAIN_MICRO_BATCH", "train_micro_batch", p.integer(1, 4096, example=8),
+    Setting("FORMAT_REWARD", "format_reward", p.number(0, "0.1"),
+            "Bonus added to the reward of a completion with a well-formed <answer>...</answer> (0: off; e.g. 0.1 "
+            "when starting RL from a raw model)"),
+    Setting("TRAIN_MICRO_BATCH", "train_micro_batch", p.integer(1, 4096, example=16),
             "Completions per forward/backward of the update (gradients accumulate; bounds activation memory)"),
+    Setting("GRADIENT_CHECKPOINTING", "gradient_checkpointing", p.choice(("auto", "on", "off")),
+            "Recompute activations in backward to save GPU memory: auto = on CUDA, off on CPU"),
     Setting("CHECKPOINT_INTERVAL", "checkpoint_interval", p.integer(1), "K: a checkpoint every K rounds"),
     Setting("WARMUP_STEPS", "warmup_steps", p.integer(0, example=400),
             "Supervised warm-up steps (question -> <answer>gold</answer>) run once before round 1; 0: none"),
     Setting("WARMUP_BATCH_SIZE", "warmup_batch_size", p.integer(1, 4096, example=32), "Warm-up batch size"),
     Setting("WARMUP_LR", "warmup_lr", p.number(0, "1e-3", exclusive=True),
             "Warm-up learning rate (unset: 1e-3 for the tiny model, 5e-5 otherwise)"),
+    Setting("WARMUP_TARGET_ACCURACY", "warmup_target_accuracy", p.number(0, "0.3", maximum=1),
+            "Stop the warm-up once its held-out greedy exact-match reaches this (0 to 1, checked every 50 steps; "
+            "WARMUP_STEPS is then the most steps it takes); 0: always run WARMUP_STEPS"),
+    Setting("EVAL_EVERY", "eval_every", p.integer(0, example=50),
+            "Rounds between held-out evaluations (greedy exact-match, written to metrics/<node>/eval.jsonl); "
+            "0: only before round 1 and after the last round"),
+    Setting("EVAL_SIZE", "eval_size", p.integer(0, 4096, example=100),
+            "Held-out questions: the same for every node, from a seed no worker trains on; 0: no evaluation"),
     Setting("ROLLOUT_PUBLISH_FREQUENCY", "rollout_publish_frequency", p.choice(("generation", "stage", "round")),
             "When rollouts are written to the folder: after each generation batch, each stage, or each round"),
     Setting("ROLLOUT_CLEANUP_ENABLED", "rollout_cleanup_enabled", p.boolean,
@@ -164,6 +202,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Rounds of rollouts kept when cleanup is on"),
     Setting("ROLLOUT_ARCHIVE_OLD", "rollout_archive_old", p.boolean,
             "Move old rounds to <GDRIVE_PATH>/archives/<EXPERIMENT_NAME>/ instead of deleting them"),
+    Setting("DRIVE_SIM_LAG", "drive_sim_lag", p.number(0, "5"),
+            "For testing: simulate a slow Drive, where a file another process wrote is visible only this many "
+            "seconds after its write (needs ROLLOUT_FETCH_TIMEOUT >= 2x and COORDINATOR_ROUND_INTERVAL >= "
+            "ROLLOUT_FETCH_TIMEOUT + 3x it); 0: off"),
+    Setting("DRIVE_SIM_FAIL_RATE", "drive_sim_fail_rate", p.number(0, "0.05", maximum=0.5),
+            "For testing: share of shared-folder reads, writes and listings that fail with EIO, as on a flaky "
+            "Drive (0 to 0.5); 0: off"),
     Setting("MAX_RESTARTS", "max_restarts", p.integer(0), "Restarts of one worker within RESTART_WINDOW before "
             "it is marked failed"),
     Setting("RESTART_WINDOW", "restart_window", p.number(1, "600"), "Seconds over which restarts are counted"),

@@ -25,15 +25,18 @@ def integer(minimum: int, maximum: int | None = None, example: int | None = None
     return parse
 
 
-def number(minimum: float, example: str, exclusive: bool = False) -> Parser:
+def number(minimum: float, example: str, exclusive: bool = False, maximum: float | None = None) -> Parser:
     def parse(name: str, raw: str) -> float:
         try:
             value = float(raw)
         except ValueError:
             value = float("nan")
-        if not (value > minimum if exclusive else value >= minimum) or value != value or value == float("inf"):
+        too_big = maximum is not None and value > maximum
+        if not (value > minimum if exclusive else value >= minimum) or value != value or value == float("inf") \
+                or too_big:
             bound = ">" if exclusive else ">="
-            raise ConfigError(f"{name}={raw!r}: expected a number {bound} {minimum:g} (e.g. {name}={example})")
+            upper = f" and <= {maximum:g}" if maximum is not None else ""
+            raise ConfigError(f"{name}={raw!r}: expected a number {bound} {minimum:g}{upper} (e.g. {name}={example})")
         return value
     return parse
 

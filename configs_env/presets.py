@@ -22,6 +22,8 @@ TEST_MODE_VALUES: dict[str, Any] = {
     "rollout_fetch_timeout": 20.0,
     "checkpoint_interval": 1,
     "warmup_steps": 150,
+    "eval_every": 0,                # held-out evaluation at start and end only
+    "eval_size": 32,
 }
 
 

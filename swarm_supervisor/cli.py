@@ -69,18 +69,20 @@ def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
 
 def check_fit(cfg: SwarmConfig, model_name: str, device: str) -> None:
     """Refuse a swarm that cannot fit on the GPU, before any worker starts, saying how many would."""
+    import torch
     from transformers import AutoConfig
 
     from swarm_supervisor.monitor import Monitor
     from workers.memory import estimate_worker_mib
-    from workers.model import _source
+    from workers.model import model_source, use_activation_checkpointing
 
     monitor = Monitor(device_index=int(device.partition(":")[2] or 0))
     snapshot = monitor.sample([])
     monitor.close()
     if snapshot.device is None:
         return                                   # no NVML: nothing to check against
-    need = estimate_worker_mib(AutoConfig.from_pretrained(_source(model_name, cfg.cache_dir)), cfg)
+    checkpointing = use_activation_checkpointing(cfg.gradient_checkpointing, torch.device(device))
+    need = estimate_worker_mib(AutoConfig.from_pretrained(model_source(model_name, cfg.cache_dir)), cfg, checkpointing)
     free = snapshot.device.free_mib * cfg.memory_high_water
     fit = int(free // need)
     print(f"rl-swarm: {device}: ~{need / 1024:.1f} GiB per worker, {snapshot.device.free_mib / 1024:.1f} GiB free: "
@@ -175,9 +177,12 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
     process = ctx.Process(target=warmup_main, args=(cfg, model_name, device, messages), name="warm-up", daemon=True)
     process.start()
     report = None
-    with Progress(TextColumn("warm-up"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+    target = f" accuracy {{task.fields[accuracy]}} (target {cfg.warmup_target_accuracy:.0%})" \
+        if cfg.warmup_target_accuracy > 0 else ""
+    with Progress(TextColumn("warm-up"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}" + target),
                   TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("warm-up", total=cfg.warmup_steps, loss="-")
+        task = bar.add_task("warm-up", total=cfg.warmup_steps, loss="-", accuracy="-")
         while report is None:
             try:
                 kind, value = messages.get(timeout=WARMUP_SILENCE_S)
@@ -187,6 +192,8 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
                                  f"{folder.log_dir('supervisor')}, or set WARMUP_STEPS=0 to skip it") from None
             if kind == "step":
                 bar.update(task, completed=value[0], loss=f"{value[1]:.3f}")
+            elif kind == "check":     # a WARMUP_TARGET_ACCURACY check, every few dozen steps
+                bar.update(task, accuracy=f"{value:.0%}")
             elif kind == "error":
                 process.join(timeout=10)
                 raise SwarmError(f"warm-up failed: {value}")
@@ -194,8 +201,8 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
                 report = value
     process.join(timeout=60)
     print(f"rl-swarm: warm-up {report['steps']} steps in {report['seconds']:.0f}s: greedy exact-match "
-          f"{report['greedy_accuracy_before']:.0%} -> {report['greedy_accuracy_after']:.0%} "
-          f"(base saved to {report['path']})")
+          f"{report['greedy_accuracy_before']:.0%} -> {report['greedy_accuracy_after']:.0%}"
+          f"{report.get('stop_note', '')} (base saved to {report['path']})")
 
 
 def pretrain(cfg: SwarmConfig) -> int:
@@ -256,9 +263,10 @@ def summary(supervisor, wall_s: float, code: int) -> str:
         if row.role != "worker":
             continue
         reward = "-" if row.reward is None else f"{row.reward:.3f}"
+        shown = [f"{v:.1%}" for v in (row.held_out_start, row.held_out) if v is not None]
         error = f" ({row.last_error})" if row.last_error else ""
-        lines.append(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, "
-                     f"restarts {row.restarts}{error}")
+        lines.append(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, held-out "
+                     f"{' -> '.join(shown) or '-'}, restarts {row.restarts}{error}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,9 @@
 A round r ends when every live worker has written rewards/round_r/<node>.json, or when
 COORDINATOR_ROUND_INTERVAL seconds have passed and at least one has (an empty round teaches nothing,
 so a swarm with no working worker waits instead of racing to MAX_ROUNDS).
+
+A Drive call that fails is retried, then tried again on the next poll; only a state folder that cannot
+be listed at all on resume stops the coordinator.
 """
 
 import logging
@@ -12,11 +15,12 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 from configs_env import SwarmConfig
-from workers.exchange import live_workers, read_heartbeats
-from workers.folder import ExperimentFolder, write_json_atomic
+from workers.exchange import Exchange, live_workers, read_heartbeats
+from workers.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, with_retries,
+                            write_json_atomic)
 from workers.protocol import Heartbeat, RoundState
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,7 @@ class Coordinator(threading.Thread):
         self.round_started = time.monotonic()
         self.finished = threading.Event()
         self.error: BaseException | None = None
+        self.exchange = Exchange(folder, "coordinator")     # validated, cached reads of the rewards files
         self._beat = Heartbeat(node="coordinator", role="coordinator", pid=os.getpid(), host=socket.gethostname(),
                                instance=uuid.uuid4().hex[:12], status="running", round=0, stage=0,
                                started_at=time.time(), updated_at=time.time())
@@ -46,7 +51,13 @@ class Coordinator(threading.Thread):
             self._resume()
             while not self.stop.is_set() and not self.finished.is_set():
                 self._heartbeat()
-                self._maybe_advance()
+                try:
+                    if self.round == 0:
+                        self._start_round(1, "start")
+                    else:
+                        self._maybe_advance()
+                except OSError as exc:     # a Drive hiccup: nothing changed, the next poll decides again
+                    log.warning("round %d: the folder failed (%s); trying again", self.round, exc)
                 self.stop.wait(POLL_S)
             self._heartbeat(status="done" if self.finished.is_set() else "stopped", force=True)
         except BaseException as exc:  # the supervisor reports it and stops the swarm
@@ -54,18 +65,32 @@ class Coordinator(threading.Thread):
             self.error = exc
 
     def _resume(self) -> None:
-        rounds = self.folder.state_rounds()
-        if rounds:
-            self.round = rounds[-1]
+        """Continue at the newest round with an intact state file; with none, the loop starts round 1."""
+        for round_ in reversed(with_retries(self.folder.state_rounds, f"listing {self.folder.root / 'state'}")):
+            path = self.folder.round_state_file(round_)
+            try:
+                with_retries(lambda: RoundState.from_json(read_json_bounded(path, require_checksum=True), str(path)),
+                             f"reading {path}")
+            except RejectedFile as error:     # a half-synced or hostile file is not a round to resume at
+                log.warning("%s", error)
+                continue
+            self.round = round_
             self.on_event(f"coordinator resumes at round {self.round}")
-        else:
-            self._start_round(1, "start")
+            return
 
     def done_nodes(self, round_: int) -> set[str]:
-        directory = self.folder.reward_file(round_, "x").parent
-        if not directory.is_dir():
-            return set()
-        return {p.stem for p in directory.glob("*.json") if not p.name.startswith(".")}
+        """Nodes whose intact rewards file marks this round done (a half-synced or forged one is skipped)."""
+        done = set()
+        for path in list_folder(self.folder.reward_file(round_, "x").parent, "*.json"):
+            def parse(record: dict[str, Any], where: str, node: str = path.stem) -> str:
+                if record.get("node") != node or record.get("round") != round_:
+                    raise RejectedFile(f"{where}: names node {record.get('node')!r} round {record.get('round')!r}, "
+                                       "which its path contradicts; skipped")
+                return node
+            node = self.exchange.read_record(path, parse)
+            if node is not None:
+                done.add(node)
+        return done
 
     def expected_nodes(self) -> set[str]:
         """Workers this swarm waits for: local processes that are up, and remote nodes with a fresh heartbeat."""
@@ -87,8 +112,8 @@ class Coordinator(threading.Thread):
 
     def _advance(self, reason: str) -> None:
         if self.round >= self.cfg.max_rounds:
-            write_json_atomic(self.folder.finished_file, {"schema": 1, "rounds": self.round,
-                                                          "finished_at": time.time()})
+            record = {"schema": 1, "rounds": self.round, "finished_at": time.time()}
+            with_retries(lambda: write_json_atomic(self.folder.finished_file, record), "writing finished.json")
             self.finished.set()
             self.on_event(f"all {self.round} rounds done")
             return
@@ -97,7 +122,8 @@ class Coordinator(threading.Thread):
     def _start_round(self, round_: int, reason: str) -> None:
         state = RoundState(round=round_, max_rounds=self.cfg.max_rounds, started_at=time.time(), reason=reason,
                            nodes=tuple(sorted(self.expected_nodes())))
-        write_json_atomic(self.folder.round_state_file(round_), state.to_json())
+        path = self.folder.round_state_file(round_)
+        with_retries(lambda: write_json_atomic(path, state.to_json()), f"writing {path.name}")
         self.round = round_
         self.round_started = time.monotonic()
         self._heartbeat(force=True)
@@ -112,7 +138,12 @@ class Coordinator(threading.Thread):
         """
         oldest_kept = self.round - self.cfg.rollout_keep_last_n_rounds
         archive = self.cfg.gdrive_path / "archives" / self.cfg.experiment_name / "rollouts"
-        for path in (self.folder.root / "rollouts").glob("round_*"):
+        try:
+            rounds = list_folder(self.folder.root / "rollouts", "round_*")
+        except OSError as exc:   # a Drive hiccup: the next round tries again
+            log.warning("could not list old rollouts: %s", exc)
+            return
+        for path in rounds:
             number = path.name.removeprefix("round_")
             if not number.isdigit() or int(number) >= oldest_kept:
                 continue
@@ -134,5 +165,8 @@ class Coordinator(threading.Thread):
             return
         self._last_beat = now
         self._beat = Heartbeat(**{**self._beat.__dict__, "status": status, "round": self.round,
-                                  "updated_at": time.time()})
-        write_json_atomic(self.folder.heartbeat_file("coordinator"), self._beat.to_json())
+                                  "updated_at": time.time(), "rejected": len(self.exchange.rejected)})
+        try:
+            write_json_atomic(self.folder.heartbeat_file("coordinator"), self._beat.to_json())
+        except OSError as exc:   # a missed beat is harmless: the next one is 2 s away, PEER_TIMEOUT is minutes
+            log.warning("coordinator heartbeat not written: %s", exc)

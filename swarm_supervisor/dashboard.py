@@ -18,11 +18,12 @@ from swarm_supervisor.monitor import DeviceSnapshot
 SPARK = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 20
 STATUS_WIDTH = 48                 # status and the start of last_error
-COLUMNS = ("node", "role", "status", "round", "reward", "trend", "acc", "loc+ext", "GPU MiB", "RAM MiB", "restarts",
-           "beat")
+COLUMNS = ("node", "role", "status", "round", "reward", "trend", "acc", "held-out", "loc+ext", "GPU MiB", "RAM MiB",
+           "restarts", "beat")
 EVENTS_SHOWN = 5
 STATUS_STYLE = {"failed": "bold red", "crashed": "red", "restarting": "yellow", "done": "green",
-                "stopped": "dim", "training": "cyan", "generating": "magenta", "fetching": "blue"}
+                "stopped": "dim", "training": "cyan", "generating": "magenta", "fetching": "blue",
+                "evaluating": "bright_blue"}
 TROUBLE = ("failed", "crashed", "restarting")
 NOT_RUNNING = TROUBLE + ("stopped", "done")
 
@@ -44,6 +45,8 @@ class NodeRow:
     restarts: int
     heartbeat_age_s: float | None
     last_error: str | None
+    held_out_start: float | None = None   # greedy exact-match on the held-out set before round 1
+    held_out: float | None = None         # the same, at the newest evaluation after round 0
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,21 @@ def _rollouts(row: NodeRow) -> str:
            f"{row.external_rollouts if row.external_rollouts is not None else '-'}"
 
 
+def _held_out(row: NodeRow) -> str:
+    """"12→42%": from the start to the newest evaluation, the number that says whether the node learns."""
+    if row.held_out is None and row.held_out_start is None:
+        return "-"
+    if row.held_out is None or row.held_out_start is None:
+        return f"{row.held_out if row.held_out is not None else row.held_out_start:.0%}"
+    return f"{row.held_out_start * 100:.0f}→{row.held_out:.0%}"
+
+
 def _cells(row: NodeRow) -> list[Text]:
     # Text, not str: rich would read "[...]" in a node id or an error as markup.
     return [Text(row.node_id), Text(row.role), _status_cell(row), Text("-" if row.round is None else str(row.round)),
             Text(_num(row.reward, ".3f")), Text(sparkline(row.reward_trend), style="cyan"),
-            Text("N/A" if row.accuracy is None else f"{row.accuracy:.0%}"), Text(_rollouts(row)),
+            Text("N/A" if row.accuracy is None else f"{row.accuracy:.0%}"), Text(_held_out(row), style="bold"),
+            Text(_rollouts(row)),
             Text(_mib(row.gpu_mib)), Text(_mib(row.ram_mib)), Text(str(row.restarts)),
             Text("-" if row.heartbeat_age_s is None else format_duration(row.heartbeat_age_s))]
 
@@ -187,11 +200,14 @@ def status_line(view: SwarmView) -> str:
     running = sum(n.status not in NOT_RUNNING for n in workers)
     reward = _mean([n.reward for n in workers if n.reward is not None])
     acc = _mean([n.accuracy for n in workers if n.accuracy is not None])
+    newest = [n.held_out if n.held_out is not None else n.held_out_start for n in workers]
+    held_out = _mean([v for v in newest if v is not None])
     speed = f"{3600 / view.rounds_per_hour:.1f} s/round" if view.rounds_per_hour else "- s/round"
     gpu = "GPU N/A" if view.device is None else f"GPU {_gib_pair(view.device)}"
     line = (f"[rl-swarm] exp={view.experiment} round {view.round}/{view.max_rounds} | {running}/{len(workers)} "
             f"workers running | reward {'-' if reward is None else f'{reward:.3f}'} "
-            f"acc {'-' if acc is None else f'{acc:.1%}'} | {speed}, ETA {format_duration(view.eta_s)} | {gpu}")
+            f"acc {'-' if acc is None else f'{acc:.1%}'} held-out {'-' if held_out is None else f'{held_out:.1%}'} "
+            f"| {speed}, ETA {format_duration(view.eta_s)} | {gpu}")
     trouble = [f"{n.node_id}: {n.status}" for n in workers if n.status in TROUBLE]
     if trouble:
         line += " | " + ", ".join(trouble)

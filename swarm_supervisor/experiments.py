@@ -7,9 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.evaluation import read_held_out
 from workers.exchange import read_heartbeats
 from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded
-from workers.protocol import RolloutFile, RoundMetrics, RoundState
+from workers.protocol import HeldOutEval, RolloutFile, RoundMetrics, RoundState
 
 
 def experiment_roots(gdrive: Path) -> list[Path]:
@@ -20,7 +21,7 @@ def experiment_roots(gdrive: Path) -> list[Path]:
 def _config(folder: ExperimentFolder) -> dict:
     try:
         return read_json_bounded(folder.config_file, max_bytes=256 * 1024)
-    except (FileNotFoundError, RejectedFile):
+    except (OSError, RejectedFile):
         return {}
 
 
@@ -37,6 +38,23 @@ def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, Roun
                 continue
             rows.setdefault(row.round, {})[row.node] = row
     return rows, bad
+
+
+def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEval]], list[str]]:
+    """Every worker's held-out evaluations by round (round 0: before round 1), and the files with bad lines."""
+    evals: dict[str, list[HeldOutEval]] = {}
+    bad: list[str] = []
+    for path in sorted((folder.root / "metrics").glob("*/eval.jsonl")):
+        rows, errors = read_held_out(path)
+        if errors:
+            bad.append(f"{path.relative_to(folder.root)}: {errors} bad line(s)")
+        if rows:
+            evals[path.parent.name] = rows
+    return evals, bad
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def status_of(folder: ExperimentFolder) -> str:
@@ -65,6 +83,8 @@ class Summary:
     last_activity: str
     cumulative_reward: float
     final_accuracy: float | None
+    held_out_start: float | None    # greedy exact-match on the held-out set before round 1, mean of workers
+    held_out_final: float | None    # the same at each worker's newest evaluation after round 0
     rounds_per_hour: float | None
     restarts: int
     rejected_files: int       # folder files and groups the workers refused, plus bad metrics lines
@@ -75,17 +95,18 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
     cfg = _config(folder)
     rounds = folder.state_rounds()
     by_round, bad = metrics_by_round(folder)
+    evals, bad_evals = held_out_by_node(folder)
     # the SAPO paper's measure: the sum over rounds of the mean reward of every worker
     cumulative = sum(sum(r.reward_mean for r in nodes.values()) / len(nodes) for nodes in by_round.values())
     tail = [r for k in sorted(by_round)[-last_n:] for r in by_round[k].values()]
     per_hour = None
     if len(rounds) >= 2:
         try:
-            first = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[0])))
-            last = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[-1])))
+            first = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[0]), require_checksum=True))
+            last = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[-1]), require_checksum=True))
             if last.started_at > first.started_at:
                 per_hour = (last.round - first.round) / (last.started_at - first.started_at) * 3600
-        except (FileNotFoundError, RejectedFile):
+        except (OSError, RejectedFile):
             per_hour = None
     events = folder.events_file.read_text(encoding="utf-8", errors="replace") if folder.events_file.exists() else ""
     beats = read_heartbeats(folder)
@@ -102,8 +123,10 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         last_activity=time.strftime("%Y-%m-%d %H:%M", time.localtime(last_seen)) if last_seen else "-",
         cumulative_reward=cumulative,
         final_accuracy=sum(r.accuracy for r in tail) / len(tail) if tail else None,
+        held_out_start=_mean([rows[0].accuracy for rows in evals.values() if rows[0].round == 0]),
+        held_out_final=_mean([rows[-1].accuracy for rows in evals.values() if rows[-1].round > 0]),
         rounds_per_hour=per_hour, restarts=events.count("restarting from its last checkpoint"),
-        rejected_files=len(bad) + sum(b.rejected for b in beats.values()))
+        rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
 
 
 def summaries_csv(summaries: list[Summary]) -> str:
@@ -139,11 +162,13 @@ def validate(root: Path) -> list[Check]:
     for path in sorted(root.rglob("*.json")):
         if path.name.startswith(".") or "checkpoints" in path.parts:
             continue
+        # the swarm's protocol records must carry a checksum; meta files of the warm-up base need not
+        protocol = path.relative_to(root).parts[0] in ("state", "peers", "rollouts", "rewards")
         try:
-            record = read_json_bounded(path)
+            record = read_json_bounded(path, require_checksum=protocol)
             if "rollouts" in path.relative_to(root).parts:
                 RolloutFile.from_json(record, str(path))
-        except (RejectedFile, FileNotFoundError) as exc:
+        except (RejectedFile, OSError) as exc:
             unreadable.append(f"{path.relative_to(root)} ({str(exc)[-80:]})")
     checks.append(Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
                         else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"))
@@ -153,8 +178,8 @@ def validate(root: Path) -> list[Check]:
     gaps = []
     for r in rounds:
         try:
-            state = RoundState.from_json(read_json_bounded(folder.round_state_file(r)))
-        except (RejectedFile, FileNotFoundError):
+            state = RoundState.from_json(read_json_bounded(folder.round_state_file(r), require_checksum=True))
+        except (RejectedFile, OSError):
             continue
         done = {p.stem for p in (root / "rewards" / f"round_{r}").glob("*.json")}
         for node in sorted(set(state.nodes) & done):
@@ -175,6 +200,7 @@ def validate(root: Path) -> list[Check]:
                  if (p / "meta.json").exists()]
         if not saved or max(saved) < last_round - interval:
             stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
+    checks.append(_held_out_check(folder, cfg, rounds, by_round))
     checks.append(Check("checkpoints", not stale, f"every worker has a checkpoint within {interval} rounds of its "
                         "last round" if not stale else "; ".join(stale[:3])))
     no_logs = [n for n in sorted({n for nodes in by_round.values() for n in nodes})
@@ -182,6 +208,25 @@ def validate(root: Path) -> list[Check]:
     checks.append(Check("logs", not no_logs, "every worker has logs/<node>/worker.log" if not no_logs
                         else f"no log for {', '.join(no_logs)}"))
     return checks
+
+
+def _held_out_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
+                    by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
+    """Every worker was evaluated before round 1 and, once the swarm finished, after the last round."""
+    if not cfg.get("eval_size"):
+        return Check("held-out evaluations", True, "none asked for (EVAL_SIZE=0, or an experiment from before them)")
+    evals, problems = held_out_by_node(folder)
+    last = rounds[-1] if rounds and folder.finished_file.exists() else None
+    for node in sorted({n for nodes in by_round.values() for n in nodes}):
+        done = {row.round for row in evals.get(node, [])}
+        if 0 not in done:
+            problems.append(f"{node}: none before round 1")
+        if last is not None and node in by_round.get(last, {}) and last not in done:
+            problems.append(f"{node}: none after the last round {last}")
+    if problems:
+        return Check("held-out evaluations", False, f"{len(problems)} missing or bad: {'; '.join(problems[:3])}")
+    return Check("held-out evaluations", True,
+                 "every worker was evaluated at the start" + (" and after the last round" if last else ""))
 
 
 def format_checks(name: str, checks: list[Check]) -> str:
@@ -226,6 +271,14 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
             line, = ax.plot(rounds, _smooth(means, window), label=root.name)
             ax.fill_between(rounds, _smooth(lows, window), _smooth(highs, window), alpha=0.15,
                             color=line.get_color())
+        held_out: dict[int, list[float]] = {}
+        for rows in held_out_by_node(folder)[0].values():
+            for row in rows:
+                held_out.setdefault(row.round, []).append(row.accuracy)
+        if held_out:
+            # not smoothed: each point is already the mean over every held-out question and worker
+            acc_ax.plot(sorted(held_out), [sum(held_out[k]) / len(held_out[k]) for k in sorted(held_out)], "o--",
+                        color=line.get_color(), label=f"{root.name} held-out")
         speed = [max(r.round_s for r in by_round[k].values()) for k in rounds]
         speed_ax.plot(rounds, _smooth(speed, window), label=root.name)
         samples = folder.root / "logs" / "supervisor" / "monitor.jsonl"
@@ -239,7 +292,7 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
                     gpu_ax.plot(*zip(*points), label=f"{root.name}/{node}")
     reward_ax.set(title=f"reward per round (mean of workers, {window}-round average; band: min..max)",
                   xlabel="round", ylabel="reward")
-    acc_ax.set(title="exact-match rate (score == 1)", xlabel="round", ylabel="accuracy")
+    acc_ax.set(title="exact-match rate: training (line), held-out greedy (o--)", xlabel="round", ylabel="accuracy")
     speed_ax.set(title="seconds per round (slowest worker)", xlabel="round", ylabel="s")
     gpu_ax.set(title="GPU memory per node (NVML)", xlabel="seconds", ylabel="MiB")
     for ax in axes.flat:
@@ -274,6 +327,7 @@ class Aggregate:
     experiments: tuple[str, ...]
     cumulative_reward: tuple[float, float | None]
     final_accuracy: tuple[float, float | None] | None
+    held_out_final: tuple[float, float | None] | None = None
 
 
 def aggregate(roots: list[Path]) -> list[Aggregate]:
@@ -288,7 +342,9 @@ def aggregate(roots: list[Path]) -> list[Aggregate]:
     out = []
     for key, members in sorted(groups.items()):
         accuracies = [m.final_accuracy for m in members if m.final_accuracy is not None]
+        held_out = [m.held_out_final for m in members if m.held_out_final is not None]
         out.append(Aggregate(configuration=key, experiments=tuple(m.name for m in members),
                              cumulative_reward=mean_interval([m.cumulative_reward for m in members]),
-                             final_accuracy=mean_interval(accuracies) if accuracies else None))
+                             final_accuracy=mean_interval(accuracies) if accuracies else None,
+                             held_out_final=mean_interval(held_out) if held_out else None))
     return out

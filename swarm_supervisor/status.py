@@ -13,9 +13,10 @@ from typing import Iterable
 from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import NodeRow, SwarmView
 from swarm_supervisor.monitor import MonitorSnapshot
+from workers.evaluation import eval_file, read_held_out
 from workers.exchange import read_heartbeats
-from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded, read_jsonl
-from workers.protocol import RoundMetrics, RoundState
+from workers.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
+from workers.protocol import Heartbeat, RoundMetrics, RoundState
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,10 @@ TREND = 8
 
 
 class SwarmReader:
-    """Reads metrics incrementally (new lines only) so a refresh several times a second stays cheap."""
+    """Reads metrics incrementally (new lines only) so a refresh several times a second stays cheap.
+
+    A read the Drive fails shows the last good answer; the next refresh, a fraction of a second later, reads again.
+    """
 
     def __init__(self, folder: ExperimentFolder, cfg: SwarmConfig, model_label: str, device_label: str):
         self.folder, self.cfg = folder, cfg
@@ -33,14 +37,16 @@ class SwarmReader:
         self.trends: dict[str, deque[float]] = {}
         self.rejected = 0
         self._first_round: tuple[int, float] | None = None
+        self._beats: dict[str, Heartbeat] = {}
+        self._rounds: list[int] = []
+        self._intact_rounds: set[int] = set()
+        self._held_out: dict[str, tuple[int, float | None, float | None]] = {}   # node: (file size, start, newest)
 
     def _read_new_metrics(self, node: str) -> None:
         path = self.folder.metrics_file(node)
         try:
-            with open(path, "rb") as f:
-                f.seek(self._offsets.get(node, 0))
-                chunk = f.read(1024 * 1024)
-        except FileNotFoundError:
+            chunk = read_from(path, self._offsets.get(node, 0), 1024 * 1024)
+        except OSError:      # not there (or not synced) yet, or a Drive hiccup: the next refresh reads it
             return
         complete = chunk[: chunk.rfind(b"\n") + 1]   # a torn last line waits for its newline
         self._offsets[node] = self._offsets.get(node, 0) + len(complete)
@@ -53,24 +59,65 @@ class SwarmReader:
             self.latest[node] = row
             self.trends.setdefault(node, deque(maxlen=TREND)).append(row.reward_mean)
 
+    def held_out(self, node: str) -> tuple[float | None, float | None]:
+        """The node's held-out accuracy at the start and at its newest evaluation; the file is re-read when it grows."""
+        path = eval_file(self.folder, node)
+        cached = self._held_out.get(node)
+        try:
+            size = path.stat().st_size
+            if cached is None or cached[0] != size:
+                rows, _ = read_held_out(path)
+                if rows or not size:     # no row of a non-empty file: not synced yet or a Drive hiccup, read again
+                    start = next((r.accuracy for r in rows if r.round == 0), None)
+                    newest = rows[-1].accuracy if rows and rows[-1].round > 0 else None
+                    cached = self._held_out[node] = (size, start, newest)
+        except OSError:      # not written yet, or a Drive hiccup: the last answer stands until the next refresh
+            pass
+        return (cached[1], cached[2]) if cached else (None, None)
+
+    def heartbeats(self) -> dict[str, Heartbeat]:
+        try:
+            self._beats = read_heartbeats(self.folder)
+        except OSError as exc:
+            log.warning("heartbeats not read (%s); showing the last ones", exc)
+        return self._beats
+
     def last_error(self, node: str) -> str | None:
-        beat = read_heartbeats(self.folder).get(node)
+        beat = self.heartbeats().get(node)
         return beat.last_error if beat else None
 
+    def state_rounds(self) -> list[int]:
+        try:
+            self._rounds = self.folder.state_rounds()
+        except OSError as exc:
+            log.warning("round states not listed (%s); showing the last listing", exc)
+        return self._rounds
+
     def current_round(self) -> int:
-        rounds = self.folder.state_rounds()
-        return rounds[-1] if rounds else 0
+        """The newest round with an intact state file: a half-synced or hostile round_000099.json is no round."""
+        for round_ in reversed(self.state_rounds()):
+            if round_ in self._intact_rounds:
+                return round_
+            path = self.folder.round_state_file(round_)
+            try:
+                RoundState.from_json(read_json_bounded(path, require_checksum=True), str(path))
+            except (RejectedFile, OSError):
+                continue
+            self._intact_rounds.add(round_)
+            return round_
+        return 0
 
     def _timing(self, round_: int) -> tuple[float, float | None, float | None]:
         """Elapsed seconds, rounds per hour and ETA, from the round state files' timestamps."""
-        rounds = self.folder.state_rounds()
+        rounds = self.state_rounds()
         if not rounds:
             return 0.0, None, None
         if self._first_round is None or self._first_round[0] != rounds[0]:
+            path = self.folder.round_state_file(rounds[0])
             try:
-                first = RoundState.from_json(read_json_bounded(self.folder.round_state_file(rounds[0])))
+                first = RoundState.from_json(read_json_bounded(path, require_checksum=True), str(path))
                 self._first_round = (first.round, first.started_at)
-            except (RejectedFile, FileNotFoundError):
+            except (RejectedFile, OSError):
                 return 0.0, None, None
         elapsed = max(0.0, time.time() - self._first_round[1])
         done = max(0, round_ - self._first_round[0])
@@ -81,7 +128,7 @@ class SwarmReader:
 
     def view(self, handles: Iterable = (), snapshot: MonitorSnapshot | None = None, events: Iterable[str] = (),
              started: float | None = None, coordinator_round: int | None = None) -> SwarmView:
-        beats = read_heartbeats(self.folder)
+        beats = self.heartbeats()
         handles = list(handles)
         nodes = [h.node for h in handles] + sorted(n for n, b in beats.items()
                                                    if b.role == "worker" and n not in {h.node for h in handles})
@@ -119,6 +166,7 @@ class SwarmReader:
             process = snapshot.processes.get(handle.process.pid)
         error = (handle.last_error if handle is not None and handle.last_error else None) or \
             (beat.last_error if beat else None)
+        held_out_start, held_out = self.held_out(node)
         return NodeRow(node_id=node, role="worker", status=status, round=beat.round if beat else None,
                        stage=beat.stage if beat else None,
                        reward=metrics.reward_mean if metrics else None,
@@ -129,7 +177,8 @@ class SwarmReader:
                        gpu_mib=process.gpu_mib if process else None, ram_mib=process.rss_mib if process else None,
                        restarts=handle.total_restarts if handle is not None else 0,
                        heartbeat_age_s=beat.age() if beat else None,
-                       last_error=error if status in ("failed", "crashed", "restarting") else None)
+                       last_error=error if status in ("failed", "crashed", "restarting") else None,
+                       held_out_start=held_out_start, held_out=held_out)
 
 
 def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
@@ -148,7 +197,7 @@ def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
 def experiment_config(folder: ExperimentFolder) -> dict:
     try:
         return read_json_bounded(folder.config_file, max_bytes=256 * 1024)
-    except (FileNotFoundError, RejectedFile):
+    except (OSError, RejectedFile):
         return {}
 
 

@@ -19,8 +19,9 @@ from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from swarm_supervisor.status import SwarmReader
+from workers.drive_sim import simulate_drive
 from workers.exchange import read_heartbeats
-from workers.folder import ExperimentFolder, append_jsonl
+from workers.folder import ExperimentFolder, append_jsonl, is_visible
 from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,11 @@ class Supervisor:
 
     def _kill_hung(self) -> None:
         """A worker stuck in one stage (a deadlock, a wedged GPU call) is killed; _reap restarts it."""
-        beats = read_heartbeats(self.folder)
+        try:
+            beats = read_heartbeats(self.folder)
+        except OSError as exc:     # a Drive hiccup: the next check, HANG_CHECK_S on, looks again
+            log.warning("hang check skipped: %s", exc)
+            return
         now = time.time()
         for h in self.handles:
             beat = beats.get(h.node)
@@ -176,10 +181,14 @@ class Supervisor:
 
     def run(self) -> int:
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        # the coordinator and the dashboard's reader share this process's view of a simulated slow Drive
+        simulate_drive(self.folder.root, self.cfg.drive_sim_lag, self.cfg.drive_sim_fail_rate,
+                       seed=self.cfg.seed * 1000)
         try:
             return self._run()
         finally:
             self._shutdown()
+            simulate_drive(self.folder.root, 0, 0)     # the run's summary and validation read the real folder
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.monitor.close()
@@ -250,7 +259,7 @@ class Supervisor:
         if all(h.failed for h in self.handles):
             self.event("every worker failed; stopping the swarm")
             return EXIT_FAILED
-        finished = self.coordinator.finished.is_set() if self.coordinator else self.folder.finished_file.exists()
+        finished = self.coordinator.finished.is_set() if self.coordinator else is_visible(self.folder.finished_file)
         if finished and all(h.failed or h.exited_ok for h in self.handles):
             failed = [h.node for h in self.handles if h.failed]
             return EXIT_FAILED if failed else EXIT_OK

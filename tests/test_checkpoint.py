@@ -1,10 +1,18 @@
 """Checkpoints restore weights, optimizer and RNG exactly; broken or foreign ones are never trusted."""
 
+import json
+import random
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from workers.checkpoint import CheckpointMeta, CheckpointMismatch, load_latest_checkpoint, save_checkpoint
+from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, CheckpointMismatch, load_latest_checkpoint,
+                                rewrite_lost_records, save_checkpoint)
+from workers.folder import ExperimentFolder, append_jsonl, read_json_bounded, read_jsonl
+from workers.protocol import RoundMetrics
 
 
 def tiny_model(seed: int) -> GPT2LMHeadModel:
@@ -63,3 +71,86 @@ def test_a_checkpoint_of_another_model_is_refused_with_one_line(tmp_path):
     save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "openai-community/gpt2"), model, optimizer)
     with pytest.raises(CheckpointMismatch, match="set MODEL_NAME=openai-community/gpt2 to resume"):
         load_latest_checkpoint(tmp_path, model, optimizer, "rl-swarm/tiny-gpt2")
+
+
+def round_metrics(round_: int, node: str = "w-1") -> RoundMetrics:
+    return RoundMetrics(node=node, round=round_, reward_mean=0.1 * round_, accuracy=0.0, loss=0.5, local_groups=2,
+                        external_groups=1, external_available=2, zero_advantage_groups=0, completions=8,
+                        mean_completion_tokens=9.0, generate_s=1.0, fetch_s=0.1, train_s=0.2, round_s=1.3)
+
+
+def test_python_and_numpy_rng_and_the_metrics_tail_come_back(tmp_path):
+    model, optimizer = trained(0)
+    random.seed(5)
+    np.random.seed(6)
+    tail = tuple(round_metrics(r) for r in range(1, 13))
+    save_checkpoint(tmp_path, CheckpointMeta(12, "w-1", "m", tail), model, optimizer)
+    expected = (random.random(), np.random.rand(3).tolist())
+    random.seed(99)
+    np.random.seed(99)
+    meta = load_latest_checkpoint(tmp_path, tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters()), "m")
+    assert (random.random(), np.random.rand(3).tolist()) == expected
+    assert meta.metrics_tail == tail[-METRICS_TAIL:]          # bounded: only the last rounds are kept
+    assert "cuda_rng" not in torch.load(tmp_path / "round_000012" / "state.pt", weights_only=True)
+
+
+def test_a_checkpoint_written_before_numpy_rng_and_metrics_tail_still_loads(tmp_path):
+    model, optimizer = trained(0)
+    save_checkpoint(tmp_path, CheckpointMeta(3, "w-1", "m"), model, optimizer)
+    meta_file = tmp_path / "round_000003" / "meta.json"
+    old = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: old[k] for k in ("round", "node", "model_name", "python_rng")} | {"schema": 1}))
+    fresh = tiny_model(1)
+    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
+    assert meta.round == 3 and meta.metrics_tail == ()
+    assert torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_a_state_file_holding_code_is_never_run_and_the_older_checkpoint_is_used(tmp_path, caplog):
+    model, optimizer = trained(0)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+    marker = tmp_path / "ran"
+    torch.save({"optimizer": Planted(str(marker))}, tmp_path / "round_000002" / "state.pt")
+    meta = load_latest_checkpoint(tmp_path, tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters()), "m")
+    assert meta.round == 1 and not marker.exists()
+    assert "round_000002 is unusable" in caplog.text
+
+
+class Planted:
+    """Unpickling this would create a file: what a hostile state.pt in the shared folder could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_kill_after_the_checkpoint_loses_no_metrics_line_or_rewards_file(tmp_path):
+    folder = ExperimentFolder(tmp_path).create()
+    model, optimizer = trained(0)
+    for round_ in (1, 2):
+        append_jsonl(folder.metrics_file("w-1"), round_metrics(round_).to_json())
+    tail = tuple(round_metrics(r) for r in (1, 2, 3))
+    save_checkpoint(folder.checkpoint_dir("w-1"), CheckpointMeta(3, "w-1", "m", tail), model, optimizer)
+    # the process died here: round 3's metrics line and rewards file (the coordinator's "done") are missing
+    meta = load_latest_checkpoint(folder.checkpoint_dir("w-1"), model, optimizer, "m")
+    assert rewrite_lost_records(folder, "w-1", meta) == [3]
+    assert [row["round"] for row in read_jsonl(folder.metrics_file("w-1"))] == [1, 2, 3]
+    assert read_json_bounded(folder.reward_file(3, "w-1"))["reward_mean"] == pytest.approx(0.3)
+    assert rewrite_lost_records(folder, "w-1", meta) == []          # a second restart adds nothing
+
+
+@pytest.mark.gpu
+def test_cuda_rng_of_every_device_is_restored(tmp_path):
+    model, optimizer = trained(0)
+    model.cuda()
+    torch.cuda.manual_seed_all(7)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
+    expected = [torch.rand(3, device=f"cuda:{d}").cpu() for d in range(torch.cuda.device_count())]
+    torch.cuda.manual_seed_all(99)
+    fresh = tiny_model(1).cuda()
+    load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
+    assert all(torch.equal(torch.rand(3, device=f"cuda:{d}").cpu(), expected[d])
+               for d in range(torch.cuda.device_count()))

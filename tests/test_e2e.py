@@ -79,10 +79,13 @@ def test_test_mode_swarm_runs_every_round_and_shares_rollouts(test_mode_run):
         assert sum(r["external_groups"] for r in rows) > 0          # J > 0: peers' groups were trained on
         assert (exp / "checkpoints" / node / "round_000003" / "model.safetensors").exists()
         assert (exp / "logs" / node / "worker.log").stat().st_size > 0
+        evals = [json.loads(line) for line in (exp / "metrics" / node / "eval.jsonl").read_text().splitlines()]
+        assert [(e["round"], e["questions"]) for e in evals] == [(0, 32), (3, 32)]   # start and end, EVAL_SIZE=32
+        assert all(r["kl"] is None and r["format_rate"] >= r["accuracy"] for r in rows)
     assert (exp / "state" / "finished.json").exists()
     assert (exp / "base" / "model.safetensors").exists()             # the warm-up ran once, before round 1
     assert "finished" in result.stdout and "warm-up 150 steps" in result.stdout
-    assert "validate e2e: 7/7 checks passed" in result.stdout          # TEST_MODE validates its own folder
+    assert "validate e2e: 8/8 checks passed" in result.stdout          # TEST_MODE validates its own folder
 
 
 def rl_swarm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -106,7 +109,8 @@ def test_validate_fails_on_a_damaged_copy_naming_what_is_wrong(test_mode_run, tm
     assert any(line.startswith("FAIL  rollouts and metrics per round") and "round 3: worker-1 has no rollouts" in line
                for line in lines)
     assert "PASS  logs: every worker has logs/<node>/worker.log" in lines
-    assert lines[-1] == "validate e2e: 4/7 checks passed, 3 FAILED"
+    assert "PASS  held-out evaluations: every worker was evaluated at the start and after the last round" in lines
+    assert lines[-1] == "validate e2e: 5/8 checks passed, 3 FAILED"
 
 
 def test_experiments_list_and_compare_read_the_folder(test_mode_run):
@@ -158,6 +162,8 @@ def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal)
         assert rounds[-1] == max(done.values()) + 2
         assert rounds[: len(rounds)] == sorted(rounds)      # resumed forward, no round replayed from scratch
         assert "resumed from checkpoint" in (exp / "logs" / node / "worker.log").read_text()
+        evals = [json.loads(line)["round"] for line in (exp / "metrics" / node / "eval.jsonl").read_text().splitlines()]
+        assert evals == [0, max(done.values()) + 2]         # the resumed worker did not evaluate its start again
 
 
 def test_a_model_that_cannot_load_is_one_line_and_nothing_starts(tmp_path):

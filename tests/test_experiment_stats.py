@@ -9,3 +9,82 @@ def test_mean_interval_by_hand():
     mean, half = mean_interval([1.0, 2.0, 3.0])           # sd 1, t(0.975, 2) = 4.30
     assert mean == 2.0 and half == pytest.approx(4.30 / 3 ** 0.5)
     assert mean_interval([0.5]) == (0.5, None)            # one run: no interval
+
+
+def _experiment(root, with_evals: bool):
+    """Two workers, two rounds; worker-1's round 1 is a line written before the newer metrics existed."""
+    import json
+    import time
+
+    from workers.evaluation import eval_file
+    from workers.folder import ExperimentFolder, append_jsonl, write_json_atomic
+    from workers.protocol import HeldOutEval, RoundMetrics, RoundState
+
+    folder = ExperimentFolder(root).create()
+    write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": 2, "num_train_samples": 2,
+                                           "num_transplant_trees": 2, "num_generations": 4, "num_workers": 2,
+                                           "model_resolved": "rl-swarm/tiny-gpt2", "eval_size": 32})
+    for round_ in (1, 2):
+        write_json_atomic(folder.round_state_file(round_), RoundState(round_, 2, time.time(), "test").to_json())
+    write_json_atomic(folder.finished_file, {"schema": 1, "rounds": 2, "finished_at": time.time()})
+    for node in ("worker-1", "worker-2"):
+        for round_ in (1, 2):
+            row = RoundMetrics(node=node, round=round_, reward_mean=0.5, accuracy=0.25, loss=0.1, local_groups=2,
+                               external_groups=2, external_available=2, zero_advantage_groups=0, completions=8,
+                               mean_completion_tokens=5.0, generate_s=1.0, fetch_s=0.1, train_s=0.2, round_s=1.3,
+                               reward_std=0.1, grad_norm=0.5, learning_rate=1e-5, score_s=0.01).to_json()
+            if node == "worker-1" and round_ == 1:
+                row = {k: v for k, v in row.items() if k not in ("reward_std", "grad_norm", "learning_rate",
+                                                                  "score_s", "reward_max", "format_rate", "kl",
+                                                                  "max_completion_tokens", "clip_fraction")}
+            append_jsonl(folder.metrics_file(node), row)
+        if with_evals:
+            start, end = (0.1, 0.3) if node == "worker-1" else (0.2, 0.4)
+            for round_, accuracy in ((0, start), (2, end)):
+                append_jsonl(eval_file(folder, node), HeldOutEval(node, round_, accuracy, 32, 1.0).to_json())
+    assert json.loads(folder.metrics_file("worker-1").read_text().splitlines()[0]).get("grad_norm", "absent") == \
+        "absent"
+    return folder
+
+
+def test_compare_shows_held_out_accuracy_and_reads_metrics_lines_from_before_it(tmp_path):
+    from swarm_supervisor.experiments import aggregate, summaries_csv, summarize, validate
+
+    _experiment(tmp_path / "run", with_evals=True)
+    summary = summarize(tmp_path / "run")
+    assert summary.rejected_files == 0 and summary.cumulative_reward == pytest.approx(1.0)   # old line read
+    assert summary.held_out_start == pytest.approx(0.15) and summary.held_out_final == pytest.approx(0.35)
+    assert "held_out_start,held_out_final" in summaries_csv([summary]).splitlines()[0]
+    [check] = [c for c in validate(tmp_path / "run") if c.name == "held-out evaluations"]
+    assert check.passed and "after the last round" in check.detail
+    [row] = aggregate([tmp_path / "run"])
+    assert row.held_out_final == (pytest.approx(0.35), None)
+
+
+def test_validate_names_the_worker_whose_held_out_evaluations_are_missing(tmp_path):
+    from swarm_supervisor.experiments import summarize, validate
+
+    folder = _experiment(tmp_path / "run", with_evals=False)
+    assert summarize(folder.root).held_out_final is None
+    [check] = [c for c in validate(folder.root) if c.name == "held-out evaluations"]
+    assert not check.passed and "worker-1: none before round 1" in check.detail
+    assert "worker-1: none after the last round 2" in check.detail
+
+
+def test_the_plot_draws_held_out_accuracy_beside_training_accuracy(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from swarm_supervisor.experiments import plot_experiments
+
+    drawn: dict[str, list] = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def keep_lines(figure, *args, **kwargs):
+        drawn.update({line.get_label(): list(line.get_xdata()) for ax in figure.axes for line in ax.lines})
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_lines)
+    _experiment(tmp_path / "run", with_evals=True)
+    out = plot_experiments([tmp_path / "run"], tmp_path / "plot.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn["run held-out"] == [0, 2]                  # the start and the end evaluation

@@ -7,7 +7,7 @@ import pytest
 
 from workers.exchange import Exchange, live_workers
 from workers.folder import (ExperimentFolder, RejectedFile, append_jsonl, check_node_name, read_json_bounded,
-                            read_jsonl, write_json_atomic)
+                            read_jsonl, record_checksum, write_json_atomic)
 from workers.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundMetrics, RoundState
 
 
@@ -15,6 +15,11 @@ def group(g: int = 4, task: str = "chain_sum") -> RolloutGroup:
     return RolloutGroup(task=task, question="1 + 2 =", answer="3", metadata={"source_dataset": task},
                         prompt="1 + 2 =\nAnswer:", completions=tuple(f"<answer>{i}</answer>" for i in range(g)),
                         finished=(True,) * g, rewards=(0.0,) * g)
+
+
+def sealed(record: dict) -> dict:
+    """A hand-made record with a valid checksum, so the check under test is the one that rejects it."""
+    return {**record, "sha256": record_checksum(record)}
 
 
 @pytest.fixture
@@ -64,7 +69,7 @@ def test_truncated_oversized_and_wrong_typed_files_are_rejected(tmp_path):
         read_json_bounded(listing)
 
 
-def test_peer_rollouts_skip_bad_files_and_own_and_count_them(folder):
+def test_peer_rollouts_skip_bad_files_and_own_and_count_them(folder, caplog):
     writer = {n: Exchange(folder, n) for n in ("w-1", "w-2", "w-3")}
     writer["w-1"].publish_rollouts(1, 0, [group()])
     writer["w-2"].publish_rollouts(1, 0, [group(), group()])
@@ -72,9 +77,9 @@ def test_peer_rollouts_skip_bad_files_and_own_and_count_them(folder):
     (stage / "w-4.json").write_text('{"schema": 1, "node": "w-4", "round"')                 # truncated
     bad_types = RolloutFile(node="w-5", round=1, stage=0, created_at=0.0, groups=(group(),)).to_json()
     bad_types["groups"][0]["rewards"] = ["high"] * 4
-    (stage / "w-5.json").write_text(json.dumps(bad_types))
+    (stage / "w-5.json").write_text(json.dumps(sealed(bad_types)))
     liar = RolloutFile(node="w-2", round=1, stage=0, created_at=0.0, groups=(group(),)).to_json()
-    (stage / "w-6.json").write_text(json.dumps(liar))                                       # claims to be w-2
+    (stage / "w-6.json").write_text(json.dumps(sealed(liar)))                               # claims to be w-2
     (stage / "..json").write_text("{}")
     reader = writer["w-3"]
     writer["w-3"].publish_rollouts(1, 0, [group()])
@@ -82,6 +87,9 @@ def test_peer_rollouts_skip_bad_files_and_own_and_count_them(folder):
     assert sorted(found) == ["w-1", "w-2"]
     assert len(found["w-2"]) == 2
     assert len(reader.rejected) == 3
+    assert reader.peer_rollouts(1).keys() == found.keys() and len(reader.rejected) == 3     # counted once each
+    for why in ("not valid JSON", "'rewards' must hold finite numbers", "which its path contradicts"):
+        assert caplog.text.count(why) == 1, why
 
 
 def test_wait_for_peers_is_bounded_by_its_timeout(folder):
@@ -167,3 +175,69 @@ def test_rejected_files_reach_the_dashboard_through_heartbeats(folder):
                                        rejected=len(exchange.rejected)))
     view = SwarmReader(folder, SwarmConfig.from_env({}), "m", "cpu").view()
     assert view.rejected_files == 1
+
+
+# -- checksums: a file that is valid JSON but not what its writer wrote is never trusted ------------
+
+def test_every_record_carries_a_checksum_that_the_reader_checks_and_removes(folder):
+    path = folder.round_state_file(1)
+    state = RoundState(round=1, max_rounds=3, started_at=1.5, reason="start", nodes=("w-1",))
+    write_json_atomic(path, state.to_json())
+    on_disk = json.loads(path.read_text())
+    assert on_disk["sha256"] == record_checksum(on_disk)
+    record = read_json_bounded(path, require_checksum=True)
+    assert "sha256" not in record and RoundState.from_json(record) == state
+    # another tool re-serialising it (key order, spacing, escapes) changes no value, so it still passes
+    path.write_text(json.dumps(dict(reversed(list(on_disk.items()))), indent=2, ensure_ascii=False))
+    assert RoundState.from_json(read_json_bounded(path, require_checksum=True)) == state
+
+
+def test_a_rollout_file_edited_by_hand_is_rejected_counted_and_never_trusted(folder, caplog):
+    path = Exchange(folder, "w-1").publish_rollouts(1, 0, [group(), group()])
+    record = json.loads(path.read_text())
+    record["groups"][1]["completions"][2] = "<answer>3</answer>"      # still valid JSON, still well-typed
+    path.write_text(json.dumps(record))
+    reader = Exchange(folder, "w-2")
+    assert reader.peer_rollouts(1) == {}
+    assert reader.rejected == {path}
+    assert caplog.text.count("checksum mismatch (half-synced or edited); skipped") == 1
+    assert reader.peer_rollouts(1) == {} and len(reader.rejected) == 1     # skipped, not warned about again
+
+
+def test_a_record_without_a_checksum_is_rejected_where_the_protocol_needs_one(folder):
+    state = RoundState(round=1, max_rounds=3, started_at=1.0, reason="start").to_json()
+    path = folder.round_state_file(1)
+    path.write_text(json.dumps(state))
+    with pytest.raises(RejectedFile, match="no checksum"):
+        read_json_bounded(path, require_checksum=True)
+    assert read_json_bounded(path) == state          # e.g. a checkpoint's meta.json, written without one
+    rollouts = RolloutFile(node="w-1", round=1, stage=0, created_at=0.0, groups=(group(),)).to_json()
+    folder.rollout_dir(1, 0).mkdir(parents=True)
+    folder.rollout_file(1, 0, "w-1").write_text(json.dumps(rollouts))
+    reader = Exchange(folder, "w-2")
+    assert reader.peer_rollouts(1) == {} and len(reader.rejected) == 1
+
+
+def test_a_half_synced_rollout_file_is_skipped_then_read_once_its_sync_completes(folder):
+    path = Exchange(folder, "w-1").publish_rollouts(1, 0, [group()])
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    reader = Exchange(folder, "w-2")
+    assert reader.peer_rollouts(1) == {} and len(reader.rejected) == 1
+    path.write_bytes(whole)
+    assert len(reader.peer_rollouts(1)["w-1"]) == 1
+
+
+def test_a_checksum_over_nan_or_absurd_nesting_is_a_rejection_not_a_crash(tmp_path):
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"round": NaN, "sha256": "00"}')
+    with pytest.raises(RejectedFile, match="checksum mismatch"):
+        read_json_bounded(nan)
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(RejectedFile, match="not valid JSON"):
+        read_json_bounded(deep)
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"round": ' + "9" * 5000 + "}")
+    with pytest.raises(RejectedFile, match="not valid JSON"):
+        read_json_bounded(huge)

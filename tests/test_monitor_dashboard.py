@@ -147,3 +147,37 @@ def test_nvml_reports_the_device_and_this_processs_gpu_memory():
         monitor.close()
     assert snap.device is not None and snap.device.total_mib > 1000 and snap.device.used_mib > 0
     assert snap.processes[os.getpid()].gpu_mib is None or snap.processes[os.getpid()].gpu_mib > 0
+
+
+def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest(tmp_path):
+    import time
+
+    from configs_env import SwarmConfig
+    from swarm_supervisor.status import SwarmReader
+    from workers.evaluation import eval_file
+    from workers.exchange import Exchange
+    from workers.folder import ExperimentFolder, append_jsonl
+    from workers.protocol import Heartbeat, HeldOutEval
+
+    folder = ExperimentFolder(tmp_path).create()
+    for node in ("worker-1", "worker-2"):
+        now = time.time()
+        Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+                                                         status="training", round=50, stage=0, started_at=now,
+                                                         updated_at=now))
+    for round_, accuracy in ((0, 0.12), (50, 0.42)):
+        append_jsonl(eval_file(folder, "worker-1"), HeldOutEval("worker-1", round_, accuracy, 100, 3.0).to_json())
+    append_jsonl(eval_file(folder, "worker-2"), HeldOutEval("worker-2", 0, 0.1, 100, 3.0).to_json())
+    reader = SwarmReader(folder, SwarmConfig.from_env({}), "rl-swarm/tiny-gpt2", "cpu")
+
+    def line_of(text: str, node: str) -> str:
+        [line] = [line for line in text.splitlines() if node in line]
+        return line
+
+    text = frame(reader.view())
+    assert "held-out" in text
+    assert "12→42%" in line_of(text, "worker-1") and " 10% " in line_of(text, "worker-2")   # only the start so far
+    append_jsonl(eval_file(folder, "worker-2"), HeldOutEval("worker-2", 50, 0.3, 100, 3.0).to_json())
+    swarm = reader.view()
+    assert "10→30%" in line_of(frame(swarm), "worker-2")
+    assert "held-out 36.0%" in status_line(swarm)                 # the mean of the newest: (42% + 30%) / 2

@@ -49,3 +49,24 @@ def test_unknown_task_is_a_config_error():
 
     with pytest.raises(ConfigError, match="TASKS names unknown reasoning-gym task"):
         TaskMix((("no_such_task", 1.0),), seed=1)
+
+
+def test_format_reward_adds_exactly_its_bonus_to_a_tagged_answer_and_never_to_accuracy():
+    from workers.tasks import score_group
+
+    completions = ["<answer>8</answer>", "7", "<answer></answer>", "<answer>7</answer>"]
+    scores = score_group("chain_sum", CHAIN, completions, format_reward=0.1)
+    assert scores.rewards == pytest.approx((0.1, 0.0, 0.0, 1.1))   # wrong but well formed; untagged; empty; right
+    assert scores.correctness == (0.0, 0.0, 0.0, 1.0)              # what exact-match accuracy counts
+    assert scores.well_formed == (True, False, False, True)
+    assert score_group("chain_sum", CHAIN, completions).rewards == scores.correctness   # off by default
+
+
+def test_rewards_above_one_still_give_zero_mean_advantages():
+    import torch
+
+    from workers.grpo import group_advantages
+
+    advantages = group_advantages(torch.tensor([[1.1, 0.1, 0.0, 1.1], [1.1, 1.1, 1.1, 1.1]]))
+    assert advantages[0].sum().abs() < 1e-5 and advantages[0, 0] > advantages[0, 1] > advantages[0, 2]
+    assert torch.equal(advantages[1], torch.zeros(4))              # all right and well formed: no signal

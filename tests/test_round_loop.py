@@ -1,21 +1,38 @@
-"""External groups are re-scored here; ragged or unknown ones are rejected with one warning, never a crash."""
+"""A round with the tiny model: peers' groups re-scored, every metric the issue asks for, the held-out evaluation."""
+
+import copy
+import json
+import random
+import threading
 
 import pytest
 import torch
 
 from configs_env import SwarmConfig
+from workers.evaluation import EVAL_SEED, eval_due, evaluate_held_out, greedy_accuracy, held_out_questions
 from workers.exchange import Exchange
 from workers.folder import ExperimentFolder
-from workers.model import load_policy
-from workers.protocol import RolloutGroup
-from workers.round_loop import external_candidates
+from workers.model import Policy, load_policy
+from workers.protocol import RolloutGroup, RoundMetrics
+from workers.round_loop import external_candidates, play_round, round_seed
 from workers.tasks import TaskMix
+from workers.warmup import supervised_warmup
 
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
     torch.set_num_threads(2)
     return load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def warmed(policy):
+    """The tiny model after a short warm-up: it writes <answer> tags some of the time, so FORMAT_REWARD has signal."""
+    torch.manual_seed(0)
+    student = Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.name, policy.device)
+    supervised_warmup(student, SwarmConfig.from_env({"WARMUP_STEPS": "100", "WARMUP_BATCH_SIZE": "16",
+                                                     "MAX_NEW_TOKENS": "16"}))
+    return student
 
 
 def peer_group(task: str, answers: list[str], claimed: float = 1.0) -> RolloutGroup:
@@ -44,3 +61,68 @@ def test_peers_groups_are_rescored_ragged_and_unknown_ones_rejected(policy, tmp_
     caplog.clear()
     external_candidates(policy, cfg, tasks, peers, exchange, round_=1)
     assert "rejected" not in caplog.text                                  # one warning per bad group, not per look
+
+
+def test_a_round_records_reward_spread_format_rate_update_stats_and_stage_times(policy, warmed, tmp_path):
+    cfg = SwarmConfig.from_env({"NUM_WORKERS": "1", "NUM_TRAIN_SAMPLES": "4", "NUM_TRANSPLANT_TREES": "0",
+                                "NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "16", "FORMAT_REWARD": "0.1",
+                                "KL_BETA": "0.05"})
+    learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
+    optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-4)
+    exchange = Exchange(ExperimentFolder(tmp_path).create(), "w-1")
+    # the KL anchor is the model the worker started from: here the raw tiny model, before its warm-up
+    metrics = play_round(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=cfg.seed), exchange, 0, 1,
+                         threading.Event(), lambda: set(), lambda stage: None, reference=policy.model)
+    row = RoundMetrics.from_json(json.loads(json.dumps(metrics.to_json())))     # the metrics.jsonl line
+    assert row == metrics
+    assert row.completions == 16 and row.local_groups == 4 and row.external_groups == 0
+    assert 0 < row.format_rate <= 1 and row.accuracy <= row.format_rate       # an exact match needs a tag
+    assert row.reward_max >= row.reward_mean > 0 and row.reward_std > 0
+    assert row.zero_advantage_groups < row.local_groups                       # the format bonus gave signal
+    assert row.grad_norm > 0 and 0 <= row.clip_fraction <= 1 and row.kl > 0 and row.learning_rate == 1e-4
+    assert row.max_completion_tokens >= row.mean_completion_tokens > 0
+    assert min(row.generate_s, row.score_s, row.fetch_s, row.train_s) >= 0
+    assert row.round_s == pytest.approx(row.generate_s + row.score_s + row.fetch_s + row.train_s)
+
+
+def test_a_metrics_line_from_before_the_new_fields_still_parses():
+    old = {"schema": 1, "node": "w-1", "round": 7, "reward_mean": 0.5, "accuracy": 0.25, "loss": 0.1,
+           "local_groups": 2, "external_groups": 2, "external_available": 6, "zero_advantage_groups": 1,
+           "completions": 8, "mean_completion_tokens": 9.5, "generate_s": 1.0, "fetch_s": 0.2, "train_s": 0.3,
+           "round_s": 1.5, "finished_at": 1.7e9}
+    row = RoundMetrics.from_json(old)
+    assert row.reward_mean == 0.5 and row.grad_norm is None and row.kl is None and row.format_rate is None
+
+
+def _item_seeds(mix: TaskMix, questions) -> set[tuple[str, int]]:
+    """reasoning-gym builds item i of a dataset of seed s from Random(s + i): equal seeds, equal item."""
+    return {(q.task, mix.datasets[q.task].seed + q.metadata["source_index"]) for q in questions}
+
+
+def test_every_node_evaluates_the_same_held_out_questions_and_no_worker_trains_on_them():
+    tasks = SwarmConfig.from_env({}).tasks
+    held_out = held_out_questions(tasks, 100)
+    assert len(held_out) == 100 and len({q.task for q in held_out}) == 2
+    reserved = _item_seeds(TaskMix(tasks, seed=EVAL_SEED), held_out)
+    drawn: set[tuple[str, int]] = set()
+    for seed in (0, 42, 31337):
+        cfg = SwarmConfig.from_env({"SEED": str(seed)})
+        assert held_out_questions(cfg.tasks, 100) == held_out          # nothing of SEED or the node reaches it
+        for index in range(8):
+            mix = TaskMix(cfg.tasks, seed=cfg.seed + index)            # what worker `index` trains on
+            for round_ in range(1, 101):
+                drawn |= _item_seeds(mix, mix.sample(2, random.Random(round_seed(cfg, index, round_))))
+        warmup = TaskMix(cfg.tasks, seed=cfg.seed + 7919)               # what the warm-up trains on
+        drawn |= _item_seeds(warmup, warmup.sample(512, random.Random(cfg.seed)))
+    assert len(drawn) > 5000 and not drawn & reserved
+
+
+def test_held_out_accuracy_is_greedy_whatever_the_batch_and_runs_at_start_every_n_and_end(warmed):
+    cfg = SwarmConfig.from_env({"MAX_NEW_TOKENS": "16"})
+    questions = held_out_questions(cfg.tasks, 24)
+    whole = greedy_accuracy(warmed, questions, 16)
+    assert whole > 0 and greedy_accuracy(warmed, questions, 16, batch_size=5) == whole   # greedy: no noise
+    record = evaluate_held_out(warmed, cfg, questions, "w-1", round_=0)
+    assert (record.node, record.round, record.questions, record.accuracy) == ("w-1", 0, 24, whole)
+    assert [r for r in range(12) if eval_due(r, max_rounds=10, every=4)] == [0, 4, 8, 10, 11]
+    assert [r for r in range(11) if eval_due(r, max_rounds=10, every=0)] == [0, 10]

@@ -1,24 +1,36 @@
-"""Checkpoints of one worker: model weights (safetensors), optimizer and RNG state, and a meta file written last."""
+"""Checkpoints of one worker: model weights (safetensors), optimizer and RNG state, and a meta file written last.
+
+Nothing here is unpickled: weights are safetensors, state.pt holds only tensors and plain containers
+(torch.load(weights_only=True)), and meta.json is JSON. There is no data cursor beyond the round:
+a worker's questions come from round_seed(cfg, index, round) (workers/round_loop.py) and its sampling
+re-seeds from it, so restoring the round restores where the worker is in its data.
+"""
 
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmError
-from workers.folder import RejectedFile, read_json_bounded
+from workers.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, read_jsonl,
+                            with_retries, write_json_atomic)
+from workers.protocol import RoundMetrics
 
 log = logging.getLogger(__name__)
 
 KEEP_LAST = 2
+METRICS_TAIL = 8          # this node's last metrics rows kept in each checkpoint (bounded: meta.json stays small)
+SCHEMA = 2                # 1: no numpy or CUDA RNG and no metrics tail; still loaded
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,9 @@ class CheckpointMeta:
     round: int
     node: str
     model_name: str
+    # the node's latest rounds, oldest first: a resumed worker knows its recent results, and can rewrite
+    # the rewards file or metrics line its previous process did not get to
+    metrics_tail: tuple[RoundMetrics, ...] = ()
 
 
 def _fsync_file(path: Path) -> None:
@@ -46,10 +61,15 @@ def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     # weights_only=True can read this back: tensors, numbers and plain containers only, no pickled objects
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+    # only when this process already uses CUDA: asking an idle GPU for its RNG would create a context there
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, tmp / "state.pt")
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        json.dump({"schema": 1, "round": meta.round, "node": meta.node, "model_name": meta.model_name,
-                   "python_rng": _python_rng_state()}, f)
+        json.dump({"schema": SCHEMA, "round": meta.round, "node": meta.node, "model_name": meta.model_name,
+                   "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state(),
+                   "metrics_tail": [m.to_json() for m in meta.metrics_tail[-METRICS_TAIL:]]}, f, allow_nan=False)
     for name in ("model.safetensors", "state.pt", "meta.json"):
         _fsync_file(tmp / name)
     if final.exists():
@@ -62,6 +82,49 @@ def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,
 def _python_rng_state() -> list[Any]:
     version, state, gauss = random.getstate()
     return [version, list(state), gauss]
+
+
+def _numpy_rng_state() -> list[Any]:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(position), int(has_gauss), float(cached)]
+
+
+def _restore_rngs(record: dict[str, Any], state: dict[str, Any], where: Path) -> None:
+    """Every RNG the checkpoint holds; one missing (an older checkpoint) or malformed is left as it is."""
+    torch.set_rng_state(state["torch_rng"])
+    cuda = state.get("cuda_rng")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            log.info("%s holds the RNG of %d CUDA device(s), this process sees %d; restoring the first %d",
+                     where, len(cuda), torch.cuda.device_count(), min(len(cuda), torch.cuda.device_count()))
+        for device, rng in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, device)     # deferred by torch until CUDA is initialised
+    python, numpy_ = record.get("python_rng"), record.get("numpy_rng")
+    try:
+        if isinstance(python, list) and len(python) == 3 and isinstance(python[1], list):
+            random.setstate((python[0], tuple(python[1]), python[2]))
+        elif python is not None:
+            log.warning("%s: python_rng is malformed; Python's RNG not restored", where)
+        if isinstance(numpy_, list) and len(numpy_) == 5 and isinstance(numpy_[1], list):
+            np.random.set_state((numpy_[0], np.array(numpy_[1], dtype=np.uint32), *numpy_[2:]))
+        elif numpy_ is not None:
+            log.warning("%s: numpy_rng is malformed; numpy's RNG not restored", where)
+    except (TypeError, ValueError, OverflowError) as exc:
+        log.warning("%s: an RNG state is malformed (%s); it was not restored", where, exc)
+
+
+def _metrics_tail(record: dict[str, Any], where: Path) -> tuple[RoundMetrics, ...]:
+    tail = record.get("metrics_tail", [])      # absent in schema 1
+    if not isinstance(tail, list):
+        log.warning("%s: metrics_tail is not a list; the resumed worker starts without its recent metrics", where)
+        return ()
+    rows = []
+    for row in tail[-METRICS_TAIL:]:
+        try:
+            rows.append(RoundMetrics.from_json(row if isinstance(row, dict) else {}, f"{where} metrics_tail"))
+        except RejectedFile as exc:
+            log.warning("%s; that row is dropped", exc)
+    return tuple(rows)
 
 
 def _prune(root: Path) -> None:
@@ -90,12 +153,35 @@ def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.
             load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
             state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
             optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            rng = record.get("python_rng")
-            if isinstance(rng, list) and len(rng) == 3:
-                random.setstate((rng[0], tuple(rng[1]), rng[2]))
+            _restore_rngs(record, state, folder)
             return CheckpointMeta(round=record["round"], node=str(record.get("node", "")),
-                                  model_name=record["model_name"])
-        except (FileNotFoundError, RejectedFile, SafetensorError, RuntimeError, KeyError, ValueError, OSError) as exc:
+                                  model_name=record["model_name"], metrics_tail=_metrics_tail(record, folder))
+        except (FileNotFoundError, RejectedFile, SafetensorError, RuntimeError, KeyError, ValueError, TypeError,
+                OSError, pickle.UnpicklingError) as exc:   # UnpicklingError: state.pt holds more than weights
             log.warning("checkpoint %s is unusable (%s); trying an older one", folder, str(exc).splitlines()[0][:200])
     return None
+
+
+def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMeta) -> list[int]:
+    """Rounds of the checkpoint's tail whose metrics line or rewards file the killed process never wrote.
+
+    A worker saves the checkpoint before those two files, so a kill in between loses them; without the
+    rewards file the coordinator would wait for a round this node will not play again.
+    """
+    try:
+        recorded = {row.get("round") for row in read_jsonl(folder.metrics_file(node))}
+    except (RejectedFile, OSError) as exc:
+        log.warning("could not read this node's metrics to complete them (%s); nothing rewritten", exc)
+        return []
+    rewritten = []
+    for metrics in meta.metrics_tail:
+        if metrics.node != node or metrics.round > meta.round:
+            continue
+        metrics_file, reward_file = folder.metrics_file(node), folder.reward_file(metrics.round, node)
+        if metrics.round not in recorded:
+            with_retries(lambda: append_jsonl(metrics_file, metrics.to_json()), f"appending to {metrics_file}")
+            rewritten.append(metrics.round)
+        if metrics.round == meta.round and not reward_file.exists():
+            with_retries(lambda: write_json_atomic(reward_file, metrics.to_json()), f"writing {reward_file}")
+            rewritten.append(metrics.round)
+    return sorted(set(rewritten))

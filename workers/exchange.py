@@ -5,8 +5,10 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
-from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded, with_retries, write_json_atomic
+from workers.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder, read_json_bounded,
+                            with_retries, write_json_atomic)
 from workers.protocol import Heartbeat, RolloutFile, RolloutGroup
 
 log = logging.getLogger(__name__)
@@ -14,16 +16,28 @@ log = logging.getLogger(__name__)
 ROLLOUT_NAME = re.compile(r"^(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>\d{1,4}))?\.json$")
 POLL_S = 0.2
 TERMINAL = ("stopped", "done", "failed", "crashed")     # heartbeat statuses of a node that will publish no more
+HEARTBEAT_BYTES = 64 * 1024
+
+R = TypeVar("R")
+Version = tuple[int, int]
+
+
+def file_version(path: Path) -> Version:
+    # size as well as mtime: Drive may keep a file's modification time while its content finishes syncing
+    info = path.stat()
+    return info.st_mtime_ns, info.st_size
 
 
 class Exchange:
-    """Reads are cached per file and bad files are warned about once, then only counted."""
+    """Reads are cached per file version; a bad file is warned about once, counted, and read again only once
+    it changes (a half-synced file that finishes syncing is then accepted)."""
 
     def __init__(self, folder: ExperimentFolder, node: str):
         self.folder = folder
         self.node = node
         self.rejected: set[Path] = set()
-        self._cache: dict[Path, tuple[float, RolloutFile]] = {}
+        self._bad: dict[Path, Version] = {}
+        self._cache: dict[Path, tuple[Version, Any]] = {}
 
     def reject(self, path: Path, error: RejectedFile) -> None:
         if path not in self.rejected:
@@ -48,39 +62,49 @@ class Exchange:
         found: dict[str, list[RolloutGroup]] = {}
         directory = self.folder.rollout_dir(round_, stage)
         try:
-            listing = sorted(directory.iterdir()) if directory.is_dir() else []
+            listing = list_folder(directory, "*.json")
         except OSError as exc:     # a Drive listing that fails is a round with no peers yet, not a crash
             log.warning("could not list %s: %s", directory, exc)
             return found
         for path in listing:
             match = ROLLOUT_NAME.match(path.name)
-            if path.name.startswith(".") or match is None:
+            if match is None or match["node"] == self.node:
                 continue
-            if match["node"] == self.node or path in self.rejected:
-                continue
-            record = self._read(path)
-            if record is None:
-                continue
-            if record.node != match["node"] or record.round != round_ or record.stage != stage:
-                self.reject(path, RejectedFile(f"{path}: names node {record.node!r} round {record.round} stage "
-                                               f"{record.stage}, which its path contradicts; skipped"))
-                continue
-            found.setdefault(record.node, []).extend(record.groups)
+
+            def parse(record: dict[str, Any], where: str, node: str = match["node"]) -> RolloutFile:
+                rollouts = RolloutFile.from_json(record, where)
+                if rollouts.node != node or rollouts.round != round_ or rollouts.stage != stage:
+                    raise RejectedFile(f"{where}: names node {rollouts.node!r} round {rollouts.round} stage "
+                                       f"{rollouts.stage}, which its path contradicts; skipped")
+                return rollouts
+
+            rollouts = self.read_record(path, parse)
+            if rollouts is not None:
+                found.setdefault(rollouts.node, []).extend(rollouts.groups)
         return found
 
-    def _read(self, path: Path) -> RolloutFile | None:
+    def read_record(self, path: Path, parse: Callable[[dict[str, Any], str], R],
+                    max_bytes: int = MAX_RECORD_BYTES) -> R | None:
+        """A checksummed record parsed and validated, or None while it is missing, not synced yet, unreadable
+        for the moment (the caller polls again) or bad (warned about once)."""
         try:
-            mtime = path.stat().st_mtime
+            version = file_version(path)
+            if self._bad.get(path) == version:
+                return None
             cached = self._cache.get(path)
-            if cached and cached[0] == mtime:
+            if cached and cached[0] == version:
                 return cached[1]
-            record = RolloutFile.from_json(read_json_bounded(path), str(path))
-        except FileNotFoundError:
-            return None
+            record = parse(read_json_bounded(path, max_bytes, require_checksum=True), str(path))
         except RejectedFile as error:
+            self._bad[path] = version
             self.reject(path, error)
             return None
-        self._cache[path] = (mtime, record)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:      # a Drive hiccup: as if the file were not there yet
+            log.info("%s not readable now (%s); the next poll tries again", path, exc.strerror or exc)
+            return None
+        self._cache[path] = (version, record)
         return record
 
     def wait_for_peers(self, round_: int, peers: set[str], timeout_s: float, stop: threading.Event,
@@ -103,19 +127,24 @@ class Exchange:
         return read_heartbeats(self.folder, self.reject)
 
 
-def read_heartbeats(folder: ExperimentFolder, on_reject=None) -> dict[str, Heartbeat]:
-    """Every node's latest valid heartbeat in peers/."""
+def read_heartbeats(folder: ExperimentFolder,
+                    on_reject: Callable[[Path, RejectedFile], None] | None = None) -> dict[str, Heartbeat]:
+    """Every node's latest valid heartbeat in peers/.
+
+    Raises OSError when the Drive would not list or read them all, even after quick retries: a partial
+    answer would look like nodes that left, which the coordinator would stop waiting for.
+    """
     beats: dict[str, Heartbeat] = {}
     peers_dir = folder.root / "peers"
-    if not peers_dir.is_dir():
-        return beats
-    for path in peers_dir.glob("*.json"):
-        if path.name.startswith("."):
-            continue
+    listing = with_retries(lambda: list_folder(peers_dir, "*.json"), f"listing {peers_dir}", attempts=3,
+                           first_wait_s=0.05)
+    for path in listing:
         try:
-            beat = Heartbeat.from_json(read_json_bounded(path, max_bytes=64 * 1024), str(path))
+            record = with_retries(lambda p=path: read_json_bounded(p, HEARTBEAT_BYTES, require_checksum=True),
+                                  f"reading {path}", attempts=3, first_wait_s=0.05, retry_missing=False)
+            beat = Heartbeat.from_json(record, str(path))
         except FileNotFoundError:
-            continue
+            continue        # gone, or not synced yet
         except RejectedFile as error:
             if on_reject is not None:
                 on_reject(path, error)

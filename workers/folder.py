@@ -2,9 +2,13 @@
 
 The folder may be a Google Drive mount shared by several machines, so it is untrusted input:
 every read is size-bounded and JSON-only, every name is validated before it becomes a path,
-and every write is atomic (temp file in the same folder, fsync, rename).
+every write is atomic (temp file in the same folder, fsync, rename), and every record carries a
+checksum so a half-synced or edited file is skipped rather than trusted. Every read, write and
+listing of the protocol subfolders goes through these helpers, which is where `workers.drive_sim`
+makes a test's folder slow and flaky.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -14,24 +18,30 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from configs_env import SwarmError
+from workers import drive_sim
 
 log = logging.getLogger(__name__)
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_RECORD_BYTES = 4 * 1024 * 1024     # a round's rollouts of one node: I*G completions, far below this
 MAX_JSONL_BYTES = 64 * 1024 * 1024
+CHECKSUM_KEY = "sha256"
 
 
 T = TypeVar("T")
 
 
-def with_retries(action: Callable[[], T], what: str, attempts: int = 4, first_wait_s: float = 0.5) -> T:
-    """Retry an OSError with exponential backoff: a Drive mount throttles bursts and drops calls now and then."""
+def with_retries(action: Callable[[], T], what: str, attempts: int = 4, first_wait_s: float = 0.5,
+                 retry_missing: bool = True) -> T:
+    """Retry an OSError with exponential backoff: a Drive mount throttles bursts and drops calls now and then.
+
+    retry_missing=False: a FileNotFoundError is raised at once (a read of a file not there yet).
+    """
     for attempt in range(1, attempts + 1):
         try:
             return action()
         except OSError as exc:
-            if attempt == attempts:
+            if attempt == attempts or (not retry_missing and isinstance(exc, FileNotFoundError)):
                 raise
             wait = first_wait_s * 2 ** (attempt - 1)
             log.warning("%s failed (%s); retry %d/%d in %.1fs", what, exc.strerror or exc, attempt,
@@ -55,40 +65,102 @@ def check_node_name(name: str) -> str:
     return name
 
 
+def record_checksum(record: dict[str, Any]) -> str:
+    """SHA-256 of the record without its checksum key, serialised canonically (sorted keys, no spaces, ASCII).
+
+    The writer hashes the record as a reader will parse it (see write_json_atomic), so both sides hash
+    the same text whatever the key order, float spelling or escapes in the file.
+    """
+    body = {key: value for key, value in record.items() if key != CHECKSUM_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one."""
+    """Readers see the old file or the new one, never half of one; the record gains a checksum."""
+    # the round trip turns tuples into lists and non-string keys into strings, exactly as a reader sees them
+    body = json.loads(json.dumps({k: v for k, v in record.items() if k != CHECKSUM_KEY}, allow_nan=False))
+    sealed = {**body, CHECKSUM_KEY: record_checksum(body)}
+    drive_sim.before_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, separators=(",", ":"), allow_nan=False)
+        json.dump(sealed, f, separators=(",", ":"), allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    drive_sim.after_write(path)
 
 
-def read_json_bounded(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any]:
-    """One JSON object from the folder, or RejectedFile naming the file and why."""
+def read_json_bounded(path: Path, max_bytes: int = MAX_RECORD_BYTES, *,
+                      require_checksum: bool = False) -> dict[str, Any]:
+    """One JSON object from the folder, its checksum checked and removed.
+
+    Raises FileNotFoundError while the file is missing (or not synced yet), OSError for a Drive hiccup
+    (the caller tries again later), and RejectedFile naming the file and why when it is bad. A record
+    without a checksum is accepted only when require_checksum is False (files not written by
+    write_json_atomic, such as checkpoint meta files).
+    """
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise RejectedFile(f"{path}: {size} bytes is over the {max_bytes}-byte limit; skipped")
+        info = path.stat()
+        drive_sim.before_read(path, info.st_mtime)
+        if info.st_size > max_bytes:
+            raise RejectedFile(f"{path}: {info.st_size} bytes is over the {max_bytes}-byte limit; skipped")
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         raise RejectedFile(f"{path}: unreadable ({exc.strerror or exc}); skipped") from exc
     try:
         record = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:    # bad UTF-8 or JSON, an over-long integer, deep nesting
         raise RejectedFile(f"{path}: not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]}); skipped") from exc
     if not isinstance(record, dict):
         raise RejectedFile(f"{path}: expected a JSON object, got {type(record).__name__}; skipped")
+    claimed = record.pop(CHECKSUM_KEY, None)
+    if claimed is None:
+        if require_checksum:
+            raise RejectedFile(f"{path}: no checksum (written by an older rl-swarm or by hand); skipped")
+        return record
+    try:
+        intact = isinstance(claimed, str) and claimed == record_checksum(record)
+    except (ValueError, RecursionError):     # NaN or a nesting no writer produces: not what was sealed
+        intact = False
+    if not intact:
+        raise RejectedFile(f"{path}: checksum mismatch (half-synced or edited); skipped")
     return record
+
+
+def list_folder(directory: Path, pattern: str = "*") -> list[Path]:
+    """Sorted entries matching `pattern`, without temp or hidden files; [] when the folder does not exist.
+
+    The one way the swarm lists the shared folder; OSError for a Drive hiccup (the caller polls again).
+    """
+    if not directory.is_dir():
+        return []
+    drive_sim.before_list(directory)
+    return sorted(p for p in directory.glob(pattern) if not p.name.startswith(".") and not drive_sim.hidden(p))
+
+
+def is_visible(path: Path) -> bool:
+    """The file exists and this process can see it; False after a failed check too, which callers repeat."""
+    try:
+        drive_sim.before_read(path, path.stat().st_mtime)
+    except OSError:
+        return False
+    return True
+
+
+def read_from(path: Path, offset: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `offset` of a file read incrementally (an append-only log such as metrics)."""
+    drive_sim.before_read(path, path.stat().st_mtime)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(limit)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one line with a single write and fsync; a crash can only leave a torn last line, which readers skip."""
+    drive_sim.before_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -97,11 +169,14 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    drive_sim.after_write(path)
 
 
 def read_jsonl(path: Path, max_bytes: int = MAX_JSONL_BYTES) -> Iterator[dict[str, Any]]:
     """Every well-formed object line of a JSONL file; malformed lines are logged and skipped."""
-    if not path.exists():
+    try:
+        drive_sim.before_read(path, path.stat().st_mtime)
+    except FileNotFoundError:
         return
     if path.stat().st_size > max_bytes:
         raise RejectedFile(f"{path}: over the {max_bytes}-byte limit for a JSONL file; skipped")
@@ -109,7 +184,7 @@ def read_jsonl(path: Path, max_bytes: int = MAX_JSONL_BYTES) -> Iterator[dict[st
         for number, raw in enumerate(f, start=1):
             try:
                 record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (ValueError, RecursionError):
                 log.warning("%s line %d: not valid JSON; skipped", path, number)
                 continue
             if isinstance(record, dict):
@@ -172,9 +247,9 @@ class ExperimentFolder:
         return self.root / "logs" / "supervisor" / "events.jsonl"
 
     def state_rounds(self) -> list[int]:
-        """Round numbers with a state file, ascending."""
+        """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
         found = []
-        for path in (self.root / "state").glob("round_*.json"):
+        for path in list_folder(self.root / "state", "round_*.json"):
             digits = path.stem.removeprefix("round_")
             if digits.isdigit():
                 found.append(int(digits))

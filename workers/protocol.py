@@ -2,7 +2,7 @@
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from workers.folder import RejectedFile, check_node_name
@@ -11,6 +11,8 @@ SCHEMA = 1
 MAX_TEXT = 16_384          # characters of one question, prompt or completion
 MAX_GROUP = 256            # completions in one group (NUM_GENERATIONS is capped at 256 too)
 MAX_GROUPS = 1024
+# a field typed `X | None` may be absent or null: it was added after the first metrics files were written
+_OPTIONAL = {float | None: (float, True), int | None: (int, True)}
 
 
 def _need(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -187,11 +189,21 @@ class RoundMetrics:
     zero_advantage_groups: int
     completions: int
     mean_completion_tokens: float
-    generate_s: float
-    fetch_s: float
+    generate_s: float             # sampling the local completions
+    fetch_s: float                # the exchange: publishing ours, waiting for and re-scoring peers' groups
     train_s: float
     round_s: float
     finished_at: float = field(default_factory=time.time)
+    # Added later: None in lines written before them (and kl whenever KL_BETA is 0 or nothing was trained)
+    reward_std: float | None = None
+    reward_max: float | None = None
+    format_rate: float | None = None            # share of completions with a well-formed <answer> tag
+    max_completion_tokens: int | None = None
+    grad_norm: float | None = None              # before clipping; 0.0 when no group carried signal
+    clip_fraction: float | None = None
+    learning_rate: float | None = None
+    kl: float | None = None
+    score_s: float | None = None                # scoring the local completions
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
@@ -200,10 +212,41 @@ class RoundMetrics:
     def from_json(cls, record: dict[str, Any], where: str = "metrics") -> "RoundMetrics":
         _check_schema(record, where)
         values: dict[str, Any] = {}
-        for name, kind in cls.__annotations__.items():
-            if kind is float:
-                values[name] = float(_need(record, name, (int, float), where))
+        for f in fields(cls):
+            kind, optional = _OPTIONAL.get(f.type, (f.type, False))
+            if optional and record.get(f.name) is None:
+                values[f.name] = None
+            elif kind is float:
+                values[f.name] = float(_need(record, f.name, (int, float), where))
             else:
-                values[name] = _need(record, name, kind, where)
+                values[f.name] = _need(record, f.name, kind, where)
         values["node"] = check_node_name(values["node"])
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class HeldOutEval:
+    """Greedy exact-match of one node's policy on the held-out questions; a line of metrics/<node>/eval.jsonl."""
+
+    node: str
+    round: int                    # the rounds played before it: 0 is the start, before round 1
+    accuracy: float
+    questions: int
+    seconds: float
+    finished_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: str = "held-out evaluation") -> "HeldOutEval":
+        _check_schema(record, where)
+        row = cls(node=check_node_name(_need(record, "node", str, where)), round=_need(record, "round", int, where),
+                  accuracy=float(_need(record, "accuracy", (int, float), where)),
+                  questions=_need(record, "questions", int, where),
+                  seconds=float(_need(record, "seconds", (int, float), where)),
+                  finished_at=float(_need(record, "finished_at", (int, float), where)))
+        if row.round < 0 or row.questions < 1 or not 0.0 <= row.accuracy <= 1.0:
+            raise RejectedFile(f"{where}: round {row.round}, {row.questions} questions or accuracy {row.accuracy} "
+                               "is out of range")
+        return row

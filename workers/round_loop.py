@@ -15,11 +15,11 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.exchange import Exchange
-from workers.generation import encode_completion, encode_prompt, sample_completions
+from workers.generation import Completion, encode_completion, encode_prompt, sample_completions
 from workers.grpo import build_batch, group_advantages, grpo_step
 from workers.model import Policy
 from workers.protocol import RolloutGroup, RoundMetrics
-from workers.tasks import Question, TaskMix, build_prompt, score_completion
+from workers.tasks import GroupScores, Question, TaskMix, build_prompt, score_group
 
 log = logging.getLogger(__name__)
 
@@ -38,33 +38,43 @@ def round_seed(cfg: SwarmConfig, index: int, round_: int) -> int:
     return (cfg.seed * 1_000_003 + index * 10_007 + round_) % (2**31 - 1)
 
 
-def score_group(task: str, entry: dict, completions: list[str]) -> list[float]:
-    return [score_completion(task, text, entry) for text in completions]
-
-
 def _has_signal(rewards: list[float]) -> bool:
     return max(rewards) - min(rewards) > 1e-9
 
 
-def local_rollouts(policy: Policy, cfg: SwarmConfig, questions: list[Question], seed: int,
-                   splits: int = 1) -> tuple[list[RolloutGroup], list[TrainingGroup]]:
-    """Generate in `splits` batches (more after a CUDA out-of-memory restart), then score locally."""
-    prompts = [build_prompt(q.question) for q in questions]
+def generate_local(policy: Policy, cfg: SwarmConfig, prompts: list[str], seed: int,
+                   splits: int = 1) -> list[list[Completion]]:
+    """G completions per prompt, in `splits` batches (more after a CUDA out-of-memory restart)."""
     size = max(1, -(-len(prompts) // max(1, splits)))
     sampled = []
     for start in range(0, len(prompts), size):
         # on CUDA: bf16 and a static KV cache, ~4x the tokens/s of plain generate (bench/RESULTS.md)
         sampled += sample_completions(policy, prompts[start:start + size], cfg.num_generations, cfg.max_new_tokens,
                                       cfg.temperature, seed + start, fast=policy.device.type == "cuda")
-    shared, training = [], []
+    return sampled
+
+
+def score_local(cfg: SwarmConfig, questions: list[Question], prompts: list[str], sampled: list[list[Completion]],
+                ) -> tuple[list[RolloutGroup], list[TrainingGroup], list[GroupScores]]:
+    """The groups to share, the same groups as token ids to train on, and their scores for the metrics."""
+    shared, training, scores = [], [], []
     for question, prompt, group in zip(questions, prompts, sampled):
         texts = [c.text for c in group]
-        rewards = score_group(question.task, question.entry(), texts)
+        score = score_group(question.task, question.entry(), texts, cfg.format_reward)
         shared.append(RolloutGroup(task=question.task, question=question.question, answer=question.answer,
                                    metadata=question.metadata, prompt=prompt, completions=tuple(texts),
-                                   finished=tuple(c.finished for c in group), rewards=tuple(rewards)))
+                                   finished=tuple(c.finished for c in group), rewards=score.rewards))
         training.append(TrainingGroup(prompt_ids=list(group[0].prompt_ids),
-                                      completion_ids=[list(c.ids) for c in group], rewards=rewards))
+                                      completion_ids=[list(c.ids) for c in group], rewards=list(score.rewards)))
+        scores.append(score)
+    return shared, training, scores
+
+
+def local_rollouts(policy: Policy, cfg: SwarmConfig, questions: list[Question], seed: int,
+                   splits: int = 1) -> tuple[list[RolloutGroup], list[TrainingGroup]]:
+    """Generate in `splits` batches, then score locally."""
+    prompts = [build_prompt(q.question) for q in questions]
+    shared, training, _ = score_local(cfg, questions, prompts, generate_local(policy, cfg, prompts, seed, splits))
     return shared, training
 
 
@@ -85,7 +95,8 @@ def external_candidates(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
                 continue
             available += 1
             entry = {"question": group.question, "answer": group.answer, "metadata": group.metadata}
-            rewards = score_group(group.task, entry, list(group.completions))
+            # the same rule as our own groups (FORMAT_REWARD included): peers' rewards are never trusted
+            rewards = list(score_group(group.task, entry, list(group.completions), cfg.format_reward).rewards)
             if not _has_signal(rewards):
                 continue
             kept.append(TrainingGroup(
@@ -97,10 +108,10 @@ def external_candidates(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
 
 
 def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig,
-                    groups: list[TrainingGroup], reference: torch.nn.Module | None = None) -> float:
-    """One GRPO update on the groups that carry signal; 0.0 when none does."""
+                    groups: list[TrainingGroup], reference: torch.nn.Module | None = None) -> dict[str, float]:
+    """One GRPO update on the groups that carry signal and grpo_step's stats; zeros, no step, when none does."""
     if not groups:
-        return 0.0
+        return {"loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0}
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
     advantages = group_advantages(rewards, scale=cfg.advantage_scale).flatten().to(policy.device)
     prompts = [g.prompt_ids for g in groups for _ in g.completion_ids]
@@ -108,11 +119,12 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
     batch = build_batch(prompts, completions, pad_id=policy.tokenizer.eos_token_id, device=policy.device)
     policy.model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
-        # 1024-row chunks keep the (rows x vocab) fp32 logits near 200 MiB for GPT-2's 50k vocabulary
+        # 256-row chunks keep one chunk's fp32 logits, log-softmax and gradient near 200 MiB for GPT-2's
+        # 50k vocabulary: at 1024 rows they were the largest item of a worker's peak (bench/RESULTS.md)
         stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
-                          chunk_size=1024, micro_batch_size=cfg.train_micro_batch,
+                          chunk_size=256, micro_batch_size=cfg.train_micro_batch,
                           normalize=cfg.loss_normalization)
-    return float(stats["loss"])
+    return stats
 
 
 def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig, tasks: TaskMix,
@@ -125,7 +137,11 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
     questions = tasks.sample(cfg.num_train_samples, random.Random(seed))
 
     set_stage("generating")
-    shared, local = local_rollouts(policy, cfg, questions, seed, splits)
+    prompts = [build_prompt(q.question) for q in questions]
+    sampled = generate_local(policy, cfg, prompts, seed, splits)
+    generated = time.monotonic()
+    shared, local, scores = score_local(cfg, questions, prompts, sampled)
+    scored = time.monotonic()
     if shared:
         try:
             if cfg.rollout_publish_frequency == "generation":
@@ -136,7 +152,6 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
         except OSError as exc:
             # graceful degradation: the folder is down, so this round trains on what it has locally
             log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
-    generated = time.monotonic()
     if stop.is_set():
         return None
 
@@ -154,17 +169,25 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
 
     set_stage("training")
     with_signal = [g for g in local if _has_signal(g.rewards)]
-    loss = train_on_groups(policy, optimizer, cfg, with_signal + chosen, reference)
+    stats = train_on_groups(policy, optimizer, cfg, with_signal + chosen, reference)
     trained = time.monotonic()
 
-    local_rewards = [r for g in local for r in g.rewards]
+    # the metrics describe this node's own completions; peers' groups count only in external_groups
+    rewards = [r for g in local for r in g.rewards]
+    n = max(1, len(rewards))
+    mean = sum(rewards) / n
     lengths = [len(ids) for g in local for ids in g.completion_ids]
     return RoundMetrics(
         node=exchange.node, round=round_,
-        reward_mean=sum(local_rewards) / max(1, len(local_rewards)),
-        accuracy=sum(r >= 1.0 for r in local_rewards) / max(1, len(local_rewards)),
-        loss=loss, local_groups=len(local), external_groups=len(chosen), external_available=available,
-        zero_advantage_groups=len(local) - len(with_signal), completions=len(local_rewards),
-        mean_completion_tokens=sum(lengths) / max(1, len(lengths)),
-        generate_s=generated - started, fetch_s=fetched - generated, train_s=trained - fetched,
-        round_s=trained - started)
+        reward_mean=mean, reward_std=(sum((r - mean) ** 2 for r in rewards) / n) ** 0.5,
+        reward_max=max(rewards, default=0.0),
+        # exact match is the scorer's 1.0, not the reward: FORMAT_REWARD lifts rewards, never accuracy
+        accuracy=sum(c >= 1.0 for s in scores for c in s.correctness) / n,
+        format_rate=sum(f for s in scores for f in s.well_formed) / n,
+        loss=stats["loss"], grad_norm=stats["grad_norm"], clip_fraction=stats["clip_fraction"], kl=stats.get("kl"),
+        learning_rate=float(optimizer.param_groups[0]["lr"]),
+        local_groups=len(local), external_groups=len(chosen), external_available=available,
+        zero_advantage_groups=len(local) - len(with_signal), completions=len(rewards),
+        mean_completion_tokens=sum(lengths) / max(1, len(lengths)), max_completion_tokens=max(lengths, default=0),
+        generate_s=generated - started, score_s=scored - generated, fetch_s=fetched - scored,
+        train_s=trained - fetched, round_s=trained - started)

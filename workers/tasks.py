@@ -92,7 +92,7 @@ _scorers: dict[str, Callable[[str | None, dict[str, Any]], float]] = {}
 
 
 def score_completion(task: str, completion: str, entry: dict[str, Any]) -> float:
-    """Reward in [0, 1] from reasoning-gym's own scorer on the last <answer> tag; a scorer that raises scores 0."""
+    """Correctness in [0, 1] from reasoning-gym's own scorer on the last <answer> tag; a scorer that raises: 0."""
     if task not in DATASETS:
         raise KeyError(task)
     scorer = _scorers.get(task)
@@ -107,3 +107,25 @@ def score_completion(task: str, completion: str, entry: dict[str, Any]) -> float
         log.warning("scorer of %s raised %s on answer %r; counted as reward 0", task, type(exc).__name__, answer[:80])
         return 0.0
     return min(1.0, max(0.0, reward)) if reward == reward else 0.0
+
+
+def well_formed(completion: str) -> bool:
+    """A closed <answer>...</answer> around a non-empty answer (an empty tag would earn FORMAT_REWARD for nothing)."""
+    answer = extract_answer(completion)
+    return answer is not None and answer != ""
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    """One group's scores; local and peers' groups go through the same rule, so their rewards agree."""
+
+    correctness: tuple[float, ...]    # reasoning-gym's score in [0, 1]; exact-match accuracy counts the 1.0s
+    well_formed: tuple[bool, ...]
+    rewards: tuple[float, ...]        # what GRPO trains on: correctness + FORMAT_REWARD if well formed (may pass 1)
+
+
+def score_group(task: str, entry: dict[str, Any], completions: list[str], format_reward: float = 0.0) -> GroupScores:
+    correctness = tuple(score_completion(task, text, entry) for text in completions)
+    formed = tuple(well_formed(text) for text in completions)
+    return GroupScores(correctness=correctness, well_formed=formed,
+                       rewards=tuple(c + (format_reward if f else 0.0) for c, f in zip(correctness, formed)))

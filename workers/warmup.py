@@ -21,15 +21,18 @@ from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig
 from workers.folder import RejectedFile, read_json_bounded
-from workers.generation import encode_prompt, sample_completions
+from workers.evaluation import EVAL_SEED, greedy_accuracy
+from workers.generation import encode_prompt
 from workers.grpo import build_batch, completion_logprobs
 from workers.model import Policy
-from workers.tasks import Question, TaskMix, build_prompt, score_completion
+from workers.tasks import Question, TaskMix, build_prompt
 
 log = logging.getLogger(__name__)
 
 EVAL_QUESTIONS = 64
-EVAL_SEED = 987_654      # held out: workers draw questions from seeds near SEED, never this one
+# steps between checks of WARMUP_TARGET_ACCURACY: one greedy pass over the held-out questions costs about
+# as much as a few steps, so checking every 50 adds a few percent to the warm-up
+TARGET_CHECK_EVERY = 50
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,16 @@ class WarmupReport:
     greedy_accuracy_before: float
     greedy_accuracy_after: float
     seconds: float
+    target_accuracy: float = 0.0     # WARMUP_TARGET_ACCURACY; 0: the warm-up ran its WARMUP_STEPS
+    stopped_by: str = "steps"        # "target": the target was reached after `steps`; "steps": the budget ran out
+
+    def stop_note(self) -> str:
+        """Which stop happened, for the CLI's one line."""
+        if self.target_accuracy <= 0:
+            return ""
+        if self.stopped_by == "target":
+            return f", target {self.target_accuracy:.0%} reached at step {self.steps}"
+        return f", target {self.target_accuracy:.0%} not reached: all {self.steps} WARMUP_STEPS spent"
 
 
 def default_warmup_lr(model_name: str) -> float:
@@ -50,16 +63,17 @@ def target_text(answer: str) -> str:
     return f" <answer>{answer}</answer>"
 
 
-def greedy_accuracy(policy: Policy, questions: list[Question], max_new_tokens: int) -> float:
-    """Exact-match rate (score == 1) of greedy answers."""
-    groups = sample_completions(policy, [build_prompt(q.question) for q in questions], 1, max_new_tokens,
-                                1.0, generator_seed=0, greedy=True)
-    hits = [score_completion(q.task, g[0].text, q.entry()) >= 1.0 for q, g in zip(questions, groups)]
-    return sum(hits) / max(1, len(hits))
+def _checked_accuracy(policy: Policy, questions: list[Question], max_new_tokens: int) -> float:
+    """greedy_accuracy without moving the training RNG (it re-seeds): checks change no step of the warm-up."""
+    devices = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return greedy_accuracy(policy, questions, max_new_tokens)
 
 
 def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, float], None] = lambda *_: None,
-                      ) -> WarmupReport:
+                      on_check: Callable[[int, float], None] = lambda *_: None) -> WarmupReport:
+    """WARMUP_STEPS steps, or fewer when WARMUP_TARGET_ACCURACY is set and a check every TARGET_CHECK_EVERY
+    steps finds the held-out greedy accuracy at or above it."""
     started = time.monotonic()
     tasks = TaskMix(cfg.tasks, seed=EVAL_SEED)
     held_out = tasks.sample(EVAL_QUESTIONS, random.Random(EVAL_SEED))
@@ -70,9 +84,15 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     eos = policy.tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.warmup_lr or default_warmup_lr(policy.name),
                                   weight_decay=0.0)
+    target = cfg.warmup_target_accuracy
+    reached = target > 0 and before >= target
+    # dropout draws from the seed, not from whatever the process ran before
+    torch.manual_seed(cfg.seed)
     policy.model.train()
     loss_value = float("nan")
-    for step in range(1, cfg.warmup_steps + 1):
+    step, accuracy = 0, before
+    while step < cfg.warmup_steps and not reached:
+        step += 1
         questions = train_tasks.sample(cfg.warmup_batch_size, rng)
         # prompt and target are tokenised apart, exactly as generation sees them (BPE merges across the
         # boundary would otherwise teach the model a prompt ending it never sees)
@@ -86,13 +106,21 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
         optimizer.step()
-        if step % 10 == 0 or step == cfg.warmup_steps:
+        check = target > 0 and step % TARGET_CHECK_EVERY == 0 and step < cfg.warmup_steps
+        if step % 10 == 0 or step == cfg.warmup_steps or check:
             loss_value = loss.item()
         on_step(step, loss_value)
-    after = greedy_accuracy(policy, held_out, eval_tokens)
-    return WarmupReport(model_name=policy.name, steps=cfg.warmup_steps, final_loss=loss_value,
-                        greedy_accuracy_before=before, greedy_accuracy_after=after,
-                        seconds=time.monotonic() - started)
+        if check:
+            accuracy = _checked_accuracy(policy, held_out, eval_tokens)
+            on_check(step, accuracy)
+            reached = accuracy >= target
+    if not reached:     # the step budget ran out (or there is no target): measure the result once
+        accuracy = greedy_accuracy(policy, held_out, eval_tokens)
+        reached = target > 0 and accuracy >= target
+    return WarmupReport(model_name=policy.name, steps=step, final_loss=loss_value,
+                        greedy_accuracy_before=before, greedy_accuracy_after=accuracy,
+                        seconds=time.monotonic() - started, target_accuracy=target,
+                        stopped_by="target" if reached else "steps")
 
 
 def base_dir(experiment_root: Path) -> Path:
@@ -155,9 +183,9 @@ def warmup_main(cfg: SwarmConfig, model_name: str, device: str, messages) -> Non
                 messages.put(("step", (step, loss)))
                 last[0] = now
 
-        report = supervised_warmup(policy, cfg, on_step)
+        report = supervised_warmup(policy, cfg, on_step, lambda step, accuracy: messages.put(("check", accuracy)))
         path = save_base(cfg.experiment_dir, policy, report)
-        messages.put(("done", {**asdict(report), "path": str(path)}))
+        messages.put(("done", {**asdict(report), "path": str(path), "stop_note": report.stop_note()}))
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor as one line, then the process ends
         log.exception("warm-up failed")
         messages.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]))

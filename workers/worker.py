@@ -12,17 +12,22 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from configs_env import SwarmConfig, SwarmError
-from workers.checkpoint import CheckpointMeta, load_latest_checkpoint, save_checkpoint
+from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, load_latest_checkpoint, rewrite_lost_records,
+                                save_checkpoint)
+from workers.drive_sim import simulate_drive
+from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
 from workers.exchange import TERMINAL, Exchange, read_heartbeats
-from workers.folder import ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, write_json_atomic
-from workers.model import Policy, load_policy
-from workers.protocol import Heartbeat, RoundState
+from workers.folder import ExperimentFolder, RejectedFile, append_jsonl, is_visible, with_retries, write_json_atomic
+from workers.model import Policy, enable_activation_checkpointing, load_policy, use_activation_checkpointing
+from workers.optim import make_optimizer
+from workers.protocol import Heartbeat, RoundMetrics, RoundState
 from workers.round_loop import play_round
 from workers.tasks import TaskMix
 from workers.warmup import load_base
@@ -79,18 +84,22 @@ class Worker:
             if changes.get("status", self.beat.status) != self.beat.status or "round" in changes:
                 changes["progress_at"] = now
             self.beat = replace(self.beat, updated_at=now, rejected=len(self.exchange.rejected), **changes)
-            self.exchange.write_heartbeat(self.beat)
+            try:
+                self.exchange.write_heartbeat(self.beat)
+            except OSError as exc:  # a Drive hiccup must not kill the worker; the next beat, 2 s on, retries
+                log.warning("heartbeat not written: %s", exc)
 
     def _heartbeat_loop(self, done: threading.Event) -> None:
         while not done.wait(HEARTBEAT_S):
-            try:
-                self.update()
-            except OSError as exc:  # a Drive hiccup must not kill the worker; the next beat retries
-                log.warning("heartbeat not written: %s", exc)
+            self.update()
 
     # -- rounds --------------------------------------------------------------------------------------
     def _coordinator_alive(self) -> bool:
-        beat = read_heartbeats(self.folder).get("coordinator")
+        try:
+            beat = read_heartbeats(self.folder).get("coordinator")
+        except OSError as exc:     # cannot tell now; the next check, PEER_TIMEOUT later, decides
+            log.warning("could not read the coordinator's heartbeat: %s", exc)
+            return True
         return beat is not None and beat.age() < self.cfg.peer_timeout
 
     def wait_for_round(self, at_least: int) -> RoundState | None:
@@ -100,11 +109,15 @@ class Worker:
             if os.getppid() != self.spec.parent_pid:
                 log.error("the supervisor (pid %d) is gone; exiting", self.spec.parent_pid)
                 sys.exit(EXIT_ORPHANED)
-            rounds = self.folder.state_rounds()
-            newest = rounds[-1] if rounds else 0
-            if newest >= at_least:
-                return self._checked_round(newest)
-            if self.folder.finished_file.exists() or at_least > self.cfg.max_rounds:
+            try:
+                rounds = self.folder.state_rounds()
+            except OSError as exc:     # a Drive hiccup: as if no new round yet
+                log.warning("could not list the round states: %s", exc)
+                rounds = []
+            state = self._newest_round(rounds, at_least)
+            if state is not None:
+                return state
+            if is_visible(self.folder.finished_file) or at_least > self.cfg.max_rounds:
                 return None
             if time.monotonic() - quiet_since > self.cfg.peer_timeout:
                 if not self._coordinator_alive():
@@ -114,16 +127,30 @@ class Worker:
             self.stop.wait(0.2)
         return None
 
-    def _checked_round(self, round_: int) -> RoundState:
-        path = self.folder.round_state_file(round_)
-        try:
-            return RoundState.from_json(read_json_bounded(path), str(path))
-        except RejectedFile as error:
-            raise SwarmError(f"the coordinator's round file is unreadable: {error}") from error
+    def _newest_round(self, rounds: list[int], at_least: int) -> RoundState | None:
+        """The newest intact round state >= at_least; a half-synced or bad one is skipped (warned about once)."""
+        for round_ in reversed(rounds):
+            if round_ < at_least:
+                break
+
+            def parse(record: dict, where: str, expected: int = round_) -> RoundState:
+                state = RoundState.from_json(record, where)
+                if state.round != expected:
+                    raise RejectedFile(f"{where}: says round {state.round}, which its name contradicts; skipped")
+                return state
+
+            state = self.exchange.read_record(self.folder.round_state_file(round_), parse)
+            if state is not None:
+                return state
+        return None
 
     def expected_peers(self, state: RoundState) -> set[str]:
         """The workers the coordinator listed for this round, less those whose heartbeat says they stopped."""
-        beats = self.exchange.read_heartbeats()
+        try:
+            beats = self.exchange.read_heartbeats()
+        except OSError as exc:     # a Drive hiccup: wait for every listed worker (the wait is bounded anyway)
+            log.warning("could not read heartbeats: %s", exc)
+            beats = {}
         gone = {n for n, b in beats.items() if b.status in TERMINAL or b.age() > self.cfg.peer_timeout}
         return set(state.nodes) - gone - {self.spec.node}
 
@@ -140,13 +167,19 @@ class Worker:
         cfg, spec = self.cfg, self.spec
         policy = load_policy(spec.model_name, spec.device, cfg.cache_dir)
         lr = cfg.learning_rate or default_learning_rate(spec.model_name)
-        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=lr, weight_decay=0.0,
-                                      fused=policy.device.type == "cuda")
+        optimizer = make_optimizer(policy.model, lr)
+        if use_activation_checkpointing(cfg.gradient_checkpointing, policy.device):
+            enable_activation_checkpointing(policy.model)
         checkpoints = self.folder.checkpoint_dir(spec.node)
         meta = load_latest_checkpoint(checkpoints, policy.model, optimizer, spec.model_name)
         last_done = last_saved = meta.round if meta else 0
+        history: deque[RoundMetrics] = deque(meta.metrics_tail if meta else (), maxlen=METRICS_TAIL)
         if meta:
             log.info("resumed from checkpoint of round %d", meta.round)
+            for round_ in rewrite_lost_records(self.folder, spec.node, meta):
+                log.info("round %d: metrics or rewards file rewritten from the checkpoint", round_)
+            if history:
+                self.update(last_reward=history[-1].reward_mean, last_accuracy=history[-1].accuracy)
         elif load_base(self.folder.root, policy):
             log.info("starting from the experiment's warmed-up base model")
         tasks = TaskMix(cfg.tasks, seed=cfg.seed + spec.index)
@@ -156,8 +189,26 @@ class Worker:
             reference = load_policy(spec.model_name, spec.device, cfg.cache_dir).model.eval().requires_grad_(False)
             load_base(self.folder.root, Policy(reference, policy.tokenizer, spec.model_name, policy.device))
 
+        held_out = held_out_questions(cfg.tasks, cfg.eval_size)
+
+        def evaluate(round_: int) -> None:
+            self.update(status="evaluating")
+            result = evaluate_held_out(policy, cfg, held_out, spec.node, round_, spec.generation_splits)
+            with_retries(lambda: append_jsonl(eval_file(self.folder, spec.node), result.to_json()),
+                         f"appending to {eval_file(self.folder, spec.node)}")
+            log.info("%s: held-out greedy exact-match %.1f%% of %d questions (%.1fs)",
+                     f"after round {round_}" if round_ else "before round 1", 100 * result.accuracy,
+                     result.questions, result.seconds)
+
+        # round 0 is the start, evaluated only when not resuming; a resumed worker makes up an evaluation
+        # that a crash cut off at its checkpoint's round; the file is the record, so none runs twice
+        evaluated = {row.round for row in read_held_out(eval_file(self.folder, spec.node))[0]}
+        if held_out and eval_due(last_done, cfg.max_rounds, cfg.eval_every) and last_done not in evaluated:
+            evaluate(last_done)
+
         def save(round_: int) -> None:
-            save_checkpoint(checkpoints, CheckpointMeta(round_, spec.node, spec.model_name), policy.model, optimizer)
+            save_checkpoint(checkpoints, CheckpointMeta(round_, spec.node, spec.model_name, tuple(history)),
+                            policy.model, optimizer)
 
         while not self.stop.is_set():
             self.update(status="waiting", round=last_done)
@@ -172,13 +223,22 @@ class Worker:
             if metrics is None:
                 break
             record = metrics.to_json()
-            append_jsonl(self.folder.metrics_file(spec.node), record)
+            history.append(metrics)
             last_done = round_
+            # the checkpoint before the metrics line: a kill between them leaves the line to the restart
+            # (rewrite_lost_records), where the other order would replay the round and write it twice
             if round_ % cfg.checkpoint_interval == 0 or round_ >= cfg.max_rounds:
                 save(round_)
                 last_saved = round_
+            metrics_file = self.folder.metrics_file(spec.node)
+            # a line doubled by a retry after a write that did land is harmless: readers keep a round's last row
+            with_retries(lambda: append_jsonl(metrics_file, record), f"appending to {metrics_file}")
+            # before the "done" mark, so the coordinator's last round waits for the final evaluation
+            if held_out and eval_due(round_, state.max_rounds, cfg.eval_every) and not self.stop.is_set():
+                evaluate(round_)
             # the rewards file is the round's "done" mark for the coordinator, so it is written last
-            write_json_atomic(self.folder.reward_file(round_, spec.node), record)
+            reward_file = self.folder.reward_file(round_, spec.node)
+            with_retries(lambda: write_json_atomic(reward_file, record), f"writing {reward_file}")
             self.update(status="waiting", last_reward=metrics.reward_mean, last_accuracy=metrics.accuracy)
             log.info("round %d: reward %.3f exact %.2f loss %.4f local %d external %d/%d (%.1fs)", round_,
                      metrics.reward_mean, metrics.accuracy, metrics.loss, metrics.local_groups,
@@ -195,6 +255,8 @@ def worker_main(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     folder = ExperimentFolder(spec.cfg.experiment_dir)
     _log_to_folder(folder.log_dir(spec.node))
+    simulate_drive(folder.root, spec.cfg.drive_sim_lag, spec.cfg.drive_sim_fail_rate,
+                   seed=spec.cfg.seed * 1000 + spec.index + 1)
     if spec.device == "cpu":
         torch.set_num_threads(1)
     else:

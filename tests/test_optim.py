@@ -1,0 +1,78 @@
+"""The memory savings of a GPU worker change how much it stores, not what it learns."""
+
+import torch
+
+import workers.optim as optim
+from workers.grpo import build_batch, grpo_step
+from workers.model import enable_activation_checkpointing, load_policy
+
+
+def _loss(weights: list[torch.nn.Parameter]) -> torch.Tensor:
+    return sum(((w - 3) ** 2).sum() + 0.01 * (w ** 4).sum() for w in weights)
+
+
+def test_bf16_moment_adamw_follows_torch_adamw(monkeypatch):
+    monkeypatch.setattr(optim, "PIECE", 1000)      # small pieces: a parameter is split across several updates
+    torch.manual_seed(0)
+    reference = [torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(7, 50))]
+    ours = [torch.nn.Parameter(w.detach().clone()) for w in reference]
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.01)
+    bf16_adamw = optim.AdamWBf16Moments(ours, lr=1e-2, weight_decay=0.01)
+    start = _loss(reference).item()
+    for _ in range(200):
+        for weights, optimizer in ((reference, torch_adamw), (ours, bf16_adamw)):
+            optimizer.zero_grad()
+            _loss(weights).backward()
+            optimizer.step()
+    assert _loss(reference).item() < 0.5 * start                  # it did learn
+    assert abs(_loss(ours).item() - _loss(reference).item()) < 0.01 * _loss(reference).item()
+    for a, b in zip(reference, ours):
+        assert (a - b).abs().max() < 0.05                  # lr 1e-2: 200 steps apart by under 5 steps' size
+    assert all(bf16_adamw.state[w]["exp_avg_sq"].dtype == torch.bfloat16 for w in ours)
+
+
+def test_the_second_moment_still_decays_in_bf16():
+    # 0.999 x v is under half a bf16 step from v: with round-to-nearest v would never decay
+    weight = torch.nn.Parameter(torch.ones(50_000))
+    optimizer = optim.AdamWBf16Moments([weight], lr=1e-3)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    first = optimizer.state[weight]["exp_avg_sq"].float().mean().item()
+    for _ in range(300):
+        weight.grad = torch.zeros_like(weight)
+        optimizer.step()
+    ratio = optimizer.state[weight]["exp_avg_sq"].float().mean().item() / first
+    assert abs(ratio - 0.999 ** 300) < 0.01
+
+
+def test_a_resumed_optimizer_keeps_bf16_moments_and_its_step_count():
+    weight = torch.nn.Parameter(torch.randn(100))
+    optimizer = optim.AdamWBf16Moments([weight], lr=1e-3)
+    for _ in range(3):
+        weight.grad = torch.randn(100)
+        optimizer.step()
+    restored = optim.AdamWBf16Moments([weight], lr=1e-3)
+    restored.load_state_dict(optimizer.state_dict())
+    weight.grad = torch.randn(100)
+    restored.step()
+    assert restored.state[weight]["exp_avg"].dtype == torch.bfloat16
+    assert int(restored.state[weight]["step"]) == 4
+
+
+def test_activation_checkpointing_gives_the_same_update(tmp_path):
+    torch.manual_seed(0)
+    batch_rows, advantages = None, torch.tensor([1.0, -1.0, 0.5, -0.5])
+    results = []
+    for checkpointed in (False, True):
+        policy = load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path)
+        if checkpointed:
+            enable_activation_checkpointing(policy.model)
+        policy.model.train()
+        batch_rows = build_batch([[5, 6, 7], [8, 9]] * 2, [[10, 11, 12, 13], [14, 15], [16], [17, 18, 19]],
+                                 pad_id=policy.tokenizer.eos_token_id)
+        optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.1)
+        stats = grpo_step(policy.model, optimizer, batch_rows, advantages, micro_batch_size=2, chunk_size=3)
+        results.append((stats, [p.detach().clone() for p in policy.model.parameters()]))
+    (plain, plain_weights), (ckpt, ckpt_weights) = results
+    assert abs(plain["grad_norm"] - ckpt["grad_norm"]) < 1e-5 * max(1.0, plain["grad_norm"])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_weights, ckpt_weights))

@@ -1,0 +1,127 @@
+"""A slow, flaky Drive (DRIVE_SIM_LAG, DRIVE_SIM_FAIL_RATE): late files are waited for, failed calls retried."""
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import workers.folder as folder_module
+from tests.test_e2e import metrics_rows, run_up, swarm_env
+from tests.test_folder_protocol import group
+from workers import drive_sim
+from workers.drive_sim import simulate_drive
+from workers.exchange import Exchange, read_heartbeats
+from workers.folder import ExperimentFolder, list_folder, read_json_bounded, write_json_atomic
+from workers.protocol import Heartbeat
+
+
+@pytest.fixture
+def folder(tmp_path):
+    folder = ExperimentFolder(tmp_path / "experiments" / "exp").create()
+    yield folder
+    simulate_drive(folder.root, 0, 0)
+
+
+def wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_a_peers_new_file_shows_up_only_after_the_lag_while_own_writes_show_at_once(folder):
+    theirs = Exchange(folder, "w-1").publish_rollouts(1, 0, [group()])    # before this process simulates: a peer's
+    simulate_drive(folder.root, lag_s=1.0, fail_rate=0.0)
+    os.utime(theirs)                                                         # ... written just now
+    written = time.time()
+    reader = Exchange(folder, "w-2")
+    mine = reader.publish_rollouts(1, 0, [group()])
+    assert list_folder(folder.rollout_dir(1, 0)) == [mine]
+    with pytest.raises(FileNotFoundError):
+        read_json_bounded(theirs)
+    assert reader.peer_rollouts(1) == {}
+    wait_until(lambda: "w-1" in reader.peer_rollouts(1), timeout=5)
+    assert time.time() - written >= 0.9
+    assert reader.rejected == set()                                          # late is not bad
+
+
+def test_simulated_failures_are_retried_or_read_on_the_next_poll_never_counted_as_bad_files(folder, monkeypatch):
+    monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
+    simulate_drive(folder.root, lag_s=0.0, fail_rate=0.2, seed=3)
+    writer, reader = Exchange(folder, "w-1"), Exchange(folder, "w-2")
+    for round_ in range(1, 21):
+        writer.publish_rollouts(round_, 0, [group()])          # with_retries: 4 attempts
+    missing = set(range(1, 21))
+    for _ in range(50):                                         # polls, as wait_for_peers does
+        missing = {r for r in missing if "w-1" not in reader.peer_rollouts(r)}
+    assert missing == set() and reader.rejected == set()
+    assert drive_sim.failures() > 0
+    errors = []
+    for _ in range(500):
+        try:
+            list_folder(folder.rollout_dir(1, 0))
+        except OSError as exc:
+            errors.append(exc)
+    assert 60 <= len(errors) <= 140                             # ~20% of 500
+    assert {(e.errno, e.strerror) for e in errors} == {(errno.EIO, "simulated Drive failure")}
+
+
+def test_heartbeats_are_read_whole_or_not_at_all(folder, monkeypatch):
+    """A partial answer would look like nodes that left; the coordinator would stop waiting for them."""
+    monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
+    for node in ("w-1", "w-2", "w-3"):
+        Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+                                                         status="training", round=1, stage=0, started_at=0,
+                                                         updated_at=0))
+    simulate_drive(folder.root, lag_s=0.0, fail_rate=0.5, seed=5)
+    answers = failures = 0
+    for _ in range(200):
+        try:
+            beats = read_heartbeats(folder)
+        except OSError:
+            failures += 1
+            continue
+        answers += 1
+        assert sorted(beats) == ["w-1", "w-2", "w-3"]
+    assert answers > 50 and failures > 5
+
+
+def test_checkpoints_base_and_logs_stay_outside_the_simulation(folder):
+    outside = [folder.checkpoint_dir("w-1") / "round_000001" / "meta.json", folder.root / "base" / "meta.json",
+               folder.log_dir("w-1") / "x.json", folder.config_file]
+    for path in outside:
+        write_json_atomic(path, {"round": 1})
+        os.utime(path)
+    simulate_drive(folder.root, lag_s=100.0, fail_rate=0.5, seed=1)
+    for _ in range(20):
+        for path in outside:
+            assert read_json_bounded(path) == {"round": 1}
+    assert drive_sim.failures() == 0
+
+
+@pytest.mark.slow
+def test_a_swarm_on_a_slow_flaky_drive_completes_every_round_and_keeps_every_file(tmp_path: Path):
+    env = swarm_env(tmp_path, NUM_WORKERS="3", DRIVE_SIM_LAG="1", DRIVE_SIM_FAIL_RATE="0.05", WARMUP_STEPS="0",
+                    EVAL_SIZE="0")
+    result = run_up(env, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr        # TEST_MODE ends with `rl-swarm validate`
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    nodes = ["worker-1", "worker-2", "worker-3"]
+    for round_ in (1, 2, 3):
+        for node in nodes:
+            rollouts = read_json_bounded(exp / "rollouts" / f"round_{round_}" / "stage_0" / f"{node}.json",
+                                         require_checksum=True)
+            assert len(rollouts["groups"]) == 4
+            assert read_json_bounded(exp / "rewards" / f"round_{round_}" / f"{node}.json",
+                                     require_checksum=True)["round"] == round_
+    for node in nodes:
+        rows = metrics_rows(exp, node)
+        assert {r["round"] for r in rows} == {1, 2, 3}
+        # a peer's rollouts arrive a second late and some reads fail, yet every worker waited for them all
+        assert all(r["external_available"] == 8 for r in rows)
+    injected = sum(log.read_text().count(f"{drive_sim.FAILURE} injected") for log in (exp / "logs").rglob("*.log"))
+    assert injected > 0
+    assert json.loads((exp / "state" / "finished.json").read_text())["rounds"] == 3

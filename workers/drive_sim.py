@@ -1,0 +1,134 @@
+"""A slow, flaky Google Drive, simulated for tests (DRIVE_SIM_LAG, DRIVE_SIM_FAIL_RATE).
+
+On a Drive mount, a file another machine wrote shows up only after the sync catches up, and a call
+fails with EIO now and then. Installed once per process, this makes the shared folder behave so:
+another process's new file stays invisible (reads raise FileNotFoundError, listings omit it) until
+`lag_s` seconds after its modification time, and each read, write or listing fails with
+OSError(EIO, "simulated Drive failure") with probability `fail_rate`. A process always sees its own
+writes at once, as on Drive.
+
+A file's lag counts from the first time this process noticed it: a heartbeat rewritten every 2 s
+would otherwise never be seen under a 5 s lag, while Drive shows its previous version meanwhile.
+
+Only the protocol subfolders are covered (state, peers, rollouts, rewards, metrics). Checkpoints and
+the warmed-up base are read by their writer or before round 1, and logs only by people, so they stay
+outside the simulation. `workers.folder`'s helpers are its only callers.
+"""
+
+import errno
+import logging
+import os
+import random
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SIMULATED = ("state", "peers", "rollouts", "rewards", "metrics")
+FAILURE = "simulated Drive failure"
+
+
+@dataclass(frozen=True)
+class DriveSimulation:
+    """How slow and how flaky the simulated Drive is, for the experiment folder at `root`."""
+
+    root: Path
+    lag_s: float = 0.0
+    fail_rate: float = 0.0
+    seed: int = 0
+
+
+class _SlowDrive:
+    """The installed simulation with its per-process state; every method is thread-safe."""
+
+    def __init__(self, sim: DriveSimulation):
+        self.sim = sim
+        self.root = os.path.abspath(sim.root)
+        self.rng = random.Random(sim.seed)
+        self.visible_at: dict[str, float] = {}
+        self.failures = 0
+        self.lock = threading.Lock()
+
+    def covers(self, path: Path) -> bool:
+        rel = os.path.relpath(os.path.abspath(path), self.root)
+        return rel.split(os.sep, 1)[0] in SIMULATED
+
+    def fail_maybe(self, operation: str, path: Path) -> None:
+        with self.lock:
+            failed = self.rng.random() < self.sim.fail_rate
+            self.failures += failed
+        if failed:
+            log.warning("%s injected: %s of %s", FAILURE, operation, path)
+            raise OSError(errno.EIO, FAILURE, str(path))
+
+    def wrote(self, path: Path) -> None:
+        with self.lock:
+            self.visible_at[os.path.abspath(path)] = 0.0
+
+    def visible(self, path: Path, mtime: float) -> bool:
+        with self.lock:
+            at = self.visible_at.setdefault(os.path.abspath(path), mtime + self.sim.lag_s)
+        return time.time() >= at
+
+
+_active: _SlowDrive | None = None
+
+
+def simulate_drive(root: Path, lag_s: float, fail_rate: float, seed: int = 0) -> DriveSimulation | None:
+    """Install the simulation in this process (both 0: remove it); returns what is installed."""
+    global _active
+    if lag_s < 0 or not 0 <= fail_rate <= 0.5:
+        raise ValueError(f"drive simulation: lag {lag_s!r} must be >= 0 and failure rate {fail_rate!r} in 0..0.5")
+    if lag_s == 0 and fail_rate == 0:
+        _active = None
+        return None
+    sim = DriveSimulation(root=Path(root), lag_s=lag_s, fail_rate=fail_rate, seed=seed)
+    _active = _SlowDrive(sim)
+    log.warning("drive simulation on for %s: new files of other processes visible %.1fs late, %.0f%% of "
+                "operations fail", root, lag_s, fail_rate * 100)
+    return sim
+
+
+def failures() -> int:
+    """Failures injected in this process so far."""
+    return _active.failures if _active is not None else 0
+
+
+# -- hooks for workers.folder -------------------------------------------------------------------
+
+def before_write(path: Path) -> None:
+    if _active is not None and _active.covers(path):
+        _active.fail_maybe("write", path)
+
+
+def after_write(path: Path) -> None:
+    if _active is not None and _active.covers(path):
+        _active.wrote(path)
+
+
+def before_read(path: Path, mtime: float) -> None:
+    """FileNotFoundError while the file is not synced yet; OSError(EIO) for a simulated failure."""
+    if _active is None or not _active.covers(path):
+        return
+    if not _active.visible(path, mtime):
+        raise FileNotFoundError(errno.ENOENT, "not synced yet (simulated Drive lag)", str(path))
+    _active.fail_maybe("read", path)
+
+
+def before_list(directory: Path) -> None:
+    if _active is not None and _active.covers(directory / "x"):
+        _active.fail_maybe("listing", directory)
+
+
+def hidden(path: Path) -> bool:
+    """A regular file this process may not see yet (folders appear at once)."""
+    if _active is None or not _active.covers(path):
+        return False
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(info.st_mode) and not _active.visible(path, info.st_mtime)

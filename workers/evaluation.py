@@ -1,0 +1,92 @@
+"""Held-out evaluation: greedy exact-match on a fixed question set that no worker trains on.
+
+A round's training reward comes from a few fresh questions sampled at temperature 1, too noisy to tell
+whether a worker learns. The held-out set is drawn from EVAL_SEED alone, so every node answers the same
+questions whatever its SEED and index, and the numbers of nodes and of experiments compare.
+"""
+
+import logging
+import random
+import time
+from pathlib import Path
+
+from configs_env import SwarmConfig
+from workers.folder import ExperimentFolder, RejectedFile, read_jsonl
+from workers.generation import sample_completions
+from workers.model import Policy
+from workers.protocol import HeldOutEval
+from workers.tasks import Question, TaskMix, build_prompt, score_completion
+
+log = logging.getLogger(__name__)
+
+# Item i of a reasoning-gym dataset of seed s is built from Random(s + i), i < 1e6 (tasks.DATASET_SIZE). Worker
+# `index` trains on seeds (SEED + index) * 1009 + task, the warm-up on (SEED + 7919) * 1009 + task; this set's
+# items start at EVAL_SEED * 1009 (~996.5e6), so no training draw is one of them unless SEED + index or
+# SEED + 7919 lies within ~1,000 of 987,654. (Tiny tasks repeat question texts across seeds all the same.)
+EVAL_SEED = 987_654
+EVAL_BATCH = 32            # prompts per generate call: bounds the KV cache like a round's I x G rows do
+
+
+def held_out_questions(tasks: tuple[tuple[str, float], ...], size: int) -> list[Question]:
+    """The same `size` questions for every node: they depend on TASKS and EVAL_SEED, not on SEED or the index."""
+    if size <= 0:
+        return []
+    return TaskMix(tasks, seed=EVAL_SEED).sample(size, random.Random(EVAL_SEED))
+
+
+def greedy_accuracy(policy: Policy, questions: list[Question], max_new_tokens: int, fast: bool = False,
+                    batch_size: int | None = None) -> float:
+    """Exact-match rate (score == 1) of greedy answers, `batch_size` prompts a generate call (default: all)."""
+    prompts = [build_prompt(q.question) for q in questions]
+    size = max(1, batch_size or len(prompts))
+    hits = []
+    for start in range(0, len(prompts), size):
+        batch = prompts[start:start + size]
+        if fast:
+            # the static-cache graph is compiled per batch shape: a short last batch repeats a prompt
+            # instead of compiling (and keeping) one more graph
+            batch = batch + batch[-1:] * (size - len(batch))
+        groups = sample_completions(policy, batch, 1, max_new_tokens, 1.0, generator_seed=0, greedy=True, fast=fast)
+        for question, group in zip(questions[start:start + size], groups):
+            hits.append(score_completion(question.task, group[0].text, question.entry()) >= 1.0)
+    return sum(hits) / max(1, len(hits))
+
+
+def eval_due(round_: int, max_rounds: int, every: int) -> bool:
+    """Before round 1 (round 0), every `every` rounds (0: never in between), and after the last round."""
+    return round_ == 0 or round_ >= max_rounds or (every > 0 and round_ % every == 0)
+
+
+def evaluate_held_out(policy: Policy, cfg: SwarmConfig, questions: list[Question], node: str, round_: int,
+                      splits: int = 1) -> HeldOutEval:
+    """Greedy answers of MAX_NEW_TOKENS; on CUDA the workers' fast generation path (bf16, static KV cache)."""
+    started = time.monotonic()
+    accuracy = greedy_accuracy(policy, questions, cfg.max_new_tokens, fast=policy.device.type == "cuda",
+                               batch_size=max(1, EVAL_BATCH // max(1, splits)))
+    return HeldOutEval(node=node, round=round_, accuracy=accuracy, questions=len(questions),
+                       seconds=time.monotonic() - started)
+
+
+def eval_file(folder: ExperimentFolder, node: str) -> Path:
+    return folder.metrics_file(node).with_name("eval.jsonl")
+
+
+def read_held_out(path: Path) -> tuple[list[HeldOutEval], int]:
+    """One node's evaluations by round (a repeated round keeps its last line) and the count of bad lines."""
+    by_round: dict[int, HeldOutEval] = {}
+    bad = 0
+    try:
+        for record in read_jsonl(path):
+            try:
+                row = HeldOutEval.from_json(record, str(path))
+            except RejectedFile as error:
+                log.warning("%s", error)
+                bad += 1
+                continue
+            by_round[row.round] = row
+    except RejectedFile as error:     # the whole file is over its size limit
+        log.warning("%s", error)
+        bad += 1
+    except OSError as error:          # a Drive hiccup: the rows read so far; the next call reads them all
+        log.warning("%s: %s", path, error)
+    return [by_round[r] for r in sorted(by_round)], bad
