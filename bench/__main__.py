@@ -59,10 +59,11 @@ def bench_worker_memory(cache: Path) -> dict:
             "estimate_gib": estimate_worker_mib(config, SwarmConfig.from_env({}), checkpointing=True) / 1024}
 
 
-def bench_swarm(cache: Path, rounds: int) -> dict:
+def bench_swarm(cache: Path, rounds: int, **settings: str) -> dict:
+    """`rl-swarm up` with the default preset for `rounds` rounds: seconds per round and NVML memory per worker."""
     drive = Path(tempfile.mkdtemp())
     env = {**os.environ, "GDRIVE_PATH": str(drive), "RL_SWARM_CACHE": str(cache), "MODEL_NAME": MODEL,
-           "MAX_ROUNDS": str(rounds), "HF_HUB_OFFLINE": "1", "EXPERIMENT_NAME": "bench"}
+           "MAX_ROUNDS": str(rounds), "HF_HUB_OFFLINE": "1", "EXPERIMENT_NAME": "bench", **settings}
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], env=env, capture_output=True, text=True,
                             timeout=420)
@@ -102,41 +103,76 @@ def bench_scaling(cache: Path, counts: tuple[int, ...], seconds: float = 10.0) -
     return rows
 
 
+def _swarm_lines(s: dict) -> list[str]:
+    if "error" in s:
+        return [f"failed: {s['error']}"]
+    growth = 100 * (s["peak_gib_per_worker"] / s["peak_gib_by_round_10"] - 1) if s.get("peak_gib_by_round_10") else 0
+    return [f"- rounds: {s['rounds']}, wall {s['wall_s']:.0f}s (warm-up and start-up included)",
+            f"- seconds per round: **{s['seconds_per_round']:.2f}** (target <= 1.8: 2000 rounds in "
+            f"{2000 * s['seconds_per_round'] / 3600:.2f} h)",
+            f"- peak GPU per worker (NVML, CUDA context included): **{s['peak_gib_per_worker']:.2f} GiB** (target <= 3); "
+            f"by round 10: {s['peak_gib_by_round_10']:.2f} GiB (growth {growth:+.1f}%)",
+            f"- mean completion tokens: {s['mean_completion_tokens']:.1f}, mean reward of the last 5 rounds "
+            f"(worker-1): {s['final_reward_mean']:.3f}"]
+
+
 def render(results: dict) -> str:
-    g, t, s = results["generation"], results["train"], results["swarm_default"]
-    lines = [f"# Benchmarks ({results['device']}, {results['date']}, git {results['git_sha'][:10]})", "",
-             f"Command: `{results['command']}`", "", "## Generation (GPT-2 124M shapes, 256 new tokens, T=1.0)", "",
-             "| batch | plain tok/s | fast tok/s | speed-up |", "|---|---|---|---|"]
-    for row in g["rows"]:
-        fast = row.get("fast_tok_s")
-        lines.append(f"| {row['batch']} | {row['plain_tok_s']:.0f} | "
-                     f"{'%.0f' % fast if fast else row.get('fast_error', '-')} | "
-                     f"{'%.2fx' % (fast / row['plain_tok_s']) if fast else '-'} |")
-    lines += ["", "## Train step (16 rows x 256 completion tokens + 48 prompt tokens, bf16 autocast)", "",
-              "| path | seconds | peak GiB (torch allocator) |", "|---|---|---|"]
-    for row in t.values():
-        lines.append(f"| {row['name']} | {row['seconds']:.4f} | {row['peak_gib']:.2f} |")
+    """bench/RESULTS.md: a table per part, each with the command that measured it."""
+    commands = results.get("commands", {})
+    lines = [f"# Benchmarks ({results['device']}, {results['date']}, git {results['git_sha'][:10]}, "
+             f"torch {results['torch']})", "",
+             "Made by `GIT_SHA=<commit> python -m bench all --out bench/results.json` on the GPU machine "
+             "(`--parts` splits it over device calls of at most 10 minutes; each section names its own run).", ""]
+
+    def heading(title: str, part: str) -> None:
+        lines.extend([f"## {title}", "", f"`{commands.get(part, 'python -m bench all')}`", ""])
+
+    if "generation" in results:
+        heading("Generation (GPT-2 124M shapes, 256 new tokens, T=1.0, every row forced to 256 tokens)", "generation")
+        lines += ["| batch | plain `generate` tok/s | workers' fast path tok/s | speed-up (target >= 4x) |",
+                  "|---|---|---|---|"]
+        for row in results["generation"]["rows"]:
+            fast = row.get("fast_tok_s")
+            lines.append(f"| {row['batch']} | {row['plain_tok_s']:.0f} | "
+                         f"{'%.0f' % fast if fast else row.get('fast_error', '-')} | "
+                         f"{'%.2fx' % (fast / row['plain_tok_s']) if fast else '-'} |")
+    if "train" in results:
+        lines.append("")
+        heading("Train step (16 rows x 256 completion tokens + 48 prompt tokens, bf16 autocast)", "train")
+        lines += ["| path | seconds | peak GiB (torch allocator) |", "|---|---|---|"]
+        for key, row in results["train"].items():
+            lines.append(f"| {row.get('name', key)} | {row['seconds']:.4f} | {row['peak_gib']:.2f} |")
     w = results.get("worker_memory")
     if w:
-        lines += ["", "## One worker's worst case by NVML (generate 8 x 256 tokens, update 16 x 256, 8 rounds)", "",
-                  f"- peak {w['nvml_peak_gib']:.2f} GiB, CUDA context included (target <= 3); by round: "
+        lines.append("")
+        heading("One worker's worst case by NVML (generate 8 x 256 tokens, update 16 x 256, 8 rounds)",
+                "worker_memory")
+        lines += [f"- peak **{w['nvml_peak_gib']:.2f} GiB**, CUDA context included (target <= 3); by round: "
                   + ", ".join(f"{x:.2f}" for x in w["nvml_peak_by_round"]),
                   f"- the supervisor's pre-start estimate for it: {w['estimate_gib']:.2f} GiB"]
-    lines += ["", "## Whole default swarm (4 workers, I=2, J=2, G=4, max 256 new tokens)", ""]
-    if "error" in s:
-        lines.append(f"failed: {s['error']}")
-    else:
-        lines += [f"- rounds: {s['rounds']}, wall {s['wall_s']:.0f}s (warm-up and start-up included)",
-                  f"- seconds per round: {s['seconds_per_round']:.2f} (target <= 1.8)",
-                  f"- peak GPU per worker (NVML, CUDA context included): {s['peak_gib_per_worker']:.2f} GiB "
-                  f"(target <= 3); by round 10: {s['peak_gib_by_round_10']:.2f} GiB "
-                  f"(growth {100 * (s['peak_gib_per_worker'] / s['peak_gib_by_round_10'] - 1):+.1f}%)",
-                  f"- mean completion tokens: {s['mean_completion_tokens']:.1f}"]
-    lines += ["", "## Scaling (N processes generating at once, batch 16, 256 tokens, the workers' fast path)", "",
-              "| workers | aggregate tok/s | peak GiB per worker |", "|---|---|---|"]
-    for row in results["scaling"]:
-        lines.append(f"| {row['workers']} | {row['tok_s']:.0f} | {row['peak_gib_per_worker']:.2f} |")
+    if "swarm_default" in results:
+        lines.append("")
+        heading("Whole default swarm (`rl-swarm up`: 4 workers, I=2, J=2, G=4, max 256 new tokens, warmed-up base)",
+                "swarm_default")
+        lines += _swarm_lines(results["swarm_default"])
+    if "swarm_worst_case" in results:
+        lines.append("")
+        heading("Worst-case swarm (WARMUP_STEPS=0: a random-init model writes all 256 tokens every time)",
+                "swarm_worst_case")
+        lines += _swarm_lines(results["swarm_worst_case"])
+        lines.append("- every reward is 0 for a random-init model, so no update runs in these rounds: this row "
+                     "measures generation and the exchange at their longest")
+    if "scaling" in results:
+        lines.append("")
+        heading("Scaling (N processes generating at once on one GPU, batch 16, 256 tokens, the fast path)",
+                "scaling")
+        lines += ["| workers | aggregate tok/s | peak GiB per worker (torch reserved) |", "|---|---|---|"]
+        for row in results["scaling"]:
+            lines.append(f"| {row['workers']} | {row['tok_s']:.0f} | {row['peak_gib_per_worker']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+PARTS = ("generation", "train", "worker_memory", "swarm_default", "swarm_worst_case", "scaling", "profile")
 
 
 def main() -> None:
@@ -144,25 +180,41 @@ def main() -> None:
     parser.add_argument("what", choices=["all"])
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated subset of " + ", ".join(PARTS) + " (a device call lasts 10 minutes)")
+    parser.add_argument("--merge", action="store_true", help="keep the parts already in --out that this run skips")
     args = parser.parse_args()
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     cache = Path(tempfile.mkdtemp())
     # the device's copy of the tree may have no usable .git: the caller passes the commit it sent
     sha = os.environ.get("GIT_SHA") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                                       text=True).stdout.strip() or "unknown"
-    results = {"device": torch.cuda.get_device_name(0), "git_sha": sha, "date": time.strftime("%Y-%m-%d"),
-               "command": f"python -m bench all --out bench/results.json --rounds {args.rounds}", "torch": torch.__version__}
-    for name, run in (("generation", lambda: bench_generation(cache)), ("train", lambda: bench_train(cache)),
-                      ("worker_memory", lambda: bench_worker_memory(cache)),
-                      ("swarm_default", lambda: bench_swarm(cache, args.rounds)),
-                      ("scaling", lambda: bench_scaling(cache, (1, 2, 4, 8, 16)))):
+    results = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
+    commands = results.get("commands", {})
+    results.update({"device": torch.cuda.get_device_name(0), "git_sha": sha, "date": time.strftime("%Y-%m-%d"),
+                    "torch": torch.__version__})
+    runs = {"generation": lambda: bench_generation(cache), "train": lambda: bench_train(cache),
+            "worker_memory": lambda: bench_worker_memory(cache),
+            "swarm_default": lambda: bench_swarm(cache, args.rounds),
+            "swarm_worst_case": lambda: bench_swarm(cache, 40, WARMUP_STEPS="0"),
+            "scaling": lambda: bench_scaling(cache, (1, 2, 4, 8, 16))}
+    command = f"python -m bench all --rounds {args.rounds} --parts {','.join(parts)}"
+    for name in parts:
         started = time.monotonic()
-        results[name] = run()
-        print(f"{name}: {time.monotonic() - started:.0f}s {json.dumps(results[name])[:400]}", flush=True)
+        if name == "profile":
+            from bench.profile_round import profile_round
+
+            args.out.with_name("profile.txt").write_text(profile_round(cache) + "\n")
+        else:
+            results[name] = runs[name]()
+        commands[name] = command
+        print(f"{name}: {time.monotonic() - started:.0f}s {json.dumps(results.get(name))[:400]}", flush=True)
+        results["commands"] = commands
         args.out.write_text(json.dumps(results, indent=2))
     args.out.with_name("RESULTS.md").write_text(render(results))
-    from bench.profile_round import profile_round
-
-    args.out.with_name("profile.txt").write_text(profile_round(cache) + "\n")
 
 
 if __name__ == "__main__":
