@@ -56,7 +56,7 @@ def _step(policy, optimizer, batch, adv, setup: dict) -> None:
 
 # what a worker does on CUDA by default (workers/round_loop.py, workers/optim.py, GRADIENT_CHECKPOINTING=auto)
 WORKER_SETUP = {"name": "ours: worker default (checkpointing, chunk 256, micro 16, bf16 moments)", "path": "ours",
-                "chunk": 256, "micro": 16, "opt": "bf16", "ckpt": True, "gen_rows": 8}
+                "chunk": 256, "micro": 16, "opt": "bf16", "ckpt": True, "gen_rows": 8, "empty_cache": True}
 NAIVE_SETUP = {"name": "naive: full logits, one batch, fp32 fused AdamW", "path": "naive", "opt": "fp32"}
 
 

@@ -1,4 +1,6 @@
-"""How much GPU memory one worker needs, estimated before any process starts."""
+"""How much GPU memory one worker needs, estimated before any process starts, and releasing it between phases."""
+
+import torch
 
 from configs_env import SwarmConfig
 
@@ -33,3 +35,14 @@ def estimate_worker_mib(config, cfg: SwarmConfig, checkpointing: bool = True) ->
     tokens = rows * (cfg.max_new_tokens + 48)
     activations = tokens * d * layers * ACTIVATION_BYTES[checkpointing]
     return FIXED_MIB + (parameter_count(config) * BYTES_PER_PARAM + activations) / MIB
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back between generation and the update.
+
+    Generation and training allocate differently shaped blocks; kept cached, one phase's blocks sit
+    beside the other's and NVML counts both (a worker measured 2.7 GiB in its first round, 3.0 from
+    its second on). Sixteen workers share one GPU, so a freed block is worth the few ms it costs.
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ from configs_env import SwarmConfig
 from workers.exchange import Exchange
 from workers.generation import Completion, encode_completion, encode_prompt, sample_completions
 from workers.grpo import build_batch, group_advantages, grpo_step
+from workers.memory import release_cached_memory
 from workers.model import Policy
 from workers.protocol import RolloutGroup, RoundMetrics
 from workers.tasks import GroupScores, Question, TaskMix, build_prompt, score_group
@@ -139,6 +140,7 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
     set_stage("generating")
     prompts = [build_prompt(q.question) for q in questions]
     sampled = generate_local(policy, cfg, prompts, seed, splits)
+    release_cached_memory(policy.device)
     generated = time.monotonic()
     shared, local, scores = score_local(cfg, questions, prompts, sampled)
     scored = time.monotonic()
@@ -170,6 +172,7 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
     set_stage("training")
     with_signal = [g for g in local if _has_signal(g.rewards)]
     stats = train_on_groups(policy, optimizer, cfg, with_signal + chosen, reference)
+    release_cached_memory(policy.device)
     trained = time.monotonic()
 
     # the metrics describe this node's own completions; peers' groups count only in external_groups
