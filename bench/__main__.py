@@ -203,7 +203,7 @@ def main() -> None:
             "swarm_default": lambda: bench_swarm(cache, args.rounds),
             "swarm_worst_case": lambda: bench_swarm(cache, 40, WARMUP_STEPS="0"),
             "scaling": lambda: bench_scaling(cache, (1, 2, 4, 8, 16))}
-    command = f"python -m bench all --rounds {args.rounds} --parts {','.join(parts)}"
+    command = f"GIT_SHA={sha[:10]} python -m bench all --rounds {args.rounds} --parts {','.join(parts)}"
     for name in parts:
         started = time.monotonic()
         if name == "profile":
