@@ -171,7 +171,45 @@ def render(results: dict) -> str:
         lines += ["| workers | aggregate tok/s | peak GiB per worker (torch reserved) |", "|---|---|---|"]
         for row in results["scaling"]:
             lines.append(f"| {row['workers']} | {row['tok_s']:.0f} | {row['peak_gib_per_worker']:.2f} |")
+    lines += ["", "## Against issue 8's targets", ""] + [f"- {line}" for line in verdicts(results)]
     return "\n".join(lines) + "\n"
+
+
+def verdicts(results: dict) -> list[str]:
+    """One line per target: met or missed, with the number that decides it."""
+    out = []
+
+    def say(met: bool, text: str) -> None:
+        out.append(f"{'met' if met else '**missed**'}: {text}")
+
+    s = results.get("swarm_default", {})
+    if "seconds_per_round" in s:
+        say(s["seconds_per_round"] <= 1.8, f"2000 rounds in <= 1 h: {s['seconds_per_round']:.2f} s per round "
+            f"(with the warmed-up model's {s['mean_completion_tokens']:.0f}-token answers)")
+        growth = s["peak_gib_per_worker"] / s["peak_gib_by_round_10"] - 1
+        say(abs(growth) <= 0.01, f"no memory growth over rounds: peak {s['peak_gib_by_round_10']:.2f} GiB by round "
+            f"10, {s['peak_gib_per_worker']:.2f} GiB by round {s['rounds']} ({100 * growth:+.1f}%)")
+    w = results.get("worker_memory")
+    if w:
+        peak = max(w["nvml_peak_gib"], s.get("peak_gib_per_worker", 0))
+        say(peak <= 3, f"<= 3 GiB per worker by NVML: {peak:.2f} GiB at the worst case; the pre-start estimate "
+            f"says {w['estimate_gib']:.2f} GiB, so 16 workers need {16 * w['estimate_gib']:.0f} GiB of an 80 GB GPU")
+    g = results.get("generation")
+    if g:
+        speedups = {row["batch"]: row["fast_tok_s"] / row["plain_tok_s"] for row in g["rows"] if row.get("fast_tok_s")}
+        shown = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speedups.items())
+        say(bool(speedups) and min(speedups.values()) >= 4, f"generation >= 4x plain `generate`: {shown}")
+    t = results.get("train")
+    if t and "naive" in t:
+        naive = t["naive"]
+        for key in ("ours", "ours_fp32_adamw"):
+            if key in t:
+                row = t[key]
+                say(row["seconds"] <= naive["seconds"] and row["peak_gib"] < naive["peak_gib"],
+                    f"train step at least as fast as full logits, with less memory ({row['name']}): "
+                    f"{row['seconds']:.3f} s vs {naive['seconds']:.3f} s, {row['peak_gib']:.2f} vs "
+                    f"{naive['peak_gib']:.2f} GiB")
+    return out
 
 
 PARTS = ("generation", "train", "worker_memory", "swarm_default", "swarm_worst_case", "scaling", "profile")
