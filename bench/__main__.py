@@ -112,7 +112,8 @@ def _swarm_lines(s: dict) -> list[str]:
     return [f"- rounds: {s['rounds']}, wall {s['wall_s']:.0f}s (warm-up and start-up included)",
             f"- seconds per round: **{s['seconds_per_round']:.2f}** (target <= 1.8: 2000 rounds in "
             f"{2000 * s['seconds_per_round'] / 3600:.2f} h)",
-            f"- peak GPU per worker (NVML, CUDA context included): **{s['peak_gib_per_worker']:.2f} GiB** (target <= 3); "
+            f"- peak GPU per worker (NVML, CUDA context included): **{s['peak_gib_per_worker']:.2f} GiB** "
+            "(target <= 3); "
             f"by round 10: {s['peak_gib_by_round_10']:.2f} GiB (growth {growth:+.1f}%)",
             f"- mean completion tokens: {s['mean_completion_tokens']:.1f}, mean reward of the last 5 rounds "
             f"(worker-1): {s['final_reward_mean']:.3f}"]

@@ -18,7 +18,7 @@ import uuid
 from typing import Any, Callable
 
 from configs_env import SwarmConfig
-from workers.exchange import Exchange, live_workers, read_heartbeats
+from workers.exchange import TERMINAL, Exchange, live_workers, liveness, read_heartbeats
 from workers.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, with_retries,
                             write_json_atomic)
 from workers.protocol import Heartbeat, RoundState
@@ -45,12 +45,14 @@ class Coordinator(threading.Thread):
                                instance=uuid.uuid4().hex[:12], status="running", round=0, stage=0,
                                started_at=time.time(), updated_at=time.time())
         self._last_beat = 0.0
+        self._liveness: dict[str, str] = {}      # worker: alive / late / gone, as last announced
 
     def run(self) -> None:
         try:
             self._resume()
             while not self.stop.is_set() and not self.finished.is_set():
-                self._heartbeat()
+                if self._heartbeat():
+                    self._announce_liveness()
                 try:
                     if self.round == 0:
                         self._start_round(1, "start")
@@ -159,10 +161,37 @@ class Coordinator(threading.Thread):
             except OSError as exc:   # a Drive hiccup: the next round tries again
                 log.warning("could not retire %s: %s", path, exc)
 
-    def _heartbeat(self, status: str = "running", force: bool = False) -> None:
+    def _announce_liveness(self) -> None:
+        """An event each time a worker turns late, gone, or alive again (not for its first heartbeat)."""
+        try:
+            beats = read_heartbeats(self.folder)
+        except OSError as exc:      # a Drive hiccup: the next beat looks again
+            log.info("liveness not checked: %s", exc)
+            return
+        for node, beat in sorted(beats.items()):
+            if beat.role != "worker":
+                continue
+            now = liveness(beat, self.cfg.peer_timeout)
+            before = self._liveness.get(node)
+            self._liveness[node] = now
+            if before is None or before == now:     # first seen (a resumed swarm's old beats too), or no change
+                continue
+            if now == "gone" and beat.status in ("done", "stopped"):     # a normal exit, not news
+                continue
+            if now == "late":
+                self.on_event(f"{node} is late: no heartbeat for {beat.age():.0f}s (gone after "
+                              f"{self.cfg.peer_timeout:.0f}s)")
+            elif now == "gone":
+                why = f"it says {beat.status}" if beat.status in TERMINAL else f"no heartbeat for {beat.age():.0f}s"
+                self.on_event(f"{node} is gone ({why}): rounds no longer wait for it")
+            else:
+                self.on_event(f"{node} is alive again")
+
+    def _heartbeat(self, status: str = "running", force: bool = False) -> bool:
+        """Write the coordinator's own heartbeat every HEARTBEAT_S; True when it was time to."""
         now = time.monotonic()
         if not force and now - self._last_beat < HEARTBEAT_S:
-            return
+            return False
         self._last_beat = now
         self._beat = Heartbeat(**{**self._beat.__dict__, "status": status, "round": self.round,
                                   "updated_at": time.time(), "rejected": len(self.exchange.rejected)})
@@ -170,3 +199,4 @@ class Coordinator(threading.Thread):
             write_json_atomic(self.folder.heartbeat_file("coordinator"), self._beat.to_json())
         except OSError as exc:   # a missed beat is harmless: the next one is 2 s away, PEER_TIMEOUT is minutes
             log.warning("coordinator heartbeat not written: %s", exc)
+        return True

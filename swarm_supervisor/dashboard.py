@@ -47,6 +47,8 @@ class NodeRow:
     last_error: str | None
     held_out_start: float | None = None   # greedy exact-match on the held-out set before round 1
     held_out: float | None = None         # the same, at the newest evaluation after round 0
+    liveness: str | None = None           # alive, late or gone, from the heartbeat's age (workers.exchange)
+    note: str | None = None               # trouble the node works around (a folder refusing its writes)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,21 @@ def _status_cell(row: NodeRow) -> Text:
     status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
     if row.last_error and row.last_error.strip():
         status.append(" " + row.last_error.strip().splitlines()[-1], style="red")   # a traceback's last line says what
+    elif row.note and row.note.strip():
+        status.append(" " + row.note.strip().splitlines()[0], style="yellow")
     return status
+
+
+def _beat(row: NodeRow) -> Text:
+    """The heartbeat's age, with "late" or "gone" when the coordinator would say so."""
+    if row.heartbeat_age_s is None:
+        return Text("-")
+    age = format_duration(row.heartbeat_age_s)
+    if row.liveness == "late":
+        return Text(f"{age} late", style="yellow")
+    if row.liveness == "gone" and row.status not in NOT_RUNNING:
+        return Text(f"{age} gone", style="red")
+    return Text(age)
 
 
 def _rollouts(row: NodeRow) -> str:
@@ -149,8 +165,7 @@ def _cells(row: NodeRow) -> list[Text]:
             Text(_num(row.reward, ".3f")), Text(sparkline(row.reward_trend), style="cyan"),
             Text("N/A" if row.accuracy is None else f"{row.accuracy:.0%}"), Text(_held_out(row), style="bold"),
             Text(_rollouts(row)),
-            Text(_mib(row.gpu_mib)), Text(_mib(row.ram_mib)), Text(str(row.restarts)),
-            Text("-" if row.heartbeat_age_s is None else format_duration(row.heartbeat_age_s))]
+            Text(_mib(row.gpu_mib)), Text(_mib(row.ram_mib)), Text(str(row.restarts)), _beat(row)]
 
 
 class _NodeTable:
@@ -209,6 +224,9 @@ def status_line(view: SwarmView) -> str:
             f"acc {'-' if acc is None else f'{acc:.1%}'} held-out {'-' if held_out is None else f'{held_out:.1%}'} "
             f"| {speed}, ETA {format_duration(view.eta_s)} | {gpu}")
     trouble = [f"{n.node_id}: {n.status}" for n in workers if n.status in TROUBLE]
+    trouble += [f"{n.node_id}: {n.liveness}" for n in workers
+                if n.liveness in ("late", "gone") and n.status not in NOT_RUNNING]
+    trouble += [f"{n.node_id}: {n.note}" for n in workers if n.note and n.status not in TROUBLE]
     if trouble:
         line += " | " + ", ".join(trouble)
     if view.rejected_files:
@@ -266,7 +284,8 @@ class Dashboard:
         if view is None or (force and view is self._drawn):
             return
         now = time.monotonic()
-        key = (view.round, tuple((n.node_id, n.status) for n in view.nodes if n.status in TROUBLE))
+        key = (view.round, tuple((n.node_id, n.status, n.liveness) for n in view.nodes
+                                 if n.status in TROUBLE or n.liveness in ("late", "gone")))
         if force or key != self._last_key or now - self._last_draw >= self.line_interval_s:
             self.console.print(status_line(view), markup=False, highlight=False, soft_wrap=True)
             self._drawn, self._last_key, self._last_draw = view, key, now

@@ -10,7 +10,7 @@ from pathlib import Path
 from workers.evaluation import read_held_out
 from workers.exchange import read_heartbeats
 from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded
-from workers.protocol import HeldOutEval, RolloutFile, RoundMetrics, RoundState
+from workers.protocol import Heartbeat, HeldOutEval, RolloutFile, RoundMetrics, RoundState
 
 
 def experiment_roots(gdrive: Path) -> list[Path]:
@@ -163,11 +163,15 @@ def validate(root: Path) -> list[Check]:
         if path.name.startswith(".") or "checkpoints" in path.parts:
             continue
         # the swarm's protocol records must carry a checksum; meta files of the warm-up base need not
-        protocol = path.relative_to(root).parts[0] in ("state", "peers", "rollouts", "rewards")
+        top = path.relative_to(root).parts[0]
+        protocol = top in ("state", "peers", "rollouts", "rewards")
         try:
             record = read_json_bounded(path, require_checksum=protocol)
-            if "rollouts" in path.relative_to(root).parts:
-                RolloutFile.from_json(record, str(path))
+            schema = {"rollouts": RolloutFile, "peers": Heartbeat, "rewards": RoundMetrics}.get(top)
+            if top == "state" and path.name != "finished.json":
+                schema = RoundState
+            if schema is not None:
+                schema.from_json(record, str(path))
         except (RejectedFile, OSError) as exc:
             unreadable.append(f"{path.relative_to(root)} ({str(exc)[-80:]})")
     checks.append(Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
@@ -295,6 +299,8 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
     acc_ax.set(title="exact-match rate: training (line), held-out greedy (o--)", xlabel="round", ylabel="accuracy")
     speed_ax.set(title="seconds per round (slowest worker)", xlabel="round", ylabel="s")
     gpu_ax.set(title="GPU memory per node (NVML)", xlabel="seconds", ylabel="MiB")
+    if not gpu_ax.lines:     # a CPU run: say so rather than draw an empty frame that looks like a failure
+        gpu_ax.text(0.5, 0.5, "N/A: no GPU samples (CPU run)", ha="center", va="center", transform=gpu_ax.transAxes)
     for ax in axes.flat:
         if ax.lines:
             ax.legend(fontsize=7)

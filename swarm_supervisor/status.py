@@ -14,7 +14,7 @@ from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import NodeRow, SwarmView
 from swarm_supervisor.monitor import MonitorSnapshot
 from workers.evaluation import eval_file, read_held_out
-from workers.exchange import read_heartbeats
+from workers.exchange import liveness, read_heartbeats
 from workers.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
 from workers.protocol import Heartbeat, RoundMetrics, RoundState
 
@@ -178,7 +178,9 @@ class SwarmReader:
                        restarts=handle.total_restarts if handle is not None else 0,
                        heartbeat_age_s=beat.age() if beat else None,
                        last_error=error if status in ("failed", "crashed", "restarting") else None,
-                       held_out_start=held_out_start, held_out=held_out)
+                       held_out_start=held_out_start, held_out=held_out,
+                       liveness=liveness(beat, self.cfg.peer_timeout) if beat else None,
+                       note=beat.note if beat else None)
 
 
 def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:

@@ -85,3 +85,52 @@ def test_a_restarted_coordinator_resumes_at_its_last_round(swarm):
     finally:
         stop.set()
         coordinator.join(timeout=5)
+
+
+def beat(node: str, age_s: float, status: str = "training"):
+    from workers.protocol import Heartbeat
+
+    now = time.time()
+    return Heartbeat(node=node, role="worker", pid=1, host="h", instance="i", status=status, round=1, stage=0,
+                     started_at=now - 100, updated_at=now - age_s)
+
+
+def test_a_worker_is_alive_late_or_gone_by_its_heartbeat_and_only_gone_ones_are_not_waited_for():
+    from workers.exchange import live_workers, liveness
+
+    beats = {"w-1": beat("w-1", 2), "w-2": beat("w-2", 40), "w-3": beat("w-3", 130), "w-4": beat("w-4", 1, "done")}
+    assert {n: liveness(b, peer_timeout=120) for n, b in beats.items()} == \
+        {"w-1": "alive", "w-2": "late", "w-3": "gone", "w-4": "gone"}
+    assert live_workers(beats, peer_timeout=120) == {"w-1", "w-2"}
+
+
+def test_the_coordinator_says_when_a_worker_turns_late_gone_and_alive_again(tmp_path, monkeypatch):
+    import swarm_supervisor.coordinator as coordinator_module
+    from workers.exchange import Exchange
+
+    monkeypatch.setattr(coordinator_module, "HEARTBEAT_S", 0.05)
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path), "MAX_ROUNDS": "3", "NUM_WORKERS": "2",
+                                "PEER_TIMEOUT": "4"})
+    folder = ExperimentFolder(cfg.experiment_dir).create()
+    events: list[str] = []
+    stop = threading.Event()
+    coordinator = Coordinator(cfg, folder, stop, lambda: set(), on_event=events.append)
+    exchange = Exchange(folder, "w-1")
+    exchange.write_heartbeat(beat("w-1", 0))
+    coordinator.start()
+    try:
+        wait_until(lambda: coordinator.round == 1)
+        exchange.write_heartbeat(beat("w-1", 1.5))        # a quarter of PEER_TIMEOUT without a beat
+        wait_until(lambda: any("w-1 is late" in e for e in events))
+        exchange.write_heartbeat(beat("w-1", 5))
+        wait_until(lambda: any("w-1 is gone (no heartbeat for 5s): rounds no longer wait for it" in e
+                               for e in events))
+        exchange.write_heartbeat(beat("w-1", 0))
+        wait_until(lambda: any("w-1 is alive again" in e for e in events))
+        exchange.write_heartbeat(beat("w-1", 0, status="done"))    # a normal exit is no news
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        coordinator.join(timeout=5)
+    assert [e.split(":")[0].split(" (")[0] for e in events if "w-1" in e] == \
+        ["w-1 is late", "w-1 is gone", "w-1 is alive again"]

@@ -161,6 +161,19 @@ def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(fol
         Exchange(folder, "w-1").publish_rollouts(2, 0, [group()])
 
 
+def test_retry_waits_double_and_are_spread_so_nodes_do_not_retry_in_step():
+    import random
+
+    from workers.folder import backoff_s
+
+    rng = random.Random(3)
+    waits = {attempt: [backoff_s(attempt, 0.5, rng) for _ in range(200)] for attempt in (1, 2, 3)}
+    for attempt, drawn in waits.items():
+        nominal = 0.5 * 2 ** (attempt - 1)
+        assert 0.5 * nominal <= min(drawn) < 0.6 * nominal and 1.4 * nominal < max(drawn) <= 1.5 * nominal
+    assert sum(waits[3]) / 200 == pytest.approx(2 * sum(waits[2]) / 200, rel=0.1)
+
+
 def test_rejected_files_reach_the_dashboard_through_heartbeats(folder):
     from configs_env import SwarmConfig
     from swarm_supervisor.status import SwarmReader
@@ -241,3 +254,47 @@ def test_a_checksum_over_nan_or_absurd_nesting_is_a_rejection_not_a_crash(tmp_pa
     huge.write_text('{"round": ' + "9" * 5000 + "}")
     with pytest.raises(RejectedFile, match="not valid JSON"):
         read_json_bounded(huge)
+
+
+# -- a folder that refuses writes: results wait in order, training goes on --------------------------
+
+def test_writes_the_folder_refuses_wait_in_order_and_land_once_it_works_again(folder, monkeypatch):
+    import workers.folder as folder_module
+    from workers.exchange import Outbox
+
+    monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
+    down = [True]
+    landed: list[str] = []
+
+    def write(name: str) -> None:
+        if down[0]:
+            raise OSError(5, "Input/output error")
+        landed.append(name)
+
+    outbox = Outbox()
+    assert not outbox.send("metrics line of round 1", lambda: write("metrics-1"))
+    assert not outbox.send("rewards file of round 1", lambda: write("rewards-1"))
+    assert len(outbox) == 2 and landed == []
+    assert outbox.trouble == ("2 write(s) waiting for the folder (metrics line of round 1: Input/output error); "
+                              "training goes on")
+    down[0] = False
+    assert outbox.send("metrics line of round 2", lambda: write("metrics-2"))
+    assert landed == ["metrics-1", "rewards-1", "metrics-2"]            # the order a reader relies on
+    assert len(outbox) == 0 and outbox.trouble is None
+
+
+def test_an_outbox_that_never_drains_gives_up_instead_of_growing_forever(monkeypatch):
+    import workers.folder as folder_module
+    from workers.exchange import Outbox
+
+    monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(Outbox, "MAX_WAITING", 3)
+
+    def refused() -> None:
+        raise OSError(28, "No space left on device")
+
+    outbox = Outbox()
+    for _ in range(3):
+        outbox.send("a write", refused)
+    with pytest.raises(OSError, match="3 writes have waited for the shared folder"):
+        outbox.send("a write", refused)

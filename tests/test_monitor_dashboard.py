@@ -181,3 +181,23 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
     swarm = reader.view()
     assert "10→30%" in line_of(frame(swarm), "worker-2")
     assert "held-out 36.0%" in status_line(swarm)                 # the mean of the newest: (42% + 30%) / 2
+
+
+def test_late_and_gone_workers_and_a_folder_in_trouble_are_shown_where_the_eye_looks():
+    nodes = [row("w-ok"), row("w-late", heartbeat_age_s=45.0, liveness="late"),
+             row("w-gone", heartbeat_age_s=130.0, liveness="gone"),
+             row("w-note", note="round 7: rollouts not published (Input/output error); trained on local rollouts"),
+             row("w-done", status="done", heartbeat_age_s=300.0, liveness="gone")]
+    text = frame(view(nodes))
+
+    def line_of(node: str) -> str:
+        [line] = [line for line in text.splitlines() if node in line]
+        return line
+
+    assert line_of("w-late").rstrip().endswith("45s late")
+    assert line_of("w-gone").rstrip().endswith("2m10s gone")
+    assert "round 7: rollouts not published" in line_of("w-note")
+    assert line_of("w-done").rstrip().endswith("5m00s")               # finished: its silence is no news
+    line = status_line(view(nodes))
+    assert "w-late: late" in line and "w-gone: gone" in line and "w-done" not in line
+    assert "w-note: round 7: rollouts not published" in line

@@ -76,6 +76,7 @@ def test_a_round_records_reward_spread_format_rate_update_stats_and_stage_times(
     row = RoundMetrics.from_json(json.loads(json.dumps(metrics.to_json())))     # the metrics.jsonl line
     assert row == metrics
     assert row.completions == 16 and row.local_groups == 4 and row.external_groups == 0
+    assert row.external_zero_advantage_groups == 0                            # J=0: no peer group looked at
     assert 0 < row.format_rate <= 1 and row.accuracy <= row.format_rate       # an exact match needs a tag
     assert row.reward_max >= row.reward_mean > 0 and row.reward_std > 0
     assert row.zero_advantage_groups < row.local_groups                       # the format bonus gave signal
@@ -126,3 +127,32 @@ def test_held_out_accuracy_is_greedy_whatever_the_batch_and_runs_at_start_every_
     assert (record.node, record.round, record.questions, record.accuracy) == ("w-1", 0, 24, whole)
     assert [r for r in range(12) if eval_due(r, max_rounds=10, every=4)] == [0, 4, 8, 10, 11]
     assert [r for r in range(11) if eval_due(r, max_rounds=10, every=0)] == [0, 10]
+
+
+def test_a_round_whose_rollouts_the_folder_refuses_trains_on_local_rollouts_and_says_so(warmed, tmp_path, monkeypatch):
+    import workers.exchange as exchange_module
+    import workers.folder as folder_module
+
+    monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
+    cfg = SwarmConfig.from_env({"NUM_WORKERS": "2", "NUM_TRAIN_SAMPLES": "4", "NUM_TRANSPLANT_TREES": "1",
+                                "NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "16", "ROLLOUT_FETCH_TIMEOUT": "0.5"})
+    learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
+    optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-4)
+    exchange = Exchange(ExperimentFolder(tmp_path).create(), "w-1")
+
+    def refused(path, record):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(exchange_module, "write_json_atomic", refused)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    metrics = play_round(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=3), exchange, 0, 1, threading.Event(),
+                         lambda: {"w-2"}, lambda stage: None)
+    assert metrics is not None and metrics.local_groups == 4 and metrics.external_groups == 0
+    assert exchange.trouble["publish"] == ("round 1: rollouts not published (Input/output error); trained on "
+                                           "local rollouts")
+    assert metrics.zero_advantage_groups < metrics.local_groups            # local groups carried signal...
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))   # ...and were trained on
+    monkeypatch.undo()
+    play_round(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=3), exchange, 0, 2, threading.Event(),
+               lambda: set(), lambda stage: None)
+    assert "publish" not in exchange.trouble                              # the folder works again

@@ -103,13 +103,20 @@ def test_checkpoints_base_and_logs_stay_outside_the_simulation(folder):
 
 
 @pytest.mark.slow
-def test_a_swarm_on_a_slow_flaky_drive_completes_every_round_and_keeps_every_file(tmp_path: Path):
+def test_a_swarm_on_a_slow_flaky_drive_full_of_hostile_files_completes_every_round_and_keeps_every_file(
+        tmp_path: Path):
     env = swarm_env(tmp_path, NUM_WORKERS="3", DRIVE_SIM_LAG="1", DRIVE_SIM_FAIL_RATE="0.05", WARMUP_STEPS="0",
                     EVAL_SIZE="0")
-    result = run_up(env, timeout=240)
-    assert result.returncode == 0, result.stdout + result.stderr        # TEST_MODE ends with `rl-swarm validate`
     exp = tmp_path / "drive" / "experiments" / "e2e"
+    planted = drive_sim.plant_hostile_files(exp, round_=1)
+    result = run_up(env, timeout=240)
     nodes = ["worker-1", "worker-2", "worker-3"]
+    # the swarm finished; TEST_MODE's own `rl-swarm validate` then names the planted files, and nothing else
+    assert "rl-swarm: finished" in result.stdout, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    [readable] = [line for line in lines if "readable files" in line]
+    assert readable.startswith("FAIL  readable files: 8 unreadable"), readable    # the unknown task parses
+    assert lines[-1].endswith("1 FAILED") and result.returncode == 1
     for round_ in (1, 2, 3):
         for node in nodes:
             rollouts = read_json_bounded(exp / "rollouts" / f"round_{round_}" / "stage_0" / f"{node}.json",
@@ -122,6 +129,14 @@ def test_a_swarm_on_a_slow_flaky_drive_completes_every_round_and_keeps_every_fil
         assert {r["round"] for r in rows} == {1, 2, 3}
         # a peer's rollouts arrive a second late and some reads fail, yet every worker waited for them all
         assert all(r["external_available"] == 8 for r in rows)
+        log = (exp / "logs" / node / "worker.log").read_text()
+        for kind, path in planted.items():
+            if kind == "unknown task":        # a well-formed file: the group in it is what is refused
+                assert log.count("rollouts of hostile-6, group 0: task 'no_such_task' is not in this worker's "
+                                 "TASKS") == 1, node
+            elif kind != "bad heartbeat":     # the coordinator and dashboard read peers/ too; workers need not
+                assert log.count(f"rejected {path}") == 1, (node, kind)     # one line, naming the file
     injected = sum(log.read_text().count(f"{drive_sim.FAILURE} injected") for log in (exp / "logs").rglob("*.log"))
     assert injected > 0
     assert json.loads((exp / "state" / "finished.json").read_text())["rounds"] == 3
+    assert "rejected files" in result.stdout       # the dashboard counted them

@@ -4,6 +4,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -38,11 +39,14 @@ class Exchange:
         self.rejected: set[Path] = set()
         self._bad: dict[Path, Version] = {}
         self._cache: dict[Path, tuple[Version, Any]] = {}
+        self.trouble: dict[str, str] = {}     # "publish" / "fetch": what the folder refused most recently
 
     def reject(self, path: Path, error: RejectedFile) -> None:
         if path not in self.rejected:
             self.rejected.add(path)
-            log.warning("rejected %s", error)
+            text = str(error)
+            # one line naming the file, also for checks (a node id, say) that do not know where they run
+            log.warning("rejected %s", text if text.startswith(str(path)) else f"{path}: {text}; skipped")
 
     def reject_group(self, where: str, why: str) -> None:
         """A well-formed file with a group this worker cannot use: warned about once per group."""
@@ -65,7 +69,9 @@ class Exchange:
             listing = list_folder(directory, "*.json")
         except OSError as exc:     # a Drive listing that fails is a round with no peers yet, not a crash
             log.warning("could not list %s: %s", directory, exc)
+            self.trouble["fetch"] = f"round {round_}: peers' rollouts not listed ({exc.strerror or exc})"
             return found
+        self.trouble.pop("fetch", None)
         for path in listing:
             match = ROLLOUT_NAME.match(path.name)
             if match is None or match["node"] == self.node:
@@ -154,8 +160,58 @@ def read_heartbeats(folder: ExperimentFolder,
     return beats
 
 
+def liveness(beat: Heartbeat, peer_timeout: float, now: float | None = None) -> str:
+    """"alive", "late" (no heartbeat for a quarter of PEER_TIMEOUT: still waited for) or "gone" (none for
+    PEER_TIMEOUT, or it said it stopped: rounds no longer wait for it).
+
+    Under a slow Drive every heartbeat arrives late by the sync lag, so "late" is a warning, not a verdict.
+    """
+    age = beat.age(now)
+    if beat.status in TERMINAL or age >= peer_timeout:
+        return "gone"
+    return "late" if age >= peer_timeout / 4 else "alive"
+
+
 def live_workers(beats: dict[str, Heartbeat], peer_timeout: float, now: float | None = None) -> set[str]:
-    """Workers whose heartbeat is recent and who have not said they stopped."""
-    now = time.time() if now is None else now
-    return {b.node for b in beats.values()
-            if b.role == "worker" and b.age(now) < peer_timeout and b.status not in TERMINAL}
+    """Workers that are alive or late: those a round waits for."""
+    return {b.node for b in beats.values() if b.role == "worker" and liveness(b, peer_timeout, now) != "gone"}
+
+
+class Outbox:
+    """This node's writes the folder refused, kept in order and tried again before anything newer.
+
+    A round's metrics line, evaluation and rewards file ("done" mark) must land in that order; while the
+    Drive is down they wait here and the worker goes on training, so no result is lost and none is
+    written out of order. Bounded: past MAX_WAITING writes the folder is treated as gone for good.
+    """
+
+    MAX_WAITING = 1000        # three writes a round: over 300 rounds without a working folder
+
+    def __init__(self) -> None:
+        self._waiting: deque[tuple[str, Callable[[], None]]] = deque()
+        self.trouble: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def send(self, what: str, write: Callable[[], None]) -> bool:
+        """Queue one write behind the waiting ones and try them all; True when nothing is left waiting."""
+        if len(self._waiting) >= self.MAX_WAITING:
+            raise OSError(f"{len(self._waiting)} writes have waited for the shared folder; giving up on it "
+                          f"(the worker restarts from its last checkpoint once the folder works)")
+        self._waiting.append((what, write))
+        return self.flush()
+
+    def flush(self) -> bool:
+        while self._waiting:
+            what, write = self._waiting[0]
+            try:
+                with_retries(write, what)
+            except OSError as exc:
+                self.trouble = (f"{len(self._waiting)} write(s) waiting for the folder ({what}: "
+                                f"{exc.strerror or exc}); training goes on")
+                log.warning("%s", self.trouble)
+                return False
+            self._waiting.popleft()
+        self.trouble = None
+        return True

@@ -80,6 +80,7 @@ class Heartbeat:
     last_error: str | None = None
     progress_at: float = 0.0         # when the status last changed: a beating but stuck worker shows here
     rejected: int = 0                # files and groups from the folder this node refused to trust
+    note: str | None = None          # trouble the node works around, e.g. a folder that refused its writes
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
@@ -91,8 +92,9 @@ class Heartbeat:
         for key in ("last_reward", "last_accuracy"):
             value = record.get(key)
             optional[key] = None if value is None else float(_need(record, key, (int, float), where))
-        error = record.get("last_error")
-        optional["last_error"] = None if error is None else _need(record, "last_error", str, where)[:500]
+        for key in ("last_error", "note"):
+            text = record.get(key)
+            optional[key] = None if text is None else _need(record, key, str, where)[:500]
         if "progress_at" in record:
             optional["progress_at"] = float(_need(record, "progress_at", (int, float), where))
         if "rejected" in record:
@@ -204,6 +206,7 @@ class RoundMetrics:
     learning_rate: float | None = None
     kl: float | None = None
     score_s: float | None = None                # scoring the local completions
+    external_zero_advantage_groups: int | None = None   # peers' usable groups dropped for equal rewards
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}

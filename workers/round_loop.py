@@ -123,7 +123,7 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
         # 256-row chunks keep one chunk's fp32 logits, log-softmax and gradient near 200 MiB for GPT-2's
         # 50k vocabulary: at 1024 rows they were the largest item of a worker's peak (bench/RESULTS.md)
         stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
-                          chunk_size=256, micro_batch_size=cfg.train_micro_batch,
+                          num_iterations=cfg.steps_per_round, chunk_size=256, micro_batch_size=cfg.train_micro_batch,
                           normalize=cfg.loss_normalization)
     return stats
 
@@ -151,13 +151,17 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
                     exchange.publish_rollouts(round_, 0, [group], part=part)
             else:
                 exchange.publish_rollouts(round_, 0, shared)
+            exchange.trouble.pop("publish", None)
         except OSError as exc:
             # graceful degradation: the folder is down, so this round trains on what it has locally
             log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
+            exchange.trouble["publish"] = (f"round {round_}: rollouts not published ({exc.strerror or exc}); "
+                                           "trained on local rollouts")
     if stop.is_set():
         return None
 
     chosen: list[TrainingGroup] = []
+    candidates: list[TrainingGroup] = []
     available = 0
     if cfg.num_transplant_trees > 0:
         set_stage("fetching")
@@ -190,7 +194,8 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
         loss=stats["loss"], grad_norm=stats["grad_norm"], clip_fraction=stats["clip_fraction"], kl=stats.get("kl"),
         learning_rate=float(optimizer.param_groups[0]["lr"]),
         local_groups=len(local), external_groups=len(chosen), external_available=available,
-        zero_advantage_groups=len(local) - len(with_signal), completions=len(rewards),
+        zero_advantage_groups=len(local) - len(with_signal),
+        external_zero_advantage_groups=available - len(candidates), completions=len(rewards),
         mean_completion_tokens=sum(lengths) / max(1, len(lengths)), max_completion_tokens=max(lengths, default=0),
         generate_s=generated - started, score_s=scored - generated, fetch_s=fetched - scored,
         train_s=trained - fetched, round_s=trained - started)
