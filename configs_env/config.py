@@ -51,6 +51,7 @@ class SwarmConfig:
     advantage_scale: str = "std"
     loss_normalization: str = "token"
     kl_beta: float = 0.0
+    steps_per_round: int = 1             # mu: optimizer steps on each round's batch (> 1: the PPO clip acts)
     format_reward: float = 0.0          # added to the reward of a well-formed <answer> tag; for raw models
     checkpoint_interval: int = 50
     train_micro_batch: int = 16          # rows per forward/backward; gradients accumulate over the round
@@ -166,13 +167,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_NEW_TOKENS", "max_new_tokens", p.integer(1, 4096), "Longest completion, in tokens"),
     Setting("TEMPERATURE", "temperature", p.number(0, "1.0", exclusive=True), "Sampling temperature"),
     Setting("LEARNING_RATE", "learning_rate", p.number(0, "1e-5", exclusive=True),
-            "AdamW learning rate (unset: 1e-5 for GPT-2 124M, 1e-4 for the tiny model)"),
+            "AdamW learning rate (unset: 1e-5 for GPT-2 124M, 3e-5 for the tiny model)"),
     Setting("ADVANTAGE_SCALE", "advantage_scale", p.choice(("std", "none")),
             "std: (r - mean) / (std + eps) per group; none: r - mean"),
     Setting("LOSS_NORMALIZATION", "loss_normalization", p.choice(("token", "sequence")),
             "token: average over every completion token of the batch (DAPO); sequence: per completion, then over "
             "completions (GRPO)"),
     Setting("KL_BETA", "kl_beta", p.number(0, "0.0"), "KL penalty weight (0: no reference model is kept)"),
+    Setting("STEPS_PER_ROUND", "steps_per_round", p.integer(1, 16, example=1),
+            "Optimizer steps on each round's batch (GRPO's mu); above 1 the clipped ratio (0.2 / 0.28) bounds "
+            "how far the later steps move"),
     Setting("FORMAT_REWARD", "format_reward", p.number(0, "0.1"),
             "Bonus added to the reward of a completion with a well-formed <answer>...</answer> (0: off; e.g. 0.1 "
             "when starting RL from a raw model)"),

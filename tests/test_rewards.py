@@ -1,4 +1,4 @@
-"""Rewards come from reasoning-gym's own scorers on the last <answer> tag; peers' numbers are never trusted."""
+"""Rewards come from reasoning-gym's own scorers on the one <answer> tag that ends a completion."""
 
 import random
 
@@ -16,10 +16,14 @@ CHAIN = {"question": "State the final answer to the following arithmetic problem
     ("<answer>8</answer>", 0.0),
     ("7", 0.0),                                          # no tag, no reward
     ("<answer>7", 0.0),                                  # unclosed tag
-    ("<answer>3</answer> then <answer>7</answer>", 1.0),  # the last tag counts
+    ("3 plus 4 makes 7, so <answer>7</answer>\n", 1.0),  # reasoning before the tag, whitespace after it
+    ("<answer>3</answer> then <answer>7</answer>", 0.0),  # a second draw at the answer earns nothing
+    ("<answer>7</answer>14</answer>", 0.0),              # going on after the answer earns nothing
+    ("<answer>7</answer> and more", 0.0),
+    ("<answer><answer>7</answer>", 0.0),
     ("<answer>17</answer>", 0.5),                        # reasoning-gym's partial credit for a substring
 ])
-def test_reward_extracts_the_last_answer_tag(completion, reward):
+def test_reward_scores_the_one_answer_tag_that_ends_the_completion(completion, reward):
     assert score_completion("chain_sum", completion, CHAIN) == pytest.approx(reward)
 
 

@@ -2,12 +2,12 @@
 
 import logging
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import reasoning_gym
 from reasoning_gym.factory import DATASETS
-from reasoning_gym.utils import extract_answer
 
 from configs_env import ConfigError
 
@@ -89,16 +89,32 @@ def _json_safe(value: Any) -> Any:
 
 
 _scorers: dict[str, Callable[[str | None, dict[str, Any]], float]] = {}
+# the completion's one answer tag, at its end: free text (reasoning) may come before it, nothing after it
+_FINAL_ANSWER = re.compile(r"<answer>(?P<answer>.*?)</answer>\s*\Z", re.DOTALL)
+
+
+def final_answer(completion: str) -> str | None:
+    """The answer of a completion that ends with its one `<answer>...</answer>`; None for any other shape.
+
+    reasoning-gym's own extract_answer takes the last of any number of tags, and RL learns to exploit
+    that: a wrong answer followed by more tags gets another draw at the right one, so completions stop
+    ending and grow to MAX_NEW_TOKENS (measured: 9 -> 180 tokens in 90 rounds of the tiny model). One
+    tag, closing the completion, leaves nothing to gain from going on.
+    """
+    if completion.count("<answer>") != 1 or completion.count("</answer>") != 1:
+        return None
+    match = _FINAL_ANSWER.search(completion)
+    return match["answer"].strip() if match else None
 
 
 def score_completion(task: str, completion: str, entry: dict[str, Any]) -> float:
-    """Correctness in [0, 1] from reasoning-gym's own scorer on the last <answer> tag; a scorer that raises: 0."""
+    """Correctness in [0, 1] from reasoning-gym's own scorer on final_answer(completion); a scorer that raises: 0."""
     if task not in DATASETS:
         raise KeyError(task)
     scorer = _scorers.get(task)
     if scorer is None:
         scorer = _scorers[task] = reasoning_gym.get_score_answer_fn(task)
-    answer = extract_answer(completion)
+    answer = final_answer(completion)
     if answer is None:
         return 0.0
     try:
@@ -110,8 +126,8 @@ def score_completion(task: str, completion: str, entry: dict[str, Any]) -> float
 
 
 def well_formed(completion: str) -> bool:
-    """A closed <answer>...</answer> around a non-empty answer (an empty tag would earn FORMAT_REWARD for nothing)."""
-    answer = extract_answer(completion)
+    """One closing <answer>...</answer> around a non-empty answer (an empty tag would earn FORMAT_REWARD for free)."""
+    answer = final_answer(completion)
     return answer is not None and answer != ""
 
 

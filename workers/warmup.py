@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig
 from workers.folder import RejectedFile, read_json_bounded
-from workers.evaluation import EVAL_SEED, greedy_accuracy
+from workers.evaluation import greedy_accuracy, held_out_questions
 from workers.generation import encode_prompt
 from workers.grpo import build_batch, completion_logprobs
 from workers.model import Policy
@@ -29,7 +29,7 @@ from workers.tasks import Question, TaskMix, build_prompt
 
 log = logging.getLogger(__name__)
 
-EVAL_QUESTIONS = 64
+EVAL_QUESTIONS = 64         # held-out questions when EVAL_SIZE=0 turns the workers' evaluation off
 # steps between checks of WARMUP_TARGET_ACCURACY: one greedy pass over the held-out questions costs about
 # as much as a few steps, so checking every 50 adds a few percent to the warm-up
 TARGET_CHECK_EVERY = 50
@@ -75,9 +75,9 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     """WARMUP_STEPS steps, or fewer when WARMUP_TARGET_ACCURACY is set and a check every TARGET_CHECK_EVERY
     steps finds the held-out greedy accuracy at or above it."""
     started = time.monotonic()
-    tasks = TaskMix(cfg.tasks, seed=EVAL_SEED)
-    held_out = tasks.sample(EVAL_QUESTIONS, random.Random(EVAL_SEED))
-    eval_tokens = min(cfg.max_new_tokens, 24)
+    # the questions and length of the workers' held-out evaluation, so "after" is their round-0 number
+    held_out = held_out_questions(cfg.tasks, cfg.eval_size or EVAL_QUESTIONS)
+    eval_tokens = cfg.max_new_tokens
     before = greedy_accuracy(policy, held_out, eval_tokens)
     train_tasks = TaskMix(cfg.tasks, seed=cfg.seed + 7919)
     rng = random.Random(cfg.seed)

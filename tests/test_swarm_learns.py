@@ -1,0 +1,77 @@
+"""The learning target a user can check on this CPU: `rl-swarm up` with 4 workers, I=2, J=2, G=4, 200 rounds,
+the default tasks and everything else at its default (warm-up included) finishes in under 5 minutes, and for
+seeds 1, 2 and 3 the swarm's mean reward over the last 20 rounds is at least 0.05 above the first 20 rounds',
+its exact-match rate does not fall, and its held-out greedy accuracy at the end is not below the start."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_e2e import metrics_rows, swarm_env
+
+pytestmark = pytest.mark.slow
+
+SEEDS = (1, 2, 3)
+WORKERS = tuple(f"worker-{i}" for i in range(1, 5))
+WINDOW = 20
+
+
+def swarm_means(exp: Path, key: str) -> list[float]:
+    """The swarm's mean of one metric per round, rounds in order."""
+    by_round: dict[int, list[float]] = {}
+    for node in WORKERS:
+        for row in metrics_rows(exp, node):
+            by_round.setdefault(row["round"], []).append(row[key])
+    return [sum(v) / len(v) for _, v in sorted(by_round.items())]
+
+
+def held_out(exp: Path, round_: int) -> float:
+    values = []
+    for node in WORKERS:
+        rows = [json.loads(line) for line in (exp / "metrics" / node / "eval.jsonl").read_text().splitlines()]
+        values += [r["accuracy"] for r in rows if r["round"] == round_]
+    assert len(values) == len(WORKERS), f"held-out evaluation of round {round_} missing in {exp}"
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, tuple[float, Path, str]]:
+    root = tmp_path_factory.mktemp("learning")
+    out = {}
+    for seed in SEEDS:
+        env = swarm_env(root, TEST_MODE="", EXPERIMENT_NAME=f"seed-{seed}", SEED=str(seed), NUM_WORKERS="4",
+                        NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2", NUM_GENERATIONS="4", MAX_ROUNDS="200",
+                        RL_SWARM_CACHE=str(root / "cache"))
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        out[seed] = (time.monotonic() - started, root / "drive" / "experiments" / f"seed-{seed}", result.stdout)
+    return out
+
+
+def test_the_default_swarm_of_the_tiny_model_learns_in_200_rounds_for_three_seeds(runs):
+    lines, failures = [], []
+    for seed, (wall, exp, stdout) in runs.items():
+        reward, exact = swarm_means(exp, "reward_mean"), swarm_means(exp, "accuracy")
+        assert len(reward) == 200
+        first, last = sum(reward[:WINDOW]) / WINDOW, sum(reward[-WINDOW:]) / WINDOW
+        exact_first, exact_last = sum(exact[:WINDOW]) / WINDOW, sum(exact[-WINDOW:]) / WINDOW
+        start, end = held_out(exp, 0), held_out(exp, 200)
+        [warmup] = [line for line in stdout.splitlines() if "warm-up" in line]
+        lines.append(f"seed {seed}: reward {first:.3f} -> {last:.3f}, exact-match {exact_first:.3f} -> "
+                     f"{exact_last:.3f}, held-out {start:.3f} -> {end:.3f}, {wall:.0f}s; {warmup}")
+        if wall >= 300:
+            failures.append(f"seed {seed}: {wall:.0f}s, over 5 minutes")
+        if last < first + 0.05:
+            failures.append(f"seed {seed}: reward {first:.3f} -> {last:.3f}, gained less than 0.05")
+        if exact_last < exact_first:
+            failures.append(f"seed {seed}: exact-match fell {exact_first:.3f} -> {exact_last:.3f}")
+        if end < start:
+            failures.append(f"seed {seed}: held-out fell {start:.3f} -> {end:.3f}")
+    print("\n".join(lines))
+    assert not failures, "\n".join(failures + lines)
