@@ -156,3 +156,19 @@ def test_a_round_whose_rollouts_the_folder_refuses_trains_on_local_rollouts_and_
     play_round(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=3), exchange, 0, 2, threading.Event(),
                lambda: set(), lambda stage: None)
     assert "publish" not in exchange.trouble                              # the folder works again
+
+
+@pytest.mark.parametrize("frequency, files", [("generation", ["w-1.part0.json", "w-1.part1.json", "w-1.part2.json"]),
+                                               ("stage", ["w-1.json"]), ("round", ["w-1.json"])])
+def test_every_publish_frequency_gives_peers_the_same_groups(warmed, tmp_path, frequency, files):
+    cfg = SwarmConfig.from_env({"NUM_WORKERS": "1", "NUM_TRAIN_SAMPLES": "3", "NUM_TRANSPLANT_TREES": "0",
+                                "MAX_NEW_TOKENS": "16", "ROLLOUT_PUBLISH_FREQUENCY": frequency})
+    folder = ExperimentFolder(tmp_path).create()
+    learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
+    play_round(learner, torch.optim.AdamW(learner.model.parameters(), lr=1e-5), cfg, TaskMix(cfg.tasks, seed=4),
+               Exchange(folder, "w-1"), 0, 1, threading.Event(), lambda: set(), lambda stage: None)
+    assert sorted(p.name for p in folder.rollout_dir(1, 0).iterdir()) == files
+    [groups] = Exchange(folder, "w-2").peer_rollouts(1).values()
+    questions = TaskMix(cfg.tasks, seed=4).sample(3, random.Random(round_seed(cfg, 0, 1)))
+    assert [g.question for g in groups] == [q.question for q in questions]      # in order, none lost or doubled
+    assert all(len(g.completions) == 4 and g.answer and g.metadata for g in groups)   # enough to re-score
