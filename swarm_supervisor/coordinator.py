@@ -45,7 +45,7 @@ class Coordinator(threading.Thread):
                                instance=uuid.uuid4().hex[:12], status="running", round=0, stage=0,
                                started_at=time.time(), updated_at=time.time())
         self._last_beat = 0.0
-        self._liveness: dict[str, str] = {}      # worker: alive / late / gone, as last announced
+        self._liveness: dict[str, tuple[str, str]] = {}    # worker: (alive / late / gone, process instance)
 
     def run(self) -> None:
         try:
@@ -172,11 +172,13 @@ class Coordinator(threading.Thread):
             if beat.role != "worker":
                 continue
             now = liveness(beat, self.cfg.peer_timeout)
-            before = self._liveness.get(node)
-            self._liveness[node] = now
+            before, instance = self._liveness.get(node, (None, beat.instance))
+            self._liveness[node] = (now, beat.instance)
             if before is None or before == now:     # first seen (a resumed swarm's old beats too), or no change
                 continue
             if now == "gone" and beat.status in ("done", "stopped"):     # a normal exit, not news
+                continue
+            if before == "gone" and instance != beat.instance:          # a new process: the supervisor said so
                 continue
             if now == "late":
                 self.on_event(f"{node} is late: no heartbeat for {beat.age():.0f}s (gone after "

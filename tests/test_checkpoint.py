@@ -154,3 +154,18 @@ def test_cuda_rng_of_every_device_is_restored(tmp_path):
     load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
     assert all(torch.equal(torch.rand(3, device=f"cuda:{d}").cpu(), expected[d])
                for d in range(torch.cuda.device_count()))
+
+
+def test_a_checkpoint_the_disk_refuses_is_an_oserror_and_leaves_no_half_folder(tmp_path, monkeypatch):
+    import workers.checkpoint as checkpoint_module
+
+    model, optimizer = trained(0)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)     # how torch reports a full disk
+    with pytest.raises(OSError, match="checkpoint of round 2 not written: .*PytorchStreamWriter failed"):
+        save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000001"]     # the old one intact, no temp folder

@@ -87,11 +87,11 @@ def test_a_restarted_coordinator_resumes_at_its_last_round(swarm):
         coordinator.join(timeout=5)
 
 
-def beat(node: str, age_s: float, status: str = "training"):
+def beat(node: str, age_s: float, status: str = "training", instance: str = "i"):
     from workers.protocol import Heartbeat
 
     now = time.time()
-    return Heartbeat(node=node, role="worker", pid=1, host="h", instance="i", status=status, round=1, stage=0,
+    return Heartbeat(node=node, role="worker", pid=1, host="h", instance=instance, status=status, round=1, stage=0,
                      started_at=now - 100, updated_at=now - age_s)
 
 
@@ -128,6 +128,8 @@ def test_the_coordinator_says_when_a_worker_turns_late_gone_and_alive_again(tmp_
         exchange.write_heartbeat(beat("w-1", 0))
         wait_until(lambda: any("w-1 is alive again" in e for e in events))
         exchange.write_heartbeat(beat("w-1", 0, status="done"))    # a normal exit is no news
+        time.sleep(0.3)
+        exchange.write_heartbeat(beat("w-1", 0, instance="restarted"))   # nor a new process (resume, restart)
         time.sleep(0.3)
     finally:
         stop.set()

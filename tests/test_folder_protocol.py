@@ -298,3 +298,50 @@ def test_an_outbox_that_never_drains_gives_up_instead_of_growing_forever(monkeyp
         outbox.send("a write", refused)
     with pytest.raises(OSError, match="3 writes have waited for the shared folder"):
         outbox.send("a write", refused)
+
+
+def test_a_waiting_worker_retries_the_rewards_file_the_folder_refused_so_the_round_can_end(folder, monkeypatch):
+    """Without its rewards file no round ends: a worker waiting for the next round keeps trying to write it."""
+    import os
+    import threading
+    import time
+    from functools import partial
+
+    import workers.folder as folder_module
+    import workers.worker as worker_module
+    from configs_env import SwarmConfig
+    from workers.protocol import RoundState
+    from workers.worker import Worker, WorkerSpec
+
+    monkeypatch.setattr(folder_module, "backoff_s", lambda *args: 0.0)
+    monkeypatch.setattr(worker_module, "OUTBOX_RETRY_S", 0.05)
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(folder.root.parent.parent), "EXPERIMENT_NAME": folder.root.name})
+    stop = threading.Event()
+    worker = Worker(WorkerSpec(cfg=cfg, node="w-1", index=0, model_name="m", device="cpu",
+                               parent_pid=os.getppid()), stop)
+    down = [True]
+
+    def flaky_write(path, record):
+        if down[0]:
+            raise OSError(5, "Input/output error")
+        write_json_atomic(path, record)
+
+    reward_file = folder.reward_file(1, "w-1")
+    assert not worker.outbox.send("writing the rewards file", partial(flaky_write, reward_file, {"round": 1}))
+    found = []
+    waiting = threading.Thread(target=lambda: found.append(worker.wait_for_round(2)))
+    waiting.start()
+    try:
+        time.sleep(0.3)
+        assert not reward_file.exists() and "1 write(s) waiting for the folder" in worker.beat.note
+        down[0] = False                                           # the Drive is back
+        deadline = time.monotonic() + 5
+        while not reward_file.exists():
+            assert time.monotonic() < deadline, "the waiting worker never wrote its rewards file"
+            time.sleep(0.02)
+        write_json_atomic(folder.round_state_file(2), RoundState(2, 3, time.time(), "all workers done").to_json())
+        waiting.join(timeout=5)
+    finally:
+        stop.set()
+        waiting.join(timeout=5)
+    assert found and found[0].round == 2 and worker.beat.note is None

@@ -53,10 +53,25 @@ def _fsync_file(path: Path) -> None:
 
 def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> Path:
-    """Write into a temp folder, fsync, then rename: a crash leaves the previous checkpoint intact."""
+    """Write into a temp folder, fsync, then rename: a crash leaves the previous checkpoint intact.
+
+    Any failure to write is an OSError (torch and safetensors report a full or failing disk as their own
+    errors), and leaves no temp folder behind: each would hold a whole model.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"round_{meta.round:06d}"
     tmp = root / f".round_{meta.round:06d}.{os.getpid()}.tmp"
+    try:
+        return _write_checkpoint(root, tmp, meta, model, optimizer)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise
+        raise OSError(f"checkpoint of round {meta.round} not written: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def _write_checkpoint(root: Path, tmp: Path, meta: CheckpointMeta, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer) -> Path:
+    final = root / f"round_{meta.round:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))

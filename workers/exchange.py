@@ -202,11 +202,12 @@ class Outbox:
         self._waiting.append((what, write))
         return self.flush()
 
-    def flush(self) -> bool:
+    def flush(self, attempts: int = 4) -> bool:
+        """Write what waits, oldest first, each with up to `attempts` tries; True when nothing is left."""
         while self._waiting:
             what, write = self._waiting[0]
             try:
-                with_retries(write, what)
+                with_retries(write, what, attempts=attempts)
             except OSError as exc:
                 self.trouble = (f"{len(self._waiting)} write(s) waiting for the folder ({what}: "
                                 f"{exc.strerror or exc}); training goes on")

@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig
 from workers.folder import RejectedFile, read_json_bounded
-from workers.evaluation import greedy_accuracy, held_out_questions
+from workers.evaluation import EVAL_BATCH, greedy_accuracy, held_out_questions
 from workers.generation import encode_prompt
 from workers.grpo import build_batch, completion_logprobs
 from workers.model import Policy
@@ -30,8 +30,8 @@ from workers.tasks import Question, TaskMix, build_prompt
 log = logging.getLogger(__name__)
 
 EVAL_QUESTIONS = 64         # held-out questions when EVAL_SIZE=0 turns the workers' evaluation off
-# steps between checks of WARMUP_TARGET_ACCURACY: one greedy pass over the held-out questions costs about
-# as much as a few steps, so checking every 50 adds a few percent to the warm-up
+# steps between checks of WARMUP_TARGET_ACCURACY: a greedy pass over the held-out questions (EVAL_SIZE of them,
+# up to MAX_NEW_TOKENS each) costs tens of steps when the model does not stop yet, a few once it does
 TARGET_CHECK_EVERY = 50
 
 
@@ -67,7 +67,7 @@ def _checked_accuracy(policy: Policy, questions: list[Question], max_new_tokens:
     """greedy_accuracy without moving the training RNG (it re-seeds): checks change no step of the warm-up."""
     devices = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return greedy_accuracy(policy, questions, max_new_tokens)
+        return greedy_accuracy(policy, questions, max_new_tokens, batch_size=EVAL_BATCH)
 
 
 def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, float], None] = lambda *_: None,
@@ -78,7 +78,7 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     # the questions and length of the workers' held-out evaluation, so "after" is their round-0 number
     held_out = held_out_questions(cfg.tasks, cfg.eval_size or EVAL_QUESTIONS)
     eval_tokens = cfg.max_new_tokens
-    before = greedy_accuracy(policy, held_out, eval_tokens)
+    before = _checked_accuracy(policy, held_out, eval_tokens)
     train_tasks = TaskMix(cfg.tasks, seed=cfg.seed + 7919)
     rng = random.Random(cfg.seed)
     eos = policy.tokenizer.eos_token_id
@@ -115,7 +115,7 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
             on_check(step, accuracy)
             reached = accuracy >= target
     if not reached:     # the step budget ran out (or there is no target): measure the result once
-        accuracy = greedy_accuracy(policy, held_out, eval_tokens)
+        accuracy = _checked_accuracy(policy, held_out, eval_tokens)
         reached = target > 0 and accuracy >= target
     return WarmupReport(model_name=policy.name, steps=step, final_loss=loss_value,
                         greedy_accuracy_before=before, greedy_accuracy_after=accuracy,

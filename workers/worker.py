@@ -36,6 +36,8 @@ from workers.warmup import load_base
 log = logging.getLogger("workers.worker")
 
 HEARTBEAT_S = 2.0
+OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
+OUTBOX_EXIT_S = {True: 20.0, False: 60.0}   # how long a worker leaving keeps trying them (stopping: shorter)
 EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY = 1, 2, 3, 4
 
 
@@ -111,7 +113,7 @@ class Worker:
 
     def wait_for_round(self, at_least: int) -> RoundState | None:
         """The newest round once it is >= at_least; None when the swarm finished or we must stop."""
-        quiet_since = time.monotonic()
+        quiet_since = last_flush = time.monotonic()
         while not self.stop.is_set():
             if os.getppid() != self.spec.parent_pid:
                 log.error("the supervisor (pid %d) is gone; exiting", self.spec.parent_pid)
@@ -124,6 +126,11 @@ class Worker:
             state = self._newest_round(rounds, at_least)
             if state is not None:
                 return state
+            # the last round's rewards file may be waiting in the outbox: without it no round ends
+            if self.outbox and time.monotonic() - last_flush >= OUTBOX_RETRY_S:
+                self.outbox.flush(attempts=1)
+                self.update()
+                last_flush = time.monotonic()
             if is_visible(self.folder.finished_file) or at_least > self.cfg.max_rounds:
                 return None
             if time.monotonic() - quiet_since > self.cfg.peer_timeout:
@@ -261,12 +268,24 @@ class Worker:
             log.info("round %d: reward %.3f exact %.2f loss %.4f local %d external %d/%d (%.1fs)", round_,
                      metrics.reward_mean, metrics.accuracy, metrics.loss, metrics.local_groups,
                      metrics.external_groups, metrics.external_available, metrics.round_s)
-        if last_done > last_saved:
-            save(last_done)
-        if not self.outbox.flush():
-            log.error("%d record(s) could not be written before exiting; a restart writes them again from the "
-                      "checkpoint of round %d, or plays the rounds after it again", len(self.outbox), last_saved)
+        if last_done > last_saved and save(last_done):
+            last_saved = last_done
+        self.exchange.trouble.clear()            # a round's publishing trouble is history once it is over
+        if not self._drain_outbox():
+            # exit non-zero, so the supervisor restarts this worker: the restart rewrites the metrics lines
+            # and the rewards file its checkpoint holds (rewrite_lost_records)
+            raise OSError(f"{len(self.outbox)} record(s) not written: the shared folder kept refusing them "
+                          f"(checkpoint of round {last_saved} saved)")
         self.update(status="stopped" if self.stop.is_set() else "done", round=last_done)
+
+    def _drain_outbox(self) -> bool:
+        """Keep trying what waits for a bounded time, as a worker leaves; True when it all landed."""
+        deadline = time.monotonic() + OUTBOX_EXIT_S[self.stop.is_set()]
+        while not self.outbox.flush(attempts=1):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(OUTBOX_RETRY_S)
+        return True
 
 
 def worker_main(spec: WorkerSpec) -> None:
