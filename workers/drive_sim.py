@@ -140,10 +140,6 @@ def hidden(path: Path) -> bool:
 
 # -- hostile files -------------------------------------------------------------------------------
 
-HOSTILE_KINDS = ("malformed JSON", "truncated", "oversized", "unsafe node id", "wrong field types", "unknown task",
-                 "future schema", "checksum mismatch", "bad heartbeat")
-
-
 def _group(task: str = "chain_sum", rewards: list | None = None) -> dict:
     return {"task": task, "question": "3 + 4 =", "answer": "7", "metadata": {"source_dataset": task},
             "prompt": "3 + 4 =\nAnswer:", "completions": [" <answer>7</answer>", " <answer>8</answer>"] * 2,
@@ -151,7 +147,7 @@ def _group(task: str = "chain_sum", rewards: list | None = None) -> dict:
 
 
 def plant_hostile_files(experiment_root: Path, round_: int = 1) -> dict[str, Path]:
-    """One file of each HOSTILE_KINDS in the round's rollouts and in peers/, by kind. The writers' own
+    """One hostile file of each kind in the round's rollouts and in peers/, by kind. The writers' own
     checksum is used where a kind is about what a reader checks after it (a forger can compute it too)."""
     from workers.folder import MAX_RECORD_BYTES, record_checksum
 

@@ -56,9 +56,16 @@ class Exchange:
             log.warning("rejected %s: %s; skipped", where, why)
 
     def publish_rollouts(self, round_: int, stage: int, groups: list[RolloutGroup], part: int | None = None) -> Path:
+        """Write this node's groups; an OSError after the retries is raised and kept as this node's trouble."""
         record = RolloutFile(node=self.node, round=round_, stage=stage, created_at=time.time(), groups=tuple(groups))
         path = self.folder.rollout_file(round_, stage, self.node, part)
-        with_retries(lambda: write_json_atomic(path, record.to_json()), f"publishing {path.name}")
+        try:
+            with_retries(lambda: write_json_atomic(path, record.to_json()), f"publishing {path.name}")
+        except OSError as exc:
+            self.trouble["publish"] = (f"round {round_}: rollouts not published ({exc.strerror or exc}); "
+                                       "trained on local rollouts")
+            raise
+        self.trouble.pop("publish", None)
         return path
 
     def peer_rollouts(self, round_: int, stage: int = 0) -> dict[str, list[RolloutGroup]]:

@@ -151,12 +151,9 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
                     exchange.publish_rollouts(round_, 0, [group], part=part)
             else:
                 exchange.publish_rollouts(round_, 0, shared)
-            exchange.trouble.pop("publish", None)
         except OSError as exc:
             # graceful degradation: the folder is down, so this round trains on what it has locally
             log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
-            exchange.trouble["publish"] = (f"round {round_}: rollouts not published ({exc.strerror or exc}); "
-                                           "trained on local rollouts")
     if stop.is_set():
         return None
 

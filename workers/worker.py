@@ -37,7 +37,8 @@ log = logging.getLogger("workers.worker")
 
 HEARTBEAT_S = 2.0
 OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
-OUTBOX_EXIT_S = {True: 20.0, False: 60.0}   # how long a worker leaving keeps trying them (stopping: shorter)
+# how long a leaving worker keeps trying them: shorter when asked to stop, inside the supervisor's 30 s grace
+OUTBOX_EXIT_S, OUTBOX_EXIT_STOPPING_S = 60.0, 20.0
 EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY = 1, 2, 3, 4
 
 
@@ -280,7 +281,7 @@ class Worker:
 
     def _drain_outbox(self) -> bool:
         """Keep trying what waits for a bounded time, as a worker leaves; True when it all landed."""
-        deadline = time.monotonic() + OUTBOX_EXIT_S[self.stop.is_set()]
+        deadline = time.monotonic() + (OUTBOX_EXIT_STOPPING_S if self.stop.is_set() else OUTBOX_EXIT_S)
         while not self.outbox.flush(attempts=1):
             if time.monotonic() >= deadline:
                 return False
