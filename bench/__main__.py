@@ -38,7 +38,9 @@ def bench_train(cache: Path) -> dict:
     no_ckpt = {**WORKER_SETUP, "name": "ours without activation checkpointing", "ckpt": False}
     # the naive path's optimizer, to tell what the chunked log-probs cost from what the memory savings cost
     fp32 = {**no_ckpt, "name": "ours without checkpointing, fp32 fused AdamW", "opt": "fp32"}
-    rows = {"naive": NAIVE_SETUP, "ours": WORKER_SETUP, "ours_no_checkpointing": no_ckpt, "ours_fp32_adamw": fp32}
+    big = {**WORKER_SETUP, "name": "ours with 1024-row chunks", "chunk": 1024}
+    rows = {"naive": NAIVE_SETUP, "ours": WORKER_SETUP, "ours_chunk_1024": big, "ours_no_checkpointing": no_ckpt,
+            "ours_fp32_adamw": fp32}
     out = {}
     for key, setup in rows.items():
         row = measure_train(cache, setup)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from workers.grpo import build_batch, completion_logprobs, group_advantages, grpo_loss, grpo_step
+from workers.grpo import build_batch, completion_logprobs, group_advantages, grpo_loss, grpo_step, head_logprobs
 
 EOS = 0          # GPT-2 pads with its EOS id; the tiny model does the same so position masking is exercised
 VOCAB = 100
@@ -171,6 +171,32 @@ def test_chunked_logprobs_have_the_gradient_of_full_logits_and_keep_no_vocabular
     # backward recomputes each chunk's logits instead of holding (rows x vocab) for all of them
     assert not [s for chunked, s in saved_shapes if chunked and s[-1] == VOCAB]
     assert [s for chunked, s in saved_shapes if not chunked and s[-1] == VOCAB]      # the check can fail
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_head_logprobs_under_bf16_autocast_match_autocast_logits(device):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 3000, bias=False, device=device)
+    states = torch.randn(50, 64, device=device, requires_grad=True)
+    targets = torch.randint(0, 3000, (50,), device=device)
+    upstream = torch.randn(50, device=device)
+    results = []
+    for fused in (True, False):
+        head.zero_grad()
+        states.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            if fused:
+                logp = head_logprobs(head, states, targets, chunk_size=16)
+            else:
+                logits = head(states).float()
+                logp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+        (logp * upstream).sum().backward()
+        results.append((logp.detach(), states.grad.clone(), head.weight.grad.clone()))
+    (ours, ours_ds, ours_dw), (ref, ref_ds, ref_dw) = results
+    assert ours.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    assert torch.allclose(ours, ref, atol=1e-3, rtol=0)            # the same bf16 logits, fp32 softmax
+    for got, want in ((ours_ds, ref_ds), (ours_dw, ref_dw)):
+        assert (got - want).norm() < 0.02 * want.norm()           # bf16 rounding of the logits' gradient
 
 
 def test_a_positive_advantage_raises_the_completions_log_probability():

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.decode import GPT2Decoder, supports
 from workers.model import Policy
 
 
@@ -33,11 +34,25 @@ def _context_length(policy: Policy) -> int:
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
 
 
+def fast_decoder(policy: Policy) -> GPT2Decoder | None:
+    """The policy's own GPT-2 sampler (built once), or None for a model it does not write out."""
+    if policy.decoder is None and supports(policy.model):
+        policy.decoder = GPT2Decoder(policy.model)
+    return policy.decoder
+
+
 @torch.no_grad()
 def generate_ids(policy: Policy, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int,
                  temperature: float, greedy: bool, fast: bool, min_new_tokens: int = 0) -> torch.Tensor:
-    """`model.generate` with no top-k/top-p; `fast` adds bf16 autocast and a static KV cache (CUDA only)."""
+    """Prompts + sampled tokens, as `model.generate` with no top-k/top-p returns them.
+
+    `fast`: GPT-2 through workers.decode (static cache, CUDA graphs); another model through `generate`
+    with bf16 autocast and a static cache on CUDA. Otherwise plain `generate`.
+    """
     eos = policy.tokenizer.eos_token_id
+    decoder = fast_decoder(policy) if fast else None
+    if decoder is not None:
+        return decoder.generate(input_ids, attention, max_new_tokens, temperature, greedy, eos, min_new_tokens)
     sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
     extra = {"cache_implementation": "static"} if fast else {}
     on_cuda = fast and input_ids.device.type == "cuda"

@@ -10,8 +10,6 @@ the batch ("token" normalisation, DAPO) or per sequence then over sequences ("se
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
@@ -69,22 +67,72 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: 
                         prompt_len=width_p)
 
 
-def _token_logprobs(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(head(states))[target] for one chunk of rows."""
-    logits = head(states)
-    # a softmax over 50k entries loses too much in half precision; float64 (tests) is kept as is
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None]).squeeze(1)
+class _HeadLogProbs(torch.autograd.Function):
+    """log_softmax(states @ weight.T)[targets], `chunk` rows at a time, never keeping a (rows x vocab) tensor.
+
+    Forward keeps one number per row (the log-sum-exp); backward recomputes each chunk's logits once and
+    turns them straight into the logits' gradient, g * (onehot(target) - softmax), in place. Against
+    checkpointed head + log_softmax + gather, that is one head matmul fewer per chunk and a handful of
+    kernels where autograd launches dozens: the step of a small model is bound by launches.
+    """
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        h, w = states.to(dtype), weight.to(dtype)     # one cast of the head for every chunk, not one each
+        # a softmax over 50k entries loses too much in half precision: fp32 from the matmul on (fp64 kept)
+        acc = torch.promote_types(dtype, torch.float32)
+        out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        lse = torch.empty_like(out)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = (h[rows] @ w.t()).to(acc)
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+        ctx.save_for_backward(h, w, targets, lse)
+        ctx.chunk, ctx.states_dtype, ctx.weight_dtype = chunk, states.dtype, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, w, targets, lse = ctx.saved_tensors
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
+        g = grad_out.to(lse.dtype)
+        for start in range(0, h.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            logits = (h[rows] @ w.t()).to(lse.dtype)
+            # d logp / d logits = onehot(target) - softmax; times the incoming gradient, in place
+            grad = logits.sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
+            grad.scatter_add_(1, targets[rows, None], g[rows, None])
+            grad = grad.to(h.dtype)
+            if grad_h is not None:
+                grad_h[rows] = grad @ w
+            if grad_w is not None:
+                grad_w += grad.t() @ h[rows]
+        return (grad_h.to(ctx.states_dtype) if grad_h is not None else None,
+                grad_w.to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+
+
+def head_logprobs(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(rows,) log-probs of `targets` under a bias-free linear `head` on (rows, d) `states`; fp32 (fp64 kept)."""
+    weight = head.weight
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(head).__name__} has a bias: the fused log-probs take a bias-free output head")
+    # the matmul's dtype is what autocast would give it: bf16 on a GPU under autocast, else the states'
+    device = states.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(states.dtype, weight.dtype)
+    with torch.autocast(device, enabled=False):
+        return _HeadLogProbs.apply(states, weight, targets, max(1, chunk_size), dtype)
 
 
 def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size: int = 4096) -> torch.Tensor:
     """log pi(o_t | q, o_<t) for completion tokens only, (B, C); 0 where completion_mask is 0.
 
     Only the hidden states that predict completion tokens go through the output head, `chunk_size`
-    rows at a time. Under autograd, when there is more than one chunk, each is checkpointed: backward
-    recomputes its (rows x vocab) logits instead of keeping all of them, so the logits' memory stays
-    one chunk's worth however large G and the completion length grow.
+    rows at a time (`head_logprobs`): the logits' memory stays one chunk's worth however large G and
+    the completion length grow.
     """
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids).last_hidden_state
@@ -92,22 +140,8 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size:
     states = hidden[:, p - 1:p - 1 + c, :]                            # position t predicts token t + 1
     targets = batch.input_ids[:, p:p + c]
     head = model.get_output_embeddings()
-    flat_states, flat_targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
-    # one chunk's logits are the peak whether kept or recomputed, so checkpointing it would only cost
-    # time (~12% of a GPT-2 step on an H100); with several, keeping them all is what grows with B x C
-    recompute = torch.is_grad_enabled() and flat_states.requires_grad and flat_states.shape[0] > chunk_size
-    pieces = []
-    for start in range(0, flat_states.shape[0], chunk_size):
-        rows, wanted = flat_states[start:start + chunk_size], flat_targets[start:start + chunk_size]
-        if recompute:
-            # no randomness in head + log_softmax, so the RNG state need not be saved for the recompute
-            pieces.append(checkpoint(_token_logprobs, head, rows, wanted, use_reentrant=False,
-                                     preserve_rng_state=False))
-        else:
-            pieces.append(_token_logprobs(head, rows, wanted))
-    if not pieces:                                                     # C == 0: every completion empty
-        return flat_states.new_zeros(targets.shape)
-    logp = torch.cat(pieces).view_as(targets)
+    flat = head_logprobs(head, states.reshape(-1, states.shape[-1]), targets.reshape(-1), chunk_size)
+    logp = flat.view_as(targets)
     # padding positions get 0 rather than the log-prob of a pad token, so nothing downstream can overflow
     return torch.where(batch.completion_mask.bool(), logp, torch.zeros_like(logp))
 

@@ -1,7 +1,7 @@
 """Loading the policy: offline models built here, a local folder, or any Hugging Face model id."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,8 @@ class Policy:
     tokenizer: PreTrainedTokenizerBase
     name: str
     device: torch.device
+    # the fast sampler (workers.decode), built on first use and kept: its KV cache and CUDA graphs
+    decoder: object | None = field(default=None, repr=False)
 
 
 def model_source(model_name: str, cache_dir: Path) -> str:
