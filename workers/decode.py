@@ -22,8 +22,8 @@ import torch.nn.functional as F
 # Every this many steps the host asks whether every row has finished: one sync per CHECK_EVERY steps
 # instead of generate's one per step, for at most CHECK_EVERY - 1 steps of padding computed in vain.
 CHECK_EVERY = 8
-# Prompt tokens the cache holds from the start: most rounds then never grow it, and a worker's memory is
-# what it was in its first round (a longer prompt grows the cache once).
+# Prompt tokens the cache has room for from the start, whatever the first prompts need: later rounds'
+# prompts rarely grow it, so a worker's memory stays what it was in its first round.
 PROMPT_RESERVE = 256
 
 
@@ -32,7 +32,8 @@ def supports(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     return (type(model).__name__ == "GPT2LMHeadModel" and config is not None
             and getattr(config, "activation_function", None) in ("gelu_new", "gelu_pytorch_tanh")
-            and getattr(config, "scale_attn_weights", True) and not getattr(config, "scale_attn_by_inverse_layer_idx", False)
+            and getattr(config, "scale_attn_weights", True)
+            and not getattr(config, "scale_attn_by_inverse_layer_idx", False)
             and not getattr(config, "add_cross_attention", False))
 
 
@@ -146,21 +147,17 @@ class GPT2Decoder:
         s.step += 1
 
     # -- memory: one cache for every shape, graphs that share one pool ----------------------------------
-    def _cache_for(self, rows: int, length: int) -> torch.Tensor:
+    def _cache_for(self, rows: int, length: int, max_new: int) -> torch.Tensor:
         cache = self._cache
         if cache is None or cache.shape[2] < rows or cache.shape[4] < length:
             keep_rows, keep_len = (cache.shape[2], cache.shape[4]) if cache is not None else (0, 0)
-            rows, length = max(rows, keep_rows), max(length, keep_len)
+            rows, length = max(rows, keep_rows), max(length, keep_len, min(self.context, PROMPT_RESERVE + max_new))
             self._drop_graphs()                                     # they point at the old cache
             self._cache = None
             d = self.config.n_embd
             self._cache = torch.zeros(self.config.n_layer, 2, rows, self.heads, length, d // self.heads,
                                       dtype=self.cache_dtype, device=self.device)
         return self._cache
-
-    def reserve(self, rows: int, max_new_tokens: int) -> None:
-        """Allocate the cache for `rows` rows of PROMPT_RESERVE prompt tokens plus `max_new_tokens`, now."""
-        self._cache_for(rows, min(self.context, PROMPT_RESERVE + max_new_tokens))
 
     def _check_weights(self) -> None:
         # a graph reads parameters by address: anything that replaced a tensor (not an in-place update)
@@ -188,7 +185,7 @@ class GPT2Decoder:
             return input_ids
         self._check_weights()
         length = width + max_new_tokens
-        cache_full = self._cache_for(rows, length)
+        cache_full = self._cache_for(rows, length, max_new_tokens)
         cache = cache_full[:, :, :rows, :, :length]
         key = (rows, length, greedy, max_new_tokens)
         s = self._steps.get(key)

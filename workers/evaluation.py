@@ -43,8 +43,8 @@ def greedy_accuracy(policy: Policy, questions: list[Question], max_new_tokens: i
     for start in range(0, len(prompts), size):
         batch = prompts[start:start + size]
         if fast:
-            # the static-cache graph is compiled per batch shape: a short last batch repeats a prompt
-            # instead of compiling (and keeping) one more graph
+            # the fast sampler captures a CUDA graph per batch shape: a short last batch repeats a prompt
+            # instead of capturing (and keeping) one more graph
             batch = batch + batch[-1:] * (size - len(batch))
         groups = sample_completions(policy, batch, 1, max_new_tokens, 1.0, generator_seed=0, greedy=True, fast=fast)
         for question, group in zip(questions[start:start + size], groups):
@@ -59,10 +59,14 @@ def eval_due(round_: int, max_rounds: int, every: int) -> bool:
 
 def evaluate_held_out(policy: Policy, cfg: SwarmConfig, questions: list[Question], node: str, round_: int,
                       splits: int = 1) -> HeldOutEval:
-    """Greedy answers of MAX_NEW_TOKENS; on CUDA the workers' fast generation path (bf16, static KV cache)."""
+    """Greedy answers of MAX_NEW_TOKENS; on CUDA through the workers' fast sampler (workers.decode)."""
     started = time.monotonic()
-    accuracy = greedy_accuracy(policy, questions, cfg.max_new_tokens, fast=policy.device.type == "cuda",
-                               batch_size=max(1, EVAL_BATCH // max(1, splits)))
+    on_cuda = policy.device.type == "cuda"
+    # on CUDA as many prompts a call as a round generates rows: the sampler's KV cache, sized by the
+    # round, is reused as it is instead of growing for the evaluation and staying grown
+    splits = max(1, splits)
+    size = -(-cfg.num_train_samples // splits) * cfg.num_generations if on_cuda else EVAL_BATCH // splits
+    accuracy = greedy_accuracy(policy, questions, cfg.max_new_tokens, fast=on_cuda, batch_size=max(1, size))
     return HeldOutEval(node=node, round=round_, accuracy=accuracy, questions=len(questions),
                        seconds=time.monotonic() - started)
 

@@ -39,13 +39,23 @@ class AdamWBf16Moments(torch.optim.Optimizer):
             self._noise.manual_seed(0x5A90)
         return self._noise
 
-    def _moments(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+    def allocate_state(self) -> None:
+        """Create every parameter's (zero) moments now rather than at the first step; changes no update."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                self._new_state(param)
+
+    def _new_state(self, param: torch.nn.Parameter) -> dict:
         state = self.state[param]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, dtype=torch.bfloat16)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
-        elif state["exp_avg"].dtype != torch.bfloat16:
+        return state
+
+    def _moments(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._new_state(param)
+        if state["exp_avg"].dtype != torch.bfloat16:
             # Optimizer.load_state_dict casts saved moments to the parameter's dtype; take them back
             state["exp_avg"] = state["exp_avg"].to(torch.bfloat16)
             state["exp_avg_sq"] = state["exp_avg_sq"].to(torch.bfloat16)

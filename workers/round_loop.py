@@ -15,8 +15,9 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.exchange import Exchange
-from workers.generation import Completion, encode_completion, encode_prompt, sample_completions
-from workers.grpo import build_batch, group_advantages, grpo_step
+from workers.generation import (PROMPT_BUCKET, Completion, encode_completion, encode_prompt, generate_ids,
+                                sample_completions)
+from workers.grpo import build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.memory import release_cached_memory
 from workers.model import Policy
 from workers.protocol import RolloutGroup, RoundMetrics
@@ -37,6 +38,11 @@ class TrainingGroup:
 def round_seed(cfg: SwarmConfig, index: int, round_: int) -> int:
     """Deterministic per node and round, so a resumed worker draws what it would have drawn."""
     return (cfg.seed * 1_000_003 + index * 10_007 + round_) % (2**31 - 1)
+
+
+# rows of the output head per chunk of the fused log-probs: one chunk's fp32 logits and their gradient
+# stay near 100 MiB for GPT-2's 50k vocabulary (bench/RESULTS.md compares 256 with 1024)
+LOGPROB_CHUNK = 256
 
 
 def _has_signal(rewards: list[float]) -> bool:
@@ -120,12 +126,45 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
     batch = build_batch(prompts, completions, pad_id=policy.tokenizer.eos_token_id, device=policy.device)
     policy.model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
-        # 256-row chunks keep one chunk's fp32 logits, log-softmax and gradient near 200 MiB for GPT-2's
-        # 50k vocabulary: at 1024 rows they were the largest item of a worker's peak (bench/RESULTS.md)
         stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
-                          num_iterations=cfg.steps_per_round, chunk_size=256, micro_batch_size=cfg.train_micro_batch,
+                          num_iterations=cfg.steps_per_round, chunk_size=LOGPROB_CHUNK,
+                          micro_batch_size=cfg.train_micro_batch,
                           normalize=cfg.loss_normalization)
     return stats
+
+
+def rehearse_largest_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig,
+                           tasks: TaskMix, splits: int = 1) -> int:
+    """On CUDA, generate and back-propagate the largest round the settings allow once, before round 1.
+
+    Every completion MAX_NEW_TOKENS long, prompts as long as the longest of a sample of the worker's tasks,
+    gradients dropped and no optimizer step (its moments are only allocated). The worker then holds at
+    its start what its worst round will need, so round 10's memory is round 2000's and a GPU that is too
+    full fails now, not hours in. Returns the rehearsed prompt width (0 on CPU, where nothing is done).
+    """
+    if policy.device.type != "cuda":
+        return 0
+    eos, device = policy.tokenizer.eos_token_id, policy.device
+    longest = max(len(encode_prompt(policy, build_prompt(q.question), cfg.max_new_tokens))
+                  for q in tasks.sample(32, random.Random(0)))
+    width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    rows = -(-cfg.num_train_samples // max(1, splits)) * cfg.num_generations      # as generate_local batches
+    with torch.random.fork_rng(devices=[device]):
+        ids = torch.full((rows, width), eos, device=device)
+        generate_ids(policy, ids, torch.ones_like(ids), cfg.max_new_tokens, cfg.temperature, greedy=False, fast=True,
+                     min_new_tokens=cfg.max_new_tokens)
+    release_cached_memory(device)
+    train_rows = min(cfg.train_micro_batch, (cfg.num_train_samples + cfg.num_transplant_trees) * cfg.num_generations)
+    batch = build_batch([[eos] * longest] * train_rows, [[eos] * cfg.max_new_tokens] * train_rows, eos, device)
+    policy.model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logp = completion_logprobs(policy.model, batch, LOGPROB_CHUNK)
+    (logp.sum() * 0).backward()
+    if hasattr(optimizer, "allocate_state"):
+        optimizer.allocate_state()
+    optimizer.zero_grad(set_to_none=True)
+    release_cached_memory(device)
+    return width
 
 
 def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig, tasks: TaskMix,

@@ -67,7 +67,8 @@ def _checked_accuracy(policy: Policy, questions: list[Question], max_new_tokens:
     """greedy_accuracy without moving the training RNG (it re-seeds): checks change no step of the warm-up."""
     devices = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return greedy_accuracy(policy, questions, max_new_tokens, batch_size=EVAL_BATCH)
+        return greedy_accuracy(policy, questions, max_new_tokens, fast=policy.device.type == "cuda",
+                               batch_size=EVAL_BATCH)
 
 
 def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, float], None] = lambda *_: None,

@@ -29,7 +29,7 @@ from workers.folder import ExperimentFolder, RejectedFile, append_jsonl, is_visi
 from workers.model import Policy, enable_activation_checkpointing, load_policy, use_activation_checkpointing
 from workers.optim import make_optimizer
 from workers.protocol import Heartbeat, RoundMetrics, RoundState
-from workers.round_loop import play_round
+from workers.round_loop import play_round, rehearse_largest_round
 from workers.tasks import TaskMix
 from workers.warmup import load_base
 
@@ -204,6 +204,10 @@ class Worker:
             reference = load_policy(spec.model_name, spec.device, cfg.cache_dir).model.eval().requires_grad_(False)
             load_base(self.folder.root, Policy(reference, policy.tokenizer, spec.model_name, policy.device))
 
+        width = rehearse_largest_round(policy, optimizer, cfg, tasks, spec.generation_splits)
+        if width:
+            log.info("rehearsed the largest round (%d-token prompts, %d new tokens): %.2f GiB reserved at most",
+                     width, cfg.max_new_tokens, torch.cuda.max_memory_reserved(policy.device) / 2**30)
         held_out = held_out_questions(cfg.tasks, cfg.eval_size)
 
         def evaluate(round_: int) -> None:
