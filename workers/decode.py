@@ -22,9 +22,10 @@ import torch.nn.functional as F
 # Every this many steps the host asks whether every row has finished: one sync per CHECK_EVERY steps
 # instead of generate's one per step, for at most CHECK_EVERY - 1 steps of padding computed in vain.
 CHECK_EVERY = 8
-# Prompt tokens the cache has room for from the start, whatever the first prompts need: later rounds'
-# prompts rarely grow it, so a worker's memory stays what it was in its first round.
-PROMPT_RESERVE = 256
+# Prompt tokens the cache has room for at least. Each row of 64 + 256 positions is ~19 MiB of GPT-2 124M
+# cache, held through the update, so the floor is low: a worker sizes it for its longest prompts by
+# rehearsing its largest round (workers.round_loop.rehearse_largest_round).
+PROMPT_RESERVE = 64
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -246,7 +247,9 @@ class GPT2Decoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_step(s, cache, greedy, eos)
+                # greedy: the warm-up draws no random numbers, so a seed set before generate gives the same
+                # tokens whether or not this call captured (capturing itself advances no generator)
+                self._decode_step(s, cache, True, eos)
                 s.step.fill_(1)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
