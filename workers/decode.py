@@ -22,7 +22,7 @@ import torch.nn.functional as F
 # Every this many steps the host asks whether every row has finished: one sync per CHECK_EVERY steps
 # instead of generate's one per step, for at most CHECK_EVERY - 1 steps of padding computed in vain.
 CHECK_EVERY = 8
-# Prompt tokens the cache has room for at least. Each row of 64 + 256 positions is ~19 MiB of GPT-2 124M
+# Prompt tokens the cache has room for at least. Each row of 64 + 256 positions is ~11 MiB of GPT-2 124M
 # cache, held through the update, so the floor is low: a worker sizes it for its longest prompts by
 # rehearsing its largest round (workers.round_loop.rehearse_largest_round).
 PROMPT_RESERVE = 64
