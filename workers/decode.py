@@ -89,6 +89,7 @@ class GPT2Decoder:
         self._cache: torch.Tensor | None = None           # (layers, 2, rows, heads, length, head_dim)
         self._steps: dict[tuple[int, int, bool, int], _Step] = {}
         self._pool = None
+        self._stream: "torch.cuda.Stream | None" = None
         self._weights_at: tuple[int, ...] = ()
 
     # -- the model, written out -------------------------------------------------------------------------
@@ -243,7 +244,11 @@ class GPT2Decoder:
         # to the cache are overwritten or masked by the next prefill
         s.width.fill_(1)
         s.step.fill_(1)
-        stream = torch.cuda.Stream()
+        # one side stream for every warm-up and capture: cuBLAS keeps a workspace per stream it has seen,
+        # so a new stream per captured shape would be memory that grows with the shapes met
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -255,7 +260,7 @@ class GPT2Decoder:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
             self._decode_step(s, cache, greedy, eos)
         s.graph = graph
 

@@ -207,6 +207,9 @@ class RoundMetrics:
     kl: float | None = None
     score_s: float | None = None                # scoring the local completions
     external_zero_advantage_groups: int | None = None   # peers' usable groups dropped for equal rewards
+    # the most GPU memory torch's allocator has held since the worker started (MiB; None on CPU): exact,
+    # where NVML sampled once a second misses an update's brief peak
+    gpu_peak_mib: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}

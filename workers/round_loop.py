@@ -233,5 +233,6 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
         zero_advantage_groups=len(local) - len(with_signal),
         external_zero_advantage_groups=available - len(candidates), completions=len(rewards),
         mean_completion_tokens=sum(lengths) / max(1, len(lengths)), max_completion_tokens=max(lengths, default=0),
+        gpu_peak_mib=torch.cuda.max_memory_reserved(policy.device) / 2**20 if policy.device.type == "cuda" else None,
         generate_s=generated - started, score_s=scored - generated, fetch_s=fetched - scored,
         train_s=trained - fetched, round_s=trained - started)
