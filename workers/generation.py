@@ -74,8 +74,8 @@ def sample_completions(policy: Policy, prompts: list[str], num_generations: int,
     prompt_ids = [encode_prompt(policy, p, max_new_tokens) for p in prompts]
     width = max(len(ids) for ids in prompt_ids)
     if fast:
-        # the static cache compiles the forward per shape: round prompt widths up to a few buckets, so
-        # rounds with new prompt lengths reuse the compiled graphs instead of recompiling
+        # the fast sampler captures one CUDA graph per shape: round prompt widths up to a few buckets, so
+        # rounds with new prompt lengths reuse the captured graphs instead of capturing more
         width = min(-(-width // PROMPT_BUCKET) * PROMPT_BUCKET, max(width, _context_length(policy) - max_new_tokens))
     rows = [ids for ids in prompt_ids for _ in range(num_generations)]
     input_ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=policy.device)

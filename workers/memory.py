@@ -6,7 +6,7 @@ from configs_env import SwarmConfig
 
 MIB = 1024 * 1024
 # Measured on an H100 (bench/RESULTS.md, bench/memory_probe.py): beyond what torch allocates, a worker holds
-# the CUDA context, loaded kernels (cuBLAS, the compiled generation graphs) and the allocator's slack:
+# the CUDA context, loaded kernels (cuBLAS and its workspaces, the sampler's CUDA graphs) and the allocator's slack:
 # ~1.1 GiB by NVML that does not grow with the model.
 FIXED_MIB = 1100
 # fp32 weights (4) and gradients (4), two AdamW moments in bf16 (2 + 2): workers.optim
