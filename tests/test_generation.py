@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from workers.generation import generate_ids, sample_completions
+from workers.generation import bucketed_width, generate_ids, sample_completions
 from workers.model import load_policy
 
 PROMPTS = ["State the final answer to the following arithmetic problem: 3 + 4 =\nAnswer:", "Calculate 2 + 2.\nAnswer:"]
@@ -138,3 +138,11 @@ def test_the_cuda_graph_replays_what_the_step_computes_eagerly(tmp_path):
         if min_new:
             assert (outs[0][:, ids.shape[1]:ids.shape[1] + min_new] != eos).all()
     assert graphed._steps and all(s.graph is not None for s in graphed._steps.values())
+
+
+def test_fast_prompt_widths_are_bucketed_but_never_past_the_context(policy):
+    context = policy.model.config.n_positions
+    assert bucketed_width(policy, 5, 12) == 32                      # a bucket
+    assert bucketed_width(policy, 5, context - 12) == 12            # what the context leaves, not 32
+    ids, mask = _left_padded(policy, PROMPTS)
+    assert torch.equal(generate_ids(policy, ids[:0], mask[:0], 8, 1.0, greedy=False, fast=True), ids[:0])

@@ -263,3 +263,13 @@ def test_the_kl_term_pulls_towards_the_reference_model():
     other = tiny(seed=1)
     stats = grpo_step(model, GradRecorder(model.parameters()), batch, adv, ref_model=other, beta=0.5)
     assert stats["kl"] > 0
+
+
+def test_a_head_with_a_bias_gets_its_log_probs_the_unfused_way():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, dtype=torch.float64)
+    states = torch.randn(9, 16, dtype=torch.float64)
+    targets = torch.randint(0, 40, (9,))
+    got = head_logprobs(head, states, targets, chunk_size=4)
+    want = torch.log_softmax(head(states), -1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)

@@ -76,3 +76,26 @@ def test_activation_checkpointing_gives_the_same_update(tmp_path):
     (plain, plain_weights), (ckpt, ckpt_weights) = results
     assert abs(plain["grad_norm"] - ckpt["grad_norm"]) < 1e-5 * max(1.0, plain["grad_norm"])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_weights, ckpt_weights))
+
+
+def test_a_resumed_optimizer_rounds_exactly_as_the_uninterrupted_one():
+    torch.manual_seed(0)
+    grads = [torch.randn(5000) for _ in range(6)]
+    start = torch.randn(5000)
+
+    def run(resume_at: int | None) -> torch.Tensor:
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = optim.AdamWBf16Moments([weight], lr=1e-3)
+        for k, grad in enumerate(grads):
+            if k == resume_at:                     # a new process: a new optimizer from the checkpoint
+                saved = optimizer.state_dict()
+                optimizer = optim.AdamWBf16Moments([weight], lr=1e-3)
+                optimizer.load_state_dict(saved)
+                # the moments are bf16 again at once, not at the first step (memory held until then)
+                assert optimizer.state[weight]["exp_avg"].dtype == torch.bfloat16
+            weight.grad = grad
+            optimizer.step()
+        return torch.cat([weight.detach(), optimizer.state[weight]["exp_avg_sq"].float()])
+
+    # the stochastic rounding's noise resumes where it stopped: bit for bit the same run
+    assert torch.equal(run(None), run(3))

@@ -183,7 +183,7 @@ class GPT2Decoder:
         rows, width = input_ids.shape
         if width + max_new_tokens > self.context:
             raise ValueError(f"{width} prompt + {max_new_tokens} new tokens exceed GPT-2's {self.context} positions")
-        if max_new_tokens < 1:
+        if max_new_tokens < 1 or rows == 0:
             return input_ids
         self._check_weights()
         length = width + max_new_tokens

@@ -63,6 +63,15 @@ def generate_ids(policy: Policy, input_ids: torch.Tensor, attention: torch.Tenso
                                      pad_token_id=eos, eos_token_id=eos, **sampling, **extra)
 
 
+def bucketed_width(policy: Policy, width: int, max_new_tokens: int) -> int:
+    """`width` rounded up to a multiple of PROMPT_BUCKET, never past what the context leaves the prompt.
+
+    The fast sampler captures one CUDA graph per shape: a few buckets let rounds with new prompt lengths
+    reuse the captured graphs instead of capturing more.
+    """
+    return min(-(-width // PROMPT_BUCKET) * PROMPT_BUCKET, max(width, _context_length(policy) - max_new_tokens))
+
+
 def sample_completions(policy: Policy, prompts: list[str], num_generations: int, max_new_tokens: int,
                        temperature: float, generator_seed: int, greedy: bool = False,
                        fast: bool = False) -> list[list[Completion]]:
@@ -74,9 +83,7 @@ def sample_completions(policy: Policy, prompts: list[str], num_generations: int,
     prompt_ids = [encode_prompt(policy, p, max_new_tokens) for p in prompts]
     width = max(len(ids) for ids in prompt_ids)
     if fast:
-        # the fast sampler captures one CUDA graph per shape: round prompt widths up to a few buckets, so
-        # rounds with new prompt lengths reuse the captured graphs instead of capturing more
-        width = min(-(-width // PROMPT_BUCKET) * PROMPT_BUCKET, max(width, _context_length(policy) - max_new_tokens))
+        width = bucketed_width(policy, width, max_new_tokens)
     rows = [ids for ids in prompt_ids for _ in range(num_generations)]
     input_ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=policy.device)
     attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=policy.device)

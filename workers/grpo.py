@@ -10,6 +10,7 @@ the batch ("token" normalisation, DAPO) or per sequence then over sequences ("se
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
@@ -93,10 +94,19 @@ class _HeadLogProbs(torch.autograd.Function):
         # 77 MiB of GPT-2's head held from the forward to the backward, through the worker's peak
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.chunk, ctx.states_dtype, ctx.weight_dtype = chunk, states.dtype, weight.dtype
+        ctx.device_type = states.device.type
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        # backward may run inside the caller's autocast: the logits must be recomputed exactly as forward
+        # made them (in h's dtype), or they would not match the saved log-sum-exp
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _HeadLogProbs._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor):
         h, weight, targets, lse = ctx.saved_tensors
         w = weight.to(h.dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -118,16 +128,28 @@ class _HeadLogProbs(torch.autograd.Function):
 
 
 def head_logprobs(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """(rows,) log-probs of `targets` under a bias-free linear `head` on (rows, d) `states`; fp32 (fp64 kept)."""
+    """(rows,) log-probs of `targets` under a linear `head` on (rows, d) `states`, fp32 (fp64 kept); fused when
+    the head has no bias, as GPT-2's has not."""
     weight = head.weight
     if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(head).__name__} has a bias: the fused log-probs take a bias-free output head")
+        return _biased_head_logprobs(head, states, targets, chunk_size)
     # the matmul's dtype is what autocast would give it: bf16 on a GPU under autocast, else the states'
     device = states.device.type
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(states.dtype, weight.dtype)
     with torch.autocast(device, enabled=False):
         return _HeadLogProbs.apply(states, weight, targets, max(1, chunk_size), dtype)
+
+
+def _biased_head_logprobs(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int) -> torch.Tensor:
+    """The unfused way, for output heads with a bias (GPT-2's has none): autograd keeps each chunk's logits."""
+    pieces = []
+    for start in range(0, states.shape[0], max(1, chunk_size)):
+        logits = head(states[start:start + chunk_size])
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        pieces.append(torch.log_softmax(logits, -1).gather(1, targets[start:start + chunk_size, None]).squeeze(1))
+    return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
 
 
 def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size: int = 4096) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.exchange import Exchange
-from workers.generation import (PROMPT_BUCKET, Completion, encode_completion, encode_prompt, generate_ids,
+from workers.generation import (Completion, bucketed_width, encode_completion, encode_prompt, generate_ids,
                                 sample_completions)
 from workers.grpo import build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.memory import release_cached_memory
@@ -147,13 +147,14 @@ def rehearse_largest_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg
     eos, device = policy.tokenizer.eos_token_id, policy.device
     longest = max(len(encode_prompt(policy, build_prompt(q.question), cfg.max_new_tokens))
                   for q in tasks.sample(32, random.Random(0)))
-    width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    width = bucketed_width(policy, longest, cfg.max_new_tokens)                 # as sample_completions pads
     rows = -(-cfg.num_train_samples // max(1, splits)) * cfg.num_generations      # as generate_local batches
-    with torch.random.fork_rng(devices=[device]):
-        ids = torch.full((rows, width), eos, device=device)
-        generate_ids(policy, ids, torch.ones_like(ids), cfg.max_new_tokens, cfg.temperature, greedy=False, fast=True,
-                     min_new_tokens=cfg.max_new_tokens)
-    release_cached_memory(device)
+    if rows:                                                                      # a joiner may sample none
+        with torch.random.fork_rng(devices=[device]):
+            ids = torch.full((rows, width), eos, device=device)
+            generate_ids(policy, ids, torch.ones_like(ids), cfg.max_new_tokens, cfg.temperature, greedy=False,
+                         fast=True, min_new_tokens=cfg.max_new_tokens)
+        release_cached_memory(device)
     train_rows = min(cfg.train_micro_batch, (cfg.num_train_samples + cfg.num_transplant_trees) * cfg.num_generations)
     batch = build_batch([[eos] * longest] * train_rows, [[eos] * cfg.max_new_tokens] * train_rows, eos, device)
     policy.model.train()
