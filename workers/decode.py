@@ -207,10 +207,9 @@ class GPT2Decoder:
                     self._decode_step(s, cache, greedy, eos)
                 done += 1
         new = s.out[:, :done]
-        ended = new == eos
         # generate stops at the step where the last row finished: drop the EOS padding computed after it
-        first_end = torch.where(ended.any(dim=1), ended.int().argmax(dim=1), torch.full_like(s.pad, done - 1))
-        all_ended, last_end = torch.stack([ended.any(dim=1).all().long(), first_end.max()]).tolist()
+        first_end = (new == eos).int().argmax(dim=1)                 # read only when every row has finished
+        all_ended, last_end = torch.stack([s.finished.all().long(), first_end.max()]).tolist()
         n = last_end + 1 if all_ended else done
         return torch.cat([input_ids, new[:, :n]], dim=1)
 

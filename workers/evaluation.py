@@ -12,7 +12,7 @@ from pathlib import Path
 
 from configs_env import SwarmConfig
 from workers.folder import ExperimentFolder, RejectedFile, read_jsonl
-from workers.generation import sample_completions
+from workers.generation import prompts_per_call, sample_completions
 from workers.model import Policy
 from workers.protocol import HeldOutEval
 from workers.tasks import Question, TaskMix, build_prompt, score_completion
@@ -64,8 +64,8 @@ def evaluate_held_out(policy: Policy, cfg: SwarmConfig, questions: list[Question
     on_cuda = policy.device.type == "cuda"
     # on CUDA as many prompts a call as a round generates rows: the sampler's KV cache, sized by the
     # round, is reused as it is instead of growing for the evaluation and staying grown
-    splits = max(1, splits)
-    size = -(-cfg.num_train_samples // splits) * cfg.num_generations if on_cuda else EVAL_BATCH // splits
+    size = (prompts_per_call(cfg.num_train_samples, splits) * cfg.num_generations if on_cuda
+            else EVAL_BATCH // max(1, splits))
     accuracy = greedy_accuracy(policy, questions, cfg.max_new_tokens, fast=on_cuda, batch_size=max(1, size))
     return HeldOutEval(node=node, round=round_, accuracy=accuracy, questions=len(questions),
                        seconds=time.monotonic() - started)

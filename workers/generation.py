@@ -63,6 +63,12 @@ def generate_ids(policy: Policy, input_ids: torch.Tensor, attention: torch.Tenso
                                      pad_token_id=eos, eos_token_id=eos, **sampling, **extra)
 
 
+def prompts_per_call(prompts: int, splits: int) -> int:
+    """Prompts one generate call takes when a round's `prompts` are sampled in `splits` batches (after a
+    CUDA out-of-memory restart): what a round, its rehearsal and the held-out evaluation all batch by."""
+    return max(1, -(-prompts // max(1, splits)))
+
+
 def bucketed_width(policy: Policy, width: int, max_new_tokens: int) -> int:
     """`width` rounded up to a multiple of PROMPT_BUCKET, never past what the context leaves the prompt.
 

@@ -16,7 +16,7 @@ import torch
 from configs_env import SwarmConfig
 from workers.exchange import Exchange
 from workers.generation import (Completion, bucketed_width, encode_completion, encode_prompt, generate_ids,
-                                sample_completions)
+                                prompts_per_call, sample_completions)
 from workers.grpo import build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.memory import release_cached_memory
 from workers.model import Policy
@@ -52,7 +52,7 @@ def _has_signal(rewards: list[float]) -> bool:
 def generate_local(policy: Policy, cfg: SwarmConfig, prompts: list[str], seed: int,
                    splits: int = 1) -> list[list[Completion]]:
     """G completions per prompt, in `splits` batches (more after a CUDA out-of-memory restart)."""
-    size = max(1, -(-len(prompts) // max(1, splits)))
+    size = prompts_per_call(len(prompts), splits)
     sampled = []
     for start in range(0, len(prompts), size):
         # on CUDA: the CUDA-graph sampler of workers.decode, ~5x the tokens/s of plain generate (bench/RESULTS.md)
@@ -148,8 +148,8 @@ def rehearse_largest_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg
     longest = max(len(encode_prompt(policy, build_prompt(q.question), cfg.max_new_tokens))
                   for q in tasks.sample(32, random.Random(0)))
     width = bucketed_width(policy, longest, cfg.max_new_tokens)                 # as sample_completions pads
-    rows = -(-cfg.num_train_samples // max(1, splits)) * cfg.num_generations      # as generate_local batches
-    if rows:                                                                      # a joiner may sample none
+    if cfg.num_train_samples:                                                     # a joiner may sample none
+        rows = prompts_per_call(cfg.num_train_samples, splits) * cfg.num_generations
         with torch.random.fork_rng(devices=[device]):
             ids = torch.full((rows, width), eos, device=device)
             generate_ids(policy, ids, torch.ones_like(ids), cfg.max_new_tokens, cfg.temperature, greedy=False,
