@@ -199,6 +199,21 @@ def test_fused_head_logprobs_under_bf16_autocast_match_autocast_logits(device):
         assert (got - want).norm() < 0.02 * want.norm()           # bf16 rounding of the logits' gradient
 
 
+@pytest.mark.gpu
+def test_the_head_gradient_sums_chunks_in_fp32_on_cuda():
+    from workers.grpo import _accumulate_product
+
+    torch.manual_seed(0)
+    parts = [(torch.randn(256, 3000, device="cuda", dtype=torch.bfloat16),
+              torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)) for _ in range(8)]
+    acc = torch.zeros(3000, 64, device="cuda")
+    for grad, states in parts:
+        _accumulate_product(acc, grad.t(), states)
+    want = sum(g.t().double() @ h.double() for g, h in parts)
+    # a product rounded to bf16 before each addition would be ~2e-3 off
+    assert ((acc.double() - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_a_positive_advantage_raises_the_completions_log_probability():
     model = tiny()
     batch = build_batch([[5, 6], [5, 6]], [[10, 11, EOS], [20, 21, EOS]], pad_id=EOS)

@@ -101,6 +101,21 @@ def test_a_hub_style_folder_loads_with_dropout_off_and_a_pad_token(tmp_path):
     assert policy.name == str(folder) and policy.device == torch.device("cpu")
 
 
+def test_a_loaded_gpt2_computes_what_the_saved_one_does_with_one_gelu_kernel(tmp_path):
+    folder = tmp_path / "my-gpt2"
+    torch.manual_seed(0)
+    saved = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=100)).eval()
+    saved.save_pretrained(folder)
+    tokenizer = gpt2_tokenizer()
+    tokenizer.save_pretrained(folder)
+    policy = load_policy(str(folder), "cpu", tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, 100, (3, 20))
+    with torch.no_grad():
+        assert torch.allclose(policy.model(ids).logits, saved(ids).logits, atol=1e-5)
+    assert not any(type(m).__name__ == "NewGELUActivation" for m in policy.model.modules())
+    assert policy.model.config.activation_function == "gelu_pytorch_tanh"
+
+
 @pytest.mark.parametrize("name", ["no-such-org/no-such-model", "rl-swarm/no-such-model", "./no/such/folder"])
 def test_a_named_model_that_cannot_load_is_one_line_naming_the_offline_models(tmp_path, name):
     for attempt in (lambda: ensure_model_available(name, tmp_path), lambda: load_policy(name, "cpu", tmp_path)):

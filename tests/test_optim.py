@@ -1,5 +1,6 @@
 """The memory savings of a GPU worker change how much it stores, not what it learns."""
 
+import pytest
 import torch
 
 import workers.optim as optim
@@ -99,3 +100,64 @@ def test_a_resumed_optimizer_rounds_exactly_as_the_uninterrupted_one():
 
     # the stochastic rounding's noise resumes where it stopped: bit for bit the same run
     assert torch.equal(run(None), run(3))
+
+
+def _bf16_neighbours(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two bf16 values around each fp32 value (equal where it is exact)."""
+    down = (value.view(torch.int32) & -65536).view(torch.float32)
+    up = (down.view(torch.int32) + 65536).view(torch.float32)
+    exact = down == value
+    return down, torch.where(exact, down, up)
+
+
+@pytest.mark.gpu
+def test_the_triton_step_updates_as_the_torch_step_and_rounds_unbiased():
+    if optim.triton is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    shapes = [(1_000_003,), (300, 77), (3,)]       # odd sizes: the last block of each is partial
+    start = [torch.randn(s, device="cuda") for s in shapes]
+    grads = [torch.randn(s, device="cuda") for s in shapes]
+    runs = {}
+    for use_triton in (True, False):
+        weights = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = optim.AdamWBf16Moments(weights, lr=1e-2, weight_decay=0.01, use_triton=use_triton)
+        for w, g in zip(weights, grads):
+            w.grad = g.clone()
+        optimizer.step()
+        runs[use_triton] = (weights, optimizer)
+    (fast, fast_opt), (slow, slow_opt) = runs[True], runs[False]
+    for a, b, g in zip(fast, slow, grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)            # the first update is fp32 arithmetic
+        exact = 0.1 * g                                                # the first moment after one step
+        got = fast_opt.state[a]["exp_avg"].float()
+        down, up = _bf16_neighbours(exact)
+        assert bool(((got == down) | (got == up)).all())               # a neighbour, never further
+    # unbiased: over a million elements the rounding errors average out to far under one spacing
+    big, g = fast[0], grads[0]
+    exact = 0.1 * g
+    down, up = _bf16_neighbours(exact)
+    spacing = torch.where(up > down, up - down, torch.ones_like(up))
+    error = (fast_opt.state[big]["exp_avg"].float() - exact) / spacing
+    assert error.abs().max() < 1 and abs(error.mean().item()) < 0.005   # ~10 sigma for a uniform error
+    assert 0.3 < (error > 0).float().mean().item() < 0.7                # it does round up, and down
+
+
+@pytest.mark.gpu
+def test_the_triton_step_learns_as_torch_adamw_does():
+    if optim.triton is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    reference = [torch.nn.Parameter(torch.randn(3000, device="cuda")),
+                 torch.nn.Parameter(torch.randn(7, 50, device="cuda"))]
+    ours = [torch.nn.Parameter(w.detach().clone()) for w in reference]
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.01)
+    bf16_adamw = optim.AdamWBf16Moments(ours, lr=1e-2, weight_decay=0.01, use_triton=True)
+    for _ in range(200):
+        for weights, optimizer in ((reference, torch_adamw), (ours, bf16_adamw)):
+            optimizer.zero_grad()
+            _loss(weights).backward()
+            optimizer.step()
+    assert abs(_loss(ours).item() - _loss(reference).item()) < 0.01 * _loss(reference).item()
+    for a, b in zip(reference, ours):
+        assert (a - b).abs().max() < 0.05

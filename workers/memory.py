@@ -12,9 +12,9 @@ FIXED_MIB = 1100
 # fp32 weights (4) and gradients (4), two AdamW moments in bf16 (2 + 2): workers.optim
 BYTES_PER_PARAM = 12
 # bytes per token, layer and hidden unit of one micro-batch's update under bf16 autocast, logits chunk
-# included: 16 x 304 tokens of GPT-2 124M peaked at 0.53 GiB over the weights with activation
-# checkpointing, 8 x 304 at 2.4 GiB without
-ACTIVATION_BYTES = {True: 13, False: 114}
+# included: 16 x 304 tokens of GPT-2 124M peaked at 0.33 GiB over weights, gradients and moments with
+# activation checkpointing, 1.84 GiB without (bench/train_probe.json)
+ACTIVATION_BYTES = {True: 8, False: 44}
 
 
 def parameter_count(config) -> int:

@@ -94,6 +94,18 @@ def _dropout_off(model: torch.nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
+def _fused_gelu(model: torch.nn.Module) -> None:
+    # GPT-2's "gelu_new" is written as eight elementwise ops that autograd saves four tensors of; torch's
+    # tanh GELU is the same formula in one kernel that saves only its input (about 1.4 GiB less to keep for
+    # a 16 x 304-token update of GPT-2 124M without checkpointing, and fewer launches either way)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child).__name__ == "NewGELUActivation":
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+    if getattr(model.config, "activation_function", None) == "gelu_new":
+        model.config.activation_function = "gelu_pytorch_tanh"
+
+
 def load_policy(model_name: str, device: str | torch.device, cache_dir: Path,
                 dtype: torch.dtype | None = None) -> Policy:
     """The model (dropout off, on `device`) and its left-padding tokenizer; any failure is a ModelLoadError."""
@@ -109,6 +121,7 @@ def load_policy(model_name: str, device: str | torch.device, cache_dir: Path,
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"       # generation appends on the right; prompts must end flush
     _dropout_off(model)
+    _fused_gelu(model)
     device = torch.device(device)
     return Policy(model=model.to(device), tokenizer=tokenizer, name=model_name, device=device)
 

@@ -8,54 +8,53 @@ arithmetic of each step is fp32; only the stored moments are rounded.
 Rounding must be stochastic: with round-to-nearest, exp_avg_sq * 0.999 is a change of 0.1%, under half of
 bf16's 0.4% spacing, so the second moment could never decay and the step size would shrink for good.
 Rounding up or down with probability by distance keeps each stored moment unbiased.
+
+On CUDA with Triton the whole step of a parameter is one kernel that reads and writes each element once
+(20 bytes of traffic, no temporaries); elsewhere it is a few dozen torch kernels over buckets of
+parameters. Both draw the rounding noise from (step, element), so a resumed run rounds as the
+uninterrupted one without saving a generator.
 """
 
 from typing import Iterable
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:          # the CPU wheel of torch comes without Triton: the torch path serves
+    triton = None
 
-# elements per fused update: its ~5 fp32 temporaries (~320 MiB) stay under the backward pass's own peak,
-# and GPT-2 124M takes 8 updates, not one per parameter (each is ~25 kernel launches, and launches are
-# what a step of a small model costs)
+
+# elements per fused update of the torch path: its ~5 fp32 temporaries (~320 MiB) stay under the backward
+# pass's own peak, and GPT-2 124M takes 8 updates, not one per parameter (each is ~25 kernel launches)
 PIECE = 16 * 1024 * 1024
+NOISE_SEED = 0x5A90
+BLOCK = 2048                 # elements per Triton program: 8 KiB of fp32 weights, 16 per thread of 4 warps
+
+
+def _noise_seed(step: int) -> int:
+    """A 31-bit seed of its own for every step: Philox streams of consecutive steps must not overlap."""
+    return (NOISE_SEED * 0x9E3779B1 + step * 0x85EBCA77) % (2**31 - 1)
 
 
 class AdamWBf16Moments(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) with exp_avg and exp_avg_sq stored as bfloat16."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+                 eps: float = 1e-8, weight_decay: float = 0.0, use_triton: bool | None = None):
         if lr <= 0 or eps <= 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or weight_decay < 0:
             raise ValueError(f"AdamWBf16Moments: invalid lr={lr}, betas={betas}, eps={eps} or "
                              f"weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self._noise: torch.Generator | None = None
-        self._saved_noise: torch.Tensor | None = None       # from a checkpoint, until the generator exists
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        # its own stream, so the rounding noise never shifts the sampling seeds of generation
-        if self._noise is None or self._noise.device != device:
-            self._noise = torch.Generator(device=device)
-            self._noise.manual_seed(0x5A90)
-            if self._saved_noise is not None:
-                self._noise.set_state(self._saved_noise)
-                self._saved_noise = None
-        return self._noise
-
-    def state_dict(self) -> dict:
-        """torch's state, plus where the rounding noise stands: a resumed run rounds as the uninterrupted one."""
-        state = super().state_dict()
-        noise = self._noise.get_state() if self._noise is not None else self._saved_noise
-        if noise is not None:
-            state["rounding_noise"] = noise
-        return state
+        self.use_triton = triton is not None if use_triton is None else use_triton
+        if self.use_triton and triton is None:
+            raise ValueError("AdamWBf16Moments(use_triton=True): Triton is not installed (pip install triton)")
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        noise = state_dict.pop("rounding_noise", None)
+        state_dict.pop("rounding_noise", None)     # saved by earlier versions; the noise now follows the step
         super().load_state_dict(state_dict)
-        self._noise, self._saved_noise = None, noise
         # torch casts loaded moments to the parameter's dtype; bf16 -> fp32 -> bf16 is exact, so take them
         # back now rather than hold fp32 moments (0.46 GiB more for GPT-2) until the first step
         self.allocate_state()
@@ -70,18 +69,13 @@ class AdamWBf16Moments(torch.optim.Optimizer):
         state = self.state[param]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.bfloat16)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         elif state["exp_avg"].dtype != torch.bfloat16:
             # Optimizer.load_state_dict casts saved moments to the parameter's dtype; take them back
-            state["exp_avg"] = state["exp_avg"].to(torch.bfloat16)
-            state["exp_avg_sq"] = state["exp_avg_sq"].to(torch.bfloat16)
+            state["exp_avg"] = state["exp_avg"].to(torch.bfloat16).contiguous()
+            state["exp_avg_sq"] = state["exp_avg_sq"].to(torch.bfloat16).contiguous()
         return state
-
-    def _moments(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self._new_state(param)
-        state["step"] += 1          # a CPU tensor: reading it back costs no device sync
-        return state["exp_avg"], state["exp_avg_sq"], float(state["step"])
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's Optimizer signature
@@ -90,44 +84,60 @@ class AdamWBf16Moments(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            pieces = []     # (param, moment, moment_sq, grad) views of at most PIECE elements each
-            step = 0.0
+            live = []            # (param, grad, exp_avg, exp_avg_sq, where the param starts in the group)
+            first, step = 0, 0
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                exp_avg, exp_avg_sq, step = self._moments(param)
-                flat = (param.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1), param.grad.view(-1))
-                for start in range(0, param.numel(), PIECE):
-                    pieces.append(tuple(t[start:start + PIECE] for t in flat))
-            if not pieces:
-                continue
-            bucket: list = []
-            for piece in pieces:
-                if bucket and sum(p[0].numel() for p in bucket) + piece[0].numel() > PIECE:
-                    self._update(bucket, group, step)
-                    bucket = []
-                bucket.append(piece)
-            self._update(bucket, group, step)
+                if param.grad is not None:
+                    state = self._new_state(param)
+                    state["step"] += 1          # a CPU tensor: reading it back costs no device sync
+                    step = int(state["step"])
+                    live.append((param, param.grad, state["exp_avg"], state["exp_avg_sq"], first))
+                first += param.numel()
+            if live:
+                update = _triton_update if self.use_triton and live[0][0].is_cuda else _torch_update
+                update(live, group, step)
         return loss
 
-    def _update(self, bucket: list, group: dict, step: float) -> None:
-        """One fused update of a few parameters' slices: ~20 kernels for the bucket, not per parameter."""
-        beta1, beta2 = group["betas"]
-        params, moments, moments_sq, grads = (list(column) for column in zip(*bucket))
-        grad = torch.cat(grads).float()
-        exp_avg = torch.cat(moments).float().lerp_(grad, 1 - beta1)
-        exp_avg_sq = torch.cat(moments_sq).float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        del grad
-        bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-        update = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
-        update = torch.div(exp_avg, update, out=update).mul_(-group["lr"] / bias1)
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        sizes = [p.numel() for p in params]
-        torch._foreach_add_(params, list(update.split(sizes)))
-        noise = self._generator(update.device)
-        torch._foreach_copy_(moments, list(_round_stochastically(exp_avg, noise).split(sizes)))
-        torch._foreach_copy_(moments_sq, list(_round_stochastically(exp_avg_sq, noise).split(sizes)))
+
+def _constants(group: dict, step: int) -> tuple[float, float, float, float, float]:
+    """step size (lr over the first bias correction), second bias correction, 1 - beta1, beta2, decay."""
+    beta1, beta2 = group["betas"]
+    return (group["lr"] / (1 - beta1 ** step), 1 - beta2 ** step, 1 - beta1, beta2,
+            1 - group["lr"] * group["weight_decay"])
+
+
+def _torch_update(live: list, group: dict, step: int) -> None:
+    """The step in torch kernels, over buckets of at most PIECE elements (a few per bucket, not per param)."""
+    generator = torch.Generator(device=live[0][0].device)
+    generator.manual_seed(_noise_seed(step))
+    pieces = []
+    for param, grad, exp_avg, exp_avg_sq, _ in live:
+        flat = (param.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1), grad.reshape(-1))
+        pieces += [tuple(t[start:start + PIECE] for t in flat) for start in range(0, param.numel(), PIECE)]
+    bucket: list = []
+    for piece in pieces:
+        if bucket and sum(p[0].numel() for p in bucket) + piece[0].numel() > PIECE:
+            _torch_bucket(bucket, group, step, generator)
+            bucket = []
+        bucket.append(piece)
+    _torch_bucket(bucket, group, step, generator)
+
+
+def _torch_bucket(bucket: list, group: dict, step: int, generator: torch.Generator) -> None:
+    step_size, bias2, fresh1, beta2, decay = _constants(group, step)
+    params, moments, moments_sq, grads = (list(column) for column in zip(*bucket))
+    grad = torch.cat(grads).float()
+    exp_avg = torch.cat(moments).float().lerp_(grad, fresh1)
+    exp_avg_sq = torch.cat(moments_sq).float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    del grad
+    update = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
+    update = torch.div(exp_avg, update, out=update).mul_(-step_size)
+    if decay != 1:
+        torch._foreach_mul_(params, decay)
+    sizes = [p.numel() for p in params]
+    torch._foreach_add_(params, list(update.split(sizes)))
+    torch._foreach_copy_(moments, list(_round_stochastically(exp_avg, generator).split(sizes)))
+    torch._foreach_copy_(moments_sq, list(_round_stochastically(exp_avg_sq, generator).split(sizes)))
 
 
 def _round_stochastically(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -138,6 +148,45 @@ def _round_stochastically(value: torch.Tensor, generator: torch.Generator) -> to
     """
     noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
     return value.view(torch.int32).add_(noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _triton_update(live: list, group: dict, step: int) -> None:
+    """One kernel per parameter: each element's weight, gradient and moments read once and written once."""
+    step_size, bias2, fresh1, beta2, decay = _constants(group, step)
+    seed = _noise_seed(step)
+    for param, grad, exp_avg, exp_avg_sq, first in live:
+        if not (param.is_contiguous() and grad.is_contiguous()):
+            raise ValueError(f"AdamWBf16Moments: a parameter of shape {tuple(param.shape)} or its gradient is "
+                             "not contiguous; the Triton step reads them as flat arrays")
+        numel = param.numel()
+        _adamw_bf16_kernel[(triton.cdiv(numel, BLOCK),)](
+            param, grad, exp_avg, exp_avg_sq, numel, first, seed, step_size, bias2, fresh1, beta2, 1 - beta2,
+            group["eps"], decay, BLOCK=BLOCK)
+
+
+if triton is not None:
+    @triton.jit
+    def _stochastic_bf16(value, noise):
+        # the torch path's trick in registers: noise below bf16's 16 bits, then cut them off
+        bits = value.to(tl.int32, bitcast=True) + (noise & 0xFFFF).to(tl.int32)
+        return (bits & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+    @triton.jit
+    def _adamw_bf16_kernel(param, grad, exp_avg, exp_avg_sq, numel, first, seed, step_size, bias2, fresh1,
+                           beta2, fresh2, eps, decay, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        p = tl.load(param + offsets, mask=inside)
+        g = tl.load(grad + offsets, mask=inside).to(tl.float32)
+        m = tl.load(exp_avg + offsets, mask=inside).to(tl.float32)
+        v = tl.load(exp_avg_sq + offsets, mask=inside).to(tl.float32)
+        m = m + fresh1 * (g - m)                   # torch's lerp, with the same fp32 weight
+        v = beta2 * v + fresh2 * g * g
+        denom = tl.sqrt_rn(v / bias2) + eps
+        tl.store(param + offsets, p * decay - step_size * (m / denom), mask=inside)
+        noise_m, noise_v, _, _ = tl.randint4x(seed, first + offsets)
+        tl.store(exp_avg + offsets, _stochastic_bf16(m, noise_m), mask=inside)
+        tl.store(exp_avg_sq + offsets, _stochastic_bf16(v, noise_v), mask=inside)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
