@@ -200,6 +200,34 @@ def test_fused_head_logprobs_under_bf16_autocast_match_autocast_logits(device):
 
 
 @pytest.mark.gpu
+def test_the_triton_softmax_of_the_head_matches_the_torch_one(monkeypatch):
+    from workers import softmax_kernels
+
+    if softmax_kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    vocab = 50257                                    # GPT-2's: the last block of every row is partial
+    head = torch.nn.Linear(64, vocab, bias=False, device="cuda")
+    states = torch.randn(300, 64, device="cuda", requires_grad=True)
+    targets = torch.randint(0, vocab, (300,), device="cuda")
+    upstream = torch.randn(300, device="cuda")
+    results = []
+    for kernels in (True, False):
+        if not kernels:
+            monkeypatch.setattr(softmax_kernels, "triton", None)
+        head.zero_grad()
+        states.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logp = head_logprobs(head, states, targets, chunk_size=128)     # 3 chunks, the last one short
+        (logp * upstream).sum().backward()
+        results.append((logp.detach(), states.grad.clone(), head.weight.grad.clone()))
+    (ours, ours_ds, ours_dw), (ref, ref_ds, ref_dw) = results
+    assert torch.isfinite(ours).all() and torch.allclose(ours, ref, atol=1e-4, rtol=0)
+    for got, want in ((ours_ds, ref_ds), (ours_dw, ref_dw)):
+        assert (got - want).norm() < 5e-3 * want.norm()
+
+
+@pytest.mark.gpu
 def test_the_head_gradient_sums_chunks_in_fp32_on_cuda():
     from workers.grpo import _accumulate_product
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from workers import softmax_kernels
+
 
 def group_advantages(rewards: torch.Tensor, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
     """(num_groups, G) rewards -> advantages; a group whose rewards are all equal gets exactly zero."""
@@ -86,9 +88,14 @@ class _HeadLogProbs(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)
         out = torch.empty(h.shape[0], dtype=acc, device=h.device)
         lse = torch.empty_like(out)
+        targets = targets.contiguous()
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
-            logits = (h[rows] @ w.t()).to(acc)
+            logits = h[rows] @ w.t()
+            if softmax_kernels.available(logits) and acc == torch.float32:
+                softmax_kernels.logsumexp_and_target(logits, targets[rows], lse[rows], out[rows])
+                continue
+            logits = logits.to(acc)
             lse[rows] = torch.logsumexp(logits, dim=-1)
             out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
         # the weight is saved as the parameter it is and cast again in backward: a saved bf16 copy would be
@@ -112,14 +119,18 @@ class _HeadLogProbs(torch.autograd.Function):
         w = weight.to(h.dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
-        g = grad_out.to(lse.dtype)
+        g = grad_out.to(lse.dtype).contiguous()      # autograd may hand over an expanded (stride 0) gradient
         for start in range(0, h.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            logits = (h[rows] @ w.t()).to(lse.dtype)
-            # d logp / d logits = onehot(target) - softmax; times the incoming gradient, in place
-            grad = logits.sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
-            grad.scatter_add_(1, targets[rows, None], g[rows, None])
-            grad = grad.to(h.dtype)
+            logits = h[rows] @ w.t()
+            if softmax_kernels.available(logits) and lse.dtype == torch.float32:
+                softmax_kernels.logits_to_grad_(logits, targets[rows], lse[rows], g[rows])
+                grad = logits
+            else:
+                # d logp / d logits = onehot(target) - softmax; times the incoming gradient, in place
+                grad = logits.to(lse.dtype).sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
+                grad.scatter_add_(1, targets[rows, None], g[rows, None])
+                grad = grad.to(h.dtype)
             if grad_h is not None:
                 grad_h[rows] = grad @ w
             if grad_w is not None:
