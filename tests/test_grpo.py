@@ -205,6 +205,7 @@ def test_the_triton_softmax_of_the_head_matches_the_torch_one(monkeypatch):
 
     if softmax_kernels.triton is None:
         pytest.skip("Triton is not installed")
+    assert softmax_kernels.available(torch.empty(2, 8, device="cuda", dtype=torch.bfloat16))   # its self-check
     torch.manual_seed(0)
     vocab = 50257                                    # GPT-2's: the last block of every row is partial
     head = torch.nn.Linear(64, vocab, bias=False, device="cuda")

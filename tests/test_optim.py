@@ -114,6 +114,7 @@ def _bf16_neighbours(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_the_triton_step_updates_as_the_torch_step_and_rounds_unbiased():
     if optim.triton is None:
         pytest.skip("Triton is not installed")
+    assert optim._triton_runs(torch.device("cuda", 0))         # its self-check passes where Triton works
     torch.manual_seed(0)
     shapes = [(1_000_003,), (300, 77), (3,)]       # odd sizes: the last block of each is partial
     start = [torch.randn(s, device="cuda") for s in shapes]

@@ -15,6 +15,8 @@ parameters. Both draw the rounding noise from (step, element), so a resumed run 
 uninterrupted one without saving a generator.
 """
 
+import functools
+import logging
 from typing import Iterable
 
 import torch
@@ -32,6 +34,8 @@ PIECE = 16 * 1024 * 1024
 NOISE_SEED = 0x5A90
 BLOCK = 2048                 # elements per Triton program: 8 KiB of fp32 weights, 16 per thread of 4 warps
 
+log = logging.getLogger(__name__)
+
 
 def _noise_seed(step: int) -> int:
     """A 31-bit seed of its own for every step: Philox streams of consecutive steps must not overlap."""
@@ -47,8 +51,8 @@ class AdamWBf16Moments(torch.optim.Optimizer):
             raise ValueError(f"AdamWBf16Moments: invalid lr={lr}, betas={betas}, eps={eps} or "
                              f"weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self.use_triton = triton is not None if use_triton is None else use_triton
-        if self.use_triton and triton is None:
+        self.use_triton = use_triton     # None: on CUDA where Triton runs; True: on CUDA always; False: never
+        if use_triton and triton is None:
             raise ValueError("AdamWBf16Moments(use_triton=True): Triton is not installed (pip install triton)")
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -94,7 +98,12 @@ class AdamWBf16Moments(torch.optim.Optimizer):
                     live.append((param, param.grad, state["exp_avg"], state["exp_avg_sq"], first))
                 first += param.numel()
             if live:
-                update = _triton_update if self.use_triton and live[0][0].is_cuda else _torch_update
+                device = live[0][0].device
+                if self.use_triton is None:
+                    fast = triton is not None and device.type == "cuda" and _triton_runs(device)
+                else:
+                    fast = self.use_triton and device.type == "cuda"
+                update = _triton_update if fast else _torch_update
                 update(live, group, step)
         return loss
 
@@ -162,6 +171,22 @@ def _triton_update(live: list, group: dict, step: int) -> None:
         _adamw_bf16_kernel[(triton.cdiv(numel, BLOCK),)](
             param, grad, exp_avg, exp_avg_sq, numel, first, seed, step_size, bias2, fresh1, beta2, 1 - beta2,
             group["eps"], decay, BLOCK=BLOCK)
+
+
+@functools.cache
+def _triton_runs(device: torch.device) -> bool:
+    """Whether the Triton step compiles and runs here: Triton needs a C compiler at its first launch, which a
+    slim container may lack; then the torch path serves, said once in the log, rather than every step crash."""
+    try:
+        param, grad = torch.zeros(8, device=device), torch.ones(8, device=device)
+        moments = [torch.zeros(8, device=device, dtype=torch.bfloat16) for _ in range(2)]
+        _adamw_bf16_kernel[(1,)](param, grad, *moments, 8, 0, 7, 0.1, 0.001, 0.1, 0.999, 0.001, 1e-8, 1.0,
+                                 BLOCK=BLOCK)
+        return bool(torch.isfinite(param).all() and param.ne(0).all())
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run the kernel means: use the torch path
+        log.warning("the Triton AdamW step does not run on %s (%s: %s); using the torch kernels",
+                    device, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return False
 
 
 if triton is not None:

@@ -7,6 +7,9 @@ for the naive path's one big head. Here a chunk is its GEMMs and one kernel, rea
 they came out of the GEMM and doing all arithmetic in fp32, as the torch path does.
 """
 
+import functools
+import logging
+
 import torch
 
 try:
@@ -17,11 +20,32 @@ except ImportError:          # the CPU wheel of torch comes without Triton: work
 
 BLOCK_V = 4096               # vocabulary entries a program holds at once (GPT-2's 50257 in 13 steps)
 
+log = logging.getLogger(__name__)
+
 
 def available(logits: torch.Tensor) -> bool:
     """Whether these (rows, vocab) logits can take the kernels: half precision, contiguous, on CUDA."""
     return (triton is not None and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16)
-            and logits.is_contiguous())
+            and logits.is_contiguous() and _kernels_run(logits.device))
+
+
+@functools.cache
+def _kernels_run(device: torch.device) -> bool:
+    """Whether both kernels compile and run here (Triton needs a C compiler at its first launch); if not,
+    the torch path serves, said once in the log."""
+    try:
+        logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]], device=device, dtype=torch.bfloat16)
+        targets = torch.zeros(1, device=device, dtype=torch.long)
+        lse, out = torch.empty(1, device=device), torch.empty(1, device=device)
+        _lse_kernel[(1,)](logits, targets, lse, out, 4, BLOCK_V=BLOCK_V, num_warps=8)
+        _grad_kernel[(1,)](logits, targets, lse, torch.ones(1, device=device), 4, BLOCK_V=BLOCK_V, num_warps=8)
+        # log(4) and log(1/4), then the gradient 1 - 1/4 at the target and -1/4 elsewhere
+        return (abs(lse.item() - 1.3862944) < 1e-3 and abs(out.item() + 1.3862944) < 1e-3
+                and abs(logits[0, 0].item() - 0.75) < 1e-2 and abs(logits[0, 1].item() + 0.25) < 1e-2)
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run the kernels means: use the torch path
+        log.warning("the Triton softmax kernels do not run on %s (%s: %s); using torch kernels", device,
+                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return False
 
 
 def logsumexp_and_target(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
