@@ -8,22 +8,29 @@ from transformers import GPT2Config
 from configs_env import SwarmConfig
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
 from swarm_supervisor.supervisor import Supervisor
+from workers import optim, softmax_kernels
 from workers.memory import estimate_worker_mib, parameter_count
 from workers.model import load_policy
 from workers.round_loop import local_rollouts
 from workers.tasks import TaskMix
 
 
-def test_the_estimate_counts_gpt2s_parameters_and_grows_with_the_work():
+def test_the_estimate_counts_gpt2s_parameters_and_grows_with_the_work(monkeypatch):
     gpt2 = GPT2Config()
     assert abs(parameter_count(gpt2) - 124.4e6) < 0.5e6
+    no_triton = estimate_worker_mib(gpt2, SwarmConfig.from_env({})) if optim.triton is None else None
+    # a GPU machine as the bench measured it: Triton present (this CPU machine has none)
+    monkeypatch.setattr(optim, "triton", object())
+    monkeypatch.setattr(softmax_kernels, "triton", object())
     small = estimate_worker_mib(gpt2, SwarmConfig.from_env({"MAX_NEW_TOKENS": "64"}))
     default = estimate_worker_mib(gpt2, SwarmConfig.from_env({}))
     without = estimate_worker_mib(gpt2, SwarmConfig.from_env({}), checkpointing=False)
-    # the default worker's worst case was measured at ~3 GiB with activation checkpointing, far more without
-    assert 2 * 1024 < small < default < 3.2 * 1024 < without < 10 * 1024
+    # the default worker's worst case was measured at 2.77 GiB with activation checkpointing, more without
+    assert 2 * 1024 < small < default < 3 * 1024 < without < 10 * 1024
     # 16 default workers fit on one 80 GB GPU, as issue 8 asks
     assert 16 * default < 79 * 1024
+    if no_triton is not None:           # the torch kernels' temporaries are counted where Triton is missing
+        assert no_triton > default + 300
 
 
 def test_crossing_the_high_water_mark_is_one_event(tmp_path):

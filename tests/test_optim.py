@@ -32,10 +32,11 @@ def test_bf16_moment_adamw_follows_torch_adamw(monkeypatch):
     assert all(bf16_adamw.state[w]["exp_avg_sq"].dtype == torch.bfloat16 for w in ours)
 
 
-def test_the_second_moment_still_decays_in_bf16():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_second_moment_still_decays_in_bf16(device):
     # 0.999 x v is under half a bf16 step from v: with round-to-nearest v would never decay
-    weight = torch.nn.Parameter(torch.ones(50_000))
-    optimizer = optim.AdamWBf16Moments([weight], lr=1e-3)
+    weight = torch.nn.Parameter(torch.ones(50_000, device=device))
+    optimizer = optim.AdamWBf16Moments([weight], lr=1e-3)          # on CUDA, the Triton step where it runs
     weight.grad = torch.ones_like(weight)
     optimizer.step()
     first = optimizer.state[weight]["exp_avg_sq"].float().mean().item()
@@ -44,6 +45,41 @@ def test_the_second_moment_still_decays_in_bf16():
         optimizer.step()
     ratio = optimizer.state[weight]["exp_avg_sq"].float().mean().item() / first
     assert abs(ratio - 0.999 ** 300) < 0.01
+
+
+def test_a_checkpoint_of_the_earlier_optimizer_with_its_noise_state_still_loads():
+    weight = torch.nn.Parameter(torch.randn(100))
+    optimizer = optim.AdamWBf16Moments([weight], lr=1e-3)
+    weight.grad = torch.randn(100)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["rounding_noise"] = torch.Generator().get_state()       # what versions before 2026-12-02 wrote
+    restored = optim.AdamWBf16Moments([weight], lr=1e-3)
+    restored.load_state_dict(saved)
+    weight.grad = torch.randn(100)
+    restored.step()
+    assert int(restored.state[weight]["step"]) == 2 and "rounding_noise" not in restored.state_dict()
+
+
+def test_a_parameter_that_skipped_steps_keeps_its_own_bias_correction():
+    torch.manual_seed(0)
+    reference = [torch.nn.Parameter(torch.randn(500)), torch.nn.Parameter(torch.randn(300))]
+    ours = [torch.nn.Parameter(w.detach().clone()) for w in reference]
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2)
+    bf16_adamw = optim.AdamWBf16Moments(ours, lr=1e-2)
+    for k in range(21):
+        moves = []
+        for weights, optimizer in ((reference, torch_adamw), (ours, bf16_adamw)):
+            before = [w.detach().clone() for w in weights]
+            optimizer.zero_grad(set_to_none=True)
+            # the second weight only takes part from step 20 on (its first step; the first weight's 21st)
+            _loss(weights if k == 20 else weights[:1]).backward()
+            optimizer.step()
+            moves.append([(w.detach() - b).norm().item() for w, b in zip(weights, before)])
+    (ref_first, ref_second), (our_first, our_second) = moves
+    # each with its own bias correction: one step count for both would move one of them ~2x too far
+    assert abs(our_first / ref_first - 1) < 0.05 and abs(our_second / ref_second - 1) < 0.05
+    assert int(bf16_adamw.state[ours[1]]["step"]) == 1 and int(bf16_adamw.state[ours[0]]["step"]) == 21
 
 
 def test_a_resumed_optimizer_keeps_bf16_moments_and_its_step_count():
@@ -134,14 +170,18 @@ def test_the_triton_step_updates_as_the_torch_step_and_rounds_unbiased():
         got = fast_opt.state[a]["exp_avg"].float()
         down, up = _bf16_neighbours(exact)
         assert bool(((got == down) | (got == up)).all())               # a neighbour, never further
-    # unbiased: over a million elements the rounding errors average out to far under one spacing
+    # unbiased: over a million elements the rounding errors average out to far under one spacing, for
+    # positive and negative values apart (truncation toward zero errs both ways and would cancel overall)
     big, g = fast[0], grads[0]
     exact = 0.1 * g
     down, up = _bf16_neighbours(exact)
-    spacing = torch.where(up > down, up - down, torch.ones_like(up))
+    # for a negative value `up` is the one further from zero, below `down`: the spacing is their distance
+    spacing = torch.where(up != down, (up - down).abs(), torch.ones_like(up))
     error = (fast_opt.state[big]["exp_avg"].float() - exact) / spacing
-    assert error.abs().max() < 1 and abs(error.mean().item()) < 0.005   # ~10 sigma for a uniform error
-    assert 0.3 < (error > 0).float().mean().item() < 0.7                # it does round up, and down
+    assert error.abs().max() < 1
+    for side in (exact > 0, exact < 0):
+        assert abs(error[side].mean().item()) < 0.005               # ~12 sigma of a uniform error's mean
+        assert 0.3 < (error[side] > 0).float().mean().item() < 0.7  # it does round up, and down
 
 
 @pytest.mark.gpu

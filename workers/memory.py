@@ -17,6 +17,19 @@ BYTES_PER_PARAM = 12
 ACTIVATION_BYTES = {True: 8, False: 44}
 
 
+def torch_path_mib() -> float:
+    """What the update holds more where Triton is missing: the torch AdamW step's fp32 temporaries (five
+    pieces of PIECE elements) and fp32 copies of a logits chunk (256 x 50257 x 4 bytes, twice)."""
+    from workers import optim, softmax_kernels
+
+    missing = 0.0
+    if optim.triton is None:
+        missing += 5 * optim.PIECE * 4 / MIB
+    if softmax_kernels.triton is None:
+        missing += 2 * 256 * 50257 * 4 / MIB
+    return missing
+
+
 def parameter_count(config) -> int:
     """GPT-2-style count from the config alone (no weights loaded): embeddings + 12 d^2 per layer."""
     d = getattr(config, "n_embd", None) or getattr(config, "hidden_size")
@@ -34,7 +47,7 @@ def estimate_worker_mib(config, cfg: SwarmConfig, checkpointing: bool = True) ->
     rows = min(cfg.train_micro_batch, (cfg.num_train_samples + cfg.num_transplant_trees) * cfg.num_generations)
     tokens = rows * (cfg.max_new_tokens + 48)
     activations = tokens * d * layers * ACTIVATION_BYTES[checkpointing]
-    return FIXED_MIB + (parameter_count(config) * BYTES_PER_PARAM + activations) / MIB
+    return FIXED_MIB + (parameter_count(config) * BYTES_PER_PARAM + activations) / MIB + torch_path_mib()
 
 
 def release_cached_memory(device: torch.device) -> None:

@@ -37,9 +37,9 @@ BLOCK = 2048                 # elements per Triton program: 8 KiB of fp32 weight
 log = logging.getLogger(__name__)
 
 
-def _noise_seed(step: int) -> int:
-    """A 31-bit seed of its own for every step: Philox streams of consecutive steps must not overlap."""
-    return (NOISE_SEED * 0x9E3779B1 + step * 0x85EBCA77) % (2**31 - 1)
+def _noise_seed(step: int, group: int) -> int:
+    """A 31-bit seed of its own for every step and parameter group: their noise streams must not overlap."""
+    return (NOISE_SEED * 0x9E3779B1 + step * 0x85EBCA77 + group * 0xC2B2AE3D) % (2**31 - 1)
 
 
 class AdamWBf16Moments(torch.optim.Optimizer):
@@ -87,24 +87,25 @@ class AdamWBf16Moments(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            live = []            # (param, grad, exp_avg, exp_avg_sq, where the param starts in the group)
-            first, step = 0, 0
+        for index, group in enumerate(self.param_groups):
+            # (param, grad, exp_avg, exp_avg_sq, where the param starts in the group) by the param's own step
+            # count: one that had no gradient for a while has its own bias correction
+            live: dict[int, list] = {}
+            first = 0
             for param in group["params"]:
                 if param.grad is not None:
                     state = self._new_state(param)
                     state["step"] += 1          # a CPU tensor: reading it back costs no device sync
-                    step = int(state["step"])
-                    live.append((param, param.grad, state["exp_avg"], state["exp_avg_sq"], first))
+                    live.setdefault(int(state["step"]), []).append(
+                        (param, param.grad, state["exp_avg"], state["exp_avg_sq"], first))
                 first += param.numel()
-            if live:
-                device = live[0][0].device
+            for step, entries in live.items():
+                device = entries[0][0].device
                 if self.use_triton is None:
                     fast = triton is not None and device.type == "cuda" and _triton_runs(device)
                 else:
                     fast = self.use_triton and device.type == "cuda"
-                update = _triton_update if fast else _torch_update
-                update(live, group, step)
+                (_triton_update if fast else _torch_update)(entries, group, step, _noise_seed(step, index))
         return loss
 
 
@@ -115,10 +116,10 @@ def _constants(group: dict, step: int) -> tuple[float, float, float, float, floa
             1 - group["lr"] * group["weight_decay"])
 
 
-def _torch_update(live: list, group: dict, step: int) -> None:
+def _torch_update(live: list, group: dict, step: int, seed: int) -> None:
     """The step in torch kernels, over buckets of at most PIECE elements (a few per bucket, not per param)."""
     generator = torch.Generator(device=live[0][0].device)
-    generator.manual_seed(_noise_seed(step))
+    generator.manual_seed(seed)
     pieces = []
     for param, grad, exp_avg, exp_avg_sq, _ in live:
         flat = (param.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1), grad.reshape(-1))
@@ -159,18 +160,18 @@ def _round_stochastically(value: torch.Tensor, generator: torch.Generator) -> to
     return value.view(torch.int32).add_(noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _triton_update(live: list, group: dict, step: int) -> None:
+def _triton_update(live: list, group: dict, step: int, seed: int) -> None:
     """One kernel per parameter: each element's weight, gradient and moments read once and written once."""
     step_size, bias2, fresh1, beta2, decay = _constants(group, step)
-    seed = _noise_seed(step)
-    for param, grad, exp_avg, exp_avg_sq, first in live:
-        if not (param.is_contiguous() and grad.is_contiguous()):
-            raise ValueError(f"AdamWBf16Moments: a parameter of shape {tuple(param.shape)} or its gradient is "
-                             "not contiguous; the Triton step reads them as flat arrays")
-        numel = param.numel()
-        _adamw_bf16_kernel[(triton.cdiv(numel, BLOCK),)](
-            param, grad, exp_avg, exp_avg_sq, numel, first, seed, step_size, bias2, fresh1, beta2, 1 - beta2,
-            group["eps"], decay, BLOCK=BLOCK)
+    with torch.cuda.device(live[0][0].device):          # Triton launches on the current device
+        for param, grad, exp_avg, exp_avg_sq, first in live:
+            if not param.is_contiguous():
+                raise ValueError(f"AdamWBf16Moments: a parameter of shape {tuple(param.shape)} is not "
+                                 "contiguous; the step reads it as a flat array (call .contiguous() on the model)")
+            numel = param.numel()
+            _adamw_bf16_kernel[(triton.cdiv(numel, BLOCK),)](
+                param, grad.contiguous(), exp_avg, exp_avg_sq, numel, first, seed, step_size, bias2, fresh1,
+                beta2, 1 - beta2, group["eps"], decay, BLOCK=BLOCK)
 
 
 @functools.cache

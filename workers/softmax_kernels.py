@@ -50,12 +50,15 @@ def _kernels_run(device: torch.device) -> bool:
 
 def logsumexp_and_target(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
     """lse[r] = logsumexp(logits[r]), out[r] = logits[r, targets[r]] - lse[r], both fp32."""
-    _lse_kernel[(logits.shape[0],)](logits, targets, lse, out, logits.shape[1], BLOCK_V=BLOCK_V, num_warps=8)
+    with torch.cuda.device(logits.device):                 # Triton launches on the current device
+        _lse_kernel[(logits.shape[0],)](logits, targets, lse, out, logits.shape[1], BLOCK_V=BLOCK_V, num_warps=8)
 
 
 def logits_to_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor) -> None:
     """logits[r] <- grad_out[r] * (onehot(targets[r]) - softmax(logits[r])), in place, through fp32."""
-    _grad_kernel[(logits.shape[0],)](logits, targets, lse, grad_out, logits.shape[1], BLOCK_V=BLOCK_V, num_warps=8)
+    with torch.cuda.device(logits.device):
+        _grad_kernel[(logits.shape[0],)](logits, targets, lse, grad_out, logits.shape[1], BLOCK_V=BLOCK_V,
+                                         num_warps=8)
 
 
 if triton is not None:
