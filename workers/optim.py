@@ -11,7 +11,7 @@ Rounding up or down with probability by distance keeps each stored moment unbias
 
 On CUDA with Triton the whole step of a parameter is one kernel that reads and writes each element once
 (20 bytes of traffic, no temporaries); elsewhere it is a few dozen torch kernels over buckets of
-parameters. Both draw the rounding noise from (step, element), so a resumed run rounds as the
+parameters. Both draw the rounding noise from (step, group, element), so a resumed run rounds as the
 uninterrupted one without saving a generator.
 """
 
