@@ -16,6 +16,12 @@ from torch.autograd.function import once_differentiable
 from workers import softmax_kernels
 
 
+# rows of the output head per chunk of the fused log-probs: one chunk's logits and their gradient stay near
+# 25 MiB (bf16, Triton softmax) or 100 MiB (fp32 copies, torch path) for GPT-2's 50k vocabulary
+# (bench/RESULTS.md compares 256 with 1024)
+LOGPROB_CHUNK = 256
+
+
 def group_advantages(rewards: torch.Tensor, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
     """(num_groups, G) rewards -> advantages; a group whose rewards are all equal gets exactly zero."""
     if scale not in ("std", "none"):

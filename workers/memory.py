@@ -17,17 +17,24 @@ BYTES_PER_PARAM = 12
 ACTIVATION_BYTES = {True: 8, False: 44}
 
 
-def torch_path_mib() -> float:
+def torch_path_mib(vocab: int) -> float:
     """What the update holds more where Triton is missing: the torch AdamW step's fp32 temporaries (five
-    pieces of PIECE elements) and fp32 copies of a logits chunk (256 x 50257 x 4 bytes, twice)."""
+    pieces of PIECE elements) and two fp32 copies of a chunk of logits."""
+    # here, not at the top: the supervisor's fit check imports this module and need not load Triton otherwise
     from workers import optim, softmax_kernels
+    from workers.grpo import LOGPROB_CHUNK
 
     missing = 0.0
     if optim.triton is None:
         missing += 5 * optim.PIECE * 4 / MIB
     if softmax_kernels.triton is None:
-        missing += 2 * 256 * 50257 * 4 / MIB
+        missing += 2 * LOGPROB_CHUNK * vocab * 4 / MIB
     return missing
+
+
+def largest_micro_batch(cfg: SwarmConfig) -> int:
+    """Rows of a round's largest update micro-batch: every local and external group, G rows each."""
+    return min(cfg.train_micro_batch, (cfg.num_train_samples + cfg.num_transplant_trees) * cfg.num_generations)
 
 
 def parameter_count(config) -> int:
@@ -44,10 +51,10 @@ def estimate_worker_mib(config, cfg: SwarmConfig, checkpointing: bool = True) ->
     optimizer, plus one micro-batch's activations."""
     d = getattr(config, "n_embd", None) or getattr(config, "hidden_size")
     layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers")
-    rows = min(cfg.train_micro_batch, (cfg.num_train_samples + cfg.num_transplant_trees) * cfg.num_generations)
-    tokens = rows * (cfg.max_new_tokens + 48)
+    tokens = largest_micro_batch(cfg) * (cfg.max_new_tokens + 48)
     activations = tokens * d * layers * ACTIVATION_BYTES[checkpointing]
-    return FIXED_MIB + (parameter_count(config) * BYTES_PER_PARAM + activations) / MIB + torch_path_mib()
+    model_state = parameter_count(config) * BYTES_PER_PARAM
+    return FIXED_MIB + (model_state + activations) / MIB + torch_path_mib(config.vocab_size)
 
 
 def release_cached_memory(device: torch.device) -> None:

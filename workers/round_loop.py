@@ -17,8 +17,8 @@ from configs_env import SwarmConfig
 from workers.exchange import Exchange
 from workers.generation import (Completion, bucketed_width, encode_completion, encode_prompt, generate_ids,
                                 prompts_per_call, sample_completions)
-from workers.grpo import build_batch, completion_logprobs, group_advantages, grpo_step
-from workers.memory import release_cached_memory
+from workers.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
+from workers.memory import largest_micro_batch, release_cached_memory
 from workers.model import Policy
 from workers.protocol import RolloutGroup, RoundMetrics
 from workers.tasks import GroupScores, Question, TaskMix, build_prompt, score_group
@@ -38,11 +38,6 @@ class TrainingGroup:
 def round_seed(cfg: SwarmConfig, index: int, round_: int) -> int:
     """Deterministic per node and round, so a resumed worker draws what it would have drawn."""
     return (cfg.seed * 1_000_003 + index * 10_007 + round_) % (2**31 - 1)
-
-
-# rows of the output head per chunk of the fused log-probs: one chunk's fp32 logits and their gradient
-# stay near 100 MiB for GPT-2's 50k vocabulary (bench/RESULTS.md compares 256 with 1024)
-LOGPROB_CHUNK = 256
 
 
 def _has_signal(rewards: list[float]) -> bool:
@@ -155,7 +150,7 @@ def rehearse_largest_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg
             generate_ids(policy, ids, torch.ones_like(ids), cfg.max_new_tokens, cfg.temperature, greedy=False,
                          fast=True, min_new_tokens=cfg.max_new_tokens)
         release_cached_memory(device)
-    train_rows = min(cfg.train_micro_batch, (cfg.num_train_samples + cfg.num_transplant_trees) * cfg.num_generations)
+    train_rows = largest_micro_batch(cfg)
     batch = build_batch([[eos] * longest] * train_rows, [[eos] * cfg.max_new_tokens] * train_rows, eos, device)
     policy.model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
