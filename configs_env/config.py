@@ -32,6 +32,7 @@ class SwarmConfig:
     device: str = "auto"
     cache_dir: Path = Path.home() / ".cache" / "rl-swarm"
     seed: int = 42
+    seeds: tuple[int, ...] = (1, 2, 3)    # `rl-swarm sapo-table` runs every split once per seed
     preset: str = "default"
     test_mode: bool = False
     # The swarm and its rounds
@@ -107,6 +108,16 @@ class SwarmConfig:
                               "warm-up is off; set WARMUP_STEPS to the most steps it may take (e.g. WARMUP_STEPS=400)")
         self._check_drive_lag()
 
+    def warnings(self) -> list[str]:
+        """Settings that run but defeat their purpose; `up` and `config` print them."""
+        i, j, n = self.num_train_samples, self.num_transplant_trees, self.num_workers
+        if j > 0 and n > 1 and j >= (n - 1) * i:
+            return [f"NUM_TRANSPLANT_TREES={j} takes every group the other {n - 1} workers publish (NUM_TRAIN_SAMPLES="
+                    f"{i} each): all {n} workers train on the same groups every round, so their models stay alike "
+                    f"and the swarm measures no sampling; set NUM_WORKERS={j // max(1, i) + 2} or more, or "
+                    f"NUM_TRANSPLANT_TREES < {(n - 1) * i} (the paper-* presets run 8 workers)"]
+        return []
+
     def _check_drive_lag(self) -> None:
         """Under a Drive lag L a peer's rollouts arrive >= L after its publish, and a round is seen done >= 2L
         after it started plus the wait for peers: shorter waits would cut rounds short, not slow them down."""
@@ -133,6 +144,7 @@ class SwarmConfig:
             value = getattr(self, f.name)
             out[f.name] = str(value) if isinstance(value, Path) else value
         out["tasks"] = [[name, weight] for name, weight in self.tasks]
+        out["seeds"] = list(self.seeds)
         return out
 
 
@@ -148,8 +160,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RL_SWARM_CACHE", "cache_dir", lambda n, r: Path(p.text(n, r)).expanduser(),
             "Where offline models are built once and reused"),
     Setting("SEED", "seed", p.integer(0), "Base seed; each worker's questions use SEED + its index"),
-    Setting("PRESET", "preset", p.choice(preset_names()), "I/J split: default (2/2), sapo-4-0, sapo-3-1, "
-            "sapo-2-2, sapo-1-3 (the paper's four configurations scaled to 4 workers)"),
+    Setting("SEEDS", "seeds", p.seeds, "Seeds of `rl-swarm sapo-table`: each split runs once per seed"),
+    Setting("PRESET", "preset", p.choice(preset_names()), "I/J split: default (2/2); paper-8-0, paper-6-2, "
+            "paper-4-4, paper-2-6 (the SAPO paper's: 8 workers, G=8, its nine tasks); sapo-4-0, sapo-3-1, "
+            "sapo-2-2, sapo-1-3 (the same splits scaled to 4 workers)"),
     Setting("TEST_MODE", "test_mode", p.boolean, "Quick validation run: 3 rounds, I=4, G=4, tiny sizes"),
     Setting("NUM_WORKERS", "num_workers", p.integer(1, 64, example=4), "Worker processes on this machine"),
     Setting("MAX_ROUNDS", "max_rounds", p.integer(1, example=2000), "Rounds the coordinator runs before the swarm stops"),
@@ -166,8 +180,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds without a heartbeat after which a node counts as gone"),
     Setting("MAX_NEW_TOKENS", "max_new_tokens", p.integer(1, 4096), "Longest completion, in tokens"),
     Setting("TEMPERATURE", "temperature", p.number(0, "1.0", exclusive=True), "Sampling temperature"),
-    Setting("LEARNING_RATE", "learning_rate", p.number(0, "1e-5", exclusive=True),
-            "AdamW learning rate (unset: 1e-5 for GPT-2 124M, 3e-5 for the tiny model)"),
+    Setting("LEARNING_RATE", "learning_rate", p.number(0, "3e-6", exclusive=True),
+            "AdamW learning rate (unset: 3e-6 for GPT-2 124M, 3e-5 for the tiny model)"),
     Setting("ADVANTAGE_SCALE", "advantage_scale", p.choice(("std", "none")),
             "std: (r - mean) / (std + eps) per group; none: r - mean"),
     Setting("LOSS_NORMALIZATION", "loss_normalization", p.choice(("token", "sequence")),

@@ -108,3 +108,12 @@ def task_mix(name: str, raw: str) -> tuple[tuple[str, float], ...]:
     if not mix:
         raise ConfigError(f"{name}={raw!r}: expected at least one task (e.g. {name}=chain_sum:1)")
     return tuple(mix)
+
+
+def seeds(name: str, raw: str) -> tuple[int, ...]:
+    """`1,2,3` -> (1, 2, 3): distinct non-negative integers, at most 32."""
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if not parts or len(parts) > 32 or not all(part.isdigit() for part in parts) or len(set(parts)) != len(parts):
+        raise ConfigError(f"{name}={raw!r}: expected 1 to 32 distinct integers >= 0, comma-separated "
+                          f"(e.g. {name}=1,2,3)")
+    return tuple(int(part) for part in parts)

@@ -16,6 +16,7 @@ from workers.tasks import check_tasks
 from workers.worker import WorkerSpec
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 WARMUP_SILENCE_S = 600    # the warm-up reports every step; this long without a word means it is stuck
 
 
@@ -129,7 +130,7 @@ def start(cfg: SwarmConfig, role: str) -> int:
     check_tasks(cfg.tasks)
     device, device_note = resolve_device(cfg.device)
     model_name, model_note = resolve_model(cfg)
-    for note in (device_note, model_note):
+    for note in (device_note, model_note, *(cfg.warnings() if role == "up" else [])):
         if note:
             print(f"rl-swarm: {note}")
     if device.startswith("cuda"):
@@ -270,6 +271,52 @@ def summary(supervisor, wall_s: float, code: int) -> str:
     return "\n".join(lines)
 
 
+def sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parallel: int) -> int:
+    """`rl-swarm sapo-table`: the four splits of a preset family side by side, once per seed, then the paper's table."""
+    from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
+    from swarm_supervisor.table import Arm, ArmRunner, share_warmups
+    from swarm_supervisor.table_report import format_table, format_task_rewards, plot_table, table_rows
+
+    family = family or ("sapo" if cfg.preset.startswith("sapo") else "paper")
+    # TEST_MODE: one seed of 4-worker swarms unless SEEDS / NUM_WORKERS say otherwise, so a CPU runs it in minutes
+    seeds = cfg.seeds[:1] if cfg.test_mode and "SEEDS" not in env else cfg.seeds
+    extra = (("NUM_WORKERS", "4"),) if cfg.test_mode and "NUM_WORKERS" not in env else ()
+    arms = [Arm(label=preset.split("-", 1)[1].replace("-", "/"), seed=seed,
+                experiment=f"{cfg.experiment_name}-{preset}-s{seed}", env=(("PRESET", preset), *extra))
+            for seed in seeds for preset in TABLE_FAMILIES[family]]
+    warned = set()
+    for arm in arms:       # every swarm's settings are checked before any starts
+        for warning in arm.config(env).warnings():
+            if warning not in warned:
+                print(f"rl-swarm: {arm.label}: {warning}")
+                warned.add(warning)
+    tables = cfg.gdrive_path / "tables"
+    logs = tables / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"rl-swarm: sapo-table: {len(arms)} swarms ({family} presets, seeds {', '.join(map(str, seeds))}), "
+          f"{parallel} at a time; logs in {logs}")
+    share_warmups(arms, env, logs)
+    codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
+    roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
+    rows = table_rows(arms, roots)
+    paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
+        dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))
+    print(format_table(rows, paper))
+    print(format_task_rewards(rows))
+    name = f"{cfg.experiment_name}-{family}"
+    write_json_atomic(tables / f"{name}.json", {"schema": 1, "family": family, "seeds": list(seeds),
+                                                "rows": [row.to_json() for row in rows]})
+    try:
+        print(f"rl-swarm: table saved to {tables / (name + '.json')}, plot to "
+              f"{plot_table(rows, tables / (name + '.png'))}")
+    except ImportError:
+        print(f"rl-swarm: table saved to {tables / (name + '.json')}; no plot (pip install -e '.[plot]')")
+    failed = {n: c for n, c in codes.items() if c != 0}
+    if failed:
+        print("rl-swarm: not finished: " + ", ".join(f"{n} (exit {c})" for n, c in sorted(failed.items())))
+    return 0 if not failed else EXIT_INTERRUPTED if set(failed.values()) == {EXIT_INTERRUPTED} else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-swarm", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -290,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     experiments.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     experiments.add_argument("--out", type=Path, default=None, help="PNG path for plot "
                              "(default: <GDRIVE_PATH>/plots/<names>.png)")
+    table = sub.add_parser("sapo-table", help="run the four SAPO splits side by side for each of SEEDS, then print "
+                                              "the paper's table (cumulative reward, gain, held-out accuracy)")
+    table.add_argument("--family", choices=["paper", "sapo"], default=None,
+                       help="paper: paper-8-0 ... paper-2-6 (8 workers each); sapo: sapo-4-0 ... sapo-1-3 (4 "
+                            "workers); default: from PRESET, else paper")
+    table.add_argument("--parallel", type=int, default=4, help="swarms running at once (default 4: one seed's splits)")
     config = sub.add_parser("config", help="print the resolved configuration")
     config.add_argument("--markdown", action="store_true", help="print the table of every setting (README)")
     return parser
@@ -306,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "config":
             for key, value in cfg.to_json().items():
                 print(f"{key} = {value}")
+            for warning in cfg.warnings():
+                print(f"warning: {warning}")
             return 0
         if command == "status":
             return show_status(cfg)
@@ -313,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             return pretrain(cfg)
         if command == "validate":
             return run_validate(cfg, args.experiment or cfg.experiment_name)
+        if command == "sapo-table":
+            return sapo_table(cfg, dict(os.environ), args.family, args.parallel)
         if command == "experiments":
             return show_experiments(cfg, args.action, args.names, args.csv, args.out)
         return start(cfg, "join" if command in ("worker", "join") else "up")

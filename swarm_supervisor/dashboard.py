@@ -49,6 +49,9 @@ class NodeRow:
     held_out: float | None = None         # the same, at the newest evaluation after round 0
     liveness: str | None = None           # alive, late or gone, from the heartbeat's age (workers.exchange)
     note: str | None = None               # trouble the node works around (a folder refusing its writes)
+    held_out_best: float | None = None    # the best evaluation so far (round 0 included)
+    learning_alarm: str | None = None     # a few words when the node unlearns (held-out falling, reward collapsed)
+    learning_warning: str | None = None   # the same as a sentence, for the supervisor's events
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ def _status_cell(row: NodeRow) -> Text:
     status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
     if row.last_error and row.last_error.strip():
         status.append(" " + row.last_error.strip().splitlines()[-1], style="red")   # a traceback's last line says what
+    elif row.learning_alarm:
+        status.append(" " + row.learning_alarm, style="red")
     elif row.note and row.note.strip():
         status.append(" " + row.note.strip().splitlines()[0], style="yellow")
     return status
@@ -150,20 +155,24 @@ def _rollouts(row: NodeRow) -> str:
            f"{row.external_rollouts if row.external_rollouts is not None else '-'}"
 
 
-def _held_out(row: NodeRow) -> str:
-    """"12→42%": from the start to the newest evaluation, the number that says whether the node learns."""
+def _held_out(row: NodeRow) -> Text:
+    """"12→42% (best 45)": from the start to the newest evaluation, and the best; red when the node unlearns."""
     if row.held_out is None and row.held_out_start is None:
-        return "-"
+        return Text("-")
+    style = "bold red" if row.learning_alarm else "bold"
     if row.held_out is None or row.held_out_start is None:
-        return f"{row.held_out if row.held_out is not None else row.held_out_start:.0%}"
-    return f"{row.held_out_start * 100:.0f}→{row.held_out:.0%}"
+        return Text(f"{row.held_out if row.held_out is not None else row.held_out_start:.0%}", style=style)
+    text = f"{row.held_out_start * 100:.0f}→{row.held_out:.0%}"
+    if row.held_out_best is not None and row.held_out_best > max(row.held_out, row.held_out_start):
+        text += f" (best {row.held_out_best * 100:.0f})"
+    return Text(text + (" ↓" if row.learning_alarm else ""), style=style)
 
 
 def _cells(row: NodeRow) -> list[Text]:
     # Text, not str: rich would read "[...]" in a node id or an error as markup.
     return [Text(row.node_id), Text(row.role), _status_cell(row), Text("-" if row.round is None else str(row.round)),
             Text(_num(row.reward, ".3f")), Text(sparkline(row.reward_trend), style="cyan"),
-            Text("N/A" if row.accuracy is None else f"{row.accuracy:.0%}"), Text(_held_out(row), style="bold"),
+            Text("N/A" if row.accuracy is None else f"{row.accuracy:.0%}"), _held_out(row),
             Text(_rollouts(row)),
             Text(_mib(row.gpu_mib)), Text(_mib(row.ram_mib)), Text(str(row.restarts)), _beat(row)]
 
@@ -226,6 +235,7 @@ def status_line(view: SwarmView) -> str:
     trouble = [f"{n.node_id}: {n.status}" for n in workers if n.status in TROUBLE]
     trouble += [f"{n.node_id}: {n.liveness}" for n in workers
                 if n.liveness in ("late", "gone") and n.status not in NOT_RUNNING]
+    trouble += [f"{n.node_id}: {n.learning_alarm}" for n in workers if n.learning_alarm]
     trouble += [f"{n.node_id}: {n.note}" for n in workers if n.note and n.status not in TROUBLE]
     if trouble:
         line += " | " + ", ".join(trouble)
@@ -284,8 +294,8 @@ class Dashboard:
         if view is None or (force and view is self._drawn):
             return
         now = time.monotonic()
-        key = (view.round, tuple((n.node_id, n.status, n.liveness) for n in view.nodes
-                                 if n.status in TROUBLE or n.liveness in ("late", "gone")))
+        key = (view.round, tuple((n.node_id, n.status, n.liveness, n.learning_alarm) for n in view.nodes
+                                 if n.status in TROUBLE or n.liveness in ("late", "gone") or n.learning_alarm))
         if force or key != self._last_key or now - self._last_draw >= self.line_interval_s:
             self.console.print(status_line(view), markup=False, highlight=False, soft_wrap=True)
             self._drawn, self._last_key, self._last_draw = view, key, now

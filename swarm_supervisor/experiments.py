@@ -85,6 +85,7 @@ class Summary:
     final_accuracy: float | None
     held_out_start: float | None    # greedy exact-match on the held-out set before round 1, mean of workers
     held_out_final: float | None    # the same at each worker's newest evaluation after round 0
+    held_out_best: float | None     # each worker's best evaluation (round 0 included), mean of workers
     rounds_per_hour: float | None
     restarts: int
     rejected_files: int       # folder files and groups the workers refused, plus bad metrics lines
@@ -125,6 +126,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         final_accuracy=sum(r.accuracy for r in tail) / len(tail) if tail else None,
         held_out_start=_mean([rows[0].accuracy for rows in evals.values() if rows[0].round == 0]),
         held_out_final=_mean([rows[-1].accuracy for rows in evals.values() if rows[-1].round > 0]),
+        held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
         rounds_per_hour=per_hour, restarts=events.count("restarting from its last checkpoint"),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
 

@@ -64,7 +64,7 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
         return 0
     table = Table()
     columns = ("name", "status", "rounds", "nodes", "split", "model", "started", "last activity") if action == "list" \
-        else ("name", "split", "rounds", "cumulative reward", "final acc", "held-out start -> end", "rounds/h",
+        else ("name", "split", "rounds", "cumulative reward", "final acc", "held-out start -> end (best)", "rounds/h",
               "restarts", "rejected")
     for column in columns:
         table.add_column(column)
@@ -75,7 +75,8 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
         else:
             table.add_row(s.name, s.split, f"{s.rounds}/{s.max_rounds}", f"{s.cumulative_reward:.3f}",
                           "-" if s.final_accuracy is None else f"{s.final_accuracy:.1%}",
-                          " -> ".join("-" if v is None else f"{v:.1%}" for v in (s.held_out_start, s.held_out_final)),
+                          " -> ".join("-" if v is None else f"{v:.1%}" for v in (s.held_out_start, s.held_out_final))
+                          + ("" if s.held_out_best is None else f" ({s.held_out_best:.1%})"),
                           "-" if s.rounds_per_hour is None else f"{s.rounds_per_hour:.0f}", str(s.restarts),
                           str(s.rejected_files))
     Console().print(table)

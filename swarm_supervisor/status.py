@@ -13,7 +13,7 @@ from typing import Iterable
 from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import NodeRow, SwarmView
 from swarm_supervisor.monitor import MonitorSnapshot
-from workers.evaluation import eval_file, read_held_out
+from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.exchange import liveness, read_heartbeats
 from workers.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
 from workers.protocol import Heartbeat, RoundMetrics, RoundState
@@ -21,6 +21,43 @@ from workers.protocol import Heartbeat, RoundMetrics, RoundState
 log = logging.getLogger(__name__)
 
 TREND = 8
+# reward collapse: the mean of the last REWARD_WINDOW rounds under REWARD_COLLAPSE x the best such mean so far
+# (only once that best reached REWARD_FLOOR: a node that never earned reward has nothing to lose)
+REWARD_WINDOW, REWARD_COLLAPSE, REWARD_FLOOR = 20, 0.5, 0.2
+
+
+class RewardWatch:
+    """A node's rolling mean reward against its best rolling mean."""
+
+    def __init__(self) -> None:
+        self.window: deque[float] = deque(maxlen=REWARD_WINDOW)
+        self.best: float | None = None
+
+    def add(self, reward: float) -> None:
+        self.window.append(reward)
+        if len(self.window) == REWARD_WINDOW:
+            mean = sum(self.window) / REWARD_WINDOW
+            self.best = mean if self.best is None else max(self.best, mean)
+
+    def collapsed(self) -> bool:
+        if self.best is None or self.best < REWARD_FLOOR or len(self.window) < REWARD_WINDOW:
+            return False
+        return sum(self.window) / REWARD_WINDOW < REWARD_COLLAPSE * self.best
+
+    def warning(self, node: str) -> str | None:
+        if not self.collapsed():
+            return None
+        return (f"{node}: reward collapsed to {sum(self.window) / REWARD_WINDOW:.3f} over the last {REWARD_WINDOW} "
+                f"rounds, from {self.best:.3f} at its best; its best model is in checkpoints/{node}/best/")
+
+
+def learning_alarm(trend: HeldOutTrend, rewards: RewardWatch | None) -> str | None:
+    """The few words the table shows when a node unlearns."""
+    if trend.falling and trend.newest is not None and trend.best is not None:
+        return f"held-out falling: {trend.newest:.0%}, best {trend.best:.0%}"
+    if rewards is not None and rewards.collapsed():
+        return "reward collapsed"
+    return None
 
 
 class SwarmReader:
@@ -40,7 +77,8 @@ class SwarmReader:
         self._beats: dict[str, Heartbeat] = {}
         self._rounds: list[int] = []
         self._intact_rounds: set[int] = set()
-        self._held_out: dict[str, tuple[int, float | None, float | None]] = {}   # node: (file size, start, newest)
+        self._held_out: dict[str, tuple[int, HeldOutTrend]] = {}   # node: (file size, trend)
+        self.rewards: dict[str, RewardWatch] = {}
 
     def _read_new_metrics(self, node: str) -> None:
         path = self.folder.metrics_file(node)
@@ -56,11 +94,15 @@ class SwarmReader:
             except (ValueError, RejectedFile):
                 self.rejected += 1
                 continue
-            self.latest[node] = row
-            self.trends.setdefault(node, deque(maxlen=TREND)).append(row.reward_mean)
+            last = self.latest.get(node)
+            if last is None or row.round >= last.round:
+                self.latest[node] = row
+            if last is None or row.round > last.round:    # a line doubled by a retry, or a replayed round, once
+                self.trends.setdefault(node, deque(maxlen=TREND)).append(row.reward_mean)
+                self.rewards.setdefault(node, RewardWatch()).add(row.reward_mean)
 
-    def held_out(self, node: str) -> tuple[float | None, float | None]:
-        """The node's held-out accuracy at the start and at its newest evaluation; the file is re-read when it grows."""
+    def held_out(self, node: str) -> HeldOutTrend:
+        """The node's held-out accuracy: start, best, newest; the file is re-read when it grows."""
         path = eval_file(self.folder, node)
         cached = self._held_out.get(node)
         try:
@@ -68,12 +110,10 @@ class SwarmReader:
             if cached is None or cached[0] != size:
                 rows, _ = read_held_out(path)
                 if rows or not size:     # no row of a non-empty file: not synced yet or a Drive hiccup, read again
-                    start = next((r.accuracy for r in rows if r.round == 0), None)
-                    newest = rows[-1].accuracy if rows and rows[-1].round > 0 else None
-                    cached = self._held_out[node] = (size, start, newest)
+                    cached = self._held_out[node] = (size, held_out_trend(rows))
         except OSError:      # not written yet, or a Drive hiccup: the last answer stands until the next refresh
             pass
-        return (cached[1], cached[2]) if cached else (None, None)
+        return cached[1] if cached else HeldOutTrend()
 
     def heartbeats(self) -> dict[str, Heartbeat]:
         try:
@@ -166,7 +206,8 @@ class SwarmReader:
             process = snapshot.processes.get(handle.process.pid)
         error = (handle.last_error if handle is not None and handle.last_error else None) or \
             (beat.last_error if beat else None)
-        held_out_start, held_out = self.held_out(node)
+        trend = self.held_out(node)
+        rewards = self.rewards.get(node)
         return NodeRow(node_id=node, role="worker", status=status, round=beat.round if beat else None,
                        stage=beat.stage if beat else None,
                        reward=metrics.reward_mean if metrics else None,
@@ -178,7 +219,9 @@ class SwarmReader:
                        restarts=handle.total_restarts if handle is not None else 0,
                        heartbeat_age_s=beat.age() if beat else None,
                        last_error=error if status in ("failed", "crashed", "restarting") else None,
-                       held_out_start=held_out_start, held_out=held_out,
+                       held_out_start=trend.start, held_out=trend.newest, held_out_best=trend.best,
+                       learning_alarm=learning_alarm(trend, rewards),
+                       learning_warning=trend.warning(node) or (rewards.warning(node) if rewards else None),
                        liveness=liveness(beat, self.cfg.peer_timeout) if beat else None,
                        note=beat.note if beat else None)
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
-from swarm_supervisor.dashboard import Dashboard
+from swarm_supervisor.dashboard import Dashboard, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from swarm_supervisor.status import SwarmReader
 from workers.drive_sim import simulate_drive
@@ -88,14 +88,15 @@ class Supervisor:
         self.started = time.monotonic()
         self.interrupts = 0
         self.above_high_water = False
+        self.unlearning: set[str] = set()     # workers the learning-health guard warned about
         self.exit_code: int | None = None
 
     # -- events --------------------------------------------------------------------------------------
-    def event(self, message: str) -> None:
+    def event(self, message: str, level: str = "info") -> None:
         self.events.append(time.strftime("%H:%M:%S ") + message)
-        log.info(message)
+        (log.warning if level == "warning" else log.info)(message)
         try:
-            append_jsonl(self.folder.events_file, {"time": time.time(), "event": message})
+            append_jsonl(self.folder.events_file, {"time": time.time(), "event": message, "level": level})
         except OSError as exc:
             log.warning("event not written to %s: %s", self.folder.events_file, exc)
 
@@ -215,12 +216,26 @@ class Supervisor:
             if now - last_record >= RECORD_S:
                 self._record(self.snapshot)
                 last_record = now
-            self.dashboard.update(self.reader.view(self.handles, self.snapshot, self.events, self.started,
-                                                   self.coordinator.round if self.coordinator else None))
+            view = self.reader.view(self.handles, self.snapshot, self.events, self.started,
+                                    self.coordinator.round if self.coordinator else None)
+            self._check_learning(view)
+            self.dashboard.update(view)
             self.exit_code = self._verdict()
             if self.exit_code is None:
                 time.sleep(TICK_S)
         return self.exit_code
+
+    def _check_learning(self, view: SwarmView) -> None:
+        """A warning event when a worker starts to unlearn (held-out falling, reward collapsed), one when it stops."""
+        for row in view.nodes:
+            if row.role != "worker":
+                continue
+            if row.learning_warning and row.node_id not in self.unlearning:
+                self.unlearning.add(row.node_id)
+                self.event(row.learning_warning, level="warning")
+            elif not row.learning_warning and row.node_id in self.unlearning:
+                self.unlearning.discard(row.node_id)
+                self.event(f"{row.node_id}: learning again (held-out and reward back within the guard's bounds)")
 
     def _check_high_water(self, snapshot: MonitorSnapshot) -> None:
         """One event each time device memory crosses the high-water mark (and again after it fell back)."""

@@ -29,6 +29,7 @@ from workers.protocol import RoundMetrics
 log = logging.getLogger(__name__)
 
 KEEP_LAST = 2
+BEST = "best"             # checkpoints/<node>/best/: the model of the node's best held-out evaluation
 METRICS_TAIL = 8          # this node's last metrics rows kept in each checkpoint (bounded: meta.json stays small)
 SCHEMA = 2                # 1: no numpy or CUDA RNG and no metrics tail; still loaded
 
@@ -145,6 +146,64 @@ def _metrics_tail(record: dict[str, Any], where: Path) -> tuple[RoundMetrics, ..
 def _prune(root: Path) -> None:
     for old in sorted(root.glob("round_*"))[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: float, model: torch.nn.Module) -> Path:
+    """The model of the node's best held-out evaluation, as root/best/ (weights and meta.json; never resumed from).
+
+    Written beside the old best and swapped in by renames, so a crash leaves one whole best model, old or new.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp, old = root / BEST, root / f".best.{os.getpid()}.tmp", root / f".best.{os.getpid()}.old"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+            json.dump({"schema": SCHEMA, "node": node, "model_name": model_name, "round": round_,
+                       "held_out_accuracy": accuracy}, f, allow_nan=False)
+        for name in ("model.safetensors", "meta.json"):
+            _fsync_file(tmp / name)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise OSError(f"best model of round {round_} not written: {str(exc).splitlines()[0][:200]}") from exc
+    return final
+
+
+def read_best(root: Path) -> dict[str, Any] | None:
+    """best/meta.json when it is whole: {"round", "held_out_accuracy", ...}; None when there is none."""
+    try:
+        record = read_json_bounded(root / BEST / "meta.json", max_bytes=64 * 1024)
+    except (OSError, RejectedFile):
+        return None
+    accuracy = record.get("held_out_accuracy")
+    if not isinstance(record.get("round"), int) or isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
+        return None
+    return record
+
+
+class BestModel:
+    """Keeps root/best/ at the node's best held-out evaluation so far (round 0, the start, included)."""
+
+    def __init__(self, root: Path, node: str, model_name: str):
+        self.root, self.node, self.model_name = root, node, model_name
+        meta = read_best(root)
+        self.accuracy: float | None = float(meta["held_out_accuracy"]) if meta else None
+
+    def offer(self, round_: int, accuracy: float, model: torch.nn.Module) -> bool:
+        """Save the model when it beats every earlier evaluation; True when it did. A folder error is an OSError."""
+        if self.accuracy is not None and accuracy <= self.accuracy:
+            return False
+        with_retries(lambda: save_best(self.root, self.node, self.model_name, round_, accuracy, model),
+                     f"best model of round {round_}")
+        self.accuracy = accuracy
+        return True
 
 
 class CheckpointMismatch(SwarmError):

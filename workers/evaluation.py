@@ -8,6 +8,7 @@ questions whatever its SEED and index, and the numbers of nodes and of experimen
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from configs_env import SwarmConfig
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 # SEED + 7919 lies within ~1,000 of 987,654. (Tiny tasks repeat question texts across seeds all the same.)
 EVAL_SEED = 987_654
 EVAL_BATCH = 32            # prompts per generate call: bounds the KV cache like a round's I x G rows do
+# The learning-health guard: a node is "falling" when each of its last FALL_EVALUATIONS evaluations sits more
+# than FALL_POINTS below the best one before them (one bad evaluation of 100 questions can be noise; two are a trend)
+FALL_POINTS, FALL_EVALUATIONS = 0.10, 2
 
 
 def held_out_questions(tasks: tuple[tuple[str, float], ...], size: int) -> list[Question]:
@@ -69,6 +73,39 @@ def evaluate_held_out(policy: Policy, cfg: SwarmConfig, questions: list[Question
     accuracy = greedy_accuracy(policy, questions, cfg.max_new_tokens, fast=on_cuda, batch_size=max(1, size))
     return HeldOutEval(node=node, round=round_, accuracy=accuracy, questions=len(questions),
                        seconds=time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class HeldOutTrend:
+    """A node's held-out accuracy against its start and its best: the numbers that say whether it still learns."""
+
+    start: float | None = None         # before round 1
+    best: float | None = None
+    best_round: int | None = None
+    newest: float | None = None        # the newest evaluation after round 0
+    newest_round: int | None = None
+    falling: bool = False
+
+    def warning(self, node: str) -> str | None:
+        if not self.falling or self.best is None or self.newest is None:
+            return None
+        return (f"{node}: held-out accuracy {self.newest:.0%} at round {self.newest_round}, down from its best "
+                f"{self.best:.0%} at round {self.best_round} ({FALL_EVALUATIONS} evaluations in a row more than "
+                f"{FALL_POINTS:.0%} below it); its best model is in checkpoints/{node}/best/")
+
+
+def held_out_trend(rows: list[HeldOutEval]) -> HeldOutTrend:
+    """Start, best and newest of a node's evaluations (sorted by round), and whether it is falling."""
+    if not rows:
+        return HeldOutTrend()
+    best = max(rows, key=lambda r: (r.accuracy, -r.round))        # the earliest of equal bests
+    newest = rows[-1] if rows[-1].round > 0 else None
+    earlier = rows[:-FALL_EVALUATIONS]
+    falling = bool(earlier) and all(r.accuracy < max(e.accuracy for e in earlier) - FALL_POINTS
+                                    for r in rows[-FALL_EVALUATIONS:])
+    return HeldOutTrend(start=rows[0].accuracy if rows[0].round == 0 else None, best=best.accuracy,
+                        best_round=best.round, newest=newest.accuracy if newest else None,
+                        newest_round=newest.round if newest else None, falling=falling)
 
 
 def eval_file(folder: ExperimentFolder, node: str) -> Path:

@@ -1,6 +1,7 @@
 """Records exchanged through the shared folder, each with a schema version and a validating from_json."""
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -11,6 +12,8 @@ SCHEMA = 1
 MAX_TEXT = 16_384          # characters of one question, prompt or completion
 MAX_GROUP = 256            # completions in one group (NUM_GENERATIONS is capped at 256 too)
 MAX_GROUPS = 1024
+MAX_TASKS = 64             # tasks named in one metrics row
+TASK_NAME = re.compile(r"[a-z0-9_]{1,64}")      # reasoning-gym's dataset names
 # a field typed `X | None` may be absent or null: it was added after the first metrics files were written
 _OPTIONAL = {float | None: (float, True), int | None: (int, True)}
 
@@ -210,6 +213,8 @@ class RoundMetrics:
     # the most GPU memory torch's allocator has held since the worker started (MiB; None on CPU): exact,
     # where NVML sampled once a second misses an update's brief peak
     gpu_peak_mib: float | None = None
+    # mean reward of this round's own completions per task: the paper reports reward per task
+    task_rewards: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
@@ -217,8 +222,10 @@ class RoundMetrics:
     @classmethod
     def from_json(cls, record: dict[str, Any], where: str = "metrics") -> "RoundMetrics":
         _check_schema(record, where)
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {"task_rewards": _task_numbers(record.get("task_rewards"), where)}
         for f in fields(cls):
+            if f.name == "task_rewards":
+                continue
             kind, optional = _OPTIONAL.get(f.type, (f.type, False))
             if optional and record.get(f.name) is None:
                 values[f.name] = None
@@ -228,6 +235,21 @@ class RoundMetrics:
                 values[f.name] = _need(record, f.name, kind, where)
         values["node"] = check_node_name(values["node"])
         return cls(**values)
+
+
+def _task_numbers(value: Any, where: str) -> dict[str, float] | None:
+    """A small {task: finite number} map, or None; task names are matched like node names."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_TASKS:
+        raise RejectedFile(f"{where}: field 'task_rewards' must be an object of at most {MAX_TASKS} tasks")
+    out = {}
+    for task, number in value.items():
+        if not TASK_NAME.fullmatch(task) or isinstance(number, bool) or not isinstance(number, (int, float)) \
+                or not math.isfinite(number):
+            raise RejectedFile(f"{where}: 'task_rewards' entry {task[:40]!r} must map a task name to a finite number")
+        out[task] = float(number)
+    return out
 
 
 @dataclass(frozen=True)

@@ -231,4 +231,12 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
         mean_completion_tokens=sum(lengths) / max(1, len(lengths)), max_completion_tokens=max(lengths, default=0),
         gpu_peak_mib=torch.cuda.max_memory_reserved(policy.device) / 2**20 if policy.device.type == "cuda" else None,
         generate_s=generated - started, score_s=scored - generated, fetch_s=fetched - scored,
-        train_s=trained - fetched, round_s=trained - started)
+        train_s=trained - fetched, round_s=trained - started, task_rewards=task_means(questions, local))
+
+
+def task_means(questions: list[Question], groups: list[TrainingGroup]) -> dict[str, float]:
+    """Mean reward of the round's own completions, per task."""
+    sums: dict[str, list[float]] = {}
+    for question, group in zip(questions, groups):
+        sums.setdefault(question.task, []).extend(group.rewards)
+    return {task: sum(rewards) / len(rewards) for task, rewards in sorted(sums.items()) if rewards}

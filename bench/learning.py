@@ -1,0 +1,110 @@
+"""Does the swarm learn at its defaults on the GPU model? A learning-rate sweep over seeds, and a long default run.
+
+    python -m bench.learning run DRIVE [--seeds 1,2,3] [--sweep 1e-6,1e-5] [--sweep-rounds 200] [--default-rounds 1000]
+    python -m bench.learning report DRIVE [--out bench]    # bench/learning.json, bench/LEARNING.md's tables, a plot
+
+Every arm is a plain `rl-swarm up` of MODEL_NAME=rl-swarm/gpt2-124m-random (swarm_supervisor.table), all at once
+on one GPU; the arms of one seed share one warm-up. The default arm sets no LEARNING_RATE, so it measures the
+default itself; a sweep arm sets LEARNING_RATE and stops at --sweep-rounds.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from swarm_supervisor.table import Arm, ArmRunner, share_warmups
+from swarm_supervisor.table_report import format_table, plot_table, table_rows
+from workers.worker import GPT2_LEARNING_RATE
+
+MODEL = "rl-swarm/gpt2-124m-random"
+DEFAULT_LABEL = f"default (lr {GPT2_LEARNING_RATE:g})"
+
+
+def plan(seeds: list[int], sweep: list[str], sweep_rounds: int, default_rounds: int) -> list[Arm]:
+    arms = []
+    for seed in seeds:
+        arms.append(Arm(label=DEFAULT_LABEL, seed=seed, experiment=f"default-s{seed}",
+                        env=(("MAX_ROUNDS", str(default_rounds)),)))
+        arms += [Arm(label=f"lr {float(lr):g}", seed=seed, experiment=f"lr{lr}-s{seed}",
+                     env=(("LEARNING_RATE", lr), ("MAX_ROUNDS", str(sweep_rounds)))) for lr in sweep]
+    return arms
+
+
+def base_env(drive: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LEARNING_RATE", "MAX_ROUNDS", "PRESET", "SEED")}
+    return {**env, "MODEL_NAME": MODEL, "GDRIVE_PATH": str(drive), "HF_HUB_OFFLINE": "1"}
+
+
+def _git_sha() -> str:
+    sha = os.environ.get("GIT_SHA")
+    if sha:
+        return sha
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "unknown"
+
+
+def report(arms: list[Arm], drive: Path, out: Path) -> dict:
+    env = base_env(drive)
+    rows = table_rows(arms, {a.experiment: a.config(env).experiment_dir for a in arms})
+    default = next(r for r in rows if r.label == DEFAULT_LABEL)
+    curves = default.reward_per_round
+    result = {
+        "device": _device(), "git_sha": _git_sha(),
+        "default": {"model": MODEL, "learning_rate": GPT2_LEARNING_RATE, "seeds": list(default.seeds),
+                    "rounds": list(default.rounds), "held_out_start": list(default.held_out_start),
+                    "held_out_end": list(default.held_out_end),
+                    "reward_first_50": [round(sum(c[:50]) / max(1, len(c[:50])), 4) for c in curves],
+                    "reward_last_50": [round(sum(c[-50:]) / max(1, len(c[-50:])), 4) for c in curves]},
+        "sweep": [row.to_json() for row in rows],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "learning.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "learning_sweep.txt").write_text(format_table(rows) + "\n")
+    try:
+        plot_table(rows, out / "learning_sweep.png")
+    except ImportError:
+        pass
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.learning")
+    parser.add_argument("action", choices=["run", "report"])
+    parser.add_argument("drive", type=Path)
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--sweep", default="1e-6,1e-5", help="learning rates besides the default")
+    parser.add_argument("--sweep-rounds", type=int, default=200)
+    parser.add_argument("--default-rounds", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args()
+    arms = plan([int(s) for s in args.seeds.split(",")], [s for s in args.sweep.split(",") if s],
+                args.sweep_rounds, args.default_rounds)
+    if args.action == "run":
+        env, logs = base_env(args.drive), args.drive / "tables" / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        share_warmups(arms, env, logs)
+        codes = ArmRunner(arms, env, logs, parallel=len(arms), stall_s=1800).run()
+        print(json.dumps(codes), flush=True)
+    result = report(arms, args.drive, args.out)
+    print(json.dumps(result["default"], indent=1))
+    print((args.out / "learning_sweep.txt").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

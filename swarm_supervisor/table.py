@@ -1,0 +1,177 @@
+"""Several swarms side by side on one machine: the SAPO table's splits, or a bench's learning-rate sweep.
+
+Each swarm (an `Arm`) is a plain `rl-swarm up` in a process of its own, with its own EXPERIMENT_NAME in the
+same GDRIVE_PATH, so it resumes, shows in `status` and `experiments` and validates like any other. The
+arms of one seed share one warm-up: it runs once (`rl-swarm pretrain`) and its base is copied into the other
+arms' folders, so the splits differ in how they share rollouts and in nothing else.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from configs_env import SwarmConfig, SwarmError
+from workers.folder import ExperimentFolder
+
+POLL_S = 1.0
+STOP_GRACE_S = 90.0
+WARMUP_TIMEOUT_S = 2 * 3600.0       # a stopping swarm saves a checkpoint per worker; then it is killed
+# the settings a warm-up depends on: arms of one seed share a base only when these agree
+WARMUP_KEYS = ("model_name", "tasks", "seed", "warmup_steps", "warmup_batch_size", "warmup_lr",
+               "warmup_target_accuracy", "max_new_tokens", "eval_size", "cache_dir", "device")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One swarm of a table: its row's label, its seed, and the variables of its `rl-swarm up`."""
+
+    label: str
+    seed: int
+    experiment: str
+    env: tuple[tuple[str, str], ...]     # set over the caller's environment
+
+    def environment(self, base: Mapping[str, str]) -> dict[str, str]:
+        return {**base, **dict(self.env), "SEED": str(self.seed), "EXPERIMENT_NAME": self.experiment}
+
+    def config(self, base: Mapping[str, str]) -> SwarmConfig:
+        return SwarmConfig.from_env(self.environment(base))
+
+
+def _command(action: str) -> list[str]:
+    return [sys.executable, "-m", "swarm_supervisor", action]
+
+
+def share_warmups(arms: list[Arm], base_env: Mapping[str, str], log_dir: Path) -> None:
+    """One `rl-swarm pretrain` per seed (the seeds' at once), its base copied to the seed's other arms whose
+    warm-up would be the same."""
+    by_seed: dict[int, list[Arm]] = {}
+    for arm in arms:
+        by_seed.setdefault(arm.seed, []).append(arm)
+    firsts = {seed: members[0].config(base_env) for seed, members in by_seed.items()}
+    running = {}
+    for seed, members in sorted(by_seed.items()):
+        if firsts[seed].warmup_steps and not (firsts[seed].experiment_dir / "base" / "meta.json").exists():
+            log = log_dir / f"pretrain-{members[0].experiment}.log"
+            with open(log, "ab") as out:
+                running[seed] = (log, subprocess.Popen(_command("pretrain"), env=members[0].environment(base_env),
+                                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    try:
+        for seed, (log, process) in running.items():
+            try:
+                code = process.wait(timeout=WARMUP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise SwarmError(f"the warm-up of seed {seed} took over {WARMUP_TIMEOUT_S:.0f}s and was stopped: "
+                                 f"see {log}") from None
+            if code != 0:
+                raise SwarmError(f"the warm-up of seed {seed} failed (exit {code}): see {log}")
+    finally:
+        for _, process in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    for seed, members in by_seed.items():
+        first = firsts[seed]
+        for arm in members[1:]:
+            cfg = arm.config(base_env)
+            target = cfg.experiment_dir / "base"
+            same = all(getattr(cfg, key) == getattr(first, key) for key in WARMUP_KEYS)
+            if first.warmup_steps and same and not target.exists() \
+                    and not ExperimentFolder(cfg.experiment_dir).state_rounds():
+                _copy_folder(first.experiment_dir / "base", target)
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """Copy, then rename into place: `up` sees a whole base or none."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, target)
+
+
+class ArmRunner:
+    """Runs arms as `rl-swarm up` processes, at most `parallel` at a time, in order; Ctrl-C stops them cleanly."""
+
+    def __init__(self, arms: list[Arm], base_env: Mapping[str, str], log_dir: Path, parallel: int, stall_s: float):
+        self.arms, self.base_env, self.log_dir = arms, dict(base_env), log_dir
+        self.parallel, self.stall_s = max(1, parallel), stall_s
+        self.folders = [ExperimentFolder(arm.config(base_env).experiment_dir) for arm in arms]
+        self.running: dict[str, subprocess.Popen] = {}
+        self.codes: dict[str, int] = {}
+        self.stopping = False
+
+    def run(self) -> dict[str, int]:
+        """Exit code of each arm's `up` (0 finished, 130 stopped, 1 failed), by experiment."""
+        previous = signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        waiting = list(self.arms)
+        progress, progress_at = -1, time.monotonic()
+        try:
+            while (waiting and not self.stopping) or self.running:
+                while waiting and len(self.running) < self.parallel and not self.stopping:
+                    self._start(waiting.pop(0))
+                self._reap()
+                done = self._rounds_done()
+                if done != progress:
+                    progress, progress_at = done, time.monotonic()
+                elif time.monotonic() - progress_at > self.stall_s:
+                    self.stop()
+                    raise SwarmError(f"no swarm of the table finished a round for {self.stall_s:.0f}s: stopped them "
+                                     f"all; see the logs in {self.log_dir}")
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            self.stop()
+            self._wait_all()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return self.codes
+
+    def _start(self, arm: Arm) -> None:
+        out = open(self.log_dir / f"{arm.experiment}.log", "ab")
+        try:
+            # a session of its own: a Ctrl-C in the terminal reaches this process alone, which passes exactly
+            # one SIGINT on (a second one would kill the swarm before its checkpoints)
+            self.running[arm.experiment] = subprocess.Popen(
+                _command("up"), env=arm.environment(self.base_env), stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            out.close()         # the child holds its own copy of the descriptor
+
+    def _reap(self) -> None:
+        for name, process in list(self.running.items()):
+            if process.poll() is not None:
+                self.codes[name] = process.returncode
+                del self.running[name]
+
+    def _rounds_done(self) -> int:
+        total = 0
+        for folder in self.folders:
+            try:
+                rounds = folder.state_rounds()
+            except OSError:
+                continue
+            total += rounds[-1] if rounds else 0
+        return total
+
+    def stop(self) -> None:
+        """SIGINT to every running swarm: each stops as on Ctrl-C (checkpoints saved, resumable)."""
+        self.stopping = True
+        for process in self.running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+
+    def _wait_all(self) -> None:
+        deadline = time.monotonic() + STOP_GRACE_S
+        for name, process in list(self.running.items()):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+            self.codes[name] = process.returncode
+            del self.running[name]
