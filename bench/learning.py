@@ -1,11 +1,12 @@
 """Does the swarm learn at its defaults on the GPU model? A learning-rate sweep over seeds, and a long default run.
 
-    python -m bench.learning run DRIVE [--seeds 1,2,3] [--sweep 1e-6,1e-5] [--sweep-rounds 200] [--default-rounds 1000]
-    python -m bench.learning report DRIVE [--out bench]    # bench/learning.json, bench/LEARNING.md's tables, a plot
+    python -m bench.learning run DRIVE [--seeds 1,2,3] [--arms default:500:100,1e-6:500:100,1e-5:150:50]
+    python -m bench.learning report DRIVE [--out bench]    # bench/learning.json, the sweep's table, a plot
 
 Every arm is a plain `rl-swarm up` of MODEL_NAME=rl-swarm/gpt2-124m-random (swarm_supervisor.table), all at once
 on one GPU; the arms of one seed share one warm-up. The default arm sets no LEARNING_RATE, so it measures the
-default itself; a sweep arm sets LEARNING_RATE and stops at --sweep-rounds.
+default itself. An arm is LR:ROUNDS:EVAL_EVERY. GPT-2 124M checkpoints are 1 GB a worker: give the bench's
+swarms a large CHECKPOINT_INTERVAL (in the environment) where the disk is small.
 """
 
 import argparse
@@ -23,18 +24,24 @@ MODEL = "rl-swarm/gpt2-124m-random"
 DEFAULT_LABEL = f"default (lr {GPT2_LEARNING_RATE:g})"
 
 
-def plan(seeds: list[int], sweep: list[str], sweep_rounds: int, default_rounds: int) -> list[Arm]:
-    arms = []
+def plan(seeds: list[int], arms: list[str]) -> list[Arm]:
+    """One swarm per seed and arm; `default` sets no LEARNING_RATE."""
+    out = []
     for seed in seeds:
-        arms.append(Arm(label=DEFAULT_LABEL, seed=seed, experiment=f"default-s{seed}",
-                        env=(("MAX_ROUNDS", str(default_rounds)),)))
-        arms += [Arm(label=f"lr {float(lr):g}", seed=seed, experiment=f"lr{lr}-s{seed}",
-                     env=(("LEARNING_RATE", lr), ("MAX_ROUNDS", str(sweep_rounds)))) for lr in sweep]
-    return arms
+        for spec in arms:
+            lr, rounds, every = spec.split(":")
+            env = (("MAX_ROUNDS", rounds), ("EVAL_EVERY", every))
+            if lr == "default":
+                out.append(Arm(label=DEFAULT_LABEL, seed=seed, experiment=f"default-s{seed}", env=env))
+            else:
+                out.append(Arm(label=f"lr {float(lr):g}", seed=seed, experiment=f"lr{lr}-s{seed}",
+                               env=(("LEARNING_RATE", lr), *env)))
+    return out
 
 
 def base_env(drive: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LEARNING_RATE", "MAX_ROUNDS", "PRESET", "SEED")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LEARNING_RATE", "MAX_ROUNDS", "EVAL_EVERY", "PRESET", "SEED")}
     return {**env, "MODEL_NAME": MODEL, "GDRIVE_PATH": str(drive), "HF_HUB_OFFLINE": "1"}
 
 
@@ -87,13 +94,11 @@ def main() -> int:
     parser.add_argument("action", choices=["run", "report"])
     parser.add_argument("drive", type=Path)
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--sweep", default="1e-6,1e-5", help="learning rates besides the default")
-    parser.add_argument("--sweep-rounds", type=int, default=200)
-    parser.add_argument("--default-rounds", type=int, default=1000)
+    parser.add_argument("--arms", default="default:1000:50,1e-6:1000:50,1e-5:200:50",
+                        help="LR:ROUNDS:EVAL_EVERY, comma-separated; LR 'default' sets no LEARNING_RATE")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
-    arms = plan([int(s) for s in args.seeds.split(",")], [s for s in args.sweep.split(",") if s],
-                args.sweep_rounds, args.default_rounds)
+    arms = plan([int(s) for s in args.seeds.split(",")], [s for s in args.arms.split(",") if s])
     if args.action == "run":
         env, logs = base_env(args.drive), args.drive / "tables" / "logs"
         logs.mkdir(parents=True, exist_ok=True)

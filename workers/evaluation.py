@@ -91,7 +91,7 @@ class HeldOutTrend:
             return None
         return (f"{node}: held-out accuracy {self.newest:.0%} at round {self.newest_round}, down from its best "
                 f"{self.best:.0%} at round {self.best_round} ({FALL_EVALUATIONS} evaluations in a row more than "
-                f"{FALL_POINTS:.0%} below it); its best model is in checkpoints/{node}/best/")
+                f"{FALL_POINTS * 100:.0f} points below it); its best model is in checkpoints/{node}/best/")
 
 
 def held_out_trend(rows: list[HeldOutEval]) -> HeldOutTrend:
