@@ -65,21 +65,30 @@ def _device() -> str:
         return "unknown"
 
 
-def report(arms: list[Arm], drive: Path, out: Path) -> dict:
+def _rounded(values: tuple[float | None, ...]) -> list[float | None]:
+    return [None if v is None else round(v, 4) for v in values]
+
+
+def report(arms: list[Arm], drive: Path, out: Path, command: str, device: str | None = None) -> dict:
     env = base_env(drive)
     rows = table_rows(arms, {a.experiment: a.config(env).experiment_dir for a in arms})
     default = next(r for r in rows if r.label == DEFAULT_LABEL)
     curves = default.reward_per_round
     result = {
-        "device": _device(), "git_sha": _git_sha(),
+        "device": device or _device(), "git_sha": _git_sha(),
         "default": {"model": MODEL, "learning_rate": GPT2_LEARNING_RATE, "seeds": list(default.seeds),
-                    "rounds": list(default.rounds), "held_out_start": list(default.held_out_start),
-                    "held_out_end": list(default.held_out_end),
+                    "rounds": list(default.rounds), "held_out_start": _rounded(default.held_out_start),
+                    "held_out_end": _rounded(default.held_out_end),
                     "reward_first_50": [round(sum(c[:50]) / max(1, len(c[:50])), 4) for c in curves],
                     "reward_last_50": [round(sum(c[-50:]) / max(1, len(c[-50:])), 4) for c in curves]},
         "sweep": [row.to_json() for row in rows],
+        "command": command,
     }
     out.mkdir(parents=True, exist_ok=True)
+    try:                        # the SAPO table is measured apart (rl-swarm sapo-table); keep what it wrote
+        result["sapo"] = json.loads((out / "learning.json").read_text()).get("sapo")
+    except (OSError, ValueError):
+        result["sapo"] = None
     (out / "learning.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "learning_sweep.txt").write_text(format_table(rows) + "\n")
     try:
@@ -97,6 +106,7 @@ def main() -> int:
     parser.add_argument("--arms", default="default:1000:50,1e-6:1000:50,1e-5:200:50",
                         help="LR:ROUNDS:EVAL_EVERY, comma-separated; LR 'default' sets no LEARNING_RATE")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--device-name", default=None, help="for a report made away from the GPU that ran it")
     args = parser.parse_args()
     arms = plan([int(s) for s in args.seeds.split(",")], [s for s in args.arms.split(",") if s])
     if args.action == "run":
@@ -105,7 +115,8 @@ def main() -> int:
         share_warmups(arms, env, logs)
         codes = ArmRunner(arms, env, logs, parallel=len(arms), stall_s=1800).run()
         print(json.dumps(codes), flush=True)
-    result = report(arms, args.drive, args.out)
+    command = f"python -m bench.learning run DRIVE --seeds {args.seeds} --arms {args.arms}"
+    result = report(arms, args.drive, args.out, command, args.device_name)
     print(json.dumps(result["default"], indent=1))
     print((args.out / "learning_sweep.txt").read_text())
     return 0

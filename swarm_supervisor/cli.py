@@ -20,30 +20,28 @@ EXIT_INTERRUPTED = 130
 WARMUP_SILENCE_S = 600    # the warm-up reports every step; this long without a word means it is stuck
 
 
+def shown_default(attr: str) -> str:
+    """A setting's default as its variable would spell it."""
+    default = getattr(SwarmConfig(), attr)
+    if attr == "tasks":
+        return ",".join(f"{name}:{weight:g}" for name, weight in default)
+    if attr == "cache_dir":
+        return "~/.cache/rl-swarm"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
+
+
 def settings_markdown() -> str:
     """The README's configuration table, generated from the same SETTINGS that parse the environment."""
-    defaults = SwarmConfig()
     lines = ["| variable | default | what it sets |", "|---|---|---|"]
-    for s in SETTINGS:
-        default = getattr(defaults, s.attr)
-        if s.attr == "tasks":
-            default = ",".join(f"{name}:{weight:g}" for name, weight in default)
-        elif s.attr == "cache_dir":
-            default = "~/.cache/rl-swarm"
-        lines.append(f"| `{s.env}` | `{default}` | {s.help} |")
+    lines += [f"| `{s.env}` | `{shown_default(s.attr)}` | {s.help} |" for s in SETTINGS]
     return "\n".join(lines)
 
 
 def settings_table() -> str:
     width = max(len(s.env) for s in SETTINGS)
-    defaults = SwarmConfig()
-    lines = []
-    for s in SETTINGS:
-        default = getattr(defaults, s.attr)
-        if s.attr == "tasks":
-            default = ",".join(f"{name}:{weight:g}" for name, weight in default)
-        lines.append(f"  {s.env:<{width}}  {s.help} [default: {default}]")
-    return "\n".join(lines)
+    return "\n".join(f"  {s.env:<{width}}  {s.help} [default: {shown_default(s.attr)}]" for s in SETTINGS)
 
 
 def resolve_device(requested: str) -> tuple[str, str | None]:

@@ -29,7 +29,8 @@ class TableRow:
     def to_json(self) -> dict:
         return {"split": self.label, "experiments": list(self.experiments), "seeds": list(self.seeds),
                 "rounds": list(self.rounds), "cumulative_reward": [round(v, 4) for v in self.cumulative_reward],
-                "held_out_start": list(self.held_out_start), "held_out_end": list(self.held_out_end),
+                "held_out_start": [None if v is None else round(v, 4) for v in self.held_out_start],
+                "held_out_end": [None if v is None else round(v, 4) for v in self.held_out_end],
                 "task_rewards": {k: round(v, 4) for k, v in self.task_rewards.items()}}
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.test_e2e import swarm_env
+from tests.helpers import swarm_env
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

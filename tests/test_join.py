@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.test_e2e import metrics_rows, swarm_env
+from tests.helpers import metrics_rows, swarm_env
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_e2e import metrics_rows, swarm_env
+from tests.helpers import metrics_rows, swarm_env
 from tests.test_supervision import heartbeat, wait_for
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import workers.folder as folder_module
-from tests.test_e2e import metrics_rows, run_up, swarm_env
+from tests.helpers import metrics_rows, run_up, swarm_env
 from tests.test_folder_protocol import group
 from workers import drive_sim
 from workers.drive_sim import simulate_drive

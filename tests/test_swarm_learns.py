@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e import metrics_rows, swarm_env
+from tests.helpers import metrics_rows, swarm_env
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from configs_env import ConfigError, SwarmConfig
-from tests.test_e2e import swarm_env
+from tests.helpers import swarm_env
 from workers.model import Policy, load_policy
 from workers.warmup import TARGET_CHECK_EVERY, supervised_warmup
 

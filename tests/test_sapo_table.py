@@ -1,0 +1,75 @@
+"""`rl-swarm sapo-table`: the paper's four splits side by side, and the table the paper prints."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from configs_env import ConfigError, SwarmConfig
+from configs_env.presets import PAPER_TASKS
+from swarm_supervisor.table import Arm
+from swarm_supervisor.table_report import TableRow, format_table, gains
+from tests.helpers import swarm_env
+
+
+def test_the_paper_presets_are_the_papers_swarm_and_a_degenerate_split_is_named():
+    cfg = SwarmConfig.from_env({"PRESET": "paper-2-6"})
+    assert (cfg.num_workers, cfg.num_generations, cfg.num_train_samples, cfg.num_transplant_trees) == (8, 8, 2, 6)
+    assert cfg.tasks == PAPER_TASKS and len(cfg.tasks) == 9 and cfg.kl_beta == 0 and not cfg.warnings()
+    # with 4 workers, J=3 of I=1 takes every group the other three publish: every worker trains on the same data
+    [warning] = SwarmConfig.from_env({"PRESET": "sapo-1-3"}).warnings()
+    assert "all 4 workers train on the same groups" in warning and "NUM_WORKERS=5" in warning
+    assert not SwarmConfig.from_env({"PRESET": "sapo-1-3", "NUM_WORKERS": "5"}).warnings()
+    with pytest.raises(ConfigError, match="SEEDS='1,1'"):
+        SwarmConfig.from_env({"SEEDS": "1,1"})
+
+
+def test_gains_are_taken_seed_by_seed_against_the_no_sharing_split():
+    def row(label: str, seeds: tuple[int, ...], rewards: tuple[float, ...]) -> TableRow:
+        return TableRow(label=label, experiments=(), seeds=seeds, rounds=(100,) * len(seeds),
+                        cumulative_reward=rewards, held_out_start=(0.5,) * len(seeds),
+                        held_out_end=(0.6,) * len(seeds), task_rewards={}, reward_per_round=())
+
+    alone, shared = row("8/0", (1, 2, 3), (50.0, 100.0, 80.0)), row("4/4", (1, 2, 3), (75.0, 110.0, 80.0))
+    assert gains(shared, alone) == pytest.approx([0.5, 0.1, 0.0])
+    text = format_table([alone, shared], {"8/0": 561.8, "4/4": 1093.3})
+    [line] = [line for line in text.splitlines() if line.startswith("4/4")]
+    assert "88.3 ± " in line and "+20.0% ± " in line and "1093.3 (4/4)" in line and "+95%" in line
+
+
+def test_arms_of_one_seed_differ_only_in_their_preset():
+    arm = Arm(label="6/2", seed=2, experiment="t-paper-6-2-s2", env=(("PRESET", "paper-6-2"),))
+    env = arm.environment({"SEED": "9", "EXPERIMENT_NAME": "x", "GDRIVE_PATH": "/d"})
+    assert (env["SEED"], env["EXPERIMENT_NAME"], env["PRESET"], env["GDRIVE_PATH"]) == \
+        ("2", "t-paper-6-2-s2", "paper-6-2", "/d")
+
+
+@pytest.mark.slow
+def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_and_prints_the_papers_table(tmp_path):
+    env = swarm_env(tmp_path, MAX_ROUNDS="2", EXPERIMENT_NAME="t")
+    result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "sapo-table"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("split"))
+    rows = lines[header + 2:header + 6]
+    assert [r.split()[0] for r in rows] == ["8/0", "6/2", "4/4", "2/6"]
+    assert "561.8 (8/0)" in rows[0] and "+94%" not in rows[0] and "1093.3 (4/4)" in rows[2]
+    drive = tmp_path / "drive"
+    table = json.loads((drive / "tables" / "t-paper.json").read_text())
+    assert [r["split"] for r in table["rows"]] == ["8/0", "6/2", "4/4", "2/6"]
+    assert all(r["rounds"] == [2] and len(r["task_rewards"]) >= 1 for r in table["rows"])
+    # one warm-up for the seed: every split started from the same base
+    bases = [(drive / "experiments" / f"t-paper-{s}-s1" / "base" / "model.safetensors").read_bytes()
+             for s in ("8-0", "6-2", "4-4", "2-6")]
+    assert all(b == bases[0] for b in bases)
+    # the splits really differ in sharing: 8/0 trains on no peer group, 2/6 on some
+    def external(split: str) -> int:
+        path = drive / "experiments" / f"t-paper-{split}-s1" / "metrics" / "worker-1" / "metrics.jsonl"
+        return sum(json.loads(line)["external_groups"] for line in path.read_text().splitlines())
+    assert external("8-0") == 0 and external("2-6") > 0
+    # it resumes like `up`: a second run finds every split finished and prints the same table at once
+    again = subprocess.run([sys.executable, "-m", "swarm_supervisor", "sapo-table"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and rows[0] in again.stdout
