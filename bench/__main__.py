@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from bench.memory_probe import NAIVE_SETUP, WORKER_SETUP, measure_train, worker_peak
 from bench.workload import MODEL, generation_tok_s, scaling_process
-from workers.model import load_policy
+from workers.learning.model import load_policy
 
 HERE = Path(__file__).parent
 
@@ -54,8 +54,8 @@ def bench_worker_memory(cache: Path) -> dict:
     from transformers import AutoConfig
 
     from configs_env import SwarmConfig
-    from workers.memory import estimate_worker_mib
-    from workers.model import model_source
+    from workers.learning.memory import estimate_worker_mib
+    from workers.learning.model import model_source
 
     row = worker_peak(cache, WORKER_SETUP)
     config = AutoConfig.from_pretrained(model_source(MODEL, cache))

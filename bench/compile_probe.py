@@ -10,7 +10,7 @@ import torch
 
 from bench.memory_probe import WORKER_SETUP, _batch, _optimizer, _step
 from bench.workload import MODEL
-from workers.model import load_policy
+from workers.learning.model import load_policy
 
 
 def run(cache: Path, name: str, compile_budget: float | None, ckpt_kwargs: dict | None) -> dict:

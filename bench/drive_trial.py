@@ -18,7 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from workers.drive_sim import FAILURE, plant_hostile_files
+from workers.shared_folder.drive_sim import FAILURE
+from workers.shared_folder.hostile import plant_hostile_files
 
 # what each kind of planted file is rejected for, as the readers' warnings say it
 REJECTED_FOR = {"not valid JSON": "malformed or truncated JSON", "byte limit": "oversized",

@@ -18,10 +18,10 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.workload import MODEL, PROMPT_LEN, naive_logprobs
-from workers.generation import generate_ids
-from workers.grpo import build_batch, grpo_step
-from workers.model import enable_activation_checkpointing, load_policy
-from workers.optim import AdamWBf16Moments
+from workers.learning.generation import generate_ids
+from workers.learning.grpo import build_batch, grpo_step
+from workers.learning.model import enable_activation_checkpointing, load_policy
+from workers.learning.optim import AdamWBf16Moments
 
 GIB = 2**30
 
@@ -54,7 +54,7 @@ def _step(policy, optimizer, batch, adv, setup: dict) -> None:
             grpo_step(model, optimizer, batch, adv, chunk_size=setup["chunk"], micro_batch_size=setup["micro"])
 
 
-# what a worker does on CUDA by default (workers/round_loop.py, workers/optim.py, GRADIENT_CHECKPOINTING=auto)
+# what a worker does on CUDA by default (workers/round_loop.py, workers/learning/optim.py, GRADIENT_CHECKPOINTING=auto)
 WORKER_SETUP = {"name": "ours: worker default (checkpointing, chunk 256, micro 16, bf16 moments)", "path": "ours",
                 "chunk": 256, "micro": 16, "opt": "bf16", "ckpt": True, "gen_rows": 8, "empty_cache": True}
 NAIVE_SETUP = {"name": "naive: full logits, one batch, fp32 fused AdamW", "path": "naive", "opt": "fp32"}
@@ -129,7 +129,7 @@ def worker_peak(cache: Path, setup: dict, cycles: int = 8) -> dict:
             return row
         except queue_module.Empty:
             if not proc.is_alive():
-                raise RuntimeError(f"the worker-loop process exited with code {proc.exitcode} and no result")
+                raise RuntimeError(f"the worker-loop process exited with code {proc.exitcode} and no result") from None
     proc.kill()
     raise TimeoutError("the worker-loop process gave no result in 300 s")
 
@@ -148,7 +148,7 @@ def worker_loop(cache: str, setup: dict, cycles: int, results) -> None:
     batch = _batch(policy, 16, 256)
     adv = torch.randn(16, device=policy.device)
     per_cycle = []
-    for cycle in range(cycles):
+    for _ in range(cycles):
         policy.model.eval()
         generate_ids(policy, ids, torch.ones_like(ids), 256, 1.0, greedy=False, fast=True, min_new_tokens=256)
         if setup.get("empty_cache"):

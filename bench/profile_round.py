@@ -8,10 +8,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.workload import MODEL
 from configs_env import SwarmConfig
-from workers.model import enable_activation_checkpointing, load_policy, use_activation_checkpointing
-from workers.optim import make_optimizer
+from workers.learning.model import enable_activation_checkpointing, load_policy, use_activation_checkpointing
+from workers.learning.optim import make_optimizer
 from workers.round_loop import TrainingGroup, local_rollouts, train_on_groups
-from workers.tasks import TaskMix
+from workers.learning.tasks import TaskMix
 
 
 def profile_round(cache: Path, rows: int = 15) -> str:

@@ -14,8 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.memory_probe import NAIVE_SETUP, WORKER_SETUP, _batch, _optimizer, _step, measure_train
 from bench.workload import MODEL
-from workers.model import enable_activation_checkpointing, load_policy
-from workers.optim import AdamWBf16Moments
+from workers.learning.model import enable_activation_checkpointing, load_policy
+from workers.learning.optim import AdamWBf16Moments
 
 
 def _median_ms(fn, repeats: int = 20) -> float:

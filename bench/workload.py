@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from workers.generation import generate_ids
-from workers.model import Policy, load_policy
+from workers.learning.generation import generate_ids
+from workers.learning.model import Policy, load_policy
 
 MODEL = "rl-swarm/gpt2-124m-random"
 PROMPT_LEN = 48

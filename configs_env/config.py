@@ -48,7 +48,7 @@ class SwarmConfig:
     # Generation and training
     max_new_tokens: int = 256
     temperature: float = 1.0
-    learning_rate: float | None = None   # None: the model's own default (workers.model)
+    learning_rate: float | None = None   # None: the model's own default (workers.learning.model)
     advantage_scale: str = "std"
     loss_normalization: str = "token"
     kl_beta: float = 0.0
@@ -166,11 +166,14 @@ SETTINGS: tuple[Setting, ...] = (
             "sapo-2-2, sapo-1-3 (the same splits scaled to 4 workers)"),
     Setting("TEST_MODE", "test_mode", p.boolean, "Quick validation run: 3 rounds, I=4, G=4, tiny sizes"),
     Setting("NUM_WORKERS", "num_workers", p.integer(1, 64, example=4), "Worker processes on this machine"),
-    Setting("MAX_ROUNDS", "max_rounds", p.integer(1, example=2000), "Rounds the coordinator runs before the swarm stops"),
-    Setting("NUM_TRAIN_SAMPLES", "num_train_samples", p.integer(0, 1024, example=2), "I: local questions per worker per round"),
+    Setting("MAX_ROUNDS", "max_rounds", p.integer(1, example=2000),
+            "Rounds the coordinator runs before the swarm stops"),
+    Setting("NUM_TRAIN_SAMPLES", "num_train_samples", p.integer(0, 1024, example=2),
+            "I: local questions per worker per round"),
     Setting("NUM_TRANSPLANT_TREES", "num_transplant_trees", p.integer(0, 1024, example=2),
             "J: groups taken from other workers' rollouts per round"),
-    Setting("NUM_GENERATIONS", "num_generations", p.integer(2, 256, example=4), "G: completions generated per question"),
+    Setting("NUM_GENERATIONS", "num_generations", p.integer(2, 256, example=4),
+            "G: completions generated per question"),
     Setting("TASKS", "tasks", p.task_mix, "reasoning-gym tasks and weights (task:weight,...)"),
     Setting("COORDINATOR_ROUND_INTERVAL", "coordinator_round_interval", p.number(0.1, "120", exclusive=True),
             "Seconds after which the coordinator advances the round even if some workers are not done"),

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 from configs_env import SETTINGS, SwarmConfig, SwarmError
-from workers.folder import ExperimentFolder, FolderError, write_json_atomic
-from workers.exchange import read_heartbeats
-from workers.model import ensure_model_available, resolve_default_model
+from workers.shared_folder.folder import ExperimentFolder, FolderError, write_json_atomic
+from workers.shared_folder.exchange import read_heartbeats
+from workers.learning.model import ensure_model_available, resolve_default_model
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
-from workers.tasks import check_tasks
+from workers.learning.tasks import check_tasks
 from workers.worker import WorkerSpec
 
 EXIT_USAGE = 2
@@ -72,8 +72,8 @@ def check_fit(cfg: SwarmConfig, model_name: str, device: str) -> None:
     from transformers import AutoConfig
 
     from swarm_supervisor.monitor import Monitor
-    from workers.memory import estimate_worker_mib
-    from workers.model import model_source, use_activation_checkpointing
+    from workers.learning.memory import estimate_worker_mib
+    from workers.learning.model import model_source, use_activation_checkpointing
 
     monitor = Monitor(device_index=int(device.partition(":")[2] or 0))
     snapshot = monitor.sample([])

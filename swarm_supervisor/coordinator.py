@@ -18,10 +18,10 @@ import uuid
 from typing import Any, Callable
 
 from configs_env import SwarmConfig
-from workers.exchange import TERMINAL, Exchange, live_workers, liveness, read_heartbeats
-from workers.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, with_retries,
+from workers.shared_folder.exchange import TERMINAL, Exchange, live_workers, liveness, read_heartbeats
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, with_retries,
                             write_json_atomic)
-from workers.protocol import Heartbeat, RoundState
+from workers.shared_folder.protocol import Heartbeat, RoundState
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class Coordinator(threading.Thread):
         for round_ in reversed(with_retries(self.folder.state_rounds, f"listing {self.folder.root / 'state'}")):
             path = self.folder.round_state_file(round_)
             try:
-                with_retries(lambda: RoundState.from_json(read_json_bounded(path, require_checksum=True), str(path)),
-                             f"reading {path}")
+                with_retries(lambda path=path: RoundState.from_json(read_json_bounded(path, require_checksum=True),
+                                                                    str(path)), f"reading {path}")
             except RejectedFile as error:     # a half-synced or hostile file is not a round to resume at
                 log.warning("%s", error)
                 continue

@@ -47,7 +47,7 @@ class NodeRow:
     last_error: str | None
     held_out_start: float | None = None   # greedy exact-match on the held-out set before round 1
     held_out: float | None = None         # the same, at the newest evaluation after round 0
-    liveness: str | None = None           # alive, late or gone, from the heartbeat's age (workers.exchange)
+    liveness: str | None = None           # alive, late or gone, from the heartbeat's age (exchange.liveness)
     note: str | None = None               # trouble the node works around (a folder refusing its writes)
     held_out_best: float | None = None    # the best evaluation so far (round 0 included)
     learning_alarm: str | None = None     # a few words when the node unlearns (held-out falling, reward collapsed)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.evaluation import read_held_out
-from workers.exchange import read_heartbeats
-from workers.folder import ExperimentFolder, RejectedFile, read_json_bounded
-from workers.protocol import Heartbeat, HeldOutEval, RolloutFile, RoundMetrics, RoundState
+from workers.shared_folder.exchange import read_heartbeats
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded
+from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RolloutFile, RoundMetrics, RoundState
 
 
 def experiment_roots(gdrive: Path) -> list[Path]:
@@ -197,7 +197,8 @@ def validate(root: Path) -> list[Check]:
     if cleanup:
         gaps = [g for g in gaps if "rollouts" not in g]     # retired rounds are gone on purpose
     checks.append(Check("rollouts and metrics per round", not gaps, "every worker that finished a round published "
-                        "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}"))
+                        "rollouts and a metrics row for it" if not gaps
+                        else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}"))
     interval = int(cfg.get("checkpoint_interval", 1) or 1)
     stale = []
     for node in sorted({n for nodes in by_round.values() for n in nodes}):

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from configs_env import SwarmConfig
-from workers.folder import ExperimentFolder, FolderError
+from workers.shared_folder.folder import ExperimentFolder, FolderError
 
 
 def show_status(cfg: SwarmConfig) -> int:

@@ -14,9 +14,9 @@ from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import NodeRow, SwarmView
 from swarm_supervisor.monitor import MonitorSnapshot
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
-from workers.exchange import liveness, read_heartbeats
-from workers.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
-from workers.protocol import Heartbeat, RoundMetrics, RoundState
+from workers.shared_folder.exchange import liveness, read_heartbeats
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
+from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from swarm_supervisor.status import SwarmReader
-from workers.drive_sim import simulate_drive
-from workers.exchange import read_heartbeats
-from workers.folder import ExperimentFolder, append_jsonl, is_visible
+from workers.shared_folder.drive_sim import simulate_drive
+from workers.shared_folder.exchange import read_heartbeats
+from workers.shared_folder.folder import ExperimentFolder, append_jsonl, is_visible
 from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from configs_env import SwarmConfig, SwarmError
-from workers.folder import ExperimentFolder
+from workers.shared_folder.folder import ExperimentFolder
 
 POLL_S = 1.0
 STOP_GRACE_S = 90.0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from swarm_supervisor.experiments import mean_interval, metrics_by_round, summarize
 from swarm_supervisor.table import Arm
-from workers.folder import ExperimentFolder
+from workers.shared_folder.folder import ExperimentFolder
 
 
 @dataclass(frozen=True)

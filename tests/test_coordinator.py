@@ -7,7 +7,7 @@ import pytest
 
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
-from workers.folder import ExperimentFolder, write_json_atomic
+from workers.shared_folder.folder import ExperimentFolder, write_json_atomic
 
 
 def wait_until(predicate, timeout=5.0):
@@ -88,7 +88,7 @@ def test_a_restarted_coordinator_resumes_at_its_last_round(swarm):
 
 
 def beat(node: str, age_s: float, status: str = "training", instance: str = "i"):
-    from workers.protocol import Heartbeat
+    from workers.shared_folder.protocol import Heartbeat
 
     now = time.time()
     return Heartbeat(node=node, role="worker", pid=1, host="h", instance=instance, status=status, round=1, stage=0,
@@ -96,7 +96,7 @@ def beat(node: str, age_s: float, status: str = "training", instance: str = "i")
 
 
 def test_a_worker_is_alive_late_or_gone_by_its_heartbeat_and_only_gone_ones_are_not_waited_for():
-    from workers.exchange import live_workers, liveness
+    from workers.shared_folder.exchange import live_workers, liveness
 
     beats = {"w-1": beat("w-1", 2), "w-2": beat("w-2", 40), "w-3": beat("w-3", 130), "w-4": beat("w-4", 1, "done")}
     assert {n: liveness(b, peer_timeout=120) for n, b in beats.items()} == \
@@ -106,7 +106,7 @@ def test_a_worker_is_alive_late_or_gone_by_its_heartbeat_and_only_gone_ones_are_
 
 def test_the_coordinator_says_when_a_worker_turns_late_gone_and_alive_again(tmp_path, monkeypatch):
     import swarm_supervisor.coordinator as coordinator_module
-    from workers.exchange import Exchange
+    from workers.shared_folder.exchange import Exchange
 
     monkeypatch.setattr(coordinator_module, "HEARTBEAT_S", 0.05)
     cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path), "MAX_ROUNDS": "3", "NUM_WORKERS": "2",

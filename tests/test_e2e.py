@@ -116,12 +116,12 @@ def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal)
     assert time.monotonic() - stopped_at < 30
     assert not survivors(children, grace_s=10), "orphan processes after the supervisor exited"
     done = {n: metrics_rows(exp, n)[-1]["round"] for n in ("worker-1", "worker-2")}
-    for node, last in done.items():                  # stopping saved a checkpoint of the last completed round
+    for node, last in done.items():    # stopping saved a checkpoint of the last completed round
         assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir()
 
     result = run_up({**env, "MAX_ROUNDS": str(max(done.values()) + 2)})
     assert result.returncode == 0, result.stdout + result.stderr
-    for node, last in done.items():
+    for node in done:
         rounds = [r["round"] for r in metrics_rows(exp, node)]
         assert rounds[-1] == max(done.values()) + 2
         assert rounds[: len(rounds)] == sorted(rounds)      # resumed forward, no round replayed from scratch

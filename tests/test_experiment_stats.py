@@ -17,8 +17,8 @@ def _experiment(root, with_evals: bool):
     import time
 
     from workers.evaluation import eval_file
-    from workers.folder import ExperimentFolder, append_jsonl, write_json_atomic
-    from workers.protocol import HeldOutEval, RoundMetrics, RoundState
+    from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
+    from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
 
     folder = ExperimentFolder(root).create()
     write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": 2, "num_train_samples": 2,

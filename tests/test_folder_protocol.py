@@ -5,10 +5,10 @@ import threading
 
 import pytest
 
-from workers.exchange import Exchange, live_workers
-from workers.folder import (ExperimentFolder, RejectedFile, append_jsonl, check_node_name, read_json_bounded,
-                            read_jsonl, record_checksum, write_json_atomic)
-from workers.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundMetrics, RoundState
+from workers.shared_folder.exchange import Exchange, live_workers
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, check_node_name,
+                                          read_json_bounded, read_jsonl, record_checksum, write_json_atomic)
+from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundMetrics, RoundState
 
 
 def group(g: int = 4, task: str = "chain_sum") -> RolloutGroup:
@@ -136,8 +136,8 @@ def test_metrics_row_round_trips_and_rejects_bad_fields():
 
 
 def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(folder, monkeypatch, caplog):
-    import workers.exchange as exchange_module
-    import workers.folder as folder_module
+    import workers.shared_folder.exchange as exchange_module
+    import workers.shared_folder.folder as folder_module
 
     monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
     real_write, failures = exchange_module.write_json_atomic, []
@@ -164,7 +164,7 @@ def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(fol
 def test_retry_waits_double_and_are_spread_so_nodes_do_not_retry_in_step():
     import random
 
-    from workers.folder import backoff_s
+    from workers.shared_folder.folder import backoff_s
 
     rng = random.Random(3)
     waits = {attempt: [backoff_s(attempt, 0.5, rng) for _ in range(200)] for attempt in (1, 2, 3)}
@@ -259,8 +259,8 @@ def test_a_checksum_over_nan_or_absurd_nesting_is_a_rejection_not_a_crash(tmp_pa
 # -- a folder that refuses writes: results wait in order, training goes on --------------------------
 
 def test_writes_the_folder_refuses_wait_in_order_and_land_once_it_works_again(folder, monkeypatch):
-    import workers.folder as folder_module
-    from workers.exchange import Outbox
+    import workers.shared_folder.folder as folder_module
+    from workers.shared_folder.exchange import Outbox
 
     monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
     down = [True]
@@ -284,8 +284,8 @@ def test_writes_the_folder_refuses_wait_in_order_and_land_once_it_works_again(fo
 
 
 def test_an_outbox_that_never_drains_gives_up_instead_of_growing_forever(monkeypatch):
-    import workers.folder as folder_module
-    from workers.exchange import Outbox
+    import workers.shared_folder.folder as folder_module
+    from workers.shared_folder.exchange import Outbox
 
     monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
     monkeypatch.setattr(Outbox, "MAX_WAITING", 3)
@@ -307,10 +307,10 @@ def test_a_waiting_worker_retries_the_rewards_file_the_folder_refused_so_the_rou
     import time
     from functools import partial
 
-    import workers.folder as folder_module
+    import workers.shared_folder.folder as folder_module
     import workers.worker as worker_module
     from configs_env import SwarmConfig
-    from workers.protocol import RoundState
+    from workers.shared_folder.protocol import RoundState
     from workers.worker import Worker, WorkerSpec
 
     monkeypatch.setattr(folder_module, "backoff_s", lambda *args: 0.0)

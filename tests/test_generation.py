@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from workers.generation import bucketed_width, generate_ids, sample_completions
-from workers.model import load_policy
+from workers.learning.generation import bucketed_width, generate_ids, sample_completions
+from workers.learning.model import load_policy
 
 PROMPTS = ["State the final answer to the following arithmetic problem: 3 + 4 =\nAnswer:", "Calculate 2 + 2.\nAnswer:"]
 
@@ -116,7 +116,7 @@ def test_the_decoder_sees_each_update_and_reuses_its_cache(eos_prone):
 
 @pytest.mark.gpu
 def test_the_cuda_graph_replays_what_the_step_computes_eagerly(tmp_path):
-    from workers.decode import GPT2Decoder
+    from workers.learning.decode import GPT2Decoder
 
     policy = load_policy("rl-swarm/tiny-gpt2", "cuda", tmp_path / "cache")
     with torch.no_grad():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from workers.grpo import build_batch, completion_logprobs, group_advantages, grpo_loss, grpo_step, head_logprobs
+from workers.learning.grpo import (build_batch, completion_logprobs, group_advantages, grpo_loss, grpo_step,
+                                   head_logprobs)
 
 EOS = 0          # GPT-2 pads with its EOS id; the tiny model does the same so position masking is exercised
 VOCAB = 100
@@ -162,7 +163,7 @@ def test_chunked_logprobs_have_the_gradient_of_full_logits_and_keep_no_vocabular
     grads, saved_shapes = [], []
     for chunked in (True, False):
         model = tiny()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_shapes.append((chunked, t.shape)) or t,
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, c=chunked: saved_shapes.append((c, t.shape)) or t,
                                                       lambda t: t):
             logp = completion_logprobs(model, batch, chunk_size=4) if chunked else full_logit_logprobs(model, batch)
         (logp * weights).sum().backward()
@@ -201,7 +202,7 @@ def test_fused_head_logprobs_under_bf16_autocast_match_autocast_logits(device):
 
 @pytest.mark.gpu
 def test_the_triton_softmax_of_the_head_matches_the_torch_one(monkeypatch):
-    from workers import softmax_kernels
+    from workers.learning import softmax_kernels
 
     if softmax_kernels.triton is None:
         pytest.skip("Triton is not installed")
@@ -230,7 +231,7 @@ def test_the_triton_softmax_of_the_head_matches_the_torch_one(monkeypatch):
 
 @pytest.mark.gpu
 def test_the_head_gradient_sums_chunks_in_fp32_on_cuda():
-    from workers.grpo import _accumulate_product, _fp32_out_addmm
+    from workers.learning.grpo import _accumulate_product, _fp32_out_addmm
 
     if not _fp32_out_addmm(torch.device("cuda", 0)):
         pytest.skip(f"torch {torch.__version__} has no addmm(out_dtype=): the bf16 product is added instead")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from configs_env import SwarmConfig
-from workers.model import Policy, load_policy
+from workers.learning.model import Policy, load_policy
 from workers.round_loop import TrainingGroup, local_rollouts, train_on_groups
-from workers.tasks import TaskMix
+from workers.learning.tasks import TaskMix
 from workers.warmup import supervised_warmup
 
 ROUNDS = 60

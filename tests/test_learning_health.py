@@ -13,9 +13,9 @@ from swarm_supervisor.dashboard import render
 from swarm_supervisor.status import REWARD_WINDOW, RewardWatch, SwarmReader
 from tests.helpers import console_text, swarm_env
 from workers.evaluation import eval_file, held_out_trend
-from workers.exchange import Exchange
-from workers.folder import ExperimentFolder, append_jsonl
-from workers.protocol import Heartbeat, HeldOutEval
+from workers.shared_folder.exchange import Exchange
+from workers.shared_folder.folder import ExperimentFolder, append_jsonl
+from workers.shared_folder.protocol import Heartbeat, HeldOutEval
 
 
 def evals(*accuracies: float, every: int = 50) -> list[HeldOutEval]:

@@ -8,11 +8,11 @@ from transformers import GPT2Config
 from configs_env import SwarmConfig
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
 from swarm_supervisor.supervisor import Supervisor
-from workers import optim, softmax_kernels
-from workers.memory import estimate_worker_mib, parameter_count
-from workers.model import load_policy
+from workers.learning import optim, softmax_kernels
+from workers.learning.memory import estimate_worker_mib, parameter_count
+from workers.learning.model import load_policy
 from workers.round_loop import local_rollouts
-from workers.tasks import TaskMix
+from workers.learning.tasks import TaskMix
 
 
 def test_the_estimate_counts_gpt2s_parameters_and_grows_with_the_work(monkeypatch):

@@ -8,10 +8,10 @@ import reasoning_gym
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from workers.model import ModelLoadError, ensure_model_available, load_policy, resolve_default_model
-from workers.offline_models import (BUILD_VERSION, GPT2_RANDOM, MARKER, TINY, gpt2_tokenizer, model_config,
+from workers.learning.model import ModelLoadError, ensure_model_available, load_policy, resolve_default_model
+from workers.learning.offline_models import (BUILD_VERSION, GPT2_RANDOM, MARKER, TINY, gpt2_tokenizer, model_config,
                                     prepare_model)
-from workers.tasks import TASK_SETTINGS, build_prompt
+from workers.learning.tasks import TASK_SETTINGS, build_prompt
 
 
 @pytest.fixture(autouse=True)

@@ -155,9 +155,9 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
     from configs_env import SwarmConfig
     from swarm_supervisor.status import SwarmReader
     from workers.evaluation import eval_file
-    from workers.exchange import Exchange
-    from workers.folder import ExperimentFolder, append_jsonl
-    from workers.protocol import Heartbeat, HeldOutEval
+    from workers.shared_folder.exchange import Exchange
+    from workers.shared_folder.folder import ExperimentFolder, append_jsonl
+    from workers.shared_folder.protocol import Heartbeat, HeldOutEval
 
     folder = ExperimentFolder(tmp_path).create()
     for node in ("worker-1", "worker-2"):

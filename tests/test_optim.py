@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import workers.optim as optim
-from workers.grpo import build_batch, grpo_step
-from workers.model import enable_activation_checkpointing, load_policy
+import workers.learning.optim as optim
+from workers.learning.grpo import build_batch, grpo_step
+from workers.learning.model import enable_activation_checkpointing, load_policy
 
 
 def _loss(weights: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -163,7 +163,7 @@ def test_the_triton_step_updates_as_the_torch_step_and_rounds_unbiased():
             w.grad = g.clone()
         optimizer.step()
         runs[use_triton] = (weights, optimizer)
-    (fast, fast_opt), (slow, slow_opt) = runs[True], runs[False]
+    (fast, fast_opt), (slow, _) = runs[True], runs[False]
     for a, b, g in zip(fast, slow, grads):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)            # the first update is fp32 arithmetic
         exact = 0.1 * g                                                # the first moment after one step

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from workers.tasks import TaskMix, build_prompt, score_completion
+from workers.learning.tasks import TaskMix, build_prompt, score_completion
 
 CHAIN = {"question": "State the final answer to the following arithmetic problem: 3 + 4 =", "answer": "7",
          "metadata": {"source_dataset": "chain_sum"}}
@@ -28,7 +28,7 @@ def test_reward_scores_the_one_answer_tag_that_ends_the_completion(completion, r
 
 
 def test_a_scorer_that_raises_scores_zero_with_a_warning(monkeypatch, caplog):
-    import workers.tasks as tasks
+    import workers.learning.tasks as tasks
 
     def broken(answer, entry):
         raise ZeroDivisionError("boom")
@@ -56,7 +56,7 @@ def test_unknown_task_is_a_config_error():
 
 
 def test_format_reward_adds_exactly_its_bonus_to_a_tagged_answer_and_never_to_accuracy():
-    from workers.tasks import score_group
+    from workers.learning.tasks import score_group
 
     completions = ["<answer>8</answer>", "7", "<answer></answer>", "<answer>7</answer>"]
     scores = score_group("chain_sum", CHAIN, completions, format_reward=0.1)
@@ -69,7 +69,7 @@ def test_format_reward_adds_exactly_its_bonus_to_a_tagged_answer_and_never_to_ac
 def test_rewards_above_one_still_give_zero_mean_advantages():
     import torch
 
-    from workers.grpo import group_advantages
+    from workers.learning.grpo import group_advantages
 
     advantages = group_advantages(torch.tensor([[1.1, 0.1, 0.0, 1.1], [1.1, 1.1, 1.1, 1.1]]))
     assert advantages[0].sum().abs() < 1e-5 and advantages[0, 0] > advantages[0, 1] > advantages[0, 2]

@@ -10,12 +10,12 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.evaluation import EVAL_SEED, eval_due, evaluate_held_out, greedy_accuracy, held_out_questions
-from workers.exchange import Exchange
-from workers.folder import ExperimentFolder
-from workers.model import Policy, load_policy
-from workers.protocol import RolloutGroup, RoundMetrics
+from workers.shared_folder.exchange import Exchange
+from workers.shared_folder.folder import ExperimentFolder
+from workers.learning.model import Policy, load_policy
+from workers.shared_folder.protocol import RolloutGroup, RoundMetrics
 from workers.round_loop import external_candidates, play_round, round_seed
-from workers.tasks import TaskMix
+from workers.learning.tasks import TaskMix
 from workers.warmup import supervised_warmup
 
 
@@ -130,8 +130,8 @@ def test_held_out_accuracy_is_greedy_whatever_the_batch_and_runs_at_start_every_
 
 
 def test_a_round_whose_rollouts_the_folder_refuses_trains_on_local_rollouts_and_says_so(warmed, tmp_path, monkeypatch):
-    import workers.exchange as exchange_module
-    import workers.folder as folder_module
+    import workers.shared_folder.exchange as exchange_module
+    import workers.shared_folder.folder as folder_module
 
     monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
     cfg = SwarmConfig.from_env({"NUM_WORKERS": "2", "NUM_TRAIN_SAMPLES": "4", "NUM_TRANSPLANT_TREES": "1",

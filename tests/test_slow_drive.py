@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-import workers.folder as folder_module
+import workers.shared_folder.folder as folder_module
 from tests.helpers import metrics_rows, run_up, swarm_env
 from tests.test_folder_protocol import group
-from workers import drive_sim
-from workers.drive_sim import simulate_drive
-from workers.exchange import Exchange, read_heartbeats
-from workers.folder import ExperimentFolder, list_folder, read_json_bounded, write_json_atomic
-from workers.protocol import Heartbeat
+from workers.shared_folder import drive_sim
+from workers.shared_folder.drive_sim import simulate_drive
+from workers.shared_folder.hostile import plant_hostile_files
+from workers.shared_folder.exchange import Exchange, read_heartbeats
+from workers.shared_folder.folder import ExperimentFolder, list_folder, read_json_bounded, write_json_atomic
+from workers.shared_folder.protocol import Heartbeat
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_a_swarm_on_a_slow_flaky_drive_full_of_hostile_files_completes_every_rou
     env = swarm_env(tmp_path, NUM_WORKERS="3", DRIVE_SIM_LAG="1", DRIVE_SIM_FAIL_RATE="0.05", WARMUP_STEPS="0",
                     EVAL_SIZE="0")
     exp = tmp_path / "drive" / "experiments" / "e2e"
-    planted = drive_sim.plant_hostile_files(exp, round_=1)
+    planted = plant_hostile_files(exp, round_=1)
     result = run_up(env, timeout=240)
     nodes = ["worker-1", "worker-2", "worker-3"]
     # the swarm finished; TEST_MODE's own `rl-swarm validate` then names the planted files, and nothing else

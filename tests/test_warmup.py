@@ -9,7 +9,7 @@ import torch
 
 from configs_env import ConfigError, SwarmConfig
 from tests.helpers import swarm_env
-from workers.model import Policy, load_policy
+from workers.learning.model import Policy, load_policy
 from workers.warmup import TARGET_CHECK_EVERY, supervised_warmup
 
 

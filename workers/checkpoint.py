@@ -22,9 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmError
-from workers.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, read_jsonl,
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, read_jsonl,
                             with_retries, write_json_atomic)
-from workers.protocol import RoundMetrics
+from workers.shared_folder.protocol import RoundMetrics
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +253,11 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
             continue
         metrics_file, reward_file = folder.metrics_file(node), folder.reward_file(metrics.round, node)
         if metrics.round not in recorded:
-            with_retries(lambda: append_jsonl(metrics_file, metrics.to_json()), f"appending to {metrics_file}")
+            with_retries(lambda path=metrics_file, row=metrics.to_json(): append_jsonl(path, row),
+                         f"appending to {metrics_file}")
             rewritten.append(metrics.round)
         if metrics.round == meta.round and not reward_file.exists():
-            with_retries(lambda: write_json_atomic(reward_file, metrics.to_json()), f"writing {reward_file}")
+            with_retries(lambda path=reward_file, row=metrics.to_json(): write_json_atomic(path, row),
+                         f"writing {reward_file}")
             rewritten.append(metrics.round)
     return sorted(set(rewritten))

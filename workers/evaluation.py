@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs_env import SwarmConfig
-from workers.folder import ExperimentFolder, RejectedFile, read_jsonl
-from workers.generation import prompts_per_call, sample_completions
-from workers.model import Policy
-from workers.protocol import HeldOutEval
-from workers.tasks import Question, TaskMix, build_prompt, score_completion
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_jsonl
+from workers.learning.generation import prompts_per_call, sample_completions
+from workers.learning.model import Policy
+from workers.shared_folder.protocol import HeldOutEval
+from workers.learning.tasks import Question, TaskMix, build_prompt, score_completion
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def eval_due(round_: int, max_rounds: int, every: int) -> bool:
 
 def evaluate_held_out(policy: Policy, cfg: SwarmConfig, questions: list[Question], node: str, round_: int,
                       splits: int = 1) -> HeldOutEval:
-    """Greedy answers of MAX_NEW_TOKENS; on CUDA through the workers' fast sampler (workers.decode)."""
+    """Greedy answers of MAX_NEW_TOKENS; on CUDA through the workers' fast sampler (workers.learning.decode)."""
     started = time.monotonic()
     on_cuda = policy.device.type == "cuda"
     # on CUDA as many prompts a call as a round generates rows: the sampler's KV cache, sized by the

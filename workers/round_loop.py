@@ -14,14 +14,14 @@ from typing import Callable
 import torch
 
 from configs_env import SwarmConfig
-from workers.exchange import Exchange
-from workers.generation import (Completion, bucketed_width, encode_completion, encode_prompt, generate_ids,
+from workers.shared_folder.exchange import Exchange
+from workers.learning.generation import (Completion, bucketed_width, encode_completion, encode_prompt, generate_ids,
                                 prompts_per_call, sample_completions)
-from workers.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
-from workers.memory import largest_micro_batch, release_cached_memory
-from workers.model import Policy
-from workers.protocol import RolloutGroup, RoundMetrics
-from workers.tasks import GroupScores, Question, TaskMix, build_prompt, score_group
+from workers.learning.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
+from workers.learning.memory import largest_micro_batch, release_cached_memory
+from workers.learning.model import Policy
+from workers.shared_folder.protocol import RolloutGroup, RoundMetrics
+from workers.learning.tasks import GroupScores, Question, TaskMix, build_prompt, score_group
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def generate_local(policy: Policy, cfg: SwarmConfig, prompts: list[str], seed: i
     size = prompts_per_call(len(prompts), splits)
     sampled = []
     for start in range(0, len(prompts), size):
-        # on CUDA: the CUDA-graph sampler of workers.decode, ~5x the tokens/s of plain generate (bench/RESULTS.md)
+        # on CUDA: the CUDA-graph sampler (learning/decode.py), ~5x the tokens/s of plain generate (bench/RESULTS.md)
         sampled += sample_completions(policy, prompts[start:start + size], cfg.num_generations, cfg.max_new_tokens,
                                       cfg.temperature, seed + start, fast=policy.device.type == "cuda")
     return sampled

@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig
-from workers.folder import RejectedFile, read_json_bounded
+from workers.shared_folder.folder import RejectedFile, read_json_bounded
 from workers.evaluation import EVAL_BATCH, greedy_accuracy, held_out_questions
-from workers.generation import encode_prompt
-from workers.grpo import build_batch, completion_logprobs
-from workers.model import Policy
-from workers.tasks import Question, TaskMix, build_prompt
+from workers.learning.generation import encode_prompt
+from workers.learning.grpo import build_batch, completion_logprobs
+from workers.learning.model import Policy
+from workers.learning.tasks import Question, TaskMix, build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def load_base(experiment_root: Path, policy: Policy) -> bool:
 
 def warmup_main(cfg: SwarmConfig, model_name: str, device: str, messages) -> None:
     """Spawn target: warm up, save the base, and report steps and the result through `messages`."""
-    from workers.model import load_policy
+    from workers.learning.model import load_policy
 
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))

@@ -22,15 +22,16 @@ import torch
 from configs_env import SwarmConfig, SwarmError
 from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
-from workers.drive_sim import simulate_drive
+from workers.shared_folder.drive_sim import simulate_drive
 from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
-from workers.exchange import TERMINAL, Exchange, Outbox, read_heartbeats
-from workers.folder import ExperimentFolder, RejectedFile, append_jsonl, is_visible, with_retries, write_json_atomic
-from workers.model import Policy, enable_activation_checkpointing, load_policy, use_activation_checkpointing
-from workers.optim import make_optimizer
-from workers.protocol import Heartbeat, RoundMetrics, RoundState
+from workers.shared_folder.exchange import TERMINAL, Exchange, Outbox, read_heartbeats
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, is_visible, with_retries,
+                                          write_json_atomic)
+from workers.learning.model import Policy, enable_activation_checkpointing, load_policy, use_activation_checkpointing
+from workers.learning.optim import make_optimizer
+from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
 from workers.round_loop import play_round, rehearse_largest_round
-from workers.tasks import TaskMix
+from workers.learning.tasks import TaskMix
 from workers.warmup import load_base
 
 log = logging.getLogger("workers.worker")
@@ -253,7 +254,8 @@ class Worker:
             round_ = state.round
             self.update(status="generating", round=round_)
             metrics = play_round(policy, optimizer, cfg, tasks, self.exchange, spec.index, round_, self.stop,
-                                 lambda: self.expected_peers(state), lambda stage: self.update(status=stage),
+                                 lambda state=state: self.expected_peers(state),
+                                 lambda stage: self.update(status=stage),
                                  reference, spec.generation_splits)
             if metrics is None:
                 break

@@ -10,16 +10,15 @@ writes at once, as on Drive.
 A file's lag counts from the first time this process noticed it: a heartbeat rewritten every 2 s
 would otherwise never be seen under a 5 s lag, while Drive shows its previous version meanwhile.
 
-`plant_hostile_files` adds the other half of an untrusted folder: files a broken sync, a careless
-user or an attacker could leave there, one of each kind the readers must refuse.
+The other half of an untrusted folder, files a broken sync, a careless user or an attacker could leave
+there, is planted by `workers.shared_folder.hostile`.
 
 Only the protocol subfolders are covered (state, peers, rollouts, rewards, metrics). Checkpoints and
 the warmed-up base are read by their writer or before round 1, and logs only by people, so they stay
-outside the simulation. `workers.folder`'s helpers are its only callers.
+outside the simulation. `workers.shared_folder.folder`'s helpers are its only callers.
 """
 
 import errno
-import json
 import logging
 import os
 import random
@@ -101,7 +100,7 @@ def failures() -> int:
     return _active.failures if _active is not None else 0
 
 
-# -- hooks for workers.folder -------------------------------------------------------------------
+# -- hooks for workers.shared_folder.folder -------------------------------------------------------------------
 
 def before_write(path: Path) -> None:
     if _active is not None and _active.covers(path):
@@ -136,49 +135,3 @@ def hidden(path: Path) -> bool:
     except FileNotFoundError:
         return True
     return stat.S_ISREG(info.st_mode) and not _active.visible(path, info.st_mtime)
-
-
-# -- hostile files -------------------------------------------------------------------------------
-
-def _group(task: str = "chain_sum", rewards: list | None = None) -> dict:
-    return {"task": task, "question": "3 + 4 =", "answer": "7", "metadata": {"source_dataset": task},
-            "prompt": "3 + 4 =\nAnswer:", "completions": [" <answer>7</answer>", " <answer>8</answer>"] * 2,
-            "finished": [True] * 4, "rewards": rewards if rewards is not None else [1.0, 0.0, 1.0, 0.0]}
-
-
-def plant_hostile_files(experiment_root: Path, round_: int = 1) -> dict[str, Path]:
-    """One hostile file of each kind in the round's rollouts and in peers/, by kind. The writers' own
-    checksum is used where a kind is about what a reader checks after it (a forger can compute it too)."""
-    from workers.folder import MAX_RECORD_BYTES, record_checksum
-
-    def sealed(record: dict) -> str:
-        return json.dumps({**record, "sha256": record_checksum(record)})
-
-    def rollouts(node: str, **fields: object) -> dict:
-        return {"schema": 1, "node": node, "round": round_, "stage": 0, "created_at": time.time(),
-                "groups": [_group()], **fields}
-
-    stage = Path(experiment_root) / "rollouts" / f"round_{round_}" / "stage_0"
-    peers = Path(experiment_root) / "peers"
-    stage.mkdir(parents=True, exist_ok=True)
-    peers.mkdir(parents=True, exist_ok=True)
-    whole = sealed(rollouts("hostile-2"))
-    edited = json.loads(sealed(rollouts("hostile-8")))
-    edited["groups"][0]["answer"] = "8"                     # valid JSON, valid types: not what was sealed
-    contents = {
-        "malformed JSON": ("hostile-1.json", "{not json"),
-        "truncated": ("hostile-2.json", whole[: len(whole) // 2]),
-        "oversized": ("hostile-3.json", '{"pad": "' + "x" * (MAX_RECORD_BYTES + 16) + '"}'),
-        "unsafe node id": ("hostile-4.json", sealed(rollouts("../../etc"))),
-        "wrong field types": ("hostile-5.json", sealed(rollouts("hostile-5", groups=[_group(rewards=["high"] * 4)]))),
-        "unknown task": ("hostile-6.json", sealed(rollouts("hostile-6", groups=[_group("no_such_task")]))),
-        "future schema": ("hostile-7.json", sealed(rollouts("hostile-7", schema=99))),
-        "checksum mismatch": ("hostile-8.json", json.dumps(edited)),
-    }
-    planted = {}
-    for kind, (name, text) in contents.items():
-        planted[kind] = stage / name
-        planted[kind].write_text(text, encoding="utf-8")
-    planted["bad heartbeat"] = peers / "hostile-9.json"
-    planted["bad heartbeat"].write_text(sealed({"schema": 1, "node": "../../etc", "role": "worker"}), encoding="utf-8")
-    return planted

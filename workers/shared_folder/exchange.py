@@ -8,9 +8,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from workers.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder, read_json_bounded,
-                            with_retries, write_json_atomic)
-from workers.protocol import Heartbeat, RolloutFile, RolloutGroup
+from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder,
+                                          read_json_bounded, with_retries, write_json_atomic)
+from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from workers import softmax_kernels
+from workers.learning import softmax_kernels
 
 
 # rows of the output head per chunk of the fused log-probs: one chunk's logits and their gradient stay near

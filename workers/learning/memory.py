@@ -9,7 +9,7 @@ MIB = 1024 * 1024
 # the CUDA context, loaded kernels (cuBLAS and its workspaces, the sampler's CUDA graphs) and the allocator's slack:
 # ~1.1 GiB by NVML that does not grow with the model.
 FIXED_MIB = 1100
-# fp32 weights (4) and gradients (4), two AdamW moments in bf16 (2 + 2): workers.optim
+# fp32 weights (4) and gradients (4), two AdamW moments in bf16 (2 + 2): workers.learning.optim
 BYTES_PER_PARAM = 12
 # bytes per token, layer and hidden unit of one micro-batch's update under bf16 autocast, logits chunk
 # included: 16 x 304 tokens of GPT-2 124M peaked at 0.33 GiB over weights, gradients and moments with
@@ -21,8 +21,8 @@ def torch_path_mib(vocab: int) -> float:
     """What the update holds more where Triton is missing: the torch AdamW step's fp32 temporaries (five
     pieces of PIECE elements) and two fp32 copies of a chunk of logits."""
     # here, not at the top: the supervisor's fit check imports this module and need not load Triton otherwise
-    from workers import optim, softmax_kernels
-    from workers.grpo import LOGPROB_CHUNK
+    from workers.learning import optim, softmax_kernels
+    from workers.learning.grpo import LOGPROB_CHUNK
 
     missing = 0.0
     if optim.triton is None:
@@ -39,8 +39,8 @@ def largest_micro_batch(cfg: SwarmConfig) -> int:
 
 def parameter_count(config) -> int:
     """GPT-2-style count from the config alone (no weights loaded): embeddings + 12 d^2 per layer."""
-    d = getattr(config, "n_embd", None) or getattr(config, "hidden_size")
-    layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers")
+    d = getattr(config, "n_embd", None) or config.hidden_size
+    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
     vocab = config.vocab_size
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0)
     return vocab * d + positions * d + layers * 12 * d * d
@@ -49,8 +49,8 @@ def parameter_count(config) -> int:
 def estimate_worker_mib(config, cfg: SwarmConfig, checkpointing: bool = True) -> float:
     """Worst case (every completion MAX_NEW_TOKENS long, prompts ~48 tokens): weights, gradients and
     optimizer, plus one micro-batch's activations."""
-    d = getattr(config, "n_embd", None) or getattr(config, "hidden_size")
-    layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers")
+    d = getattr(config, "n_embd", None) or config.hidden_size
+    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
     tokens = largest_micro_batch(cfg) * (cfg.max_new_tokens + 48)
     activations = tokens * d * layers * ACTIVATION_BYTES[checkpointing]
     model_state = parameter_count(config) * BYTES_PER_PARAM

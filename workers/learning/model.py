@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from configs_env import SwarmError
-from workers.offline_models import GPT2_RANDOM, NO_DROPOUT, TINY, prepare_model
+from workers.learning.offline_models import GPT2_RANDOM, NO_DROPOUT, TINY, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Policy:
     tokenizer: PreTrainedTokenizerBase
     name: str
     device: torch.device
-    # the fast sampler (workers.decode), built on first use and kept: its KV cache and CUDA graphs
+    # the fast sampler (workers.learning.decode), built on first use and kept: its KV cache and CUDA graphs
     decoder: object | None = field(default=None, repr=False)
 
 

@@ -4,7 +4,7 @@ The folder may be a Google Drive mount shared by several machines, so it is untr
 every read is size-bounded and JSON-only, every name is validated before it becomes a path,
 every write is atomic (temp file in the same folder, fsync, rename), and every record carries a
 checksum so a half-synced or edited file is skipped rather than trusted. Every read, write and
-listing of the protocol subfolders goes through these helpers, which is where `workers.drive_sim`
+listing of the protocol subfolders goes through these helpers, which is where `workers.shared_folder.drive_sim`
 makes a test's folder slow and flaky.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from configs_env import SwarmError
-from workers import drive_sim
+from workers.shared_folder import drive_sim
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from workers.folder import RejectedFile, check_node_name
+from workers.shared_folder.folder import RejectedFile, check_node_name
 
 SCHEMA = 1
 MAX_TEXT = 16_384          # characters of one question, prompt or completion

@@ -36,7 +36,7 @@ def _corpus(samples_per_task: int = 400) -> list[str]:
     """Prompt + answer text from reasoning-gym, so the tiny vocabulary fits the tasks the swarm plays."""
     import reasoning_gym
 
-    from workers.tasks import TASK_SETTINGS, build_prompt
+    from workers.learning.tasks import TASK_SETTINGS, build_prompt
 
     texts = []
     for index, name in enumerate(TOKENIZER_TASKS):

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.decode import GPT2Decoder, supports
-from workers.model import Policy
+from workers.learning.decode import GPT2Decoder, supports
+from workers.learning.model import Policy
 
 
 PROMPT_BUCKET = 32
@@ -46,7 +46,7 @@ def generate_ids(policy: Policy, input_ids: torch.Tensor, attention: torch.Tenso
                  temperature: float, greedy: bool, fast: bool, min_new_tokens: int = 0) -> torch.Tensor:
     """Prompts + sampled tokens, as `model.generate` with no top-k/top-p returns them.
 
-    `fast`: GPT-2 through workers.decode (static cache, CUDA graphs); another model through `generate`
+    `fast`: GPT-2 through workers.learning.decode (static cache, CUDA graphs); another model through `generate`
     with bf16 autocast and a static cache on CUDA. Otherwise plain `generate`.
     """
     eos = policy.tokenizer.eos_token_id

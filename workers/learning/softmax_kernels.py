@@ -15,7 +15,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:          # the CPU wheel of torch comes without Triton: workers.grpo keeps the torch path
+except ImportError:          # the CPU wheel of torch comes without Triton: workers.learning.grpo keeps the torch path
     triton = None
 
 BLOCK_V = 4096               # vocabulary entries a program holds at once (GPT-2's 50257 in 13 steps)
