@@ -1,6 +1,7 @@
 """Parsers for environment values; each raises ConfigError with one line: name, value, what is allowed."""
 
 import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 from configs_env.errors import ConfigError
@@ -73,6 +74,10 @@ def text(name: str, raw: str) -> str:
     if not value:
         raise ConfigError(f"{name} is set but empty: unset it to use the default, or give a value")
     return value
+
+
+def path(name: str, raw: str) -> Path:
+    return Path(text(name, raw)).expanduser()
 
 
 def optional_text(name: str, raw: str) -> str | None:
