@@ -60,7 +60,7 @@ class Coordinator(threading.Thread):
                         self._maybe_advance()
                 except OSError as exc:     # a Drive hiccup: nothing changed, the next poll decides again
                     log.warning("round %d: the folder failed (%s); trying again", self.round, exc)
-                self.stop.wait(POLL_S)
+                self.exchange.doorbell.wait(POLL_S)      # a worker's rewards file rings it
             self._heartbeat(status="done" if self.finished.is_set() else "stopped", force=True)
         except BaseException as exc:  # the supervisor reports it and stops the swarm
             log.exception("coordinator failed")
@@ -126,6 +126,7 @@ class Coordinator(threading.Thread):
                            nodes=tuple(sorted(self.expected_nodes())))
         path = self.folder.round_state_file(round_)
         with_retries(lambda: write_json_atomic(path, state.to_json()), f"writing {path.name}")
+        self.exchange.doorbell.ring()        # the workers of this host start the round now, not at their next poll
         self.round = round_
         self.round_started = time.monotonic()
         self._heartbeat(force=True)

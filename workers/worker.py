@@ -37,6 +37,7 @@ from workers.warmup import load_base
 log = logging.getLogger("workers.worker")
 
 HEARTBEAT_S = 2.0
+ROUND_POLL_S = 0.2        # between looks for a new round; on this host the coordinator's doorbell cuts it short
 OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
 # how long a leaving worker keeps trying them: shorter when asked to stop, inside the supervisor's 30 s grace
 OUTBOX_EXIT_S, OUTBOX_EXIT_STOPPING_S = 60.0, 20.0
@@ -141,7 +142,7 @@ class Worker:
                     raise SwarmError(f"no coordinator heartbeat for {self.cfg.peer_timeout:.0f}s and no round "
                                      f"{at_least} in {self.folder.root}/state: start the swarm with `rl-swarm up`")
                 quiet_since = time.monotonic()
-            self.stop.wait(0.2)
+            self.exchange.doorbell.wait(ROUND_POLL_S)      # the coordinator's new round rings it
         return None
 
     def _newest_round(self, rounds: list[int], at_least: int) -> RoundState | None:
@@ -278,7 +279,8 @@ class Worker:
                 evaluate(round_)
             # the rewards file is the round's "done" mark for the coordinator, so it is written last
             reward_file = self.folder.reward_file(round_, spec.node)
-            self.outbox.send(f"writing {reward_file}", partial(write_json_atomic, reward_file, record))
+            if self.outbox.send(f"writing {reward_file}", partial(write_json_atomic, reward_file, record)):
+                self.exchange.doorbell.ring()      # the coordinator of this host sees the round done now
             self.update(status="waiting", last_reward=metrics.reward_mean, last_accuracy=metrics.accuracy)
             log.info("round %d: reward %.3f exact %.2f loss %.4f local %d external %d/%d (%.1fs)", round_,
                      metrics.reward_mean, metrics.accuracy, metrics.loss, metrics.local_groups,

@@ -10,6 +10,7 @@ from typing import Any, Callable, TypeVar
 
 from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder,
                                           read_json_bounded, with_retries, write_json_atomic)
+from workers.shared_folder.doorbell import Doorbell
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Exchange:
         self._bad: dict[Path, Version] = {}
         self._cache: dict[Path, tuple[Version, Any]] = {}
         self.trouble: dict[str, str] = {}     # "publish" / "fetch": what the folder refused most recently
+        self._doorbell: Doorbell | None = None
 
     def reject(self, path: Path, error: RejectedFile) -> None:
         if path not in self.rejected:
@@ -55,12 +57,20 @@ class Exchange:
             self.rejected.add(key)
             log.warning("rejected %s: %s; skipped", where, why)
 
+    @property
+    def doorbell(self) -> Doorbell:
+        """This node's doorbell, made on first use (in the process that uses it: a spawned worker makes its own)."""
+        if self._doorbell is None:
+            self._doorbell = Doorbell(self.folder.root, self.node)
+        return self._doorbell
+
     def publish_rollouts(self, round_: int, stage: int, groups: list[RolloutGroup], part: int | None = None) -> Path:
         """Write this node's groups; an OSError after the retries is raised and kept as this node's trouble."""
         record = RolloutFile(node=self.node, round=round_, stage=stage, created_at=time.time(), groups=tuple(groups))
         path = self.folder.rollout_file(round_, stage, self.node, part)
         try:
             with_retries(lambda: write_json_atomic(path, record.to_json()), f"publishing {path.name}")
+            self.doorbell.ring()      # peers of this host waiting for these groups look now
         except OSError as exc:
             self.trouble["publish"] = (f"round {round_}: rollouts not published ({exc.strerror or exc}); "
                                        "trained on local rollouts")
@@ -131,7 +141,7 @@ class Exchange:
                 if missing and not stop.is_set():
                     log.info("round %d: waited %.0fs, going on without %s", round_, timeout_s, sorted(missing))
                 return found
-            stop.wait(POLL_S)
+            self.doorbell.wait(POLL_S)
 
     def write_heartbeat(self, heartbeat: Heartbeat) -> None:
         write_json_atomic(self.folder.heartbeat_file(self.node), heartbeat.to_json())
