@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(tmp_path):
-    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="60", NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2",
-                    CHECKPOINT_INTERVAL="20")
+    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="150", NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2",
+                    CHECKPOINT_INTERVAL="50")
     exp = tmp_path / "drive" / "experiments" / "e2e"
     up = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -23,21 +23,24 @@ def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(tmp_
         while not (exp / "state" / "round_000001.json").exists():     # the other machine started the swarm
             assert up.poll() is None and time.monotonic() < deadline, up.stdout.read()
             time.sleep(0.2)
+        # another machine: its own temp folder, so no doorbell of this host reaches it; it polls the folder
+        elsewhere = tmp_path / "other-machine-tmp"
+        elsewhere.mkdir()
         joiner = subprocess.run([sys.executable, "-m", "swarm_supervisor", "worker"],
-                                env={**env, "NODE_ID": "colab2", "NUM_WORKERS": "1"}, capture_output=True,
-                                text=True, timeout=300)
+                                env={**env, "NODE_ID": "colab2", "NUM_WORKERS": "1", "TMPDIR": str(elsewhere)},
+                                capture_output=True, text=True, timeout=300)
         output, _ = up.communicate(timeout=120)
     finally:
         up.kill()
     assert up.returncode == 0, output
     assert joiner.returncode == 0, joiner.stdout + joiner.stderr
     joined = metrics_rows(exp, "colab2")
-    assert joined and joined[-1]["round"] == 60
+    assert joined and joined[-1]["round"] == 150
     assert not (exp / "peers" / "coordinator.json").read_text().count("colab2")
     used_by_first = {r["round"]: r["external_available"] for r in metrics_rows(exp, "worker-1")}
     # once the joiner publishes, worker-1 sees 2 peers x I=2 groups instead of 1 x 2
     assert any(used_by_first[r["round"]] == 4 for r in joined if r["round"] in used_by_first)
-    listed = json.loads((exp / "state" / "round_000060.json").read_text())["nodes"]
+    listed = json.loads((exp / "state" / "round_000150.json").read_text())["nodes"]
     assert "colab2" in listed
 
 
