@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded
@@ -136,7 +137,7 @@ def summaries_csv(summaries: list[Summary]) -> str:
     writer = csv.writer(out)
     writer.writerow(Summary.__dataclass_fields__)
     for s in summaries:
-        writer.writerow(s.__dict__.values())
+        writer.writerow(plain(v) if isinstance(v, str) else v for v in s.__dict__.values())
     return out.getvalue()
 
 
@@ -237,9 +238,9 @@ def _held_out_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
 
 
 def format_checks(name: str, checks: list[Check]) -> str:
-    lines = [f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}" for c in checks]
+    lines = [plain(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}") for c in checks]
     failed = sum(not c.passed for c in checks)
-    lines.append(f"validate {name}: {len(checks) - failed}/{len(checks)} checks passed"
+    lines.append(f"validate {plain(name)}: {len(checks) - failed}/{len(checks)} checks passed"
                  + (f", {failed} FAILED" if failed else ""))
     return "\n".join(lines)
 

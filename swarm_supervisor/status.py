@@ -13,6 +13,7 @@ from typing import Iterable
 from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import NodeRow, SwarmView
 from swarm_supervisor.monitor import MonitorSnapshot
+from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
@@ -235,7 +236,7 @@ def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
     out = []
     for row in rows[-last:]:
         if isinstance(row.get("time"), (int, float)) and isinstance(row.get("event"), str):
-            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + row["event"][:200])
+            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + plain(row["event"][:200]))
     return out
 
 

@@ -1,0 +1,122 @@
+"""What the folder says is shown literally and whole: an escape sequence or rich markup in a heartbeat, a config
+or a name is printed as text (never run, never a crash), and an 80-column pipe shows every name and number."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+from configs_env import SwarmConfig
+from swarm_supervisor.cli import main
+from swarm_supervisor.dashboard import render, status_line
+from swarm_supervisor.status import SwarmReader
+from tests.helpers import console_text, swarm_env
+from workers.shared_folder.exchange import Exchange
+from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
+from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
+
+CLEAR_SCREEN = "\x1b[2J"
+MARKUP = "[bold]x[/]"
+ESCAPED = "\\x1b[2J"          # how the screen-clearing sequence is shown: as its six characters
+NODES = ("worker-1", "worker-2", "worker-3", "long-named-worker-4")
+
+
+def beat(node: str, status: str, updated_at: float, role: str = "worker", **extra) -> Heartbeat:
+    return Heartbeat(node=node, role=role, pid=1, host="h", instance="i", status=status, round=60, stage=0,
+                     started_at=updated_at, updated_at=updated_at, **extra)
+
+
+def metrics(node: str, round_: int, finished_at: float) -> dict:
+    return RoundMetrics(node=node, round=round_, reward_mean=0.4375, accuracy=0.25, loss=0.1, local_groups=2,
+                        external_groups=2, external_available=2, zero_advantage_groups=0, completions=8,
+                        mean_completion_tokens=5.0, generate_s=0.5, fetch_s=0.1, train_s=0.1, round_s=0.7,
+                        finished_at=finished_at).to_json()
+
+
+def sixty_fast_rounds(drive: Path, coordinator: str, config: dict | None = None) -> ExperimentFolder:
+    """60 rounds in 48 s an hour ago; the coordinator's heartbeat says `coordinator` (running, stopped, done)."""
+    folder = ExperimentFolder(drive / "experiments" / "e2e").create()
+    began = time.time() - 3600
+    write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": 2000, "model_resolved": "rl-swarm/tiny-gpt2",
+                                           "device_resolved": "cpu", "started_at": began, **(config or {})})
+    for round_ in range(1, 61):
+        write_json_atomic(folder.round_state_file(round_), RoundState(round_, 2000, began + 0.8 * round_,
+                                                                      "all workers done").to_json())
+    coordinator_beat = time.time() if coordinator == "running" else began + 49
+    Exchange(folder, "coordinator").write_heartbeat(beat("coordinator", coordinator, coordinator_beat,
+                                                         role="coordinator"))
+    for node in NODES:
+        for round_ in range(1, 61):
+            append_jsonl(folder.metrics_file(node), metrics(node, round_, began + 0.8 * round_ + 0.7))
+        Exchange(folder, node).write_heartbeat(beat(node, "waiting", time.time()))
+    return folder
+
+
+def hostile_heartbeats(folder: ExperimentFolder) -> None:
+    """worker-1 crashed with an error that clears the screen; worker-2 works around trouble in markup."""
+    now = time.time()
+    Exchange(folder, "worker-1").write_heartbeat(beat("worker-1", "crashed", now,
+                                                      last_error=f"{CLEAR_SCREEN}boom {MARKUP} [/]"))
+    Exchange(folder, "worker-2").write_heartbeat(beat("worker-2", "waiting", now, note=f"{MARKUP}{CLEAR_SCREEN}"))
+    append_jsonl(folder.events_file, {"time": now, "event": f"worker-1: {CLEAR_SCREEN}{MARKUP}\nsecond line",
+                                      "level": "info"})
+
+
+def rl_swarm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swarm_supervisor", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_an_escape_sequence_or_markup_in_a_heartbeat_is_shown_literally_on_the_dashboard(tmp_path):
+    folder = sixty_fast_rounds(tmp_path / "drive", "running")
+    hostile_heartbeats(folder)
+    reader = SwarmReader(folder, SwarmConfig(max_rounds=2000), "rl-swarm/tiny-gpt2", "cpu")
+    from swarm_supervisor.status import read_events
+
+    swarm = reader.view(events=read_events(folder))
+    for width in (200, 80):        # the table, and one block per node
+        text = console_text(render(swarm), width=width)
+        assert "\x1b" not in text
+        assert f"crashed {ESCAPED}boom {MARKUP} [/]" in text and f"waiting {MARKUP}{ESCAPED}" in text
+        assert f"worker-1: {ESCAPED}{MARKUP}\\nsecond line" in text          # the event, on one line
+    line = status_line(swarm)
+    assert "\x1b" not in line and f"worker-2: {MARKUP}{ESCAPED}" in line
+
+
+def test_rl_swarm_status_in_an_80_column_pipe_prints_every_value_whole_and_escaped(tmp_path):
+    folder = sixty_fast_rounds(tmp_path / "drive", "running")
+    hostile_heartbeats(folder)
+    result = rl_swarm({**swarm_env(tmp_path), "COLUMNS": "80"}, "status")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "\x1b" not in out and "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for node in ("coordinator", *NODES):
+        assert node in out
+    assert "round 60/2000" in out and "0.438" in out and "25%" in out and "2+2" in out
+    assert f"crashed {ESCAPED}boom {MARKUP} [/]" in out and f"waiting {MARKUP}{ESCAPED}" in out
+    assert f"{ESCAPED}{MARKUP}\\nsecond line" in out
+
+
+def test_markup_and_control_characters_in_config_and_names_do_not_crash_experiments_or_validate(
+        tmp_path, monkeypatch, capsys):
+    drive = tmp_path / "drive"
+    sixty_fast_rounds(drive, "done", config={"model_resolved": f"{MARKUP} [/] {CLEAR_SCREEN}",
+                                             "num_train_samples": "[/]"})
+    write_json_atomic(drive / "experiments" / "e2e" / "state" / f"{CLEAR_SCREEN}[/].json", {"schema": 1})
+    (drive / "experiments" / f"odd{CLEAR_SCREEN}[red]name").mkdir()
+    monkeypatch.setenv("GDRIVE_PATH", str(drive))
+    monkeypatch.setenv("COLUMNS", "80")
+    for command in (["experiments", "list"], ["experiments", "compare"], ["experiments", "aggregate"],
+                    ["experiments", "list", "--csv"]):
+        assert main(command) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "…" not in out, command
+        assert f"odd{ESCAPED}[red]name" in out, command
+    main(["experiments", "list"])
+    listing = capsys.readouterr().out
+    assert f"{MARKUP} [/] {ESCAPED}" in listing and "60/2000" in listing
+    assert main(["validate", "e2e"]) == 1                         # the planted state file is unreadable
+    report = capsys.readouterr().out
+    assert "\x1b" not in report and f"state/{ESCAPED}[/].json" in report
