@@ -70,6 +70,7 @@ class SwarmView:
     nodes: tuple[NodeRow, ...]
     events: tuple[str, ...]          # newest last
     rejected_files: int = 0
+    phase: str = "running"           # finished, stopped, failed (experiments.status_of): no ETA but running
 
 
 def format_duration(seconds: float | None) -> str:
@@ -179,6 +180,11 @@ def _cells(row: NodeRow) -> list[Text]:
             Text(_mib(row.gpu_mib)), Text(_mib(row.ram_mib)), Text(str(row.restarts)), _beat(row)]
 
 
+def _ending(view: SwarmView) -> str:
+    """"ETA 3m30s" while the swarm runs; a stopped one will not get there, so it says what it is."""
+    return f"ETA {format_duration(view.eta_s)}" if view.phase == "running" else plain(view.phase)
+
+
 def render(view: SwarmView, whole: bool = False) -> Group:
     """The whole frame: header, device memory, the nodes, the newest events.
 
@@ -188,7 +194,7 @@ def render(view: SwarmView, whole: bool = False) -> Group:
     header = [Text.assemble(("rl-swarm ", "bold"), plain(view.experiment)), cell(view.model),
               Text.assemble(("round ", "bold"), f"{view.round}/{view.max_rounds}"),
               Text(f"elapsed {format_duration(view.elapsed_s)}"), Text(_rate(view.rounds_per_hour)),
-              Text(f"ETA {format_duration(view.eta_s)}")]
+              Text(_ending(view))]
     if view.rejected_files:
         header.append(Text(f"rejected files {view.rejected_files}", style="yellow"))
     nodes = FittedTable(COLUMNS, [_cells(node) for node in view.nodes], right=RIGHT_ALIGNED, flexible="status",
@@ -217,7 +223,7 @@ def status_line(view: SwarmView) -> str:
     line = (f"[rl-swarm] exp={view.experiment} round {view.round}/{view.max_rounds} | {running}/{len(workers)} "
             f"workers running | reward {'-' if reward is None else f'{reward:.3f}'} "
             f"acc {'-' if acc is None else f'{acc:.1%}'} held-out {'-' if held_out is None else f'{held_out:.1%}'} "
-            f"| {speed}, ETA {format_duration(view.eta_s)} | {gpu}")
+            f"| {speed}, {_ending(view)} | {gpu}")
     trouble = [f"{n.node_id}: {n.status}" for n in workers if n.status in TROUBLE]
     trouble += [f"{n.node_id}: {n.liveness}" for n in workers
                 if n.liveness in ("late", "gone") and n.status not in NOT_RUNNING]

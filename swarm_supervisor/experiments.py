@@ -58,13 +58,21 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def status_of(folder: ExperimentFolder) -> str:
+def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
+    """The pace between two rounds' starts: a stopped run's own, however long ago it stopped."""
+    if last.started_at <= first.started_at:
+        return None
+    return (last.round - first.round) / (last.started_at - first.started_at) * 3600
+
+
+def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None) -> str:
+    """finished, running (a coordinator heartbeat of the last two minutes says so), failed or stopped."""
     if folder.finished_file.exists():
         return "finished"
-    beat = read_heartbeats(folder).get("coordinator")
+    beats = read_heartbeats(folder) if beats is None else beats
+    beat = beats.get("coordinator")
     if beat is not None and beat.status == "running" and beat.age() < 120:
         return "running"
-    beats = read_heartbeats(folder)
     workers = [b for b in beats.values() if b.role == "worker"]
     if workers and all(b.status in ("failed", "crashed") for b in workers):
         return "failed"
@@ -106,8 +114,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         try:
             first = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[0]), require_checksum=True))
             last = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[-1]), require_checksum=True))
-            if last.started_at > first.started_at:
-                per_hour = (last.round - first.round) / (last.started_at - first.started_at) * 3600
+            per_hour = rounds_per_hour(first, last)
         except (OSError, RejectedFile):
             per_hour = None
     events = folder.events_file.read_text(encoding="utf-8", errors="replace") if folder.events_file.exists() else ""

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 from configs_env import SwarmConfig
 from swarm_supervisor.cli import main
@@ -120,3 +122,18 @@ def test_markup_and_control_characters_in_config_and_names_do_not_crash_experime
     assert main(["validate", "e2e"]) == 1                         # the planted state file is unreadable
     report = capsys.readouterr().out
     assert "\x1b" not in report and f"state/{ESCAPED}[/].json" in report
+
+
+def test_a_stopped_experiment_shows_no_eta_and_the_pace_it_ran_at(tmp_path):
+    """60 rounds in 48 s, stopped an hour ago: 4500 rounds/h, not 60 an hour, and no ETA."""
+    stopped = sixty_fast_rounds(tmp_path / "stopped" / "drive", "stopped")
+    swarm = SwarmReader(stopped, SwarmConfig(max_rounds=2000), "tiny", "cpu").view()
+    assert swarm.phase == "stopped" and swarm.eta_s is None
+    assert swarm.rounds_per_hour == pytest.approx(59 / (0.8 * 59) * 3600)
+    assert swarm.elapsed_s == pytest.approx(0.8 * 59 + 0.7, abs=0.01)       # to the last round's metrics
+    text = console_text(render(swarm), width=200)
+    assert "4500 rounds/h" in text and "stopped" in text and "ETA" not in text and "elapsed 47s" in text
+    assert "ETA" not in status_line(swarm) and "stopped" in status_line(swarm)
+    running = sixty_fast_rounds(tmp_path / "running" / "drive", "running")
+    swarm = SwarmReader(running, SwarmConfig(max_rounds=2000), "tiny", "cpu").view()
+    assert swarm.phase == "running" and swarm.eta_s is not None and "ETA" in console_text(render(swarm))
