@@ -1,8 +1,10 @@
 """What the folder says is shown literally and whole: an escape sequence or rich markup in a heartbeat, a config
 or a name is printed as text (never run, never a crash), and an 80-column pipe shows every name and number."""
 
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from swarm_supervisor.cli import main
 from swarm_supervisor.dashboard import render, status_line
 from swarm_supervisor.status import SwarmReader
 from tests.helpers import console_text, swarm_env
-from workers.shared_folder.exchange import Exchange
+from workers.shared_folder.exchange import Exchange, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
 
@@ -137,3 +139,61 @@ def test_a_stopped_experiment_shows_no_eta_and_the_pace_it_ran_at(tmp_path):
     running = sixty_fast_rounds(tmp_path / "running" / "drive", "running")
     swarm = SwarmReader(running, SwarmConfig(max_rounds=2000), "tiny", "cpu").view()
     assert swarm.phase == "running" and swarm.eta_s is not None and "ETA" in console_text(render(swarm))
+
+
+def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monkeypatch):
+    import workers.worker as worker_module
+    from workers.worker import WAITING_FOR_COORDINATOR, NoCoordinator, Worker, WorkerSpec
+
+    cfg = SwarmConfig(gdrive_path=tmp_path, experiment_name="e2e").with_overrides(peer_timeout=0.3)
+    folder = ExperimentFolder(cfg.experiment_dir).create()
+    spec = WorkerSpec(cfg=cfg, node="worker-1", index=0, model_name="m", device="cpu", parent_pid=os.getppid())
+    stop = threading.Event()
+    worker = Worker(spec, stop)
+    found: list = []
+    waiting = threading.Thread(target=lambda: found.append(worker.wait_for_round(1)))
+    waiting.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (read_heartbeats(folder).get("worker-1") or beat("w", "", 0)).status != WAITING_FOR_COORDINATOR:
+            assert time.monotonic() < deadline, "the worker never said what it waits for"
+            time.sleep(0.05)
+        time.sleep(3 * cfg.peer_timeout)
+        assert waiting.is_alive()                 # three PEER_TIMEOUTs on, still waiting: not failed
+        now = time.time()
+        Exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", now, role="coordinator"))
+        write_json_atomic(folder.round_state_file(1), RoundState(1, 3, now, "start").to_json())
+        waiting.join(timeout=10)
+    finally:
+        stop.set()
+        waiting.join(timeout=10)
+    assert found and found[0].round == 1
+    monkeypatch.setattr(worker_module, "COORDINATOR_PATIENCE", 3)
+    started = time.monotonic()
+    with pytest.raises(NoCoordinator, match=r"no coordinator heartbeat for \d+s and no round 2 in .*: is "):
+        Worker(spec, threading.Event()).wait_for_round(2)   # the coordinator above went quiet for good
+    assert time.monotonic() - started >= 2 * cfg.peer_timeout
+
+
+def test_a_worker_that_gave_up_on_the_coordinator_is_restarted_not_failed(tmp_path):
+    import torch.multiprocessing as mp
+
+    from swarm_supervisor.dashboard import Dashboard
+    from swarm_supervisor.supervisor import Supervisor
+    from workers.worker import EXIT_NO_COORDINATOR, WorkerSpec
+
+    cfg = SwarmConfig(gdrive_path=tmp_path, experiment_name="e2e")
+    ExperimentFolder(cfg.experiment_dir).create()
+    spec = WorkerSpec(cfg=cfg, node="worker-1", index=0, model_name="m", device="cpu", parent_pid=os.getpid())
+    supervisor = Supervisor(cfg, [spec], run_coordinator=False, model_label="m", device_label="cpu",
+                            dashboard=Dashboard(line_interval_s=3600))
+    try:
+        [handle] = supervisor.handles
+        handle.process = mp.get_context("spawn").Process(target=sys.exit, args=(EXIT_NO_COORDINATOR,))
+        handle.process.start()
+        handle.process.join(timeout=60)
+        supervisor._reap()
+    finally:
+        supervisor.monitor.close()
+    assert not handle.failed and handle.restart_at is not None and handle.total_restarts == 1
+    assert f"exited with code {EXIT_NO_COORDINATOR}" in supervisor.events[-1]
