@@ -10,7 +10,7 @@ from pathlib import Path
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from workers.shared_folder.folder import ExperimentFolder, FolderError, write_json_atomic
 from workers.shared_folder.exchange import read_heartbeats
-from workers.learning.model import ensure_model_available, resolve_default_model
+from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
 from workers.learning.tasks import check_tasks
@@ -58,12 +58,14 @@ def resolve_device(requested: str) -> tuple[str, str | None]:
 
 
 def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
-    """The model every worker loads; built or checked here once, before any process starts."""
+    """The model every worker loads; built or checked here once, before any process starts, with room in its
+    context for the tasks' prompts and MAX_NEW_TOKENS."""
     if cfg.model_name is None:
         name, note = resolve_default_model(cfg.cache_dir)
     else:
         name, note = cfg.model_name, None
     ensure_model_available(name, cfg.cache_dir)
+    check_prompt_room(name, cfg.cache_dir, cfg.tasks, cfg.max_new_tokens)
     return name, note
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
 from configs_env import SwarmConfig
 from swarm_supervisor.cli import main
 from swarm_supervisor.dashboard import render, status_line
@@ -18,6 +17,7 @@ from swarm_supervisor.status import SwarmReader
 from tests.helpers import console_text, swarm_env
 from workers.shared_folder.exchange import Exchange, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
+from workers.learning.model import check_prompt_room
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
 
 CLEAR_SCREEN = "\x1b[2J"
@@ -197,3 +197,18 @@ def test_a_worker_that_gave_up_on_the_coordinator_is_restarted_not_failed(tmp_pa
         supervisor.monitor.close()
     assert not handle.failed and handle.restart_at is not None and handle.total_restarts == 1
     assert f"exited with code {EXIT_NO_COORDINATOR}" in supervisor.events[-1]
+
+
+def test_a_max_new_tokens_that_leaves_the_prompt_no_room_is_refused_before_anything_starts(tmp_path, monkeypatch,
+                                                                                           capsys):
+    for key, value in swarm_env(tmp_path, MAX_NEW_TOKENS="500").items():
+        monkeypatch.setenv(key, value)
+    assert main(["up"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("rl-swarm: error: MAX_NEW_TOKENS=500 leaves 12 of rl-swarm/tiny-gpt2's 512 positions "
+                           "for the prompt; set MAX_NEW_TOKENS <= ")
+    limit = int(line.rsplit("<= ", 1)[1])
+    assert 400 < limit < 500
+    assert not (tmp_path / "drive" / "experiments").exists()      # no worker, no folder
+    cfg = SwarmConfig.from_env()
+    check_prompt_room(cfg.model_name, cfg.cache_dir, cfg.tasks, limit)     # the value it suggests is taken
