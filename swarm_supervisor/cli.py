@@ -10,7 +10,8 @@ from pathlib import Path
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from workers.shared_folder.folder import ExperimentFolder, FolderError, write_json_atomic
 from workers.shared_folder.exchange import read_heartbeats
-from workers.learning.model import ensure_model_available, resolve_default_model
+from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
+from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
 from workers.learning.tasks import check_tasks
 from workers.worker import WorkerSpec
@@ -57,12 +58,14 @@ def resolve_device(requested: str) -> tuple[str, str | None]:
 
 
 def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
-    """The model every worker loads; built or checked here once, before any process starts."""
+    """The model every worker loads; built or checked here once, before any process starts, with room in its
+    context for the tasks' prompts and MAX_NEW_TOKENS."""
     if cfg.model_name is None:
         name, note = resolve_default_model(cfg.cache_dir)
     else:
         name, note = cfg.model_name, None
     ensure_model_available(name, cfg.cache_dir)
+    check_prompt_room(name, cfg.cache_dir, cfg.tasks, cfg.max_new_tokens)
     return name, note
 
 
@@ -108,7 +111,7 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
         if beat.host == os.uname().nodename and not _pid_alive(beat.pid):
             continue
         raise FolderError(f"node {node!r} is already running in experiment {cfg.experiment_name!r} "
-                          f"(pid {beat.pid} on {beat.host}, heartbeat {beat.age():.0f}s ago): stop it, or pick "
+                          f"(pid {beat.pid} on {plain(beat.host)}, heartbeat {beat.age():.0f}s ago): stop it, or pick "
                           f"another NODE_ID / EXPERIMENT_NAME")
 
 
@@ -264,8 +267,8 @@ def summary(supervisor, wall_s: float, code: int) -> str:
         reward = "-" if row.reward is None else f"{row.reward:.3f}"
         shown = [f"{v:.1%}" for v in (row.held_out_start, row.held_out) if v is not None]
         error = f" ({row.last_error})" if row.last_error else ""
-        lines.append(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, held-out "
-                     f"{' -> '.join(shown) or '-'}, restarts {row.restarts}{error}")
+        lines.append(plain(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, held-out "
+                           f"{' -> '.join(shown) or '-'}, restarts {row.restarts}{error}"))
     return "\n".join(lines)
 
 

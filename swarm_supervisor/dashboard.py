@@ -1,25 +1,27 @@
 """Renders SwarmView snapshots: a live rich table in a terminal, a compact status line anywhere else.
 
 Nothing here measures or reads files: the monitor and the status reader build the snapshots, this only draws them,
-so every field may be None (not measured yet, no GPU) and is shown as "N/A" or "-".
+so every field may be None (not measured yet, no GPU) and is shown as "N/A" or "-". Every string may come from
+the shared folder, so each is drawn through swarm_supervisor.readable: escaped, never read as markup.
 """
 
 import math
 import time
 from dataclasses import dataclass
 
-from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from swarm_supervisor.monitor import DeviceSnapshot
+from swarm_supervisor.readable import FittedTable, Packed, cell, plain
 
 SPARK = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 20
 STATUS_WIDTH = 48                 # status and the start of last_error
 COLUMNS = ("node", "role", "status", "round", "reward", "trend", "acc", "held-out", "loc+ext", "GPU MiB", "RAM MiB",
            "restarts", "beat")
+RIGHT_ALIGNED = frozenset(COLUMNS) - {"node", "role", "status", "trend"}
 EVENTS_SHOWN = 5
 STATUS_STYLE = {"failed": "bold red", "crashed": "red", "restarting": "yellow", "done": "green",
                 "stopped": "dim", "training": "cyan", "generating": "magenta", "fetching": "blue",
@@ -68,6 +70,7 @@ class SwarmView:
     nodes: tuple[NodeRow, ...]
     events: tuple[str, ...]          # newest last
     rejected_files: int = 0
+    phase: str = "running"           # finished, stopped, failed (experiments.status_of): no ETA but running
 
 
 def format_duration(seconds: float | None) -> str:
@@ -114,6 +117,7 @@ def sparkline(values: tuple[float, ...]) -> str:
 
 
 def _memory_line(device: DeviceSnapshot | None, label: str) -> Text:
+    label = plain(label)
     if device is None:
         return Text(f"GPU: N/A ({label})", style="dim")
     share = device.used_mib / device.total_mib if device.total_mib > 0 else 0.0
@@ -126,13 +130,13 @@ def _memory_line(device: DeviceSnapshot | None, label: str) -> Text:
 
 
 def _status_cell(row: NodeRow) -> Text:
-    status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
+    status = cell(row.status, STATUS_STYLE.get(row.status, ""))
     if row.last_error and row.last_error.strip():
-        status.append(" " + row.last_error.strip().splitlines()[-1], style="red")   # a traceback's last line says what
+        status.append(" " + plain(row.last_error.strip().splitlines()[-1]), style="red")   # a traceback's last line
     elif row.learning_alarm:
-        status.append(" " + row.learning_alarm, style="red")
+        status.append(" " + plain(row.learning_alarm), style="red")
     elif row.note and row.note.strip():
-        status.append(" " + row.note.strip().splitlines()[0], style="yellow")
+        status.append(" " + plain(row.note.strip().splitlines()[0]), style="yellow")
     return status
 
 
@@ -169,47 +173,35 @@ def _held_out(row: NodeRow) -> Text:
 
 
 def _cells(row: NodeRow) -> list[Text]:
-    # Text, not str: rich would read "[...]" in a node id or an error as markup.
-    return [Text(row.node_id), Text(row.role), _status_cell(row), Text("-" if row.round is None else str(row.round)),
+    return [cell(row.node_id), cell(row.role), _status_cell(row), Text("-" if row.round is None else str(row.round)),
             Text(_num(row.reward, ".3f")), Text(sparkline(row.reward_trend), style="cyan"),
             Text("N/A" if row.accuracy is None else f"{row.accuracy:.0%}"), _held_out(row),
             Text(_rollouts(row)),
             Text(_mib(row.gpu_mib)), Text(_mib(row.ram_mib)), Text(str(row.restarts)), _beat(row)]
 
 
-class _NodeTable:
-    """One line per node: the status cell (with the error) takes the width the numbers leave, cut with "…"."""
-
-    def __init__(self, nodes: tuple[NodeRow, ...]):
-        self.nodes = nodes
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        rows = [_cells(node) for node in self.nodes]
-        others = [max([len(column)] + [row[i].cell_len for row in rows]) for i, column in enumerate(COLUMNS)
-                  if column != "status"]
-        room = options.max_width - sum(others) - 3 * (len(COLUMNS) - 1)     # " │ " between columns
-        width = max(len("restarting"), min(STATUS_WIDTH, room))
-        table = Table(expand=False, show_edge=False, pad_edge=False)
-        for column in COLUMNS:
-            table.add_column(column, justify="left" if column in ("node", "role", "status", "trend") else "right",
-                             no_wrap=True, overflow="ellipsis")
-        for cells in rows:
-            cells[COLUMNS.index("status")].truncate(width, overflow="ellipsis")
-            table.add_row(*cells)
-        yield table
+def _ending(view: SwarmView) -> str:
+    """"ETA 3m30s" while the swarm runs; a stopped one will not get there, so it says what it is."""
+    return f"ETA {format_duration(view.eta_s)}" if view.phase == "running" else plain(view.phase)
 
 
-def render(view: SwarmView) -> Group:
-    """The whole frame: header, device memory, one table row per node, the newest events."""
-    header = Text.assemble(("rl-swarm ", "bold"), f"{view.experiment} · {view.model} · ",
-                           ("round ", "bold"), f"{view.round}/{view.max_rounds} · elapsed ",
-                           format_duration(view.elapsed_s), f" · {_rate(view.rounds_per_hour)} · ETA ",
-                           format_duration(view.eta_s))
+def render(view: SwarmView, whole: bool = False) -> Group:
+    """The whole frame: header, device memory, the nodes, the newest events.
+
+    The nodes are a table, one line each, where the width holds it, else one block per node. In the table a
+    node's error is cut to its line unless `whole` (`rl-swarm status` prints a snapshot, not a live frame).
+    """
+    header = [Text.assemble(("rl-swarm ", "bold"), plain(view.experiment)), cell(view.model),
+              Text.assemble(("round ", "bold"), f"{view.round}/{view.max_rounds}"),
+              Text(f"elapsed {format_duration(view.elapsed_s)}"), Text(_rate(view.rounds_per_hour)),
+              Text(_ending(view))]
     if view.rejected_files:
-        header.append(f" · rejected files {view.rejected_files}", style="yellow")
-    parts = [header, _memory_line(view.device, view.device_label), _NodeTable(view.nodes)]
+        header.append(Text(f"rejected files {view.rejected_files}", style="yellow"))
+    nodes = FittedTable(COLUMNS, [_cells(node) for node in view.nodes], right=RIGHT_ALIGNED, flexible="status",
+                        flexible_width=(len("restarting"), STATUS_WIDTH), cut=not whole)
+    parts = [Packed(header), _memory_line(view.device, view.device_label), nodes]
     if view.events:
-        parts.append(Text("\n".join(view.events[-EVENTS_SHOWN:]), style="dim"))
+        parts.append(Text("\n".join(plain(event) for event in view.events[-EVENTS_SHOWN:]), style="dim"))
     return Group(*parts)
 
 
@@ -231,7 +223,7 @@ def status_line(view: SwarmView) -> str:
     line = (f"[rl-swarm] exp={view.experiment} round {view.round}/{view.max_rounds} | {running}/{len(workers)} "
             f"workers running | reward {'-' if reward is None else f'{reward:.3f}'} "
             f"acc {'-' if acc is None else f'{acc:.1%}'} held-out {'-' if held_out is None else f'{held_out:.1%}'} "
-            f"| {speed}, ETA {format_duration(view.eta_s)} | {gpu}")
+            f"| {speed}, {_ending(view)} | {gpu}")
     trouble = [f"{n.node_id}: {n.status}" for n in workers if n.status in TROUBLE]
     trouble += [f"{n.node_id}: {n.liveness}" for n in workers
                 if n.liveness in ("late", "gone") and n.status not in NOT_RUNNING]
@@ -241,7 +233,7 @@ def status_line(view: SwarmView) -> str:
         line += " | " + ", ".join(trouble)
     if view.rejected_files:
         line += f" | rejected files {view.rejected_files}"
-    return line
+    return plain(line)
 
 
 class Dashboard:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded
@@ -57,13 +58,21 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def status_of(folder: ExperimentFolder) -> str:
+def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
+    """The pace between two rounds' starts: a stopped run's own, however long ago it stopped."""
+    if last.started_at <= first.started_at:
+        return None
+    return (last.round - first.round) / (last.started_at - first.started_at) * 3600
+
+
+def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None) -> str:
+    """finished, running (a coordinator heartbeat of the last two minutes says so), failed or stopped."""
     if folder.finished_file.exists():
         return "finished"
-    beat = read_heartbeats(folder).get("coordinator")
+    beats = read_heartbeats(folder) if beats is None else beats
+    beat = beats.get("coordinator")
     if beat is not None and beat.status == "running" and beat.age() < 120:
         return "running"
-    beats = read_heartbeats(folder)
     workers = [b for b in beats.values() if b.role == "worker"]
     if workers and all(b.status in ("failed", "crashed") for b in workers):
         return "failed"
@@ -105,8 +114,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         try:
             first = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[0]), require_checksum=True))
             last = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[-1]), require_checksum=True))
-            if last.started_at > first.started_at:
-                per_hour = (last.round - first.round) / (last.started_at - first.started_at) * 3600
+            per_hour = rounds_per_hour(first, last)
         except (OSError, RejectedFile):
             per_hour = None
     events = folder.events_file.read_text(encoding="utf-8", errors="replace") if folder.events_file.exists() else ""
@@ -136,7 +144,7 @@ def summaries_csv(summaries: list[Summary]) -> str:
     writer = csv.writer(out)
     writer.writerow(Summary.__dataclass_fields__)
     for s in summaries:
-        writer.writerow(s.__dict__.values())
+        writer.writerow(plain(v) if isinstance(v, str) else v for v in s.__dict__.values())
     return out.getvalue()
 
 
@@ -237,9 +245,9 @@ def _held_out_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
 
 
 def format_checks(name: str, checks: list[Check]) -> str:
-    lines = [f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}" for c in checks]
+    lines = [plain(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}") for c in checks]
     failed = sum(not c.passed for c in checks)
-    lines.append(f"validate {name}: {len(checks) - failed}/{len(checks)} checks passed"
+    lines.append(f"validate {plain(name)}: {len(checks) - failed}/{len(checks)} checks passed"
                  + (f", {failed} FAILED" if failed else ""))
     return "\n".join(lines)
 

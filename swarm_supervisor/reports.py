@@ -1,4 +1,8 @@
-"""Read-only views of the shared folder for the CLI: status, validate, experiments list/compare/aggregate/plot."""
+"""Read-only views of the shared folder for the CLI: status, validate, experiments list/compare/aggregate/plot.
+
+Every string read from the folder (names, config values, statuses) is printed through swarm_supervisor.readable:
+escaped, never read as markup, and whole at any width.
+"""
 
 from pathlib import Path
 
@@ -20,7 +24,7 @@ def show_status(cfg: SwarmConfig) -> int:
         cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])
     reader = SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")),
                          str(recorded.get("device_resolved", "?")))
-    Console().print(render(reader.view(events=read_events(folder))))
+    Console().print(render(reader.view(events=read_events(folder)), whole=True))
     return 0
 
 
@@ -38,10 +42,10 @@ def run_validate(cfg: SwarmConfig, name: str) -> int:
 
 def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bool, out: Path | None = None) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from configs_env.parsing import safe_name
     from swarm_supervisor.experiments import experiment_roots, summaries_csv, summarize
+    from swarm_supervisor.readable import FittedTable, cell, plain
 
     roots = experiment_roots(cfg.gdrive_path)
     if names:
@@ -54,7 +58,7 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
         from swarm_supervisor.experiments import plot_experiments
 
         target = out or cfg.gdrive_path / "plots" / ("-".join(r.name for r in roots)[:100] + ".png")
-        print(f"rl-swarm: plot saved to {plot_experiments(roots, target)}")
+        print(f"rl-swarm: plot saved to {plain(plot_experiments(roots, target))}")
         return 0
     if action == "aggregate":
         return show_aggregate(roots)
@@ -62,29 +66,28 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
     if as_csv:
         print(summaries_csv(summaries), end="")
         return 0
-    table = Table()
     columns = ("name", "status", "rounds", "nodes", "split", "model", "started", "last activity") if action == "list" \
         else ("name", "split", "rounds", "cumulative reward", "final acc", "held-out start -> end (best)", "rounds/h",
               "restarts", "rejected")
-    for column in columns:
-        table.add_column(column)
+    rows = []
     for s in summaries:
         if action == "list":
-            table.add_row(s.name, s.status, f"{s.rounds}/{s.max_rounds}", str(s.nodes), s.split, s.model, s.started,
-                          s.last_activity)
+            values = (s.name, s.status, f"{s.rounds}/{s.max_rounds}", s.nodes, s.split, s.model, s.started,
+                      s.last_activity)
         else:
-            table.add_row(s.name, s.split, f"{s.rounds}/{s.max_rounds}", f"{s.cumulative_reward:.3f}",
-                          "-" if s.final_accuracy is None else f"{s.final_accuracy:.1%}",
-                          " -> ".join("-" if v is None else f"{v:.1%}" for v in (s.held_out_start, s.held_out_final))
-                          + ("" if s.held_out_best is None else f" ({s.held_out_best:.1%})"),
-                          "-" if s.rounds_per_hour is None else f"{s.rounds_per_hour:.0f}", str(s.restarts),
-                          str(s.rejected_files))
-    Console().print(table)
+            values = (s.name, s.split, f"{s.rounds}/{s.max_rounds}", f"{s.cumulative_reward:.3f}",
+                      "-" if s.final_accuracy is None else f"{s.final_accuracy:.1%}",
+                      " -> ".join("-" if v is None else f"{v:.1%}" for v in (s.held_out_start, s.held_out_final))
+                      + ("" if s.held_out_best is None else f" ({s.held_out_best:.1%})"),
+                      "-" if s.rounds_per_hour is None else f"{s.rounds_per_hour:.0f}", s.restarts, s.rejected_files)
+        rows.append([cell(value) for value in values])
+    Console().print(FittedTable(columns, rows))
     return 0
 
 
 def show_aggregate(roots: list[Path]) -> int:
     from swarm_supervisor.experiments import aggregate
+    from swarm_supervisor.readable import plain
 
     def shown(value: tuple[float, float | None] | None, percent: bool = False) -> str:
         if value is None:
@@ -94,7 +97,7 @@ def show_aggregate(roots: list[Path]) -> int:
         return fmt(mean) + ("" if half is None else f" ± {fmt(half)}")
 
     for row in aggregate(roots):
-        print(f"{row.configuration}: {len(row.experiments)} run(s) ({', '.join(row.experiments)}): cumulative "
-              f"reward {shown(row.cumulative_reward)}, final accuracy {shown(row.final_accuracy, True)}, held-out "
-              f"accuracy {shown(row.held_out_final, True)} (95% interval)")
+        print(plain(f"{row.configuration}: {len(row.experiments)} run(s) ({', '.join(row.experiments)}): cumulative "
+                    f"reward {shown(row.cumulative_reward)}, final accuracy {shown(row.final_accuracy, True)}, "
+                    f"held-out accuracy {shown(row.held_out_final, True)} (95% interval)"))
     return 0

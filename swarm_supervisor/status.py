@@ -12,7 +12,9 @@ from typing import Iterable
 
 from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import NodeRow, SwarmView
+from swarm_supervisor.experiments import rounds_per_hour, status_of
 from swarm_supervisor.monitor import MonitorSnapshot
+from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
@@ -73,10 +75,9 @@ class SwarmReader:
         self.latest: dict[str, RoundMetrics] = {}
         self.trends: dict[str, deque[float]] = {}
         self.rejected = 0
-        self._first_round: tuple[int, float] | None = None
         self._beats: dict[str, Heartbeat] = {}
         self._rounds: list[int] = []
-        self._intact_rounds: set[int] = set()
+        self._states: dict[int, RoundState] = {}     # intact round states read so far (they never change)
         self._held_out: dict[str, tuple[int, HeldOutTrend]] = {}   # node: (file size, trend)
         self.rewards: dict[str, RewardWatch] = {}
 
@@ -133,34 +134,44 @@ class SwarmReader:
             log.warning("round states not listed (%s); showing the last listing", exc)
         return self._rounds
 
-    def current_round(self) -> int:
-        """The newest round with an intact state file: a half-synced or hostile round_000099.json is no round."""
-        for round_ in reversed(self.state_rounds()):
-            if round_ in self._intact_rounds:
-                return round_
+    def _state(self, round_: int) -> RoundState | None:
+        if round_ not in self._states:
             path = self.folder.round_state_file(round_)
             try:
-                RoundState.from_json(read_json_bounded(path, require_checksum=True), str(path))
-            except (RejectedFile, OSError):
-                continue
-            self._intact_rounds.add(round_)
-            return round_
-        return 0
+                self._states[round_] = RoundState.from_json(read_json_bounded(path, require_checksum=True), str(path))
+            except (RejectedFile, OSError):     # half-synced, hostile, or a Drive hiccup: read again next time
+                return None
+        return self._states[round_]
 
-    def _timing(self, round_: int) -> tuple[float, float | None, float | None]:
-        """Elapsed seconds, rounds per hour and ETA, from the round state files' timestamps."""
+    def _newest_state(self) -> RoundState | None:
+        """The newest intact round state: a half-synced or hostile round_000099.json is no round."""
+        for round_ in reversed(self.state_rounds()):
+            state = self._state(round_)
+            if state is not None:
+                return state
+        return None
+
+    def current_round(self) -> int:
+        newest = self._newest_state()
+        return newest.round if newest else 0
+
+    def _timing(self, round_: int, running: bool) -> tuple[float, float | None, float | None]:
+        """Elapsed seconds, rounds per hour and ETA, from the round state files' timestamps.
+
+        A swarm that is not running is timed to its newest round, not to now: stopped a day ago, it did its
+        rounds at the pace it did them, and it has no ETA.
+        """
         rounds = self.state_rounds()
-        if not rounds:
+        first = self._state(rounds[0]) if rounds else None
+        if first is None:
             return 0.0, None, None
-        if self._first_round is None or self._first_round[0] != rounds[0]:
-            path = self.folder.round_state_file(rounds[0])
-            try:
-                first = RoundState.from_json(read_json_bounded(path, require_checksum=True), str(path))
-                self._first_round = (first.round, first.started_at)
-            except (RejectedFile, OSError):
-                return 0.0, None, None
-        elapsed = max(0.0, time.time() - self._first_round[1])
-        done = max(0, round_ - self._first_round[0])
+        if not running:
+            newest = self._newest_state()
+            finished = [row.finished_at for row in self.latest.values() if newest and row.round >= newest.round]
+            end = max([newest.started_at if newest else first.started_at, *finished])
+            return max(0.0, end - first.started_at), rounds_per_hour(first, newest) if newest else None, None
+        elapsed = max(0.0, time.time() - first.started_at)
+        done = max(0, round_ - first.round)
         if done == 0 or elapsed <= 0:
             return elapsed, None, None
         per_hour = done / elapsed * 3600
@@ -184,12 +195,20 @@ class SwarmReader:
             self._read_new_metrics(node)
             rows.append(self._row(node, beats.get(node), by_node.get(node), snapshot))
         round_ = coordinator_round or self.current_round()
-        elapsed, per_hour, eta = self._timing(round_)
+        phase = self.phase(beats)
+        elapsed, per_hour, eta = self._timing(round_, running=phase == "running")
         return SwarmView(experiment=self.cfg.experiment_name, model=self.model_label, device_label=self.device_label,
                          round=round_, max_rounds=self.cfg.max_rounds, elapsed_s=elapsed, rounds_per_hour=per_hour,
                          eta_s=eta, device=snapshot.device if snapshot else None, nodes=tuple(rows),
-                         events=tuple(events),
+                         events=tuple(events), phase=phase,
                          rejected_files=self.rejected + sum(b.rejected for b in beats.values()))
+
+    def phase(self, beats: dict[str, Heartbeat]) -> str:
+        try:
+            return status_of(self.folder, beats)
+        except OSError as exc:     # a Drive hiccup: as if running, the next refresh asks again
+            log.warning("experiment status not read (%s)", exc)
+            return "running"
 
     def _row(self, node: str, beat, handle, snapshot: MonitorSnapshot | None) -> NodeRow:
         metrics = self.latest.get(node)
@@ -235,7 +254,7 @@ def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
     out = []
     for row in rows[-last:]:
         if isinstance(row.get("time"), (int, float)) and isinstance(row.get("event"), str):
-            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + row["event"][:200])
+            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + plain(row["event"][:200]))
     return out
 
 

@@ -22,7 +22,7 @@ from swarm_supervisor.status import SwarmReader
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, is_visible
-from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
+from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WAITING, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Supervisor:
         now = time.time()
         for h in self.handles:
             beat = beats.get(h.node)
-            if not h.alive() or beat is None or beat.pid != h.process.pid or beat.status in ("waiting",):
+            if not h.alive() or beat is None or beat.pid != h.process.pid or beat.status in WAITING:
                 continue
             stuck = now - max(beat.progress_at, beat.started_at)
             if stuck > self.cfg.worker_hang_timeout:

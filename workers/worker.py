@@ -41,8 +41,17 @@ ROUND_POLL_S = 0.2        # between looks for a new round; on this host the coor
 OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
 # how long a leaving worker keeps trying them: shorter when asked to stop, inside the supervisor's 30 s grace
 OUTBOX_EXIT_S, OUTBOX_EXIT_STOPPING_S = 60.0, 20.0
-EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY = 1, 2, 3, 4
+EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY, EXIT_NO_COORDINATOR = 1, 2, 3, 4, 5
+# a coordinator may start after its workers, or restart: a worker waits this many PEER_TIMEOUTs for one, then
+# exits to be restarted (the supervisor's restart policy decides how often), never failed as misconfigured
+COORDINATOR_PATIENCE = 10
+WAITING_FOR_COORDINATOR = "waiting for the coordinator"
+WAITING = ("waiting", WAITING_FOR_COORDINATOR)     # statuses of a worker with nothing to do: never hung
 TINY_LEARNING_RATE, GPT2_LEARNING_RATE = 3e-5, 3e-6
+
+
+class NoCoordinator(SwarmError):
+    """No coordinator heartbeat for COORDINATOR_PATIENCE x PEER_TIMEOUT: restartable, unlike a bad setting."""
 
 
 @dataclass(frozen=True)
@@ -116,8 +125,13 @@ class Worker:
         return beat is not None and beat.age() < self.cfg.peer_timeout
 
     def wait_for_round(self, at_least: int) -> RoundState | None:
-        """The newest round once it is >= at_least; None when the swarm finished or we must stop."""
+        """The newest round once it is >= at_least; None when the swarm finished or we must stop.
+
+        Without a coordinator the worker keeps waiting (it may start later, or restart), saying so once per
+        PEER_TIMEOUT, and raises NoCoordinator after COORDINATOR_PATIENCE of them.
+        """
         quiet_since = last_flush = time.monotonic()
+        unheard_since: float | None = None      # when the coordinator was first found silent
         while not self.stop.is_set():
             if os.getppid() != self.spec.parent_pid:
                 log.error("the supervisor (pid %d) is gone; exiting", self.spec.parent_pid)
@@ -138,12 +152,29 @@ class Worker:
             if is_visible(self.folder.finished_file) or at_least > self.cfg.max_rounds:
                 return None
             if time.monotonic() - quiet_since > self.cfg.peer_timeout:
-                if not self._coordinator_alive():
-                    raise SwarmError(f"no coordinator heartbeat for {self.cfg.peer_timeout:.0f}s and no round "
-                                     f"{at_least} in {self.folder.root}/state: start the swarm with `rl-swarm up`")
+                unheard_since = self._check_coordinator(at_least, unheard_since)
                 quiet_since = time.monotonic()
             self.exchange.doorbell.wait(ROUND_POLL_S)      # the coordinator's new round rings it
         return None
+
+    def _check_coordinator(self, at_least: int, unheard_since: float | None) -> float | None:
+        """Called once per PEER_TIMEOUT of a quiet wait: when the coordinator was first found silent, or None."""
+        if self._coordinator_alive():
+            if unheard_since is not None:
+                log.info("the coordinator is back; waiting for round %d", at_least)
+                self.update(status="waiting")
+            return None
+        now = time.monotonic()
+        unheard_since = now - self.cfg.peer_timeout if unheard_since is None else unheard_since
+        silent, patience = now - unheard_since, COORDINATOR_PATIENCE * self.cfg.peer_timeout
+        if silent >= patience:
+            raise NoCoordinator(f"no coordinator heartbeat for {silent:.0f}s and no round {at_least} in "
+                                f"{self.folder.root}/state: is `rl-swarm up` running on this GDRIVE_PATH and "
+                                f"EXPERIMENT_NAME? (the worker is restarted to wait again)")
+        log.warning("no coordinator heartbeat for %.0fs and no round %d in %s: waiting for it (up to %.0fs)",
+                    silent, at_least, self.folder.root / "state", patience)
+        self.update(status=WAITING_FOR_COORDINATOR)
+        return unheard_since
 
     def _newest_round(self, rounds: list[int], at_least: int) -> RoundState | None:
         """The newest intact round state >= at_least; a half-synced or bad one is skipped (warned about once)."""
@@ -322,6 +353,10 @@ def worker_main(spec: WorkerSpec) -> None:
     worker = Worker(spec, stop)
     try:
         worker.run()
+    except NoCoordinator as error:
+        log.error("%s", error)
+        _last_words(worker, str(error))
+        sys.exit(EXIT_NO_COORDINATOR)
     except SwarmError as error:
         log.error("%s", error)
         _last_words(worker, str(error))

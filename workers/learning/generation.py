@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.learning.decode import GPT2Decoder, supports
-from workers.learning.model import Policy
+from workers.learning.model import Policy, context_length
 
 
 PROMPT_BUCKET = 32
@@ -30,8 +30,7 @@ def encode_prompt(policy: Policy, prompt: str, max_new_tokens: int) -> list[int]
 
 
 def _context_length(policy: Policy) -> int:
-    config = policy.model.config
-    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+    return context_length(policy.model.config)
 
 
 def fast_decoder(policy: Policy) -> GPT2Decoder | None:

@@ -1,6 +1,9 @@
 """Loading the policy: offline models built here, a local folder, or any Hugging Face model id."""
 
+import contextlib
+import io
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,13 +12,14 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from configs_env import SwarmError
+from configs_env import ConfigError, SwarmError
 from workers.learning.offline_models import GPT2_RANDOM, NO_DROPOUT, TINY, prepare_model
 
 log = logging.getLogger(__name__)
 
 OFFLINE_MODEL_NAMES: tuple[str, ...] = (TINY, GPT2_RANDOM)
 DEFAULT_HUB_MODEL = "openai-community/gpt2"
+PROMPT_SAMPLE = 32        # questions drawn per task to find its longest prompt
 # What transformers and huggingface_hub raise for a missing, gated, unreachable or malformed model
 # (hub errors are OSError subclasses; bad ids are ValueError; unknown architectures are KeyError).
 _LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError)
@@ -65,6 +69,40 @@ def ensure_model_available(model_name: str, cache_dir: Path) -> None:
         AutoConfig.from_pretrained(source)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(model_name, exc) from exc
+
+
+def context_length(config: object) -> int:
+    """The positions the model attends over: prompt and completion together."""
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+
+
+def check_prompt_room(model_name: str, cache_dir: Path, tasks: tuple[tuple[str, float], ...],
+                      max_new_tokens: int) -> None:
+    """Refuse a MAX_NEW_TOKENS that leaves the tasks' prompts too few of the model's positions.
+
+    A prompt is cut from the left to fit (generation.encode_prompt): past this limit questions lose their
+    start, and at one token left the workers crash-loop. The room kept is the longest of PROMPT_SAMPLE
+    prompts per task (a longer question never sampled loses a few tokens, no more).
+    """
+    from workers.learning.tasks import TaskMix, build_prompt    # reasoning-gym loads only when a swarm starts
+
+    source = model_source(model_name, cache_dir)
+    try:
+        positions = context_length(AutoConfig.from_pretrained(source))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(model_name, exc) from exc
+    with contextlib.redirect_stdout(io.StringIO()):      # reasoning-gym's bf prints a dot per question it builds
+        questions = [q for name, _ in tasks
+                     for q in TaskMix(((name, 1.0),), seed=0).sample(PROMPT_SAMPLE, random.Random(0))]
+    longest = max(len(tokenizer(build_prompt(q.question), add_special_tokens=False)["input_ids"]) for q in questions)
+    limit = positions - longest
+    if limit < 1:
+        raise ConfigError(f"TASKS: prompts of up to {longest} tokens leave no room for a completion in "
+                          f"{model_name}'s {positions} positions; choose a model with a longer context")
+    if max_new_tokens > limit:
+        raise ConfigError(f"MAX_NEW_TOKENS={max_new_tokens} leaves {max(0, positions - max_new_tokens)} of "
+                          f"{model_name}'s {positions} positions for the prompt; set MAX_NEW_TOKENS <= {limit}")
 
 
 def resolve_default_model(cache_dir: Path) -> tuple[str, str | None]:
