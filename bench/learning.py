@@ -18,7 +18,7 @@ from pathlib import Path
 
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
 from swarm_supervisor.table_report import format_table, plot_table, table_rows
-from workers.worker import GPT2_LEARNING_RATE
+from workers.learning.model import GPT2_LEARNING_RATE
 
 MODEL = "rl-swarm/gpt2-124m-random"
 DEFAULT_LABEL = f"default (lr {GPT2_LEARNING_RATE:g})"

@@ -7,7 +7,6 @@ the shared folder, so each is drawn through swarm_supervisor.readable: escaped, 
 
 import math
 import time
-from dataclasses import dataclass
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -15,6 +14,7 @@ from rich.text import Text
 
 from swarm_supervisor.monitor import DeviceSnapshot
 from swarm_supervisor.readable import FittedTable, Packed, cell, plain
+from swarm_supervisor.status import NodeRow, SwarmView
 
 SPARK = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 20
@@ -28,49 +28,6 @@ STATUS_STYLE = {"failed": "bold red", "crashed": "red", "restarting": "yellow", 
                 "evaluating": "bright_blue"}
 TROUBLE = ("failed", "crashed", "restarting")
 NOT_RUNNING = TROUBLE + ("stopped", "done")
-
-
-@dataclass(frozen=True)
-class NodeRow:
-    node_id: str
-    role: str                        # "worker" or "coordinator"
-    status: str                      # starting, generating, training, waiting, done, restarting, failed, stopped
-    round: int | None
-    stage: int | None
-    reward: float | None
-    accuracy: float | None           # a share, 0..1
-    reward_trend: tuple[float, ...]  # the last few rounds' mean rewards, oldest first
-    local_rollouts: int | None
-    external_rollouts: int | None
-    gpu_mib: float | None
-    ram_mib: float | None
-    restarts: int
-    heartbeat_age_s: float | None
-    last_error: str | None
-    held_out_start: float | None = None   # greedy exact-match on the held-out set before round 1
-    held_out: float | None = None         # the same, at the newest evaluation after round 0
-    liveness: str | None = None           # alive, late or gone, from the heartbeat's age (exchange.liveness)
-    note: str | None = None               # trouble the node works around (a folder refusing its writes)
-    held_out_best: float | None = None    # the best evaluation so far (round 0 included)
-    learning_alarm: str | None = None     # a few words when the node unlearns (held-out falling, reward collapsed)
-    learning_warning: str | None = None   # the same as a sentence, for the supervisor's events
-
-
-@dataclass(frozen=True)
-class SwarmView:
-    experiment: str
-    model: str
-    device_label: str
-    round: int
-    max_rounds: int
-    elapsed_s: float
-    rounds_per_hour: float | None
-    eta_s: float | None
-    device: DeviceSnapshot | None
-    nodes: tuple[NodeRow, ...]
-    events: tuple[str, ...]          # newest last
-    rejected_files: int = 0
-    phase: str = "running"           # finished, stopped, failed (experiments.status_of): no ETA but running
 
 
 def format_duration(seconds: float | None) -> str:

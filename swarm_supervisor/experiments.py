@@ -19,7 +19,8 @@ def experiment_roots(gdrive: Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
 
-def _config(folder: ExperimentFolder) -> dict:
+def experiment_config(folder: ExperimentFolder) -> dict:
+    """The config.json the swarm was started with; {} when missing or unreadable."""
     try:
         return read_json_bounded(folder.config_file, max_bytes=256 * 1024)
     except (OSError, RejectedFile):
@@ -102,7 +103,7 @@ class Summary:
 
 def summarize(root: Path, last_n: int = 10) -> Summary:
     folder = ExperimentFolder(root)
-    cfg = _config(folder)
+    cfg = experiment_config(folder)
     rounds = folder.state_rounds()
     by_round, bad = metrics_by_round(folder)
     evals, bad_evals = held_out_by_node(folder)
@@ -161,7 +162,7 @@ def validate(root: Path) -> list[Check]:
     """Completeness and consistency of one experiment's folder; each check is PASS or FAIL with a reason."""
     folder = ExperimentFolder(root)
     checks: list[Check] = []
-    cfg = _config(folder)
+    cfg = experiment_config(folder)
     checks.append(Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"))
     rounds = folder.state_rounds()
     missing_states = sorted(set(range(1, (rounds[-1] if rounds else 0) + 1)) - set(rounds))
@@ -351,7 +352,7 @@ def aggregate(roots: list[Path]) -> list[Aggregate]:
     """Experiments that differ only in SEED are one configuration: mean and 95% interval across them."""
     groups: dict[str, list[Summary]] = {}
     for root in roots:
-        cfg = _config(ExperimentFolder(root))
+        cfg = experiment_config(ExperimentFolder(root))
         key = (f"{cfg.get('model_resolved', '?')} I={cfg.get('num_train_samples', '?')} "
                f"J={cfg.get('num_transplant_trees', '?')} G={cfg.get('num_generations', '?')} "
                f"workers={cfg.get('num_workers', '?')} rounds={cfg.get('max_rounds', '?')}")

@@ -14,7 +14,8 @@ def show_status(cfg: SwarmConfig) -> int:
     from rich.console import Console
 
     from swarm_supervisor.dashboard import render
-    from swarm_supervisor.status import SwarmReader, experiment_config, read_events
+    from swarm_supervisor.experiments import experiment_config
+    from swarm_supervisor.status import SwarmReader, read_events
 
     folder = ExperimentFolder(cfg.experiment_dir)
     if not folder.root.is_dir():

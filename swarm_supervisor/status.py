@@ -1,4 +1,5 @@
-"""What the dashboard shows, read from the shared folder (and, in the supervisor, from its own processes).
+"""What the dashboard shows: the view model (NodeRow, SwarmView), built from the shared folder (and, in the
+supervisor, from its own processes); swarm_supervisor.dashboard only draws it.
 
 `rl-swarm status` uses the same reader with no processes, so any machine that mounts the folder sees
 the same table the supervisor draws.
@@ -8,12 +9,12 @@ import json
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Iterable
 
 from configs_env import SwarmConfig
-from swarm_supervisor.dashboard import NodeRow, SwarmView
 from swarm_supervisor.experiments import rounds_per_hour, status_of
-from swarm_supervisor.monitor import MonitorSnapshot
+from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, read_heartbeats
@@ -21,6 +22,49 @@ from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_fr
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    node_id: str
+    role: str                        # "worker" or "coordinator"
+    status: str                      # starting, generating, training, waiting, done, restarting, failed, stopped
+    round: int | None
+    stage: int | None
+    reward: float | None
+    accuracy: float | None           # a share, 0..1
+    reward_trend: tuple[float, ...]  # the last few rounds' mean rewards, oldest first
+    local_rollouts: int | None
+    external_rollouts: int | None
+    gpu_mib: float | None
+    ram_mib: float | None
+    restarts: int
+    heartbeat_age_s: float | None
+    last_error: str | None
+    held_out_start: float | None = None   # greedy exact-match on the held-out set before round 1
+    held_out: float | None = None         # the same, at the newest evaluation after round 0
+    liveness: str | None = None           # alive, late or gone, from the heartbeat's age (exchange.liveness)
+    note: str | None = None               # trouble the node works around (a folder refusing its writes)
+    held_out_best: float | None = None    # the best evaluation so far (round 0 included)
+    learning_alarm: str | None = None     # a few words when the node unlearns (held-out falling, reward collapsed)
+    learning_warning: str | None = None   # the same as a sentence, for the supervisor's events
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    experiment: str
+    model: str
+    device_label: str
+    round: int
+    max_rounds: int
+    elapsed_s: float
+    rounds_per_hour: float | None
+    eta_s: float | None
+    device: DeviceSnapshot | None
+    nodes: tuple[NodeRow, ...]
+    events: tuple[str, ...]          # newest last
+    rejected_files: int = 0
+    phase: str = "running"           # finished, stopped, failed (experiments.status_of): no ETA but running
 
 TREND = 8
 # reward collapse: the mean of the last REWARD_WINDOW rounds under REWARD_COLLAPSE x the best such mean so far
@@ -256,13 +300,3 @@ def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
         if isinstance(row.get("time"), (int, float)) and isinstance(row.get("event"), str):
             out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + plain(row["event"][:200]))
     return out
-
-
-def experiment_config(folder: ExperimentFolder) -> dict:
-    try:
-        return read_json_bounded(folder.config_file, max_bytes=256 * 1024)
-    except (OSError, RejectedFile):
-        return {}
-
-
-

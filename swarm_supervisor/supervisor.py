@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
-from swarm_supervisor.dashboard import Dashboard, SwarmView
+from swarm_supervisor.dashboard import Dashboard
+from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
-from swarm_supervisor.status import SwarmReader
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, is_visible

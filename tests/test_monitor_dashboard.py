@@ -8,7 +8,8 @@ import sys
 import pytest
 from rich.console import Console
 
-from swarm_supervisor.dashboard import Dashboard, NodeRow, SwarmView, format_duration, render, sparkline, status_line
+from swarm_supervisor.dashboard import Dashboard, format_duration, render, sparkline, status_line
+from swarm_supervisor.status import NodeRow, SwarmView
 from swarm_supervisor.monitor import DeviceSnapshot, Monitor
 
 

@@ -24,7 +24,7 @@ from workers.shared_folder.folder import RejectedFile, read_json_bounded
 from workers.evaluation import EVAL_BATCH, greedy_accuracy, held_out_questions
 from workers.learning.generation import encode_prompt
 from workers.learning.grpo import build_batch, completion_logprobs
-from workers.learning.model import Policy
+from workers.learning.model import Policy, default_warmup_lr
 from workers.learning.tasks import Question, TaskMix, build_prompt
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,6 @@ class WarmupReport:
         if self.stopped_by == "target":
             return f", target {self.target_accuracy:.0%} reached at step {self.steps}"
         return f", target {self.target_accuracy:.0%} not reached: all {self.steps} WARMUP_STEPS spent"
-
-
-def default_warmup_lr(model_name: str) -> float:
-    return 1e-3 if "tiny" in model_name else 5e-5
 
 
 def target_text(answer: str) -> str:

@@ -27,7 +27,8 @@ from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_
 from workers.shared_folder.exchange import TERMINAL, Exchange, Outbox, read_heartbeats
 from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, is_visible, with_retries,
                                           write_json_atomic)
-from workers.learning.model import Policy, enable_activation_checkpointing, load_policy, use_activation_checkpointing
+from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
+                                   use_activation_checkpointing)
 from workers.learning.optim import make_optimizer
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
 from workers.round_loop import play_round, rehearse_largest_round
@@ -47,7 +48,6 @@ EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY, EXIT_NO_COORDINATOR 
 COORDINATOR_PATIENCE = 10
 WAITING_FOR_COORDINATOR = "waiting for the coordinator"
 WAITING = ("waiting", WAITING_FOR_COORDINATOR)     # statuses of a worker with nothing to do: never hung
-TINY_LEARNING_RATE, GPT2_LEARNING_RATE = 3e-5, 3e-6
 
 
 class NoCoordinator(SwarmError):
@@ -63,14 +63,6 @@ class WorkerSpec:
     device: str
     parent_pid: int
     generation_splits: int = 1    # doubled by the supervisor after each CUDA out-of-memory exit
-
-
-def default_learning_rate(model_name: str) -> float:
-    # A round gives each worker only I+J groups (16 completions by default), so most of a step is noise, and
-    # Adam moves every weight by ~lr whatever the noise: the tiny model's held-out accuracy fell at 1e-4 and
-    # collapsed at 3e-4 in 200 rounds, and rose at 2e-5..5e-5 (3e-5 best over seeds 1-3, README "Learning").
-    # GPT-2 124M (H200, bench/LEARNING.md): held-out accuracy fell from the warm-up's at 1e-5 and rose at 3e-6.
-    return TINY_LEARNING_RATE if "tiny" in model_name else GPT2_LEARNING_RATE
 
 
 def _log_to_folder(log_dir: Path) -> None:
