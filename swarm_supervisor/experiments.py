@@ -10,8 +10,9 @@ from pathlib import Path
 from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded
-from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RolloutFile, RoundMetrics, RoundState
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, read_jsonl
+from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RolloutFile, RoundMetrics,
+                                            RoundState)
 
 
 def experiment_roots(gdrive: Path) -> list[Path]:
@@ -53,6 +54,16 @@ def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEv
         if rows:
             evals[path.parent.name] = rows
     return evals, bad
+
+
+def count_restarts(folder: ExperimentFolder) -> int:
+    """Worker restarts the supervisor recorded (events of kind "restart"; older files: by their sentence)."""
+    try:
+        rows = list(read_jsonl(folder.events_file))
+    except (OSError, RejectedFile):
+        return 0
+    return sum(row.get("kind") == EVENT_RESTART or ("kind" not in row and "restarting from its last checkpoint"
+                                                    in str(row.get("event", ""))) for row in rows)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -118,7 +129,6 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
             per_hour = rounds_per_hour(first, last)
         except (OSError, RejectedFile):
             per_hour = None
-    events = folder.events_file.read_text(encoding="utf-8", errors="replace") if folder.events_file.exists() else ""
     beats = read_heartbeats(folder)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     started = cfg.get("started_at")
@@ -136,7 +146,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         held_out_start=_mean([rows[0].accuracy for rows in evals.values() if rows[0].round == 0]),
         held_out_final=_mean([rows[-1].accuracy for rows in evals.values() if rows[-1].round > 0]),
         held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
-        rounds_per_hour=per_hour, restarts=events.count("restarting from its last checkpoint"),
+        rounds_per_hour=per_hour, restarts=count_restarts(folder),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
 
 

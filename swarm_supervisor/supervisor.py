@@ -22,6 +22,7 @@ from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, is_visible
+from workers.shared_folder.protocol import EVENT_RESTART, EVENT_UNLEARNING
 from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WAITING, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,14 @@ class Supervisor:
         self.exit_code: int | None = None
 
     # -- events --------------------------------------------------------------------------------------
-    def event(self, message: str, level: str = "info") -> None:
+    def event(self, message: str, level: str = "info", kind: str | None = None, node: str | None = None) -> None:
+        """A line for people (the dashboard, events.jsonl) and, with `kind`, a fact for programs to count."""
         self.events.append(time.strftime("%H:%M:%S ") + message)
         (log.warning if level == "warning" else log.info)(message)
+        record = {"time": time.time(), "event": message, "level": level,
+                  **({"kind": kind, "node": node} if kind else {})}
         try:
-            append_jsonl(self.folder.events_file, {"time": time.time(), "event": message, "level": level})
+            append_jsonl(self.folder.events_file, record)
         except OSError as exc:
             log.warning("event not written to %s: %s", self.folder.events_file, exc)
 
@@ -117,7 +121,8 @@ class Supervisor:
                 continue
             if h.restart_at is not None:
                 if now >= h.restart_at and not self.stopping:
-                    self.event(f"{h.node}: restarting from its last checkpoint (restart {h.total_restarts})")
+                    self.event(f"{h.node}: restarting from its last checkpoint (restart {h.total_restarts})",
+                               kind=EVENT_RESTART, node=h.node)
                     self._spawn(h)
                 continue
             if h.process is None or h.process.is_alive():
@@ -232,7 +237,7 @@ class Supervisor:
                 continue
             if row.learning_warning and row.node_id not in self.unlearning:
                 self.unlearning.add(row.node_id)
-                self.event(row.learning_warning, level="warning")
+                self.event(row.learning_warning, level="warning", kind=EVENT_UNLEARNING, node=row.node_id)
             elif not row.learning_warning and row.node_id in self.unlearning:
                 self.unlearning.discard(row.node_id)
                 self.event(f"{row.node_id}: learning again (held-out and reward back within the guard's bounds)")

@@ -88,3 +88,16 @@ def test_the_plot_draws_held_out_accuracy_beside_training_accuracy(tmp_path, mon
     out = plot_experiments([tmp_path / "run"], tmp_path / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert drawn["run held-out"] == [0, 2]                  # the start and the end evaluation
+
+
+def test_restarts_are_counted_from_the_events_kind_and_from_older_sentences(tmp_path):
+    from swarm_supervisor.experiments import count_restarts
+    from workers.shared_folder.folder import ExperimentFolder, append_jsonl
+
+    folder = ExperimentFolder(tmp_path).create()
+    for row in ({"time": 1, "event": "worker-1: restarting from its last checkpoint (restart 1)"},     # older file
+                {"time": 2, "event": "w-2: back", "level": "info", "kind": "restart", "node": "w-2"},
+                {"time": 3, "event": "worker-3 said 'restarting from its last checkpoint'", "kind": "unlearning"},
+                {"time": 4, "event": "started 2 workers", "level": "info"}):
+        append_jsonl(folder.events_file, row)
+    assert count_restarts(folder) == 2

@@ -9,6 +9,8 @@ from typing import Any
 from workers.shared_folder.folder import RejectedFile, check_node_name
 
 SCHEMA = 1
+# kinds of the supervisor's events (logs/supervisor/events.jsonl) that programs count
+EVENT_RESTART, EVENT_UNLEARNING = "restart", "unlearning"
 MAX_TEXT = 16_384          # characters of one question, prompt or completion
 MAX_GROUP = 256            # completions in one group (NUM_GENERATIONS is capped at 256 too)
 MAX_GROUPS = 1024
