@@ -5,13 +5,14 @@ import logging
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import reasoning_gym
 from reasoning_gym.dataset import ProceduralDataset
 from reasoning_gym.factory import DATASETS
 
 from configs_env import ConfigError
+from workers.learning.scorers import REFUSED, Scorer, scorer_for
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ def check_tasks(tasks: tuple[tuple[str, float], ...]) -> None:
     if unknown:
         raise ConfigError(f"TASKS names unknown reasoning-gym task(s) {', '.join(unknown)}: "
                           f"use names such as chain_sum, basic_arithmetic, leg_counting")
+    refused = sorted({name for name, _ in tasks if name in REFUSED})
+    if refused:
+        why = "; ".join(sorted({REFUSED[name] for name in refused}))
+        raise ConfigError(f"TASKS names {', '.join(refused)}: {why}; remove it from TASKS "
+                          "(e.g. TASKS=chain_sum:1,basic_arithmetic:1)")
 
 
 @functools.lru_cache(maxsize=REBUILT_DATASETS)
@@ -123,7 +129,7 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-_scorers: dict[str, Callable[[str | None, dict[str, Any]], float]] = {}
+_scorers: dict[str, Scorer] = {}
 # the completion's one answer tag, at its end: free text (reasoning) may come before it, nothing after it
 _FINAL_ANSWER = re.compile(r"<answer>(?P<answer>.*?)</answer>\s*\Z", re.DOTALL)
 
@@ -143,12 +149,13 @@ def final_answer(completion: str) -> str | None:
 
 
 def score_completion(task: str, completion: str, entry: dict[str, Any]) -> float:
-    """Correctness in [0, 1] from reasoning-gym's own scorer on final_answer(completion); a scorer that raises: 0."""
+    """Correctness in [0, 1] from reasoning-gym's scorer (or ours, where its would evaluate the answer) on
+    final_answer(completion); a scorer that raises: 0."""
     if task not in DATASETS:
         raise KeyError(task)
     scorer = _scorers.get(task)
     if scorer is None:
-        scorer = _scorers[task] = reasoning_gym.get_score_answer_fn(task)
+        scorer = _scorers[task] = scorer_for(task)
     answer = final_answer(completion)
     if answer is None:
         return 0.0
