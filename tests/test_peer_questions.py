@@ -240,3 +240,29 @@ def test_the_public_swarm_s_nine_tasks_and_the_defaults_are_playable_and_score_t
         score = score_completion(q.task, f"<answer>{gold(q)}</answer>", q.entry())
         # reasoning-gym's example conclusion is sometimes trivial (0.25) or, falling back, not one at all (0.05)
         assert score > 0 if q.task == "propositional_logic" else score == 1.0, q
+
+
+def _filler_to(policy, tail: str, tokens: int) -> str:
+    """`tail` after enough filler that the text is `tokens` tokens long."""
+    for count in range(tokens + 1):
+        text = " 1" * count + tail
+        if len(policy.tokenizer(text, add_special_tokens=False)["input_ids"]) == tokens:
+            return text
+    raise AssertionError(f"no filler makes {tail!r} {tokens} tokens long")
+
+
+def test_a_peer_completion_longer_than_max_new_tokens_is_rejected_not_cut(policy, tmp_path, caplog):
+    cfg, folder = _swarm(tmp_path, max_new_tokens=16)
+    [q] = TaskMix(cfg.tasks, seed=1).sample(1, random.Random(0))
+    fits = _filler_to(policy, f" <answer>{q.answer}</answer>", 15)            # + EOS: 16 tokens
+    too_long = _filler_to(policy, f" <answer>{q.answer}</answer>", 16)        # + EOS: 17
+    wrong = " <answer>x</answer>"
+    groups = [peer_group(q, [], completions=(fits, wrong, wrong, wrong), finished=(True,) * 4, rewards=(0.0,) * 4),
+              peer_group(q, [], completions=(too_long, wrong, wrong, wrong), finished=(True,) * 4,
+                         rewards=(0.0,) * 4),
+              peer_group(q, [q.answer, "x", "y"])]                          # G=3 where G=4: stays rejected
+    reader, found = _through_the_folder(folder, groups)
+    kept, available = external_candidates(policy, cfg, TaskMix(cfg.tasks, seed=0), found, reader, 1)
+    assert available == 1 and kept[0].rewards == [1.0, 0.0, 0.0, 0.0] and len(kept[0].completion_ids[0]) == 16
+    assert "group 1: a completion of 17 tokens, over MAX_NEW_TOKENS=16" in caplog.text
+    assert "group 2: 3 completions, expected G=4" in caplog.text

@@ -15,8 +15,8 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.shared_folder.exchange import Exchange
-from workers.learning.generation import (Completion, bucketed_width, encode_completion, encode_prompt,
-                                         generate_ids, prompts_per_call, sample_completions)
+from workers.learning.generation import (Completion, CompletionTooLong, bucketed_width, encode_completion,
+                                         encode_prompt, generate_ids, prompts_per_call, sample_completions)
 from workers.learning.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.learning.memory import largest_micro_batch, release_cached_memory
 from workers.learning.model import Policy
@@ -100,7 +100,7 @@ def external_candidates(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
         for number, group in enumerate(groups):
             try:
                 question, completion_ids = _rebuild_peer_group(policy, cfg, tasks, group)
-            except (QuestionNotRebuilt, RaggedGroup) as exc:
+            except (QuestionNotRebuilt, RaggedGroup, CompletionTooLong) as exc:
                 exchange.reject_group(f"round {round_} rollouts of {node}, group {number}", str(exc))
                 continue
             available += 1
