@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from workers.learning.scorers import (EVALS_OWN_QUESTION_ONLY, MAX_LOGIC_VARIABL
                                       reasoning_gym_scorer)
 from workers.learning.tasks import DATASET_SIZE, TaskMix, build_prompt, check_tasks, score_completion, score_group
 from workers.round_loop import external_candidates
+from workers.shared_folder import exchange as exchange_module
 from workers.shared_folder.exchange import Exchange
 from workers.shared_folder.folder import ExperimentFolder, record_checksum
 from workers.shared_folder.protocol import RolloutFile
@@ -266,3 +268,20 @@ def test_a_peer_completion_longer_than_max_new_tokens_is_rejected_not_cut(policy
     assert available == 1 and kept[0].rewards == [1.0, 0.0, 0.0, 0.0] and len(kept[0].completion_ids[0]) == 16
     assert "group 1: a completion of 17 tokens, over MAX_NEW_TOKENS=16" in caplog.text
     assert "group 2: 3 completions, expected G=4" in caplog.text
+
+
+def test_a_reader_remembers_only_the_newest_records_over_many_rounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(exchange_module, "MAX_REMEMBERED", 6)
+    folder = ExperimentFolder(tmp_path / "exp").create()
+    [q] = TaskMix((("chain_sum", 1.0),), seed=1).sample(1, random.Random(0))
+    writers = [Exchange(folder, f"w-{n}") for n in (2, 3)]
+    reader = Exchange(folder, "w-1")
+    for round_ in range(1, 41):
+        for writer in writers:
+            writer.publish_rollouts(round_, 0, [peer_group(q, ["1", "2"])])
+        folder.rollout_file(round_, 0, "w-9").write_text("{not json")                # a bad file every round
+        found = reader.wait_for_peers(round_, {"w-2", "w-3"}, timeout_s=5, stop=threading.Event())
+        assert sorted(found) == ["w-2", "w-3"]
+        assert len(reader._cache) <= 6 and len(reader._bad) <= 6
+    assert reader.peer_rollouts(40) == found                                         # this round's, still read
+    assert len(reader.rejected) == 40                                                 # each bad file counted once
