@@ -1,4 +1,5 @@
-"""Helpers the tests share: a swarm's environment, running `rl-swarm up`, reading its files, drawing a frame."""
+"""Helpers the tests share: a swarm's environment, running `rl-swarm up`, reading its files, drawing a frame,
+a peer's group."""
 
 import json
 import os
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import psutil
 from rich.console import Console
+
+from workers.learning.tasks import Question
+from workers.shared_folder.protocol import RolloutGroup
 
 
 def swarm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -52,3 +56,10 @@ def console_text(renderable: object, width: int = 160) -> str:
     console = Console(record=True, width=width, force_terminal=False)
     console.print(renderable)
     return console.export_text()
+
+
+def peer_group(question: Question, answers: list[str], claimed: float = 1.0, **fields: object) -> RolloutGroup:
+    """A peer's group naming `question`, one finished completion ending in each answer; `fields` forge the rest."""
+    return RolloutGroup(**{"task": question.task, "dataset_seed": question.dataset_seed, "index": question.index,
+                           "completions": tuple(f" <answer>{a}</answer>" for a in answers),
+                           "finished": (True,) * len(answers), "rewards": (claimed,) * len(answers), **fields})

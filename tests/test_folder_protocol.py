@@ -12,8 +12,8 @@ from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup,
 
 
 def group(g: int = 4, task: str = "chain_sum") -> RolloutGroup:
-    return RolloutGroup(task=task, question="1 + 2 =", answer="3", metadata={"source_dataset": task},
-                        prompt="1 + 2 =\nAnswer:", completions=tuple(f"<answer>{i}</answer>" for i in range(g)),
+    return RolloutGroup(task=task, dataset_seed=42 * 1009, index=7,
+                        completions=tuple(f"<answer>{i}</answer>" for i in range(g)),
                         finished=(True,) * g, rewards=(0.0,) * g)
 
 

@@ -13,10 +13,12 @@ from workers.evaluation import EVAL_SEED, eval_due, evaluate_held_out, greedy_ac
 from workers.shared_folder.exchange import Exchange
 from workers.shared_folder.folder import ExperimentFolder
 from workers.learning.model import Policy, load_policy
-from workers.shared_folder.protocol import RolloutGroup, RoundMetrics
+from workers.shared_folder.protocol import RoundMetrics
 from workers.round_loop import external_candidates, play_round, round_seed
 from workers.learning.tasks import TaskMix
 from workers.warmup import supervised_warmup
+
+from tests.helpers import peer_group
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +37,17 @@ def warmed(policy):
     return student
 
 
-def peer_group(task: str, answers: list[str], claimed: float = 1.0) -> RolloutGroup:
-    return RolloutGroup(task=task, question="State the final answer to the following arithmetic problem: 3 + 4 =",
-                        answer="7", metadata={"source_dataset": task}, prompt="3 + 4 =\nAnswer:",
-                        completions=tuple(f" <answer>{a}</answer>" for a in answers),
-                        finished=(True,) * len(answers), rewards=(claimed,) * len(answers))
-
-
 def test_peers_groups_are_rescored_ragged_and_unknown_ones_rejected(policy, tmp_path, caplog):
     cfg = SwarmConfig.from_env({"NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "16"})
     tasks = TaskMix(cfg.tasks, seed=0)
     exchange = Exchange(ExperimentFolder(tmp_path).create(), "w-1")
+    [q] = TaskMix((("chain_sum", 1.0),), seed=5).sample(1, random.Random(0))        # a peer's own question
+    [legs] = TaskMix((("leg_counting", 1.0),), seed=5).sample(1, random.Random(0))
     peers = {
-        "w-2": [peer_group("chain_sum", ["7", "8", "7", "1"]),            # signal: kept, re-scored here
-                peer_group("chain_sum", ["7", "8", "9"]),                 # G=3 while we use G=4: rejected
-                peer_group("chain_sum", ["1", "2", "3", "4"], claimed=1.0)],   # claims 1.0, really all 0: no signal
-        "w-3": [peer_group("leg_counting", ["7", "8", "7", "1"])],       # a task not in our TASKS: rejected
+        "w-2": [peer_group(q, [q.answer, "x", q.answer, "y"]),              # signal: kept, re-scored here
+                peer_group(q, [q.answer, "x", "y"]),                        # G=3 while we use G=4: rejected
+                peer_group(q, ["x"] * 4, claimed=1.0)],                     # claims 1.0, really all 0: no signal
+        "w-3": [peer_group(legs, [legs.answer, "8", "7", "1"])],           # a task not in our TASKS: rejected
     }
     kept, available = external_candidates(policy, cfg, tasks, peers, exchange, round_=1)
     assert available == 2
@@ -170,5 +167,7 @@ def test_every_publish_frequency_gives_peers_the_same_groups(warmed, tmp_path, f
     assert sorted(p.name for p in folder.rollout_dir(1, 0).iterdir()) == files
     [groups] = Exchange(folder, "w-2").peer_rollouts(1).values()
     questions = TaskMix(cfg.tasks, seed=4).sample(3, random.Random(round_seed(cfg, 0, 1)))
-    assert [g.question for g in groups] == [q.question for q in questions]      # in order, none lost or doubled
-    assert all(len(g.completions) == 4 and g.answer and g.metadata for g in groups)   # enough to re-score
+    reader = TaskMix(cfg.tasks, seed=9)                                           # another worker's datasets
+    # in order, none lost or doubled, each enough for the reader to build the question again
+    assert [reader.rebuild(g.task, g.dataset_seed, g.index) for g in groups] == questions
+    assert all(len(g.completions) == 4 for g in groups)

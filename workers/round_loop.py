@@ -15,13 +15,13 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.shared_folder.exchange import Exchange
-from workers.learning.generation import (Completion, bucketed_width, encode_completion, encode_prompt, generate_ids,
-                                prompts_per_call, sample_completions)
+from workers.learning.generation import (Completion, CompletionTooLong, bucketed_width, encode_completion,
+                                         encode_prompt, generate_ids, prompts_per_call, sample_completions)
 from workers.learning.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.learning.memory import largest_micro_batch, release_cached_memory
 from workers.learning.model import Policy
 from workers.shared_folder.protocol import RolloutGroup, RoundMetrics
-from workers.learning.tasks import GroupScores, Question, TaskMix, build_prompt, score_group
+from workers.learning.tasks import GroupScores, Question, QuestionNotRebuilt, TaskMix, build_prompt, score_group
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ class TrainingGroup:
     prompt_ids: list[int]
     completion_ids: list[list[int]]
     rewards: list[float]
+
+
+class RaggedGroup(ValueError):
+    """A peer's group of another size than this worker's G: GRPO compares a question's G completions."""
 
 
 def round_seed(cfg: SwarmConfig, index: int, round_: int) -> int:
@@ -63,9 +67,11 @@ def score_local(cfg: SwarmConfig, questions: list[Question], prompts: list[str],
     for question, prompt, group in zip(questions, prompts, sampled):
         texts = [c.text for c in group]
         score = score_group(question.task, question.entry(), texts, cfg.format_reward)
-        shared.append(RolloutGroup(task=question.task, question=question.question, answer=question.answer,
-                                   metadata=question.metadata, prompt=prompt, completions=tuple(texts),
-                                   finished=tuple(c.finished for c in group), rewards=score.rewards))
+        shared.append(RolloutGroup(
+            task=question.task, dataset_seed=question.dataset_seed, index=question.index, completions=tuple(texts),
+            finished=tuple(c.finished for c in group), rewards=score.rewards,
+            for_people={"question": question.question, "answer": question.answer, "metadata": question.metadata,
+                        "prompt": prompt}))
         training.append(TrainingGroup(prompt_ids=list(group[0].prompt_ids),
                                       completion_ids=[list(c.ids) for c in group], rewards=list(score.rewards)))
         scores.append(score)
@@ -83,30 +89,39 @@ def local_rollouts(policy: Policy, cfg: SwarmConfig, questions: list[Question], 
 def external_candidates(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
                         peer_groups: dict[str, list[RolloutGroup]], exchange: Exchange,
                         round_: int) -> tuple[list[TrainingGroup], int]:
-    """Peers' groups re-scored here (their numbers are never trusted); groups without signal are dropped."""
+    """Peers' groups on questions rebuilt here, scored here; groups without signal are dropped.
+
+    A peer's group brings its completions and the name of its question (task, dataset seed, index), nothing
+    else that is used: the question, its answer, metadata and prompt are built here, so a peer can neither
+    choose the rewards nor hand a scorer anything but its answers.
+    """
     kept, available = [], 0
     for node, groups in sorted(peer_groups.items()):
         for number, group in enumerate(groups):
-            where = f"round {round_} rollouts of {node}, group {number}"
-            if group.task not in tasks.datasets:
-                exchange.reject_group(where, f"task {group.task!r} is not in this worker's TASKS")
-                continue
-            if len(group.completions) != cfg.num_generations:
-                exchange.reject_group(where, f"{len(group.completions)} completions, expected G="
-                                             f"{cfg.num_generations}")
+            try:
+                question, completion_ids = _rebuild_peer_group(policy, cfg, tasks, group)
+            except (QuestionNotRebuilt, RaggedGroup, CompletionTooLong) as exc:
+                exchange.reject_group(f"round {round_} rollouts of {node}, group {number}", str(exc))
                 continue
             available += 1
-            entry = {"question": group.question, "answer": group.answer, "metadata": group.metadata}
-            # the same rule as our own groups (FORMAT_REWARD included): peers' rewards are never trusted
-            rewards = list(score_group(group.task, entry, list(group.completions), cfg.format_reward).rewards)
-            if not _has_signal(rewards):
-                continue
-            kept.append(TrainingGroup(
-                prompt_ids=encode_prompt(policy, group.prompt, cfg.max_new_tokens),
-                completion_ids=[encode_completion(policy, text, done, cfg.max_new_tokens)
-                                for text, done in zip(group.completions, group.finished)],
-                rewards=rewards))
+            # the same rule as our own groups (FORMAT_REWARD included)
+            rewards = list(score_group(question.task, question.entry(), list(group.completions),
+                                       cfg.format_reward).rewards)
+            if _has_signal(rewards):
+                kept.append(TrainingGroup(
+                    prompt_ids=encode_prompt(policy, build_prompt(question.question), cfg.max_new_tokens),
+                    completion_ids=completion_ids, rewards=rewards))
     return kept, available
+
+
+def _rebuild_peer_group(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
+                        group: RolloutGroup) -> tuple[Question, list[list[int]]]:
+    """A peer group's question, rebuilt, and its completions as our tokens; raises when either cannot be used."""
+    question = tasks.rebuild(group.task, group.dataset_seed, group.index)
+    if len(group.completions) != cfg.num_generations:
+        raise RaggedGroup(f"{len(group.completions)} completions, expected G={cfg.num_generations}")
+    return question, [encode_completion(policy, text, done, cfg.max_new_tokens)
+                      for text, done in zip(group.completions, group.finished)]
 
 
 def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig,

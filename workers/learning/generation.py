@@ -114,9 +114,18 @@ def sample_completions(policy: Policy, prompts: list[str], num_generations: int,
     return groups
 
 
+class CompletionTooLong(ValueError):
+    """A peer's completion longer than this worker's MAX_NEW_TOKENS."""
+
+
 def encode_completion(policy: Policy, text: str, finished: bool, max_new_tokens: int) -> list[int]:
-    """A peer's completion as our tokens: text tokenised alone, EOS appended when it finished."""
-    ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
-    if finished:
-        ids = ids[: max_new_tokens - 1] + [policy.tokenizer.eos_token_id]
-    return ids or [policy.tokenizer.eos_token_id]
+    """A peer's completion as our tokens: text tokenised alone, EOS appended when it finished.
+
+    Raises CompletionTooLong past max_new_tokens, never cuts: the whole text is what earned its reward, and a
+    cut prefix trained on that reward would teach whatever the peer put first.
+    """
+    eos = policy.tokenizer.eos_token_id
+    ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if finished else [])
+    if len(ids) > max_new_tokens:
+        raise CompletionTooLong(f"a completion of {len(ids)} tokens, over MAX_NEW_TOKENS={max_new_tokens}")
+    return ids or [eos]

@@ -1,15 +1,18 @@
 """Questions from reasoning-gym, prompts, answer extraction and scoring."""
 
+import functools
 import logging
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import reasoning_gym
+from reasoning_gym.dataset import ProceduralDataset
 from reasoning_gym.factory import DATASETS
 
 from configs_env import ConfigError
+from workers.learning.scorers import REFUSED, Scorer, scorer_for
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,12 @@ TASK_SETTINGS: dict[str, dict[str, Any]] = {
     "leg_counting": {"min_animals": 1, "max_animals": 2, "max_instances": 2},
 }
 DATASET_SIZE = 1_000_000   # reasoning-gym builds item i from (seed, i) on demand, so a large size costs nothing
+# datasets built for peers' questions, by (task, seed): a swarm of 8 workers on 9 tasks uses 72
+REBUILT_DATASETS = 256
+
+
+class QuestionNotRebuilt(ValueError):
+    """A peer named a question this worker cannot build itself; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,8 @@ class Question:
     question: str
     answer: str
     metadata: dict[str, Any]
+    dataset_seed: int     # with task and index, all reasoning-gym needs to build this question again
+    index: int
 
     def entry(self) -> dict[str, Any]:
         """The dict reasoning-gym's scorers expect."""
@@ -48,6 +59,25 @@ def check_tasks(tasks: tuple[tuple[str, float], ...]) -> None:
     if unknown:
         raise ConfigError(f"TASKS names unknown reasoning-gym task(s) {', '.join(unknown)}: "
                           f"use names such as chain_sum, basic_arithmetic, leg_counting")
+    refused = sorted({name for name, _ in tasks if name in REFUSED})
+    if refused:
+        why = "; ".join(sorted({REFUSED[name] for name in refused}))
+        raise ConfigError(f"TASKS names {', '.join(refused)}: {why}; remove it from TASKS "
+                          "(e.g. TASKS=chain_sum:1,basic_arithmetic:1)")
+
+
+@functools.lru_cache(maxsize=REBUILT_DATASETS)
+def task_dataset(task: str, seed: int) -> ProceduralDataset:
+    """Dataset `seed` of a task, with this project's TASK_SETTINGS: a peer's questions are built from the same."""
+    return reasoning_gym.create_dataset(task, size=DATASET_SIZE, seed=seed, **TASK_SETTINGS.get(task, {}))
+
+
+def _question(task: str, dataset_seed: int, index: int) -> Question:
+    item = task_dataset(task, dataset_seed)[index]
+    metadata = dict(item.get("metadata", {}))
+    metadata["source_dataset"] = task
+    return Question(task=task, question=item["question"], answer=str(item["answer"]), metadata=_json_safe(metadata),
+                    dataset_seed=dataset_seed, index=index)
 
 
 class TaskMix:
@@ -57,24 +87,35 @@ class TaskMix:
         check_tasks(tasks)
         self.names = [name for name, _ in tasks]
         self.weights = [weight for _, weight in tasks]
+        # the seed depends on the task's place in TASKS and the node: a published question names it
+        self.seeds = {name: seed * 1009 + index for index, name in enumerate(self.names)}
         self.datasets = {}
-        for index, name in enumerate(self.names):
+        for name in self.names:
             try:
-                self.datasets[name] = reasoning_gym.create_dataset(
-                    name, size=DATASET_SIZE, seed=seed * 1009 + index, **TASK_SETTINGS.get(name, {}))
+                self.datasets[name] = task_dataset(name, self.seeds[name])
             except (TypeError, ValueError, AssertionError) as exc:
                 raise ConfigError(f"TASKS: reasoning-gym task {name!r} could not be built ({exc}); "
                                   "choose another task") from exc
 
     def sample(self, count: int, rng: random.Random) -> list[Question]:
-        questions = []
-        for name in rng.choices(self.names, weights=self.weights, k=count):
-            item = self.datasets[name][rng.randrange(DATASET_SIZE)]
-            metadata = dict(item.get("metadata", {}))
-            metadata["source_dataset"] = name
-            questions.append(Question(task=name, question=item["question"], answer=str(item["answer"]),
-                                      metadata=_json_safe(metadata)))
-        return questions
+        return [_question(name, self.seeds[name], rng.randrange(DATASET_SIZE))
+                for name in rng.choices(self.names, weights=self.weights, k=count)]
+
+    def rebuild(self, task: str, dataset_seed: int | None, index: int | None) -> Question:
+        """A peer's question, built here from what it names: its answer, metadata and prompt are never a peer's."""
+        if task not in self.datasets:
+            raise QuestionNotRebuilt(f"task {task!r} is not in this worker's TASKS")
+        if dataset_seed is None or index is None:
+            raise QuestionNotRebuilt("it names no dataset seed and item index (an older rl-swarm wrote it), so its "
+                                     "question cannot be rebuilt")
+        if dataset_seed < 0 or not 0 <= index < DATASET_SIZE:
+            raise QuestionNotRebuilt(f"dataset seed {dataset_seed} or item index {index} is out of range (seed >= 0, "
+                                     f"index 0..{DATASET_SIZE - 1})")
+        try:
+            return _question(task, dataset_seed, index)
+        except Exception as exc:  # noqa: BLE001 - reasoning-gym's generators raise anything on an odd seed
+            raise QuestionNotRebuilt(f"reasoning-gym could not build item {index} of {task} with seed "
+                                     f"{dataset_seed} ({type(exc).__name__})") from exc
 
 
 def _json_safe(value: Any) -> Any:
@@ -88,7 +129,7 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-_scorers: dict[str, Callable[[str | None, dict[str, Any]], float]] = {}
+_scorers: dict[str, Scorer] = {}
 # the completion's one answer tag, at its end: free text (reasoning) may come before it, nothing after it
 _FINAL_ANSWER = re.compile(r"<answer>(?P<answer>.*?)</answer>\s*\Z", re.DOTALL)
 
@@ -108,12 +149,13 @@ def final_answer(completion: str) -> str | None:
 
 
 def score_completion(task: str, completion: str, entry: dict[str, Any]) -> float:
-    """Correctness in [0, 1] from reasoning-gym's own scorer on final_answer(completion); a scorer that raises: 0."""
+    """Correctness in [0, 1] from reasoning-gym's scorer (or ours, where its would evaluate the answer) on
+    final_answer(completion); a scorer that raises: 0."""
     if task not in DATASETS:
         raise KeyError(task)
     scorer = _scorers.get(task)
     if scorer is None:
-        scorer = _scorers[task] = reasoning_gym.get_score_answer_fn(task)
+        scorer = _scorers[task] = scorer_for(task)
     answer = final_answer(completion)
     if answer is None:
         return 0.0

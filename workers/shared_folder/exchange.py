@@ -19,6 +19,9 @@ ROLLOUT_NAME = re.compile(r"^(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part
 POLL_S = 0.2
 TERMINAL = ("stopped", "done", "failed", "crashed")     # heartbeat statuses of a node that will publish no more
 HEARTBEAT_BYTES = 64 * 1024
+# records remembered, parsed or known bad: a round reads its peers' rollout files (one per group at most, with
+# ROLLOUT_PUBLISH_FREQUENCY=generation), a state file and, in the coordinator, the workers' rewards files
+MAX_REMEMBERED = 256
 
 R = TypeVar("R")
 Version = tuple[int, int]
@@ -32,7 +35,8 @@ def file_version(path: Path) -> Version:
 
 class Exchange:
     """Reads are cached per file version; a bad file is warned about once, counted, and read again only once
-    it changes (a half-synced file that finishes syncing is then accepted)."""
+    it changes (a half-synced file that finishes syncing is then accepted). Only the MAX_REMEMBERED newest
+    records are remembered: rounds only move forward, so what falls out is an older round's, never read again."""
 
     def __init__(self, folder: ExperimentFolder, node: str):
         self.folder = folder
@@ -119,7 +123,7 @@ class Exchange:
                 return cached[1]
             record = parse(read_json_bounded(path, max_bytes, require_checksum=True), str(path))
         except RejectedFile as error:
-            self._bad[path] = version
+            _remember(self._bad, path, version)
             self.reject(path, error)
             return None
         except FileNotFoundError:
@@ -127,7 +131,7 @@ class Exchange:
         except OSError as exc:      # a Drive hiccup: as if the file were not there yet
             log.info("%s not readable now (%s); the next poll tries again", path, exc.strerror or exc)
             return None
-        self._cache[path] = (version, record)
+        _remember(self._cache, path, (version, record))
         return record
 
     def wait_for_peers(self, round_: int, peers: set[str], timeout_s: float, stop: threading.Event,
@@ -148,6 +152,14 @@ class Exchange:
 
     def read_heartbeats(self) -> dict[str, Heartbeat]:
         return read_heartbeats(self.folder, self.reject)
+
+
+def _remember(store: dict[Path, Any], path: Path, value: Any) -> None:
+    """Store `value` as the newest entry; past MAX_REMEMBERED entries the oldest is dropped."""
+    store.pop(path, None)
+    store[path] = value
+    while len(store) > MAX_REMEMBERED:
+        del store[next(iter(store))]
 
 
 def read_heartbeats(folder: ExperimentFolder,

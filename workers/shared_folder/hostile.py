@@ -8,7 +8,8 @@ from workers.shared_folder.folder import MAX_RECORD_BYTES, record_checksum
 
 
 def _group(task: str = "chain_sum", rewards: list | None = None) -> dict:
-    return {"task": task, "question": "3 + 4 =", "answer": "7", "metadata": {"source_dataset": task},
+    return {"task": task, "dataset_seed": 0, "index": 0, "question": "3 + 4 =", "answer": "7",
+            "metadata": {"source_dataset": task},
             "prompt": "3 + 4 =\nAnswer:", "completions": [" <answer>7</answer>", " <answer>8</answer>"] * 2,
             "finished": [True] * 4, "rewards": rewards if rewards is not None else [1.0, 0.0, 1.0, 0.0]}
 

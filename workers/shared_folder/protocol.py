@@ -117,22 +117,26 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class RolloutGroup:
-    """G completions of one question, with what a reader needs to re-score them itself."""
+    """G completions of one question, named by what reasoning-gym needs to build it again.
+
+    A reader builds the question, its answer and its prompt itself from task, dataset_seed and index, and
+    scores the completions: a peer chooses neither the rewards nor what a scorer reads besides its answers.
+    """
 
     task: str
-    question: str
-    answer: str
-    metadata: dict[str, Any]
-    prompt: str
+    dataset_seed: int | None        # None in files written before questions were named (they cannot be rebuilt)
+    index: int | None
     completions: tuple[str, ...]
     finished: tuple[bool, ...]      # the completion ended with EOS (so EOS is part of what is trained)
     rewards: tuple[float, ...]      # the publisher's scores: shown, never trusted for training
+    # the publisher's question, answer, metadata and prompt: written for people reading the file (and for
+    # rl-swarm versions that still read them), never read back
+    for_people: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("completions", "finished", "rewards"):
-            out[key] = list(out[key])
-        return out
+        return {**self.for_people, "task": self.task, "dataset_seed": self.dataset_seed, "index": self.index,
+                "completions": list(self.completions), "finished": list(self.finished),
+                "rewards": list(self.rewards)}
 
     @classmethod
     def from_json(cls, record: Any, where: str) -> "RolloutGroup":
@@ -149,9 +153,12 @@ class RolloutGroup:
             raise RejectedFile(f"{where}: 'finished' must hold booleans")
         if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards):
             raise RejectedFile(f"{where}: 'rewards' must hold finite numbers")
-        return cls(task=_need(record, "task", str, where), question=_need(record, "question", str, where),
-                   answer=_need(record, "answer", str, where), metadata=_need(record, "metadata", dict, where),
-                   prompt=_need(record, "prompt", str, where), completions=tuple(completions),
+        task = _need(record, "task", str, where)
+        if not TASK_NAME.fullmatch(task):
+            raise RejectedFile(f"{where}: task {task[:40]!r} is not a reasoning-gym task name")
+        named = {key: None if record.get(key) is None else _need(record, key, int, where)
+                 for key in ("dataset_seed", "index")}
+        return cls(task=task, **named, completions=tuple(completions),
                    finished=tuple(finished), rewards=tuple(float(r) for r in rewards))
 
 
