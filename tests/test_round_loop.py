@@ -14,7 +14,7 @@ from workers.shared_folder.exchange import Exchange
 from workers.shared_folder.folder import ExperimentFolder
 from workers.learning.model import Policy, load_policy
 from workers.shared_folder.protocol import RoundMetrics
-from workers.round_loop import external_candidates, play_round, round_seed
+from workers.round_loop import Node, external_candidates, play_round, round_seed
 from workers.learning.tasks import TaskMix
 from workers.warmup import supervised_warmup
 
@@ -68,8 +68,8 @@ def test_a_round_records_reward_spread_format_rate_update_stats_and_stage_times(
     optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-4)
     exchange = Exchange(ExperimentFolder(tmp_path).create(), "w-1")
     # the KL anchor is the model the worker started from: here the raw tiny model, before its warm-up
-    metrics = play_round(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=cfg.seed), exchange, 0, 1,
-                         threading.Event(), lambda: set(), lambda stage: None, reference=policy.model)
+    node = Node(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=cfg.seed), exchange, 0, reference=policy.model)
+    metrics = play_round(node, 1, threading.Event(), lambda: set(), lambda stage: None)
     row = RoundMetrics.from_json(json.loads(json.dumps(metrics.to_json())))     # the metrics.jsonl line
     assert row == metrics
     assert row.completions == 16 and row.local_groups == 4 and row.external_groups == 0
@@ -142,16 +142,15 @@ def test_a_round_whose_rollouts_the_folder_refuses_trains_on_local_rollouts_and_
 
     monkeypatch.setattr(exchange_module, "write_json_atomic", refused)
     before = [p.detach().clone() for p in learner.model.parameters()]
-    metrics = play_round(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=3), exchange, 0, 1, threading.Event(),
-                         lambda: {"w-2"}, lambda stage: None)
+    node = Node(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=3), exchange, 0)
+    metrics = play_round(node, 1, threading.Event(), lambda: {"w-2"}, lambda stage: None)
     assert metrics is not None and metrics.local_groups == 4 and metrics.external_groups == 0
     assert exchange.trouble["publish"] == ("round 1: rollouts not published (Input/output error); trained on "
                                            "local rollouts")
     assert metrics.zero_advantage_groups < metrics.local_groups            # local groups carried signal...
     assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))   # ...and were trained on
     monkeypatch.undo()
-    play_round(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=3), exchange, 0, 2, threading.Event(),
-               lambda: set(), lambda stage: None)
+    play_round(node, 2, threading.Event(), lambda: set(), lambda stage: None)
     assert "publish" not in exchange.trouble                              # the folder works again
 
 
@@ -162,8 +161,9 @@ def test_every_publish_frequency_gives_peers_the_same_groups(warmed, tmp_path, f
                                 "MAX_NEW_TOKENS": "16", "ROLLOUT_PUBLISH_FREQUENCY": frequency})
     folder = ExperimentFolder(tmp_path).create()
     learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
-    play_round(learner, torch.optim.AdamW(learner.model.parameters(), lr=1e-5), cfg, TaskMix(cfg.tasks, seed=4),
-               Exchange(folder, "w-1"), 0, 1, threading.Event(), lambda: set(), lambda stage: None)
+    node = Node(learner, torch.optim.AdamW(learner.model.parameters(), lr=1e-5), cfg, TaskMix(cfg.tasks, seed=4),
+                Exchange(folder, "w-1"), 0)
+    play_round(node, 1, threading.Event(), lambda: set(), lambda stage: None)
     assert sorted(p.name for p in folder.rollout_dir(1, 0).iterdir()) == files
     [groups] = Exchange(folder, "w-2").peer_rollouts(1).values()
     questions = TaskMix(cfg.tasks, seed=4).sample(3, random.Random(round_seed(cfg, 0, 1)))

@@ -9,7 +9,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -143,8 +143,21 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
     return stats
 
 
-def rehearse_largest_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig,
-                           tasks: TaskMix, splits: int = 1) -> int:
+@dataclass
+class Node:
+    """What one worker plays its rounds with: its model and optimizer, its questions, its place in the swarm."""
+
+    policy: Policy
+    optimizer: torch.optim.Optimizer
+    cfg: SwarmConfig
+    tasks: TaskMix
+    exchange: Exchange
+    index: int                                   # its place among this host's workers: seeds its questions
+    reference: torch.nn.Module | None = None     # the frozen KL anchor, only when KL_BETA > 0
+    splits: int = 1                              # generation batches (more after a CUDA out-of-memory restart)
+
+
+def rehearse_largest_round(node: Node) -> int:
     """On CUDA, generate and back-propagate the largest round the settings allow once, before round 1.
 
     Every completion MAX_NEW_TOKENS long, prompts as long as the longest of a sample of the worker's tasks,
@@ -152,6 +165,7 @@ def rehearse_largest_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg
     its start what its worst round will need, so round 10's memory is round 2000's and a GPU that is too
     full fails now, not hours in. Returns the rehearsed prompt width (0 on CPU, where nothing is done).
     """
+    policy, optimizer, cfg, tasks, splits = node.policy, node.optimizer, node.cfg, node.tasks, node.splits
     if policy.device.type != "cuda":
         return 0
     eos, device = policy.tokenizer.eos_token_id, policy.device
@@ -178,43 +192,31 @@ def rehearse_largest_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg
     return width
 
 
-def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig, tasks: TaskMix,
-               exchange: Exchange, index: int, round_: int, stop: threading.Event,
-               expected_peers: Callable[[], set[str]], set_stage: Callable[[str], None],
-               reference: torch.nn.Module | None = None, splits: int = 1) -> RoundMetrics | None:
+def play_round(node: Node, round_: int, stop: threading.Event, expected_peers: Callable[[], set[str]],
+               set_stage: Callable[[str], None]) -> RoundMetrics | None:
     """One round; None when a stop was requested before the update (nothing half-done is recorded)."""
+    cfg, policy = node.cfg, node.policy
     started = time.monotonic()
-    seed = round_seed(cfg, index, round_)
-    questions = tasks.sample(cfg.num_train_samples, random.Random(seed))
+    seed = round_seed(cfg, node.index, round_)
+    questions = node.tasks.sample(cfg.num_train_samples, random.Random(seed))
 
     set_stage("generating")
     prompts = [build_prompt(q.question) for q in questions]
-    sampled = generate_local(policy, cfg, prompts, seed, splits)
+    sampled = generate_local(policy, cfg, prompts, seed, node.splits)
     release_cached_memory(policy.device)
     generated = time.monotonic()
     shared, local, scores = score_local(cfg, questions, prompts, sampled)
     scored = time.monotonic()
-    if shared:
-        try:
-            if cfg.rollout_publish_frequency == "generation":
-                for part, group in enumerate(shared):
-                    exchange.publish_rollouts(round_, 0, [group], part=part)
-            else:
-                exchange.publish_rollouts(round_, 0, shared)
-        except OSError as exc:
-            # graceful degradation: the folder is down, so this round trains on what it has locally
-            log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
+    publish(node, round_, shared)
     if stop.is_set():
         return None
 
-    chosen: list[TrainingGroup] = []
-    candidates: list[TrainingGroup] = []
-    available = 0
+    chosen, candidates, available = [], [], 0
     if cfg.num_transplant_trees > 0:
         set_stage("fetching")
-        peers = expected_peers() - {exchange.node}
-        found = exchange.wait_for_peers(round_, peers, cfg.rollout_fetch_timeout, stop)
-        candidates, available = external_candidates(policy, cfg, tasks, found, exchange, round_)
+        found = node.exchange.wait_for_peers(round_, expected_peers() - {node.exchange.node},
+                                             cfg.rollout_fetch_timeout, stop)
+        candidates, available = external_candidates(policy, cfg, node.tasks, found, node.exchange, round_)
         chosen = random.Random(seed + 1).sample(candidates, min(cfg.num_transplant_trees, len(candidates)))
     fetched = time.monotonic()
     if stop.is_set():
@@ -222,31 +224,60 @@ def play_round(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfi
 
     set_stage("training")
     with_signal = [g for g in local if _has_signal(g.rewards)]
-    stats = train_on_groups(policy, optimizer, cfg, with_signal + chosen, reference)
+    stats = train_on_groups(policy, node.optimizer, cfg, with_signal + chosen, node.reference)
     release_cached_memory(policy.device)
     trained = time.monotonic()
+    timings = {"generate_s": generated - started, "score_s": scored - generated, "fetch_s": fetched - scored,
+               "train_s": trained - fetched, "round_s": trained - started}
+    return round_metrics(node, round_, questions, local, scores, stats, timings,
+                         ExternalCounts(len(chosen), available, available - len(candidates)))
 
-    # the metrics describe this node's own completions; peers' groups count only in external_groups
+
+def publish(node: Node, round_: int, shared: list[RolloutGroup]) -> None:
+    """Our groups to the folder; a folder that is down costs the peers this round, not our update."""
+    if not shared:
+        return
+    try:
+        if node.cfg.rollout_publish_frequency == "generation":
+            for part, group in enumerate(shared):
+                node.exchange.publish_rollouts(round_, 0, [group], part=part)
+        else:
+            node.exchange.publish_rollouts(round_, 0, shared)
+    except OSError as exc:
+        log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
+
+
+class ExternalCounts(NamedTuple):
+    chosen: int            # peers' groups trained on (at most J)
+    available: int         # peers' groups that could be used
+    without_signal: int    # of those, dropped for equal rewards
+
+
+def round_metrics(node: Node, round_: int, questions: list[Question], local: list[TrainingGroup],
+                  scores: list[GroupScores], stats: dict[str, float], timings: dict[str, float],
+                  external: ExternalCounts) -> RoundMetrics:
+    """The round's line of metrics: this node's own completions; peers' groups count only in external_*."""
+    with_signal = sum(_has_signal(g.rewards) for g in local)
     rewards = [r for g in local for r in g.rewards]
     n = max(1, len(rewards))
     mean = sum(rewards) / n
     lengths = [len(ids) for g in local for ids in g.completion_ids]
+    device = node.policy.device
     return RoundMetrics(
-        node=exchange.node, round=round_,
+        node=node.exchange.node, round=round_,
         reward_mean=mean, reward_std=(sum((r - mean) ** 2 for r in rewards) / n) ** 0.5,
         reward_max=max(rewards, default=0.0),
         # exact match is the scorer's 1.0, not the reward: FORMAT_REWARD lifts rewards, never accuracy
         accuracy=sum(c >= 1.0 for s in scores for c in s.correctness) / n,
         format_rate=sum(f for s in scores for f in s.well_formed) / n,
         loss=stats["loss"], grad_norm=stats["grad_norm"], clip_fraction=stats["clip_fraction"], kl=stats.get("kl"),
-        learning_rate=float(optimizer.param_groups[0]["lr"]),
-        local_groups=len(local), external_groups=len(chosen), external_available=available,
-        zero_advantage_groups=len(local) - len(with_signal),
-        external_zero_advantage_groups=available - len(candidates), completions=len(rewards),
+        learning_rate=float(node.optimizer.param_groups[0]["lr"]),
+        local_groups=len(local), external_groups=external.chosen, external_available=external.available,
+        zero_advantage_groups=len(local) - with_signal, external_zero_advantage_groups=external.without_signal,
+        completions=len(rewards),
         mean_completion_tokens=sum(lengths) / max(1, len(lengths)), max_completion_tokens=max(lengths, default=0),
-        gpu_peak_mib=torch.cuda.max_memory_reserved(policy.device) / 2**20 if policy.device.type == "cuda" else None,
-        generate_s=generated - started, score_s=scored - generated, fetch_s=fetched - scored,
-        train_s=trained - fetched, round_s=trained - started, task_rewards=task_means(questions, local))
+        gpu_peak_mib=torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
+        task_rewards=task_means(questions, local), **timings)
 
 
 def task_means(questions: list[Question], groups: list[TrainingGroup]) -> dict[str, float]:

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from workers.learning.model import (Policy, default_learning_rate, enable_activa
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
-from workers.round_loop import play_round, rehearse_largest_round
+from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.learning.tasks import TaskMix
 from workers.warmup import load_base
 
@@ -78,6 +78,22 @@ def _log_to_folder(log_dir: Path) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+@dataclass
+class Progress:
+    """Where a worker is in its record-keeping: the last round played and saved, and its recent metrics."""
+
+    last_done: int = 0
+    last_saved: int = 0
+    history: deque = field(default_factory=lambda: deque(maxlen=METRICS_TAIL))
+    checkpoint_owed: bool = False       # a due checkpoint the folder refused: the next round tries again
+
+    @classmethod
+    def resumed(cls, meta: CheckpointMeta | None) -> "Progress":
+        if meta is None:
+            return cls()
+        return cls(meta.round, meta.round, deque(meta.metrics_tail, maxlen=METRICS_TAIL))
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec, stop: threading.Event):
         self.spec, self.cfg, self.stop = spec, spec.cfg, stop
@@ -88,6 +104,10 @@ class Worker:
                               started_at=time.time(), updated_at=time.time(), progress_at=time.time())
         self._beat_lock = threading.Lock()
         self.outbox = Outbox()
+        self.checkpoints = self.folder.checkpoint_dir(spec.node)
+        self.progress = Progress()
+        self.held_out: list = []
+        self.best: BestModel | None = None
 
     # -- heartbeat -----------------------------------------------------------------------------------
     def update(self, **changes: object) -> None:
@@ -205,118 +225,131 @@ class Worker:
             done.set()
 
     def _play(self) -> None:
+        node = self._start()
+        while not self.stop.is_set():
+            self.update(status="waiting", round=self.progress.last_done)
+            state = self.wait_for_round(self.progress.last_done + 1)
+            if state is None:
+                break
+            self.update(status="generating", round=state.round)
+            metrics = play_round(node, state.round, self.stop, lambda state=state: self.expected_peers(state),
+                                 lambda stage: self.update(status=stage))
+            if metrics is None:
+                break
+            self._record(node, state, metrics)
+        self._leave(node)
+
+    # -- start, record, leave ------------------------------------------------------------------------
+    def _start(self) -> Node:
+        """Load the model, resume from the newest checkpoint (or start from the base), rehearse, evaluate."""
         cfg, spec = self.cfg, self.spec
         policy = load_policy(spec.model_name, spec.device, cfg.cache_dir)
-        lr = cfg.learning_rate or default_learning_rate(spec.model_name)
-        optimizer = make_optimizer(policy.model, lr)
+        optimizer = make_optimizer(policy.model, cfg.learning_rate or default_learning_rate(spec.model_name))
         if use_activation_checkpointing(cfg.gradient_checkpointing, policy.device):
             enable_activation_checkpointing(policy.model)
-        checkpoints = self.folder.checkpoint_dir(spec.node)
-        meta = load_latest_checkpoint(checkpoints, policy.model, optimizer, spec.model_name)
-        last_done = last_saved = meta.round if meta else 0
-        history: deque[RoundMetrics] = deque(meta.metrics_tail if meta else (), maxlen=METRICS_TAIL)
+        meta = load_latest_checkpoint(self.checkpoints, policy.model, optimizer, spec.model_name)
+        self.progress = Progress.resumed(meta)
         if meta:
             log.info("resumed from checkpoint of round %d", meta.round)
             for round_ in rewrite_lost_records(self.folder, spec.node, meta):
                 log.info("round %d: metrics or rewards file rewritten from the checkpoint", round_)
-            if history:
-                self.update(last_reward=history[-1].reward_mean, last_accuracy=history[-1].accuracy)
+            if self.progress.history:
+                last = self.progress.history[-1]
+                self.update(last_reward=last.reward_mean, last_accuracy=last.accuracy)
         elif load_base(self.folder.root, policy):
             log.info("starting from the experiment's warmed-up base model")
-        tasks = TaskMix(cfg.tasks, seed=cfg.seed + spec.index)
-        # the KL anchor is the policy every worker started from (the base), frozen; kept only when beta > 0
-        reference = None
-        if cfg.kl_beta > 0:
-            reference = load_policy(spec.model_name, spec.device, cfg.cache_dir).model.eval().requires_grad_(False)
-            load_base(self.folder.root, Policy(reference, policy.tokenizer, spec.model_name, policy.device))
-
-        width = rehearse_largest_round(policy, optimizer, cfg, tasks, spec.generation_splits)
+        node = Node(policy, optimizer, cfg, TaskMix(cfg.tasks, seed=cfg.seed + spec.index), self.exchange,
+                    spec.index, self._reference(policy), spec.generation_splits)
+        width = rehearse_largest_round(node)
         if width:
             log.info("rehearsed the largest round (%d-token prompts, %d new tokens): %.2f GiB reserved at most",
                      width, cfg.max_new_tokens, torch.cuda.max_memory_reserved(policy.device) / 2**30)
-        held_out = held_out_questions(cfg.tasks, cfg.eval_size)
-        best = BestModel(checkpoints, spec.node, spec.model_name)
-
-        def evaluate(round_: int) -> None:
-            self.update(status="evaluating")
-            result = evaluate_held_out(policy, cfg, held_out, spec.node, round_, spec.generation_splits)
-            path = eval_file(self.folder, spec.node)
-            self.outbox.send(f"appending to {path}", partial(append_jsonl, path, result.to_json()))
-            log.info("%s: held-out greedy exact-match %.1f%% of %d questions (%.1fs)",
-                     f"after round {round_}" if round_ else "before round 1", 100 * result.accuracy,
-                     result.questions, result.seconds)
-            try:
-                if best.offer(round_, result.accuracy, policy.model):
-                    log.info("round %d: the best held-out accuracy so far; model saved to %s/best", round_,
-                             checkpoints)
-            except OSError as exc:      # training goes on; the next better evaluation tries again
-                log.warning("round %d: best model not saved (%s)", round_, exc)
-
+        self.held_out = held_out_questions(cfg.tasks, cfg.eval_size)
+        self.best = BestModel(self.checkpoints, spec.node, spec.model_name)
         # round 0 is the start, evaluated only when not resuming; a resumed worker makes up an evaluation
         # that a crash cut off at its checkpoint's round; the file is the record, so none runs twice
+        done = self.progress.last_done
         evaluated = {row.round for row in read_held_out(eval_file(self.folder, spec.node))[0]}
-        if held_out and eval_due(last_done, cfg.max_rounds, cfg.eval_every) and last_done not in evaluated:
-            evaluate(last_done)
+        if self.held_out and eval_due(done, cfg.max_rounds, cfg.eval_every) and done not in evaluated:
+            self._evaluate(node, done)
+        return node
 
-        def save(round_: int) -> bool:
-            """False when the folder refused it: training goes on and the next round tries again."""
-            try:
-                with_retries(lambda: save_checkpoint(checkpoints, CheckpointMeta(round_, spec.node, spec.model_name,
-                                                                                 tuple(history)),
-                                                     policy.model, optimizer), f"checkpoint of round {round_}")
-            except OSError as exc:
-                log.warning("round %d: checkpoint not saved (%s); the next round tries again", round_, exc)
-                return False
-            return True
+    def _reference(self, policy: Policy) -> torch.nn.Module | None:
+        """The KL anchor: the policy every worker started from (the base), frozen; kept only when beta > 0."""
+        if self.cfg.kl_beta <= 0:
+            return None
+        spec = self.spec
+        reference = load_policy(spec.model_name, spec.device, self.cfg.cache_dir).model.eval().requires_grad_(False)
+        load_base(self.folder.root, Policy(reference, policy.tokenizer, spec.model_name, policy.device))
+        return reference
 
-        checkpoint_owed = False
-        while not self.stop.is_set():
-            self.update(status="waiting", round=last_done)
-            state = self.wait_for_round(last_done + 1)
-            if state is None:
-                break
-            round_ = state.round
-            self.update(status="generating", round=round_)
-            metrics = play_round(policy, optimizer, cfg, tasks, self.exchange, spec.index, round_, self.stop,
-                                 lambda state=state: self.expected_peers(state),
-                                 lambda stage: self.update(status=stage),
-                                 reference, spec.generation_splits)
-            if metrics is None:
-                break
-            record = metrics.to_json()
-            history.append(metrics)
-            last_done = round_
-            # the checkpoint before the metrics line: a kill between them leaves the line to the restart
-            # (rewrite_lost_records), where the other order would replay the round and write it twice
-            due = round_ % cfg.checkpoint_interval == 0 or round_ >= cfg.max_rounds
-            if (due or checkpoint_owed) and save(round_):
-                last_saved = round_
-                checkpoint_owed = False
-            elif due:
-                checkpoint_owed = True
-            metrics_file = self.folder.metrics_file(spec.node)
-            # a line doubled by a retry after a write that did land is harmless: readers keep a round's last row
-            self.outbox.send(f"appending to {metrics_file}", partial(append_jsonl, metrics_file, record))
-            # before the "done" mark, so the coordinator's last round waits for the final evaluation
-            if held_out and eval_due(round_, state.max_rounds, cfg.eval_every) and not self.stop.is_set():
-                evaluate(round_)
-            # the rewards file is the round's "done" mark for the coordinator, so it is written last
-            reward_file = self.folder.reward_file(round_, spec.node)
-            if self.outbox.send(f"writing {reward_file}", partial(write_json_atomic, reward_file, record)):
-                self.exchange.doorbell.ring()      # the coordinator of this host sees the round done now
-            self.update(status="waiting", last_reward=metrics.reward_mean, last_accuracy=metrics.accuracy)
-            log.info("round %d: reward %.3f exact %.2f loss %.4f local %d external %d/%d (%.1fs)", round_,
-                     metrics.reward_mean, metrics.accuracy, metrics.loss, metrics.local_groups,
-                     metrics.external_groups, metrics.external_available, metrics.round_s)
-        if last_done > last_saved and save(last_done):
-            last_saved = last_done
+    def _record(self, node: Node, state: RoundState, metrics: RoundMetrics) -> None:
+        """Checkpoint, metrics line, evaluation, then the rewards file that tells the coordinator we are done."""
+        cfg, round_, record = self.cfg, state.round, metrics.to_json()
+        progress = self.progress
+        progress.history.append(metrics)
+        progress.last_done = round_
+        # the checkpoint before the metrics line: a kill between them leaves the line to the restart
+        # (rewrite_lost_records), where the other order would replay the round and write it twice
+        due = round_ % cfg.checkpoint_interval == 0 or round_ >= cfg.max_rounds
+        if (due or progress.checkpoint_owed) and self._save(node, round_):
+            progress.last_saved, progress.checkpoint_owed = round_, False
+        elif due:
+            progress.checkpoint_owed = True
+        metrics_file = self.folder.metrics_file(self.spec.node)
+        # a line doubled by a retry after a write that did land is harmless: readers keep a round's last row
+        self.outbox.send(f"appending to {metrics_file}", partial(append_jsonl, metrics_file, record))
+        # before the "done" mark, so the coordinator's last round waits for the final evaluation
+        if self.held_out and eval_due(round_, state.max_rounds, cfg.eval_every) and not self.stop.is_set():
+            self._evaluate(node, round_)
+        # the rewards file is the round's "done" mark for the coordinator, so it is written last
+        reward_file = self.folder.reward_file(round_, self.spec.node)
+        if self.outbox.send(f"writing {reward_file}", partial(write_json_atomic, reward_file, record)):
+            self.exchange.doorbell.ring()      # the coordinator of this host sees the round done now
+        self.update(status="waiting", last_reward=metrics.reward_mean, last_accuracy=metrics.accuracy)
+        log.info("round %d: reward %.3f exact %.2f loss %.4f local %d external %d/%d (%.1fs)", round_,
+                 metrics.reward_mean, metrics.accuracy, metrics.loss, metrics.local_groups,
+                 metrics.external_groups, metrics.external_available, metrics.round_s)
+
+    def _evaluate(self, node: Node, round_: int) -> None:
+        """Held-out greedy accuracy to eval.jsonl; the model kept as best/ when it beats every earlier one."""
+        self.update(status="evaluating")
+        result = evaluate_held_out(node.policy, self.cfg, self.held_out, self.spec.node, round_, node.splits)
+        path = eval_file(self.folder, self.spec.node)
+        self.outbox.send(f"appending to {path}", partial(append_jsonl, path, result.to_json()))
+        log.info("%s: held-out greedy exact-match %.1f%% of %d questions (%.1fs)",
+                 f"after round {round_}" if round_ else "before round 1", 100 * result.accuracy,
+                 result.questions, result.seconds)
+        try:
+            if self.best.offer(round_, result.accuracy, node.policy.model):
+                log.info("round %d: the best held-out accuracy so far; model saved to %s/best", round_,
+                         self.checkpoints)
+        except OSError as exc:      # training goes on; the next better evaluation tries again
+            log.warning("round %d: best model not saved (%s)", round_, exc)
+
+    def _save(self, node: Node, round_: int) -> bool:
+        """A checkpoint; False when the folder refused it: training goes on and the next round tries again."""
+        meta = CheckpointMeta(round_, self.spec.node, self.spec.model_name, tuple(self.progress.history))
+        try:
+            with_retries(lambda: save_checkpoint(self.checkpoints, meta, node.policy.model, node.optimizer),
+                         f"checkpoint of round {round_}")
+        except OSError as exc:
+            log.warning("round %d: checkpoint not saved (%s); the next round tries again", round_, exc)
+            return False
+        return True
+
+    def _leave(self, node: Node) -> None:
+        """A last checkpoint, every record written (or a non-zero exit that the restart completes), a last beat."""
+        progress = self.progress
+        if progress.last_done > progress.last_saved and self._save(node, progress.last_done):
+            progress.last_saved = progress.last_done
         self.exchange.trouble.clear()            # a round's publishing trouble is history once it is over
         if not self._drain_outbox():
             # exit non-zero, so the supervisor restarts this worker: the restart rewrites the metrics lines
             # and the rewards file its checkpoint holds (rewrite_lost_records)
             raise OSError(f"{len(self.outbox)} record(s) not written: the shared folder kept refusing them "
-                          f"(checkpoint of round {last_saved} saved)")
-        self.update(status="stopped" if self.stop.is_set() else "done", round=last_done)
+                          f"(checkpoint of round {progress.last_saved} saved)")
+        self.update(status="stopped" if self.stop.is_set() else "done", round=progress.last_done)
 
     def _drain_outbox(self) -> bool:
         """Keep trying what waits for a bounded time, as a worker leaves; True when it all landed."""
