@@ -14,6 +14,7 @@ from workers.learning.model import check_prompt_room, ensure_model_available, re
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
 from workers.learning.tasks import check_tasks
+from workers.shared_folder.protocol import Status
 from workers.worker import WorkerSpec
 
 EXIT_USAGE = 2
@@ -106,7 +107,7 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
     beats = read_heartbeats(folder)
     for node in nodes:
         beat = beats.get(node)
-        if beat is None or beat.age() > cfg.peer_timeout or beat.status in ("stopped", "done", "crashed", "failed"):
+        if beat is None or beat.age() > cfg.peer_timeout or beat.status in Status.TERMINAL:
             continue
         if beat.host == os.uname().nodename and not _pid_alive(beat.pid):
             continue

@@ -18,10 +18,10 @@ import uuid
 from typing import Any, Callable
 
 from configs_env import SwarmConfig
-from workers.shared_folder.exchange import TERMINAL, Exchange, live_workers, liveness, read_heartbeats
+from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_heartbeats
 from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, with_retries,
                             write_json_atomic)
-from workers.shared_folder.protocol import Heartbeat, RoundState
+from workers.shared_folder.protocol import Heartbeat, RoundState, Status
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Coordinator(threading.Thread):
         self.error: BaseException | None = None
         self.exchange = Exchange(folder, "coordinator")     # validated, cached reads of the rewards files
         self._beat = Heartbeat(node="coordinator", role="coordinator", pid=os.getpid(), host=socket.gethostname(),
-                               instance=uuid.uuid4().hex[:12], status="running", round=0, stage=0,
+                               instance=uuid.uuid4().hex[:12], status=Status.RUNNING, round=0, stage=0,
                                started_at=time.time(), updated_at=time.time())
         self._last_beat = 0.0
         self._liveness: dict[str, tuple[str, str]] = {}    # worker: (alive / late / gone, process instance)
@@ -61,7 +61,7 @@ class Coordinator(threading.Thread):
                 except OSError as exc:     # a Drive hiccup: nothing changed, the next poll decides again
                     log.warning("round %d: the folder failed (%s); trying again", self.round, exc)
                 self.exchange.doorbell.wait(POLL_S)      # a worker's rewards file rings it
-            self._heartbeat(status="done" if self.finished.is_set() else "stopped", force=True)
+            self._heartbeat(status=Status.DONE if self.finished.is_set() else Status.STOPPED, force=True)
         except BaseException as exc:  # the supervisor reports it and stops the swarm
             log.exception("coordinator failed")
             self.error = exc
@@ -177,7 +177,7 @@ class Coordinator(threading.Thread):
             self._liveness[node] = (now, beat.instance)
             if before is None or before == now:     # first seen (a resumed swarm's old beats too), or no change
                 continue
-            if now == "gone" and beat.status in ("done", "stopped"):     # a normal exit, not news
+            if now == "gone" and beat.status in (Status.DONE, Status.STOPPED):     # a normal exit, not news
                 continue
             if before == "gone" and instance != beat.instance:          # a new process: the supervisor said so
                 continue
@@ -185,12 +185,13 @@ class Coordinator(threading.Thread):
                 self.on_event(f"{node} is late: no heartbeat for {beat.age():.0f}s (gone after "
                               f"{self.cfg.peer_timeout:.0f}s)")
             elif now == "gone":
-                why = f"it says {beat.status}" if beat.status in TERMINAL else f"no heartbeat for {beat.age():.0f}s"
+                why = (f"it says {beat.status}" if beat.status in Status.TERMINAL
+                       else f"no heartbeat for {beat.age():.0f}s")
                 self.on_event(f"{node} is gone ({why}): rounds no longer wait for it")
             else:
                 self.on_event(f"{node} is alive again")
 
-    def _heartbeat(self, status: str = "running", force: bool = False) -> bool:
+    def _heartbeat(self, status: str = Status.RUNNING, force: bool = False) -> bool:
         """Write the coordinator's own heartbeat every HEARTBEAT_S; True when it was time to."""
         now = time.monotonic()
         if not force and now - self._last_beat < HEARTBEAT_S:

@@ -15,6 +15,7 @@ from rich.text import Text
 from swarm_supervisor.monitor import DeviceSnapshot
 from swarm_supervisor.readable import FittedTable, Packed, cell, plain
 from swarm_supervisor.status import NodeRow, SwarmView
+from workers.shared_folder.protocol import Status
 
 SPARK = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 20
@@ -23,11 +24,11 @@ COLUMNS = ("node", "role", "status", "round", "reward", "trend", "acc", "held-ou
            "restarts", "beat")
 RIGHT_ALIGNED = frozenset(COLUMNS) - {"node", "role", "status", "trend"}
 EVENTS_SHOWN = 5
-STATUS_STYLE = {"failed": "bold red", "crashed": "red", "restarting": "yellow", "done": "green",
-                "stopped": "dim", "training": "cyan", "generating": "magenta", "fetching": "blue",
-                "evaluating": "bright_blue"}
-TROUBLE = ("failed", "crashed", "restarting")
-NOT_RUNNING = TROUBLE + ("stopped", "done")
+STATUS_STYLE = {Status.FAILED: "bold red", Status.CRASHED: "red", Status.RESTARTING: "yellow", Status.DONE: "green",
+                Status.STOPPED: "dim", Status.TRAINING: "cyan", Status.GENERATING: "magenta", Status.FETCHING: "blue",
+                Status.EVALUATING: "bright_blue", Status.WAITING_FOR_COORDINATOR: "yellow"}
+TROUBLE = Status.TROUBLE
+NOT_RUNNING = Status.TROUBLE + (Status.STOPPED, Status.DONE)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -155,7 +156,7 @@ def render(view: SwarmView, whole: bool = False) -> Group:
     if view.rejected_files:
         header.append(Text(f"rejected files {view.rejected_files}", style="yellow"))
     nodes = FittedTable(COLUMNS, [_cells(node) for node in view.nodes], right=RIGHT_ALIGNED, flexible="status",
-                        flexible_width=(len("restarting"), STATUS_WIDTH), cut=not whole)
+                        flexible_width=(len(Status.RESTARTING), STATUS_WIDTH), cut=not whole)
     parts = [Packed(header), _memory_line(view.device, view.device_label), nodes]
     if view.events:
         parts.append(Text("\n".join(plain(event) for event in view.events[-EVENTS_SHOWN:]), style="dim"))

@@ -11,8 +11,8 @@ from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, read_jsonl
-from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RolloutFile, RoundMetrics,
-                                            RoundState)
+from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RolloutFile,
+                                            RoundMetrics, RoundState, Status)
 
 
 def experiment_roots(gdrive: Path) -> list[Path]:
@@ -83,10 +83,10 @@ def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = Non
         return "finished"
     beats = read_heartbeats(folder) if beats is None else beats
     beat = beats.get("coordinator")
-    if beat is not None and beat.status == "running" and beat.age() < 120:
+    if beat is not None and beat.status == Status.RUNNING and beat.age() < 120:
         return "running"
     workers = [b for b in beats.values() if b.role == "worker"]
-    if workers and all(b.status in ("failed", "crashed") for b in workers):
+    if workers and all(b.status in (Status.FAILED, Status.CRASHED) for b in workers):
         return "failed"
     return "stopped"
 

@@ -19,7 +19,7 @@ from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
-from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
+from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +256,14 @@ class SwarmReader:
 
     def _row(self, node: str, beat, handle, snapshot: MonitorSnapshot | None) -> NodeRow:
         metrics = self.latest.get(node)
-        status = beat.status if beat else "starting"
+        status = beat.status if beat else Status.STARTING
         if handle is not None:
             if handle.failed:
-                status = "failed"
+                status = Status.FAILED
             elif handle.restart_at is not None:
-                status = "restarting"
+                status = Status.RESTARTING
             elif not handle.alive() and handle.exited_ok:
-                status = beat.status if beat else "done"
+                status = beat.status if beat else Status.DONE
         process = None
         if snapshot is not None and handle is not None and handle.process is not None:
             process = snapshot.processes.get(handle.process.pid)
@@ -281,7 +281,7 @@ class SwarmReader:
                        gpu_mib=process.gpu_mib if process else None, ram_mib=process.rss_mib if process else None,
                        restarts=handle.total_restarts if handle is not None else 0,
                        heartbeat_age_s=beat.age() if beat else None,
-                       last_error=error if status in ("failed", "crashed", "restarting") else None,
+                       last_error=error if status in Status.TROUBLE else None,
                        held_out_start=trend.start, held_out=trend.newest, held_out_best=trend.best,
                        learning_alarm=learning_alarm(trend, rewards),
                        learning_warning=trend.warning(node) or (rewards.warning(node) if rewards else None),

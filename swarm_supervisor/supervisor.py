@@ -22,8 +22,8 @@ from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, is_visible
-from workers.shared_folder.protocol import EVENT_RESTART, EVENT_UNLEARNING
-from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WAITING, WorkerSpec, worker_main
+from workers.shared_folder.protocol import EVENT_RESTART, EVENT_UNLEARNING, Status
+from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Supervisor:
         now = time.time()
         for h in self.handles:
             beat = beats.get(h.node)
-            if not h.alive() or beat is None or beat.pid != h.process.pid or beat.status in WAITING:
+            if not h.alive() or beat is None or beat.pid != h.process.pid or beat.status in Status.IDLE:
                 continue
             stuck = now - max(beat.progress_at, beat.started_at)
             if stuck > self.cfg.worker_hang_timeout:

@@ -143,7 +143,8 @@ def test_a_stopped_experiment_shows_no_eta_and_the_pace_it_ran_at(tmp_path):
 
 def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monkeypatch):
     import workers.worker as worker_module
-    from workers.worker import WAITING_FOR_COORDINATOR, NoCoordinator, Worker, WorkerSpec
+    from workers.shared_folder.protocol import Status
+    from workers.worker import NoCoordinator, Worker, WorkerSpec
 
     cfg = SwarmConfig(gdrive_path=tmp_path, experiment_name="e2e").with_overrides(peer_timeout=0.3)
     folder = ExperimentFolder(cfg.experiment_dir).create()
@@ -155,7 +156,7 @@ def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monk
     waiting.start()
     try:
         deadline = time.monotonic() + 10
-        while (read_heartbeats(folder).get("worker-1") or beat("w", "", 0)).status != WAITING_FOR_COORDINATOR:
+        while (read_heartbeats(folder).get("worker-1") or beat("w", "", 0)).status != Status.WAITING_FOR_COORDINATOR:
             assert time.monotonic() < deadline, "the worker never said what it waits for"
             time.sleep(0.05)
         time.sleep(3 * cfg.peer_timeout)

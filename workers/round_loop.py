@@ -20,7 +20,7 @@ from workers.learning.generation import (Completion, CompletionTooLong, bucketed
 from workers.learning.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.learning.memory import largest_micro_batch, release_cached_memory
 from workers.learning.model import Policy
-from workers.shared_folder.protocol import RolloutGroup, RoundMetrics
+from workers.shared_folder.protocol import RolloutGroup, RoundMetrics, Status
 from workers.learning.tasks import GroupScores, Question, QuestionNotRebuilt, TaskMix, build_prompt, score_group
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def play_round(node: Node, round_: int, stop: threading.Event, expected_peers: C
     seed = round_seed(cfg, node.index, round_)
     questions = node.tasks.sample(cfg.num_train_samples, random.Random(seed))
 
-    set_stage("generating")
+    set_stage(Status.GENERATING)
     prompts = [build_prompt(q.question) for q in questions]
     sampled = generate_local(policy, cfg, prompts, seed, node.splits)
     release_cached_memory(policy.device)
@@ -213,7 +213,7 @@ def play_round(node: Node, round_: int, stop: threading.Event, expected_peers: C
 
     chosen, candidates, available = [], [], 0
     if cfg.num_transplant_trees > 0:
-        set_stage("fetching")
+        set_stage(Status.FETCHING)
         found = node.exchange.wait_for_peers(round_, expected_peers() - {node.exchange.node},
                                              cfg.rollout_fetch_timeout, stop)
         candidates, available = external_candidates(policy, cfg, node.tasks, found, node.exchange, round_)
@@ -222,7 +222,7 @@ def play_round(node: Node, round_: int, stop: threading.Event, expected_peers: C
     if stop.is_set():
         return None
 
-    set_stage("training")
+    set_stage(Status.TRAINING)
     with_signal = [g for g in local if _has_signal(g.rewards)]
     stats = train_on_groups(policy, node.optimizer, cfg, with_signal + chosen, node.reference)
     release_cached_memory(policy.device)

@@ -24,13 +24,13 @@ from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, load_la
                                 rewrite_lost_records, save_checkpoint)
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
-from workers.shared_folder.exchange import TERMINAL, Exchange, Outbox, read_heartbeats
+from workers.shared_folder.exchange import Exchange, Outbox, read_heartbeats
 from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, is_visible, with_retries,
                                           write_json_atomic)
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer
-from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
+from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.learning.tasks import TaskMix
 from workers.warmup import load_base
@@ -46,8 +46,6 @@ EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY, EXIT_NO_COORDINATOR 
 # a coordinator may start after its workers, or restart: a worker waits this many PEER_TIMEOUTs for one, then
 # exits to be restarted (the supervisor's restart policy decides how often), never failed as misconfigured
 COORDINATOR_PATIENCE = 10
-WAITING_FOR_COORDINATOR = "waiting for the coordinator"
-WAITING = ("waiting", WAITING_FOR_COORDINATOR)     # statuses of a worker with nothing to do: never hung
 
 
 class NoCoordinator(SwarmError):
@@ -100,7 +98,7 @@ class Worker:
         self.folder = ExperimentFolder(spec.cfg.experiment_dir)
         self.exchange = Exchange(self.folder, spec.node)
         self.beat = Heartbeat(node=spec.node, role="worker", pid=os.getpid(), host=socket.gethostname(),
-                              instance=uuid.uuid4().hex[:12], status="starting", round=0, stage=0,
+                              instance=uuid.uuid4().hex[:12], status=Status.STARTING, round=0, stage=0,
                               started_at=time.time(), updated_at=time.time(), progress_at=time.time())
         self._beat_lock = threading.Lock()
         self.outbox = Outbox()
@@ -174,7 +172,7 @@ class Worker:
         if self._coordinator_alive():
             if unheard_since is not None:
                 log.info("the coordinator is back; waiting for round %d", at_least)
-                self.update(status="waiting")
+                self.update(status=Status.WAITING)
             return None
         now = time.monotonic()
         unheard_since = now - self.cfg.peer_timeout if unheard_since is None else unheard_since
@@ -185,7 +183,7 @@ class Worker:
                                 f"EXPERIMENT_NAME? (the worker is restarted to wait again)")
         log.warning("no coordinator heartbeat for %.0fs and no round %d in %s: waiting for it (up to %.0fs)",
                     silent, at_least, self.folder.root / "state", patience)
-        self.update(status=WAITING_FOR_COORDINATOR)
+        self.update(status=Status.WAITING_FOR_COORDINATOR)
         return unheard_since
 
     def _newest_round(self, rounds: list[int], at_least: int) -> RoundState | None:
@@ -212,7 +210,7 @@ class Worker:
         except OSError as exc:     # a Drive hiccup: wait for every listed worker (the wait is bounded anyway)
             log.warning("could not read heartbeats: %s", exc)
             beats = {}
-        gone = {n for n, b in beats.items() if b.status in TERMINAL or b.age() > self.cfg.peer_timeout}
+        gone = {n for n, b in beats.items() if b.status in Status.TERMINAL or b.age() > self.cfg.peer_timeout}
         return set(state.nodes) - gone - {self.spec.node}
 
     def run(self) -> None:
@@ -227,11 +225,11 @@ class Worker:
     def _play(self) -> None:
         node = self._start()
         while not self.stop.is_set():
-            self.update(status="waiting", round=self.progress.last_done)
+            self.update(status=Status.WAITING, round=self.progress.last_done)
             state = self.wait_for_round(self.progress.last_done + 1)
             if state is None:
                 break
-            self.update(status="generating", round=state.round)
+            self.update(status=Status.GENERATING, round=state.round)
             metrics = play_round(node, state.round, self.stop, lambda state=state: self.expected_peers(state),
                                  lambda stage: self.update(status=stage))
             if metrics is None:
@@ -306,14 +304,14 @@ class Worker:
         reward_file = self.folder.reward_file(round_, self.spec.node)
         if self.outbox.send(f"writing {reward_file}", partial(write_json_atomic, reward_file, record)):
             self.exchange.doorbell.ring()      # the coordinator of this host sees the round done now
-        self.update(status="waiting", last_reward=metrics.reward_mean, last_accuracy=metrics.accuracy)
+        self.update(status=Status.WAITING, last_reward=metrics.reward_mean, last_accuracy=metrics.accuracy)
         log.info("round %d: reward %.3f exact %.2f loss %.4f local %d external %d/%d (%.1fs)", round_,
                  metrics.reward_mean, metrics.accuracy, metrics.loss, metrics.local_groups,
                  metrics.external_groups, metrics.external_available, metrics.round_s)
 
     def _evaluate(self, node: Node, round_: int) -> None:
         """Held-out greedy accuracy to eval.jsonl; the model kept as best/ when it beats every earlier one."""
-        self.update(status="evaluating")
+        self.update(status=Status.EVALUATING)
         result = evaluate_held_out(node.policy, self.cfg, self.held_out, self.spec.node, round_, node.splits)
         path = eval_file(self.folder, self.spec.node)
         self.outbox.send(f"appending to {path}", partial(append_jsonl, path, result.to_json()))
@@ -349,7 +347,7 @@ class Worker:
             # and the rewards file its checkpoint holds (rewrite_lost_records)
             raise OSError(f"{len(self.outbox)} record(s) not written: the shared folder kept refusing them "
                           f"(checkpoint of round {progress.last_saved} saved)")
-        self.update(status="stopped" if self.stop.is_set() else "done", round=progress.last_done)
+        self.update(status=Status.STOPPED if self.stop.is_set() else Status.DONE, round=progress.last_done)
 
     def _drain_outbox(self) -> bool:
         """Keep trying what waits for a bounded time, as a worker leaves; True when it all landed."""
@@ -399,6 +397,6 @@ def worker_main(spec: WorkerSpec) -> None:
 
 def _last_words(worker: Worker, message: str) -> None:
     try:
-        worker.update(status="crashed", last_error=message)
+        worker.update(status=Status.CRASHED, last_error=message)
     except OSError as exc:
         log.warning("could not record the error in the heartbeat: %s", exc)

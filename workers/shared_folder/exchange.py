@@ -11,13 +11,12 @@ from typing import Any, Callable, TypeVar
 from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder,
                                           read_json_bounded, with_retries, write_json_atomic)
 from workers.shared_folder.doorbell import Doorbell
-from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup
+from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, Status
 
 log = logging.getLogger(__name__)
 
 ROLLOUT_NAME = re.compile(r"^(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>\d{1,4}))?\.json$")
 POLL_S = 0.2
-TERMINAL = ("stopped", "done", "failed", "crashed")     # heartbeat statuses of a node that will publish no more
 HEARTBEAT_BYTES = 64 * 1024
 # records remembered, parsed or known bad: a round reads its peers' rollout files (one per group at most, with
 # ROLLOUT_PUBLISH_FREQUENCY=generation), a state file and, in the coordinator, the workers' rewards files
@@ -196,7 +195,7 @@ def liveness(beat: Heartbeat, peer_timeout: float, now: float | None = None) -> 
     Under a slow Drive every heartbeat arrives late by the sync lag, so "late" is a warning, not a verdict.
     """
     age = beat.age(now)
-    if beat.status in TERMINAL or age >= peer_timeout:
+    if beat.status in Status.TERMINAL or age >= peer_timeout:
         return "gone"
     return "late" if age >= peer_timeout / 4 else "alive"
 

@@ -9,6 +9,20 @@ from typing import Any
 from workers.shared_folder.folder import RejectedFile, check_node_name
 
 SCHEMA = 1
+class Status:
+    """The words a heartbeat's status says, named once. A worker moves WAITING -> GENERATING -> FETCHING ->
+    TRAINING (-> EVALUATING) -> WAITING each round; the supervisor shows RESTARTING and FAILED for its processes."""
+
+    STARTING, WAITING, WAITING_FOR_COORDINATOR = "starting", "waiting", "waiting for the coordinator"
+    GENERATING, FETCHING, TRAINING, EVALUATING = "generating", "fetching", "training", "evaluating"
+    RUNNING = "running"                                  # the coordinator's, while it starts rounds
+    DONE, STOPPED, CRASHED = "done", "stopped", "crashed"
+    RESTARTING, FAILED = "restarting", "failed"          # shown by a supervisor for its own processes
+    TERMINAL = (STOPPED, DONE, FAILED, CRASHED)          # a node in one of these will publish no more
+    IDLE = (WAITING, WAITING_FOR_COORDINATOR)            # nothing to do: never counted as hung
+    TROUBLE = (FAILED, CRASHED, RESTARTING)
+
+
 # kinds of the supervisor's events (logs/supervisor/events.jsonl) that programs count
 EVENT_RESTART, EVENT_UNLEARNING = "restart", "unlearning"
 MAX_TEXT = 16_384          # characters of one question, prompt or completion
