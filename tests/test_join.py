@@ -45,7 +45,8 @@ def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(tmp_
 
 
 def test_a_second_process_with_the_same_node_id_refuses_to_start(tmp_path):
-    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="30", NUM_TRAIN_SAMPLES="1", NUM_TRANSPLANT_TREES="1")
+    # rounds enough to outlast the twin's start: the swarm is stopped as soon as the twin has answered
+    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="2000", NUM_TRAIN_SAMPLES="1", NUM_TRANSPLANT_TREES="1")
     exp = tmp_path / "drive" / "experiments" / "e2e"
     up = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

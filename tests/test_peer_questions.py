@@ -1,6 +1,7 @@
 """A peer names its question; a worker builds it itself, scores the completions itself, and runs nothing a
 peer or its own model wrote."""
 
+import dataclasses
 import inspect
 import json
 import os
@@ -23,7 +24,7 @@ from workers.learning.model import load_policy
 from workers.learning.scorers import (EVALS_OWN_QUESTION_ONLY, MAX_LOGIC_VARIABLES, REFUSED, SAFE_SCORERS,
                                       reasoning_gym_scorer)
 from workers.learning.tasks import DATASET_SIZE, TaskMix, build_prompt, check_tasks, score_completion, score_group
-from workers.round_loop import external_candidates
+from workers.round_loop import external_candidates, local_rollouts
 from workers.shared_folder import exchange as exchange_module
 from workers.shared_folder.exchange import Exchange
 from workers.shared_folder.folder import ExperimentFolder, record_checksum
@@ -268,6 +269,26 @@ def test_a_peer_completion_longer_than_max_new_tokens_is_rejected_not_cut(policy
     assert available == 1 and kept[0].rewards == [1.0, 0.0, 0.0, 0.0] and len(kept[0].completion_ids[0]) == 16
     assert "group 1: a completion of 17 tokens, over MAX_NEW_TOKENS=16" in caplog.text
     assert "group 2: 3 completions, expected G=4" in caplog.text
+
+
+def test_a_raw_models_full_length_completions_are_trained_on_as_sampled_and_forged_ids_are_refused(
+        policy, tmp_path, caplog):
+    """A raw model's text often tokenises into more ids than it sampled: the sampled ids travel with the text."""
+    cfg = SwarmConfig.from_env({"NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "32", "NUM_TRAIN_SAMPLES": "8"})
+    folder = ExperimentFolder(tmp_path / "exp").create()
+    questions = TaskMix(cfg.tasks, seed=1).sample(8, random.Random(0))
+    shared, training = local_rollouts(policy, cfg, questions, seed=5)      # the raw tiny model: no warm-up
+    retokenised = [len(policy.tokenizer(t, add_special_tokens=False)["input_ids"]) + f
+                   for g in shared for t, f in zip(g.completions, g.finished)]
+    assert max(retokenised) > 32, "no completion tokenised longer than sampled: the case is not exercised"
+    forged = shared[0].completion_ids[0][:-1] + (shared[0].completion_ids[0][0],)    # another text, same length
+    groups = [*shared, dataclasses.replace(shared[0], completion_ids=(forged, *shared[0].completion_ids[1:]))]
+    reader, found = _through_the_folder(folder, groups)
+    kept, available = external_candidates(policy, cfg, TaskMix(cfg.tasks, seed=0), found, reader, 1)
+    assert available == 8                                                   # every honest group, none cut
+    assert all(c in [list(ids) for g in training for ids in g.completion_ids] for k in kept
+               for c in k.completion_ids)                                   # trained on the ids it sampled
+    assert "group 8: its token ids do not spell its completion" in caplog.text
 
 
 def test_a_reader_remembers_only_the_newest_records_over_many_rounds(tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.shared_folder.exchange import Exchange
-from workers.learning.generation import (Completion, CompletionTooLong, bucketed_width, encode_completion,
-                                         encode_prompt, generate_ids, prompts_per_call, sample_completions)
+from workers.learning.generation import (Completion, CompletionMismatch, CompletionTooLong, bucketed_width,
+                                         encode_completion, encode_prompt, generate_ids, prompts_per_call,
+                                         sample_completions)
 from workers.learning.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.learning.memory import largest_micro_batch, release_cached_memory
 from workers.learning.model import Policy
@@ -71,7 +72,7 @@ def score_local(cfg: SwarmConfig, questions: list[Question], prompts: list[str],
             task=question.task, dataset_seed=question.dataset_seed, index=question.index, completions=tuple(texts),
             finished=tuple(c.finished for c in group), rewards=score.rewards,
             for_people={"question": question.question, "answer": question.answer, "metadata": question.metadata,
-                        "prompt": prompt}))
+                        "prompt": prompt}, completion_ids=tuple(c.ids for c in group)))
         training.append(TrainingGroup(prompt_ids=list(group[0].prompt_ids),
                                       completion_ids=[list(c.ids) for c in group], rewards=list(score.rewards)))
         scores.append(score)
@@ -100,7 +101,7 @@ def external_candidates(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
         for number, group in enumerate(groups):
             try:
                 question, completion_ids = _rebuild_peer_group(policy, cfg, tasks, group)
-            except (QuestionNotRebuilt, RaggedGroup, CompletionTooLong) as exc:
+            except (QuestionNotRebuilt, RaggedGroup, CompletionTooLong, CompletionMismatch) as exc:
                 exchange.reject_group(f"round {round_} rollouts of {node}, group {number}", str(exc))
                 continue
             available += 1
@@ -120,8 +121,9 @@ def _rebuild_peer_group(policy: Policy, cfg: SwarmConfig, tasks: TaskMix,
     question = tasks.rebuild(group.task, group.dataset_seed, group.index)
     if len(group.completions) != cfg.num_generations:
         raise RaggedGroup(f"{len(group.completions)} completions, expected G={cfg.num_generations}")
-    return question, [encode_completion(policy, text, done, cfg.max_new_tokens)
-                      for text, done in zip(group.completions, group.finished)]
+    sampled = group.completion_ids or (None,) * len(group.completions)
+    return question, [encode_completion(policy, text, done, cfg.max_new_tokens, ids)
+                      for text, done, ids in zip(group.completions, group.finished, sampled)]
 
 
 def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig,

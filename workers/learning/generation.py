@@ -118,14 +118,29 @@ class CompletionTooLong(ValueError):
     """A peer's completion longer than this worker's MAX_NEW_TOKENS."""
 
 
-def encode_completion(policy: Policy, text: str, finished: bool, max_new_tokens: int) -> list[int]:
-    """A peer's completion as our tokens: text tokenised alone, EOS appended when it finished.
+class CompletionMismatch(ValueError):
+    """A peer's token ids that spell another text than its completion, or end otherwise than it says."""
+
+
+def encode_completion(policy: Policy, text: str, finished: bool, max_new_tokens: int,
+                      sampled: tuple[int, ...] | None = None) -> list[int]:
+    """A peer's completion as our tokens: the ids it sampled when they spell its text (EOS last when it finished),
+    else the text tokenised alone (a file without ids) with EOS appended when it finished.
 
     Raises CompletionTooLong past max_new_tokens, never cuts: the whole text is what earned its reward, and a
-    cut prefix trained on that reward would teach whatever the peer put first.
+    cut prefix trained on that reward would teach whatever the peer put first. Raises CompletionMismatch when
+    the ids spell another text than the one scored.
     """
     eos = policy.tokenizer.eos_token_id
-    ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if finished else [])
+    if sampled is not None:
+        ids = list(sampled)
+        ends_with_eos = bool(ids) and ids[-1] == eos
+        body = ids[:-1] if ends_with_eos else ids
+        if ends_with_eos != finished or eos in body or any(i >= len(policy.tokenizer) for i in body) \
+                or policy.tokenizer.decode(body, skip_special_tokens=True) != text:
+            raise CompletionMismatch("its token ids do not spell its completion")
+    else:
+        ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if finished else [])
     if len(ids) > max_new_tokens:
         raise CompletionTooLong(f"a completion of {len(ids)} tokens, over MAX_NEW_TOKENS={max_new_tokens}")
     return ids or [eos]

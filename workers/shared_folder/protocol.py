@@ -28,6 +28,8 @@ EVENT_RESTART, EVENT_UNLEARNING = "restart", "unlearning"
 MAX_TEXT = 16_384          # characters of one question, prompt or completion
 MAX_GROUP = 256            # completions in one group (NUM_GENERATIONS is capped at 256 too)
 MAX_GROUPS = 1024
+MAX_COMPLETION_IDS = 4097   # MAX_NEW_TOKENS is at most 4096, EOS may follow
+MAX_TOKEN_ID = 2**20        # above any vocabulary this project loads
 MAX_TASKS = 64             # tasks named in one metrics row
 TASK_NAME = re.compile(r"[a-z0-9_]{1,64}")      # reasoning-gym's dataset names
 # a field typed `X | None` may be absent or null: it was added after the first metrics files were written
@@ -146,11 +148,15 @@ class RolloutGroup:
     # the publisher's question, answer, metadata and prompt: written for people reading the file (and for
     # rl-swarm versions that still read them), never read back
     for_people: dict[str, Any] = field(default_factory=dict, compare=False)
+    # the token ids the publisher sampled (EOS last when finished); a reader checks they spell the completion
+    # and trains on them, since the text tokenised again can come out other ids and longer. None in older files
+    completion_ids: tuple[tuple[int, ...], ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        ids = {} if self.completion_ids is None else {"completion_ids": [list(c) for c in self.completion_ids]}
         return {**self.for_people, "task": self.task, "dataset_seed": self.dataset_seed, "index": self.index,
                 "completions": list(self.completions), "finished": list(self.finished),
-                "rewards": list(self.rewards)}
+                "rewards": list(self.rewards), **ids}
 
     @classmethod
     def from_json(cls, record: Any, where: str) -> "RolloutGroup":
@@ -173,7 +179,8 @@ class RolloutGroup:
         named = {key: None if record.get(key) is None else _need(record, key, int, where)
                  for key in ("dataset_seed", "index")}
         return cls(task=task, **named, completions=tuple(completions),
-                   finished=tuple(finished), rewards=tuple(float(r) for r in rewards))
+                   finished=tuple(finished), rewards=tuple(float(r) for r in rewards),
+                   completion_ids=_completion_ids(record.get("completion_ids"), len(completions), where))
 
 
 @dataclass(frozen=True)
@@ -258,6 +265,19 @@ class RoundMetrics:
                 values[f.name] = _need(record, f.name, kind, where)
         values["node"] = check_node_name(values["node"])
         return cls(**values)
+
+
+def _completion_ids(value: Any, count: int, where: str) -> tuple[tuple[int, ...], ...] | None:
+    """One list of token ids per completion, each bounded in length and value; None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != count:
+        raise RejectedFile(f"{where}: 'completion_ids' must hold one list per completion")
+    for ids in value:
+        if not isinstance(ids, list) or len(ids) > MAX_COMPLETION_IDS or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_TOKEN_ID for i in ids):
+            raise RejectedFile(f"{where}: 'completion_ids' must be lists of at most {MAX_COMPLETION_IDS} token ids")
+    return tuple(tuple(ids) for ids in value)
 
 
 def _task_numbers(value: Any, where: str) -> dict[str, float] | None:
