@@ -256,6 +256,8 @@ def _log_to_file(folder: ExperimentFolder) -> None:
 def summary(supervisor, wall_s: float, code: int) -> str:
     view = supervisor.reader.view(supervisor.handles)
     verdict = {0: "finished", 130: "stopped (resumable: run the same command again)"}.get(code, "FAILED")
+    if code not in (0, 130) and supervisor.failure:
+        verdict += f" ({supervisor.failure})"
     lines = [f"rl-swarm: {verdict}: experiment {view.experiment!r}, round {view.round}/{view.max_rounds}, "
              f"{wall_s:.1f}s, folder {supervisor.folder.root}"]
     for row in view.nodes:
