@@ -9,7 +9,7 @@ from pathlib import Path
 
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, round_number
 from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RolloutFile, RoundMetrics, RoundState
 
 
@@ -203,8 +203,8 @@ def validate(root: Path) -> list[Check]:
     stale = []
     for node in sorted({n for nodes in by_round.values() for n in nodes}):
         last_round = max(r for r, nodes in by_round.items() if node in nodes)
-        saved = [int(p.name.removeprefix("round_")) for p in folder.checkpoint_dir(node).glob("round_*")
-                 if (p / "meta.json").exists()]
+        saved = [number for p in folder.checkpoint_dir(node).glob("round_*")
+                 if (number := round_number(p.name)) is not None and (p / "meta.json").exists()]
         if not saved or max(saved) < last_round - interval:
             stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
     checks.append(_held_out_check(folder, cfg, rounds, by_round))

@@ -10,7 +10,11 @@ import pytest
 from rich.console import Console
 
 from configs_env import SwarmConfig
-from workers.shared_folder.folder import ExperimentFolder, read_jsonl
+from configs_env.parsing import SAFE_NAME
+from workers.shared_folder.exchange import ROLLOUT_NAME
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, check_node_name, read_jsonl,
+                                          write_json_atomic)
+from workers.shared_folder.protocol import RoundState
 
 
 @pytest.fixture
@@ -18,6 +22,22 @@ def swarm(tmp_path):
     cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "drive"), "MAX_ROUNDS": "2"})
     folder = ExperimentFolder(cfg.experiment_dir).create()
     return cfg, folder, tmp_path / "outside.json"
+
+
+# -- names are matched whole -------------------------------------------------------------------------
+
+def test_names_with_a_trailing_newline_or_unicode_digits_never_become_nodes_or_rounds(swarm):
+    _, folder, _ = swarm
+    with pytest.raises(RejectedFile):
+        check_node_name("worker-1\n")
+    assert ROLLOUT_NAME.fullmatch("worker-1.json\n") is None
+    assert ROLLOUT_NAME.fullmatch("worker-1.part\u0663.json") is None      # an Arabic-Indic 3: \d would take it
+    assert SAFE_NAME.fullmatch("run-1\n") is None
+    for name in ("round_000001.json\n", "round_\u00b2.json", "round_\u0663.json"):
+        (folder.root / "state" / name).write_text("{}")
+    write_json_atomic(folder.round_state_file(2), RoundState(round=2, max_rounds=2, started_at=0.0,
+                                                             reason="start").to_json())
+    assert folder.state_rounds() == [2]
 
 
 # -- a coordinator that dies stops the swarm in one line ---------------------------------------------

@@ -14,7 +14,8 @@ from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup
 
 log = logging.getLogger(__name__)
 
-ROLLOUT_NAME = re.compile(r"^(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>\d{1,4}))?\.json$")
+# matched whole (fullmatch): a `$` anchor would let "w-1.json\n" through
+ROLLOUT_NAME = re.compile(r"(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>[0-9]{1,4}))?\.json")
 POLL_S = 0.2
 TERMINAL = ("stopped", "done", "failed", "crashed")     # heartbeat statuses of a node that will publish no more
 HEARTBEAT_BYTES = 64 * 1024
@@ -80,7 +81,7 @@ class Exchange:
             return found
         self.trouble.pop("fetch", None)
         for path in listing:
-            match = ROLLOUT_NAME.match(path.name)
+            match = ROLLOUT_NAME.fullmatch(path.name)
             if match is None or match["node"] == self.node:
                 continue
 

@@ -23,7 +23,8 @@ from workers.shared_folder import drive_sim
 
 log = logging.getLogger(__name__)
 
-NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")     # matched whole: fullmatch, never a `$` anchor
+ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 MAX_RECORD_BYTES = 4 * 1024 * 1024     # a round's rollouts of one node: I*G completions, far below this
 MAX_JSONL_BYTES = 64 * 1024 * 1024
 CHECKSUM_KEY = "sha256"
@@ -71,7 +72,7 @@ class RejectedFile(SwarmError):
 
 def check_node_name(name: str) -> str:
     """Node ids become file names: letters, digits, '.', '_', '-' only, so `../../etc` never becomes a path."""
-    if not isinstance(name, str) or not NODE_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not NODE_NAME.fullmatch(name) or name in (".", ".."):
         raise RejectedFile(f"node id {name!r} is not a safe name (letters, digits, '.', '_', '-', at most 64)")
     return name
 
@@ -261,7 +262,13 @@ class ExperimentFolder:
         """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
         found = []
         for path in list_folder(self.root / "state", "round_*.json"):
-            digits = path.stem.removeprefix("round_")
-            if digits.isdigit():
-                found.append(int(digits))
+            number = round_number(path.stem)
+            if number is not None:
+                found.append(number)
         return sorted(found)
+
+
+def round_number(name: str) -> int | None:
+    """N of a `round_N` name (state files, rollout and checkpoint folders); None for anything else."""
+    digits = name.removeprefix("round_")
+    return int(digits) if name.startswith("round_") and ROUND_DIGITS.fullmatch(digits) else None
