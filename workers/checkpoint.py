@@ -22,8 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmError
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, read_jsonl,
-                            with_retries, write_json_atomic)
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, with_retries,
+                                          write_json_atomic)
+from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import RoundMetrics
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
     rewards file the coordinator would wait for a round this node will not play again.
     """
     try:
-        recorded = {row.get("round") for row in read_jsonl(folder.metrics_file(node))}
+        recorded = {row.round for row in read_jsonl(folder.metrics_file(node), RoundMetrics.from_json)}
     except (RejectedFile, OSError) as exc:
         log.warning("could not read this node's metrics to complete them (%s); nothing rewritten", exc)
         return []

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder,
-                                          read_json_bounded, with_retries, write_json_atomic)
+                                          naming, read_json_bounded, warn_skipped, with_retries,
+                                          write_json_atomic)
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,9 @@ Version = tuple[int, int]
 
 
 def file_version(path: Path) -> Version:
-    # size as well as mtime: Drive may keep a file's modification time while its content finishes syncing
-    info = path.stat()
+    # size as well as mtime: Drive may keep a file's modification time while its content finishes syncing;
+    # lstat: a planted link is a file of its own, refused by the read, not the version of what it points to
+    info = path.lstat()
     return info.st_mtime_ns, info.st_size
 
 
@@ -45,9 +47,7 @@ class Exchange:
     def reject(self, path: Path, error: RejectedFile) -> None:
         if path not in self.rejected:
             self.rejected.add(path)
-            text = str(error)
-            # one line naming the file, also for checks (a node id, say) that do not know where they run
-            log.warning("rejected %s", text if text.startswith(str(path)) else f"{path}: {text}; skipped")
+            log.warning("rejected %s", naming(path, error))
 
     def reject_group(self, where: str, why: str) -> None:
         """A well-formed file with a group this worker cannot use: warned about once per group."""
@@ -143,7 +143,7 @@ class Exchange:
 
 def read_heartbeats(folder: ExperimentFolder,
                     on_reject: Callable[[Path, RejectedFile], None] | None = None) -> dict[str, Heartbeat]:
-    """Every node's latest valid heartbeat in peers/.
+    """Every node's latest valid heartbeat in peers/; a bad one goes to `on_reject` (default: warned about once).
 
     Raises OSError when the Drive would not list or read them all, even after quick retries: a partial
     answer would look like nodes that left, which the coordinator would stop waiting for.
@@ -157,14 +157,14 @@ def read_heartbeats(folder: ExperimentFolder,
             record = with_retries(lambda p=path: read_json_bounded(p, HEARTBEAT_BYTES, require_checksum=True),
                                   f"reading {path}", attempts=3, first_wait_s=0.05, retry_missing=False)
             beat = Heartbeat.from_json(record, str(path))
+            if beat.node != path.stem:
+                raise RejectedFile(f"{path}: the heartbeat of {beat.node!r}, which its name contradicts; skipped")
         except FileNotFoundError:
             continue        # gone, or not synced yet
         except RejectedFile as error:
-            if on_reject is not None:
-                on_reject(path, error)
+            (on_reject or warn_skipped)(path, error)
             continue
-        if beat.node == path.stem:
-            beats[beat.node] = beat
+        beats[beat.node] = beat
     return beats
 
 

@@ -8,25 +8,27 @@ listing of the protocol subfolders goes through these helpers, which is where `w
 makes a test's folder slow and flaky.
 """
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
 import re
+import stat
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from configs_env import SwarmError
-from workers.shared_folder import drive_sim
+from workers.shared_folder import bounded_json, drive_sim
 
 log = logging.getLogger(__name__)
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")     # matched whole: fullmatch, never a `$` anchor
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 MAX_RECORD_BYTES = 4 * 1024 * 1024     # a round's rollouts of one node: I*G completions, far below this
-MAX_JSONL_BYTES = 64 * 1024 * 1024
 CHECKSUM_KEY = "sha256"
 
 
@@ -70,6 +72,34 @@ class RejectedFile(SwarmError):
     """A file in the shared folder failed validation; it is skipped and counted, never trusted."""
 
 
+_warned: dict[str, None] = {}      # insertion-ordered: past WARNED_KEEP the oldest is forgotten first
+_warned_lock = threading.Lock()
+WARNED_KEEP = 4096
+
+
+def naming(path: Path, error: RejectedFile) -> str:
+    """The refusal as one message that starts with the file, also for checks (a node id, say) that do not
+    know which file they run on."""
+    text = str(error)
+    return text if text.startswith(str(path)) else f"{path}: {text}; skipped"
+
+
+def warn_skipped(path: Path, error: RejectedFile) -> None:
+    """Log a skipped file once per process: a reader that polls (the dashboard, several times a second) meets
+    the same bad file again and again."""
+    warn_once(naming(path, error))
+
+
+def warn_once(text: str) -> None:
+    with _warned_lock:
+        if text in _warned:
+            return
+        if len(_warned) >= WARNED_KEEP:
+            del _warned[next(iter(_warned))]
+        _warned[text] = None
+    log.warning("%s", text)
+
+
 def check_node_name(name: str) -> str:
     """Node ids become file names: letters, digits, '.', '_', '-' only, so `../../etc` never becomes a path."""
     if not isinstance(name, str) or not NODE_NAME.fullmatch(name) or name in (".", ".."):
@@ -104,28 +134,79 @@ def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
     drive_sim.after_write(path)
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+class NotRegularFile(RejectedFile):
+    """Something other than a regular file where the swarm expects one: a link, FIFO, socket, folder, device."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"{path}: {what}, not a regular file; skipped")
+        self.what = what
+
+
+def _open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the regular file at `path` (NotRegularFile otherwise); a link is not followed and a
+    FIFO never blocks."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        # ELOOP: the last component is a link (O_NOFOLLOW); ENXIO: a socket, or a FIFO nobody reads
+        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        try:
+            what = _kind(os.lstat(path).st_mode)
+        except OSError:
+            what = exc.strerror or "unopenable"
+        raise NotRegularFile(path, what) from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotRegularFile(path, _kind(info.st_mode))
+    return fd
+
+
+def _read_regular(path: Path, offset: int, limit: int, whole: bool) -> bytes:
+    """Up to `limit` bytes from `offset` of a regular file; whole=True: RejectedFile when it holds more."""
+    try:
+        fd = _open_regular(path)
+    except (PermissionError, NotADirectoryError) as exc:
+        raise RejectedFile(f"{path}: unreadable ({exc.strerror or exc}); skipped") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        drive_sim.before_read(path, info.st_mtime)
+        if whole and info.st_size > limit:
+            raise RejectedFile(f"{path}: {info.st_size} bytes is over the {limit}-byte limit; skipped")
+        f.seek(offset)
+        return f.read(limit)
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """The JSON value of `data`, bounded (see bounded_json); RejectedFile naming `where` and why when refused."""
+    try:
+        return bounded_json.loads(data.decode("utf-8"))
+    except bounded_json.RefusedJSON as exc:
+        raise RejectedFile(f"{where}: {exc}; skipped") from exc
+    except ValueError as exc:         # bad UTF-8 or JSON, an empty file
+        raise RejectedFile(f"{where}: not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]}); skipped") from exc
+
+
 def read_json_bounded(path: Path, max_bytes: int = MAX_RECORD_BYTES, *,
                       require_checksum: bool = False) -> dict[str, Any]:
     """One JSON object from the folder, its checksum checked and removed.
 
     Raises FileNotFoundError while the file is missing (or not synced yet), OSError for a Drive hiccup
-    (the caller tries again later), and RejectedFile naming the file and why when it is bad. A record
-    without a checksum is accepted only when require_checksum is False (files not written by
-    write_json_atomic, such as checkpoint meta files).
+    (the caller tries again later), and RejectedFile naming the file and why when it is bad: not a regular
+    file (a link, FIFO, directory...), over `max_bytes`, not JSON, beyond bounded_json's limits, or not an
+    object. A record without a checksum is accepted only when require_checksum is False (files not
+    written by write_json_atomic, such as checkpoint meta files).
     """
-    try:
-        info = path.stat()
-        drive_sim.before_read(path, info.st_mtime)
-        if info.st_size > max_bytes:
-            raise RejectedFile(f"{path}: {info.st_size} bytes is over the {max_bytes}-byte limit; skipped")
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-        raise RejectedFile(f"{path}: unreadable ({exc.strerror or exc}); skipped") from exc
-    try:
-        record = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:    # bad UTF-8 or JSON, an over-long integer, deep nesting
-        raise RejectedFile(f"{path}: not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]}); skipped") from exc
+    record = parse_json(read_whole(path, max_bytes), str(path))
     if not isinstance(record, dict):
         raise RejectedFile(f"{path}: expected a JSON object, got {type(record).__name__}; skipped")
     claimed = record.pop(CHECKSUM_KEY, None)
@@ -164,10 +245,12 @@ def is_visible(path: Path) -> bool:
 
 def read_from(path: Path, offset: int, limit: int) -> bytes:
     """Up to `limit` bytes from `offset` of a file read incrementally (an append-only log such as metrics)."""
-    drive_sim.before_read(path, path.stat().st_mtime)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(limit)
+    return _read_regular(path, offset, limit, whole=False)
+
+
+def read_whole(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file; RejectedFile naming it when it is over `max_bytes`."""
+    return _read_regular(path, 0, max_bytes, whole=True)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -182,25 +265,6 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     finally:
         os.close(fd)
     drive_sim.after_write(path)
-
-
-def read_jsonl(path: Path, max_bytes: int = MAX_JSONL_BYTES) -> Iterator[dict[str, Any]]:
-    """Every well-formed object line of a JSONL file; malformed lines are logged and skipped."""
-    try:
-        drive_sim.before_read(path, path.stat().st_mtime)
-    except FileNotFoundError:
-        return
-    if path.stat().st_size > max_bytes:
-        raise RejectedFile(f"{path}: over the {max_bytes}-byte limit for a JSONL file; skipped")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (ValueError, RecursionError):
-                log.warning("%s line %d: not valid JSON; skipped", path, number)
-                continue
-            if isinstance(record, dict):
-                yield record
 
 
 class ExperimentFolder:
