@@ -22,6 +22,7 @@ from swarm_supervisor.status import SwarmReader
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, is_visible
+from workers.shared_folder.leftovers import remove_stale_temps
 from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class Supervisor:
 
     def _run(self) -> int:
         self.folder.create()
+        remove_stale_temps(self.folder.root)      # of writes killed in an earlier run; live writers' are kept
         for h in self.handles:
             self._spawn(h)
         if self.coordinator:   # after the spawns, so round 1 already lists every local worker

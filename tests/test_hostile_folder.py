@@ -7,7 +7,10 @@ it with one warning naming it and goes on with the good records, and that no wri
 import contextlib
 import io
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -23,9 +26,10 @@ from tests.helpers import (HOSTILE_REASON, heartbeat_record, metrics_row, plant_
                            sealed, warnings_naming)
 from workers.evaluation import eval_file, read_held_out
 from workers.shared_folder.exchange import HEARTBEAT_BYTES, ROLLOUT_NAME, Exchange, read_heartbeats
-from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile,
+from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, append_jsonl,
                                           check_node_name, read_json_bounded, write_json_atomic)
 from workers.shared_folder.jsonl import read_jsonl
+from workers.shared_folder.leftovers import STALE_TEMP_S, remove_stale_temps, writer_tag
 from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
 
 # what a planted link points at: a record a reader would accept, were it to follow the link
@@ -214,6 +218,83 @@ def deep_folders(root: Path, depth: int) -> Iterator[None]:
             path = path.parent
 
 
+# -- writes never follow links and never tear --------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["symlink to a file outside", "FIFO", "socket"])
+def test_an_append_never_writes_through_what_a_peer_planted_at_its_path(swarm, kind, caplog):
+    _, folder, outside = swarm
+    path = plant_entry(folder.metrics_file("worker-1"), kind, outside)
+    append_jsonl(path, metrics_row("worker-1", 1))
+    assert outside.read_text() == OUTSIDE_TEXT
+    assert [row.round for row in read_jsonl(path, RoundMetrics.from_json)] == [1]
+    assert warnings_naming(caplog, path) == 1
+
+
+def test_an_append_to_a_planted_folder_is_an_error_naming_it(swarm):
+    _, folder, _ = swarm
+    path = folder.metrics_file("worker-1")
+    path.mkdir(parents=True)
+    with pytest.raises(OSError, match="is a directory, not the file rl-swarm appends to"):
+        append_jsonl(path, metrics_row("worker-1", 1))
+
+
+def test_a_short_write_loses_no_byte_of_an_appended_line(swarm, monkeypatch):
+    _, folder, _ = swarm
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, bytes(data[:7])))    # what a slow mount may do
+    path = folder.metrics_file("worker-1")
+    rows = [metrics_row("worker-1", 1), metrics_row("worker-1", 2)]
+    for row in rows:
+        append_jsonl(path, row)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_an_atomic_write_replaces_a_planted_link_and_uses_no_temp_name_a_peer_could_guess(swarm):
+    _, folder, outside = swarm
+    target = folder.heartbeat_file("worker-1")
+    target.symlink_to(outside)
+    for pid in range(os.getpid() - 2, os.getpid() + 3):     # the names earlier versions wrote their temp file to
+        (target.parent / f".{target.name}.{pid}.tmp").symlink_to(outside)
+    write_json_atomic(target, heartbeat_record("worker-1"))
+    assert outside.read_text() == OUTSIDE_TEXT
+    assert not target.is_symlink() and read_json_bounded(target, require_checksum=True)["node"] == "worker-1"
+
+
+# -- leftovers of killed writes ----------------------------------------------------------------------
+
+def dead_pid() -> int:
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait(timeout=60)
+    return finished.pid
+
+
+def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_kept(swarm):
+    from workers.checkpoint import BEST, clear_leftovers
+
+    _, folder, _ = swarm
+    checkpoints = folder.checkpoint_dir("worker-1")
+    here_dead = writer_tag().replace(str(os.getpid()), str(dead_pid()))
+    killed = checkpoints / f".round_000003.{here_dead}.k3j_2x9a.tmp"      # its writer died on this host
+    older = checkpoints / f".round_000002.{os.getpid()}.tmp"            # an earlier version's name, long ago
+    live = checkpoints / f".round_000004.{writer_tag()}.a1b2c3d4.tmp"    # a checkpoint being written now
+    elsewhere = folder.rollout_dir(1, 0) / ".worker-3.json.12.tmp"      # any host's, minutes old
+    moved_aside = checkpoints / f".best.{here_dead}.q9w8e7r6.old"       # save_best killed between its renames
+    for path in (killed, older, live, moved_aside):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"weights")
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("{")
+    long_ago = time.time() - 2 * STALE_TEMP_S
+    for path in (older, older / "model.safetensors", elsewhere):
+        os.utime(path, (long_ago, long_ago))
+
+    clear_leftovers(checkpoints)                # a worker's start
+    remove_stale_temps(folder.root)             # the supervisor's start
+    assert [p.exists() for p in (killed, older, elsewhere, moved_aside)] == [False] * 4
+    assert live.exists()
+    assert (checkpoints / BEST / "model.safetensors").read_bytes() == b"weights"
+
+
 # -- names are matched whole -------------------------------------------------------------------------
 
 def test_names_with_a_trailing_newline_or_unicode_digits_never_become_nodes_or_rounds(swarm):
@@ -246,6 +327,10 @@ def test_a_coordinator_that_raises_stops_the_supervisor_with_exit_1_and_the_reas
     from swarm_supervisor.coordinator import Coordinator
 
     cfg, folder, _ = swarm
+    leftover = folder.root / "state" / ".round_000001.json.12.tmp"     # a write killed in the last run
+    leftover.write_text("{")
+    os.utime(leftover, (time.time() - 2 * STALE_TEMP_S,) * 2)
+
     def broken(self, round_, reason):
         raise RuntimeError("state folder on fire\n  a second line the user need not see")
     monkeypatch.setattr(Coordinator, "_start_round", broken)
@@ -254,6 +339,7 @@ def test_a_coordinator_that_raises_stops_the_supervisor_with_exit_1_and_the_reas
     assert code == 1 and supervisor.failure == reason
     assert summary(supervisor, 1.0, code).splitlines()[0].startswith(f"rl-swarm: FAILED ({reason}): ")
     assert reason in [row["event"] for row in read_jsonl(folder.events_file)]
+    assert not leftover.exists()
 
 
 def test_a_coordinator_thread_that_ends_silently_does_not_leave_the_supervisor_waiting(swarm, monkeypatch):

@@ -8,6 +8,7 @@ listing of the protocol subfolders goes through these helpers, which is where `w
 makes a test's folder slow and flaky.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any, Callable, TypeVar
 
 from configs_env import SwarmError
 from workers.shared_folder import bounded_json, drive_sim
+from workers.shared_folder.leftovers import temp_prefix, usual_mode
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +122,28 @@ def record_checksum(record: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one; the record gains a checksum."""
+    """Readers see the old file or the new one, never half of one; the record gains a checksum.
+
+    The temp file has an unpredictable name (mkstemp: O_EXCL, never a planted link) and the rename replaces
+    a link planted at `path` itself, never writing through it.
+    """
     # the round trip turns tuples into lists and non-string keys into strings, exactly as a reader sees them
     body = json.loads(json.dumps({k: v for k, v in record.items() if k != CHECKSUM_KEY}, allow_nan=False))
     sealed = {**body, CHECKSUM_KEY: record_checksum(body)}
     drive_sim.before_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(sealed, f, separators=(",", ":"), allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    try:
+        usual_mode(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(sealed, f, separators=(",", ":"), allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     drive_sim.after_write(path)
 
 
@@ -253,14 +266,49 @@ def read_whole(path: Path, max_bytes: int) -> bytes:
     return _read_regular(path, 0, max_bytes, whole=True)
 
 
+def open_append(path: Path) -> int:
+    """A descriptor appending to the regular file at `path`, created if missing; never through a link.
+
+    The path is this writer's own (its log, its metrics), so a link, FIFO or socket planted there is removed
+    (the link itself, never what it points to) and a new file takes its place: a line that waited for the
+    path instead would hold up the round's later files. OSError when a folder sits there.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    try:
+        return _open_regular(path, flags)
+    except NotRegularFile as error:
+        if error.what == "a directory":
+            raise OSError(errno.EISDIR, f"{path} is a directory, not the file rl-swarm appends to (remove it)") \
+                from error
+        log.warning("%s: %s was planted where this node appends; replaced by a new file", path, error.what)
+        path.unlink()
+    try:
+        return _open_regular(path, flags | os.O_EXCL)     # planted again meanwhile: refused, the line waits
+    except NotRegularFile as error:
+        raise OSError(errno.EEXIST, f"{path}: {error.what} keeps being planted here; not written") from error
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a signal, a full disk, a network mount): loop until every byte is out."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "the file took no more bytes")
+        view = view[written:]
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one line with a single write and fsync; a crash can only leave a torn last line, which readers skip."""
+    """Append one whole line and fsync; a crash can only leave a torn last line, which readers skip.
+
+    Each log has one writer, so O_APPEND's writes of one line never interleave with another's.
+    """
     drive_sim.before_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_append(path)
     try:
-        os.write(fd, line)
+        write_all(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -276,10 +324,11 @@ class ExperimentFolder:
     def create(self) -> "ExperimentFolder":
         for sub in ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        probe = self.root / "state" / f".probe.{os.getpid()}"
         try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            # mkstemp, not a name of ours: a link planted at a predictable name would have us truncate its target
+            fd, probe = tempfile.mkstemp(dir=self.root / "state", prefix=".probe.")
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise FolderError(f"{self.root}: the shared folder is not writable ({exc.strerror}); "
                               "check GDRIVE_PATH and that the Drive is mounted") from exc
