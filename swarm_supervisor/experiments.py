@@ -127,7 +127,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         split=f"I={cfg.get('num_train_samples', '?')} J={cfg.get('num_transplant_trees', '?')} "
               f"G={cfg.get('num_generations', '?')}",
         model=str(cfg.get("model_resolved", "?")),
-        started=_when(cfg.get("started_at")), last_activity=_when(last_seen),
+        started=_when(cfg.get("started_at")), last_activity=_when(last_seen or None),
         cumulative_reward=cumulative,
         final_accuracy=sum(r.accuracy for r in tail) / len(tail) if tail else None,
         held_out_start=_mean([rows[0].accuracy for rows in evals.values() if rows[0].round == 0]),

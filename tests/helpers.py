@@ -73,7 +73,7 @@ HOSTILE_TEXT = {
 }
 HOSTILE_REASON = {"FIFO": "a FIFO", "socket": "a socket", "symlink to a file outside": "a symbolic link",
                   "directory": "a directory", "empty file": "not valid JSON", "oversized": "over the",
-                  "1e999": "beyond a float's range", "400-digit integer": "beyond 64 bits",
+                  "1e999": "beyond a float's range", "400-digit integer": "beyond a float's range",
                   "nested 10000 deep": "nested deeper than 64 levels", "NaN": "NaN is not a number"}
 
 

@@ -3,7 +3,7 @@
 Python's json accepts NaN and Infinity, turns 1e999 into inf, builds integers of any size (float() of one
 then raises OverflowError far from the read) and recurses once per nesting level, so a file of ten thousand
 brackets ends in RecursionError. Here each is refused as a ValueError the folder's readers turn into a
-skipped file.
+skipped file. Integers are bounded by a float's range, not 64 bits: a task's metadata may hold big numbers.
 """
 
 import json
@@ -13,8 +13,7 @@ from itertools import accumulate
 from typing import Any
 
 MAX_DEPTH = 64            # arrays and objects inside each other; the swarm's records nest 5 deep at most
-# integers past 64 bits are no count, pid, seed or timestamp any node writes, and torch, numpy and time_t refuse them
-INT_LIMIT = 2 ** 63
+FLOAT_DIGITS = 309        # digits of the largest float, 1.8e308: every number read must fit one
 _ESCAPE = re.compile(r"\\.", re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
@@ -33,18 +32,27 @@ def too_deep(text: str) -> bool:
     return max(accumulate(map(_STEP.__getitem__, _NOT_BRACKET.sub("", outside))), default=0) > MAX_DEPTH
 
 
+def _beyond_float(text: str) -> RefusedJSON:
+    return RefusedJSON(f"number {text[:24]}{'...' if len(text) > 24 else ''} is beyond a float's range")
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise RefusedJSON(f"number {text[:24]} is beyond a float's range")
+        raise _beyond_float(text)
     return value
 
 
 def _bounded_int(text: str) -> int:
     # the length first: int() of thousands of digits is slow (Python refuses past 4300 digits for that reason)
-    if len(text.lstrip("-")) > 19 or not -INT_LIMIT <= int(text) < INT_LIMIT:
-        raise RefusedJSON(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is beyond 64 bits")
-    return int(text)
+    if len(text.lstrip("-")) > FLOAT_DIGITS:
+        raise _beyond_float(text)
+    value = int(text)
+    try:
+        float(value)       # the readers turn numbers into floats: one past 1.8e308 would raise OverflowError there
+    except OverflowError:
+        raise _beyond_float(text) from None
+    return value
 
 
 def _no_constant(name: str) -> Any:
