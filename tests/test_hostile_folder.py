@@ -21,7 +21,7 @@ from rich.console import Console
 from configs_env import SwarmConfig
 from configs_env.parsing import SAFE_NAME
 from swarm_supervisor.experiments import metrics_by_round, summarize, validate
-from swarm_supervisor.status import SwarmReader
+from swarm_supervisor.status import METRICS_CHUNK, SwarmReader
 from tests.helpers import (HOSTILE_REASON, heartbeat_record, metrics_row, plant_entry, plant_hostile, rollouts_record,
                            sealed, warnings_naming)
 from workers.evaluation import eval_file, read_held_out
@@ -128,6 +128,19 @@ def test_a_metrics_log_with_hostile_lines_gives_its_good_rows_to_every_reader(sw
     assert {r: list(nodes) for r, nodes in by_round.items()} == {1: ["worker-2"], 2: ["worker-2"]}
     assert len(bad) == len(bad_lines) and bad[0].startswith("metrics/worker-2/metrics.jsonl line 2: expected a JSON "
                                                             "object, got list")
+
+
+def test_a_metrics_line_longer_than_a_refresh_reads_is_skipped_rather_than_waited_for(swarm):
+    cfg, folder, _ = swarm
+    path = folder.metrics_file("worker-2")
+    path.parent.mkdir(parents=True)
+    padding = "x" * (METRICS_CHUNK + METRICS_CHUNK // 2)
+    path.write_text(json.dumps({"pad": padding}) + "\n" + json.dumps(metrics_row("worker-2", 1, reward=0.75)) + "\n")
+    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
+    status = reader(cfg, folder)
+    views = [status.view() for _ in range(3)]     # the dashboard catches up a refresh at a time
+    assert [(row.node_id, row.reward) for row in views[-1].nodes] == [("worker-2", 0.75)]
+    assert status.rejected == 2        # the line's first MiB, then the rest of it
 
 
 def test_held_out_evaluations_with_hostile_lines_keep_their_good_rows(swarm):
