@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 from configs_env.errors import ConfigError
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")     # matched whole: a `$` anchor passes "name\n"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -63,7 +63,7 @@ def choice(options: Sequence[str]) -> Parser:
 def safe_name(name: str, raw: str) -> str:
     """Names that become folder names: no separators, no dots first, bounded length."""
     text = raw.strip()
-    if not SAFE_NAME.match(text):
+    if not SAFE_NAME.fullmatch(text):
         raise ConfigError(f"{name}={raw!r}: expected 1-64 letters, digits, '.', '_' or '-', "
                           f"starting with a letter or digit (e.g. {name}=sapo-run1)")
     return text

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from configs_env import SETTINGS, SwarmConfig, SwarmError
-from workers.shared_folder.folder import ExperimentFolder, FolderError, write_json_atomic
+from workers.shared_folder.folder import ExperimentFolder, FolderError, open_append, write_json_atomic
+from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.exchange import read_heartbeats
 from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
 from swarm_supervisor.readable import plain
@@ -109,21 +110,11 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
         beat = beats.get(node)
         if beat is None or beat.age() > cfg.peer_timeout or beat.status in Status.TERMINAL:
             continue
-        if beat.host == os.uname().nodename and not _pid_alive(beat.pid):
+        if beat.host == os.uname().nodename and not pid_alive(beat.pid):
             continue
         raise FolderError(f"node {node!r} is already running in experiment {cfg.experiment_name!r} "
                           f"(pid {beat.pid} on {plain(beat.host)}, heartbeat {beat.age():.0f}s ago): stop it, or pick "
                           f"another NODE_ID / EXPERIMENT_NAME")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start(cfg: SwarmConfig, role: str) -> int:
@@ -250,7 +241,8 @@ def _log_to_file(folder: ExperimentFolder) -> None:
     """The dashboard owns the terminal; the supervisor's own log goes to logs/supervisor/."""
     log_dir = folder.root / "logs" / "supervisor"
     log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / "supervisor.log")
+    # not a FileHandler: that would follow a link a peer planted at the log's name
+    handler = logging.StreamHandler(os.fdopen(open_append(log_dir / "supervisor.log"), "a", encoding="utf-8"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -260,6 +252,8 @@ def _log_to_file(folder: ExperimentFolder) -> None:
 def summary(supervisor, wall_s: float, code: int) -> str:
     view = supervisor.reader.view(supervisor.handles)
     verdict = {0: "finished", 130: "stopped (resumable: run the same command again)"}.get(code, "FAILED")
+    if code not in (0, 130) and supervisor.failure:
+        verdict += f" ({supervisor.failure})"
     lines = [f"rl-swarm: {verdict}: experiment {view.experiment!r}, round {view.round}/{view.max_rounds}, "
              f"{wall_s:.1f}s, folder {supervisor.folder.root}"]
     for row in view.nodes:

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from configs_env import SwarmConfig
 from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_heartbeats
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, with_retries,
-                            write_json_atomic)
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, round_number,
+                                          with_retries, write_json_atomic)
 from workers.shared_folder.protocol import Heartbeat, RoundState, Status
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,8 @@ class Coordinator(threading.Thread):
             log.warning("could not list old rollouts: %s", exc)
             return
         for path in rounds:
-            number = path.name.removeprefix("round_")
-            if not number.isdigit() or int(number) >= oldest_kept:
+            number = round_number(path.name)
+            if number is None or number >= oldest_kept:
                 continue
             try:
                 if self.cfg.rollout_archive_old:

@@ -2,7 +2,7 @@
 
 import csv
 import io
-import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +10,12 @@ from pathlib import Path
 from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, read_jsonl
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, round_number, warn_skipped
+from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RolloutFile,
                                             RoundMetrics, RoundState, Status)
+
+log = logging.getLogger(__name__)
 
 
 def experiment_roots(gdrive: Path) -> list[Path]:
@@ -33,12 +36,18 @@ def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, Roun
     rows: dict[int, dict[str, RoundMetrics]] = {}
     bad: list[str] = []
     for path in sorted((folder.root / "metrics").glob("*/metrics.jsonl")):
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-            try:
-                row = RoundMetrics.from_json(json.loads(line), f"{path}:{number}")
-            except (ValueError, RejectedFile) as exc:
-                bad.append(f"{path.relative_to(folder.root)} line {number}: {str(exc)[:120]}")
-                continue
+        name = str(path.relative_to(folder.root))
+        try:
+            lines = read_jsonl(path, RoundMetrics.from_json, name=name)
+        except RejectedFile as error:        # not a regular file, or over the size limit: warned about once
+            warn_skipped(path, error)
+            bad.append(str(error).replace(str(path), name)[:200])
+            continue
+        except OSError as exc:               # a Drive hiccup: the next look reads it
+            bad.append(f"{name}: not read ({exc.strerror or exc})")
+            continue
+        bad += [line[:200] for line in lines.bad]
+        for row in lines:
             rows.setdefault(row.round, {})[row.node] = row
     return rows, bad
 
@@ -59,8 +68,9 @@ def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEv
 def count_restarts(folder: ExperimentFolder) -> int:
     """Worker restarts the supervisor recorded (events of kind "restart"; older files: by their sentence)."""
     try:
-        rows = list(read_jsonl(folder.events_file))
-    except (OSError, RejectedFile):
+        rows = read_jsonl(folder.events_file)
+    except (RejectedFile, OSError) as exc:     # the count is a summary's detail: none rather than no summary
+        log.warning("%s", exc)
         return 0
     return sum(row.get("kind") == EVENT_RESTART or ("kind" not in row and "restarting from its last checkpoint"
                                                     in str(row.get("event", ""))) for row in rows)
@@ -131,16 +141,14 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
             per_hour = None
     beats = read_heartbeats(folder)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
-    started = cfg.get("started_at")
     return Summary(
         name=root.name, status=status_of(folder), rounds=rounds[-1] if rounds else 0,
-        max_rounds=int(cfg.get("max_rounds", 0) or 0),
+        max_rounds=_setting(cfg, "max_rounds", 0),
         nodes=len({n for nodes in by_round.values() for n in nodes}),
         split=f"I={cfg.get('num_train_samples', '?')} J={cfg.get('num_transplant_trees', '?')} "
               f"G={cfg.get('num_generations', '?')}",
         model=str(cfg.get("model_resolved", "?")),
-        started=time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if isinstance(started, (int, float)) else "-",
-        last_activity=time.strftime("%Y-%m-%d %H:%M", time.localtime(last_seen)) if last_seen else "-",
+        started=_when(cfg.get("started_at")), last_activity=_when(last_seen or None),
         cumulative_reward=cumulative,
         final_accuracy=sum(r.accuracy for r in tail) / len(tail) if tail else None,
         held_out_start=_mean([rows[0].accuracy for rows in evals.values() if rows[0].round == 0]),
@@ -148,6 +156,22 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
         rounds_per_hour=per_hour, restarts=count_restarts(folder),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
+
+
+def _setting(cfg: dict, key: str, default: int) -> int:
+    """An integer of the recorded config.json; its default when the file says anything else."""
+    value = cfg.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def _when(timestamp: object) -> str:
+    """A recorded time as a date; "-" for none, or for one no clock shows (a forged 1e300)."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+    except (OverflowError, OSError, ValueError):
+        return "-"
 
 
 def summaries_csv(summaries: list[Summary]) -> str:
@@ -175,12 +199,12 @@ def validate(root: Path) -> list[Check]:
     cfg = experiment_config(folder)
     checks.append(Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"))
     rounds = folder.state_rounds()
-    missing_states = sorted(set(range(1, (rounds[-1] if rounds else 0) + 1)) - set(rounds))
+    missing_states = _missing_rounds(rounds)
     checks.append(Check("round states", bool(rounds) and not missing_states,
                         f"rounds 1..{rounds[-1] if rounds else 0} each have a state file" if not missing_states
-                        else f"no state file for rounds {missing_states[:10]}"))
+                        else f"no state file for rounds {missing_states}"))
     unreadable = []
-    for path in sorted(root.rglob("*.json")):
+    for path in _layout_files(root, "*.json"):
         if path.name.startswith(".") or "checkpoints" in path.parts:
             continue
         # the swarm's protocol records must carry a checksum; meta files of the warm-up base need not
@@ -218,12 +242,12 @@ def validate(root: Path) -> list[Check]:
     checks.append(Check("rollouts and metrics per round", not gaps, "every worker that finished a round published "
                         "rollouts and a metrics row for it" if not gaps
                         else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}"))
-    interval = int(cfg.get("checkpoint_interval", 1) or 1)
+    interval = _setting(cfg, "checkpoint_interval", 1)
     stale = []
     for node in sorted({n for nodes in by_round.values() for n in nodes}):
         last_round = max(r for r, nodes in by_round.items() if node in nodes)
-        saved = [int(p.name.removeprefix("round_")) for p in folder.checkpoint_dir(node).glob("round_*")
-                 if (p / "meta.json").exists()]
+        saved = [number for p in folder.checkpoint_dir(node).glob("round_*")
+                 if (number := round_number(p.name)) is not None and (p / "meta.json").exists()]
         if not saved or max(saved) < last_round - interval:
             stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
     checks.append(_held_out_check(folder, cfg, rounds, by_round))
@@ -234,6 +258,25 @@ def validate(root: Path) -> list[Check]:
     checks.append(Check("logs", not no_logs, "every worker has logs/<node>/worker.log" if not no_logs
                         else f"no log for {', '.join(no_logs)}"))
     return checks
+
+
+def _missing_rounds(rounds: list[int], shown: int = 10) -> list[int]:
+    """The first rounds in 1..max(rounds) without a state file; linear in the files, whatever number a
+    planted round_999999999.json claims."""
+    missing: list[int] = []
+    expected = 1
+    for present in sorted(set(rounds)):
+        missing += range(expected, min(present, expected + shown - len(missing)))
+        expected = present + 1
+        if len(missing) >= shown:
+            break
+    return missing
+
+
+def _layout_files(root: Path, pattern: str, depth: int = 4) -> list[Path]:
+    """Files matching `pattern` in root and up to `depth` folders below (the layout's deepest files sit three
+    down); fixed-depth globs, where rglob would recurse through a planted tree until RecursionError."""
+    return sorted(path for level in range(depth) for path in root.glob("/".join(["*"] * level + [pattern])))
 
 
 def _held_out_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
@@ -307,15 +350,11 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
                         color=line.get_color(), label=f"{root.name} held-out")
         speed = [max(r.round_s for r in by_round[k].values()) for k in rounds]
         speed_ax.plot(rounds, _smooth(speed, window), label=root.name)
-        samples = folder.root / "logs" / "supervisor" / "monitor.jsonl"
-        if samples.exists():
-            rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-            for node in sorted({n for row in rows for n in row.get("nodes", {})}):
-                points = [(row["time"] - rows[0]["time"], row["nodes"][node].get("gpu_mib"))
-                          for row in rows if node in row.get("nodes", {})]
-                points = [(t, v) for t, v in points if v is not None]
-                if points:
-                    gpu_ax.plot(*zip(*points), label=f"{root.name}/{node}")
+        rows = _gpu_samples(folder)
+        for node in sorted({n for row in rows for n in row["nodes"]}):
+            points = [(row["time"] - rows[0]["time"], row["nodes"][node]) for row in rows if node in row["nodes"]]
+            if points:
+                gpu_ax.plot(*zip(*points), label=f"{root.name}/{node}")
     reward_ax.set(title=f"reward per round (mean of workers, {window}-round average; band: min..max)",
                   xlabel="round", ylabel="reward")
     acc_ax.set(title="exact-match rate: training (line), held-out greedy (o--)", xlabel="round", ylabel="accuracy")
@@ -331,6 +370,25 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _gpu_sample(record: dict, where: str) -> dict:
+    """{"time": t, "nodes": {node: GPU MiB}} of a monitor.jsonl line; nodes without a number are left out."""
+    nodes = record.get("nodes")
+    if isinstance(record.get("time"), bool) or not isinstance(record.get("time"), (int, float)) \
+            or not isinstance(nodes, dict):
+        raise RejectedFile(f"{where}: not a monitor sample (time and nodes)")
+    return {"time": record["time"],
+            "nodes": {node: sample["gpu_mib"] for node, sample in nodes.items() if isinstance(sample, dict)
+                      and isinstance(sample.get("gpu_mib"), (int, float)) and not isinstance(sample["gpu_mib"], bool)}}
+
+
+def _gpu_samples(folder: ExperimentFolder) -> list[dict]:
+    try:
+        return read_jsonl(folder.root / "logs" / "supervisor" / "monitor.jsonl", _gpu_sample).records
+    except (RejectedFile, OSError) as exc:     # a plot without its GPU panel rather than no plot
+        log.warning("%s", exc)
+        return []
 
 
 # -- aggregate over seeds -------------------------------------------------------------------------

@@ -5,11 +5,12 @@ supervisor, from its own processes); swarm_supervisor.dashboard only draws it.
 the same table the supervisor draws.
 """
 
-import json
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
@@ -18,7 +19,8 @@ from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_from, read_json_bounded, read_jsonl
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, warn_skipped
+from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class SwarmView:
     phase: str = "running"           # finished, stopped, failed (experiments.status_of): no ETA but running
 
 TREND = 8
+METRICS_CHUNK = 1024 * 1024      # bytes of a metrics log read a refresh: a long log is caught up over a few
 # reward collapse: the mean of the last REWARD_WINDOW rounds under REWARD_COLLAPSE x the best such mean so far
 # (only once that best reached REWARD_FLOOR: a node that never earned reward has nothing to lose)
 REWARD_WINDOW, REWARD_COLLAPSE, REWARD_FLOOR = 20, 0.5, 0.2
@@ -116,6 +119,7 @@ class SwarmReader:
         self.folder, self.cfg = folder, cfg
         self.model_label, self.device_label = model_label, device_label
         self._offsets: dict[str, int] = {}
+        self._refused: set[Path] = set()      # metrics paths that hold no regular file
         self.latest: dict[str, RoundMetrics] = {}
         self.trends: dict[str, deque[float]] = {}
         self.rejected = 0
@@ -128,17 +132,18 @@ class SwarmReader:
     def _read_new_metrics(self, node: str) -> None:
         path = self.folder.metrics_file(node)
         try:
-            chunk = read_from(path, self._offsets.get(node, 0), 1024 * 1024)
+            lines = read_jsonl_tail(path, self._offsets.get(node, 0), RoundMetrics.from_json, METRICS_CHUNK)
+        except RejectedFile as error:     # not a regular file (a planted link or FIFO): counted once
+            if path not in self._refused:
+                self._refused.add(path)
+                self.rejected += 1
+                warn_skipped(path, error)
+            return
         except OSError:      # not there (or not synced) yet, or a Drive hiccup: the next refresh reads it
             return
-        complete = chunk[: chunk.rfind(b"\n") + 1]   # a torn last line waits for its newline
-        self._offsets[node] = self._offsets.get(node, 0) + len(complete)
-        for line in complete.splitlines():
-            try:
-                row = RoundMetrics.from_json(json.loads(line), str(path))
-            except (ValueError, RejectedFile):
-                self.rejected += 1
-                continue
+        self._offsets[node] = lines.end
+        self.rejected += len(lines.bad)
+        for row in lines.records:
             last = self.latest.get(node)
             if last is None or row.round >= last.round:
                 self.latest[node] = row
@@ -219,7 +224,9 @@ class SwarmReader:
         if done == 0 or elapsed <= 0:
             return elapsed, None, None
         per_hour = done / elapsed * 3600
-        return elapsed, per_hour, max(0, self.cfg.max_rounds - round_) / per_hour * 3600
+        eta = max(0, self.cfg.max_rounds - round_) / per_hour * 3600
+        # a forged start time of -1e308 makes the rate tiny and the ETA infinite: no ETA rather than a crash
+        return elapsed, per_hour, eta if math.isfinite(eta) else None
 
     def view(self, handles: Iterable = (), snapshot: MonitorSnapshot | None = None, events: Iterable[str] = (),
              started: float | None = None, coordinator_round: int | None = None) -> SwarmView:
@@ -298,5 +305,8 @@ def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
     out = []
     for row in rows[-last:]:
         if isinstance(row.get("time"), (int, float)) and isinstance(row.get("event"), str):
-            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + plain(row["event"][:200]))
+            try:
+                out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + plain(row["event"][:200]))
+            except (OverflowError, OSError, ValueError):     # a time no clock shows
+                warn_skipped(folder.events_file, RejectedFile(f"an event at time {row['time']!r}"))
     return out

@@ -22,6 +22,7 @@ from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, is_visible
+from workers.shared_folder.leftovers import remove_stale_temps
 from workers.shared_folder.protocol import EVENT_RESTART, EVENT_UNLEARNING, Status
 from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
 
@@ -33,6 +34,12 @@ RECORD_S = 5.0
 HANG_CHECK_S = 2.0       # how often the monitor's samples are kept in logs/supervisor/monitor.jsonl
 SHUTDOWN_GRACE_S = 30.0
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def one_line(error: BaseException) -> str:
+    """`KeyError: 'x'`: the type, and the first line of the message, if any."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class Supervisor:
         self.above_high_water = False
         self.unlearning: set[str] = set()     # workers the learning-health guard warned about
         self.exit_code: int | None = None
+        self.failure: str | None = None       # why the swarm stopped with EXIT_FAILED, in one line
 
     # -- events --------------------------------------------------------------------------------------
     def event(self, message: str, level: str = "info", kind: str | None = None, node: str | None = None) -> None:
@@ -201,6 +209,7 @@ class Supervisor:
 
     def _run(self) -> int:
         self.folder.create()
+        remove_stale_temps(self.folder.root)      # of writes killed in an earlier run; live writers' are kept
         for h in self.handles:
             self._spawn(h)
         if self.coordinator:   # after the spawns, so round 1 already lists every local worker
@@ -273,17 +282,24 @@ class Supervisor:
             log.warning("monitor sample not written: %s", exc)
 
     def _verdict(self) -> int | None:
-        if self.coordinator and self.coordinator.error is not None:
-            self.event(f"coordinator failed: {self.coordinator.error}")
-            return EXIT_FAILED
-        if all(h.failed for h in self.handles):
-            self.event("every worker failed; stopping the swarm")
-            return EXIT_FAILED
+        coordinator = self.coordinator
+        # its thread ended before the last round: no round would start again, and this loop would wait for ever
+        if coordinator and not coordinator.is_alive() and not coordinator.finished.is_set() \
+                and not self.stop_coordinator.is_set():
+            why = one_line(coordinator.error) if coordinator.error else "it stopped without saying why"
+            return self._fail(f"coordinator failed: {why}")
+        if self.handles and all(h.failed for h in self.handles):
+            return self._fail("every worker failed; stopping the swarm")
         finished = self.coordinator.finished.is_set() if self.coordinator else is_visible(self.folder.finished_file)
         if finished and all(h.failed or h.exited_ok for h in self.handles):
             failed = [h.node for h in self.handles if h.failed]
             return EXIT_FAILED if failed else EXIT_OK
         return None
+
+    def _fail(self, reason: str) -> int:
+        self.failure = reason
+        self.event(reason, level="warning")
+        return EXIT_FAILED
 
     def _ask_workers_to_stop(self) -> None:
         """SIGTERM: each worker finishes the file it is writing, saves a checkpoint and exits 0."""

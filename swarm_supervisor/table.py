@@ -18,6 +18,7 @@ from typing import Mapping
 
 from configs_env import SwarmConfig, SwarmError
 from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.leftovers import make_temp_dir
 
 POLL_S = 1.0
 STOP_GRACE_S = 90.0
@@ -89,9 +90,8 @@ def share_warmups(arms: list[Arm], base_env: Mapping[str, str], log_dir: Path) -
 def _copy_folder(source: Path, target: Path) -> None:
     """Copy, then rename into place: `up` sees a whole base or none."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    tmp = make_temp_dir(target)
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
     os.replace(tmp, target)
 
 

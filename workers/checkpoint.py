@@ -22,8 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmError
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, read_jsonl,
-                            with_retries, write_json_atomic)
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, with_retries,
+                                          write_json_atomic)
+from workers.shared_folder.jsonl import read_jsonl
+from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,
     errors), and leaves no temp folder behind: each would hold a whole model.
     """
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".round_{meta.round:06d}.{os.getpid()}.tmp"
+    tmp = make_temp_dir(root / f"round_{meta.round:06d}")
     try:
         return _write_checkpoint(root, tmp, meta, model, optimizer)
     except (OSError, RuntimeError, SafetensorError) as exc:
@@ -73,8 +75,6 @@ def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,
 def _write_checkpoint(root: Path, tmp: Path, meta: CheckpointMeta, model: torch.nn.Module,
                       optimizer: torch.optim.Optimizer) -> Path:
     final = root / f"round_{meta.round:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     # weights_only=True can read this back: tensors, numbers and plain containers only, no pickled objects
     state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -154,10 +154,10 @@ def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: flo
     Written beside the old best and swapped in by renames, so a crash leaves one whole best model, old or new.
     """
     root.mkdir(parents=True, exist_ok=True)
-    final, tmp, old = root / BEST, root / f".best.{os.getpid()}.tmp", root / f".best.{os.getpid()}.old"
+    final = root / BEST
+    tmp = make_temp_dir(final)
+    old = tmp.with_suffix(".old")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
         with open(tmp / "meta.json", "w", encoding="utf-8") as f:
             json.dump({"schema": SCHEMA, "node": node, "model_name": model_name, "round": round_,
@@ -174,6 +174,21 @@ def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: flo
             os.replace(old, final)
         raise OSError(f"best model of round {round_} not written: {str(exc).splitlines()[0][:200]}") from exc
     return final
+
+
+def clear_leftovers(root: Path) -> None:
+    """What killed writes left in this node's checkpoint folder: temp folders go, and a best model that
+    save_best had moved aside (`.best.*.old`) when it was killed comes back as best/."""
+    for old in sorted(root.glob(".best.*.old"), key=lambda p: p.lstat().st_mtime, reverse=True):
+        try:
+            if not (root / BEST).exists() and old.is_dir() and not old.is_symlink():
+                os.replace(old, root / BEST)
+                log.info("%s: the best model a killed write had moved aside is back", root / BEST)
+            elif is_stale(old):
+                remove(old)
+        except OSError as exc:       # the next start tries again
+            log.warning("%s: a leftover of a killed write, not cleared (%s)", old, exc)
+    remove_stale_temps(root, depth=1)
 
 
 def read_best(root: Path) -> dict[str, Any] | None:
@@ -243,7 +258,7 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
     rewards file the coordinator would wait for a round this node will not play again.
     """
     try:
-        recorded = {row.get("round") for row in read_jsonl(folder.metrics_file(node))}
+        recorded = {row.round for row in read_jsonl(folder.metrics_file(node), RoundMetrics.from_json)}
     except (RejectedFile, OSError) as exc:
         log.warning("could not read this node's metrics to complete them (%s); nothing rewritten", exc)
         return []

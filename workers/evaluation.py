@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs_env import SwarmConfig
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_jsonl
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, warn_skipped
+from workers.shared_folder.jsonl import read_jsonl
 from workers.learning.generation import prompts_per_call, sample_completions
 from workers.learning.model import Policy
 from workers.shared_folder.protocol import HeldOutEval
@@ -114,20 +115,13 @@ def eval_file(folder: ExperimentFolder, node: str) -> Path:
 
 def read_held_out(path: Path) -> tuple[list[HeldOutEval], int]:
     """One node's evaluations by round (a repeated round keeps its last line) and the count of bad lines."""
-    by_round: dict[int, HeldOutEval] = {}
-    bad = 0
     try:
-        for record in read_jsonl(path):
-            try:
-                row = HeldOutEval.from_json(record, str(path))
-            except RejectedFile as error:
-                log.warning("%s", error)
-                bad += 1
-                continue
-            by_round[row.round] = row
-    except RejectedFile as error:     # the whole file is over its size limit
-        log.warning("%s", error)
-        bad += 1
-    except OSError as error:          # a Drive hiccup: the rows read so far; the next call reads them all
+        lines = read_jsonl(path, HeldOutEval.from_json)     # a bad line is warned about there
+    except RejectedFile as error:     # over its size limit, or not a regular file
+        warn_skipped(path, error)
+        return [], 1
+    except OSError as error:          # a Drive hiccup: the next call reads them
         log.warning("%s: %s", path, error)
-    return [by_round[r] for r in sorted(by_round)], bad
+        return [], 0
+    by_round = {row.round: row for row in lines}
+    return [by_round[r] for r in sorted(by_round)], len(lines.bad)

@@ -21,6 +21,7 @@ from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig
 from workers.shared_folder.folder import RejectedFile, read_json_bounded
+from workers.shared_folder.leftovers import make_temp_dir
 from workers.evaluation import EVAL_BATCH, greedy_accuracy, held_out_questions
 from workers.learning.generation import encode_prompt
 from workers.learning.grpo import build_batch, completion_logprobs
@@ -127,9 +128,8 @@ def base_dir(experiment_root: Path) -> Path:
 def save_base(experiment_root: Path, policy: Policy, report: WarmupReport) -> Path:
     """Temp folder, fsync, rename: a half-written base is never seen."""
     final = base_dir(experiment_root)
-    tmp = final.with_name(f".base.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(final)
     save_model(policy.model, str(tmp / "model.safetensors"))
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
         json.dump({"schema": 1, **asdict(report)}, f)

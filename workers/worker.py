@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from configs_env import SwarmConfig, SwarmError
-from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, load_latest_checkpoint,
+from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, clear_leftovers, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
 from workers.shared_folder.exchange import Exchange, Outbox, read_heartbeats
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, is_visible, with_retries,
-                                          write_json_atomic)
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, is_visible, open_append,
+                                          with_retries, write_json_atomic)
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer
@@ -66,7 +66,7 @@ class WorkerSpec:
 def _log_to_folder(log_dir: Path) -> None:
     """Everything the process prints, Python or C level, goes to logs/<node>/worker.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_append(log_dir / "worker.log")      # never through a link a peer planted at the log's name
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -245,6 +245,7 @@ class Worker:
         optimizer = make_optimizer(policy.model, cfg.learning_rate or default_learning_rate(spec.model_name))
         if use_activation_checkpointing(cfg.gradient_checkpointing, policy.device):
             enable_activation_checkpointing(policy.model)
+        clear_leftovers(self.checkpoints)
         meta = load_latest_checkpoint(self.checkpoints, policy.model, optimizer, spec.model_name)
         self.progress = Progress.resumed(meta)
         if meta:

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder,
-                                          read_json_bounded, with_retries, write_json_atomic)
+                                          naming, read_json_bounded, warn_skipped, with_retries,
+                                          write_json_atomic)
 from workers.shared_folder.doorbell import Doorbell
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, Status
 
 log = logging.getLogger(__name__)
 
-ROLLOUT_NAME = re.compile(r"^(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>\d{1,4}))?\.json$")
+# matched whole (fullmatch): a `$` anchor would let "w-1.json\n" through
+ROLLOUT_NAME = re.compile(r"(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>[0-9]{1,4}))?\.json")
 POLL_S = 0.2
 HEARTBEAT_BYTES = 64 * 1024
 # records remembered, parsed or known bad: a round reads its peers' rollout files (one per group at most, with
@@ -27,8 +29,9 @@ Version = tuple[int, int]
 
 
 def file_version(path: Path) -> Version:
-    # size as well as mtime: Drive may keep a file's modification time while its content finishes syncing
-    info = path.stat()
+    # size as well as mtime: Drive may keep a file's modification time while its content finishes syncing;
+    # lstat: a planted link is a file of its own, refused by the read, not the version of what it points to
+    info = path.lstat()
     return info.st_mtime_ns, info.st_size
 
 
@@ -49,9 +52,7 @@ class Exchange:
     def reject(self, path: Path, error: RejectedFile) -> None:
         if path not in self.rejected:
             self.rejected.add(path)
-            text = str(error)
-            # one line naming the file, also for checks (a node id, say) that do not know where they run
-            log.warning("rejected %s", text if text.startswith(str(path)) else f"{path}: {text}; skipped")
+            log.warning("rejected %s", naming(path, error))
 
     def reject_group(self, where: str, why: str) -> None:
         """A well-formed file with a group this worker cannot use: warned about once per group."""
@@ -93,7 +94,7 @@ class Exchange:
             return found
         self.trouble.pop("fetch", None)
         for path in listing:
-            match = ROLLOUT_NAME.match(path.name)
+            match = ROLLOUT_NAME.fullmatch(path.name)
             if match is None or match["node"] == self.node:
                 continue
 
@@ -163,7 +164,7 @@ def _remember(store: dict[Path, Any], path: Path, value: Any) -> None:
 
 def read_heartbeats(folder: ExperimentFolder,
                     on_reject: Callable[[Path, RejectedFile], None] | None = None) -> dict[str, Heartbeat]:
-    """Every node's latest valid heartbeat in peers/.
+    """Every node's latest valid heartbeat in peers/; a bad one goes to `on_reject` (default: warned about once).
 
     Raises OSError when the Drive would not list or read them all, even after quick retries: a partial
     answer would look like nodes that left, which the coordinator would stop waiting for.
@@ -177,14 +178,14 @@ def read_heartbeats(folder: ExperimentFolder,
             record = with_retries(lambda p=path: read_json_bounded(p, HEARTBEAT_BYTES, require_checksum=True),
                                   f"reading {path}", attempts=3, first_wait_s=0.05, retry_missing=False)
             beat = Heartbeat.from_json(record, str(path))
+            if beat.node != path.stem:
+                raise RejectedFile(f"{path}: the heartbeat of {beat.node!r}, which its name contradicts; skipped")
         except FileNotFoundError:
             continue        # gone, or not synced yet
         except RejectedFile as error:
-            if on_reject is not None:
-                on_reject(path, error)
+            (on_reject or warn_skipped)(path, error)
             continue
-        if beat.node == path.stem:
-            beats[beat.node] = beat
+        beats[beat.node] = beat
     return beats
 
 

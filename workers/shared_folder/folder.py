@@ -8,24 +8,30 @@ listing of the protocol subfolders goes through these helpers, which is where `w
 makes a test's folder slow and flaky.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
 import re
+import stat
+import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from configs_env import SwarmError
-from workers.shared_folder import drive_sim
+from workers.shared_folder import bounded_json, drive_sim
+from workers.shared_folder.leftovers import temp_prefix, usual_mode
 
 log = logging.getLogger(__name__)
 
-NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")     # matched whole: fullmatch, never a `$` anchor
+ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 MAX_RECORD_BYTES = 4 * 1024 * 1024     # a round's rollouts of one node: I*G completions, far below this
-MAX_JSONL_BYTES = 64 * 1024 * 1024
 CHECKSUM_KEY = "sha256"
 
 
@@ -69,9 +75,37 @@ class RejectedFile(SwarmError):
     """A file in the shared folder failed validation; it is skipped and counted, never trusted."""
 
 
+_warned: dict[str, None] = {}      # insertion-ordered: past WARNED_KEEP the oldest is forgotten first
+_warned_lock = threading.Lock()
+WARNED_KEEP = 4096
+
+
+def naming(path: Path, error: RejectedFile) -> str:
+    """The refusal as one message that starts with the file, also for checks (a node id, say) that do not
+    know which file they run on."""
+    text = str(error)
+    return text if text.startswith(str(path)) else f"{path}: {text}; skipped"
+
+
+def warn_skipped(path: Path, error: RejectedFile) -> None:
+    """Log a skipped file once per process: a reader that polls (the dashboard, several times a second) meets
+    the same bad file again and again."""
+    warn_once(naming(path, error))
+
+
+def warn_once(text: str) -> None:
+    with _warned_lock:
+        if text in _warned:
+            return
+        if len(_warned) >= WARNED_KEEP:
+            del _warned[next(iter(_warned))]
+        _warned[text] = None
+    log.warning("%s", text)
+
+
 def check_node_name(name: str) -> str:
     """Node ids become file names: letters, digits, '.', '_', '-' only, so `../../etc` never becomes a path."""
-    if not isinstance(name, str) or not NODE_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not NODE_NAME.fullmatch(name) or name in (".", ".."):
         raise RejectedFile(f"node id {name!r} is not a safe name (letters, digits, '.', '_', '-', at most 64)")
     return name
 
@@ -88,19 +122,91 @@ def record_checksum(record: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one; the record gains a checksum."""
+    """Readers see the old file or the new one, never half of one; the record gains a checksum.
+
+    The temp file has an unpredictable name (mkstemp: O_EXCL, never a planted link) and the rename replaces
+    a link planted at `path` itself, never writing through it.
+    """
     # the round trip turns tuples into lists and non-string keys into strings, exactly as a reader sees them
     body = json.loads(json.dumps({k: v for k, v in record.items() if k != CHECKSUM_KEY}, allow_nan=False))
     sealed = {**body, CHECKSUM_KEY: record_checksum(body)}
     drive_sim.before_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(sealed, f, separators=(",", ":"), allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    try:
+        usual_mode(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(sealed, f, separators=(",", ":"), allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     drive_sim.after_write(path)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+class NotRegularFile(RejectedFile):
+    """Something other than a regular file where the swarm expects one: a link, FIFO, socket, folder, device."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"{path}: {what}, not a regular file; skipped")
+        self.what = what
+
+
+def _open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the regular file at `path` (NotRegularFile otherwise); a link is not followed and a
+    FIFO never blocks."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        # ELOOP: the last component is a link (O_NOFOLLOW); ENXIO: a socket, or a FIFO nobody reads
+        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        try:
+            what = _kind(os.lstat(path).st_mode)
+        except OSError:
+            what = exc.strerror or "unopenable"
+        raise NotRegularFile(path, what) from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotRegularFile(path, _kind(info.st_mode))
+    return fd
+
+
+def _read_regular(path: Path, offset: int, limit: int, whole: bool) -> bytes:
+    """Up to `limit` bytes from `offset` of a regular file; whole=True: RejectedFile when it holds more."""
+    try:
+        fd = _open_regular(path)
+    except (PermissionError, NotADirectoryError) as exc:
+        raise RejectedFile(f"{path}: unreadable ({exc.strerror or exc}); skipped") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        drive_sim.before_read(path, info.st_mtime)
+        if whole and info.st_size > limit:
+            raise RejectedFile(f"{path}: {info.st_size} bytes is over the {limit}-byte limit; skipped")
+        f.seek(offset)
+        return f.read(limit)
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """The JSON value of `data`, bounded (see bounded_json); RejectedFile naming `where` and why when refused."""
+    try:
+        return bounded_json.loads(data.decode("utf-8"))
+    except bounded_json.RefusedJSON as exc:
+        raise RejectedFile(f"{where}: {exc}; skipped") from exc
+    except ValueError as exc:         # bad UTF-8 or JSON, an empty file
+        raise RejectedFile(f"{where}: not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]}); skipped") from exc
 
 
 def read_json_bounded(path: Path, max_bytes: int = MAX_RECORD_BYTES, *,
@@ -108,23 +214,12 @@ def read_json_bounded(path: Path, max_bytes: int = MAX_RECORD_BYTES, *,
     """One JSON object from the folder, its checksum checked and removed.
 
     Raises FileNotFoundError while the file is missing (or not synced yet), OSError for a Drive hiccup
-    (the caller tries again later), and RejectedFile naming the file and why when it is bad. A record
-    without a checksum is accepted only when require_checksum is False (files not written by
-    write_json_atomic, such as checkpoint meta files).
+    (the caller tries again later), and RejectedFile naming the file and why when it is bad: not a regular
+    file (a link, FIFO, directory...), over `max_bytes`, not JSON, beyond bounded_json's limits, or not an
+    object. A record without a checksum is accepted only when require_checksum is False (files not
+    written by write_json_atomic, such as checkpoint meta files).
     """
-    try:
-        info = path.stat()
-        drive_sim.before_read(path, info.st_mtime)
-        if info.st_size > max_bytes:
-            raise RejectedFile(f"{path}: {info.st_size} bytes is over the {max_bytes}-byte limit; skipped")
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-        raise RejectedFile(f"{path}: unreadable ({exc.strerror or exc}); skipped") from exc
-    try:
-        record = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:    # bad UTF-8 or JSON, an over-long integer, deep nesting
-        raise RejectedFile(f"{path}: not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]}); skipped") from exc
+    record = parse_json(read_whole(path, max_bytes), str(path))
     if not isinstance(record, dict):
         raise RejectedFile(f"{path}: expected a JSON object, got {type(record).__name__}; skipped")
     claimed = record.pop(CHECKSUM_KEY, None)
@@ -163,43 +258,61 @@ def is_visible(path: Path) -> bool:
 
 def read_from(path: Path, offset: int, limit: int) -> bytes:
     """Up to `limit` bytes from `offset` of a file read incrementally (an append-only log such as metrics)."""
-    drive_sim.before_read(path, path.stat().st_mtime)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(limit)
+    return _read_regular(path, offset, limit, whole=False)
+
+
+def read_whole(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file; RejectedFile naming it when it is over `max_bytes`."""
+    return _read_regular(path, 0, max_bytes, whole=True)
+
+
+def open_append(path: Path) -> int:
+    """A descriptor appending to the regular file at `path`, created if missing; never through a link.
+
+    The path is this writer's own (its log, its metrics), so a link, FIFO or socket planted there is removed
+    (the link itself, never what it points to) and a new file takes its place: a line that waited for the
+    path instead would hold up the round's later files. OSError when a folder sits there.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    try:
+        return _open_regular(path, flags)
+    except NotRegularFile as error:
+        if error.what == "a directory":
+            raise OSError(errno.EISDIR, f"{path} is a directory, not the file rl-swarm appends to (remove it)") \
+                from error
+        log.warning("%s: %s was planted where this node appends; replaced by a new file", path, error.what)
+        path.unlink()
+    try:
+        return _open_regular(path, flags | os.O_EXCL)     # planted again meanwhile: refused, the line waits
+    except NotRegularFile as error:
+        raise OSError(errno.EEXIST, f"{path}: {error.what} keeps being planted here; not written") from error
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a signal, a full disk, a network mount): loop until every byte is out."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "the file took no more bytes")
+        view = view[written:]
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one line with a single write and fsync; a crash can only leave a torn last line, which readers skip."""
+    """Append one whole line and fsync; a crash can only leave a torn last line, which readers skip.
+
+    Each log has one writer, so O_APPEND's writes of one line never interleave with another's.
+    """
     drive_sim.before_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_append(path)
     try:
-        os.write(fd, line)
+        write_all(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
     drive_sim.after_write(path)
-
-
-def read_jsonl(path: Path, max_bytes: int = MAX_JSONL_BYTES) -> Iterator[dict[str, Any]]:
-    """Every well-formed object line of a JSONL file; malformed lines are logged and skipped."""
-    try:
-        drive_sim.before_read(path, path.stat().st_mtime)
-    except FileNotFoundError:
-        return
-    if path.stat().st_size > max_bytes:
-        raise RejectedFile(f"{path}: over the {max_bytes}-byte limit for a JSONL file; skipped")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (ValueError, RecursionError):
-                log.warning("%s line %d: not valid JSON; skipped", path, number)
-                continue
-            if isinstance(record, dict):
-                yield record
 
 
 class ExperimentFolder:
@@ -211,10 +324,11 @@ class ExperimentFolder:
     def create(self) -> "ExperimentFolder":
         for sub in ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        probe = self.root / "state" / f".probe.{os.getpid()}"
         try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            # mkstemp, not a name of ours: a link planted at a predictable name would have us truncate its target
+            fd, probe = tempfile.mkstemp(dir=self.root / "state", prefix=".probe.")
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise FolderError(f"{self.root}: the shared folder is not writable ({exc.strerror}); "
                               "check GDRIVE_PATH and that the Drive is mounted") from exc
@@ -261,7 +375,13 @@ class ExperimentFolder:
         """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
         found = []
         for path in list_folder(self.root / "state", "round_*.json"):
-            digits = path.stem.removeprefix("round_")
-            if digits.isdigit():
-                found.append(int(digits))
+            number = round_number(path.stem)
+            if number is not None:
+                found.append(number)
         return sorted(found)
+
+
+def round_number(name: str) -> int | None:
+    """N of a `round_N` name (state files, rollout and checkpoint folders); None for anything else."""
+    digits = name.removeprefix("round_")
+    return int(digits) if name.startswith("round_") and ROUND_DIGITS.fullmatch(digits) else None

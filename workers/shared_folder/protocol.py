@@ -73,10 +73,11 @@ class RoundState:
     @classmethod
     def from_json(cls, record: dict[str, Any], where: str = "round state") -> "RoundState":
         _check_schema(record, where)
+        nodes = _need({"nodes": [], **record}, "nodes", list, where)     # absent in the first state files
         state = cls(round=_need(record, "round", int, where), max_rounds=_need(record, "max_rounds", int, where),
                     started_at=float(_need(record, "started_at", (int, float), where)),
                     reason=_need(record, "reason", str, where),
-                    nodes=tuple(check_node_name(n) for n in record.get("nodes", [])[:1024]))
+                    nodes=tuple(check_node_name(n) for n in nodes[:1024]))
         if not 1 <= state.round <= state.max_rounds:
             raise RejectedFile(f"{where}: round {state.round} is outside 1..{state.max_rounds}")
         return state

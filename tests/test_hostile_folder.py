@@ -1,0 +1,364 @@
+"""A peer cannot run code in, poison, crash or hang the swarm through the shared folder (issue 17).
+
+Each test plants what a careless or hostile peer could leave in the folder, and shows that every reader skips
+it with one warning naming it and goes on with the good records, and that no write goes through a planted link.
+"""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from rich.console import Console
+
+from configs_env import SwarmConfig
+from configs_env.parsing import SAFE_NAME
+from swarm_supervisor.experiments import metrics_by_round, summarize, validate
+from swarm_supervisor.status import METRICS_CHUNK, SwarmReader
+from tests.helpers import (HOSTILE_REASON, heartbeat_record, metrics_row, plant_entry, plant_hostile, rollouts_record,
+                           sealed, warnings_naming)
+from workers.evaluation import eval_file, read_held_out
+from workers.shared_folder.exchange import HEARTBEAT_BYTES, ROLLOUT_NAME, Exchange, read_heartbeats
+from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, append_jsonl,
+                                          check_node_name, read_json_bounded, write_json_atomic)
+from workers.shared_folder.jsonl import read_jsonl
+from workers.shared_folder.leftovers import STALE_TEMP_S, remove_stale_temps, writer_tag
+from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
+
+# what a planted link points at: a record a reader would accept, were it to follow the link
+OUTSIDE_TEXT = sealed(rollouts_record("outsider"))
+
+
+@pytest.fixture(autouse=True)
+def no_reader_blocks():
+    """A reader blocked on a FIFO would hang the suite: such a test fails instead."""
+    def blocked(signum, frame):
+        # pytest.fail, not TimeoutError: that is an OSError, which a reader takes for a Drive hiccup and retries
+        pytest.fail("a reader or writer blocked (on a FIFO?)")
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "drive"), "MAX_ROUNDS": "2"})
+    folder = ExperimentFolder(cfg.experiment_dir).create()
+    outside = tmp_path / "outside.json"
+    outside.write_text(OUTSIDE_TEXT)
+    return cfg, folder, outside
+
+
+def reader(cfg: SwarmConfig, folder: ExperimentFolder) -> SwarmReader:
+    return SwarmReader(folder, cfg, "m", "cpu")
+
+
+# -- every reader survives every file ----------------------------------------------------------------
+
+def test_a_record_reader_refuses_each_hostile_entry_in_one_line_naming_it_and_never_blocks(swarm):
+    _, folder, outside = swarm
+    planted = plant_hostile(folder.root / "rollouts" / "round_1" / "stage_0", outside, MAX_RECORD_BYTES)
+    for kind, path in planted.items():
+        with pytest.raises(RejectedFile) as refused:
+            read_json_bounded(path)
+        message = str(refused.value)
+        assert message.startswith(f"{path}:") and HOSTILE_REASON[kind] in message and "\n" not in message, kind
+    assert outside.read_text() == OUTSIDE_TEXT
+
+
+def test_a_worker_trains_on_the_good_peer_rollouts_and_warns_once_about_each_hostile_file(swarm, caplog):
+    _, folder, outside = swarm
+    stage = folder.rollout_dir(1, 0)
+    planted = plant_hostile(stage, outside, MAX_RECORD_BYTES)
+    write_json_atomic(folder.rollout_file(1, 0, "worker-2"), rollouts_record("worker-2"))
+    exchange = Exchange(folder, "worker-1")
+    for _ in range(2):                 # a worker polls: the second look warns about nothing again
+        found = exchange.peer_rollouts(1)
+    assert list(found) == ["worker-2"] and len(found["worker-2"]) == 1
+    assert len(exchange.rejected) == len(planted)
+    for kind, path in planted.items():
+        assert warnings_naming(caplog, path) == 1, kind
+
+
+def test_heartbeats_of_hostile_files_and_of_a_name_with_a_newline_are_skipped_once_each(swarm, caplog):
+    _, folder, outside = swarm
+    peers = folder.root / "peers"
+    planted = plant_hostile(peers, outside, HEARTBEAT_BYTES)
+    newline = peers / "worker-1\n.json"
+    newline.write_text(sealed(heartbeat_record("worker-1\n")))
+    (peers / "worker-2.json").write_text(sealed(heartbeat_record("worker-2")))
+    for _ in range(2):                 # the dashboard reads them several times a second
+        beats = read_heartbeats(folder)
+    assert list(beats) == ["worker-2"]
+    for kind, path in {**planted, "newline": newline}.items():
+        assert warnings_naming(caplog, path) == 1, kind
+
+
+def test_a_metrics_log_with_hostile_lines_gives_its_good_rows_to_every_reader(swarm, caplog):
+    cfg, folder, _ = swarm
+    bad_lines = ["[1, 2]", '{"schema": 1, "round": 1e999}', '{"round": ' + "9" * 400 + "}",
+                 "[" * 10_000 + "]" * 10_000, '{"round": NaN}', ""]
+    path = folder.metrics_file("worker-2")
+    path.parent.mkdir(parents=True)
+    lines = [json.dumps(metrics_row("worker-2", 1, reward=0.25)), *bad_lines,
+             json.dumps(metrics_row("worker-2", 2, reward=0.75))]
+    path.write_text("\n".join(lines) + "\n")
+    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
+
+    read = read_jsonl(path, RoundMetrics.from_json)
+    assert [row.round for row in read] == [1, 2] and len(read.bad) == len(bad_lines)
+    for number in range(2, 2 + len(bad_lines)):
+        assert warnings_naming(caplog, Path(f"{path} line {number}")) == 1
+
+    status = reader(cfg, folder)
+    view = status.view()
+    assert [(row.node_id, row.reward) for row in view.nodes] == [("worker-2", 0.75)]
+    assert status.rejected == len(bad_lines)
+
+    by_round, bad = metrics_by_round(folder)
+    assert {r: list(nodes) for r, nodes in by_round.items()} == {1: ["worker-2"], 2: ["worker-2"]}
+    assert len(bad) == len(bad_lines) and bad[0].startswith("metrics/worker-2/metrics.jsonl line 2: expected a JSON "
+                                                            "object, got list")
+
+
+def test_a_metrics_line_longer_than_a_refresh_reads_is_skipped_rather_than_waited_for(swarm):
+    cfg, folder, _ = swarm
+    path = folder.metrics_file("worker-2")
+    path.parent.mkdir(parents=True)
+    padding = "x" * (METRICS_CHUNK + METRICS_CHUNK // 2)
+    path.write_text(json.dumps({"pad": padding}) + "\n" + json.dumps(metrics_row("worker-2", 1, reward=0.75)) + "\n")
+    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
+    status = reader(cfg, folder)
+    views = [status.view() for _ in range(3)]     # the dashboard catches up a refresh at a time
+    assert [(row.node_id, row.reward) for row in views[-1].nodes] == [("worker-2", 0.75)]
+    assert status.rejected == 2        # the line's first MiB, then the rest of it
+
+
+def test_held_out_evaluations_with_hostile_lines_keep_their_good_rows(swarm):
+    _, folder, _ = swarm
+    path = eval_file(folder, "worker-2")
+    path.parent.mkdir(parents=True)
+    good = HeldOutEval(node="worker-2", round=0, accuracy=0.5, questions=10, seconds=1.0).to_json()
+    path.write_text("\n".join([json.dumps(good), "[]", "9" * 400, '{"accuracy": -1e999}']) + "\n")
+    rows, bad = read_held_out(path)
+    assert [row.accuracy for row in rows] == [0.5] and bad == 3
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "symlink to a file outside", "directory", "socket"])
+def test_a_metrics_log_that_is_no_regular_file_is_skipped_by_every_reader(swarm, kind, caplog):
+    cfg, folder, outside = swarm
+    outside.write_text(json.dumps(metrics_row("worker-2", 1)) + "\n")     # lines a reader must not take
+    path = plant_entry(folder.metrics_file("worker-2"), kind, outside)
+    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
+    status = reader(cfg, folder)
+    for _ in range(3):
+        view = status.view()
+    assert [(row.node_id, row.reward) for row in view.nodes] == [("worker-2", None)]
+    assert status.rejected == 1 and warnings_naming(caplog, path) == 1
+    with pytest.raises(RejectedFile, match=HOSTILE_REASON[kind]):
+        read_jsonl(path)
+    by_round, bad = metrics_by_round(folder)
+    assert by_round == {} and bad == [f"metrics/worker-2/metrics.jsonl: {HOSTILE_REASON[kind]}, not a regular file; "
+                                      "skipped"]
+
+
+def test_status_summary_and_validation_survive_a_folder_full_of_hostile_files(swarm):
+    cfg, folder, outside = swarm
+    write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": "many", "checkpoint_interval": [1],
+                                           "started_at": 1e300})
+    first = RoundState(round=1, max_rounds=2, started_at=0.0, reason="start", nodes=("worker-2",))
+    write_json_atomic(folder.round_state_file(1), first.to_json())
+    write_json_atomic(folder.round_state_file(999_999_999), {**first.to_json(), "round": 999_999_999,
+                                                            "max_rounds": 999_999_999})
+    (folder.root / "state" / "round_\u00b2.json").write_text("{}")     # '²'.isdigit(), yet int('²') fails
+    write_json_atomic(folder.round_state_file(2), {**first.to_json(), "round": 2, "nodes": {"a": 1}})
+    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2", updated_at=1e300))
+    folder.metrics_file("worker-2").parent.mkdir(parents=True)
+    folder.metrics_file("worker-2").write_text(json.dumps(metrics_row("worker-2", 1)) + "\n[]\n")
+    planted = {}
+    for sub in ("state", "peers", "rewards/round_1", "rollouts/round_1/stage_0"):
+        planted.update({f"{sub}/{kind}": path for kind, path in plant_hostile(folder.root / sub, outside).items()})
+    checkpoint = folder.checkpoint_dir("worker-2") / "round_x"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "meta.json").write_text("{}")
+    with deep_folders(folder.root / "logs", 1200):     # rglob or os.walk through it would end in RecursionError
+        check_everything_survives(cfg, folder, planted)
+
+
+def check_everything_survives(cfg: SwarmConfig, folder: ExperimentFolder, planted: dict[str, Path]) -> None:
+    view = reader(cfg, folder).view()
+    assert [row.node_id for row in view.nodes] == ["worker-2"]
+    summary = summarize(folder.root)
+    assert (summary.max_rounds, summary.started, summary.last_activity) == (0, "-", "-")
+    assert summary.rejected_files == 1
+    checks = {check.name: check for check in validate(folder.root)}
+    readable = checks["readable files"]
+    # with state/round_2.json (its nodes an object) and round_².json (no checksum): refused, not a crash
+    assert not readable.passed and readable.detail.startswith(f"{len(planted) + 2} unreadable"), readable.detail
+    assert not checks["round states"].passed and "[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]" in checks["round states"].detail
+
+
+def test_a_forged_start_time_shows_no_eta_rather_than_an_infinite_one(swarm):
+    cfg, folder, _ = swarm
+    for round_, started_at in ((1, -1.7e308), (2, time.time())):
+        state = RoundState(round=round_, max_rounds=20, started_at=started_at, reason="start")
+        write_json_atomic(folder.round_state_file(round_), state.to_json())
+    view = reader(cfg.with_overrides(max_rounds=20), folder).view()    # 18 rounds to go at 1 per 1.7e308 s
+    assert view.round == 2 and view.eta_s is None
+
+
+@contextlib.contextmanager
+def deep_folders(root: Path, depth: int) -> Iterator[None]:
+    """Folders `depth` deep, made and removed one at a time (os.makedirs and shutil.rmtree would recurse)."""
+    path = root
+    for _ in range(depth):
+        path = path / "d"
+        path.mkdir()
+    try:
+        yield
+    finally:
+        while path != root:
+            path.rmdir()
+            path = path.parent
+
+
+# -- writes never follow links and never tear --------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["symlink to a file outside", "FIFO", "socket"])
+def test_an_append_never_writes_through_what_a_peer_planted_at_its_path(swarm, kind, caplog):
+    _, folder, outside = swarm
+    path = plant_entry(folder.metrics_file("worker-1"), kind, outside)
+    append_jsonl(path, metrics_row("worker-1", 1))
+    assert outside.read_text() == OUTSIDE_TEXT
+    assert [row.round for row in read_jsonl(path, RoundMetrics.from_json)] == [1]
+    assert warnings_naming(caplog, path) == 1
+
+
+def test_an_append_to_a_planted_folder_is_an_error_naming_it(swarm):
+    _, folder, _ = swarm
+    path = folder.metrics_file("worker-1")
+    path.mkdir(parents=True)
+    with pytest.raises(OSError, match="is a directory, not the file rl-swarm appends to"):
+        append_jsonl(path, metrics_row("worker-1", 1))
+
+
+def test_a_short_write_loses_no_byte_of_an_appended_line(swarm, monkeypatch):
+    _, folder, _ = swarm
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, bytes(data[:7])))    # what a slow mount may do
+    path = folder.metrics_file("worker-1")
+    rows = [metrics_row("worker-1", 1), metrics_row("worker-1", 2)]
+    for row in rows:
+        append_jsonl(path, row)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_an_atomic_write_replaces_a_planted_link_and_uses_no_temp_name_a_peer_could_guess(swarm):
+    _, folder, outside = swarm
+    target = folder.heartbeat_file("worker-1")
+    target.symlink_to(outside)
+    for pid in range(os.getpid() - 2, os.getpid() + 3):     # the names earlier versions wrote their temp file to
+        (target.parent / f".{target.name}.{pid}.tmp").symlink_to(outside)
+    write_json_atomic(target, heartbeat_record("worker-1"))
+    assert outside.read_text() == OUTSIDE_TEXT
+    assert not target.is_symlink() and read_json_bounded(target, require_checksum=True)["node"] == "worker-1"
+
+
+# -- leftovers of killed writes ----------------------------------------------------------------------
+
+def dead_pid() -> int:
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait(timeout=60)
+    return finished.pid
+
+
+def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_kept(swarm):
+    from workers.checkpoint import BEST, clear_leftovers
+
+    _, folder, _ = swarm
+    checkpoints = folder.checkpoint_dir("worker-1")
+    here_dead = writer_tag().replace(str(os.getpid()), str(dead_pid()))
+    killed = checkpoints / f".round_000003.{here_dead}.k3j_2x9a.tmp"      # its writer died on this host
+    older = checkpoints / f".round_000002.{os.getpid()}.tmp"            # an earlier version's name, long ago
+    live = checkpoints / f".round_000004.{writer_tag()}.a1b2c3d4.tmp"    # a checkpoint being written now
+    elsewhere = folder.rollout_dir(1, 0) / ".worker-3.json.12.tmp"      # any host's, minutes old
+    moved_aside = checkpoints / f".best.{here_dead}.q9w8e7r6.old"       # save_best killed between its renames
+    for path in (killed, older, live, moved_aside):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"weights")
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("{")
+    long_ago = time.time() - 2 * STALE_TEMP_S
+    for path in (older, older / "model.safetensors", elsewhere):
+        os.utime(path, (long_ago, long_ago))
+
+    clear_leftovers(checkpoints)                # a worker's start
+    remove_stale_temps(folder.root)             # the supervisor's start
+    assert [p.exists() for p in (killed, older, elsewhere, moved_aside)] == [False] * 4
+    assert live.exists()
+    assert (checkpoints / BEST / "model.safetensors").read_bytes() == b"weights"
+
+
+# -- names are matched whole -------------------------------------------------------------------------
+
+def test_names_with_a_trailing_newline_or_unicode_digits_never_become_nodes_or_rounds(swarm):
+    _, folder, _ = swarm
+    with pytest.raises(RejectedFile):
+        check_node_name("worker-1\n")
+    assert ROLLOUT_NAME.fullmatch("worker-1.json\n") is None
+    assert ROLLOUT_NAME.fullmatch("worker-1.part\u0663.json") is None      # an Arabic-Indic 3: \d would take it
+    assert SAFE_NAME.fullmatch("run-1\n") is None
+    for name in ("round_000001.json\n", "round_\u00b2.json", "round_\u0663.json"):
+        (folder.root / "state" / name).write_text("{}")
+    write_json_atomic(folder.round_state_file(2), RoundState(round=2, max_rounds=2, started_at=0.0,
+                                                             reason="start").to_json())
+    assert folder.state_rounds() == [2]
+
+
+# -- a coordinator that dies stops the swarm in one line ---------------------------------------------
+
+def run_supervisor(cfg: SwarmConfig):
+    from swarm_supervisor.dashboard import Dashboard
+    from swarm_supervisor.supervisor import Supervisor
+
+    supervisor = Supervisor(cfg, [], run_coordinator=True, model_label="m", device_label="cpu",
+                            dashboard=Dashboard(Console(file=io.StringIO(), force_terminal=False)))
+    return supervisor, supervisor.run()
+
+
+def test_a_coordinator_that_raises_stops_the_supervisor_with_exit_1_and_the_reason_in_one_line(swarm, monkeypatch):
+    from swarm_supervisor.cli import summary
+    from swarm_supervisor.coordinator import Coordinator
+
+    cfg, folder, _ = swarm
+    leftover = folder.root / "state" / ".round_000001.json.12.tmp"     # a write killed in the last run
+    leftover.write_text("{")
+    os.utime(leftover, (time.time() - 2 * STALE_TEMP_S,) * 2)
+
+    def broken(self, round_, reason):
+        raise RuntimeError("state folder on fire\n  a second line the user need not see")
+    monkeypatch.setattr(Coordinator, "_start_round", broken)
+    supervisor, code = run_supervisor(cfg)
+    reason = "coordinator failed: RuntimeError: state folder on fire"
+    assert code == 1 and supervisor.failure == reason
+    assert summary(supervisor, 1.0, code).splitlines()[0].startswith(f"rl-swarm: FAILED ({reason}): ")
+    assert reason in [row["event"] for row in read_jsonl(folder.events_file)]
+    assert not leftover.exists()
+
+
+def test_a_coordinator_thread_that_ends_silently_does_not_leave_the_supervisor_waiting(swarm, monkeypatch):
+    from swarm_supervisor.coordinator import Coordinator
+
+    cfg, _, _ = swarm
+    monkeypatch.setattr(Coordinator, "run", lambda self: None)
+    supervisor, code = run_supervisor(cfg)
+    assert code == 1 and supervisor.failure == "coordinator failed: it stopped without saying why"

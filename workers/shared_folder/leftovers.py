@@ -1,0 +1,130 @@
+"""Temp files and folders that killed writes leave in the shared folder, named so that they can be cleared safely.
+
+Every temp name carries its writer: `.<target>.<pid>@<host>.<random>.tmp` (the random part from tempfile, so
+no peer can plant a link at the name first). A leftover is removed when it is older than STALE_TEMP_S or when
+its writer's pid is no longer alive on this host; a live writer, here or on another machine sharing the
+Drive, is never disturbed. Names of earlier versions (`.<target>.<pid>.tmp`, no host) are cleared by age alone.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+# a json temp lives milliseconds and a GPT-2 checkpoint is written in seconds, even to a slow Drive
+STALE_TEMP_S = 300.0
+TEMP_NAME = re.compile(r"\.(?P<target>.+?)\.(?P<pid>[0-9]{1,10})(?:@(?P<host>[0-9a-f]{8}))?"
+                       r"(?:\.[A-Za-z0-9_]{1,16})?\.(?:tmp|old)")
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this pid runs on this host (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:      # no pid is that large
+        return False
+    return True
+
+
+def writer_tag() -> str:
+    """`<pid>@<host>`: who writes a temp file, so a later start can tell a dead writer from a live one."""
+    return f"{os.getpid()}@{_HOST}"
+
+
+def temp_prefix(target: Path) -> str:
+    return f".{target.name}.{writer_tag()}."
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A new, empty folder beside `target` to write it in, then rename; its name is unpredictable."""
+    path = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
+    usual_mode(path, 0o755)
+    return path
+
+
+def usual_mode(path_or_fd: Path | int, mode: int) -> None:
+    """The mode the swarm's files always had (0644, folders 0755) rather than tempfile's 0600/0700, so that
+    `rl-swarm status` of another user on the machine still reads them."""
+    try:
+        os.chmod(path_or_fd, mode)
+    except OSError as exc:         # a Drive mount without modes: nothing to set
+        log.debug("mode of %s not set: %s", path_or_fd, exc)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The entry's own modification time or, for a folder being written, its newest file's."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        with os.scandir(path) as children:
+            for child in children:
+                newest = max(newest, child.stat(follow_symlinks=False).st_mtime)
+    return newest
+
+
+def is_stale(path: Path, now: float | None = None) -> bool:
+    """A temp entry whose writer is surely gone: dead on this host, or silent for STALE_TEMP_S."""
+    match = TEMP_NAME.fullmatch(path.name)
+    if match is None:
+        return False
+    if match["host"] == _HOST and not pid_alive(int(match["pid"])):
+        return True
+    try:
+        return (time.time() if now is None else now) - _newest_mtime(path) > STALE_TEMP_S
+    except OSError:        # gone meanwhile, or unreadable: leave it to the next start
+        return False
+
+
+def remove(path: Path) -> None:
+    """A file, a link (never what it points to) or a whole folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _entries(root: Path, depth: int) -> Iterator[Path]:
+    """Everything in root and up to `depth` levels below, without following links; a loop, not a recursion,
+    so a planted tree a thousand folders deep cannot end in RecursionError."""
+    pending = [(root, 0)]
+    while pending:
+        directory, level = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError:        # gone meanwhile, or unreadable: nothing of ours to clear there
+            continue
+        for entry in entries:
+            yield Path(entry.path)
+            if level + 1 < depth and entry.is_dir(follow_symlinks=False) and not entry.name.endswith(".tmp"):
+                pending.append((Path(entry.path), level + 1))
+
+
+def remove_stale_temps(root: Path, depth: int = 4) -> list[Path]:
+    """Remove the stale `*.tmp` entries in `root` and up to `depth` levels below (the layout's temps sit at
+    most three down: rollouts/round_N/stage_S/). Returns what went."""
+    removed = []
+    for path in _entries(root, depth):
+        if not path.name.endswith(".tmp") or not is_stale(path):
+            continue
+        try:
+            remove(path)
+        except (OSError, RecursionError) as exc:      # RecursionError: a planted tree too deep for rmtree
+            log.warning("%s: a leftover of a killed write, not removed (%s)", path, exc)
+            continue
+        removed.append(path)
+    if removed:
+        log.info("removed %d leftover(s) of killed writes under %s", len(removed), root)
+    return removed
