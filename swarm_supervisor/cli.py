@@ -239,7 +239,7 @@ def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig) -> bool:
 
 def _log_to_file(folder: ExperimentFolder) -> None:
     """The dashboard owns the terminal; the supervisor's own log goes to logs/supervisor/."""
-    log_dir = folder.root / "logs" / "supervisor"
+    log_dir = folder.supervisor_log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     # not a FileHandler: that would follow a link a peer planted at the log's name
     handler = logging.StreamHandler(os.fdopen(open_append(log_dir / "supervisor.log"), "a", encoding="utf-8"))

@@ -142,7 +142,7 @@ class Coordinator(threading.Thread):
         oldest_kept = self.round - self.cfg.rollout_keep_last_n_rounds
         archive = self.cfg.gdrive_path / "archives" / self.cfg.experiment_name / "rollouts"
         try:
-            rounds = list_folder(self.folder.root / "rollouts", "round_*")
+            rounds = list_folder(self.folder.rollouts_dir, "round_*")
         except OSError as exc:   # a Drive hiccup: the next round tries again
             log.warning("could not list old rollouts: %s", exc)
             return

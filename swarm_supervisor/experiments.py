@@ -35,7 +35,7 @@ def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, Roun
     """Every worker's valid metrics rows by round (a re-run round keeps its last row), and the bad lines."""
     rows: dict[int, dict[str, RoundMetrics]] = {}
     bad: list[str] = []
-    for path in sorted((folder.root / "metrics").glob("*/metrics.jsonl")):
+    for path in folder.metrics_files():
         name = str(path.relative_to(folder.root))
         try:
             lines = read_jsonl(path, RoundMetrics.from_json, name=name)
@@ -56,7 +56,7 @@ def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEv
     """Every worker's held-out evaluations by round (round 0: before round 1), and the files with bad lines."""
     evals: dict[str, list[HeldOutEval]] = {}
     bad: list[str] = []
-    for path in sorted((folder.root / "metrics").glob("*/eval.jsonl")):
+    for path in folder.metrics_files("eval.jsonl"):
         rows, errors = read_held_out(path)
         if errors:
             bad.append(f"{path.relative_to(folder.root)}: {errors} bad line(s)")
@@ -195,15 +195,29 @@ class Check:
 def validate(root: Path) -> list[Check]:
     """Completeness and consistency of one experiment's folder; each check is PASS or FAIL with a reason."""
     folder = ExperimentFolder(root)
-    checks: list[Check] = []
     cfg = experiment_config(folder)
-    checks.append(Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"))
     rounds = folder.state_rounds()
     missing_states = _missing_rounds(rounds)
-    checks.append(Check("round states", bool(rounds) and not missing_states,
-                        f"rounds 1..{rounds[-1] if rounds else 0} each have a state file" if not missing_states
-                        else f"no state file for rounds {missing_states}"))
-    unreadable = []
+    by_round, bad = metrics_by_round(folder)
+    unreadable = _unreadable_files(folder)
+    return [
+        Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"),
+        Check("round states", bool(rounds) and not missing_states,
+              f"rounds 1..{rounds[-1] if rounds else 0} each have a state file" if not missing_states
+              else f"no state file for rounds {missing_states}"),
+        Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
+              else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"),
+        Check("metrics lines", not bad, "every metrics line is valid" if not bad else f"{len(bad)} bad: {bad[0]}"),
+        _rounds_check(folder, cfg, rounds, by_round),
+        _held_out_check(folder, cfg, rounds, by_round),
+        _checkpoints_check(folder, cfg, by_round),
+        _logs_check(folder, by_round),
+    ]
+
+
+def _unreadable_files(folder: ExperimentFolder) -> list[str]:
+    """JSON files of the layout that do not parse or validate (checkpoints and temp files aside)."""
+    root, unreadable = folder.root, []
     for path in _layout_files(root, "*.json"):
         if path.name.startswith(".") or "checkpoints" in path.parts:
             continue
@@ -219,29 +233,31 @@ def validate(root: Path) -> list[Check]:
                 schema.from_json(record, str(path))
         except (RejectedFile, OSError) as exc:
             unreadable.append(f"{path.relative_to(root)} ({str(exc)[-80:]})")
-    checks.append(Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
-                        else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"))
-    by_round, bad = metrics_by_round(folder)
-    checks.append(Check("metrics lines", not bad, "every metrics line is valid" if not bad
-                        else f"{len(bad)} bad: {bad[0]}"))
+    return unreadable
+
+
+def _rounds_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
+                  by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
+    """Every worker that marked a round done published rollouts and a metrics row for it."""
     gaps = []
     for r in rounds:
         try:
             state = RoundState.from_json(read_json_bounded(folder.round_state_file(r), require_checksum=True))
         except (RejectedFile, OSError):
             continue
-        done = {p.stem for p in (root / "rewards" / f"round_{r}").glob("*.json")}
+        done = {p.stem for p in folder.rewards_dir(r).glob("*.json")}
         for node in sorted(set(state.nodes) & done):
             if not any(folder.rollout_dir(r, 0).glob(f"{node}*.json")) and cfg.get("num_train_samples", 1):
                 gaps.append(f"round {r}: {node} has no rollouts")
             if node not in by_round.get(r, {}):
                 gaps.append(f"round {r}: {node} has no metrics row")
-    cleanup = bool(cfg.get("rollout_cleanup_enabled"))
-    if cleanup:
+    if cfg.get("rollout_cleanup_enabled"):
         gaps = [g for g in gaps if "rollouts" not in g]     # retired rounds are gone on purpose
-    checks.append(Check("rollouts and metrics per round", not gaps, "every worker that finished a round published "
-                        "rollouts and a metrics row for it" if not gaps
-                        else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}"))
+    return Check("rollouts and metrics per round", not gaps, "every worker that finished a round published "
+                 "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}")
+
+
+def _checkpoints_check(folder: ExperimentFolder, cfg: dict, by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
     interval = _setting(cfg, "checkpoint_interval", 1)
     stale = []
     for node in sorted({n for nodes in by_round.values() for n in nodes}):
@@ -250,14 +266,15 @@ def validate(root: Path) -> list[Check]:
                  if (number := round_number(p.name)) is not None and (p / "meta.json").exists()]
         if not saved or max(saved) < last_round - interval:
             stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
-    checks.append(_held_out_check(folder, cfg, rounds, by_round))
-    checks.append(Check("checkpoints", not stale, f"every worker has a checkpoint within {interval} rounds of its "
-                        "last round" if not stale else "; ".join(stale[:3])))
+    return Check("checkpoints", not stale, f"every worker has a checkpoint within {interval} rounds of its "
+                 "last round" if not stale else "; ".join(stale[:3]))
+
+
+def _logs_check(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
     no_logs = [n for n in sorted({n for nodes in by_round.values() for n in nodes})
                if not (folder.log_dir(n) / "worker.log").exists()]
-    checks.append(Check("logs", not no_logs, "every worker has logs/<node>/worker.log" if not no_logs
-                        else f"no log for {', '.join(no_logs)}"))
-    return checks
+    return Check("logs", not no_logs, "every worker has logs/<node>/worker.log" if not no_logs
+                 else f"no log for {', '.join(no_logs)}")
 
 
 def _missing_rounds(rounds: list[int], shown: int = 10) -> list[int]:
@@ -385,7 +402,7 @@ def _gpu_sample(record: dict, where: str) -> dict:
 
 def _gpu_samples(folder: ExperimentFolder) -> list[dict]:
     try:
-        return read_jsonl(folder.root / "logs" / "supervisor" / "monitor.jsonl", _gpu_sample).records
+        return read_jsonl(folder.monitor_file, _gpu_sample).records
     except (RejectedFile, OSError) as exc:     # a plot without its GPU panel rather than no plot
         log.warning("%s", exc)
         return []

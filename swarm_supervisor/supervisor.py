@@ -274,7 +274,7 @@ class Supervisor:
                 nodes[h.node] = {"gpu_mib": proc.gpu_mib, "rss_mib": proc.rss_mib, "cpu_pct": proc.cpu_pct}
         device = snapshot.device
         try:
-            append_jsonl(self.folder.root / "logs" / "supervisor" / "monitor.jsonl", {
+            append_jsonl(self.folder.monitor_file, {
                 "time": snapshot.taken_at, "nodes": nodes, "supervisor_cpu_pct": snapshot.supervisor_cpu_pct,
                 "device_used_mib": device.used_mib if device else None,
                 "device_total_mib": device.total_mib if device else None})

@@ -57,7 +57,8 @@ def share_warmups(arms: list[Arm], base_env: Mapping[str, str], log_dir: Path) -
     firsts = {seed: members[0].config(base_env) for seed, members in by_seed.items()}
     running = {}
     for seed, members in sorted(by_seed.items()):
-        if firsts[seed].warmup_steps and not (firsts[seed].experiment_dir / "base" / "meta.json").exists():
+        if firsts[seed].warmup_steps and not (ExperimentFolder(firsts[seed].experiment_dir).base_dir
+                                              / "meta.json").exists():
             log = log_dir / f"pretrain-{members[0].experiment}.log"
             with open(log, "ab") as out:
                 running[seed] = (log, subprocess.Popen(_command("pretrain"), env=members[0].environment(base_env),
@@ -80,11 +81,11 @@ def share_warmups(arms: list[Arm], base_env: Mapping[str, str], log_dir: Path) -
         first = firsts[seed]
         for arm in members[1:]:
             cfg = arm.config(base_env)
-            target = cfg.experiment_dir / "base"
+            target = ExperimentFolder(cfg.experiment_dir).base_dir
             same = all(getattr(cfg, key) == getattr(first, key) for key in WARMUP_KEYS)
             if first.warmup_steps and same and not target.exists() \
                     and not ExperimentFolder(cfg.experiment_dir).state_rounds():
-                _copy_folder(first.experiment_dir / "base", target)
+                _copy_folder(ExperimentFolder(first.experiment_dir).base_dir, target)
 
 
 def _copy_folder(source: Path, target: Path) -> None:

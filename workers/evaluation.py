@@ -110,7 +110,7 @@ def held_out_trend(rows: list[HeldOutEval]) -> HeldOutTrend:
 
 
 def eval_file(folder: ExperimentFolder, node: str) -> Path:
-    return folder.metrics_file(node).with_name("eval.jsonl")
+    return folder.eval_file(node)
 
 
 def read_held_out(path: Path) -> tuple[list[HeldOutEval], int]:

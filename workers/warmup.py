@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig
-from workers.shared_folder.folder import RejectedFile, read_json_bounded
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded
 from workers.shared_folder.leftovers import make_temp_dir
 from workers.evaluation import EVAL_BATCH, greedy_accuracy, held_out_questions
 from workers.learning.generation import encode_prompt
@@ -122,7 +122,7 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
 
 
 def base_dir(experiment_root: Path) -> Path:
-    return experiment_root / "base"
+    return ExperimentFolder(experiment_root).base_dir
 
 
 def save_base(experiment_root: Path, policy: Policy, report: WarmupReport) -> Path:

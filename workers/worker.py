@@ -182,7 +182,7 @@ class Worker:
                                 f"{self.folder.root}/state: is `rl-swarm up` running on this GDRIVE_PATH and "
                                 f"EXPERIMENT_NAME? (the worker is restarted to wait again)")
         log.warning("no coordinator heartbeat for %.0fs and no round %d in %s: waiting for it (up to %.0fs)",
-                    silent, at_least, self.folder.root / "state", patience)
+                    silent, at_least, self.folder.state_dir, patience)
         self.update(status=Status.WAITING_FOR_COORDINATOR)
         return unheard_since
 

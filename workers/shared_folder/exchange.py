@@ -170,7 +170,7 @@ def read_heartbeats(folder: ExperimentFolder,
     answer would look like nodes that left, which the coordinator would stop waiting for.
     """
     beats: dict[str, Heartbeat] = {}
-    peers_dir = folder.root / "peers"
+    peers_dir = folder.peers_dir
     listing = with_retries(lambda: list_folder(peers_dir, "*.json"), f"listing {peers_dir}", attempts=3,
                            first_wait_s=0.05)
     for path in listing:

@@ -356,10 +356,36 @@ class ExperimentFolder:
         return self.rollout_dir(round_, stage) / f"{name}.json"
 
     def reward_file(self, round_: int, node: str) -> Path:
-        return self.root / "rewards" / f"round_{round_}" / f"{check_node_name(node)}.json"
+        return self.rewards_dir(round_) / f"{check_node_name(node)}.json"
 
     def metrics_file(self, node: str) -> Path:
         return self.root / "metrics" / check_node_name(node) / "metrics.jsonl"
+
+    def eval_file(self, node: str) -> Path:
+        return self.root / "metrics" / check_node_name(node) / "eval.jsonl"
+
+    def metrics_files(self, name: str = "metrics.jsonl") -> list[Path]:
+        """Every node's metrics (or eval.jsonl) file, by node name."""
+        return sorted((self.root / "metrics").glob(f"*/{name}"))
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def rollouts_dir(self) -> Path:
+        return self.root / "rollouts"
+
+    @property
+    def peers_dir(self) -> Path:
+        return self.root / "peers"
+
+    def rewards_dir(self, round_: int) -> Path:
+        return self.root / "rewards" / f"round_{round_}"
 
     def checkpoint_dir(self, node: str) -> Path:
         return self.root / "checkpoints" / check_node_name(node)
@@ -368,13 +394,21 @@ class ExperimentFolder:
         return self.root / "logs" / check_node_name(node)
 
     @property
+    def supervisor_log_dir(self) -> Path:
+        return self.root / "logs" / "supervisor"
+
+    @property
     def events_file(self) -> Path:
-        return self.root / "logs" / "supervisor" / "events.jsonl"
+        return self.supervisor_log_dir / "events.jsonl"
+
+    @property
+    def monitor_file(self) -> Path:
+        return self.supervisor_log_dir / "monitor.jsonl"
 
     def state_rounds(self) -> list[int]:
         """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
         found = []
-        for path in list_folder(self.root / "state", "round_*.json"):
+        for path in list_folder(self.state_dir, "round_*.json"):
             number = round_number(path.stem)
             if number is not None:
                 found.append(number)
