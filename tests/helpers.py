@@ -148,3 +148,24 @@ def rollouts_record(node: str, round_: int = 1) -> dict:
             "groups": [{"task": "chain_sum", "question": "3 + 4 =", "answer": "7", "metadata": {},
                         "prompt": "3 + 4 =\nAnswer:", "completions": [" <answer>7</answer>", " <answer>8</answer>"],
                         "finished": [True, True], "rewards": [1.0, 0.0]}]}
+
+
+def heartbeat(exp, node):
+    try:
+        return json.loads((exp / "peers" / f"{node}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def wait_for(predicate, timeout, what, proc):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the supervisor exited while waiting for {what}: {proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def group(g: int = 4, task: str = "chain_sum") -> RolloutGroup:
+    return RolloutGroup(task=task, dataset_seed=42 * 1009, index=7,
+                        completions=tuple(f"<answer>{i}</answer>" for i in range(g)),
+                        finished=(True,) * g, rewards=(0.0,) * g)

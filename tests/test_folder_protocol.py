@@ -9,13 +9,9 @@ from workers.shared_folder.exchange import Exchange, live_workers
 from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, check_node_name,
                                           read_json_bounded, record_checksum, write_json_atomic)
 from workers.shared_folder.jsonl import read_jsonl
-from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundMetrics, RoundState
+from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState
 
-
-def group(g: int = 4, task: str = "chain_sum") -> RolloutGroup:
-    return RolloutGroup(task=task, dataset_seed=42 * 1009, index=7,
-                        completions=tuple(f"<answer>{i}</answer>" for i in range(g)),
-                        finished=(True,) * g, rewards=(0.0,) * g)
+from tests.helpers import group
 
 
 def sealed(record: dict) -> dict:

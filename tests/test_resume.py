@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import metrics_rows, swarm_env
-from tests.test_supervision import heartbeat, wait_for
+from tests.helpers import heartbeat, wait_for
 
 pytestmark = pytest.mark.slow
 

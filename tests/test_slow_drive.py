@@ -10,7 +10,7 @@ import pytest
 
 import workers.shared_folder.folder as folder_module
 from tests.helpers import metrics_rows, run_up, swarm_env
-from tests.test_folder_protocol import group
+from tests.helpers import group
 from workers.shared_folder import drive_sim
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.hostile import plant_hostile_files

@@ -1,6 +1,5 @@
 """Workers that crash are restarted from their checkpoints; one that keeps crashing is marked failed."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,24 +8,9 @@ import time
 
 import pytest
 
-from tests.helpers import metrics_rows, swarm_env
+from tests.helpers import heartbeat, metrics_rows, swarm_env, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def heartbeat(exp, node):
-    try:
-        return json.loads((exp / "peers" / f"{node}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def wait_for(predicate, timeout, what, proc):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the supervisor exited while waiting for {what}: {proc.stdout.read()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def start(tmp_path, **extra):
