@@ -15,7 +15,7 @@ from workers.learning.model import check_prompt_room, ensure_model_available, re
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
 from workers.learning.tasks import check_tasks
-from workers.shared_folder.protocol import Status
+from workers.shared_folder.protocol import SCHEMA, Status
 from workers.worker import WorkerSpec
 
 EXIT_USAGE = 2
@@ -136,7 +136,7 @@ def start(cfg: SwarmConfig, role: str) -> int:
     ensure_base(cfg, folder, model_name, device)
     _log_to_file(folder)
     if role == "up":
-        write_json_atomic(folder.config_file, {"schema": 1, **cfg.to_json(), "model_resolved": model_name,
+        write_json_atomic(folder.config_file, {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name,
                                                "device_resolved": device, "started_at": time.time()})
     specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
              for i, node in enumerate(nodes)]

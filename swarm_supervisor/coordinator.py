@@ -9,19 +9,16 @@ be listed at all on resume stops the coordinator.
 """
 
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
-import uuid
 from typing import Any, Callable
 
 from configs_env import SwarmConfig
 from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_heartbeats
 from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, round_number,
                                           with_retries, write_json_atomic)
-from workers.shared_folder.protocol import Heartbeat, RoundState, Status
+from workers.shared_folder.protocol import SCHEMA, Heartbeat, RoundState, Status
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +38,7 @@ class Coordinator(threading.Thread):
         self.finished = threading.Event()
         self.error: BaseException | None = None
         self.exchange = Exchange(folder, "coordinator")     # validated, cached reads of the rewards files
-        self._beat = Heartbeat(node="coordinator", role="coordinator", pid=os.getpid(), host=socket.gethostname(),
-                               instance=uuid.uuid4().hex[:12], status=Status.RUNNING, round=0, stage=0,
-                               started_at=time.time(), updated_at=time.time())
+        self._beat = Heartbeat.first("coordinator", "coordinator", Status.RUNNING)
         self._last_beat = 0.0
         self._liveness: dict[str, tuple[str, str]] = {}    # worker: (alive / late / gone, process instance)
 
@@ -114,7 +109,7 @@ class Coordinator(threading.Thread):
 
     def _advance(self, reason: str) -> None:
         if self.round >= self.cfg.max_rounds:
-            record = {"schema": 1, "rounds": self.round, "finished_at": time.time()}
+            record = {"schema": SCHEMA, "rounds": self.round, "finished_at": time.time()}
             with_retries(lambda: write_json_atomic(self.folder.finished_file, record), "writing finished.json")
             self.finished.set()
             self.on_event(f"all {self.round} rounds done")

@@ -247,7 +247,7 @@ def _rounds_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
             continue
         done = {p.stem for p in folder.rewards_dir(r).glob("*.json")}
         for node in sorted(set(state.nodes) & done):
-            if not any(folder.rollout_dir(r, 0).glob(f"{node}*.json")) and cfg.get("num_train_samples", 1):
+            if not any(folder.rollout_dir(r).glob(f"{node}*.json")) and cfg.get("num_train_samples", 1):
                 gaps.append(f"round {r}: {node} has no rollouts")
             if node not in by_round.get(r, {}):
                 gaps.append(f"round {r}: {node} has no metrics row")

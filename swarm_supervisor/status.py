@@ -32,7 +32,6 @@ class NodeRow:
     role: str                        # "worker" or "coordinator"
     status: str                      # starting, generating, training, waiting, done, restarting, failed, stopped
     round: int | None
-    stage: int | None
     reward: float | None
     accuracy: float | None           # a share, 0..1
     reward_trend: tuple[float, ...]  # the last few rounds' mean rewards, oldest first
@@ -238,7 +237,7 @@ class SwarmReader:
         coordinator = beats.get("coordinator")
         if coordinator is not None:
             rows.append(NodeRow(node_id="coordinator", role="coordinator", status=coordinator.status,
-                                round=coordinator.round, stage=None, reward=None, accuracy=None, reward_trend=(),
+                                round=coordinator.round, reward=None, accuracy=None, reward_trend=(),
                                 local_rollouts=None, external_rollouts=None, gpu_mib=None, ram_mib=None,
                                 restarts=0, heartbeat_age_s=coordinator.age(), last_error=coordinator.last_error))
         by_node = {h.node: h for h in handles}
@@ -279,7 +278,6 @@ class SwarmReader:
         trend = self.held_out(node)
         rewards = self.rewards.get(node)
         return NodeRow(node_id=node, role="worker", status=status, round=beat.round if beat else None,
-                       stage=beat.stage if beat else None,
                        reward=metrics.reward_mean if metrics else None,
                        accuracy=metrics.accuracy if metrics else None,
                        reward_trend=tuple(self.trends.get(node, ())),

@@ -138,7 +138,7 @@ def heartbeat_record(node: str, **changes: object) -> dict:
 
     now = time.time()
     beat = Heartbeat(node=node, role="worker", pid=1, host="elsewhere", instance="i", status="waiting", round=1,
-                     stage=0, started_at=now, updated_at=now)
+                     started_at=now, updated_at=now)
     return {**beat.to_json(), **changes}
 
 

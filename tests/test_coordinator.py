@@ -34,7 +34,7 @@ def swarm(tmp_path):
 
 def finish(folder, round_, node):
     write_json_atomic(folder.reward_file(round_, node), {"node": node, "round": round_})
-    write_json_atomic(folder.rollout_file(round_, 0, node), {"node": node})
+    write_json_atomic(folder.rollout_file(round_, node), {"node": node})
 
 
 def test_rounds_advance_when_all_workers_are_done_and_the_swarm_finishes(swarm):
@@ -91,7 +91,7 @@ def beat(node: str, age_s: float, status: str = "training", instance: str = "i")
     from workers.shared_folder.protocol import Heartbeat
 
     now = time.time()
-    return Heartbeat(node=node, role="worker", pid=1, host="h", instance=instance, status=status, round=1, stage=0,
+    return Heartbeat(node=node, role="worker", pid=1, host="h", instance=instance, status=status, round=1,
                      started_at=now - 100, updated_at=now - age_s)
 
 

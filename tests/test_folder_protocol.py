@@ -35,7 +35,7 @@ def test_atomic_write_leaves_no_temp_files_and_round_trips(folder):
 def test_layout_matches_the_seeds(folder):
     for sub in ("state", "peers", "rollouts", "rewards", "checkpoints", "logs", "metrics"):
         assert (folder.root / sub).is_dir()
-    assert folder.rollout_file(3, 0, "worker-1").relative_to(folder.root).as_posix() == \
+    assert folder.rollout_file(3, "worker-1").relative_to(folder.root).as_posix() == \
         "rollouts/round_3/stage_0/worker-1.json"
 
 
@@ -68,18 +68,18 @@ def test_truncated_oversized_and_wrong_typed_files_are_rejected(tmp_path):
 
 def test_peer_rollouts_skip_bad_files_and_own_and_count_them(folder, caplog):
     writer = {n: Exchange(folder, n) for n in ("w-1", "w-2", "w-3")}
-    writer["w-1"].publish_rollouts(1, 0, [group()])
-    writer["w-2"].publish_rollouts(1, 0, [group(), group()])
-    stage = folder.rollout_dir(1, 0)
+    writer["w-1"].publish_rollouts(1, [group()])
+    writer["w-2"].publish_rollouts(1, [group(), group()])
+    stage = folder.rollout_dir(1)
     (stage / "w-4.json").write_text('{"schema": 1, "node": "w-4", "round"')                 # truncated
-    bad_types = RolloutFile(node="w-5", round=1, stage=0, created_at=0.0, groups=(group(),)).to_json()
+    bad_types = RolloutFile(node="w-5", round=1, created_at=0.0, groups=(group(),)).to_json()
     bad_types["groups"][0]["rewards"] = ["high"] * 4
     (stage / "w-5.json").write_text(json.dumps(sealed(bad_types)))
-    liar = RolloutFile(node="w-2", round=1, stage=0, created_at=0.0, groups=(group(),)).to_json()
+    liar = RolloutFile(node="w-2", round=1, created_at=0.0, groups=(group(),)).to_json()
     (stage / "w-6.json").write_text(json.dumps(sealed(liar)))                               # claims to be w-2
     (stage / "..json").write_text("{}")
     reader = writer["w-3"]
-    writer["w-3"].publish_rollouts(1, 0, [group()])
+    writer["w-3"].publish_rollouts(1, [group()])
     found = reader.peer_rollouts(1)
     assert sorted(found) == ["w-1", "w-2"]
     assert len(found["w-2"]) == 2
@@ -91,15 +91,15 @@ def test_peer_rollouts_skip_bad_files_and_own_and_count_them(folder, caplog):
 
 def test_wait_for_peers_is_bounded_by_its_timeout(folder):
     exchange = Exchange(folder, "w-1")
-    Exchange(folder, "w-2").publish_rollouts(1, 0, [group()])
+    Exchange(folder, "w-2").publish_rollouts(1, [group()])
     found = exchange.wait_for_peers(1, {"w-2", "w-dead"}, timeout_s=0.5, stop=threading.Event())
     assert list(found) == ["w-2"]
 
 
 def test_generation_frequency_parts_are_read_as_one_node(folder):
     exchange = Exchange(folder, "w-2")
-    exchange.publish_rollouts(1, 0, [group()], part=0)
-    exchange.publish_rollouts(1, 0, [group()], part=1)
+    exchange.publish_rollouts(1, [group()], part=0)
+    exchange.publish_rollouts(1, [group()], part=1)
     assert len(Exchange(folder, "w-1").peer_rollouts(1)["w-2"]) == 2
 
 
@@ -107,7 +107,7 @@ def test_heartbeats_tell_alive_from_gone(folder):
     now = 1000.0
     for node, age, status in (("w-1", 1, "training"), ("w-2", 500, "training"), ("w-3", 1, "stopped")):
         Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
-                                                         status=status, round=1, stage=0, started_at=0,
+                                                         status=status, round=1, started_at=0,
                                                          updated_at=now - age))
     beats = Exchange(folder, "w-1").read_heartbeats()
     assert live_workers(beats, peer_timeout=120, now=now) == {"w-1"}
@@ -146,7 +146,7 @@ def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(fol
         real_write(path, record)
 
     monkeypatch.setattr(exchange_module, "write_json_atomic", flaky)
-    path = Exchange(folder, "w-1").publish_rollouts(1, 0, [group()])
+    path = Exchange(folder, "w-1").publish_rollouts(1, [group()])
     assert path.exists() and len(failures) == 2
     assert "retry 2/3" in caplog.text
 
@@ -155,7 +155,7 @@ def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(fol
 
     monkeypatch.setattr(exchange_module, "write_json_atomic", dead)
     with pytest.raises(OSError):
-        Exchange(folder, "w-1").publish_rollouts(2, 0, [group()])
+        Exchange(folder, "w-1").publish_rollouts(2, [group()])
 
 
 def test_retry_waits_double_and_are_spread_so_nodes_do_not_retry_in_step():
@@ -175,13 +175,13 @@ def test_rejected_files_reach_the_dashboard_through_heartbeats(folder):
     from configs_env import SwarmConfig
     from swarm_supervisor.status import SwarmReader
 
-    stage = folder.rollout_dir(1, 0)
+    stage = folder.rollout_dir(1)
     stage.mkdir(parents=True)
     (stage / "w-9.json").write_text("{not json")
     exchange = Exchange(folder, "w-1")
     exchange.peer_rollouts(1)
     exchange.write_heartbeat(Heartbeat(node="w-1", role="worker", pid=1, host="h", instance="i", status="training",
-                                       round=1, stage=0, started_at=0, updated_at=0,
+                                       round=1, started_at=0, updated_at=0,
                                        rejected=len(exchange.rejected)))
     view = SwarmReader(folder, SwarmConfig.from_env({}), "m", "cpu").view()
     assert view.rejected_files == 1
@@ -203,7 +203,7 @@ def test_every_record_carries_a_checksum_that_the_reader_checks_and_removes(fold
 
 
 def test_a_rollout_file_edited_by_hand_is_rejected_counted_and_never_trusted(folder, caplog):
-    path = Exchange(folder, "w-1").publish_rollouts(1, 0, [group(), group()])
+    path = Exchange(folder, "w-1").publish_rollouts(1, [group(), group()])
     record = json.loads(path.read_text())
     record["groups"][1]["completions"][2] = "<answer>3</answer>"      # still valid JSON, still well-typed
     path.write_text(json.dumps(record))
@@ -221,15 +221,15 @@ def test_a_record_without_a_checksum_is_rejected_where_the_protocol_needs_one(fo
     with pytest.raises(RejectedFile, match="no checksum"):
         read_json_bounded(path, require_checksum=True)
     assert read_json_bounded(path) == state          # e.g. a checkpoint's meta.json, written without one
-    rollouts = RolloutFile(node="w-1", round=1, stage=0, created_at=0.0, groups=(group(),)).to_json()
-    folder.rollout_dir(1, 0).mkdir(parents=True)
-    folder.rollout_file(1, 0, "w-1").write_text(json.dumps(rollouts))
+    rollouts = RolloutFile(node="w-1", round=1, created_at=0.0, groups=(group(),)).to_json()
+    folder.rollout_dir(1).mkdir(parents=True)
+    folder.rollout_file(1, "w-1").write_text(json.dumps(rollouts))
     reader = Exchange(folder, "w-2")
     assert reader.peer_rollouts(1) == {} and len(reader.rejected) == 1
 
 
 def test_a_half_synced_rollout_file_is_skipped_then_read_once_its_sync_completes(folder):
-    path = Exchange(folder, "w-1").publish_rollouts(1, 0, [group()])
+    path = Exchange(folder, "w-1").publish_rollouts(1, [group()])
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
     reader = Exchange(folder, "w-2")

@@ -77,9 +77,9 @@ def test_a_record_reader_refuses_each_hostile_entry_in_one_line_naming_it_and_ne
 
 def test_a_worker_trains_on_the_good_peer_rollouts_and_warns_once_about_each_hostile_file(swarm, caplog):
     _, folder, outside = swarm
-    stage = folder.rollout_dir(1, 0)
+    stage = folder.rollout_dir(1)
     planted = plant_hostile(stage, outside, MAX_RECORD_BYTES)
-    write_json_atomic(folder.rollout_file(1, 0, "worker-2"), rollouts_record("worker-2"))
+    write_json_atomic(folder.rollout_file(1, "worker-2"), rollouts_record("worker-2"))
     exchange = Exchange(folder, "worker-1")
     for _ in range(2):                 # a worker polls: the second look warns about nothing again
         found = exchange.peer_rollouts(1)
@@ -290,7 +290,7 @@ def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_
     killed = checkpoints / f".round_000003.{here_dead}.k3j_2x9a.tmp"      # its writer died on this host
     older = checkpoints / f".round_000002.{os.getpid()}.tmp"            # an earlier version's name, long ago
     live = checkpoints / f".round_000004.{writer_tag()}.a1b2c3d4.tmp"    # a checkpoint being written now
-    elsewhere = folder.rollout_dir(1, 0) / ".worker-3.json.12.tmp"      # any host's, minutes old
+    elsewhere = folder.rollout_dir(1) / ".worker-3.json.12.tmp"      # any host's, minutes old
     moved_aside = checkpoints / f".best.{here_dead}.q9w8e7r6.old"       # save_best killed between its renames
     for path in (killed, older, live, moved_aside):
         path.mkdir(parents=True)

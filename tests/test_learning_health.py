@@ -47,7 +47,7 @@ def test_the_table_shows_start_newest_best_and_marks_a_falling_worker(tmp_path):
     folder = ExperimentFolder(tmp_path / "exp").create()
     now = time.time()
     Exchange(folder, "worker-1").write_heartbeat(Heartbeat(node="worker-1", role="worker", pid=1, host="h",
-                                                           instance="i", status="training", round=150, stage=0,
+                                                           instance="i", status="training", round=150,
                                                            started_at=now, updated_at=now))
     for row in evals(0.70, 0.95, 0.80, 0.82):
         append_jsonl(eval_file(folder, "worker-1"), {**row.to_json(), "node": "worker-1"})

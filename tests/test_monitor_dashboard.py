@@ -14,7 +14,7 @@ from swarm_supervisor.monitor import DeviceSnapshot, Monitor
 
 
 def row(node: str, status: str = "training", **extra) -> NodeRow:
-    values = dict(node_id=node, role="worker", status=status, round=3, stage=0, reward=0.3125, accuracy=0.25,
+    values = dict(node_id=node, role="worker", status=status, round=3, reward=0.3125, accuracy=0.25,
                   reward_trend=(0.1, 0.2, 0.3), local_rollouts=2, external_rollouts=2, gpu_mib=None,
                   ram_mib=812.0, restarts=0, heartbeat_age_s=3.2, last_error=None)
     values.update(extra)
@@ -69,7 +69,7 @@ def test_a_recorded_frame_has_a_row_per_node_with_the_failed_nodes_error():
 
 
 def test_a_view_of_nothing_but_unknowns_renders():
-    empty = row("worker-1", status="starting", round=None, stage=None, reward=None, accuracy=None, reward_trend=(),
+    empty = row("worker-1", status="starting", round=None, reward=None, accuracy=None, reward_trend=(),
                 local_rollouts=None, external_rollouts=None, ram_mib=None, heartbeat_age_s=None,
                 last_error=None)
     swarm = view([empty], round_=0, rounds_per_hour=None, eta_s=None, events=())
@@ -164,7 +164,7 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
     for node in ("worker-1", "worker-2"):
         now = time.time()
         Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
-                                                         status="training", round=50, stage=0, started_at=now,
+                                                         status="training", round=50, started_at=now,
                                                          updated_at=now))
     for round_, accuracy in ((0, 0.12), (50, 0.42)):
         append_jsonl(eval_file(folder, "worker-1"), HeldOutEval("worker-1", round_, accuracy, 100, 3.0).to_json())

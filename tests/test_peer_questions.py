@@ -48,7 +48,7 @@ def _swarm(tmp_path, tasks: str = "chain_sum:1,basic_arithmetic:1", max_new_toke
 
 def _through_the_folder(folder: ExperimentFolder, groups: list) -> tuple[Exchange, dict]:
     """`groups` published by peer w-2 for round 1, as w-1 reads them."""
-    Exchange(folder, "w-2").publish_rollouts(1, 0, groups)
+    Exchange(folder, "w-2").publish_rollouts(1, groups)
     reader = Exchange(folder, "w-1")
     return reader, reader.peer_rollouts(1)
 
@@ -60,7 +60,7 @@ def test_a_peers_forged_answer_metadata_and_prompt_change_nothing(policy, tmp_pa
     forged = peer_group(q, texts, for_people={"question": "Say BANANA.", "answer": "BANANA", "prompt": "BANANA",
                                               "metadata": {"source_dataset": q.task, "answer": "BANANA"}})
     reader, found = _through_the_folder(folder, [forged])
-    assert json.loads(folder.rollout_file(1, 0, "w-2").read_text())["groups"][0]["answer"] == "BANANA"
+    assert json.loads(folder.rollout_file(1, "w-2").read_text())["groups"][0]["answer"] == "BANANA"
     [kept], available = external_candidates(policy, cfg, TaskMix(cfg.tasks, seed=cfg.seed), found, reader, 1)
     rebuilt = score_group(q.task, q.entry(), [f" <answer>{t}</answer>" for t in texts])
     assert available == 1 and kept.rewards == list(rebuilt.rewards) == [0.0, 0.0, 1.0, 1.0]   # not BANANA's
@@ -112,8 +112,8 @@ def test_a_file_from_before_questions_were_named_still_reads_but_its_groups_are_
                  "rewards": [1.0, 0.0, 1.0, 0.0]}
     record = {"schema": 1, "node": "w-2", "round": 1, "stage": 0, "created_at": 0.0, "groups": [old_group]}
     assert RolloutFile.from_json(record, "old file").groups[0].dataset_seed is None        # the folder stays readable
-    folder.rollout_dir(1, 0).mkdir(parents=True)
-    folder.rollout_file(1, 0, "w-2").write_text(json.dumps({**record, "sha256": record_checksum(record)}))
+    folder.rollout_dir(1).mkdir(parents=True)
+    folder.rollout_file(1, "w-2").write_text(json.dumps({**record, "sha256": record_checksum(record)}))
     reader = Exchange(folder, "w-1")
     assert external_candidates(policy, cfg, TaskMix(cfg.tasks, seed=0), reader.peer_rollouts(1), reader, 1) == ([], 0)
     assert "names no dataset seed and item index" in caplog.text
@@ -299,8 +299,8 @@ def test_a_reader_remembers_only_the_newest_records_over_many_rounds(tmp_path, m
     reader = Exchange(folder, "w-1")
     for round_ in range(1, 41):
         for writer in writers:
-            writer.publish_rollouts(round_, 0, [peer_group(q, ["1", "2"])])
-        folder.rollout_file(round_, 0, "w-9").write_text("{not json")                # a bad file every round
+            writer.publish_rollouts(round_, [peer_group(q, ["1", "2"])])
+        folder.rollout_file(round_, "w-9").write_text("{not json")                # a bad file every round
         found = reader.wait_for_peers(round_, {"w-2", "w-3"}, timeout_s=5, stop=threading.Event())
         assert sorted(found) == ["w-2", "w-3"]
         assert len(reader._cache) <= 6 and len(reader._bad) <= 6

@@ -164,7 +164,7 @@ def test_every_publish_frequency_gives_peers_the_same_groups(warmed, tmp_path, f
     node = Node(learner, torch.optim.AdamW(learner.model.parameters(), lr=1e-5), cfg, TaskMix(cfg.tasks, seed=4),
                 Exchange(folder, "w-1"), 0)
     play_round(node, 1, threading.Event(), lambda: set(), lambda stage: None)
-    assert sorted(p.name for p in folder.rollout_dir(1, 0).iterdir()) == files
+    assert sorted(p.name for p in folder.rollout_dir(1).iterdir()) == files
     [groups] = Exchange(folder, "w-2").peer_rollouts(1).values()
     questions = TaskMix(cfg.tasks, seed=4).sample(3, random.Random(round_seed(cfg, 0, 1)))
     reader = TaskMix(cfg.tasks, seed=9)                                           # another worker's datasets

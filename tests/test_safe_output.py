@@ -27,7 +27,7 @@ NODES = ("worker-1", "worker-2", "worker-3", "long-named-worker-4")
 
 
 def beat(node: str, status: str, updated_at: float, role: str = "worker", **extra) -> Heartbeat:
-    return Heartbeat(node=node, role=role, pid=1, host="h", instance="i", status=status, round=60, stage=0,
+    return Heartbeat(node=node, role=role, pid=1, host="h", instance="i", status=status, round=60,
                      started_at=updated_at, updated_at=updated_at, **extra)
 
 

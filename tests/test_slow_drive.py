@@ -34,13 +34,13 @@ def wait_until(predicate, timeout: float) -> None:
 
 
 def test_a_peers_new_file_shows_up_only_after_the_lag_while_own_writes_show_at_once(folder):
-    theirs = Exchange(folder, "w-1").publish_rollouts(1, 0, [group()])    # before this process simulates: a peer's
+    theirs = Exchange(folder, "w-1").publish_rollouts(1, [group()])    # before this process simulates: a peer's
     simulate_drive(folder.root, lag_s=1.0, fail_rate=0.0)
     os.utime(theirs)                                                         # ... written just now
     written = time.time()
     reader = Exchange(folder, "w-2")
-    mine = reader.publish_rollouts(1, 0, [group()])
-    assert list_folder(folder.rollout_dir(1, 0)) == [mine]
+    mine = reader.publish_rollouts(1, [group()])
+    assert list_folder(folder.rollout_dir(1)) == [mine]
     with pytest.raises(FileNotFoundError):
         read_json_bounded(theirs)
     assert reader.peer_rollouts(1) == {}
@@ -54,7 +54,7 @@ def test_simulated_failures_are_retried_or_read_on_the_next_poll_never_counted_a
     simulate_drive(folder.root, lag_s=0.0, fail_rate=0.2, seed=3)
     writer, reader = Exchange(folder, "w-1"), Exchange(folder, "w-2")
     for round_ in range(1, 21):
-        writer.publish_rollouts(round_, 0, [group()])          # with_retries: 4 attempts
+        writer.publish_rollouts(round_, [group()])          # with_retries: 4 attempts
     missing = set(range(1, 21))
     for _ in range(50):                                         # polls, as wait_for_peers does
         missing = {r for r in missing if "w-1" not in reader.peer_rollouts(r)}
@@ -63,7 +63,7 @@ def test_simulated_failures_are_retried_or_read_on_the_next_poll_never_counted_a
     errors = []
     for _ in range(500):
         try:
-            list_folder(folder.rollout_dir(1, 0))
+            list_folder(folder.rollout_dir(1))
         except OSError as exc:
             errors.append(exc)
     assert 60 <= len(errors) <= 140                             # ~20% of 500
@@ -75,7 +75,7 @@ def test_heartbeats_are_read_whole_or_not_at_all(folder, monkeypatch):
     monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
     for node in ("w-1", "w-2", "w-3"):
         Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
-                                                         status="training", round=1, stage=0, started_at=0,
+                                                         status="training", round=1, started_at=0,
                                                          updated_at=0))
     simulate_drive(folder.root, lag_s=0.0, fail_rate=0.5, seed=5)
     answers = failures = 0

@@ -242,9 +242,9 @@ def publish(node: Node, round_: int, shared: list[RolloutGroup]) -> None:
     try:
         if node.cfg.rollout_publish_frequency == "generation":
             for part, group in enumerate(shared):
-                node.exchange.publish_rollouts(round_, 0, [group], part=part)
+                node.exchange.publish_rollouts(round_, [group], part=part)
         else:
-            node.exchange.publish_rollouts(round_, 0, shared)
+            node.exchange.publish_rollouts(round_, shared)
     except OSError as exc:
         log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
 

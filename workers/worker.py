@@ -7,11 +7,9 @@ a stop Event and its exit code (0: finished or stopped on request, non-zero: cra
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -97,9 +95,7 @@ class Worker:
         self.spec, self.cfg, self.stop = spec, spec.cfg, stop
         self.folder = ExperimentFolder(spec.cfg.experiment_dir)
         self.exchange = Exchange(self.folder, spec.node)
-        self.beat = Heartbeat(node=spec.node, role="worker", pid=os.getpid(), host=socket.gethostname(),
-                              instance=uuid.uuid4().hex[:12], status=Status.STARTING, round=0, stage=0,
-                              started_at=time.time(), updated_at=time.time(), progress_at=time.time())
+        self.beat = Heartbeat.first(spec.node, "worker", Status.STARTING)
         self._beat_lock = threading.Lock()
         self.outbox = Outbox()
         self.checkpoints = self.folder.checkpoint_dir(spec.node)

@@ -68,10 +68,10 @@ class Exchange:
             self._doorbell = Doorbell(self.folder.root, self.node)
         return self._doorbell
 
-    def publish_rollouts(self, round_: int, stage: int, groups: list[RolloutGroup], part: int | None = None) -> Path:
+    def publish_rollouts(self, round_: int, groups: list[RolloutGroup], part: int | None = None) -> Path:
         """Write this node's groups; an OSError after the retries is raised and kept as this node's trouble."""
-        record = RolloutFile(node=self.node, round=round_, stage=stage, created_at=time.time(), groups=tuple(groups))
-        path = self.folder.rollout_file(round_, stage, self.node, part)
+        record = RolloutFile(node=self.node, round=round_, created_at=time.time(), groups=tuple(groups))
+        path = self.folder.rollout_file(round_, self.node, part)
         try:
             with_retries(lambda: write_json_atomic(path, record.to_json()), f"publishing {path.name}")
             self.doorbell.ring()      # peers of this host waiting for these groups look now
@@ -82,10 +82,10 @@ class Exchange:
         self.trouble.pop("publish", None)
         return path
 
-    def peer_rollouts(self, round_: int, stage: int = 0) -> dict[str, list[RolloutGroup]]:
-        """Every valid group other nodes published for this round and stage, by node."""
+    def peer_rollouts(self, round_: int) -> dict[str, list[RolloutGroup]]:
+        """Every valid group other nodes published for this round, by node."""
         found: dict[str, list[RolloutGroup]] = {}
-        directory = self.folder.rollout_dir(round_, stage)
+        directory = self.folder.rollout_dir(round_)
         try:
             listing = list_folder(directory, "*.json")
         except OSError as exc:     # a Drive listing that fails is a round with no peers yet, not a crash
@@ -100,9 +100,9 @@ class Exchange:
 
             def parse(record: dict[str, Any], where: str, node: str = match["node"]) -> RolloutFile:
                 rollouts = RolloutFile.from_json(record, where)
-                if rollouts.node != node or rollouts.round != round_ or rollouts.stage != stage:
-                    raise RejectedFile(f"{where}: names node {rollouts.node!r} round {rollouts.round} stage "
-                                       f"{rollouts.stage}, which its path contradicts; skipped")
+                if rollouts.node != node or rollouts.round != round_:
+                    raise RejectedFile(f"{where}: names node {rollouts.node!r} round {rollouts.round}, which its "
+                                       "path contradicts; skipped")
                 return rollouts
 
             rollouts = self.read_record(path, parse)
@@ -134,12 +134,12 @@ class Exchange:
         _remember(self._cache, path, (version, record))
         return record
 
-    def wait_for_peers(self, round_: int, peers: set[str], timeout_s: float, stop: threading.Event,
-                       stage: int = 0) -> dict[str, list[RolloutGroup]]:
+    def wait_for_peers(self, round_: int, peers: set[str], timeout_s: float,
+                       stop: threading.Event) -> dict[str, list[RolloutGroup]]:
         """Bounded wait until every expected peer published this round; then whatever arrived."""
         deadline = time.monotonic() + timeout_s
         while True:
-            found = self.peer_rollouts(round_, stage)
+            found = self.peer_rollouts(round_)
             missing = peers - set(found)
             if not missing or stop.is_set() or time.monotonic() >= deadline:
                 if missing and not stop.is_set():

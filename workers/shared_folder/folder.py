@@ -348,12 +348,13 @@ class ExperimentFolder:
     def heartbeat_file(self, node: str) -> Path:
         return self.root / "peers" / f"{check_node_name(node)}.json"
 
-    def rollout_dir(self, round_: int, stage: int = 0) -> Path:
-        return self.root / "rollouts" / f"round_{round_}" / f"stage_{stage}"
+    def rollout_dir(self, round_: int) -> Path:
+        # one stage a round: the folder keeps the seeds' stage_0 level, so older folders still read
+        return self.root / "rollouts" / f"round_{round_}" / "stage_0"
 
-    def rollout_file(self, round_: int, stage: int, node: str, part: int | None = None) -> Path:
+    def rollout_file(self, round_: int, node: str, part: int | None = None) -> Path:
         name = check_node_name(node) if part is None else f"{check_node_name(node)}.part{part}"
-        return self.rollout_dir(round_, stage) / f"{name}.json"
+        return self.rollout_dir(round_) / f"{name}.json"
 
     def reward_file(self, round_: int, node: str) -> Path:
         return self.rewards_dir(round_) / f"{check_node_name(node)}.json"

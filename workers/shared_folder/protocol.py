@@ -1,8 +1,11 @@
 """Records exchanged through the shared folder, each with a schema version and a validating from_json."""
 
 import math
+import os
 import re
+import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -94,7 +97,6 @@ class Heartbeat:
     instance: str            # random per process start: two live processes with one NODE_ID differ here
     status: str
     round: int
-    stage: int
     started_at: float
     updated_at: float
     last_reward: float | None = None
@@ -105,7 +107,7 @@ class Heartbeat:
     note: str | None = None          # trouble the node works around, e.g. a folder that refused its writes
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, **asdict(self)}
+        return {"schema": SCHEMA, **asdict(self), "stage": 0}     # "stage": read by versions before stages went
 
     @classmethod
     def from_json(cls, record: dict[str, Any], where: str = "heartbeat") -> "Heartbeat":
@@ -124,9 +126,17 @@ class Heartbeat:
         return cls(node=check_node_name(_need(record, "node", str, where)), role=_need(record, "role", str, where),
                    pid=_need(record, "pid", int, where), host=_need(record, "host", str, where)[:128],
                    instance=_need(record, "instance", str, where)[:64], status=_need(record, "status", str, where)[:32],
-                   round=_need(record, "round", int, where), stage=_need(record, "stage", int, where),
+                   round=_need(record, "round", int, where),
                    started_at=float(_need(record, "started_at", (int, float), where)),
                    updated_at=float(_need(record, "updated_at", (int, float), where)), **optional)
+
+    @classmethod
+    def first(cls, node: str, role: str, status: str) -> "Heartbeat":
+        """A process's first beat: its pid and host, a fresh instance id (two processes with one node id differ
+        there), round 0."""
+        now = time.time()
+        return cls(node=node, role=role, pid=os.getpid(), host=socket.gethostname(), instance=uuid.uuid4().hex[:12],
+                   status=status, round=0, started_at=now, updated_at=now, progress_at=now)
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.updated_at)
@@ -186,16 +196,16 @@ class RolloutGroup:
 
 @dataclass(frozen=True)
 class RolloutFile:
-    """What one node publishes for one round and stage."""
+    """What one node publishes for one round."""
 
     node: str
     round: int
-    stage: int
     created_at: float
     groups: tuple[RolloutGroup, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "node": self.node, "round": self.round, "stage": self.stage,
+        # "stage": 0 for versions before stages went (a round had one stage, always 0)
+        return {"schema": SCHEMA, "node": self.node, "round": self.round, "stage": 0,
                 "created_at": self.created_at, "groups": [g.to_json() for g in self.groups]}
 
     @classmethod
@@ -204,8 +214,9 @@ class RolloutFile:
         groups = _need(record, "groups", list, where)
         if len(groups) > MAX_GROUPS:
             raise RejectedFile(f"{where}: more than {MAX_GROUPS} groups")
+        if record.get("stage", 0) != 0:
+            raise RejectedFile(f"{where}: stage {record.get('stage')!r}; a round has one stage, 0")
         return cls(node=check_node_name(_need(record, "node", str, where)), round=_need(record, "round", int, where),
-                   stage=_need(record, "stage", int, where),
                    created_at=float(_need(record, "created_at", (int, float), where)),
                    groups=tuple(RolloutGroup.from_json(g, f"{where} group {i}") for i, g in enumerate(groups)))
 
