@@ -10,10 +10,9 @@ from pathlib import Path
 from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, round_number, warn_skipped
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
-from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RolloutFile,
-                                            RoundMetrics, RoundState, Status)
+from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     return Summary(
         name=root.name, status=status_of(folder), rounds=rounds[-1] if rounds else 0,
-        max_rounds=_setting(cfg, "max_rounds", 0),
+        max_rounds=setting_of(cfg, "max_rounds", 0),
         nodes=len({n for nodes in by_round.values() for n in nodes}),
         split=f"I={cfg.get('num_train_samples', '?')} J={cfg.get('num_transplant_trees', '?')} "
               f"G={cfg.get('num_generations', '?')}",
@@ -158,7 +157,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
 
 
-def _setting(cfg: dict, key: str, default: int) -> int:
+def setting_of(cfg: dict, key: str, default: int) -> int:
     """An integer of the recorded config.json; its default when the file says anything else."""
     value = cfg.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
@@ -181,146 +180,6 @@ def summaries_csv(summaries: list[Summary]) -> str:
     for s in summaries:
         writer.writerow(plain(v) if isinstance(v, str) else v for v in s.__dict__.values())
     return out.getvalue()
-
-
-# -- validation -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-
-def validate(root: Path) -> list[Check]:
-    """Completeness and consistency of one experiment's folder; each check is PASS or FAIL with a reason."""
-    folder = ExperimentFolder(root)
-    cfg = experiment_config(folder)
-    rounds = folder.state_rounds()
-    missing_states = _missing_rounds(rounds)
-    by_round, bad = metrics_by_round(folder)
-    unreadable = _unreadable_files(folder)
-    return [
-        Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"),
-        Check("round states", bool(rounds) and not missing_states,
-              f"rounds 1..{rounds[-1] if rounds else 0} each have a state file" if not missing_states
-              else f"no state file for rounds {missing_states}"),
-        Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
-              else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"),
-        Check("metrics lines", not bad, "every metrics line is valid" if not bad else f"{len(bad)} bad: {bad[0]}"),
-        _rounds_check(folder, cfg, rounds, by_round),
-        _held_out_check(folder, cfg, rounds, by_round),
-        _checkpoints_check(folder, cfg, by_round),
-        _logs_check(folder, by_round),
-    ]
-
-
-def _unreadable_files(folder: ExperimentFolder) -> list[str]:
-    """JSON files of the layout that do not parse or validate (checkpoints and temp files aside)."""
-    root, unreadable = folder.root, []
-    for path in _layout_files(root, "*.json"):
-        if path.name.startswith(".") or "checkpoints" in path.parts:
-            continue
-        # the swarm's protocol records must carry a checksum; meta files of the warm-up base need not
-        top = path.relative_to(root).parts[0]
-        protocol = top in ("state", "peers", "rollouts", "rewards")
-        try:
-            record = read_json_bounded(path, require_checksum=protocol)
-            schema = {"rollouts": RolloutFile, "peers": Heartbeat, "rewards": RoundMetrics}.get(top)
-            if top == "state" and path.name != "finished.json":
-                schema = RoundState
-            if schema is not None:
-                schema.from_json(record, str(path))
-        except (RejectedFile, OSError) as exc:
-            unreadable.append(f"{path.relative_to(root)} ({str(exc)[-80:]})")
-    return unreadable
-
-
-def _rounds_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
-                  by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
-    """Every worker that marked a round done published rollouts and a metrics row for it."""
-    gaps = []
-    for r in rounds:
-        try:
-            state = RoundState.from_json(read_json_bounded(folder.round_state_file(r), require_checksum=True))
-        except (RejectedFile, OSError):
-            continue
-        done = {p.stem for p in folder.rewards_dir(r).glob("*.json")}
-        for node in sorted(set(state.nodes) & done):
-            if not any(folder.rollout_dir(r).glob(f"{node}*.json")) and cfg.get("num_train_samples", 1):
-                gaps.append(f"round {r}: {node} has no rollouts")
-            if node not in by_round.get(r, {}):
-                gaps.append(f"round {r}: {node} has no metrics row")
-    if cfg.get("rollout_cleanup_enabled"):
-        gaps = [g for g in gaps if "rollouts" not in g]     # retired rounds are gone on purpose
-    return Check("rollouts and metrics per round", not gaps, "every worker that finished a round published "
-                 "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}")
-
-
-def _checkpoints_check(folder: ExperimentFolder, cfg: dict, by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
-    interval = _setting(cfg, "checkpoint_interval", 1)
-    stale = []
-    for node in sorted({n for nodes in by_round.values() for n in nodes}):
-        last_round = max(r for r, nodes in by_round.items() if node in nodes)
-        saved = [number for p in folder.checkpoint_dir(node).glob("round_*")
-                 if (number := round_number(p.name)) is not None and (p / "meta.json").exists()]
-        if not saved or max(saved) < last_round - interval:
-            stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
-    return Check("checkpoints", not stale, f"every worker has a checkpoint within {interval} rounds of its "
-                 "last round" if not stale else "; ".join(stale[:3]))
-
-
-def _logs_check(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
-    no_logs = [n for n in sorted({n for nodes in by_round.values() for n in nodes})
-               if not (folder.log_dir(n) / "worker.log").exists()]
-    return Check("logs", not no_logs, "every worker has logs/<node>/worker.log" if not no_logs
-                 else f"no log for {', '.join(no_logs)}")
-
-
-def _missing_rounds(rounds: list[int], shown: int = 10) -> list[int]:
-    """The first rounds in 1..max(rounds) without a state file; linear in the files, whatever number a
-    planted round_999999999.json claims."""
-    missing: list[int] = []
-    expected = 1
-    for present in sorted(set(rounds)):
-        missing += range(expected, min(present, expected + shown - len(missing)))
-        expected = present + 1
-        if len(missing) >= shown:
-            break
-    return missing
-
-
-def _layout_files(root: Path, pattern: str, depth: int = 4) -> list[Path]:
-    """Files matching `pattern` in root and up to `depth` folders below (the layout's deepest files sit three
-    down); fixed-depth globs, where rglob would recurse through a planted tree until RecursionError."""
-    return sorted(path for level in range(depth) for path in root.glob("/".join(["*"] * level + [pattern])))
-
-
-def _held_out_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
-                    by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
-    """Every worker was evaluated before round 1 and, once the swarm finished, after the last round."""
-    if not cfg.get("eval_size"):
-        return Check("held-out evaluations", True, "none asked for (EVAL_SIZE=0, or an experiment from before them)")
-    evals, problems = held_out_by_node(folder)
-    last = rounds[-1] if rounds and folder.finished_file.exists() else None
-    for node in sorted({n for nodes in by_round.values() for n in nodes}):
-        done = {row.round for row in evals.get(node, [])}
-        if 0 not in done:
-            problems.append(f"{node}: none before round 1")
-        if last is not None and node in by_round.get(last, {}) and last not in done:
-            problems.append(f"{node}: none after the last round {last}")
-    if problems:
-        return Check("held-out evaluations", False, f"{len(problems)} missing or bad: {'; '.join(problems[:3])}")
-    return Check("held-out evaluations", True,
-                 "every worker was evaluated at the start" + (" and after the last round" if last else ""))
-
-
-def format_checks(name: str, checks: list[Check]) -> str:
-    lines = [plain(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}") for c in checks]
-    failed = sum(not c.passed for c in checks)
-    lines.append(f"validate {plain(name)}: {len(checks) - failed}/{len(checks)} checks passed"
-                 + (f", {failed} FAILED" if failed else ""))
-    return "\n".join(lines)
 
 
 # -- plots ----------------------------------------------------------------------------------------

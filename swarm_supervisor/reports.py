@@ -31,7 +31,7 @@ def show_status(cfg: SwarmConfig) -> int:
 
 def run_validate(cfg: SwarmConfig, name: str) -> int:
     from configs_env.parsing import safe_name
-    from swarm_supervisor.experiments import format_checks, validate
+    from swarm_supervisor.validation import format_checks, validate
 
     root = cfg.gdrive_path / "experiments" / safe_name("experiment", name)
     if not root.is_dir():

@@ -48,7 +48,8 @@ def _experiment(root, with_evals: bool):
 
 
 def test_compare_shows_held_out_accuracy_and_reads_metrics_lines_from_before_it(tmp_path):
-    from swarm_supervisor.experiments import aggregate, summaries_csv, summarize, validate
+    from swarm_supervisor.experiments import aggregate, summaries_csv, summarize
+    from swarm_supervisor.validation import validate
 
     _experiment(tmp_path / "run", with_evals=True)
     summary = summarize(tmp_path / "run")
@@ -62,7 +63,8 @@ def test_compare_shows_held_out_accuracy_and_reads_metrics_lines_from_before_it(
 
 
 def test_validate_names_the_worker_whose_held_out_evaluations_are_missing(tmp_path):
-    from swarm_supervisor.experiments import summarize, validate
+    from swarm_supervisor.experiments import summarize
+    from swarm_supervisor.validation import validate
 
     folder = _experiment(tmp_path / "run", with_evals=False)
     assert summarize(folder.root).held_out_final is None

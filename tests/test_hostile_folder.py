@@ -20,7 +20,8 @@ from rich.console import Console
 
 from configs_env import SwarmConfig
 from configs_env.parsing import SAFE_NAME
-from swarm_supervisor.experiments import metrics_by_round, summarize, validate
+from swarm_supervisor.experiments import metrics_by_round, summarize
+from swarm_supervisor.validation import validate
 from swarm_supervisor.status import METRICS_CHUNK, SwarmReader
 from tests.helpers import (HOSTILE_REASON, heartbeat_record, metrics_row, plant_entry, plant_hostile, rollouts_record,
                            sealed, warnings_naming)
