@@ -62,10 +62,12 @@ def table_rows(arms: list[Arm], roots: dict[str, Path]) -> list[TableRow]:
 
 
 def gains(row: TableRow, baseline: TableRow) -> list[float]:
-    """The row's cumulative reward over the baseline's, minus 1, for each seed both have (a positive baseline)."""
-    base = dict(zip(baseline.seeds, baseline.cumulative_reward))
-    return [value / base[seed] - 1 for seed, value in zip(row.seeds, row.cumulative_reward)
-            if base.get(seed, 0) > 0]
+    """The row's cumulative reward over the baseline's, minus 1, for each seed both ran for as many rounds (a sum
+    over 150 rounds is no match for one over 500) and whose baseline is positive."""
+    base = {seed: (rounds, value) for seed, rounds, value in zip(baseline.seeds, baseline.rounds,
+                                                                  baseline.cumulative_reward)}
+    return [value / base[seed][1] - 1 for seed, rounds, value in zip(row.seeds, row.rounds, row.cumulative_reward)
+            if seed in base and base[seed][0] == rounds and base[seed][1] > 0]
 
 
 def _shown(values: list[float], percent: bool = False, signed: bool = False) -> str:
