@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.memory_probe import NAIVE_SETUP, WORKER_SETUP, measure_train, worker_peak
+from bench.swarm_stats import concurrent_timing, swarm_timing
 from bench.workload import MODEL, generation_tok_s, scaling_process
 from workers.learning.model import load_policy
 
@@ -64,7 +65,8 @@ def bench_worker_memory(cache: Path) -> dict:
 
 
 def bench_swarm(cache: Path, rounds: int, **settings: str) -> dict:
-    """`rl-swarm up` with the default preset for `rounds` rounds: seconds per round and NVML memory per worker."""
+    """`rl-swarm up` (the default preset unless `settings` name another) for `rounds` rounds: seconds per round, where
+    they go, and NVML memory per worker."""
     drive = Path(tempfile.mkdtemp())
     env = {**os.environ, "GDRIVE_PATH": str(drive), "RL_SWARM_CACHE": str(cache), "MODEL_NAME": MODEL,
            "MAX_ROUNDS": str(rounds), "HF_HUB_OFFLINE": "1", "EXPERIMENT_NAME": "bench", **settings}
@@ -94,7 +96,9 @@ def bench_swarm(cache: Path, rounds: int, **settings: str) -> dict:
         values = [m["gpu_peak_mib"] for m in everyone if m["round"] <= last_round and m.get("gpu_peak_mib")]
         return max(values) / 1024 if values else None
 
+    timing = swarm_timing(exp)
     return {"rounds": rounds, "wall_s": wall, "seconds_per_round": (states[1] - states[0]) / (rounds - 2),
+            "worker_work_seconds": timing.get("worker_work_seconds"), "hops": timing.get("hops"),
             "peak_gib_per_worker": peak, "peak_gib_by_round_10": peak_until(round_11),
             "torch_peak_gib_by_round_10": torch_peak(10), "torch_peak_gib": torch_peak(rounds),
             "mean_completion_tokens": sum(m["mean_completion_tokens"] for m in metrics) / len(metrics),
@@ -132,7 +136,26 @@ def _swarm_lines(s: dict) -> list[str]:
                f"{s['rounds']} (growth {100 * (s['torch_peak_gib'] / s['torch_peak_gib_by_round_10'] - 1):+.1f}%)"]
               if s.get("torch_peak_gib") and s.get("torch_peak_gib_by_round_10") else []),
             f"- mean completion tokens: {s['mean_completion_tokens']:.1f}, mean reward of the last 5 rounds "
-            f"(worker-1): {s['final_reward_mean']:.3f}"]
+            f"(worker-1): {s['final_reward_mean']:.3f}", *_hop_lines(s)]
+
+
+HOPS = (("generate_s", "generate (a worker's own completions)"), ("score_s", "score them"),
+        ("fetch_s", "publish ours, wait for and re-score the peers' rollouts"), ("train_s", "train (the update)"),
+        ("worker_round_s", "a worker's whole round"), ("slowest_worker_round_s", "the slowest worker's round"),
+        ("between_rounds_s", "hand-off between rounds (wall minus the slowest worker's round)"))
+
+
+def _hop_lines(s: dict) -> list[str]:
+    """A round, hop by hop: mean seconds over rounds and workers (start-up rounds left out)."""
+    hops = s.get("hops")
+    if not hops:
+        return []
+    lines = [f"- the slowest worker's own work (generate + score + train) per round: "
+             f"{s['worker_work_seconds']:.3f} s; wall per round / that work: "
+             f"**{s['seconds_per_round'] / s['worker_work_seconds']:.2f}** (target <= 1.5)", "",
+             "| hop | mean seconds |", "|---|---|"]
+    lines += [f"| {text} | {hops[key]:.3f} |" for key, text in HOPS if key in hops]
+    return lines
 
 
 def render(results: dict) -> str:
@@ -174,6 +197,25 @@ def render(results: dict) -> str:
         heading("Whole default swarm (`rl-swarm up`: 4 workers, I=2, J=2, G=4, max 256 new tokens, warmed-up base)",
                 "swarm_default")
         lines += _swarm_lines(results["swarm_default"])
+    if "swarm_paper" in results:
+        lines.append("")
+        heading("The paper's shape (`PRESET=paper-4-4`: 8 workers, G=8, I=4, J=4, max 256 new tokens, warmed-up base)",
+                "swarm_paper")
+        lines += _swarm_lines(results["swarm_paper"])
+    t = results.get("sapo_table")
+    if t and "error" not in t:
+        lines.append("")
+        heading(f"Four paper swarms at once (`rl-swarm sapo-table`: {t['swarms_at_once']} swarms, "
+                f"{t['workers_at_once']} workers)", "sapo_table")
+        lines += [f"- seconds per round, mean over the splits and seeds: **{t['seconds_per_round']:.2f}** "
+                  f"(target <= 1.2); peak GPU per worker (NVML): {t['peak_gib_per_worker']:.2f} GiB", "",
+                  "| seed | split | seconds per round | slowest worker's work | hand-off between rounds |",
+                  "|---|---|---|---|---|"]
+        for seed, batch in t["by_seed"].items():
+            for name, one in batch["per_swarm"].items():
+                if "error" not in one:
+                    lines.append(f"| {seed} | {name} | {one['seconds_per_round']:.2f} | "
+                                 f"{one['worker_work_seconds']:.3f} | {one['hops']['between_rounds_s']:.3f} |")
     if "swarm_worst_case" in results:
         lines.append("")
         heading("Worst-case swarm (WARMUP_STEPS=0: a random-init model writes all 256 tokens every time)",
@@ -188,7 +230,7 @@ def render(results: dict) -> str:
         lines += ["| workers | aggregate tok/s | peak GiB per worker (torch reserved) |", "|---|---|---|"]
         for row in results["scaling"]:
             lines.append(f"| {row['workers']} | {row['tok_s']:.0f} | {row['peak_gib_per_worker']:.2f} |")
-    lines += ["", "## Against issue 8's targets", ""] + [f"- {line}" for line in verdicts(results)]
+    lines += ["", "## Against the targets (issues 8 and 18)", ""] + [f"- {line}" for line in verdicts(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +255,22 @@ def verdicts(results: dict) -> list[str]:
             growth = s["peak_gib_per_worker"] / s["peak_gib_by_round_10"] - 1
             say(abs(growth) <= 0.01, f"no memory growth over rounds: peak {s['peak_gib_by_round_10']:.2f} GiB by "
                 f"round 10, {s['peak_gib_per_worker']:.2f} GiB by round {s['rounds']} ({100 * growth:+.1f}%)")
+    if s.get("worker_work_seconds"):
+        ratio = s["seconds_per_round"] / s["worker_work_seconds"]
+        say(s["seconds_per_round"] <= 0.30, f"default swarm <= 0.30 s per round: {s['seconds_per_round']:.2f} s")
+        say(ratio <= 1.5, f"wall per round / slowest worker's work <= 1.5: {ratio:.2f}")
+    p = results.get("swarm_paper", {})
+    if "seconds_per_round" in p:
+        say(p["seconds_per_round"] <= 0.6, f"paper shape <= 0.6 s per round: {p['seconds_per_round']:.2f} s")
+        say(p["peak_gib_per_worker"] <= 3, f"paper shape <= 3 GiB per worker (NVML): {p['peak_gib_per_worker']:.2f}")
+    t = results.get("sapo_table", {})
+    if t.get("seconds_per_round"):
+        say(t["seconds_per_round"] <= 1.2, f"four paper swarms at once <= 1.2 s per round: "
+            f"{t['seconds_per_round']:.2f} s ({t['workers_at_once']} workers)")
+    worst = results.get("swarm_worst_case", {})
+    if "seconds_per_round" in worst:
+        say(worst["seconds_per_round"] <= 1.0, f"worst case (every completion 256 tokens) <= 1.0 s per round: "
+            f"{worst['seconds_per_round']:.2f} s")
     w = results.get("worker_memory")
     if w:
         peak = max(w["nvml_peak_gib"], s.get("peak_gib_per_worker", 0))
@@ -236,7 +294,27 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
-PARTS = ("generation", "train", "worker_memory", "swarm_default", "swarm_worst_case", "scaling", "profile")
+def bench_sapo_table(drive: Path) -> dict:
+    """The SAPO table's swarms as `rl-swarm sapo-table` ran them (its splits of one seed at once): seconds per round
+    of each batch of swarms that ran together, read from their folders."""
+    tables = sorted(drive.glob("tables/*.json"))
+    if not tables:
+        return {"error": f"no table under {drive}/tables: run `rl-swarm sapo-table` with GDRIVE_PATH={drive} first"}
+    table = json.loads(tables[-1].read_text())
+    seeds = table["seeds"]
+    batches = {seed: [drive / "experiments" / row["experiments"][i] for row in table["rows"]]
+               for i, seed in enumerate(seeds)}
+    timed = {str(seed): concurrent_timing(dirs) for seed, dirs in batches.items()}
+    good = [t for t in timed.values() if t["seconds_per_round"]]
+    return {"family": table["family"], "swarms_at_once": len(table["rows"]),
+            "workers_at_once": max((t["workers"] for t in good), default=0),
+            "seconds_per_round": sum(t["seconds_per_round"] for t in good) / len(good) if good else None,
+            "peak_gib_per_worker": max((t["peak_gib_per_worker"] or 0 for t in good), default=None),
+            "by_seed": timed}
+
+
+PARTS = ("generation", "train", "worker_memory", "swarm_default", "swarm_paper", "swarm_worst_case", "sapo_table",
+         "scaling", "profile")
 
 
 def main() -> None:
@@ -247,9 +325,13 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="comma-separated subset of " + ", ".join(PARTS) + " (a device call lasts 10 minutes)")
     parser.add_argument("--merge", action="store_true", help="keep the parts already in --out that this run skips")
+    parser.add_argument("--table-drive", type=Path, default=None,
+                        help="sapo_table: the GDRIVE_PATH a `PRESET=paper-8-0 rl-swarm sapo-table` ran in")
     args = parser.parse_args()
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = sorted(set(parts) - set(PARTS))
+    if "sapo_table" in parts and not args.table_drive:
+        parser.error("--parts sapo_table needs --table-drive DRIVE (where `rl-swarm sapo-table` ran)")
     if unknown:
         parser.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     cache = Path(tempfile.mkdtemp())
@@ -263,7 +345,9 @@ def main() -> None:
     runs = {"generation": lambda: bench_generation(cache), "train": lambda: bench_train(cache),
             "worker_memory": lambda: bench_worker_memory(cache),
             "swarm_default": lambda: bench_swarm(cache, args.rounds),
+            "swarm_paper": lambda: bench_swarm(cache, min(args.rounds, 100), PRESET="paper-4-4"),
             "swarm_worst_case": lambda: bench_swarm(cache, 40, WARMUP_STEPS="0"),
+            "sapo_table": lambda: bench_sapo_table(args.table_drive or Path("/nonexistent")),
             "scaling": lambda: bench_scaling(cache, (1, 2, 4, 8, 16))}
     command = f"GIT_SHA={sha[:10]} python -m bench all --rounds {args.rounds} --parts {','.join(parts)}"
     for name in parts:

@@ -2,6 +2,7 @@
 
     python -m bench.learning run DRIVE [--seeds 1,2,3] [--arms default:500:100,1e-6:500:100,1e-5:150:50]
     python -m bench.learning report DRIVE [--out bench]    # bench/learning.json, the sweep's table, a plot
+    python -m bench.learning sapo TABLE_DRIVE [--out bench]  # learning.json's "sapo" from `rl-swarm sapo-table`
 
 Every arm is a plain `rl-swarm up` of MODEL_NAME=rl-swarm/gpt2-124m-random (swarm_supervisor.table), all at once
 on one GPU; the arms of one seed share one warm-up. The default arm sets no LEARNING_RATE, so it measures the
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from configs_env.presets import TABLE_FAMILIES
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
 from swarm_supervisor.table_report import format_table, plot_table, table_rows
 from workers.learning.model import GPT2_LEARNING_RATE
@@ -98,16 +100,40 @@ def report(arms: list[Arm], drive: Path, out: Path, command: str, device: str | 
     return result
 
 
+def sapo_section(drive: Path, out: Path, command: str) -> dict:
+    """learning.json's "sapo": the table `rl-swarm sapo-table` saved under DRIVE/tables, per split and seed."""
+    tables = sorted((drive / "tables").glob("*.json"))
+    if not tables:
+        raise SystemExit(f"python -m bench.learning sapo: no table under {drive / 'tables'}: run "
+                         f"`rl-swarm sapo-table` with GDRIVE_PATH={drive} first")
+    table = json.loads(tables[-1].read_text())
+    rows = table["rows"]
+    section = {"preset": ", ".join(TABLE_FAMILIES[table["family"]]), "command": command,
+               "rounds": min(min(row["rounds"]) for row in rows),
+               "rows": [{key: row[key] for key in ("split", "seeds", "rounds", "cumulative_reward", "held_out_start",
+                                                   "held_out_end", "task_rewards")} for row in rows]}
+    path = out / "learning.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["sapo"] = section
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return section
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.learning")
-    parser.add_argument("action", choices=["run", "report"])
+    parser.add_argument("action", choices=["run", "report", "sapo"])
     parser.add_argument("drive", type=Path)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--arms", default="default:1000:50,1e-6:1000:50,1e-5:200:50",
                         help="LR:ROUNDS:EVAL_EVERY, comma-separated; LR 'default' sets no LEARNING_RATE")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--device-name", default=None, help="for a report made away from the GPU that ran it")
+    parser.add_argument("--command", default="PRESET=paper-8-0 SEEDS=1,2,3 rl-swarm sapo-table",
+                        help="sapo: the command that made the table, as recorded")
     args = parser.parse_args()
+    if args.action == "sapo":
+        print(json.dumps(sapo_section(args.drive, args.out, args.command), indent=1))
+        return 0
     arms = plan([int(s) for s in args.seeds.split(",")], [s for s in args.arms.split(",") if s])
     if args.action == "run":
         env, logs = base_env(args.drive), args.drive / "tables" / "logs"
