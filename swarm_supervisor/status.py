@@ -70,8 +70,9 @@ class SwarmView:
 TREND = 8
 METRICS_CHUNK = 1024 * 1024      # bytes of a metrics log read a refresh: a long log is caught up over a few
 # reward collapse: the mean of the last REWARD_WINDOW rounds under REWARD_COLLAPSE x the best such mean so far
-# (only once that best reached REWARD_FLOOR: a node that never earned reward has nothing to lose)
-REWARD_WINDOW, REWARD_COLLAPSE, REWARD_FLOOR = 20, 0.5, 0.2
+# (only once that best reached REWARD_FLOOR: a node that never earned reward has nothing to lose); it is over
+# only when the mean is back above REWARD_RECOVERED x the best, so a mean that hovers at the line warns once
+REWARD_WINDOW, REWARD_COLLAPSE, REWARD_RECOVERED, REWARD_FLOOR = 20, 0.5, 0.75, 0.2
 
 
 class RewardWatch:
@@ -80,17 +81,19 @@ class RewardWatch:
     def __init__(self) -> None:
         self.window: deque[float] = deque(maxlen=REWARD_WINDOW)
         self.best: float | None = None
+        self.down = False
 
     def add(self, reward: float) -> None:
         self.window.append(reward)
-        if len(self.window) == REWARD_WINDOW:
-            mean = sum(self.window) / REWARD_WINDOW
-            self.best = mean if self.best is None else max(self.best, mean)
+        if len(self.window) < REWARD_WINDOW:
+            return
+        mean = sum(self.window) / REWARD_WINDOW
+        self.best = mean if self.best is None else max(self.best, mean)
+        if self.best >= REWARD_FLOOR:
+            self.down = mean < (REWARD_RECOVERED if self.down else REWARD_COLLAPSE) * self.best
 
     def collapsed(self) -> bool:
-        if self.best is None or self.best < REWARD_FLOOR or len(self.window) < REWARD_WINDOW:
-            return False
-        return sum(self.window) / REWARD_WINDOW < REWARD_COLLAPSE * self.best
+        return self.down
 
     def warning(self, node: str) -> str | None:
         if not self.collapsed():

@@ -43,6 +43,23 @@ def test_a_collapsed_reward_is_told_from_a_low_one():
     assert collapsed.collapsed() and "reward collapsed to 0.100" in collapsed.warning("worker-1")
 
 
+def test_a_reward_hovering_at_the_collapse_line_warns_once_until_it_truly_recovers():
+    """Seen on the GPU: a 20-round mean crossing half its best back and forth raised the same warning every
+    few rounds. Once collapsed, a worker stays marked until its mean is back near its best."""
+    watch = RewardWatch()
+    for reward in [0.9] * REWARD_WINDOW + [0.4] * REWARD_WINDOW:
+        watch.add(reward)
+    assert watch.collapsed()
+    marks = []
+    for reward in ([0.5] * 5 + [0.4] * 5) * 4:      # a mean from 0.425 to 0.475: across the line at 0.45
+        watch.add(reward)
+        marks.append(watch.collapsed())
+    assert all(marks)
+    for reward in [0.85] * REWARD_WINDOW:
+        watch.add(reward)
+    assert not watch.collapsed()
+
+
 def test_the_table_shows_start_newest_best_and_marks_a_falling_worker(tmp_path):
     folder = ExperimentFolder(tmp_path / "exp").create()
     now = time.time()
