@@ -98,6 +98,22 @@ def reference_loss(logp, old, adv, mask, ref, beta, lo, hi, normalize):
     return loss, grad, clipped / sum(counts)
 
 
+def test_an_update_whose_gradient_is_not_finite_leaves_the_weights_and_the_optimizer_alone():
+    """Seen on the GPU: one NaN update made the worker's model NaN and its metrics unwritable, a crash loop."""
+    model = tiny()
+    batch = build_batch([[5, 6], [5, 6]], [[10, 11, EOS], [20, 21, EOS]], pad_id=EOS)
+    weights = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    stats = grpo_step(model, optimizer, batch, torch.tensor([math.nan, -1.0], dtype=torch.float64))
+    assert stats["skipped_steps"] == 1.0 and not math.isfinite(stats["grad_norm"])
+    assert all(torch.equal(before, after) for before, after in zip(weights, model.parameters()))
+    assert not optimizer.state                      # no moment took the NaN in
+    assert all(p.grad is None for p in model.parameters())
+    stats = grpo_step(model, optimizer, batch, torch.tensor([1.0, -1.0], dtype=torch.float64))
+    assert stats["skipped_steps"] == 0.0 and math.isfinite(stats["loss"])
+    assert not all(torch.equal(before, after) for before, after in zip(weights, model.parameters()))
+
+
 @pytest.mark.parametrize("normalize", ["token", "sequence"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_and_gradient_match_a_float64_reference(normalize, beta):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from math import nan
 import random
 import threading
 
@@ -81,6 +82,24 @@ def test_a_round_records_reward_spread_format_rate_update_stats_and_stage_times(
     assert row.max_completion_tokens >= row.mean_completion_tokens > 0
     assert min(row.generate_s, row.score_s, row.fetch_s, row.train_s) >= 0
     assert row.round_s == pytest.approx(row.generate_s + row.score_s + row.fetch_s + row.train_s)
+
+
+def test_a_round_whose_update_is_not_finite_keeps_the_model_and_records_the_skip(warmed, tmp_path, monkeypatch):
+    """Seen on the GPU (paper preset): a NaN in one update crashed the worker when it wrote its metrics, and
+    again after every restart. Now the step is skipped and the round is recorded."""
+    cfg = SwarmConfig.from_env({"NUM_WORKERS": "1", "NUM_TRAIN_SAMPLES": "4", "NUM_TRANSPLANT_TREES": "0",
+                                "NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "16", "FORMAT_REWARD": "0.1"})
+    learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
+    weights = [p.detach().clone() for p in learner.model.parameters()]
+    node = Node(learner, torch.optim.AdamW(learner.model.parameters(), lr=1e-4), cfg,
+                TaskMix(cfg.tasks, seed=cfg.seed), Exchange(ExperimentFolder(tmp_path).create(), "w-1"), 0)
+    monkeypatch.setattr("workers.round_loop.group_advantages", lambda rewards, scale: torch.full_like(rewards, nan))
+    metrics = play_round(node, 1, threading.Event(), lambda: set(), lambda stage: None)
+    line = json.dumps(metrics.to_json(), allow_nan=False)                     # what append_jsonl writes
+    row = RoundMetrics.from_json(json.loads(line))
+    assert row.skipped_steps == 1 and row.loss is None and row.grad_norm is None
+    assert row.local_groups == 4 and row.completions == 16
+    assert all(torch.equal(a, b) for a, b in zip(weights, learner.model.parameters()))
 
 
 def test_a_metrics_line_from_before_the_new_fields_still_parses():

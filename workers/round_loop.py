@@ -5,6 +5,7 @@ questions, generate, score, share, take J groups from the swarm, drop groups wit
 """
 
 import logging
+import math
 import random
 import threading
 import time
@@ -142,6 +143,10 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
                           num_iterations=cfg.steps_per_round, chunk_size=LOGPROB_CHUNK,
                           micro_batch_size=cfg.train_micro_batch,
                           normalize=cfg.loss_normalization)
+    if stats.get("skipped_steps"):
+        log.warning("update skipped: its gradient was not finite (loss %s, grad norm %s; %d completions of up to "
+                    "%d tokens after prompts of up to %d); the weights are unchanged", stats["loss"],
+                    stats["grad_norm"], len(completions), max(map(len, completions)), max(map(len, prompts)))
     return stats
 
 
@@ -272,7 +277,9 @@ def round_metrics(node: Node, round_: int, questions: list[Question], local: lis
         # exact match is the scorer's 1.0, not the reward: FORMAT_REWARD lifts rewards, never accuracy
         accuracy=sum(c >= 1.0 for s in scores for c in s.correctness) / n,
         format_rate=sum(f for s in scores for f in s.well_formed) / n,
-        loss=stats["loss"], grad_norm=stats["grad_norm"], clip_fraction=stats["clip_fraction"], kl=stats.get("kl"),
+        loss=_finite(stats["loss"]), grad_norm=_finite(stats["grad_norm"]),
+        clip_fraction=_finite(stats["clip_fraction"]), kl=_finite(stats.get("kl")),
+        skipped_steps=int(stats.get("skipped_steps", 0)),
         learning_rate=float(node.optimizer.param_groups[0]["lr"]),
         local_groups=len(local), external_groups=external.chosen, external_available=external.available,
         zero_advantage_groups=len(local) - with_signal, external_zero_advantage_groups=external.without_signal,
@@ -280,6 +287,11 @@ def round_metrics(node: Node, round_: int, questions: list[Question], local: lis
         mean_completion_tokens=sum(lengths) / max(1, len(lengths)), max_completion_tokens=max(lengths, default=0),
         gpu_peak_mib=torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
         task_rewards=task_means(questions, local), **timings)
+
+
+def _finite(value: float | None) -> float | None:
+    """A statistic of the update as JSON can hold it: None for a NaN or inf (never a crash when recorded)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def task_means(questions: list[Question], groups: list[TrainingGroup]) -> dict[str, float]:

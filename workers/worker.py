@@ -302,8 +302,9 @@ class Worker:
         if self.outbox.send(f"writing {reward_file}", partial(write_json_atomic, reward_file, record)):
             self.exchange.doorbell.ring()      # the coordinator of this host sees the round done now
         self.update(status=Status.WAITING, last_reward=metrics.reward_mean, last_accuracy=metrics.accuracy)
-        log.info("round %d: reward %.3f exact %.2f loss %.4f local %d external %d/%d (%.1fs)", round_,
-                 metrics.reward_mean, metrics.accuracy, metrics.loss, metrics.local_groups,
+        log.info("round %d: reward %.3f exact %.2f loss %s local %d external %d/%d (%.1fs)", round_,
+                 metrics.reward_mean, metrics.accuracy,
+                 "-" if metrics.loss is None else f"{metrics.loss:.4f}", metrics.local_groups,
                  metrics.external_groups, metrics.external_available, metrics.round_s)
 
     def _evaluate(self, node: Node, round_: int) -> None:

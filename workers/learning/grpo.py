@@ -272,7 +272,8 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
     Gradients accumulate over micro-batches of `micro_batch_size` rows, each normalised by the whole
     batch, so the step is the same as one full-batch step. The KL term is used only when beta > 0 and
     a `ref_model` is given. Returns loss, grad_norm (before clipping), clip_fraction, ratio, kl (when
-    used) and tokens, as floats read from the device once.
+    used) and tokens, as floats read from the device once, and skipped_steps: the steps whose gradient was not
+    finite, which left the weights and the optimizer's state as they were.
     """
     if num_iterations < 1:
         raise ValueError(f"num_iterations={num_iterations}: expected an integer >= 1")
@@ -286,7 +287,7 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
     device = batch.input_ids.device
     total_tokens = batch.completion_mask.sum()
     if batch.completion_mask.shape[1] == 0:                           # nothing to learn from
-        return {"loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0, "ratio": 1.0, "tokens": 0.0}
+        return {"loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0, "ratio": 1.0, "tokens": 0.0, "skipped_steps": 0.0}
     use_kl = beta > 0 and ref_model is not None
     ref: list[torch.Tensor | None] = [None] * len(parts)
     if use_kl:
@@ -297,6 +298,7 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
     old: list[torch.Tensor | None] = [None] * len(parts)
     names = ["loss", "grad_norm", "clip_fraction", "ratio"] + (["kl"] if use_kl else [])
     sums = {name: torch.zeros((), device=device) for name in names}
+    skipped = 0
     for _ in range(num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for k, part in enumerate(parts):
@@ -315,8 +317,15 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
                     sums[name] = sums[name] + stats["loss"]
                 elif name != "grad_norm":
                     sums[name] = sums[name] + stats[name] * share
-        sums["grad_norm"] = sums["grad_norm"] + torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        sums["grad_norm"] = sums["grad_norm"] + norm
+        # a NaN or inf anywhere in the gradient would reach every weight through the step (clipping scales
+        # by max_norm / inf): such a step is skipped, as AMP's loss scaler does. One device sync per step.
+        if not torch.isfinite(norm):
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            continue
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     values = torch.stack([sums[name].float() / num_iterations for name in names] + [total_tokens.float()]).tolist()
-    return dict(zip(names + ["tokens"], values))
+    return {**dict(zip(names + ["tokens"], values)), "skipped_steps": float(skipped)}

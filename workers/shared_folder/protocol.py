@@ -229,7 +229,7 @@ class RoundMetrics:
     round: int
     reward_mean: float
     accuracy: float               # exact-match rate (score == 1.0); reasoning-gym gives partial credit
-    loss: float
+    loss: float | None            # None when the update's loss was not a finite number (the step was skipped)
     local_groups: int
     external_groups: int
     external_available: int
@@ -257,6 +257,8 @@ class RoundMetrics:
     gpu_peak_mib: float | None = None
     # mean reward of this round's own completions per task: the paper reports reward per task
     task_rewards: dict[str, float] | None = None
+    # optimizer steps skipped because their gradient held a NaN or inf (the weights stayed as they were)
+    skipped_steps: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
