@@ -78,8 +78,8 @@ class SwarmConfig:
         "Longest completion, in tokens")
     temperature: float = setting(1.0, "TEMPERATURE", p.number(0, "1.0", exclusive=True),
         "Sampling temperature")
-    learning_rate: float | None = setting(None, "LEARNING_RATE", p.number(0, "3e-6", exclusive=True),
-        "AdamW learning rate (unset: 3e-6 for GPT-2 124M, 3e-5 for the tiny model)")
+    learning_rate: float | None = setting(None, "LEARNING_RATE", p.number(0, "1e-6", exclusive=True),
+        "AdamW learning rate (unset: 1e-6 for GPT-2 124M, 3e-5 for the tiny model)")
     advantage_scale: str = setting("std", "ADVANTAGE_SCALE", p.choice(("std", "none")),
         "std: (r - mean) / (std + eps) per group; none: r - mean")
     loss_normalization: str = setting("token", "LOSS_NORMALIZATION", p.choice(("token", "sequence")),
