@@ -202,6 +202,21 @@ def render(results: dict) -> str:
         heading("The paper's shape (`PRESET=paper-4-4`: 8 workers, G=8, I=4, J=4, max 256 new tokens, warmed-up base)",
                 "swarm_paper")
         lines += _swarm_lines(results["swarm_paper"])
+    x3 = results.get("swarm_default_x3")
+    if x3:
+        lines.append("")
+        heading(f"Default swarms side by side ({x3['swarms']} swarms, {x3['workers']} workers, {x3['device']}, "
+                f"git {x3['git_sha']})", "swarm_default_x3")
+        lines += [f"- {x3['note']}",
+                  f"- seconds per round, mean of the swarms: **{x3['seconds_per_round']:.3f}**; the slowest worker's "
+                  f"own work: {x3['worker_work_seconds']:.3f} s; wall / work: "
+                  f"**{x3['seconds_per_round'] / x3['worker_work_seconds']:.2f}** (target <= 1.5); peak GPU per "
+                  f"worker (NVML): {x3['peak_gib_per_worker']:.2f} GiB", "",
+                  "| swarm | rounds | s/round | " + " | ".join(text for _, text in HOPS) + " |",
+                  "|---|---|---|" + "---|" * len(HOPS)]
+        for name, one in x3["per_swarm"].items():
+            lines.append(f"| {name} | {one['rounds']} | {one['seconds_per_round']:.3f} | "
+                         + " | ".join(f"{one['hops'][key]:.3f}" for key, _ in HOPS) + " |")
     t = results.get("sapo_table")
     if t and "error" not in t:
         lines.append("")
@@ -259,6 +274,11 @@ def verdicts(results: dict) -> list[str]:
         ratio = s["seconds_per_round"] / s["worker_work_seconds"]
         say(s["seconds_per_round"] <= 0.30, f"default swarm <= 0.30 s per round: {s['seconds_per_round']:.2f} s")
         say(ratio <= 1.5, f"wall per round / slowest worker's work <= 1.5: {ratio:.2f}")
+    x3 = results.get("swarm_default_x3", {})
+    if x3.get("worker_work_seconds"):
+        say(x3["seconds_per_round"] / x3["worker_work_seconds"] <= 1.5, f"wall per round / slowest worker's work "
+            f"<= 1.5 with three default swarms side by side: {x3['seconds_per_round'] / x3['worker_work_seconds']:.2f}"
+            f" ({x3['seconds_per_round']:.3f} s a round, {x3['worker_work_seconds']:.3f} s of work)")
     p = results.get("swarm_paper", {})
     if "seconds_per_round" in p:
         say(p["seconds_per_round"] <= 0.6, f"paper shape <= 0.6 s per round: {p['seconds_per_round']:.2f} s")
