@@ -169,3 +169,48 @@ def group(g: int = 4, task: str = "chain_sum") -> RolloutGroup:
     return RolloutGroup(task=task, dataset_seed=42 * 1009, index=7,
                         completions=tuple(f"<answer>{i}</answer>" for i in range(g)),
                         finished=(True,) * g, rewards=(0.0,) * g)
+
+
+class StandInNVML:
+    """The pynvml calls the monitor makes, over GPUs given as (total MiB, used MiB, {pid: MiB}) in host order;
+    GPU i's UUID is GPU-i."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus: list[tuple[float, float, dict[int, float]]]):
+        self.gpus = gpus
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if not 0 <= index < len(self.gpus):
+            raise self.NVMLError("Invalid Argument")
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> int:
+        return self.nvmlDeviceGetHandleByIndex(int(uuid.removeprefix("GPU-")))
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int):
+        from types import SimpleNamespace
+
+        total, used, _ = self.gpus[handle]
+        return SimpleNamespace(total=total * 2**20, used=used * 2**20, free=(total - used) * 2**20)
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"NVIDIA H100"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int):
+        raise self.NVMLError("Not Supported")
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(pid=pid, usedGpuMemory=mib * 2**20) for pid, mib in self.gpus[handle][2].items()]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: int) -> list:
+        return []

@@ -95,7 +95,7 @@ class Worker:
         self.spec, self.cfg, self.stop = spec, spec.cfg, stop
         self.folder = ExperimentFolder(spec.cfg.experiment_dir)
         self.exchange = Exchange(self.folder, spec.node)
-        self.beat = Heartbeat.first(spec.node, "worker", Status.STARTING)
+        self.beat = replace(Heartbeat.first(spec.node, "worker", Status.STARTING), device=spec.device)
         self._beat_lock = threading.Lock()
         self.outbox = Outbox()
         self.checkpoints = self.folder.checkpoint_dir(spec.node)
@@ -370,6 +370,8 @@ def worker_main(spec: WorkerSpec) -> None:
     else:
         # several processes share the GPU: expandable segments keep each one's cache from fragmenting
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        # a worker on cuda:1 makes no CUDA context on cuda:0 (one would cost every GPU-0 worker ~0.5 GiB)
+        torch.cuda.set_device(torch.device(spec.device))
     worker = Worker(spec, stop)
     try:
         worker.run()
