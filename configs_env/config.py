@@ -32,6 +32,10 @@ class SwarmConfig:
     # Where and what
     gdrive_path: Path = setting(Path("./swarm-drive"), "GDRIVE_PATH", p.path,
         "Shared folder of the swarm (a mounted Google Drive folder on Colab, any directory elsewhere)")
+    swarm_url: str | None = setting(None, "SWARM_URL", p.store_url,
+        "s3://bucket/prefix or gs://bucket/prefix: the swarm's shared records (state, peers, rollouts, rewards, "
+        "metrics) in an object store (pip install -e '.[s3]' or '.[gcs]'; credentials and AWS_ENDPOINT_URL from "
+        "the environment); checkpoints, the base model and logs stay under GDRIVE_PATH on this machine")
     experiment_name: str = setting("sapo-gpt2", "EXPERIMENT_NAME", p.safe_name,
         "Experiment folder under <GDRIVE_PATH>/experiments/")
     node_id: str = setting("worker", "NODE_ID", p.safe_name,

@@ -12,6 +12,7 @@ from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count,
 from swarm_supervisor.monitor import Monitor
 from workers.shared_folder.folder import ExperimentFolder, FolderError, open_append, write_json_atomic
 from workers.shared_folder.leftovers import pid_alive
+from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import read_heartbeats
 from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
 from swarm_supervisor.readable import plain
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "up"
     try:
         cfg = SwarmConfig.from_env(role="join" if command in ("worker", "join") else "up")
+        mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
         if command == "config" and args.markdown:
             print(settings_markdown())
             return 0
