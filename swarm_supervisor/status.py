@@ -19,7 +19,7 @@ from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, warn_skipped
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, file_size, read_json_bounded, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 
@@ -156,7 +156,7 @@ class SwarmReader:
         path = eval_file(self.folder, node)
         cached = self._held_out.get(node)
         try:
-            size = path.stat().st_size
+            size = file_size(path)
             if cached is None or cached[0] != size:
                 rows, _ = read_held_out(path)
                 if rows or not size:     # no row of a non-empty file: not synced yet or a Drive hiccup, read again

@@ -285,6 +285,16 @@ def is_visible(path: Path) -> bool:
     return True
 
 
+def file_size(path: Path) -> int:
+    """Bytes of a file (in a store, of a log's records together); FileNotFoundError while there is none."""
+    if (where := storage.mounted(path)) is None:
+        return path.stat().st_size
+    store, key = where
+    if key.endswith(storage.LOG_SUFFIX):
+        return sum(entry.size for entry in store.list(key) if not entry.folder)
+    return store.version(key)[1]
+
+
 def read_from(path: Path, offset: int, limit: int) -> bytes:
     """Up to `limit` bytes from `offset` of a file read incrementally (an append-only log such as metrics)."""
     return _read_regular(path, offset, limit, whole=False)

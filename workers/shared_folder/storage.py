@@ -13,6 +13,8 @@ an append is an object per record, listings are bounded and paged.
 
 from __future__ import annotations   # a store's `list` method would shadow list[...] in its annotations
 
+import atexit
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Protocol
 
 from configs_env import SwarmError
 from configs_env.parsing import STORE_URL
+
+log = logging.getLogger(__name__)
 
 # the experiment's records an object store holds; the rest of the experiment folder stays local
 MOUNTED = ("state", "peers", "rollouts", "rewards", "metrics", "config.json")
@@ -126,4 +130,6 @@ def mount_experiment(url: str | None, root: Path, experiment: str) -> Store | No
         return None
     store = open_store(url, experiment)
     mount(root, store)
+    # what this process cost the store, in its log: the requests a round makes are what a bucket bills
+    atexit.register(lambda: log.info("object store requests of this process: %s", dict(getattr(store, "requests", {}))))
     return store
