@@ -32,6 +32,10 @@ class SwarmConfig:
     # Where and what
     gdrive_path: Path = setting(Path("./swarm-drive"), "GDRIVE_PATH", p.path,
         "Shared folder of the swarm (a mounted Google Drive folder on Colab, any directory elsewhere)")
+    swarm_url: str | None = setting(None, "SWARM_URL", p.store_url,
+        "s3://bucket/prefix or gs://bucket/prefix: the swarm's shared records (state, peers, rollouts, rewards, "
+        "metrics) in an object store (pip install -e '.[s3]' or '.[gcs]'; credentials and AWS_ENDPOINT_URL from "
+        "the environment); checkpoints, the base model and logs stay under GDRIVE_PATH on this machine")
     experiment_name: str = setting("sapo-gpt2", "EXPERIMENT_NAME", p.safe_name,
         "Experiment folder under <GDRIVE_PATH>/experiments/")
     node_id: str = setting("worker", "NODE_ID", p.safe_name,
@@ -40,7 +44,11 @@ class SwarmConfig:
         "Hugging Face model id, a local folder, or rl-swarm/tiny-gpt2, rl-swarm/gpt2-124m-random; "
         "unset: openai-community/gpt2, else the tiny offline model")
     device: str = setting("auto", "DEVICE", p.device,
-        "auto (cuda:0 when present), cpu, cuda or cuda:N")
+        "auto (the workers spread round robin over every visible GPU, else the CPU), cpu, cuda (cuda:0) or "
+        "cuda:N (every worker on GPU N)")
+    cuda_visible_devices: str | None = setting(None, "CUDA_VISIBLE_DEVICES", p.optional_text,
+        "CUDA's own list of the GPUs this host's workers may use (indices or UUIDs); read here so the "
+        "monitor reads the same GPUs as the workers")
     cache_dir: Path = setting(Path.home() / ".cache" / "rl-swarm", "RL_SWARM_CACHE", p.path,
         "Where offline models are built once and reused")
     seed: int = setting(42, "SEED", p.integer(0),

@@ -80,6 +80,22 @@ def path(name: str, raw: str) -> Path:
     return Path(text(name, raw)).expanduser()
 
 
+STORE_URL = re.compile(r"(?P<scheme>s3|gs)://(?P<bucket>[a-z0-9][a-z0-9._-]{1,61}[a-z0-9])"
+                       r"(?P<prefix>(/[A-Za-z0-9._-]+)*)/?")
+
+
+def store_url(name: str, raw: str) -> str | None:
+    """`s3://bucket/prefix` or `gs://bucket/prefix`; no credentials, query or odd characters in it."""
+    text_ = raw.strip()
+    if not text_:
+        return None
+    if not STORE_URL.fullmatch(text_) or "/../" in f"{text_}/" or "/./" in f"{text_}/":
+        raise ConfigError(f"{name}={raw!r}: expected s3://bucket/prefix or gs://bucket/prefix (a bucket of 3-63 "
+                          "lowercase letters, digits, '.', '-'; folders of letters, digits, '.', '_', '-'; no "
+                          f"credentials in it: they come from the environment) (e.g. {name}=s3://my-bucket/swarm)")
+    return text_.rstrip("/")
+
+
 def optional_text(name: str, raw: str) -> str | None:
     return raw.strip() or None
 

@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 
 from configs_env import SETTINGS, SwarmConfig, SwarmError
+from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count, nvml_ids, refuse_unfit, worker_devices
+from swarm_supervisor.monitor import Monitor
 from workers.shared_folder.folder import ExperimentFolder, FolderError, open_append, write_json_atomic
 from workers.shared_folder.leftovers import pid_alive
+from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import read_heartbeats
 from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
 from swarm_supervisor.readable import plain
@@ -47,16 +50,10 @@ def settings_table() -> str:
     return "\n".join(f"  {s.env:<{width}}  {s.help} [default: {shown_default(s.attr)}]" for s in SETTINGS)
 
 
-def resolve_device(requested: str) -> tuple[str, str | None]:
-    import torch
-
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda:0", None
-        return "cpu", "CUDA is not available: the workers run on the CPU"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise SwarmError(f"DEVICE={requested}: CUDA is not available on this machine; use DEVICE=cpu or DEVICE=auto")
-    return ("cuda:0" if requested == "cuda" else requested), None
+def resolve_devices(cfg: SwarmConfig, gpus: int) -> tuple[list[str], str | None]:
+    """Each worker's device (devices.worker_devices), and a note when DEVICE=auto finds no GPU."""
+    note = "CUDA is not available: the workers run on the CPU" if cfg.device == "auto" and gpus == 0 else None
+    return worker_devices(cfg.device, cfg.num_workers, gpus), note
 
 
 def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
@@ -71,30 +68,32 @@ def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
     return name, note
 
 
-def check_fit(cfg: SwarmConfig, model_name: str, device: str) -> None:
-    """Refuse a swarm that cannot fit on the GPU, before any worker starts, saying how many would."""
+def worker_need_mib(cfg: SwarmConfig, model_name: str, device: str) -> float:
+    """The estimate of one worker's GPU memory for this model and these settings."""
     import torch
     from transformers import AutoConfig
 
-    from swarm_supervisor.monitor import Monitor
     from workers.learning.memory import estimate_worker_mib
     from workers.learning.model import model_source, use_activation_checkpointing
 
-    monitor = Monitor(device_index=int(device.partition(":")[2] or 0))
-    snapshot = monitor.sample([])
-    monitor.close()
-    if snapshot.device is None:
-        return                                   # no NVML: nothing to check against
     checkpointing = use_activation_checkpointing(cfg.gradient_checkpointing, torch.device(device))
-    need = estimate_worker_mib(AutoConfig.from_pretrained(model_source(model_name, cfg.cache_dir)), cfg, checkpointing)
-    free = snapshot.device.free_mib * cfg.memory_high_water
-    fit = int(free // need)
-    print(f"rl-swarm: {device}: ~{need / 1024:.1f} GiB per worker, {snapshot.device.free_mib / 1024:.1f} GiB free: "
-          f"room for {fit} workers")
-    if cfg.num_workers > fit:
-        raise SwarmError(f"NUM_WORKERS={cfg.num_workers} needs ~{cfg.num_workers * need / 1024:.0f} GiB but "
-                         f"{device} has {snapshot.device.free_mib / 1024:.0f} GiB free: at most {fit} fit "
-                         f"(set NUM_WORKERS={max(1, fit)}, or lower MAX_NEW_TOKENS / NUM_GENERATIONS)")
+    return estimate_worker_mib(AutoConfig.from_pretrained(model_source(model_name, cfg.cache_dir)), cfg, checkpointing)
+
+
+def check_fit(cfg: SwarmConfig, gpus: int, need_mib: float, monitor: Monitor | None = None) -> None:
+    """Refuse a swarm that cannot fit on its GPUs, before any worker starts, naming the GPU that is short and how
+    many workers would fit."""
+    devices = worker_devices(cfg.device, cfg.num_workers, gpus)
+    monitor = monitor or Monitor(nvml_ids(devices, cfg.cuda_visible_devices))
+    try:
+        snapshot = monitor.sample([])
+    finally:
+        monitor.close()
+    free = {device.label: device.free_mib for device in snapshot.devices}     # no NVML: nothing to check against
+    fits = device_fits(devices, free, need_mib, cfg.memory_high_water)
+    for fit in fits:
+        print(f"rl-swarm: {fit.line(need_mib)}")
+    refuse_unfit(fits, need_mib, cfg.num_workers, lambda n: worker_devices(cfg.device, n, gpus))
 
 
 def worker_names(cfg: SwarmConfig) -> list[str]:
@@ -121,26 +120,28 @@ def start(cfg: SwarmConfig, role: str) -> int:
     from swarm_supervisor.supervisor import Supervisor
 
     check_tasks(cfg.tasks)
-    device, device_note = resolve_device(cfg.device)
+    gpus = gpu_count()
+    devices, device_note = resolve_devices(cfg, gpus)
     model_name, model_note = resolve_model(cfg)
     for note in (device_note, model_note, *(cfg.warnings() if role == "up" else [])):
         if note:
             print(f"rl-swarm: {note}")
-    if device.startswith("cuda"):
-        check_fit(cfg, model_name, device)
+    if devices[0] != CPU:
+        check_fit(cfg, gpus, worker_need_mib(cfg, model_name, devices[0]))
     folder = ExperimentFolder(cfg.experiment_dir).create()
     nodes = worker_names(cfg)
     refuse_running_nodes(folder, cfg, nodes + (["coordinator"] if role == "up" else []))
     if role == "up" and not _prepare_rounds(folder, cfg):
         return 0
-    ensure_base(cfg, folder, model_name, device)
+    ensure_base(cfg, folder, model_name, devices[0])
     _log_to_file(folder)
     if role == "up":
         write_json_atomic(folder.config_file, {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name,
-                                               "device_resolved": device, "started_at": time.time()})
+                                               "device_resolved": devices_label(devices), "started_at": time.time()})
     specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
-             for i, node in enumerate(nodes)]
-    supervisor = Supervisor(cfg, specs, run_coordinator=role == "up", model_label=model_name, device_label=device)
+             for i, (node, device) in enumerate(zip(nodes, devices))]
+    supervisor = Supervisor(cfg, specs, run_coordinator=role == "up", model_label=model_name,
+                            device_label=devices_label(devices))
     started = time.monotonic()
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))
@@ -206,7 +207,7 @@ def pretrain(cfg: SwarmConfig) -> int:
     if cfg.warmup_steps == 0:
         raise SwarmError("WARMUP_STEPS=0: nothing to pretrain; set WARMUP_STEPS (e.g. WARMUP_STEPS=400)")
     check_tasks(cfg.tasks)
-    device, _ = resolve_device(cfg.device)
+    device = resolve_devices(cfg.with_overrides(num_workers=1), gpu_count())[0][0]
     model_name, note = resolve_model(cfg)
     if note:
         print(f"rl-swarm: {note}")
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "up"
     try:
         cfg = SwarmConfig.from_env(role="join" if command in ("worker", "join") else "up")
+        mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
         if command == "config" and args.markdown:
             print(settings_markdown())
             return 0

@@ -20,9 +20,9 @@ from workers.shared_folder.protocol import Status
 SPARK = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 20
 STATUS_WIDTH = 48                 # status and the start of last_error
-COLUMNS = ("node", "role", "status", "round", "reward", "trend", "acc", "held-out", "loc+ext", "GPU MiB", "RAM MiB",
-           "restarts", "beat")
-RIGHT_ALIGNED = frozenset(COLUMNS) - {"node", "role", "status", "trend"}
+COLUMNS = ("node", "role", "status", "round", "reward", "trend", "acc", "held-out", "loc+ext", "device", "GPU MiB",
+           "RAM MiB", "restarts", "beat")
+RIGHT_ALIGNED = frozenset(COLUMNS) - {"node", "role", "status", "trend", "device"}
 EVENTS_SHOWN = 5
 STATUS_STYLE = {Status.FAILED: "bold red", Status.CRASHED: "red", Status.RESTARTING: "yellow", Status.DONE: "green",
                 Status.STOPPED: "dim", Status.TRAINING: "cyan", Status.GENERATING: "magenta", Status.FETCHING: "blue",
@@ -57,6 +57,15 @@ def _gib_pair(device: DeviceSnapshot) -> str:
     return f"{device.used_mib / 1024:.1f}/{device.total_mib / 1024:.1f} GiB"
 
 
+def _gpu_summary(devices: tuple[DeviceSnapshot, ...]) -> str:
+    """`GPU 77.1/79.6 GiB` for one GPU, `GPU cuda:0 77.1/79.6 GiB, cuda:1 3.0/79.6 GiB` for several."""
+    if not devices:
+        return "GPU N/A"
+    if len(devices) == 1:
+        return f"GPU {_gib_pair(devices[0])}"
+    return "GPU " + ", ".join(f"{device.label} {_gib_pair(device)}" for device in devices)
+
+
 def _rate(rounds_per_hour: float | None) -> str:
     if not rounds_per_hour:
         return "- rounds/h"
@@ -74,10 +83,15 @@ def sparkline(values: tuple[float, ...]) -> str:
     return "".join(SPARK[min(7, int((v - low) / (high - low) * 8))] for v in finite)
 
 
-def _memory_line(device: DeviceSnapshot | None, label: str) -> Text:
-    label = plain(label)
-    if device is None:
-        return Text(f"GPU: N/A ({label})", style="dim")
+def _memory_lines(devices: tuple[DeviceSnapshot, ...], label: str) -> list[Text]:
+    """One bar per GPU the workers use; where NVML reads none, what they run on."""
+    if not devices:
+        return [Text(f"GPU: N/A ({plain(label)})", style="dim")]
+    return [_memory_line(device) for device in devices]
+
+
+def _memory_line(device: DeviceSnapshot) -> Text:
+    label = plain(device.label)
     share = device.used_mib / device.total_mib if device.total_mib > 0 else 0.0
     share = share if math.isfinite(share) else 0.0
     style = "red" if share > 0.95 else "yellow" if share > 0.85 else "green"
@@ -130,12 +144,19 @@ def _held_out(row: NodeRow) -> Text:
     return Text(text + (" ↓" if row.learning_alarm else ""), style=style)
 
 
-def _cells(row: NodeRow) -> list[Text]:
-    return [cell(row.node_id), cell(row.role), _status_cell(row), Text("-" if row.round is None else str(row.round)),
+def _cells(row: NodeRow, columns: tuple[str, ...]) -> list[Text]:
+    cells = [cell(row.node_id), cell(row.role), _status_cell(row), Text("-" if row.round is None else str(row.round)),
             Text(_num(row.reward, ".3f")), Text(sparkline(row.reward_trend), style="cyan"),
             Text("N/A" if row.accuracy is None else f"{row.accuracy:.0%}"), _held_out(row),
-            Text(_rollouts(row)),
+            Text(_rollouts(row)), cell(row.device or "-"),
             Text(_mib(row.gpu_mib)), Text(_mib(row.ram_mib)), Text(str(row.restarts)), _beat(row)]
+    return [text for name, text in zip(COLUMNS, cells) if name in columns]
+
+
+def _columns(view: SwarmView) -> tuple[str, ...]:
+    """The device column only where the workers are spread over devices: with one, the memory bar names it."""
+    spread = len({row.device for row in view.nodes if row.role == "worker" and row.device}) > 1
+    return COLUMNS if spread else tuple(name for name in COLUMNS if name != "device")
 
 
 def _ending(view: SwarmView) -> str:
@@ -155,9 +176,10 @@ def render(view: SwarmView, whole: bool = False) -> Group:
               Text(_ending(view))]
     if view.rejected_files:
         header.append(Text(f"rejected files {view.rejected_files}", style="yellow"))
-    nodes = FittedTable(COLUMNS, [_cells(node) for node in view.nodes], right=RIGHT_ALIGNED, flexible="status",
+    columns = _columns(view)
+    nodes = FittedTable(columns, [_cells(node, columns) for node in view.nodes], right=RIGHT_ALIGNED, flexible="status",
                         flexible_width=(len(Status.RESTARTING), STATUS_WIDTH), cut=not whole)
-    parts = [Packed(header), _memory_line(view.device, view.device_label), nodes]
+    parts = [Packed(header), *_memory_lines(view.devices, view.device_label), nodes]
     if view.events:
         parts.append(Text("\n".join(plain(event) for event in view.events[-EVENTS_SHOWN:]), style="dim"))
     return Group(*parts)
@@ -177,7 +199,7 @@ def status_line(view: SwarmView) -> str:
     newest = [n.held_out if n.held_out is not None else n.held_out_start for n in workers]
     held_out = _mean([v for v in newest if v is not None])
     speed = f"{3600 / view.rounds_per_hour:.1f} s/round" if view.rounds_per_hour else "- s/round"
-    gpu = "GPU N/A" if view.device is None else f"GPU {_gib_pair(view.device)}"
+    gpu = _gpu_summary(view.devices)
     line = (f"[rl-swarm] exp={view.experiment} round {view.round}/{view.max_rounds} | {running}/{len(workers)} "
             f"workers running | reward {'-' if reward is None else f'{reward:.3f}'} "
             f"acc {'-' if acc is None else f'{acc:.1%}'} held-out {'-' if held_out is None else f'{held_out:.1%}'} "

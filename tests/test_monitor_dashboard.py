@@ -23,7 +23,7 @@ def row(node: str, status: str = "training", **extra) -> NodeRow:
 
 def view(nodes, round_=3, **extra) -> SwarmView:
     values = dict(experiment="exp", model="rl-swarm/tiny-gpt2", device_label="cpu", round=round_, max_rounds=10,
-                  elapsed_s=125, rounds_per_hour=120.0, eta_s=210, device=None, nodes=tuple(nodes),
+                  elapsed_s=125, rounds_per_hour=120.0, eta_s=210, devices=(), nodes=tuple(nodes),
                   events=("12:00:00 worker-3: failed (3 restarts within 600s): CUDA out of memory",))
     values.update(extra)
     return SwarmView(**values)
@@ -51,7 +51,7 @@ def test_monitor_on_a_cpu_machine_reports_ram_and_na_for_gpu():
     assert not again.processes[dead.pid].alive and again.processes[dead.pid].rss_mib is None
     assert again.host_ram_total_mib > again.host_ram_used_mib > 0
     if not on_gpu:
-        assert again.device is None and me.gpu_mib is None
+        assert again.devices == () and me.gpu_mib is None
     assert not monitor.gpu_available()      # closed
 
 
@@ -81,11 +81,11 @@ def test_a_view_of_nothing_but_unknowns_renders():
 def test_the_memory_bar_turns_red_near_full_and_shows_mib():
     full = DeviceSnapshot(name="NVIDIA H100", total_mib=81559, used_mib=79000, free_mib=2559, utilization_pct=None)
     console = Console(record=True, width=160, force_terminal=True, color_system="truecolor")
-    console.print(render(view([row("worker-1", gpu_mib=6512.0)], device=full, device_label="cuda:0")))
+    console.print(render(view([row("worker-1", gpu_mib=6512.0)], devices=(full,), device_label="cuda:0")))
     text = console.export_text(clear=False)
     assert "cuda:0 NVIDIA H100" in text and "79,000/81,559 MiB (97%)" in text and "6,512" in text
     assert "\x1b[31m 79,000/81,559 MiB" in console.export_text(styles=True)     # red
-    assert "GPU 77.1/79.6 GiB" in status_line(view([row("worker-1")], device=full))
+    assert "GPU 77.1/79.6 GiB" in status_line(view([row("worker-1")], devices=(full,)))
 
 
 def test_status_line_summarises_the_swarm():
@@ -146,7 +146,8 @@ def test_nvml_reports_the_device_and_this_processs_gpu_memory():
         snap = monitor.sample([os.getpid()])
     finally:
         monitor.close()
-    assert snap.device is not None and snap.device.total_mib > 1000 and snap.device.used_mib > 0
+    [device] = snap.devices
+    assert device.label == "cuda:0" and device.total_mib > 1000 and device.used_mib > 0
     assert snap.processes[os.getpid()].gpu_mib is None or snap.processes[os.getpid()].gpu_mib > 0
 
 

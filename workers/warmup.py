@@ -170,6 +170,8 @@ def warmup_main(cfg: SwarmConfig, model_name: str, device: str, messages) -> Non
 
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    else:
+        torch.cuda.set_device(torch.device(device))     # no stray context on cuda:0 when DEVICE pins another GPU
     try:
         policy = load_policy(model_name, device, cfg.cache_dir)
         last = [0.0]

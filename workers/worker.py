@@ -21,6 +21,7 @@ from configs_env import SwarmConfig, SwarmError
 from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, clear_leftovers, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
 from workers.shared_folder.drive_sim import simulate_drive
+from workers.shared_folder.storage import mount_experiment
 from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
 from workers.shared_folder.exchange import Exchange, Outbox, read_heartbeats
 from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, is_visible, open_append,
@@ -95,7 +96,7 @@ class Worker:
         self.spec, self.cfg, self.stop = spec, spec.cfg, stop
         self.folder = ExperimentFolder(spec.cfg.experiment_dir)
         self.exchange = Exchange(self.folder, spec.node)
-        self.beat = Heartbeat.first(spec.node, "worker", Status.STARTING)
+        self.beat = replace(Heartbeat.first(spec.node, "worker", Status.STARTING), device=spec.device)
         self._beat_lock = threading.Lock()
         self.outbox = Outbox()
         self.checkpoints = self.folder.checkpoint_dir(spec.node)
@@ -364,6 +365,7 @@ def worker_main(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     folder = ExperimentFolder(spec.cfg.experiment_dir)
     _log_to_folder(folder.log_dir(spec.node))
+    mount_experiment(spec.cfg.swarm_url, folder.root, spec.cfg.experiment_name)   # each process mounts its own
     simulate_drive(folder.root, spec.cfg.drive_sim_lag, spec.cfg.drive_sim_fail_rate,
                    seed=spec.cfg.seed * 1000 + spec.index + 1)
     if spec.device == "cpu":
@@ -371,6 +373,8 @@ def worker_main(spec: WorkerSpec) -> None:
     else:
         # several processes share the GPU: expandable segments keep each one's cache from fragmenting
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        # a worker on cuda:1 makes no CUDA context on cuda:0 (one would cost every GPU-0 worker ~0.5 GiB)
+        torch.cuda.set_device(torch.device(spec.device))
     worker = Worker(spec, stop)
     try:
         worker.run()

@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder,
                                           naming, read_json_bounded, warn_skipped, with_retries,
                                           write_json_atomic)
+from workers.shared_folder import storage
 from workers.shared_folder.doorbell import Doorbell
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, Status
 
@@ -31,6 +32,8 @@ Version = tuple[int, int]
 def file_version(path: Path) -> Version:
     # size as well as mtime: Drive may keep a file's modification time while its content finishes syncing;
     # lstat: a planted link is a file of its own, refused by the read, not the version of what it points to
+    if (where := storage.mounted(path)) is not None:
+        return where[0].version(where[1])
     info = path.lstat()
     return info.st_mtime_ns, info.st_size
 

@@ -10,6 +10,7 @@ makes a test's folder slow and flaky.
 
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from configs_env import SwarmError
-from workers.shared_folder import bounded_json, drive_sim
+from workers.shared_folder import bounded_json, drive_sim, storage
 from workers.shared_folder.leftovers import temp_prefix, usual_mode
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,9 @@ def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
     # the round trip turns tuples into lists and non-string keys into strings, exactly as a reader sees them
     body = json.loads(json.dumps({k: v for k, v in record.items() if k != CHECKSUM_KEY}, allow_nan=False))
     sealed = {**body, CHECKSUM_KEY: record_checksum(body)}
+    if (where := storage.mounted(path)) is not None:      # an object store: a PUT replaces the object whole
+        where[0].write(where[1], json.dumps(sealed, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+        return
     drive_sim.before_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
@@ -186,6 +190,8 @@ def _open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
 
 def _read_regular(path: Path, offset: int, limit: int, whole: bool) -> bytes:
     """Up to `limit` bytes from `offset` of a regular file; whole=True: RejectedFile when it holds more."""
+    if (where := storage.mounted(path)) is not None:
+        return _read_stored(path, *where, offset, limit, whole)
     try:
         fd = _open_regular(path)
     except (PermissionError, NotADirectoryError) as exc:
@@ -197,6 +203,20 @@ def _read_regular(path: Path, offset: int, limit: int, whole: bool) -> bytes:
             raise RejectedFile(f"{path}: {info.st_size} bytes is over the {limit}-byte limit; skipped")
         f.seek(offset)
         return f.read(limit)
+
+
+def _read_stored(path: Path, store: storage.Store, key: str, offset: int, limit: int, whole: bool) -> bytes:
+    """The same bytes from an object store: a log (.jsonl) is its records concatenated, a record one object."""
+    if key.endswith(storage.LOG_SUFFIX):
+        data = store.read_log(key, offset, limit + 1 if whole else limit)
+    else:
+        try:
+            data = store.read(key, limit) if whole else store.read_range(key, offset, limit)
+        except ValueError as exc:
+            raise RejectedFile(f"{path}: {exc}; skipped") from exc
+    if whole and len(data) > limit:
+        raise RejectedFile(f"{path}: over the {limit}-byte limit; skipped")
+    return data
 
 
 def parse_json(data: bytes, where: str) -> Any:
@@ -241,6 +261,9 @@ def list_folder(directory: Path, pattern: str = "*") -> list[Path]:
 
     The one way the swarm lists the shared folder; OSError for a Drive hiccup (the caller polls again).
     """
+    if (where := storage.mounted(directory)) is not None:
+        return sorted(directory / entry.name for entry in where[0].list(where[1])
+                      if fnmatch.fnmatchcase(entry.name, pattern) and not entry.name.startswith("."))
     if not directory.is_dir():
         return []
     drive_sim.before_list(directory)
@@ -249,11 +272,27 @@ def list_folder(directory: Path, pattern: str = "*") -> list[Path]:
 
 def is_visible(path: Path) -> bool:
     """The file exists and this process can see it; False after a failed check too, which callers repeat."""
+    if (where := storage.mounted(path)) is not None:
+        try:
+            where[0].version(where[1])
+        except OSError:
+            return False
+        return True
     try:
         drive_sim.before_read(path, path.stat().st_mtime)
     except OSError:
         return False
     return True
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a file (in a store, of a log's records together); FileNotFoundError while there is none."""
+    if (where := storage.mounted(path)) is None:
+        return path.stat().st_size
+    store, key = where
+    if key.endswith(storage.LOG_SUFFIX):
+        return sum(entry.size for entry in store.list(key) if not entry.folder)
+    return store.version(key)[1]
 
 
 def read_from(path: Path, offset: int, limit: int) -> bytes:
@@ -303,9 +342,12 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
     Each log has one writer, so O_APPEND's writes of one line never interleave with another's.
     """
+    line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+    if (where := storage.mounted(path)) is not None:      # an object store: the line is an object of its own
+        where[0].append(where[1], line)
+        return
     drive_sim.before_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
     fd = open_append(path)
     try:
         write_all(fd, line)

@@ -105,6 +105,7 @@ class Heartbeat:
     progress_at: float = 0.0         # when the status last changed: a beating but stuck worker shows here
     rejected: int = 0                # files and groups from the folder this node refused to trust
     note: str | None = None          # trouble the node works around, e.g. a folder that refused its writes
+    device: str | None = None        # where a worker runs (cpu, cuda:1): `rl-swarm status` shows it
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self), "stage": 0}     # "stage": read by versions before stages went
@@ -116,7 +117,7 @@ class Heartbeat:
         for key in ("last_reward", "last_accuracy"):
             value = record.get(key)
             optional[key] = None if value is None else float(_need(record, key, (int, float), where))
-        for key in ("last_error", "note"):
+        for key in ("last_error", "note", "device"):
             text = record.get(key)
             optional[key] = None if text is None else _need(record, key, str, where)[:500]
         if "progress_at" in record:

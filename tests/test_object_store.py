@@ -1,0 +1,124 @@
+"""The shared records on an object store (SWARM_URL=s3://...), against a real S3 server (SeaweedFS) on this
+machine; the same guarantees from the local folder."""
+
+import json
+import logging
+import os
+import sys
+import time
+
+import pytest
+
+from configs_env import SwarmConfig
+from swarm_supervisor import cli
+from tests.helpers import SeaweedS3, group, heartbeat_record
+from workers.shared_folder import storage
+from workers.shared_folder.exchange import Exchange, read_heartbeats
+from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
+from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
+from workers.shared_folder.protocol import Heartbeat, RoundState
+from workers.shared_folder.store_local import LocalStore
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    if server.reason:
+        pytest.skip(f"no S3 server: {server.reason}")
+    saved = {key: os.environ.get(key) for key in server.env()}
+    os.environ.update(server.env())       # the standard places s3fs and botocore read, as a user would set them
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    request.getfixturevalue("s3")
+    return storage.open_store(f"s3://swarm/t{time.time_ns()}", "exp")
+
+
+def test_a_store_writes_whole_records_once_and_appends_logs_in_order(store):
+    store.write("state/round_000001.json", b'{"round":1}')
+    assert store.read("state/round_000001.json", 100) == b'{"round":1}'
+    # a write-once record: a second writer is refused, the first one's record stands
+    assert store.create("state/round_000002.json", b'{"by":"first"}')
+    assert not store.create("state/round_000002.json", b'{"by":"second"}')
+    assert store.read("state/round_000002.json", 100) == b'{"by":"first"}'
+    store.write("big.json", b"x" * 101)
+    with pytest.raises(ValueError, match="100-byte limit"):
+        store.read("big.json", 100)
+    with pytest.raises(FileNotFoundError):
+        store.read("state/round_000009.json", 100)
+    before = store.version("state/round_000001.json")
+    store.write("state/round_000001.json", b'{"round":1,"again":true}')
+    assert store.version("state/round_000001.json") != before
+    lines = [f'{{"round":{r}}}\n'.encode() for r in range(1, 6)]
+    for line in lines:
+        store.append("metrics/w-1/metrics.jsonl", line)
+    assert store.read_log("metrics/w-1/metrics.jsonl", 0, 10_000) == b"".join(lines)
+    assert store.read_log("metrics/w-1/metrics.jsonl", len(lines[0]), 10_000) == b"".join(lines[1:])
+    assert store.read_log("metrics/w-2/metrics.jsonl", 0, 10_000) == b""
+    names = [entry.name for entry in store.list("state")]
+    assert names == ["round_000001.json", "round_000002.json"]
+    assert len(store.list("state", limit=1)) == 1 and store.list("nothing/here") == []
+    store.delete("state")
+    assert store.list("state") == []
+
+
+def test_the_swarms_records_live_in_the_bucket_and_checkpoints_stay_local(s3, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "local"), "SWARM_URL": "s3://swarm/team-a",
+                                "EXPERIMENT_NAME": "exp1"})
+    store = storage.mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
+    try:
+        folder = ExperimentFolder(cfg.experiment_dir).create()
+        write_json_atomic(folder.round_state_file(1), RoundState(1, 3, time.time(), "start", ("w-1", "w-2")).to_json())
+        writer, reader = Exchange(folder, "w-1"), Exchange(folder, "w-2")
+        for node in ("w-1", "w-2"):
+            Exchange(folder, node).write_heartbeat(Heartbeat.first(node, "worker", "training"))
+        writer.publish_rollouts(1, [group()])
+        for round_ in (1, 2):
+            append_jsonl(folder.metrics_file("w-1"), {"round": round_})
+        # what a peer on another machine reads, through the same helpers
+        assert folder.state_rounds() == [1]
+        assert set(read_heartbeats(folder)) == {"w-1", "w-2"}
+        assert [g.index for g in reader.peer_rollouts(1)["w-1"]] == [7]
+        tail = read_jsonl_tail(folder.metrics_file("w-1"), 0)
+        assert [row["round"] for row in tail] == [1, 2]
+        append_jsonl(folder.metrics_file("w-1"), {"round": 3})
+        assert [row["round"] for row in read_jsonl_tail(folder.metrics_file("w-1"), tail.end)] == [3]
+        # a forged heartbeat and an oversized rollout file in the bucket are skipped, not trusted
+        store.write("peers/w-9.json", json.dumps(heartbeat_record("w-9")).encode())
+        store.write("rollouts/round_1/stage_0/w-3.json", b"[" * 5_000_000)
+        assert "w-9" not in read_heartbeats(folder)
+        assert "w-3" not in reader.peer_rollouts(1) and len(reader.rejected) == 1
+        keys = sorted(entry.name for entry in store.list(""))
+        assert keys == ["metrics", "peers", "rollouts", "state"]
+        assert not any(p.is_file() for p in cfg.experiment_dir.rglob("*"))    # nothing of the protocol is local
+        assert read_jsonl(folder.metrics_file("w-1")).records[-1] == {"round": 3}
+        assert "secret-never-logged-8f3a" not in caplog.text
+        assert sum(store.requests.values()) > 0
+    finally:
+        storage.unmount(cfg.experiment_dir)
+
+
+def test_a_missing_extra_or_a_url_with_credentials_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("GDRIVE_PATH", str(tmp_path))
+    monkeypatch.setenv("SWARM_URL", "s3://KEY:SECRET@swarm/x")
+    assert cli.main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SWARM_URL='s3://KEY:SECRET@swarm/x': expected s3://bucket/prefix" in err
+    monkeypatch.setenv("SWARM_URL", "gs://swarm/x")
+    monkeypatch.setitem(sys.modules, "gcsfs", None)       # as on a machine without the [gcs] extra
+    assert cli.main(["status"]) == 2
+    assert capsys.readouterr().err == ("rl-swarm: error: SWARM_URL=gs://...: the gcsfs package is missing; install "
+                                       "it with pip install -e '.[gcs]'\n")
