@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +17,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """The tiny offline model is built once a session: every process the tests start reads it from here."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ["RL_SWARM_CACHE"] = str(cache)
+    return cache

@@ -24,7 +24,7 @@ def colab_env(tmp_path, monkeypatch):
     (fake / "google" / "colab" / "drive.py").write_text(
         "MOUNTED = []\n\ndef mount(path, **kwargs):\n    MOUNTED.append(path)\n")
     values = {"PYTHONPATH": f"{fake}:{Path(__file__).parent.parent}", "GDRIVE_PATH": str(tmp_path / "drive"),
-              "MODEL_NAME": "rl-swarm/tiny-gpt2", "RL_SWARM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+              "MODEL_NAME": "rl-swarm/tiny-gpt2", "HF_HUB_OFFLINE": "1",
               "DEVICE": "cpu", "TEST_MODE": "true", "NUM_WORKERS": "2"}
     for key, value in values.items():
         monkeypatch.setenv(key, value)
