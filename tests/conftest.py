@@ -1,4 +1,8 @@
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +20,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """The tiny offline model is built once a session: every process the tests start reads it from here."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ["RL_SWARM_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def warm_base(tmp_path_factory, model_cache) -> Path:
+    """TEST_MODE's warm-up, run once: swarms whose story is not the warm-up start from a copy of its base."""
+    from tests.helpers import swarm_env
+
+    root = tmp_path_factory.mktemp("warm-base")
+    result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "pretrain"], env=swarm_env(root),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "drive" / "experiments" / "e2e" / "base"
+
+
+@pytest.fixture
+def start_from_base(warm_base):
+    """Copies the session's warmed-up base into an experiment folder, so its `up` skips the warm-up."""
+    def copy(exp: Path) -> None:
+        shutil.copytree(warm_base, exp / "base")
+    return copy

@@ -16,10 +16,10 @@ from workers.shared_folder.protocol import RolloutGroup
 
 
 def swarm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """TEST_MODE on the CPU in `tmp_path`; RL_SWARM_CACHE comes from the session (conftest's model_cache)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NUM_", "MAX_", "ROLLOUT_", "PRESET"))}
     env.update({"GDRIVE_PATH": str(tmp_path / "drive"), "EXPERIMENT_NAME": "e2e", "TEST_MODE": "True",
-                "MODEL_NAME": "rl-swarm/tiny-gpt2", "RL_SWARM_CACHE": str(tmp_path / "cache"),
-                "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+                "MODEL_NAME": "rl-swarm/tiny-gpt2", "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
 

@@ -97,11 +97,12 @@ def test_experiments_list_and_compare_read_the_folder(test_mode_run):
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal):
+def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal, start_from_base):
     # more rounds than the test waits for: the stop signal, not the last round, must end this run
     env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="2000", NUM_TRAIN_SAMPLES="1",
                     NUM_TRANSPLANT_TREES="1", CHECKPOINT_INTERVAL="100")
     exp = tmp_path / "drive" / "experiments" / "e2e"
+    start_from_base(exp)
     proc = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180

@@ -10,9 +10,9 @@ PROMPTS = ["State the final answer to the following arithmetic problem: 3 + 4 =\
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(model_cache):
     torch.set_num_threads(2)
-    return load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path_factory.mktemp("cache"))
+    return load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
 
 
 def test_fast_and_plain_paths_agree_on_shape_masking_and_eos(policy):
@@ -46,10 +46,10 @@ def _left_padded(policy, prompts):
 
 
 @pytest.fixture()
-def eos_prone(tmp_path):
+def eos_prone(model_cache):
     """The tiny model with EOS made likely, so rows finish at different steps."""
     torch.set_num_threads(2)
-    policy = load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path / "cache")
+    policy = load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
     with torch.no_grad():
         policy.model.lm_head.weight[policy.tokenizer.eos_token_id] *= 40
     policy.model.eval()
@@ -73,9 +73,9 @@ def test_our_gpt2_decoder_matches_generate_token_for_token(eos_prone, min_new):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_our_gpt2_decoder_samples_from_softmax_over_temperature(tmp_path, device):
+def test_our_gpt2_decoder_samples_from_softmax_over_temperature(model_cache, device):
     torch.set_num_threads(2)
-    policy = load_policy("rl-swarm/tiny-gpt2", device, tmp_path / "cache")
+    policy = load_policy("rl-swarm/tiny-gpt2", device, model_cache)
     with torch.no_grad():                        # sharper than the untrained model's near-uniform guess
         policy.model.lm_head.weight.mul_(2.5)
     policy.model.eval()
@@ -115,10 +115,10 @@ def test_the_decoder_sees_each_update_and_reuses_its_cache(eos_prone):
 
 
 @pytest.mark.gpu
-def test_the_cuda_graph_replays_what_the_step_computes_eagerly(tmp_path):
+def test_the_cuda_graph_replays_what_the_step_computes_eagerly(model_cache):
     from workers.learning.decode import GPT2Decoder
 
-    policy = load_policy("rl-swarm/tiny-gpt2", "cuda", tmp_path / "cache")
+    policy = load_policy("rl-swarm/tiny-gpt2", "cuda", model_cache)
     with torch.no_grad():
         policy.model.lm_head.weight[policy.tokenizer.eos_token_id] *= 40
     policy.model.eval()

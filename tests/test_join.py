@@ -12,10 +12,11 @@ from tests.helpers import metrics_rows, swarm_env
 pytestmark = pytest.mark.slow
 
 
-def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(tmp_path):
+def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(tmp_path, start_from_base):
     env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="150", NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2",
                     CHECKPOINT_INTERVAL="50")
     exp = tmp_path / "drive" / "experiments" / "e2e"
+    start_from_base(exp)
     up = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:
@@ -44,10 +45,11 @@ def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(tmp_
     assert "colab2" in listed
 
 
-def test_a_second_process_with_the_same_node_id_refuses_to_start(tmp_path):
+def test_a_second_process_with_the_same_node_id_refuses_to_start(tmp_path, start_from_base):
     # rounds enough to outlast the twin's start: the swarm is stopped as soon as the twin has answered
     env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="2000", NUM_TRAIN_SAMPLES="1", NUM_TRANSPLANT_TREES="1")
     exp = tmp_path / "drive" / "experiments" / "e2e"
+    start_from_base(exp)
     up = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:

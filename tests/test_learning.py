@@ -21,10 +21,10 @@ ROUNDS = 60
 
 
 @pytest.fixture(scope="module")
-def warmed(tmp_path_factory):
+def warmed(model_cache):
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    policy = load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path_factory.mktemp("cache"))
+    policy = load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
     supervised_warmup(policy, SwarmConfig.from_env({"WARMUP_STEPS": "100", "WARMUP_BATCH_SIZE": "16",
                                                     "MAX_NEW_TOKENS": "16", "TASKS": "chain_sum:1"}))
     return policy

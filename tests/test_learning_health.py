@@ -74,9 +74,10 @@ def test_the_table_shows_start_newest_best_and_marks_a_falling_worker(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_swarm_forced_to_collapse_warns_and_keeps_each_workers_best_model(tmp_path):
+def test_a_swarm_forced_to_collapse_warns_and_keeps_each_workers_best_model(tmp_path, start_from_base):
     """A learning rate of 1e-2 wrecks the tiny model in two rounds: held-out accuracy falls from the warm-up's."""
     env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="4", EVAL_EVERY="2", LEARNING_RATE="0.01")
+    start_from_base(tmp_path / "drive" / "experiments" / "e2e")
     result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -24,7 +24,7 @@ def colab_env(tmp_path, monkeypatch):
     (fake / "google" / "colab" / "drive.py").write_text(
         "MOUNTED = []\n\ndef mount(path, **kwargs):\n    MOUNTED.append(path)\n")
     values = {"PYTHONPATH": f"{fake}:{Path(__file__).parent.parent}", "GDRIVE_PATH": str(tmp_path / "drive"),
-              "MODEL_NAME": "rl-swarm/tiny-gpt2", "RL_SWARM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+              "MODEL_NAME": "rl-swarm/tiny-gpt2", "HF_HUB_OFFLINE": "1",
               "DEVICE": "cpu", "TEST_MODE": "true", "NUM_WORKERS": "2"}
     for key, value in values.items():
         monkeypatch.setenv(key, value)
@@ -42,9 +42,10 @@ def execute(name: str, cwd: Path) -> float:
     return seconds
 
 
-def test_colab_swarm_runs_and_a_rerun_resumes_then_monitor_shows_it(colab_env):
-    execute("colab_swarm", colab_env)
+def test_colab_swarm_runs_and_a_rerun_resumes_then_monitor_shows_it(colab_env, start_from_base):
     exp = colab_env / "drive" / "experiments" / "sapo-gpt2"
+    start_from_base(exp)
+    execute("colab_swarm", colab_env)
     assert (exp / "state" / "finished.json").exists()
     execute("colab_swarm", colab_env)         # re-run after "a disconnect": already finished, nothing redone
     assert len((exp / "metrics" / "worker-1" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -52,8 +53,9 @@ def test_colab_swarm_runs_and_a_rerun_resumes_then_monitor_shows_it(colab_env):
     assert (colab_env / "drive" / "plots" / "sapo-gpt2.png").exists()
 
 
-def test_join_worker_adds_workers_to_a_running_swarm(colab_env, monkeypatch):
+def test_join_worker_adds_workers_to_a_running_swarm(colab_env, monkeypatch, start_from_base):
     exp = colab_env / "drive" / "experiments" / "sapo-gpt2"
+    start_from_base(exp)
     up = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, env={**dict(__import__("os").environ), "MAX_ROUNDS": "60",
                                                           "NUM_TRAIN_SAMPLES": "1", "NUM_TRANSPLANT_TREES": "1"})
@@ -74,9 +76,12 @@ def test_join_worker_adds_workers_to_a_running_swarm(colab_env, monkeypatch):
     assert rows and rows[-1]["round"] == 60
 
 
-def test_sapo_configs_runs_the_four_configurations_and_compares_them(colab_env, monkeypatch):
+def test_sapo_configs_runs_the_four_configurations_and_compares_them(colab_env, monkeypatch, start_from_base):
     monkeypatch.setenv("NUM_WORKERS", "4")        # 1/3 needs three peers publishing one group each
+    presets = ("sapo-4-0", "sapo-3-1", "sapo-2-2", "sapo-1-3")
+    for preset in presets:
+        start_from_base(colab_env / "drive" / "experiments" / f"{preset}-test")
     execute("sapo_configs", colab_env)
-    for preset in ("sapo-4-0", "sapo-3-1", "sapo-2-2", "sapo-1-3"):
+    for preset in presets:
         assert (colab_env / "drive" / "experiments" / f"{preset}-test" / "state" / "finished.json").exists()
     assert (colab_env / "drive" / "plots" / "sapo-configs.png").exists()

@@ -36,9 +36,9 @@ PUBLIC_AND_DEFAULT = tuple(name for name, _ in PAPER_TASKS) + ("chain_sum",)   #
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(model_cache):
     torch.set_num_threads(2)
-    return load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path_factory.mktemp("cache"))
+    return load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
 
 
 def _swarm(tmp_path, tasks: str = "chain_sum:1,basic_arithmetic:1", max_new_tokens: int = 16):

@@ -25,7 +25,7 @@ NODES = ("worker-1", "worker-2")
 def resume_env(tmp_path: Path, name: str) -> dict[str, str]:
     # The timeouts are far above any wait here: a peer wait or a round interval that runs out makes a worker
     # go on without a peer's rollouts, which is a different (and timing-dependent) run, not a resume bug.
-    return swarm_env(tmp_path, EXPERIMENT_NAME=name, RL_SWARM_CACHE=str(tmp_path / "cache"), SEED="7",
+    return swarm_env(tmp_path, EXPERIMENT_NAME=name, SEED="7",
                      NUM_WORKERS="2", MAX_ROUNDS="6", NUM_TRAIN_SAMPLES="4", NUM_GENERATIONS="8",
                      NUM_TRANSPLANT_TREES="2", MAX_NEW_TOKENS="16", WARMUP_STEPS="60", CHECKPOINT_INTERVAL="1",
                      ROLLOUT_FETCH_TIMEOUT="300", COORDINATOR_ROUND_INTERVAL="300", RESTART_BACKOFF="0.5")

@@ -23,9 +23,9 @@ from tests.helpers import peer_group
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(model_cache):
     torch.set_num_threads(2)
-    return load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path_factory.mktemp("cache"))
+    return load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,17 @@ from tests.helpers import heartbeat, metrics_rows, swarm_env, wait_for
 pytestmark = pytest.mark.slow
 
 
-def start(tmp_path, **extra):
+def start(tmp_path, start_from_base, **extra):
     env = swarm_env(tmp_path, NUM_WORKERS="2", NUM_TRAIN_SAMPLES="1", NUM_TRANSPLANT_TREES="1", **extra)
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    start_from_base(exp)
     proc = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    return proc, tmp_path / "drive" / "experiments" / "e2e"
+    return proc, exp
 
 
-def test_a_worker_killed_mid_round_is_restarted_from_its_checkpoint_and_the_swarm_finishes(tmp_path):
-    proc, exp = start(tmp_path, MAX_ROUNDS="8", ROLLOUT_FETCH_TIMEOUT="5")
+def test_a_worker_killed_mid_round_is_restarted_from_its_checkpoint_and_the_swarm_finishes(tmp_path, start_from_base):
+    proc, exp = start(tmp_path, start_from_base, MAX_ROUNDS="8", ROLLOUT_FETCH_TIMEOUT="5")
     try:
         wait_for(lambda: (exp / "rewards" / "round_3" / "worker-1.json").exists(), 180, "round 3", proc)
         victim = heartbeat(exp, "worker-1")["pid"]
@@ -40,8 +42,8 @@ def test_a_worker_killed_mid_round_is_restarted_from_its_checkpoint_and_the_swar
     print(f"restart latency (kill -9 to first heartbeat of the new process): {restart_latency:.1f}s")
 
 
-def test_a_worker_that_keeps_crashing_is_marked_failed_while_the_other_finishes(tmp_path):
-    proc, exp = start(tmp_path, MAX_ROUNDS="6", MAX_RESTARTS="2", ROLLOUT_FETCH_TIMEOUT="2",
+def test_a_worker_that_keeps_crashing_is_marked_failed_while_the_other_finishes(tmp_path, start_from_base):
+    proc, exp = start(tmp_path, start_from_base, MAX_ROUNDS="6", MAX_RESTARTS="2", ROLLOUT_FETCH_TIMEOUT="2",
                       COORDINATOR_ROUND_INTERVAL="3")
     killed = set()
     try:

@@ -44,8 +44,7 @@ def runs(tmp_path_factory) -> dict[int, tuple[float, Path, str]]:
     out = {}
     for seed in SEEDS:
         env = swarm_env(root, TEST_MODE="", EXPERIMENT_NAME=f"seed-{seed}", SEED=str(seed), NUM_WORKERS="4",
-                        NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2", NUM_GENERATIONS="4", MAX_ROUNDS="200",
-                        RL_SWARM_CACHE=str(root / "cache"))
+                        NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2", NUM_GENERATIONS="4", MAX_ROUNDS="200")
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], env=env, capture_output=True,
                                 text=True, timeout=600)

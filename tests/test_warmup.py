@@ -13,11 +13,6 @@ from workers.learning.model import Policy, load_policy
 from workers.warmup import TARGET_CHECK_EVERY, supervised_warmup
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def fresh_policy(cache: Path) -> Policy:
     torch.set_num_threads(1)
     return load_policy("rl-swarm/tiny-gpt2", "cpu", cache)
@@ -27,8 +22,8 @@ def config(**env: str) -> SwarmConfig:
     return SwarmConfig.from_env({"TEST_MODE": "true", **env})
 
 
-def test_a_low_target_stops_at_the_first_check_that_reaches_it_and_changes_no_step(cache):
-    policy = fresh_policy(cache)
+def test_a_low_target_stops_at_the_first_check_that_reaches_it_and_changes_no_step(model_cache):
+    policy = fresh_policy(model_cache)
     checks = []
     report = supervised_warmup(policy, config(WARMUP_STEPS="400", WARMUP_TARGET_ACCURACY="0.05"),
                                on_check=lambda step, accuracy: checks.append((step, accuracy)))
@@ -38,22 +33,23 @@ def test_a_low_target_stops_at_the_first_check_that_reaches_it_and_changes_no_st
     assert report.stop_note() == f", target 5% reached at step {report.steps}"
 
     # the checks do not disturb training: the same number of steps without a target gives the same weights
-    same_steps = fresh_policy(cache)
+    same_steps = fresh_policy(model_cache)
     plain = supervised_warmup(same_steps, config(WARMUP_STEPS=str(report.steps)))
     assert plain.steps == report.steps and plain.greedy_accuracy_after == report.greedy_accuracy_after
     for a, b in zip(policy.model.state_dict().values(), same_steps.model.state_dict().values()):
         assert torch.equal(a, b)
 
 
-def test_target_zero_runs_the_whole_step_budget_without_checks(cache):
+def test_target_zero_runs_the_whole_step_budget_without_checks(model_cache):
     checks = []
-    report = supervised_warmup(fresh_policy(cache), config(WARMUP_STEPS="60"), on_check=lambda *c: checks.append(c))
+    report = supervised_warmup(fresh_policy(model_cache), config(WARMUP_STEPS="60"),
+                               on_check=lambda *c: checks.append(c))
     assert (report.steps, report.stopped_by, report.stop_note(), checks) == (60, "steps", "", [])
 
 
-def test_an_unreachable_target_spends_the_budget_and_says_so(cache):
+def test_an_unreachable_target_spends_the_budget_and_says_so(model_cache):
     checks = []
-    report = supervised_warmup(fresh_policy(cache), config(WARMUP_STEPS="60", WARMUP_TARGET_ACCURACY="1"),
+    report = supervised_warmup(fresh_policy(model_cache), config(WARMUP_STEPS="60", WARMUP_TARGET_ACCURACY="1"),
                                on_check=lambda step, _: checks.append(step))
     assert (report.steps, report.stopped_by, checks) == (60, "steps", [50])
     assert report.stop_note() == ", target 100% not reached: all 60 WARMUP_STEPS spent"
@@ -73,8 +69,8 @@ def test_a_bad_target_is_one_line_naming_the_fix(env, message):
 
 
 @pytest.mark.slow
-def test_pretrain_says_the_target_stopped_the_warm_up(tmp_path, cache):
-    env = swarm_env(tmp_path, RL_SWARM_CACHE=str(cache), WARMUP_STEPS="400", WARMUP_TARGET_ACCURACY="0.05")
+def test_pretrain_says_the_target_stopped_the_warm_up(tmp_path):
+    env = swarm_env(tmp_path, WARMUP_STEPS="400", WARMUP_TARGET_ACCURACY="0.05")
     result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "pretrain"], capture_output=True, text=True,
                             env=env, timeout=180)
     assert result.returncode == 0, result.stderr
