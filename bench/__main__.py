@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from bench.peers import add_peers_arguments, bench_peers, peers_lines, peers_plan
 from bench.memory_probe import NAIVE_SETUP, WORKER_SETUP, measure_train, worker_peak
 from bench.swarm_stats import concurrent_timing, swarm_timing
 from bench.workload import MODEL, generation_tok_s, scaling_process
@@ -245,6 +246,10 @@ def render(results: dict) -> str:
         lines += ["| workers | aggregate tok/s | peak GiB per worker (torch reserved) |", "|---|---|---|"]
         for row in results["scaling"]:
             lines.append(f"| {row['workers']} | {row['tok_s']:.0f} | {row['peak_gib_per_worker']:.2f} |")
+    if "peers" in results:
+        lines.append("")
+        heading("Side by side with TRL's GRPOTrainer (issue 20; bench/PEERS.md)", "peers")
+        lines += peers_lines(results["peers"])
     lines += ["", "## Against the targets (issues 8 and 18)", ""] + [f"- {line}" for line in verdicts(results)]
     return "\n".join(lines) + "\n"
 
@@ -334,7 +339,7 @@ def bench_sapo_table(drive: Path) -> dict:
 
 
 PARTS = ("generation", "train", "worker_memory", "swarm_default", "swarm_paper", "swarm_worst_case", "sapo_table",
-         "scaling", "profile")
+         "scaling", "profile", "peers")
 
 
 def main() -> None:
@@ -347,6 +352,7 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="keep the parts already in --out that this run skips")
     parser.add_argument("--table-drive", type=Path, default=None,
                         help="sapo_table: the GDRIVE_PATH a `PRESET=paper-8-0 rl-swarm sapo-table` ran in")
+    add_peers_arguments(parser)
     args = parser.parse_args()
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -354,13 +360,14 @@ def main() -> None:
         parser.error("--parts sapo_table needs --table-drive DRIVE (where `rl-swarm sapo-table` ran)")
     if unknown:
         parser.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    cache = Path(tempfile.mkdtemp())
+    cache = Path(os.environ.get("RL_SWARM_CACHE") or tempfile.mkdtemp())    # a test reuses its built model
     # the device's copy of the tree may have no usable .git: the caller passes the commit it sent
     sha = os.environ.get("GIT_SHA") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                                       text=True).stdout.strip() or "unknown"
     results = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
     commands = results.get("commands", {})
-    results.update({"device": torch.cuda.get_device_name(0), "git_sha": sha, "date": time.strftime("%Y-%m-%d"),
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    results.update({"device": device, "git_sha": sha, "date": time.strftime("%Y-%m-%d"),
                     "torch": torch.__version__})
     runs = {"generation": lambda: bench_generation(cache), "train": lambda: bench_train(cache),
             "worker_memory": lambda: bench_worker_memory(cache),
@@ -368,8 +375,17 @@ def main() -> None:
             "swarm_paper": lambda: bench_swarm(cache, min(args.rounds, 100), PRESET="paper-4-4"),
             "swarm_worst_case": lambda: bench_swarm(cache, 40, WARMUP_STEPS="0"),
             "sapo_table": lambda: bench_sapo_table(args.table_drive or Path("/nonexistent")),
-            "scaling": lambda: bench_scaling(cache, (1, 2, 4, 8, 16))}
+            "scaling": lambda: bench_scaling(cache, (1, 2, 4, 8, 16)),
+            "peers": lambda: bench_peers(peers_plan(args, cache), lambda partial: save({**results, "peers": partial}))}
     command = f"GIT_SHA={sha[:10]} python -m bench all --rounds {args.rounds} --parts {','.join(parts)}"
+    if "peers" in parts:
+        command += (f" --peers-updates {args.peers_updates} --peers-many-updates {args.peers_many_updates} "
+                    f"--peers-warmup {args.peers_warmup} --peers-procs {args.peers_procs}"
+                    + (" --peers-quick" if args.peers_quick else ""))
+
+    def save(partial: dict) -> None:
+        args.out.write_text(json.dumps({**partial, "commands": {**commands, "peers": command}}, indent=2))
+
     for name in parts:
         started = time.monotonic()
         if name == "profile":
