@@ -89,7 +89,7 @@ def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
 
 def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None) -> str:
     """finished, running (a coordinator heartbeat of the last two minutes says so), failed or stopped."""
-    keyring = KeyRing(folder)
+    keyring = KeyRing.for_viewing(folder)
     if read_finished(folder, keyring) is not None:
         return "finished"
     beats = read_heartbeats(folder, keyring) if beats is None else beats
@@ -125,7 +125,7 @@ class Summary:
 
 def summarize(root: Path, last_n: int = 10) -> Summary:
     folder = ExperimentFolder(root)
-    keyring = KeyRing(folder)
+    keyring = KeyRing.for_viewing(folder)
     cfg = experiment_config(folder)
     rounds = folder.state_rounds()
     by_round, bad = metrics_by_round(folder)

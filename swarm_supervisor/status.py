@@ -118,7 +118,7 @@ class SwarmReader:
     def __init__(self, folder: ExperimentFolder, cfg: SwarmConfig, model_label: str, device_label: str,
                  keyring: KeyRing | None = None):
         self.folder, self.cfg = folder, cfg
-        self.keyring = keyring or KeyRing(folder)     # shows what the nodes signed, not what others say of them
+        self.keyring = keyring or KeyRing.for_viewing(folder)     # shows what nodes signed, not what others say
         self.model_label, self.device_label = model_label, device_label
         self._offsets: dict[str, int] = {}
         self._refused: set[Path] = set()      # metrics paths that hold no regular file

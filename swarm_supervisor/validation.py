@@ -80,7 +80,7 @@ def _rounds_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
                   by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
     """Every worker that marked a round done published rollouts and a metrics row for it."""
     gaps = []
-    keyring = KeyRing(folder)
+    keyring = KeyRing.for_viewing(folder)
     for r in rounds:
         try:
             state = read_round_state(folder, keyring, r)

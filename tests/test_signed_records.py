@@ -332,3 +332,20 @@ def test_a_second_up_on_one_experiment_is_refused_in_one_line_also_during_the_wa
     assert line.startswith(f"rl-swarm: error: experiment {EXPERIMENT!r} already has a coordinator: `rl-swarm up` (pid "
                            f"{first.pid}") and line.endswith("stop it first, or join its swarm with `rl-swarm worker`")
     assert not (exp / "state" / "coordinator.lease.json").exists()          # given back when the first stopped
+
+
+def test_an_experiment_from_before_signed_records_still_shows_in_status_and_experiments(swarm):
+    from swarm_supervisor.experiments import summarize
+    from swarm_supervisor.status import SwarmReader
+
+    cfg, folder = swarm
+    for round_ in (1, 2):
+        write_json_atomic(folder.round_state_file(round_), {**RoundState(round_, 3, 100.0 * round_, "x").to_json(),
+                                                            "schema": 1})
+    write_json_atomic(folder.heartbeat_file("w-1"), {**beat("w-1").to_json(), "schema": 1})
+    view = SwarmReader(folder, cfg, "m", "cpu").view()
+    assert view.round == 2 and [row.node_id for row in view.nodes] == ["w-1"]
+    assert summarize(folder.root).rounds_per_hour == pytest.approx(36.0)
+    node_key(folder, COORDINATOR)                       # a folder of signed records: unsigned ones count no more
+    view = SwarmReader(folder, cfg, "m", "cpu").view()
+    assert view.round == 0 and view.nodes == ()

@@ -144,9 +144,16 @@ class KeyRing:
     published wins: the folder's key files are create-only), the coordinator's also pinned on disk in
     `pins_dir` when given (this machine's key folder), so every later start holds the same one."""
 
-    def __init__(self, folder: ExperimentFolder, pins_dir: Path | None = None):
+    def __init__(self, folder: ExperimentFolder, pins_dir: Path | None = None, unsigned_readable: bool = False):
         self.folder, self.pins_dir = folder, pins_dir
+        self.unsigned_readable = unsigned_readable
         self._pinned: dict[str, Ed25519PublicKey] = {}
+
+    @classmethod
+    def for_viewing(cls, folder: ExperimentFolder) -> "KeyRing":
+        """For views that decide nothing (status, experiments, validate): in a folder an rl-swarm before signed
+        records wrote (no coordinator key), its unsigned schema-1 records still read."""
+        return cls(folder, unsigned_readable=not folder.public_key_file(COORDINATOR).exists())
 
     def trust(self, key: NodeKey) -> None:
         """A key of this machine's own: its records verify under it whatever the folder says."""
@@ -183,6 +190,8 @@ class KeyRing:
     def verify(self, record: dict[str, Any], node: str, where: str) -> dict[str, Any]:
         """The record without its signature when it is `node`'s; RejectedFile (UnknownSigner) otherwise."""
         signature = record.get(SIGNATURE_KEY)
+        if signature is None and self.unsigned_readable and record.get("schema") == 1:
+            return record
         if not isinstance(signature, str) or len(signature) > 200:
             raise RejectedFile(f"{where}: not signed (written by an rl-swarm before signed records, or forged); "
                                "skipped")
