@@ -10,20 +10,23 @@ from pathlib import Path
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count, nvml_ids, refuse_unfit, worker_devices
 from swarm_supervisor.monitor import Monitor
-from workers.shared_folder.folder import ExperimentFolder, FolderError, open_append, write_json_atomic
+from workers.shared_folder.folder import ExperimentFolder, FolderError, open_append, with_retries, write_json_atomic
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
-from workers.shared_folder.exchange import read_heartbeats
+from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats
+from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, fingerprint, local_key_dir
 from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
 from workers.learning.tasks import check_tasks
 from workers.shared_folder.protocol import SCHEMA, Status
-from workers.worker import WorkerSpec
+from workers.worker import COORDINATOR_PATIENCE, WorkerSpec
+from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 WARMUP_SILENCE_S = 600    # the warm-up reports every step; this long without a word means it is stuck
+JOIN_POLL_S = 1.0
 
 
 def shown_default(attr: str) -> str:
@@ -102,9 +105,9 @@ def worker_names(cfg: SwarmConfig) -> list[str]:
     return [f"{cfg.node_id}-{i}" for i in range(1, cfg.num_workers + 1)]
 
 
-def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list[str]) -> None:
+def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list[str], keyring: KeyRing) -> None:
     """Two live processes with one node id would overwrite each other's files: the second refuses to start."""
-    beats = read_heartbeats(folder)
+    beats = read_heartbeats(folder, keyring)
     for node in nodes:
         beat = beats.get(node)
         if beat is None or beat.age() > cfg.peer_timeout or beat.status in Status.TERMINAL:
@@ -117,8 +120,6 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
 
 
 def start(cfg: SwarmConfig, role: str) -> int:
-    from swarm_supervisor.supervisor import Supervisor
-
     check_tasks(cfg.tasks)
     gpus = gpu_count()
     devices, device_note = resolve_devices(cfg, gpus)
@@ -129,29 +130,97 @@ def start(cfg: SwarmConfig, role: str) -> int:
     if devices[0] != CPU:
         check_fit(cfg, gpus, worker_need_mib(cfg, model_name, devices[0]))
     folder = ExperimentFolder(cfg.experiment_dir).create()
+    if role != "up":
+        return _run_swarm(cfg, folder, model_name, devices, join_when_ready(cfg, folder))
+    key, keyring = coordinator_key(cfg, folder)
+    claim = CoordinatorClaim(cfg, folder, key, keyring, "up")
+    with claim.held():       # before the warm-up: a second `up` is refused while this one warms up too
+        print(f"rl-swarm: coordinator key {key.fingerprint} (a machine that joins prints the key it pinned: "
+              "check that they match)")
+        return _run_swarm(cfg, folder, model_name, devices, keyring, claim)
+
+
+def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devices: list[str], keyring: KeyRing,
+               claim: CoordinatorClaim | None = None) -> int:
+    """The supervisor with this machine's workers, and the coordinator when `claim` holds the experiment."""
+    from swarm_supervisor.supervisor import Supervisor
+
     nodes = worker_names(cfg)
-    refuse_running_nodes(folder, cfg, nodes + (["coordinator"] if role == "up" else []))
-    if role == "up" and not _prepare_rounds(folder, cfg):
-        return 0
-    ensure_base(cfg, folder, model_name, devices[0])
+    refuse_running_nodes(folder, cfg, nodes, keyring)
+    if claim is not None:
+        if not _prepare_rounds(folder, cfg, keyring):
+            return 0
+        ensure_base(cfg, folder, model_name, devices[0], keyring)
     _log_to_file(folder)
-    if role == "up":
+    if claim is not None:
         write_json_atomic(folder.config_file, {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name,
                                                "device_resolved": devices_label(devices), "started_at": time.time()})
+    publish_worker_keys(cfg, folder, nodes, keyring)
     specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
              for i, (node, device) in enumerate(zip(nodes, devices))]
-    supervisor = Supervisor(cfg, specs, run_coordinator=role == "up", model_label=model_name,
-                            device_label=devices_label(devices))
+    supervisor = Supervisor(cfg, specs, run_coordinator=claim is not None, model_label=model_name,
+                            device_label=devices_label(devices), keyring=keyring, coordinator_key=claim and claim.key,
+                            claim_lost=lambda: claim and claim.lost)
     started = time.monotonic()
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))
-    if role == "up" and cfg.test_mode and code == 0:      # the seeds' validation run checks its own folder
+    if claim is not None and cfg.test_mode and code == 0:      # the seeds' validation run checks its own folder
         return run_validate(cfg, cfg.experiment_name)
     return code
 
 
-def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, device: str) -> None:
-    """Run the supervised warm-up once per experiment, in its own process, unless its base exists.
+def publish_worker_keys(cfg: SwarmConfig, folder: ExperimentFolder, nodes: list[str], keyring: KeyRing) -> None:
+    """Each local worker's key made and published before any starts, so its first record is already trusted
+    and a NODE_ID another machine holds is refused here, in one line, not in a worker's log."""
+    key_dir = local_key_dir(cfg.cache_dir, folder.root)
+    for node in nodes:
+        key = NodeKey.load_or_create(key_dir, node)
+        with_retries(lambda key=key: keyring.publish(key), f"publishing the public key of {node}")
+
+
+def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
+    """A joining machine waits, within a bound, for the coordinator's key and the experiment's base/ (or a first
+    round of a swarm that runs without one), pins the coordinator's key and prints it for the person to check.
+    It never makes a base of its own nor starts from the raw model of a swarm that has one."""
+    keyring = KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
+    bound = COORDINATOR_PATIENCE * cfg.peer_timeout
+    deadline, said = time.monotonic() + bound, None
+    while (waiting := _not_ready(folder, keyring)) is not None:
+        if said != waiting:
+            print(f"rl-swarm: waiting for {waiting} (up to {bound:.0f}s)")
+            said = waiting
+        if time.monotonic() >= deadline:
+            raise SwarmError(f"no {waiting} after {bound:.0f}s: start `rl-swarm up` on this GDRIVE_PATH and "
+                             f"EXPERIMENT_NAME first (it makes them), or check both names")
+        time.sleep(JOIN_POLL_S)
+    print(f"rl-swarm: coordinator key {fingerprint(keyring.public_key(COORDINATOR))} (pinned on this machine: "
+          "check that it is the one `rl-swarm up` printed)")
+    return keyring
+
+
+def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
+    """What a joiner still waits for, or None once it can start."""
+    from workers.warmup import read_base_meta
+
+    conflict = keyring.coordinator_conflict()
+    if conflict:
+        raise FolderError(conflict)
+    try:
+        keyring.public_key(COORDINATOR)
+    except (UnknownSigner, OSError):      # not published yet, or a Drive hiccup
+        return f"the coordinator's key ({folder.public_key_file(COORDINATOR)})"
+    if read_base_meta(folder.root) is not None:
+        return None
+    try:
+        started = newest_signed_round(folder, keyring)       # a swarm that runs without a base (WARMUP_STEPS=0)
+    except OSError:
+        started = None
+    return None if started is not None else f"the experiment's base model ({folder.base_dir}, made by the warm-up)"
+
+
+def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, device: str, keyring: KeyRing) -> None:
+    """Run the supervised warm-up once per experiment, in its own process, unless its base exists; only the
+    holder of the experiment's claim calls it.
 
     A process of its own, so the supervisor never holds a CUDA context or the model's memory.
     """
@@ -165,7 +234,7 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
     meta = read_base_meta(folder.root)
     if cfg.warmup_steps == 0 or (meta is not None and meta.get("model_name") == model_name):
         return
-    if folder.state_rounds():
+    if newest_signed_round(folder, keyring) is not None:
         return    # the swarm already started without a base; a base now would not match its checkpoints
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
@@ -212,29 +281,30 @@ def pretrain(cfg: SwarmConfig) -> int:
     if note:
         print(f"rl-swarm: {note}")
     folder = ExperimentFolder(cfg.experiment_dir).create()
-    meta = read_base_meta(folder.root)
-    if meta is not None and meta.get("model_name") == model_name:
-        print(f"rl-swarm: {folder.root / 'base'} already holds a warmed-up {model_name} "
-              f"(greedy exact-match {meta.get('greedy_accuracy_after', 0):.0%}); nothing to do")
-        return 0
-    if folder.state_rounds():
-        raise SwarmError(f"experiment {cfg.experiment_name!r} already started without a base: its checkpoints "
-                         "would not match one; pretrain a new EXPERIMENT_NAME")
-    ensure_base(cfg, folder, model_name, device)
+    key, keyring = coordinator_key(cfg, folder)
+    with CoordinatorClaim(cfg, folder, key, keyring, "pretrain").held():    # no `up` warms up beside it
+        meta = read_base_meta(folder.root)
+        if meta is not None and meta.get("model_name") == model_name:
+            print(f"rl-swarm: {folder.root / 'base'} already holds a warmed-up {model_name} "
+                  f"(greedy exact-match {meta.get('greedy_accuracy_after', 0):.0%}); nothing to do")
+            return 0
+        if newest_signed_round(folder, keyring) is not None:
+            raise SwarmError(f"experiment {cfg.experiment_name!r} already started without a base: its checkpoints "
+                             "would not match one; pretrain a new EXPERIMENT_NAME")
+        ensure_base(cfg, folder, model_name, device, keyring)
     return 0
 
 
-def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig) -> bool:
-    """False when the experiment already ran all MAX_ROUNDS; a raised MAX_ROUNDS continues it."""
-    finished = folder.finished_file
-    rounds = folder.state_rounds()
-    if finished.exists():
-        done = rounds[-1] if rounds else 0
-        if done >= cfg.max_rounds:
-            print(f"rl-swarm: experiment {cfg.experiment_name!r} already finished its {done} rounds; raise "
-                  f"MAX_ROUNDS to continue it, or set a new EXPERIMENT_NAME")
-            return False
-        finished.unlink()    # only the coordinator of `up` writes it, and it is not running yet
+def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing) -> bool:
+    """False when the experiment already ran all MAX_ROUNDS (its coordinator's signed finished.json says so);
+    a raised MAX_ROUNDS continues it, and a finished.json it did not sign is removed."""
+    finished = read_finished(folder, keyring)
+    if finished is not None and finished.rounds >= cfg.max_rounds:
+        print(f"rl-swarm: experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; raise "
+              f"MAX_ROUNDS to continue it, or set a new EXPERIMENT_NAME")
+        return False
+    if folder.finished_file.is_symlink() or folder.finished_file.exists():
+        folder.finished_file.unlink()    # only this coordinator writes it, and it is not running yet
     return True
 
 

@@ -15,10 +15,11 @@ import time
 from typing import Any, Callable
 
 from configs_env import SwarmConfig
-from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_heartbeats
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, list_folder, read_json_bounded, round_number,
-                                          with_retries, write_json_atomic)
-from workers.shared_folder.protocol import SCHEMA, Heartbeat, RoundState, Status
+from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_round_state
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, list_folder, round_number, with_retries,
+                                          write_json_atomic)
+from workers.shared_folder.protocol import Heartbeat, RoundState, Status, SwarmFinished
+from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ HEARTBEAT_S = 2.0
 
 class Coordinator(threading.Thread):
     def __init__(self, cfg: SwarmConfig, folder: ExperimentFolder, stop: threading.Event,
-                 local_workers: Callable[[], set[str]], on_event: Callable[[str], None] = lambda _: None):
+                 local_workers: Callable[[], set[str]], key: NodeKey, keyring: KeyRing | None = None,
+                 on_event: Callable[[str], None] = lambda _: None):
         super().__init__(name="coordinator", daemon=True)
         self.cfg, self.folder, self.stop = cfg, folder, stop
         self.local_workers = local_workers
@@ -37,8 +39,9 @@ class Coordinator(threading.Thread):
         self.round_started = time.monotonic()
         self.finished = threading.Event()
         self.error: BaseException | None = None
-        self.exchange = Exchange(folder, "coordinator")     # validated, cached reads of the rewards files
-        self._beat = Heartbeat.first("coordinator", "coordinator", Status.RUNNING)
+        # signs the round states, finished.json and its heartbeat; validated, cached reads of the rewards files
+        self.exchange = Exchange(folder, COORDINATOR, key, keyring)
+        self._beat = Heartbeat.first(COORDINATOR, "coordinator", Status.RUNNING)
         self._last_beat = 0.0
         self._liveness: dict[str, tuple[str, str]] = {}    # worker: (alive / late / gone, process instance)
 
@@ -62,13 +65,13 @@ class Coordinator(threading.Thread):
             self.error = exc
 
     def _resume(self) -> None:
-        """Continue at the newest round with an intact state file; with none, the loop starts round 1."""
+        """Continue at the newest round with a state file of its own; with none, the loop starts round 1."""
+        keyring = self.exchange.keyring
         for round_ in reversed(with_retries(self.folder.state_rounds, f"listing {self.folder.root / 'state'}")):
             path = self.folder.round_state_file(round_)
             try:
-                with_retries(lambda path=path: RoundState.from_json(read_json_bounded(path, require_checksum=True),
-                                                                    str(path)), f"reading {path}")
-            except RejectedFile as error:     # a half-synced or hostile file is not a round to resume at
+                with_retries(lambda r=round_: read_round_state(self.folder, keyring, r), f"reading {path}")
+            except RejectedFile as error:     # a half-synced, hostile or forged file is not a round to resume at
                 log.warning("%s", error)
                 continue
             self.round = round_
@@ -84,14 +87,14 @@ class Coordinator(threading.Thread):
                     raise RejectedFile(f"{where}: names node {record.get('node')!r} round {record.get('round')!r}, "
                                        "which its path contradicts; skipped")
                 return node
-            node = self.exchange.read_record(path, parse)
+            node = self.exchange.read_record(path, parse, signer=path.stem)
             if node is not None:
                 done.add(node)
         return done
 
     def expected_nodes(self) -> set[str]:
         """Workers this swarm waits for: local processes that are up, and remote nodes with a fresh heartbeat."""
-        remote = live_workers(read_heartbeats(self.folder), self.cfg.peer_timeout)
+        remote = live_workers(self.exchange.read_heartbeats(), self.cfg.peer_timeout)
         return remote | self.local_workers()
 
     def _maybe_advance(self) -> None:
@@ -109,7 +112,7 @@ class Coordinator(threading.Thread):
 
     def _advance(self, reason: str) -> None:
         if self.round >= self.cfg.max_rounds:
-            record = {"schema": SCHEMA, "rounds": self.round, "finished_at": time.time()}
+            record = self.exchange.key.sign(SwarmFinished(rounds=self.round, finished_at=time.time()).to_json())
             with_retries(lambda: write_json_atomic(self.folder.finished_file, record), "writing finished.json")
             self.finished.set()
             self.on_event(f"all {self.round} rounds done")
@@ -120,7 +123,8 @@ class Coordinator(threading.Thread):
         state = RoundState(round=round_, max_rounds=self.cfg.max_rounds, started_at=time.time(), reason=reason,
                            nodes=tuple(sorted(self.expected_nodes())))
         path = self.folder.round_state_file(round_)
-        with_retries(lambda: write_json_atomic(path, state.to_json()), f"writing {path.name}")
+        signed = self.exchange.key.sign(state.to_json())
+        with_retries(lambda: write_json_atomic(path, signed), f"writing {path.name}")
         self.exchange.doorbell.ring()        # the workers of this host start the round now, not at their next poll
         self.round = round_
         self.round_started = time.monotonic()
@@ -146,7 +150,9 @@ class Coordinator(threading.Thread):
             if number is None or number >= oldest_kept:
                 continue
             try:
-                if self.cfg.rollout_archive_old:
+                if path.is_symlink():        # planted: the link goes, never what it points to
+                    path.unlink()
+                elif self.cfg.rollout_archive_old:
                     archive.mkdir(parents=True, exist_ok=True)
                     target = archive / path.name
                     if target.exists():
@@ -160,7 +166,7 @@ class Coordinator(threading.Thread):
     def _announce_liveness(self) -> None:
         """An event each time a worker turns late, gone, or alive again (not for its first heartbeat)."""
         try:
-            beats = read_heartbeats(self.folder)
+            beats = self.exchange.read_heartbeats()
         except OSError as exc:      # a Drive hiccup: the next beat looks again
             log.info("liveness not checked: %s", exc)
             return
@@ -193,9 +199,9 @@ class Coordinator(threading.Thread):
             return False
         self._last_beat = now
         self._beat = Heartbeat(**{**self._beat.__dict__, "status": status, "round": self.round,
-                                  "updated_at": time.time(), "rejected": len(self.exchange.rejected)})
+                                  "updated_at": time.time(), "rejected": self.exchange.rejected})
         try:
-            write_json_atomic(self.folder.heartbeat_file("coordinator"), self._beat.to_json())
+            self.exchange.write_heartbeat(self._beat)
         except OSError as exc:   # a missed beat is harmless: the next one is 2 s away, PEER_TIMEOUT is minutes
             log.warning("coordinator heartbeat not written: %s", exc)
         return True

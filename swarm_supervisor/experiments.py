@@ -9,10 +9,11 @@ from pathlib import Path
 
 from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
-from workers.shared_folder.exchange import read_heartbeats
+from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status)
+from workers.shared_folder.signing import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,10 @@ def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
 
 def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None) -> str:
     """finished, running (a coordinator heartbeat of the last two minutes says so), failed or stopped."""
-    if folder.finished_file.exists():
+    keyring = KeyRing.for_viewing(folder)
+    if read_finished(folder, keyring) is not None:
         return "finished"
-    beats = read_heartbeats(folder) if beats is None else beats
+    beats = read_heartbeats(folder, keyring) if beats is None else beats
     beat = beats.get("coordinator")
     if beat is not None and beat.status == Status.RUNNING and beat.age() < 120:
         return "running"
@@ -123,6 +125,7 @@ class Summary:
 
 def summarize(root: Path, last_n: int = 10) -> Summary:
     folder = ExperimentFolder(root)
+    keyring = KeyRing.for_viewing(folder)
     cfg = experiment_config(folder)
     rounds = folder.state_rounds()
     by_round, bad = metrics_by_round(folder)
@@ -133,12 +136,11 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
     per_hour = None
     if len(rounds) >= 2:
         try:
-            first = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[0]), require_checksum=True))
-            last = RoundState.from_json(read_json_bounded(folder.round_state_file(rounds[-1]), require_checksum=True))
+            first, last = (read_round_state(folder, keyring, r) for r in (rounds[0], rounds[-1]))
             per_hour = rounds_per_hour(first, last)
         except (OSError, RejectedFile):
             per_hour = None
-    beats = read_heartbeats(folder)
+    beats = read_heartbeats(folder, keyring)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     return Summary(
         name=root.name, status=status_of(folder), rounds=rounds[-1] if rounds else 0,

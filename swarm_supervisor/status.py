@@ -18,10 +18,11 @@ from swarm_supervisor.experiments import rounds_per_hour, status_of
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
-from workers.shared_folder.exchange import liveness, read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, file_size, read_json_bounded, warn_skipped
+from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
+from workers.shared_folder.folder import ExperimentFolder, RejectedFile, file_size, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
+from workers.shared_folder.signing import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,10 @@ class SwarmReader:
     A read the Drive fails shows the last good answer; the next refresh, a fraction of a second later, reads again.
     """
 
-    def __init__(self, folder: ExperimentFolder, cfg: SwarmConfig, model_label: str, device_label: str):
+    def __init__(self, folder: ExperimentFolder, cfg: SwarmConfig, model_label: str, device_label: str,
+                 keyring: KeyRing | None = None):
         self.folder, self.cfg = folder, cfg
+        self.keyring = keyring or KeyRing.for_viewing(folder)     # shows what nodes signed, not what others say
         self.model_label, self.device_label = model_label, device_label
         self._offsets: dict[str, int] = {}
         self._refused: set[Path] = set()      # metrics paths that hold no regular file
@@ -170,7 +173,7 @@ class SwarmReader:
 
     def heartbeats(self) -> dict[str, Heartbeat]:
         try:
-            self._beats = read_heartbeats(self.folder)
+            self._beats = read_heartbeats(self.folder, self.keyring)
         except OSError as exc:
             log.warning("heartbeats not read (%s); showing the last ones", exc)
         return self._beats
@@ -188,20 +191,15 @@ class SwarmReader:
 
     def _state(self, round_: int) -> RoundState | None:
         if round_ not in self._states:
-            path = self.folder.round_state_file(round_)
             try:
-                self._states[round_] = RoundState.from_json(read_json_bounded(path, require_checksum=True), str(path))
-            except (RejectedFile, OSError):     # half-synced, hostile, or a Drive hiccup: read again next time
+                self._states[round_] = read_round_state(self.folder, self.keyring, round_)
+            except (RejectedFile, OSError):     # half-synced, forged, or a Drive hiccup: read again next time
                 return None
         return self._states[round_]
 
     def _newest_state(self) -> RoundState | None:
-        """The newest intact round state: a half-synced or hostile round_000099.json is no round."""
-        for round_ in reversed(self.state_rounds()):
-            state = self._state(round_)
-            if state is not None:
-                return state
-        return None
+        """The newest round state the coordinator signed: a half-synced or forged round_000099.json is no round."""
+        return newest_round_state(self._state, self.state_rounds())
 
     def current_round(self) -> int:
         newest = self._newest_state()

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
@@ -21,10 +21,11 @@ from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from workers.shared_folder.drive_sim import simulate_drive
-from workers.shared_folder.exchange import read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, append_jsonl, is_visible
+from workers.shared_folder.exchange import read_finished, read_heartbeats
+from workers.shared_folder.folder import ExperimentFolder, append_jsonl
 from workers.shared_folder.leftovers import remove_stale_temps
 from workers.shared_folder.protocol import EVENT_RESTART, EVENT_UNLEARNING, Status
+from workers.shared_folder.signing import KeyRing, NodeKey
 from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,13 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, cfg: SwarmConfig, specs: list[WorkerSpec], run_coordinator: bool,
-                 model_label: str, device_label: str, dashboard: Dashboard | None = None):
+                 model_label: str, device_label: str, dashboard: Dashboard | None = None,
+                 keyring: KeyRing | None = None, coordinator_key: NodeKey | None = None,
+                 claim_lost: Callable[[], str | None] = lambda: None):
         self.cfg = cfg
         self.folder = ExperimentFolder(cfg.experiment_dir)
+        self.keyring = keyring or KeyRing(self.folder)
+        self.claim_lost = claim_lost       # why this `up` no longer holds the experiment, once it does not
         self.ctx = mp.get_context("spawn")
         # Workers are asked to stop with SIGTERM, not a multiprocessing.Event: a worker killed with -9
         # while waiting on such an Event leaves its lock held, and the next set() blocks forever.
@@ -88,12 +93,14 @@ class Supervisor:
         self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window_s=cfg.restart_window,
                                     backoff_s=cfg.restart_backoff)
         self.events: deque[str] = deque(maxlen=8)
-        self.coordinator = (Coordinator(cfg, self.folder, self.stop_coordinator, self.local_workers, self.event)
-                            if run_coordinator else None)
+        if run_coordinator and coordinator_key is None:
+            raise ValueError("a supervisor that runs the coordinator needs the coordinator's key")
+        self.coordinator = (Coordinator(cfg, self.folder, self.stop_coordinator, self.local_workers, coordinator_key,
+                                        self.keyring, self.event) if run_coordinator else None)
         self.monitor = Monitor(nvml_ids([spec.device for spec in specs], cfg.cuda_visible_devices))
         self.snapshot: MonitorSnapshot | None = None
         self.dashboard = dashboard or Dashboard()
-        self.reader = SwarmReader(self.folder, cfg, model_label, device_label)
+        self.reader = SwarmReader(self.folder, cfg, model_label, device_label, self.keyring)
         self.started = time.monotonic()
         self.interrupts = 0
         self.above_high_water: set[str] = set()     # the GPUs whose memory is above MEMORY_HIGH_WATER
@@ -167,7 +174,7 @@ class Supervisor:
     def _kill_hung(self) -> None:
         """A worker stuck in one stage (a deadlock, a wedged GPU call) is killed; _reap restarts it."""
         try:
-            beats = read_heartbeats(self.folder)
+            beats = read_heartbeats(self.folder, self.keyring)
         except OSError as exc:     # a Drive hiccup: the next check, HANG_CHECK_S on, looks again
             log.warning("hang check skipped: %s", exc)
             return
@@ -295,7 +302,11 @@ class Supervisor:
             return self._fail(f"coordinator failed: {why}")
         if self.handles and all(h.failed for h in self.handles):
             return self._fail("every worker failed; stopping the swarm")
-        finished = self.coordinator.finished.is_set() if self.coordinator else is_visible(self.folder.finished_file)
+        lost = self.claim_lost()
+        if lost:
+            return self._fail(lost)
+        finished = self.coordinator.finished.is_set() if self.coordinator else \
+            read_finished(self.folder, self.keyring) is not None
         if finished and all(h.failed or h.exited_ok for h in self.handles):
             failed = [h.node for h in self.handles if h.failed]
             return EXIT_FAILED if failed else EXIT_OK

@@ -5,8 +5,10 @@ from pathlib import Path
 
 from swarm_supervisor.experiments import experiment_config, held_out_by_node, metrics_by_round, setting_of
 from swarm_supervisor.readable import plain
+from workers.shared_folder.exchange import ROLLOUT_NAME, read_round_state
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, round_number
-from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState
+from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState, SwarmFinished
+from workers.shared_folder.signing import COORDINATOR, KeyRing
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,10 @@ def validate(root: Path) -> list[Check]:
 
 
 def _unreadable_files(folder: ExperimentFolder) -> list[str]:
-    """JSON files of the layout that do not parse or validate (checkpoints and temp files aside)."""
+    """JSON files of the layout that do not parse or validate, or (in an experiment of signed records) are not
+    signed by the node they speak for (checkpoints and temp files aside)."""
     root, unreadable = folder.root, []
+    keyring = KeyRing(folder) if folder.public_key_file(COORDINATOR).exists() else None
     for path in _layout_files(root, "*.json"):
         if path.name.startswith(".") or "checkpoints" in path.parts:
             continue
@@ -50,9 +54,13 @@ def _unreadable_files(folder: ExperimentFolder) -> list[str]:
         protocol = top in ("state", "peers", "rollouts", "rewards")
         try:
             record = read_json_bounded(path, require_checksum=protocol)
+            if protocol and keyring is not None:
+                record = keyring.verify(record, _speaks_for(top, path), str(path))
             schema = {"rollouts": RolloutFile, "peers": Heartbeat, "rewards": RoundMetrics}.get(top)
-            if top == "state" and path.name != "finished.json":
-                schema = RoundState
+            if top == "state":
+                schema = SwarmFinished if path.name == "finished.json" else RoundState
+            if path == folder.coordinator_lease_file:
+                schema = None
             if schema is not None:
                 schema.from_json(record, str(path))
         except (RejectedFile, OSError) as exc:
@@ -60,13 +68,22 @@ def _unreadable_files(folder: ExperimentFolder) -> list[str]:
     return unreadable
 
 
+def _speaks_for(top: str, path: Path) -> str:
+    """The node a protocol file of the layout speaks for, by where it lies."""
+    if top == "state":
+        return COORDINATOR
+    match = ROLLOUT_NAME.fullmatch(path.name) if top == "rollouts" else None
+    return match["node"] if match else path.stem
+
+
 def _rounds_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
                   by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
     """Every worker that marked a round done published rollouts and a metrics row for it."""
     gaps = []
+    keyring = KeyRing.for_viewing(folder)
     for r in rounds:
         try:
-            state = RoundState.from_json(read_json_bounded(folder.round_state_file(r), require_checksum=True))
+            state = read_round_state(folder, keyring, r)
         except (RejectedFile, OSError):
             continue
         done = {p.stem for p in folder.rewards_dir(r).glob("*.json")}

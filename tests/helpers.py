@@ -285,3 +285,34 @@ class SeaweedS3:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+# -- nodes' keys: every record that speaks for a node is signed by it ------------------------------------------
+
+def node_key(folder, node: str):
+    """`node`'s key, kept beside the experiment folder (never in it, as a machine's key folder), published in it."""
+    from workers.shared_folder.signing import KeyRing, NodeKey
+
+    key = NodeKey.load_or_create(folder.root.with_name(folder.root.name + ".keys"), node)
+    KeyRing(folder).publish(key)
+    return key
+
+
+def node_exchange(folder, node: str):
+    """The exchange of `node`, as a worker of this machine has it."""
+    from workers.shared_folder.exchange import Exchange
+
+    return Exchange(folder, node, node_key(folder, node))
+
+
+def write_as(folder, node: str, path: Path, record: dict) -> None:
+    """`record` written at `path`, signed by `node` as that node writes it."""
+    from workers.shared_folder.folder import write_json_atomic
+
+    write_json_atomic(path, node_key(folder, node).sign(record))
+
+
+def keyring(folder):
+    from workers.shared_folder.signing import KeyRing
+
+    return KeyRing(folder)

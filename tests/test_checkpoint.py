@@ -11,9 +11,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, CheckpointMismatch, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
-from workers.shared_folder.folder import ExperimentFolder, append_jsonl, read_json_bounded
+from workers.shared_folder.folder import ExperimentFolder, append_jsonl
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import RoundMetrics
+from workers.shared_folder.exchange import read_signed
+from tests.helpers import keyring, node_key
 
 
 def tiny_model(seed: int) -> GPT2LMHeadModel:
@@ -137,10 +139,12 @@ def test_a_kill_after_the_checkpoint_loses_no_metrics_line_or_rewards_file(tmp_p
     save_checkpoint(folder.checkpoint_dir("w-1"), CheckpointMeta(3, "w-1", "m", tail), model, optimizer)
     # the process died here: round 3's metrics line and rewards file (the coordinator's "done") are missing
     meta = load_latest_checkpoint(folder.checkpoint_dir("w-1"), model, optimizer, "m")
-    assert rewrite_lost_records(folder, "w-1", meta) == [3]
+    key = node_key(folder, "w-1")
+    assert rewrite_lost_records(folder, "w-1", meta, key) == [3]
     assert [row["round"] for row in read_jsonl(folder.metrics_file("w-1"))] == [1, 2, 3]
-    assert read_json_bounded(folder.reward_file(3, "w-1"))["reward_mean"] == pytest.approx(0.3)
-    assert rewrite_lost_records(folder, "w-1", meta) == []          # a second restart adds nothing
+    rewards = read_signed(folder.reward_file(3, "w-1"), "w-1", keyring(folder))     # the coordinator counts it
+    assert rewards["reward_mean"] == pytest.approx(0.3)
+    assert rewrite_lost_records(folder, "w-1", meta, key) == []          # a second restart adds nothing
 
 
 @pytest.mark.gpu

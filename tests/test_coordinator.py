@@ -7,7 +7,8 @@ import pytest
 
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
-from workers.shared_folder.folder import ExperimentFolder, write_json_atomic
+from workers.shared_folder.folder import ExperimentFolder
+from tests.helpers import node_exchange, node_key, write_as
 
 
 def wait_until(predicate, timeout=5.0):
@@ -25,7 +26,7 @@ def swarm(tmp_path):
     folder = ExperimentFolder(cfg.experiment_dir).create()
     stop = threading.Event()
     workers = {"w-1", "w-2"}
-    coordinator = Coordinator(cfg, folder, stop, lambda: set(workers))
+    coordinator = Coordinator(cfg, folder, stop, lambda: set(workers), node_key(folder, "coordinator"))
     yield cfg, folder, coordinator, workers
     stop.set()
     if coordinator.is_alive():
@@ -33,8 +34,8 @@ def swarm(tmp_path):
 
 
 def finish(folder, round_, node):
-    write_json_atomic(folder.reward_file(round_, node), {"node": node, "round": round_})
-    write_json_atomic(folder.rollout_file(round_, node), {"node": node})
+    write_as(folder, node, folder.reward_file(round_, node), {"node": node, "round": round_})
+    write_as(folder, node, folder.rollout_file(round_, node), {"node": node})
 
 
 def test_rounds_advance_when_all_workers_are_done_and_the_swarm_finishes(swarm):
@@ -72,10 +73,11 @@ def test_the_interval_moves_on_without_a_slow_worker_but_never_with_nobody_done(
 def test_a_restarted_coordinator_resumes_at_its_last_round(swarm):
     cfg, folder, _, workers = swarm
     for round_ in (1, 2):
-        write_json_atomic(folder.round_state_file(round_), {"schema": 1, "round": round_, "max_rounds": 3,
-                                                           "started_at": 0, "reason": "x"})
+        write_as(folder, "coordinator", folder.round_state_file(round_), {"schema": 1, "round": round_,
+                                                                         "max_rounds": 3, "started_at": 0,
+                                                                         "reason": "x"})
     stop = threading.Event()
-    coordinator = Coordinator(cfg, folder, stop, lambda: set(workers))
+    coordinator = Coordinator(cfg, folder, stop, lambda: set(workers), node_key(folder, "coordinator"))
     coordinator.start()
     try:
         wait_until(lambda: coordinator.round == 2)
@@ -106,7 +108,6 @@ def test_a_worker_is_alive_late_or_gone_by_its_heartbeat_and_only_gone_ones_are_
 
 def test_the_coordinator_says_when_a_worker_turns_late_gone_and_alive_again(tmp_path, monkeypatch):
     import swarm_supervisor.coordinator as coordinator_module
-    from workers.shared_folder.exchange import Exchange
 
     monkeypatch.setattr(coordinator_module, "HEARTBEAT_S", 0.05)
     cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path), "MAX_ROUNDS": "3", "NUM_WORKERS": "2",
@@ -114,8 +115,9 @@ def test_the_coordinator_says_when_a_worker_turns_late_gone_and_alive_again(tmp_
     folder = ExperimentFolder(cfg.experiment_dir).create()
     events: list[str] = []
     stop = threading.Event()
-    coordinator = Coordinator(cfg, folder, stop, lambda: set(), on_event=events.append)
-    exchange = Exchange(folder, "w-1")
+    coordinator = Coordinator(cfg, folder, stop, lambda: set(), node_key(folder, "coordinator"),
+                              on_event=events.append)
+    exchange = node_exchange(folder, "w-1")
     exchange.write_heartbeat(beat("w-1", 0))
     coordinator.start()
     try:

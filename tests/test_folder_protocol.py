@@ -5,13 +5,14 @@ import threading
 
 import pytest
 
-from workers.shared_folder.exchange import Exchange, live_workers
+from workers.shared_folder.exchange import live_workers
 from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, check_node_name,
                                           read_json_bounded, record_checksum, write_json_atomic)
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState
 
 from tests.helpers import group
+from tests.helpers import node_exchange, node_key, warnings_naming, write_as
 
 
 def sealed(record: dict) -> dict:
@@ -67,49 +68,49 @@ def test_truncated_oversized_and_wrong_typed_files_are_rejected(tmp_path):
 
 
 def test_peer_rollouts_skip_bad_files_and_own_and_count_them(folder, caplog):
-    writer = {n: Exchange(folder, n) for n in ("w-1", "w-2", "w-3")}
+    writer = {n: node_exchange(folder, n) for n in ("w-1", "w-2", "w-3")}
     writer["w-1"].publish_rollouts(1, [group()])
     writer["w-2"].publish_rollouts(1, [group(), group()])
     stage = folder.rollout_dir(1)
     (stage / "w-4.json").write_text('{"schema": 1, "node": "w-4", "round"')                 # truncated
     bad_types = RolloutFile(node="w-5", round=1, created_at=0.0, groups=(group(),)).to_json()
     bad_types["groups"][0]["rewards"] = ["high"] * 4
-    (stage / "w-5.json").write_text(json.dumps(sealed(bad_types)))
+    (stage / "w-5.json").write_text(json.dumps(sealed(node_key(folder, "w-5").sign(bad_types))))
     liar = RolloutFile(node="w-2", round=1, created_at=0.0, groups=(group(),)).to_json()
-    (stage / "w-6.json").write_text(json.dumps(sealed(liar)))                               # claims to be w-2
+    (stage / "w-6.json").write_text(json.dumps(sealed(node_key(folder, "w-6").sign(liar))))  # claims to be w-2
     (stage / "..json").write_text("{}")
     reader = writer["w-3"]
     writer["w-3"].publish_rollouts(1, [group()])
     found = reader.peer_rollouts(1)
     assert sorted(found) == ["w-1", "w-2"]
     assert len(found["w-2"]) == 2
-    assert len(reader.rejected) == 3
-    assert reader.peer_rollouts(1).keys() == found.keys() and len(reader.rejected) == 3     # counted once each
+    assert reader.rejected == 3
+    assert reader.peer_rollouts(1).keys() == found.keys() and reader.rejected == 3     # counted once each
     for why in ("not valid JSON", "'rewards' must hold finite numbers", "which its path contradicts"):
         assert caplog.text.count(why) == 1, why
 
 
 def test_wait_for_peers_is_bounded_by_its_timeout(folder):
-    exchange = Exchange(folder, "w-1")
-    Exchange(folder, "w-2").publish_rollouts(1, [group()])
+    exchange = node_exchange(folder, "w-1")
+    node_exchange(folder, "w-2").publish_rollouts(1, [group()])
     found = exchange.wait_for_peers(1, {"w-2", "w-dead"}, timeout_s=0.5, stop=threading.Event())
     assert list(found) == ["w-2"]
 
 
 def test_generation_frequency_parts_are_read_as_one_node(folder):
-    exchange = Exchange(folder, "w-2")
+    exchange = node_exchange(folder, "w-2")
     exchange.publish_rollouts(1, [group()], part=0)
     exchange.publish_rollouts(1, [group()], part=1)
-    assert len(Exchange(folder, "w-1").peer_rollouts(1)["w-2"]) == 2
+    assert len(node_exchange(folder, "w-1").peer_rollouts(1)["w-2"]) == 2
 
 
 def test_heartbeats_tell_alive_from_gone(folder):
     now = 1000.0
     for node, age, status in (("w-1", 1, "training"), ("w-2", 500, "training"), ("w-3", 1, "stopped")):
-        Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+        node_exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
                                                          status=status, round=1, started_at=0,
                                                          updated_at=now - age))
-    beats = Exchange(folder, "w-1").read_heartbeats()
+    beats = node_exchange(folder, "w-1").read_heartbeats()
     assert live_workers(beats, peer_timeout=120, now=now) == {"w-1"}
 
 
@@ -146,7 +147,7 @@ def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(fol
         real_write(path, record)
 
     monkeypatch.setattr(exchange_module, "write_json_atomic", flaky)
-    path = Exchange(folder, "w-1").publish_rollouts(1, [group()])
+    path = node_exchange(folder, "w-1").publish_rollouts(1, [group()])
     assert path.exists() and len(failures) == 2
     assert "retry 2/3" in caplog.text
 
@@ -155,7 +156,7 @@ def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(fol
 
     monkeypatch.setattr(exchange_module, "write_json_atomic", dead)
     with pytest.raises(OSError):
-        Exchange(folder, "w-1").publish_rollouts(2, [group()])
+        node_exchange(folder, "w-1").publish_rollouts(2, [group()])
 
 
 def test_retry_waits_double_and_are_spread_so_nodes_do_not_retry_in_step():
@@ -178,11 +179,11 @@ def test_rejected_files_reach_the_dashboard_through_heartbeats(folder):
     stage = folder.rollout_dir(1)
     stage.mkdir(parents=True)
     (stage / "w-9.json").write_text("{not json")
-    exchange = Exchange(folder, "w-1")
+    exchange = node_exchange(folder, "w-1")
     exchange.peer_rollouts(1)
     exchange.write_heartbeat(Heartbeat(node="w-1", role="worker", pid=1, host="h", instance="i", status="training",
                                        round=1, started_at=0, updated_at=0,
-                                       rejected=len(exchange.rejected)))
+                                       rejected=exchange.rejected))
     view = SwarmReader(folder, SwarmConfig.from_env({}), "m", "cpu").view()
     assert view.rejected_files == 1
 
@@ -203,15 +204,15 @@ def test_every_record_carries_a_checksum_that_the_reader_checks_and_removes(fold
 
 
 def test_a_rollout_file_edited_by_hand_is_rejected_counted_and_never_trusted(folder, caplog):
-    path = Exchange(folder, "w-1").publish_rollouts(1, [group(), group()])
+    path = node_exchange(folder, "w-1").publish_rollouts(1, [group(), group()])
     record = json.loads(path.read_text())
     record["groups"][1]["completions"][2] = "<answer>3</answer>"      # still valid JSON, still well-typed
     path.write_text(json.dumps(record))
-    reader = Exchange(folder, "w-2")
+    reader = node_exchange(folder, "w-2")
     assert reader.peer_rollouts(1) == {}
-    assert reader.rejected == {path}
+    assert reader.rejected == 1 and warnings_naming(caplog, path) == 1
     assert caplog.text.count("checksum mismatch (half-synced or edited); skipped") == 1
-    assert reader.peer_rollouts(1) == {} and len(reader.rejected) == 1     # skipped, not warned about again
+    assert reader.peer_rollouts(1) == {} and reader.rejected == 1     # skipped, not warned about again
 
 
 def test_a_record_without_a_checksum_is_rejected_where_the_protocol_needs_one(folder):
@@ -224,16 +225,16 @@ def test_a_record_without_a_checksum_is_rejected_where_the_protocol_needs_one(fo
     rollouts = RolloutFile(node="w-1", round=1, created_at=0.0, groups=(group(),)).to_json()
     folder.rollout_dir(1).mkdir(parents=True)
     folder.rollout_file(1, "w-1").write_text(json.dumps(rollouts))
-    reader = Exchange(folder, "w-2")
-    assert reader.peer_rollouts(1) == {} and len(reader.rejected) == 1
+    reader = node_exchange(folder, "w-2")
+    assert reader.peer_rollouts(1) == {} and reader.rejected == 1
 
 
 def test_a_half_synced_rollout_file_is_skipped_then_read_once_its_sync_completes(folder):
-    path = Exchange(folder, "w-1").publish_rollouts(1, [group()])
+    path = node_exchange(folder, "w-1").publish_rollouts(1, [group()])
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
-    reader = Exchange(folder, "w-2")
-    assert reader.peer_rollouts(1) == {} and len(reader.rejected) == 1
+    reader = node_exchange(folder, "w-2")
+    assert reader.peer_rollouts(1) == {} and reader.rejected == 1
     path.write_bytes(whole)
     assert len(reader.peer_rollouts(1)["w-1"]) == 1
 
@@ -312,7 +313,8 @@ def test_a_waiting_worker_retries_the_rewards_file_the_folder_refused_so_the_rou
 
     monkeypatch.setattr(folder_module, "backoff_s", lambda *args: 0.0)
     monkeypatch.setattr(worker_module, "OUTBOX_RETRY_S", 0.05)
-    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(folder.root.parent.parent), "EXPERIMENT_NAME": folder.root.name})
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(folder.root.parent.parent), "EXPERIMENT_NAME": folder.root.name,
+                                "RL_SWARM_CACHE": str(folder.root.parent.parent / "cache")})
     stop = threading.Event()
     worker = Worker(WorkerSpec(cfg=cfg, node="w-1", index=0, model_name="m", device="cpu",
                                parent_pid=os.getppid()), stop)
@@ -336,7 +338,8 @@ def test_a_waiting_worker_retries_the_rewards_file_the_folder_refused_so_the_rou
         while not reward_file.exists():
             assert time.monotonic() < deadline, "the waiting worker never wrote its rewards file"
             time.sleep(0.02)
-        write_json_atomic(folder.round_state_file(2), RoundState(2, 3, time.time(), "all workers done").to_json())
+        write_as(folder, "coordinator", folder.round_state_file(2),
+                 RoundState(2, 3, time.time(), "all workers done").to_json())
         waiting.join(timeout=5)
     finally:
         stop.set()

@@ -26,12 +26,13 @@ from swarm_supervisor.status import METRICS_CHUNK, SwarmReader
 from tests.helpers import (HOSTILE_REASON, heartbeat_record, metrics_row, plant_entry, plant_hostile, rollouts_record,
                            sealed, warnings_naming)
 from workers.evaluation import eval_file, read_held_out
-from workers.shared_folder.exchange import HEARTBEAT_BYTES, ROLLOUT_NAME, Exchange, read_heartbeats
+from workers.shared_folder.exchange import HEARTBEAT_BYTES, ROLLOUT_NAME, read_heartbeats
 from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, append_jsonl,
                                           check_node_name, read_json_bounded, write_json_atomic)
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.leftovers import STALE_TEMP_S, remove_stale_temps, writer_tag
 from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
+from tests.helpers import keyring, node_exchange, node_key, write_as
 
 # what a planted link points at: a record a reader would accept, were it to follow the link
 OUTSIDE_TEXT = sealed(rollouts_record("outsider"))
@@ -80,12 +81,12 @@ def test_a_worker_trains_on_the_good_peer_rollouts_and_warns_once_about_each_hos
     _, folder, outside = swarm
     stage = folder.rollout_dir(1)
     planted = plant_hostile(stage, outside, MAX_RECORD_BYTES)
-    write_json_atomic(folder.rollout_file(1, "worker-2"), rollouts_record("worker-2"))
-    exchange = Exchange(folder, "worker-1")
+    write_as(folder, "worker-2", folder.rollout_file(1, "worker-2"), rollouts_record("worker-2"))
+    exchange = node_exchange(folder, "worker-1")
     for _ in range(2):                 # a worker polls: the second look warns about nothing again
         found = exchange.peer_rollouts(1)
     assert list(found) == ["worker-2"] and len(found["worker-2"]) == 1
-    assert len(exchange.rejected) == len(planted)
+    assert exchange.rejected == len(planted)
     for kind, path in planted.items():
         assert warnings_naming(caplog, path) == 1, kind
 
@@ -96,9 +97,9 @@ def test_heartbeats_of_hostile_files_and_of_a_name_with_a_newline_are_skipped_on
     planted = plant_hostile(peers, outside, HEARTBEAT_BYTES)
     newline = peers / "worker-1\n.json"
     newline.write_text(sealed(heartbeat_record("worker-1\n")))
-    (peers / "worker-2.json").write_text(sealed(heartbeat_record("worker-2")))
+    (peers / "worker-2.json").write_text(sealed(node_key(folder, "worker-2").sign(heartbeat_record("worker-2"))))
     for _ in range(2):                 # the dashboard reads them several times a second
-        beats = read_heartbeats(folder)
+        beats = read_heartbeats(folder, keyring(folder))
     assert list(beats) == ["worker-2"]
     for kind, path in {**planted, "newline": newline}.items():
         assert warnings_naming(caplog, path) == 1, kind
@@ -113,7 +114,7 @@ def test_a_metrics_log_with_hostile_lines_gives_its_good_rows_to_every_reader(sw
     lines = [json.dumps(metrics_row("worker-2", 1, reward=0.25)), *bad_lines,
              json.dumps(metrics_row("worker-2", 2, reward=0.75))]
     path.write_text("\n".join(lines) + "\n")
-    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
+    write_as(folder, "worker-2", folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
 
     read = read_jsonl(path, RoundMetrics.from_json)
     assert [row.round for row in read] == [1, 2] and len(read.bad) == len(bad_lines)
@@ -137,7 +138,7 @@ def test_a_metrics_line_longer_than_a_refresh_reads_is_skipped_rather_than_waite
     path.parent.mkdir(parents=True)
     padding = "x" * (METRICS_CHUNK + METRICS_CHUNK // 2)
     path.write_text(json.dumps({"pad": padding}) + "\n" + json.dumps(metrics_row("worker-2", 1, reward=0.75)) + "\n")
-    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
+    write_as(folder, "worker-2", folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
     status = reader(cfg, folder)
     views = [status.view() for _ in range(3)]     # the dashboard catches up a refresh at a time
     assert [(row.node_id, row.reward) for row in views[-1].nodes] == [("worker-2", 0.75)]
@@ -159,7 +160,7 @@ def test_a_metrics_log_that_is_no_regular_file_is_skipped_by_every_reader(swarm,
     cfg, folder, outside = swarm
     outside.write_text(json.dumps(metrics_row("worker-2", 1)) + "\n")     # lines a reader must not take
     path = plant_entry(folder.metrics_file("worker-2"), kind, outside)
-    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
+    write_as(folder, "worker-2", folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
     status = reader(cfg, folder)
     for _ in range(3):
         view = status.view()
@@ -177,12 +178,12 @@ def test_status_summary_and_validation_survive_a_folder_full_of_hostile_files(sw
     write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": "many", "checkpoint_interval": [1],
                                            "started_at": 1e300})
     first = RoundState(round=1, max_rounds=2, started_at=0.0, reason="start", nodes=("worker-2",))
-    write_json_atomic(folder.round_state_file(1), first.to_json())
-    write_json_atomic(folder.round_state_file(999_999_999), {**first.to_json(), "round": 999_999_999,
+    write_as(folder, "coordinator", folder.round_state_file(1), first.to_json())
+    write_as(folder, "coordinator", folder.round_state_file(999_999_999), {**first.to_json(), "round": 999_999_999,
                                                             "max_rounds": 999_999_999})
     (folder.root / "state" / "round_\u00b2.json").write_text("{}")     # '²'.isdigit(), yet int('²') fails
-    write_json_atomic(folder.round_state_file(2), {**first.to_json(), "round": 2, "nodes": {"a": 1}})
-    write_json_atomic(folder.heartbeat_file("worker-2"), heartbeat_record("worker-2", updated_at=1e300))
+    write_as(folder, "coordinator", folder.round_state_file(2), {**first.to_json(), "round": 2, "nodes": {"a": 1}})
+    write_as(folder, "worker-2", folder.heartbeat_file("worker-2"), heartbeat_record("worker-2", updated_at=1e300))
     folder.metrics_file("worker-2").parent.mkdir(parents=True)
     folder.metrics_file("worker-2").write_text(json.dumps(metrics_row("worker-2", 1)) + "\n[]\n")
     planted = {}
@@ -212,7 +213,7 @@ def test_a_forged_start_time_shows_no_eta_rather_than_an_infinite_one(swarm):
     cfg, folder, _ = swarm
     for round_, started_at in ((1, -1.7e308), (2, time.time())):
         state = RoundState(round=round_, max_rounds=20, started_at=started_at, reason="start")
-        write_json_atomic(folder.round_state_file(round_), state.to_json())
+        write_as(folder, "coordinator", folder.round_state_file(round_), state.to_json())
     view = reader(cfg.with_overrides(max_rounds=20), folder).view()    # 18 rounds to go at 1 per 1.7e308 s
     assert view.round == 2 and view.eta_s is None
 
@@ -320,7 +321,7 @@ def test_names_with_a_trailing_newline_or_unicode_digits_never_become_nodes_or_r
     assert SAFE_NAME.fullmatch("run-1\n") is None
     for name in ("round_000001.json\n", "round_\u00b2.json", "round_\u0663.json"):
         (folder.root / "state" / name).write_text("{}")
-    write_json_atomic(folder.round_state_file(2), RoundState(round=2, max_rounds=2, started_at=0.0,
+    write_as(folder, "coordinator", folder.round_state_file(2), RoundState(round=2, max_rounds=2, started_at=0.0,
                                                              reason="start").to_json())
     assert folder.state_rounds() == [2]
 
@@ -332,6 +333,7 @@ def run_supervisor(cfg: SwarmConfig):
     from swarm_supervisor.supervisor import Supervisor
 
     supervisor = Supervisor(cfg, [], run_coordinator=True, model_label="m", device_label="cpu",
+                            coordinator_key=node_key(ExperimentFolder(cfg.experiment_dir), "coordinator"),
                             dashboard=Dashboard(Console(file=io.StringIO(), force_terminal=False)))
     return supervisor, supervisor.run()
 

@@ -13,9 +13,9 @@ from swarm_supervisor.dashboard import render
 from swarm_supervisor.status import REWARD_WINDOW, RewardWatch, SwarmReader
 from tests.helpers import console_text, swarm_env
 from workers.evaluation import eval_file, held_out_trend
-from workers.shared_folder.exchange import Exchange
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl
 from workers.shared_folder.protocol import Heartbeat, HeldOutEval
+from tests.helpers import node_exchange
 
 
 def evals(*accuracies: float, every: int = 50) -> list[HeldOutEval]:
@@ -63,7 +63,7 @@ def test_a_reward_hovering_at_the_collapse_line_warns_once_until_it_truly_recove
 def test_the_table_shows_start_newest_best_and_marks_a_falling_worker(tmp_path):
     folder = ExperimentFolder(tmp_path / "exp").create()
     now = time.time()
-    Exchange(folder, "worker-1").write_heartbeat(Heartbeat(node="worker-1", role="worker", pid=1, host="h",
+    node_exchange(folder, "worker-1").write_heartbeat(Heartbeat(node="worker-1", role="worker", pid=1, host="h",
                                                            instance="i", status="training", round=150,
                                                            started_at=now, updated_at=now))
     for row in evals(0.70, 0.95, 0.80, 0.82):

@@ -11,6 +11,7 @@ from rich.console import Console
 from swarm_supervisor.dashboard import Dashboard, format_duration, render, sparkline, status_line
 from swarm_supervisor.status import NodeRow, SwarmView
 from swarm_supervisor.monitor import DeviceSnapshot, Monitor
+from tests.helpers import node_exchange
 
 
 def row(node: str, status: str = "training", **extra) -> NodeRow:
@@ -157,14 +158,13 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
     from configs_env import SwarmConfig
     from swarm_supervisor.status import SwarmReader
     from workers.evaluation import eval_file
-    from workers.shared_folder.exchange import Exchange
     from workers.shared_folder.folder import ExperimentFolder, append_jsonl
     from workers.shared_folder.protocol import Heartbeat, HeldOutEval
 
     folder = ExperimentFolder(tmp_path).create()
     for node in ("worker-1", "worker-2"):
         now = time.time()
-        Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+        node_exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
                                                          status="training", round=50, started_at=now,
                                                          updated_at=now))
     for round_, accuracy in ((0, 0.12), (50, 0.42)):

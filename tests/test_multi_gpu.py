@@ -11,8 +11,7 @@ from swarm_supervisor.dashboard import render, status_line
 from swarm_supervisor.devices import nvml_ids, worker_devices
 from swarm_supervisor.monitor import Monitor
 from swarm_supervisor.status import SwarmReader
-from tests.helpers import StandInNVML, console_text
-from workers.shared_folder.exchange import Exchange
+from tests.helpers import StandInNVML, console_text, node_exchange
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import Heartbeat
 
@@ -74,7 +73,7 @@ def test_the_dashboard_shows_each_gpu_and_each_workers_device(tmp_path):
     folder = ExperimentFolder(tmp_path).create()
     for node, device in (("worker-1", "cuda:0"), ("worker-2", "cuda:1")):
         now = time.time()
-        Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+        node_exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
                                                          status="training", round=2, started_at=now,
                                                          updated_at=now, device=device))
     view = SwarmReader(folder, SwarmConfig.from_env({}), "gpt2", "cuda:0, cuda:1").view(snapshot=snapshot)

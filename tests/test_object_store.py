@@ -11,10 +11,10 @@ import pytest
 
 from configs_env import SwarmConfig
 from swarm_supervisor import cli
-from tests.helpers import SeaweedS3, group, heartbeat_record
+from tests.helpers import SeaweedS3, group, heartbeat_record, keyring, node_exchange, write_as
 from workers.shared_folder import storage
-from workers.shared_folder.exchange import Exchange, read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
+from workers.shared_folder.exchange import read_heartbeats
+from workers.shared_folder.folder import ExperimentFolder, append_jsonl
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import Heartbeat, RoundState
 from workers.shared_folder.store_local import LocalStore
@@ -81,16 +81,17 @@ def test_the_swarms_records_live_in_the_bucket_and_checkpoints_stay_local(s3, tm
     store = storage.mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
     try:
         folder = ExperimentFolder(cfg.experiment_dir).create()
-        write_json_atomic(folder.round_state_file(1), RoundState(1, 3, time.time(), "start", ("w-1", "w-2")).to_json())
-        writer, reader = Exchange(folder, "w-1"), Exchange(folder, "w-2")
-        for node in ("w-1", "w-2"):
-            Exchange(folder, node).write_heartbeat(Heartbeat.first(node, "worker", "training"))
+        write_as(folder, "coordinator", folder.round_state_file(1),
+                 RoundState(1, 3, time.time(), "start", ("w-1", "w-2")).to_json())
+        writer, reader = node_exchange(folder, "w-1"), node_exchange(folder, "w-2")
+        for exchange in (writer, reader):
+            exchange.write_heartbeat(Heartbeat.first(exchange.node, "worker", "training"))
         writer.publish_rollouts(1, [group()])
         for round_ in (1, 2):
             append_jsonl(folder.metrics_file("w-1"), {"round": round_})
         # what a peer on another machine reads, through the same helpers
         assert folder.state_rounds() == [1]
-        assert set(read_heartbeats(folder)) == {"w-1", "w-2"}
+        assert set(read_heartbeats(folder, keyring(folder))) == {"w-1", "w-2"}
         assert [g.index for g in reader.peer_rollouts(1)["w-1"]] == [7]
         tail = read_jsonl_tail(folder.metrics_file("w-1"), 0)
         assert [row["round"] for row in tail] == [1, 2]
@@ -99,10 +100,10 @@ def test_the_swarms_records_live_in_the_bucket_and_checkpoints_stay_local(s3, tm
         # a forged heartbeat and an oversized rollout file in the bucket are skipped, not trusted
         store.write("peers/w-9.json", json.dumps(heartbeat_record("w-9")).encode())
         store.write("rollouts/round_1/stage_0/w-3.json", b"[" * 5_000_000)
-        assert "w-9" not in read_heartbeats(folder)
-        assert "w-3" not in reader.peer_rollouts(1) and len(reader.rejected) == 1
+        assert "w-9" not in read_heartbeats(folder, keyring(folder))
+        assert "w-3" not in reader.peer_rollouts(1) and reader.rejected == 1
         keys = sorted(entry.name for entry in store.list(""))
-        assert keys == ["metrics", "peers", "rollouts", "state"]
+        assert keys == ["keys", "metrics", "peers", "rollouts", "state"]
         assert not any(p.is_file() for p in cfg.experiment_dir.rglob("*"))    # nothing of the protocol is local
         assert read_jsonl(folder.metrics_file("w-1")).records[-1] == {"round": 3}
         assert "secret-never-logged-8f3a" not in caplog.text

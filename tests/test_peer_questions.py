@@ -30,7 +30,7 @@ from workers.shared_folder.exchange import Exchange
 from workers.shared_folder.folder import ExperimentFolder, record_checksum
 from workers.shared_folder.protocol import RolloutFile
 
-from tests.helpers import peer_group, swarm_env
+from tests.helpers import node_exchange, node_key, peer_group, swarm_env
 
 PUBLIC_AND_DEFAULT = tuple(name for name, _ in PAPER_TASKS) + ("chain_sum",)   # basic_arithmetic is in both
 
@@ -48,8 +48,8 @@ def _swarm(tmp_path, tasks: str = "chain_sum:1,basic_arithmetic:1", max_new_toke
 
 def _through_the_folder(folder: ExperimentFolder, groups: list) -> tuple[Exchange, dict]:
     """`groups` published by peer w-2 for round 1, as w-1 reads them."""
-    Exchange(folder, "w-2").publish_rollouts(1, groups)
-    reader = Exchange(folder, "w-1")
+    node_exchange(folder, "w-2").publish_rollouts(1, groups)
+    reader = node_exchange(folder, "w-1")
     return reader, reader.peer_rollouts(1)
 
 
@@ -113,8 +113,9 @@ def test_a_file_from_before_questions_were_named_still_reads_but_its_groups_are_
     record = {"schema": 1, "node": "w-2", "round": 1, "stage": 0, "created_at": 0.0, "groups": [old_group]}
     assert RolloutFile.from_json(record, "old file").groups[0].dataset_seed is None        # the folder stays readable
     folder.rollout_dir(1).mkdir(parents=True)
-    folder.rollout_file(1, "w-2").write_text(json.dumps({**record, "sha256": record_checksum(record)}))
-    reader = Exchange(folder, "w-1")
+    signed = node_key(folder, "w-2").sign(record)
+    folder.rollout_file(1, "w-2").write_text(json.dumps({**signed, "sha256": record_checksum(signed)}))
+    reader = node_exchange(folder, "w-1")
     assert external_candidates(policy, cfg, TaskMix(cfg.tasks, seed=0), reader.peer_rollouts(1), reader, 1) == ([], 0)
     assert "names no dataset seed and item index" in caplog.text
 
@@ -295,8 +296,8 @@ def test_a_reader_remembers_only_the_newest_records_over_many_rounds(tmp_path, m
     monkeypatch.setattr(exchange_module, "MAX_REMEMBERED", 6)
     folder = ExperimentFolder(tmp_path / "exp").create()
     [q] = TaskMix((("chain_sum", 1.0),), seed=1).sample(1, random.Random(0))
-    writers = [Exchange(folder, f"w-{n}") for n in (2, 3)]
-    reader = Exchange(folder, "w-1")
+    writers = [node_exchange(folder, f"w-{n}") for n in (2, 3)]
+    reader = node_exchange(folder, "w-1")
     for round_ in range(1, 41):
         for writer in writers:
             writer.publish_rollouts(round_, [peer_group(q, ["1", "2"])])
@@ -305,4 +306,4 @@ def test_a_reader_remembers_only_the_newest_records_over_many_rounds(tmp_path, m
         assert sorted(found) == ["w-2", "w-3"]
         assert len(reader._cache) <= 6 and len(reader._bad) <= 6
     assert reader.peer_rollouts(40) == found                                         # this round's, still read
-    assert len(reader.rejected) == 40                                                 # each bad file counted once
+    assert reader.rejected == 40                                                 # each bad file counted once

@@ -11,7 +11,6 @@ import torch
 
 from configs_env import SwarmConfig
 from workers.evaluation import EVAL_SEED, eval_due, evaluate_held_out, greedy_accuracy, held_out_questions
-from workers.shared_folder.exchange import Exchange
 from workers.shared_folder.folder import ExperimentFolder
 from workers.learning.model import Policy, load_policy
 from workers.shared_folder.protocol import RoundMetrics
@@ -20,6 +19,7 @@ from workers.learning.tasks import TaskMix
 from workers.warmup import supervised_warmup
 
 from tests.helpers import peer_group
+from tests.helpers import node_exchange
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def warmed(policy):
 def test_peers_groups_are_rescored_ragged_and_unknown_ones_rejected(policy, tmp_path, caplog):
     cfg = SwarmConfig.from_env({"NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "16"})
     tasks = TaskMix(cfg.tasks, seed=0)
-    exchange = Exchange(ExperimentFolder(tmp_path).create(), "w-1")
+    exchange = node_exchange(ExperimentFolder(tmp_path).create(), "w-1")
     [q] = TaskMix((("chain_sum", 1.0),), seed=5).sample(1, random.Random(0))        # a peer's own question
     [legs] = TaskMix((("leg_counting", 1.0),), seed=5).sample(1, random.Random(0))
     peers = {
@@ -67,7 +67,7 @@ def test_a_round_records_reward_spread_format_rate_update_stats_and_stage_times(
                                 "KL_BETA": "0.05"})
     learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
     optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-4)
-    exchange = Exchange(ExperimentFolder(tmp_path).create(), "w-1")
+    exchange = node_exchange(ExperimentFolder(tmp_path).create(), "w-1")
     # the KL anchor is the model the worker started from: here the raw tiny model, before its warm-up
     node = Node(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=cfg.seed), exchange, 0, reference=policy.model)
     metrics = play_round(node, 1, threading.Event(), lambda: set(), lambda stage: None)
@@ -92,7 +92,7 @@ def test_a_round_whose_update_is_not_finite_keeps_the_model_and_records_the_skip
     learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
     weights = [p.detach().clone() for p in learner.model.parameters()]
     node = Node(learner, torch.optim.AdamW(learner.model.parameters(), lr=1e-4), cfg,
-                TaskMix(cfg.tasks, seed=cfg.seed), Exchange(ExperimentFolder(tmp_path).create(), "w-1"), 0)
+                TaskMix(cfg.tasks, seed=cfg.seed), node_exchange(ExperimentFolder(tmp_path).create(), "w-1"), 0)
     monkeypatch.setattr("workers.round_loop.group_advantages", lambda rewards, scale: torch.full_like(rewards, nan))
     metrics = play_round(node, 1, threading.Event(), lambda: set(), lambda stage: None)
     line = json.dumps(metrics.to_json(), allow_nan=False)                     # what append_jsonl writes
@@ -154,7 +154,7 @@ def test_a_round_whose_rollouts_the_folder_refuses_trains_on_local_rollouts_and_
                                 "NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "16", "ROLLOUT_FETCH_TIMEOUT": "0.5"})
     learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
     optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-4)
-    exchange = Exchange(ExperimentFolder(tmp_path).create(), "w-1")
+    exchange = node_exchange(ExperimentFolder(tmp_path).create(), "w-1")
 
     def refused(path, record):
         raise OSError(5, "Input/output error")
@@ -181,10 +181,10 @@ def test_every_publish_frequency_gives_peers_the_same_groups(warmed, tmp_path, f
     folder = ExperimentFolder(tmp_path).create()
     learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
     node = Node(learner, torch.optim.AdamW(learner.model.parameters(), lr=1e-5), cfg, TaskMix(cfg.tasks, seed=4),
-                Exchange(folder, "w-1"), 0)
+                node_exchange(folder, "w-1"), 0)
     play_round(node, 1, threading.Event(), lambda: set(), lambda stage: None)
     assert sorted(p.name for p in folder.rollout_dir(1).iterdir()) == files
-    [groups] = Exchange(folder, "w-2").peer_rollouts(1).values()
+    [groups] = node_exchange(folder, "w-2").peer_rollouts(1).values()
     questions = TaskMix(cfg.tasks, seed=4).sample(3, random.Random(round_seed(cfg, 0, 1)))
     reader = TaskMix(cfg.tasks, seed=9)                                           # another worker's datasets
     # in order, none lost or doubled, each enough for the reader to build the question again

@@ -15,10 +15,11 @@ from swarm_supervisor.cli import main
 from swarm_supervisor.dashboard import render, status_line
 from swarm_supervisor.status import SwarmReader
 from tests.helpers import console_text, swarm_env
-from workers.shared_folder.exchange import Exchange, read_heartbeats
+from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
 from workers.learning.model import check_prompt_room
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
+from tests.helpers import keyring, node_exchange, write_as
 
 CLEAR_SCREEN = "\x1b[2J"
 MARKUP = "[bold]x[/]"
@@ -45,24 +46,24 @@ def sixty_fast_rounds(drive: Path, coordinator: str, config: dict | None = None)
     write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": 2000, "model_resolved": "rl-swarm/tiny-gpt2",
                                            "device_resolved": "cpu", "started_at": began, **(config or {})})
     for round_ in range(1, 61):
-        write_json_atomic(folder.round_state_file(round_), RoundState(round_, 2000, began + 0.8 * round_,
-                                                                      "all workers done").to_json())
+        write_as(folder, "coordinator", folder.round_state_file(round_),
+                 RoundState(round_, 2000, began + 0.8 * round_, "all workers done").to_json())
     coordinator_beat = time.time() if coordinator == "running" else began + 49
-    Exchange(folder, "coordinator").write_heartbeat(beat("coordinator", coordinator, coordinator_beat,
+    node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", coordinator, coordinator_beat,
                                                          role="coordinator"))
     for node in NODES:
         for round_ in range(1, 61):
             append_jsonl(folder.metrics_file(node), metrics(node, round_, began + 0.8 * round_ + 0.7))
-        Exchange(folder, node).write_heartbeat(beat(node, "waiting", time.time()))
+        node_exchange(folder, node).write_heartbeat(beat(node, "waiting", time.time()))
     return folder
 
 
 def hostile_heartbeats(folder: ExperimentFolder) -> None:
     """worker-1 crashed with an error that clears the screen; worker-2 works around trouble in markup."""
     now = time.time()
-    Exchange(folder, "worker-1").write_heartbeat(beat("worker-1", "crashed", now,
+    node_exchange(folder, "worker-1").write_heartbeat(beat("worker-1", "crashed", now,
                                                       last_error=f"{CLEAR_SCREEN}boom {MARKUP} [/]"))
-    Exchange(folder, "worker-2").write_heartbeat(beat("worker-2", "waiting", now, note=f"{MARKUP}{CLEAR_SCREEN}"))
+    node_exchange(folder, "worker-2").write_heartbeat(beat("worker-2", "waiting", now, note=f"{MARKUP}{CLEAR_SCREEN}"))
     append_jsonl(folder.events_file, {"time": now, "event": f"worker-1: {CLEAR_SCREEN}{MARKUP}\nsecond line",
                                       "level": "info"})
 
@@ -146,7 +147,8 @@ def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monk
     from workers.shared_folder.protocol import Status
     from workers.worker import NoCoordinator, Worker, WorkerSpec
 
-    cfg = SwarmConfig(gdrive_path=tmp_path, experiment_name="e2e").with_overrides(peer_timeout=0.3)
+    cfg = SwarmConfig(gdrive_path=tmp_path, experiment_name="e2e", cache_dir=tmp_path / "cache").with_overrides(
+        peer_timeout=0.3)
     folder = ExperimentFolder(cfg.experiment_dir).create()
     spec = WorkerSpec(cfg=cfg, node="worker-1", index=0, model_name="m", device="cpu", parent_pid=os.getppid())
     stop = threading.Event()
@@ -156,14 +158,15 @@ def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monk
     waiting.start()
     try:
         deadline = time.monotonic() + 10
-        while (read_heartbeats(folder).get("worker-1") or beat("w", "", 0)).status != Status.WAITING_FOR_COORDINATOR:
+        while (read_heartbeats(folder, keyring(folder)).get("worker-1")
+               or beat("w", "", 0)).status != Status.WAITING_FOR_COORDINATOR:
             assert time.monotonic() < deadline, "the worker never said what it waits for"
             time.sleep(0.05)
         time.sleep(3 * cfg.peer_timeout)
         assert waiting.is_alive()                 # three PEER_TIMEOUTs on, still waiting: not failed
         now = time.time()
-        Exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", now, role="coordinator"))
-        write_json_atomic(folder.round_state_file(1), RoundState(1, 3, now, "start").to_json())
+        node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", now, role="coordinator"))
+        write_as(folder, "coordinator", folder.round_state_file(1), RoundState(1, 3, now, "start").to_json())
         waiting.join(timeout=10)
     finally:
         stop.set()

@@ -14,9 +14,10 @@ from tests.helpers import group
 from workers.shared_folder import drive_sim
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.hostile import plant_hostile_files
-from workers.shared_folder.exchange import Exchange, read_heartbeats
+from workers.shared_folder.exchange import read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, list_folder, read_json_bounded, write_json_atomic
 from workers.shared_folder.protocol import Heartbeat
+from tests.helpers import keyring, node_exchange
 
 
 @pytest.fixture
@@ -34,11 +35,11 @@ def wait_until(predicate, timeout: float) -> None:
 
 
 def test_a_peers_new_file_shows_up_only_after_the_lag_while_own_writes_show_at_once(folder):
-    theirs = Exchange(folder, "w-1").publish_rollouts(1, [group()])    # before this process simulates: a peer's
+    theirs = node_exchange(folder, "w-1").publish_rollouts(1, [group()])    # before this process simulates: a peer's
     simulate_drive(folder.root, lag_s=1.0, fail_rate=0.0)
     os.utime(theirs)                                                         # ... written just now
     written = time.time()
-    reader = Exchange(folder, "w-2")
+    reader = node_exchange(folder, "w-2")
     mine = reader.publish_rollouts(1, [group()])
     assert list_folder(folder.rollout_dir(1)) == [mine]
     with pytest.raises(FileNotFoundError):
@@ -46,19 +47,19 @@ def test_a_peers_new_file_shows_up_only_after_the_lag_while_own_writes_show_at_o
     assert reader.peer_rollouts(1) == {}
     wait_until(lambda: "w-1" in reader.peer_rollouts(1), timeout=5)
     assert time.time() - written >= 0.9
-    assert reader.rejected == set()                                          # late is not bad
+    assert reader.rejected == 0                                          # late is not bad
 
 
 def test_simulated_failures_are_retried_or_read_on_the_next_poll_never_counted_as_bad_files(folder, monkeypatch):
     monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
     simulate_drive(folder.root, lag_s=0.0, fail_rate=0.2, seed=3)
-    writer, reader = Exchange(folder, "w-1"), Exchange(folder, "w-2")
+    writer, reader = node_exchange(folder, "w-1"), node_exchange(folder, "w-2")
     for round_ in range(1, 21):
         writer.publish_rollouts(round_, [group()])          # with_retries: 4 attempts
     missing = set(range(1, 21))
     for _ in range(50):                                         # polls, as wait_for_peers does
         missing = {r for r in missing if "w-1" not in reader.peer_rollouts(r)}
-    assert missing == set() and reader.rejected == set()
+    assert missing == set() and reader.rejected == 0
     assert drive_sim.failures() > 0
     errors = []
     for _ in range(500):
@@ -74,14 +75,14 @@ def test_heartbeats_are_read_whole_or_not_at_all(folder, monkeypatch):
     """A partial answer would look like nodes that left; the coordinator would stop waiting for them."""
     monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
     for node in ("w-1", "w-2", "w-3"):
-        Exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+        node_exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
                                                          status="training", round=1, started_at=0,
                                                          updated_at=0))
     simulate_drive(folder.root, lag_s=0.0, fail_rate=0.5, seed=5)
     answers = failures = 0
     for _ in range(200):
         try:
-            beats = read_heartbeats(folder)
+            beats = read_heartbeats(folder, keyring(folder))
         except OSError:
             failures += 1
             continue

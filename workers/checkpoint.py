@@ -27,6 +27,7 @@ from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics
+from workers.shared_folder.signing import NodeKey
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.
     return None
 
 
-def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMeta) -> list[int]:
+def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMeta, key: NodeKey) -> list[int]:
     """Rounds of the checkpoint's tail whose metrics line or rewards file the killed process never wrote.
 
     A worker saves the checkpoint before those two files, so a kill in between loses them; without the
@@ -267,12 +268,11 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
         if metrics.node != node or metrics.round > meta.round:
             continue
         metrics_file, reward_file = folder.metrics_file(node), folder.reward_file(metrics.round, node)
+        row = key.sign(metrics.to_json())
         if metrics.round not in recorded:
-            with_retries(lambda path=metrics_file, row=metrics.to_json(): append_jsonl(path, row),
-                         f"appending to {metrics_file}")
+            with_retries(lambda path=metrics_file, row=row: append_jsonl(path, row), f"appending to {metrics_file}")
             rewritten.append(metrics.round)
         if metrics.round == meta.round and not reward_file.exists():
-            with_retries(lambda path=reward_file, row=metrics.to_json(): write_json_atomic(path, row),
-                         f"writing {reward_file}")
+            with_retries(lambda path=reward_file, row=row: write_json_atomic(path, row), f"writing {reward_file}")
             rewritten.append(metrics.round)
     return sorted(set(rewritten))

@@ -23,13 +23,14 @@ from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, clear_l
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.storage import mount_experiment
 from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
-from workers.shared_folder.exchange import Exchange, Outbox, read_heartbeats
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, is_visible, open_append,
+from workers.shared_folder.exchange import Exchange, Outbox, newest_round_state
+from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, append_jsonl, open_append,
                                           with_retries, write_json_atomic)
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
+from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, local_key_dir
 from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.learning.tasks import TaskMix
 from workers.warmup import load_base
@@ -95,7 +96,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec, stop: threading.Event):
         self.spec, self.cfg, self.stop = spec, spec.cfg, stop
         self.folder = ExperimentFolder(spec.cfg.experiment_dir)
-        self.exchange = Exchange(self.folder, spec.node)
+        self.exchange = node_exchange(self.folder, spec.cfg, spec.node)
         self.beat = replace(Heartbeat.first(spec.node, "worker", Status.STARTING), device=spec.device)
         self._beat_lock = threading.Lock()
         self.outbox = Outbox()
@@ -111,7 +112,7 @@ class Worker:
             if changes.get("status", self.beat.status) != self.beat.status or "round" in changes:
                 changes["progress_at"] = now
             troubles = [*self.exchange.trouble.values()] + ([self.outbox.trouble] if self.outbox.trouble else [])
-            self.beat = replace(self.beat, updated_at=now, rejected=len(self.exchange.rejected),
+            self.beat = replace(self.beat, updated_at=now, rejected=self.exchange.rejected,
                                 note="; ".join(troubles) or None, **changes)
             try:
                 self.exchange.write_heartbeat(self.beat)
@@ -125,7 +126,7 @@ class Worker:
     # -- rounds --------------------------------------------------------------------------------------
     def _coordinator_alive(self) -> bool:
         try:
-            beat = read_heartbeats(self.folder).get("coordinator")
+            beat = self.exchange.read_heartbeats().get(COORDINATOR)
         except OSError as exc:     # cannot tell now; the next check, PEER_TIMEOUT later, decides
             log.warning("could not read the coordinator's heartbeat: %s", exc)
             return True
@@ -156,7 +157,7 @@ class Worker:
                 self.outbox.flush(attempts=1)
                 self.update()
                 last_flush = time.monotonic()
-            if is_visible(self.folder.finished_file) or at_least > self.cfg.max_rounds:
+            if self.exchange.finished() is not None or at_least > self.cfg.max_rounds:
                 return None
             if time.monotonic() - quiet_since > self.cfg.peer_timeout:
                 unheard_since = self._check_coordinator(at_least, unheard_since)
@@ -184,21 +185,17 @@ class Worker:
         return unheard_since
 
     def _newest_round(self, rounds: list[int], at_least: int) -> RoundState | None:
-        """The newest intact round state >= at_least; a half-synced or bad one is skipped (warned about once)."""
-        for round_ in reversed(rounds):
-            if round_ < at_least:
-                break
-
-            def parse(record: dict, where: str, expected: int = round_) -> RoundState:
+        """The newest round state >= at_least signed by the coordinator; a half-synced, bad or forged one is
+        skipped (warned about once)."""
+        def read(round_: int) -> RoundState | None:
+            def parse(record: dict, where: str) -> RoundState:
                 state = RoundState.from_json(record, where)
-                if state.round != expected:
+                if state.round != round_:
                     raise RejectedFile(f"{where}: says round {state.round}, which its name contradicts; skipped")
                 return state
+            return self.exchange.read_record(self.folder.round_state_file(round_), parse, signer=COORDINATOR)
 
-            state = self.exchange.read_record(self.folder.round_state_file(round_), parse)
-            if state is not None:
-                return state
-        return None
+        return newest_round_state(read, rounds, at_least)
 
     def expected_peers(self, state: RoundState) -> set[str]:
         """The workers the coordinator listed for this round, less those whose heartbeat says they stopped."""
@@ -247,7 +244,7 @@ class Worker:
         self.progress = Progress.resumed(meta)
         if meta:
             log.info("resumed from checkpoint of round %d", meta.round)
-            for round_ in rewrite_lost_records(self.folder, spec.node, meta):
+            for round_ in rewrite_lost_records(self.folder, spec.node, meta, self.exchange.key):
                 log.info("round %d: metrics or rewards file rewritten from the checkpoint", round_)
             if self.progress.history:
                 last = self.progress.history[-1]
@@ -281,7 +278,8 @@ class Worker:
 
     def _record(self, node: Node, state: RoundState, metrics: RoundMetrics) -> None:
         """Checkpoint, metrics line, evaluation, then the rewards file that tells the coordinator we are done."""
-        cfg, round_, record = self.cfg, state.round, metrics.to_json()
+        # signed: the rewards file speaks for this node (the coordinator counts it), the metrics line is the same
+        cfg, round_, record = self.cfg, state.round, self.exchange.key.sign(metrics.to_json())
         progress = self.progress
         progress.history.append(metrics)
         progress.last_done = round_
@@ -313,7 +311,7 @@ class Worker:
         self.update(status=Status.EVALUATING)
         result = evaluate_held_out(node.policy, self.cfg, self.held_out, self.spec.node, round_, node.splits)
         path = eval_file(self.folder, self.spec.node)
-        self.outbox.send(f"appending to {path}", partial(append_jsonl, path, result.to_json()))
+        self.outbox.send(f"appending to {path}", partial(append_jsonl, path, self.exchange.key.sign(result.to_json())))
         log.info("%s: held-out greedy exact-match %.1f%% of %d questions (%.1fs)",
                  f"after round {round_}" if round_ else "before round 1", 100 * result.accuracy,
                  result.questions, result.seconds)
@@ -358,6 +356,20 @@ class Worker:
         return True
 
 
+def node_exchange(folder: ExperimentFolder, cfg: SwarmConfig, node: str) -> Exchange:
+    """The exchange of a node of this machine: its key (made on first use) published in the folder, and the
+    coordinator's key pinned in this machine's key folder the first time it is met. FolderError when the folder
+    holds another key for this node (another machine runs it) or another coordinator than the one pinned."""
+    key_dir = local_key_dir(cfg.cache_dir, folder.root)
+    key = NodeKey.load_or_create(key_dir, node)
+    keyring = KeyRing(folder, pins_dir=key_dir / "pins")
+    conflict = keyring.coordinator_conflict()
+    if conflict:
+        raise FolderError(conflict)
+    with_retries(lambda: keyring.publish(key), f"publishing the public key of {node}")
+    return Exchange(folder, node, key, keyring)
+
+
 def worker_main(spec: WorkerSpec) -> None:
     """Process target (spawn): Ctrl-C reaches the supervisor, which asks us to stop with SIGTERM."""
     stop = threading.Event()
@@ -375,7 +387,11 @@ def worker_main(spec: WorkerSpec) -> None:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         # a worker on cuda:1 makes no CUDA context on cuda:0 (one would cost every GPU-0 worker ~0.5 GiB)
         torch.cuda.set_device(torch.device(spec.device))
-    worker = Worker(spec, stop)
+    try:
+        worker = Worker(spec, stop)
+    except SwarmError as error:         # its key: the folder holds another one for this node, or another coordinator
+        log.error("%s", error)
+        sys.exit(EXIT_CONFIG)
     try:
         worker.run()
     except NoCoordinator as error:

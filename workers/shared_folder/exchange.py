@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder,
-                                          naming, read_json_bounded, warn_skipped, with_retries,
+                                          naming, read_json_bounded, warn_once, warn_skipped, with_retries,
                                           write_json_atomic)
 from workers.shared_folder import storage
 from workers.shared_folder.doorbell import Doorbell
-from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, Status
+from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundState, Status, SwarmFinished
+from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ HEARTBEAT_BYTES = 64 * 1024
 # records remembered, parsed or known bad: a round reads its peers' rollout files (one per group at most, with
 # ROLLOUT_PUBLISH_FREQUENCY=generation), a state file and, in the coordinator, the workers' rewards files
 MAX_REMEMBERED = 256
+# refused files and groups remembered so each is warned about and counted once: thousands of rounds with a bad
+# file each would otherwise grow the set for ever; one forgotten and met again is counted again
+MAX_REJECTED_KEPT = 4096
+NEWEST_LOOKED = 16        # round states a reader looks at, newest first, before the one it waits for
 
 R = TypeVar("R")
 Version = tuple[int, int]
@@ -39,30 +44,41 @@ def file_version(path: Path) -> Version:
 
 
 class Exchange:
-    """Reads are cached per file version; a bad file is warned about once, counted, and read again only once
+    """One node's reads and writes. What it writes it signs with its key; a record it reads counts only when
+    it is signed by the node it speaks for (a peer's key is pinned by `keyring` on first sight).
+
+    Reads are cached per file version; a bad file is warned about once, counted, and read again only once
     it changes (a half-synced file that finishes syncing is then accepted). Only the MAX_REMEMBERED newest
     records are remembered: rounds only move forward, so what falls out is an older round's, never read again."""
 
-    def __init__(self, folder: ExperimentFolder, node: str):
+    def __init__(self, folder: ExperimentFolder, node: str, key: NodeKey, keyring: KeyRing | None = None):
         self.folder = folder
         self.node = node
-        self.rejected: set[Path] = set()
+        self.key = key
+        self.keyring = keyring or KeyRing(folder)
+        self.keyring.trust(key)
+        self.rejected = 0               # files and groups refused, each counted once (the heartbeat shows it)
+        self._refused: dict[Path, None] = {}
         self._bad: dict[Path, Version] = {}
         self._cache: dict[Path, tuple[Version, Any]] = {}
         self.trouble: dict[str, str] = {}     # "publish" / "fetch": what the folder refused most recently
         self._doorbell: Doorbell | None = None
 
     def reject(self, path: Path, error: RejectedFile) -> None:
-        if path not in self.rejected:
-            self.rejected.add(path)
+        if self._first_refusal(path):
             log.warning("rejected %s", naming(path, error))
 
     def reject_group(self, where: str, why: str) -> None:
         """A well-formed file with a group this worker cannot use: warned about once per group."""
-        key = Path(where)
-        if key not in self.rejected:
-            self.rejected.add(key)
+        if self._first_refusal(Path(where)):
             log.warning("rejected %s: %s; skipped", where, why)
+
+    def _first_refusal(self, key: Path) -> bool:
+        """Count and remember a refusal; False when it is remembered already (it moves to the newest end)."""
+        known = key in self._refused
+        _remember(self._refused, key, None, MAX_REJECTED_KEPT)
+        self.rejected += not known
+        return not known
 
     @property
     def doorbell(self) -> Doorbell:
@@ -76,7 +92,8 @@ class Exchange:
         record = RolloutFile(node=self.node, round=round_, created_at=time.time(), groups=tuple(groups))
         path = self.folder.rollout_file(round_, self.node, part)
         try:
-            with_retries(lambda: write_json_atomic(path, record.to_json()), f"publishing {path.name}")
+            signed = self.key.sign(record.to_json())
+            with_retries(lambda: write_json_atomic(path, signed), f"publishing {path.name}")
             self.doorbell.ring()      # peers of this host waiting for these groups look now
         except OSError as exc:
             self.trouble["publish"] = (f"round {round_}: rollouts not published ({exc.strerror or exc}); "
@@ -85,12 +102,18 @@ class Exchange:
         self.trouble.pop("publish", None)
         return path
 
-    def peer_rollouts(self, round_: int) -> dict[str, list[RolloutGroup]]:
-        """Every valid group other nodes published for this round, by node."""
+    def peer_rollouts(self, round_: int, expected: set[str] = frozenset()) -> dict[str, list[RolloutGroup]]:
+        """Every valid group other nodes published for this round, by node; in a flooded folder the files of
+        the `expected` peers are read first."""
         found: dict[str, list[RolloutGroup]] = {}
         directory = self.folder.rollout_dir(round_)
+
+        def of_expected(name: str) -> bool:
+            match = ROLLOUT_NAME.fullmatch(name)
+            return match is not None and match["node"] in expected
+
         try:
-            listing = list_folder(directory, "*.json")
+            listing = list_folder(directory, "*.json", first=of_expected)
         except OSError as exc:     # a Drive listing that fails is a round with no peers yet, not a crash
             log.warning("could not list %s: %s", directory, exc)
             self.trouble["fetch"] = f"round {round_}: peers' rollouts not listed ({exc.strerror or exc})"
@@ -108,15 +131,16 @@ class Exchange:
                                        "path contradicts; skipped")
                 return rollouts
 
-            rollouts = self.read_record(path, parse)
+            rollouts = self.read_record(path, parse, signer=match["node"])
             if rollouts is not None:
                 found.setdefault(rollouts.node, []).extend(rollouts.groups)
         return found
 
-    def read_record(self, path: Path, parse: Callable[[dict[str, Any], str], R],
+    def read_record(self, path: Path, parse: Callable[[dict[str, Any], str], R], signer: str,
                     max_bytes: int = MAX_RECORD_BYTES) -> R | None:
-        """A checksummed record parsed and validated, or None while it is missing, not synced yet, unreadable
-        for the moment (the caller polls again) or bad (warned about once)."""
+        """A record signed by `signer`, checksummed, parsed and validated, or None while it is missing, not synced
+        yet, unreadable for the moment (the caller polls again), of a signer with no published key yet (warned
+        about once, read again later) or bad (warned about once)."""
         try:
             version = file_version(path)
             if self._bad.get(path) == version:
@@ -124,7 +148,12 @@ class Exchange:
             cached = self._cache.get(path)
             if cached and cached[0] == version:
                 return cached[1]
-            record = parse(read_json_bounded(path, max_bytes, require_checksum=True), str(path))
+            record = read_signed(path, signer, self.keyring, max_bytes)
+            record = parse(record, str(path))
+        except UnknownSigner as error:      # its key may not have synced yet: no verdict, read again next time
+            warn_once(f"{path}: speaks for {signer!r}, whose public key is not known yet; not read until it is "
+                      f"({error})")
+            return None
         except RejectedFile as error:
             _remember(self._bad, path, version)
             self.reject(path, error)
@@ -142,7 +171,7 @@ class Exchange:
         """Bounded wait until every expected peer published this round; then whatever arrived."""
         deadline = time.monotonic() + timeout_s
         while True:
-            found = self.peer_rollouts(round_)
+            found = self.peer_rollouts(round_, peers)
             missing = peers - set(found)
             if not missing or stop.is_set() or time.monotonic() >= deadline:
                 if missing and not stop.is_set():
@@ -151,23 +180,86 @@ class Exchange:
             self.doorbell.wait(POLL_S)
 
     def write_heartbeat(self, heartbeat: Heartbeat) -> None:
-        write_json_atomic(self.folder.heartbeat_file(self.node), heartbeat.to_json())
+        write_json_atomic(self.folder.heartbeat_file(self.node), self.key.sign(heartbeat.to_json()))
 
     def read_heartbeats(self) -> dict[str, Heartbeat]:
-        return read_heartbeats(self.folder, self.reject)
+        return read_heartbeats(self.folder, self.keyring, self.reject)
+
+    def finished(self) -> SwarmFinished | None:
+        """The coordinator's finished.json, when it is there and signed by the coordinator."""
+        return self.read_record(self.folder.finished_file, SwarmFinished.from_json, signer=COORDINATOR)
 
 
-def _remember(store: dict[Path, Any], path: Path, value: Any) -> None:
-    """Store `value` as the newest entry; past MAX_REMEMBERED entries the oldest is dropped."""
+def read_signed(path: Path, signer: str, keyring: KeyRing, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any]:
+    """A record of the folder that counts only as `signer`'s: checksum, then signature under its pinned key.
+    Raises as read_json_bounded, and RejectedFile (UnknownSigner while `signer` has no key) when not its."""
+    return keyring.verify(read_json_bounded(path, max_bytes, require_checksum=True), signer, str(path))
+
+
+def read_round_state(folder: ExperimentFolder, keyring: KeyRing, round_: int) -> RoundState:
+    """The coordinator's signed state of `round_`; raises as read_signed, and RejectedFile when its round is
+    not the one its name says."""
+    path = folder.round_state_file(round_)
+    state = RoundState.from_json(read_signed(path, COORDINATOR, keyring), str(path))
+    if state.round != round_:
+        raise RejectedFile(f"{path}: says round {state.round}, which its name contradicts; skipped")
+    return state
+
+
+def newest_round_state(read: Callable[[int], RoundState | None], rounds: list[int],
+                       at_least: int = 1) -> RoundState | None:
+    """The newest round state >= at_least that `read` accepts (a signed one), among the NEWEST_LOOKED newest
+    listed, else round `at_least` itself: forged later rounds, however many, cost a bounded number of reads
+    and never hide the round a reader waits for (the coordinator writes its rounds in order, one by one)."""
+    candidates = [r for r in reversed(rounds) if r >= at_least][:NEWEST_LOOKED]
+    for round_ in candidates:
+        state = read(round_)
+        if state is not None:
+            return state
+    return read(at_least) if at_least in rounds and at_least not in candidates else None
+
+
+def newest_signed_round(folder: ExperimentFolder, keyring: KeyRing) -> RoundState | None:
+    """The newest round the coordinator started (signed), or None before round 1; OSError for a Drive hiccup."""
+    def read(round_: int) -> RoundState | None:
+        try:
+            return read_round_state(folder, keyring, round_)
+        except (RejectedFile, FileNotFoundError) as error:
+            if isinstance(error, RejectedFile) and not isinstance(error, UnknownSigner):
+                warn_skipped(folder.round_state_file(round_), error)
+            return None
+
+    return newest_round_state(read, folder.state_rounds())
+
+
+def read_finished(folder: ExperimentFolder, keyring: KeyRing) -> SwarmFinished | None:
+    """The coordinator's signed finished.json; None when it is missing, unreadable now, or not the coordinator's
+    (warned about once)."""
+    path = folder.finished_file
+    try:
+        return SwarmFinished.from_json(read_signed(path, COORDINATOR, keyring, HEARTBEAT_BYTES), str(path))
+    except FileNotFoundError:
+        return None
+    except RejectedFile as error:
+        warn_skipped(path, error)
+        return None
+    except OSError as exc:
+        log.info("%s not readable now (%s)", path, exc.strerror or exc)
+        return None
+
+
+def _remember(store: dict[Path, Any], path: Path, value: Any, keep: int | None = None) -> None:
+    """Store `value` as the newest entry; past `keep` (MAX_REMEMBERED) entries the oldest is dropped."""
     store.pop(path, None)
     store[path] = value
-    while len(store) > MAX_REMEMBERED:
+    while len(store) > (keep or MAX_REMEMBERED):
         del store[next(iter(store))]
 
 
-def read_heartbeats(folder: ExperimentFolder,
+def read_heartbeats(folder: ExperimentFolder, keyring: KeyRing,
                     on_reject: Callable[[Path, RejectedFile], None] | None = None) -> dict[str, Heartbeat]:
-    """Every node's latest valid heartbeat in peers/; a bad one goes to `on_reject` (default: warned about once).
+    """Every node's latest valid heartbeat in peers/, signed by that node; a bad or forged one goes to
+    `on_reject` (default: warned about once), one of a node with no published key yet is skipped.
 
     Raises OSError when the Drive would not list or read them all, even after quick retries: a partial
     answer would look like nodes that left, which the coordinator would stop waiting for.
@@ -180,11 +272,14 @@ def read_heartbeats(folder: ExperimentFolder,
         try:
             record = with_retries(lambda p=path: read_json_bounded(p, HEARTBEAT_BYTES, require_checksum=True),
                                   f"reading {path}", attempts=3, first_wait_s=0.05, retry_missing=False)
-            beat = Heartbeat.from_json(record, str(path))
+            beat = Heartbeat.from_json(keyring.verify(record, path.stem, str(path)), str(path))
             if beat.node != path.stem:
                 raise RejectedFile(f"{path}: the heartbeat of {beat.node!r}, which its name contradicts; skipped")
         except FileNotFoundError:
             continue        # gone, or not synced yet
+        except UnknownSigner as error:      # its key may not have synced yet: no verdict
+            warn_skipped(path, error)
+            continue
         except RejectedFile as error:
             (on_reject or warn_skipped)(path, error)
             continue

@@ -17,12 +17,13 @@ import logging
 import os
 import random
 import re
+import secrets
 import stat
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from configs_env import SwarmError
 from workers.shared_folder import bounded_json, drive_sim, storage
@@ -34,6 +35,11 @@ NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")     # matched whole: 
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 MAX_RECORD_BYTES = 4 * 1024 * 1024     # a round's rollouts of one node: I*G completions, far below this
 CHECKSUM_KEY = "sha256"
+SIGNATURE_KEY = "signature"     # the writer's Ed25519 signature over the rest (workers.shared_folder.signing)
+# a reader takes at most MAX_LISTED entries of one listing and looks at MAX_SCANNED names: a peer writing
+# thousands of files into a folder costs each reader a bounded time (an honest round holds a file per node)
+MAX_LISTED = 2048
+MAX_SCANNED = 65_536
 
 
 T = TypeVar("T")
@@ -111,44 +117,104 @@ def check_node_name(name: str) -> str:
     return name
 
 
-def record_checksum(record: dict[str, Any]) -> str:
-    """SHA-256 of the record without its checksum key, serialised canonically (sorted keys, no spaces, ASCII).
+def canonical_json(record: dict[str, Any], without: tuple[str, ...] = (CHECKSUM_KEY,)) -> bytes:
+    """The record without the `without` keys, serialised canonically (sorted keys, no spaces, ASCII): what
+    its checksum and its signature cover, the same text on both sides whatever the key order, float
+    spelling or escapes in the file."""
+    body = {key: value for key, value in record.items() if key not in without}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
-    The writer hashes the record as a reader will parse it (see write_json_atomic), so both sides hash
-    the same text whatever the key order, float spelling or escapes in the file.
-    """
-    body = {key: value for key, value in record.items() if key != CHECKSUM_KEY}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+def record_checksum(record: dict[str, Any]) -> str:
+    """SHA-256 of the record without its checksum key (a signature included): a half-synced file fails it."""
+    return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+def _sealed_bytes(record: dict[str, Any]) -> bytes:
+    # the round trip turns tuples into lists and non-string keys into strings, exactly as a reader sees them
+    body = json.loads(json.dumps({k: v for k, v in record.items() if k != CHECKSUM_KEY}, allow_nan=False))
+    sealed = {**body, CHECKSUM_KEY: record_checksum(body)}
+    return json.dumps(sealed, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _write_temp(directory_fd: int, path: Path, data: bytes) -> str:
+    """A new temp file beside `path` holding `data`, synced; its name is unpredictable and carries its writer."""
+    name = f"{temp_prefix(path)}{secrets.token_hex(6)}.tmp"
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=directory_fd)
+    try:
+        usual_mode(fd, 0o644)
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(name, dir_fd=directory_fd)
+        raise
+    os.close(fd)
+    return name
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
     """Readers see the old file or the new one, never half of one; the record gains a checksum.
 
-    The temp file has an unpredictable name (mkstemp: O_EXCL, never a planted link) and the rename replaces
-    a link planted at `path` itself, never writing through it.
+    The temp file has an unpredictable name (O_EXCL, never a planted link), the rename replaces a link
+    planted at `path` itself, never writing through it, and no folder on the way is a link (see _folder).
     """
-    # the round trip turns tuples into lists and non-string keys into strings, exactly as a reader sees them
-    body = json.loads(json.dumps({k: v for k, v in record.items() if k != CHECKSUM_KEY}, allow_nan=False))
-    sealed = {**body, CHECKSUM_KEY: record_checksum(body)}
+    data = _sealed_bytes(record)
     if (where := storage.mounted(path)) is not None:      # an object store: a PUT replaces the object whole
-        where[0].write(where[1], json.dumps(sealed, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+        where[0].write(where[1], data)
         return
     drive_sim.before_write(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    with _folder(path.parent, create=True) as directory:
+        tmp = _write_temp(directory, path, data)
+        try:
+            os.replace(tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=directory)
+            raise
+    drive_sim.after_write(path)
+
+
+def write_json_create_only(path: Path, record: dict[str, Any]) -> bool:
+    """Write the record at `path` only if nothing is there: True when this call created it, False when a file
+    was there already (it is left as it is). A hard link of the synced temp file makes it appear whole; a
+    folder that takes no hard links (some Drive mounts) gets an O_EXCL file written in place, which a reader
+    may meet half-written for a moment and skips as it skips any half-synced file."""
+    data = _sealed_bytes(record)
+    if (where := storage.mounted(path)) is not None:      # an object store: a conditional PUT (If-None-Match)
+        return where[0].create(where[1], data)
+    drive_sim.before_write(path)
+    with _folder(path.parent, create=True) as directory:
+        tmp = _write_temp(directory, path, data)
+        try:
+            os.link(tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+            return _create_in_place(directory, path, data)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=directory)
+    drive_sim.after_write(path)
+    return True
+
+
+def _create_in_place(directory: int, path: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=directory)
+    except FileExistsError:
+        return False
     try:
         usual_mode(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(sealed, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    drive_sim.after_write(path)
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -167,25 +233,95 @@ class NotRegularFile(RejectedFile):
         self.what = what
 
 
-def _open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
-    """A descriptor of the regular file at `path` (NotRegularFile otherwise); a link is not followed and a
-    FIFO never blocks."""
+class LinkedFolder(RejectedFile):
+    """A folder inside the experiment folder that is a symbolic link (or no folder at all): never followed."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"{path}: {what} where a folder of the experiment belongs; not followed, skipped")
+
+
+_roots: dict[str, None] = {}       # experiment folders of this process: nothing below them follows a link
+_ROOTS_KEPT = 1024                 # `experiments list` opens every experiment under GDRIVE_PATH
+
+
+def _below_root(path: Path) -> tuple[str, tuple[str, ...]]:
+    """The experiment folder `path` lies in and its parts below it; a path in none is opened as it is (a link
+    in an experiment folder's own path is the user's: GDRIVE_PATH may itself be a link to the Drive)."""
+    absolute = Path(os.path.abspath(path))
+    for root in tuple(_roots):      # a copy: another thread may open an experiment meanwhile
+        if absolute.is_relative_to(root):
+            return root, absolute.relative_to(root).parts
+    return str(absolute), ()
+
+
+@contextlib.contextmanager
+def _folder(directory: Path, create: bool = False) -> Iterator[int]:
+    """A descriptor of `directory`, opened one folder at a time below its experiment folder, never through a
+    link: a peer's `rollouts/round_5 -> /elsewhere` is not followed. create=True makes missing folders, and a
+    link planted where one belongs is removed (the link, never what it points to) and a folder made there."""
+    top, parts = _below_root(directory)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if create:
+        Path(top).mkdir(parents=True, exist_ok=True)
+    fd = os.open(top, flags)
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        # ELOOP: the last component is a link (O_NOFOLLOW); ENXIO: a socket, or a FIFO nobody reads
-        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-            raise
+        for part in parts:
+            parent, fd = fd, -1         # _step_into closes the parent, whatever happens
+            fd = _step_into(parent, part, directory, create)
+        yield fd
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _step_into(parent: int, name: str, directory: Path, create: bool) -> int:
+    """The folder `name` in `parent` (whose descriptor is closed); LinkedFolder when it is a link or no folder."""
+    try:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent)
         try:
-            what = _kind(os.lstat(path).st_mode)
-        except OSError:
-            what = exc.strerror or "unopenable"
-        raise NotRegularFile(path, what) from exc
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            what = _kind(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+            if not (create and what == "a symbolic link"):
+                raise LinkedFolder(directory, what) from exc
+            log.warning("%s: a symbolic link was planted where a folder of the experiment belongs; replaced by a "
+                        "folder", directory)
+            os.unlink(name, dir_fd=parent)
+            os.mkdir(name, 0o755, dir_fd=parent)
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=parent)
+    finally:
+        os.close(parent)
+
+
+def _open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the regular file at `path` (NotRegularFile otherwise); no link is followed, neither at
+    the file nor at a folder on the way to it, and a FIFO never blocks."""
+    with _folder(path.parent, create=bool(flags & os.O_CREAT)) as directory:
+        try:
+            fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=directory)
+        except OSError as exc:
+            # ELOOP: the last component is a link (O_NOFOLLOW); ENXIO: a socket, or a FIFO nobody reads
+            if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise
+            try:
+                what = _kind(os.stat(path.name, dir_fd=directory, follow_symlinks=False).st_mode)
+            except OSError:
+                what = exc.strerror or "unopenable"
+            raise NotRegularFile(path, what) from exc
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise NotRegularFile(path, _kind(info.st_mode))
     return fd
+
+
+def _unlink(path: Path) -> None:
+    with _folder(path.parent) as directory:
+        os.unlink(path.name, dir_fd=directory)
 
 
 def _read_regular(path: Path, offset: int, limit: int, whole: bool) -> bytes:
@@ -256,18 +392,51 @@ def read_json_bounded(path: Path, max_bytes: int = MAX_RECORD_BYTES, *,
     return record
 
 
-def list_folder(directory: Path, pattern: str = "*") -> list[Path]:
-    """Sorted entries matching `pattern`, without temp or hidden files; [] when the folder does not exist.
+def list_folder(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
+                first: Callable[[str], bool] | None = None) -> list[Path]:
+    """Sorted entries matching `pattern`, without temp or hidden files; [] when the folder does not exist,
+    or is a link (warned about once).
 
-    The one way the swarm lists the shared folder; OSError for a Drive hiccup (the caller polls again).
+    The one way the swarm lists the shared folder; OSError for a Drive hiccup (the caller polls again). At
+    most `limit` entries, those whose name `first` takes before the others, with one warning: a peer that
+    floods a folder costs a reader a bounded time.
     """
     if (where := storage.mounted(directory)) is not None:
-        return sorted(directory / entry.name for entry in where[0].list(where[1])
-                      if fnmatch.fnmatchcase(entry.name, pattern) and not entry.name.startswith("."))
-    if not directory.is_dir():
-        return []
-    drive_sim.before_list(directory)
-    return sorted(p for p in directory.glob(pattern) if not p.name.startswith(".") and not drive_sim.hidden(p))
+        names = [entry.name for entry in where[0].list(where[1])]
+    else:
+        names = _scan(directory)
+        if names is None:
+            return []
+    listed = sorted(directory / name for name in names if not name.startswith(".")
+                    and fnmatch.fnmatchcase(name, pattern) and not drive_sim.hidden(directory / name))
+    if len(listed) > limit:
+        warn_once(f"{directory}: {len(listed)} entries, over the {limit} a reader takes from one folder (a peer "
+                  f"flooding it?); the rest skipped")
+        if first is not None:
+            listed.sort(key=lambda path: not first(path.name))      # stable: still sorted within each side
+        listed = sorted(listed[:limit])
+    return listed
+
+
+def _scan(directory: Path) -> list[str] | None:
+    """At most MAX_SCANNED names in a local folder; None when it does not exist or is a link (warned once)."""
+    names: list[str] = []
+    try:
+        with _folder(directory) as fd:
+            drive_sim.before_list(directory)
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if len(names) >= MAX_SCANNED:
+                        warn_once(f"{directory}: over {MAX_SCANNED} entries; only the first {MAX_SCANNED} looked at "
+                                  "(a peer flooding the folder?)")
+                        break
+                    names.append(entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except LinkedFolder as error:
+        warn_once(str(error))
+        return None
+    return names
 
 
 def is_visible(path: Path) -> bool:
@@ -320,7 +489,7 @@ def open_append(path: Path) -> int:
             raise OSError(errno.EISDIR, f"{path} is a directory, not the file rl-swarm appends to (remove it)") \
                 from error
         log.warning("%s: %s was planted where this node appends; replaced by a new file", path, error.what)
-        path.unlink()
+        _unlink(path)
     try:
         return _open_regular(path, flags | os.O_EXCL)     # planted again meanwhile: refused, the line waits
     except NotRegularFile as error:
@@ -347,7 +516,6 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         where[0].append(where[1], line)
         return
     drive_sim.before_write(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd = open_append(path)
     try:
         write_all(fd, line)
@@ -362,9 +530,14 @@ class ExperimentFolder:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        with _warned_lock:
+            _roots.pop(os.path.abspath(self.root), None)
+            _roots[os.path.abspath(self.root)] = None       # the newest is forgotten last
+            while len(_roots) > _ROOTS_KEPT:
+                del _roots[next(iter(_roots))]
 
     def create(self) -> "ExperimentFolder":
-        for sub in ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs"):
+        for sub in ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs", "keys"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         try:
             # mkstemp, not a name of ours: a link planted at a predictable name would have us truncate its target
@@ -386,6 +559,18 @@ class ExperimentFolder:
     @property
     def finished_file(self) -> Path:
         return self.root / "state" / "finished.json"
+
+    @property
+    def coordinator_lease_file(self) -> Path:
+        """Held by the one `rl-swarm up` (or `pretrain`) of the experiment, from before its warm-up to its end."""
+        return self.root / "state" / "coordinator.lease.json"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    def public_key_file(self, node: str) -> Path:
+        return self.keys_dir / f"{check_node_name(node)}.pub"
 
     def heartbeat_file(self, node: str) -> Path:
         return self.root / "peers" / f"{check_node_name(node)}.json"

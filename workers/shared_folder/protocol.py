@@ -11,7 +11,11 @@ from typing import Any
 
 from workers.shared_folder.folder import RejectedFile, check_node_name
 
-SCHEMA = 1
+# 2: records that speak for a node carry its signature (workers.shared_folder.signing); records of schema 1
+# still read where nothing depends on who wrote them (status, experiments, validate of older folders)
+SCHEMA = 2
+
+
 class Status:
     """The words a heartbeat's status says, named once. A worker moves WAITING -> GENERATING -> FETCHING ->
     TRAINING (-> EVALUATING) -> WAITING each round; the supervisor shows RESTARTING and FAILED for its processes."""
@@ -55,9 +59,9 @@ def _need(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where
 
 def _check_schema(record: dict[str, Any], where: str) -> None:
     version = record.get("schema")
-    if version != SCHEMA:
-        raise RejectedFile(f"{where}: schema version {version!r} is not {SCHEMA} (written by another rl-swarm "
-                           "version?); skipped")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= SCHEMA:
+        raise RejectedFile(f"{where}: schema version {version!r} is not one of 1..{SCHEMA} (written by another "
+                           "rl-swarm version?); skipped")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,23 @@ class RoundState:
         if not 1 <= state.round <= state.max_rounds:
             raise RejectedFile(f"{where}: round {state.round} is outside 1..{state.max_rounds}")
         return state
+
+
+@dataclass(frozen=True)
+class SwarmFinished:
+    """The coordinator's word that all rounds are done (state/finished.json): every worker then leaves."""
+
+    rounds: int
+    finished_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: str = "finished.json") -> "SwarmFinished":
+        _check_schema(record, where)
+        return cls(rounds=_need(record, "rounds", int, where),
+                   finished_at=float(_need(record, "finished_at", (int, float), where)))
 
 
 @dataclass(frozen=True)

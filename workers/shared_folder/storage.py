@@ -1,7 +1,7 @@
 """Where the shared records live: one small interface, a local folder or an object store behind it.
 
 The swarm names every shared file by a local path (`ExperimentFolder`). With SWARM_URL set, the protocol's
-subfolders of the experiment (state, peers, rollouts, rewards, metrics, config.json) are *mounted* on an object
+subfolders of the experiment (state, peers, rollouts, rewards, metrics, keys, config.json) are *mounted* on an object
 store: the folder helpers (`workers.shared_folder.folder`) ask `mounted(path)` before each read, write or listing
 and hand the store the key under the URL. Checkpoints, the base model and logs are not mounted: they stay under
 GDRIVE_PATH on the machine that writes them.
@@ -26,7 +26,7 @@ from configs_env.parsing import STORE_URL
 log = logging.getLogger(__name__)
 
 # the experiment's records an object store holds; the rest of the experiment folder stays local
-MOUNTED = ("state", "peers", "rollouts", "rewards", "metrics", "config.json")
+MOUNTED = ("state", "peers", "rollouts", "rewards", "metrics", "keys", "config.json")
 MAX_LISTED = 10_000          # entries one listing returns at most: 5 years of 2000-round metrics would not reach it
 LOG_SUFFIX = ".jsonl"         # a log: in a store, an object per record under its key
 
