@@ -1,6 +1,6 @@
 """bench/RESULTS.md says plainly which of issue 8's targets a run met, from the numbers in results.json."""
 
-from bench.__main__ import render, verdicts
+from bench.report import render, verdicts
 
 SWARM = {"rounds": 200, "wall_s": 201.0, "seconds_per_round": 0.66, "peak_gib_per_worker": 2.75,
          "peak_gib_by_round_10": 2.38, "mean_completion_tokens": 8.2, "final_reward_mean": 0.6}

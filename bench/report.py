@@ -1,0 +1,201 @@
+"""bench/RESULTS.md from bench/results.json: a section per part with the command that measured it, then each
+target met or missed."""
+
+from bench.peers import peers_lines
+
+
+def _swarm_lines(s: dict) -> list[str]:
+    if "error" in s:
+        return [f"failed: {s['error']}"]
+    growth = 100 * (s["peak_gib_per_worker"] / s["peak_gib_by_round_10"] - 1) if s.get("peak_gib_by_round_10") else 0
+    return [f"- rounds: {s['rounds']}, wall {s['wall_s']:.0f}s (warm-up and start-up included)",
+            f"- seconds per round: **{s['seconds_per_round']:.2f}** (target <= 1.8: 2000 rounds in "
+            f"{2000 * s['seconds_per_round'] / 3600:.2f} h)",
+            f"- peak GPU per worker (NVML, CUDA context included): **{s['peak_gib_per_worker']:.2f} GiB** "
+            "(target <= 3); "
+            f"by round 10: {s['peak_gib_by_round_10']:.2f} GiB (growth {growth:+.1f}%)",
+            *([f"- torch allocator's peak (exact, every worker, CUDA context not included): "
+               f"{s['torch_peak_gib_by_round_10']:.3f} GiB by round 10, {s['torch_peak_gib']:.3f} GiB by round "
+               f"{s['rounds']} (growth {100 * (s['torch_peak_gib'] / s['torch_peak_gib_by_round_10'] - 1):+.1f}%)"]
+              if s.get("torch_peak_gib") and s.get("torch_peak_gib_by_round_10") else []),
+            f"- mean completion tokens: {s['mean_completion_tokens']:.1f}, mean reward of the last 5 rounds "
+            f"(worker-1): {s['final_reward_mean']:.3f}", *_hop_lines(s)]
+
+
+HOPS = (("generate_s", "generate (a worker's own completions)"), ("score_s", "score them"),
+        ("fetch_s", "publish ours, wait for and re-score the peers' rollouts"), ("train_s", "train (the update)"),
+        ("worker_round_s", "a worker's whole round"), ("slowest_worker_round_s", "the slowest worker's round"),
+        ("between_rounds_s", "hand-off between rounds (wall minus the slowest worker's round)"))
+
+
+def _hop_lines(s: dict) -> list[str]:
+    """A round, hop by hop: mean seconds over rounds and workers (start-up rounds left out)."""
+    hops = s.get("hops")
+    if not hops:
+        return []
+    lines = [f"- the slowest worker's own work (generate + score + train) per round: "
+             f"{s['worker_work_seconds']:.3f} s; wall per round / that work: "
+             f"**{s['seconds_per_round'] / s['worker_work_seconds']:.2f}** (target <= 1.5)", "",
+             "| hop | mean seconds |", "|---|---|"]
+    lines += [f"| {text} | {hops[key]:.3f} |" for key, text in HOPS if key in hops]
+    return lines
+
+
+def render(results: dict) -> str:
+    """bench/RESULTS.md: a table per part, each with the command that measured it."""
+    commands = results.get("commands", {})
+    lines = [f"# Benchmarks ({results['device']}, {results['date']}, git {results['git_sha'][:10]}, "
+             f"torch {results['torch']})", "",
+             "Made by `GIT_SHA=<commit> python -m bench all --out bench/results.json` on the GPU machine "
+             "(`--parts` splits it over device calls of at most 10 minutes; each section names its own run).", ""]
+
+    def heading(title: str, part: str) -> None:
+        lines.extend([f"## {title}", "", f"`{commands.get(part, 'python -m bench all')}`", ""])
+
+    if "generation" in results:
+        heading("Generation (GPT-2 124M shapes, 256 new tokens, T=1.0, every row forced to 256 tokens)", "generation")
+        lines += ["| batch | plain `generate` tok/s | workers' fast path tok/s | speed-up (target >= 4x) |",
+                  "|---|---|---|---|"]
+        for row in results["generation"]["rows"]:
+            fast = row.get("fast_tok_s")
+            lines.append(f"| {row['batch']} | {row['plain_tok_s']:.0f} | "
+                         f"{'%.0f' % fast if fast else row.get('fast_error', '-')} | "
+                         f"{'%.2fx' % (fast / row['plain_tok_s']) if fast else '-'} |")
+    if "train" in results:
+        lines.append("")
+        heading("Train step (16 rows x 256 completion tokens + 48 prompt tokens, bf16 autocast)", "train")
+        lines += ["| path | seconds | peak GiB (torch allocator) |", "|---|---|---|"]
+        for key, row in results["train"].items():
+            lines.append(f"| {row.get('name', key)} | {row['seconds']:.4f} | {row['peak_gib']:.2f} |")
+    w = results.get("worker_memory")
+    if w:
+        lines.append("")
+        heading("One worker's worst case by NVML (generate 8 x 256 tokens, update 16 x 256, 8 rounds)",
+                "worker_memory")
+        lines += [f"- peak **{w['nvml_peak_gib']:.2f} GiB**, CUDA context included (target <= 3); by round: "
+                  + ", ".join(f"{x:.2f}" for x in w["nvml_peak_by_round"]),
+                  f"- the supervisor's pre-start estimate for it: {w['estimate_gib']:.2f} GiB"]
+    if "swarm_default" in results:
+        lines.append("")
+        heading("Whole default swarm (`rl-swarm up`: 4 workers, I=2, J=2, G=4, max 256 new tokens, warmed-up base)",
+                "swarm_default")
+        lines += _swarm_lines(results["swarm_default"])
+    if "swarm_paper" in results:
+        lines.append("")
+        heading("The paper's shape (`PRESET=paper-4-4`: 8 workers, G=8, I=4, J=4, max 256 new tokens, warmed-up base)",
+                "swarm_paper")
+        lines += _swarm_lines(results["swarm_paper"])
+    x3 = results.get("swarm_default_x3")
+    if x3:
+        lines.append("")
+        heading(f"Default swarms side by side ({x3['swarms']} swarms, {x3['workers']} workers, {x3['device']}, "
+                f"git {x3['git_sha']})", "swarm_default_x3")
+        lines += [f"- {x3['note']}",
+                  f"- seconds per round, mean of the swarms: **{x3['seconds_per_round']:.3f}**; the slowest worker's "
+                  f"own work: {x3['worker_work_seconds']:.3f} s; wall / work: "
+                  f"**{x3['seconds_per_round'] / x3['worker_work_seconds']:.2f}** (target <= 1.5); peak GPU per "
+                  f"worker (NVML): {x3['peak_gib_per_worker']:.2f} GiB", "",
+                  "| swarm | rounds | s/round | " + " | ".join(text for _, text in HOPS) + " |",
+                  "|---|---|---|" + "---|" * len(HOPS)]
+        for name, one in x3["per_swarm"].items():
+            lines.append(f"| {name} | {one['rounds']} | {one['seconds_per_round']:.3f} | "
+                         + " | ".join(f"{one['hops'][key]:.3f}" for key, _ in HOPS) + " |")
+    t = results.get("sapo_table")
+    if t and "error" not in t:
+        lines.append("")
+        heading(f"Four paper swarms at once (`rl-swarm sapo-table`: {t['swarms_at_once']} swarms, "
+                f"{t['workers_at_once']} workers)", "sapo_table")
+        lines += [f"- seconds per round, mean over the splits and seeds: **{t['seconds_per_round']:.2f}** "
+                  f"(target <= 1.2); peak GPU per worker (NVML): {t['peak_gib_per_worker']:.2f} GiB", "",
+                  "| seed | split | seconds per round | slowest worker's work | hand-off between rounds |",
+                  "|---|---|---|---|---|"]
+        for seed, batch in t["by_seed"].items():
+            for name, one in batch["per_swarm"].items():
+                if "error" not in one:
+                    lines.append(f"| {seed} | {name} | {one['seconds_per_round']:.2f} | "
+                                 f"{one['worker_work_seconds']:.3f} | {one['hops']['between_rounds_s']:.3f} |")
+    if "swarm_worst_case" in results:
+        lines.append("")
+        heading("Worst-case swarm (WARMUP_STEPS=0: a random-init model writes all 256 tokens every time)",
+                "swarm_worst_case")
+        lines += _swarm_lines(results["swarm_worst_case"])
+        lines.append("- every reward is 0 for a random-init model, so no update runs in these rounds: this row "
+                     "measures generation and the exchange at their longest")
+    if "scaling" in results:
+        lines.append("")
+        heading("Scaling (N processes generating at once on one GPU, batch 16, 256 tokens, the fast path)",
+                "scaling")
+        lines += ["| workers | aggregate tok/s | peak GiB per worker (torch reserved) |", "|---|---|---|"]
+        for row in results["scaling"]:
+            lines.append(f"| {row['workers']} | {row['tok_s']:.0f} | {row['peak_gib_per_worker']:.2f} |")
+    if "peers" in results:
+        lines.append("")
+        heading("Side by side with TRL's GRPOTrainer (issue 20; bench/PEERS.md)", "peers")
+        lines += peers_lines(results["peers"])
+    lines += ["", "## Against the targets (issues 8 and 18)", ""] + [f"- {line}" for line in verdicts(results)]
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(results: dict) -> list[str]:
+    """One line per target: met or missed, with the number that decides it."""
+    out = []
+
+    def say(met: bool, text: str) -> None:
+        out.append(f"{'met' if met else '**missed**'}: {text}")
+
+    s = results.get("swarm_default", {})
+    if "seconds_per_round" in s:
+        say(s["seconds_per_round"] <= 1.8, f"2000 rounds in <= 1 h: {s['seconds_per_round']:.2f} s per round "
+            f"(with the warmed-up model's {s['mean_completion_tokens']:.0f}-token answers)")
+        if s.get("torch_peak_gib") and s.get("torch_peak_gib_by_round_10"):
+            # NVML is sampled once a second and misses brief peaks; the allocator's peak is exact
+            growth = s["torch_peak_gib"] / s["torch_peak_gib_by_round_10"] - 1
+            say(abs(growth) <= 0.01, f"no memory growth over rounds (allocator's exact peak): "
+                f"{s['torch_peak_gib_by_round_10']:.3f} GiB by round 10, {s['torch_peak_gib']:.3f} GiB by round "
+                f"{s['rounds']} ({100 * growth:+.1f}%)")
+        else:
+            growth = s["peak_gib_per_worker"] / s["peak_gib_by_round_10"] - 1
+            say(abs(growth) <= 0.01, f"no memory growth over rounds: peak {s['peak_gib_by_round_10']:.2f} GiB by "
+                f"round 10, {s['peak_gib_per_worker']:.2f} GiB by round {s['rounds']} ({100 * growth:+.1f}%)")
+    if s.get("worker_work_seconds"):
+        ratio = s["seconds_per_round"] / s["worker_work_seconds"]
+        say(s["seconds_per_round"] <= 0.30, f"default swarm <= 0.30 s per round: {s['seconds_per_round']:.2f} s")
+        say(ratio <= 1.5, f"wall per round / slowest worker's work <= 1.5: {ratio:.2f}")
+    x3 = results.get("swarm_default_x3", {})
+    if x3.get("worker_work_seconds"):
+        say(x3["seconds_per_round"] / x3["worker_work_seconds"] <= 1.5, f"wall per round / slowest worker's work "
+            f"<= 1.5 with three default swarms side by side: {x3['seconds_per_round'] / x3['worker_work_seconds']:.2f}"
+            f" ({x3['seconds_per_round']:.3f} s a round, {x3['worker_work_seconds']:.3f} s of work)")
+    p = results.get("swarm_paper", {})
+    if "seconds_per_round" in p:
+        say(p["seconds_per_round"] <= 0.6, f"paper shape <= 0.6 s per round: {p['seconds_per_round']:.2f} s")
+        say(p["peak_gib_per_worker"] <= 3, f"paper shape <= 3 GiB per worker (NVML): {p['peak_gib_per_worker']:.2f}")
+    t = results.get("sapo_table", {})
+    if t.get("seconds_per_round"):
+        say(t["seconds_per_round"] <= 1.2, f"four paper swarms at once <= 1.2 s per round: "
+            f"{t['seconds_per_round']:.2f} s ({t['workers_at_once']} workers)")
+    worst = results.get("swarm_worst_case", {})
+    if "seconds_per_round" in worst:
+        say(worst["seconds_per_round"] <= 1.0, f"worst case (every completion 256 tokens) <= 1.0 s per round: "
+            f"{worst['seconds_per_round']:.2f} s")
+    w = results.get("worker_memory")
+    if w:
+        peak = max(w["nvml_peak_gib"], s.get("peak_gib_per_worker", 0))
+        say(peak <= 3, f"<= 3 GiB per worker by NVML: {peak:.2f} GiB at the worst case; the pre-start estimate "
+            f"says {w['estimate_gib']:.2f} GiB, so 16 workers need {16 * w['estimate_gib']:.0f} GiB of an 80 GB GPU")
+    g = results.get("generation")
+    if g:
+        speedups = {row["batch"]: row["fast_tok_s"] / row["plain_tok_s"] for row in g["rows"] if row.get("fast_tok_s")}
+        shown = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speedups.items())
+        say(bool(speedups) and min(speedups.values()) >= 4, f"generation >= 4x plain `generate`: {shown}")
+    t = results.get("train")
+    if t and "naive" in t:
+        naive = t["naive"]
+        for key in ("ours", "ours_fp32_adamw"):
+            if key in t:
+                row = t[key]
+                say(row["seconds"] <= naive["seconds"] and row["peak_gib"] < naive["peak_gib"],
+                    f"train step at least as fast as full logits, with less memory ({row['name']}): "
+                    f"{row['seconds']:.3f} s vs {naive['seconds']:.3f} s, {row['peak_gib']:.2f} vs "
+                    f"{naive['peak_gib']:.2f} GiB")
+    return out
