@@ -117,7 +117,8 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
                           f"another NODE_ID / EXPERIMENT_NAME")
 
 
-def start(cfg: SwarmConfig, role: str) -> int:
+def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
+    from swarm_supervisor.dashboard import Dashboard
     from swarm_supervisor.supervisor import Supervisor
 
     check_tasks(cfg.tasks)
@@ -140,7 +141,8 @@ def start(cfg: SwarmConfig, role: str) -> int:
                                                "device_resolved": device, "started_at": time.time()})
     specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
              for i, node in enumerate(nodes)]
-    supervisor = Supervisor(cfg, specs, run_coordinator=role == "up", model_label=model_name, device_label=device)
+    supervisor = Supervisor(cfg, specs, run_coordinator=role == "up", model_label=model_name, device_label=device,
+                            dashboard=Dashboard(shown=dashboard))
     started = time.monotonic()
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))
@@ -313,15 +315,27 @@ def sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parall
     return 0 if not failed else EXIT_INTERRUPTED if set(failed.values()) == {EXIT_INTERRUPTED} else 1
 
 
+def run_pack(dist: Path) -> int:
+    """`rl-swarm pack`: what the Colab cell installs when it is given no PACKAGE."""
+    from swarm_supervisor.pack import pack
+
+    for path in pack(dist):
+        print(f"rl-swarm: built {plain(str(path))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-swarm", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A one-machine, many-node SAPO swarm of GPT-2 workers sharing rollouts through a folder.",
         epilog="Configuration is read from environment variables:\n" + settings_table())
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("up", help="start the coordinator and NUM_WORKERS workers (the default command)")
-    sub.add_parser("worker", aliases=["join"], help="start only workers, joining a swarm started elsewhere "
-                                                    "on the same GDRIVE_PATH/EXPERIMENT_NAME")
+    up = sub.add_parser("up", help="start the coordinator and NUM_WORKERS workers (the default command)")
+    worker = sub.add_parser("worker", aliases=["join"], help="start only workers, joining a swarm started elsewhere "
+                                                             "on the same GDRIVE_PATH/EXPERIMENT_NAME")
+    for starter in (up, worker):
+        starter.add_argument("--no-dashboard", action="store_true", help="draw neither the table nor status lines "
+                             "(the notebook draws the table itself, from the folder)")
     sub.add_parser("status", help="show the swarm's state read from the shared folder alone")
     sub.add_parser("pretrain", help="run the supervised warm-up now and save the experiment's base model "
                                     "(`up` does this by itself when no base exists)")
@@ -339,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="paper: paper-8-0 ... paper-2-6 (8 workers each); sapo: sapo-4-0 ... sapo-1-3 (4 "
                             "workers); default: from PRESET, else paper")
     table.add_argument("--parallel", type=int, default=4, help="swarms running at once (default 4: one seed's splits)")
+    pack = sub.add_parser("pack", help="build a wheel and an sdist of this checkout into <GDRIVE_PATH>/dist/, "
+                                       "where the Colab cell installs from")
+    pack.add_argument("--dist", type=Path, default=None, help="folder for the builds (default: <GDRIVE_PATH>/dist)")
     config = sub.add_parser("config", help="print the resolved configuration")
     config.add_argument("--markdown", action="store_true", help="print the table of every setting (README)")
     return parser
@@ -360,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "status":
             return show_status(cfg)
+        if command == "pack":
+            return run_pack(args.dist or cfg.gdrive_path / "dist")
         if command == "pretrain":
             return pretrain(cfg)
         if command == "validate":
@@ -368,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             return sapo_table(cfg, dict(os.environ), args.family, args.parallel)
         if command == "experiments":
             return show_experiments(cfg, args.action, args.names, args.csv, args.out)
-        return start(cfg, "join" if command in ("worker", "join") else "up")
+        return start(cfg, "join" if command in ("worker", "join") else "up",
+                     dashboard=not getattr(args, "no_dashboard", False))
     except SwarmError as error:
         print(f"rl-swarm: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
-from swarm_supervisor.experiments import rounds_per_hour, status_of
+from swarm_supervisor.experiments import experiment_config, rounds_per_hour, status_of
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, warn_skipped
+from workers.shared_folder.folder import ExperimentFolder, FolderError, RejectedFile, read_json_bounded, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 
@@ -292,6 +292,17 @@ class SwarmReader:
                        learning_warning=trend.warning(node) or (rewards.warning(node) if rewards else None),
                        liveness=liveness(beat, self.cfg.peer_timeout) if beat else None,
                        note=beat.note if beat else None)
+
+
+def folder_reader(cfg: SwarmConfig) -> SwarmReader:
+    """A reader of an experiment from its folder alone, with the model, device and MAX_ROUNDS it was started with."""
+    folder = ExperimentFolder(cfg.experiment_dir)
+    if not folder.root.is_dir():
+        raise FolderError(f"no experiment at {folder.root}: check GDRIVE_PATH and EXPERIMENT_NAME")
+    recorded = experiment_config(folder)
+    if isinstance(recorded.get("max_rounds"), int):
+        cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])
+    return SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")), str(recorded.get("device_resolved", "?")))
 
 
 def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
