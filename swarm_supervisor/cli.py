@@ -78,6 +78,7 @@ def check_fit(cfg: SwarmConfig, model_name: str, device: str) -> None:
 
     from swarm_supervisor.monitor import Monitor
     from workers.learning.memory import estimate_worker_mib
+    from workers.learning.hub import offline_kwargs
     from workers.learning.model import model_source, use_activation_checkpointing
 
     monitor = Monitor(device_index=int(device.partition(":")[2] or 0))
@@ -86,7 +87,8 @@ def check_fit(cfg: SwarmConfig, model_name: str, device: str) -> None:
     if snapshot.device is None:
         return                                   # no NVML: nothing to check against
     checkpointing = use_activation_checkpointing(cfg.gradient_checkpointing, torch.device(device))
-    need = estimate_worker_mib(AutoConfig.from_pretrained(model_source(model_name, cfg.cache_dir)), cfg, checkpointing)
+    source = model_source(model_name, cfg.cache_dir)
+    need = estimate_worker_mib(AutoConfig.from_pretrained(source, **offline_kwargs(source)), cfg, checkpointing)
     free = snapshot.device.free_mib * cfg.memory_high_water
     fit = int(free // need)
     print(f"rl-swarm: {device}: ~{need / 1024:.1f} GiB per worker, {snapshot.device.free_mib / 1024:.1f} GiB free: "
