@@ -19,14 +19,16 @@ from collections.abc import Iterator, Mapping
 
 import psutil
 from rich.console import Console
+from rich.text import Text
 
 from configs_env import SwarmConfig, SwarmError
 from swarm_supervisor.dashboard import render
 from swarm_supervisor.status import folder_reader, read_events
 from swarm_supervisor.supervisor import EXIT_INTERRUPTED, SHUTDOWN_GRACE_S
+from workers.shared_folder.mount import folder_present
 
 REFRESH_S = 2.0                          # a redraw reads the folder: on Drive, every second would be too often
-STOP_WAIT_S = SHUTDOWN_GRACE_S + 10.0    # the supervisor gives its workers SHUTDOWN_GRACE_S to save and leave
+STOP_WAIT_S = SHUTDOWN_GRACE_S + 30.0    # the supervisor gives its workers SHUTDOWN_GRACE_S to save and leave
 SWEEP_WAIT_S = 5.0                       # multiprocessing's helpers leave once their parent has
 FRAME_WIDTH = 150                        # columns of a frame: a Colab cell shows about this many
 CHILD_COMMANDS = ("up", "worker", "join")
@@ -93,13 +95,21 @@ class FolderTable:
                 self.reader = folder_reader(self.cfg)
             except SwarmError:          # no experiment folder yet: the warm-up or the checks still run
                 return None
+        if not folder_present(self.reader.folder.root):
+            return Frame(Text(f"rl-swarm: the shared folder {self.reader.folder.root} is not there (a dropped Drive "
+                              "mount?): the workers go on and keep their records; the table is back with it",
+                              style="yellow"))
         self.view = self.reader.view(events=read_events(self.reader.folder))
         return Frame(render(self.view))
 
 
 def merged_env(settings: Mapping[str, object]) -> dict[str, str]:
     """This process's environment with the cell's settings; an empty setting leaves the variable alone."""
-    return {**os.environ, **{k: str(v) for k, v in settings.items() if v not in ("", None)}}
+    env = {**os.environ, **{k: str(v) for k, v in settings.items() if v not in ("", None)}}
+    # ipykernel sets these for its own children, and rich then draws live bars into our pipe, frame after frame
+    for name in ("FORCE_COLOR", "CLICOLOR_FORCE"):
+        env.pop(name, None)
+    return env
 
 
 def rl_swarm(*args: str, **settings: object) -> int:
@@ -169,14 +179,18 @@ class Child:
             code = self._pump(table, cell, deadline=time.monotonic() + STOP_WAIT_S)
         except KeyboardInterrupt:
             print("rl-swarm: interrupted again: killing the swarm (it resumes from its last checkpoint)")
-            kill_group(self.proc.pid)
-            return self.proc.wait(timeout=10)
+            return self._kill()
         if code is None:
             print(f"rl-swarm: the swarm did not stop within {STOP_WAIT_S:.0f}s: killed (it resumes from its last "
                   "checkpoint)")
-            kill_group(self.proc.pid)
-            return self.proc.wait(timeout=10)
+            return self._kill()
         return code
+
+    def _kill(self) -> int:
+        """Kill the whole swarm after an interrupt: stopped on request all the same, resumable from its checkpoint."""
+        kill_group(self.proc.pid)
+        self.proc.wait(timeout=10)
+        return EXIT_INTERRUPTED
 
     def _pump(self, table: FolderTable | None, cell: LiveCell, deadline: float | None) -> int | None:
         """Print the child's lines and redraw the table until it exits (its code), or until `deadline` (None)."""
@@ -256,7 +270,7 @@ def show_status(watch_minutes: float = 0, **settings: object) -> None:
                 cell.show(frame)
             else:
                 print(frame.text)
-            if time.monotonic() >= deadline or table.view.phase != "running":
+            if time.monotonic() >= deadline or (table.view is not None and table.view.phase != "running"):
                 return
             time.sleep(REFRESH_S * 2.5)
     except KeyboardInterrupt:

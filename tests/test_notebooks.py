@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -16,7 +17,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 pytestmark = pytest.mark.slow
-NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+REPO = Path(__file__).parent.parent
+NOTEBOOKS = REPO / "notebooks"
 
 
 @pytest.fixture
@@ -101,10 +103,13 @@ def test_colab_cell_installs_from_drive_draws_the_table_stops_on_interrupt_and_r
     """A new runtime: the cell installs the wheel `rl-swarm pack` put in the Drive folder, draws the table, the stop
     button stops the swarm with no process left, running the cell again finishes it, and monitor shows it."""
     drive = colab_env / "drive"
-    packed = subprocess.run([sys.executable, "-m", "swarm_supervisor", "pack"], capture_output=True, text=True,
-                            timeout=300)
-    assert packed.returncode == 0 and list((drive / "dist").glob("rl_swarm-*.whl")), packed.stdout + packed.stderr
     kernel = fresh_runtime(colab_env, monkeypatch)
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as nothing:     # no PACKAGE, nothing in dist/ yet
+        execute("colab_swarm", colab_env, kernel)
+    assert "rl-swarm: nothing to install" in str(nothing.value) and "Traceback" not in str(nothing.value)
+    packed = subprocess.run([sys.executable, "-m", "swarm_supervisor", "pack"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert packed.returncode == 0 and list((drive / "dist").glob("rl_swarm-*.whl")), packed.stdout + packed.stderr
     monkeypatch.setenv("MAX_ROUNDS", "12")
     exp = drive / "experiments" / "sapo-gpt2"
     metrics = exp / "metrics" / "worker-1" / "metrics.jsonl"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from configs_env import SwarmError
-from workers.shared_folder import bounded_json, drive_sim
+from workers.shared_folder import bounded_json, drive_sim, mount
 from workers.shared_folder.leftovers import temp_prefix, usual_mode
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
     body = json.loads(json.dumps({k: v for k, v in record.items() if k != CHECKSUM_KEY}, allow_nan=False))
     sealed = {**body, CHECKSUM_KEY: record_checksum(body)}
     drive_sim.before_write(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    mount.make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     try:
         usual_mode(fd, 0o644)
@@ -304,7 +304,7 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     Each log has one writer, so O_APPEND's writes of one line never interleave with another's.
     """
     drive_sim.before_write(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    mount.make_dirs(path.parent)
     line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
     fd = open_append(path)
     try:
@@ -324,6 +324,7 @@ class ExperimentFolder:
     def create(self) -> "ExperimentFolder":
         for sub in ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        mount.claim(self.root)
         try:
             # mkstemp, not a name of ours: a link planted at a predictable name would have us truncate its target
             fd, probe = tempfile.mkstemp(dir=self.root / "state", prefix=".probe.")
