@@ -27,6 +27,25 @@ def setting(default: Any, env: str, parse: p.Parser, help: str) -> Any:
     return field(default=default, metadata={"env": env, "parse": parse, "help": help})
 
 
+def waits_for_lag(values: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, float]:
+    """The waits a DRIVE_LAG of L seconds needs, for those not set explicitly: a peer's rollouts show up L after
+    their publish (fetch: 2L and a margin), a round is seen done after the lag three times over plus the fetch,
+    and a heartbeat L old is still news (PEER_TIMEOUT's "late" quarter above L)."""
+    lag = values.get("drive_lag", 0.0)
+    if not lag:
+        return {}
+    default = {f.name: f.default for f in fields(SwarmConfig)}
+    current = {name: values.get(name, default[name])
+               for name in ("rollout_fetch_timeout", "coordinator_round_interval", "peer_timeout")}
+    fetch = max(current["rollout_fetch_timeout"], 2 * lag + 30)
+    if "rollout_fetch_timeout" in explicit:
+        fetch = current["rollout_fetch_timeout"]
+    waits = {"rollout_fetch_timeout": fetch,
+             "coordinator_round_interval": max(current["coordinator_round_interval"], fetch + 3 * lag + 60),
+             "peer_timeout": max(current["peer_timeout"], 4 * lag + 60)}
+    return {name: value for name, value in waits.items() if name not in explicit}
+
+
 @dataclass(frozen=True)
 class SwarmConfig:
     # Where and what
@@ -81,6 +100,9 @@ class SwarmConfig:
         "Seconds a worker waits for peers' rollouts of the round before going on with what arrived")
     peer_timeout: float = setting(120.0, "PEER_TIMEOUT", p.number(1, "120"),
         "Seconds without a heartbeat after which a node counts as gone")
+    drive_lag: float = setting(0.0, "DRIVE_LAG", p.number(0, "180", maximum=3600),
+        "Seconds a file written on another machine may take to show up in the shared folder (Drive between Colab "
+        "runtimes: minutes); the three waits above, where not set, grow to ride it out; 0: one machine")
     # Generation and training
     max_new_tokens: int = setting(256, "MAX_NEW_TOKENS", p.integer(1, 4096),
         "Longest completion, in tokens")
@@ -161,6 +183,7 @@ class SwarmConfig:
             values.update(TEST_MODE_VALUES)
         values.update(PRESETS[explicit.get("preset", "default")])
         values.update(explicit)
+        values.update(waits_for_lag(values, explicit))
         cfg = cls(**values)
         cfg.check(role)
         return cfg

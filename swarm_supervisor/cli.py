@@ -77,10 +77,12 @@ def worker_need_mib(cfg: SwarmConfig, model_name: str, device: str) -> float:
     from transformers import AutoConfig
 
     from workers.learning.memory import estimate_worker_mib
+    from workers.learning.hub import offline_kwargs
     from workers.learning.model import model_source, use_activation_checkpointing
 
     checkpointing = use_activation_checkpointing(cfg.gradient_checkpointing, torch.device(device))
-    return estimate_worker_mib(AutoConfig.from_pretrained(model_source(model_name, cfg.cache_dir)), cfg, checkpointing)
+    source = model_source(model_name, cfg.cache_dir)
+    return estimate_worker_mib(AutoConfig.from_pretrained(source, **offline_kwargs(source)), cfg, checkpointing)
 
 
 def check_fit(cfg: SwarmConfig, gpus: int, need_mib: float, monitor: Monitor | None = None) -> None:
@@ -119,7 +121,7 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
                           f"another NODE_ID / EXPERIMENT_NAME")
 
 
-def start(cfg: SwarmConfig, role: str) -> int:
+def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     check_tasks(cfg.tasks)
     gpus = gpu_count()
     devices, device_note = resolve_devices(cfg, gpus)
@@ -131,18 +133,20 @@ def start(cfg: SwarmConfig, role: str) -> int:
         check_fit(cfg, gpus, worker_need_mib(cfg, model_name, devices[0]))
     folder = ExperimentFolder(cfg.experiment_dir).create()
     if role != "up":
-        return _run_swarm(cfg, folder, model_name, devices, join_when_ready(cfg, folder))
+        return _run_swarm(cfg, folder, model_name, devices, join_when_ready(cfg, folder), dashboard=dashboard)
     key, keyring = coordinator_key(cfg, folder)
     claim = CoordinatorClaim(cfg, folder, key, keyring, "up")
     with claim.held():       # before the warm-up: a second `up` is refused while this one warms up too
         print(f"rl-swarm: coordinator key {key.fingerprint} (a machine that joins prints the key it pinned: "
               "check that they match)")
-        return _run_swarm(cfg, folder, model_name, devices, keyring, claim)
+        return _run_swarm(cfg, folder, model_name, devices, keyring, claim, dashboard=dashboard)
 
 
 def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devices: list[str], keyring: KeyRing,
-               claim: CoordinatorClaim | None = None) -> int:
-    """The supervisor with this machine's workers, and the coordinator when `claim` holds the experiment."""
+               claim: CoordinatorClaim | None = None, dashboard: bool = True) -> int:
+    """The supervisor with this machine's workers, and the coordinator when `claim` holds the experiment;
+    dashboard=False: status lines only (a notebook draws the table itself)."""
+    from swarm_supervisor.dashboard import Dashboard
     from swarm_supervisor.supervisor import Supervisor
 
     nodes = worker_names(cfg)
@@ -160,7 +164,7 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
              for i, (node, device) in enumerate(zip(nodes, devices))]
     supervisor = Supervisor(cfg, specs, run_coordinator=claim is not None, model_label=model_name,
                             device_label=devices_label(devices), keyring=keyring, coordinator_key=claim and claim.key,
-                            claim_lost=lambda: claim and claim.lost)
+                            claim_lost=lambda: claim and claim.lost, dashboard=Dashboard(shown=dashboard))
     started = time.monotonic()
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))
@@ -384,15 +388,27 @@ def sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parall
     return 0 if not failed else EXIT_INTERRUPTED if set(failed.values()) == {EXIT_INTERRUPTED} else 1
 
 
+def run_pack(dist: Path) -> int:
+    """`rl-swarm pack`: what the Colab cell installs when it is given no PACKAGE."""
+    from swarm_supervisor.pack import pack
+
+    for path in pack(dist):
+        print(f"rl-swarm: built {plain(str(path))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-swarm", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A one-machine, many-node SAPO swarm of GPT-2 workers sharing rollouts through a folder.",
         epilog="Configuration is read from environment variables:\n" + settings_table())
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("up", help="start the coordinator and NUM_WORKERS workers (the default command)")
-    sub.add_parser("worker", aliases=["join"], help="start only workers, joining a swarm started elsewhere "
-                                                    "on the same GDRIVE_PATH/EXPERIMENT_NAME")
+    up = sub.add_parser("up", help="start the coordinator and NUM_WORKERS workers (the default command)")
+    worker = sub.add_parser("worker", aliases=["join"], help="start only workers, joining a swarm started elsewhere "
+                                                             "on the same GDRIVE_PATH/EXPERIMENT_NAME")
+    for starter in (up, worker):
+        starter.add_argument("--no-dashboard", action="store_true", help="draw neither the table nor status lines "
+                             "(the notebook draws the table itself, from the folder)")
     sub.add_parser("status", help="show the swarm's state read from the shared folder alone")
     sub.add_parser("pretrain", help="run the supervised warm-up now and save the experiment's base model "
                                     "(`up` does this by itself when no base exists)")
@@ -410,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="paper: paper-8-0 ... paper-2-6 (8 workers each); sapo: sapo-4-0 ... sapo-1-3 (4 "
                             "workers); default: from PRESET, else paper")
     table.add_argument("--parallel", type=int, default=4, help="swarms running at once (default 4: one seed's splits)")
+    pack = sub.add_parser("pack", help="build a wheel and an sdist of this checkout into <GDRIVE_PATH>/dist/, "
+                                       "where the Colab cell installs from")
+    pack.add_argument("--dist", type=Path, default=None, help="folder for the builds (default: <GDRIVE_PATH>/dist)")
     config = sub.add_parser("config", help="print the resolved configuration")
     config.add_argument("--markdown", action="store_true", help="print the table of every setting (README)")
     return parser
@@ -432,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "status":
             return show_status(cfg)
+        if command == "pack":
+            return run_pack(args.dist or cfg.gdrive_path / "dist")
         if command == "pretrain":
             return pretrain(cfg)
         if command == "validate":
@@ -440,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             return sapo_table(cfg, dict(os.environ), args.family, args.parallel)
         if command == "experiments":
             return show_experiments(cfg, args.action, args.names, args.csv, args.out)
-        return start(cfg, "join" if command in ("worker", "join") else "up")
+        return start(cfg, "join" if command in ("worker", "join") else "up",
+                     dashboard=not getattr(args, "no_dashboard", False))
     except SwarmError as error:
         print(f"rl-swarm: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -217,10 +217,13 @@ def status_line(view: SwarmView) -> str:
 
 
 class Dashboard:
-    """A live table in a terminal; in a pipe, CI log or notebook, a status line when something changes."""
+    """A live table in a terminal; in a pipe, CI log or notebook, a status line when something changes; nothing
+    when not `shown` (a notebook draws the table itself, from the folder)."""
 
-    def __init__(self, console: Console | None = None, refresh_per_second: float = 4, line_interval_s: float = 30.0):
+    def __init__(self, console: Console | None = None, refresh_per_second: float = 4, line_interval_s: float = 30.0,
+                 shown: bool = True):
         self.console = console or Console()
+        self.shown = shown
         self.min_gap_s = 1.0 / refresh_per_second if refresh_per_second > 0 else 0.0
         self.line_interval_s = line_interval_s
         self._live: Live | None = None
@@ -230,13 +233,15 @@ class Dashboard:
         self._last_key: tuple | None = None
 
     def start(self) -> None:
-        if self.console.is_terminal and self._live is None:
+        if self.shown and self.console.is_terminal and self._live is None:
             self._live = Live(console=self.console, auto_refresh=False, transient=False, redirect_stdout=False,
                               redirect_stderr=False)
             self._live.start()
 
     def update(self, view: SwarmView) -> None:
         self._view = view
+        if not self.shown:
+            return
         if self.console.is_terminal:
             self.start()
             self._draw_live(force=False)
@@ -249,7 +254,7 @@ class Dashboard:
             self._draw_live(force=True)
             self._live.stop()
             self._live = None
-        elif not self.console.is_terminal:
+        elif self.shown and not self.console.is_terminal:
             self._print_line(force=True)
 
     def _draw_live(self, force: bool) -> None:

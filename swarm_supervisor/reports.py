@@ -7,25 +7,17 @@ escaped, never read as markup, and whole at any width.
 from pathlib import Path
 
 from configs_env import SwarmConfig
-from workers.shared_folder.folder import ExperimentFolder, FolderError
+from workers.shared_folder.folder import FolderError
 
 
 def show_status(cfg: SwarmConfig) -> int:
     from rich.console import Console
 
     from swarm_supervisor.dashboard import render
-    from swarm_supervisor.experiments import experiment_config
-    from swarm_supervisor.status import SwarmReader, read_events
+    from swarm_supervisor.status import folder_reader, read_events
 
-    folder = ExperimentFolder(cfg.experiment_dir)
-    if not folder.root.is_dir():
-        raise FolderError(f"no experiment at {folder.root}: check GDRIVE_PATH and EXPERIMENT_NAME")
-    recorded = experiment_config(folder)
-    if isinstance(recorded.get("max_rounds"), int):
-        cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])
-    reader = SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")),
-                         str(recorded.get("device_resolved", "?")))
-    Console().print(render(reader.view(events=read_events(folder)), whole=True))
+    reader = folder_reader(cfg)
+    Console().print(render(reader.view(events=read_events(reader.folder)), whole=True))
     return 0
 
 

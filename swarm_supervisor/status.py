@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
-from swarm_supervisor.experiments import rounds_per_hour, status_of
-from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot
+from swarm_supervisor.experiments import experiment_config, rounds_per_hour, status_of
+from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, file_size, warn_skipped
+from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, file_size, warn_skipped)
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
-from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
+from workers.shared_folder.protocol import EVENT_RESTART, Heartbeat, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import KeyRing
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class SwarmView:
     phase: str = "running"           # finished, stopped, failed (experiments.status_of): no ETA but running
 
 TREND = 8
+RECORDED_FRESH_S = 30.0    # the supervisor records a monitor sample every 5 s: an older one is of a stopped swarm
 METRICS_CHUNK = 1024 * 1024      # bytes of a metrics log read a refresh: a long log is caught up over a few
 # reward collapse: the mean of the last REWARD_WINDOW rounds under REWARD_COLLAPSE x the best such mean so far
 # (only once that best reached REWARD_FLOOR: a node that never earned reward has nothing to lose); it is over
@@ -134,6 +135,27 @@ class SwarmReader:
         self._states: dict[int, RoundState] = {}     # intact round states read so far (they never change)
         self._held_out: dict[str, tuple[int, HeldOutTrend]] = {}   # node: (file size, trend)
         self.rewards: dict[str, RewardWatch] = {}
+        self._samples_at = 0                          # bytes of monitor.jsonl read
+        self.sample: RecordedSample | None = None     # the supervisor's newest monitor sample
+        self._events_at = 0                           # bytes of events.jsonl read
+        self.restarts: dict[str, int] = {}            # restarts the supervisor recorded, by node
+
+    def _read_recorded(self) -> None:
+        """What only the supervisor measures (GPU and RAM per node, restarts), from the files it records them in:
+        a reader without the processes (`rl-swarm status`, a notebook) shows the same table."""
+        try:
+            samples = read_jsonl_tail(self.folder.monitor_file, self._samples_at, RecordedSample.from_json,
+                                      METRICS_CHUNK)
+            self._samples_at = samples.end
+            self.sample = samples.records[-1] if samples.records else self.sample
+            events = read_jsonl_tail(self.folder.events_file, self._events_at, max_bytes=METRICS_CHUNK)
+            self._events_at = events.end
+        except (RejectedFile, OSError) as exc:      # not written yet, or a Drive hiccup: the next refresh reads again
+            log.debug("recorded samples or events not read: %s", exc)
+            return
+        for row in events.records:
+            if row.get("kind") == EVENT_RESTART and isinstance(row.get("node"), str):
+                self.restarts[row["node"]] = self.restarts.get(row["node"], 0) + 1
 
     def _read_new_metrics(self, node: str) -> None:
         path = self.folder.metrics_file(node)
@@ -233,6 +255,9 @@ class SwarmReader:
              started: float | None = None, coordinator_round: int | None = None) -> SwarmView:
         beats = self.heartbeats()
         handles = list(handles)
+        if not handles:
+            self._read_recorded()
+            snapshot = snapshot or self._recorded_snapshot()
         nodes = [h.node for h in handles] + sorted(n for n, b in beats.items()
                                                    if b.role == "worker" and n not in {h.node for h in handles})
         rows = []
@@ -255,6 +280,19 @@ class SwarmReader:
                          events=tuple(events), phase=phase,
                          rejected_files=self.rejected + sum(b.rejected for b in beats.values()))
 
+    def _recorded_snapshot(self) -> MonitorSnapshot | None:
+        sample = self.sample
+        if sample is None or time.time() - sample.time > RECORDED_FRESH_S:
+            return None
+        device = None
+        if sample.device_total_mib and sample.device_used_mib is not None:
+            device = DeviceSnapshot(name="GPU", total_mib=sample.device_total_mib, used_mib=sample.device_used_mib,
+                                    free_mib=sample.device_total_mib - sample.device_used_mib, utilization_pct=None)
+        processes = {node: ProcessSnapshot(pid=0, alive=True, rss_mib=rss, cpu_pct=None, gpu_mib=gpu)
+                     for node, (gpu, rss) in sample.nodes.items()}
+        return MonitorSnapshot(taken_at=sample.time, device=device, processes=processes, supervisor_cpu_pct=None,
+                               host_ram_used_mib=0.0, host_ram_total_mib=0.0)
+
     def phase(self, beats: dict[str, Heartbeat]) -> str:
         try:
             return status_of(self.folder, beats)
@@ -275,6 +313,8 @@ class SwarmReader:
         process = None
         if snapshot is not None and handle is not None and handle.process is not None:
             process = snapshot.processes.get(handle.process.pid)
+        elif snapshot is not None and handle is None:
+            process = snapshot.processes.get(node)         # a recorded sample names its processes by node
         error = (handle.last_error if handle is not None and handle.last_error else None) or \
             (beat.last_error if beat else None)
         trend = self.held_out(node)
@@ -286,7 +326,7 @@ class SwarmReader:
                        local_rollouts=metrics.local_groups if metrics else None,
                        external_rollouts=metrics.external_groups if metrics else None,
                        gpu_mib=process.gpu_mib if process else None, ram_mib=process.rss_mib if process else None,
-                       restarts=handle.total_restarts if handle is not None else 0,
+                       restarts=handle.total_restarts if handle is not None else self.restarts.get(node, 0),
                        heartbeat_age_s=beat.age() if beat else None,
                        last_error=error if status in Status.TROUBLE else None,
                        held_out_start=trend.start, held_out=trend.newest, held_out_best=trend.best,
@@ -295,6 +335,42 @@ class SwarmReader:
                        liveness=liveness(beat, self.cfg.peer_timeout) if beat else None,
                        note=beat.note if beat else None,
                        device=handle.spec.device if handle is not None else beat.device if beat else None)
+
+
+def _mib(value: object) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else None
+
+
+@dataclass(frozen=True)
+class RecordedSample:
+    """A line of logs/supervisor/monitor.jsonl: per node (GPU MiB, RSS MiB), and the device's memory."""
+
+    time: float
+    nodes: dict[str, tuple[float | None, float | None]]
+    device_used_mib: float | None
+    device_total_mib: float | None
+
+    @classmethod
+    def from_json(cls, record: dict, where: str) -> "RecordedSample":
+        when, nodes = record.get("time"), record.get("nodes")
+        if _mib(when) is None or not isinstance(nodes, dict):
+            raise RejectedFile(f"{where}: not a monitor sample (time and nodes)")
+        return cls(time=float(when), nodes={str(node): (_mib(v.get("gpu_mib")), _mib(v.get("rss_mib")))
+                                            for node, v in nodes.items() if isinstance(v, dict)},
+                   device_used_mib=_mib(record.get("device_used_mib")),
+                   device_total_mib=_mib(record.get("device_total_mib")))
+
+
+def folder_reader(cfg: SwarmConfig) -> SwarmReader:
+    """A reader of an experiment from its folder alone, with the model, device and MAX_ROUNDS it was started with."""
+    folder = ExperimentFolder(cfg.experiment_dir)
+    if not folder.root.is_dir():
+        raise FolderError(f"no experiment at {folder.root}: check GDRIVE_PATH and EXPERIMENT_NAME")
+    recorded = experiment_config(folder)
+    if isinstance(recorded.get("max_rounds"), int):
+        cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])
+    return SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")), str(recorded.get("device_resolved", "?")))
 
 
 def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:

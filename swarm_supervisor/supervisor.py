@@ -24,6 +24,7 @@ from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_finished, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl
 from workers.shared_folder.leftovers import remove_stale_temps
+from workers.shared_folder.mount import folder_present
 from workers.shared_folder.protocol import EVENT_RESTART, EVENT_UNLEARNING, Status
 from workers.shared_folder.signing import KeyRing, NodeKey
 from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
@@ -107,6 +108,7 @@ class Supervisor:
         self.unlearning: set[str] = set()     # workers the learning-health guard warned about
         self.exit_code: int | None = None
         self.failure: str | None = None       # why the swarm stopped with EXIT_FAILED, in one line
+        self.folder_gone_at: float | None = None   # when the shared folder vanished (a dropped Drive mount)
 
     # -- events --------------------------------------------------------------------------------------
     def event(self, message: str, level: str = "info", kind: str | None = None, node: str | None = None) -> None:
@@ -228,6 +230,7 @@ class Supervisor:
         while self.exit_code is None:
             now = time.monotonic()
             if now - last_hang_check >= HANG_CHECK_S:
+                self._check_folder()
                 self._kill_hung()
                 last_hang_check = now
             self._reap()
@@ -246,6 +249,19 @@ class Supervisor:
             if self.exit_code is None:
                 time.sleep(TICK_S)
         return self.exit_code
+
+    def _check_folder(self) -> None:
+        """An event when the shared folder vanishes (a dropped Drive mount) and one when it is back."""
+        present = folder_present(self.folder.root)
+        if not present and self.folder_gone_at is None:
+            self.folder_gone_at = time.monotonic()
+            self.event(f"the shared folder {self.folder.root} is gone (a dropped Drive mount?): workers go on "
+                       "and keep their records until it is back", level="warning")
+        elif present and self.folder_gone_at is not None:
+            away = time.monotonic() - self.folder_gone_at
+            self.folder_gone_at = None
+            self.event(f"the shared folder is back after {away:.0f}s: workers write the records they kept "
+                       "and catch up")
 
     def _check_learning(self, view: SwarmView) -> None:
         """A warning event when a worker starts to unlearn (held-out falling, reward collapsed), one when it stops."""

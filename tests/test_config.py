@@ -85,3 +85,14 @@ def test_the_readme_table_is_the_generated_one():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert settings_markdown() in readme, "README is stale: paste the output of `rl-swarm config --markdown`"
+
+
+def test_a_drive_lag_of_minutes_stretches_the_waits_not_set_explicitly():
+    """A runtime joining through Drive (files minutes late): rounds wait for it instead of cutting it off."""
+    cfg = SwarmConfig.from_env({"DRIVE_LAG": "180"})
+    assert cfg.rollout_fetch_timeout >= 2 * 180
+    assert cfg.coordinator_round_interval >= cfg.rollout_fetch_timeout + 3 * 180
+    assert cfg.peer_timeout / 4 > 180                      # a heartbeat 3 minutes old is not yet "late"
+    mine = SwarmConfig.from_env({"DRIVE_LAG": "180", "PEER_TIMEOUT": "90"})
+    assert mine.peer_timeout == 90                         # set explicitly: it wins
+    assert SwarmConfig.from_env({}).rollout_fetch_timeout == 60

@@ -1,6 +1,10 @@
 """Offline models are built once and reused; a named model that cannot load is one line, never a swap."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -155,3 +159,21 @@ def test_gpt2_124m_random_builds_and_loads_identically(tmp_path):
     b = load_policy(GPT2_RANDOM, "cpu", tmp_path)
     assert len(a.tokenizer) == a.model.config.vocab_size == 50257
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_an_unreachable_hub_is_asked_once_and_gives_one_line(tmp_path):
+    """No HF_HUB_OFFLINE, and a hub that refuses connections: the fallback comes at once, without retry noise."""
+    with socket.socket() as closed:          # a port nothing listens on: the hub's address, refusing
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update({"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")})
+    code = ("from pathlib import Path\nfrom workers.learning.model import ModelLoadError, ensure_model_available, "
+            "resolve_default_model\nprint(resolve_default_model(Path(%r))[1])\ntry:\n"
+            "    ensure_model_available('openai-community/gpt2', Path(%r))\nexcept ModelLoadError as error:\n"
+            "    print(error)\n") % (str(tmp_path), str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    fallback, refusal = done.stdout.splitlines()
+    assert f"127.0.0.1:{port} unreachable" in fallback and "rl-swarm/tiny-gpt2" in fallback
+    assert "openai-community/gpt2" in refusal and "unreachable" in refusal
+    assert "Retry" not in done.stderr and "thrown while requesting" not in done.stderr, done.stderr

@@ -184,6 +184,17 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
     assert "10→30%" in line_of(frame(swarm), "worker-2")
     assert "held-out 36.0%" in status_line(swarm)                 # the mean of the newest: (42% + 30%) / 2
 
+    # what only the supervisor measures comes from the files it records it in: a folder reader shows it too
+    append_jsonl(folder.monitor_file, {"time": time.time(), "nodes": {"worker-1": {"gpu_mib": 2560.0, "rss_mib": 1234.0,
+                                                                               "cpu_pct": 50.0}},
+                                       "device_used_mib": 20480.0, "device_total_mib": 40960.0})
+    append_jsonl(folder.events_file, {"time": time.time(), "event": "worker-2: restarting", "level": "info",
+                                      "kind": "restart", "node": "worker-2"})
+    text = frame(reader.view())
+    assert "2,560" in line_of(text, "worker-1") and "1,234" in line_of(text, "worker-1")
+    assert "20,480/40,960 MiB (50%)" in text
+    assert line_of(text, "worker-2").split("│")[-2].strip() == "1"     # restarts, before the beat's age
+
 
 def test_late_and_gone_workers_and_a_folder_in_trouble_are_shown_where_the_eye_looks():
     nodes = [row("w-ok"), row("w-late", heartbeat_age_s=45.0, liveness="late"),

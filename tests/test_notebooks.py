@@ -1,18 +1,24 @@
 """Every notebook runs top to bottom on CPU with the tiny model; a stand-in makes the Drive mount a no-op."""
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import metrics_rows, survivors
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 pytestmark = pytest.mark.slow
-NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+REPO = Path(__file__).parent.parent
+NOTEBOOKS = REPO / "notebooks"
 
 
 @pytest.fixture
@@ -31,26 +37,106 @@ def colab_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def execute(name: str, cwd: Path) -> float:
+def execute(name: str, cwd: Path, kernel: str = "python3"):
+    """The notebook run top to bottom (raising on any cell's error), with its outputs."""
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "outputs not stripped"
     started = time.monotonic()
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(cwd)}}).execute()   # raises on any cell error
-    seconds = time.monotonic() - started
-    print(f"{name}.ipynb ran in {seconds:.0f}s")
-    return seconds
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name=kernel,
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+    print(f"{name}.ipynb ran in {time.monotonic() - started:.0f}s")
+    return notebook
 
 
-def test_colab_swarm_runs_and_a_rerun_resumes_then_monitor_shows_it(colab_env, start_from_base):
-    exp = colab_env / "drive" / "experiments" / "sapo-gpt2"
+def fresh_runtime(tmp_path: Path, monkeypatch) -> str:
+    """A kernel whose Python has every dependency but not rl-swarm, as a new Colab runtime: its name."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake-colab"))      # rl-swarm only as the cell installs it
+    venv = tmp_path / "runtime"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    # this environment's packages as plain folders: the .pth files there (an editable rl-swarm) are not read
+    Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    if subprocess.run([str(python), "-c", "import swarm_supervisor"], cwd=tmp_path, capture_output=True,
+                      timeout=60).returncode == 0:
+        pytest.skip("rl-swarm is installed into this environment (not editable): no runtime without it to test")
+    spec = tmp_path / "jupyter" / "kernels" / "fresh-runtime"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [str(python), "-m", "ipykernel_launcher", "-f",
+                                                           "{connection_file}"],
+                                                  "display_name": "fresh runtime", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")                              # the wheel has all it needs here
+    return "fresh-runtime"
+
+
+async def execute_then_interrupt(notebook, cwd: Path, kernel: str, ready) -> float:
+    """Run the notebook's cell and interrupt the kernel, as the stop button does, once `ready()`; seconds the cell
+    took from the interrupt to its end."""
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name=kernel,
+                                     resources={"metadata": {"path": str(cwd)}})
+    async with client.async_setup_kernel():
+        cell = asyncio.ensure_future(client.async_execute_cell(notebook.cells[0], 0))
+        deadline = time.monotonic() + 500
+        while not ready():
+            assert not cell.done(), f"the cell ended before the interrupt: {outputs_text(notebook)[-2000:]}"
+            assert time.monotonic() < deadline, "the swarm did not reach the interrupt point"
+            await asyncio.sleep(0.2)
+        interrupted = time.monotonic()
+        await client.km.interrupt_kernel()
+        await asyncio.wait_for(cell, 120)
+        return time.monotonic() - interrupted
+
+
+def outputs_text(notebook) -> str:
+    """Everything the cells show, as text: streams, and each display's text/plain (a redrawn one: its last frame)."""
+    parts = []
+    for cell in notebook.cells:
+        for out in cell.get("outputs", []):
+            shown = out.get("text", "") if out.output_type == "stream" else out.get("data", {}).get("text/plain", "")
+            parts.append(shown)
+    return "\n".join(parts)
+
+
+def test_colab_cell_installs_from_drive_draws_the_table_stops_on_interrupt_and_resumes(colab_env, monkeypatch,
+                                                                                      start_from_base):
+    """A new runtime: the cell installs the wheel `rl-swarm pack` put in the Drive folder, draws the table, the stop
+    button stops the swarm with no process left, running the cell again finishes it, and monitor shows it."""
+    drive = colab_env / "drive"
+    kernel = fresh_runtime(colab_env, monkeypatch)
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as nothing:     # no PACKAGE, nothing in dist/ yet
+        execute("colab_swarm", colab_env, kernel)
+    assert "rl-swarm: nothing to install" in str(nothing.value) and "Traceback" not in str(nothing.value)
+    packed = subprocess.run([sys.executable, "-m", "swarm_supervisor", "pack"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert packed.returncode == 0 and list((drive / "dist").glob("rl_swarm-*.whl")), packed.stdout + packed.stderr
+    monkeypatch.setenv("MAX_ROUNDS", "12")
+    exp = drive / "experiments" / "sapo-gpt2"
     start_from_base(exp)
-    execute("colab_swarm", colab_env)
+    metrics = exp / "metrics" / "worker-1" / "metrics.jsonl"
+
+    notebook = nbformat.read(NOTEBOOKS / "colab_swarm.ipynb", as_version=4)
+    stop_s = asyncio.run(execute_then_interrupt(
+        notebook, colab_env, kernel, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2))
+    print(f"the interrupted cell ended {stop_s:.1f}s after the interrupt")
+    shown = outputs_text(notebook)
+    assert "rl-swarm: installed from " in shown and ".whl" in shown, shown[-2000:]
+    assert "stopped (resumable" in shown, shown[-2000:]
+    table = shown[shown.index("rl-swarm sapo-gpt2"):]            # the table's last frame, its header first
+    for node in ("coordinator", "worker-1", "worker-2"):
+        assert any(line.lstrip("│ ").startswith(node) for line in table.splitlines()), table
+    pids = [json.loads(p.read_text())["pid"] for p in (exp / "peers").glob("*.json")]
+    assert len(pids) == 3 and survivors(pids, grace_s=10) == []
+    assert not (exp / "state" / "finished.json").exists()
+
+    execute("colab_swarm", colab_env, kernel)            # a new runtime after the stop: it installs, and resumes
     assert (exp / "state" / "finished.json").exists()
-    execute("colab_swarm", colab_env)         # re-run after "a disconnect": already finished, nothing redone
-    assert len((exp / "metrics" / "worker-1" / "metrics.jsonl").read_text().splitlines()) == 3
-    execute("monitor", colab_env)
-    assert (colab_env / "drive" / "plots" / "sapo-gpt2.png").exists()
+    for node in ("worker-1", "worker-2"):
+        assert sorted({row["round"] for row in metrics_rows(exp, node)}) == list(range(1, 13))
+    shown = outputs_text(execute("monitor", colab_env, kernel))
+    assert "worker-2" in shown and "12/12" in shown, shown[-2000:]
+    assert (drive / "plots" / "sapo-gpt2.png").exists()
 
 
 def test_join_worker_adds_workers_to_a_running_swarm(colab_env, monkeypatch, start_from_base):

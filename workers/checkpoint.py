@@ -25,6 +25,7 @@ from configs_env import SwarmError
 from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, with_retries,
                                           write_json_atomic)
 from workers.shared_folder.jsonl import read_jsonl
+from workers.shared_folder.mount import make_dirs
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.signing import NodeKey
@@ -62,7 +63,7 @@ def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,
     Any failure to write is an OSError (torch and safetensors report a full or failing disk as their own
     errors), and leaves no temp folder behind: each would hold a whole model.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(root)
     tmp = make_temp_dir(root / f"round_{meta.round:06d}")
     try:
         return _write_checkpoint(root, tmp, meta, model, optimizer)
@@ -154,7 +155,7 @@ def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: flo
 
     Written beside the old best and swapped in by renames, so a crash leaves one whole best model, old or new.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(root)
     final = root / BEST
     tmp = make_temp_dir(final)
     old = tmp.with_suffix(".old")

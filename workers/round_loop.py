@@ -10,12 +10,13 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 
 from configs_env import SwarmConfig
-from workers.shared_folder.exchange import Exchange
+from workers.shared_folder.exchange import Exchange, Outbox
 from workers.learning.generation import (Completion, CompletionMismatch, CompletionTooLong, bucketed_width,
                                          encode_completion, encode_prompt, generate_ids, prompts_per_call,
                                          sample_completions)
@@ -162,6 +163,7 @@ class Node:
     index: int                                   # its place among this host's workers: seeds its questions
     reference: torch.nn.Module | None = None     # the frozen KL anchor, only when KL_BETA > 0
     splits: int = 1                              # generation batches (more after a CUDA out-of-memory restart)
+    outbox: Outbox | None = None                 # the worker's writes the folder refused, tried again in order
 
 
 def rehearse_largest_round(node: Node) -> int:
@@ -244,14 +246,16 @@ def publish(node: Node, round_: int, shared: list[RolloutGroup]) -> None:
     """Our groups to the folder; a folder that is down costs the peers this round, not our update."""
     if not shared:
         return
-    try:
-        if node.cfg.rollout_publish_frequency == "generation":
-            for part, group in enumerate(shared):
-                node.exchange.publish_rollouts(round_, [group], part=part)
-        else:
-            node.exchange.publish_rollouts(round_, shared)
-    except OSError as exc:
-        log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
+    parts = list(enumerate([[group] for group in shared])) if node.cfg.rollout_publish_frequency == "generation" \
+        else [(None, shared)]
+    for part, groups in parts:
+        try:
+            node.exchange.publish_rollouts(round_, groups, part=part)
+        except OSError as exc:
+            log.warning("round %d: rollouts not published (%s); training on local rollouts only", round_, exc)
+            if node.outbox is not None:     # written late, for the record (peers have moved on by then)
+                node.outbox.keep(f"publishing round {round_}'s rollouts",
+                                 partial(node.exchange.publish_rollouts, round_, groups, part=part))
 
 
 class ExternalCounts(NamedTuple):

@@ -20,6 +20,7 @@ import torch
 from configs_env import SwarmConfig, SwarmError
 from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, clear_leftovers, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
+from workers.shared_folder import mount
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.storage import mount_experiment
 from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
@@ -96,6 +97,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec, stop: threading.Event):
         self.spec, self.cfg, self.stop = spec, spec.cfg, stop
         self.folder = ExperimentFolder(spec.cfg.experiment_dir)
+        mount.claim(self.folder.root)      # made by the supervisor; a dropped mount must not make it again
         self.exchange = node_exchange(self.folder, spec.cfg, spec.node)
         self.beat = replace(Heartbeat.first(spec.node, "worker", Status.STARTING), device=spec.device)
         self._beat_lock = threading.Lock()
@@ -252,7 +254,7 @@ class Worker:
         elif load_base(self.folder.root, policy):
             log.info("starting from the experiment's warmed-up base model")
         node = Node(policy, optimizer, cfg, TaskMix(cfg.tasks, seed=cfg.seed + spec.index), self.exchange,
-                    spec.index, self._reference(policy), spec.generation_splits)
+                    spec.index, self._reference(policy), spec.generation_splits, self.outbox)
         width = rehearse_largest_round(node)
         if width:
             log.info("rehearsed the largest round (%d-token prompts, %d new tokens): %.2f GiB reserved at most",

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from configs_env import ConfigError, SwarmError
+from workers.learning.hub import hub_unreachable, offline_kwargs
 from workers.learning.offline_models import GPT2_RANDOM, NO_DROPOUT, TINY, prepare_model
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,11 @@ def ensure_model_available(model_name: str, cache_dir: Path) -> None:
     """Build an offline model, or check a named one's config resolves, before any worker starts."""
     source = model_source(model_name, cache_dir)
     try:
-        AutoConfig.from_pretrained(source)
+        AutoConfig.from_pretrained(source, **offline_kwargs(source))
     except _LOAD_ERRORS as exc:
-        raise ModelLoadError(model_name, exc) from exc
+        away = offline_kwargs(source) and hub_unreachable()
+        raise ModelLoadError(model_name, f"not in the local cache, and the Hugging Face hub is away ({away})"
+                             if away else exc) from exc
 
 
 def context_length(config: object) -> int:
@@ -106,8 +109,8 @@ def check_prompt_room(model_name: str, cache_dir: Path, tasks: tuple[tuple[str, 
 
     source = model_source(model_name, cache_dir)
     try:
-        positions = context_length(AutoConfig.from_pretrained(source))
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        positions = context_length(AutoConfig.from_pretrained(source, **offline_kwargs(source)))
+        tokenizer = AutoTokenizer.from_pretrained(source, **offline_kwargs(source))
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(model_name, exc) from exc
     with contextlib.redirect_stdout(io.StringIO()):      # reasoning-gym's bf prints a dot per question it builds
@@ -131,13 +134,16 @@ def resolve_default_model(cache_dir: Path) -> tuple[str, str | None]:
         return DEFAULT_HUB_MODEL, None
     except _LOAD_ERRORS as exc:
         log.info("default model not in the local Hugging Face cache: %s", exc)
-    try:
-        AutoConfig.from_pretrained(DEFAULT_HUB_MODEL)   # fails at once under HF_HUB_OFFLINE=1
-        return DEFAULT_HUB_MODEL, None
-    except _LOAD_ERRORS as exc:
-        log.info("default model unavailable: %s", exc)
-        return TINY, (f"MODEL_NAME is unset and {DEFAULT_HUB_MODEL} is not reachable (no Hugging Face hub or "
-                      f"cache): using the built-in offline model {TINY}")
+    away = hub_unreachable()
+    if away is None:
+        try:
+            AutoConfig.from_pretrained(DEFAULT_HUB_MODEL)
+            return DEFAULT_HUB_MODEL, None
+        except _LOAD_ERRORS as exc:
+            log.info("default model unavailable: %s", exc)
+            away = f"the hub answered but gave no {DEFAULT_HUB_MODEL}"
+    return TINY, (f"MODEL_NAME is unset and {DEFAULT_HUB_MODEL} is not reachable (no Hugging Face hub or cache: "
+                  f"{away}): using the built-in offline model {TINY}")
 
 
 def _dropout_off(model: torch.nn.Module) -> None:
@@ -169,8 +175,9 @@ def load_policy(model_name: str, device: str | torch.device, cache_dir: Path,
     source = model_source(model_name, cache_dir)
     try:
         # The model first: a folder without config.json says so, rather than a tokenizer riddle.
-        model = AutoModelForCausalLM.from_pretrained(source, **({"dtype": dtype} if dtype else {}))
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **({"dtype": dtype} if dtype else {}),
+                                                     **offline_kwargs(source))
+        tokenizer = AutoTokenizer.from_pretrained(source, **offline_kwargs(source))
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(model_name, exc) from exc
     if tokenizer.pad_token_id is None:

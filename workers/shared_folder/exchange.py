@@ -323,11 +323,15 @@ class Outbox:
 
     def send(self, what: str, write: Callable[[], None]) -> bool:
         """Queue one write behind the waiting ones and try them all; True when nothing is left waiting."""
+        self.keep(what, write)
+        return self.flush()
+
+    def keep(self, what: str, write: Callable[[], None]) -> None:
+        """Queue a write that just failed its own retries, to be tried again with the next ones."""
         if len(self._waiting) >= self.MAX_WAITING:
             raise OSError(f"{len(self._waiting)} writes have waited for the shared folder; giving up on it "
                           f"(the worker restarts from its last checkpoint once the folder works)")
         self._waiting.append((what, write))
-        return self.flush()
 
     def flush(self, attempts: int = 4) -> bool:
         """Write what waits, oldest first, each with up to `attempts` tries; True when nothing is left."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from configs_env import SwarmError
-from workers.shared_folder import bounded_json, drive_sim, storage
+from workers.shared_folder import bounded_json, drive_sim, mount, storage
 from workers.shared_folder.leftovers import temp_prefix, usual_mode
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def _folder(directory: Path, create: bool = False) -> Iterator[int]:
     top, parts = _below_root(directory)
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     if create:
-        Path(top).mkdir(parents=True, exist_ok=True)
+        mount.make_dirs(Path(top))      # never the experiment folder of a dropped Drive mount again
     fd = os.open(top, flags)
     try:
         for part in parts:
@@ -539,6 +539,7 @@ class ExperimentFolder:
     def create(self) -> "ExperimentFolder":
         for sub in ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs", "keys"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        mount.claim(self.root)
         try:
             # mkstemp, not a name of ours: a link planted at a predictable name would have us truncate its target
             fd, probe = tempfile.mkstemp(dir=self.root / "state", prefix=".probe.")
