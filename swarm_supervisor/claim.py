@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import psutil
 
 from configs_env import SwarmConfig
+from workers.shared_folder import mount
 from workers.shared_folder.exchange import HEARTBEAT_BYTES, read_signed
 from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, is_visible, read_json_bounded,
                                           with_retries, write_json_atomic, write_json_create_only)
@@ -158,7 +159,13 @@ class CoordinatorClaim:
         while not self._done.wait(RENEW_S):
             try:
                 held = self._read_lease()
-                if held is None or held.instance != self.lease.instance:
+                if held is None and not mount.folder_present(self.folder.root):
+                    log.warning("coordinator lease not renewed: the shared folder is not there (a dropped mount?)")
+                    continue
+                if held is None:        # deleted or replaced by a forgery: a peer cannot end the swarm that way
+                    log.warning("the coordinator lease %s was gone or not ours: written again",
+                                self.folder.coordinator_lease_file)
+                elif held.instance != self.lease.instance:       # signed by our key: another `up` of ours
                     self.lost = ("another coordinator took the experiment's lease "
                                  f"({self.folder.coordinator_lease_file}); this one stops")
                     log.error("%s", self.lost)

@@ -290,8 +290,10 @@ class SwarmReader:
                                     free_mib=sample.device_total_mib - sample.device_used_mib, utilization_pct=None)
         processes = {node: ProcessSnapshot(pid=0, alive=True, rss_mib=rss, cpu_pct=None, gpu_mib=gpu)
                      for node, (gpu, rss) in sample.nodes.items()}
-        return MonitorSnapshot(taken_at=sample.time, device=device, processes=processes, supervisor_cpu_pct=None,
-                               host_ram_used_mib=0.0, host_ram_total_mib=0.0)
+        # the recorded sample sums the GPUs the workers use: one line for all of them
+        return MonitorSnapshot(taken_at=sample.time, devices=(device,) if device is not None else (),
+                               processes=processes, supervisor_cpu_pct=None, host_ram_used_mib=0.0,
+                               host_ram_total_mib=0.0)
 
     def phase(self, beats: dict[str, Heartbeat]) -> str:
         try:

@@ -174,6 +174,44 @@ def test_a_forged_lease_or_a_crashed_ups_lease_does_not_block_a_resume_and_a_liv
     CoordinatorClaim(cfg, folder, key, keyring, "up").take()                # a forged lease holds nothing
 
 
+def test_a_deleted_or_forged_lease_or_a_dropped_mount_does_not_end_the_coordinator(swarm, monkeypatch):
+    """Seen when merging with the dropped-mount work: a renewal that found no lease (the Drive mount gone for a
+    minute) took it as another coordinator's and stopped the swarm. A peer deleting or forging the lease could do
+    the same. Only a lease our own key signed for another `up` ends this one."""
+    monkeypatch.setattr("swarm_supervisor.claim.RENEW_S", 0.05)
+    cfg, folder = swarm
+    key, keyring = coordinator_key(cfg, folder)
+    claim = CoordinatorClaim(cfg, folder, key, keyring, "up")
+
+    def ours() -> bool:
+        try:
+            return Lease.from_json(read_signed(folder.coordinator_lease_file, COORDINATOR, keyring),
+                                   "lease").instance == claim.lease.instance
+        except (OSError, UnknownSigner, RejectedFile):
+            return False
+
+    def until(predicate, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    with claim.held():
+        folder.coordinator_lease_file.unlink()
+        until(ours, "the deleted lease written again")
+        write_json_atomic(folder.coordinator_lease_file, forger().sign({"schema": 1, **claim.lease.__dict__}))
+        until(ours, "the forged lease replaced")
+        moved = folder.root.with_name("away")
+        folder.root.rename(moved)                       # the mount drops...
+        time.sleep(0.5)
+        moved.rename(folder.root)                       # ...and comes back
+        until(ours, "the lease renewed after the mount came back")
+        assert claim.lost is None
+        other = Lease(**{**claim.lease.__dict__, "instance": "another-up"})
+        write_json_atomic(folder.coordinator_lease_file, key.sign({"schema": 1, **other.__dict__}))
+        until(lambda: claim.lost is not None, "the claim lost to an `up` with our key")
+
+
 def test_an_up_with_another_machines_key_is_refused_and_so_is_an_experiment_of_unsigned_records(swarm, tmp_path):
     cfg, folder = swarm
     key, keyring = coordinator_key(cfg, folder)
