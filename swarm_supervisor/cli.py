@@ -1,9 +1,12 @@
 """`rl-swarm`: up (the whole swarm), worker (join a swarm started elsewhere), status, config."""
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -435,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck process is
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = build_parser().parse_args(argv)
     command = args.command or "up"
     try:

@@ -113,7 +113,14 @@ def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal,
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     stopped_at = time.monotonic()
     proc.send_signal(stop_signal)
-    output, _ = proc.communicate(timeout=60)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:           # seen once in CI: show where it is stuck, then fail
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        pytest.fail(f"the supervisor did not exit within 60 s of the signal; its threads:\n"
+                    f"{proc.communicate(timeout=30)[0][-6000:]}")
     assert proc.returncode == 130, output
     assert time.monotonic() - stopped_at < 30
     assert not survivors(children, grace_s=10), "orphan processes after the supervisor exited"
