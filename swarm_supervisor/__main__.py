@@ -2,7 +2,8 @@
 
 import sys
 
-from swarm_supervisor.cli import main
+from swarm_supervisor.cli import main, stacks_on_sigusr1
 
 if __name__ == "__main__":
+    stacks_on_sigusr1()
     sys.exit(main())

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -438,9 +437,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-        # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck process is
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = build_parser().parse_args(argv)
     command = args.command or "up"
     try:
@@ -474,7 +470,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck process is. For a
+    process's entry point only (a stderr without a file descriptor, as under a test's capture, has none)."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def entry() -> None:
+    stacks_on_sigusr1()
     sys.exit(main())
 
 
