@@ -273,6 +273,12 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
     print(f"rl-swarm: warm-up {report['steps']} steps in {report['seconds']:.0f}s: greedy exact-match "
           f"{report['greedy_accuracy_before']:.0%} -> {report['greedy_accuracy_after']:.0%}"
           f"{report.get('stop_note', '')} (base saved to {report['path']})")
+    if len(report["by_task"]) > 1:
+        print("rl-swarm: by task: " + ", ".join(f"{task} {accuracy:.0%}"
+                                                 for task, accuracy in report["by_task"].items()))
+    if report["checks"]:
+        print("rl-swarm: checks (step: accuracy): " + ", ".join(f"{step}: {accuracy:.0%}"
+                                                              for step, accuracy in report["checks"]))
 
 
 def pretrain(cfg: SwarmConfig) -> int:

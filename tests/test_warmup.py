@@ -31,6 +31,7 @@ def test_a_low_target_stops_at_the_first_check_that_reaches_it_and_changes_no_st
     assert report.steps % TARGET_CHECK_EVERY == 0 and checks[-1] == (report.steps, report.greedy_accuracy_after)
     assert report.greedy_accuracy_after >= 0.05 > max([report.greedy_accuracy_before] + [a for _, a in checks[:-1]])
     assert report.stop_note() == f", target 5% reached at step {report.steps}"
+    assert list(report.checks) == checks    # the curve is kept with the base, not only shown on the bar
 
     # the checks do not disturb training: the same number of steps without a target gives the same weights
     same_steps = fresh_policy(model_cache)
@@ -75,3 +76,6 @@ def test_pretrain_says_the_target_stopped_the_warm_up(tmp_path):
                             env=env, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "target 5% reached at step" in result.stdout
+    # the curve and the per-task result, for a user choosing WARMUP_STEPS for many tasks
+    assert "rl-swarm: checks (step: accuracy): 50: " in result.stdout
+    assert "rl-swarm: by task: " in result.stdout and "basic_arithmetic " in result.stdout

@@ -42,6 +42,23 @@ def held_out_questions(tasks: tuple[tuple[str, float], ...], size: int) -> list[
 def greedy_accuracy(policy: Policy, questions: list[Question], max_new_tokens: int, fast: bool = False,
                     batch_size: int | None = None) -> float:
     """Exact-match rate (score == 1) of greedy answers, `batch_size` prompts a generate call (default: all)."""
+    hits = greedy_hits(policy, questions, max_new_tokens, fast, batch_size)
+    return sum(hits) / max(1, len(hits))
+
+
+def accuracy_by_task(questions: list[Question], hits: list[bool]) -> dict[str, float]:
+    """Exact-match rate per task, in the order the tasks first appear."""
+    counts: dict[str, list[int]] = {}
+    for question, hit in zip(questions, hits):
+        count = counts.setdefault(question.task, [0, 0])
+        count[0] += hit
+        count[1] += 1
+    return {task: right / total for task, (right, total) in counts.items()}
+
+
+def greedy_hits(policy: Policy, questions: list[Question], max_new_tokens: int, fast: bool = False,
+                batch_size: int | None = None) -> list[bool]:
+    """Whether each greedy answer is exactly right (score == 1), `batch_size` prompts a generate call."""
     prompts = [build_prompt(q.question) for q in questions]
     size = max(1, batch_size or len(prompts))
     hits = []
@@ -54,7 +71,7 @@ def greedy_accuracy(policy: Policy, questions: list[Question], max_new_tokens: i
         groups = sample_completions(policy, batch, 1, max_new_tokens, 1.0, generator_seed=0, greedy=True, fast=fast)
         for question, group in zip(questions[start:start + size], groups):
             hits.append(score_completion(question.task, group[0].text, question.entry()) >= 1.0)
-    return sum(hits) / max(1, len(hits))
+    return hits
 
 
 def eval_due(round_: int, max_rounds: int, every: int) -> bool:

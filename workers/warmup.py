@@ -12,7 +12,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from configs_env import SwarmConfig
 from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded
 from workers.shared_folder.leftovers import make_temp_dir
-from workers.evaluation import EVAL_BATCH, greedy_accuracy, held_out_questions
+from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
 from workers.learning.generation import encode_prompt
 from workers.learning.grpo import build_batch, completion_logprobs
 from workers.learning.model import Policy, default_warmup_lr
@@ -46,6 +46,8 @@ class WarmupReport:
     seconds: float
     target_accuracy: float = 0.0     # WARMUP_TARGET_ACCURACY; 0: the warm-up ran its WARMUP_STEPS
     stopped_by: str = "steps"        # "target": the target was reached after `steps`; "steps": the budget ran out
+    checks: tuple[tuple[int, float], ...] = ()      # (step, held-out accuracy) of each WARMUP_TARGET_ACCURACY check
+    by_task: dict[str, float] = field(default_factory=dict)     # the final held-out accuracy, task by task
 
     def stop_note(self) -> str:
         """Which stop happened, for the CLI's one line."""
@@ -60,12 +62,12 @@ def target_text(answer: str) -> str:
     return f" <answer>{answer}</answer>"
 
 
-def _checked_accuracy(policy: Policy, questions: list[Question], max_new_tokens: int) -> float:
-    """greedy_accuracy without moving the training RNG (it re-seeds): checks change no step of the warm-up."""
+def _checked_hits(policy: Policy, questions: list[Question], max_new_tokens: int) -> list[bool]:
+    """greedy_hits without moving the training RNG (it re-seeds): checks change no step of the warm-up."""
     devices = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return greedy_accuracy(policy, questions, max_new_tokens, fast=policy.device.type == "cuda",
-                               batch_size=EVAL_BATCH)
+        return greedy_hits(policy, questions, max_new_tokens, fast=policy.device.type == "cuda",
+                           batch_size=EVAL_BATCH)
 
 
 def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, float], None] = lambda *_: None,
@@ -76,7 +78,8 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     # the questions and length of the workers' held-out evaluation, so "after" is their round-0 number
     held_out = held_out_questions(cfg.tasks, cfg.eval_size or EVAL_QUESTIONS)
     eval_tokens = cfg.max_new_tokens
-    before = _checked_accuracy(policy, held_out, eval_tokens)
+    hits = _checked_hits(policy, held_out, eval_tokens)
+    before = sum(hits) / max(1, len(hits))
     train_tasks = TaskMix(cfg.tasks, seed=cfg.seed + 7919)
     rng = random.Random(cfg.seed)
     eos = policy.tokenizer.eos_token_id
@@ -88,7 +91,7 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     torch.manual_seed(cfg.seed)
     policy.model.train()
     loss_value = float("nan")
-    step, accuracy = 0, before
+    step, accuracy, checks = 0, before, []
     while step < cfg.warmup_steps and not reached:
         step += 1
         questions = train_tasks.sample(cfg.warmup_batch_size, rng)
@@ -109,16 +112,20 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
             loss_value = loss.item()
         on_step(step, loss_value)
         if check:
-            accuracy = _checked_accuracy(policy, held_out, eval_tokens)
+            hits = _checked_hits(policy, held_out, eval_tokens)
+            accuracy = sum(hits) / max(1, len(hits))
+            checks.append((step, accuracy))
             on_check(step, accuracy)
             reached = accuracy >= target
     if not reached:     # the step budget ran out (or there is no target): measure the result once
-        accuracy = _checked_accuracy(policy, held_out, eval_tokens)
+        hits = _checked_hits(policy, held_out, eval_tokens)
+        accuracy = sum(hits) / max(1, len(hits))
         reached = target > 0 and accuracy >= target
     return WarmupReport(model_name=policy.name, steps=step, final_loss=loss_value,
                         greedy_accuracy_before=before, greedy_accuracy_after=accuracy,
                         seconds=time.monotonic() - started, target_accuracy=target,
-                        stopped_by="target" if reached else "steps")
+                        stopped_by="target" if reached else "steps", checks=tuple(checks),
+                        by_task=accuracy_by_task(held_out, hits))
 
 
 def base_dir(experiment_root: Path) -> Path:
