@@ -25,7 +25,8 @@ from workers.shared_folder.leftovers import make_temp_dir
 from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
 from workers.learning.generation import encode_prompt
 from workers.learning.grpo import build_batch, completion_logprobs
-from workers.learning.model import Policy, default_warmup_lr
+from workers.learning.model import (Policy, default_warmup_lr, enable_activation_checkpointing,
+                                   use_activation_checkpointing)
 from workers.learning.tasks import Question, TaskMix, build_prompt
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,30 @@ def _checked_hits(policy: Policy, questions: list[Question], max_new_tokens: int
                            batch_size=EVAL_BATCH)
 
 
+def _accuracy(hits: list[bool]) -> float:
+    return sum(hits) / max(1, len(hits))
+
+
+def _supervised_step(policy: Policy, questions: list[Question], optimizer: torch.optim.Optimizer,
+                     max_new_tokens: int) -> torch.Tensor:
+    """One step of cross-entropy on `<answer>gold</answer>` + EOS after each prompt; the loss, on the device."""
+    eos = policy.tokenizer.eos_token_id
+    # prompt and target are tokenised apart, exactly as generation sees them (BPE merges across the
+    # boundary would otherwise teach the model a prompt ending it never sees)
+    prompts = [encode_prompt(policy, build_prompt(q.question), max_new_tokens) for q in questions]
+    targets = [policy.tokenizer(target_text(q.answer), add_special_tokens=False)["input_ids"] + [eos]
+               for q in questions]
+    batch = build_batch(prompts, targets, pad_id=eos, device=policy.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
+        logp = completion_logprobs(policy.model, batch)
+    loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
 def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, float], None] = lambda *_: None,
                       on_check: Callable[[int, float], None] = lambda *_: None) -> WarmupReport:
     """WARMUP_STEPS steps, or fewer when WARMUP_TARGET_ACCURACY is set and a check every TARGET_CHECK_EVERY
@@ -77,12 +102,10 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     started = time.monotonic()
     # the questions and length of the workers' held-out evaluation, so "after" is their round-0 number
     held_out = held_out_questions(cfg.tasks, cfg.eval_size or EVAL_QUESTIONS)
-    eval_tokens = cfg.max_new_tokens
-    hits = _checked_hits(policy, held_out, eval_tokens)
-    before = sum(hits) / max(1, len(hits))
+    hits = _checked_hits(policy, held_out, cfg.max_new_tokens)
+    before = accuracy = _accuracy(hits)
     train_tasks = TaskMix(cfg.tasks, seed=cfg.seed + 7919)
     rng = random.Random(cfg.seed)
-    eos = policy.tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.warmup_lr or default_warmup_lr(policy.name),
                                   weight_decay=0.0)
     target = cfg.warmup_target_accuracy
@@ -90,36 +113,30 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     # dropout draws from the seed, not from whatever the process ran before
     torch.manual_seed(cfg.seed)
     policy.model.train()
+    # as in the workers' update: bf16 autocast over fp32 weights (_supervised_step), and activations recomputed
+    # in backward. In fp32 with every activation kept, a 32-question batch of the paper's tasks (prompts up to
+    # ~370 tokens) held ~20 GiB per warm-up on an H200, and six of them left no room for a swarm beside them
+    if use_activation_checkpointing(cfg.gradient_checkpointing, policy.device):
+        enable_activation_checkpointing(policy.model)
     loss_value = float("nan")
-    step, accuracy, checks = 0, before, []
+    step, checks = 0, []
     while step < cfg.warmup_steps and not reached:
         step += 1
-        questions = train_tasks.sample(cfg.warmup_batch_size, rng)
-        # prompt and target are tokenised apart, exactly as generation sees them (BPE merges across the
-        # boundary would otherwise teach the model a prompt ending it never sees)
-        prompts = [encode_prompt(policy, build_prompt(q.question), cfg.max_new_tokens) for q in questions]
-        targets = [policy.tokenizer(target_text(q.answer), add_special_tokens=False)["input_ids"] + [eos]
-                   for q in questions]
-        batch = build_batch(prompts, targets, pad_id=eos, device=policy.device)
-        logp = completion_logprobs(policy.model, batch)
-        loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
-        optimizer.step()
+        loss = _supervised_step(policy, train_tasks.sample(cfg.warmup_batch_size, rng), optimizer,
+                                cfg.max_new_tokens)
         check = target > 0 and step % TARGET_CHECK_EVERY == 0 and step < cfg.warmup_steps
         if step % 10 == 0 or step == cfg.warmup_steps or check:
             loss_value = loss.item()
         on_step(step, loss_value)
         if check:
-            hits = _checked_hits(policy, held_out, eval_tokens)
-            accuracy = sum(hits) / max(1, len(hits))
+            hits = _checked_hits(policy, held_out, cfg.max_new_tokens)
+            accuracy = _accuracy(hits)
             checks.append((step, accuracy))
             on_check(step, accuracy)
             reached = accuracy >= target
     if not reached:     # the step budget ran out (or there is no target): measure the result once
-        hits = _checked_hits(policy, held_out, eval_tokens)
-        accuracy = sum(hits) / max(1, len(hits))
+        hits = _checked_hits(policy, held_out, cfg.max_new_tokens)
+        accuracy = _accuracy(hits)
         reached = target > 0 and accuracy >= target
     return WarmupReport(model_name=policy.name, steps=step, final_loss=loss_value,
                         greedy_accuracy_before=before, greedy_accuracy_after=accuracy,
