@@ -25,7 +25,7 @@ from workers.shared_folder.exchange import read_finished, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder, append_jsonl
 from workers.shared_folder.leftovers import remove_stale_temps
 from workers.shared_folder.mount import folder_present
-from workers.shared_folder.protocol import EVENT_RESTART, EVENT_UNLEARNING, Status
+from workers.shared_folder.protocol import EVENT_FAILED, EVENT_RESTART, EVENT_UNLEARNING, Status
 from workers.shared_folder.signing import KeyRing, NodeKey
 from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
 
@@ -114,7 +114,7 @@ class Supervisor:
     def event(self, message: str, level: str = "info", kind: str | None = None, node: str | None = None) -> None:
         """A line for people (the dashboard, events.jsonl) and, with `kind`, a fact for programs to count."""
         self.events.append(time.strftime("%H:%M:%S ") + message)
-        (log.warning if level == "warning" else log.info)(message)
+        {"warning": log.warning, "error": log.error}.get(level, log.info)(message)
         record = {"time": time.time(), "event": message, "level": level,
                   **({"kind": kind, "node": node} if kind else {})}
         try:
@@ -160,7 +160,8 @@ class Supervisor:
                 h.failed = True
                 why = "a setting or file it cannot work with" if code == EXIT_CONFIG else \
                     f"{len(h.restarts)} restarts within {self.policy.window_s:.0f}s"
-                self.event(f"{h.node}: failed ({why}): {h.last_error}")
+                self.event(f"{h.node}: failed ({why}): {h.last_error}", level="error", kind=EVENT_FAILED,
+                           node=h.node)
                 continue
             if code == EXIT_OUT_OF_MEMORY:
                 # restarting the same way would crash the same way: generate in smaller batches

@@ -31,7 +31,7 @@ class Status:
 
 
 # kinds of the supervisor's events (logs/supervisor/events.jsonl) that programs count
-EVENT_RESTART, EVENT_UNLEARNING = "restart", "unlearning"
+EVENT_RESTART, EVENT_UNLEARNING, EVENT_FAILED = "restart", "unlearning", "failed"
 MAX_TEXT = 16_384          # characters of one question, prompt or completion
 MAX_GROUP = 256            # completions in one group (NUM_GENERATIONS is capped at 256 too)
 MAX_GROUPS = 1024
