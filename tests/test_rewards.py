@@ -74,3 +74,11 @@ def test_rewards_above_one_still_give_zero_mean_advantages():
     advantages = group_advantages(torch.tensor([[1.1, 0.1, 0.0, 1.1], [1.1, 1.1, 1.1, 1.1]]))
     assert advantages[0].sum().abs() < 1e-5 and advantages[0, 0] > advantages[0, 1] > advantages[0, 2]
     assert torch.equal(advantages[1], torch.zeros(4))              # all right and well formed: no signal
+
+
+def test_building_questions_prints_nothing_on_the_terminal(capfd):
+    # reasoning-gym's bf generator prints a dot per optimiser pass: on a worker's stdout that would draw over
+    # the dashboard
+    questions = TaskMix((("bf", 1.0),), seed=3).sample(5, random.Random(0))
+    assert len(questions) == 5 and all(q.answer for q in questions)
+    assert capfd.readouterr().out == ""

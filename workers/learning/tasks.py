@@ -1,6 +1,8 @@
 """Questions from reasoning-gym, prompts, answer extraction and scoring."""
 
+import contextlib
 import functools
+import io
 import logging
 import random
 import re
@@ -73,7 +75,10 @@ def task_dataset(task: str, seed: int) -> ProceduralDataset:
 
 
 def _question(task: str, dataset_seed: int, index: int) -> Question:
-    item = task_dataset(task, dataset_seed)[index]
+    # some generators print as they build (bf's optimiser prints a dot a pass): in a worker that is noise on the
+    # terminal the dashboard draws on, and a thousand dots in the warm-up's log
+    with contextlib.redirect_stdout(io.StringIO()):
+        item = task_dataset(task, dataset_seed)[index]
     metadata = dict(item.get("metadata", {}))
     metadata["source_dataset"] = task
     return Question(task=task, question=item["question"], answer=str(item["answer"]), metadata=_json_safe(metadata),
