@@ -10,6 +10,9 @@ PAPER_TASKS: tuple[tuple[str, float], ...] = tuple((name, 1.0) for name in (
 # the sum over 2000 rounds of the agents' mean reward, Qwen2.5-0.5B (Sec. 5, Table 1).
 PAPER_SPLITS: tuple[tuple[int, int], ...] = ((8, 0), (6, 2), (4, 4), (2, 6))
 PAPER_CUMULATIVE_REWARD: dict[str, float] = {"8/0": 561.8, "6/2": 854.4, "4/4": 1093.3, "2/6": 945.9}
+# The longest gold answer of the nine tasks, `<answer>` tags and EOS included, is 115 GPT-2 tokens (binary_matrix;
+# the others need 7-36): 128 new tokens fit every answer, and a policy that rambles costs half of 256's
+PAPER_MAX_NEW_TOKENS = 128
 
 # The seeds' 5-node GPT-2 swarm is the default: 1 coordinator + 4 workers, I=2, J=2, G=4, 2000 rounds.
 # sapo-*: the paper's splits scaled to 4 workers (I+J=4). With 4 workers, sapo-1-3's J=3 takes every group the
@@ -22,7 +25,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sapo-2-2": {"num_train_samples": 2, "num_transplant_trees": 2},
     "sapo-1-3": {"num_train_samples": 1, "num_transplant_trees": 3},
     **{f"paper-{i}-{j}": {"num_workers": 8, "num_generations": 8, "num_train_samples": i, "num_transplant_trees": j,
-                          "tasks": PAPER_TASKS, "kl_beta": 0.0} for i, j in PAPER_SPLITS},
+                          "tasks": PAPER_TASKS, "kl_beta": 0.0, "max_new_tokens": PAPER_MAX_NEW_TOKENS}
+       for i, j in PAPER_SPLITS},
 }
 # the rows of `rl-swarm sapo-table`, by preset family, in the paper's order (no sharing first)
 TABLE_FAMILIES: dict[str, tuple[str, ...]] = {

