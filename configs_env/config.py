@@ -161,6 +161,10 @@ class SwarmConfig:
     drive_sim_fail_rate: float = setting(0.0, "DRIVE_SIM_FAIL_RATE", p.number(0, "0.05", maximum=0.5),
         "For testing: share of shared-folder reads, writes and listings that fail with EIO, as on a flaky "
         "Drive (0 to 0.5); 0: off")
+    drive_sim_stale: float = setting(0.0, "DRIVE_SIM_STALE", p.number(0, "5"),
+        "For testing: simulate Drive's stale listings, where a folder's listing is up to this many seconds old "
+        "(new files missing from it, deleted ones still in it); it adds to DRIVE_SIM_LAG in the waits it needs; "
+        "0: off")
     # Supervision
     max_restarts: int = setting(5, "MAX_RESTARTS", p.integer(0),
         "Restarts of one worker within RESTART_WINDOW before "
@@ -218,12 +222,14 @@ class SwarmConfig:
     def _check_drive_lag(self) -> None:
         """Under a Drive lag L a peer's rollouts arrive >= L after its publish, and a round is seen done >= 2L
         after it started plus the wait for peers: shorter waits would cut rounds short, not slow them down."""
-        lag, fetch = self.drive_sim_lag, self.rollout_fetch_timeout
+        lag, fetch = self.drive_sim_lag + self.drive_sim_stale, self.rollout_fetch_timeout
+        named = f"DRIVE_SIM_LAG={self.drive_sim_lag:g}" + \
+            (f" + DRIVE_SIM_STALE={self.drive_sim_stale:g}" if self.drive_sim_stale else "")
         if lag > 0 and self.num_transplant_trees > 0 and fetch < 2 * lag:
-            raise ConfigError(f"DRIVE_SIM_LAG={lag:g} with ROLLOUT_FETCH_TIMEOUT={fetch:g}: peers' rollouts show up "
+            raise ConfigError(f"{named} with ROLLOUT_FETCH_TIMEOUT={fetch:g}: peers' rollouts show up "
                               f"at least {lag:g}s late; set ROLLOUT_FETCH_TIMEOUT={2 * lag:g} or more")
         if lag > 0 and self.coordinator_round_interval < fetch + 3 * lag:
-            raise ConfigError(f"DRIVE_SIM_LAG={lag:g} with COORDINATOR_ROUND_INTERVAL="
+            raise ConfigError(f"{named} with COORDINATOR_ROUND_INTERVAL="
                               f"{self.coordinator_round_interval:g}: a round is seen done only after the lag three "
                               f"times over plus ROLLOUT_FETCH_TIMEOUT; set COORDINATOR_ROUND_INTERVAL="
                               f"{fetch + 3 * lag:g} or more")

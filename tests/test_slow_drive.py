@@ -50,6 +50,26 @@ def test_a_peers_new_file_shows_up_only_after_the_lag_while_own_writes_show_at_o
     assert reader.rejected == 0                                          # late is not bad
 
 
+def test_a_stale_listing_misses_a_peers_new_file_and_still_shows_a_deleted_one_until_it_refreshes(folder):
+    peer = node_exchange(folder, "w-1")
+    gone = peer.publish_rollouts(1, [group()])
+    simulate_drive(folder.root, lag_s=0.0, fail_rate=0.0, stale_s=1.0)
+    reader = node_exchange(folder, "w-2")
+    assert list_folder(folder.rollout_dir(1)) == [gone]                  # the listing is refreshed now
+    refreshed = time.monotonic()
+    gone.unlink()
+    # a peer's file written since: readable by name at once (no lag), but the listing does not show it yet
+    late = folder.rollout_dir(1) / "w-3.json"
+    write_json_atomic(late, {"round": 1})
+    drive_sim._active.visible_at.pop(str(late), None)                     # as if another process wrote it
+    mine = reader.publish_rollouts(1, [group()])                           # own writes are listed at once
+    assert list_folder(folder.rollout_dir(1)) == sorted([gone, mine])
+    assert reader.peer_rollouts(1) == {}                                    # the deleted file is skipped, no error
+    assert reader.rejected == 0
+    wait_until(lambda: list_folder(folder.rollout_dir(1)) == sorted([late, mine]), timeout=5)
+    assert time.monotonic() - refreshed >= 0.9
+
+
 def test_simulated_failures_are_retried_or_read_on_the_next_poll_never_counted_as_bad_files(folder, monkeypatch):
     monkeypatch.setattr(folder_module.time, "sleep", lambda s: None)
     simulate_drive(folder.root, lag_s=0.0, fail_rate=0.2, seed=3)
@@ -107,8 +127,8 @@ def test_checkpoints_base_and_logs_stay_outside_the_simulation(folder):
 @pytest.mark.slow
 def test_a_swarm_on_a_slow_flaky_drive_full_of_hostile_files_completes_every_round_and_keeps_every_file(
         tmp_path: Path):
-    env = swarm_env(tmp_path, NUM_WORKERS="3", DRIVE_SIM_LAG="1", DRIVE_SIM_FAIL_RATE="0.05", WARMUP_STEPS="0",
-                    EVAL_SIZE="0")
+    env = swarm_env(tmp_path, NUM_WORKERS="3", DRIVE_SIM_LAG="1", DRIVE_SIM_STALE="1", DRIVE_SIM_FAIL_RATE="0.05",
+                    WARMUP_STEPS="0", EVAL_SIZE="0")
     exp = tmp_path / "drive" / "experiments" / "e2e"
     planted = plant_hostile_files(exp, round_=1)
     result = run_up(env, timeout=240)

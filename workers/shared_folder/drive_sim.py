@@ -1,4 +1,4 @@
-"""A slow, flaky Google Drive, simulated for tests (DRIVE_SIM_LAG, DRIVE_SIM_FAIL_RATE).
+"""A slow, flaky Google Drive, simulated for tests (DRIVE_SIM_LAG, DRIVE_SIM_STALE, DRIVE_SIM_FAIL_RATE).
 
 On a Drive mount, a file another machine wrote shows up only after the sync catches up, and a call
 fails with EIO now and then. Installed once per process, this makes the shared folder behave so:
@@ -9,6 +9,11 @@ writes at once, as on Drive.
 
 A file's lag counts from the first time this process noticed it: a heartbeat rewritten every 2 s
 would otherwise never be seen under a 5 s lag, while Drive shows its previous version meanwhile.
+
+Listings go stale too (`stale_s`): a folder's listing is what it was when this process last refreshed it,
+at most `stale_s` seconds ago, plus this process's own new files. A file that appeared since is not listed
+yet (even when a read by name would find it), and a file deleted since is still listed, so a reader that
+trusts a listing meets FileNotFoundError.
 
 The other half of an untrusted folder, files a broken sync, a careless user or an attacker could leave
 there, is planted by `workers.shared_folder.hostile`.
@@ -42,6 +47,7 @@ class DriveSimulation:
     lag_s: float = 0.0
     fail_rate: float = 0.0
     seed: int = 0
+    stale_s: float = 0.0
 
 
 class _SlowDrive:
@@ -52,6 +58,7 @@ class _SlowDrive:
         self.root = os.path.abspath(sim.root)
         self.rng = random.Random(sim.seed)
         self.visible_at: dict[str, float] = {}
+        self.listings: dict[str, tuple[float, list[str]]] = {}   # folder -> (refreshed at, its names then)
         self.failures = 0
         self.lock = threading.Lock()
 
@@ -76,22 +83,35 @@ class _SlowDrive:
             at = self.visible_at.setdefault(os.path.abspath(path), mtime + self.sim.lag_s)
         return time.time() >= at
 
+    def stale_listing(self, directory: Path, names: list[str]) -> list[str]:
+        """The names as of this folder's last refresh (at most stale_s ago), with this process's own writes."""
+        key, now = os.path.abspath(directory), time.monotonic()
+        with self.lock:
+            refreshed = self.listings.get(key)
+            if refreshed is None or now - refreshed[0] >= self.sim.stale_s:
+                self.listings[key] = (now, list(names))
+                return names
+            own = [name for name in names if self.visible_at.get(os.path.join(key, name)) == 0.0]
+        return sorted(set(refreshed[1]) | set(own))
+
 
 _active: _SlowDrive | None = None
 
 
-def simulate_drive(root: Path, lag_s: float, fail_rate: float, seed: int = 0) -> DriveSimulation | None:
-    """Install the simulation in this process (both 0: remove it); returns what is installed."""
+def simulate_drive(root: Path, lag_s: float, fail_rate: float, seed: int = 0,
+                   stale_s: float = 0.0) -> DriveSimulation | None:
+    """Install the simulation in this process (all 0: remove it); returns what is installed."""
     global _active
-    if lag_s < 0 or not 0 <= fail_rate <= 0.5:
-        raise ValueError(f"drive simulation: lag {lag_s!r} must be >= 0 and failure rate {fail_rate!r} in 0..0.5")
-    if lag_s == 0 and fail_rate == 0:
+    if lag_s < 0 or stale_s < 0 or not 0 <= fail_rate <= 0.5:
+        raise ValueError(f"drive simulation: lag {lag_s!r} and staleness {stale_s!r} must be >= 0 and failure rate "
+                         f"{fail_rate!r} in 0..0.5")
+    if lag_s == 0 and fail_rate == 0 and stale_s == 0:
         _active = None
         return None
-    sim = DriveSimulation(root=Path(root), lag_s=lag_s, fail_rate=fail_rate, seed=seed)
+    sim = DriveSimulation(root=Path(root), lag_s=lag_s, fail_rate=fail_rate, seed=seed, stale_s=stale_s)
     _active = _SlowDrive(sim)
-    log.warning("drive simulation on for %s: new files of other processes visible %.1fs late, %.0f%% of "
-                "operations fail", root, lag_s, fail_rate * 100)
+    log.warning("drive simulation on for %s: new files of other processes visible %.1fs late, listings up to "
+                "%.1fs stale, %.0f%% of operations fail", root, lag_s, stale_s, fail_rate * 100)
     return sim
 
 
@@ -126,6 +146,13 @@ def before_list(directory: Path) -> None:
         _active.fail_maybe("listing", directory)
 
 
+def listed(directory: Path, names: list[str]) -> list[str]:
+    """What a listing of `directory` shows: `names` itself, or a stale view of it (DriveSimulation.stale_s)."""
+    if _active is None or _active.sim.stale_s <= 0 or not _active.covers(directory / "x"):
+        return names
+    return _active.stale_listing(directory, names)
+
+
 def hidden(path: Path) -> bool:
     """A regular file this process may not see yet (folders appear at once)."""
     if _active is None or not _active.covers(path):
@@ -133,5 +160,5 @@ def hidden(path: Path) -> bool:
     try:
         info = path.stat()
     except FileNotFoundError:
-        return True
+        return _active.sim.stale_s <= 0       # a stale listing still shows a file deleted since its refresh
     return stat.S_ISREG(info.st_mode) and not _active.visible(path, info.st_mtime)

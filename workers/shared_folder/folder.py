@@ -407,6 +407,7 @@ def list_folder(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
         names = _scan(directory)
         if names is None:
             return []
+        names = drive_sim.listed(directory, names)
     listed = sorted(directory / name for name in names if not name.startswith(".")
                     and fnmatch.fnmatchcase(name, pattern) and not drive_sim.hidden(directory / name))
     if len(listed) > limit:
