@@ -203,8 +203,10 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size:
     rows at a time (`head_logprobs`): the logits' memory stays one chunk's worth however large G and
     the completion length grow.
     """
+    # no KV cache: nothing generates from this forward, and it would be kept for nothing (and warned about
+    # under activation checkpointing)
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids).last_hidden_state
+                              position_ids=batch.position_ids, use_cache=False).last_hidden_state
     p, c = batch.prompt_len, batch.completion_mask.shape[1]
     states = hidden[:, p - 1:p - 1 + c, :]                            # position t predicts token t + 1
     targets = batch.input_ids[:, p:p + c]
