@@ -131,21 +131,24 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     for note in (device_note, model_note, *(cfg.warnings() if role == "up" else [])):
         if note:
             print(f"rl-swarm: {note}")
+    need_mib = None
     if devices[0] != CPU:
-        check_fit(cfg, gpus, worker_need_mib(cfg, model_name, devices[0]))
+        need_mib = worker_need_mib(cfg, model_name, devices[0])
+        check_fit(cfg, gpus, need_mib)
     folder = ExperimentFolder(cfg.experiment_dir).create()
     if role != "up":
-        return _run_swarm(cfg, folder, model_name, devices, join_when_ready(cfg, folder), dashboard=dashboard)
+        return _run_swarm(cfg, folder, model_name, devices, join_when_ready(cfg, folder), dashboard=dashboard,
+                          need_mib=need_mib)
     key, keyring = coordinator_key(cfg, folder)
     claim = CoordinatorClaim(cfg, folder, key, keyring, "up")
     with claim.held():       # before the warm-up: a second `up` is refused while this one warms up too
         print(f"rl-swarm: coordinator key {key.fingerprint} (a machine that joins prints the key it pinned: "
               "check that they match)")
-        return _run_swarm(cfg, folder, model_name, devices, keyring, claim, dashboard=dashboard)
+        return _run_swarm(cfg, folder, model_name, devices, keyring, claim, dashboard=dashboard, need_mib=need_mib)
 
 
 def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devices: list[str], keyring: KeyRing,
-               claim: CoordinatorClaim | None = None, dashboard: bool = True) -> int:
+               claim: CoordinatorClaim | None = None, dashboard: bool = True, need_mib: float | None = None) -> int:
     """The supervisor with this machine's workers, and the coordinator when `claim` holds the experiment;
     dashboard=False: status lines only (a notebook draws the table itself)."""
     from swarm_supervisor.dashboard import Dashboard
@@ -166,7 +169,8 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
              for i, (node, device) in enumerate(zip(nodes, devices))]
     supervisor = Supervisor(cfg, specs, run_coordinator=claim is not None, model_label=model_name,
                             device_label=devices_label(devices), keyring=keyring, coordinator_key=claim and claim.key,
-                            claim_lost=lambda: claim and claim.lost, dashboard=Dashboard(shown=dashboard))
+                            claim_lost=lambda: claim and claim.lost, dashboard=Dashboard(shown=dashboard),
+                            worker_need_mib=need_mib)
     started = time.monotonic()
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))

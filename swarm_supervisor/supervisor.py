@@ -45,6 +45,9 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
+MEMORY_POLL_S = 5.0     # how often a restart held back for GPU memory looks again
+
+
 @dataclass(frozen=True)
 class RestartPolicy:
     max_restarts: int = 5          # R
@@ -67,6 +70,8 @@ class WorkerHandle:
     exited_ok: bool = False
     last_error: str | None = None
     kill_reason: str | None = None      # set when the supervisor itself killed the process
+    memory_wait_since: float | None = None    # its restart waits for room on its GPU (monotonic start)
+    memory_wait_gave_up: float | None = None  # when a wait last ran out: the next out-of-memory exit counts
 
     @property
     def node(self) -> str:
@@ -80,8 +85,9 @@ class Supervisor:
     def __init__(self, cfg: SwarmConfig, specs: list[WorkerSpec], run_coordinator: bool,
                  model_label: str, device_label: str, dashboard: Dashboard | None = None,
                  keyring: KeyRing | None = None, coordinator_key: NodeKey | None = None,
-                 claim_lost: Callable[[], str | None] = lambda: None):
+                 claim_lost: Callable[[], str | None] = lambda: None, worker_need_mib: float | None = None):
         self.cfg = cfg
+        self.worker_need_mib = worker_need_mib     # what one worker needs on its GPU (the start's fit check)
         self.folder = ExperimentFolder(cfg.experiment_dir)
         self.keyring = keyring or KeyRing(self.folder)
         self.claim_lost = claim_lost       # why this `up` no longer holds the experiment, once it does not
@@ -138,7 +144,7 @@ class Supervisor:
             if h.failed or h.exited_ok:
                 continue
             if h.restart_at is not None:
-                if now >= h.restart_at and not self.stopping:
+                if now >= h.restart_at and not self.stopping and not self._held_for_memory(h, now):
                     self.event(f"{h.node}: restarting from its last checkpoint (restart {h.total_restarts})",
                                kind=EVENT_RESTART, node=h.node)
                     self._spawn(h)
@@ -153,6 +159,8 @@ class Supervisor:
             h.last_error = h.kill_reason or self.reader.last_error(h.node) or f"exit code {code}"
             h.kill_reason = None
             if self.stopping:
+                continue
+            if code == EXIT_OUT_OF_MEMORY and self._held_for_memory(h, now, exited=True):
                 continue
             while h.restarts and now - h.restarts[0] > self.policy.window_s:
                 h.restarts.popleft()
@@ -173,6 +181,46 @@ class Supervisor:
             delay = self.policy.delay(len(h.restarts))
             h.restart_at = now + delay
             self.event(f"{h.node}: exited with code {code} ({h.last_error}); restart in {delay:.0f}s")
+
+    def _held_for_memory(self, h: WorkerHandle, now: float, exited: bool = False) -> bool:
+        """Whether a worker that ran out of CUDA memory waits to restart: while its GPU has less free memory
+        than a worker needs, another process holds it, and a restart would only crash again and spend the
+        worker's restarts. Such a wait counts as no restart and lasts at most RESTART_WINDOW; an out-of-memory
+        exit within RESTART_WINDOW after a wait ran out counts as a crash."""
+        if exited and (h.memory_wait_gave_up is not None and now - h.memory_wait_gave_up < self.policy.window_s):
+            return False
+        if not exited and h.memory_wait_since is None:
+            return False
+        free = self._free_mib(h.spec.device)
+        need = self.worker_need_mib
+        if free is None or need is None or free >= need:
+            if h.memory_wait_since is not None:
+                self.event(f"{h.node}: {free / 1024:.1f} GiB free on {h.spec.device} now" if free is not None
+                           else f"{h.node}: GPU memory unknown now")
+            h.memory_wait_since = None
+            return False
+        if h.memory_wait_since is None:
+            h.memory_wait_since = now
+            h.total_restarts += 1
+            self.event(f"{h.node}: CUDA out of memory with {free / 1024:.1f} GiB free on {h.spec.device}, under the "
+                       f"~{need / 1024:.1f} GiB a worker needs: another process holds it; the restart waits for "
+                       f"room (up to {self.policy.window_s:.0f}s)", level="warning")
+        elif now - h.memory_wait_since > self.policy.window_s:
+            self.event(f"{h.node}: still {free / 1024:.1f} GiB free on {h.spec.device} after "
+                       f"{self.policy.window_s:.0f}s; restarting it anyway", level="warning")
+            h.memory_wait_since, h.memory_wait_gave_up = None, now
+            return False
+        h.restart_at = now + MEMORY_POLL_S
+        return True
+
+    def _free_mib(self, device: str) -> float | None:
+        """Free memory on the worker's GPU now, by NVML; None on a CPU or where NVML cannot read it."""
+        try:
+            snapshot = self.monitor.sample(())
+        except Exception as exc:  # noqa: BLE001 - NVML and psutil raise their own types; the wait is best effort
+            log.warning("no GPU memory reading for the restart of a worker: %s", exc)
+            return None
+        return next((d.free_mib for d in snapshot.devices if d.label == device), None)
 
     def _kill_hung(self) -> None:
         """A worker stuck in one stage (a deadlock, a wedged GPU call) is killed; _reap restarts it."""

@@ -57,3 +57,82 @@ def test_generation_in_more_batches_gives_the_same_groups(tmp_path):
         shared, training = local_rollouts(policy, cfg, questions, seed=3, splits=splits)
         assert [(g.task, g.index) for g in shared] == [(q.task, q.index) for q in questions]
         assert all(len(g.completion_ids) == 3 for g in training)
+
+
+class ExitedProcess:
+    """A worker process that has already exited with `exitcode`."""
+
+    def __init__(self, exitcode: int):
+        self.exitcode, self.pid = exitcode, 4242
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
+
+
+def test_a_worker_out_of_memory_because_another_process_fills_the_gpu_waits_for_room_and_spends_no_restart(
+        tmp_path, monkeypatch):
+    import os
+
+    from workers.worker import EXIT_OUT_OF_MEMORY, WorkerSpec
+
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path), "MAX_RESTARTS": "1"})
+    spec = WorkerSpec(cfg=cfg, node="worker-1", index=0, model_name="m", device="cuda:0", parent_pid=os.getpid())
+    supervisor = Supervisor(cfg, [spec], run_coordinator=False, model_label="m", device_label="cuda:0",
+                            worker_need_mib=2048)
+    free = [512.0]
+    monkeypatch.setattr(supervisor.monitor, "sample", lambda pids: MonitorSnapshot(
+        taken_at=0, devices=(DeviceSnapshot("H200", 143_000, 143_000 - free[0], free[0], None),), processes={},
+        supervisor_cpu_pct=None, host_ram_used_mib=0, host_ram_total_mib=1))
+    spawned = []
+    monkeypatch.setattr(supervisor, "_spawn", lambda h: (spawned.append(h.node), setattr(h, "restart_at", None)))
+    [worker] = supervisor.handles
+
+    def exit_out_of_memory() -> None:
+        worker.process = ExitedProcess(EXIT_OUT_OF_MEMORY)
+        supervisor._reap()
+
+    # another process holds the GPU: with MAX_RESTARTS=1, two crashes would fail the worker; these wait instead
+    for crash in range(2):
+        exit_out_of_memory()
+        assert not worker.failed and worker.restart_at is not None and not worker.restarts
+        worker.restart_at = 0.0                       # the next look is due: still no room, so no restart
+        supervisor._reap()
+        assert len(spawned) == crash and worker.restart_at > 0
+        free[0] = 8192.0                              # the other process ended
+        worker.restart_at = 0.0
+        supervisor._reap()
+        free[0] = 512.0
+    assert spawned == ["worker-1", "worker-1"] and not worker.failed and not worker.restarts
+    assert worker.spec.generation_splits == 1         # the worker was not too big: its batches stay as they were
+    events = (supervisor.folder.events_file.read_text())
+    assert events.count("another process holds it; the restart waits for room (up to 600s)") == 2
+    assert "worker-1: 8.0 GiB free on cuda:0 now" in events
+
+    # a wait is bounded by RESTART_WINDOW: then the worker restarts anyway, and its next such crash counts
+    exit_out_of_memory()
+    worker.memory_wait_since -= 601
+    worker.restart_at = 0.0
+    supervisor._reap()
+    assert spawned[-1] == "worker-1" and len(spawned) == 3
+    assert "still 0.5 GiB free on cuda:0 after 600s; restarting it anyway" in supervisor.folder.events_file.read_text()
+    exit_out_of_memory()                              # counted now: MAX_RESTARTS=1 allows this one ...
+    assert len(worker.restarts) == 1 and not worker.failed
+    worker.restart_at = 0.0
+    supervisor._reap()
+    exit_out_of_memory()                              # ... and not the next
+    assert worker.failed
+    supervisor.monitor.close()
+
+
+def test_every_way_cuda_says_out_of_memory_is_an_out_of_memory_exit():
+    from workers.worker import out_of_cuda_memory
+
+    # as seen on an H200 that other processes had filled: making the context, then making a cuBLAS handle
+    assert out_of_cuda_memory(RuntimeError("CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation'"))
+    assert out_of_cuda_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate"))
+    assert out_of_cuda_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not out_of_cuda_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not out_of_cuda_memory(ValueError("CUDA error: out of memory"))

@@ -388,7 +388,14 @@ def worker_main(spec: WorkerSpec) -> None:
         # several processes share the GPU: expandable segments keep each one's cache from fragmenting
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         # a worker on cuda:1 makes no CUDA context on cuda:0 (one would cost every GPU-0 worker ~0.5 GiB)
-        torch.cuda.set_device(torch.device(spec.device))
+        try:
+            torch.cuda.set_device(torch.device(spec.device))
+        except RuntimeError as error:
+            if not out_of_cuda_memory(error):
+                raise
+            log.error("CUDA out of memory making this process's CUDA context on %s: %s", spec.device,
+                      str(error).splitlines()[0])
+            sys.exit(EXIT_OUT_OF_MEMORY)
     try:
         worker = Worker(spec, stop)
     except SwarmError as error:         # its key: the folder holds another one for this node, or another coordinator
@@ -404,15 +411,25 @@ def worker_main(spec: WorkerSpec) -> None:
         log.error("%s", error)
         _last_words(worker, str(error))
         sys.exit(EXIT_CONFIG)
-    except torch.cuda.OutOfMemoryError as error:
-        log.error("CUDA out of memory with generation in %d batch(es): %s", spec.generation_splits,
-                  str(error).splitlines()[0])
-        _last_words(worker, f"CUDA out of memory (generation in {spec.generation_splits} batches)")
-        sys.exit(EXIT_OUT_OF_MEMORY)
     except Exception as error:
+        if out_of_cuda_memory(error):
+            log.error("CUDA out of memory with generation in %d batch(es): %s", spec.generation_splits,
+                      str(error).splitlines()[0])
+            _last_words(worker, f"CUDA out of memory (generation in {spec.generation_splits} batches)")
+            sys.exit(EXIT_OUT_OF_MEMORY)
         log.exception("worker crashed")
         _last_words(worker, f"{type(error).__name__}: {error}".splitlines()[0][:300])
         raise
+
+
+def out_of_cuda_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the same shortage where CUDA reports it otherwise: making a context
+    ("CUDA error: out of memory") or a cuBLAS handle (CUBLAS_STATUS_ALLOC_FAILED) on a GPU others have filled."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("CUDA error: out of memory" in text
+                                                 or "CUBLAS_STATUS_ALLOC_FAILED" in text)
 
 
 def _last_words(worker: Worker, message: str) -> None:
