@@ -5,16 +5,18 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 import pytest
 
 from configs_env import SwarmConfig
 from swarm_supervisor import cli
-from tests.helpers import SeaweedS3, group, heartbeat_record, keyring, node_exchange, write_as
+from swarm_supervisor.coordinator import Coordinator
+from tests.helpers import SeaweedS3, group, heartbeat_record, keyring, node_exchange, node_key, write_as
 from workers.shared_folder import storage
-from workers.shared_folder.exchange import read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, append_jsonl
+from workers.shared_folder.exchange import read_heartbeats, read_round_state
+from workers.shared_folder.folder import ExperimentFolder, FolderError, append_jsonl
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import Heartbeat, RoundState
 from workers.shared_folder.store_local import LocalStore
@@ -44,6 +46,34 @@ def store(request, tmp_path):
         return LocalStore(tmp_path / "store")
     request.getfixturevalue("s3")
     return storage.open_store(f"s3://swarm/t{time.time_ns()}", "exp")
+
+
+@pytest.fixture(params=["local", "s3"])
+def experiment(request, tmp_path):
+    """A created experiment, its records in a local folder or in the S3 bucket."""
+    env = {"GDRIVE_PATH": str(tmp_path / "local"), "EXPERIMENT_NAME": "exp", "MAX_ROUNDS": "3"}
+    if request.param == "s3":
+        request.getfixturevalue("s3")
+        env["SWARM_URL"] = f"s3://swarm/t{time.time_ns()}"
+    cfg = SwarmConfig.from_env(env)
+    storage.mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
+    try:
+        yield cfg, ExperimentFolder(cfg.experiment_dir).create()
+    finally:
+        storage.unmount(cfg.experiment_dir)
+
+
+def test_a_second_coordinator_cannot_overwrite_a_round_the_first_started(experiment):
+    cfg, folder = experiment
+    key = node_key(folder, "coordinator")      # two `up`s of one machine past the lease: the same key
+    first, second = (Coordinator(cfg, folder, threading.Event(), lambda: {"w-1", "w-2"}, key) for _ in range(2))
+    first._start_round(1, "start")
+    started = read_round_state(folder, keyring(folder), 1)
+    with pytest.raises(FolderError, match=r"round_000001.json: round 1 was already started by another coordinator "
+                                          r"of experiment 'exp': stop the other `rl-swarm up`"):
+        second._start_round(1, "start")
+    assert read_round_state(folder, keyring(folder), 1) == started         # the first one's round stands
+    assert folder.state_rounds() == [1] and second.round == 0
 
 
 def test_a_store_writes_whole_records_once_and_appends_logs_in_order(store):
