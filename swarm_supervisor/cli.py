@@ -12,7 +12,8 @@ from pathlib import Path
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count, nvml_ids, refuse_unfit, worker_devices
 from swarm_supervisor.monitor import Monitor
-from workers.shared_folder.folder import ExperimentFolder, FolderError, open_append, with_retries, write_json_atomic
+from workers.shared_folder.folder import (ExperimentFolder, FolderError, open_append, remove_file, with_retries,
+                                          write_json_atomic)
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats
@@ -315,8 +316,7 @@ def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing
         print(f"rl-swarm: experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; raise "
               f"MAX_ROUNDS to continue it, or set a new EXPERIMENT_NAME")
         return False
-    if folder.finished_file.is_symlink() or folder.finished_file.exists():
-        folder.finished_file.unlink()    # only this coordinator writes it, and it is not running yet
+    remove_file(folder.finished_file)    # only this coordinator writes it, and it is not running yet
     return True
 
 

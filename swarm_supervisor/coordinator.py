@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 
 from configs_env import SwarmConfig
+from workers.shared_folder import storage
 from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_round_state
 from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, list_folder, round_number,
                                           with_retries, write_json_atomic, write_json_create_only)
@@ -169,7 +170,9 @@ class Coordinator(threading.Thread):
             if number is None or number >= oldest_kept:
                 continue
             try:
-                if path.is_symlink():        # planted: the link goes, never what it points to
+                if (where := storage.mounted(path)) is not None:     # in a bucket: deleted (config forbids archiving)
+                    where[0].delete(where[1])
+                elif path.is_symlink():        # planted: the link goes, never what it points to
                     path.unlink()
                 elif self.cfg.rollout_archive_old:
                     archive.mkdir(parents=True, exist_ok=True)

@@ -1,24 +1,29 @@
 """The shared records on an object store (SWARM_URL=s3://...), against a real S3 server (SeaweedFS) on this
 machine; the same guarantees from the local folder."""
 
+import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from configs_env import SwarmConfig
+from configs_env import ConfigError, SwarmConfig
 from swarm_supervisor import cli
+from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 from swarm_supervisor.coordinator import Coordinator
 from tests.helpers import SeaweedS3, group, heartbeat_record, keyring, node_exchange, node_key, write_as
 from workers.shared_folder import storage
-from workers.shared_folder.exchange import read_heartbeats, read_round_state
-from workers.shared_folder.folder import ExperimentFolder, FolderError, append_jsonl
+from workers.shared_folder.exchange import read_heartbeats, read_round_state, read_signed
+from workers.shared_folder.folder import (ExperimentFolder, FolderError, append_jsonl, is_visible, list_folder,
+                                          write_json_atomic)
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
-from workers.shared_folder.protocol import Heartbeat, RoundState
+from workers.shared_folder.protocol import Heartbeat, RoundState, SwarmFinished
+from workers.shared_folder.signing import COORDINATOR
 from workers.shared_folder.store_local import LocalStore
 
 
@@ -48,19 +53,25 @@ def store(request, tmp_path):
     return storage.open_store(f"s3://swarm/t{time.time_ns()}", "exp")
 
 
-@pytest.fixture(params=["local", "s3"])
-def experiment(request, tmp_path):
-    """A created experiment, its records in a local folder or in the S3 bucket."""
-    env = {"GDRIVE_PATH": str(tmp_path / "local"), "EXPERIMENT_NAME": "exp", "MAX_ROUNDS": "3"}
-    if request.param == "s3":
-        request.getfixturevalue("s3")
-        env["SWARM_URL"] = f"s3://swarm/t{time.time_ns()}"
-    cfg = SwarmConfig.from_env(env)
+@contextlib.contextmanager
+def created(tmp_path, url: str | None, **env: str):
+    """A created experiment, its records in the S3 bucket at `url` (None: a local folder)."""
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "local"), "RL_SWARM_CACHE": str(tmp_path / "cache"),
+                                "EXPERIMENT_NAME": "exp", "MAX_ROUNDS": "3", **({"SWARM_URL": url} if url else {}),
+                                **env})
     storage.mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
     try:
         yield cfg, ExperimentFolder(cfg.experiment_dir).create()
     finally:
         storage.unmount(cfg.experiment_dir)
+
+
+@pytest.fixture(params=["local", "s3"])
+def experiment(request, tmp_path):
+    if request.param == "s3":
+        request.getfixturevalue("s3")
+    with created(tmp_path, f"s3://swarm/t{time.time_ns()}" if request.param == "s3" else None) as made:
+        yield made
 
 
 def test_a_second_coordinator_cannot_overwrite_a_round_the_first_started(experiment):
@@ -74,6 +85,42 @@ def test_a_second_coordinator_cannot_overwrite_a_round_the_first_started(experim
         second._start_round(1, "start")
     assert read_round_state(folder, keyring(folder), 1) == started         # the first one's round stands
     assert folder.state_rounds() == [1] and second.round == 0
+
+
+def test_a_crashed_ups_lease_does_not_block_a_resume_and_a_finished_up_gives_its_lease_back(experiment):
+    cfg, folder = experiment
+    key, keyring = coordinator_key(cfg, folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    crashed = CoordinatorClaim(cfg, folder, key, keyring, "up").lease
+    write_json_atomic(folder.coordinator_lease_file, key.sign({"schema": 1, **{**crashed.__dict__, "pid": dead.pid}}))
+    with CoordinatorClaim(cfg, folder, key, keyring, "up").held() as resumed:
+        held = read_signed(folder.coordinator_lease_file, COORDINATOR, keyring)
+        assert held["instance"] == resumed.lease.instance
+    assert not is_visible(folder.coordinator_lease_file)
+
+
+def test_a_raised_max_rounds_continues_a_finished_experiment(experiment):
+    cfg, folder = experiment
+    write_as(folder, "coordinator", folder.finished_file, SwarmFinished(rounds=2, finished_at=time.time()).to_json())
+    assert cli._prepare_rounds(folder, cfg, keyring(folder))            # MAX_ROUNDS=3 > 2: the swarm goes on
+    assert not is_visible(folder.finished_file)         # so the workers do not leave at once
+
+
+def test_old_rounds_rollouts_leave_the_bucket_and_archiving_them_is_refused_in_one_line(s3, tmp_path):
+    url = f"s3://swarm/t{time.time_ns()}"
+    with created(tmp_path, url, ROLLOUT_CLEANUP_ENABLED="true", ROLLOUT_KEEP_LAST_N_ROUNDS="1") as (cfg, folder):
+        for round_ in (1, 2, 3):
+            node_exchange(folder, "w-1").publish_rollouts(round_, [group()])
+        coordinator = Coordinator(cfg, folder, threading.Event(), lambda: {"w-1"}, node_key(folder, "coordinator"))
+        coordinator.round = 3
+        coordinator.retire_old_rollouts()
+        # (SeaweedFS still lists the emptied round_1/ as a folder, where S3 lists nothing: the files are what count)
+        assert [[path.name for path in list_folder(folder.rollout_dir(r))] for r in (1, 2, 3)] == \
+            [[], ["w-1.json"], ["w-1.json"]]
+    with pytest.raises(ConfigError, match=r"^ROLLOUT_ARCHIVE_OLD=true with SWARM_URL: old rounds' rollouts are in the "
+                                          r"bucket.*; set ROLLOUT_ARCHIVE_OLD=false"):
+        SwarmConfig.from_env({"SWARM_URL": url, "ROLLOUT_CLEANUP_ENABLED": "1", "ROLLOUT_ARCHIVE_OLD": "1"})
 
 
 def test_a_store_writes_whole_records_once_and_appends_logs_in_order(store):

@@ -454,6 +454,15 @@ def is_visible(path: Path) -> bool:
     return True
 
 
+def remove_file(path: Path) -> None:
+    """Remove a record (a link planted there itself, never what it points to); nothing when none is there."""
+    if (where := storage.mounted(path)) is not None:
+        where[0].delete(where[1])
+        return
+    with contextlib.suppress(FileNotFoundError):
+        _unlink(path)
+
+
 def file_size(path: Path) -> int:
     """Bytes of a file (in a store, of a log's records together); FileNotFoundError while there is none."""
     if (where := storage.mounted(path)) is None:
