@@ -603,8 +603,9 @@ class ExperimentFolder:
         return self.root / "metrics" / check_node_name(node) / "eval.jsonl"
 
     def metrics_files(self, name: str = "metrics.jsonl") -> list[Path]:
-        """Every node's metrics (or eval.jsonl) file, by node name."""
-        return sorted((self.root / "metrics").glob(f"*/{name}"))
+        """Every node's metrics (or eval.jsonl) file, by node name; listed through the helpers, so on an object
+        store too, and never through a linked folder."""
+        return [path for node in list_folder(self.root / "metrics") for path in list_folder(node, name)]
 
     @property
     def base_dir(self) -> Path:
