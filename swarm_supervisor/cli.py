@@ -377,6 +377,8 @@ def sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parall
     share_warmups(arms, env, logs)
     codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
     roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
+    for arm in arms:        # with SWARM_URL the swarms' records are in the bucket: read them there
+        mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
     rows = table_rows(arms, roots)
     paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
         dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))
