@@ -22,6 +22,7 @@ from swarm_supervisor import cli
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.experiments import metrics_by_round
+from swarm_supervisor.notebook import FolderTable
 from tests.helpers import (SeaweedS3, group, heartbeat_record, keyring, node_exchange, node_key, swarm_env, wait_for,
                            write_as)
 from workers.shared_folder import storage
@@ -283,6 +284,13 @@ def test_status_validate_and_experiments_read_an_s3_experiment_here_and_from_ano
     assert re.search(r"worker-1 done\n.*\n.*restarts 1", out), out       # the supervisor's record of the kill
     code, out, _ = rl_swarm(monkeypatch, capsys, elsewhere, "status")     # no folder of it on that machine
     assert code == 0 and "round 3/3" in out and "worker-2 done" in out, out
+    table = FolderTable(SwarmConfig.from_env({"GDRIVE_PATH": str(elsewhere), "SWARM_URL": SWARM_URL,
+                                              "EXPERIMENT_NAME": "e2e"}))
+    try:
+        frame = table.frame()        # the notebooks' table of a swarm another runtime runs
+    finally:
+        storage.unmount(elsewhere / "experiments" / "e2e")
+    assert "round 3/3" in frame.text and "worker-1" in frame.text and "not there" not in frame.text, frame.text
     code, out, _ = rl_swarm(monkeypatch, capsys, elsewhere, "validate")
     assert code == 0 and out.splitlines()[-1] == "validate e2e: 8/8 checks passed", out
     assert "PASS  checkpoints: every worker has a checkpoint within 1 rounds of its last round (2 on other " \
