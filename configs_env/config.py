@@ -207,6 +207,10 @@ class SwarmConfig:
         if self.warmup_target_accuracy > 0 and self.warmup_steps == 0:
             raise ConfigError(f"WARMUP_TARGET_ACCURACY={self.warmup_target_accuracy:g} with WARMUP_STEPS=0: the "
                               "warm-up is off; set WARMUP_STEPS to the most steps it may take (e.g. WARMUP_STEPS=400)")
+        if self.swarm_url and self.rollout_cleanup_enabled and self.rollout_archive_old:
+            raise ConfigError("ROLLOUT_ARCHIVE_OLD=true with SWARM_URL: old rounds' rollouts are in the bucket, not "
+                              "under GDRIVE_PATH to be moved; set ROLLOUT_ARCHIVE_OLD=false (they are deleted), or "
+                              "keep them all with ROLLOUT_CLEANUP_ENABLED=false")
         self._check_drive_lag()
 
     def warnings(self) -> list[str]:

@@ -26,7 +26,7 @@ from configs_env import SwarmConfig
 from workers.shared_folder import mount
 from workers.shared_folder.exchange import HEARTBEAT_BYTES, read_signed
 from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, is_visible, read_json_bounded,
-                                          with_retries, write_json_atomic, write_json_create_only)
+                                          remove_file, with_retries, write_json_atomic, write_json_create_only)
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, local_key_dir
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ class CoordinatorClaim:
                     f"with `rl-swarm worker`")
             log.info("%s: %s; taken over", path, "a lease not signed by this coordinator" if held is None
                      else f"the lease of pid {held.pid}, which is gone")
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            remove_file(path)
         raise FolderError(f"{path}: another coordinator took the lease meanwhile: stop it first, or join its swarm "
                           "with `rl-swarm worker`")
 
@@ -178,5 +177,4 @@ class CoordinatorClaim:
     def _release(self) -> None:
         held = self._read_lease()
         if held is not None and held.instance == self.lease.instance:
-            with contextlib.suppress(FileNotFoundError):
-                self.folder.coordinator_lease_file.unlink()
+            remove_file(self.folder.coordinator_lease_file)

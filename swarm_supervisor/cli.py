@@ -12,7 +12,8 @@ from pathlib import Path
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count, nvml_ids, refuse_unfit, worker_devices
 from swarm_supervisor.monitor import Monitor
-from workers.shared_folder.folder import ExperimentFolder, FolderError, open_append, with_retries, write_json_atomic
+from workers.shared_folder.folder import (ExperimentFolder, FolderError, open_append, remove_file, with_retries,
+                                          write_json_atomic)
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats
@@ -319,8 +320,7 @@ def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing
         print(f"rl-swarm: experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; raise "
               f"MAX_ROUNDS to continue it, or set a new EXPERIMENT_NAME")
         return False
-    if folder.finished_file.is_symlink() or folder.finished_file.exists():
-        folder.finished_file.unlink()    # only this coordinator writes it, and it is not running yet
+    remove_file(folder.finished_file)    # only this coordinator writes it, and it is not running yet
     return True
 
 
@@ -381,6 +381,8 @@ def sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parall
     share_warmups(arms, env, logs)
     codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
     roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
+    for arm in arms:        # with SWARM_URL the swarms' records are in the bucket: read them there
+        mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
     rows = table_rows(arms, roots)
     paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
         dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))

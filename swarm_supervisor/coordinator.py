@@ -15,9 +15,10 @@ import time
 from typing import Any, Callable
 
 from configs_env import SwarmConfig
+from workers.shared_folder import storage
 from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_round_state
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, list_folder, round_number, with_retries,
-                                          write_json_atomic)
+from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, list_folder, round_number,
+                                          with_retries, write_json_atomic, write_json_create_only)
 from workers.shared_folder.protocol import Heartbeat, RoundState, Status, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey
 
@@ -122,15 +123,34 @@ class Coordinator(threading.Thread):
     def _start_round(self, round_: int, reason: str) -> None:
         state = RoundState(round=round_, max_rounds=self.cfg.max_rounds, started_at=time.time(), reason=reason,
                            nodes=tuple(sorted(self.expected_nodes())))
-        path = self.folder.round_state_file(round_)
-        signed = self.exchange.key.sign(state.to_json())
-        with_retries(lambda: write_json_atomic(path, signed), f"writing {path.name}")
+        self._write_round_state(state)
         self.exchange.doorbell.ring()        # the workers of this host start the round now, not at their next poll
         self.round = round_
         self.round_started = time.monotonic()
         self._heartbeat(force=True)
         if self.cfg.rollout_cleanup_enabled:
             self.retire_old_rollouts()
+
+    def _write_round_state(self, state: RoundState) -> None:
+        """Create-only (S3 If-None-Match, a hard link in a folder): a second coordinator of the experiment never
+        overwrites a round the first started; FolderError when another one started this round."""
+        path = self.folder.round_state_file(state.round)
+        signed = self.exchange.key.sign(state.to_json())
+        if with_retries(lambda: write_json_create_only(path, signed), f"writing {path.name}"):
+            return
+        try:
+            held = with_retries(lambda: read_round_state(self.folder, self.exchange.keyring, state.round),
+                                f"reading {path.name}", retry_missing=False)
+        except RejectedFile as error:
+            # not signed by this experiment's coordinator key (a forgery, a half-synced file): no round, so
+            # replaced, as the workers skip it too
+            log.warning("%s; replaced by this coordinator's round %d", error, state.round)
+            with_retries(lambda: write_json_atomic(path, signed), f"writing {path.name}")
+            return
+        if held != state:       # equal: this coordinator's own write, acknowledged too late and retried
+            raise FolderError(f"{path}: round {state.round} was already started by another coordinator of experiment "
+                              f"{self.cfg.experiment_name!r}: stop the other `rl-swarm up` of this experiment, then "
+                              "run this one again to resume")
 
     def retire_old_rollouts(self) -> None:
         """Delete or archive rollouts of rounds older than the last N; only the coordinator does this.
@@ -150,7 +170,9 @@ class Coordinator(threading.Thread):
             if number is None or number >= oldest_kept:
                 continue
             try:
-                if path.is_symlink():        # planted: the link goes, never what it points to
+                if (where := storage.mounted(path)) is not None:     # in a bucket: deleted (config forbids archiving)
+                    where[0].delete(where[1])
+                elif path.is_symlink():        # planted: the link goes, never what it points to
                     path.unlink()
                 elif self.cfg.rollout_archive_old:
                     archive.mkdir(parents=True, exist_ok=True)

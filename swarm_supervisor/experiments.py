@@ -7,20 +7,52 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from configs_env import SwarmConfig
+from configs_env.parsing import safe_name
 from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, warn_skipped
+from workers.shared_folder.folder import ExperimentFolder, FolderError, RejectedFile, read_json_bounded, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status)
 from workers.shared_folder.signing import KeyRing
+from workers.shared_folder.storage import experiment_names, mount_experiment
 
 log = logging.getLogger(__name__)
 
 
-def experiment_roots(gdrive: Path) -> list[Path]:
-    base = gdrive / "experiments"
-    return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+def experiment_roots(cfg: SwarmConfig) -> list[Path]:
+    """The experiments under GDRIVE_PATH; with SWARM_URL, those in its bucket (each mounted in this process)."""
+    base = cfg.gdrive_path / "experiments"
+    if cfg.swarm_url is None:
+        return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    try:
+        names = experiment_names(cfg.swarm_url)
+    except OSError as exc:
+        raise unreachable(f"{cfg.swarm_url}/experiments", exc) from exc
+    for name in names:
+        mount_experiment(cfg.swarm_url, base / name, name)
+    return [base / name for name in names]
+
+
+def experiment_folder(cfg: SwarmConfig, name: str) -> ExperimentFolder:
+    """The experiment `name` (its records in SWARM_URL's bucket when set); FolderError naming where it looked."""
+    root = cfg.gdrive_path / "experiments" / safe_name("experiment", name)
+    store = mount_experiment(cfg.swarm_url, root, root.name)
+    if store is None and not root.is_dir():
+        raise FolderError(f"no experiment at {root}: check GDRIVE_PATH and the experiment name")
+    try:
+        missing = store is not None and not store.list("", limit=1)
+    except OSError as exc:
+        raise unreachable(store.url, exc) from exc
+    if missing:
+        raise FolderError(f"no experiment at {store.url}: check SWARM_URL and the experiment name")
+    return ExperimentFolder(root)
+
+
+def unreachable(url: str, error: OSError) -> FolderError:
+    return FolderError(f"{url} cannot be listed ({error.strerror or error}): check SWARM_URL (its bucket must "
+                       "exist), AWS_ENDPOINT_URL and the credentials")
 
 
 def experiment_config(folder: ExperimentFolder) -> dict:

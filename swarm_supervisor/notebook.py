@@ -25,6 +25,7 @@ from configs_env import SwarmConfig, SwarmError
 from swarm_supervisor.dashboard import render
 from swarm_supervisor.status import folder_reader, read_events
 from swarm_supervisor.supervisor import EXIT_INTERRUPTED, SHUTDOWN_GRACE_S
+from workers.shared_folder import storage
 from workers.shared_folder.mount import folder_present
 
 REFRESH_S = 2.0                          # a redraw reads the folder: on Drive, every second would be too often
@@ -95,7 +96,8 @@ class FolderTable:
                 self.reader = folder_reader(self.cfg)
             except SwarmError:          # no experiment folder yet: the warm-up or the checks still run
                 return None
-        if not folder_present(self.reader.folder.root):
+        in_bucket = storage.mounted(self.reader.folder.state_dir) is not None     # SWARM_URL: no mount to drop
+        if not in_bucket and not folder_present(self.reader.folder.root):
             return Frame(Text(f"rl-swarm: the shared folder {self.reader.folder.root} is not there (a dropped Drive "
                               "mount?): the workers go on and keep their records; the table is back with it",
                               style="yellow"))

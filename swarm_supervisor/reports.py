@@ -22,13 +22,10 @@ def show_status(cfg: SwarmConfig) -> int:
 
 
 def run_validate(cfg: SwarmConfig, name: str) -> int:
-    from configs_env.parsing import safe_name
+    from swarm_supervisor.experiments import experiment_folder
     from swarm_supervisor.validation import format_checks, validate
 
-    root = cfg.gdrive_path / "experiments" / safe_name("experiment", name)
-    if not root.is_dir():
-        raise FolderError(f"no experiment at {root}: check GDRIVE_PATH and the experiment name")
-    checks = validate(root)
+    checks = validate(experiment_folder(cfg, name).root)
     print(format_checks(name, checks))
     return 0 if all(c.passed for c in checks) else 1
 
@@ -40,12 +37,13 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
     from swarm_supervisor.experiments import experiment_roots, summaries_csv, summarize
     from swarm_supervisor.readable import FittedTable, cell, plain
 
-    roots = experiment_roots(cfg.gdrive_path)
+    roots = experiment_roots(cfg)
     if names:
         wanted = {safe_name("experiment", n) for n in names}
         missing = wanted - {r.name for r in roots}
         if missing:
-            raise FolderError(f"no experiment {', '.join(sorted(missing))} under {cfg.gdrive_path / 'experiments'}")
+            where = f"{cfg.swarm_url}/experiments" if cfg.swarm_url else cfg.gdrive_path / "experiments"
+            raise FolderError(f"no experiment {', '.join(sorted(missing))} under {where}")
         roots = [r for r in roots if r.name in wanted]
     if action == "plot":
         from swarm_supervisor.experiments import plot_experiments

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
-from swarm_supervisor.experiments import experiment_config, rounds_per_hour, status_of
+from swarm_supervisor.experiments import experiment_config, experiment_folder, rounds_per_hour, status_of
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
-from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, file_size, warn_skipped)
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, file_size, warn_skipped)
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import EVENT_RESTART, Heartbeat, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import KeyRing
@@ -366,9 +366,7 @@ class RecordedSample:
 
 def folder_reader(cfg: SwarmConfig) -> SwarmReader:
     """A reader of an experiment from its folder alone, with the model, device and MAX_ROUNDS it was started with."""
-    folder = ExperimentFolder(cfg.experiment_dir)
-    if not folder.root.is_dir():
-        raise FolderError(f"no experiment at {folder.root}: check GDRIVE_PATH and EXPERIMENT_NAME")
+    folder = experiment_folder(cfg, cfg.experiment_name)
     recorded = experiment_config(folder)
     if isinstance(recorded.get("max_rounds"), int):
         cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])

@@ -5,8 +5,10 @@ from pathlib import Path
 
 from swarm_supervisor.experiments import experiment_config, held_out_by_node, metrics_by_round, setting_of
 from swarm_supervisor.readable import plain
+from workers.shared_folder import storage
 from workers.shared_folder.exchange import ROLLOUT_NAME, read_round_state
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded, round_number
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, is_visible, list_folder, read_json_bounded,
+                                          round_number)
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR, KeyRing
 
@@ -45,10 +47,8 @@ def _unreadable_files(folder: ExperimentFolder) -> list[str]:
     """JSON files of the layout that do not parse or validate, or (in an experiment of signed records) are not
     signed by the node they speak for (checkpoints and temp files aside)."""
     root, unreadable = folder.root, []
-    keyring = KeyRing(folder) if folder.public_key_file(COORDINATOR).exists() else None
-    for path in _layout_files(root, "*.json"):
-        if path.name.startswith(".") or "checkpoints" in path.parts:
-            continue
+    keyring = KeyRing(folder) if is_visible(folder.public_key_file(COORDINATOR)) else None
+    for path in _layout_files(folder):
         # the swarm's protocol records must carry a checksum; meta files of the warm-up base need not
         top = path.relative_to(root).parts[0]
         protocol = top in ("state", "peers", "rollouts", "rewards")
@@ -86,9 +86,11 @@ def _rounds_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
             state = read_round_state(folder, keyring, r)
         except (RejectedFile, OSError):
             continue
-        done = {p.stem for p in folder.rewards_dir(r).glob("*.json")}
+        done = {p.stem for p in list_folder(folder.rewards_dir(r), "*.json")}
+        published = {match["node"] for p in list_folder(folder.rollout_dir(r), "*.json")
+                     if (match := ROLLOUT_NAME.fullmatch(p.name))}
         for node in sorted(set(state.nodes) & done):
-            if not any(folder.rollout_dir(r).glob(f"{node}*.json")) and cfg.get("num_train_samples", 1):
+            if node not in published and cfg.get("num_train_samples", 1):
                 gaps.append(f"round {r}: {node} has no rollouts")
             if node not in by_round.get(r, {}):
                 gaps.append(f"round {r}: {node} has no metrics row")
@@ -98,23 +100,35 @@ def _rounds_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
                  "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}")
 
 
+def _local_workers(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMetrics]]) -> tuple[list[str], str]:
+    """The workers whose checkpoints and logs this machine should hold, and a note on the others: with SWARM_URL
+    each machine keeps its own workers' (a worker with neither folder here ran elsewhere)."""
+    nodes = sorted({n for nodes in by_round.values() for n in nodes})
+    if storage.mounted(folder.state_dir) is None:
+        return nodes, ""
+    here = [n for n in nodes if folder.checkpoint_dir(n).is_dir() or folder.log_dir(n).is_dir()]
+    elsewhere = len(nodes) - len(here)
+    return here, f" ({elsewhere} on other machines, where SWARM_URL leaves them)" if elsewhere else ""
+
+
 def _checkpoints_check(folder: ExperimentFolder, cfg: dict, by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
     interval = setting_of(cfg, "checkpoint_interval", 1)
     stale = []
-    for node in sorted({n for nodes in by_round.values() for n in nodes}):
+    nodes, elsewhere = _local_workers(folder, by_round)
+    for node in nodes:
         last_round = max(r for r, nodes in by_round.items() if node in nodes)
         saved = [number for p in folder.checkpoint_dir(node).glob("round_*")
                  if (number := round_number(p.name)) is not None and (p / "meta.json").exists()]
         if not saved or max(saved) < last_round - interval:
             stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
     return Check("checkpoints", not stale, f"every worker has a checkpoint within {interval} rounds of its "
-                 "last round" if not stale else "; ".join(stale[:3]))
+                 f"last round{elsewhere}" if not stale else "; ".join(stale[:3]))
 
 
 def _logs_check(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
-    no_logs = [n for n in sorted({n for nodes in by_round.values() for n in nodes})
-               if not (folder.log_dir(n) / "worker.log").exists()]
-    return Check("logs", not no_logs, "every worker has logs/<node>/worker.log" if not no_logs
+    nodes, elsewhere = _local_workers(folder, by_round)
+    no_logs = [n for n in nodes if not (folder.log_dir(n) / "worker.log").exists()]
+    return Check("logs", not no_logs, f"every worker has logs/<node>/worker.log{elsewhere}" if not no_logs
                  else f"no log for {', '.join(no_logs)}")
 
 
@@ -131,10 +145,37 @@ def _missing_rounds(rounds: list[int], shown: int = 10) -> list[int]:
     return missing
 
 
-def _layout_files(root: Path, pattern: str, depth: int = 4) -> list[Path]:
-    """Files matching `pattern` in root and up to `depth` folders below (the layout's deepest files sit three
-    down); fixed-depth globs, where rglob would recurse through a planted tree until RecursionError."""
-    return sorted(path for level in range(depth) for path in root.glob("/".join(["*"] * level + [pattern])))
+def _layout_files(folder: ExperimentFolder, depth: int = 3) -> list[Path]:
+    """The experiment's JSON files (checkpoints aside: their own check reads them), at its top and up to `depth`
+    folders below (the layout's deepest sit three down), listed through the folder helpers: in the bucket where
+    SWARM_URL keeps the records, never through a linked folder, a bounded listing each, so a planted tree costs
+    no more than `depth` levels of them."""
+    root = folder.root
+    top = list_folder(root)      # the local folder: with SWARM_URL the records and their folders are in the bucket
+    found = [path for path in top if path.name.endswith(".json")]
+    if folder.config_file not in found and is_visible(folder.config_file):
+        found.append(folder.config_file)
+    level = sorted({*(path for path in top if _may_hold_files(path)),
+                    *(root / name for name in storage.MOUNTED if name != folder.config_file.name)}
+                   - {root / "checkpoints"})
+    for _ in range(depth):
+        below = []
+        for directory in level:
+            for path in list_folder(directory):
+                if path.name.endswith(".json"):
+                    found.append(path)
+                elif _may_hold_files(path):
+                    below.append(path)
+        level = below
+    return sorted(found)
+
+
+def _may_hold_files(path: Path) -> bool:
+    """A folder to look in: locally one that is there (a linked one the listing refuses, with a warning); in a
+    bucket any key but a log's, as a folder there is only the prefix of its files."""
+    if storage.mounted(path) is not None:
+        return not path.name.endswith(storage.LOG_SUFFIX)
+    return path.is_dir()
 
 
 def _held_out_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
@@ -143,7 +184,7 @@ def _held_out_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
     if not cfg.get("eval_size"):
         return Check("held-out evaluations", True, "none asked for (EVAL_SIZE=0, or an experiment from before them)")
     evals, problems = held_out_by_node(folder)
-    last = rounds[-1] if rounds and folder.finished_file.exists() else None
+    last = rounds[-1] if rounds and is_visible(folder.finished_file) else None
     for node in sorted({n for nodes in by_round.values() for n in nodes}):
         done = {row.round for row in evals.get(node, [])}
         if 0 not in done:

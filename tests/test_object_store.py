@@ -1,22 +1,37 @@
 """The shared records on an object store (SWARM_URL=s3://...), against a real S3 server (SeaweedFS) on this
 machine; the same guarantees from the local folder."""
 
+import contextlib
+import csv
+import io
 import json
 import logging
 import os
+import re
+import signal
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from configs_env import SwarmConfig
+from configs_env import ConfigError, SwarmConfig
 from swarm_supervisor import cli
-from tests.helpers import SeaweedS3, group, heartbeat_record, keyring, node_exchange, write_as
+from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
+from swarm_supervisor.coordinator import Coordinator
+from swarm_supervisor.experiments import metrics_by_round
+from swarm_supervisor.notebook import FolderTable
+from tests.helpers import (SeaweedS3, group, heartbeat_record, keyring, node_exchange, node_key, swarm_env, wait_for,
+                           write_as)
 from workers.shared_folder import storage
-from workers.shared_folder.exchange import read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, append_jsonl
+from workers.shared_folder.exchange import read_heartbeats, read_round_state, read_signed
+from workers.shared_folder.folder import (ExperimentFolder, FolderError, append_jsonl, is_visible, list_folder,
+                                          write_json_atomic)
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
-from workers.shared_folder.protocol import Heartbeat, RoundState
+from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, SwarmFinished
+from workers.shared_folder.signing import COORDINATOR
 from workers.shared_folder.store_local import LocalStore
 
 
@@ -44,6 +59,76 @@ def store(request, tmp_path):
         return LocalStore(tmp_path / "store")
     request.getfixturevalue("s3")
     return storage.open_store(f"s3://swarm/t{time.time_ns()}", "exp")
+
+
+@contextlib.contextmanager
+def created(tmp_path, url: str | None, **env: str):
+    """A created experiment, its records in the S3 bucket at `url` (None: a local folder)."""
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "local"), "RL_SWARM_CACHE": str(tmp_path / "cache"),
+                                "EXPERIMENT_NAME": "exp", "MAX_ROUNDS": "3", **({"SWARM_URL": url} if url else {}),
+                                **env})
+    storage.mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
+    try:
+        yield cfg, ExperimentFolder(cfg.experiment_dir).create()
+    finally:
+        storage.unmount(cfg.experiment_dir)
+
+
+@pytest.fixture(params=["local", "s3"])
+def experiment(request, tmp_path):
+    if request.param == "s3":
+        request.getfixturevalue("s3")
+    with created(tmp_path, f"s3://swarm/t{time.time_ns()}" if request.param == "s3" else None) as made:
+        yield made
+
+
+def test_a_second_coordinator_cannot_overwrite_a_round_the_first_started(experiment):
+    cfg, folder = experiment
+    key = node_key(folder, "coordinator")      # two `up`s of one machine past the lease: the same key
+    first, second = (Coordinator(cfg, folder, threading.Event(), lambda: {"w-1", "w-2"}, key) for _ in range(2))
+    first._start_round(1, "start")
+    started = read_round_state(folder, keyring(folder), 1)
+    with pytest.raises(FolderError, match=r"round_000001.json: round 1 was already started by another coordinator "
+                                          r"of experiment 'exp': stop the other `rl-swarm up`"):
+        second._start_round(1, "start")
+    assert read_round_state(folder, keyring(folder), 1) == started         # the first one's round stands
+    assert folder.state_rounds() == [1] and second.round == 0
+
+
+def test_a_crashed_ups_lease_does_not_block_a_resume_and_a_finished_up_gives_its_lease_back(experiment):
+    cfg, folder = experiment
+    key, keyring = coordinator_key(cfg, folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    crashed = CoordinatorClaim(cfg, folder, key, keyring, "up").lease
+    write_json_atomic(folder.coordinator_lease_file, key.sign({"schema": 1, **{**crashed.__dict__, "pid": dead.pid}}))
+    with CoordinatorClaim(cfg, folder, key, keyring, "up").held() as resumed:
+        held = read_signed(folder.coordinator_lease_file, COORDINATOR, keyring)
+        assert held["instance"] == resumed.lease.instance
+    assert not is_visible(folder.coordinator_lease_file)
+
+
+def test_a_raised_max_rounds_continues_a_finished_experiment(experiment):
+    cfg, folder = experiment
+    write_as(folder, "coordinator", folder.finished_file, SwarmFinished(rounds=2, finished_at=time.time()).to_json())
+    assert cli._prepare_rounds(folder, cfg, keyring(folder))            # MAX_ROUNDS=3 > 2: the swarm goes on
+    assert not is_visible(folder.finished_file)         # so the workers do not leave at once
+
+
+def test_old_rounds_rollouts_leave_the_bucket_and_archiving_them_is_refused_in_one_line(s3, tmp_path):
+    url = f"s3://swarm/t{time.time_ns()}"
+    with created(tmp_path, url, ROLLOUT_CLEANUP_ENABLED="true", ROLLOUT_KEEP_LAST_N_ROUNDS="1") as (cfg, folder):
+        for round_ in (1, 2, 3):
+            node_exchange(folder, "w-1").publish_rollouts(round_, [group()])
+        coordinator = Coordinator(cfg, folder, threading.Event(), lambda: {"w-1"}, node_key(folder, "coordinator"))
+        coordinator.round = 3
+        coordinator.retire_old_rollouts()
+        # (SeaweedFS still lists the emptied round_1/ as a folder, where S3 lists nothing: the files are what count)
+        assert [[path.name for path in list_folder(folder.rollout_dir(r))] for r in (1, 2, 3)] == \
+            [[], ["w-1.json"], ["w-1.json"]]
+    with pytest.raises(ConfigError, match=r"^ROLLOUT_ARCHIVE_OLD=true with SWARM_URL: old rounds' rollouts are in the "
+                                          r"bucket.*; set ROLLOUT_ARCHIVE_OLD=false"):
+        SwarmConfig.from_env({"SWARM_URL": url, "ROLLOUT_CLEANUP_ENABLED": "1", "ROLLOUT_ARCHIVE_OLD": "1"})
 
 
 def test_a_store_writes_whole_records_once_and_appends_logs_in_order(store):
@@ -123,3 +208,117 @@ def test_a_missing_extra_or_a_url_with_credentials_is_one_line(monkeypatch, caps
     assert cli.main(["status"]) == 2
     assert capsys.readouterr().err == ("rl-swarm: error: SWARM_URL=gs://...: the gcsfs package is missing; install "
                                        "it with pip install -e '.[gcs]'\n")
+
+
+# -- one TEST_MODE swarm on s3://, shared by the tests that read it -------------------------------------------
+
+SWARM_URL = "s3://swarm/runs"
+
+
+@pytest.fixture(scope="module")
+def s3_swarm(s3, tmp_path_factory):
+    """`rl-swarm up` (TEST_MODE, 2 workers) with its records in the bucket; worker-1 is killed with -9 once it has
+    finished round 1. Yields the run's environment, its experiment folder, output and exit code."""
+    tmp_path = tmp_path_factory.mktemp("s3-swarm")
+    env = swarm_env(tmp_path, NUM_WORKERS="2", WARMUP_STEPS="0", EVAL_SIZE="8", ROLLOUT_FETCH_TIMEOUT="10",
+                    SWARM_URL=SWARM_URL)
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    bucket = storage.open_store(SWARM_URL, "e2e")
+    proc = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: _in_bucket(bucket, "rewards/round_1/worker-1.json"), 240, "worker-1's round 1", proc)
+        os.kill(json.loads(bucket.read("peers/worker-1.json", 64 * 1024))["pid"], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    storage.mount_experiment(SWARM_URL, exp, "e2e")        # this process reads the run as another node would
+    try:
+        yield env, ExperimentFolder(exp), output, proc.returncode
+    finally:
+        storage.unmount(exp)
+
+
+def _in_bucket(store: storage.Store, key: str) -> bool:
+    try:
+        store.version(key)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def rl_swarm(monkeypatch, capsys, gdrive: Path, *args: str, experiment: str = "e2e") -> tuple[int, str, str]:
+    """`rl-swarm <args>` of a machine whose GDRIVE_PATH is `gdrive`, on the shared run's SWARM_URL."""
+    for name, value in {"GDRIVE_PATH": str(gdrive), "SWARM_URL": SWARM_URL, "EXPERIMENT_NAME": experiment}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = cli.main(list(args))
+    finally:
+        for name in {experiment, "e2e"}:
+            storage.unmount(gdrive / "experiments" / name)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_a_swarm_on_s3_finishes_with_a_worker_killed_mid_run_and_keeps_its_records_in_the_bucket(s3_swarm):
+    env, folder, output, code = s3_swarm
+    assert code == 0 and "rl-swarm: finished" in output, output
+    # TEST_MODE's own validate read the bucket: both workers' rounds, and finished.json for the last evaluation
+    assert "PASS  held-out evaluations: every worker was evaluated at the start and after the last round" in output
+    assert "validate e2e: 8/8 checks passed" in output, output
+    assert "resumed from checkpoint" in (folder.log_dir("worker-1") / "worker.log").read_text()
+    for node in ("worker-1", "worker-2"):
+        assert [row.round for row in read_jsonl(folder.metrics_file(node), RoundMetrics.from_json)] == [1, 2, 3]
+    assert not any(p.is_file() for p in (folder.root / "state").rglob("*"))      # the records are in the bucket
+    assert "secret-never-logged-8f3a" not in output + "".join(p.read_text() for p in folder.root.rglob("*.log"))
+
+
+@pytest.mark.slow
+def test_status_validate_and_experiments_read_an_s3_experiment_here_and_from_another_machine(
+        s3_swarm, monkeypatch, capsys, tmp_path):
+    env, folder, _, _ = s3_swarm
+    here, elsewhere = Path(env["GDRIVE_PATH"]), tmp_path / "another-machine"
+    code, out, _ = rl_swarm(monkeypatch, capsys, here, "status")
+    assert code == 0 and "round 3/3" in out and "finished" in out
+    assert re.search(r"worker-1 done\n.*\n.*restarts 1", out), out       # the supervisor's record of the kill
+    code, out, _ = rl_swarm(monkeypatch, capsys, elsewhere, "status")     # no folder of it on that machine
+    assert code == 0 and "round 3/3" in out and "worker-2 done" in out, out
+    table = FolderTable(SwarmConfig.from_env({"GDRIVE_PATH": str(elsewhere), "SWARM_URL": SWARM_URL,
+                                              "EXPERIMENT_NAME": "e2e"}))
+    try:
+        frame = table.frame()        # the notebooks' table of a swarm another runtime runs
+    finally:
+        storage.unmount(elsewhere / "experiments" / "e2e")
+    assert "round 3/3" in frame.text and "worker-1" in frame.text and "not there" not in frame.text, frame.text
+    code, out, _ = rl_swarm(monkeypatch, capsys, elsewhere, "validate")
+    assert code == 0 and out.splitlines()[-1] == "validate e2e: 8/8 checks passed", out
+    assert "PASS  checkpoints: every worker has a checkpoint within 1 rounds of its last round (2 on other " \
+           "machines, where SWARM_URL leaves them)" in out
+    code, out, _ = rl_swarm(monkeypatch, capsys, elsewhere, "experiments", "list", "--csv")
+    [row] = list(csv.DictReader(io.StringIO(out)))
+    assert (row["name"], row["status"], row["rounds"], row["nodes"]) == ("e2e", "finished", "3", "2")
+    rewards = [[m.reward_mean for m in nodes.values()] for nodes in metrics_by_round(folder)[0].values()]
+    assert float(row["cumulative_reward"]) == pytest.approx(sum(sum(r) / len(r) for r in rewards))
+    code, out, _ = rl_swarm(monkeypatch, capsys, elsewhere, "experiments", "compare", "e2e")
+    assert code == 0 and "e2e" in out and "rounds 3/3" in out, out
+
+
+@pytest.mark.slow
+def test_validate_names_a_record_missing_from_the_bucket_and_a_missing_experiment_is_one_line(
+        s3_swarm, monkeypatch, capsys, tmp_path):
+    bucket = storage.open_store(SWARM_URL, "e2e")
+    key = "rollouts/round_3/stage_0/worker-1.json"
+    kept = bucket.read(key, 4 * 1024 * 1024)
+    bucket.delete(key)
+    try:
+        code, out, _ = rl_swarm(monkeypatch, capsys, tmp_path, "validate")
+    finally:
+        bucket.write(key, kept)
+    assert code == 1 and out.splitlines()[-1] == "validate e2e: 7/8 checks passed, 1 FAILED", out
+    assert "FAIL  rollouts and metrics per round: 1 gaps: round 3: worker-1 has no rollouts" in out
+    code, _, err = rl_swarm(monkeypatch, capsys, tmp_path, "status", experiment="nope")
+    assert (code, err) == (2, f"rl-swarm: error: no experiment at {SWARM_URL}/experiments/nope: check SWARM_URL and "
+                              "the experiment name\n")
+    code, _, err = rl_swarm(monkeypatch, capsys, tmp_path, "experiments", "compare", "nope")
+    assert (code, err) == (2, f"rl-swarm: error: no experiment nope under {SWARM_URL}/experiments\n")

@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmError
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, read_json_bounded, with_retries,
-                                          write_json_atomic)
+from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, append_jsonl, is_visible, read_json_bounded,
+                                          with_retries, write_json_atomic)
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.mount import make_dirs
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
@@ -273,7 +273,7 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
         if metrics.round not in recorded:
             with_retries(lambda path=metrics_file, row=row: append_jsonl(path, row), f"appending to {metrics_file}")
             rewritten.append(metrics.round)
-        if metrics.round == meta.round and not reward_file.exists():
+        if metrics.round == meta.round and not is_visible(reward_file):
             with_retries(lambda path=reward_file, row=row: write_json_atomic(path, row), f"writing {reward_file}")
             rewritten.append(metrics.round)
     return sorted(set(rewritten))

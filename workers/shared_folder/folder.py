@@ -455,6 +455,15 @@ def is_visible(path: Path) -> bool:
     return True
 
 
+def remove_file(path: Path) -> None:
+    """Remove a record (a link planted there itself, never what it points to); nothing when none is there."""
+    if (where := storage.mounted(path)) is not None:
+        where[0].delete(where[1])
+        return
+    with contextlib.suppress(FileNotFoundError):
+        _unlink(path)
+
+
 def file_size(path: Path) -> int:
     """Bytes of a file (in a store, of a log's records together); FileNotFoundError while there is none."""
     if (where := storage.mounted(path)) is None:
@@ -595,8 +604,9 @@ class ExperimentFolder:
         return self.root / "metrics" / check_node_name(node) / "eval.jsonl"
 
     def metrics_files(self, name: str = "metrics.jsonl") -> list[Path]:
-        """Every node's metrics (or eval.jsonl) file, by node name."""
-        return sorted((self.root / "metrics").glob(f"*/{name}"))
+        """Every node's metrics (or eval.jsonl) file, by node name; listed through the helpers, so on an object
+        store too, and never through a linked folder."""
+        return [path for node in list_folder(self.root / "metrics") for path in list_folder(node, name)]
 
     @property
     def base_dir(self) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from configs_env import SwarmError
-from configs_env.parsing import STORE_URL
+from configs_env.parsing import SAFE_NAME, STORE_URL
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +113,42 @@ def mounted(path: Path) -> tuple[Store, str] | None:
     return None
 
 
-def open_store(url: str, experiment: str) -> Store:
-    """The store of one experiment: <url>/experiments/<experiment>/ (the URL was checked by configs_env)."""
-    from workers.shared_folder.store_fsspec import FsspecStore
-
+def _store_root(url: str, experiment: str) -> tuple[str, str]:
+    """The scheme and the bucket/prefix/experiments/<experiment> of a URL (checked by configs_env already)."""
     match = STORE_URL.fullmatch(url)
     if match is None:
         raise StoreError(f"SWARM_URL={url!r}: expected s3://bucket/prefix or gs://bucket/prefix")
-    root = "/".join(part for part in (match["bucket"], match["prefix"].strip("/"), "experiments", experiment) if part)
-    return FsspecStore(match["scheme"], root)
+    parts = (match["bucket"], match["prefix"].strip("/"), "experiments", experiment)
+    return match["scheme"], "/".join(part for part in parts if part)
+
+
+def open_store(url: str, experiment: str) -> Store:
+    """The store of one experiment: <url>/experiments/<experiment>/ ("": the folder of every experiment)."""
+    from workers.shared_folder.store_fsspec import FsspecStore
+
+    return FsspecStore(*_store_root(url, experiment))
+
+
+def experiment_names(url: str) -> list[str]:
+    """The experiments under <url>/experiments/, in name order; a name no experiment could have is skipped."""
+    names = []
+    for entry in open_store(url, "").list(""):
+        if entry.folder and SAFE_NAME.fullmatch(entry.name):
+            names.append(entry.name)
+        else:
+            log.warning("%s/experiments/%r: not an experiment's name; skipped", url, entry.name)
+    return names
 
 
 def mount_experiment(url: str | None, root: Path, experiment: str) -> Store | None:
-    """Mount the experiment's store in this process when SWARM_URL is set; each process calls it once."""
+    """Mount the experiment's store in this process when SWARM_URL is set; a second call returns the first's."""
     if url is None:
         return None
+    scheme, where = _store_root(url, experiment)
+    with _lock:
+        held = _mounts.get(Path(root).absolute())
+    if held is not None and held.store.url == f"{scheme}://{where}":
+        return held.store
     store = open_store(url, experiment)
     mount(root, store)
     # what this process cost the store, in its log: the requests a round makes are what a bucket bills
