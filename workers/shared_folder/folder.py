@@ -18,8 +18,26 @@ from workers.shared_folder.safe_io import list_folder, refuse_links_below
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 
 
+def _fixed(*parts: str) -> property:
+    """A path at a fixed place in the experiment folder, read as an attribute (`folder.keys_dir`)."""
+    return property(lambda folder: folder.root.joinpath(*parts))
+
+
 class ExperimentFolder:
     """Paths of one experiment: <GDRIVE_PATH>/experiments/<EXPERIMENT_NAME>/ and the seeds' layout under it."""
+
+    config_file = _fixed("config.json")
+    state_dir = _fixed("state")
+    finished_file = _fixed("state", "finished.json")
+    # held by the one `rl-swarm up` (or `pretrain`) of the experiment, from before its warm-up to its end
+    coordinator_lease_file = _fixed("state", "coordinator.lease.json")
+    keys_dir = _fixed("keys")
+    base_dir = _fixed("base")
+    rollouts_dir = _fixed("rollouts")
+    peers_dir = _fixed("peers")
+    supervisor_log_dir = _fixed("logs", "supervisor")
+    events_file = _fixed("logs", "supervisor", "events.jsonl")
+    monitor_file = _fixed("logs", "supervisor", "monitor.jsonl")
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -39,25 +57,8 @@ class ExperimentFolder:
                               "check GDRIVE_PATH and that the Drive is mounted") from exc
         return self
 
-    @property
-    def config_file(self) -> Path:
-        return self.root / "config.json"
-
     def round_state_file(self, round_: int) -> Path:
         return self.root / "state" / f"round_{round_:06d}.json"
-
-    @property
-    def finished_file(self) -> Path:
-        return self.root / "state" / "finished.json"
-
-    @property
-    def coordinator_lease_file(self) -> Path:
-        """Held by the one `rl-swarm up` (or `pretrain`) of the experiment, from before its warm-up to its end."""
-        return self.root / "state" / "coordinator.lease.json"
-
-    @property
-    def keys_dir(self) -> Path:
-        return self.root / "keys"
 
     def public_key_file(self, node: str) -> Path:
         return self.keys_dir / f"{check_node_name(node)}.pub"
@@ -87,22 +88,6 @@ class ExperimentFolder:
         store too, and never through a linked folder."""
         return [path for node in list_folder(self.root / "metrics") for path in list_folder(node, name)]
 
-    @property
-    def base_dir(self) -> Path:
-        return self.root / "base"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def rollouts_dir(self) -> Path:
-        return self.root / "rollouts"
-
-    @property
-    def peers_dir(self) -> Path:
-        return self.root / "peers"
-
     def rewards_dir(self, round_: int) -> Path:
         return self.root / "rewards" / f"round_{round_}"
 
@@ -111,18 +96,6 @@ class ExperimentFolder:
 
     def log_dir(self, node: str) -> Path:
         return self.root / "logs" / check_node_name(node)
-
-    @property
-    def supervisor_log_dir(self) -> Path:
-        return self.root / "logs" / "supervisor"
-
-    @property
-    def events_file(self) -> Path:
-        return self.supervisor_log_dir / "events.jsonl"
-
-    @property
-    def monitor_file(self) -> Path:
-        return self.supervisor_log_dir / "monitor.jsonl"
 
     def state_rounds(self) -> list[int]:
         """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
