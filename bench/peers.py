@@ -27,7 +27,8 @@ import psutil
 
 from swarm_supervisor.monitor import Monitor
 from workers.evaluation import read_held_out
-from workers.shared_folder.folder import ExperimentFolder, read_json_bounded
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import read_json_bounded
 from bench.swarm_stats import round_starts
 from bench.workload import MODEL
 

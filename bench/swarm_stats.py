@@ -12,7 +12,8 @@ from pathlib import Path
 from statistics import mean, median
 
 from swarm_supervisor.experiments import metrics_by_round
-from workers.shared_folder.folder import ExperimentFolder, read_json_bounded
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.protocol import RoundState
 
 SKIP_ROUNDS = 2         # the first rounds include the workers' start-up

@@ -12,8 +12,10 @@ from pathlib import Path
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count, nvml_ids, refuse_unfit, worker_devices
 from swarm_supervisor.monitor import Monitor
-from workers.shared_folder.folder import (ExperimentFolder, FolderError, open_append, remove_file, with_retries,
-                                          write_json_atomic)
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.rejections import FolderError
+from workers.shared_folder.safe_io import open_append, remove_file, with_retries
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats

@@ -17,8 +17,10 @@ from typing import Any, Callable
 from configs_env import SwarmConfig
 from workers.shared_folder import storage
 from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_round_state
-from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, list_folder, round_number,
-                                          with_retries, write_json_atomic, write_json_create_only)
+from workers.shared_folder.folder import ExperimentFolder, round_number
+from workers.shared_folder.json_records import write_json_atomic, write_json_create_only
+from workers.shared_folder.rejections import FolderError, RejectedFile
+from workers.shared_folder.safe_io import list_folder, with_retries
 from workers.shared_folder.protocol import Heartbeat, RoundState, Status, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey
 

@@ -12,7 +12,9 @@ from configs_env.parsing import safe_name
 from swarm_supervisor.readable import plain
 from workers.evaluation import read_held_out
 from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
-from workers.shared_folder.folder import ExperimentFolder, FolderError, RejectedFile, read_json_bounded, warn_skipped
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import read_json_bounded
+from workers.shared_folder.rejections import FolderError, RejectedFile, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status)
 from workers.shared_folder.signing import KeyRing

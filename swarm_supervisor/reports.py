@@ -7,7 +7,7 @@ escaped, never read as markup, and whole at any width.
 from pathlib import Path
 
 from configs_env import SwarmConfig
-from workers.shared_folder.folder import FolderError
+from workers.shared_folder.rejections import FolderError
 
 
 def show_status(cfg: SwarmConfig) -> int:

@@ -19,7 +19,9 @@ from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSna
 from swarm_supervisor.readable import plain
 from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, file_size, warn_skipped)
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.rejections import RejectedFile, warn_skipped
+from workers.shared_folder.safe_io import file_size
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
 from workers.shared_folder.protocol import EVENT_RESTART, Heartbeat, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import KeyRing

@@ -22,7 +22,8 @@ from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_finished, read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, append_jsonl
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.leftovers import remove_stale_temps
 from workers.shared_folder.mount import folder_present
 from workers.shared_folder.protocol import EVENT_FAILED, EVENT_RESTART, EVENT_UNLEARNING, Status

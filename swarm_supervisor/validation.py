@@ -7,8 +7,10 @@ from swarm_supervisor.experiments import experiment_config, held_out_by_node, me
 from swarm_supervisor.readable import plain
 from workers.shared_folder import storage
 from workers.shared_folder.exchange import ROLLOUT_NAME, read_round_state
-from workers.shared_folder.folder import (ExperimentFolder, RejectedFile, is_visible, list_folder, read_json_bounded,
-                                          round_number)
+from workers.shared_folder.folder import ExperimentFolder, round_number
+from workers.shared_folder.json_records import read_json_bounded
+from workers.shared_folder.rejections import RejectedFile
+from workers.shared_folder.safe_io import is_visible, list_folder
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR, KeyRing
 

@@ -69,7 +69,7 @@ def peer_group(question: Question, answers: list[str], claimed: float = 1.0, **f
 
 def sealed(record: dict) -> str:
     """A record as write_json_atomic seals it: a forger can compute the checksum too."""
-    from workers.shared_folder.folder import record_checksum
+    from workers.shared_folder.json_records import record_checksum
 
     return json.dumps({**record, "sha256": record_checksum(record)})
 
@@ -307,7 +307,7 @@ def node_exchange(folder, node: str):
 
 def write_as(folder, node: str, path: Path, record: dict) -> None:
     """`record` written at `path`, signed by `node` as that node writes it."""
-    from workers.shared_folder.folder import write_json_atomic
+    from workers.shared_folder.json_records import write_json_atomic
 
     write_json_atomic(path, node_key(folder, node).sign(record))
 

@@ -11,8 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, CheckpointMismatch, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
-from workers.shared_folder.folder import ExperimentFolder, append_jsonl
-from workers.shared_folder.jsonl import read_jsonl
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.exchange import read_signed
 from tests.helpers import keyring, node_key

@@ -17,7 +17,9 @@ def _experiment(root, with_evals: bool):
     import time
 
     from workers.evaluation import eval_file
-    from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
+    from workers.shared_folder.folder import ExperimentFolder
+    from workers.shared_folder.json_records import write_json_atomic
+    from workers.shared_folder.jsonl import append_jsonl
     from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
 
     folder = ExperimentFolder(root).create()
@@ -94,7 +96,8 @@ def test_the_plot_draws_held_out_accuracy_beside_training_accuracy(tmp_path, mon
 
 def test_restarts_are_counted_from_the_events_kind_and_from_older_sentences(tmp_path):
     from swarm_supervisor.experiments import count_restarts
-    from workers.shared_folder.folder import ExperimentFolder, append_jsonl
+    from workers.shared_folder.folder import ExperimentFolder
+    from workers.shared_folder.jsonl import append_jsonl
 
     folder = ExperimentFolder(tmp_path).create()
     for row in ({"time": 1, "event": "worker-1: restarting from its last checkpoint (restart 1)"},     # older file

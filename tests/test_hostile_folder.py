@@ -27,9 +27,10 @@ from tests.helpers import (HOSTILE_REASON, heartbeat_record, metrics_row, plant_
                            sealed, warnings_naming)
 from workers.evaluation import eval_file, read_held_out
 from workers.shared_folder.exchange import HEARTBEAT_BYTES, ROLLOUT_NAME, read_heartbeats
-from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, append_jsonl,
-                                          check_node_name, read_json_bounded, write_json_atomic)
-from workers.shared_folder.jsonl import read_jsonl
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import MAX_RECORD_BYTES, read_json_bounded, write_json_atomic
+from workers.shared_folder.jsonl import append_jsonl, read_jsonl
+from workers.shared_folder.rejections import RejectedFile, check_node_name
 from workers.shared_folder.leftovers import STALE_TEMP_S, remove_stale_temps, writer_tag
 from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
 from tests.helpers import keyring, node_exchange, node_key, write_as

@@ -27,9 +27,11 @@ from tests.helpers import (SeaweedS3, group, heartbeat_record, keyring, node_exc
                            write_as)
 from workers.shared_folder import storage
 from workers.shared_folder.exchange import read_heartbeats, read_round_state, read_signed
-from workers.shared_folder.folder import (ExperimentFolder, FolderError, append_jsonl, is_visible, list_folder,
-                                          write_json_atomic)
-from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.jsonl import append_jsonl, read_jsonl, read_jsonl_tail
+from workers.shared_folder.rejections import FolderError
+from workers.shared_folder.safe_io import is_visible, list_folder
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR
 from workers.shared_folder.store_local import LocalStore

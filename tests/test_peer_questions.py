@@ -27,7 +27,8 @@ from workers.learning.tasks import DATASET_SIZE, TaskMix, build_prompt, check_ta
 from workers.round_loop import external_candidates, local_rollouts
 from workers.shared_folder import exchange as exchange_module
 from workers.shared_folder.exchange import Exchange
-from workers.shared_folder.folder import ExperimentFolder, record_checksum
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import record_checksum
 from workers.shared_folder.protocol import RolloutFile
 
 from tests.helpers import node_exchange, node_key, peer_group, swarm_env

@@ -16,7 +16,9 @@ from swarm_supervisor.dashboard import render, status_line
 from swarm_supervisor.status import SwarmReader
 from tests.helpers import console_text, swarm_env
 from workers.shared_folder.exchange import read_heartbeats
-from workers.shared_folder.folder import ExperimentFolder, append_jsonl, write_json_atomic
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.jsonl import append_jsonl
 from workers.learning.model import check_prompt_room
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
 from tests.helpers import keyring, node_exchange, write_as

@@ -24,8 +24,10 @@ from workers.learning.tasks import TaskMix
 from workers.shared_folder import exchange as exchange_module
 from workers.shared_folder.exchange import (newest_signed_round, read_finished, read_heartbeats, read_round_state,
                                             read_signed)
-from workers.shared_folder.folder import (MAX_LISTED, ExperimentFolder, FolderError, RejectedFile, read_json_bounded,
-                                          write_json_atomic)
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import read_json_bounded, write_json_atomic
+from workers.shared_folder.rejections import FolderError, RejectedFile
+from workers.shared_folder.safe_io import MAX_LISTED
 from workers.shared_folder.hostile import forger, plant_forgeries
 from workers.shared_folder.protocol import Heartbeat, RoundState, Status
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, local_key_dir

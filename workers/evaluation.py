@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs_env import SwarmConfig
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, warn_skipped
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.rejections import RejectedFile, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
 from workers.learning.generation import prompts_per_call, sample_completions
 from workers.learning.model import Policy

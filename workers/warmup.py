@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig
-from workers.shared_folder.folder import ExperimentFolder, RejectedFile, read_json_bounded
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import read_json_bounded
+from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.leftovers import make_temp_dir
 from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
 from workers.learning.generation import encode_prompt

@@ -25,8 +25,11 @@ from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.storage import mount_experiment
 from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
 from workers.shared_folder.exchange import Exchange, Outbox, newest_round_state
-from workers.shared_folder.folder import (ExperimentFolder, FolderError, RejectedFile, append_jsonl, open_append,
-                                          with_retries, write_json_atomic)
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.jsonl import append_jsonl
+from workers.shared_folder.rejections import FolderError, RejectedFile
+from workers.shared_folder.safe_io import open_append, with_retries
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer

@@ -277,16 +277,7 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
     used) and tokens, as floats read from the device once, and skipped_steps: the steps whose gradient was not
     finite, which left the weights and the optimizer's state as they were.
     """
-    if num_iterations < 1:
-        raise ValueError(f"num_iterations={num_iterations}: expected an integer >= 1")
-    rows = batch.input_ids.shape[0]
-    if advantages.shape != (rows,):
-        raise ValueError(f"advantages of shape {tuple(advantages.shape)}: expected ({rows},), one per completion")
-    size = micro_batch_size or rows
-    if size < 1:
-        raise ValueError(f"micro_batch_size={micro_batch_size}: expected an integer >= 1 or None")
-    parts = [slice(i, i + size) for i in range(0, rows, size)]
-    device = batch.input_ids.device
+    parts = _micro_batches(batch, advantages, num_iterations, micro_batch_size)
     total_tokens = batch.completion_mask.sum()
     if batch.completion_mask.shape[1] == 0:                           # nothing to learn from
         return {"loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0, "ratio": 1.0, "tokens": 0.0, "skipped_steps": 0.0}
@@ -295,11 +286,13 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
     if use_kl:
         with torch.no_grad():
             ref = [completion_logprobs(ref_model, batch.rows(part), chunk_size) for part in parts]
+    loss_of = functools.partial(grpo_loss, beta=beta if use_kl else 0.0, eps_low=eps_low, eps_high=eps_high,
+                                normalize=normalize, total_tokens=total_tokens, total_rows=batch.input_ids.shape[0])
     # pi_old is the policy before the first step, so the first iteration's own log-probs (detached) are
     # old_logp: no separate no-grad forward, and with one iteration the ratio is exactly 1
     old: list[torch.Tensor | None] = [None] * len(parts)
     names = ["loss", "grad_norm", "clip_fraction", "ratio"] + (["kl"] if use_kl else [])
-    sums = {name: torch.zeros((), device=device) for name in names}
+    sums = {name: torch.zeros((), device=batch.input_ids.device) for name in names}
     skipped = 0
     for _ in range(num_iterations):
         optimizer.zero_grad(set_to_none=True)
@@ -308,26 +301,51 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
             logp = completion_logprobs(model, sub, chunk_size)
             if old[k] is None:
                 old[k] = logp.detach()
-            loss, stats = grpo_loss(logp, old[k], advantages[part], sub.completion_mask, ref_logp=ref[k],
-                                    beta=beta if use_kl else 0.0, eps_low=eps_low, eps_high=eps_high,
-                                    normalize=normalize, total_tokens=total_tokens, total_rows=rows)
+            loss, stats = loss_of(logp, old[k], advantages[part], sub.completion_mask, ref_logp=ref[k])
             loss.backward()
-            # each part's loss is already a share of the whole batch's; per-token stats weigh by tokens
-            share = sub.completion_mask.sum() / total_tokens.clamp(min=1)
-            for name in names:
-                if name == "loss":
-                    sums[name] = sums[name] + stats["loss"]
-                elif name != "grad_norm":
-                    sums[name] = sums[name] + stats[name] * share
+            sums = _add_stats(sums, stats, share=sub.completion_mask.sum() / total_tokens.clamp(min=1))
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         sums["grad_norm"] = sums["grad_norm"] + norm
-        # a NaN or inf anywhere in the gradient would reach every weight through the step (clipping scales
-        # by max_norm / inf): such a step is skipped, as AMP's loss scaler does. One device sync per step.
-        if not torch.isfinite(norm):
+        if not _step_if_finite(optimizer, norm):
             skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     values = torch.stack([sums[name].float() / num_iterations for name in names] + [total_tokens.float()]).tolist()
     return {**dict(zip(names + ["tokens"], values)), "skipped_steps": float(skipped)}
+
+
+def _micro_batches(batch: RolloutBatch, advantages: torch.Tensor, num_iterations: int,
+                   micro_batch_size: int | None) -> list[slice]:
+    """The rows of each micro-batch of grpo_step, after checking its arguments."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations={num_iterations}: expected an integer >= 1")
+    rows = batch.input_ids.shape[0]
+    if advantages.shape != (rows,):
+        raise ValueError(f"advantages of shape {tuple(advantages.shape)}: expected ({rows},), one per completion")
+    size = micro_batch_size or rows
+    if size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size}: expected an integer >= 1 or None")
+    return [slice(i, i + size) for i in range(0, rows, size)]
+
+
+def _add_stats(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor],
+               share: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The running sums with one micro-batch's stats added (grad_norm is the step's, added after it)."""
+    # each part's loss is already a share of the whole batch's; per-token stats weigh by the part's tokens
+    added = dict(sums)
+    for name in sums:
+        if name == "loss":
+            added[name] = sums[name] + stats["loss"]
+        elif name != "grad_norm":
+            added[name] = sums[name] + stats[name] * share
+    return added
+
+
+def _step_if_finite(optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> bool:
+    """Step on the accumulated gradient unless its norm is not finite; whether it stepped."""
+    # a NaN or inf anywhere in the gradient would reach every weight through the step (clipping scales
+    # by max_norm / inf): such a step is skipped, as AMP's loss scaler does. One device sync per step.
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True

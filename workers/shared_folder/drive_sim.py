@@ -20,7 +20,7 @@ there, is planted by `workers.shared_folder.hostile`.
 
 Only the protocol subfolders are covered (state, peers, rollouts, rewards, metrics). Checkpoints and
 the warmed-up base are read by their writer or before round 1, and logs only by people, so they stay
-outside the simulation. `workers.shared_folder.folder`'s helpers are its only callers.
+outside the simulation. `workers.shared_folder.safe_io`'s helpers are its only callers.
 """
 
 import errno
@@ -120,7 +120,7 @@ def failures() -> int:
     return _active.failures if _active is not None else 0
 
 
-# -- hooks for workers.shared_folder.folder -------------------------------------------------------------------
+# -- hooks for workers.shared_folder.safe_io ------------------------------------------------------------------
 
 def before_write(path: Path) -> None:
     if _active is not None and _active.covers(path):

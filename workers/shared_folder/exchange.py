@@ -8,9 +8,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from workers.shared_folder.folder import (MAX_RECORD_BYTES, ExperimentFolder, RejectedFile, list_folder,
-                                          naming, read_json_bounded, warn_once, warn_skipped, with_retries,
-                                          write_json_atomic)
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import MAX_RECORD_BYTES, read_json_bounded, write_json_atomic
+from workers.shared_folder.rejections import RejectedFile, naming, warn_once, warn_skipped
+from workers.shared_folder.safe_io import list_folder, with_retries
 from workers.shared_folder import storage
 from workers.shared_folder.doorbell import Doorbell
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundState, Status, SwarmFinished

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from workers.shared_folder.folder import MAX_RECORD_BYTES, ExperimentFolder, record_checksum
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import MAX_RECORD_BYTES, record_checksum
 from workers.shared_folder.protocol import SCHEMA, Heartbeat, RoundState, Status, SwarmFinished
 from workers.shared_folder.signing import KeyRing, NodeKey
 

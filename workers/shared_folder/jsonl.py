@@ -1,21 +1,29 @@
 """The swarm's append-only logs in the shared folder (metrics, held-out evaluations, events, monitor samples):
-one bounded reader for all of them. Appending is `folder.append_jsonl`.
+one appender and one bounded reader for all of them.
 
 A line is a record only when it is a JSON object within bounded_json's limits that its parser accepts; any
 other line is warned about, counted and skipped, and the reading goes on.
 """
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from workers.shared_folder.folder import RejectedFile, parse_json, read_from, read_whole, warn_once
+from workers.shared_folder.json_records import parse_json
+from workers.shared_folder.rejections import RejectedFile, warn_once
+from workers.shared_folder.safe_io import append_line, read_from, read_whole
 
 log = logging.getLogger(__name__)
 
 MAX_JSONL_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append the record as one whole line, synced (safe_io.append_line): a crash can only tear the last line."""
+    append_line(path, (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8"))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from workers.shared_folder.folder import RejectedFile, check_node_name
+from workers.shared_folder.rejections import RejectedFile, check_node_name
 
 # 2: records that speak for a node carry its signature (workers.shared_folder.signing); records of schema 1
 # still read where nothing depends on who wrote them (status, experiments, validate of older folders)

@@ -6,7 +6,7 @@ pins a node's public key the first time it meets it, and from then on a record s
 its signature verifies under that key. The coordinator's key is pinned on disk too, by each machine that
 joins, so a worker restarted next week still refuses a coordinator that is not the one it joined.
 
-What is signed is the record's canonical JSON without its checksum and its signature (folder.canonical_json).
+What is signed is the record's canonical JSON without its checksum and its signature (json_records.canonical_json).
 """
 
 import base64
@@ -24,9 +24,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from workers.shared_folder.folder import (CHECKSUM_KEY, SIGNATURE_KEY, ExperimentFolder, FolderError, RejectedFile,
-                                          canonical_json, check_node_name, is_visible, read_json_bounded,
-                                          record_checksum, warn_once, write_json_create_only)
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.json_records import (CHECKSUM_KEY, SIGNATURE_KEY, canonical_json, read_json_bounded,
+                                                record_checksum, write_json_create_only)
+from workers.shared_folder.rejections import FolderError, RejectedFile, check_node_name, warn_once
+from workers.shared_folder.safe_io import is_visible
 
 log = logging.getLogger(__name__)
 

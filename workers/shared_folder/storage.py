@@ -2,7 +2,7 @@
 
 The swarm names every shared file by a local path (`ExperimentFolder`). With SWARM_URL set, the protocol's
 subfolders of the experiment (state, peers, rollouts, rewards, metrics, keys, config.json) are *mounted* on an object
-store: the folder helpers (`workers.shared_folder.folder`) ask `mounted(path)` before each read, write or listing
+store: the folder helpers (`workers.shared_folder.safe_io`) ask `mounted(path)` before each read, write or listing
 and hand the store the key under the URL. Checkpoints, the base model and logs are not mounted: they stay under
 GDRIVE_PATH on the machine that writes them.
 

@@ -1,4 +1,4 @@
-"""storage.Store over a local (or mounted Drive) folder: the folder helpers as they always worked, plus a
+"""storage.Store over a local (or mounted Drive) folder: safe_io's helpers as they always worked, plus a
 create-only write (a hard link, which POSIX refuses where a name already is)."""
 
 from __future__ import annotations   # a store's `list` method would shadow list[...] in its annotations
@@ -9,8 +9,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from workers.shared_folder import folder as helpers
+from workers.shared_folder import safe_io
 from workers.shared_folder.leftovers import temp_prefix
+from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.storage import MAX_LISTED, Entry, Version
 
 
@@ -24,12 +25,12 @@ class LocalStore:
 
     def read(self, key: str, limit: int) -> bytes:
         try:
-            return helpers.read_whole(self._path(key), limit)
-        except helpers.RejectedFile as error:
+            return safe_io.read_whole(self._path(key), limit)
+        except RejectedFile as error:
             raise ValueError(str(error)) from error
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
-        return helpers.read_from(self._path(key), start, length)
+        return safe_io.read_from(self._path(key), start, length)
 
     def write(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -51,7 +52,7 @@ class LocalStore:
     def _sealed_temp(self, path: Path, data: bytes) -> str:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
         try:
-            helpers.write_all(fd, data)
+            safe_io.write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -63,22 +64,22 @@ class LocalStore:
     def append(self, key: str, data: bytes) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = helpers.open_append(path)
+        fd = safe_io.open_append(path)
         try:
-            helpers.write_all(fd, data)
+            safe_io.write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def read_log(self, key: str, start: int, limit: int) -> bytes:
         try:
-            return helpers.read_from(self._path(key), start, limit)
+            return safe_io.read_from(self._path(key), start, limit)
         except FileNotFoundError:
             return b""
 
     def list(self, key: str, limit: int = MAX_LISTED) -> list[Entry]:
         entries = []
-        for path in helpers.list_folder(self._path(key))[:limit]:
+        for path in safe_io.list_folder(self._path(key))[:limit]:
             info = path.lstat()
             folder = path.is_dir() and not path.is_symlink()
             entries.append(Entry(name=path.name, size=0 if folder else info.st_size, folder=folder))
