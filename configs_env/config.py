@@ -180,12 +180,15 @@ class SwarmConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, role: str = "up") -> "SwarmConfig":
-        """Defaults, then TEST_MODE, then the preset, then every variable set explicitly (it always wins)."""
+        """Defaults, then TEST_MODE, then the preset (TEST_MODE's MAX_NEW_TOKENS over a preset's), then every
+        variable set explicitly (it always wins)."""
         explicit = {s.attr: s.parse(s.env, env[s.env]) for s in SETTINGS if env.get(s.env, "") != ""}
         values: dict[str, Any] = {}
         if explicit.get("test_mode"):
             values.update(TEST_MODE_VALUES)
         values.update(PRESETS[explicit.get("preset", "default")])
+        if explicit.get("test_mode"):       # a preset sets the swarm's shape; the quick run's length still holds
+            values["max_new_tokens"] = TEST_MODE_VALUES["max_new_tokens"]
         values.update(explicit)
         values.update(waits_for_lag(values, explicit))
         cfg = cls(**values)

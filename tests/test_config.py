@@ -19,6 +19,12 @@ def test_test_mode_is_the_quick_run_and_explicit_values_win():
     cfg = SwarmConfig.from_env({"TEST_MODE": "True"})
     assert (cfg.max_rounds, cfg.num_train_samples, cfg.num_generations) == (3, 4, 4)
     assert SwarmConfig.from_env({"TEST_MODE": "true", "MAX_ROUNDS": "6"}).max_rounds == 6
+    # a preset gives the shape, the quick run keeps its short answers (the paper's 128 tokens leave the tiny
+    # model's 512 positions too little room for the nine tasks' prompts)
+    paper = SwarmConfig.from_env({"TEST_MODE": "true", "PRESET": "paper-2-6"})
+    assert (paper.num_workers, paper.num_transplant_trees, paper.max_new_tokens) == (8, 6, 32)
+    assert SwarmConfig.from_env({"PRESET": "paper-2-6"}).max_new_tokens == 128
+    assert SwarmConfig.from_env({"TEST_MODE": "1", "PRESET": "paper-2-6", "MAX_NEW_TOKENS": "64"}).max_new_tokens == 64
 
 
 @pytest.mark.parametrize("preset, split", [("sapo-4-0", (4, 0)), ("sapo-3-1", (3, 1)),
