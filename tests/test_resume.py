@@ -101,8 +101,7 @@ def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     straight_s = time.monotonic() - started
-    # both start from one base: a warm-up on 2 threads is not bit-exact under load (its embedding gradient
-    # sums in thread order), and this test is about the kill and the resume, not the warm-up
+    # both start from one base: this test is about the kill and the resume, not the warm-up
     shutil.copytree(straight / "base", resumed / "base")
     run_killing_worker_1_mid_round_4(resume_env(tmp_path, "resumed"), resumed)
     events = (resumed / "logs" / "supervisor" / "events.jsonl").read_text()

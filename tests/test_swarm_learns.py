@@ -40,16 +40,33 @@ def held_out(exp: Path, round_: int) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, tuple[float, Path, str]]:
+    """The three seeds' swarms side by side, each its own `rl-swarm up` (12 one-thread workers and 3 warm-ups on
+    the CPU at once): the seeds are independent, and one swarm alone leaves a core idle in its warm-up."""
     root = tmp_path_factory.mktemp("learning")
+    started = time.monotonic()
+    swarms, ended = {}, {}
+    try:
+        for seed in SEEDS:
+            env = swarm_env(root, TEST_MODE="", EXPERIMENT_NAME=f"seed-{seed}", SEED=str(seed), NUM_WORKERS="4",
+                            NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2", NUM_GENERATIONS="4", MAX_ROUNDS="200")
+            with open(root / f"seed-{seed}.out", "w") as log:
+                swarms[seed] = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env,
+                                                stdout=log, stderr=subprocess.STDOUT)
+        while len(ended) < len(swarms):
+            assert time.monotonic() - started < 1200, f"seeds {sorted(set(swarms) - set(ended))} still running"
+            ended.update({seed: time.monotonic() - started for seed, proc in swarms.items()
+                          if seed not in ended and proc.poll() is not None})
+            time.sleep(1)
+    finally:
+        for proc in swarms.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
     out = {}
-    for seed in SEEDS:
-        env = swarm_env(root, TEST_MODE="", EXPERIMENT_NAME=f"seed-{seed}", SEED=str(seed), NUM_WORKERS="4",
-                        NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2", NUM_GENERATIONS="4", MAX_ROUNDS="200")
-        started = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], env=env, capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        out[seed] = (time.monotonic() - started, root / "drive" / "experiments" / f"seed-{seed}", result.stdout)
+    for seed, proc in swarms.items():
+        stdout = (root / f"seed-{seed}.out").read_text()
+        assert proc.returncode == 0, f"seed {seed}: exit {proc.returncode}\n{stdout[-4000:]}"
+        out[seed] = (ended[seed], root / "drive" / "experiments" / f"seed-{seed}", stdout)
     return out
 
 
