@@ -26,7 +26,7 @@ from typing import Callable
 import psutil
 
 from swarm_supervisor.monitor import Monitor
-from workers.evaluation import read_held_out
+from workers.shared_folder.held_out import read_held_out
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded
 from bench.swarm_stats import round_starts

@@ -16,16 +16,15 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.rejections import FolderError
 from workers.shared_folder.safe_io import open_append, remove_file, with_retries
+from workers.shared_folder.base_meta import read_base_meta
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, fingerprint, local_key_dir
-from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
-from workers.learning.tasks import check_tasks
 from workers.shared_folder.protocol import SCHEMA, Status
-from workers.worker import COORDINATOR_PATIENCE, WorkerSpec
+from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, start_warmup
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 
 EXIT_USAGE = 2
@@ -67,6 +66,8 @@ def resolve_devices(cfg: SwarmConfig, gpus: int) -> tuple[list[str], str | None]
 def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
     """The model every worker loads; built or checked here once, before any process starts, with room in its
     context for the tasks' prompts and MAX_NEW_TOKENS."""
+    from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
+
     if cfg.model_name is None:
         name, note = resolve_default_model(cfg.cache_dir)
     else:
@@ -127,6 +128,8 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
 
 
 def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
+    from workers.learning.tasks import check_tasks      # reasoning-gym loads only when a swarm starts
+
     check_tasks(cfg.tasks)
     gpus = gpu_count()
     devices, device_note = resolve_devices(cfg, gpus)
@@ -213,8 +216,6 @@ def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
 
 def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
     """What a joiner still waits for, or None once it can start."""
-    from workers.warmup import read_base_meta
-
     conflict = keyring.coordinator_conflict()
     if conflict:
         raise FolderError(conflict)
@@ -237,12 +238,10 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
 
     A process of its own, so the supervisor never holds a CUDA context or the model's memory.
     """
+    import multiprocessing as mp
     import queue as queues
 
-    import torch.multiprocessing as mp
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from workers.warmup import read_base_meta, warmup_main
 
     meta = read_base_meta(folder.root)
     if cfg.warmup_steps == 0 or (meta is not None and meta.get("model_name") == model_name):
@@ -251,7 +250,7 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
         return    # the swarm already started without a base; a base now would not match its checkpoints
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
-    process = ctx.Process(target=warmup_main, args=(cfg, model_name, device, messages), name="warm-up", daemon=True)
+    process = ctx.Process(target=start_warmup, args=(cfg, model_name, device, messages), name="warm-up", daemon=True)
     process.start()
     report = None
     target = f" accuracy {{task.fields[accuracy]}} (target {cfg.warmup_target_accuracy:.0%})" \
@@ -290,7 +289,7 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
 
 def pretrain(cfg: SwarmConfig) -> int:
     """`rl-swarm pretrain`: the warm-up alone, so a swarm (or joining machines) can start from its base."""
-    from workers.warmup import read_base_meta
+    from workers.learning.tasks import check_tasks
 
     if cfg.warmup_steps == 0:
         raise SwarmError("WARMUP_STEPS=0: nothing to pretrain; set WARMUP_STEPS (e.g. WARMUP_STEPS=400)")

@@ -10,7 +10,7 @@ from pathlib import Path
 from configs_env import SwarmConfig
 from configs_env.parsing import safe_name
 from swarm_supervisor.readable import plain
-from workers.evaluation import read_held_out
+from workers.shared_folder.held_out import read_held_out
 from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded

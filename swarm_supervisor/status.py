@@ -17,7 +17,7 @@ from configs_env import SwarmConfig
 from swarm_supervisor.experiments import experiment_config, experiment_folder, rounds_per_hour, status_of
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
 from swarm_supervisor.readable import plain
-from workers.evaluation import HeldOutTrend, eval_file, held_out_trend, read_held_out
+from workers.shared_folder.held_out import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile, warn_skipped

@@ -5,14 +5,13 @@ with exponential backoff between them; past that the worker is marked failed and
 """
 
 import logging
+import multiprocessing as mp      # not torch's: no tensor passes between these processes
 import signal
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
-
-import torch.multiprocessing as mp
 
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
@@ -28,7 +27,7 @@ from workers.shared_folder.leftovers import remove_stale_temps
 from workers.shared_folder.mount import folder_present
 from workers.shared_folder.protocol import EVENT_FAILED, EVENT_RESTART, EVENT_UNLEARNING, Status
 from workers.shared_folder.signing import KeyRing, NodeKey
-from workers.worker import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, worker_main
+from workers.processes import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ class Supervisor:
 
     # -- processes -----------------------------------------------------------------------------------
     def _spawn(self, handle: WorkerHandle) -> None:
-        handle.process = self.ctx.Process(target=worker_main, args=(handle.spec,),
+        handle.process = self.ctx.Process(target=start_worker, args=(handle.spec,),
                                           name=handle.node, daemon=True)
         handle.process.start()
         handle.restart_at = None

@@ -16,7 +16,7 @@ def _experiment(root, with_evals: bool):
     import json
     import time
 
-    from workers.evaluation import eval_file
+    from workers.shared_folder.held_out import eval_file
     from workers.shared_folder.folder import ExperimentFolder
     from workers.shared_folder.json_records import write_json_atomic
     from workers.shared_folder.jsonl import append_jsonl

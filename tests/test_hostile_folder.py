@@ -25,7 +25,7 @@ from swarm_supervisor.validation import validate
 from swarm_supervisor.status import METRICS_CHUNK, SwarmReader
 from tests.helpers import (HOSTILE_REASON, heartbeat_record, metrics_row, plant_entry, plant_hostile, rollouts_record,
                            sealed, warnings_naming)
-from workers.evaluation import eval_file, read_held_out
+from workers.shared_folder.held_out import eval_file, read_held_out
 from workers.shared_folder.exchange import HEARTBEAT_BYTES, ROLLOUT_NAME, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import MAX_RECORD_BYTES, read_json_bounded, write_json_atomic

@@ -12,7 +12,7 @@ from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import render
 from swarm_supervisor.status import REWARD_WINDOW, RewardWatch, SwarmReader
 from tests.helpers import console_text, swarm_env
-from workers.evaluation import eval_file, held_out_trend
+from workers.shared_folder.held_out import eval_file, held_out_trend
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.protocol import Heartbeat, HeldOutEval

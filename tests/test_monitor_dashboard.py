@@ -157,7 +157,7 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
 
     from configs_env import SwarmConfig
     from swarm_supervisor.status import SwarmReader
-    from workers.evaluation import eval_file
+    from workers.shared_folder.held_out import eval_file
     from workers.shared_folder.folder import ExperimentFolder
     from workers.shared_folder.jsonl import append_jsonl
     from workers.shared_folder.protocol import Heartbeat, HeldOutEval

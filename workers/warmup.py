@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig
+from workers.shared_folder.base_meta import read_base_meta
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.leftovers import make_temp_dir
 from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
@@ -165,17 +165,6 @@ def save_base(experiment_root: Path, policy: Policy, report: WarmupReport) -> Pa
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
-
-
-def read_base_meta(experiment_root: Path) -> dict | None:
-    path = base_dir(experiment_root) / "meta.json"
-    try:
-        return read_json_bounded(path, max_bytes=64 * 1024)
-    except FileNotFoundError:
-        return None
-    except RejectedFile as error:
-        log.warning("%s; the base will be rebuilt", error)
-        return None
 
 
 def load_base(experiment_root: Path, policy: Policy) -> bool:

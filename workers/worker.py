@@ -1,7 +1,7 @@
 """A worker process: load the model, resume, and play rounds as the coordinator starts them.
 
-`worker_main` is the spawn target; it talks to the supervisor only through the shared folder,
-a stop Event and its exit code (0: finished or stopped on request, non-zero: crashed).
+`worker_main` runs the process (its spawn target is processes.start_worker); it talks to the supervisor only
+through the shared folder, a stop Event and its exit code (0: finished or stopped on request, non-zero: crashed).
 """
 
 import logging
@@ -23,7 +23,8 @@ from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, clear_l
 from workers.shared_folder import mount
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.storage import mount_experiment
-from workers.evaluation import eval_due, eval_file, evaluate_held_out, held_out_questions, read_held_out
+from workers.evaluation import eval_due, evaluate_held_out, held_out_questions
+from workers.shared_folder.held_out import eval_file, read_held_out
 from workers.shared_folder.exchange import Exchange, Outbox, newest_round_state
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
@@ -38,6 +39,8 @@ from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, local_k
 from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.learning.tasks import TaskMix
 from workers.warmup import load_base
+from workers.processes import (COORDINATOR_PATIENCE, EXIT_CONFIG, EXIT_NO_COORDINATOR, EXIT_ORPHANED,
+                               EXIT_OUT_OF_MEMORY, WorkerSpec)
 
 log = logging.getLogger("workers.worker")
 
@@ -46,25 +49,10 @@ ROUND_POLL_S = 0.2        # between looks for a new round; on this host the coor
 OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
 # how long a leaving worker keeps trying them: shorter when asked to stop, inside the supervisor's 30 s grace
 OUTBOX_EXIT_S, OUTBOX_EXIT_STOPPING_S = 60.0, 20.0
-EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY, EXIT_NO_COORDINATOR = 1, 2, 3, 4, 5
-# a coordinator may start after its workers, or restart: a worker waits this many PEER_TIMEOUTs for one, then
-# exits to be restarted (the supervisor's restart policy decides how often), never failed as misconfigured
-COORDINATOR_PATIENCE = 10
 
 
 class NoCoordinator(SwarmError):
     """No coordinator heartbeat for COORDINATOR_PATIENCE x PEER_TIMEOUT: restartable, unlike a bad setting."""
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    cfg: SwarmConfig
-    node: str
-    index: int
-    model_name: str
-    device: str
-    parent_pid: int
-    generation_splits: int = 1    # doubled by the supervisor after each CUDA out-of-memory exit
 
 
 def _log_to_folder(log_dir: Path) -> None:

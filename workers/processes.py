@@ -1,0 +1,41 @@
+"""The processes a supervisor starts, as it sees them: a worker's spec and what its exit codes mean, and the
+targets of the worker and warm-up processes.
+
+Torch-free: the supervisor loads none of the learning code (torch, transformers, the tasks' reasoning-gym); each
+process imports it itself as it starts, in `start_worker` and `start_warmup`.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from configs_env import SwarmConfig
+
+EXIT_CRASH, EXIT_CONFIG, EXIT_ORPHANED, EXIT_OUT_OF_MEMORY, EXIT_NO_COORDINATOR = 1, 2, 3, 4, 5
+# a coordinator may start after its workers, or restart: a worker waits this many PEER_TIMEOUTs for one, then
+# exits to be restarted (the supervisor's restart policy decides how often), never failed as misconfigured
+COORDINATOR_PATIENCE = 10
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    cfg: SwarmConfig
+    node: str
+    index: int
+    model_name: str
+    device: str
+    parent_pid: int
+    generation_splits: int = 1    # doubled by the supervisor after each CUDA out-of-memory exit
+
+
+def start_worker(spec: WorkerSpec) -> None:
+    """Process target (spawn) of a worker: workers.worker.worker_main."""
+    from workers.worker import worker_main
+
+    worker_main(spec)
+
+
+def start_warmup(cfg: SwarmConfig, model_name: str, device: str, messages: Any) -> None:
+    """Process target (spawn) of the warm-up: workers.warmup.warmup_main; `messages` is its multiprocessing queue."""
+    from workers.warmup import warmup_main
+
+    warmup_main(cfg, model_name, device, messages)
