@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,12 @@ def model_config(name: str, vocab_size: int, eos_id: int) -> GPT2Config:
                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
 
 
-def build(name: str, seed: int = DEFAULT_SEED) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+def build(name: str, seed: int = DEFAULT_SEED) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """A fresh offline model and its tokenizer; the same name and seed give the same weights everywhere."""
+    # here, not at the top: `rl-swarm up` checks a built model's config and tokenizer without GPT-2's modelling
+    # code (with it, transformers loads torch._dynamo too: about 1.5 s more for every swarm's supervisor)
+    from transformers import GPT2LMHeadModel
+
     if name not in (TINY, GPT2_RANDOM):
         raise KeyError(f"{name!r} is not an offline model (expected {TINY} or {GPT2_RANDOM})")
     tokenizer = tiny_tokenizer() if name == TINY else gpt2_tokenizer()
