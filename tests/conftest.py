@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """The tests' own torch work runs on one thread, as a worker's does: the tiny model is no faster on two, and
+    two threads beside a busy process wait on each other (the learning test: 130 s on two, 23 s on one)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """The tiny offline model is built once a session: every process the tests start reads it from here."""
     cache = tmp_path_factory.mktemp("model-cache")

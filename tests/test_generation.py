@@ -11,7 +11,6 @@ PROMPTS = ["State the final answer to the following arithmetic problem: 3 + 4 =\
 
 @pytest.fixture(scope="module")
 def policy(model_cache):
-    torch.set_num_threads(2)
     return load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
 
 
@@ -48,7 +47,6 @@ def _left_padded(policy, prompts):
 @pytest.fixture()
 def eos_prone(model_cache):
     """The tiny model with EOS made likely, so rows finish at different steps."""
-    torch.set_num_threads(2)
     policy = load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
     with torch.no_grad():
         policy.model.lm_head.weight[policy.tokenizer.eos_token_id] *= 40
@@ -74,7 +72,6 @@ def test_our_gpt2_decoder_matches_generate_token_for_token(eos_prone, min_new):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_our_gpt2_decoder_samples_from_softmax_over_temperature(model_cache, device):
-    torch.set_num_threads(2)
     policy = load_policy("rl-swarm/tiny-gpt2", device, model_cache)
     with torch.no_grad():                        # sharper than the untrained model's near-uniform guess
         policy.model.lm_head.weight.mul_(2.5)

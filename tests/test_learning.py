@@ -22,7 +22,6 @@ ROUNDS = 60
 
 @pytest.fixture(scope="module")
 def warmed(model_cache):
-    torch.set_num_threads(2)
     torch.manual_seed(0)
     policy = load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
     supervised_warmup(policy, SwarmConfig.from_env({"WARMUP_STEPS": "100", "WARMUP_BATCH_SIZE": "16",

@@ -49,7 +49,6 @@ def test_crossing_the_high_water_mark_is_one_event(tmp_path):
 
 
 def test_generation_in_more_batches_gives_the_same_groups(tmp_path):
-    torch.set_num_threads(2)
     policy = load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path)
     cfg = SwarmConfig.from_env({"MAX_NEW_TOKENS": "8", "NUM_GENERATIONS": "3"})
     questions = TaskMix(cfg.tasks, seed=1).sample(5, random.Random(0))

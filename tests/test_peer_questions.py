@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 from reasoning_gym.factory import DATASETS
 
 from configs_env import ConfigError, SwarmConfig
@@ -38,7 +37,6 @@ PUBLIC_AND_DEFAULT = tuple(name for name, _ in PAPER_TASKS) + ("chain_sum",)   #
 
 @pytest.fixture(scope="module")
 def policy(model_cache):
-    torch.set_num_threads(2)
     return load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
 
 

@@ -24,7 +24,6 @@ from tests.helpers import node_exchange
 
 @pytest.fixture(scope="module")
 def policy(model_cache):
-    torch.set_num_threads(2)
     return load_policy("rl-swarm/tiny-gpt2", "cpu", model_cache)
 
 

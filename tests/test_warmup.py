@@ -14,7 +14,6 @@ from workers.warmup import TARGET_CHECK_EVERY, supervised_warmup
 
 
 def fresh_policy(cache: Path) -> Policy:
-    torch.set_num_threads(1)
     return load_policy("rl-swarm/tiny-gpt2", "cpu", cache)
 
 
