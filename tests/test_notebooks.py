@@ -164,6 +164,9 @@ def test_join_worker_adds_workers_to_a_running_swarm(colab_env, monkeypatch, sta
 
 def test_sapo_configs_runs_the_four_configurations_and_compares_them(colab_env, monkeypatch, start_from_base):
     monkeypatch.setenv("NUM_WORKERS", "4")        # 1/3 needs three peers publishing one group each
+    # four swarms one after another: 2 rounds and 8 held-out questions each are enough to compare and plot
+    monkeypatch.setenv("MAX_ROUNDS", "2")
+    monkeypatch.setenv("EVAL_SIZE", "8")
     presets = ("sapo-4-0", "sapo-3-1", "sapo-2-2", "sapo-1-3")
     for preset in presets:
         start_from_base(colab_env / "drive" / "experiments" / f"{preset}-test")
