@@ -24,7 +24,7 @@ from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, Unknown
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
 from workers.shared_folder.protocol import SCHEMA, Status
-from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, start_warmup
+from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections, start_warmup
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 
 EXIT_USAGE = 2
@@ -492,6 +492,8 @@ def stacks_on_sigusr1() -> None:
 
 def entry() -> None:
     stacks_on_sigusr1()
-    sys.exit(main())
+    code = main()
+    skip_exit_collections()     # `up` and `pretrain` loaded torch and transformers
+    sys.exit(code)
 
 

@@ -5,6 +5,7 @@ Torch-free: the supervisor loads none of the learning code (torch, transformers,
 process imports it itself as it starts, in `start_worker` and `start_warmup`.
 """
 
+import gc
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +32,24 @@ def start_worker(spec: WorkerSpec) -> None:
     """Process target (spawn) of a worker: workers.worker.worker_main."""
     from workers.worker import worker_main
 
-    worker_main(spec)
+    try:
+        worker_main(spec)
+    finally:
+        skip_exit_collections()
 
 
 def start_warmup(cfg: SwarmConfig, model_name: str, device: str, messages: Any) -> None:
     """Process target (spawn) of the warm-up: workers.warmup.warmup_main; `messages` is its multiprocessing queue."""
     from workers.warmup import warmup_main
 
-    warmup_main(cfg, model_name, device, messages)
+    try:
+        warmup_main(cfg, model_name, device, messages)
+    finally:
+        skip_exit_collections()
+
+
+def skip_exit_collections() -> None:
+    """Called as a process that loaded torch and transformers ends: the interpreter's last garbage collections
+    walk every object those made, about 1 s of a 2-core CPU for memory the process hands back as it exits anyway
+    (measured: 1.0 s from the last line to the exit of a process with a worker's imports and model, 0.15 s frozen)."""
+    gc.freeze()
