@@ -166,8 +166,8 @@ def test_a_swarm_on_a_slow_flaky_drive_full_of_hostile_files_completes_every_rou
     assert "rejected files" in result.stdout       # the dashboard counted them
 
 
-def test_a_drive_mount_dropped_mid_run_loses_no_record(tmp_path, start_from_base):
-    """The experiment folder vanishes for 30 s in round 2 (as a dropped Drive mount): the workers keep their
+def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, start_from_base):
+    """The experiment folder vanishes for 60 s in round 2 (as a dropped Drive mount): the workers keep their
     records, nothing rebuilds the folder on the local disk, the supervisor says so, and every round lands."""
     import subprocess
     import sys
@@ -182,10 +182,9 @@ def test_a_drive_mount_dropped_mid_run_loses_no_record(tmp_path, start_from_base
         wait_until(lambda: (exp / "state" / "round_000002.json").exists() or up.poll() is not None, timeout=400)
         assert up.poll() is None, up.stdout.read()
         exp.rename(away)
-        # the mount's time away; nothing to wait on: the point is that time passes. Longer than a write's retries
-        # (about 3.5 s) and the round's wait for peers (TEST_MODE's ROLLOUT_FETCH_TIMEOUT, 20 s) together, so
-        # round 2's rollouts, its checkpoint and its records all meet the folder away, as in a minute away
-        time.sleep(30)
+        # the mount's minute away (issue #19 asks for 60 s); nothing to wait on: the point is that time passes,
+        # longer than a write's retries and the round's wait for peers together
+        time.sleep(60)
         assert not exp.exists(), f"the folder was rebuilt while the mount was away: {sorted(exp.rglob('*'))[:10]}"
         away.rename(exp)
         output, _ = up.communicate(timeout=400)
