@@ -10,7 +10,10 @@ import torch
 from configs_env import ConfigError, SwarmConfig
 from tests.helpers import swarm_env
 from workers.learning.model import Policy, load_policy
-from workers.warmup import TARGET_CHECK_EVERY, supervised_warmup
+from workers.shared_folder.rejections import RejectedFile
+from workers.warmup import (TARGET_CHECK_EVERY, WarmupReport, _supervised_step, load_base, save_base,
+                            supervised_warmup)
+from workers.learning.tasks import TaskMix
 
 
 def fresh_policy(cache: Path) -> Policy:
@@ -78,3 +81,43 @@ def test_pretrain_says_the_target_stopped_the_warm_up(tmp_path):
     # the curve and the per-task result, for a user choosing WARMUP_STEPS for many tasks
     assert "rl-swarm: checks (step: accuracy): 50: " in result.stdout
     assert "rl-swarm: by task: " in result.stdout and "basic_arithmetic " in result.stdout
+
+
+def test_a_step_whose_gradient_is_not_finite_leaves_the_weights_as_they_were(model_cache):
+    """One bad batch (a NaN anywhere in the gradient) must not reach the weights every worker will start from."""
+    policy = fresh_policy(model_cache)
+    cfg = config()
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    hook = policy.model.get_input_embeddings().weight.register_hook(lambda grad: grad * float("nan"))
+    loss, stepped = _supervised_step(policy, TaskMix(cfg.tasks, seed=1).sample(4, __import__("random").Random(1)),
+                                     optimizer, cfg.max_new_tokens)
+    hook.remove()
+    assert torch.isfinite(loss) and not stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
+
+
+def test_a_diverging_warm_up_stops_the_swarm_before_it_starts_and_saves_no_base(tmp_path):
+    """A learning rate the model cannot take: one line naming WARMUP_LR, and no NaN base for the workers to
+    start from (on a GPU such a base ran a whole SAPO table at reward 0 without an error anywhere)."""
+    env = swarm_env(tmp_path, WARMUP_LR="1e30")
+    result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], capture_output=True, text=True,
+                            env=env, timeout=180)
+    assert result.returncode != 0
+    error = [line for line in result.stdout.splitlines() + result.stderr.splitlines() if "diverged" in line]
+    assert error == ["rl-swarm: error: warm-up failed: the warm-up of rl-swarm/tiny-gpt2 diverged: its gradient "
+                     "was not finite in 10 of 11 steps (WARMUP_LR=1e+30); nothing was saved: set a lower "
+                     "WARMUP_LR, or WARMUP_STEPS=0 to start from the model as it is"], result.stderr
+    experiment = tmp_path / "drive" / "experiments" / "e2e"
+    assert not (experiment / "base").exists() and not list((experiment / "state").glob("round_*"))
+
+
+def test_a_base_whose_weights_are_not_finite_is_refused_with_the_fix(model_cache, tmp_path):
+    policy = fresh_policy(model_cache)
+    with torch.no_grad():
+        next(policy.model.parameters())[0, 0] = float("nan")
+    save_base(tmp_path, policy, WarmupReport(policy.name, 1, 2.5, 0.0, 0.0, 1.0))
+    with pytest.raises(RejectedFile) as error:
+        load_base(tmp_path, fresh_policy(model_cache))
+    assert str(error.value) == (f"{tmp_path / 'base'} holds weights that are not finite (a warm-up that diverged): "
+                                "delete that folder to warm up again, with a lower WARMUP_LR")

@@ -19,14 +19,14 @@ from typing import Callable
 import torch
 from safetensors.torch import load_model, save_model
 
-from configs_env import SwarmConfig
+from configs_env import SwarmConfig, SwarmError
 from workers.shared_folder.base_meta import read_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.leftovers import make_temp_dir
 from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
 from workers.learning.generation import encode_prompt
-from workers.learning.grpo import build_batch, completion_logprobs
+from workers.learning.grpo import _step_if_finite, build_batch, completion_logprobs
 from workers.learning.model import (Policy, default_warmup_lr, enable_activation_checkpointing,
                                    use_activation_checkpointing)
 from workers.learning.tasks import Question, TaskMix, build_prompt
@@ -37,13 +37,20 @@ EVAL_QUESTIONS = 64         # held-out questions when EVAL_SIZE=0 turns the work
 # steps between checks of WARMUP_TARGET_ACCURACY: a greedy pass over the held-out questions (EVAL_SIZE of them,
 # up to MAX_NEW_TOKENS each) costs tens of steps when the model does not stop yet, a few once it does
 TARGET_CHECK_EVERY = 50
+# steps whose gradient may be skipped as not finite before the warm-up gives up: one is a bad batch, many are a
+# learning rate the model cannot take, and the weights they leave must not become every worker's start
+MAX_SKIPPED_STEPS = 10
+
+
+class WarmupDiverged(SwarmError):
+    """The warm-up's gradients or weights stopped being finite; nothing was saved."""
 
 
 @dataclass(frozen=True)
 class WarmupReport:
     model_name: str
     steps: int
-    final_loss: float
+    final_loss: float | None         # the last measured step's loss; None when no step was measured
     greedy_accuracy_before: float
     greedy_accuracy_after: float
     seconds: float
@@ -51,6 +58,7 @@ class WarmupReport:
     stopped_by: str = "steps"        # "target": the target was reached after `steps`; "steps": the budget ran out
     checks: tuple[tuple[int, float], ...] = ()      # (step, held-out accuracy) of each WARMUP_TARGET_ACCURACY check
     by_task: dict[str, float] = field(default_factory=dict)     # the final held-out accuracy, task by task
+    skipped_steps: int = 0           # steps whose gradient was not finite, so the weights did not move
 
     def stop_note(self) -> str:
         """Which stop happened, for the CLI's one line."""
@@ -78,8 +86,9 @@ def _accuracy(hits: list[bool]) -> float:
 
 
 def _supervised_step(policy: Policy, questions: list[Question], optimizer: torch.optim.Optimizer,
-                     max_new_tokens: int) -> torch.Tensor:
-    """One step of cross-entropy on `<answer>gold</answer>` + EOS after each prompt; the loss, on the device."""
+                     max_new_tokens: int) -> tuple[torch.Tensor, bool]:
+    """One step of cross-entropy on `<answer>gold</answer>` + EOS after each prompt: the loss, on the device,
+    and whether the weights moved (a gradient that is not finite is skipped, as in the workers' update)."""
     eos = policy.tokenizer.eos_token_id
     # prompt and target are tokenised apart, exactly as generation sees them (BPE merges across the
     # boundary would otherwise teach the model a prompt ending it never sees)
@@ -87,14 +96,16 @@ def _supervised_step(policy: Policy, questions: list[Question], optimizer: torch
     targets = [policy.tokenizer(target_text(q.answer), add_special_tokens=False)["input_ids"] + [eos]
                for q in questions]
     batch = build_batch(prompts, targets, pad_id=eos, device=policy.device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
-        logp = completion_logprobs(policy.model, batch)
+    logp = completion_logprobs(policy.model, batch)
     loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
-    optimizer.step()
-    return loss
+    norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+    return loss, _step_if_finite(optimizer, norm)
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, float], None] = lambda *_: None,
@@ -115,27 +126,33 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     # dropout draws from the seed, not from whatever the process ran before
     torch.manual_seed(cfg.seed)
     policy.model.train()
-    # as in the workers' update: bf16 autocast over fp32 weights (_supervised_step), and activations recomputed
-    # in backward. In fp32 with every activation kept, a 32-question batch of the paper's tasks (prompts up to
-    # ~370 tokens) held ~20 GiB per warm-up on an H200, and six of them left no room for a swarm beside them
+    # activations recomputed in backward: with every activation kept, a 32-question batch of the paper's tasks
+    # (prompts up to ~370 tokens) held ~20 GiB per warm-up on an H200, and six of them left no room for a swarm
+    # beside them. The warm-up stays in fp32: under bf16 autocast (tried on an H200) the default preset's
+    # warm-up ended 5 points lower on all three seeds, and the paper preset's with a NaN loss
     if use_activation_checkpointing(cfg.gradient_checkpointing, policy.device):
         enable_activation_checkpointing(policy.model)
-    loss_value = float("nan")
-    step, checks = 0, []
+    loss_value = None
+    step, checks, skipped = 0, [], 0
     while step < cfg.warmup_steps and not reached:
         step += 1
-        loss = _supervised_step(policy, train_tasks.sample(cfg.warmup_batch_size, rng), optimizer,
-                                cfg.max_new_tokens)
+        loss, stepped = _supervised_step(policy, train_tasks.sample(cfg.warmup_batch_size, rng), optimizer,
+                                         cfg.max_new_tokens)
+        skipped += not stepped
+        if skipped >= MAX_SKIPPED_STEPS:
+            raise WarmupDiverged(_diverged(cfg, policy, f"its gradient was not finite in {skipped} of {step} steps"))
         check = target > 0 and step % TARGET_CHECK_EVERY == 0 and step < cfg.warmup_steps
-        if step % 10 == 0 or step == cfg.warmup_steps or check:
+        if stepped and (step % 10 == 0 or step == cfg.warmup_steps or check):
             loss_value = loss.item()
-        on_step(step, loss_value)
+        on_step(step, float("nan") if loss_value is None else loss_value)     # NaN: not measured yet
         if check:
             hits = _checked_hits(policy, held_out, cfg.max_new_tokens)
             accuracy = _accuracy(hits)
             checks.append((step, accuracy))
             on_check(step, accuracy)
             reached = accuracy >= target
+    if not _weights_finite(policy.model):
+        raise WarmupDiverged(_diverged(cfg, policy, f"its weights were not finite after {step} steps"))
     if not reached:     # the step budget ran out (or there is no target): measure the result once
         hits = _checked_hits(policy, held_out, cfg.max_new_tokens)
         accuracy = _accuracy(hits)
@@ -144,7 +161,13 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
                         greedy_accuracy_before=before, greedy_accuracy_after=accuracy,
                         seconds=time.monotonic() - started, target_accuracy=target,
                         stopped_by="target" if reached else "steps", checks=tuple(checks),
-                        by_task=accuracy_by_task(held_out, hits))
+                        by_task=accuracy_by_task(held_out, hits), skipped_steps=skipped)
+
+
+def _diverged(cfg: SwarmConfig, policy: Policy, what: str) -> str:
+    lr = cfg.warmup_lr or default_warmup_lr(policy.name)
+    return (f"the warm-up of {policy.name} diverged: {what} (WARMUP_LR={lr:g}); nothing was saved: "
+            f"set a lower WARMUP_LR, or WARMUP_STEPS=0 to start from the model as it is")
 
 
 def base_dir(experiment_root: Path) -> Path:
@@ -158,7 +181,8 @@ def save_base(experiment_root: Path, policy: Policy, report: WarmupReport) -> Pa
     tmp = make_temp_dir(final)
     save_model(policy.model, str(tmp / "model.safetensors"))
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        json.dump({"schema": 1, **asdict(report)}, f)
+        # no NaN: the readers skip a meta.json that holds one, and would start every worker from scratch
+        json.dump({"schema": 1, **asdict(report)}, f, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     if final.exists():
@@ -176,6 +200,11 @@ def load_base(experiment_root: Path, policy: Policy) -> bool:
         raise RejectedFile(f"{base_dir(experiment_root)} was made for MODEL_NAME={meta.get('model_name')!r}, not "
                            f"{policy.name!r}: use a new EXPERIMENT_NAME or the same MODEL_NAME")
     load_model(policy.model, str(base_dir(experiment_root) / "model.safetensors"), device=str(policy.device))
+    if not _weights_finite(policy.model):
+        # NaN weights generate garbage that earns no reward, so no group has an advantage and nothing ever
+        # trains: a swarm would run every round and learn nothing, without an error anywhere
+        raise RejectedFile(f"{base_dir(experiment_root)} holds weights that are not finite (a warm-up that "
+                           f"diverged): delete that folder to warm up again, with a lower WARMUP_LR")
     return True
 
 
@@ -202,6 +231,8 @@ def warmup_main(cfg: SwarmConfig, model_name: str, device: str, messages) -> Non
         report = supervised_warmup(policy, cfg, on_step, lambda step, accuracy: messages.put(("check", accuracy)))
         path = save_base(cfg.experiment_dir, policy, report)
         messages.put(("done", {**asdict(report), "path": str(path), "stop_note": report.stop_note()}))
+    except SwarmError as exc:       # it names the fix already; the supervisor prints it
+        messages.put(("error", str(exc)))
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor as one line, then the process ends
         log.exception("warm-up failed")
         messages.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]))
