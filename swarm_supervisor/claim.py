@@ -28,7 +28,8 @@ from workers.shared_folder.exchange import HEARTBEAT_BYTES, read_signed
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded, write_json_atomic, write_json_create_only
 from workers.shared_folder.rejections import FolderError, RejectedFile
-from workers.shared_folder.safe_io import is_visible, remove_file, with_retries
+from workers.shared_folder.retries import with_retries
+from workers.shared_folder.safe_io import is_visible, remove_file
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, local_key_dir
 
 log = logging.getLogger(__name__)

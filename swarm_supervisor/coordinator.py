@@ -20,7 +20,8 @@ from workers.shared_folder.exchange import Exchange, live_workers, liveness, rea
 from workers.shared_folder.folder import ExperimentFolder, round_number
 from workers.shared_folder.json_records import write_json_atomic, write_json_create_only
 from workers.shared_folder.rejections import FolderError, RejectedFile
-from workers.shared_folder.safe_io import list_folder, with_retries
+from workers.shared_folder.retries import with_retries
+from workers.shared_folder.safe_io import list_folder
 from workers.shared_folder.protocol import Heartbeat, RoundState, Status, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey
 

@@ -136,9 +136,9 @@ def test_metrics_row_round_trips_and_rejects_bad_fields():
 
 def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(folder, monkeypatch, caplog):
     import workers.shared_folder.exchange as exchange_module
-    import workers.shared_folder.safe_io as safe_io_module
+    import workers.shared_folder.retries as retries_module
 
-    monkeypatch.setattr(safe_io_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retries_module.time, "sleep", lambda s: None)
     real_write, failures = exchange_module.write_json_atomic, []
 
     def flaky(path, record):
@@ -163,7 +163,7 @@ def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(fol
 def test_retry_waits_double_and_are_spread_so_nodes_do_not_retry_in_step():
     import random
 
-    from workers.shared_folder.safe_io import backoff_s
+    from workers.shared_folder.retries import backoff_s
 
     rng = random.Random(3)
     waits = {attempt: [backoff_s(attempt, 0.5, rng) for _ in range(200)] for attempt in (1, 2, 3)}
@@ -258,10 +258,10 @@ def test_a_checksum_over_nan_or_absurd_nesting_is_a_rejection_not_a_crash(tmp_pa
 # -- a folder that refuses writes: results wait in order, training goes on --------------------------
 
 def test_writes_the_folder_refuses_wait_in_order_and_land_once_it_works_again(folder, monkeypatch):
-    import workers.shared_folder.safe_io as safe_io_module
+    import workers.shared_folder.retries as retries_module
     from workers.shared_folder.exchange import Outbox
 
-    monkeypatch.setattr(safe_io_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retries_module.time, "sleep", lambda s: None)
     down = [True]
     landed: list[str] = []
 
@@ -283,10 +283,10 @@ def test_writes_the_folder_refuses_wait_in_order_and_land_once_it_works_again(fo
 
 
 def test_an_outbox_that_never_drains_gives_up_instead_of_growing_forever(monkeypatch):
-    import workers.shared_folder.safe_io as safe_io_module
+    import workers.shared_folder.retries as retries_module
     from workers.shared_folder.exchange import Outbox
 
-    monkeypatch.setattr(safe_io_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retries_module.time, "sleep", lambda s: None)
     monkeypatch.setattr(Outbox, "MAX_WAITING", 3)
 
     def refused() -> None:
@@ -306,13 +306,13 @@ def test_a_waiting_worker_retries_the_rewards_file_the_folder_refused_so_the_rou
     import time
     from functools import partial
 
-    import workers.shared_folder.safe_io as safe_io_module
+    import workers.shared_folder.retries as retries_module
     import workers.worker as worker_module
     from configs_env import SwarmConfig
     from workers.shared_folder.protocol import RoundState
     from workers.worker import Worker, WorkerSpec
 
-    monkeypatch.setattr(safe_io_module, "backoff_s", lambda *args: 0.0)
+    monkeypatch.setattr(retries_module, "backoff_s", lambda *args: 0.0)
     monkeypatch.setattr(worker_module, "OUTBOX_RETRY_S", 0.05)
     cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(folder.root.parent.parent), "EXPERIMENT_NAME": folder.root.name,
                                 "RL_SWARM_CACHE": str(folder.root.parent.parent / "cache")})

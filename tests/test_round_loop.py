@@ -146,9 +146,9 @@ def test_held_out_accuracy_is_greedy_whatever_the_batch_and_runs_at_start_every_
 
 def test_a_round_whose_rollouts_the_folder_refuses_trains_on_local_rollouts_and_says_so(warmed, tmp_path, monkeypatch):
     import workers.shared_folder.exchange as exchange_module
-    import workers.shared_folder.safe_io as safe_io_module
+    import workers.shared_folder.retries as retries_module
 
-    monkeypatch.setattr(safe_io_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retries_module.time, "sleep", lambda s: None)
     cfg = SwarmConfig.from_env({"NUM_WORKERS": "2", "NUM_TRAIN_SAMPLES": "4", "NUM_TRANSPLANT_TREES": "1",
                                 "NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "16", "ROLLOUT_FETCH_TIMEOUT": "0.5"})
     learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import workers.shared_folder.safe_io as safe_io_module
+import workers.shared_folder.retries as retries_module
 from tests.helpers import metrics_rows, run_up, swarm_env
 from tests.helpers import group
 from workers.shared_folder import drive_sim
@@ -73,7 +73,7 @@ def test_a_stale_listing_misses_a_peers_new_file_and_still_shows_a_deleted_one_u
 
 
 def test_simulated_failures_are_retried_or_read_on_the_next_poll_never_counted_as_bad_files(folder, monkeypatch):
-    monkeypatch.setattr(safe_io_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retries_module.time, "sleep", lambda s: None)
     simulate_drive(folder.root, lag_s=0.0, fail_rate=0.2, seed=3)
     writer, reader = node_exchange(folder, "w-1"), node_exchange(folder, "w-2")
     for round_ in range(1, 21):
@@ -95,7 +95,7 @@ def test_simulated_failures_are_retried_or_read_on_the_next_poll_never_counted_a
 
 def test_heartbeats_are_read_whole_or_not_at_all(folder, monkeypatch):
     """A partial answer would look like nodes that left; the coordinator would stop waiting for them."""
-    monkeypatch.setattr(safe_io_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retries_module.time, "sleep", lambda s: None)
     for node in ("w-1", "w-2", "w-3"):
         node_exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
                                                          status="training", round=1, started_at=0,

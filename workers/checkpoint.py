@@ -26,7 +26,8 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded, write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile
-from workers.shared_folder.safe_io import is_visible, with_retries
+from workers.shared_folder.retries import with_retries
+from workers.shared_folder.safe_io import is_visible
 from workers.shared_folder.mount import make_dirs
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics

@@ -30,7 +30,8 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.rejections import FolderError, RejectedFile
-from workers.shared_folder.safe_io import open_append, with_retries
+from workers.shared_folder.retries import with_retries
+from workers.shared_folder.safe_io import open_append
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer

@@ -11,7 +11,8 @@ from typing import Any, Callable, TypeVar
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import MAX_RECORD_BYTES, read_json_bounded, write_json_atomic
 from workers.shared_folder.rejections import RejectedFile, naming, warn_once, warn_skipped
-from workers.shared_folder.safe_io import list_folder, with_retries
+from workers.shared_folder.retries import with_retries
+from workers.shared_folder.safe_io import list_folder
 from workers.shared_folder import storage
 from workers.shared_folder.doorbell import Doorbell
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundState, Status, SwarmFinished

@@ -16,6 +16,8 @@ from workers.shared_folder.rejections import FolderError, check_node_name
 from workers.shared_folder.safe_io import list_folder, refuse_links_below
 
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
+# the folders a new experiment starts with; base/ appears with the warm-up's result, config.json beside them
+SUBFOLDERS = ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs", "keys")
 
 
 def _fixed(*parts: str) -> property:
@@ -44,7 +46,7 @@ class ExperimentFolder:
         refuse_links_below(self.root)
 
     def create(self) -> "ExperimentFolder":
-        for sub in ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs", "keys"):
+        for sub in SUBFOLDERS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         mount.claim(self.root)
         try:

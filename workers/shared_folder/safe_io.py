@@ -4,7 +4,7 @@ The folder may be a Google Drive mount shared by several machines, so it is untr
 size-bounded and opens a regular file only, without following a link (neither at the file nor at a folder below
 an experiment folder) and without blocking on a FIFO; every name is validated before it becomes a path; every write
 is atomic (temp file in the same folder, fsync, rename) or create-only; every listing is bounded; a Drive hiccup
-is retried with backoff. With SWARM_URL the same calls reach an object store (`storage.mounted`), and these
+is retried with backoff (`retries`). With SWARM_URL the same calls reach an object store (`storage.mounted`), and these
 helpers are where `workers.shared_folder.drive_sim` makes a test's folder slow and flaky. What the bytes say is
 json_records' and jsonl's; where they go is folder's (`ExperimentFolder`).
 """
@@ -14,13 +14,11 @@ import errno
 import fnmatch
 import logging
 import os
-import random
 import secrets
 import stat
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 from workers.shared_folder import drive_sim, mount, storage
 from workers.shared_folder.leftovers import temp_prefix, usual_mode
@@ -32,38 +30,6 @@ log = logging.getLogger(__name__)
 # thousands of files into a folder costs each reader a bounded time (an honest round holds a file per node)
 MAX_LISTED = 2048
 MAX_SCANNED = 65_536
-
-
-T = TypeVar("T")
-
-
-_JITTER = random.Random()     # its own stream: retries never shift a seeded draw of the training
-
-
-def backoff_s(attempt: int, first_wait_s: float, rng: random.Random = _JITTER) -> float:
-    """The wait before retry `attempt` (1, 2, ...): doubling, with jitter of +-50% so that nodes throttled by
-    the same Drive at the same moment do not all come back at the same moment."""
-    return first_wait_s * 2 ** (attempt - 1) * rng.uniform(0.5, 1.5)
-
-
-def with_retries(action: Callable[[], T], what: str, attempts: int = 4, first_wait_s: float = 0.5,
-                 retry_missing: bool = True) -> T:
-    """Retry an OSError with exponential backoff and jitter: a Drive mount throttles bursts and drops calls
-    now and then. At most `attempts` tries, about 0.5 + 1 + 2 s of waiting with the defaults.
-
-    retry_missing=False: a FileNotFoundError is raised at once (a read of a file not there yet).
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except OSError as exc:
-            if attempt == attempts or (not retry_missing and isinstance(exc, FileNotFoundError)):
-                raise
-            wait = backoff_s(attempt, first_wait_s)
-            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, exc.strerror or exc, attempt,
-                        attempts - 1, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -403,6 +369,16 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def append_durably(path: Path, data: bytes) -> None:
+    """Append `data` to the regular file at `path` (made if missing, never through a link) and fsync."""
+    fd = open_append(path)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def append_line(path: Path, line: bytes) -> None:
     """Append one whole line and fsync; a crash can only leave a torn last line, which readers skip.
 
@@ -412,10 +388,5 @@ def append_line(path: Path, line: bytes) -> None:
         where[0].append(where[1], line)
         return
     drive_sim.before_write(path)
-    fd = open_append(path)
-    try:
-        write_all(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_durably(path, line)
     drive_sim.after_write(path)

@@ -64,12 +64,7 @@ class LocalStore:
     def append(self, key: str, data: bytes) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = safe_io.open_append(path)
-        try:
-            safe_io.write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        safe_io.append_durably(path, data)
 
     def read_log(self, key: str, start: int, limit: int) -> bytes:
         try:
