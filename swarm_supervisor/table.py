@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Mapping
 
 from configs_env import SwarmConfig, SwarmError
+from workers.shared_folder.exchange import read_finished
 from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.signing import KeyRing, local_key_dir
 from workers.shared_folder.leftovers import make_temp_dir
 
 POLL_S = 1.0
@@ -115,7 +117,11 @@ class ArmRunner:
         try:
             while (waiting and not self.stopping) or self.running:
                 while waiting and len(self.running) < self.parallel and not self.stopping:
-                    self._start(waiting.pop(0))
+                    arm = waiting.pop(0)
+                    if self._finished(arm):     # its `up` would say so and stop: no process to start
+                        self.codes[arm.experiment] = 0
+                    else:
+                        self._start(arm)
                 self._reap()
                 done = self._rounds_done()
                 if done != progress:
@@ -131,6 +137,14 @@ class ArmRunner:
         finally:
             signal.signal(signal.SIGTERM, previous)
         return self.codes
+
+    def _finished(self, arm: Arm) -> bool:
+        """Whether the arm's coordinator signed that it ran all of its MAX_ROUNDS (a raised one runs on)."""
+        cfg = arm.config(self.base_env)
+        folder = ExperimentFolder(cfg.experiment_dir)
+        # the coordinator key this machine pinned for the experiment, as its `up` would check it
+        finished = read_finished(folder, KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins"))
+        return finished is not None and finished.rounds >= cfg.max_rounds
 
     def _start(self, arm: Arm) -> None:
         out = open(self.log_dir / f"{arm.experiment}.log", "ab")

@@ -72,7 +72,9 @@ def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_and_prints_the_papers_
         path = drive / "experiments" / f"t-paper-{split}-s1" / "metrics" / "worker-1" / "metrics.jsonl"
         return sum(json.loads(line)["external_groups"] for line in path.read_text().splitlines())
     assert external("8-0") == 0 and external("2-6") > 0
-    # it resumes like `up`: a second run finds every split finished and prints the same table at once
+    # it resumes like `up`: a second run finds every split finished (starting no swarm) and prints the same table
+    logs = {path: path.read_bytes() for path in (drive / "tables" / "logs").glob("*.log")}
     again = subprocess.run([sys.executable, "-m", "swarm_supervisor", "sapo-table"], env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and rows[0] in again.stdout
+    assert {path: path.read_bytes() for path in logs} == logs      # no swarm's `up` ran (each appends to its log)
