@@ -29,6 +29,16 @@ def run_up(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedPro
                           text=True, timeout=timeout)
 
 
+def join_from_another_machine(env: dict[str, str], machine: Path, node: str = "colab2",
+                              **extra: str) -> subprocess.CompletedProcess:
+    """`rl-swarm worker` (one node) as from another machine: its own temp folder, so no doorbell of this host
+    reaches it and it polls the folder, and whatever else `extra` gives it of its own (GDRIVE_PATH)."""
+    (machine / "tmp").mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "swarm_supervisor", "worker"],
+                          env={**env, "NODE_ID": node, "NUM_WORKERS": "1", "TMPDIR": str(machine / "tmp"), **extra},
+                          capture_output=True, text=True, timeout=300)
+
+
 def survivors(pids: list[int], grace_s: float) -> list[str]:
     """Processes still running after a grace period (multiprocessing's helper exits when it sees EOF)."""
     deadline = time.monotonic() + grace_s

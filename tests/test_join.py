@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import metrics_rows, swarm_env
+from tests.helpers import join_from_another_machine, metrics_rows, swarm_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,17 +24,11 @@ def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(tmp_
         while not (exp / "state" / "round_000001.json").exists():     # the other machine started the swarm
             assert up.poll() is None and time.monotonic() < deadline, up.stdout.read()
             time.sleep(0.2)
-        # another machine: its own temp folder, so no doorbell of this host reaches it; it polls the folder
-        elsewhere = tmp_path / "other-machine-tmp"
-        elsewhere.mkdir()
-        joiner = subprocess.run([sys.executable, "-m", "swarm_supervisor", "worker"],
-                                env={**env, "NODE_ID": "colab2", "NUM_WORKERS": "1", "TMPDIR": str(elsewhere)},
-                                capture_output=True, text=True, timeout=300)
+        joiner = join_from_another_machine(env, tmp_path / "other-machine")     # the same folder, as a mount
         output, _ = up.communicate(timeout=120)
     finally:
         up.kill()
-    assert up.returncode == 0, output
-    assert joiner.returncode == 0, joiner.stdout + joiner.stderr
+    assert up.returncode == 0 and joiner.returncode == 0, output + joiner.stdout + joiner.stderr
     joined = metrics_rows(exp, "colab2")
     assert joined and joined[-1]["round"] == 150
     assert not (exp / "peers" / "coordinator.json").read_text().count("colab2")

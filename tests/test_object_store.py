@@ -23,10 +23,12 @@ from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.experiments import metrics_by_round
 from swarm_supervisor.notebook import FolderTable
-from tests.helpers import (SeaweedS3, group, heartbeat_record, keyring, node_exchange, node_key, swarm_env, wait_for,
-                           write_as)
+from tests.helpers import (SeaweedS3, group, heartbeat_record, join_from_another_machine, keyring, node_exchange,
+                           node_key, swarm_env, wait_for, warnings_naming, write_as)
 from workers.shared_folder import storage
-from workers.shared_folder.exchange import read_heartbeats, read_round_state, read_signed
+from workers.shared_folder.exchange import (newest_signed_round, read_finished, read_heartbeats, read_round_state,
+                                            read_signed)
+from workers.shared_folder.hostile import plant_forgeries, plant_hostile_files
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl, read_jsonl_tail
@@ -212,6 +214,42 @@ def test_a_missing_extra_or_a_url_with_credentials_is_one_line(monkeypatch, caps
                                        "it with pip install -e '.[gcs]'\n")
 
 
+def test_hostile_objects_and_forgeries_put_in_the_bucket_are_refused_each_named(s3, tmp_path, caplog):
+    """Anyone with the bucket's credentials can put objects: the same hostile set and forgeries as on a Drive
+    folder are refused by the readers of an s3:// experiment, and the honest records still read."""
+    with created(tmp_path, f"s3://swarm/t{time.time_ns()}") as (cfg, folder):
+        workers = {node: node_exchange(folder, node) for node in ("w-1", "w-2")}
+        keyring = node_exchange(folder, COORDINATOR).keyring
+        write_as(folder, COORDINATOR, folder.round_state_file(1), RoundState(1, 3, time.time(), "start").to_json())
+        for node, exchange in workers.items():
+            exchange.write_heartbeat(Heartbeat.from_json(heartbeat_record(node), "here"))
+        workers["w-2"].publish_rollouts(1, [group()])
+        workers["w-2"].publish_rollouts(2, [group()])
+        hostile = plant_hostile_files(folder.root, round_=1)
+        forged = plant_forgeries(folder.root, victim="w-2", later_round=2, far_round=99)
+        for _ in range(2):                  # readers poll: the second look warns about nothing again
+            assert read_finished(folder, keyring) is None
+            assert newest_signed_round(folder, keyring).round == 1           # not the forged 2 or 99
+            assert list(read_heartbeats(folder, keyring)) == ["w-1"]          # nor the forger's "w-2 is done"
+            for round_ in (1, 2):
+                peers = workers["w-1"].peer_rollouts(round_)
+                assert {node: len(groups) for node, groups in peers.items()} == {"w-2": 1, **HOSTILE_PARSED[round_]}
+        coordinator = Coordinator(cfg, folder, threading.Event(), lambda: {"w-1", "w-2"},
+                                  node_key(folder, COORDINATOR), keyring)
+        assert coordinator.done_nodes(2) == set()                  # the forged rewards do not end w-2's round
+        for kind, path in {**hostile, **forged}.items():
+            if kind != "unknown task":      # a well-formed file: its group is refused where it is used
+                assert warnings_naming(caplog, path) == 1, kind
+        bucket = storage.open_store(cfg.swarm_url, "exp")
+        assert _in_bucket(bucket, "rollouts/round_1/stage_0/hostile-1.json")         # they really are objects
+        assert not any(p.is_file() for p in folder.root.rglob("*.json"))
+
+
+# what peer_rollouts still returns of the hostile set: the files whose only fault is in a group (refused when
+# the group is used, as on a Drive folder)
+HOSTILE_PARSED = {1: {"hostile-6": 1}, 2: {}}
+
+
 # -- one TEST_MODE swarm on s3://, shared by the tests that read it -------------------------------------------
 
 SWARM_URL = "s3://swarm/runs"
@@ -324,3 +362,36 @@ def test_validate_names_a_record_missing_from_the_bucket_and_a_missing_experimen
                               "the experiment name\n")
     code, _, err = rl_swarm(monkeypatch, capsys, tmp_path, "experiments", "compare", "nope")
     assert (code, err) == (2, f"rl-swarm: error: no experiment nope under {SWARM_URL}/experiments\n")
+
+
+@pytest.mark.slow
+def test_a_second_machine_joins_a_swarm_on_s3_and_each_side_receives_the_others_rollouts(s3, tmp_path):
+    """`rl-swarm worker` on another machine (its own local folder and temp dir: nothing but the bucket in common)
+    joins an `up` running on s3://, and each side receives the other's groups every round (without a warm-up the
+    tiny model earns no reward, so what it receives has no advantage to train on: the exchange is the point)."""
+    url = f"s3://swarm/join{time.time_ns()}"
+    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="40", WARMUP_STEPS="0", EVAL_SIZE="8",
+                    NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2", SWARM_URL=url)
+    bucket = storage.open_store(url, "e2e")
+    up = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: _in_bucket(bucket, "state/round_000001.json"), 240, "round 1 in the bucket", up)
+        elsewhere = tmp_path / "another-machine"
+        joiner = join_from_another_machine(env, elsewhere, GDRIVE_PATH=str(elsewhere / "drive"))
+        output, _ = up.communicate(timeout=180)
+    finally:
+        up.kill()
+    assert up.returncode == 0 and joiner.returncode == 0, output + joiner.stdout + joiner.stderr
+    exp = Path(env["GDRIVE_PATH"]) / "experiments" / "e2e"
+    storage.mount_experiment(url, exp, "e2e")
+    try:
+        folder = ExperimentFolder(exp)
+        joined = read_jsonl(folder.metrics_file("colab2"), RoundMetrics.from_json).records
+        first = {row.round: row for row in read_jsonl(folder.metrics_file("worker-1"), RoundMetrics.from_json)}
+    finally:
+        storage.unmount(exp)
+    assert joined and joined[-1].round == 40 and all(row.external_available == 4 for row in joined[1:])
+    # once the joiner publishes, worker-1 sees 2 peers x I=2 groups instead of 1 x 2
+    assert any(first[row.round].external_available == 4 for row in joined if row.round in first)
+    assert not any(p.is_file() for p in (elsewhere / "drive").rglob("*.json") if "state" in p.parts)

@@ -1,5 +1,7 @@
 """Hostile files for tests and trials: one file of each kind a reader of the shared folder must refuse, and
-forgeries of records that speak for the coordinator or for another node."""
+forgeries of records that speak for the coordinator or for another node. They are written as any record is
+(safe_io), so under SWARM_URL they land in the object store, as a peer with the bucket's credentials would put
+them."""
 
 import json
 import time
@@ -10,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import MAX_RECORD_BYTES, record_checksum
 from workers.shared_folder.protocol import SCHEMA, Heartbeat, RoundState, Status, SwarmFinished
+from workers.shared_folder.safe_io import write_atomic
 from workers.shared_folder.signing import KeyRing, NodeKey
 
 
@@ -41,8 +44,6 @@ def plant_hostile_files(experiment_root: Path, round_: int = 1) -> dict[str, Pat
                 "groups": [_group()], **fields}
 
     stage = folder.rollout_dir(round_)
-    stage.mkdir(parents=True, exist_ok=True)
-    folder.peers_dir.mkdir(parents=True, exist_ok=True)
     whole = signed("hostile-2", rollouts("hostile-2"))
     edited = json.loads(signed("hostile-8", rollouts("hostile-8")))
     edited["groups"][0]["answer"] = "8"                     # valid JSON, valid types: not what was sealed
@@ -60,10 +61,10 @@ def plant_hostile_files(experiment_root: Path, round_: int = 1) -> dict[str, Pat
     planted = {}
     for kind, (name, text) in contents.items():
         planted[kind] = stage / name
-        planted[kind].write_text(text, encoding="utf-8")
+        write_atomic(planted[kind], text.encode())
     planted["bad heartbeat"] = folder.peers_dir / "hostile-9.json"
-    planted["bad heartbeat"].write_text(signed("hostile-9", {"schema": SCHEMA, "node": "../../etc", "role": "worker"}),
-                                        encoding="utf-8")
+    write_atomic(planted["bad heartbeat"],
+                 signed("hostile-9", {"schema": SCHEMA, "node": "../../etc", "role": "worker"}).encode())
     return planted
 
 
@@ -81,8 +82,7 @@ def plant_forgeries(experiment_root: Path, victim: str, later_round: int, far_ro
     now = time.time()
 
     def plant(path: Path, record: dict) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_sealed(key.sign(record)), encoding="utf-8")
+        write_atomic(path, _sealed(key.sign(record)).encode())
         return path
 
     state = RoundState(round=later_round, max_rounds=far_round, started_at=now, reason="forged", nodes=(victim,))
