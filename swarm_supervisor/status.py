@@ -244,11 +244,16 @@ class SwarmReader:
             finished = [row.finished_at for row in self.latest.values() if newest and row.round >= newest.round]
             end = max([newest.started_at if newest else first.started_at, *finished])
             return max(0.0, end - first.started_at), rounds_per_hour(first, newest) if newest else None, None
-        elapsed = max(0.0, time.time() - first.started_at)
-        done = max(0, round_ - first.round)
-        if done == 0 or elapsed <= 0:
+        now = time.time()
+        elapsed = max(0.0, now - first.started_at)
+        # the pace from the second round on: the first holds the workers' start (loading the model, the round-0
+        # evaluation), once per run, which would make every early ETA hours too long
+        start = self._state(rounds[1]) if len(rounds) > 2 else None
+        start = start if start is not None and start.round < round_ else first
+        done, pace_s = max(0, round_ - start.round), now - start.started_at
+        if done == 0 or pace_s <= 0:
             return elapsed, None, None
-        per_hour = done / elapsed * 3600
+        per_hour = done / pace_s * 3600
         eta = max(0, self.cfg.max_rounds - round_) / per_hour * 3600
         # a forged start time of -1e308 makes the rate tiny and the ETA infinite: no ETA rather than a crash
         return elapsed, per_hour, eta if math.isfinite(eta) else None
