@@ -35,6 +35,7 @@ from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, Unknown
 log = logging.getLogger(__name__)
 
 RENEW_S = 5.0
+LEASE_SCHEMA = 1         # state/coordinator.lease.json's own version
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class CoordinatorClaim:
         return config.get("schema") == 1 and bool(self.folder.state_rounds())
 
     def _signed(self) -> dict[str, Any]:
-        return self.key.sign({"schema": 1, **asdict(self.lease)})
+        return self.key.sign({"schema": LEASE_SCHEMA, **asdict(self.lease)})
 
     def _read_lease(self) -> Lease | None:
         """The lease in the folder when this coordinator's key signed it; None when it is gone or forged."""

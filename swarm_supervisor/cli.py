@@ -32,6 +32,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 WARMUP_SILENCE_S = 600    # the warm-up reports every step; this long without a word means it is stuck
 JOIN_POLL_S = 1.0
+TABLE_SCHEMA = 1          # tables/<name>.json's own version (sapo-table's saved table)
 
 
 def shown_default(attr: str) -> str:
@@ -391,7 +392,7 @@ def sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parall
     print(format_table(rows, paper))
     print(format_task_rewards(rows))
     name = f"{cfg.experiment_name}-{family}"
-    write_json_atomic(tables / f"{name}.json", {"schema": 1, "family": family, "seeds": list(seeds),
+    write_json_atomic(tables / f"{name}.json", {"schema": TABLE_SCHEMA, "family": family, "seeds": list(seeds),
                                                 "rows": [row.to_json() for row in rows]})
     try:
         print(f"rl-swarm: table saved to {tables / (name + '.json')}, plot to "

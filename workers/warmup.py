@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig, SwarmError
-from workers.shared_folder.base_meta import read_base_meta
+from workers.shared_folder.base_meta import BASE_META_SCHEMA, read_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.leftovers import make_temp_dir
@@ -182,7 +182,7 @@ def save_base(experiment_root: Path, policy: Policy, report: WarmupReport) -> Pa
     save_model(policy.model, str(tmp / "model.safetensors"))
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
         # no NaN: the readers skip a meta.json that holds one, and would start every worker from scratch
-        json.dump({"schema": 1, **asdict(report)}, f, allow_nan=False)
+        json.dump({"schema": BASE_META_SCHEMA, **asdict(report)}, f, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     if final.exists():

@@ -10,6 +10,8 @@ from workers.shared_folder.rejections import RejectedFile
 
 log = logging.getLogger(__name__)
 
+BASE_META_SCHEMA = 1     # base/meta.json's own version (the warm-up's report), apart from protocol.SCHEMA
+
 
 def read_base_meta(experiment_root: Path) -> dict | None:
     """The base's meta.json; None when there is no base, or its meta is unreadable (the base is then rebuilt)."""
