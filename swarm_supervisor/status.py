@@ -78,6 +78,9 @@ METRICS_CHUNK = 1024 * 1024      # bytes of a metrics log read a refresh: a long
 # (only once that best reached REWARD_FLOOR: a node that never earned reward has nothing to lose); it is over
 # only when the mean is back above REWARD_RECOVERED x the best, so a mean that hovers at the line warns once
 REWARD_WINDOW, REWARD_COLLAPSE, REWARD_RECOVERED, REWARD_FLOOR = 20, 0.5, 0.75, 0.2
+# no learning signal: this many rounds in a row in which no group a node trained on had a reward spread (every
+# completion of every group scored the same), so GRPO had no gradient and the weights never moved
+NO_SIGNAL_ROUNDS = 20
 
 
 class RewardWatch:
@@ -87,8 +90,12 @@ class RewardWatch:
         self.window: deque[float] = deque(maxlen=REWARD_WINDOW)
         self.best: float | None = None
         self.down = False
+        self.silent = 0         # rounds in a row without a group to learn from
 
-    def add(self, reward: float) -> None:
+    def add(self, reward: float, groups_with_signal: int | None = None) -> None:
+        """One round's mean reward, and how many of its groups had a reward spread (None: not known)."""
+        if groups_with_signal is not None:
+            self.silent = self.silent + 1 if groups_with_signal == 0 else 0
         self.window.append(reward)
         if len(self.window) < REWARD_WINDOW:
             return
@@ -100,11 +107,20 @@ class RewardWatch:
     def collapsed(self) -> bool:
         return self.down
 
+    def no_signal(self) -> bool:
+        return self.silent >= NO_SIGNAL_ROUNDS
+
     def warning(self, node: str) -> str | None:
-        if not self.collapsed():
-            return None
-        return (f"{node}: reward collapsed to {sum(self.window) / REWARD_WINDOW:.3f} over the last {REWARD_WINDOW} "
-                f"rounds, from {self.best:.3f} at its best; its best model is in checkpoints/{node}/best/")
+        if self.collapsed():
+            return (f"{node}: reward collapsed to {sum(self.window) / REWARD_WINDOW:.3f} over the last "
+                    f"{REWARD_WINDOW} rounds, from {self.best:.3f} at its best; its best model is in "
+                    f"checkpoints/{node}/best/")
+        if self.no_signal():
+            return (f"{node}: nothing to learn from for {self.silent} rounds: every completion of every group scored "
+                    f"the same (mean reward {self.window[-1]:.3f}), so no update moved the weights; a model that "
+                    "never answers in the format needs a warm-up (WARMUP_STEPS, see base/meta.json), one that "
+                    "always answers right needs harder TASKS")
+        return None
 
 
 def learning_alarm(trend: HeldOutTrend, rewards: RewardWatch | None) -> str | None:
@@ -113,6 +129,8 @@ def learning_alarm(trend: HeldOutTrend, rewards: RewardWatch | None) -> str | No
         return f"held-out falling: {trend.newest:.0%}, best {trend.best:.0%}"
     if rewards is not None and rewards.collapsed():
         return "reward collapsed"
+    if rewards is not None and rewards.no_signal():
+        return "no reward signal"
     return None
 
 
@@ -179,7 +197,8 @@ class SwarmReader:
                 self.latest[node] = row
             if last is None or row.round > last.round:    # a line doubled by a retry, or a replayed round, once
                 self.trends.setdefault(node, deque(maxlen=TREND)).append(row.reward_mean)
-                self.rewards.setdefault(node, RewardWatch()).add(row.reward_mean)
+                signal = row.local_groups - row.zero_advantage_groups + row.external_groups
+                self.rewards.setdefault(node, RewardWatch()).add(row.reward_mean, signal)
 
     def held_out(self, node: str) -> HeldOutTrend:
         """The node's held-out accuracy: start, best, newest; the file is re-read when it grows."""

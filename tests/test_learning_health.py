@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import render
-from swarm_supervisor.status import REWARD_WINDOW, RewardWatch, SwarmReader
-from tests.helpers import console_text, swarm_env
+from swarm_supervisor.status import NO_SIGNAL_ROUNDS, REWARD_WINDOW, RewardWatch, SwarmReader
+from tests.helpers import console_text, metrics_row, swarm_env
 from workers.shared_folder.held_out import eval_file, held_out_trend
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.jsonl import append_jsonl
@@ -104,3 +104,33 @@ def test_a_swarm_forced_to_collapse_warns_and_keeps_each_workers_best_model(tmp_
     bests = [max(json.loads(line)["accuracy"] for line in (exp / "metrics" / node / "eval.jsonl").read_text().split())
              for node in ("worker-1", "worker-2")]
     assert float(dict(zip(header.split(","), row.split(",")))["held_out_best"]) == pytest.approx(sum(bests) / 2)
+
+
+def test_rounds_with_nothing_to_learn_from_are_named_with_the_fix(tmp_path):
+    """Seen on the GPU: a swarm whose model never wrote the answer format earned reward 0 in every group for 49
+    rounds (no group with a reward spread, so no update) and nothing said so."""
+    watch = RewardWatch()
+    for _ in range(NO_SIGNAL_ROUNDS - 1):
+        watch.add(0.0, groups_with_signal=0)
+    assert not watch.no_signal() and watch.warning("worker-1") is None
+    watch.add(0.0, groups_with_signal=0)
+    warning = watch.warning("worker-1")
+    assert warning.startswith(f"worker-1: nothing to learn from for {NO_SIGNAL_ROUNDS} rounds")
+    assert "WARMUP_STEPS" in warning
+    watch.add(0.1, groups_with_signal=1)       # one group with a spread: the weights move again
+    assert not watch.no_signal() and watch.warning("worker-1") is None
+
+    folder = ExperimentFolder(tmp_path / "exp").create()
+    now = time.time()
+    for node in ("worker-1", "worker-2"):
+        node_exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+                                                              status="training", round=NO_SIGNAL_ROUNDS,
+                                                              started_at=now, updated_at=now))
+    for round_ in range(1, NO_SIGNAL_ROUNDS + 1):      # every local group without a spread, no peer group used
+        append_jsonl(folder.metrics_file("worker-1"), {**metrics_row("worker-1", round_, reward=0.0),
+                                                        "zero_advantage_groups": 2})
+        append_jsonl(folder.metrics_file("worker-2"), metrics_row("worker-2", round_, reward=0.1))
+    rows = {row.node_id: row for row in SwarmReader(folder, SwarmConfig(), "tiny", "cpu").view().nodes}
+    assert rows["worker-1"].learning_alarm == "no reward signal" and "nothing to learn from" in \
+        rows["worker-1"].learning_warning
+    assert rows["worker-2"].learning_alarm is None      # a low reward, but groups with a spread: it learns
