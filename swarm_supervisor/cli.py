@@ -281,6 +281,8 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
     print(f"rl-swarm: warm-up {report['steps']} steps in {report['seconds']:.0f}s: greedy exact-match "
           f"{report['greedy_accuracy_before']:.0%} -> {report['greedy_accuracy_after']:.0%}"
           f"{report.get('stop_note', '')} (base saved to {report['path']})")
+    if report.get("skipped_steps"):
+        print(f"rl-swarm: {report['skipped_steps']} warm-up steps skipped: their gradient was not finite")
     if len(report["by_task"]) > 1:
         print("rl-swarm: by task: " + ", ".join(f"{task} {accuracy:.0%}"
                                                  for task, accuracy in report["by_task"].items()))
@@ -382,10 +384,10 @@ def sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parall
     print(f"rl-swarm: sapo-table: {len(arms)} swarms ({family} presets, seeds {', '.join(map(str, seeds))}), "
           f"{parallel} at a time; logs in {logs}")
     share_warmups(arms, env, logs)
-    codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
     roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
-    for arm in arms:        # with SWARM_URL the swarms' records are in the bucket: read them there
+    for arm in arms:        # with SWARM_URL the swarms' records are in the bucket: read them there (progress too)
         mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
+    codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
     rows = table_rows(arms, roots)
     paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
         dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))

@@ -258,17 +258,17 @@ class SwarmReader:
         first = self._state(rounds[0]) if rounds else None
         if first is None:
             return 0.0, None, None
+        # the pace from the second round on: the first holds the workers' start (loading the model, the round-0
+        # evaluation), once per run, which would make every early ETA hours too long
+        second = self._state(rounds[1]) if len(rounds) > 2 else None
+        start = second if second is not None and second.round < round_ else first
         if not running:
             newest = self._newest_state()
             finished = [row.finished_at for row in self.latest.values() if newest and row.round >= newest.round]
             end = max([newest.started_at if newest else first.started_at, *finished])
-            return max(0.0, end - first.started_at), rounds_per_hour(first, newest) if newest else None, None
+            return max(0.0, end - first.started_at), rounds_per_hour(start, newest) if newest else None, None
         now = time.time()
         elapsed = max(0.0, now - first.started_at)
-        # the pace from the second round on: the first holds the workers' start (loading the model, the round-0
-        # evaluation), once per run, which would make every early ETA hours too long
-        start = self._state(rounds[1]) if len(rounds) > 2 else None
-        start = start if start is not None and start.round < round_ else first
         done, pace_s = max(0, round_ - start.round), now - start.started_at
         if done == 0 or pace_s <= 0:
             return elapsed, None, None

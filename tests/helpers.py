@@ -312,9 +312,10 @@ class FakeGCS:
         [port] = _free_ports(1)
         self.endpoint = f"http://127.0.0.1:{port}"
         self.log = workdir / "fake-gcs.log"
-        self.proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
-                                      str(port), "-backend", "memory", "-public-host", f"127.0.0.1:{port}"],
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        with self.log.open("w") as log:          # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
+                                          str(port), "-backend", "memory", "-public-host", f"127.0.0.1:{port}"],
+                                         stdout=log, stderr=subprocess.STDOUT)
         fs = gcsfs.GCSFileSystem(token="anon", project="test", endpoint_url=self.endpoint, skip_instance_cache=True)
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline and self.proc.poll() is None:

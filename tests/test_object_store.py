@@ -237,6 +237,32 @@ def test_a_missing_extra_or_a_url_with_credentials_is_one_line(monkeypatch, caps
                                        "it with pip install -e '.[gcs]'\n")
 
 
+def test_gcs_errors_that_are_not_oserrors_become_oserrors_so_a_hiccup_is_retried_and_a_refusal_named():
+    """gcsfs raises its HttpError (a 5xx after its own retries), aiohttp's errors and a ChecksumError, none an
+    OSError: every caller in rl-swarm retries and reports OSError, so a GCS hiccup would crash a worker."""
+    pytest.importorskip("gcsfs")
+    import aiohttp
+    from gcsfs.retry import HttpError
+
+    from workers.shared_folder.store_fsspec import _HttpErrorsAsOSError
+
+    class Failing:
+        def __init__(self, error: Exception):
+            self.error = error
+
+        def cat_file(self, *args, **kwargs):
+            raise self.error
+
+    for error, kind in ((HttpError({"code": 503, "message": "slow down"}), OSError),
+                        (aiohttp.ServerDisconnectedError(), OSError),
+                        (HttpError({"code": 403, "message": "no access"}), PermissionError)):
+        with pytest.raises(kind) as raised:
+            _HttpErrorsAsOSError(Failing(error)).cat_file("swarm/x")
+        assert raised.value.__cause__ is error
+    with pytest.raises(ValueError):            # not a storage error: it stays what it is
+        _HttpErrorsAsOSError(Failing(ValueError("a bug"))).cat_file("swarm/x")
+
+
 def test_hostile_objects_and_forgeries_put_in_the_bucket_are_refused_each_named(s3, tmp_path, caplog):
     """Anyone with the bucket's credentials can put objects: the same hostile set and forgeries as on a Drive
     folder are refused by the readers of an s3:// experiment, and the honest records still read."""
@@ -390,8 +416,9 @@ def test_validate_names_a_record_missing_from_the_bucket_and_a_missing_experimen
 @pytest.mark.slow
 def test_a_second_machine_joins_a_swarm_on_s3_and_each_side_receives_the_others_rollouts(s3, tmp_path):
     """`rl-swarm worker` on another machine (its own local folder and temp dir: nothing but the bucket in common)
-    joins an `up` running on s3://, and each side receives the other's groups every round (without a warm-up the
-    tiny model earns no reward, so what it receives has no advantage to train on: the exchange is the point)."""
+    joins an `up` running on s3://: from its second round on it receives both workers' groups every round, and they
+    receive its (without a warm-up the tiny model earns no reward, so what they receive has no advantage to train
+    on: the exchange is the point)."""
     url = f"s3://swarm/join{time.time_ns()}"
     env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="40", WARMUP_STEPS="0", EVAL_SIZE="8",
                     NUM_TRAIN_SAMPLES="2", NUM_TRANSPLANT_TREES="2", SWARM_URL=url)

@@ -1,5 +1,6 @@
 """The supervised warm-up runs WARMUP_STEPS steps, or stops early once WARMUP_TARGET_ACCURACY is reached."""
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -90,8 +91,8 @@ def test_a_step_whose_gradient_is_not_finite_leaves_the_weights_as_they_were(mod
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in policy.model.parameters()]
     hook = policy.model.get_input_embeddings().weight.register_hook(lambda grad: grad * float("nan"))
-    loss, stepped = _supervised_step(policy, TaskMix(cfg.tasks, seed=1).sample(4, __import__("random").Random(1)),
-                                     optimizer, cfg.max_new_tokens)
+    loss, stepped = _supervised_step(policy, TaskMix(cfg.tasks, seed=1).sample(4, random.Random(1)), optimizer,
+                                     cfg.max_new_tokens)
     hook.remove()
     assert torch.isfinite(loss) and not stepped
     assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
@@ -121,3 +122,16 @@ def test_a_base_whose_weights_are_not_finite_is_refused_with_the_fix(model_cache
         load_base(tmp_path, fresh_policy(model_cache))
     assert str(error.value) == (f"{tmp_path / 'base'} holds weights that are not finite (a warm-up that diverged): "
                                 "delete that folder to warm up again, with a lower WARMUP_LR")
+
+
+def test_a_base_whose_meta_cannot_be_read_is_refused_not_trained_past(model_cache, tmp_path):
+    """The SAPO table's failure: a meta.json with a NaN in it was skipped, and every worker started from the raw
+    model beside a base it never loaded."""
+    policy = fresh_policy(model_cache)
+    base = save_base(tmp_path, policy, WarmupReport(policy.name, 1, 2.5, 0.0, 0.0, 1.0))
+    (base / "meta.json").write_text('{"schema": 1, "model_name": "rl-swarm/tiny-gpt2", "final_loss": NaN}')
+    with pytest.raises(RejectedFile) as error:
+        load_base(tmp_path, fresh_policy(model_cache))
+    assert str(error.value) == (f"{base / 'meta.json'} cannot be read, so the base cannot be checked: delete "
+                                f"{base} to warm up again")
+    assert not load_base(tmp_path / "no-base-yet", fresh_policy(model_cache))      # no base at all: the raw model

@@ -24,9 +24,10 @@ from workers.shared_folder.base_meta import BASE_META_SCHEMA, read_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.leftovers import make_temp_dir
+from workers.shared_folder.safe_io import is_visible
 from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
 from workers.learning.generation import encode_prompt
-from workers.learning.grpo import _step_if_finite, build_batch, completion_logprobs
+from workers.learning.grpo import build_batch, completion_logprobs, step_if_finite
 from workers.learning.model import (Policy, default_warmup_lr, enable_activation_checkpointing,
                                    use_activation_checkpointing)
 from workers.learning.tasks import Question, TaskMix, build_prompt
@@ -101,7 +102,7 @@ def _supervised_step(policy: Policy, questions: list[Question], optimizer: torch
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
-    return loss, _step_if_finite(optimizer, norm)
+    return loss, step_if_finite(optimizer, norm)
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
@@ -129,7 +130,7 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
     # activations recomputed in backward: with every activation kept, a 32-question batch of the paper's tasks
     # (prompts up to ~370 tokens) held ~20 GiB per warm-up on an H200, and six of them left no room for a swarm
     # beside them. The warm-up stays in fp32: under bf16 autocast (tried on an H200) the default preset's
-    # warm-up ended 5 points lower on all three seeds, and the paper preset's with a NaN loss
+    # warm-up ended 5-8 points lower on each of three seeds, and the paper preset's with a NaN loss
     if use_activation_checkpointing(cfg.gradient_checkpointing, policy.device):
         enable_activation_checkpointing(policy.model)
     loss_value = None
@@ -138,8 +139,10 @@ def supervised_warmup(policy: Policy, cfg: SwarmConfig, on_step: Callable[[int, 
         step += 1
         loss, stepped = _supervised_step(policy, train_tasks.sample(cfg.warmup_batch_size, rng), optimizer,
                                          cfg.max_new_tokens)
-        skipped += not stepped
-        if skipped >= MAX_SKIPPED_STEPS:
+        if not stepped:
+            skipped += 1
+            log.warning("warm-up step %d skipped: its gradient was not finite (loss %s)", step, loss.item())
+        if skipped >= MAX_SKIPPED_STEPS or (step == cfg.warmup_steps and skipped == step):
             raise WarmupDiverged(_diverged(cfg, policy, f"its gradient was not finite in {skipped} of {step} steps"))
         check = target > 0 and step % TARGET_CHECK_EVERY == 0 and step < cfg.warmup_steps
         if stepped and (step % 10 == 0 or step == cfg.warmup_steps or check):
@@ -195,6 +198,9 @@ def load_base(experiment_root: Path, policy: Policy) -> bool:
     """Start from the experiment's warmed-up base, if it has one made for this model."""
     meta = read_base_meta(experiment_root)
     if meta is None:
+        if is_visible(base_dir(experiment_root) / "meta.json"):     # there, but refused (warned about)
+            raise RejectedFile(f"{base_dir(experiment_root) / 'meta.json'} cannot be read, so the base cannot be "
+                               f"checked: delete {base_dir(experiment_root)} to warm up again")
         return False
     if meta.get("model_name") != policy.name:
         raise RejectedFile(f"{base_dir(experiment_root)} was made for MODEL_NAME={meta.get('model_name')!r}, not "
@@ -231,7 +237,7 @@ def warmup_main(cfg: SwarmConfig, model_name: str, device: str, messages) -> Non
         report = supervised_warmup(policy, cfg, on_step, lambda step, accuracy: messages.put(("check", accuracy)))
         path = save_base(cfg.experiment_dir, policy, report)
         messages.put(("done", {**asdict(report), "path": str(path), "stop_note": report.stop_note()}))
-    except SwarmError as exc:       # it names the fix already; the supervisor prints it
+    except SwarmError as exc:       # it names the fix already; the supervisor prints it (the one copy a user sees)
         messages.put(("error", str(exc)))
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor as one line, then the process ends
         log.exception("warm-up failed")

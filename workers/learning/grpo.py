@@ -306,7 +306,7 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: R
             sums = _add_stats(sums, stats, share=sub.completion_mask.sum() / total_tokens.clamp(min=1))
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         sums["grad_norm"] = sums["grad_norm"] + norm
-        if not _step_if_finite(optimizer, norm):
+        if not step_if_finite(optimizer, norm):
             skipped += 1
     optimizer.zero_grad(set_to_none=True)
     values = torch.stack([sums[name].float() / num_iterations for name in names] + [total_tokens.float()]).tolist()
@@ -340,7 +340,7 @@ def _add_stats(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor],
     return added
 
 
-def _step_if_finite(optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> bool:
+def step_if_finite(optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> bool:
     """Step on the accumulated gradient unless its norm is not finite; whether it stepped."""
     # a NaN or inf anywhere in the gradient would reach every weight through the step (clipping scales
     # by max_norm / inf): such a step is skipped, as AMP's loss scaler does. One device sync per step.

@@ -44,13 +44,20 @@ def _filesystem(scheme: str) -> Any:
 
 
 class _HttpErrorsAsOSError:
-    """gcsfs raises its HttpError, which is not an OSError, for a status it does not map to one (a 5xx after its
-    retries, a 416): the rest of rl-swarm retries and reports an OSError as a storage hiccup, so it becomes one."""
+    """gcsfs lets errors through that are not OSErrors: its HttpError for a status it does not map (a 5xx after its
+    own retries, a 416), aiohttp's for a dropped connection, its ChecksumError. The rest of rl-swarm retries and
+    reports an OSError as a storage hiccup, so each becomes one; a refused credential becomes a PermissionError."""
 
     def __init__(self, fs: Any):
-        self._fs = fs
+        from gcsfs.retry import ChecksumError, HttpError
+        import aiohttp
+
+        self._fs, self._http_error = fs, HttpError
+        self._errors = (HttpError, ChecksumError, aiohttp.ClientError)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):        # its own fields, read before __init__ set them (a copy, a pickle)
+            raise AttributeError(name)
         attribute = getattr(self._fs, name)
         if not callable(attribute):
             return attribute
@@ -60,10 +67,10 @@ class _HttpErrorsAsOSError:
                 return attribute(*args, **kwargs)
             except OSError:
                 raise
-            except Exception as error:
-                if type(error).__name__ != "HttpError":
-                    raise
-                raise OSError(errno.EIO, f"{name}: HTTP {getattr(error, 'code', '?')} {error}"[:300]) from error
+            except self._errors as error:
+                code = getattr(error, "code", None) if isinstance(error, self._http_error) else None
+                number = errno.EACCES if code in (401, 403) else errno.EIO
+                raise OSError(number, f"{name}: {type(error).__name__} {code or ''} {error}"[:300]) from error
         return call
 
 
