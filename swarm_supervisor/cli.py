@@ -321,7 +321,7 @@ def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing
     """False when the experiment already ran all MAX_ROUNDS (its coordinator's signed finished.json says so);
     a raised MAX_ROUNDS continues it, and a finished.json it did not sign is removed."""
     finished = read_finished(folder, keyring)
-    if finished is not None and finished.rounds >= cfg.max_rounds:
+    if finished is not None and finished.covers(cfg.max_rounds):
         print(f"rl-swarm: experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; raise "
               f"MAX_ROUNDS to continue it, or set a new EXPERIMENT_NAME")
         return False

@@ -144,7 +144,7 @@ class ArmRunner:
         folder = ExperimentFolder(cfg.experiment_dir)
         # the coordinator key this machine pinned for the experiment, as its `up` would check it
         finished = read_finished(folder, KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins"))
-        return finished is not None and finished.rounds >= cfg.max_rounds
+        return finished is not None and finished.covers(cfg.max_rounds)
 
     def _start(self, arm: Arm) -> None:
         out = open(self.log_dir / f"{arm.experiment}.log", "ab")

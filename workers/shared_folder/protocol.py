@@ -97,6 +97,10 @@ class SwarmFinished:
     rounds: int
     finished_at: float
 
+    def covers(self, max_rounds: int) -> bool:
+        """Whether a run of `max_rounds` is done: a raised MAX_ROUNDS continues the experiment."""
+        return self.rounds >= max_rounds
+
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
 
