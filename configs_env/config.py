@@ -165,6 +165,9 @@ class SwarmConfig:
         "For testing: simulate Drive's stale listings, where a folder's listing is up to this many seconds old "
         "(new files missing from it, deleted ones still in it); it adds to DRIVE_SIM_LAG in the waits it needs; "
         "0: off")
+    drive_sim_hangup: Path | None = setting(None, "DRIVE_SIM_HANGUP", p.path,
+        "For testing: while a file exists at this path, every shared-folder read, write and listing fails with "
+        "ENOTCONN ('Transport endpoint is not connected'), as when Colab's Drive mount hangs up; unset: off")
     # Supervision
     max_restarts: int = setting(5, "MAX_RESTARTS", p.integer(0),
         "Restarts of one worker within RESTART_WINDOW before "

@@ -256,7 +256,8 @@ class Supervisor:
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         # the coordinator and the dashboard's reader share this process's view of a simulated slow Drive
         simulate_drive(self.folder.root, self.cfg.drive_sim_lag, self.cfg.drive_sim_fail_rate,
-                       seed=self.cfg.seed * 1000, stale_s=self.cfg.drive_sim_stale)
+                       seed=self.cfg.seed * 1000, stale_s=self.cfg.drive_sim_stale,
+                       hangup_flag=self.cfg.drive_sim_hangup)
         try:
             return self._run()
         finally:

@@ -166,13 +166,17 @@ def test_a_swarm_on_a_slow_flaky_drive_full_of_hostile_files_completes_every_rou
     assert "rejected files" in result.stdout       # the dashboard counted them
 
 
-def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, start_from_base):
-    """The experiment folder vanishes for 60 s in round 2 (as a dropped Drive mount): the workers keep their
+@pytest.mark.parametrize("drop", ["vanished", "hung up"])
+def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, start_from_base, drop):
+    """The mount drops for 60 s in round 2, the two ways Colab's Drive does: the folder vanishes, or every call on
+    it fails with ENOTCONN ("Transport endpoint is not connected", DRIVE_SIM_HANGUP). The workers keep their
     records, nothing rebuilds the folder on the local disk, the supervisor says so, and every round lands."""
     import subprocess
     import sys
 
-    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="4", COORDINATOR_ROUND_INTERVAL="300")
+    hangup = tmp_path / "mount-hung-up"
+    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="4", COORDINATOR_ROUND_INTERVAL="300",
+                    DRIVE_SIM_HANGUP=str(hangup))
     exp = tmp_path / "drive" / "experiments" / "e2e"
     start_from_base(exp)
     away = tmp_path / "mount-dropped"
@@ -181,12 +185,18 @@ def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, st
     try:
         wait_until(lambda: (exp / "state" / "round_000002.json").exists() or up.poll() is not None, timeout=400)
         assert up.poll() is None, up.stdout.read()
-        exp.rename(away)
+        if drop == "vanished":
+            exp.rename(away)
+        else:
+            hangup.touch()
         # the mount's minute away (issue #19 asks for 60 s); nothing to wait on: the point is that time passes,
         # longer than a write's retries and the round's wait for peers together
         time.sleep(60)
-        assert not exp.exists(), f"the folder was rebuilt while the mount was away: {sorted(exp.rglob('*'))[:10]}"
-        away.rename(exp)
+        if drop == "vanished":
+            assert not exp.exists(), f"the folder was rebuilt while the mount was away: {sorted(exp.rglob('*'))[:10]}"
+            away.rename(exp)
+        else:
+            hangup.unlink()
         output, _ = up.communicate(timeout=400)
     finally:
         up.kill()
@@ -196,3 +206,6 @@ def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, st
         assert all(ExperimentFolder(exp).reward_file(r, node).exists() for r in range(1, 5))
     events = [json.loads(line)["event"] for line in ExperimentFolder(exp).events_file.read_text().splitlines()]
     assert any("is back after" in event for event in events), events
+    if drop == "hung up":       # the workers met the hang-up itself, not a missing file
+        assert any("Transport endpoint is not connected" in (exp / "logs" / node / "worker.log").read_text()
+                   for node in ("worker-1", "worker-2"))

@@ -373,7 +373,8 @@ def worker_main(spec: WorkerSpec) -> None:
     _log_to_folder(folder.log_dir(spec.node))
     mount_experiment(spec.cfg.swarm_url, folder.root, spec.cfg.experiment_name)   # each process mounts its own
     simulate_drive(folder.root, spec.cfg.drive_sim_lag, spec.cfg.drive_sim_fail_rate,
-                   seed=spec.cfg.seed * 1000 + spec.index + 1, stale_s=spec.cfg.drive_sim_stale)
+                   seed=spec.cfg.seed * 1000 + spec.index + 1, stale_s=spec.cfg.drive_sim_stale,
+                   hangup_flag=spec.cfg.drive_sim_hangup)
     if spec.device == "cpu":
         torch.set_num_threads(1)
     else:

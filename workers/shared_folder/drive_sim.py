@@ -1,4 +1,5 @@
-"""A slow, flaky Google Drive, simulated for tests (DRIVE_SIM_LAG, DRIVE_SIM_STALE, DRIVE_SIM_FAIL_RATE).
+"""A slow, flaky Google Drive, simulated for tests (DRIVE_SIM_LAG, DRIVE_SIM_STALE, DRIVE_SIM_FAIL_RATE,
+DRIVE_SIM_HANGUP).
 
 On a Drive mount, a file another machine wrote shows up only after the sync catches up, and a call
 fails with EIO now and then. Installed once per process, this makes the shared folder behave so:
@@ -9,6 +10,9 @@ writes at once, as on Drive.
 
 A file's lag counts from the first time this process noticed it: a heartbeat rewritten every 2 s
 would otherwise never be seen under a 5 s lag, while Drive shows its previous version meanwhile.
+
+A mount can hang up (`hangup_flag`): while that file exists, every read, write and listing fails with
+ENOTCONN, "Transport endpoint is not connected", as Colab's Drive FUSE mount does when it drops.
 
 Listings go stale too (`stale_s`): a folder's listing is what it was when this process last refreshed it,
 at most `stale_s` seconds ago, plus this process's own new files. A file that appeared since is not listed
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SIMULATED = ("state", "peers", "rollouts", "rewards", "metrics")
 FAILURE = "simulated Drive failure"
+HUNG_UP = "Transport endpoint is not connected (simulated: the Drive mount hung up)"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class DriveSimulation:
     fail_rate: float = 0.0
     seed: int = 0
     stale_s: float = 0.0
+    hangup_flag: Path | None = None     # while a file is there, the mount is hung up (ENOTCONN)
 
 
 class _SlowDrive:
@@ -66,7 +72,12 @@ class _SlowDrive:
         rel = os.path.relpath(os.path.abspath(path), self.root)
         return rel.split(os.sep, 1)[0] in SIMULATED
 
+    def hung_up(self) -> bool:
+        return self.sim.hangup_flag is not None and os.path.lexists(self.sim.hangup_flag)
+
     def fail_maybe(self, operation: str, path: Path) -> None:
+        if self.hung_up():
+            raise OSError(errno.ENOTCONN, HUNG_UP, str(path))
         with self.lock:
             failed = self.rng.random() < self.sim.fail_rate
             self.failures += failed
@@ -98,21 +109,28 @@ class _SlowDrive:
 _active: _SlowDrive | None = None
 
 
-def simulate_drive(root: Path, lag_s: float, fail_rate: float, seed: int = 0,
-                   stale_s: float = 0.0) -> DriveSimulation | None:
-    """Install the simulation in this process (all 0: remove it); returns what is installed."""
+def simulate_drive(root: Path, lag_s: float, fail_rate: float, seed: int = 0, stale_s: float = 0.0,
+                   hangup_flag: Path | None = None) -> DriveSimulation | None:
+    """Install the simulation in this process (all 0 and no flag: remove it); returns what is installed."""
     global _active
     if lag_s < 0 or stale_s < 0 or not 0 <= fail_rate <= 0.5:
         raise ValueError(f"drive simulation: lag {lag_s!r} and staleness {stale_s!r} must be >= 0 and failure rate "
                          f"{fail_rate!r} in 0..0.5")
-    if lag_s == 0 and fail_rate == 0 and stale_s == 0:
+    if lag_s == 0 and fail_rate == 0 and stale_s == 0 and hangup_flag is None:
         _active = None
         return None
-    sim = DriveSimulation(root=Path(root), lag_s=lag_s, fail_rate=fail_rate, seed=seed, stale_s=stale_s)
+    sim = DriveSimulation(root=Path(root), lag_s=lag_s, fail_rate=fail_rate, seed=seed, stale_s=stale_s,
+                          hangup_flag=hangup_flag)
     _active = _SlowDrive(sim)
     log.warning("drive simulation on for %s: new files of other processes visible %.1fs late, listings up to "
-                "%.1fs stale, %.0f%% of operations fail", root, lag_s, stale_s, fail_rate * 100)
+                "%.1fs stale, %.0f%% of operations fail%s", root, lag_s, stale_s, fail_rate * 100,
+                f", hung up while {hangup_flag} exists" if hangup_flag else "")
     return sim
+
+
+def hung_up() -> bool:
+    """Whether the simulated mount is hung up now (DRIVE_SIM_HANGUP's file exists)."""
+    return _active is not None and _active.hung_up()
 
 
 def failures() -> int:
@@ -136,6 +154,8 @@ def before_read(path: Path, mtime: float) -> None:
     """FileNotFoundError while the file is not synced yet; OSError(EIO) for a simulated failure."""
     if _active is None or not _active.covers(path):
         return
+    if _active.hung_up():
+        raise OSError(errno.ENOTCONN, HUNG_UP, str(path))
     if not _active.visible(path, mtime):
         raise FileNotFoundError(errno.ENOENT, "not synced yet (simulated Drive lag)", str(path))
     _active.fail_maybe("read", path)

@@ -12,6 +12,8 @@ import os
 import threading
 from pathlib import Path
 
+from workers.shared_folder import drive_sim
+
 _roots: set[str] = set()
 _lock = threading.Lock()
 
@@ -38,6 +40,8 @@ def make_dirs(directory: Path) -> None:
 
 def folder_present(root: Path) -> bool:
     """Whether the experiment folder is there: False while a Drive mount is dropped."""
+    if drive_sim.hung_up():
+        return False
     try:
         return os.path.isdir(root)
     except OSError:         # ENOTCONN from stat itself, on a mount that hangs up rather than vanishes
