@@ -25,14 +25,13 @@ from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, Unknown
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status
 from workers.shared_folder.protocol import SCHEMA, Status
-from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections, start_warmup
+from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections
+from swarm_supervisor.base_warmup import ensure_base
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-WARMUP_SILENCE_S = 600    # the warm-up reports every step; this long without a word means it is stuck
 JOIN_POLL_S = 1.0
-TABLE_SCHEMA = 1          # tables/<name>.json's own version (sapo-table's saved table)
 
 
 def shown_default(attr: str) -> str:
@@ -234,63 +233,6 @@ def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
     return None if started is not None else f"the experiment's base model ({folder.base_dir}, made by the warm-up)"
 
 
-def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, device: str, keyring: KeyRing) -> None:
-    """Run the supervised warm-up once per experiment, in its own process, unless its base exists; only the
-    holder of the experiment's claim calls it.
-
-    A process of its own, so the supervisor never holds a CUDA context or the model's memory.
-    """
-    import multiprocessing as mp
-    import queue as queues
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    meta = read_base_meta(folder.root)
-    if cfg.warmup_steps == 0 or (meta is not None and meta.get("model_name") == model_name):
-        return
-    if newest_signed_round(folder, keyring) is not None:
-        return    # the swarm already started without a base; a base now would not match its checkpoints
-    ctx = mp.get_context("spawn")
-    messages = ctx.Queue()
-    process = ctx.Process(target=start_warmup, args=(cfg, model_name, device, messages), name="warm-up", daemon=True)
-    process.start()
-    report = None
-    target = f" accuracy {{task.fields[accuracy]}} (target {cfg.warmup_target_accuracy:.0%})" \
-        if cfg.warmup_target_accuracy > 0 else ""
-    with Progress(TextColumn("warm-up"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}" + target),
-                  TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("warm-up", total=cfg.warmup_steps, loss="-", accuracy="-")
-        while report is None:
-            try:
-                kind, value = messages.get(timeout=WARMUP_SILENCE_S)
-            except queues.Empty:
-                process.kill()
-                raise SwarmError(f"the warm-up said nothing for {WARMUP_SILENCE_S}s and was stopped: see "
-                                 f"{folder.log_dir('supervisor')}, or set WARMUP_STEPS=0 to skip it") from None
-            if kind == "step":
-                bar.update(task, completed=value[0], loss=f"{value[1]:.3f}")
-            elif kind == "check":     # a WARMUP_TARGET_ACCURACY check, every few dozen steps
-                bar.update(task, accuracy=f"{value:.0%}")
-            elif kind == "error":
-                process.join(timeout=10)
-                raise SwarmError(f"warm-up failed: {value}")
-            else:
-                report = value
-    process.join(timeout=60)
-    print(f"rl-swarm: warm-up {report['steps']} steps in {report['seconds']:.0f}s: greedy exact-match "
-          f"{report['greedy_accuracy_before']:.0%} -> {report['greedy_accuracy_after']:.0%}"
-          f"{report.get('stop_note', '')} (base saved to {report['path']})")
-    if report.get("skipped_steps"):
-        print(f"rl-swarm: {report['skipped_steps']} warm-up steps skipped: their gradient was not finite")
-    if len(report["by_task"]) > 1:
-        print("rl-swarm: by task: " + ", ".join(f"{task} {accuracy:.0%}"
-                                                 for task, accuracy in report["by_task"].items()))
-    if report["checks"]:
-        print("rl-swarm: checks (step: accuracy): " + ", ".join(f"{step}: {accuracy:.0%}"
-                                                              for step, accuracy in report["checks"]))
-
-
 def pretrain(cfg: SwarmConfig) -> int:
     """`rl-swarm pretrain`: the warm-up alone, so a swarm (or joining machines) can start from its base."""
     from workers.learning.tasks import check_tasks
@@ -357,54 +299,6 @@ def summary(supervisor, wall_s: float, code: int) -> str:
         lines.append(plain(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, held-out "
                            f"{' -> '.join(shown) or '-'}, restarts {row.restarts}{error}"))
     return "\n".join(lines)
-
-
-def sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parallel: int) -> int:
-    """`rl-swarm sapo-table`: the four splits of a preset family side by side, once per seed, then the paper's table."""
-    from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
-    from swarm_supervisor.table import Arm, ArmRunner, share_warmups
-    from swarm_supervisor.table_report import format_table, format_task_rewards, plot_table, table_rows
-
-    family = family or ("sapo" if cfg.preset.startswith("sapo") else "paper")
-    # TEST_MODE: one seed of 4-worker swarms unless SEEDS / NUM_WORKERS say otherwise, so a CPU runs it in minutes
-    seeds = cfg.seeds[:1] if cfg.test_mode and "SEEDS" not in env else cfg.seeds
-    extra = (("NUM_WORKERS", "4"),) if cfg.test_mode and "NUM_WORKERS" not in env else ()
-    arms = [Arm(label=preset.split("-", 1)[1].replace("-", "/"), seed=seed,
-                experiment=f"{cfg.experiment_name}-{preset}-s{seed}", env=(("PRESET", preset), *extra))
-            for seed in seeds for preset in TABLE_FAMILIES[family]]
-    warned = set()
-    for arm in arms:       # every swarm's settings are checked before any starts
-        for warning in arm.config(env).warnings():
-            if warning not in warned:
-                print(f"rl-swarm: {arm.label}: {warning}")
-                warned.add(warning)
-    tables = cfg.gdrive_path / "tables"
-    logs = tables / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    print(f"rl-swarm: sapo-table: {len(arms)} swarms ({family} presets, seeds {', '.join(map(str, seeds))}), "
-          f"{parallel} at a time; logs in {logs}")
-    share_warmups(arms, env, logs)
-    roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
-    for arm in arms:        # with SWARM_URL the swarms' records are in the bucket: read them there (progress too)
-        mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
-    codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
-    rows = table_rows(arms, roots)
-    paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
-        dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))
-    print(format_table(rows, paper))
-    print(format_task_rewards(rows))
-    name = f"{cfg.experiment_name}-{family}"
-    write_json_atomic(tables / f"{name}.json", {"schema": TABLE_SCHEMA, "family": family, "seeds": list(seeds),
-                                                "rows": [row.to_json() for row in rows]})
-    try:
-        print(f"rl-swarm: table saved to {tables / (name + '.json')}, plot to "
-              f"{plot_table(rows, tables / (name + '.png'))}")
-    except ImportError:
-        print(f"rl-swarm: table saved to {tables / (name + '.json')}; no plot (pip install -e '.[plot]')")
-    failed = {n: c for n, c in codes.items() if c != 0}
-    if failed:
-        print("rl-swarm: not finished: " + ", ".join(f"{n} (exit {c})" for n, c in sorted(failed.items())))
-    return 0 if not failed else EXIT_INTERRUPTED if set(failed.values()) == {EXIT_INTERRUPTED} else 1
 
 
 def run_pack(dist: Path) -> int:
@@ -477,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "validate":
             return run_validate(cfg, args.experiment or cfg.experiment_name)
         if command == "sapo-table":
-            return sapo_table(cfg, dict(os.environ), args.family, args.parallel)
+            from swarm_supervisor.sapo_table import run_sapo_table
+
+            return run_sapo_table(cfg, dict(os.environ), args.family, args.parallel)
         if command == "experiments":
             return show_experiments(cfg, args.action, args.names, args.csv, args.out)
         return start(cfg, "join" if command in ("worker", "join") else "up",

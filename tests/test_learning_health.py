@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import render
-from swarm_supervisor.status import NO_SIGNAL_ROUNDS, REWARD_WINDOW, RewardWatch, SwarmReader
+from swarm_supervisor.learning_health import NO_SIGNAL_ROUNDS, REWARD_WINDOW, RewardWatch
+from swarm_supervisor.status import SwarmReader
 from tests.helpers import console_text, metrics_row, swarm_env
 from workers.shared_folder.held_out import eval_file, held_out_trend
 from workers.shared_folder.folder import ExperimentFolder

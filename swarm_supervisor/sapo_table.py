@@ -1,0 +1,56 @@
+"""`rl-swarm sapo-table`: the four SAPO splits of a preset family side by side, once per seed, then the paper's
+table (cumulative reward per split against the paper's), saved under <GDRIVE_PATH>/tables/."""
+
+from configs_env import SwarmConfig
+from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
+from swarm_supervisor.cli import EXIT_INTERRUPTED
+from swarm_supervisor.table import Arm, ArmRunner, share_warmups
+from swarm_supervisor.table_report import format_table, format_task_rewards, plot_table, table_rows
+from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.storage import mount_experiment
+
+TABLE_SCHEMA = 1          # tables/<name>.json's own version
+
+
+def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parallel: int) -> int:
+    """`rl-swarm sapo-table`: the four splits of a preset family side by side, once per seed, then the paper's table."""
+    family = family or ("sapo" if cfg.preset.startswith("sapo") else "paper")
+    # TEST_MODE: one seed of 4-worker swarms unless SEEDS / NUM_WORKERS say otherwise, so a CPU runs it in minutes
+    seeds = cfg.seeds[:1] if cfg.test_mode and "SEEDS" not in env else cfg.seeds
+    extra = (("NUM_WORKERS", "4"),) if cfg.test_mode and "NUM_WORKERS" not in env else ()
+    arms = [Arm(label=preset.split("-", 1)[1].replace("-", "/"), seed=seed,
+                experiment=f"{cfg.experiment_name}-{preset}-s{seed}", env=(("PRESET", preset), *extra))
+            for seed in seeds for preset in TABLE_FAMILIES[family]]
+    warned = set()
+    for arm in arms:       # every swarm's settings are checked before any starts
+        for warning in arm.config(env).warnings():
+            if warning not in warned:
+                print(f"rl-swarm: {arm.label}: {warning}")
+                warned.add(warning)
+    tables = cfg.gdrive_path / "tables"
+    logs = tables / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"rl-swarm: sapo-table: {len(arms)} swarms ({family} presets, seeds {', '.join(map(str, seeds))}), "
+          f"{parallel} at a time; logs in {logs}")
+    share_warmups(arms, env, logs)
+    roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
+    for arm in arms:        # with SWARM_URL the swarms' records are in the bucket: read them there (progress too)
+        mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
+    codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
+    rows = table_rows(arms, roots)
+    paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
+        dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))
+    print(format_table(rows, paper))
+    print(format_task_rewards(rows))
+    name = f"{cfg.experiment_name}-{family}"
+    write_json_atomic(tables / f"{name}.json", {"schema": TABLE_SCHEMA, "family": family, "seeds": list(seeds),
+                                                "rows": [row.to_json() for row in rows]})
+    try:
+        print(f"rl-swarm: table saved to {tables / (name + '.json')}, plot to "
+              f"{plot_table(rows, tables / (name + '.png'))}")
+    except ImportError:
+        print(f"rl-swarm: table saved to {tables / (name + '.json')}; no plot (pip install -e '.[plot]')")
+    failed = {n: c for n, c in codes.items() if c != 0}
+    if failed:
+        print("rl-swarm: not finished: " + ", ".join(f"{n} (exit {c})" for n, c in sorted(failed.items())))
+    return 0 if not failed else EXIT_INTERRUPTED if set(failed.values()) == {EXIT_INTERRUPTED} else 1
