@@ -6,10 +6,36 @@ from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
 from swarm_supervisor.cli import EXIT_INTERRUPTED
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
 from swarm_supervisor.table_report import format_table, format_task_rewards, plot_table, table_rows
+from workers.shared_folder.base_meta import read_base_meta
 from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.storage import mount_experiment
 
 TABLE_SCHEMA = 1          # tables/<name>.json's own version
+# Below this greedy exact-match after the warm-up, most groups' rewards are all 0: no spread, no update, and the
+# splits' cumulative rewards differ by noise (GPT-2 124M on the paper's nine tasks: 6%, bench/LEARNING.md)
+WEAK_BASE_ACCURACY = 0.2
+
+
+def warmup_accuracies(arms: list[Arm], env: dict[str, str]) -> dict[int, float]:
+    """Each seed's base: its greedy exact-match after the warm-up (seeds without a readable base left out)."""
+    found = {}
+    for arm in arms:
+        meta = read_base_meta(arm.config(env).experiment_dir)
+        accuracy = meta.get("greedy_accuracy_after") if meta else None
+        if arm.seed not in found and isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool):
+            found[arm.seed] = float(accuracy)
+    return found
+
+
+def weak_base_warning(accuracies: dict[int, float]) -> str | None:
+    """One line when a seed's base answers too few questions for the splits to differ by more than noise."""
+    weak = {seed: a for seed, a in sorted(accuracies.items()) if a < WEAK_BASE_ACCURACY}
+    if not weak:
+        return None
+    return ("rl-swarm: sapo-table: the warm-up reached " + ", ".join(f"{a:.0%} (seed {s})" for s, a in weak.items())
+            + f" greedy exact-match, below {WEAK_BASE_ACCURACY:.0%}: most rewards will be 0 and the splits will "
+            "differ by noise; raise WARMUP_STEPS, or set TASKS to tasks the model learns "
+            "(e.g. TASKS=chain_sum:1,basic_arithmetic:1)")
 
 
 def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parallel: int) -> int:
@@ -33,6 +59,10 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
     print(f"rl-swarm: sapo-table: {len(arms)} swarms ({family} presets, seeds {', '.join(map(str, seeds))}), "
           f"{parallel} at a time; logs in {logs}")
     share_warmups(arms, env, logs)
+    accuracies = warmup_accuracies(arms, env)
+    warning = weak_base_warning(accuracies)
+    if warning:
+        print(warning)
     roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
     for arm in arms:        # with SWARM_URL the swarms' records are in the bucket: read them there (progress too)
         mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
@@ -42,8 +72,11 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
         dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))
     print(format_table(rows, paper))
     print(format_task_rewards(rows))
+    if warning:
+        print(warning)
     name = f"{cfg.experiment_name}-{family}"
     write_json_atomic(tables / f"{name}.json", {"schema": TABLE_SCHEMA, "family": family, "seeds": list(seeds),
+                                                "warmup_accuracy": {str(k): v for k, v in accuracies.items()},
                                                 "rows": [row.to_json() for row in rows]})
     try:
         print(f"rl-swarm: table saved to {tables / (name + '.json')}, plot to "

@@ -8,6 +8,7 @@ import pytest
 
 from configs_env import ConfigError, SwarmConfig
 from configs_env.presets import PAPER_TASKS
+from swarm_supervisor.sapo_table import warmup_accuracies, weak_base_warning
 from swarm_supervisor.table import Arm
 from swarm_supervisor.table_report import TableRow, format_table, gains
 from tests.helpers import swarm_env
@@ -45,6 +46,22 @@ def test_arms_of_one_seed_differ_only_in_their_preset():
         ("2", "t-paper-6-2-s2", "paper-6-2", "/d")
 
 
+def test_a_base_that_answers_too_few_questions_is_named_with_the_fix(tmp_path):
+    env = {"GDRIVE_PATH": str(tmp_path), "EXPERIMENT_NAME": "x", "HF_HUB_OFFLINE": "1"}
+    arms = [Arm(label=label, seed=seed, experiment=f"x-{preset}-s{seed}", env=(("PRESET", preset),))
+            for seed in (1, 2) for label, preset in (("8/0", "paper-8-0"), ("4/4", "paper-4-4"))]
+    for seed, accuracy in ((1, 0.06), (2, 0.84)):       # the warm-up writes the seed's first arm's base
+        base = arms[2 * (seed - 1)].config(env).experiment_dir / "base"
+        base.mkdir(parents=True)
+        (base / "meta.json").write_text(json.dumps({"schema": 1, "greedy_accuracy_after": accuracy}))
+    accuracies = warmup_accuracies(arms, env)
+    assert accuracies == {1: 0.06, 2: 0.84}
+    warning = weak_base_warning(accuracies)
+    assert "6% (seed 1)" in warning and "seed 2" not in warning
+    assert "WARMUP_STEPS" in warning and "TASKS=" in warning
+    assert weak_base_warning({2: 0.84}) is None
+
+
 @pytest.mark.slow
 def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_and_prints_the_papers_table(tmp_path):
     # the paper's nine tasks have prompts of up to ~370 tokens: warm-up batches of 32 and 32 held-out questions were
@@ -63,6 +80,8 @@ def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_and_prints_the_papers_
     table = json.loads((drive / "tables" / "t-paper.json").read_text())
     assert [r["split"] for r in table["rows"]] == ["8/0", "6/2", "4/4", "2/6"]
     assert all(r["rounds"] == [2] and len(r["task_rewards"]) >= 1 for r in table["rows"])
+    base_meta = json.loads((drive / "experiments" / "t-paper-8-0-s1" / "base" / "meta.json").read_text())
+    assert table["warmup_accuracy"] == {"1": base_meta["greedy_accuracy_after"]}
     # one warm-up for the seed: every split started from the same base
     bases = [(drive / "experiments" / f"t-paper-{s}-s1" / "base" / "model.safetensors").read_bytes()
              for s in ("8-0", "6-2", "4-4", "2-6")]
