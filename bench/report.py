@@ -174,6 +174,9 @@ def verdicts(results: dict) -> list[str]:
     if t.get("seconds_per_round"):
         say(t["seconds_per_round"] <= 1.2, f"four paper swarms at once <= 1.2 s per round: "
             f"{t['seconds_per_round']:.2f} s ({t['workers_at_once']} workers)")
+        if t.get("peak_gib_per_worker"):
+            say(t["peak_gib_per_worker"] <= 3, f"paper swarms <= 3 GiB per worker (NVML), four at once: "
+                f"{t['peak_gib_per_worker']:.2f} GiB")
     worst = results.get("swarm_worst_case", {})
     if "seconds_per_round" in worst:
         say(worst["seconds_per_round"] <= 1.0, f"worst case (every completion 256 tokens) <= 1.0 s per round: "

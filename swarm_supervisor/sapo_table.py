@@ -1,6 +1,8 @@
 """`rl-swarm sapo-table`: the four SAPO splits of a preset family side by side, once per seed, then the paper's
 table (cumulative reward per split against the paper's), saved under <GDRIVE_PATH>/tables/."""
 
+import math
+
 from configs_env import SwarmConfig
 from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
 from swarm_supervisor.cli import EXIT_INTERRUPTED
@@ -22,7 +24,8 @@ def warmup_accuracies(arms: list[Arm], env: dict[str, str]) -> dict[int, float]:
     for arm in arms:
         meta = read_base_meta(arm.config(env).experiment_dir)
         accuracy = meta.get("greedy_accuracy_after") if meta else None
-        if arm.seed not in found and isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool):
+        if arm.seed not in found and isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) \
+                and math.isfinite(accuracy):
             found[arm.seed] = float(accuracy)
     return found
 
@@ -32,7 +35,7 @@ def weak_base_warning(accuracies: dict[int, float]) -> str | None:
     weak = {seed: a for seed, a in sorted(accuracies.items()) if a < WEAK_BASE_ACCURACY}
     if not weak:
         return None
-    return ("rl-swarm: sapo-table: the warm-up reached " + ", ".join(f"{a:.0%} (seed {s})" for s, a in weak.items())
+    return ("rl-swarm: sapo-table: the warm-up reached " + ", ".join(f"{a:.1%} (seed {s})" for s, a in weak.items())
             + f" greedy exact-match, below {WEAK_BASE_ACCURACY:.0%}: most rewards will be 0 and the splits will "
             "differ by noise; raise WARMUP_STEPS, or set TASKS to tasks the model learns "
             "(e.g. TASKS=chain_sum:1,basic_arithmetic:1)")

@@ -31,3 +31,13 @@ def test_each_target_gets_one_line_with_the_number_that_decides_it():
     assert "**missed**: train step at least as fast as full logits, with less memory (ours): 0.070 s vs 0.040 s" in text
     assert "met: 2000 rounds in <= 1 h: 0.66 s per round" in text
     assert "| 16 | 1000 | 4800 | 4.80x |" in text
+
+
+def test_the_sapo_tables_swarms_are_held_to_the_paper_shapes_speed_and_memory_targets():
+    table = {"family": "paper", "swarms_at_once": 4, "workers_at_once": 32, "seconds_per_round": 4.18,
+             "peak_gib_per_worker": 4.45, "by_seed": {}}
+    lines = verdicts(results(sapo_table=table))
+    assert "**missed**: four paper swarms at once <= 1.2 s per round: 4.18 s (32 workers)" in lines
+    assert "**missed**: paper swarms <= 3 GiB per worker (NVML), four at once: 4.45 GiB" in lines
+    assert "met: paper swarms <= 3 GiB per worker (NVML), four at once: 2.90 GiB" in \
+        verdicts(results(sapo_table={**table, "peak_gib_per_worker": 2.9}))

@@ -50,16 +50,17 @@ def test_a_base_that_answers_too_few_questions_is_named_with_the_fix(tmp_path):
     env = {"GDRIVE_PATH": str(tmp_path), "EXPERIMENT_NAME": "x", "HF_HUB_OFFLINE": "1"}
     arms = [Arm(label=label, seed=seed, experiment=f"x-{preset}-s{seed}", env=(("PRESET", preset),))
             for seed in (1, 2) for label, preset in (("8/0", "paper-8-0"), ("4/4", "paper-4-4"))]
-    for seed, accuracy in ((1, 0.06), (2, 0.84)):       # the warm-up writes the seed's first arm's base
-        base = arms[2 * (seed - 1)].config(env).experiment_dir / "base"
+    for seed, accuracy in ((1, 0.06), (2, 0.84)):       # seed 2's base only in its second arm: found there too
+        base = arms[2 * (seed - 1) + (seed == 2)].config(env).experiment_dir / "base"
         base.mkdir(parents=True)
         (base / "meta.json").write_text(json.dumps({"schema": 1, "greedy_accuracy_after": accuracy}))
     accuracies = warmup_accuracies(arms, env)
     assert accuracies == {1: 0.06, 2: 0.84}
     warning = weak_base_warning(accuracies)
-    assert "6% (seed 1)" in warning and "seed 2" not in warning
+    assert "6.0% (seed 1)" in warning and "seed 2" not in warning
     assert "WARMUP_STEPS" in warning and "TASKS=" in warning
     assert weak_base_warning({2: 0.84}) is None
+    assert "19.6% (seed 3)" in weak_base_warning({3: 0.196})      # not "20% ... below 20%"
 
 
 @pytest.mark.slow
