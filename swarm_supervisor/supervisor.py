@@ -295,7 +295,10 @@ class Supervisor:
                                     self.coordinator.round if self.coordinator else None)
             self._check_learning(view)
             self.dashboard.update(view)
-            self.exit_code = self._verdict()
+            verdict = self._verdict()
+            # a stop signal's handler runs between any two lines of this loop and sets exit_code itself: the
+            # verdict must not overwrite it with None (the loop then ran on with every worker stopped, seen in CI)
+            self.exit_code = verdict if verdict is not None else EXIT_INTERRUPTED if self.interrupts else None
             if self.exit_code is None:
                 time.sleep(TICK_S)
         return self.exit_code
