@@ -22,10 +22,11 @@ def warmup_accuracies(arms: list[Arm], env: dict[str, str]) -> dict[int, float]:
     """Each seed's base: its greedy exact-match after the warm-up (seeds without a readable base left out)."""
     found = {}
     for arm in arms:
+        if arm.seed in found:       # the seed's arms share one base: read one meta.json per seed
+            continue
         meta = read_base_meta(arm.config(env).experiment_dir)
         accuracy = meta.get("greedy_accuracy_after") if meta else None
-        if arm.seed not in found and isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) \
-                and math.isfinite(accuracy):
+        if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and math.isfinite(accuracy):
             found[arm.seed] = float(accuracy)
     return found
 
