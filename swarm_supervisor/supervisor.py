@@ -16,6 +16,7 @@ from typing import Any, Callable
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard
+from swarm_supervisor.events import EventJournal
 from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
@@ -99,7 +100,8 @@ class Supervisor:
         self.handles = [WorkerHandle(spec) for spec in specs]
         self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window_s=cfg.restart_window,
                                     backoff_s=cfg.restart_backoff)
-        self.events: deque[str] = deque(maxlen=8)
+        self.journal = EventJournal(self.folder.events_file)
+        self.events = self.journal.recent      # the dashboard's newest lines
         if run_coordinator and coordinator_key is None:
             raise ValueError("a supervisor that runs the coordinator needs the coordinator's key")
         self.coordinator = (Coordinator(cfg, self.folder, self.stop_coordinator, self.local_workers, coordinator_key,
@@ -119,14 +121,7 @@ class Supervisor:
     # -- events --------------------------------------------------------------------------------------
     def event(self, message: str, level: str = "info", kind: str | None = None, node: str | None = None) -> None:
         """A line for people (the dashboard, events.jsonl) and, with `kind`, a fact for programs to count."""
-        self.events.append(time.strftime("%H:%M:%S ") + message)
-        {"warning": log.warning, "error": log.error}.get(level, log.info)(message)
-        record = {"time": time.time(), "event": message, "level": level,
-                  **({"kind": kind, "node": node} if kind else {})}
-        try:
-            append_jsonl(self.folder.events_file, record)
-        except OSError as exc:
-            log.warning("event not written to %s: %s", self.folder.events_file, exc)
+        self.journal.add(message, level, kind, node)
 
     def local_workers(self) -> set[str]:
         return {h.node for h in self.handles if h.alive() or h.restart_at is not None}
@@ -304,8 +299,11 @@ class Supervisor:
         return self.exit_code
 
     def _check_folder(self) -> None:
-        """An event when the shared folder vanishes (a dropped Drive mount) and one when it is back."""
+        """An event when the shared folder vanishes (a dropped Drive mount) and one when it is back; the events
+        that could not be written meanwhile are written once it answers."""
         present = folder_present(self.folder.root)
+        if present and self.journal.waiting:
+            self.journal.flush()
         if not present and self.folder_gone_at is None:
             self.folder_gone_at = time.monotonic()
             self.event(f"the shared folder {self.folder.root} is gone (a dropped Drive mount?): workers go on "
@@ -404,6 +402,10 @@ class Supervisor:
         self._kill_all()
         if self.coordinator and self.coordinator.is_alive():
             self.coordinator.join(timeout=5)
+        self._check_folder()        # a folder back since the last check: the swarm can finish within that check's 2 s
+        if not self.journal.flush():
+            log.warning("%d events not written to %s: the folder is away (this log has them)",
+                        len(self.journal.waiting), self.folder.events_file)
         try:
             self.dashboard.update(self.reader.view(self.handles, self.snapshot, self.events, self.started,
                                                    self.coordinator.round if self.coordinator else None))

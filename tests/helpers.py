@@ -29,14 +29,51 @@ def run_up(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedPro
                           text=True, timeout=timeout)
 
 
-def join_from_another_machine(env: dict[str, str], machine: Path, node: str = "colab2",
+class Up:
+    """`rl-swarm up` (or another command) in the background, its output going to a file, not a pipe: a pipe the
+    test does not read while it waits fills at 64 KiB and then blocks the supervisor in mid-print (seen in CI: the
+    warnings of a minute's dropped mount stopped the supervisor's loop until the test read them)."""
+
+    def __init__(self, env: dict[str, str], log: Path, command: str = "up"):
+        self.log = log
+        with log.open("w") as out:      # the child holds its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", command], env=env, stdout=out,
+                                         stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> str:
+        """The exit code is in `returncode` after it; returns everything it printed."""
+        self.proc.wait(timeout=timeout)
+        return self.output()
+
+
+def join_from_another_machine(env: dict[str, str], machine: Path, node: str = "colab2", timeout: float = 300,
                               **extra: str) -> subprocess.CompletedProcess:
     """`rl-swarm worker` (one node) as from another machine: its own temp folder, so no doorbell of this host
     reaches it and it polls the folder, and whatever else `extra` gives it of its own (GDRIVE_PATH)."""
     (machine / "tmp").mkdir(parents=True, exist_ok=True)
     return subprocess.run([sys.executable, "-m", "swarm_supervisor", "worker"],
                           env={**env, "NODE_ID": node, "NUM_WORKERS": "1", "TMPDIR": str(machine / "tmp"), **extra},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def survivors(pids: list[int], grace_s: float) -> list[str]:
@@ -170,7 +207,7 @@ def heartbeat(exp, node):
 def wait_for(predicate, timeout, what, proc):
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert proc.poll() is None, f"the supervisor exited while waiting for {what}: {proc.stdout.read()}"
+        assert proc.poll() is None, f"the supervisor exited while waiting for {what}: {proc.output()}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
 

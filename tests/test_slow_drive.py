@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import workers.shared_folder.retries as retries_module
-from tests.helpers import metrics_rows, run_up, swarm_env
+from tests.helpers import Up, metrics_rows, run_up, swarm_env
 from tests.helpers import group
 from workers.shared_folder import drive_sim
 from workers.shared_folder.drive_sim import simulate_drive
@@ -171,8 +171,6 @@ def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, st
     """The mount drops for 60 s in round 2, the two ways Colab's Drive does: the folder vanishes, or every call on
     it fails with ENOTCONN ("Transport endpoint is not connected", DRIVE_SIM_HANGUP). The workers keep their
     records, nothing rebuilds the folder on the local disk, the supervisor says so, and every round lands."""
-    import subprocess
-    import sys
 
     hangup = tmp_path / "mount-hung-up"
     env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="4", COORDINATOR_ROUND_INTERVAL="300",
@@ -180,11 +178,10 @@ def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, st
     exp = tmp_path / "drive" / "experiments" / "e2e"
     start_from_base(exp)
     away = tmp_path / "mount-dropped"
-    up = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    up = Up(env, tmp_path / "up.out")
     try:
         wait_until(lambda: (exp / "state" / "round_000002.json").exists() or up.poll() is not None, timeout=400)
-        assert up.poll() is None, up.stdout.read()
+        assert up.poll() is None, up.output()
         if drop == "vanished":
             exp.rename(away)
         else:
@@ -197,7 +194,7 @@ def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, st
             away.rename(exp)
         else:
             hangup.unlink()
-        output, _ = up.communicate(timeout=400)
+        output = up.wait(timeout=400)
     finally:
         up.kill()
     assert up.returncode == 0, output
@@ -205,7 +202,11 @@ def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(tmp_path, st
         assert sorted({row["round"] for row in metrics_rows(exp, node)}) == [1, 2, 3, 4]
         assert all(ExperimentFolder(exp).reward_file(r, node).exists() for r in range(1, 5))
     events = [json.loads(line)["event"] for line in ExperimentFolder(exp).events_file.read_text().splitlines()]
-    assert any("is back after" in event for event in events), events
+    # the supervisor noticed both ends of the outage, and the line it could not write while the folder was away
+    # was written when the folder came back, before the line that says so
+    outage = [event for event in events if event.startswith("the shared folder")]
+    assert len(outage) == 2 and "is gone" in outage[0] and "is back after" in outage[1], \
+        (events, output, (exp / "logs" / "supervisor" / "supervisor.log").read_text()[-4000:])
     if drop == "hung up":       # the workers met the hang-up itself, not a missing file
         assert any("Transport endpoint is not connected" in (exp / "logs" / node / "worker.log").read_text()
                    for node in ("worker-1", "worker-2"))
