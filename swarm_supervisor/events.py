@@ -1,5 +1,6 @@
 """The supervisor's events: a line each for people (the dashboard shows the newest) and a record each in
-logs/supervisor/events.jsonl for `status`, `experiments` and programs.
+logs/supervisor/events.jsonl for `status`, `experiments` and programs; and the watches that raise them once per
+change (the shared folder away and back, a worker unlearning, a GPU above its memory high-water mark).
 
 While the shared folder cannot be written (a dropped Drive mount, a hung-up FUSE call) the records wait here, in
 order, and are written when it answers again: the file keeps what happened during the outage, the outage's own
@@ -13,7 +14,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from swarm_supervisor.monitor import MonitorSnapshot
+from swarm_supervisor.status import SwarmView
 from workers.shared_folder.jsonl import append_jsonl
+from workers.shared_folder.mount import folder_present
+from workers.shared_folder.protocol import EVENT_UNLEARNING
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +75,55 @@ class EventJournal:
             return True
         finally:
             self._writing.release()
+
+
+class Watches:
+    """What the supervisor's loop observes, told as an event when it changes, not at every look."""
+
+    def __init__(self, journal: EventJournal, root: Path, memory_high_water: float):
+        self.journal, self.root, self.memory_high_water = journal, root, memory_high_water
+        self.folder_gone_at: float | None = None     # when the shared folder vanished (a dropped Drive mount)
+        self.unlearning: set[str] = set()            # workers the learning-health guard warned about
+        self.above_high_water: set[str] = set()      # the GPUs whose memory is above MEMORY_HIGH_WATER
+
+    def folder(self) -> None:
+        """An event when the shared folder vanishes (a dropped Drive mount) and one when it is back; the events
+        that could not be written meanwhile are written once it answers."""
+        present = folder_present(self.root)
+        if present and self.journal.waiting:
+            self.journal.flush()
+        if not present and self.folder_gone_at is None:
+            self.folder_gone_at = time.monotonic()
+            self.journal.add(f"the shared folder {self.root} is gone (a dropped Drive mount?): workers go on and "
+                             "keep their records until it is back", level="warning")
+        elif present and self.folder_gone_at is not None:
+            away = time.monotonic() - self.folder_gone_at
+            self.folder_gone_at = None
+            self.journal.add(f"the shared folder is back after {away:.0f}s: workers write the records they kept "
+                             "and catch up")
+
+    def learning(self, view: SwarmView) -> None:
+        """A warning event when a worker starts to unlearn (held-out falling, reward collapsed), one when it stops."""
+        for row in view.nodes:
+            if row.role != "worker":
+                continue
+            if row.learning_warning and row.node_id not in self.unlearning:
+                self.unlearning.add(row.node_id)
+                self.journal.add(row.learning_warning, level="warning", kind=EVENT_UNLEARNING, node=row.node_id)
+            elif not row.learning_warning and row.node_id in self.unlearning:
+                self.unlearning.discard(row.node_id)
+                self.journal.add(f"{row.node_id}: learning again (held-out and reward back within the guard's "
+                                 "bounds)")
+
+    def memory(self, snapshot: MonitorSnapshot) -> None:
+        """One event each time a GPU's memory crosses the high-water mark (and again after it fell back)."""
+        for device in snapshot.devices:
+            if not device.total_mib:
+                continue
+            share = device.used_mib / device.total_mib
+            above = share >= self.memory_high_water
+            if above and device.label not in self.above_high_water:
+                self.journal.add(f"GPU memory of {device.label} at {share:.0%} of {device.total_mib / 1024:.0f} GiB "
+                                 f"(high-water mark {self.memory_high_water:.0%}): a worker on it may hit CUDA out "
+                                 "of memory")
+            (self.above_high_water.add if above else self.above_high_water.discard)(device.label)

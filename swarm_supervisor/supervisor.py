@@ -16,17 +16,16 @@ from typing import Any, Callable
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard
-from swarm_supervisor.events import EventJournal
+from swarm_supervisor.events import EventJournal, Watches
 from swarm_supervisor.devices import nvml_ids
-from swarm_supervisor.status import SwarmReader, SwarmView
+from swarm_supervisor.status import SwarmReader
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_finished, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.leftovers import remove_stale_temps
-from workers.shared_folder.mount import folder_present
-from workers.shared_folder.protocol import EVENT_FAILED, EVENT_RESTART, EVENT_UNLEARNING, Status
+from workers.shared_folder.protocol import EVENT_FAILED, EVENT_RESTART, Status
 from workers.shared_folder.signing import KeyRing, NodeKey
 from workers.processes import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, start_worker
 
@@ -102,6 +101,7 @@ class Supervisor:
                                     backoff_s=cfg.restart_backoff)
         self.journal = EventJournal(self.folder.events_file)
         self.events = self.journal.recent      # the dashboard's newest lines
+        self.watch = Watches(self.journal, self.folder.root, cfg.memory_high_water)
         if run_coordinator and coordinator_key is None:
             raise ValueError("a supervisor that runs the coordinator needs the coordinator's key")
         self.coordinator = (Coordinator(cfg, self.folder, self.stop_coordinator, self.local_workers, coordinator_key,
@@ -112,11 +112,8 @@ class Supervisor:
         self.reader = SwarmReader(self.folder, cfg, model_label, device_label, self.keyring)
         self.started = time.monotonic()
         self.interrupts = 0
-        self.above_high_water: set[str] = set()     # the GPUs whose memory is above MEMORY_HIGH_WATER
-        self.unlearning: set[str] = set()     # workers the learning-health guard warned about
         self.exit_code: int | None = None
         self.failure: str | None = None       # why the swarm stopped with EXIT_FAILED, in one line
-        self.folder_gone_at: float | None = None   # when the shared folder vanished (a dropped Drive mount)
 
     # -- events --------------------------------------------------------------------------------------
     def event(self, message: str, level: str = "info", kind: str | None = None, node: str | None = None) -> None:
@@ -275,20 +272,20 @@ class Supervisor:
         while self.exit_code is None:
             now = time.monotonic()
             if now - last_hang_check >= HANG_CHECK_S:
-                self._check_folder()
+                self.watch.folder()
                 self._kill_hung()
                 last_hang_check = now
             self._reap()
             if now - last_sample >= MONITOR_S:
                 self.snapshot = self.monitor.sample(h.process.pid for h in self.handles if h.alive())
-                self._check_high_water(self.snapshot)
+                self.watch.memory(self.snapshot)
                 last_sample = now
             if now - last_record >= RECORD_S:
                 self._record(self.snapshot)
                 last_record = now
             view = self.reader.view(self.handles, self.snapshot, self.events, self.started,
                                     self.coordinator.round if self.coordinator else None)
-            self._check_learning(view)
+            self.watch.learning(view)
             self.dashboard.update(view)
             verdict = self._verdict()
             # a stop signal's handler runs between any two lines of this loop and sets exit_code itself: the
@@ -297,47 +294,6 @@ class Supervisor:
             if self.exit_code is None:
                 time.sleep(TICK_S)
         return self.exit_code
-
-    def _check_folder(self) -> None:
-        """An event when the shared folder vanishes (a dropped Drive mount) and one when it is back; the events
-        that could not be written meanwhile are written once it answers."""
-        present = folder_present(self.folder.root)
-        if present and self.journal.waiting:
-            self.journal.flush()
-        if not present and self.folder_gone_at is None:
-            self.folder_gone_at = time.monotonic()
-            self.event(f"the shared folder {self.folder.root} is gone (a dropped Drive mount?): workers go on "
-                       "and keep their records until it is back", level="warning")
-        elif present and self.folder_gone_at is not None:
-            away = time.monotonic() - self.folder_gone_at
-            self.folder_gone_at = None
-            self.event(f"the shared folder is back after {away:.0f}s: workers write the records they kept "
-                       "and catch up")
-
-    def _check_learning(self, view: SwarmView) -> None:
-        """A warning event when a worker starts to unlearn (held-out falling, reward collapsed), one when it stops."""
-        for row in view.nodes:
-            if row.role != "worker":
-                continue
-            if row.learning_warning and row.node_id not in self.unlearning:
-                self.unlearning.add(row.node_id)
-                self.event(row.learning_warning, level="warning", kind=EVENT_UNLEARNING, node=row.node_id)
-            elif not row.learning_warning and row.node_id in self.unlearning:
-                self.unlearning.discard(row.node_id)
-                self.event(f"{row.node_id}: learning again (held-out and reward back within the guard's bounds)")
-
-    def _check_high_water(self, snapshot: MonitorSnapshot) -> None:
-        """One event each time a GPU's memory crosses the high-water mark (and again after it fell back)."""
-        for device in snapshot.devices:
-            if not device.total_mib:
-                continue
-            share = device.used_mib / device.total_mib
-            above = share >= self.cfg.memory_high_water
-            if above and device.label not in self.above_high_water:
-                self.event(f"GPU memory of {device.label} at {share:.0%} of {device.total_mib / 1024:.0f} GiB "
-                           f"(high-water mark {self.cfg.memory_high_water:.0%}): a worker on it may hit CUDA out of "
-                           "memory")
-            (self.above_high_water.add if above else self.above_high_water.discard)(device.label)
 
     def _record(self, snapshot: MonitorSnapshot | None) -> None:
         """Per-node GPU/RAM/CPU over time, for plots and for checking the memory budget after a run."""
@@ -402,7 +358,7 @@ class Supervisor:
         self._kill_all()
         if self.coordinator and self.coordinator.is_alive():
             self.coordinator.join(timeout=5)
-        self._check_folder()        # a folder back since the last check: the swarm can finish within that check's 2 s
+        self.watch.folder()        # a folder back since the last check: the swarm can finish within that check's 2 s
         if not self.journal.flush():
             log.warning("%d events not written to %s: the folder is away (this log has them)",
                         len(self.journal.waiting), self.folder.events_file)

@@ -1,9 +1,10 @@
 """The supervisor's events survive a shared folder that cannot be written for a while."""
 
 import json
+from types import SimpleNamespace
 
 import swarm_supervisor.events as events_module
-from swarm_supervisor.events import EventJournal
+from swarm_supervisor.events import EventJournal, Watches
 from workers.shared_folder.folder import ExperimentFolder
 
 
@@ -42,3 +43,19 @@ def test_a_very_long_outage_keeps_the_newest_events_and_says_how_many_it_lost(tm
     assert journal.dropped == 2 and "2 events not written" in caplog.text
     # one warning for the outage, not one per event
     assert caplog.text.count("events wait to be written") == 1
+
+
+def test_a_worker_that_starts_and_stops_unlearning_is_two_events_not_one_a_look(tmp_path):
+    folder = ExperimentFolder(tmp_path / "exp").create()
+    watch = Watches(EventJournal(folder.events_file), folder.root, memory_high_water=0.9)
+
+    def look(warning: str | None) -> None:
+        watch.learning(SimpleNamespace(nodes=(SimpleNamespace(role="worker", node_id="worker-1",
+                                                              learning_warning=warning),)))
+
+    for warning in (None, "worker-1: held-out falling", "worker-1: held-out falling", None, None):
+        look(warning)
+    rows = [json.loads(line) for line in folder.events_file.read_text().splitlines()]
+    assert [row["event"] for row in rows] == ["worker-1: held-out falling", "worker-1: learning again (held-out "
+                                              "and reward back within the guard's bounds)"]
+    assert rows[0]["kind"] == "unlearning" and rows[0]["level"] == "warning"      # what `experiments` counts

@@ -42,7 +42,7 @@ def test_crossing_the_high_water_mark_is_one_event(tmp_path):
                                processes={}, supervisor_cpu_pct=None, host_ram_used_mib=0, host_ram_total_mib=1)
 
     for used in (500, 950, 960, 500, 920):
-        supervisor._check_high_water(at(used))
+        supervisor.watch.memory(at(used))
     warnings = [e for e in supervisor.events if "high-water mark 90%" in e]
     assert len(warnings) == 2 and "GPU memory of cuda:0 at 95%" in warnings[0]
     assert "high-water mark 90%" in (supervisor.folder.events_file.read_text())
