@@ -167,7 +167,8 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
         if not _prepare_rounds(folder, cfg, keyring):
             return 0
         ensure_base(cfg, folder, model_name, devices[0], keyring)
-    _log_to_file(folder)
+    joined_as = None if claim is not None else cfg.node_id
+    _log_to_file(folder.supervisor_dir(joined_as))
     if claim is not None:
         write_json_atomic(folder.config_file, {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name,
                                                "device_resolved": devices_label(devices), "started_at": time.time()})
@@ -177,7 +178,7 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
     supervisor = Supervisor(cfg, specs, run_coordinator=claim is not None, model_label=model_name,
                             device_label=devices_label(devices), keyring=keyring, coordinator_key=claim and claim.key,
                             claim_lost=lambda: claim and claim.lost, dashboard=Dashboard(shown=dashboard),
-                            worker_need_mib=need_mib)
+                            worker_need_mib=need_mib, joined_as=joined_as)
     started = time.monotonic()
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))
@@ -271,9 +272,8 @@ def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing
     return True
 
 
-def _log_to_file(folder: ExperimentFolder) -> None:
-    """The dashboard owns the terminal; the supervisor's own log goes to logs/supervisor/."""
-    log_dir = folder.supervisor_log_dir
+def _log_to_file(log_dir: Path) -> None:
+    """The dashboard owns the terminal; the supervisor's own log goes to its folder under logs/."""
     log_dir.mkdir(parents=True, exist_ok=True)
     # not a FileHandler: that would follow a link a peer planted at the log's name
     handler = logging.StreamHandler(os.fdopen(open_append(log_dir / "supervisor.log"), "a", encoding="utf-8"))

@@ -5,6 +5,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 from pathlib import Path
 
 from configs_env import SwarmConfig
@@ -12,7 +13,7 @@ from configs_env.parsing import safe_name
 from swarm_supervisor.readable import plain
 from workers.shared_folder.held_out import read_held_out
 from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
-from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
@@ -21,6 +22,7 @@ from workers.shared_folder.signing import KeyRing
 from workers.shared_folder.storage import experiment_names, mount_experiment
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def experiment_roots(cfg: SwarmConfig) -> list[Path]:
@@ -99,13 +101,41 @@ def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEv
     return evals, bad
 
 
-def count_restarts(folder: ExperimentFolder) -> int:
-    """Worker restarts the supervisor recorded (events of kind "restart"; older files: by their sentence)."""
+def supervisor_records(folder: ExperimentFolder, name: str, parse: Callable[[dict, str], T] = lambda row, _: row
+                       ) -> tuple[list[tuple[str | None, T]], list[str]]:
+    """Each machine's records in its supervisor folder's `name` (events.jsonl, monitor.jsonl), with the machine
+    (None: the coordinator's; a NODE_ID: one that joined), and a line per file that could not be read."""
+    machines: dict[str | None, Path] = {None: folder.supervisor_log_dir}
+    problems = []
     try:
-        rows = read_jsonl(folder.events_file)
-    except (RejectedFile, OSError) as exc:     # the count is a summary's detail: none rather than no summary
-        log.warning("%s", exc)
-        return 0
+        machines.update(folder.joined_supervisor_dirs())
+    except OSError as exc:      # a Drive hiccup: the coordinator's machine alone
+        problems.append(f"supervisor folders of machines that joined not listed: {exc}")
+    records = []
+    for machine, directory in machines.items():
+        try:
+            records.extend((machine, record) for record in read_jsonl(directory / name, parse))
+        except (RejectedFile, OSError) as exc:
+            problems.append(str(exc))
+    for problem in problems:
+        log.warning("%s", problem)
+    return records, problems
+
+
+def supervisor_events(folder: ExperimentFolder) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every machine's events, oldest first, each with its "machine" (None: the coordinator's); a fact about a
+    worker (its restart, its failure) only from the machine that runs it (runs_on). And a line per file that
+    could not be read."""
+    records, problems = supervisor_records(folder, "events.jsonl")
+    rows = [{**row, "machine": machine} for machine, row in records
+            if not isinstance(row.get("node"), str) or runs_on(machine, row["node"])]
+    rows.sort(key=lambda row: row["time"] if isinstance(row.get("time"), (int, float)) else 0.0)
+    return rows, problems
+
+
+def count_restarts(folder: ExperimentFolder) -> int:
+    """Worker restarts the supervisors recorded (events of kind "restart"; older files: by their sentence)."""
+    rows, _ = supervisor_events(folder)
     return sum(row.get("kind") == EVENT_RESTART or ("kind" not in row and "restarting from its last checkpoint"
                                                     in str(row.get("event", ""))) for row in rows)
 
@@ -121,14 +151,18 @@ def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
     return (last.round - first.round) / (last.started_at - first.started_at) * 3600
 
 
-def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None) -> str:
-    """finished, running (a coordinator heartbeat of the last two minutes says so), failed or stopped."""
+RUNNING_FRESH_S = 120.0      # a coordinator heartbeat this recent says the swarm runs, plus DRIVE_LAG
+
+
+def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None, drive_lag: float = 0.0) -> str:
+    """finished, running (a coordinator heartbeat of the last two minutes says so; on a machine that sees the
+    folder `drive_lag` seconds late, of the last two minutes and that lag), failed or stopped."""
     keyring = KeyRing.for_viewing(folder)
     if read_finished(folder, keyring) is not None:
         return "finished"
     beats = read_heartbeats(folder, keyring) if beats is None else beats
     beat = beats.get("coordinator")
-    if beat is not None and beat.status == Status.RUNNING and beat.age() < 120:
+    if beat is not None and beat.status == Status.RUNNING and beat.age() < RUNNING_FRESH_S + drive_lag:
         return "running"
     workers = [b for b in beats.values() if b.role == "worker"]
     if workers and all(b.status in (Status.FAILED, Status.CRASHED) for b in workers):
@@ -177,7 +211,8 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
     beats = read_heartbeats(folder, keyring)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     return Summary(
-        name=root.name, status=status_of(folder), rounds=rounds[-1] if rounds else 0,
+        name=root.name, status=status_of(folder, drive_lag=_number(cfg.get("drive_lag"))),
+        rounds=rounds[-1] if rounds else 0,
         max_rounds=setting_of(cfg, "max_rounds", 0),
         nodes=len({n for nodes in by_round.values() for n in nodes}),
         split=f"I={cfg.get('num_train_samples', '?')} J={cfg.get('num_transplant_trees', '?')} "
@@ -191,6 +226,12 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
         rounds_per_hour=per_hour, restarts=count_restarts(folder),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
+
+
+def _number(value: object) -> float:
+    """A recorded setting that should be a finite number >= 0; 0 for anything else (the folder is a peer's)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+    return float(value) if ok else 0.0
 
 
 def setting_of(cfg: dict, key: str, default: int) -> int:
@@ -296,11 +337,12 @@ def _gpu_sample(record: dict, where: str) -> dict:
 
 
 def _gpu_samples(folder: ExperimentFolder) -> list[dict]:
-    try:
-        return read_jsonl(folder.monitor_file, _gpu_sample).records
-    except (RejectedFile, OSError) as exc:     # a plot without its GPU panel rather than no plot
-        log.warning("%s", exc)
-        return []
+    """Every machine's monitor samples, by time, each with the nodes that machine runs; a file that cannot be
+    read leaves its machine's workers out of the plot's GPU panel, not the plot."""
+    records, _ = supervisor_records(folder, "monitor.jsonl", _gpu_sample)
+    samples = [{**sample, "nodes": {node: mib for node, mib in sample["nodes"].items() if runs_on(machine, node)}}
+               for machine, sample in records]
+    return sorted(samples, key=lambda sample: sample["time"])
 
 
 # -- aggregate over seeds -------------------------------------------------------------------------

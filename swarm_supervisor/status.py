@@ -9,21 +9,22 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
-from swarm_supervisor.experiments import experiment_config, experiment_folder, rounds_per_hour, status_of
+from swarm_supervisor.experiments import (experiment_config, experiment_folder, rounds_per_hour, status_of,
+                                          supervisor_events)
 from swarm_supervisor.learning_health import RewardWatch, learning_alarm
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
 from swarm_supervisor.readable import plain
 from workers.shared_folder.held_out import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
-from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.rejections import RejectedFile, warn_skipped
 from workers.shared_folder.safe_io import file_size
-from workers.shared_folder.jsonl import read_jsonl, read_jsonl_tail
+from workers.shared_folder.jsonl import read_jsonl_tail
 from workers.shared_folder.protocol import EVENT_RESTART, Heartbeat, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import KeyRing
 
@@ -74,6 +75,7 @@ class SwarmView:
 
 TREND = 8
 RECORDED_FRESH_S = 30.0    # the supervisor records a monitor sample every 5 s: an older one is of a stopped swarm
+MACHINES_LISTED_S = 10.0   # how often the reader looks for the supervisor folders of machines that joined
 METRICS_CHUNK = 1024 * 1024      # bytes of a metrics log read a refresh: a long log is caught up over a few
 class SwarmReader:
     """Reads metrics incrementally (new lines only) so a refresh several times a second stays cheap.
@@ -96,27 +98,47 @@ class SwarmReader:
         self._states: dict[int, RoundState] = {}     # intact round states read so far (they never change)
         self._held_out: dict[str, tuple[int, HeldOutTrend]] = {}   # node: (file size, trend)
         self.rewards: dict[str, RewardWatch] = {}
-        self._samples_at = 0                          # bytes of monitor.jsonl read
-        self.sample: RecordedSample | None = None     # the supervisor's newest monitor sample
-        self._events_at = 0                           # bytes of events.jsonl read
-        self.restarts: dict[str, int] = {}            # restarts the supervisor recorded, by node
+        self._samples_at: dict[Path, int] = {}        # bytes of each machine's monitor.jsonl read
+        self.samples: dict[str | None, RecordedSample] = {}     # each machine's newest monitor sample
+        self._events_at: dict[Path, int] = {}         # bytes of each machine's events.jsonl read
+        self.restarts: dict[str, int] = {}            # restarts the supervisors recorded, by node
+        self._joined: dict[str, Path] = {}            # supervisor folders of machines that joined
+        self._machines_listed_at = -math.inf
 
     def _read_recorded(self) -> None:
-        """What only the supervisor measures (GPU and RAM per node, restarts), from the files it records them in:
-        a reader without the processes (`rl-swarm status`, a notebook) shows the same table."""
+        """What only the supervisors measure (GPU and RAM per node, restarts), from the files they record them in,
+        each machine's own: a reader without the processes (`rl-swarm status`, a notebook) shows the same table."""
+        for owner, directory in self._machines().items():
+            self._read_machine(owner, directory)
+
+    def _machines(self) -> dict[str | None, Path]:
+        """Each machine's supervisor folder: None for the coordinator's, a NODE_ID for one that joined."""
+        now = time.monotonic()
+        if now - self._machines_listed_at >= MACHINES_LISTED_S:
+            try:
+                self._joined = self.folder.joined_supervisor_dirs()
+                self._machines_listed_at = now
+            except OSError as exc:      # a Drive hiccup: the machines known so far, listed again next refresh
+                log.debug("supervisor folders not listed: %s", exc)
+        return {None: self.folder.supervisor_log_dir, **self._joined}
+
+    def _read_machine(self, owner: str | None, directory: Path) -> None:
         try:
-            samples = read_jsonl_tail(self.folder.monitor_file, self._samples_at, RecordedSample.from_json,
-                                      METRICS_CHUNK)
-            self._samples_at = samples.end
-            self.sample = samples.records[-1] if samples.records else self.sample
-            events = read_jsonl_tail(self.folder.events_file, self._events_at, max_bytes=METRICS_CHUNK)
-            self._events_at = events.end
+            samples = read_jsonl_tail(directory / "monitor.jsonl", self._samples_at.get(directory, 0),
+                                      RecordedSample.from_json, METRICS_CHUNK)
+            self._samples_at[directory] = samples.end
+            events = read_jsonl_tail(directory / "events.jsonl", self._events_at.get(directory, 0),
+                                     max_bytes=METRICS_CHUNK)
+            self._events_at[directory] = events.end
         except (RejectedFile, OSError) as exc:      # not written yet, or a Drive hiccup: the next refresh reads again
             log.debug("recorded samples or events not read: %s", exc)
             return
+        if samples.records:
+            self.samples[owner] = samples.records[-1].of_machine(owner)
         for row in events.records:
-            if row.get("kind") == EVENT_RESTART and isinstance(row.get("node"), str):
-                self.restarts[row["node"]] = self.restarts.get(row["node"], 0) + 1
+            node = row.get("node")
+            if row.get("kind") == EVENT_RESTART and isinstance(node, str) and runs_on(owner, node):
+                self.restarts[node] = self.restarts.get(node, 0) + 1
 
     def _read_new_metrics(self, node: str) -> None:
         path = self.folder.metrics_file(node)
@@ -248,23 +270,25 @@ class SwarmReader:
                          rejected_files=self.rejected + sum(b.rejected for b in beats.values()))
 
     def _recorded_snapshot(self) -> MonitorSnapshot | None:
-        sample = self.sample
-        if sample is None or time.time() - sample.time > RECORDED_FRESH_S:
+        """Per node, each machine's newest sample; the GPU line, the coordinator's machine's."""
+        fresh = {owner: sample for owner, sample in self.samples.items()
+                 if time.time() - sample.time <= RECORDED_FRESH_S}
+        if not fresh:
             return None
-        device = None
-        if sample.device_total_mib and sample.device_used_mib is not None:
-            device = DeviceSnapshot(name="GPU", total_mib=sample.device_total_mib, used_mib=sample.device_used_mib,
-                                    free_mib=sample.device_total_mib - sample.device_used_mib, utilization_pct=None)
+        device, own = None, fresh.get(None)
+        if own is not None and own.device_total_mib and own.device_used_mib is not None:
+            device = DeviceSnapshot(name="GPU", total_mib=own.device_total_mib, used_mib=own.device_used_mib,
+                                    free_mib=own.device_total_mib - own.device_used_mib, utilization_pct=None)
         processes = {node: ProcessSnapshot(pid=0, alive=True, rss_mib=rss, cpu_pct=None, gpu_mib=gpu)
-                     for node, (gpu, rss) in sample.nodes.items()}
+                     for sample in fresh.values() for node, (gpu, rss) in sample.nodes.items()}
         # the recorded sample sums the GPUs the workers use: one line for all of them
-        return MonitorSnapshot(taken_at=sample.time, devices=(device,) if device is not None else (),
-                               processes=processes, supervisor_cpu_pct=None, host_ram_used_mib=0.0,
-                               host_ram_total_mib=0.0)
+        return MonitorSnapshot(taken_at=max(sample.time for sample in fresh.values()),
+                               devices=(device,) if device is not None else (), processes=processes,
+                               supervisor_cpu_pct=None, host_ram_used_mib=0.0, host_ram_total_mib=0.0)
 
     def phase(self, beats: dict[str, Heartbeat]) -> str:
         try:
-            return status_of(self.folder, beats)
+            return status_of(self.folder, beats, self.cfg.drive_lag)
         except OSError as exc:     # a Drive hiccup: as if running, the next refresh asks again
             log.warning("experiment status not read (%s)", exc)
             return "running"
@@ -330,6 +354,10 @@ class RecordedSample:
                    device_used_mib=_mib(record.get("device_used_mib")),
                    device_total_mib=_mib(record.get("device_total_mib")))
 
+    def of_machine(self, machine: str | None) -> "RecordedSample":
+        """The sample without the nodes that machine does not run (runs_on)."""
+        return replace(self, nodes={node: v for node, v in self.nodes.items() if runs_on(machine, node)})
+
 
 def folder_reader(cfg: SwarmConfig) -> SwarmReader:
     """A reader of an experiment from its folder alone, with the model, device and MAX_ROUNDS it was started with."""
@@ -341,16 +369,15 @@ def folder_reader(cfg: SwarmConfig) -> SwarmReader:
 
 
 def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
-    """The supervisor's newest events, for `rl-swarm status`."""
-    try:
-        rows = list(read_jsonl(folder.events_file))
-    except RejectedFile as error:
-        return [str(error)]
-    out = []
+    """The supervisors' newest events, for `rl-swarm status`: a machine that joined names itself ("[colab2] ..."),
+    and a file that could not be read says so in a line."""
+    rows, problems = supervisor_events(folder)
+    out = [plain(problem[:200]) for problem in problems]
     for row in rows[-last:]:
         if isinstance(row.get("time"), (int, float)) and isinstance(row.get("event"), str):
+            said = f"[{row['machine']}] " if row["machine"] else ""
             try:
-                out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + plain(row["event"][:200]))
+                out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + said + plain(row["event"][:200]))
             except (OverflowError, OSError, ValueError):     # a time no clock shows
                 warn_skipped(folder.events_file, RejectedFile(f"an event at time {row['time']!r}"))
     return out

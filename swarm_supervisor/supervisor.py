@@ -85,11 +85,14 @@ class Supervisor:
     def __init__(self, cfg: SwarmConfig, specs: list[WorkerSpec], run_coordinator: bool,
                  model_label: str, device_label: str, dashboard: Dashboard | None = None,
                  keyring: KeyRing | None = None, coordinator_key: NodeKey | None = None,
-                 claim_lost: Callable[[], str | None] = lambda: None, worker_need_mib: float | None = None):
+                 claim_lost: Callable[[], str | None] = lambda: None, worker_need_mib: float | None = None,
+                 joined_as: str | None = None):
         self.cfg = cfg
         self.worker_need_mib = worker_need_mib     # what one worker needs on its GPU (the start's fit check)
         self.folder = ExperimentFolder(cfg.experiment_dir)
         self.keyring = keyring or KeyRing(self.folder)
+        # its events and monitor samples: this machine's own files (a machine that joined: NODE_ID's)
+        self.log_dir = self.folder.supervisor_dir(joined_as)
         self.claim_lost = claim_lost       # why this `up` no longer holds the experiment, once it does not
         self.ctx = mp.get_context("spawn")
         # Workers are asked to stop with SIGTERM, not a multiprocessing.Event: a worker killed with -9
@@ -99,7 +102,7 @@ class Supervisor:
         self.handles = [WorkerHandle(spec) for spec in specs]
         self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window_s=cfg.restart_window,
                                     backoff_s=cfg.restart_backoff)
-        self.journal = EventJournal(self.folder.events_file)
+        self.journal = EventJournal(self.log_dir / "events.jsonl")
         self.events = self.journal.recent      # the dashboard's newest lines
         self.watch = Watches(self.journal, self.folder.root, cfg.memory_high_water)
         if run_coordinator and coordinator_key is None:
@@ -307,7 +310,7 @@ class Supervisor:
                                  "device": h.spec.device}
         devices = snapshot.devices
         try:
-            append_jsonl(self.folder.monitor_file, {
+            append_jsonl(self.log_dir / "monitor.jsonl", {
                 "time": snapshot.taken_at, "nodes": nodes, "supervisor_cpu_pct": snapshot.supervisor_cpu_pct,
                 # summed over the GPUs, as one-GPU runs recorded it; "devices" holds each one
                 "device_used_mib": sum(d.used_mib for d in devices) if devices else None,
@@ -361,7 +364,7 @@ class Supervisor:
         self.watch.folder()        # a folder back since the last check: the swarm can finish within that check's 2 s
         if not self.journal.flush():
             log.warning("%d events not written to %s: the folder is away (this log has them)",
-                        len(self.journal.waiting), self.folder.events_file)
+                        len(self.journal.waiting), self.journal.path)
         try:
             self.dashboard.update(self.reader.view(self.handles, self.snapshot, self.events, self.started,
                                                    self.coordinator.round if self.coordinator else None))

@@ -1,11 +1,18 @@
 """The supervisor's events survive a shared folder that cannot be written for a while."""
 
 import json
+import time
 from types import SimpleNamespace
 
 import swarm_supervisor.events as events_module
+from configs_env import SwarmConfig
 from swarm_supervisor.events import EventJournal, Watches
+from swarm_supervisor.experiments import count_restarts
+from swarm_supervisor.status import SwarmReader, read_events
+from tests.helpers import node_exchange
 from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.jsonl import append_jsonl
+from workers.shared_folder.protocol import Heartbeat
 
 
 def written(folder: ExperimentFolder) -> list[str]:
@@ -59,3 +66,43 @@ def test_a_worker_that_starts_and_stops_unlearning_is_two_events_not_one_a_look(
     assert [row["event"] for row in rows] == ["worker-1: held-out falling", "worker-1: learning again (held-out "
                                               "and reward back within the guard's bounds)"]
     assert rows[0]["kind"] == "unlearning" and rows[0]["level"] == "warning"      # what `experiments` counts
+
+
+def test_each_machine_keeps_its_own_events_and_samples_and_speaks_only_for_its_own_workers(tmp_path):
+    """A runtime that joined through Drive appends to logs/supervisor-<NODE_ID>/, never to the first machine's
+    files (two runtimes appending one file through Drive upload their copies over each other); readers gather
+    every machine's files, and take from each only what it may say: its own workers' restarts and memory."""
+    folder = ExperimentFolder(tmp_path / "exp").create()
+    now = time.time()
+    for node in ("worker-1", "colab2"):
+        node_exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
+                                                              status="training", round=3, started_at=now,
+                                                              updated_at=now))
+    joined = folder.supervisor_dir("colab2")
+    assert joined == folder.root / "logs" / "supervisor-colab2"
+    for path, row in ((folder.events_file, {"time": now - 3, "event": "started 2 workers and the coordinator"}),
+                      (joined / "events.jsonl", {"time": now - 2, "event": "started 1 workers"}),
+                      (folder.events_file, {"time": now - 1, "event": "worker-1: restarting", "kind": "restart",
+                                            "node": "worker-1"}),
+                      (joined / "events.jsonl", {"time": now - 1, "event": "colab2: restarting", "kind": "restart",
+                                                 "node": "colab2"}),
+                      # not the joined machine's to say: a restart of the first machine's worker
+                      (joined / "events.jsonl", {"time": now, "event": "worker-1: restarting", "kind": "restart",
+                                                 "node": "worker-1"})):
+        append_jsonl(path, {"level": "info", **row})
+
+    def sample(gpu_mib: dict[str, float], device_used_mib: float, device_total_mib: float) -> dict:
+        return {"time": now, "nodes": {node: {"gpu_mib": mib, "rss_mib": 100.0} for node, mib in gpu_mib.items()},
+                "device_used_mib": device_used_mib, "device_total_mib": device_total_mib}
+
+    append_jsonl(folder.monitor_file, sample({"worker-1": 2500.0}, 5000.0, 80000.0))
+    append_jsonl(joined / "monitor.jsonl", sample({"colab2": 2600.0, "worker-1": 1.0}, 1.0, 2.0))
+    view = SwarmReader(folder, SwarmConfig(), "tiny", "cpu").view()
+    rows = {row.node_id: row for row in view.nodes}
+    assert (rows["worker-1"].restarts, rows["colab2"].restarts) == (1, 1)
+    assert (rows["worker-1"].gpu_mib, rows["colab2"].gpu_mib) == (2500.0, 2600.0)
+    assert [device.total_mib for device in view.devices] == [80000.0]     # the coordinator machine's GPU line
+    assert count_restarts(folder) == 2
+    assert [line[9:] for line in read_events(folder)] == [
+        "started 2 workers and the coordinator", "[colab2] started 1 workers", "worker-1: restarting",
+        "[colab2] colab2: restarting"]

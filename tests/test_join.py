@@ -37,6 +37,12 @@ def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(tmp_
     assert any(used_by_first[r["round"]] == 4 for r in joined if r["round"] in used_by_first)
     listed = json.loads((exp / "state" / "round_000150.json").read_text())["nodes"]
     assert "colab2" in listed
+    # each machine's supervisor appends to its own files only (two runtimes appending one file through Drive
+    # would upload their copies over each other)
+    logs = exp / "logs"
+    assert "started 1 workers" in (logs / "supervisor-colab2" / "events.jsonl").read_text()
+    assert "started 1 workers" not in (logs / "supervisor" / "events.jsonl").read_text()
+    assert (logs / "supervisor-colab2" / "supervisor.log").stat().st_size > 0
 
 
 def test_a_second_process_with_the_same_node_id_refuses_to_start(tmp_path, start_from_base):

@@ -144,6 +144,17 @@ def test_a_stopped_experiment_shows_no_eta_and_the_pace_it_ran_at(tmp_path):
     assert swarm.phase == "running" and swarm.eta_s is not None and "ETA" in console_text(render(swarm))
 
 
+def test_a_runtime_that_sees_the_folder_minutes_late_does_not_call_a_running_swarm_stopped(tmp_path):
+    """Through Drive a joined runtime reads the coordinator's heartbeat DRIVE_LAG late: three minutes old there
+    is a running swarm when files travel for three minutes, and a stopped one on the coordinator's own disk."""
+    folder = sixty_fast_rounds(tmp_path / "drive", "running")
+    node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", time.time() - 200,
+                                                              role="coordinator"))
+    assert SwarmReader(folder, SwarmConfig(max_rounds=2000), "tiny", "cpu").view().phase == "stopped"
+    late = SwarmReader(folder, SwarmConfig(max_rounds=2000, drive_lag=180.0), "tiny", "cpu").view()
+    assert late.phase == "running" and late.eta_s is not None
+
+
 def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monkeypatch):
     import workers.worker as worker_module
     from workers.shared_folder.protocol import Status

@@ -12,12 +12,13 @@ import tempfile
 from pathlib import Path
 
 from workers.shared_folder import mount
-from workers.shared_folder.rejections import FolderError, check_node_name
+from workers.shared_folder.rejections import NODE_NAME, FolderError, check_node_name
 from workers.shared_folder.safe_io import list_folder, refuse_links_below
 
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 # the folders a new experiment starts with; base/ appears with the warm-up's result, config.json beside them
 SUBFOLDERS = ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs", "keys")
+SUPERVISOR = "supervisor"
 
 
 def _fixed(*parts: str) -> property:
@@ -37,7 +38,7 @@ class ExperimentFolder:
     base_dir = _fixed("base")
     rollouts_dir = _fixed("rollouts")
     peers_dir = _fixed("peers")
-    supervisor_log_dir = _fixed("logs", "supervisor")
+    supervisor_log_dir = _fixed("logs", "supervisor")     # of the machine that runs the coordinator
     events_file = _fixed("logs", "supervisor", "events.jsonl")
     monitor_file = _fixed("logs", "supervisor", "monitor.jsonl")
 
@@ -99,6 +100,23 @@ class ExperimentFolder:
     def log_dir(self, node: str) -> Path:
         return self.root / "logs" / check_node_name(node)
 
+    def supervisor_dir(self, joined_as: str | None = None) -> Path:
+        """A machine's supervisor log, events and monitor samples: logs/supervisor/ of the machine that runs the
+        coordinator, logs/supervisor-<NODE_ID>/ of one that joined. Each machine appends to its own files only:
+        two runtimes appending to one file through Drive would each upload their copy over the other's."""
+        if joined_as is None:
+            return self.supervisor_log_dir
+        return self.root / "logs" / f"{SUPERVISOR}-{check_node_name(joined_as)}"
+
+    def joined_supervisor_dirs(self) -> dict[str, Path]:
+        """The supervisor folders of machines that joined, by their NODE_ID; OSError for a Drive hiccup."""
+        found = {}
+        for path in list_folder(self.root / "logs", f"{SUPERVISOR}-*"):
+            node = path.name.removeprefix(f"{SUPERVISOR}-")
+            if NODE_NAME.fullmatch(node):
+                found[node] = path
+        return found
+
     def state_rounds(self) -> list[int]:
         """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
         found = []
@@ -107,6 +125,12 @@ class ExperimentFolder:
             if number is not None:
                 found.append(number)
         return sorted(found)
+
+
+def runs_on(machine: str | None, node: str) -> bool:
+    """Whether a machine's supervisor may speak for `node`: the coordinator's (None) for any, one that joined as
+    NODE_ID X for its own workers only (X, or X-1, X-2 ...), so no machine's file tells of another's workers."""
+    return machine is None or node == machine or node.startswith(f"{machine}-")
 
 
 def round_number(name: str) -> int | None:
