@@ -46,6 +46,9 @@ def waits_for_lag(values: Mapping[str, Any], explicit: Mapping[str, Any]) -> dic
     return {name: value for name, value in waits.items() if name not in explicit}
 
 
+RESERVED_NODE_IDS = ("coordinator", "supervisor")     # names the shared folder gives to other things
+
+
 @dataclass(frozen=True)
 class SwarmConfig:
     # Where and what
@@ -218,6 +221,9 @@ class SwarmConfig:
                               "under GDRIVE_PATH to be moved; set ROLLOUT_ARCHIVE_OLD=false (they are deleted), or "
                               "keep them all with ROLLOUT_CLEANUP_ENABLED=false")
         self._check_drive_lag()
+        if self.node_id.lower() in RESERVED_NODE_IDS or self.node_id.lower().startswith("supervisor-"):
+            raise ConfigError(f"NODE_ID={self.node_id}: the shared folder uses that name for the coordinator and "
+                              "the supervisors' logs; pick another NODE_ID (e.g. colab2)")
 
     def warnings(self) -> list[str]:
         """Settings that run but defeat their purpose; `up` and `config` print them."""

@@ -47,6 +47,8 @@ def test_explicit_value_wins_over_preset():
     ({"TEST_MODE": "maybe"}, "TEST_MODE='maybe': expected true or false"),
     ({"EXPERIMENT_NAME": "../../etc"}, "EXPERIMENT_NAME='../../etc'"),
     ({"NODE_ID": "a/b"}, "NODE_ID='a/b'"),
+    ({"NODE_ID": "coordinator"}, "NODE_ID=coordinator: the shared folder uses that name"),
+    ({"NODE_ID": "Supervisor-2"}, "NODE_ID=Supervisor-2: the shared folder uses that name"),
     ({"TASKS": "chain_sum:-1"}, "TASKS='chain_sum:-1'"),
     ({"COORDINATOR_ROUND_INTERVAL": "0"}, "COORDINATOR_ROUND_INTERVAL='0'"),
     ({"PRESET": "5/0"}, "PRESET='5/0': expected one of default"),
