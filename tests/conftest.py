@@ -16,6 +16,11 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    if "long" not in (config.getoption("markexpr") or ""):
+        wait = pytest.mark.skip(reason="minutes long: run with -m long")
+        for item in items:
+            if "long" in item.keywords:
+                item.add_marker(wait)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (runs on the GPU machine)")
