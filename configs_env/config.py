@@ -222,7 +222,7 @@ class SwarmConfig:
                               "keep them all with ROLLOUT_CLEANUP_ENABLED=false")
         self._check_drive_lag()
         if self.node_id.lower() in RESERVED_NODE_IDS or self.node_id.lower().startswith("supervisor-"):
-            raise ConfigError(f"NODE_ID={self.node_id}: the shared folder uses that name for the coordinator and "
+            raise ConfigError(f"NODE_ID={self.node_id!r}: the shared folder uses that name for the coordinator and "
                               "the supervisors' logs; pick another NODE_ID (e.g. colab2)")
 
     def warnings(self) -> list[str]:

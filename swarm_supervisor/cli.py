@@ -23,7 +23,7 @@ from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, fingerprint, local_key_dir
 from swarm_supervisor.readable import plain
-from swarm_supervisor.reports import run_validate, show_experiments, show_status
+from swarm_supervisor.reports import run_validate, show_experiments, show_status, summary
 from workers.shared_folder.protocol import SCHEMA, Status
 from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections
 from swarm_supervisor.base_warmup import ensure_base
@@ -281,24 +281,6 @@ def _log_to_file(log_dir: Path) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-
-
-def summary(supervisor, wall_s: float, code: int) -> str:
-    view = supervisor.reader.view(supervisor.handles)
-    verdict = {0: "finished", 130: "stopped (resumable: run the same command again)"}.get(code, "FAILED")
-    if code not in (0, 130) and supervisor.failure:
-        verdict += f" ({supervisor.failure})"
-    lines = [f"rl-swarm: {verdict}: experiment {view.experiment!r}, round {view.round}/{view.max_rounds}, "
-             f"{wall_s:.1f}s, folder {supervisor.folder.root}"]
-    for row in view.nodes:
-        if row.role != "worker":
-            continue
-        reward = "-" if row.reward is None else f"{row.reward:.3f}"
-        shown = [f"{v:.1%}" for v in (row.held_out_start, row.held_out) if v is not None]
-        error = f" ({row.last_error})" if row.last_error else ""
-        lines.append(plain(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, held-out "
-                           f"{' -> '.join(shown) or '-'}, restarts {row.restarts}{error}"))
-    return "\n".join(lines)
 
 
 def run_pack(dist: Path) -> int:

@@ -1,13 +1,16 @@
-"""The supervisor's events: a line each for people (the dashboard shows the newest) and a record each in
-logs/supervisor/events.jsonl for `status`, `experiments` and programs; and the watches that raise them once per
-change (the shared folder away and back, a worker unlearning, a GPU above its memory high-water mark).
+"""The supervisor's events: a line each for people (the dashboard shows the newest) and a record each in its
+machine's events.jsonl (ExperimentFolder.events_file_of) for `status`, `experiments` and programs; and the watches
+that raise them once per change (the shared folder away and back, a worker unlearning, a GPU above its memory
+high-water mark).
 
 While the shared folder cannot be written (a dropped Drive mount, a hung-up FUSE call) the records wait here, in
 order, and are written when it answers again: the file keeps what happened during the outage, the outage's own
-"folder is gone" first. Each record carries the time it happened, not the time it was written.
+"folder is gone" first. Each record carries the time it happened, not the time it was written, and an id: a write
+that failed after its bytes landed (an fsync's EIO on a FUSE mount) is written again, and readers keep one copy.
 """
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -19,62 +22,81 @@ from swarm_supervisor.status import SwarmView
 from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.mount import folder_present
 from workers.shared_folder.protocol import EVENT_UNLEARNING
+from workers.shared_folder.rejections import RejectedFile
 
 log = logging.getLogger(__name__)
 
 SHOWN = 8                 # the dashboard's newest events
-MAX_WAITING = 10_000      # records kept through an outage; past that the oldest go (and the log says how many)
+MAX_WAITING = 10_000      # records kept through an outage; past that the oldest go, and a record says how many
 
 
 class EventJournal:
-    """Events of one supervisor; `add` is called from its loop and from the coordinator's thread."""
+    """Events of one supervisor; `add` is called from its loop, its signal handler and the coordinator's thread."""
 
     def __init__(self, path: Path):
         self.path = path
         self.recent: deque[str] = deque(maxlen=SHOWN)
         self.waiting: deque[dict[str, Any]] = deque()
         self.dropped = 0                     # records lost to MAX_WAITING during a long outage
+        self._told = 0                       # of those, how many a written record has reported
+        # re-entrant: a signal handler's event can land while this thread changes the queue
+        self._queue = threading.RLock()
         self._writing = threading.Lock()     # one writer at a time, or a record could be written twice
         self._failing = False                # the last write failed: warn once per outage, not per event
+        self._ids = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._count = 0
 
     def add(self, message: str, level: str = "info", kind: str | None = None, node: str | None = None) -> None:
         """A line for people and, with `kind`, a fact for programs to count (restarts, failures)."""
         self.recent.append(time.strftime("%H:%M:%S ") + message)
         {"warning": log.warning, "error": log.error}.get(level, log.info)(message)
-        if len(self.waiting) >= MAX_WAITING:
-            self.waiting.popleft()
-            self.dropped += 1
-            log.warning("%d events not written to %s: the folder was away for longer than %d events",
-                        self.dropped, self.path, MAX_WAITING)
-        self.waiting.append({"time": time.time(), "event": message, "level": level,
-                             **({"kind": kind, "node": node} if kind else {})})
+        with self._queue:
+            self._count += 1
+            if len(self.waiting) >= MAX_WAITING:
+                self.waiting.popleft()
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("the folder has been away for over %d events: the oldest are dropped", MAX_WAITING)
+            self.waiting.append({"time": time.time(), "event": message, "level": level,
+                                 "id": f"{self._ids}-{self._count}", **({"kind": kind, "node": node} if kind else {})})
         self.flush()
 
     def flush(self) -> bool:
-        """Write the waiting records, oldest first; False while the folder refuses them (they keep waiting).
-
-        A caller that finds another thread writing leaves its record to that thread's loop, which runs until
-        nothing waits; the supervisor's loop also flushes every few seconds, so no record waits on a next event.
-        """
+        """Write the waiting records, oldest first; False while the folder refuses them (they keep waiting), or
+        while another thread writes: a record that thread's loop missed waits for the supervisor's next look at
+        the folder (Watches.folder, every 2 s)."""
         if not self._writing.acquire(blocking=False):
             return False
         try:
-            while self.waiting:
+            while True:
+                with self._queue:       # first, once the folder answers, how many the outage cost
+                    lost = self.dropped - self._told
+                    record = self._lost_record(lost) if lost else self.waiting[0] if self.waiting else None
+                if record is None:
+                    break
                 try:
-                    append_jsonl(self.path, self.waiting[0])
-                except OSError as exc:
+                    append_jsonl(self.path, record)
+                except (OSError, RejectedFile) as exc:      # away, hung up, or a file planted where the log goes
                     if not self._failing:
                         log.warning("events wait to be written to %s (%s); they are kept until it answers",
                                     self.path, exc)
                     self._failing = True
                     return False
-                self.waiting.popleft()
+                with self._queue:
+                    if lost:
+                        self._told += lost
+                    elif self.waiting and self.waiting[0] is record:     # not dropped meanwhile for a full queue
+                        self.waiting.popleft()
             if self._failing:
                 log.info("events written to %s again", self.path)
             self._failing = False
             return True
         finally:
             self._writing.release()
+
+    def _lost_record(self, lost: int) -> dict[str, Any]:
+        return {"time": time.time(), "event": f"{lost} events lost: the shared folder was away for over "
+                f"{MAX_WAITING} events", "level": "warning", "id": f"{self._ids}-lost-{self._told + lost}"}
 
 
 class Watches:

@@ -5,11 +5,11 @@ import io
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
 from pathlib import Path
 
 from configs_env import SwarmConfig
 from configs_env.parsing import safe_name
+from swarm_supervisor.machines import count_restarts, supervisor_records
 from swarm_supervisor.readable import plain
 from workers.shared_folder.held_out import read_held_out
 from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
@@ -17,12 +17,11 @@ from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
-from workers.shared_folder.protocol import (EVENT_RESTART, Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status)
+from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import KeyRing
 from workers.shared_folder.storage import experiment_names, mount_experiment
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def experiment_roots(cfg: SwarmConfig) -> list[Path]:
@@ -99,45 +98,6 @@ def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEv
         if rows:
             evals[path.parent.name] = rows
     return evals, bad
-
-
-def supervisor_records(folder: ExperimentFolder, name: str, parse: Callable[[dict, str], T] = lambda row, _: row
-                       ) -> tuple[list[tuple[str | None, T]], list[str]]:
-    """Each machine's records in its supervisor folder's `name` (events.jsonl, monitor.jsonl), with the machine
-    (None: the coordinator's; a NODE_ID: one that joined), and a line per file that could not be read."""
-    machines: dict[str | None, Path] = {None: folder.supervisor_log_dir}
-    problems = []
-    try:
-        machines.update(folder.joined_supervisor_dirs())
-    except OSError as exc:      # a Drive hiccup: the coordinator's machine alone
-        problems.append(f"supervisor folders of machines that joined not listed: {exc}")
-    records = []
-    for machine, directory in machines.items():
-        try:
-            records.extend((machine, record) for record in read_jsonl(directory / name, parse))
-        except (RejectedFile, OSError) as exc:
-            problems.append(str(exc))
-    for problem in problems:
-        log.warning("%s", problem)
-    return records, problems
-
-
-def supervisor_events(folder: ExperimentFolder) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every machine's events, oldest first, each with its "machine" (None: the coordinator's); a fact about a
-    worker (its restart, its failure) only from the machine that runs it (runs_on). And a line per file that
-    could not be read."""
-    records, problems = supervisor_records(folder, "events.jsonl")
-    rows = [{**row, "machine": machine} for machine, row in records
-            if not isinstance(row.get("node"), str) or runs_on(machine, row["node"])]
-    rows.sort(key=lambda row: row["time"] if isinstance(row.get("time"), (int, float)) else 0.0)
-    return rows, problems
-
-
-def count_restarts(folder: ExperimentFolder) -> int:
-    """Worker restarts the supervisors recorded (events of kind "restart"; older files: by their sentence)."""
-    rows, _ = supervisor_events(folder)
-    return sum(row.get("kind") == EVENT_RESTART or ("kind" not in row and "restarting from its last checkpoint"
-                                                    in str(row.get("event", ""))) for row in rows)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -339,7 +299,7 @@ def _gpu_sample(record: dict, where: str) -> dict:
 def _gpu_samples(folder: ExperimentFolder) -> list[dict]:
     """Every machine's monitor samples, by time, each with the nodes that machine runs; a file that cannot be
     read leaves its machine's workers out of the plot's GPU panel, not the plot."""
-    records, _ = supervisor_records(folder, "monitor.jsonl", _gpu_sample)
+    records, _ = supervisor_records(folder, folder.monitor_file_of, _gpu_sample)
     samples = [{**sample, "nodes": {node: mib for node, mib in sample["nodes"].items() if runs_on(machine, node)}}
                for machine, sample in records]
     return sorted(samples, key=lambda sample: sample["time"])

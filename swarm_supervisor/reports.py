@@ -1,12 +1,15 @@
-"""Read-only views of the shared folder for the CLI: status, validate, experiments list/compare/aggregate/plot.
+"""Read-only views of the shared folder for the CLI: status, validate, experiments list/compare/aggregate/plot,
+and the summary a run prints at its end.
 
 Every string read from the folder (names, config values, statuses) is printed through swarm_supervisor.readable:
 escaped, never read as markup, and whole at any width.
 """
 
+import time
 from pathlib import Path
 
 from configs_env import SwarmConfig
+from swarm_supervisor.readable import plain
 from workers.shared_folder.rejections import FolderError
 
 
@@ -92,3 +95,27 @@ def show_aggregate(roots: list[Path]) -> int:
                     f"reward {shown(row.cumulative_reward)}, final accuracy {shown(row.final_accuracy, True)}, "
                     f"held-out accuracy {shown(row.held_out_final, True)} (95% interval)"))
     return 0
+
+
+def summary(supervisor, wall_s: float, code: int) -> str:
+    view = supervisor.reader.view(supervisor.handles)
+    verdict = {0: "finished", 130: "stopped (resumable: run the same command again)"}.get(code, "FAILED")
+    if code not in (0, 130) and supervisor.failure:
+        verdict += f" ({supervisor.failure})"
+    lines = [f"rl-swarm: {verdict}: experiment {view.experiment!r}, round {view.round}/{view.max_rounds}, "
+             f"{wall_s:.1f}s, folder {supervisor.folder.root}"]
+    for row in view.nodes:
+        if row.role != "worker":
+            continue
+        reward = "-" if row.reward is None else f"{row.reward:.3f}"
+        shown = [f"{v:.1%}" for v in (row.held_out_start, row.held_out) if v is not None]
+        error = f" ({row.last_error})" if row.last_error else ""
+        lines.append(plain(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, held-out "
+                           f"{' -> '.join(shown) or '-'}, restarts {row.restarts}{error}"))
+    unwritten = list(supervisor.journal.waiting)
+    if unwritten:       # the shared folder was still away at the end: they are nowhere else
+        lines.append(f"rl-swarm: {len(unwritten)} events not written to {supervisor.journal.path} (the shared "
+                     "folder is away):")
+        lines += [plain(f"  {time.strftime('%H:%M:%S', time.localtime(row['time']))} {row['event']}")
+                  for row in unwritten[-20:]]
+    return "\n".join(lines)

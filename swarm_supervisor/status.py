@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
-from swarm_supervisor.experiments import (experiment_config, experiment_folder, rounds_per_hour, status_of,
-                                          supervisor_events)
+from swarm_supervisor.experiments import experiment_config, experiment_folder, rounds_per_hour, status_of
+from swarm_supervisor.machines import supervisor_events
 from swarm_supervisor.learning_health import RewardWatch, learning_alarm
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
 from swarm_supervisor.readable import plain
@@ -98,47 +98,62 @@ class SwarmReader:
         self._states: dict[int, RoundState] = {}     # intact round states read so far (they never change)
         self._held_out: dict[str, tuple[int, HeldOutTrend]] = {}   # node: (file size, trend)
         self.rewards: dict[str, RewardWatch] = {}
-        self._samples_at: dict[Path, int] = {}        # bytes of each machine's monitor.jsonl read
+        self._samples_at: dict[str | None, int] = {}  # bytes of each machine's monitor.jsonl read
         self.samples: dict[str | None, RecordedSample] = {}     # each machine's newest monitor sample
-        self._events_at: dict[Path, int] = {}         # bytes of each machine's events.jsonl read
+        self._events_at: dict[str | None, int] = {}   # bytes of each machine's events.jsonl read
         self.restarts: dict[str, int] = {}            # restarts the supervisors recorded, by node
-        self._joined: dict[str, Path] = {}            # supervisor folders of machines that joined
+        self._counted: set[str] = set()               # ids of the restart events counted
+        self._joined: list[str] = []                  # NODE_IDs of machines that joined
         self._machines_listed_at = -math.inf
 
     def _read_recorded(self) -> None:
         """What only the supervisors measure (GPU and RAM per node, restarts), from the files they record them in,
         each machine's own: a reader without the processes (`rl-swarm status`, a notebook) shows the same table."""
-        for owner, directory in self._machines().items():
-            self._read_machine(owner, directory)
+        for machine in self._machines():
+            self._read_machine(machine)
 
-    def _machines(self) -> dict[str | None, Path]:
-        """Each machine's supervisor folder: None for the coordinator's, a NODE_ID for one that joined."""
+    def _machines(self) -> list[str | None]:
+        """Each machine that keeps supervisor files: None for the coordinator's, a NODE_ID for one that joined."""
         now = time.monotonic()
         if now - self._machines_listed_at >= MACHINES_LISTED_S:
             try:
-                self._joined = self.folder.joined_supervisor_dirs()
+                self._joined = self.folder.joined_machines()
                 self._machines_listed_at = now
             except OSError as exc:      # a Drive hiccup: the machines known so far, listed again next refresh
                 log.debug("supervisor folders not listed: %s", exc)
-        return {None: self.folder.supervisor_log_dir, **self._joined}
+            known = {None, *self._joined}      # what a machine no longer listed left behind goes
+            for kept in (self._samples_at, self._events_at, self.samples):
+                for machine in set(kept) - known:
+                    del kept[machine]
+        return [None, *self._joined]
 
-    def _read_machine(self, owner: str | None, directory: Path) -> None:
+    def _read_machine(self, machine: str | None) -> None:
+        samples = self._read_tail(self.folder.monitor_file_of(machine), self._samples_at, machine,
+                                  RecordedSample.from_json)
+        if samples:
+            self.samples[machine] = samples[-1].of_machine(machine)
+        events = self._read_tail(self.folder.events_file_of(machine), self._events_at, machine)
+        for row in events:
+            node, said = row.get("node"), row.get("id")
+            if row.get("kind") != EVENT_RESTART or not isinstance(node, str) or not runs_on(machine, node):
+                continue
+            if isinstance(said, str):       # an event written twice (a retried append) counts once
+                if said in self._counted:
+                    continue
+                self._counted.add(said)
+            self.restarts[node] = self.restarts.get(node, 0) + 1
+
+    @staticmethod
+    def _read_tail(path: Path, offsets: dict, machine: str | None, parse=lambda row, _: row) -> list:
+        """The records appended to a machine's file since the last read; none while it is missing or unreadable
+        (not written yet, a Drive hiccup: the next refresh reads again)."""
         try:
-            samples = read_jsonl_tail(directory / "monitor.jsonl", self._samples_at.get(directory, 0),
-                                      RecordedSample.from_json, METRICS_CHUNK)
-            self._samples_at[directory] = samples.end
-            events = read_jsonl_tail(directory / "events.jsonl", self._events_at.get(directory, 0),
-                                     max_bytes=METRICS_CHUNK)
-            self._events_at[directory] = events.end
-        except (RejectedFile, OSError) as exc:      # not written yet, or a Drive hiccup: the next refresh reads again
-            log.debug("recorded samples or events not read: %s", exc)
-            return
-        if samples.records:
-            self.samples[owner] = samples.records[-1].of_machine(owner)
-        for row in events.records:
-            node = row.get("node")
-            if row.get("kind") == EVENT_RESTART and isinstance(node, str) and runs_on(owner, node):
-                self.restarts[node] = self.restarts.get(node, 0) + 1
+            lines = read_jsonl_tail(path, offsets.get(machine, 0), parse, METRICS_CHUNK)
+        except (RejectedFile, OSError) as exc:
+            log.debug("%s not read: %s", path, exc)
+            return []
+        offsets[machine] = lines.end
+        return lines.records
 
     def _read_new_metrics(self, node: str) -> None:
         path = self.folder.metrics_file(node)
@@ -271,8 +286,9 @@ class SwarmReader:
 
     def _recorded_snapshot(self) -> MonitorSnapshot | None:
         """Per node, each machine's newest sample; the GPU line, the coordinator's machine's."""
-        fresh = {owner: sample for owner, sample in self.samples.items()
-                 if time.time() - sample.time <= RECORDED_FRESH_S}
+        # a sample another machine wrote reaches this one DRIVE_LAG late
+        fresh = {machine: sample for machine, sample in self.samples.items()
+                 if time.time() - sample.time <= RECORDED_FRESH_S + self.cfg.drive_lag}
         if not fresh:
             return None
         device, own = None, fresh.get(None)
@@ -337,7 +353,8 @@ def _mib(value: object) -> float | None:
 
 @dataclass(frozen=True)
 class RecordedSample:
-    """A line of logs/supervisor/monitor.jsonl: per node (GPU MiB, RSS MiB), and the device's memory."""
+    """A line of a machine's monitor.jsonl (ExperimentFolder.monitor_file_of): per node (GPU MiB, RSS MiB), and the
+    device's memory."""
 
     time: float
     nodes: dict[str, tuple[float | None, float | None]]
@@ -368,16 +385,16 @@ def folder_reader(cfg: SwarmConfig) -> SwarmReader:
     return SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")), str(recorded.get("device_resolved", "?")))
 
 
+EVENTS_READ_BYTES = 64 * 1024     # of each machine's events.jsonl, by `status` and the notebooks' refreshes
+
+
 def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
     """The supervisors' newest events, for `rl-swarm status`: a machine that joined names itself ("[colab2] ..."),
-    and a file that could not be read says so in a line."""
-    rows, problems = supervisor_events(folder)
-    out = [plain(problem[:200]) for problem in problems]
+    and files that could not be read are one line."""
+    rows, problems = supervisor_events(folder, last_bytes=EVENTS_READ_BYTES)
+    out = [plain(f"{len(problems)} supervisor file(s) not read: {problems[0][:200]}")] if problems else []
     for row in rows[-last:]:
-        if isinstance(row.get("time"), (int, float)) and isinstance(row.get("event"), str):
+        if isinstance(row.get("event"), str):
             said = f"[{row['machine']}] " if row["machine"] else ""
-            try:
-                out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + said + plain(row["event"][:200]))
-            except (OverflowError, OSError, ValueError):     # a time no clock shows
-                warn_skipped(folder.events_file, RejectedFile(f"an event at time {row['time']!r}"))
+            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + said + plain(row["event"][:200]))
     return out

@@ -26,6 +26,7 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.leftovers import remove_stale_temps
 from workers.shared_folder.protocol import EVENT_FAILED, EVENT_RESTART, Status
+from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.signing import KeyRing, NodeKey
 from workers.processes import EXIT_CONFIG, EXIT_OUT_OF_MEMORY, WorkerSpec, start_worker
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25
 MONITOR_S = 1.0
 RECORD_S = 5.0
-HANG_CHECK_S = 2.0       # how often the monitor's samples are kept in logs/supervisor/monitor.jsonl
+HANG_CHECK_S = 2.0       # how often hung workers and the shared folder's presence are checked
 SHUTDOWN_GRACE_S = 30.0
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -91,8 +92,7 @@ class Supervisor:
         self.worker_need_mib = worker_need_mib     # what one worker needs on its GPU (the start's fit check)
         self.folder = ExperimentFolder(cfg.experiment_dir)
         self.keyring = keyring or KeyRing(self.folder)
-        # its events and monitor samples: this machine's own files (a machine that joined: NODE_ID's)
-        self.log_dir = self.folder.supervisor_dir(joined_as)
+        self.machine = joined_as      # its events and monitor samples go to this machine's own files
         self.claim_lost = claim_lost       # why this `up` no longer holds the experiment, once it does not
         self.ctx = mp.get_context("spawn")
         # Workers are asked to stop with SIGTERM, not a multiprocessing.Event: a worker killed with -9
@@ -102,7 +102,7 @@ class Supervisor:
         self.handles = [WorkerHandle(spec) for spec in specs]
         self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window_s=cfg.restart_window,
                                     backoff_s=cfg.restart_backoff)
-        self.journal = EventJournal(self.log_dir / "events.jsonl")
+        self.journal = EventJournal(self.folder.events_file_of(self.machine))
         self.events = self.journal.recent      # the dashboard's newest lines
         self.watch = Watches(self.journal, self.folder.root, cfg.memory_high_water)
         if run_coordinator and coordinator_key is None:
@@ -310,13 +310,13 @@ class Supervisor:
                                  "device": h.spec.device}
         devices = snapshot.devices
         try:
-            append_jsonl(self.log_dir / "monitor.jsonl", {
+            append_jsonl(self.folder.monitor_file_of(self.machine), {
                 "time": snapshot.taken_at, "nodes": nodes, "supervisor_cpu_pct": snapshot.supervisor_cpu_pct,
                 # summed over the GPUs, as one-GPU runs recorded it; "devices" holds each one
                 "device_used_mib": sum(d.used_mib for d in devices) if devices else None,
                 "device_total_mib": sum(d.total_mib for d in devices) if devices else None,
                 "devices": {d.label: {"used_mib": d.used_mib, "total_mib": d.total_mib} for d in devices}})
-        except OSError as exc:
+        except (OSError, RejectedFile) as exc:     # away, hung up, or a file planted where the samples go
             log.warning("monitor sample not written: %s", exc)
 
     def _verdict(self) -> int | None:
@@ -361,11 +361,9 @@ class Supervisor:
         self._kill_all()
         if self.coordinator and self.coordinator.is_alive():
             self.coordinator.join(timeout=5)
-        self.watch.folder()        # a folder back since the last check: the swarm can finish within that check's 2 s
-        if not self.journal.flush():
-            log.warning("%d events not written to %s: the folder is away (this log has them)",
-                        len(self.journal.waiting), self.journal.path)
         try:
+            self.watch.folder()     # a folder back since the last check: the swarm can finish within its 2 s
+            self.journal.flush()    # what is still waiting then, the run's summary prints
             self.dashboard.update(self.reader.view(self.handles, self.snapshot, self.events, self.started,
                                                    self.coordinator.round if self.coordinator else None))
         finally:

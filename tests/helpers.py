@@ -207,7 +207,9 @@ def heartbeat(exp, node):
 def wait_for(predicate, timeout, what, proc):
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert proc.poll() is None, f"the supervisor exited while waiting for {what}: {proc.output()}"
+        if proc.poll() is not None:
+            output = proc.output() if isinstance(proc, Up) else proc.stdout.read()
+            raise AssertionError(f"the supervisor exited while waiting for {what}: {output}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
 

@@ -47,8 +47,8 @@ def test_explicit_value_wins_over_preset():
     ({"TEST_MODE": "maybe"}, "TEST_MODE='maybe': expected true or false"),
     ({"EXPERIMENT_NAME": "../../etc"}, "EXPERIMENT_NAME='../../etc'"),
     ({"NODE_ID": "a/b"}, "NODE_ID='a/b'"),
-    ({"NODE_ID": "coordinator"}, "NODE_ID=coordinator: the shared folder uses that name"),
-    ({"NODE_ID": "Supervisor-2"}, "NODE_ID=Supervisor-2: the shared folder uses that name"),
+    ({"NODE_ID": "coordinator"}, "NODE_ID='coordinator': the shared folder uses that name"),
+    ({"NODE_ID": "Supervisor-2"}, "NODE_ID='Supervisor-2': the shared folder uses that name"),
     ({"TASKS": "chain_sum:-1"}, "TASKS='chain_sum:-1'"),
     ({"COORDINATOR_ROUND_INTERVAL": "0"}, "COORDINATOR_ROUND_INTERVAL='0'"),
     ({"PRESET": "5/0"}, "PRESET='5/0': expected one of default"),
@@ -104,3 +104,11 @@ def test_a_drive_lag_of_minutes_stretches_the_waits_not_set_explicitly():
     mine = SwarmConfig.from_env({"DRIVE_LAG": "180", "PEER_TIMEOUT": "90"})
     assert mine.peer_timeout == 90                         # set explicitly: it wins
     assert SwarmConfig.from_env({}).rollout_fetch_timeout == 60
+
+
+def test_the_node_ids_refused_are_the_names_the_shared_folder_gives_to_other_things():
+    from configs_env.config import RESERVED_NODE_IDS
+    from workers.shared_folder.folder import SUPERVISOR
+    from workers.shared_folder.signing import COORDINATOR
+
+    assert set(RESERVED_NODE_IDS) == {COORDINATOR, SUPERVISOR}

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import swarm_supervisor.events as events_module
 from configs_env import SwarmConfig
 from swarm_supervisor.events import EventJournal, Watches
-from swarm_supervisor.experiments import count_restarts
+from swarm_supervisor.machines import count_restarts
 from swarm_supervisor.status import SwarmReader, read_events
 from tests.helpers import node_exchange
 from workers.shared_folder.folder import ExperimentFolder
@@ -16,7 +16,11 @@ from workers.shared_folder.protocol import Heartbeat
 
 
 def written(folder: ExperimentFolder) -> list[str]:
-    return [json.loads(line)["event"] for line in folder.events_file.read_text().splitlines()]
+    return written_by(folder, None)
+
+
+def written_by(folder: ExperimentFolder, machine: str | None) -> list[str]:
+    return [json.loads(line)["event"] for line in folder.events_file_of(machine).read_text().splitlines()]
 
 
 def test_events_of_an_outage_are_written_in_order_with_their_own_times_when_the_folder_is_back(tmp_path):
@@ -47,9 +51,13 @@ def test_a_very_long_outage_keeps_the_newest_events_and_says_how_many_it_lost(tm
     for n in range(5):
         journal.add(f"event {n}")
     assert [row["event"] for row in journal.waiting] == ["event 2", "event 3", "event 4"]
-    assert journal.dropped == 2 and "2 events not written" in caplog.text
+    assert journal.dropped == 2 and "the oldest are dropped" in caplog.text
     # one warning for the outage, not one per event
     assert caplog.text.count("events wait to be written") == 1
+    folder.root.parent.joinpath("dropped").rename(folder.root)        # back: the loss is said in the file
+    assert journal.flush()
+    assert written(folder) == ["2 events lost: the shared folder was away for over 3 events", "event 2", "event 3",
+                               "event 4"]
 
 
 def test_a_worker_that_starts_and_stops_unlearning_is_two_events_not_one_a_look(tmp_path):
@@ -106,3 +114,48 @@ def test_each_machine_keeps_its_own_events_and_samples_and_speaks_only_for_its_o
     assert [line[9:] for line in read_events(folder)] == [
         "started 2 workers and the coordinator", "[colab2] started 1 workers", "worker-1: restarting",
         "[colab2] colab2: restarting"]
+
+
+def test_a_file_planted_where_a_machines_logs_go_keeps_its_events_waiting_and_the_supervisor_running(tmp_path):
+    folder = ExperimentFolder(tmp_path / "exp").create()
+    folder.supervisor_dir("colab2").write_text("a peer's file where the joined machine's folder goes")
+    journal = EventJournal(folder.events_file_of("colab2"))
+    journal.add("started 1 workers")                   # raised out of the coordinator's thread before
+    assert [row["event"] for row in journal.waiting] == ["started 1 workers"] and not journal.flush()
+    folder.supervisor_dir("colab2").unlink()
+    folder.supervisor_dir("colab2").mkdir()
+    assert journal.flush() and written_by(folder, "colab2") == ["started 1 workers"]
+
+
+def test_an_event_appended_twice_by_a_retried_write_counts_once(tmp_path, monkeypatch):
+    """An fsync that fails on a FUSE mount after the line landed: the journal writes the line again."""
+    folder = ExperimentFolder(tmp_path / "exp").create()
+    journal = EventJournal(folder.events_file)
+    landed_then_failed = [True]
+
+    def append(path, record):
+        append_jsonl(path, record)
+        if landed_then_failed.pop() if landed_then_failed else False:
+            raise OSError(5, "Input/output error (fsync)")
+
+    monkeypatch.setattr(events_module, "append_jsonl", append)
+    journal.add("worker-1: restarting", kind="restart", node="worker-1")
+    assert journal.flush() and len(written(folder)) == 2            # on disk twice
+    assert count_restarts(folder) == 1
+    view = SwarmReader(folder, SwarmConfig(), "tiny", "cpu")
+    view.view()
+    assert view.restarts == {"worker-1": 1}
+    assert len(read_events(folder)) == 1
+
+
+def test_events_still_unwritten_when_a_run_ends_are_printed_in_its_summary(tmp_path):
+    from swarm_supervisor.reports import summary
+    from swarm_supervisor.supervisor import Supervisor
+
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "drive"), "EXPERIMENT_NAME": "e2e"})
+    supervisor = Supervisor(cfg, [], run_coordinator=False, model_label="m", device_label="cpu")
+    supervisor.folder.create().root.rename(tmp_path / "dropped")        # the mount is away to the end
+    supervisor.event("worker-1: exited with code -9; restart in 1s")
+    printed = summary(supervisor, 1.0, 130)
+    assert "1 events not written to" in printed and "(the shared folder is away)" in printed
+    assert printed.splitlines()[-1].endswith("worker-1: exited with code -9; restart in 1s")

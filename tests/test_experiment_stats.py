@@ -95,7 +95,7 @@ def test_the_plot_draws_held_out_accuracy_beside_training_accuracy(tmp_path, mon
 
 
 def test_restarts_are_counted_from_the_events_kind_and_from_older_sentences(tmp_path):
-    from swarm_supervisor.experiments import count_restarts
+    from swarm_supervisor.machines import count_restarts
     from workers.shared_folder.folder import ExperimentFolder
     from workers.shared_folder.jsonl import append_jsonl
 

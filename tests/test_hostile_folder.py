@@ -340,7 +340,7 @@ def run_supervisor(cfg: SwarmConfig):
 
 
 def test_a_coordinator_that_raises_stops_the_supervisor_with_exit_1_and_the_reason_in_one_line(swarm, monkeypatch):
-    from swarm_supervisor.cli import summary
+    from swarm_supervisor.reports import summary
     from swarm_supervisor.coordinator import Coordinator
 
     cfg, folder, _ = swarm

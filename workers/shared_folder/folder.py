@@ -18,7 +18,8 @@ from workers.shared_folder.safe_io import list_folder, refuse_links_below
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 # the folders a new experiment starts with; base/ appears with the warm-up's result, config.json beside them
 SUBFOLDERS = ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs", "keys")
-SUPERVISOR = "supervisor"
+SUPERVISOR = "supervisor"       # logs/supervisor/ and logs/supervisor-<NODE_ID>/: reserved as NODE_IDs (configs_env)
+MAX_MACHINES = 32               # machines that joined, read by status and experiments
 
 
 def _fixed(*parts: str) -> property:
@@ -39,7 +40,7 @@ class ExperimentFolder:
     rollouts_dir = _fixed("rollouts")
     peers_dir = _fixed("peers")
     supervisor_log_dir = _fixed("logs", "supervisor")     # of the machine that runs the coordinator
-    events_file = _fixed("logs", "supervisor", "events.jsonl")
+    events_file = _fixed("logs", "supervisor", "events.jsonl")        # of the coordinator's machine: events_file_of
     monitor_file = _fixed("logs", "supervisor", "monitor.jsonl")
 
     def __init__(self, root: Path):
@@ -100,22 +101,32 @@ class ExperimentFolder:
     def log_dir(self, node: str) -> Path:
         return self.root / "logs" / check_node_name(node)
 
-    def supervisor_dir(self, joined_as: str | None = None) -> Path:
+    def supervisor_dir(self, machine: str | None = None) -> Path:
         """A machine's supervisor log, events and monitor samples: logs/supervisor/ of the machine that runs the
-        coordinator, logs/supervisor-<NODE_ID>/ of one that joined. Each machine appends to its own files only:
-        two runtimes appending to one file through Drive would each upload their copy over the other's."""
-        if joined_as is None:
+        coordinator (None), logs/supervisor-<NODE_ID>/ of one that joined. Each machine appends to its own files
+        only: two runtimes appending to one file through Drive would each upload their copy over the other's."""
+        if machine is None:
             return self.supervisor_log_dir
-        return self.root / "logs" / f"{SUPERVISOR}-{check_node_name(joined_as)}"
+        return self.root / "logs" / f"{SUPERVISOR}-{check_node_name(machine)}"
 
-    def joined_supervisor_dirs(self) -> dict[str, Path]:
-        """The supervisor folders of machines that joined, by their NODE_ID; OSError for a Drive hiccup."""
-        found = {}
-        for path in list_folder(self.root / "logs", f"{SUPERVISOR}-*"):
-            node = path.name.removeprefix(f"{SUPERVISOR}-")
-            if NODE_NAME.fullmatch(node):
-                found[node] = path
-        return found
+    def events_file_of(self, machine: str | None = None) -> Path:
+        return self.supervisor_dir(machine) / "events.jsonl"
+
+    def monitor_file_of(self, machine: str | None = None) -> Path:
+        return self.supervisor_dir(machine) / "monitor.jsonl"
+
+    def joined_machines(self) -> list[str]:
+        """The NODE_IDs of machines that joined and keep supervisor files here, at most MAX_MACHINES: those with a
+        heartbeat of one of their workers first (a peer's planted folders do not crowd out a real machine's).
+        OSError for a Drive hiccup."""
+        def has_workers(name: str) -> bool:
+            node = name.removeprefix(f"{SUPERVISOR}-")
+            return NODE_NAME.fullmatch(node) is not None and any(
+                os.path.lexists(self.root / "peers" / f"{worker}.json") for worker in (node, f"{node}-1"))
+
+        listed = list_folder(self.root / "logs", f"{SUPERVISOR}-*", limit=MAX_MACHINES, first=has_workers)
+        return [name for name in (path.name.removeprefix(f"{SUPERVISOR}-") for path in listed)
+                if NODE_NAME.fullmatch(name)]
 
     def state_rounds(self) -> list[int]:
         """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
@@ -128,9 +139,10 @@ class ExperimentFolder:
 
 
 def runs_on(machine: str | None, node: str) -> bool:
-    """Whether a machine's supervisor may speak for `node`: the coordinator's (None) for any, one that joined as
-    NODE_ID X for its own workers only (X, or X-1, X-2 ...), so no machine's file tells of another's workers."""
-    return machine is None or node == machine or node.startswith(f"{machine}-")
+    """Whether a machine's supervisor files may speak for `node`: the coordinator's machine's (None) for any, those
+    of one that joined as NODE_ID X for its own workers only (X, X-1, X-2 ...). This keeps a machine's numbers on
+    its own rows; it proves nothing, as these files are not signed (any peer can write them)."""
+    return machine is None or re.fullmatch(re.escape(machine) + r"(-[0-9]+)?", node) is not None
 
 
 def round_number(name: str) -> int | None:

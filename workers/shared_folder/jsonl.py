@@ -13,7 +13,7 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from workers.shared_folder.json_records import parse_json
 from workers.shared_folder.rejections import RejectedFile, warn_once
-from workers.shared_folder.safe_io import append_line, read_from, read_whole
+from workers.shared_folder.safe_io import append_line, file_size, read_from, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,21 @@ def read_jsonl_tail(path: Path, offset: int, parse: Callable[[dict[str, Any], st
         log.warning("%s", why)
         return JsonLines([], [why], offset + len(chunk))
     return _parse_lines(complete, offset, str(path), parse)
+
+
+def read_jsonl_last(path: Path, max_bytes: int, parse: Callable[[dict[str, Any], str], T] = _as_record
+                    ) -> JsonLines[T]:
+    """The whole lines within the last `max_bytes` of a JSONL file (all of a shorter one): the newest records of
+    a log that may be long, at a bounded cost. Nothing while the file is missing; raises as read_jsonl."""
+    try:
+        start = max(0, file_size(path) - max_bytes)
+        chunk = read_from(path, start, max_bytes)
+    except FileNotFoundError:
+        return JsonLines([], [], 0)
+    if start:       # the first line was cut by the window: it starts after the first newline
+        cut = chunk.find(b"\n") + 1
+        chunk, start = (chunk[cut:], start + cut) if cut else (b"", start + len(chunk))
+    return _parse_lines(chunk[: chunk.rfind(b"\n") + 1], start, str(path), parse)
 
 
 def _parse_lines(data: bytes, offset: int, name: str, parse: Callable[[dict[str, Any], str], T]) -> JsonLines[T]:

@@ -30,7 +30,7 @@ class Status:
     TROUBLE = (FAILED, CRASHED, RESTARTING)
 
 
-# kinds of the supervisor's events (logs/supervisor/events.jsonl) that programs count
+# kinds of the supervisors' events (ExperimentFolder.events_file_of) that programs count
 EVENT_RESTART, EVENT_UNLEARNING, EVENT_FAILED = "restart", "unlearning", "failed"
 MAX_TEXT = 16_384          # characters of one question, prompt or completion
 MAX_GROUP = 256            # completions in one group (NUM_GENERATIONS is capped at 256 too)

@@ -1,0 +1,79 @@
+"""Every machine's supervisor files, read together: the coordinator's machine's logs/supervisor/ and the
+logs/supervisor-<NODE_ID>/ of each machine that joined (ExperimentFolder.supervisor_dir), for `status`,
+`experiments` and the plots. Each file has one writer, its machine; a reader takes from it only what that machine
+may say (runs_on: its own workers' restarts and memory).
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from workers.shared_folder.folder import ExperimentFolder, runs_on
+from workers.shared_folder.jsonl import read_jsonl, read_jsonl_last
+from workers.shared_folder.protocol import EVENT_RESTART
+from workers.shared_folder.rejections import RejectedFile, warn_once
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FUTURE_S = 300.0       # an event dated further ahead than this is a wrong clock's, or a peer's crowding the others
+
+
+def supervisor_records(folder: ExperimentFolder, file_of: Callable[[str | None], Path],
+                       parse: Callable[[dict, str], T] = lambda row, _: row, last_bytes: int | None = None
+                       ) -> tuple[list[tuple[str | None, T]], list[str]]:
+    """Each machine's records in the file `file_of` names for it (ExperimentFolder.events_file_of,
+    monitor_file_of), with the machine (None: the coordinator's; a NODE_ID: one that joined), and a line per file
+    that could not be read (each logged once). last_bytes: only the newest records, within that many bytes."""
+    machines: list[str | None] = [None]
+    problems = []
+    try:
+        machines += folder.joined_machines()
+    except OSError as exc:      # a Drive hiccup: the coordinator's machine alone
+        problems.append(f"supervisor folders of machines that joined not listed: {exc}")
+    records = []
+    for machine in machines:
+        path = file_of(machine)
+        try:
+            found = read_jsonl(path, parse) if last_bytes is None else read_jsonl_last(path, last_bytes, parse)
+        except (RejectedFile, OSError) as exc:
+            problems.append(str(exc))
+            continue
+        records.extend((machine, record) for record in found)
+    for problem in problems:
+        warn_once(problem)
+    return records, problems
+
+
+def supervisor_events(folder: ExperimentFolder, last_bytes: int | None = None
+                      ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every machine's events, oldest first, each with its "machine" (None: the coordinator's) and once (an
+    event written twice by a retried append has one id); a fact about a worker (its restart, its failure) only from
+    the machine that runs it (runs_on), and none dated in the future (a wrong clock, or a peer crowding out the
+    others). And a line per file that could not be read."""
+    records, problems = supervisor_records(folder, folder.events_file_of, last_bytes=last_bytes)
+    latest = time.time() + FUTURE_S
+    rows, seen = [], set()
+    for machine, row in records:
+        when, node, said = row.get("time"), row.get("node"), row.get("id")
+        if not isinstance(when, (int, float)) or isinstance(when, bool) or not -1 < when <= latest:
+            continue
+        if isinstance(node, str) and not runs_on(machine, node):
+            continue
+        if isinstance(said, str):
+            if said in seen:
+                continue
+            seen.add(said)
+        rows.append({**row, "machine": machine})
+    rows.sort(key=lambda row: row["time"])
+    return rows, problems
+
+
+def count_restarts(folder: ExperimentFolder) -> int:
+    """Worker restarts the supervisors recorded (events of kind "restart"; the coordinator machine's older files:
+    by their sentence)."""
+    rows, _ = supervisor_events(folder)
+    return sum(row.get("kind") == EVENT_RESTART or (row["machine"] is None and "kind" not in row and
+                                                    "restarting from its last checkpoint" in str(row.get("event", "")))
+               for row in rows)
