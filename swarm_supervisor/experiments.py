@@ -112,6 +112,7 @@ def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
 
 
 RUNNING_FRESH_S = 120.0      # a coordinator heartbeat this recent says the swarm runs, plus DRIVE_LAG
+MAX_DRIVE_LAG_S = 3600.0     # DRIVE_LAG's maximum (configs_env)
 
 
 def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None, drive_lag: float = 0.0) -> str:
@@ -171,7 +172,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
     beats = read_heartbeats(folder, keyring)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     return Summary(
-        name=root.name, status=status_of(folder, drive_lag=_number(cfg.get("drive_lag"))),
+        name=root.name, status=status_of(folder, drive_lag=_drive_lag(cfg.get("drive_lag"))),
         rounds=rounds[-1] if rounds else 0,
         max_rounds=setting_of(cfg, "max_rounds", 0),
         nodes=len({n for nodes in by_round.values() for n in nodes}),
@@ -188,10 +189,11 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
 
 
-def _number(value: object) -> float:
-    """A recorded setting that should be a finite number >= 0; 0 for anything else (the folder is a peer's)."""
+def _drive_lag(value: object) -> float:
+    """The recorded DRIVE_LAG, within what the setting allows (0 to an hour); 0 for anything else: the folder is
+    a peer's, and a forged 1e300 would call a swarm stopped for days running."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
-    return float(value) if ok else 0.0
+    return min(float(value), MAX_DRIVE_LAG_S) if ok else 0.0
 
 
 def setting_of(cfg: dict, key: str, default: int) -> int:

@@ -1,6 +1,7 @@
 """What the folder says is shown literally and whole: an escape sequence or rich markup in a heartbeat, a config
 or a name is printed as text (never run, never a crash), and an 80-column pipe shows every name and number."""
 
+import json
 import os
 import subprocess
 import sys
@@ -153,6 +154,14 @@ def test_a_runtime_that_sees_the_folder_minutes_late_does_not_call_a_running_swa
     assert SwarmReader(folder, SwarmConfig(max_rounds=2000), "tiny", "cpu").view().phase == "stopped"
     late = SwarmReader(folder, SwarmConfig(max_rounds=2000, drive_lag=180.0), "tiny", "cpu").view()
     assert late.phase == "running" and late.eta_s is not None
+    from swarm_supervisor.experiments import summarize      # `experiments list`: by the lag the swarm recorded
+
+    assert summarize(folder.root).status == "stopped"
+    for recorded, beat_age, status in ((180, 200, "running"), (1e300, 7200, "stopped")):     # a forged lag: an hour
+        write_json_atomic(folder.config_file, {**json.loads(folder.config_file.read_text()), "drive_lag": recorded})
+        node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", time.time() - beat_age,
+                                                                  role="coordinator"))
+        assert summarize(folder.root).status == status, recorded
 
 
 def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monkeypatch):
