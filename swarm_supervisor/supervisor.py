@@ -6,6 +6,7 @@ with exponential backoff between them; past that the worker is marked failed and
 
 import logging
 import multiprocessing as mp      # not torch's: no tensor passes between these processes
+import os
 import signal
 import threading
 import time
@@ -247,8 +248,22 @@ class Supervisor:
         else:
             self._kill_all()
 
+    def hang_up(self, signum: int | None = None, _frame: Any = None) -> None:
+        """The terminal closed (an SSH session dropped, its window shut): stop as on Ctrl-C, so every worker saves
+        a checkpoint of its last round, and print nowhere from now on (a write to a hung-up terminal fails)."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        if not self.interrupts:
+            self.event("the terminal hung up: the swarm stops as on Ctrl-C (resumable)", level="warning")
+        self.request_stop(signum)
+
     def run(self) -> int:
-        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {signal.SIGINT: self.request_stop, signal.SIGTERM: self.request_stop}
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:      # under nohup it stays ignored
+            handlers[signal.SIGHUP] = self.hang_up
+        previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}
         # the coordinator and the dashboard's reader share this process's view of a simulated slow Drive
         simulate_drive(self.folder.root, self.cfg.drive_sim_lag, self.cfg.drive_sim_fail_rate,
                        seed=self.cfg.seed * 1000, stale_s=self.cfg.drive_sim_stale,

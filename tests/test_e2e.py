@@ -139,6 +139,61 @@ def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal,
         assert evals == [0, max(done.values()) + 2]         # the resumed worker did not evaluate its start again
 
 
+def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does(tmp_path, start_from_base):
+    """An SSH session that drops, a terminal window shut: the swarm, its workers included, got SIGHUP and died
+    where it stood, every worker's rounds since its last checkpoint lost and no line saying why."""
+    import os
+    import pty
+    import select
+    import threading
+
+    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="2000", NUM_TRAIN_SAMPLES="1",
+                    NUM_TRANSPLANT_TREES="1", CHECKPOINT_INTERVAL="100")
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    start_from_base(exp)
+    pid, terminal = pty.fork()          # `up` as the session leader of a terminal of its own
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "swarm_supervisor", "up"], env)
+    shown, closing = bytearray(), threading.Event()
+
+    def read_the_screen() -> None:      # as a terminal does: the dashboard never waits for room
+        while not closing.is_set():
+            if select.select([terminal], [], [], 0.1)[0]:
+                try:
+                    shown.extend(os.read(terminal, 65536))
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read_the_screen, daemon=True)
+    reader.start()
+    status = (0, 0)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list((exp / "rewards" / "round_2").glob("*.json"))) < 2:
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), bytes(shown)[-3000:]
+            assert time.monotonic() < deadline, "round 2 never finished"
+            time.sleep(0.2)
+        children = [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        closing.set()
+        reader.join(timeout=5)
+        os.close(terminal)              # the terminal goes away: SIGHUP to `up` and its workers
+        hung_up = time.monotonic()
+        while (status := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+            assert time.monotonic() - hung_up < 60, "the supervisor did not exit within 60 s of the hang-up"
+            time.sleep(0.2)
+    finally:
+        if status == (0, 0):            # not reaped: a failed wait above
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status[1]) == 130          # stopped, resumable: not killed by the signal
+    assert not survivors(children, grace_s=10), "orphan processes after the supervisor exited"
+    events = (exp / "logs" / "supervisor" / "events.jsonl").read_text()
+    assert "the terminal hung up" in events
+    for node in ("worker-1", "worker-2"):     # each saved its last round, well short of CHECKPOINT_INTERVAL
+        last = metrics_rows(exp, node)[-1]["round"]
+        assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir()
+
+
 def test_a_model_that_cannot_load_is_one_line_and_nothing_starts(tmp_path):
     result = run_up(swarm_env(tmp_path, MODEL_NAME="no-such-org/no-such-model"), timeout=120)
     assert result.returncode == 2

@@ -365,9 +365,11 @@ def node_exchange(folder: ExperimentFolder, cfg: SwarmConfig, node: str) -> Exch
 
 
 def worker_main(spec: WorkerSpec) -> None:
-    """Process target (spawn): Ctrl-C reaches the supervisor, which asks us to stop with SIGTERM."""
+    """Process target (spawn): Ctrl-C, and a terminal's hang-up, reach the supervisor too, which asks us to stop
+    with SIGTERM once it has said why."""
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     folder = ExperimentFolder(spec.cfg.experiment_dir)
     _log_to_folder(folder.log_dir(spec.node))
