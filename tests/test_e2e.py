@@ -139,9 +139,11 @@ def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal,
         assert evals == [0, max(done.values()) + 2]         # the resumed worker did not evaluate its start again
 
 
-def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does(tmp_path, start_from_base):
+@pytest.mark.parametrize("nohup", [False, True], ids=["in the terminal", "under nohup"])
+def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does_unless_nohup(tmp_path, start_from_base, nohup):
     """An SSH session that drops, a terminal window shut: the swarm, its workers included, got SIGHUP and died
-    where it stood, every worker's rounds since its last checkpoint lost and no line saying why."""
+    where it stood, every worker's rounds since its last checkpoint lost and no line saying why. Under nohup
+    (SIGHUP ignored, the output in a file) it must run on."""
     import os
     import pty
     import select
@@ -153,6 +155,11 @@ def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does(tmp_path, start
     start_from_base(exp)
     pid, terminal = pty.fork()          # `up` as the session leader of a terminal of its own
     if pid == 0:
+        if nohup:                       # as nohup(1) does
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            out = os.open(tmp_path / "nohup.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
         os.execve(sys.executable, [sys.executable, "-m", "swarm_supervisor", "up"], env)
     shown, closing = bytearray(), threading.Event()
 
@@ -163,6 +170,9 @@ def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does(tmp_path, start
                     shown.extend(os.read(terminal, 65536))
                 except OSError:
                     return
+
+    def rounds_done() -> int:
+        return len(list((exp / "rewards").glob("round_*/worker-1.json")))
 
     reader = threading.Thread(target=read_the_screen, daemon=True)
     reader.start()
@@ -177,9 +187,15 @@ def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does(tmp_path, start
         closing.set()
         reader.join(timeout=5)
         os.close(terminal)              # the terminal goes away: SIGHUP to `up` and its workers
-        hung_up = time.monotonic()
+        hung_up, done_then = time.monotonic(), rounds_done()
+        if nohup:
+            while rounds_done() < done_then + 3:        # it plays on
+                assert os.waitpid(pid, os.WNOHANG) == (0, 0), (tmp_path / "nohup.out").read_text()[-3000:]
+                assert time.monotonic() - hung_up < 120, "no round after the hang-up"
+                time.sleep(0.2)
+            os.kill(pid, signal.SIGTERM)
         while (status := os.waitpid(pid, os.WNOHANG)) == (0, 0):
-            assert time.monotonic() - hung_up < 60, "the supervisor did not exit within 60 s of the hang-up"
+            assert time.monotonic() - hung_up < 60 + 120 * nohup, "the supervisor did not exit within 60 s"
             time.sleep(0.2)
     finally:
         if status == (0, 0):            # not reaped: a failed wait above
@@ -188,7 +204,7 @@ def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does(tmp_path, start
     assert os.waitstatus_to_exitcode(status[1]) == 130          # stopped, resumable: not killed by the signal
     assert not survivors(children, grace_s=10), "orphan processes after the supervisor exited"
     events = (exp / "logs" / "supervisor" / "events.jsonl").read_text()
-    assert "the terminal hung up" in events
+    assert ("the terminal hung up" in events) is not nohup
     for node in ("worker-1", "worker-2"):     # each saved its last round, well short of CHECKPOINT_INTERVAL
         last = metrics_rows(exp, node)[-1]["round"]
         assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir()
