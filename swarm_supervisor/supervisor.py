@@ -6,7 +6,6 @@ with exponential backoff between them; past that the worker is marked failed and
 
 import logging
 import multiprocessing as mp      # not torch's: no tensor passes between these processes
-import os
 import signal
 import threading
 import time
@@ -18,6 +17,7 @@ from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard
 from swarm_supervisor.events import EventJournal, Watches
+from swarm_supervisor.hangup import on_hangup, print_nowhere
 from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
@@ -251,19 +251,15 @@ class Supervisor:
     def hang_up(self, signum: int | None = None, _frame: Any = None) -> None:
         """The terminal closed (an SSH session dropped, its window shut): stop as on Ctrl-C, so every worker saves
         a checkpoint of its last round, and print nowhere from now on (a write to a hung-up terminal fails)."""
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
+        print_nowhere()
         if not self.interrupts:
             self.event("the terminal hung up: the swarm stops as on Ctrl-C (resumable)", level="warning")
         self.request_stop(signum)
 
     def run(self) -> int:
-        handlers = {signal.SIGINT: self.request_stop, signal.SIGTERM: self.request_stop}
-        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:      # under nohup it stays ignored
-            handlers[signal.SIGHUP] = self.hang_up
-        previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        if (before := on_hangup(self.hang_up)) is not None:      # under nohup it stays ignored
+            previous[signal.SIGHUP] = before
         # the coordinator and the dashboard's reader share this process's view of a simulated slow Drive
         simulate_drive(self.folder.root, self.cfg.drive_sim_lag, self.cfg.drive_sim_fail_rate,
                        seed=self.cfg.seed * 1000, stale_s=self.cfg.drive_sim_stale,

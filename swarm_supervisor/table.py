@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from configs_env import SwarmConfig, SwarmError
+from swarm_supervisor.hangup import on_hangup, print_nowhere
 from workers.shared_folder.exchange import read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.signing import KeyRing, local_key_dir
@@ -99,7 +100,8 @@ def _copy_folder(source: Path, target: Path) -> None:
 
 
 class ArmRunner:
-    """Runs arms as `rl-swarm up` processes, at most `parallel` at a time, in order; Ctrl-C stops them cleanly."""
+    """Runs arms as `rl-swarm up` processes, at most `parallel` at a time, in order; Ctrl-C, SIGTERM and a
+    terminal's hang-up stop them cleanly."""
 
     def __init__(self, arms: list[Arm], base_env: Mapping[str, str], log_dir: Path, parallel: int, stall_s: float):
         self.arms, self.base_env, self.log_dir = arms, dict(base_env), log_dir
@@ -112,6 +114,8 @@ class ArmRunner:
     def run(self) -> dict[str, int]:
         """Exit code of each arm's `up` (0 finished, 130 stopped, 1 failed), by experiment."""
         previous = signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        # the swarms run in sessions of their own: a hang-up reaches this process alone, which stops them
+        before_hangup = on_hangup(lambda *_: (print_nowhere(), self.stop()))
         waiting = list(self.arms)
         progress, progress_at = -1, time.monotonic()
         try:
@@ -136,6 +140,8 @@ class ArmRunner:
             self._wait_all()
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if before_hangup is not None:
+                signal.signal(signal.SIGHUP, before_hangup)
         return self.codes
 
     def _finished(self, arm: Arm) -> bool:
