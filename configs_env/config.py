@@ -47,6 +47,7 @@ def waits_for_lag(values: Mapping[str, Any], explicit: Mapping[str, Any]) -> dic
 
 
 RESERVED_NODE_IDS = ("coordinator", "supervisor")     # names the shared folder gives to other things
+MAX_DRIVE_LAG_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class SwarmConfig:
         "Seconds a worker waits for peers' rollouts of the round before going on with what arrived")
     peer_timeout: float = setting(120.0, "PEER_TIMEOUT", p.number(1, "120"),
         "Seconds without a heartbeat after which a node counts as gone")
-    drive_lag: float = setting(0.0, "DRIVE_LAG", p.number(0, "180", maximum=3600),
+    drive_lag: float = setting(0.0, "DRIVE_LAG", p.number(0, "180", maximum=MAX_DRIVE_LAG_S),
         "Seconds a file written on another machine may take to show up in the shared folder (Drive between Colab "
         "runtimes: minutes); the three waits above, where not set, grow to ride it out; 0: one machine")
     # Generation and training

@@ -5,6 +5,7 @@ so every field may be None (not measured yet, no GPU) and is shown as "N/A" or "
 the shared folder, so each is drawn through swarm_supervisor.readable: escaped, never read as markup.
 """
 
+import logging
 import math
 import time
 
@@ -29,6 +30,8 @@ STATUS_STYLE = {Status.FAILED: "bold red", Status.CRASHED: "red", Status.RESTART
                 Status.EVALUATING: "bright_blue", Status.WAITING_FOR_COORDINATOR: "yellow"}
 TROUBLE = Status.TROUBLE
 NOT_RUNNING = Status.TROUBLE + (Status.STOPPED, Status.DONE)
+
+log = logging.getLogger(__name__)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -242,20 +245,31 @@ class Dashboard:
         self._view = view
         if not self.shown:
             return
-        if self.console.is_terminal:
-            self.start()
-            self._draw_live(force=False)
-        else:
-            self._print_line(force=False)
+        try:
+            if self.console.is_terminal:
+                self.start()
+                self._draw_live(force=False)
+            else:
+                self._print_line(force=False)
+        except OSError as exc:
+            self._terminal_gone(exc)
+
+    def _terminal_gone(self, exc: OSError) -> None:
+        """A hung-up terminal fails a write (EIO), often before its SIGHUP arrives: nothing more is drawn."""
+        log.warning("the dashboard stops drawing: its terminal is gone (%s)", exc)
+        self.shown, self._live = False, None
 
     def stop(self) -> None:
         """A terminal keeps the last frame on screen; a pipe gets a final status line."""
-        if self._live is not None:
-            self._draw_live(force=True)
-            self._live.stop()
-            self._live = None
-        elif self.shown and not self.console.is_terminal:
-            self._print_line(force=True)
+        try:
+            if self._live is not None:
+                self._draw_live(force=True)
+                self._live.stop()
+                self._live = None
+            elif self.shown and not self.console.is_terminal:
+                self._print_line(force=True)
+        except OSError as exc:
+            self._terminal_gone(exc)
 
     def _draw_live(self, force: bool) -> None:
         now = time.monotonic()

@@ -9,6 +9,7 @@ order, and are written when it answers again: the file keeps what happened durin
 that failed after its bytes landed (an fsync's EIO on a FUSE mount) is written again, and readers keep one copy.
 """
 
+import itertools
 import logging
 import os
 import threading
@@ -44,21 +45,21 @@ class EventJournal:
         self._writing = threading.Lock()     # one writer at a time, or a record could be written twice
         self._failing = False                # the last write failed: warn once per outage, not per event
         self._ids = f"{os.getpid()}-{os.urandom(4).hex()}"
-        self._count = 0
+        self._numbers = itertools.count(1)    # next() is atomic: a signal handler's event gets its own number
 
     def add(self, message: str, level: str = "info", kind: str | None = None, node: str | None = None) -> None:
         """A line for people and, with `kind`, a fact for programs to count (restarts, failures)."""
         self.recent.append(time.strftime("%H:%M:%S ") + message)
         {"warning": log.warning, "error": log.error}.get(level, log.info)(message)
+        number = next(self._numbers)
         with self._queue:
-            self._count += 1
             if len(self.waiting) >= MAX_WAITING:
                 self.waiting.popleft()
                 self.dropped += 1
                 if self.dropped == 1:
                     log.warning("the folder has been away for over %d events: the oldest are dropped", MAX_WAITING)
             self.waiting.append({"time": time.time(), "event": message, "level": level,
-                                 "id": f"{self._ids}-{self._count}", **({"kind": kind, "node": node} if kind else {})})
+                                 "id": f"{self._ids}-{number}", **({"kind": kind, "node": node} if kind else {})})
         self.flush()
 
     def flush(self) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs_env import SwarmConfig
+from configs_env.config import MAX_DRIVE_LAG_S
 from configs_env.parsing import safe_name
 from swarm_supervisor.machines import count_restarts, supervisor_records
 from swarm_supervisor.readable import plain
@@ -112,7 +113,6 @@ def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
 
 
 RUNNING_FRESH_S = 120.0      # a coordinator heartbeat this recent says the swarm runs, plus DRIVE_LAG
-MAX_DRIVE_LAG_S = 3600.0     # DRIVE_LAG's maximum (configs_env)
 
 
 def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None, drive_lag: float = 0.0) -> str:
@@ -190,8 +190,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
 
 
 def _drive_lag(value: object) -> float:
-    """The recorded DRIVE_LAG, within what the setting allows (0 to an hour); 0 for anything else: the folder is
-    a peer's, and a forged 1e300 would call a swarm stopped for days running."""
+    """The recorded DRIVE_LAG within the setting's range (a forged 1e300 would call a long-dead swarm running)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
     return min(float(value), MAX_DRIVE_LAG_S) if ok else 0.0
 

@@ -1,5 +1,9 @@
 """A terminal that hangs up (an SSH session that drops, a window closed) stops a long command as Ctrl-C does,
-unless nohup made it ignore the hang-up."""
+unless nohup made it ignore the hang-up.
+
+A shell passes the hang-up on to its jobs and the kernel sends it again as the shell exits: a handler runs
+twice within milliseconds, and must treat the second as the first, not as a second Ctrl-C (which kills).
+"""
 
 import os
 import signal
@@ -15,9 +19,17 @@ def on_hangup(handler: Handler) -> Any:
     return signal.signal(signal.SIGHUP, handler)
 
 
-def print_nowhere() -> None:
-    """stdout and stderr to /dev/null from now on: a write to a hung-up terminal fails (EIO)."""
+def terminal_outputs() -> tuple[int, ...]:
+    """Which of stdout and stderr are a terminal, asked while it is there (a hung-up one cannot be asked)."""
+    return tuple(fd for fd in (1, 2) if os.isatty(fd))
+
+
+def print_nowhere(fds: tuple[int, ...]) -> None:
+    """Those descriptors to /dev/null from now on: a write to a hung-up terminal fails (EIO). A file or pipe
+    the output was sent to keeps it."""
+    if not fds:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
+    for fd in fds:
         os.dup2(devnull, fd)
     os.close(devnull)

@@ -17,7 +17,7 @@ from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard
 from swarm_supervisor.events import EventJournal, Watches
-from swarm_supervisor.hangup import on_hangup, print_nowhere
+from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
 from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
@@ -116,6 +116,8 @@ class Supervisor:
         self.reader = SwarmReader(self.folder, cfg, model_label, device_label, self.keyring)
         self.started = time.monotonic()
         self.interrupts = 0
+        self.hung_up = False
+        self.terminal: tuple[int, ...] = ()      # stdout/stderr that are a terminal (hangup.terminal_outputs)
         self.exit_code: int | None = None
         self.failure: str | None = None       # why the swarm stopped with EXIT_FAILED, in one line
 
@@ -241,7 +243,8 @@ class Supervisor:
     def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
         self.interrupts += 1
         if self.interrupts == 1:
-            self.event("stop requested: workers finish their files and save checkpoints (again to kill now)")
+            self.event("stop requested: workers finish their files and save checkpoints" +
+                       ("" if self.hung_up else " (again to kill now)"))
             self._ask_workers_to_stop()
             self.stop_coordinator.set()
             self.exit_code = EXIT_INTERRUPTED
@@ -250,14 +253,19 @@ class Supervisor:
 
     def hang_up(self, signum: int | None = None, _frame: Any = None) -> None:
         """The terminal closed (an SSH session dropped, its window shut): stop as on Ctrl-C, so every worker saves
-        a checkpoint of its last round, and print nowhere from now on (a write to a hung-up terminal fails)."""
-        print_nowhere()
-        if not self.interrupts:
-            self.event("the terminal hung up: the swarm stops as on Ctrl-C (resumable)", level="warning")
+        a checkpoint of its last round, and print nowhere on it from now on (a write to it fails). A hang-up
+        after a stop began (the shell's, then the kernel's as the shell exits) is the same stop, not a kill."""
+        print_nowhere(self.terminal)
+        if self.hung_up or self.interrupts:
+            self.hung_up = True
+            return
+        self.hung_up = True
+        self.event("the terminal hung up: the swarm stops as on Ctrl-C (resumable)", level="warning")
         self.request_stop(signum)
 
     def run(self) -> int:
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.terminal = terminal_outputs()
         if (before := on_hangup(self.hang_up)) is not None:      # under nohup it stays ignored
             previous[signal.SIGHUP] = before
         # the coordinator and the dashboard's reader share this process's view of a simulated slow Drive
@@ -269,8 +277,8 @@ class Supervisor:
         finally:
             self._shutdown()
             simulate_drive(self.folder.root, 0, 0)     # the run's summary and validation read the real folder
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            for s, handler in previous.items():      # after a hang-up, a late one must not end the summary
+                signal.signal(s, signal.SIG_IGN if s == signal.SIGHUP and self.hung_up else handler)
             self.monitor.close()
 
     def _run(self) -> int:
@@ -362,8 +370,8 @@ class Supervisor:
                 h.process.terminate()
 
     def _shutdown(self) -> None:
-        if not self.stopping:
-            self._ask_workers_to_stop()
+        # every live worker, even after a stop began: one spawned since (a restart, the first spawns) was not asked
+        self._ask_workers_to_stop()
         self.stop_coordinator.set()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         for h in self.handles:

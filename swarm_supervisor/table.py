@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from configs_env import SwarmConfig, SwarmError
-from swarm_supervisor.hangup import on_hangup, print_nowhere
+from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
 from workers.shared_folder.exchange import read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.signing import KeyRing, local_key_dir
@@ -110,12 +110,14 @@ class ArmRunner:
         self.running: dict[str, subprocess.Popen] = {}
         self.codes: dict[str, int] = {}
         self.stopping = False
+        self.terminal: tuple[int, ...] = ()
 
     def run(self) -> dict[str, int]:
         """Exit code of each arm's `up` (0 finished, 130 stopped, 1 failed), by experiment."""
         previous = signal.signal(signal.SIGTERM, lambda *_: self.stop())
         # the swarms run in sessions of their own: a hang-up reaches this process alone, which stops them
-        before_hangup = on_hangup(lambda *_: (print_nowhere(), self.stop()))
+        self.terminal = terminal_outputs()
+        before_hangup = on_hangup(self.hang_up)
         waiting = list(self.arms)
         progress, progress_at = -1, time.monotonic()
         try:
@@ -179,8 +181,15 @@ class ArmRunner:
             total += rounds[-1] if rounds else 0
         return total
 
+    def hang_up(self, _signum: int, _frame: object) -> None:
+        print_nowhere(self.terminal)
+        self.stop()
+
     def stop(self) -> None:
-        """SIGINT to every running swarm: each stops as on Ctrl-C (checkpoints saved, resumable)."""
+        """SIGINT to every running swarm, once: each stops as on Ctrl-C (checkpoints saved, resumable); a second
+        SIGINT would kill it (a hang-up comes twice: the shell's, then the kernel's)."""
+        if self.stopping:
+            return
         self.stopping = True
         for process in self.running.values():
             if process.poll() is None:

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import metrics_rows, run_up, survivors, swarm_env
+from tests.helpers import heartbeat, metrics_rows, run_up, survivors, swarm_env
 
 pytestmark = pytest.mark.slow
 
@@ -155,12 +155,15 @@ def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does_unless_nohup(tm
     start_from_base(exp)
     pid, terminal = pty.fork()          # `up` as the session leader of a terminal of its own
     if pid == 0:
-        if nohup:                       # as nohup(1) does
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            out = os.open(tmp_path / "nohup.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-        os.execve(sys.executable, [sys.executable, "-m", "swarm_supervisor", "up"], env)
+        try:
+            if nohup:                   # as nohup(1) does
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                out = os.open(tmp_path / "nohup.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+            os.execve(sys.executable, [sys.executable, "-m", "swarm_supervisor", "up"], env)
+        finally:                        # never back into pytest in a forked copy of it
+            os._exit(127)
     shown, closing = bytearray(), threading.Event()
 
     def read_the_screen() -> None:      # as a terminal does: the dashboard never waits for room
@@ -180,26 +183,34 @@ def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does_unless_nohup(tm
     try:
         deadline = time.monotonic() + 180
         while len(list((exp / "rewards" / "round_2").glob("*.json"))) < 2:
-            assert os.waitpid(pid, os.WNOHANG) == (0, 0), bytes(shown)[-3000:]
+            status = os.waitpid(pid, os.WNOHANG)
+            assert status[0] == 0, bytes(shown)[-3000:]
             assert time.monotonic() < deadline, "round 2 never finished"
             time.sleep(0.2)
         children = [c.pid for c in psutil.Process(pid).children(recursive=True)]
         closing.set()
         reader.join(timeout=5)
-        os.close(terminal)              # the terminal goes away: SIGHUP to `up` and its workers
+        os.close(terminal)              # the terminal goes away: SIGHUP to `up`, the session's leader
+        # then a shell passes it on to the job's group, and the kernel again as the shell exits: twice, to the
+        # workers too, which must not make it a second Ctrl-C (that kills)
+        for _ in range(2):
+            os.killpg(pid, signal.SIGHUP)
+            time.sleep(0.3)             # apart: two signals pending at once are delivered as one
         hung_up, done_then = time.monotonic(), rounds_done()
         if nohup:
             while rounds_done() < done_then + 3:        # it plays on
-                assert os.waitpid(pid, os.WNOHANG) == (0, 0), (tmp_path / "nohup.out").read_text()[-3000:]
+                status = os.waitpid(pid, os.WNOHANG)
+                assert status[0] == 0, (tmp_path / "nohup.out").read_text()[-3000:]
                 assert time.monotonic() - hung_up < 120, "no round after the hang-up"
                 time.sleep(0.2)
             os.kill(pid, signal.SIGTERM)
-        while (status := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
             assert time.monotonic() - hung_up < 60 + 120 * nohup, "the supervisor did not exit within 60 s"
             time.sleep(0.2)
     finally:
-        if status == (0, 0):            # not reaped: a failed wait above
-            os.kill(pid, signal.SIGKILL)
+        closing.set()
+        if status[0] == 0:              # not reaped: a failed wait above; the workers go with it
+            os.killpg(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status[1]) == 130          # stopped, resumable: not killed by the signal
     assert not survivors(children, grace_s=10), "orphan processes after the supervisor exited"
@@ -208,6 +219,7 @@ def test_a_terminal_that_hangs_up_stops_the_swarm_as_ctrl_c_does_unless_nohup(tm
     for node in ("worker-1", "worker-2"):     # each saved its last round, well short of CHECKPOINT_INTERVAL
         last = metrics_rows(exp, node)[-1]["round"]
         assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir()
+        assert heartbeat(exp, node)["status"] == "stopped"      # left cleanly, not killed mid-way
 
 
 def test_a_model_that_cannot_load_is_one_line_and_nothing_starts(tmp_path):

@@ -123,6 +123,19 @@ def test_in_a_terminal_the_last_frame_stays_on_screen():
     assert "[rl-swarm]" not in out.getvalue()
 
 
+def test_a_terminal_that_hung_up_ends_the_drawing_not_the_swarm(caplog):
+    """A hung-up terminal fails writes with EIO, often before its SIGHUP: the supervisor's loop must go on."""
+    class HungUp(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(5, "Input/output error")
+
+    dashboard = Dashboard(Console(file=HungUp(), force_terminal=True, width=160), refresh_per_second=1000)
+    dashboard.update(view([row("worker-1")], round_=1))           # raised out of the supervisor's loop before
+    dashboard.update(view([row("worker-1")], round_=2))
+    dashboard.stop()
+    assert not dashboard.shown and caplog.text.count("its terminal is gone") == 1
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (12, "12s"), (185, "3m05s"), (75840, "21h04m"),
                                            (-5, "0s"), (None, "-"), (float("inf"), "-")])
 def test_durations(seconds, text):

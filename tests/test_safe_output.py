@@ -157,7 +157,8 @@ def test_a_runtime_that_sees_the_folder_minutes_late_does_not_call_a_running_swa
     from swarm_supervisor.experiments import summarize      # `experiments list`: by the lag the swarm recorded
 
     assert summarize(folder.root).status == "stopped"
-    for recorded, beat_age, status in ((180, 200, "running"), (1e300, 7200, "stopped")):     # a forged lag: an hour
+    # a forged lag counts as the setting's most, an hour (and two minutes)
+    for recorded, beat_age, status in ((180, 200, "running"), (1e300, 3000, "running"), (1e300, 7200, "stopped")):
         write_json_atomic(folder.config_file, {**json.loads(folder.config_file.read_text()), "drive_lag": recorded})
         node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", time.time() - beat_age,
                                                                   role="coordinator"))

@@ -6,6 +6,7 @@ process imports it itself as it starts, in `start_worker` and `start_warmup`.
 """
 
 import gc
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ class WorkerSpec:
 
 def start_worker(spec: WorkerSpec) -> None:
     """Process target (spawn) of a worker: workers.worker.worker_main."""
+    # before torch's import, seconds long: Ctrl-C and a terminal's hang-up are the supervisor's to act on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from workers.worker import worker_main
 
     try:

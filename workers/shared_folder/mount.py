@@ -15,7 +15,7 @@ from pathlib import Path
 from workers.shared_folder import drive_sim
 
 _roots: set[str] = set()
-_lock = threading.Lock()
+_lock = threading.RLock()     # re-entrant: a signal handler's event can write while this thread holds it
 
 
 def claim(root: Path) -> None:
