@@ -69,3 +69,28 @@ def test_a_worker_that_keeps_crashing_is_marked_failed_while_the_other_finishes(
     failed = [e for e in events if "failed (2 restarts within" in e["event"]]
     # a worker given up on is an error a program can find, not an info line among the rounds
     assert [(e["level"], e["kind"], e["node"]) for e in failed] == [("error", "failed", "worker-2")]
+
+
+def test_workers_of_a_supervisor_killed_with_sigkill_stop_as_on_ctrl_c(tmp_path, start_from_base):
+    """`kill -9` of the supervisor (the OOM killer's choice, say): its workers stop cleanly at once, their last
+    round checkpointed, instead of dying at their next wait between rounds with every round since the last
+    checkpoint lost."""
+    import psutil
+
+    from tests.helpers import survivors
+
+    proc, exp = start(tmp_path, start_from_base, MAX_ROUNDS="2000", CHECKPOINT_INTERVAL="100")
+    try:
+        wait_for(lambda: all((exp / "rewards" / "round_2" / f"{node}.json").exists()
+                             for node in ("worker-1", "worker-2")), 180, "round 2", proc)
+        workers = [heartbeat(exp, node)["pid"] for node in ("worker-1", "worker-2")]
+        helpers = [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+        proc.kill()
+        proc.wait(timeout=30)
+        assert not survivors(workers + helpers, grace_s=60), "processes left after the supervisor was killed"
+    finally:
+        proc.kill()
+    for node in ("worker-1", "worker-2"):     # each saved its last round, well short of CHECKPOINT_INTERVAL
+        last = metrics_rows(exp, node)[-1]["round"]
+        assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir(), node
+        assert heartbeat(exp, node)["status"] == "stopped"

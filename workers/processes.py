@@ -5,7 +5,9 @@ Torch-free: the supervisor loads none of the learning code (torch, transformers,
 process imports it itself as it starts, in `start_worker` and `start_warmup`.
 """
 
+import ctypes
 import gc
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,23 @@ class WorkerSpec:
     device: str
     parent_pid: int
     generation_splits: int = 1    # doubled by the supervisor after each CUDA out-of-memory exit
+
+
+PR_SET_PDEATHSIG = 1      # prctl(2): a signal to this process when the thread that started it ends
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """SIGTERM to this process when its supervisor dies (Linux; killed with -9, say): a worker then stops as on
+    Ctrl-C, its last round checkpointed, instead of dying at its next wait between rounds with the rounds since
+    its last checkpoint lost. Call it once the SIGTERM handler is in place. Elsewhere the wait still checks."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):      # no prctl: not Linux
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent_pid:          # it died before the prctl: no signal would come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def start_worker(spec: WorkerSpec) -> None:

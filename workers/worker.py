@@ -41,7 +41,7 @@ from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.learning.tasks import TaskMix
 from workers.warmup import load_base
 from workers.processes import (COORDINATOR_PATIENCE, EXIT_CONFIG, EXIT_NO_COORDINATOR, EXIT_ORPHANED,
-                               EXIT_OUT_OF_MEMORY, WorkerSpec)
+                               EXIT_OUT_OF_MEMORY, WorkerSpec, stop_with_parent)
 
 log = logging.getLogger("workers.worker")
 
@@ -371,6 +371,7 @@ def worker_main(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_with_parent(spec.parent_pid)
     folder = ExperimentFolder(spec.cfg.experiment_dir)
     _log_to_folder(folder.log_dir(spec.node))
     mount_experiment(spec.cfg.swarm_url, folder.root, spec.cfg.experiment_name)   # each process mounts its own
