@@ -70,10 +70,17 @@ def supervisor_events(folder: ExperimentFolder, last_bytes: int | None = None
     return rows, problems
 
 
+def restarted_node(machine: str | None, row: dict[str, Any]) -> str | None:
+    """The worker whose restart an event of `machine` records, when that machine may say so (runs_on)."""
+    node = row.get("node")
+    if row.get("kind") != EVENT_RESTART or not isinstance(node, str) or not runs_on(machine, node):
+        return None
+    return node
+
+
 def count_restarts(folder: ExperimentFolder) -> int:
     """Worker restarts the supervisors recorded (events of kind "restart"; the coordinator machine's older files:
     by their sentence)."""
     rows, _ = supervisor_events(folder)
-    return sum(row.get("kind") == EVENT_RESTART or (row["machine"] is None and "kind" not in row and
-                                                    "restarting from its last checkpoint" in str(row.get("event", "")))
-               for row in rows)
+    return sum(restarted_node(row["machine"], row) is not None or (row["machine"] is None and "kind" not in row and
+               "restarting from its last checkpoint" in str(row.get("event", ""))) for row in rows)

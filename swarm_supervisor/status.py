@@ -15,7 +15,7 @@ from typing import Iterable
 
 from configs_env import SwarmConfig
 from swarm_supervisor.experiments import experiment_config, experiment_folder, rounds_per_hour, status_of
-from swarm_supervisor.machines import supervisor_events
+from swarm_supervisor.machines import restarted_node, supervisor_events
 from swarm_supervisor.learning_health import RewardWatch, learning_alarm
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
 from swarm_supervisor.readable import plain
@@ -25,7 +25,7 @@ from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.rejections import RejectedFile, warn_skipped
 from workers.shared_folder.safe_io import file_size
 from workers.shared_folder.jsonl import read_jsonl_tail
-from workers.shared_folder.protocol import EVENT_RESTART, Heartbeat, RoundMetrics, RoundState, Status
+from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import KeyRing
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,8 @@ class SwarmReader:
             self.samples[machine] = samples[-1].of_machine(machine)
         events = self._read_tail(self.folder.events_file_of(machine), self._events_at, machine)
         for row in events:
-            node, said = row.get("node"), row.get("id")
-            if row.get("kind") != EVENT_RESTART or not isinstance(node, str) or not runs_on(machine, node):
+            node, said = restarted_node(machine, row), row.get("id")
+            if node is None:
                 continue
             if isinstance(said, str):       # an event written twice (a retried append) counts once
                 if said in self._counted:

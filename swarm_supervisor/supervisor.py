@@ -256,12 +256,10 @@ class Supervisor:
         a checkpoint of its last round, and print nowhere on it from now on (a write to it fails). A hang-up
         after a stop began (the shell's, then the kernel's as the shell exits) is the same stop, not a kill."""
         print_nowhere(self.terminal)
-        if self.hung_up or self.interrupts:
-            self.hung_up = True
-            return
-        self.hung_up = True
-        self.event("the terminal hung up: the swarm stops as on Ctrl-C (resumable)", level="warning")
-        self.request_stop(signum)
+        stopping, self.hung_up = self.hung_up or self.interrupts, True
+        if not stopping:
+            self.event("the terminal hung up: the swarm stops as on Ctrl-C (resumable)", level="warning")
+            self.request_stop(signum)
 
     def run(self) -> int:
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}

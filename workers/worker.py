@@ -365,11 +365,9 @@ def node_exchange(folder: ExperimentFolder, cfg: SwarmConfig, node: str) -> Exch
 
 
 def worker_main(spec: WorkerSpec) -> None:
-    """Process target (spawn): Ctrl-C, and a terminal's hang-up, reach the supervisor too, which asks us to stop
-    with SIGTERM once it has said why."""
+    """Process target (spawn, through processes.start_worker, which leaves Ctrl-C and a terminal's hang-up to the
+    supervisor): the supervisor asks us to stop with SIGTERM once it has said why."""
     stop = threading.Event()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop_with_parent(spec.parent_pid)
     folder = ExperimentFolder(spec.cfg.experiment_dir)
