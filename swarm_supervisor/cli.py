@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="paper: paper-8-0 ... paper-2-6 (8 workers each); sapo: sapo-4-0 ... sapo-1-3 (4 "
                             "workers); default: from PRESET, else paper")
     table.add_argument("--parallel", type=int, default=4, help="swarms running at once (default 4: one seed's splits)")
+    table.add_argument("--report", action="store_true", help="print and save the table of what the swarms' folders "
+                       "hold (a table stopped early: its splits compared over the rounds all reached); run nothing")
     pack = sub.add_parser("pack", help="build a wheel and an sdist of this checkout into <GDRIVE_PATH>/dist/, "
                                        "where the Colab cell installs from")
     pack.add_argument("--dist", type=Path, default=None, help="folder for the builds (default: <GDRIVE_PATH>/dist)")
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "sapo-table":
             from swarm_supervisor.sapo_table import run_sapo_table
 
-            return run_sapo_table(cfg, dict(os.environ), args.family, args.parallel)
+            return run_sapo_table(cfg, dict(os.environ), args.family, args.parallel, args.report)
         if command == "experiments":
             return show_experiments(cfg, args.action, args.names, args.csv, args.out)
         return start(cfg, "join" if command in ("worker", "join") else "up",

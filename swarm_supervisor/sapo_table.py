@@ -2,13 +2,15 @@
 table (cumulative reward per split against the paper's), saved under <GDRIVE_PATH>/tables/."""
 
 import math
+from pathlib import Path
 
-from configs_env import SwarmConfig
+from configs_env import SwarmConfig, SwarmError
 from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
 from swarm_supervisor.cli import EXIT_INTERRUPTED
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
-from swarm_supervisor.table_report import format_table, format_task_rewards, plot_table, table_rows
+from swarm_supervisor.table_report import format_cutoffs, format_table, format_task_rewards, plot_table, table_rows
 from workers.shared_folder.base_meta import read_base_meta
+from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.storage import mount_experiment
 
@@ -42,8 +44,10 @@ def weak_base_warning(accuracies: dict[int, float]) -> str | None:
             "(e.g. TASKS=chain_sum:1,basic_arithmetic:1)")
 
 
-def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parallel: int) -> int:
-    """`rl-swarm sapo-table`: the four splits of a preset family side by side, once per seed, then the paper's table."""
+def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, parallel: int,
+                   report_only: bool = False) -> int:
+    """`rl-swarm sapo-table`: the four splits of a preset family side by side, once per seed, then the paper's table.
+    With `report_only` (`--report`), the table of what the swarms' folders hold, nothing run."""
     family = family or ("sapo" if cfg.preset.startswith("sapo") else "paper")
     # TEST_MODE: one seed of 4-worker swarms unless SEEDS / NUM_WORKERS say otherwise, so a CPU runs it in minutes
     seeds = cfg.seeds[:1] if cfg.test_mode and "SEEDS" not in env else cfg.seeds
@@ -51,13 +55,23 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
     arms = [Arm(label=preset.split("-", 1)[1].replace("-", "/"), seed=seed,
                 experiment=f"{cfg.experiment_name}-{preset}-s{seed}", env=(("PRESET", preset), *extra))
             for seed in seeds for preset in TABLE_FAMILIES[family]]
+    roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
+    tables = cfg.gdrive_path / "tables"
+    if report_only:
+        for arm in arms:
+            mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
+        missing = [name for name, root in roots.items() if not ExperimentFolder(root).config_file.is_file()]
+        if missing:
+            raise SwarmError(f"sapo-table --report: no swarm has run for {', '.join(missing)} under "
+                             f"{cfg.gdrive_path / 'experiments'}; run `rl-swarm sapo-table` with the same "
+                             "GDRIVE_PATH, EXPERIMENT_NAME, PRESET and SEEDS first")
+        return report(cfg, family, seeds, arms, roots, warmup_accuracies(arms, env), codes={})
     warned = set()
     for arm in arms:       # every swarm's settings are checked before any starts
         for warning in arm.config(env).warnings():
             if warning not in warned:
                 print(f"rl-swarm: {arm.label}: {warning}")
                 warned.add(warning)
-    tables = cfg.gdrive_path / "tables"
     logs = tables / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"rl-swarm: sapo-table: {len(arms)} swarms ({family} presets, seeds {', '.join(map(str, seeds))}), "
@@ -67,17 +81,23 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
     warning = weak_base_warning(accuracies)
     if warning:
         print(warning)
-    roots = {arm.experiment: arm.config(env).experiment_dir for arm in arms}
     for arm in arms:        # with SWARM_URL the swarms' records are in the bucket: read them there (progress too)
         mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
     codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
+    return report(cfg, family, seeds, arms, roots, accuracies, codes)
+
+
+def report(cfg: SwarmConfig, family: str, seeds: tuple[int, ...], arms: list[Arm], roots: dict[str, Path],
+           accuracies: dict[int, float], codes: dict[str, int]) -> int:
+    """Print the table, save it (JSON and plot) under <GDRIVE_PATH>/tables/, and say which swarms did not finish."""
     rows = table_rows(arms, roots)
     paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
         dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))
     print(format_table(rows, paper))
-    print(format_task_rewards(rows))
-    if warning:
-        print(warning)
+    for line in (format_cutoffs(rows), format_task_rewards(rows), weak_base_warning(accuracies)):
+        if line:
+            print(line)
+    tables = cfg.gdrive_path / "tables"
     name = f"{cfg.experiment_name}-{family}"
     write_json_atomic(tables / f"{name}.json", {"schema": TABLE_SCHEMA, "family": family, "seeds": list(seeds),
                                                 "warmup_accuracy": {str(k): v for k, v in accuracies.items()},

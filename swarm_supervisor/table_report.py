@@ -7,9 +7,10 @@ workers' mean reward; a split's gain is its cumulative reward over the no-sharin
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarm_supervisor.experiments import mean_interval, metrics_by_round, summarize
+from swarm_supervisor.experiments import held_out_by_node, mean_interval, metrics_by_round
 from swarm_supervisor.table import Arm
 from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.protocol import HeldOutEval
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class TableRow:
     label: str
     experiments: tuple[str, ...]
     seeds: tuple[int, ...]
-    rounds: tuple[int, ...]
+    rounds: tuple[int, ...]                    # the rounds compared: the most every split of the seed reached
+    rounds_reached: tuple[int, ...]            # the rounds this split's swarm ran
     cumulative_reward: tuple[float, ...]
     held_out_start: tuple[float | None, ...]
     held_out_end: tuple[float | None, ...]
@@ -28,37 +30,69 @@ class TableRow:
 
     def to_json(self) -> dict:
         return {"split": self.label, "experiments": list(self.experiments), "seeds": list(self.seeds),
-                "rounds": list(self.rounds), "cumulative_reward": [round(v, 4) for v in self.cumulative_reward],
+                "rounds": list(self.rounds), "rounds_reached": list(self.rounds_reached),
+                "cumulative_reward": [round(v, 4) for v in self.cumulative_reward],
                 "held_out_start": [None if v is None else round(v, 4) for v in self.held_out_start],
                 "held_out_end": [None if v is None else round(v, 4) for v in self.held_out_end],
                 "task_rewards": {k: round(v, 4) for k, v in self.task_rewards.items()}}
 
 
-def table_rows(arms: list[Arm], roots: dict[str, Path]) -> list[TableRow]:
-    """Rows in the arms' order of labels; `roots` maps each arm's experiment to its folder."""
-    labels = list(dict.fromkeys(arm.label for arm in arms))
+def table_rows(arms: list[Arm], roots: dict[str, Path], common_rounds: bool = True) -> list[TableRow]:
+    """Rows in the arms' order of labels; `roots` maps each arm's experiment to its folder. With `common_rounds`,
+    a seed's splits are compared over the rounds every one of them reached: a table stopped early has some splits
+    rounds ahead, and a sum over more rounds is no match for one over fewer. Without it (a sweep whose arms run
+    for different lengths by design) each arm counts every round it ran."""
+    records = {}
+    for arm in arms:
+        folder = ExperimentFolder(roots[arm.experiment])
+        records[arm.experiment] = (metrics_by_round(folder)[0], held_out_by_node(folder)[0])
+    reached = {name: max(by_round, default=0) for name, (by_round, _) in records.items()}
+    common = {seed: min(reached[a.experiment] for a in arms if a.seed == seed) for seed in {a.seed for a in arms}}
+    cutoff = {a.experiment: common[a.seed] if common_rounds else reached[a.experiment] for a in arms}
     rows = []
-    for label in labels:
+    for label in dict.fromkeys(arm.label for arm in arms):
         members = sorted((a for a in arms if a.label == label), key=lambda a: a.seed)
-        summaries = [summarize(roots[a.experiment]) for a in members]
         task_sums: dict[str, list[float]] = {}
-        curves = []
+        curves, starts, ends = [], [], []
         for arm in members:
-            by_round, _ = metrics_by_round(ExperimentFolder(roots[arm.experiment]))
-            curves.append(tuple(sum(m.reward_mean for m in by_round[r].values()) / len(by_round[r])
-                                for r in sorted(by_round)))
-            for nodes in by_round.values():
+            by_round, evals = records[arm.experiment]
+            kept = [by_round[r] for r in sorted(by_round) if r <= cutoff[arm.experiment]]
+            curves.append(tuple(sum(m.reward_mean for m in nodes.values()) / len(nodes) for nodes in kept))
+            for nodes in kept:
                 for metrics in nodes.values():
                     for task, reward in (metrics.task_rewards or {}).items():
                         task_sums.setdefault(task, []).append(reward)
+            starts.append(_mean([e[0].accuracy for e in evals.values() if e[0].round == 0]))
+            ends.append(_mean([e.accuracy for e in (_newest(node, cutoff[arm.experiment]) for node in evals.values())
+                               if e is not None]))
         rows.append(TableRow(label=label, experiments=tuple(a.experiment for a in members),
-                             seeds=tuple(a.seed for a in members), rounds=tuple(s.rounds for s in summaries),
-                             cumulative_reward=tuple(s.cumulative_reward for s in summaries),
-                             held_out_start=tuple(s.held_out_start for s in summaries),
-                             held_out_end=tuple(s.held_out_final for s in summaries),
+                             seeds=tuple(a.seed for a in members), rounds=tuple(cutoff[a.experiment] for a in members),
+                             rounds_reached=tuple(reached[a.experiment] for a in members),
+                             cumulative_reward=tuple(sum(c) for c in curves),
+                             held_out_start=tuple(starts), held_out_end=tuple(ends),
                              task_rewards={t: sum(v) / len(v) for t, v in sorted(task_sums.items())},
                              reward_per_round=tuple(curves)))
     return rows
+
+
+def _newest(evals: list[HeldOutEval], round_: int) -> HeldOutEval | None:
+    """A worker's newest evaluation after round 0 and at or before `round_`."""
+    return max((e for e in evals if 0 < e.round <= round_), key=lambda e: e.round, default=None)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def format_cutoffs(rows: list[TableRow]) -> str:
+    """One line per seed whose splits stopped at different rounds: what the table compares, and what each reached."""
+    lines = []
+    for i, seed in enumerate(rows[0].seeds if rows else ()):
+        reached = {row.label: row.rounds_reached[i] for row in rows if i < len(row.rounds_reached)}
+        if len(set(reached.values())) > 1:
+            lines.append(f"seed {seed}: compared over the first {rows[0].rounds[i]} rounds, the most every split "
+                         "reached (" + ", ".join(f"{label} {n}" for label, n in reached.items()) + ")")
+    return "\n".join(lines)
 
 
 def gains(row: TableRow, baseline: TableRow) -> list[float]:

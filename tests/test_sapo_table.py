@@ -8,6 +8,7 @@ import pytest
 
 from configs_env import ConfigError, SwarmConfig
 from configs_env.presets import PAPER_TASKS
+from swarm_supervisor.cli import EXIT_USAGE, main
 from swarm_supervisor.sapo_table import warmup_accuracies, weak_base_warning
 from swarm_supervisor.table import Arm
 from swarm_supervisor.table_report import TableRow, format_table, gains
@@ -29,6 +30,7 @@ def test_the_paper_presets_are_the_papers_swarm_and_a_degenerate_split_is_named(
 def test_gains_are_taken_seed_by_seed_against_the_no_sharing_split():
     def row(label: str, seeds: tuple[int, ...], rewards: tuple[float, ...]) -> TableRow:
         return TableRow(label=label, experiments=(), seeds=seeds, rounds=(100,) * len(seeds),
+                        rounds_reached=(100,) * len(seeds),
                         cumulative_reward=rewards, held_out_start=(0.5,) * len(seeds),
                         held_out_end=(0.6,) * len(seeds), task_rewards={}, reward_per_round=())
 
@@ -98,3 +100,28 @@ def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_and_prints_the_papers_
                            text=True, timeout=300)
     assert again.returncode == 0 and rows[0] in again.stdout
     assert {path: path.read_bytes() for path in logs} == logs      # no swarm's `up` ran (each appends to its log)
+    # a table stopped early (here: 8/0's round 2 gone) compares every split over the rounds all reached
+    for path in (drive / "experiments" / "t-paper-8-0-s1" / "metrics").glob("*/metrics.jsonl"):
+        path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                                if json.loads(line)["round"] == 1))
+    report = subprocess.run([sys.executable, "-m", "swarm_supervisor", "sapo-table", "--report"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "seed 1: compared over the first 1 rounds, the most every split reached (8/0 1, 6/2 2, 4/4 2, 2/6 2)" \
+        in report.stdout
+    assert {path: path.read_bytes() for path in logs} == logs
+    cut = json.loads((drive / "tables" / "t-paper.json").read_text())["rows"]
+    assert [(r["rounds"], r["rounds_reached"]) for r in cut] == [([1], [1])] + [([1], [2])] * 3
+    first = [json.loads(line) for path in (drive / "experiments" / "t-paper-2-6-s1" / "metrics").glob("*/metrics.jsonl")
+             for line in path.read_text().splitlines() if json.loads(line)["round"] == 1]
+    assert cut[3]["cumulative_reward"] == [pytest.approx(sum(m["reward_mean"] for m in first) / len(first), abs=1e-4)]
+
+
+def test_a_report_of_a_table_never_run_names_the_folder_and_the_fix(tmp_path, monkeypatch, capsys):
+    for key, value in swarm_env(tmp_path, EXPERIMENT_NAME="nothing").items():
+        monkeypatch.setenv(key, value)
+    assert main(["sapo-table", "--report"]) == EXIT_USAGE
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("rl-swarm: error: sapo-table --report: no swarm has run for nothing-paper-8-0-s1")
+    assert str(tmp_path / "drive" / "experiments") in error and "run `rl-swarm sapo-table`" in error
+    assert "\n" not in error and not (tmp_path / "drive" / "tables").exists()
