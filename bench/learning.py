@@ -100,8 +100,9 @@ def report(arms: list[Arm], drive: Path, out: Path, command: str, device: str | 
     return result
 
 
-def sapo_section(drive: Path, out: Path, command: str) -> dict:
-    """learning.json's "sapo": the table `rl-swarm sapo-table` saved under DRIVE/tables, per split and seed."""
+def sapo_section(drive: Path, out: Path, command: str, device: str | None = None, git_sha: str | None = None) -> dict:
+    """learning.json's "sapo": the table `rl-swarm sapo-table` saved under DRIVE/tables, per split and seed (made
+    away from the GPU that ran it: name the device and the commit it ran)."""
     tables = sorted((drive / "tables").glob("*.json"))
     if not tables:
         raise SystemExit(f"python -m bench.learning sapo: no table under {drive / 'tables'}: run "
@@ -109,9 +110,11 @@ def sapo_section(drive: Path, out: Path, command: str) -> dict:
     table = json.loads(tables[-1].read_text())
     rows = table["rows"]
     section = {"preset": ", ".join(TABLE_FAMILIES[table["family"]]), "command": command,
+               "device": device or _device(), "git_sha": git_sha or _git_sha(),
                "rounds": min(min(row["rounds"]) for row in rows),
-               "rows": [{key: row[key] for key in ("split", "seeds", "rounds", "cumulative_reward", "held_out_start",
-                                                   "held_out_end", "task_rewards")} for row in rows]}
+               "rows": [{key: row[key] for key in ("split", "seeds", "rounds", "rounds_reached", "cumulative_reward",
+                                                   "held_out_start", "held_out_end", "task_rewards") if key in row}
+                        for row in rows]}
     path = out / "learning.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     result["sapo"] = section
@@ -128,11 +131,12 @@ def main() -> int:
                         help="LR:ROUNDS:EVAL_EVERY, comma-separated; LR 'default' sets no LEARNING_RATE")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--device-name", default=None, help="for a report made away from the GPU that ran it")
+    parser.add_argument("--git-sha", default=None, help="sapo: the commit the table ran at (a report made elsewhere)")
     parser.add_argument("--command", default="PRESET=paper-8-0 SEEDS=1,2,3 rl-swarm sapo-table",
                         help="sapo: the command that made the table, as recorded")
     args = parser.parse_args()
     if args.action == "sapo":
-        print(json.dumps(sapo_section(args.drive, args.out, args.command), indent=1))
+        print(json.dumps(sapo_section(args.drive, args.out, args.command, args.device_name, args.git_sha), indent=1))
         return 0
     arms = plan([int(s) for s in args.seeds.split(",")], [s for s in args.arms.split(",") if s])
     if args.action == "run":
