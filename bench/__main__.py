@@ -198,6 +198,10 @@ def main() -> None:
             args.out.with_name("profile.txt").write_text(profile_round(cache) + "\n")
         else:
             results[name] = runs[name]()
+        if name == "peers":         # one update of each side under torch.profiler: where its time goes
+            profiles = results[name].pop("profile", None) or {}
+            args.out.with_name("peers_profile.txt").write_text(
+                "".join(f"## {side}\n\n{text}\n" for side, text in profiles.items() if text))
         commands[name] = command
         print(f"{name}: {time.monotonic() - started:.0f}s {json.dumps(results.get(name))[:400]}", flush=True)
         results["commands"] = commands

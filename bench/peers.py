@@ -160,15 +160,16 @@ def _walls(starts: dict[int, float], finished_at: float | None, total: int, skip
 
 
 def run_swarm(plan: PeersPlan, drive: Path, base: Path, workers: int, split: tuple[int, int],
-              measured: int) -> dict:
-    """`rl-swarm up` of `workers` workers at split (I, J) for warm-up + `measured` rounds."""
+              measured: int, profile: bool = False) -> dict:
+    """`rl-swarm up` of `workers` workers at split (I, J) for warm-up + `measured` rounds; with `profile`, the
+    first measured round under torch.profiler (PROFILE_ROUND), its table kept as "profile"."""
     name = f"swarm-n{workers}-i{split[0]}-j{split[1]}"
     exp = drive / "experiments" / name
     shutil.copytree(base / "base", exp / "base")
     total = plan.warmup_updates + measured
     env = {**os.environ, **plan.workload(), "GDRIVE_PATH": str(drive), "EXPERIMENT_NAME": name,
            "NUM_WORKERS": str(workers), "NUM_TRAIN_SAMPLES": str(split[0]), "NUM_TRANSPLANT_TREES": str(split[1]),
-           "MAX_ROUNDS": str(total)}
+           "MAX_ROUNDS": str(total), "PROFILE_ROUND": str(plan.warmup_updates + 1 if profile else 0)}
     with PeakMemory() as memory, open(plan.work / f"{name}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -191,11 +192,21 @@ def run_swarm(plan: PeersPlan, drive: Path, base: Path, workers: int, split: tup
             "completions_per_s": workers * split[0] * 4 / seconds, "updates_per_s": workers / seconds,
             "peak_gib_per_process": memory.peak_gib(), "memory_source": memory.source,
             "held_out": [r.accuracy for r in final], "held_out_updates": [r.round for r in final],
-            "held_out_start": start[0] if start else None, "exit_code": proc.returncode}
+            "held_out_start": start[0] if start else None, "exit_code": proc.returncode,
+            **({"profile": _read_profile(folder.log_dir("worker-1") / f"profile-round-{plan.warmup_updates + 1}.txt")}
+               if profile else {})}
 
 
-def run_trl(plan: PeersPlan, drive: Path, base: Path, processes: int, measured: int) -> dict:
-    """`processes` independent GRPOTrainer processes at once, process k on rl-swarm worker k's questions."""
+def _read_profile(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        return f"no profile: {exc}"
+
+
+def run_trl(plan: PeersPlan, drive: Path, base: Path, processes: int, measured: int, profile: bool = False) -> dict:
+    """`processes` independent GRPOTrainer processes at once, process k on rl-swarm worker k's questions; with
+    `profile`, process 0's first measured update under torch.profiler, its table kept as "profile"."""
     name = f"trl-n{processes}"
     outs, procs = [], []
     with PeakMemory() as memory:
@@ -204,7 +215,9 @@ def run_trl(plan: PeersPlan, drive: Path, base: Path, processes: int, measured: 
                     "base_experiment": str(base), "index": index, "seed": 42 + index,
                     "updates": plan.warmup_updates + measured, "warmup_updates": plan.warmup_updates,
                     "deadline": plan.deadline - STOP_MARGIN, "work_dir": str(plan.work / f"{name}-{index}"),
-                    "threads": max(1, (os.cpu_count() or 1) // processes)}
+                    "threads": max(1, (os.cpu_count() or 1) // processes),
+                    **({"profile_step": plan.warmup_updates + 1, "profile_out": str(plan.work / f"{name}.profile.txt")}
+                       if profile and index == 0 else {})}
             spec_file, out = plan.work / f"{name}-{index}.spec.json", plan.work / f"{name}-{index}.out.json"
             spec_file.write_text(json.dumps(spec))
             log = open(plan.work / f"{name}-{index}.log", "w")      # noqa: SIM115 - closed below, after the wait
@@ -228,7 +241,8 @@ def run_trl(plan: PeersPlan, drive: Path, base: Path, processes: int, measured: 
             "updates_per_s": sum(1 / s for s in seconds), "peak_gib_per_process": memory.peak_gib(),
             "memory_source": memory.source, "held_out": [r["held_out"] for r in rows],
             "held_out_updates": [r["updates"] for r in rows],
-            "torch_peak_gib": max((r["torch_peak_gib"] or 0) for r in rows) or None}
+            "torch_peak_gib": max((r["torch_peak_gib"] or 0) for r in rows) or None,
+            **({"profile": _read_profile(plan.work / f"{name}.profile.txt")} if profile else {})}
 
 
 def _many(runs: dict[int, dict], held_out_count: int) -> dict:
@@ -271,8 +285,10 @@ def bench_peers(plan: PeersPlan, on_progress: Callable[[dict], None] = lambda _:
         print(f"peers {what}: {json.dumps({k: v for k, v in result.items() if k != 'held_out'})[:300]}", flush=True)
         return result
 
-    swarm_alone = phase("rl-swarm alone", lambda: run_swarm(plan, drive, base, 1, LIKE_FOR_LIKE, plan.updates))
-    trl_alone = phase("TRL alone", lambda: run_trl(plan, drive, base, 1, plan.updates))
+    swarm_alone = phase("rl-swarm alone", lambda: run_swarm(plan, drive, base, 1, LIKE_FOR_LIKE, plan.updates,
+                                                            profile=True))
+    trl_alone = phase("TRL alone", lambda: run_trl(plan, drive, base, 1, plan.updates, profile=True))
+    out["profile"] = {"trl": trl_alone.pop("profile", None), "rl_swarm": swarm_alone.pop("profile", None)}
     for i, n in enumerate(plan.counts):
         measured = plan.updates if i == 0 else plan.many_updates
         swarm_runs[n] = phase(f"rl-swarm x{n}",

@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from statistics import median
 
@@ -19,6 +20,7 @@ from configs_env import SwarmConfig
 from workers.evaluation import evaluate_held_out, held_out_questions
 from workers.learning.model import Policy, default_learning_rate, load_policy
 from workers.learning.tasks import Question, TaskMix, build_prompt, score_completion
+from workers.profiling import profiled
 from workers.round_loop import round_seed
 from workers.warmup import load_base
 
@@ -90,6 +92,25 @@ def step_clock(deadline: float):
     return StepClock()
 
 
+def step_profiler(step: int, out: Path, device: torch.device):
+    """A callback running update `step` (1-based: generation, scoring and training) under torch.profiler, its
+    table written to `out` as a swarm worker's PROFILE_ROUND writes its round's."""
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self) -> None:
+            self.open = ExitStack()
+
+        def on_step_begin(self, args, state, control, **kwargs):     # noqa: ANN001 - transformers' signature
+            if state.global_step + 1 == step:
+                self.open.enter_context(profiled(True, out, device, f"TRL update {step}"))
+
+        def on_step_end(self, args, state, control, **kwargs):       # noqa: ANN001
+            self.open.close()
+
+    return StepProfiler()
+
+
 def run(spec: dict) -> dict:
     """Train spec["updates"] updates (fewer if the deadline comes first), then the held-out evaluation."""
     from trl import GRPOTrainer
@@ -105,9 +126,11 @@ def run(spec: dict) -> dict:
     spec = {**spec, "learning_rate": cfg.learning_rate or default_learning_rate(spec["model"])}
     questions = worker_questions(cfg, spec["index"], spec["updates"])
     clock = step_clock(spec["deadline"])
+    callbacks = [clock] + ([step_profiler(spec["profile_step"], Path(spec["profile_out"]), policy.device)]
+                           if spec.get("profile_step") else [])
     trainer = GRPOTrainer(model=policy.model, reward_funcs=reward_correctness, args=grpo_config(cfg, spec, on_cuda),
                           train_dataset=trl_dataset(questions, f"peers-{spec['index']}"),
-                          processing_class=policy.tokenizer, callbacks=[clock])
+                          processing_class=policy.tokenizer, callbacks=callbacks)
     trainer.train()
     updates = len(clock.ends) - 1
     seconds = [b - a for a, b in zip(clock.ends, clock.ends[1:])][spec["warmup_updates"]:]

@@ -148,6 +148,9 @@ class SwarmConfig:
         "0: only before round 1 and after the last round")
     eval_size: int = setting(100, "EVAL_SIZE", p.integer(0, 4096, example=100),
         "Held-out questions: the same for every node, from a seed no worker trains on; 0: no evaluation")
+    profile_round: int = setting(0, "PROFILE_ROUND", p.integer(0, example=5),
+        "Profile this round of every worker with torch.profiler (time per operator, CPU and GPU) into "
+        "logs/<node>/profile-round-N.txt; the profiler slows that round down; 0: off")
     # The shared folder
     rollout_publish_frequency: str = setting("stage", "ROLLOUT_PUBLISH_FREQUENCY",
                                              p.choice(("generation", "stage", "round")),

@@ -24,6 +24,9 @@ def test_trl_and_the_swarm_report_the_same_four_measures_after_the_same_updates(
         held = measures["held_out"]
         assert len(held["per_seed"]) == 2 and all(0 <= a <= 1 for a in held["per_seed"]), side
         assert held["updates"] == [3, 3], side          # warm-up + measured, the same count on both sides
+    # where one update's time goes on each side: the first measured update, profiled operator by operator
+    assert out["profile"]["trl"].startswith("TRL update 2: ") and out["profile"]["rl_swarm"].startswith("round 2: ")
+    assert all("aten::" in text and "Self CPU time total" in text for text in out["profile"].values())
     text = "\n".join(peers_lines(out))
     assert "| completions/s, 2 processes (rl-swarm I=4, J=0) |" in text
     assert "held-out exact-match (rl-swarm I=4, J=0)" in text

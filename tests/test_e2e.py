@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def test_mode_run(tmp_path_factory):
-    """One real TEST_MODE swarm (3 workers), shared by the tests that read its folder."""
+    """One real TEST_MODE swarm (3 workers, round 2 profiled), shared by the tests that read its folder."""
     tmp_path = tmp_path_factory.mktemp("test-mode")
-    return tmp_path, run_up(swarm_env(tmp_path, NUM_WORKERS="3"))
+    return tmp_path, run_up(swarm_env(tmp_path, NUM_WORKERS="3", PROFILE_ROUND="2"))
 
 
 def test_test_mode_swarm_runs_every_round_and_shares_rollouts(test_mode_run):
@@ -50,6 +50,19 @@ def test_test_mode_swarm_runs_every_round_and_shares_rollouts(test_mode_run):
     assert (exp / "base" / "model.safetensors").exists()             # the warm-up ran once, before round 1
     assert "finished" in result.stdout and "warm-up 150 steps" in result.stdout
     assert "validate e2e: 8/8 checks passed" in result.stdout          # TEST_MODE validates its own folder
+
+
+def test_profile_round_writes_where_each_workers_round_went(test_mode_run):
+    tmp_path, result = test_mode_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    logs = tmp_path / "drive" / "experiments" / "e2e" / "logs"
+    for node in ("worker-1", "worker-2", "worker-3"):
+        assert sorted(p.name for p in (logs / node).glob("profile-*")) == ["profile-round-2.txt"]
+        text = (logs / node / "profile-round-2.txt").read_text()
+        assert text.startswith("round 2: ") and "under the profiler on cpu" in text
+        # the round's own work, operator by operator: the model's matrix products and the optimizer's step
+        assert "aten::" in text and "Self CPU time total" in text
+        assert "round 2 profiled" in (logs / node / "worker.log").read_text()
 
 
 def rl_swarm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -37,6 +37,7 @@ from workers.learning.model import (Policy, default_learning_rate, enable_activa
 from workers.learning.optim import make_optimizer
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, local_key_dir
+from workers.profiling import profiled
 from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.learning.tasks import TaskMix
 from workers.warmup import load_base
@@ -218,8 +219,10 @@ class Worker:
             if state is None:
                 break
             self.update(status=Status.GENERATING, round=state.round)
-            metrics = play_round(node, state.round, self.stop, lambda state=state: self.expected_peers(state),
-                                 lambda stage: self.update(status=stage))
+            with profiled(state.round == self.cfg.profile_round, self.folder.log_dir(self.spec.node) /
+                          f"profile-round-{state.round}.txt", node.policy.device, f"round {state.round}"):
+                metrics = play_round(node, state.round, self.stop, lambda state=state: self.expected_peers(state),
+                                     lambda stage: self.update(status=stage))
             if metrics is None:
                 break
             self._record(node, state, metrics)
