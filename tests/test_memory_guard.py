@@ -75,7 +75,7 @@ def test_a_worker_out_of_memory_because_another_process_fills_the_gpu_waits_for_
         tmp_path, monkeypatch):
     import os
 
-    from workers.worker import EXIT_OUT_OF_MEMORY, WorkerSpec
+    from workers.processes import EXIT_OUT_OF_MEMORY, WorkerSpec
 
     cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path), "MAX_RESTARTS": "1"})
     spec = WorkerSpec(cfg=cfg, node="worker-1", index=0, model_name="m", device="cuda:0", parent_pid=os.getpid())
@@ -127,7 +127,7 @@ def test_a_worker_out_of_memory_because_another_process_fills_the_gpu_waits_for_
 
 
 def test_every_way_cuda_says_out_of_memory_is_an_out_of_memory_exit():
-    from workers.worker import out_of_cuda_memory
+    from workers.worker_process import out_of_cuda_memory
 
     # as seen on an H200 that other processes had filled: making the context, then making a cuBLAS handle
     assert out_of_cuda_memory(RuntimeError("CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation'"))

@@ -207,7 +207,7 @@ def test_a_worker_that_gave_up_on_the_coordinator_is_restarted_not_failed(tmp_pa
 
     from swarm_supervisor.dashboard import Dashboard
     from swarm_supervisor.supervisor import Supervisor
-    from workers.worker import EXIT_NO_COORDINATOR, WorkerSpec
+    from workers.processes import EXIT_NO_COORDINATOR, WorkerSpec
 
     cfg = SwarmConfig(gdrive_path=tmp_path, experiment_name="e2e")
     ExperimentFolder(cfg.experiment_dir).create()

@@ -49,11 +49,11 @@ def stop_with_parent(parent_pid: int) -> None:
 
 
 def start_worker(spec: WorkerSpec) -> None:
-    """Process target (spawn) of a worker: workers.worker.worker_main."""
+    """Process target (spawn) of a worker: workers.worker_process.worker_main."""
     # before torch's import, seconds long: Ctrl-C and a terminal's hang-up are the supervisor's to act on
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from workers.worker import worker_main
+    from workers.worker_process import worker_main
 
     try:
         worker_main(spec)

@@ -1,48 +1,41 @@
-"""A worker process: load the model, resume, and play rounds as the coordinator starts them.
+"""A worker: load the model, resume, and play rounds as the coordinator starts them, recording each.
 
-`worker_main` runs the process (its spawn target is processes.start_worker); it talks to the supervisor only
-through the shared folder, a stop Event and its exit code (0: finished or stopped on request, non-zero: crashed).
+The process around it (log file, signals, device, exit codes) is workers.worker_process.
 """
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from configs_env import SwarmConfig, SwarmError
 from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, clear_leftovers, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
-from workers.shared_folder import mount
-from workers.shared_folder.drive_sim import simulate_drive
-from workers.shared_folder.storage import mount_experiment
 from workers.evaluation import eval_due, evaluate_held_out, held_out_questions
-from workers.shared_folder.held_out import eval_file, read_held_out
-from workers.shared_folder.exchange import Exchange, Outbox, newest_round_state
-from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.json_records import write_json_atomic
-from workers.shared_folder.jsonl import append_jsonl
-from workers.shared_folder.rejections import FolderError, RejectedFile
-from workers.shared_folder.retries import with_retries
-from workers.shared_folder.safe_io import open_append
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer
-from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
-from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, local_key_dir
+from workers.learning.tasks import TaskMix
+from workers.processes import COORDINATOR_PATIENCE, EXIT_ORPHANED, WorkerSpec
 from workers.profiling import profiled
 from workers.round_loop import Node, play_round, rehearse_largest_round
-from workers.learning.tasks import TaskMix
+from workers.shared_folder import mount
+from workers.shared_folder.exchange import Exchange, Outbox, newest_round_state
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.held_out import eval_file, read_held_out
+from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.jsonl import append_jsonl
+from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
+from workers.shared_folder.rejections import FolderError, RejectedFile
+from workers.shared_folder.retries import with_retries
+from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, local_key_dir
 from workers.warmup import load_base
-from workers.processes import (COORDINATOR_PATIENCE, EXIT_CONFIG, EXIT_NO_COORDINATOR, EXIT_ORPHANED,
-                               EXIT_OUT_OF_MEMORY, WorkerSpec, stop_with_parent)
 
 log = logging.getLogger("workers.worker")
 
@@ -55,19 +48,6 @@ OUTBOX_EXIT_S, OUTBOX_EXIT_STOPPING_S = 60.0, 20.0
 
 class NoCoordinator(SwarmError):
     """No coordinator heartbeat for COORDINATOR_PATIENCE x PEER_TIMEOUT: restartable, unlike a bad setting."""
-
-
-def _log_to_folder(log_dir: Path) -> None:
-    """Everything the process prints, Python or C level, goes to logs/<node>/worker.log."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    fd = open_append(log_dir / "worker.log")      # never through a link a peer planted at the log's name
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @dataclass
@@ -365,72 +345,3 @@ def node_exchange(folder: ExperimentFolder, cfg: SwarmConfig, node: str) -> Exch
         raise FolderError(conflict)
     with_retries(lambda: keyring.publish(key), f"publishing the public key of {node}")
     return Exchange(folder, node, key, keyring)
-
-
-def worker_main(spec: WorkerSpec) -> None:
-    """Process target (spawn, through processes.start_worker, which leaves Ctrl-C and a terminal's hang-up to the
-    supervisor): the supervisor asks us to stop with SIGTERM once it has said why."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop_with_parent(spec.parent_pid)
-    folder = ExperimentFolder(spec.cfg.experiment_dir)
-    _log_to_folder(folder.log_dir(spec.node))
-    mount_experiment(spec.cfg.swarm_url, folder.root, spec.cfg.experiment_name)   # each process mounts its own
-    simulate_drive(folder.root, spec.cfg.drive_sim_lag, spec.cfg.drive_sim_fail_rate,
-                   seed=spec.cfg.seed * 1000 + spec.index + 1, stale_s=spec.cfg.drive_sim_stale,
-                   hangup_flag=spec.cfg.drive_sim_hangup)
-    if spec.device == "cpu":
-        torch.set_num_threads(1)
-    else:
-        # several processes share the GPU: expandable segments keep each one's cache from fragmenting
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        # a worker on cuda:1 makes no CUDA context on cuda:0 (one would cost every GPU-0 worker ~0.5 GiB)
-        try:
-            torch.cuda.set_device(torch.device(spec.device))
-        except RuntimeError as error:
-            if not out_of_cuda_memory(error):
-                raise
-            log.error("CUDA out of memory making this process's CUDA context on %s: %s", spec.device,
-                      str(error).splitlines()[0])
-            sys.exit(EXIT_OUT_OF_MEMORY)
-    try:
-        worker = Worker(spec, stop)
-    except SwarmError as error:         # its key: the folder holds another one for this node, or another coordinator
-        log.error("%s", error)
-        sys.exit(EXIT_CONFIG)
-    try:
-        worker.run()
-    except NoCoordinator as error:
-        log.error("%s", error)
-        _last_words(worker, str(error))
-        sys.exit(EXIT_NO_COORDINATOR)
-    except SwarmError as error:
-        log.error("%s", error)
-        _last_words(worker, str(error))
-        sys.exit(EXIT_CONFIG)
-    except Exception as error:
-        if out_of_cuda_memory(error):
-            log.error("CUDA out of memory with generation in %d batch(es): %s", spec.generation_splits,
-                      str(error).splitlines()[0])
-            _last_words(worker, f"CUDA out of memory (generation in {spec.generation_splits} batches)")
-            sys.exit(EXIT_OUT_OF_MEMORY)
-        log.exception("worker crashed")
-        _last_words(worker, f"{type(error).__name__}: {error}".splitlines()[0][:300])
-        raise
-
-
-def out_of_cuda_memory(error: BaseException) -> bool:
-    """torch's OutOfMemoryError, or the same shortage where CUDA reports it otherwise: making a context
-    ("CUDA error: out of memory") or a cuBLAS handle (CUBLAS_STATUS_ALLOC_FAILED) on a GPU others have filled."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("CUDA error: out of memory" in text
-                                                 or "CUBLAS_STATUS_ALLOC_FAILED" in text)
-
-
-def _last_words(worker: Worker, message: str) -> None:
-    try:
-        worker.update(status=Status.CRASHED, last_error=message)
-    except OSError as exc:
-        log.warning("could not record the error in the heartbeat: %s", exc)
