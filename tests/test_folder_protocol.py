@@ -117,12 +117,16 @@ def test_heartbeats_tell_alive_from_gone(folder):
     assert live_workers(beats, peer_timeout=120, now=now) == {"w-1"}
 
 
-def test_jsonl_reader_skips_a_torn_last_line(tmp_path):
+def test_a_torn_last_line_is_skipped_and_swallows_no_line_appended_after_it(tmp_path):
     path = tmp_path / "m.jsonl"
     append_jsonl(path, {"round": 1})
     with open(path, "a") as f:
         f.write('{"round": 2, "rew')
     assert list(read_jsonl(path)) == [{"round": 1}]
+    # the restarted writer appends after the torn line: the torn one stays one bad line, the new one is read
+    append_jsonl(path, {"round": 2})
+    lines = read_jsonl(path)
+    assert list(lines) == [{"round": 1}, {"round": 2}] and len(lines.bad) == 1
 
 
 def test_metrics_row_round_trips_and_rejects_bad_fields():

@@ -344,7 +344,7 @@ def open_append(path: Path) -> int:
     (the link itself, never what it points to) and a new file takes its place: a line that waited for the
     path instead would hold up the round's later files. OSError when a folder sits there.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND        # read too: append_durably looks at the last byte
     try:
         return _open_regular(path, flags)
     except NotRegularFile as error:
@@ -369,10 +369,40 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def sync_folder(folder: Path, files: bool = False) -> None:
+    """fsync a folder, so that a rename into it or a file made in it outlives a power cut; with `files`, each
+    regular file directly in it first (links are never followed). A file system that cannot sync a folder (some
+    network mounts answer EINVAL) is left to its own guarantees."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if files:
+            for entry in os.scandir(fd):
+                if entry.is_file(follow_symlinks=False):
+                    file_fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        os.fsync(file_fd)
+                    finally:
+                        os.close(file_fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                raise
+    finally:
+        os.close(fd)
+
+
 def append_durably(path: Path, data: bytes) -> None:
-    """Append `data` to the regular file at `path` (made if missing, never through a link) and fsync."""
+    """Append `data`, whole lines, to the regular file at `path` (made if missing, never through a link) and fsync.
+
+    A line a crash tore at the end of the file is ended first: it stays one bad line that readers skip, where
+    without its newline it would swallow this one too (a metrics line rewritten by a restart, say).
+    """
     fd = open_append(path)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         write_all(fd, data)
         os.fsync(fd)
     finally:
