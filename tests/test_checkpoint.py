@@ -174,3 +174,26 @@ def test_a_checkpoint_the_disk_refuses_is_an_oserror_and_leaves_no_half_folder(t
     with pytest.raises(OSError, match="checkpoint of round 2 not written: .*PytorchStreamWriter failed"):
         save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000001"]     # the old one intact, no temp folder
+
+
+def test_a_checkpoint_the_drive_cannot_read_now_stops_the_resume_instead_of_starting_from_scratch(tmp_path,
+                                                                                                monkeypatch):
+    """An EIO is the mount, not the checkpoint: going on from the base would prune the trained checkpoints at the
+    next saves. The worker exits instead, and its restart resumes once the Drive answers again."""
+    import errno
+
+    import workers.checkpoint as checkpoint_module
+
+    monkeypatch.setattr("workers.shared_folder.retries.backoff_s", lambda *_: 0.0)
+    model, optimizer = trained(0)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+    load_model = checkpoint_module.load_model
+    monkeypatch.setattr(checkpoint_module, "load_model",
+                        lambda *args, **kwargs: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    fresh = tiny_model(1)
+    with pytest.raises(OSError, match="Input/output error"):
+        load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000001", "round_000002"]     # both still there
+    monkeypatch.setattr(checkpoint_module, "load_model", load_model)          # the Drive is back
+    assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m").round == 2

@@ -12,14 +12,16 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from configs_env import SwarmError
 from workers.shared_folder.folder import ExperimentFolder
@@ -27,7 +29,7 @@ from workers.shared_folder.json_records import read_json_bounded, write_json_ato
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.retries import with_retries
-from workers.shared_folder.safe_io import is_visible
+from workers.shared_folder.safe_io import is_visible, sync_folder
 from workers.shared_folder.mount import make_dirs
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics
@@ -51,51 +53,88 @@ class CheckpointMeta:
     metrics_tail: tuple[RoundMetrics, ...] = ()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class CheckpointSnapshot:
+    """A checkpoint copied to host memory: its write, in any thread and later, reads nothing training changes."""
+
+    meta: CheckpointMeta
+    weights: dict[str, torch.Tensor]      # model.safetensors: one name per storage (GPT-2's lm_head is its wte)
+    state: dict[str, Any]                 # state.pt: the optimizer's state and torch's RNGs
+    record: dict[str, Any]                # meta.json
+
+
+def host_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights copied to the CPU. safetensors stores no tensor twice: of the names sharing one
+    (GPT-2's lm_head is its wte), the alphabetically first is kept, as safetensors' save_model keeps it, and
+    load_model restores the others from it."""
+    names: dict[tuple, list[str]] = {}
+    tensors = model.state_dict()
+    for name, tensor in tensors.items():
+        same = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        names.setdefault(same, []).append(name)
+    return {min(group): tensors[min(group)].detach().to("cpu", copy=True).contiguous() for group in names.values()}
+
+
+def _to_host(value: Any) -> Any:
+    """A copy of a state dict on the CPU: every tensor copied, containers rebuilt, numbers and strings kept."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(item) for item in value)
+    return value
+
+
+def snapshot_checkpoint(meta: CheckpointMeta, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> CheckpointSnapshot:
+    """Everything a checkpoint holds, taken now: weights, optimizer state and every RNG."""
+    # weights_only=True can read state.pt back: tensors, numbers and plain containers only, no pickled objects
+    state = {"optimizer": _to_host(optimizer.state_dict()), "torch_rng": torch.get_rng_state()}
+    # only when this process already uses CUDA: asking an idle GPU for its RNG would create a context there
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    record = {"schema": SCHEMA, "round": meta.round, "node": meta.node, "model_name": meta.model_name,
+              "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state(),
+              "metrics_tail": [m.to_json() for m in meta.metrics_tail[-METRICS_TAIL:]]}
+    return CheckpointSnapshot(meta, host_weights(model), state, record)
 
 
 def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> Path:
+    """A checkpoint of the model and optimizer as they are, written before returning (see write_checkpoint)."""
+    return write_checkpoint(root, snapshot_checkpoint(meta, model, optimizer))
+
+
+def write_checkpoint(root: Path, snapshot: CheckpointSnapshot) -> Path:
     """Write into a temp folder, fsync, then rename: a crash leaves the previous checkpoint intact.
 
     Any failure to write is an OSError (torch and safetensors report a full or failing disk as their own
     errors), and leaves no temp folder behind: each would hold a whole model.
     """
     make_dirs(root)
-    tmp = make_temp_dir(root / f"round_{meta.round:06d}")
+    round_ = snapshot.meta.round
+    tmp = make_temp_dir(root / f"round_{round_:06d}")
     try:
-        return _write_checkpoint(root, tmp, meta, model, optimizer)
+        return _write_checkpoint(root, tmp, snapshot)
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise
-        raise OSError(f"checkpoint of round {meta.round} not written: {str(exc).splitlines()[0][:200]}") from exc
+        raise OSError(f"checkpoint of round {round_} not written: {str(exc).splitlines()[0][:200]}") from exc
 
 
-def _write_checkpoint(root: Path, tmp: Path, meta: CheckpointMeta, model: torch.nn.Module,
-                      optimizer: torch.optim.Optimizer) -> Path:
-    final = root / f"round_{meta.round:06d}"
-    save_model(model, str(tmp / "model.safetensors"))
-    # weights_only=True can read this back: tensors, numbers and plain containers only, no pickled objects
-    state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-    # only when this process already uses CUDA: asking an idle GPU for its RNG would create a context there
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "state.pt")
+def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot) -> Path:
+    final = root / f"round_{snapshot.meta.round:06d}"
+    save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(snapshot.state, tmp / "state.pt")
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        json.dump({"schema": SCHEMA, "round": meta.round, "node": meta.node, "model_name": meta.model_name,
-                   "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state(),
-                   "metrics_tail": [m.to_json() for m in meta.metrics_tail[-METRICS_TAIL:]]}, f, allow_nan=False)
-    for name in ("model.safetensors", "state.pt", "meta.json"):
-        _fsync_file(tmp / name)
+        json.dump(snapshot.record, f, allow_nan=False)
+    sync_folder(tmp, files=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    sync_folder(root)           # the rename outlives a power cut before _prune removes the older checkpoints
     _prune(root)
     return final
 
@@ -153,8 +192,10 @@ def _prune(root: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: float, model: torch.nn.Module) -> Path:
-    """The model of the node's best held-out evaluation, as root/best/ (weights and meta.json; never resumed from).
+def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: float,
+              weights: dict[str, torch.Tensor]) -> Path:
+    """The model of the node's best held-out evaluation (`weights`, from host_weights), as root/best/ (weights and
+    meta.json; never resumed from).
 
     Written beside the old best and swapped in by renames, so a crash leaves one whole best model, old or new.
     """
@@ -163,15 +204,15 @@ def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: flo
     tmp = make_temp_dir(final)
     old = tmp.with_suffix(".old")
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         with open(tmp / "meta.json", "w", encoding="utf-8") as f:
             json.dump({"schema": SCHEMA, "node": node, "model_name": model_name, "round": round_,
                        "held_out_accuracy": accuracy}, f, allow_nan=False)
-        for name in ("model.safetensors", "meta.json"):
-            _fsync_file(tmp / name)
+        sync_folder(tmp, files=True)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
+        sync_folder(root)
         shutil.rmtree(old, ignore_errors=True)
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,16 +255,27 @@ class BestModel:
     def __init__(self, root: Path, node: str, model_name: str):
         self.root, self.node, self.model_name = root, node, model_name
         meta = read_best(root)
-        self.accuracy: float | None = float(meta["held_out_accuracy"]) if meta else None
+        self.written: float | None = float(meta["held_out_accuracy"]) if meta else None   # what best/ holds
+        self.accuracy = self.written            # the best offered: written, or being written
+        self._offered: dict[int, float] = {}
 
-    def offer(self, round_: int, accuracy: float, model: torch.nn.Module) -> bool:
-        """Save the model when it beats every earlier evaluation; True when it did. A folder error is an OSError."""
+    def offer(self, round_: int, accuracy: float, model: torch.nn.Module) -> Callable[[], Path] | None:
+        """When `accuracy` beats every earlier evaluation, the write that saves the model as best (its weights
+        copied now, so training may go on before it runs); report its outcome to `landed`."""
         if self.accuracy is not None and accuracy <= self.accuracy:
-            return False
-        with_retries(lambda: save_best(self.root, self.node, self.model_name, round_, accuracy, model),
-                     f"best model of round {round_}")
-        self.accuracy = accuracy
-        return True
+            return None
+        self.accuracy, self._offered[round_] = accuracy, accuracy
+        return partial(save_best, self.root, self.node, self.model_name, round_, accuracy, host_weights(model))
+
+    def landed(self, round_: int, ok: bool) -> None:
+        """The write of round_'s offer ended; one that failed leaves the next better evaluation to try again."""
+        accuracy = self._offered.pop(round_, None)
+        if accuracy is None:
+            return
+        if ok:
+            self.written = accuracy if self.written is None else max(self.written, accuracy)
+        offered = [self.written, *self._offered.values()]
+        self.accuracy = max((a for a in offered if a is not None), default=None)
 
 
 class CheckpointMismatch(SwarmError):
@@ -232,28 +284,40 @@ class CheckpointMismatch(SwarmError):
 
 def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                            model_name: str) -> CheckpointMeta | None:
-    """Restore the newest complete checkpoint; incomplete or corrupt ones are skipped with a warning."""
+    """Restore the newest complete checkpoint; incomplete or corrupt ones are skipped with a warning.
+
+    A folder error that outlasts the retries (EIO, a Drive mount gone stale) is raised, never taken for a
+    corrupt checkpoint: a worker that went on from the base instead would prune its trained checkpoints with
+    its next saves. It exits, and its restart tries again.
+    """
     if not root.exists():
         return None
     for folder in sorted(root.glob("round_*"), reverse=True):
         try:
-            record = read_json_bounded(folder / "meta.json", max_bytes=1024 * 1024)
-            if not isinstance(record.get("round"), int) or not isinstance(record.get("model_name"), str):
-                raise RejectedFile(f"{folder / 'meta.json'}: missing round or model_name")
-            if record["model_name"] != model_name:
-                raise CheckpointMismatch(
-                    f"{folder} was trained from MODEL_NAME={record['model_name']!r}, not {model_name!r}: "
-                    f"set MODEL_NAME={record['model_name']} to resume, or use a new EXPERIMENT_NAME")
-            load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
-            state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
-            optimizer.load_state_dict(state["optimizer"])
-            _restore_rngs(record, state, folder)
-            return CheckpointMeta(round=record["round"], node=str(record.get("node", "")),
-                                  model_name=record["model_name"], metrics_tail=_metrics_tail(record, folder))
-        except (FileNotFoundError, RejectedFile, SafetensorError, RuntimeError, KeyError, ValueError, TypeError,
-                OSError, pickle.UnpicklingError) as exc:   # UnpicklingError: state.pt holds more than weights
+            return with_retries(lambda folder=folder: _load_checkpoint(folder, model, optimizer, model_name),
+                                f"loading the checkpoint {folder}", retry_missing=False)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, RejectedFile, SafetensorError,
+                RuntimeError, KeyError, ValueError, TypeError, EOFError,
+                pickle.UnpicklingError) as exc:   # UnpicklingError: state.pt holds more than weights
             log.warning("checkpoint %s is unusable (%s); trying an older one", folder, str(exc).splitlines()[0][:200])
     return None
+
+
+def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     model_name: str) -> CheckpointMeta:
+    record = read_json_bounded(folder / "meta.json", max_bytes=1024 * 1024)
+    if not isinstance(record.get("round"), int) or not isinstance(record.get("model_name"), str):
+        raise RejectedFile(f"{folder / 'meta.json'}: missing round or model_name")
+    if record["model_name"] != model_name:
+        raise CheckpointMismatch(
+            f"{folder} was trained from MODEL_NAME={record['model_name']!r}, not {model_name!r}: "
+            f"set MODEL_NAME={record['model_name']} to resume, or use a new EXPERIMENT_NAME")
+    load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
+    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    _restore_rngs(record, state, folder)
+    return CheckpointMeta(round=record["round"], node=str(record.get("node", "")),
+                          model_name=record["model_name"], metrics_tail=_metrics_tail(record, folder))
 
 
 def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMeta, key: NodeKey) -> list[int]:

@@ -16,7 +16,8 @@ import torch
 
 from configs_env import SwarmConfig, SwarmError
 from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, clear_leftovers, load_latest_checkpoint,
-                                rewrite_lost_records, save_checkpoint)
+                                rewrite_lost_records, snapshot_checkpoint, write_checkpoint)
+from workers.checkpoint_writer import BackgroundWriter
 from workers.evaluation import eval_due, evaluate_held_out, held_out_questions
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
@@ -44,6 +45,7 @@ ROUND_POLL_S = 0.2        # between looks for a new round; on this host the coor
 OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
 # how long a leaving worker keeps trying them: shorter when asked to stop, inside the supervisor's 30 s grace
 OUTBOX_EXIT_S, OUTBOX_EXIT_STOPPING_S = 60.0, 20.0
+WRITES_EXIT_S = 300.0     # how long a worker that finished waits for its checkpoints' writes (a stop: the above)
 
 
 class NoCoordinator(SwarmError):
@@ -52,10 +54,11 @@ class NoCoordinator(SwarmError):
 
 @dataclass
 class Progress:
-    """Where a worker is in its record-keeping: the last round played and saved, and its recent metrics."""
+    """Where a worker is in its record-keeping: the last round played, saved and written, and its recent metrics."""
 
     last_done: int = 0
-    last_saved: int = 0
+    last_saved: int = 0                 # the last checkpoint taken: written, or being written
+    last_written: int = 0               # the last checkpoint on disk
     history: deque = field(default_factory=lambda: deque(maxlen=METRICS_TAIL))
     checkpoint_owed: bool = False       # a due checkpoint the folder refused: the next round tries again
 
@@ -63,7 +66,7 @@ class Progress:
     def resumed(cls, meta: CheckpointMeta | None) -> "Progress":
         if meta is None:
             return cls()
-        return cls(meta.round, meta.round, deque(meta.metrics_tail, maxlen=METRICS_TAIL))
+        return cls(meta.round, meta.round, meta.round, deque(meta.metrics_tail, maxlen=METRICS_TAIL))
 
 
 class Worker:
@@ -76,6 +79,7 @@ class Worker:
         self._beat_lock = threading.Lock()
         self.outbox = Outbox()
         self.checkpoints = self.folder.checkpoint_dir(spec.node)
+        self.writer = BackgroundWriter(f"checkpoints of {spec.node}")
         self.progress = Progress()
         self.held_out: list = []
         self.best: BestModel | None = None
@@ -262,17 +266,17 @@ class Worker:
         progress.last_done = round_
         # the checkpoint before the metrics line: a kill between them leaves the line to the restart
         # (rewrite_lost_records), where the other order would replay the round and write it twice
-        due = round_ % cfg.checkpoint_interval == 0 or round_ >= cfg.max_rounds
-        if (due or progress.checkpoint_owed) and self._save(node, round_):
-            progress.last_saved, progress.checkpoint_owed = round_, False
-        elif due:
-            progress.checkpoint_owed = True
+        self._writes_ended()
+        if round_ % cfg.checkpoint_interval == 0 or round_ >= cfg.max_rounds or progress.checkpoint_owed:
+            progress.checkpoint_owed = not self._save(node, round_)
         metrics_file = self.folder.metrics_file(self.spec.node)
         # a line doubled by a retry after a write that did land is harmless: readers keep a round's last row
         self.outbox.send(f"appending to {metrics_file}", partial(append_jsonl, metrics_file, record))
         # before the "done" mark, so the coordinator's last round waits for the final evaluation
         if self.held_out and eval_due(round_, state.max_rounds, cfg.eval_every) and not self.stop.is_set():
             self._evaluate(node, round_)
+            if round_ >= state.max_rounds:      # its line may wait behind the best model's write
+                self._finish_writes(WRITES_EXIT_S)
         # the rewards file is the round's "done" mark for the coordinator, so it is written last
         reward_file = self.folder.reward_file(round_, self.spec.node)
         if self.outbox.send(f"writing {reward_file}", partial(write_json_atomic, reward_file, record)):
@@ -287,45 +291,82 @@ class Worker:
         """Held-out greedy accuracy to eval.jsonl; the model kept as best/ when it beats every earlier one."""
         self.update(status=Status.EVALUATING)
         result = evaluate_held_out(node.policy, self.cfg, self.held_out, self.spec.node, round_, node.splits)
-        path = eval_file(self.folder, self.spec.node)
-        self.outbox.send(f"appending to {path}", partial(append_jsonl, path, self.exchange.key.sign(result.to_json())))
         log.info("%s: held-out greedy exact-match %.1f%% of %d questions (%.1fs)",
                  f"after round {round_}" if round_ else "before round 1", 100 * result.accuracy,
                  result.questions, result.seconds)
-        try:
-            if self.best.offer(round_, result.accuracy, node.policy.model):
-                log.info("round %d: the best held-out accuracy so far; model saved to %s/best", round_,
-                         self.checkpoints)
-        except OSError as exc:      # training goes on; the next better evaluation tries again
-            log.warning("round %d: best model not saved (%s)", round_, exc)
+        path = eval_file(self.folder, self.spec.node)
+        line = (f"appending to {path}", partial(append_jsonl, path, self.exchange.key.sign(result.to_json())))
+        write = self.best.offer(round_, result.accuracy, node.policy.model)
+        if write is not None:
+            try:
+                self.writer.submit("best", round_, f"best model of round {round_}", write)
+                # the line after the model: a kill between them leaves no line, so the resumed worker evaluates
+                # its checkpoint's round again and offers that model; never a best accuracy whose model is lost
+                self.writer.submit("record", round_, *line)
+                return
+            except OSError as exc:      # training goes on; the next better evaluation tries again
+                self.best.landed(round_, ok=False)
+                log.warning("round %d: best model not saved (%s)", round_, exc)
+        self.outbox.send(*line)
 
     def _save(self, node: Node, round_: int) -> bool:
-        """A checkpoint; False when the folder refused it: training goes on and the next round tries again."""
+        """A checkpoint, copied now and written behind the rounds; False when it could not be queued."""
         meta = CheckpointMeta(round_, self.spec.node, self.spec.model_name, tuple(self.progress.history))
+        snapshot = snapshot_checkpoint(meta, node.policy.model, node.optimizer)
         try:
-            with_retries(lambda: save_checkpoint(self.checkpoints, meta, node.policy.model, node.optimizer),
-                         f"checkpoint of round {round_}")
+            self.writer.submit("checkpoint", round_, f"checkpoint of round {round_}",
+                               lambda: write_checkpoint(self.checkpoints, snapshot))
         except OSError as exc:
             log.warning("round %d: checkpoint not saved (%s); the next round tries again", round_, exc)
             return False
+        self.progress.last_saved = round_
         return True
+
+    def _writes_ended(self) -> None:
+        """Take note of the checkpoints and best models whose writes ended; a failed checkpoint is owed again."""
+        progress = self.progress
+        for written in self.writer.finished():
+            if written.kind == "best":
+                self.best.landed(written.round, ok=written.error is None)
+            if written.error is not None and written.kind == "record":       # waits in the outbox like any line
+                self.outbox.send(written.what, written.write)
+            elif written.error is not None:
+                log.warning("round %d: %s not written (%s)%s", written.round, written.what, written.error,
+                            "; the next round tries again" if written.kind == "checkpoint" else "")
+                if written.kind == "checkpoint" and written.round == progress.last_saved:
+                    progress.last_saved, progress.checkpoint_owed = progress.last_written, True
+            elif written.kind == "checkpoint":
+                progress.last_written = max(progress.last_written, written.round)
+            elif written.kind == "best":
+                log.info("round %d: the best held-out accuracy so far; model saved to %s/best", written.round,
+                         self.checkpoints)
 
     def _leave(self, node: Node) -> None:
         """A last checkpoint, every record written (or a non-zero exit that the restart completes), a last beat."""
         progress = self.progress
-        if progress.last_done > progress.last_saved and self._save(node, progress.last_done):
-            progress.last_saved = progress.last_done
+        if progress.last_done > progress.last_saved:
+            self._save(node, progress.last_done)
+        # asked to stop, the writes and the records share the supervisor's grace
+        stopping = self.stop.is_set()
+        writes_by = time.monotonic() + (OUTBOX_EXIT_STOPPING_S if stopping else WRITES_EXIT_S)
+        self._finish_writes(writes_by - time.monotonic())
         self.exchange.trouble.clear()            # a round's publishing trouble is history once it is over
-        if not self._drain_outbox():
+        if not self._drain_outbox(writes_by if stopping else time.monotonic() + OUTBOX_EXIT_S):
             # exit non-zero, so the supervisor restarts this worker: the restart rewrites the metrics lines
             # and the rewards file its checkpoint holds (rewrite_lost_records)
             raise OSError(f"{len(self.outbox)} record(s) not written: the shared folder kept refusing them "
-                          f"(checkpoint of round {progress.last_saved} saved)")
+                          f"(checkpoint of round {progress.last_written} saved)")
         self.update(status=Status.STOPPED if self.stop.is_set() else Status.DONE, round=progress.last_done)
 
-    def _drain_outbox(self) -> bool:
-        """Keep trying what waits for a bounded time, as a worker leaves; True when it all landed."""
-        deadline = time.monotonic() + (OUTBOX_EXIT_STOPPING_S if self.stop.is_set() else OUTBOX_EXIT_S)
+    def _finish_writes(self, timeout: float) -> None:
+        """Wait for the writes behind the rounds, for up to `timeout` seconds, and take note of them."""
+        if not self.writer.wait(timeout):
+            log.warning("checkpoint writes still running after %.0fs; the checkpoint of round %d stands", timeout,
+                        self.progress.last_written)
+        self._writes_ended()
+
+    def _drain_outbox(self, deadline: float) -> bool:
+        """Keep trying what waits until `deadline` (monotonic), as a worker leaves; True when it all landed."""
         while not self.outbox.flush(attempts=1):
             if time.monotonic() >= deadline:
                 return False

@@ -1,0 +1,139 @@
+"""Checkpoints and best models are written behind the rounds: what is saved is the model as it was when saved,
+training goes on while the write runs, and a write that fails is reported, never lost."""
+
+import threading
+
+import pytest
+import torch
+
+from tests.test_checkpoint import tiny_model, trained
+from workers.checkpoint import (BestModel, CheckpointMeta, load_latest_checkpoint, read_best, snapshot_checkpoint,
+                                write_checkpoint)
+from workers.checkpoint_writer import BackgroundWriter
+
+WAIT_S = 30.0
+
+
+def test_a_checkpoint_written_later_holds_the_model_as_it_was_when_saved(tmp_path):
+    model, optimizer = trained(0)
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    saved_moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    snapshot = snapshot_checkpoint(CheckpointMeta(50, "w-1", "m"), model, optimizer)
+    expected_draw = torch.rand(3)           # the RNG as it was when saved comes back on resume
+    # training goes on before the write runs: another step changes every weight and moment in place
+    model(torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.transformer.wte.weight, saved["transformer.wte.weight"])
+
+    write_checkpoint(tmp_path, snapshot)
+    fresh = tiny_model(1)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert load_latest_checkpoint(tmp_path, fresh, fresh_optimizer, "m").round == 50
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], saved_moment)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()    # still tied
+
+
+def test_the_worker_goes_on_while_its_checkpoint_is_written(tmp_path):
+    model, optimizer = trained(0)
+    writer = BackgroundWriter("test")
+    started, release = threading.Event(), threading.Event()
+    snapshot = snapshot_checkpoint(CheckpointMeta(50, "w-1", "m"), model, optimizer)
+
+    def slow_write() -> None:           # a Drive mount taking its time
+        started.set()
+        assert release.wait(WAIT_S)
+        write_checkpoint(tmp_path, snapshot)
+
+    writer.submit("checkpoint", 50, "checkpoint of round 50", slow_write)
+    assert started.wait(WAIT_S)
+    assert not writer.wait(0.05) and writer.finished() == []        # submit returned; the write still runs
+    assert not (tmp_path / "round_000050").exists()
+    release.set()
+    assert writer.wait(WAIT_S)
+    [written] = writer.finished()
+    assert (written.kind, written.round, written.error) == ("checkpoint", 50, None)
+    assert (tmp_path / "round_000050" / "meta.json").is_file()
+
+
+def test_a_write_that_fails_other_than_by_the_folder_crashes_the_worker():
+    writer = BackgroundWriter("test")
+    writer.submit("checkpoint", 50, "checkpoint of round 50", lambda: 1 / 0)
+    assert writer.wait(WAIT_S)
+    with pytest.raises(ZeroDivisionError):          # a bug, not the disk: raised in the worker's thread
+        writer.finished()
+
+
+def test_a_refused_write_is_handed_back_in_order_with_what_landed(tmp_path, monkeypatch):
+    monkeypatch.setattr("workers.shared_folder.retries.backoff_s", lambda *_: 0.0)
+    model, optimizer = trained(0)
+    writer = BackgroundWriter("test")
+
+    def refused() -> None:
+        raise OSError(28, "No space left on device")
+
+    writer.submit("checkpoint", 50, "checkpoint of round 50", refused)
+    snapshot = snapshot_checkpoint(CheckpointMeta(51, "w-1", "m"), model, optimizer)
+    writer.submit("checkpoint", 51, "checkpoint of round 51", lambda: write_checkpoint(tmp_path, snapshot))
+    assert writer.wait(WAIT_S)
+    first, second = writer.finished()
+    assert first.round == 50 and isinstance(first.error, OSError) and "No space" in str(first.error)
+    assert second.round == 51 and second.error is None
+
+
+def test_a_best_model_whose_write_failed_is_saved_by_the_next_evaluation(tmp_path):
+    model, _ = trained(0)
+    best = BestModel(tmp_path, "w-1", "m")
+    assert best.offer(0, 0.5, model) is not None
+    best.landed(0, ok=False)                 # the folder refused it: best/ holds nothing yet
+    write = best.offer(50, 0.4, model)       # lower than the failed one, still the best on disk
+    assert write is not None
+    write()
+    best.landed(50, ok=True)
+    assert read_best(tmp_path)["held_out_accuracy"] == 0.4
+    assert best.offer(100, 0.3, model) is None and best.offer(100, 0.6, model) is not None
+
+
+def test_a_new_best_evaluation_is_recorded_only_once_its_model_is_saved(tmp_path, monkeypatch):
+    """A kill while the best model is written must not leave a best accuracy in eval.jsonl whose model is lost:
+    the line comes after the model, so a restart finds no line and evaluates that round again."""
+    import os
+    from types import SimpleNamespace
+
+    import workers.checkpoint as checkpoint_module
+    import workers.worker as worker_module
+    from configs_env import SwarmConfig
+    from workers.shared_folder.folder import ExperimentFolder
+    from workers.shared_folder.held_out import eval_file, read_held_out
+    from workers.shared_folder.protocol import HeldOutEval
+    from workers.worker import Worker, WorkerSpec
+
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path), "EXPERIMENT_NAME": "e",
+                                "RL_SWARM_CACHE": str(tmp_path / "cache")})
+    ExperimentFolder(cfg.experiment_dir).create()
+    worker = Worker(WorkerSpec(cfg=cfg, node="w-1", index=0, model_name="m", device="cpu",
+                               parent_pid=os.getppid()), threading.Event())
+    worker.best = BestModel(worker.checkpoints, "w-1", "m")
+    monkeypatch.setattr(worker_module, "evaluate_held_out",
+                        lambda policy, cfg, questions, node, round_, splits: HeldOutEval(node, round_, 0.75, 10, 0.1))
+    started, release = threading.Event(), threading.Event()
+    save_best = checkpoint_module.save_best
+
+    def slow_save_best(*args):          # a Drive mount taking its time, or a kill on the way
+        started.set()
+        assert release.wait(WAIT_S)
+        return save_best(*args)
+
+    monkeypatch.setattr(checkpoint_module, "save_best", slow_save_best)
+    model, _ = trained(0)
+    worker._evaluate(SimpleNamespace(policy=SimpleNamespace(model=model), splits=1), 50)
+    assert started.wait(WAIT_S)
+    path = eval_file(worker.folder, "w-1")
+    assert read_held_out(path)[0] == [] and read_best(worker.checkpoints) is None    # neither, while it writes
+    release.set()
+    assert worker.writer.wait(WAIT_S)
+    worker._writes_ended()
+    assert [(row.round, row.accuracy) for row in read_held_out(path)[0]] == [(50, 0.75)]
+    assert read_best(worker.checkpoints)["round"] == 50
