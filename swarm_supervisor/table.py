@@ -22,6 +22,7 @@ from workers.shared_folder.exchange import read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.signing import KeyRing, local_key_dir
 from workers.shared_folder.leftovers import make_temp_dir
+from workers.shared_folder.safe_io import sync_folder
 
 POLL_S = 1.0
 STOP_GRACE_S = 90.0
@@ -96,7 +97,9 @@ def _copy_folder(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(target)
     shutil.copytree(source, tmp, dirs_exist_ok=True)
+    sync_folder(tmp, files=True)        # the weights on disk before the rename that makes them the arm's base
     os.replace(tmp, target)
+    sync_folder(target.parent)
 
 
 class ArmRunner:

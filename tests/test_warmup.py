@@ -135,3 +135,14 @@ def test_a_base_whose_meta_cannot_be_read_is_refused_not_trained_past(model_cach
     assert str(error.value) == (f"{base / 'meta.json'} cannot be read, so the base cannot be checked: delete "
                                 f"{base} to warm up again")
     assert not load_base(tmp_path / "no-base-yet", fresh_policy(model_cache))      # no base at all: the raw model
+
+
+def test_a_base_whose_weights_a_power_cut_emptied_is_refused_with_the_fix(model_cache, tmp_path):
+    """meta.json whole beside an empty weights file: every worker would crash on a raw safetensors error."""
+    policy = fresh_policy(model_cache)
+    base = save_base(tmp_path, policy, WarmupReport(policy.name, 1, 2.5, 0.0, 0.0, 1.0))
+    (base / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RejectedFile) as error:
+        load_base(tmp_path, fresh_policy(model_cache))
+    assert str(error.value).startswith(f"{base / 'model.safetensors'} cannot be loaded (")
+    assert str(error.value).endswith(f"): delete {base} to warm up again") and "\n" not in str(error.value)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from configs_env import SwarmConfig, SwarmError
@@ -24,7 +25,7 @@ from workers.shared_folder.base_meta import BASE_META_SCHEMA, read_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.leftovers import make_temp_dir
-from workers.shared_folder.safe_io import is_visible
+from workers.shared_folder.safe_io import is_visible, sync_folder
 from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
 from workers.learning.generation import encode_prompt
 from workers.learning.grpo import build_batch, completion_logprobs, step_if_finite
@@ -186,11 +187,12 @@ def save_base(experiment_root: Path, policy: Policy, report: WarmupReport) -> Pa
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
         # no NaN: the readers skip a meta.json that holds one, and would start every worker from scratch
         json.dump({"schema": BASE_META_SCHEMA, **asdict(report)}, f, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
+    # the weights too: a whole meta.json beside weights a power cut emptied would pass for a base
+    sync_folder(tmp, files=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    sync_folder(final.parent)
     return final
 
 
@@ -205,7 +207,12 @@ def load_base(experiment_root: Path, policy: Policy) -> bool:
     if meta.get("model_name") != policy.name:
         raise RejectedFile(f"{base_dir(experiment_root)} was made for MODEL_NAME={meta.get('model_name')!r}, not "
                            f"{policy.name!r}: use a new EXPERIMENT_NAME or the same MODEL_NAME")
-    load_model(policy.model, str(base_dir(experiment_root) / "model.safetensors"), device=str(policy.device))
+    try:
+        load_model(policy.model, str(base_dir(experiment_root) / "model.safetensors"), device=str(policy.device))
+    except (SafetensorError, FileNotFoundError, RuntimeError) as exc:
+        raise RejectedFile(f"{base_dir(experiment_root) / 'model.safetensors'} cannot be loaded "
+                           f"({str(exc).splitlines()[0][:120]}): delete {base_dir(experiment_root)} to warm up "
+                           f"again") from exc
     if not _weights_finite(policy.model):
         # NaN weights generate garbage that earns no reward, so no group has an advantage and nothing ever
         # trains: a swarm would run every round and learn nothing, without an error anywhere

@@ -28,7 +28,7 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import (CHECKSUM_KEY, SIGNATURE_KEY, canonical_json, read_json_bounded,
                                                 record_checksum, write_json_create_only)
 from workers.shared_folder.rejections import FolderError, RejectedFile, check_node_name, warn_once
-from workers.shared_folder.safe_io import is_visible
+from workers.shared_folder.safe_io import is_visible, sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def _create_private_file(path: Path, data: bytes) -> bool:
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, path)
+        sync_folder(path.parent)        # a key lost to a power cut, its public half published, locks the name out
     except FileExistsError:
         return False
     finally:
