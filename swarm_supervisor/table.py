@@ -7,7 +7,6 @@ arms' folders, so the splits differ in how they share rollouts and in nothing el
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +20,8 @@ from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
 from workers.shared_folder.exchange import read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.signing import KeyRing, local_key_dir
-from workers.shared_folder.leftovers import make_temp_dir
-from workers.shared_folder.safe_io import sync_folder
+from workers.shared_folder.leftovers import make_temp_dir, remove
+from workers.shared_folder.safe_io import copy_regular_files, sync_folder
 
 POLL_S = 1.0
 STOP_GRACE_S = 90.0
@@ -96,9 +95,13 @@ def _copy_folder(source: Path, target: Path) -> None:
     """Copy, then rename into place: `up` sees a whole base or none."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(target)
-    shutil.copytree(source, tmp, dirs_exist_ok=True)
-    sync_folder(tmp, files=True)        # the weights on disk before the rename that makes them the arm's base
-    os.replace(tmp, target)
+    try:
+        copy_regular_files(source, tmp)
+        sync_folder(tmp, files=True)        # the weights on disk before the rename that makes them the arm's base
+        os.replace(tmp, target)
+    except (OSError, SwarmError):
+        remove(tmp)
+        raise
     sync_folder(target.parent)
 
 

@@ -138,6 +138,13 @@ def test_metrics_row_round_trips_and_rejects_bad_fields():
         RoundMetrics.from_json({**row.to_json(), "node": "../x"})
     with pytest.raises(RejectedFile):
         RoundMetrics.from_json({**row.to_json(), "loss": True})
+    # finite, yet beyond any honest value: a peer's 1e308 crashed `status` (its sparkline's scale) and the
+    # table's confidence interval (an overflow squaring it)
+    for field_name, huge in (("reward_mean", 1e308), ("round_s", -1e300), ("completions", 10**400)):
+        with pytest.raises(RejectedFile, match="beyond"):
+            RoundMetrics.from_json({**row.to_json(), field_name: huge})
+    with pytest.raises(RejectedFile):
+        RoundMetrics.from_json({**row.to_json(), "task_rewards": {"chain_sum": 1e308}})
 
 
 def test_a_drive_hiccup_is_retried_with_backoff_and_a_dead_drive_is_reported(folder, monkeypatch, caplog):

@@ -366,3 +366,48 @@ def test_a_coordinator_thread_that_ends_silently_does_not_leave_the_supervisor_w
     monkeypatch.setattr(Coordinator, "run", lambda self: None)
     supervisor, code = run_supervisor(cfg)
     assert code == 1 and supervisor.failure == "coordinator failed: it stopped without saying why"
+
+
+def test_a_link_planted_in_a_base_the_sapo_table_shares_copies_no_file_of_this_machine(tmp_path):
+    """The table copies seed S's base to its other splits: a peer's link there must not carry a local secret into
+    the shared folder, where every peer reads it."""
+    from swarm_supervisor.table import _copy_folder
+
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    base = tmp_path / "drive" / "a" / "base"
+    base.mkdir(parents=True)
+    (base / "meta.json").write_text("{}")
+    (base / "model.safetensors").symlink_to(secret)
+    target = tmp_path / "drive" / "b" / "base"
+    with pytest.raises(RejectedFile, match="model.safetensors"):
+        _copy_folder(base, target)
+    assert not target.exists() and list(target.parent.iterdir()) == []      # no copy, no temp folder left
+    (base / "model.safetensors").unlink()
+    (base / "model.safetensors").write_bytes(b"weights")
+    _copy_folder(base, target)
+    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "model.safetensors"]
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_path):
+    """safetensors and torch.load open by name: a FIFO there froze the whole worker, heartbeat thread included."""
+    import torch
+
+    from tests.test_checkpoint import trained
+    from workers.checkpoint import CheckpointMeta, load_latest_checkpoint, save_checkpoint
+
+    model, optimizer = trained(0)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+    (tmp_path / "round_000002" / "model.safetensors").unlink()
+    os.mkfifo(tmp_path / "round_000002" / "model.safetensors")
+    planted = tmp_path / "round_000003"
+    planted.mkdir()
+    (planted / "model.safetensors").write_bytes((tmp_path / "round_000001" / "model.safetensors").read_bytes())
+    meta = json.loads((tmp_path / "round_000001" / "meta.json").read_text())
+    (planted / "meta.json").write_text(json.dumps({**meta, "round": 3}))
+    (planted / "state.pt").symlink_to(tmp_path / "round_000001" / "state.pt")
+    fresh = trained(1)[0]
+    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
+    assert meta.round == 1

@@ -29,7 +29,7 @@ from workers.shared_folder.json_records import read_json_bounded, write_json_ato
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.retries import with_retries
-from workers.shared_folder.safe_io import is_visible, sync_folder
+from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
 from workers.shared_folder.mount import make_dirs
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics
@@ -312,6 +312,8 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
         raise CheckpointMismatch(
             f"{folder} was trained from MODEL_NAME={record['model_name']!r}, not {model_name!r}: "
             f"set MODEL_NAME={record['model_name']} to resume, or use a new EXPERIMENT_NAME")
+    for name in ("model.safetensors", "state.pt"):       # a link or FIFO a peer planted: skipped, not read
+        check_regular(folder / name)
     load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])

@@ -25,7 +25,7 @@ from workers.shared_folder.base_meta import BASE_META_SCHEMA, read_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.leftovers import make_temp_dir
-from workers.shared_folder.safe_io import is_visible, sync_folder
+from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
 from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
 from workers.learning.generation import encode_prompt
 from workers.learning.grpo import build_batch, completion_logprobs, step_if_finite
@@ -208,8 +208,9 @@ def load_base(experiment_root: Path, policy: Policy) -> bool:
         raise RejectedFile(f"{base_dir(experiment_root)} was made for MODEL_NAME={meta.get('model_name')!r}, not "
                            f"{policy.name!r}: use a new EXPERIMENT_NAME or the same MODEL_NAME")
     try:
+        check_regular(base_dir(experiment_root) / "model.safetensors")      # never through a link, or a FIFO
         load_model(policy.model, str(base_dir(experiment_root) / "model.safetensors"), device=str(policy.device))
-    except (SafetensorError, FileNotFoundError, RuntimeError) as exc:
+    except (SafetensorError, FileNotFoundError, RuntimeError, RejectedFile) as exc:
         raise RejectedFile(f"{base_dir(experiment_root) / 'model.safetensors'} cannot be loaded "
                            f"({str(exc).splitlines()[0][:120]}): delete {base_dir(experiment_root)} to warm up "
                            f"again") from exc

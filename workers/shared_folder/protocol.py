@@ -38,6 +38,8 @@ MAX_GROUPS = 1024
 MAX_COMPLETION_IDS = 4097   # MAX_NEW_TOKENS is at most 4096, EOS may follow
 MAX_TOKEN_ID = 2**20        # above any vocabulary this project loads
 MAX_TASKS = 64             # tasks named in one metrics row
+# no honest metrics row holds a number this large; a peer's 1e308 made the views' sums and scales overflow
+MAX_NUMBER = 1e15
 TASK_NAME = re.compile(r"[a-z0-9_]{1,64}")      # reasoning-gym's dataset names
 # a field typed `X | None` may be absent or null: it was added after the first metrics files were written
 _OPTIONAL = {float | None: (float, True), int | None: (int, True)}
@@ -303,6 +305,8 @@ class RoundMetrics:
                 values[f.name] = float(_need(record, f.name, (int, float), where))
             else:
                 values[f.name] = _need(record, f.name, kind, where)
+            if kind in (int, float) and values[f.name] is not None and abs(values[f.name]) > MAX_NUMBER:
+                raise RejectedFile(f"{where}: field {f.name!r} is beyond +-{MAX_NUMBER:g}")
         values["node"] = check_node_name(values["node"])
         return cls(**values)
 
@@ -329,7 +333,7 @@ def _task_numbers(value: Any, where: str) -> dict[str, float] | None:
     out = {}
     for task, number in value.items():
         if not TASK_NAME.fullmatch(task) or isinstance(number, bool) or not isinstance(number, (int, float)) \
-                or not math.isfinite(number):
+                or not math.isfinite(number) or abs(number) > MAX_NUMBER:
             raise RejectedFile(f"{where}: 'task_rewards' entry {task[:40]!r} must map a task name to a finite number")
         out[task] = float(number)
     return out

@@ -369,6 +369,32 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def check_regular(path: Path) -> None:
+    """NotRegularFile unless `path` is a regular file, looked at without following a link or blocking on a
+    FIFO: for files a library opens by name itself (safetensors, torch.load), which would follow and block."""
+    os.close(_open_regular(path))
+
+
+def copy_regular_files(source: Path, target: Path, limit: int = 64) -> None:
+    """Copy the files directly in `source` into the existing folder `target`. `source` is a peer's to write: a
+    link, FIFO, device or folder there is refused (NotRegularFile), never followed or read, so no file of this
+    machine is copied into the shared folder through a planted link; more than `limit` entries is refused too."""
+    names = sorted(os.listdir(source))
+    if len(names) > limit:
+        raise RejectedFile(f"{source}: {len(names)} entries, more than the {limit} a copy takes")
+    for name in names:
+        fd = _open_regular(source / name)
+        try:
+            out = os.open(target / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                while chunk := os.read(fd, 1 << 20):
+                    write_all(out, chunk)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+
+
 def sync_folder(folder: Path, files: bool = False) -> None:
     """fsync a folder, so that a rename into it or a file made in it outlives a power cut; with `files`, each
     regular file directly in it first (links are never followed). A file system that cannot sync a folder (some
