@@ -27,6 +27,7 @@ import psutil
 
 from swarm_supervisor.monitor import Monitor
 from workers.shared_folder.held_out import read_held_out
+from workers.shared_folder.signing import KeyRing
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded
 from bench.swarm_stats import round_starts
@@ -183,7 +184,9 @@ def run_swarm(plan: PeersPlan, drive: Path, base: Path, workers: int, split: tup
     walls = _walls(round_starts(folder), finished_at, total, plan.warmup_updates)
     if not walls:
         return {"error": f"no measured round; exit code {proc.returncode}, see {plan.work / (name + '.log')}"}
-    evals = {node: read_held_out(folder.eval_file(node))[0] for node in (f"worker-{i}" for i in range(1, workers + 1))}
+    keyring = KeyRing.for_viewing(folder)
+    evals = {node: read_held_out(folder.eval_file(node), keyring)[0]
+             for node in (f"worker-{i}" for i in range(1, workers + 1))}
     final = [rows[-1] for rows in evals.values() if rows and rows[-1].round > 0]
     start = [rows[0].accuracy for rows in evals.values() if rows and rows[0].round == 0]
     seconds = median(walls)

@@ -19,7 +19,7 @@ from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status
-from workers.shared_folder.signing import KeyRing
+from workers.shared_folder.signing import KeyRing, signed_lines
 from workers.shared_folder.storage import experiment_names, mount_experiment
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,11 @@ def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, Roun
     """Every worker's valid metrics rows by round (a re-run round keeps its last row), and the bad lines."""
     rows: dict[int, dict[str, RoundMetrics]] = {}
     bad: list[str] = []
+    keyring = KeyRing.for_viewing(folder)
     for path in folder.metrics_files():
         name = str(path.relative_to(folder.root))
         try:
-            lines = read_jsonl(path, RoundMetrics.from_json, name=name)
+            lines = read_jsonl(path, signed_lines(RoundMetrics.from_json, path.parent.name, keyring), name=name)
         except RejectedFile as error:        # not a regular file, or over the size limit: warned about once
             warn_skipped(path, error)
             bad.append(str(error).replace(str(path), name)[:200])
@@ -92,8 +93,9 @@ def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEv
     """Every worker's held-out evaluations by round (round 0: before round 1), and the files with bad lines."""
     evals: dict[str, list[HeldOutEval]] = {}
     bad: list[str] = []
+    keyring = KeyRing.for_viewing(folder)
     for path in folder.metrics_files("eval.jsonl"):
-        rows, errors = read_held_out(path)
+        rows, errors = read_held_out(path, keyring)
         if errors:
             bad.append(f"{path.relative_to(folder.root)}: {errors} bad line(s)")
         if rows:

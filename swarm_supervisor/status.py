@@ -26,7 +26,7 @@ from workers.shared_folder.rejections import RejectedFile, warn_skipped
 from workers.shared_folder.safe_io import file_size
 from workers.shared_folder.jsonl import read_jsonl_tail
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
-from workers.shared_folder.signing import KeyRing
+from workers.shared_folder.signing import KeyRing, signed_lines
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ class SwarmReader:
     def _read_new_metrics(self, node: str) -> None:
         path = self.folder.metrics_file(node)
         try:
-            lines = read_jsonl_tail(path, self._offsets.get(node, 0), RoundMetrics.from_json, METRICS_CHUNK)
+            lines = read_jsonl_tail(path, self._offsets.get(node, 0),
+                                    signed_lines(RoundMetrics.from_json, node, self.keyring), METRICS_CHUNK)
         except RejectedFile as error:     # not a regular file (a planted link or FIFO): counted once
             if path not in self._refused:
                 self._refused.add(path)
@@ -185,7 +186,7 @@ class SwarmReader:
         try:
             size = file_size(path)
             if cached is None or cached[0] != size:
-                rows, _ = read_held_out(path)
+                rows, _ = read_held_out(path, self.keyring)
                 if rows or not size:     # no row of a non-empty file: not synced yet or a Drive hiccup, read again
                     cached = self._held_out[node] = (size, held_out_trend(rows))
         except OSError:      # not written yet, or a Drive hiccup: the last answer stands until the next refresh

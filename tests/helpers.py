@@ -406,3 +406,10 @@ def keyring(folder):
     from workers.shared_folder.signing import KeyRing
 
     return KeyRing(folder)
+
+
+def append_as(folder, node: str, path: Path, record: dict) -> None:
+    """`record` appended as a line of `path`, signed by `node` as that node appends its metrics and evaluations."""
+    from workers.shared_folder.jsonl import append_jsonl
+
+    append_jsonl(path, node_key(folder, node).sign(record))

@@ -12,10 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, CheckpointMismatch, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.jsonl import append_jsonl, read_jsonl
+from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.exchange import read_signed
-from tests.helpers import keyring, node_key
+from tests.helpers import append_as, keyring, node_key
 
 
 def tiny_model(seed: int) -> GPT2LMHeadModel:
@@ -134,7 +134,7 @@ def test_a_kill_after_the_checkpoint_loses_no_metrics_line_or_rewards_file(tmp_p
     folder = ExperimentFolder(tmp_path).create()
     model, optimizer = trained(0)
     for round_ in (1, 2):
-        append_jsonl(folder.metrics_file("w-1"), round_metrics(round_).to_json())
+        append_as(folder, "w-1", folder.metrics_file("w-1"), round_metrics(round_).to_json())
     tail = tuple(round_metrics(r) for r in (1, 2, 3))
     save_checkpoint(folder.checkpoint_dir("w-1"), CheckpointMeta(3, "w-1", "m", tail), model, optimizer)
     # the process died here: round 3's metrics line and rewards file (the coordinator's "done") are missing

@@ -16,10 +16,10 @@ def _experiment(root, with_evals: bool):
     import json
     import time
 
+    from tests.helpers import append_as
     from workers.shared_folder.held_out import eval_file
     from workers.shared_folder.folder import ExperimentFolder
     from workers.shared_folder.json_records import write_json_atomic
-    from workers.shared_folder.jsonl import append_jsonl
     from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
 
     folder = ExperimentFolder(root).create()
@@ -39,11 +39,11 @@ def _experiment(root, with_evals: bool):
                 row = {k: v for k, v in row.items() if k not in ("reward_std", "grad_norm", "learning_rate",
                                                                   "score_s", "reward_max", "format_rate", "kl",
                                                                   "max_completion_tokens", "clip_fraction")}
-            append_jsonl(folder.metrics_file(node), row)
+            append_as(folder, node, folder.metrics_file(node), row)
         if with_evals:
             start, end = (0.1, 0.3) if node == "worker-1" else (0.2, 0.4)
             for round_, accuracy in ((0, start), (2, end)):
-                append_jsonl(eval_file(folder, node), HeldOutEval(node, round_, accuracy, 32, 1.0).to_json())
+                append_as(folder, node, eval_file(folder, node), HeldOutEval(node, round_, accuracy, 32, 1.0).to_json())
     assert json.loads(folder.metrics_file("worker-1").read_text().splitlines()[0]).get("grad_norm", "absent") == \
         "absent"
     return folder

@@ -112,25 +112,31 @@ def test_a_metrics_log_with_hostile_lines_gives_its_good_rows_to_every_reader(sw
                  "[" * 10_000 + "]" * 10_000, '{"round": NaN}', ""]
     path = folder.metrics_file("worker-2")
     path.parent.mkdir(parents=True)
-    lines = [json.dumps(metrics_row("worker-2", 1, reward=0.25)), *bad_lines,
-             json.dumps(metrics_row("worker-2", 2, reward=0.75))]
+    own, other = node_key(folder, "worker-2"), node_key(folder, "worker-1")
+    # well-formed rows that do not come from worker-2: unsigned, signed by another node, or speaking for another
+    forged = [json.dumps(metrics_row("worker-2", 3, reward=1.0)), json.dumps(other.sign(metrics_row("worker-2", 4))),
+              json.dumps(own.sign(metrics_row("worker-1", 5)))]
+    lines = [json.dumps(own.sign(metrics_row("worker-2", 1, reward=0.25))), *bad_lines, *forged,
+             json.dumps(own.sign(metrics_row("worker-2", 2, reward=0.75)))]
     path.write_text("\n".join(lines) + "\n")
     write_as(folder, "worker-2", folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
 
-    read = read_jsonl(path, RoundMetrics.from_json)
-    assert [row.round for row in read] == [1, 2] and len(read.bad) == len(bad_lines)
+    read = read_jsonl(path, RoundMetrics.from_json)         # the format alone: the forged rows are well formed
+    assert [row.round for row in read] == [1, 3, 4, 5, 2] and len(read.bad) == len(bad_lines)
     for number in range(2, 2 + len(bad_lines)):
         assert warnings_naming(caplog, Path(f"{path} line {number}")) == 1
 
     status = reader(cfg, folder)
     view = status.view()
     assert [(row.node_id, row.reward) for row in view.nodes] == [("worker-2", 0.75)]
-    assert status.rejected == len(bad_lines)
+    assert status.rejected == len(bad_lines) + len(forged)
 
     by_round, bad = metrics_by_round(folder)
     assert {r: list(nodes) for r, nodes in by_round.items()} == {1: ["worker-2"], 2: ["worker-2"]}
-    assert len(bad) == len(bad_lines) and bad[0].startswith("metrics/worker-2/metrics.jsonl line 2: expected a JSON "
-                                                            "object, got list")
+    assert len(bad) == len(bad_lines) + len(forged)
+    assert bad[0].startswith("metrics/worker-2/metrics.jsonl line 2: expected a JSON object, got list")
+    assert [line.split(": ", 1)[1][:20] for line in bad[-3:]] == ["not signed (written ", "its signature is not",
+                                                                  "a line of 'worker-1'"]
 
 
 def test_a_metrics_line_longer_than_a_refresh_reads_is_skipped_rather_than_waited_for(swarm):
@@ -138,7 +144,8 @@ def test_a_metrics_line_longer_than_a_refresh_reads_is_skipped_rather_than_waite
     path = folder.metrics_file("worker-2")
     path.parent.mkdir(parents=True)
     padding = "x" * (METRICS_CHUNK + METRICS_CHUNK // 2)
-    path.write_text(json.dumps({"pad": padding}) + "\n" + json.dumps(metrics_row("worker-2", 1, reward=0.75)) + "\n")
+    row = node_key(folder, "worker-2").sign(metrics_row("worker-2", 1, reward=0.75))
+    path.write_text(json.dumps({"pad": padding}) + "\n" + json.dumps(row) + "\n")
     write_as(folder, "worker-2", folder.heartbeat_file("worker-2"), heartbeat_record("worker-2"))
     status = reader(cfg, folder)
     views = [status.view() for _ in range(3)]     # the dashboard catches up a refresh at a time
@@ -151,9 +158,11 @@ def test_held_out_evaluations_with_hostile_lines_keep_their_good_rows(swarm):
     path = eval_file(folder, "worker-2")
     path.parent.mkdir(parents=True)
     good = HeldOutEval(node="worker-2", round=0, accuracy=0.5, questions=10, seconds=1.0).to_json()
-    path.write_text("\n".join([json.dumps(good), "[]", "9" * 400, '{"accuracy": -1e999}']) + "\n")
-    rows, bad = read_held_out(path)
-    assert [row.accuracy for row in rows] == [0.5] and bad == 3
+    forged = HeldOutEval(node="worker-2", round=50, accuracy=1.0, questions=10, seconds=1.0).to_json()   # unsigned
+    path.write_text("\n".join([json.dumps(node_key(folder, "worker-2").sign(good)), "[]", "9" * 400,
+                               '{"accuracy": -1e999}', json.dumps(forged)]) + "\n")
+    rows, bad = read_held_out(path, keyring(folder))
+    assert [row.accuracy for row in rows] == [0.5] and bad == 4
 
 
 @pytest.mark.parametrize("kind", ["FIFO", "symlink to a file outside", "directory", "socket"])
@@ -186,7 +195,8 @@ def test_status_summary_and_validation_survive_a_folder_full_of_hostile_files(sw
     write_as(folder, "coordinator", folder.round_state_file(2), {**first.to_json(), "round": 2, "nodes": {"a": 1}})
     write_as(folder, "worker-2", folder.heartbeat_file("worker-2"), heartbeat_record("worker-2", updated_at=1e300))
     folder.metrics_file("worker-2").parent.mkdir(parents=True)
-    folder.metrics_file("worker-2").write_text(json.dumps(metrics_row("worker-2", 1)) + "\n[]\n")
+    folder.metrics_file("worker-2").write_text(
+        json.dumps(node_key(folder, "worker-2").sign(metrics_row("worker-2", 1))) + "\n[]\n")
     planted = {}
     for sub in ("state", "peers", "rewards/round_1", "rollouts/round_1/stage_0"):
         planted.update({f"{sub}/{kind}": path for kind, path in plant_hostile(folder.root / sub, outside).items()})

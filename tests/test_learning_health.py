@@ -12,10 +12,9 @@ from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import render
 from swarm_supervisor.learning_health import NO_SIGNAL_ROUNDS, REWARD_WINDOW, RewardWatch
 from swarm_supervisor.status import SwarmReader
-from tests.helpers import console_text, metrics_row, swarm_env
+from tests.helpers import append_as, console_text, metrics_row, swarm_env
 from workers.shared_folder.held_out import eval_file, held_out_trend
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.protocol import Heartbeat, HeldOutEval
 from tests.helpers import node_exchange
 
@@ -69,7 +68,7 @@ def test_the_table_shows_start_newest_best_and_marks_a_falling_worker(tmp_path):
                                                            instance="i", status="training", round=150,
                                                            started_at=now, updated_at=now))
     for row in evals(0.70, 0.95, 0.80, 0.82):
-        append_jsonl(eval_file(folder, "worker-1"), {**row.to_json(), "node": "worker-1"})
+        append_as(folder, "worker-1", eval_file(folder, "worker-1"), {**row.to_json(), "node": "worker-1"})
     view = SwarmReader(folder, SwarmConfig(), "tiny", "cpu").view()
     text = console_text(render(view), width=200)
     assert "70→82% (best 95) ↓" in text and "held-out falling: 82%, best 95%" in text
@@ -128,9 +127,9 @@ def test_rounds_with_nothing_to_learn_from_are_named_with_the_fix(tmp_path):
                                                               status="training", round=NO_SIGNAL_ROUNDS,
                                                               started_at=now, updated_at=now))
     for round_ in range(1, NO_SIGNAL_ROUNDS + 1):      # every local group without a spread, no peer group used
-        append_jsonl(folder.metrics_file("worker-1"), {**metrics_row("worker-1", round_, reward=0.0),
+        append_as(folder, "worker-1", folder.metrics_file("worker-1"), {**metrics_row("worker-1", round_, reward=0.0),
                                                         "zero_advantage_groups": 2})
-        append_jsonl(folder.metrics_file("worker-2"), metrics_row("worker-2", round_, reward=0.1))
+        append_as(folder, "worker-2", folder.metrics_file("worker-2"), metrics_row("worker-2", round_, reward=0.1))
     rows = {row.node_id: row for row in SwarmReader(folder, SwarmConfig(), "tiny", "cpu").view().nodes}
     assert rows["worker-1"].learning_alarm == "no reward signal" and "nothing to learn from" in \
         rows["worker-1"].learning_warning

@@ -11,7 +11,7 @@ from rich.console import Console
 from swarm_supervisor.dashboard import Dashboard, format_duration, render, sparkline, status_line
 from swarm_supervisor.status import NodeRow, SwarmView
 from swarm_supervisor.monitor import DeviceSnapshot, Monitor
-from tests.helpers import node_exchange
+from tests.helpers import append_as, node_exchange
 
 
 def row(node: str, status: str = "training", **extra) -> NodeRow:
@@ -182,8 +182,9 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
                                                          status="training", round=50, started_at=now,
                                                          updated_at=now))
     for round_, accuracy in ((0, 0.12), (50, 0.42)):
-        append_jsonl(eval_file(folder, "worker-1"), HeldOutEval("worker-1", round_, accuracy, 100, 3.0).to_json())
-    append_jsonl(eval_file(folder, "worker-2"), HeldOutEval("worker-2", 0, 0.1, 100, 3.0).to_json())
+        append_as(folder, "worker-1", eval_file(folder, "worker-1"),
+                  HeldOutEval("worker-1", round_, accuracy, 100, 3.0).to_json())
+    append_as(folder, "worker-2", eval_file(folder, "worker-2"), HeldOutEval("worker-2", 0, 0.1, 100, 3.0).to_json())
     reader = SwarmReader(folder, SwarmConfig.from_env({}), "rl-swarm/tiny-gpt2", "cpu")
 
     def line_of(text: str, node: str) -> str:
@@ -193,7 +194,7 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
     text = frame(reader.view())
     assert "held-out" in text
     assert "12→42%" in line_of(text, "worker-1") and " 10% " in line_of(text, "worker-2")   # only the start so far
-    append_jsonl(eval_file(folder, "worker-2"), HeldOutEval("worker-2", 50, 0.3, 100, 3.0).to_json())
+    append_as(folder, "worker-2", eval_file(folder, "worker-2"), HeldOutEval("worker-2", 50, 0.3, 100, 3.0).to_json())
     swarm = reader.view()
     assert "10→30%" in line_of(frame(swarm), "worker-2")
     assert "held-out 36.0%" in status_line(swarm)                 # the mean of the newest: (42% + 30%) / 2

@@ -22,7 +22,7 @@ from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl
 from workers.learning.model import check_prompt_room
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState
-from tests.helpers import keyring, node_exchange, write_as
+from tests.helpers import append_as, keyring, node_exchange, write_as
 
 CLEAR_SCREEN = "\x1b[2J"
 MARKUP = "[bold]x[/]"
@@ -56,7 +56,7 @@ def sixty_fast_rounds(drive: Path, coordinator: str, config: dict | None = None)
                                                          role="coordinator"))
     for node in NODES:
         for round_ in range(1, 61):
-            append_jsonl(folder.metrics_file(node), metrics(node, round_, began + 0.8 * round_ + 0.7))
+            append_as(folder, node, folder.metrics_file(node), metrics(node, round_, began + 0.8 * round_ + 0.7))
         node_exchange(folder, node).write_heartbeat(beat(node, "waiting", time.time()))
     return folder
 

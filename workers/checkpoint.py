@@ -33,7 +33,7 @@ from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
 from workers.shared_folder.mount import make_dirs
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics
-from workers.shared_folder.signing import NodeKey
+from workers.shared_folder.signing import KeyRing, NodeKey, signed_lines
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,10 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
     rewards file the coordinator would wait for a round this node will not play again.
     """
     try:
-        recorded = {row.round for row in read_jsonl(folder.metrics_file(node), RoundMetrics.from_json)}
+        keyring = KeyRing(folder)
+        keyring.trust(key)
+        recorded = {row.round for row in read_jsonl(folder.metrics_file(node),
+                                                    signed_lines(RoundMetrics.from_json, node, keyring))}
     except (RejectedFile, OSError) as exc:
         log.warning("could not read this node's metrics to complete them (%s); nothing rewritten", exc)
         return []

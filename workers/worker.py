@@ -243,7 +243,7 @@ class Worker:
         # round 0 is the start, evaluated only when not resuming; a resumed worker makes up an evaluation
         # that a crash cut off at its checkpoint's round; the file is the record, so none runs twice
         done = self.progress.last_done
-        evaluated = {row.round for row in read_held_out(eval_file(self.folder, spec.node))[0]}
+        evaluated = {row.round for row in read_held_out(eval_file(self.folder, spec.node), self.exchange.keyring)[0]}
         if self.held_out and eval_due(done, cfg.max_rounds, cfg.eval_every) and done not in evaluated:
             self._evaluate(node, done)
         return node

@@ -11,6 +11,7 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile, warn_skipped
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import HeldOutEval
+from workers.shared_folder.signing import KeyRing, signed_lines
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ def eval_file(folder: ExperimentFolder, node: str) -> Path:
     return folder.eval_file(node)
 
 
-def read_held_out(path: Path) -> tuple[list[HeldOutEval], int]:
-    """One node's evaluations by round (a repeated round keeps its last line) and the count of bad lines."""
+def read_held_out(path: Path, keyring: KeyRing) -> tuple[list[HeldOutEval], int]:
+    """One node's evaluations by round (a repeated round keeps its last line) and the count of bad lines; a line
+    counts only when the node of its folder (metrics/<node>/eval.jsonl) signed it."""
     try:
-        lines = read_jsonl(path, HeldOutEval.from_json)     # a bad line is warned about there
+        lines = read_jsonl(path, signed_lines(HeldOutEval.from_json, path.parent.name, keyring))   # bad: warned
     except RejectedFile as error:     # over its size limit, or not a regular file
         warn_skipped(path, error)
         return [], 1

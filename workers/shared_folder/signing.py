@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -258,3 +258,22 @@ class KeyRing:
         if pinned is not None and _raw(pinned) != _raw(public):
             warn_once(f"{self.folder.public_key_file(node)}: not the key pinned in {path}; the pinned one is trusted")
         return pinned or public
+
+
+T = TypeVar("T")
+
+
+def signed_lines(parse: Callable[[dict[str, Any], str], T], node: str,
+                 keyring: KeyRing) -> Callable[[dict[str, Any], str], T]:
+    """A parser for `node`'s own log (metrics/<node>/metrics.jsonl, eval.jsonl): a line counts only when `node`
+    signed it and it speaks for `node`; any other is refused (RejectedFile), so skipped and counted as bad.
+    RejectedFile at once for a folder name that is no node name (it would become a key's path)."""
+    check_node_name(node)
+
+    def parse_signed(record: dict[str, Any], where: str) -> T:
+        row = parse(keyring.verify(record, node, where), where)
+        if getattr(row, "node", node) != node:
+            raise RejectedFile(f"{where}: a line of {row.node!r} in {node!r}'s file; skipped")
+        return row
+
+    return parse_signed
