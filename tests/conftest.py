@@ -64,3 +64,11 @@ def start_from_base(warm_base):
     def copy(exp: Path) -> None:
         shutil.copytree(warm_base, exp / "base")
     return copy
+
+
+@pytest.fixture
+def key(tmp_path):
+    """w-1's key, in a machine's key folder beside tmp_path (never in the shared folder); made by this test."""
+    from workers.shared_folder.signing import NodeKey
+
+    return NodeKey.load_or_create(tmp_path.parent / f"{tmp_path.name}.keys", "w-1")

@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, CheckpointMismatch, load_latest_checkpoint,
                                 rewrite_lost_records, save_checkpoint)
 from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.signing import NodeKey
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.exchange import read_signed
@@ -33,15 +35,15 @@ def trained(seed: int):
     return model, optimizer
 
 
-def test_resume_restores_weights_optimizer_and_rng_exactly(tmp_path):
+def test_resume_restores_weights_optimizer_and_rng_exactly(tmp_path, key):
     model, optimizer = trained(0)
     torch.manual_seed(123)
-    save_checkpoint(tmp_path, CheckpointMeta(5, "w-1", "rl-swarm/tiny-gpt2"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(5, "w-1", "rl-swarm/tiny-gpt2"), model, optimizer, key)
     expected_draw = torch.rand(3)
 
     fresh = tiny_model(1)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    meta = load_latest_checkpoint(tmp_path, fresh, fresh_opt, "rl-swarm/tiny-gpt2")
+    meta = load_latest_checkpoint(tmp_path, fresh, fresh_opt, "rl-swarm/tiny-gpt2", key)
     assert meta.round == 5
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
@@ -52,28 +54,28 @@ def test_resume_restores_weights_optimizer_and_rng_exactly(tmp_path):
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, key, caplog):
     model, optimizer = trained(0)
-    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
-    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
+    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
     (tmp_path / "round_000002" / "model.safetensors").write_bytes(b"garbage")
-    meta = load_latest_checkpoint(tmp_path, tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters()), "m")
+    meta = load_latest_checkpoint(tmp_path, tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters()), "m", key)
     assert meta.round == 1
     assert "round_000002 is unusable" in caplog.text
 
 
-def test_only_the_last_two_checkpoints_are_kept_and_no_temp_folder_remains(tmp_path):
+def test_only_the_last_two_checkpoints_are_kept_and_no_temp_folder_remains(tmp_path, key):
     model, optimizer = trained(0)
     for round_ in range(1, 5):
-        save_checkpoint(tmp_path, CheckpointMeta(round_, "w-1", "m"), model, optimizer)
+        save_checkpoint(tmp_path, CheckpointMeta(round_, "w-1", "m"), model, optimizer, key)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000003", "round_000004"]
 
 
-def test_a_checkpoint_of_another_model_is_refused_with_one_line(tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_with_one_line(tmp_path, key):
     model, optimizer = trained(0)
-    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "openai-community/gpt2"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "openai-community/gpt2"), model, optimizer, key)
     with pytest.raises(CheckpointMismatch, match="set MODEL_NAME=openai-community/gpt2 to resume"):
-        load_latest_checkpoint(tmp_path, model, optimizer, "rl-swarm/tiny-gpt2")
+        load_latest_checkpoint(tmp_path, model, optimizer, "rl-swarm/tiny-gpt2", key)
 
 
 def round_metrics(round_: int, node: str = "w-1") -> RoundMetrics:
@@ -82,40 +84,76 @@ def round_metrics(round_: int, node: str = "w-1") -> RoundMetrics:
                         mean_completion_tokens=9.0, generate_s=1.0, fetch_s=0.1, train_s=0.2, round_s=1.3)
 
 
-def test_python_and_numpy_rng_and_the_metrics_tail_come_back(tmp_path):
+def test_python_and_numpy_rng_and_the_metrics_tail_come_back(tmp_path, key):
     model, optimizer = trained(0)
     random.seed(5)
     np.random.seed(6)
     tail = tuple(round_metrics(r) for r in range(1, 13))
-    save_checkpoint(tmp_path, CheckpointMeta(12, "w-1", "m", tail), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(12, "w-1", "m", tail), model, optimizer, key)
     expected = (random.random(), np.random.rand(3).tolist())
     random.seed(99)
     np.random.seed(99)
-    meta = load_latest_checkpoint(tmp_path, tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters()), "m")
+    meta = load_latest_checkpoint(tmp_path, tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters()), "m", key)
     assert (random.random(), np.random.rand(3).tolist()) == expected
     assert meta.metrics_tail == tail[-METRICS_TAIL:]          # bounded: only the last rounds are kept
     assert "cuda_rng" not in torch.load(tmp_path / "round_000012" / "state.pt", weights_only=True)
 
 
-def test_a_checkpoint_written_before_numpy_rng_and_metrics_tail_still_loads(tmp_path):
+def test_a_checkpoint_written_before_signed_checkpoints_still_loads_for_its_own_node_only(tmp_path, key):
+    """An experiment upgraded mid-run keeps its checkpoints (schema 1: unsigned, no numpy RNG or metrics tail);
+    a node whose key this start made signed nothing, so an unsigned checkpoint in its folder is a peer's."""
     model, optimizer = trained(0)
-    save_checkpoint(tmp_path, CheckpointMeta(3, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(3, "w-1", "m"), model, optimizer, key)
     meta_file = tmp_path / "round_000003" / "meta.json"
     old = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({k: old[k] for k in ("round", "node", "model_name", "python_rng")} | {"schema": 1}))
     fresh = tiny_model(1)
-    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
+    assert key.made_now and load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m",
+                                                   key) is None
+    restarted = NodeKey.load_or_create(key.path.parent, "w-1")        # the same node, started again
+    assert not restarted.made_now
+    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
     assert meta.round == 3 and meta.metrics_tail == ()
     assert torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
 
 
-def test_a_state_file_holding_code_is_never_run_and_the_older_checkpoint_is_used(tmp_path, caplog):
+def test_a_checkpoint_a_peer_planted_is_never_resumed_from(tmp_path, key, caplog):
+    """Newer rounds than the node's own, each skipped: unsigned, signed by another node, or its weights swapped."""
     model, optimizer = trained(0)
-    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
-    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
+    restarted = NodeKey.load_or_create(key.path.parent, "w-1")       # unsigned ones are looked at too
+    peer = NodeKey.load_or_create(tmp_path.parent / "peer.keys", "w-1")    # another machine, the same name
+    forged, _ = trained(2)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}.elsewhere"      # made apart, then copied in as a peer would
+    save_checkpoint(elsewhere, CheckpointMeta(7, "w-1", "m"), forged, optimizer, peer)
+    save_checkpoint(elsewhere, CheckpointMeta(8, "w-1", "m"), model, optimizer, key)
+    (elsewhere / "round_000008" / "model.safetensors").write_bytes(
+        (elsewhere / "round_000007" / "model.safetensors").read_bytes())
+    for round_ in ("round_000007", "round_000008"):
+        shutil.copytree(elsewhere / round_, tmp_path / round_)
+    planted = json.loads((tmp_path / "round_000001" / "meta.json").read_text())
+    (tmp_path / "round_000009").mkdir()
+    for name in ("model.safetensors", "state.pt"):
+        (tmp_path / "round_000009" / name).write_bytes((tmp_path / "round_000007" / name).read_bytes())
+    (tmp_path / "round_000009" / "meta.json").write_text(json.dumps(
+        {k: v for k, v in planted.items() if k not in ("signature", "files")} | {"round": 9, "schema": 2}))
+    fresh = tiny_model(1)
+    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
+    assert meta.round == 1 and torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
+    assert "round_000007 is unusable" in caplog.text and "signature is not 'w-1'" in caplog.text
+    assert "round_000008: its files are not the ones its meta.json signed for" in caplog.text
+    # the node's next save keeps its own checkpoints: planted later rounds never push them out
+    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
+    assert {"round_000001", "round_000002"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_state_file_holding_code_is_never_run_and_the_older_checkpoint_is_used(tmp_path, key, caplog):
+    model, optimizer = trained(0)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
+    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
     marker = tmp_path / "ran"
     torch.save({"optimizer": Planted(str(marker))}, tmp_path / "round_000002" / "state.pt")
-    meta = load_latest_checkpoint(tmp_path, tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters()), "m")
+    meta = load_latest_checkpoint(tmp_path, tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters()), "m", key)
     assert meta.round == 1 and not marker.exists()
     assert "round_000002 is unusable" in caplog.text
 
@@ -136,10 +174,10 @@ def test_a_kill_after_the_checkpoint_loses_no_metrics_line_or_rewards_file(tmp_p
     for round_ in (1, 2):
         append_as(folder, "w-1", folder.metrics_file("w-1"), round_metrics(round_).to_json())
     tail = tuple(round_metrics(r) for r in (1, 2, 3))
-    save_checkpoint(folder.checkpoint_dir("w-1"), CheckpointMeta(3, "w-1", "m", tail), model, optimizer)
-    # the process died here: round 3's metrics line and rewards file (the coordinator's "done") are missing
-    meta = load_latest_checkpoint(folder.checkpoint_dir("w-1"), model, optimizer, "m")
     key = node_key(folder, "w-1")
+    save_checkpoint(folder.checkpoint_dir("w-1"), CheckpointMeta(3, "w-1", "m", tail), model, optimizer, key)
+    # the process died here: round 3's metrics line and rewards file (the coordinator's "done") are missing
+    meta = load_latest_checkpoint(folder.checkpoint_dir("w-1"), model, optimizer, "m", key)
     assert rewrite_lost_records(folder, "w-1", meta, key) == [3]
     assert [row["round"] for row in read_jsonl(folder.metrics_file("w-1"))] == [1, 2, 3]
     rewards = read_signed(folder.reward_file(3, "w-1"), "w-1", keyring(folder))     # the coordinator counts it
@@ -148,35 +186,35 @@ def test_a_kill_after_the_checkpoint_loses_no_metrics_line_or_rewards_file(tmp_p
 
 
 @pytest.mark.gpu
-def test_cuda_rng_of_every_device_is_restored(tmp_path):
+def test_cuda_rng_of_every_device_is_restored(tmp_path, key):
     model, optimizer = trained(0)
     model.cuda()
     torch.cuda.manual_seed_all(7)
-    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
     expected = [torch.rand(3, device=f"cuda:{d}").cpu() for d in range(torch.cuda.device_count())]
     torch.cuda.manual_seed_all(99)
     fresh = tiny_model(1).cuda()
-    load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
+    load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key)
     assert all(torch.equal(torch.rand(3, device=f"cuda:{d}").cpu(), expected[d])
                for d in range(torch.cuda.device_count()))
 
 
-def test_a_checkpoint_the_disk_refuses_is_an_oserror_and_leaves_no_half_folder(tmp_path, monkeypatch):
+def test_a_checkpoint_the_disk_refuses_is_an_oserror_and_leaves_no_half_folder(tmp_path, key, monkeypatch):
     import workers.checkpoint as checkpoint_module
 
     model, optimizer = trained(0)
-    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
 
     def full_disk(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)     # how torch reports a full disk
     with pytest.raises(OSError, match="checkpoint of round 2 not written: .*PytorchStreamWriter failed"):
-        save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+        save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000001"]     # the old one intact, no temp folder
 
 
-def test_a_checkpoint_the_drive_cannot_read_now_stops_the_resume_instead_of_starting_from_scratch(tmp_path,
+def test_a_checkpoint_the_drive_cannot_read_now_stops_the_resume_instead_of_starting_from_scratch(tmp_path, key,
                                                                                                 monkeypatch):
     """An EIO is the mount, not the checkpoint: going on from the base would prune the trained checkpoints at the
     next saves. The worker exits instead, and its restart resumes once the Drive answers again."""
@@ -186,14 +224,14 @@ def test_a_checkpoint_the_drive_cannot_read_now_stops_the_resume_instead_of_star
 
     monkeypatch.setattr("workers.shared_folder.retries.backoff_s", lambda *_: 0.0)
     model, optimizer = trained(0)
-    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
-    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
+    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
     load_model = checkpoint_module.load_model
     monkeypatch.setattr(checkpoint_module, "load_model",
                         lambda *args, **kwargs: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     fresh = tiny_model(1)
     with pytest.raises(OSError, match="Input/output error"):
-        load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
+        load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000001", "round_000002"]     # both still there
     monkeypatch.setattr(checkpoint_module, "load_model", load_model)          # the Drive is back
-    assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m").round == 2
+    assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key).round == 2

@@ -14,7 +14,7 @@ from workers.checkpoint_writer import BackgroundWriter
 WAIT_S = 30.0
 
 
-def test_a_checkpoint_written_later_holds_the_model_as_it_was_when_saved(tmp_path):
+def test_a_checkpoint_written_later_holds_the_model_as_it_was_when_saved(tmp_path, key):
     model, optimizer = trained(0)
     saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     saved_moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
@@ -25,10 +25,10 @@ def test_a_checkpoint_written_later_holds_the_model_as_it_was_when_saved(tmp_pat
     optimizer.step()
     assert not torch.equal(model.transformer.wte.weight, saved["transformer.wte.weight"])
 
-    write_checkpoint(tmp_path, snapshot)
+    write_checkpoint(tmp_path, snapshot, key)
     fresh = tiny_model(1)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    assert load_latest_checkpoint(tmp_path, fresh, fresh_optimizer, "m").round == 50
+    assert load_latest_checkpoint(tmp_path, fresh, fresh_optimizer, "m", key).round == 50
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], saved_moment)
@@ -36,7 +36,7 @@ def test_a_checkpoint_written_later_holds_the_model_as_it_was_when_saved(tmp_pat
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()    # still tied
 
 
-def test_the_worker_goes_on_while_its_checkpoint_is_written(tmp_path):
+def test_the_worker_goes_on_while_its_checkpoint_is_written(tmp_path, key):
     model, optimizer = trained(0)
     writer = BackgroundWriter("test")
     started, release = threading.Event(), threading.Event()
@@ -45,7 +45,7 @@ def test_the_worker_goes_on_while_its_checkpoint_is_written(tmp_path):
     def slow_write() -> None:           # a Drive mount taking its time
         started.set()
         assert release.wait(WAIT_S)
-        write_checkpoint(tmp_path, snapshot)
+        write_checkpoint(tmp_path, snapshot, key)
 
     writer.submit("checkpoint", 50, "checkpoint of round 50", slow_write)
     assert started.wait(WAIT_S)
@@ -66,7 +66,7 @@ def test_a_write_that_fails_other_than_by_the_folder_crashes_the_worker():
         writer.finished()
 
 
-def test_a_refused_write_is_handed_back_in_order_with_what_landed(tmp_path, monkeypatch):
+def test_a_refused_write_is_handed_back_in_order_with_what_landed(tmp_path, key, monkeypatch):
     monkeypatch.setattr("workers.shared_folder.retries.backoff_s", lambda *_: 0.0)
     model, optimizer = trained(0)
     writer = BackgroundWriter("test")
@@ -76,7 +76,7 @@ def test_a_refused_write_is_handed_back_in_order_with_what_landed(tmp_path, monk
 
     writer.submit("checkpoint", 50, "checkpoint of round 50", refused)
     snapshot = snapshot_checkpoint(CheckpointMeta(51, "w-1", "m"), model, optimizer)
-    writer.submit("checkpoint", 51, "checkpoint of round 51", lambda: write_checkpoint(tmp_path, snapshot))
+    writer.submit("checkpoint", 51, "checkpoint of round 51", lambda: write_checkpoint(tmp_path, snapshot, key))
     assert writer.wait(WAIT_S)
     first, second = writer.finished()
     assert first.round == 50 and isinstance(first.error, OSError) and "No space" in str(first.error)
@@ -131,9 +131,10 @@ def test_a_new_best_evaluation_is_recorded_only_once_its_model_is_saved(tmp_path
     worker._evaluate(SimpleNamespace(policy=SimpleNamespace(model=model), splits=1), 50)
     assert started.wait(WAIT_S)
     path = eval_file(worker.folder, "w-1")
-    assert read_held_out(path)[0] == [] and read_best(worker.checkpoints) is None    # neither, while it writes
+    ring = worker.exchange.keyring
+    assert read_held_out(path, ring)[0] == [] and read_best(worker.checkpoints) is None    # neither, while it writes
     release.set()
     assert worker.writer.wait(WAIT_S)
     worker._writes_ended()
-    assert [(row.round, row.accuracy) for row in read_held_out(path)[0]] == [(50, 0.75)]
+    assert [(row.round, row.accuracy) for row in read_held_out(path, ring)[0]] == [(50, 0.75)]
     assert read_best(worker.checkpoints)["round"] == 50

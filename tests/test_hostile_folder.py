@@ -406,18 +406,22 @@ def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_
 
     from tests.test_checkpoint import trained
     from workers.checkpoint import CheckpointMeta, load_latest_checkpoint, save_checkpoint
+    from workers.shared_folder.signing import NodeKey
 
+    key_dir = tmp_path.parent / f"{tmp_path.name}.keys"
+    key = NodeKey.load_or_create(key_dir, "w-1")
     model, optimizer = trained(0)
-    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer)
-    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer)
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
+    save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
     (tmp_path / "round_000002" / "model.safetensors").unlink()
     os.mkfifo(tmp_path / "round_000002" / "model.safetensors")
     planted = tmp_path / "round_000003"
     planted.mkdir()
     (planted / "model.safetensors").write_bytes((tmp_path / "round_000001" / "model.safetensors").read_bytes())
     meta = json.loads((tmp_path / "round_000001" / "meta.json").read_text())
-    (planted / "meta.json").write_text(json.dumps({**meta, "round": 3}))
+    (planted / "meta.json").write_text(json.dumps(key.sign({**meta, "round": 3})))    # the node's, but for the link
     (planted / "state.pt").symlink_to(tmp_path / "round_000001" / "state.pt")
     fresh = trained(1)[0]
-    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m")
+    restarted = NodeKey.load_or_create(key_dir, "w-1")     # unsigned checkpoints are looked at too
+    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
     assert meta.round == 1

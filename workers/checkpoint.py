@@ -6,6 +6,7 @@ a worker's questions come from round_seed(cfg, index, round) (workers/round_loop
 re-seeds from it, so restoring the round restores where the worker is in its data.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from safetensors.torch import load_model, save_file
 
 from configs_env import SwarmError
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.json_records import read_json_bounded, write_json_atomic
+from workers.shared_folder.json_records import SIGNATURE_KEY, read_json_bounded, write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.retries import with_retries
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 KEEP_LAST = 2
 BEST = "best"             # checkpoints/<node>/best/: the model of the node's best held-out evaluation
 METRICS_TAIL = 8          # this node's last metrics rows kept in each checkpoint (bounded: meta.json stays small)
-SCHEMA = 2                # 1: no numpy or CUDA RNG and no metrics tail; still loaded
+SCHEMA = 3                # 3: meta.json signed by the node, with its files' SHA-256; 1 and 2 unsigned (see load)
+FILES = ("model.safetensors", "state.pt")
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,15 @@ def snapshot_checkpoint(meta: CheckpointMeta, model: torch.nn.Module,
 
 
 def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> Path:
+                    optimizer: torch.optim.Optimizer, key: NodeKey) -> Path:
     """A checkpoint of the model and optimizer as they are, written before returning (see write_checkpoint)."""
-    return write_checkpoint(root, snapshot_checkpoint(meta, model, optimizer))
+    return write_checkpoint(root, snapshot_checkpoint(meta, model, optimizer), key)
 
 
-def write_checkpoint(root: Path, snapshot: CheckpointSnapshot) -> Path:
-    """Write into a temp folder, fsync, then rename: a crash leaves the previous checkpoint intact.
+def write_checkpoint(root: Path, snapshot: CheckpointSnapshot, key: NodeKey) -> Path:
+    """Write into a temp folder, fsync, then rename: a crash leaves the previous checkpoint intact. meta.json,
+    written last, is signed by the node's `key` and holds the SHA-256 of the other files: the checkpoint folder
+    is in the shared folder, and a checkpoint a peer planted must never be resumed from.
 
     Any failure to write is an OSError (torch and safetensors report a full or failing disk as their own
     errors), and leaves no temp folder behind: each would hold a whole model.
@@ -116,7 +120,7 @@ def write_checkpoint(root: Path, snapshot: CheckpointSnapshot) -> Path:
     round_ = snapshot.meta.round
     tmp = make_temp_dir(root / f"round_{round_:06d}")
     try:
-        return _write_checkpoint(root, tmp, snapshot)
+        return _write_checkpoint(root, tmp, snapshot, key)
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -124,19 +128,29 @@ def write_checkpoint(root: Path, snapshot: CheckpointSnapshot) -> Path:
         raise OSError(f"checkpoint of round {round_} not written: {str(exc).splitlines()[0][:200]}") from exc
 
 
-def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot) -> Path:
+def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot, key: NodeKey) -> Path:
     final = root / f"round_{snapshot.meta.round:06d}"
     save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(snapshot.state, tmp / "state.pt")
+    record = key.sign({**snapshot.record, "files": {name: _sha256(tmp / name) for name in FILES}})
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        json.dump(snapshot.record, f, allow_nan=False)
+        json.dump(record, f, allow_nan=False)
     sync_folder(tmp, files=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     sync_folder(root)           # the rename outlives a power cut before _prune removes the older checkpoints
-    _prune(root)
+    _prune(root, snapshot.meta.round)
     return final
+
+
+def _sha256(path: Path) -> str:
+    check_regular(path)          # never through a link, never blocking on a FIFO
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _python_rng_state() -> list[Any]:
@@ -187,8 +201,12 @@ def _metrics_tail(record: dict[str, Any], where: Path) -> tuple[RoundMetrics, ..
     return tuple(rows)
 
 
-def _prune(root: Path) -> None:
-    for old in sorted(root.glob("round_*"))[:-KEEP_LAST]:
+def _prune(root: Path, newest: int) -> None:
+    """Keep the KEEP_LAST checkpoints up to round `newest`, the one just written; a later round's folder is a
+    peer's (or unusable), and never pushes the node's own checkpoints out."""
+    own = [path for path in root.glob("round_*")
+           if path.name[6:].isascii() and path.name[6:].isdigit() and int(path.name[6:]) <= newest]
+    for old in sorted(own)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -283,36 +301,61 @@ class CheckpointMismatch(SwarmError):
 
 
 def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           model_name: str) -> CheckpointMeta | None:
-    """Restore the newest complete checkpoint; incomplete or corrupt ones are skipped with a warning.
+                           model_name: str, key: NodeKey) -> CheckpointMeta | None:
+    """Restore the newest checkpoint the node signed (`key`) whose files match its meta.json; one that is
+    incomplete, corrupt, unsigned or signed by another key is skipped with a warning.
 
-    A folder error that outlasts the retries (EIO, a Drive mount gone stale) is raised, never taken for a
-    corrupt checkpoint: a worker that went on from the base instead would prune its trained checkpoints with
-    its next saves. It exits, and its restart tries again.
+    An unsigned checkpoint (written before rl-swarm signed them) is used only when no signed one loads and the
+    node's key is older than this start: a node whose key was just made signed nothing, so an unsigned
+    checkpoint in its folder is a peer's. A folder error that outlasts the retries (EIO, a Drive mount gone
+    stale) is raised, never taken for a corrupt checkpoint: a worker that went on from the base instead would
+    prune its trained checkpoints with its next saves. It exits, and its restart tries again.
     """
     if not root.exists():
         return None
-    for folder in sorted(root.glob("round_*"), reverse=True):
-        try:
-            return with_retries(lambda folder=folder: _load_checkpoint(folder, model, optimizer, model_name),
-                                f"loading the checkpoint {folder}", retry_missing=False)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, RejectedFile, SafetensorError,
-                RuntimeError, KeyError, ValueError, TypeError, EOFError,
-                pickle.UnpicklingError) as exc:   # UnpicklingError: state.pt holds more than weights
-            log.warning("checkpoint %s is unusable (%s); trying an older one", folder, str(exc).splitlines()[0][:200])
+    folders = sorted(root.glob("round_*"), reverse=True)
+    for signed in (True, False) if not key.made_now else (True,):
+        for folder in folders:
+            try:
+                return with_retries(lambda folder=folder, signed=signed: _load_checkpoint(folder, model, optimizer,
+                                                                                          model_name, key, signed),
+                                    f"loading the checkpoint {folder}", retry_missing=False)
+            except _NotThisPass:
+                if key.made_now:
+                    log.warning("checkpoint %s is unsigned and this node's key is new: not its own; skipped", folder)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, RejectedFile, SafetensorError,
+                    RuntimeError, KeyError, ValueError, TypeError, EOFError,
+                    pickle.UnpicklingError) as exc:   # UnpicklingError: state.pt holds more than weights
+                log.warning("checkpoint %s is unusable (%s); trying an older one", folder,
+                            str(exc).splitlines()[0][:200])
     return None
 
 
+class _NotThisPass(Exception):
+    """A checkpoint the other pass of load_latest_checkpoint looks at (signed, or unsigned)."""
+
+
 def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     model_name: str) -> CheckpointMeta:
+                     model_name: str, key: NodeKey, signed: bool) -> CheckpointMeta:
     record = read_json_bounded(folder / "meta.json", max_bytes=1024 * 1024)
+    if (SIGNATURE_KEY in record) != signed:
+        raise _NotThisPass()
+    if signed:
+        record = key.verify(record, str(folder / "meta.json"))
+        files = record.get("files")
+        if record.get("node") != key.node or not isinstance(files, dict) or \
+                any(files.get(name) != _sha256(folder / name) for name in FILES):
+            raise RejectedFile(f"{folder}: its files are not the ones its meta.json signed for")
+    else:
+        log.warning("checkpoint %s is unsigned (written by an rl-swarm before signed checkpoints): used as no "
+                    "signed one loads", folder)
     if not isinstance(record.get("round"), int) or not isinstance(record.get("model_name"), str):
         raise RejectedFile(f"{folder / 'meta.json'}: missing round or model_name")
     if record["model_name"] != model_name:
         raise CheckpointMismatch(
             f"{folder} was trained from MODEL_NAME={record['model_name']!r}, not {model_name!r}: "
             f"set MODEL_NAME={record['model_name']} to resume, or use a new EXPERIMENT_NAME")
-    for name in ("model.safetensors", "state.pt"):       # a link or FIFO a peer planted: skipped, not read
+    for name in FILES:          # a link or FIFO a peer planted: skipped, not read
         check_regular(folder / name)
     load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")

@@ -221,7 +221,8 @@ class Worker:
         if use_activation_checkpointing(cfg.gradient_checkpointing, policy.device):
             enable_activation_checkpointing(policy.model)
         clear_leftovers(self.checkpoints)
-        meta = load_latest_checkpoint(self.checkpoints, policy.model, optimizer, spec.model_name)
+        meta = load_latest_checkpoint(self.checkpoints, policy.model, optimizer, spec.model_name,
+                                      self.exchange.key)
         self.progress = Progress.resumed(meta)
         if meta:
             log.info("resumed from checkpoint of round %d", meta.round)
@@ -315,7 +316,7 @@ class Worker:
         snapshot = snapshot_checkpoint(meta, node.policy.model, node.optimizer)
         try:
             self.writer.submit("checkpoint", round_, f"checkpoint of round {round_}",
-                               lambda: write_checkpoint(self.checkpoints, snapshot))
+                               lambda: write_checkpoint(self.checkpoints, snapshot, self.exchange.key))
         except OSError as exc:
             log.warning("round %d: checkpoint not saved (%s); the next round tries again", round_, exc)
             return False

@@ -95,19 +95,21 @@ def _read_private_file(path: Path, limit: int) -> bytes:
 class NodeKey:
     """A node's private Ed25519 key, kept in this machine's key folder (0700, the file 0600)."""
 
-    def __init__(self, node: str, private: Ed25519PrivateKey, path: Path | None = None):
+    def __init__(self, node: str, private: Ed25519PrivateKey, path: Path | None = None, made_now: bool = False):
         self.node, self._private, self.path = check_node_name(node), private, path
         self.public = private.public_key()
+        self.made_now = made_now        # made by this start: nothing in the folder was signed with it before
 
     @classmethod
     def load_or_create(cls, key_dir: Path, node: str) -> "NodeKey":
         """The node's key from `key_dir`, made there on first use: a restarted node keeps its key."""
         path = _private_dir(key_dir) / f"{check_node_name(node)}.key"
+        made_now = False
         if not path.exists():
             fresh = Ed25519PrivateKey.generate()
-            _create_private_file(path, fresh.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
+            made_now = _create_private_file(path, fresh.private_bytes(serialization.Encoding.PEM,
+                                                                      serialization.PrivateFormat.PKCS8,
+                                                                      serialization.NoEncryption()))
         try:
             private = serialization.load_pem_private_key(_read_private_file(path, PRIVATE_KEY_BYTES), password=None)
         except (OSError, ValueError, TypeError) as exc:
@@ -115,7 +117,7 @@ class NodeKey:
                               "a new one (the node then needs a new NODE_ID: its old key stays in the folder)") from exc
         if not isinstance(private, Ed25519PrivateKey):
             raise FolderError(f"{path}: not an Ed25519 key; move it away to make a new one")
-        return cls(node, private, path)
+        return cls(node, private, path, made_now)
 
     @property
     def fingerprint(self) -> str:
@@ -126,6 +128,10 @@ class NodeKey:
         body = {k: v for k, v in record.items() if k != SIGNATURE_KEY}
         signature = self._private.sign(canonical_json(body, without=()))
         return {**body, SIGNATURE_KEY: base64.b64encode(signature).decode("ascii")}
+
+    def verify(self, record: dict[str, Any], where: str) -> dict[str, Any]:
+        """The record without its signature when this node signed it (its own checkpoints); RejectedFile otherwise."""
+        return _verified(record, self.public, self.node, where)
 
 
 def _key_record(node: str, public: Ed25519PublicKey) -> dict[str, Any]:
@@ -140,6 +146,21 @@ def _public_from(record: dict[str, Any], node: str, where: str) -> Ed25519Public
         return Ed25519PublicKey.from_public_bytes(base64.b64decode(record["ed25519"], validate=True))
     except ValueError as exc:
         raise RejectedFile(f"{where}: not an Ed25519 public key ({exc}); skipped") from exc
+
+
+def _verified(record: dict[str, Any], key: Ed25519PublicKey | None, node: str, where: str) -> dict[str, Any]:
+    """The record without its signature when `key` (node's) signed it; RejectedFile otherwise."""
+    signature = record.get(SIGNATURE_KEY)
+    if not isinstance(signature, str) or len(signature) > 200 or key is None:
+        raise RejectedFile(f"{where}: not signed (written by an rl-swarm before signed records, or forged); "
+                           "skipped")
+    body = {k: v for k, v in record.items() if k != SIGNATURE_KEY}
+    try:
+        key.verify(base64.b64decode(signature, validate=True), canonical_json(body, without=()))
+    except (InvalidSignature, ValueError) as exc:
+        raise RejectedFile(f"{where}: its signature is not {node!r}'s (key {fingerprint(key)}): forged or "
+                           "edited; skipped") from exc
+    return body
 
 
 class KeyRing:
@@ -192,20 +213,12 @@ class KeyRing:
 
     def verify(self, record: dict[str, Any], node: str, where: str) -> dict[str, Any]:
         """The record without its signature when it is `node`'s; RejectedFile (UnknownSigner) otherwise."""
-        signature = record.get(SIGNATURE_KEY)
-        if signature is None and self.unsigned_readable and record.get("schema") == 1:
+        if record.get(SIGNATURE_KEY) is None and self.unsigned_readable and record.get("schema") == 1:
             return record
+        signature = record.get(SIGNATURE_KEY)
         if not isinstance(signature, str) or len(signature) > 200:
-            raise RejectedFile(f"{where}: not signed (written by an rl-swarm before signed records, or forged); "
-                               "skipped")
-        body = {k: v for k, v in record.items() if k != SIGNATURE_KEY}
-        key = self.public_key(node)
-        try:
-            key.verify(base64.b64decode(signature, validate=True), canonical_json(body, without=()))
-        except (InvalidSignature, ValueError) as exc:
-            raise RejectedFile(f"{where}: its signature is not {node!r}'s (key {fingerprint(key)}): forged or "
-                               "edited; skipped") from exc
-        return body
+            _verified(record, None, node, where)        # raises: not signed, before any key is looked up
+        return _verified(record, self.public_key(node), node, where)
 
     def coordinator_conflict(self) -> str | None:
         """One line when the folder's coordinator key is not the one this machine pinned; None otherwise."""
