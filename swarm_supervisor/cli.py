@@ -16,7 +16,8 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.rejections import FolderError
 from workers.shared_folder.retries import with_retries
-from workers.shared_folder.safe_io import open_append, remove_file
+from workers.shared_folder.appends import open_append
+from workers.shared_folder.safe_io import remove_file
 from workers.shared_folder.base_meta import read_base_meta
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment

@@ -18,7 +18,7 @@ from workers.processes import EXIT_CONFIG, EXIT_NO_COORDINATOR, EXIT_OUT_OF_MEMO
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import Status
-from workers.shared_folder.safe_io import open_append
+from workers.shared_folder.appends import open_append
 from workers.shared_folder.storage import mount_experiment
 from workers.worker import NoCoordinator, Worker
 

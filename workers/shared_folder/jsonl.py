@@ -13,7 +13,8 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from workers.shared_folder.json_records import parse_json
 from workers.shared_folder.rejections import RejectedFile, warn_once
-from workers.shared_folder.safe_io import append_line, file_size, read_from, read_whole
+from workers.shared_folder.appends import append_line
+from workers.shared_folder.safe_io import file_size, read_from, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ T = TypeVar("T")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append the record as one whole line, synced (safe_io.append_line): a crash can only tear the last line."""
+    """Append the record as one whole line, synced (appends.append_line): a crash can only tear the last line."""
     append_line(path, (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8"))
 
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from workers.shared_folder import safe_io
+from workers.shared_folder import appends, safe_io
 from workers.shared_folder.leftovers import temp_prefix
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.storage import MAX_LISTED, Entry, Version
@@ -64,7 +64,7 @@ class LocalStore:
     def append(self, key: str, data: bytes) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        safe_io.append_durably(path, data)
+        appends.append_durably(path, data)
 
     def read_log(self, key: str, start: int, limit: int) -> bytes:
         try:
