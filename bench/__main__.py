@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from bench.peers import add_peers_arguments, bench_peers, peers_plan
+from bench.peers import read_profile, add_peers_arguments, bench_peers, peers_plan
 from bench.memory_probe import NAIVE_SETUP, WORKER_SETUP, measure_train, worker_peak
 from bench.report import render
 from bench.swarm_stats import concurrent_timing, swarm_timing
@@ -99,7 +99,9 @@ def bench_swarm(cache: Path, rounds: int, **settings: str) -> dict:
         return max(values) / 1024 if values else None
 
     timing = swarm_timing(exp)
-    return {"rounds": rounds, "wall_s": wall, "seconds_per_round": (states[1] - states[0]) / (rounds - 2),
+    profiled = settings.get("PROFILE_ROUND")
+    profile = {"profile": read_profile(exp / "logs" / "worker-1" / f"profile-round-{profiled}.txt")} if profiled else {}
+    return {**profile, "rounds": rounds, "wall_s": wall, "seconds_per_round": (states[1] - states[0]) / (rounds - 2),
             "worker_work_seconds": timing.get("worker_work_seconds"), "hops": timing.get("hops"),
             "peak_gib_per_worker": peak, "peak_gib_by_round_10": peak_until(round_11),
             "torch_peak_gib_by_round_10": torch_peak(10), "torch_peak_gib": torch_peak(rounds),
@@ -176,7 +178,7 @@ def main() -> None:
     runs = {"generation": lambda: bench_generation(cache), "train": lambda: bench_train(cache),
             "worker_memory": lambda: bench_worker_memory(cache),
             "swarm_default": lambda: bench_swarm(cache, args.rounds),
-            "swarm_paper": lambda: bench_swarm(cache, min(args.rounds, 100), PRESET="paper-4-4"),
+            "swarm_paper": lambda: bench_swarm(cache, min(args.rounds, 100), PRESET="paper-4-4", PROFILE_ROUND="50"),
             "swarm_worst_case": lambda: bench_swarm(cache, 40, WARMUP_STEPS="0"),
             "sapo_table": lambda: bench_sapo_table(args.table_drive or Path("/nonexistent")),
             "scaling": lambda: bench_scaling(cache, (1, 2, 4, 8, 16)),
@@ -202,6 +204,8 @@ def main() -> None:
             profiles = results[name].pop("profile", None) or {}
             args.out.with_name("peers_profile.txt").write_text(
                 "".join(f"## {side}\n\n{text}\n" for side, text in profiles.items() if text))
+        elif isinstance(results.get(name), dict) and "profile" in results[name]:     # one round of worker-1
+            args.out.with_name(f"{name}_profile.txt").write_text(results[name].pop("profile") + "\n")
         commands[name] = command
         print(f"{name}: {time.monotonic() - started:.0f}s {json.dumps(results.get(name))[:400]}", flush=True)
         results["commands"] = commands

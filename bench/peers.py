@@ -196,11 +196,11 @@ def run_swarm(plan: PeersPlan, drive: Path, base: Path, workers: int, split: tup
             "peak_gib_per_process": memory.peak_gib(), "memory_source": memory.source,
             "held_out": [r.accuracy for r in final], "held_out_updates": [r.round for r in final],
             "held_out_start": start[0] if start else None, "exit_code": proc.returncode,
-            **({"profile": _read_profile(folder.log_dir("worker-1") / f"profile-round-{plan.warmup_updates + 1}.txt")}
+            **({"profile": read_profile(folder.log_dir("worker-1") / f"profile-round-{plan.warmup_updates + 1}.txt")}
                if profile else {})}
 
 
-def _read_profile(path: Path) -> str:
+def read_profile(path: Path) -> str:
     try:
         return path.read_text()
     except OSError as exc:
@@ -245,7 +245,7 @@ def run_trl(plan: PeersPlan, drive: Path, base: Path, processes: int, measured: 
             "memory_source": memory.source, "held_out": [r["held_out"] for r in rows],
             "held_out_updates": [r["updates"] for r in rows],
             "torch_peak_gib": max((r["torch_peak_gib"] or 0) for r in rows) or None,
-            **({"profile": _read_profile(plan.work / f"{name}.profile.txt")} if profile else {})}
+            **({"profile": read_profile(plan.work / f"{name}.profile.txt")} if profile else {})}
 
 
 def _many(runs: dict[int, dict], held_out_count: int) -> dict:
