@@ -133,6 +133,10 @@ class SwarmConfig:
         "Completions per forward/backward of the update (gradients accumulate; bounds activation memory)")
     gradient_checkpointing: str = setting("auto", "GRADIENT_CHECKPOINTING", p.choice(("auto", "on", "off")),
         "Recompute activations in backward to save GPU memory: auto = on CUDA, off on CPU")
+    decode_cache: str = setting("keep", "DECODE_CACHE", p.choice(("keep", "release")),
+        "The sampler's KV cache and CUDA graphs between rounds: keep (no re-capture) or release them before "
+        "each update (less GPU memory at the update's peak: ~11 MiB per generated row of 320 positions; the "
+        "graphs are captured again next round)")
     warmup_steps: int = setting(400, "WARMUP_STEPS", p.integer(0, example=400),
         "Supervised warm-up steps (question -> <answer>gold</answer>) run once before round 1; 0: none")
     warmup_batch_size: int = setting(32, "WARMUP_BATCH_SIZE", p.integer(1, 4096, example=32),

@@ -111,6 +111,27 @@ def test_the_decoder_sees_each_update_and_reuses_its_cache(eos_prone):
     assert eos_prone.decoder._cache is cache     # same shapes: no new memory
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decode_cache_release_frees_the_cache_and_samples_the_same(model_cache, device):
+    """DECODE_CACHE=release: the cache (and on CUDA the graphs) go before the update, and the next round,
+    allocated and captured again, draws what a kept cache would have drawn."""
+    from workers.learning.decode import GPT2Decoder
+
+    policy = load_policy("rl-swarm/tiny-gpt2", device, model_cache)
+    policy.model.eval()
+    ids, mask = _left_padded(policy, RAGGED * 2)
+    eos = policy.tokenizer.eos_token_id
+    kept, released = GPT2Decoder(policy.model), GPT2Decoder(policy.model)
+    for round_ in range(3):
+        outs = []
+        for decoder in (kept, released):
+            torch.manual_seed(round_)
+            outs.append(decoder.generate(ids, mask, 24, 1.0, False, eos))
+        released.release()
+        assert torch.equal(outs[0], outs[1])
+        assert released._cache is None and not released._steps and kept._cache is not None
+
+
 @pytest.mark.gpu
 def test_the_cuda_graph_replays_what_the_step_computes_eagerly(model_cache):
     from workers.learning.decode import GPT2Decoder

@@ -212,6 +212,8 @@ def play_round(node: Node, round_: int, stop: threading.Event, expected_peers: C
     set_stage(Status.GENERATING)
     prompts = [build_prompt(q.question) for q in questions]
     sampled = generate_local(policy, cfg, prompts, seed, node.splits)
+    if cfg.decode_cache == "release" and policy.decoder is not None:
+        policy.decoder.release()        # the update may use the cache's memory; the next round captures again
     release_cached_memory(policy.device)
     generated = time.monotonic()
     shared, local, scores = score_local(cfg, questions, prompts, sampled)

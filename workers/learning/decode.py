@@ -169,6 +169,11 @@ class GPT2Decoder:
             self._drop_graphs()
             self._weights_at = now
 
+    def release(self) -> None:
+        """Free the cache and the graphs (their pool goes with them); the next call allocates and captures again."""
+        self._drop_graphs()
+        self._cache = None
+
     def _drop_graphs(self) -> None:
         # the pool goes with its graphs: a pool whose graphs are all gone cannot take a new capture
         self._steps.clear()
