@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -125,3 +126,34 @@ def test_a_report_of_a_table_never_run_names_the_folder_and_the_fix(tmp_path, mo
     assert error.startswith("rl-swarm: error: sapo-table --report: no swarm has run for nothing-paper-8-0-s1")
     assert str(tmp_path / "drive" / "experiments") in error and "run `rl-swarm sapo-table`" in error
     assert "\n" not in error and not (tmp_path / "drive" / "tables").exists()
+
+
+def test_a_tables_swarms_stop_as_on_ctrl_c_when_the_table_is_killed_with_sigkill(tmp_path):
+    """`kill -9` of `rl-swarm sapo-table`: each swarm it started (in a session of its own, so no terminal's signal
+    reaches it) gets the SIGINT of a Ctrl-C and stops, instead of running on with nobody left to stop it."""
+    from tests.helpers import wait_for
+
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    # a stand-in for the arm's `up`: waits for SIGINT, then says so (the table starts its arms exactly like this)
+    swarm = ("import os, pathlib, signal, time\n"
+             "def stop(*_):\n"
+             f"    pathlib.Path({str(stopped)!r}).write_text('x')\n"
+             "    os._exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             f"pathlib.Path({str(ready)!r}).write_text('x')\n"
+             "time.sleep(120)\n")
+    table = ("import subprocess, sys, time\n"
+             "from swarm_supervisor.table import arm_process_options\n"
+             f"subprocess.Popen([sys.executable, '-c', {swarm!r}], **arm_process_options())\n"
+             "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", table], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(ready.exists, 60, "the swarm to start", proc)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while not stopped.exists():
+            assert time.monotonic() < deadline, "the table's swarm ran on after the table was killed"
+            time.sleep(0.1)
+    finally:
+        proc.kill()

@@ -34,18 +34,19 @@ class WorkerSpec:
 PR_SET_PDEATHSIG = 1      # prctl(2): a signal to this process when the thread that started it ends
 
 
-def stop_with_parent(parent_pid: int) -> None:
-    """SIGTERM to this process when its supervisor dies (Linux; killed with -9, say): a worker then stops as on
+def stop_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """`sig` to this process when its supervisor dies (Linux; killed with -9, say): a worker then stops as on
     Ctrl-C, its last round checkpointed, instead of dying at its next wait between rounds with the rounds since
-    its last checkpoint lost. Call it once the SIGTERM handler is in place. Elsewhere the wait still checks."""
+    its last checkpoint lost. Call it once the handler is in place, or as a Popen's preexec_fn (the request
+    outlives exec). Elsewhere the wait still checks."""
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):      # no prctl: not Linux
         return
-    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         return
     if os.getppid() != parent_pid:          # it died before the prctl: no signal would come
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
 
 
 def start_worker(spec: WorkerSpec) -> None:
