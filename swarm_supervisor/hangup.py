@@ -5,9 +5,13 @@ A shell passes the hang-up on to its jobs and the kernel sends it again as the s
 twice within milliseconds, and must treat the second as the first, not as a second Ctrl-C (which kills).
 """
 
+import functools
 import os
 import signal
+import subprocess
 from typing import Any, Callable
+
+from workers.processes import stop_with_parent
 
 Handler = Callable[[int, Any], None]
 
@@ -33,3 +37,12 @@ def print_nowhere(fds: tuple[int, ...]) -> None:
     for fd in fds:
         os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def session_of_its_own() -> dict[str, Any]:
+    """Popen options for a swarm this process starts and stops (a table's arm, a notebook cell's `up`). A session
+    of its own: a Ctrl-C in the terminal reaches this process alone, which passes exactly one SIGINT on (a second
+    one would kill the swarm before its checkpoints). And a SIGINT when this process dies, even by kill -9 or a
+    notebook kernel's restart: no swarm runs on with nobody left to stop it."""
+    return {"stdin": subprocess.DEVNULL, "start_new_session": True,
+            "preexec_fn": functools.partial(stop_with_parent, os.getpid(), signal.SIGINT)}

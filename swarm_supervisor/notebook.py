@@ -23,6 +23,7 @@ from rich.text import Text
 
 from configs_env import SwarmConfig, SwarmError
 from swarm_supervisor.dashboard import render
+from swarm_supervisor.hangup import session_of_its_own
 from swarm_supervisor.status import folder_reader, read_events
 from swarm_supervisor.supervisor import EXIT_INTERRUPTED, SHUTDOWN_GRACE_S
 from workers.shared_folder import storage
@@ -151,7 +152,7 @@ class Child:
 
     def __init__(self, argv: list[str], env: dict[str, str]):
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     **session_of_its_own())
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, name="rl-swarm output", daemon=True).start()
 

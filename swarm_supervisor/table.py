@@ -6,7 +6,6 @@ arms of one seed share one warm-up: it runs once (`rl-swarm pretrain`) and its b
 arms' folders, so the splits differ in how they share rollouts and in nothing else.
 """
 
-import functools
 import os
 import signal
 import subprocess
@@ -17,8 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from configs_env import SwarmConfig, SwarmError
-from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
-from workers.processes import stop_with_parent
+from swarm_supervisor.hangup import on_hangup, print_nowhere, session_of_its_own, terminal_outputs
 from workers.shared_folder.exchange import read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.signing import KeyRing, local_key_dir
@@ -107,14 +105,6 @@ def _copy_folder(source: Path, target: Path) -> None:
     sync_folder(target.parent)
 
 
-def arm_process_options() -> dict:
-    """Popen options of an arm's `up`. A session of its own: a Ctrl-C in the terminal reaches the table alone,
-    which passes exactly one SIGINT on (a second one would kill the swarm before its checkpoints). And a SIGINT
-    when the table dies, even by kill -9: no swarm runs on with nobody left to stop it."""
-    return {"stdin": subprocess.DEVNULL, "start_new_session": True,
-            "preexec_fn": functools.partial(stop_with_parent, os.getpid(), signal.SIGINT)}
-
-
 class ArmRunner:
     """Runs arms as `rl-swarm up` processes, at most `parallel` at a time, in order; Ctrl-C, SIGTERM and a
     terminal's hang-up stop them cleanly."""
@@ -175,7 +165,7 @@ class ArmRunner:
         try:
             self.running[arm.experiment] = subprocess.Popen(
                 _command("up"), env=arm.environment(self.base_env), stdout=out, stderr=subprocess.STDOUT,
-                **arm_process_options())
+                **session_of_its_own())
         finally:
             out.close()         # the child holds its own copy of the descriptor
 

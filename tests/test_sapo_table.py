@@ -143,8 +143,8 @@ def test_a_tables_swarms_stop_as_on_ctrl_c_when_the_table_is_killed_with_sigkill
              f"pathlib.Path({str(ready)!r}).write_text('x')\n"
              "time.sleep(120)\n")
     table = ("import subprocess, sys, time\n"
-             "from swarm_supervisor.table import arm_process_options\n"
-             f"subprocess.Popen([sys.executable, '-c', {swarm!r}], **arm_process_options())\n"
+             "from swarm_supervisor.hangup import session_of_its_own\n"
+             f"subprocess.Popen([sys.executable, '-c', {swarm!r}], **session_of_its_own())\n"
              "time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", table], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
