@@ -236,7 +236,11 @@ def run_trl(plan: PeersPlan, drive: Path, base: Path, processes: int, measured: 
     if len(rows) < processes:
         return {"error": f"{processes - len(rows)} of {processes} TRL processes wrote no result; see "
                          f"{plan.work}/{name}-*.log"}
+    profiled = {"profile": read_profile(plan.work / f"{name}.profile.txt")} if profile else {}
     seconds = [r["median_seconds_per_update"] for r in rows]
+    if None in seconds:         # stopped by the deadline before a measured update: the phase measured nothing
+        return {"error": f"{seconds.count(None)} of {processes} TRL processes reached the deadline before a "
+                         f"measured update; see {plan.work}/{name}-*.log", **profiled}
     return {"processes": processes, "rounds": min(r["updates"] for r in rows),
             "measured_updates": min(r["measured_updates"] for r in rows),
             "median_seconds_per_update": median(seconds),
@@ -244,8 +248,7 @@ def run_trl(plan: PeersPlan, drive: Path, base: Path, processes: int, measured: 
             "updates_per_s": sum(1 / s for s in seconds), "peak_gib_per_process": memory.peak_gib(),
             "memory_source": memory.source, "held_out": [r["held_out"] for r in rows],
             "held_out_updates": [r["updates"] for r in rows],
-            "torch_peak_gib": max((r["torch_peak_gib"] or 0) for r in rows) or None,
-            **({"profile": read_profile(plan.work / f"{name}.profile.txt")} if profile else {})}
+            "torch_peak_gib": max((r["torch_peak_gib"] or 0) for r in rows) or None, **profiled}
 
 
 def _many(runs: dict[int, dict], held_out_count: int) -> dict:
