@@ -413,3 +413,13 @@ def append_as(folder, node: str, path: Path, record: dict) -> None:
     from workers.shared_folder.jsonl import append_jsonl
 
     append_jsonl(path, node_key(folder, node).sign(record))
+
+
+def key_of_an_older_rl_swarm(key_dir: Path, node: str):
+    """`node`'s key as an rl-swarm before signed checkpoints and bases made it (no marker beside it): unsigned ones
+    in the folder may be that node's own."""
+    from workers.shared_folder.signing import SIGNS_FILES, NodeKey
+
+    key = NodeKey.load_or_create(key_dir, node)
+    key.path.with_name(key.path.name + SIGNS_FILES).unlink(missing_ok=True)
+    return NodeKey.load_or_create(key_dir, node)

@@ -33,7 +33,7 @@ from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile, check_node_name
 from workers.shared_folder.leftovers import STALE_TEMP_S, remove_stale_temps, writer_tag
 from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
-from tests.helpers import keyring, node_exchange, node_key, write_as
+from tests.helpers import key_of_an_older_rl_swarm, keyring, node_exchange, node_key, write_as
 
 # what a planted link points at: a record a reader would accept, were it to follow the link
 OUTSIDE_TEXT = sealed(rollouts_record("outsider"))
@@ -422,6 +422,6 @@ def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_
     (planted / "meta.json").write_text(json.dumps(key.sign({**meta, "round": 3})))    # the node's, but for the link
     (planted / "state.pt").symlink_to(tmp_path / "round_000001" / "state.pt")
     fresh = trained(1)[0]
-    restarted = NodeKey.load_or_create(key_dir, "w-1")     # unsigned checkpoints are looked at too
+    restarted = key_of_an_older_rl_swarm(key_dir, "w-1")     # unsigned checkpoints are looked at too
     meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
     assert meta.round == 1

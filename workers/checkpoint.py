@@ -306,23 +306,25 @@ def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.
     incomplete, corrupt, unsigned or signed by another key is skipped with a warning.
 
     An unsigned checkpoint (written before rl-swarm signed them) is used only when no signed one loads and the
-    node's key is older than this start: a node whose key was just made signed nothing, so an unsigned
-    checkpoint in its folder is a peer's. A folder error that outlasts the retries (EIO, a Drive mount gone
-    stale) is raised, never taken for a corrupt checkpoint: a worker that went on from the base instead would
-    prune its trained checkpoints with its next saves. It exits, and its restart tries again.
+    node's key was made by an rl-swarm before signed checkpoints: a node whose key this version made signs every
+    checkpoint it writes, so an unsigned one in its folder is a peer's. A folder error that outlasts the retries
+    (EIO, a Drive mount gone stale) is raised, never taken for a corrupt checkpoint: a worker that went on from
+    the base instead would prune its trained checkpoints with its next saves. It exits, and its restart tries
+    again.
     """
     if not root.exists():
         return None
     folders = sorted(root.glob("round_*"), reverse=True)
-    for signed in (True, False) if not key.made_now else (True,):
+    for signed in (True, False) if key.predates_signed_files else (True,):
         for folder in folders:
             try:
                 return with_retries(lambda folder=folder, signed=signed: _load_checkpoint(folder, model, optimizer,
                                                                                           model_name, key, signed),
                                     f"loading the checkpoint {folder}", retry_missing=False)
             except _NotThisPass:
-                if key.made_now:
-                    log.warning("checkpoint %s is unsigned and this node's key is new: not its own; skipped", folder)
+                if not key.predates_signed_files:
+                    log.warning("checkpoint %s is unsigned and this node's key signs every checkpoint: not its own; "
+                                "skipped", folder)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError, RejectedFile, SafetensorError,
                     RuntimeError, KeyError, ValueError, TypeError, EOFError,
                     pickle.UnpicklingError) as exc:   # UnpicklingError: state.pt holds more than weights

@@ -37,6 +37,9 @@ KEY_SCHEMA = 1
 KEY_BYTES = 4096                 # a public key file is about 200 bytes
 PRIVATE_KEY_BYTES = 1024
 MAX_PINNED = 4096                # peers' keys kept in memory; one forgotten is pinned again from the folder
+# beside a key made by an rl-swarm that signs checkpoints and bases: a key without it is older, and an unsigned
+# checkpoint or base in the folder may be that node's own (see NodeKey.predates_signed_files)
+SIGNS_FILES = ".signs-files"
 
 
 class UnknownSigner(RejectedFile):
@@ -95,21 +98,26 @@ def _read_private_file(path: Path, limit: int) -> bytes:
 class NodeKey:
     """A node's private Ed25519 key, kept in this machine's key folder (0700, the file 0600)."""
 
-    def __init__(self, node: str, private: Ed25519PrivateKey, path: Path | None = None, made_now: bool = False):
+    def __init__(self, node: str, private: Ed25519PrivateKey, path: Path | None = None,
+                 predates_signed_files: bool = False):
         self.node, self._private, self.path = check_node_name(node), private, path
         self.public = private.public_key()
-        self.made_now = made_now        # made by this start: nothing in the folder was signed with it before
+        # made by an rl-swarm before checkpoints and bases were signed: an unsigned one may be this node's own.
+        # Read from this machine's disk, not from when the key was made: `up` makes its workers' keys before they
+        # start, so a worker never sees its key made, and a peer can plant an unsigned file before any start
+        self.predates_signed_files = predates_signed_files
 
     @classmethod
     def load_or_create(cls, key_dir: Path, node: str) -> "NodeKey":
         """The node's key from `key_dir`, made there on first use: a restarted node keeps its key."""
         path = _private_dir(key_dir) / f"{check_node_name(node)}.key"
-        made_now = False
+        marker = path.with_name(path.name + SIGNS_FILES)
         if not path.exists():
+            _create_private_file(marker, b"")      # first: a key is never seen without it when this made it
             fresh = Ed25519PrivateKey.generate()
-            made_now = _create_private_file(path, fresh.private_bytes(serialization.Encoding.PEM,
-                                                                      serialization.PrivateFormat.PKCS8,
-                                                                      serialization.NoEncryption()))
+            _create_private_file(path, fresh.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
         try:
             private = serialization.load_pem_private_key(_read_private_file(path, PRIVATE_KEY_BYTES), password=None)
         except (OSError, ValueError, TypeError) as exc:
@@ -117,7 +125,7 @@ class NodeKey:
                               "a new one (the node then needs a new NODE_ID: its old key stays in the folder)") from exc
         if not isinstance(private, Ed25519PrivateKey):
             raise FolderError(f"{path}: not an Ed25519 key; move it away to make a new one")
-        return cls(node, private, path, made_now)
+        return cls(node, private, path, predates_signed_files=not marker.exists())
 
     @property
     def fingerprint(self) -> str:
