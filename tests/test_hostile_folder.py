@@ -381,23 +381,31 @@ def test_a_coordinator_thread_that_ends_silently_does_not_leave_the_supervisor_w
 def test_a_link_planted_in_a_base_the_sapo_table_shares_copies_no_file_of_this_machine(tmp_path):
     """The table copies seed S's base to its other splits: a peer's link there must not carry a local secret into
     the shared folder, where every peer reads it."""
-    from swarm_supervisor.table import _copy_folder
+    import hashlib
+
+    from swarm_supervisor.claim import coordinator_key
+    from swarm_supervisor.table import copy_base
+    from workers.shared_folder.base_meta import sign_base_meta
 
     secret = tmp_path / "id_ed25519"
     secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
-    base = tmp_path / "drive" / "a" / "base"
+    source, target = (SwarmConfig(gdrive_path=tmp_path / "drive", experiment_name=name, cache_dir=tmp_path / "cache")
+                      for name in ("a", "b"))
+    base = ExperimentFolder(source.experiment_dir).base_dir
     base.mkdir(parents=True)
-    (base / "meta.json").write_text("{}")
+    key = coordinator_key(source, ExperimentFolder(source.experiment_dir))[0]     # the base is the coordinator's
+    meta = sign_base_meta({"model_name": "m"}, hashlib.sha256(b"weights").hexdigest(), key)
+    (base / "meta.json").write_text(json.dumps(meta))
     (base / "model.safetensors").symlink_to(secret)
-    target = tmp_path / "drive" / "b" / "base"
+    copied = ExperimentFolder(target.experiment_dir).base_dir
     with pytest.raises(RejectedFile, match="model.safetensors"):
-        _copy_folder(base, target)
-    assert not target.exists() and list(target.parent.iterdir()) == []      # no copy, no temp folder left
+        copy_base(source, target)
+    assert not copied.exists() and list(copied.parent.iterdir()) == []      # no copy, no temp folder left
     (base / "model.safetensors").unlink()
     (base / "model.safetensors").write_bytes(b"weights")
-    _copy_folder(base, target)
-    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "model.safetensors"]
-    assert (target / "model.safetensors").read_bytes() == b"weights"
+    copy_base(source, target)
+    assert sorted(p.name for p in copied.iterdir()) == ["meta.json", "model.safetensors"]
+    assert (copied / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_path):

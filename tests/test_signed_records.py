@@ -24,6 +24,7 @@ from workers.learning.tasks import TaskMix
 from workers.shared_folder import exchange as exchange_module
 from workers.shared_folder.exchange import (newest_signed_round, read_finished, read_heartbeats, read_round_state,
                                             read_signed)
+from workers.shared_folder.base_meta import sign_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded, write_json_atomic
 from workers.shared_folder.rejections import FolderError, RejectedFile
@@ -252,6 +253,8 @@ def test_a_joiner_waits_for_the_coordinators_key_and_the_base_then_pins_the_key(
     with pytest.raises(SwarmError, match=r"no the coordinator's key .* after 1s: start `rl-swarm up` on this "):
         cli.join_when_ready(cfg, folder)
     coordinator = node_key(folder, COORDINATOR)
+    folder.base_dir.mkdir()
+    (folder.base_dir / "meta.json").write_text(json.dumps({"schema": 1, "model_name": "m"}))    # a peer's
     with pytest.raises(SwarmError, match=r"no the experiment's base model .* after 1s"):
         cli.join_when_ready(cfg, folder)
     monkeypatch.setattr(cli, "COORDINATOR_PATIENCE", 60)
@@ -259,8 +262,7 @@ def test_a_joiner_waits_for_the_coordinators_key_and_the_base_then_pins_the_key(
     joining = threading.Thread(target=lambda: joined.append(cli.join_when_ready(cfg, folder)))
     joining.start()
     wait_until(lambda: "waiting for the experiment's base model" in capsys.readouterr().out)
-    folder.base_dir.mkdir()
-    (folder.base_dir / "meta.json").write_text(json.dumps({"schema": 1, "model_name": "m"}))    # `up`'s warm-up
+    write_json_atomic(folder.base_dir / "meta.json", sign_base_meta({"model_name": "m"}, "0" * 64, coordinator))
     joining.join(timeout=30)
     assert joined and f"coordinator key {coordinator.fingerprint} (pinned on this machine" in capsys.readouterr().out
 

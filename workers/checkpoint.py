@@ -6,7 +6,6 @@ a worker's questions come from round_seed(cfg, index, round) (workers/round_loop
 re-seeds from it, so restoring the round restores where the worker is in its data.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,8 @@ from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
 from workers.shared_folder.mount import make_dirs
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics
-from workers.shared_folder.signing import KeyRing, NodeKey, signed_lines
+from workers.shared_folder.signing import KeyRing, NodeKey, file_sha256, signed_lines
+from workers.weights import host_weights
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,6 @@ class CheckpointSnapshot:
     weights: dict[str, torch.Tensor]      # model.safetensors: one name per storage (GPT-2's lm_head is its wte)
     state: dict[str, Any]                 # state.pt: the optimizer's state and torch's RNGs
     record: dict[str, Any]                # meta.json
-
-
-def host_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights copied to the CPU. safetensors stores no tensor twice: of the names sharing one
-    (GPT-2's lm_head is its wte), the alphabetically first is kept, as safetensors' save_model keeps it, and
-    load_model restores the others from it."""
-    names: dict[tuple, list[str]] = {}
-    tensors = model.state_dict()
-    for name, tensor in tensors.items():
-        same = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        names.setdefault(same, []).append(name)
-    return {min(group): tensors[min(group)].detach().to("cpu", copy=True).contiguous() for group in names.values()}
 
 
 def _to_host(value: Any) -> Any:
@@ -132,7 +120,7 @@ def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot, key: 
     final = root / f"round_{snapshot.meta.round:06d}"
     save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(snapshot.state, tmp / "state.pt")
-    record = key.sign({**snapshot.record, "files": {name: _sha256(tmp / name) for name in FILES}})
+    record = key.sign({**snapshot.record, "files": {name: file_sha256(tmp / name) for name in FILES}})
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
         json.dump(record, f, allow_nan=False)
     sync_folder(tmp, files=True)
@@ -142,15 +130,6 @@ def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot, key: 
     sync_folder(root)           # the rename outlives a power cut before _prune removes the older checkpoints
     _prune(root, snapshot.meta.round)
     return final
-
-
-def _sha256(path: Path) -> str:
-    check_regular(path)          # never through a link, never blocking on a FIFO
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _python_rng_state() -> list[Any]:
@@ -346,7 +325,7 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
         record = key.verify(record, str(folder / "meta.json"))
         files = record.get("files")
         if record.get("node") != key.node or not isinstance(files, dict) or \
-                any(files.get(name) != _sha256(folder / name) for name in FILES):
+                any(files.get(name) != file_sha256(folder / name) for name in FILES):
             raise RejectedFile(f"{folder}: its files are not the ones its meta.json signed for")
     else:
         log.warning("checkpoint %s is unsigned (written by an rl-swarm before signed checkpoints): used as no "

@@ -28,7 +28,7 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import (CHECKSUM_KEY, SIGNATURE_KEY, canonical_json, read_json_bounded,
                                                 record_checksum, write_json_create_only)
 from workers.shared_folder.rejections import FolderError, RejectedFile, check_node_name, warn_once
-from workers.shared_folder.safe_io import is_visible, sync_folder
+from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,16 @@ def fingerprint(public: Ed25519PublicKey) -> str:
     """A short, readable name of a public key, for a person to compare between machines."""
     digest = hashlib.sha256(_raw(public)).hexdigest()[:16]
     return "ed25519:" + "-".join(digest[i:i + 4] for i in range(0, 16, 4))
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a regular file, for a signed meta.json to name (read without following a link or blocking)."""
+    check_regular(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _raw(public: Ed25519PublicKey) -> bytes:
