@@ -43,6 +43,7 @@ BEST = "best"             # checkpoints/<node>/best/: the model of the node's be
 METRICS_TAIL = 8          # this node's last metrics rows kept in each checkpoint (bounded: meta.json stays small)
 SCHEMA = 3                # 3: meta.json signed by the node, with its files' SHA-256; 1 and 2 unsigned (see load)
 FILES = ("model.safetensors", "state.pt")
+BEST_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -120,16 +121,22 @@ def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot, key: 
     final = root / f"round_{snapshot.meta.round:06d}"
     save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(snapshot.state, tmp / "state.pt")
-    record = key.sign({**snapshot.record, "files": {name: file_sha256(tmp / name) for name in FILES}})
-    with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        json.dump(record, f, allow_nan=False)
-    sync_folder(tmp, files=True)
+    _write_signed_meta(tmp, snapshot.record, FILES, key)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     sync_folder(root)           # the rename outlives a power cut before _prune removes the older checkpoints
     _prune(root, snapshot.meta.round)
     return final
+
+
+def _write_signed_meta(folder: Path, record: dict[str, Any], names: tuple[str, ...], key: NodeKey) -> None:
+    """meta.json, written last into a folder not yet renamed into place: `record` with the SHA-256 of each of
+    `names`, signed by the node; then every file is synced."""
+    signed = key.sign({**record, "files": {name: file_sha256(folder / name) for name in names}})
+    with open(folder / "meta.json", "w", encoding="utf-8") as f:
+        json.dump(signed, f, allow_nan=False)
+    sync_folder(folder, files=True)
 
 
 def _python_rng_state() -> list[Any]:
@@ -189,10 +196,10 @@ def _prune(root: Path, newest: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: float,
+def save_best(root: Path, key: NodeKey, model_name: str, round_: int, accuracy: float,
               weights: dict[str, torch.Tensor]) -> Path:
     """The model of the node's best held-out evaluation (`weights`, from host_weights), as root/best/ (weights and
-    meta.json; never resumed from).
+    meta.json, signed by the node's `key` with the weights' SHA-256; never resumed from).
 
     Written beside the old best and swapped in by renames, so a crash leaves one whole best model, old or new.
     """
@@ -201,11 +208,9 @@ def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: flo
     tmp = make_temp_dir(final)
     old = tmp.with_suffix(".old")
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-            json.dump({"schema": SCHEMA, "node": node, "model_name": model_name, "round": round_,
-                       "held_out_accuracy": accuracy}, f, allow_nan=False)
-        sync_folder(tmp, files=True)
+        save_file(weights, str(tmp / BEST_WEIGHTS), metadata={"format": "pt"})
+        _write_signed_meta(tmp, {"schema": SCHEMA, "node": key.node, "model_name": model_name, "round": round_,
+                                 "held_out_accuracy": accuracy}, (BEST_WEIGHTS,), key)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -234,11 +239,24 @@ def clear_leftovers(root: Path) -> None:
     remove_stale_temps(root, depth=1)
 
 
-def read_best(root: Path) -> dict[str, Any] | None:
-    """best/meta.json when it is whole: {"round", "held_out_accuracy", ...}; None when there is none."""
+def read_best(root: Path, key: NodeKey) -> dict[str, Any] | None:
+    """best/meta.json when the node (`key`) signed it, beside the model it signed for: {"round",
+    "held_out_accuracy", ...}; None when there is none, or none of the node's. checkpoints/<node>/ is in the shared
+    folder: a score a peer wrote there (say 100%) would stop every save of the node's best model."""
+    path = root / BEST / "meta.json"
     try:
-        record = read_json_bounded(root / BEST / "meta.json", max_bytes=64 * 1024)
-    except (OSError, RejectedFile):
+        record = key.verify(read_json_bounded(path, max_bytes=64 * 1024), str(path))
+        files = record.get("files")
+        if record.get("node") != key.node or not isinstance(files, dict) or \
+                files.get(BEST_WEIGHTS) != file_sha256(root / BEST / BEST_WEIGHTS):
+            raise RejectedFile(f"{root / BEST}: its model is not the one its meta.json signed for")
+    except FileNotFoundError:
+        return None
+    except RejectedFile as refused:     # unsigned ones too: a score from before signed best models is not proof
+        log.warning("%s; not this node's best: its next evaluation saves the best model over it", refused)
+        return None
+    except OSError as exc:
+        log.warning("%s not read (%s); its next evaluation saves the best model over it", path, exc)
         return None
     accuracy = record.get("held_out_accuracy")
     if not isinstance(record.get("round"), int) or isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
@@ -249,9 +267,9 @@ def read_best(root: Path) -> dict[str, Any] | None:
 class BestModel:
     """Keeps root/best/ at the node's best held-out evaluation so far (round 0, the start, included)."""
 
-    def __init__(self, root: Path, node: str, model_name: str):
-        self.root, self.node, self.model_name = root, node, model_name
-        meta = read_best(root)
+    def __init__(self, root: Path, key: NodeKey, model_name: str):
+        self.root, self.key, self.model_name = root, key, model_name
+        meta = read_best(root, key)
         self.written: float | None = float(meta["held_out_accuracy"]) if meta else None   # what best/ holds
         self.accuracy = self.written            # the best offered: written, or being written
         self._offered: dict[int, float] = {}
@@ -262,7 +280,7 @@ class BestModel:
         if self.accuracy is not None and accuracy <= self.accuracy:
             return None
         self.accuracy, self._offered[round_] = accuracy, accuracy
-        return partial(save_best, self.root, self.node, self.model_name, round_, accuracy, host_weights(model))
+        return partial(save_best, self.root, self.key, self.model_name, round_, accuracy, host_weights(model))
 
     def landed(self, round_: int, ok: bool) -> None:
         """The write of round_'s offer ended; one that failed leaves the next better evaluation to try again."""

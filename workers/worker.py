@@ -240,7 +240,7 @@ class Worker:
             log.info("rehearsed the largest round (%d-token prompts, %d new tokens): %.2f GiB reserved at most",
                      width, cfg.max_new_tokens, torch.cuda.max_memory_reserved(policy.device) / 2**30)
         self.held_out = held_out_questions(cfg.tasks, cfg.eval_size)
-        self.best = BestModel(self.checkpoints, spec.node, spec.model_name)
+        self.best = BestModel(self.checkpoints, self.exchange.key, spec.model_name)
         # round 0 is the start, evaluated only when not resuming; a resumed worker makes up an evaluation
         # that a crash cut off at its checkpoint's round; the file is the record, so none runs twice
         done = self.progress.last_done
