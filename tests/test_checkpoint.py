@@ -141,7 +141,7 @@ def test_a_checkpoint_a_peer_planted_is_never_resumed_from(tmp_path, key, caplog
     meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
     assert meta.round == 1 and torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
     assert "round_000007 is unusable" in caplog.text and "signature is not 'w-1'" in caplog.text
-    assert "round_000008: its files are not the ones its meta.json signed for" in caplog.text
+    assert "round_000008/model.safetensors: not the file its signed meta.json names" in caplog.text
     # the node's next save keeps its own checkpoints: planted later rounds never push them out
     save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
     assert {"round_000001", "round_000002"} <= {p.name for p in tmp_path.iterdir()}
@@ -226,14 +226,14 @@ def test_a_checkpoint_the_drive_cannot_read_now_stops_the_resume_instead_of_star
     model, optimizer = trained(0)
     save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
     save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
-    load_model = checkpoint_module.load_model
-    monkeypatch.setattr(checkpoint_module, "load_model",
+    read_checked = checkpoint_module.read_checked
+    monkeypatch.setattr(checkpoint_module, "read_checked",
                         lambda *args, **kwargs: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     fresh = tiny_model(1)
     with pytest.raises(OSError, match="Input/output error"):
         load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000001", "round_000002"]     # both still there
-    monkeypatch.setattr(checkpoint_module, "load_model", load_model)          # the Drive is back
+    monkeypatch.setattr(checkpoint_module, "read_checked", read_checked)      # the Drive is back
     assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key).round == 2
 
 

@@ -6,6 +6,7 @@ a worker's questions come from round_seed(cfg, index, round) (workers/round_loop
 re-seeds from it, so restoring the round restores where the worker is in its data.
 """
 
+import io
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_file
+from safetensors.torch import save_file
 
 from configs_env import SwarmError
 from workers.shared_folder.folder import ExperimentFolder
@@ -29,12 +30,12 @@ from workers.shared_folder.json_records import SIGNATURE_KEY, read_json_bounded,
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.retries import with_retries
-from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
+from workers.shared_folder.safe_io import is_visible, sync_folder
 from workers.shared_folder.mount import make_dirs
 from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.signing import KeyRing, NodeKey, file_sha256, signed_lines
-from workers.weights import host_weights
+from workers.weights import SLACK_BYTES, host_weights, load_weights, model_bytes, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ BEST = "best"             # checkpoints/<node>/best/: the model of the node's be
 METRICS_TAIL = 8          # this node's last metrics rows kept in each checkpoint (bounded: meta.json stays small)
 SCHEMA = 3                # 3: meta.json signed by the node, with its files' SHA-256; 1 and 2 unsigned (see load)
 FILES = ("model.safetensors", "state.pt")
+STATE_SIZES = 8           # state.pt is refused unread beyond 8 models' size (AdamW's moments, fp32 masters, RNGs)
 BEST_WEIGHTS = "model.safetensors"
 
 
@@ -339,12 +341,13 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     record = read_json_bounded(folder / "meta.json", max_bytes=1024 * 1024)
     if (SIGNATURE_KEY in record) != signed:
         raise _NotThisPass()
+    files: dict[str, Any] = {}
     if signed:
         record = key.verify(record, str(folder / "meta.json"))
         files = record.get("files")
         if record.get("node") != key.node or not isinstance(files, dict) or \
-                any(files.get(name) != file_sha256(folder / name) for name in FILES):
-            raise RejectedFile(f"{folder}: its files are not the ones its meta.json signed for")
+                not all(isinstance(files.get(name), str) for name in FILES):
+            raise RejectedFile(f"{folder}: its meta.json names no SHA-256 of its files, or is another node's")
     else:
         log.warning("checkpoint %s is unsigned (written by an rl-swarm before signed checkpoints): used as no "
                     "signed one loads", folder)
@@ -354,10 +357,12 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
         raise CheckpointMismatch(
             f"{folder} was trained from MODEL_NAME={record['model_name']!r}, not {model_name!r}: "
             f"set MODEL_NAME={record['model_name']} to resume, or use a new EXPERIMENT_NAME")
-    for name in FILES:          # a link or FIFO a peer planted: skipped, not read
-        check_regular(folder / name)
-    load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
-    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+    # loaded from the bytes whose SHA-256 was checked (a link or FIFO a peer planted: refused, not read)
+    size = model_bytes(model)
+    weights = read_checked(folder / "model.safetensors", files.get("model.safetensors"), size + SLACK_BYTES)
+    state_bytes = read_checked(folder / "state.pt", files.get("state.pt"), STATE_SIZES * size + SLACK_BYTES)
+    load_weights(model, weights)
+    state = torch.load(io.BytesIO(state_bytes), weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     _restore_rngs(record, state, folder)
     return CheckpointMeta(round=record["round"], node=str(record.get("node", "")),
