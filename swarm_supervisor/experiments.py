@@ -67,11 +67,11 @@ def experiment_config(folder: ExperimentFolder) -> dict:
         return {}
 
 
-def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, RoundMetrics]], list[str]]:
+def metrics_by_round(folder: ExperimentFolder,
+                     keyring: KeyRing) -> tuple[dict[int, dict[str, RoundMetrics]], list[str]]:
     """Every worker's valid metrics rows by round (a re-run round keeps its last row), and the bad lines."""
     rows: dict[int, dict[str, RoundMetrics]] = {}
     bad: list[str] = []
-    keyring = KeyRing.for_viewing(folder)
     for path in folder.metrics_files():
         name = str(path.relative_to(folder.root))
         try:
@@ -89,11 +89,10 @@ def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, Roun
     return rows, bad
 
 
-def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEval]], list[str]]:
+def held_out_by_node(folder: ExperimentFolder, keyring: KeyRing) -> tuple[dict[str, list[HeldOutEval]], list[str]]:
     """Every worker's held-out evaluations by round (round 0: before round 1), and the files with bad lines."""
     evals: dict[str, list[HeldOutEval]] = {}
     bad: list[str] = []
-    keyring = KeyRing.for_viewing(folder)
     for path in folder.metrics_files("eval.jsonl"):
         rows, errors = read_held_out(path, keyring)
         if errors:
@@ -117,10 +116,10 @@ def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
 RUNNING_FRESH_S = 120.0      # a coordinator heartbeat this recent says the swarm runs, plus DRIVE_LAG
 
 
-def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None, drive_lag: float = 0.0) -> str:
+def status_of(folder: ExperimentFolder, keyring: KeyRing, beats: dict[str, Heartbeat] | None = None,
+              drive_lag: float = 0.0) -> str:
     """finished, running (a coordinator heartbeat of the last two minutes says so; on a machine that sees the
     folder `drive_lag` seconds late, of the last two minutes and that lag), failed or stopped."""
-    keyring = KeyRing.for_viewing(folder)
     if read_finished(folder, keyring) is not None:
         return "finished"
     beats = read_heartbeats(folder, keyring) if beats is None else beats
@@ -154,13 +153,15 @@ class Summary:
     rejected_files: int       # folder files and groups the workers refused, plus bad metrics lines
 
 
-def summarize(root: Path, last_n: int = 10) -> Summary:
+def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
+    """One experiment's numbers, as the node that signed each record says them (`cache_dir`: where this machine
+    keeps its keys; see KeyRing.for_viewing)."""
     folder = ExperimentFolder(root)
-    keyring = KeyRing.for_viewing(folder)
+    keyring = KeyRing.for_viewing(folder, cache_dir)
     cfg = experiment_config(folder)
     rounds = folder.state_rounds()
-    by_round, bad = metrics_by_round(folder)
-    evals, bad_evals = held_out_by_node(folder)
+    by_round, bad = metrics_by_round(folder, keyring)
+    evals, bad_evals = held_out_by_node(folder, keyring)
     # the SAPO paper's measure: the sum over rounds of the mean reward of every worker
     cumulative = sum(sum(r.reward_mean for r in nodes.values()) / len(nodes) for nodes in by_round.values())
     tail = [r for k in sorted(by_round)[-last_n:] for r in by_round[k].values()]
@@ -174,7 +175,7 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
     beats = read_heartbeats(folder, keyring)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     return Summary(
-        name=root.name, status=status_of(folder, drive_lag=_drive_lag(cfg.get("drive_lag"))),
+        name=root.name, status=status_of(folder, keyring, drive_lag=_drive_lag(cfg.get("drive_lag"))),
         rounds=rounds[-1] if rounds else 0,
         max_rounds=setting_of(cfg, "max_rounds", 0),
         nodes=len({n for nodes in by_round.values() for n in nodes}),
@@ -234,7 +235,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
+def plot_experiments(roots: list[Path], out: Path, cache_dir: Path | None, window: int = 10) -> Path:
     """Reward and exact-match per round (smoothed, band = min..max over workers), seconds per round, GPU per node."""
     import matplotlib
 
@@ -245,7 +246,8 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
     (reward_ax, acc_ax), (speed_ax, gpu_ax) = axes
     for root in roots:
         folder = ExperimentFolder(root)
-        by_round, _ = metrics_by_round(folder)
+        keyring = KeyRing.for_viewing(folder, cache_dir)
+        by_round, _ = metrics_by_round(folder, keyring)
         rounds = sorted(by_round)
         if not rounds:
             continue
@@ -257,7 +259,7 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
             ax.fill_between(rounds, _smooth(lows, window), _smooth(highs, window), alpha=0.15,
                             color=line.get_color())
         held_out: dict[int, list[float]] = {}
-        for rows in held_out_by_node(folder)[0].values():
+        for rows in held_out_by_node(folder, keyring)[0].values():
             for row in rows:
                 held_out.setdefault(row.round, []).append(row.accuracy)
         if held_out:
@@ -333,7 +335,7 @@ class Aggregate:
     held_out_final: tuple[float, float | None] | None = None
 
 
-def aggregate(roots: list[Path]) -> list[Aggregate]:
+def aggregate(roots: list[Path], cache_dir: Path | None) -> list[Aggregate]:
     """Experiments that differ only in SEED are one configuration: mean and 95% interval across them."""
     groups: dict[str, list[Summary]] = {}
     for root in roots:
@@ -341,7 +343,7 @@ def aggregate(roots: list[Path]) -> list[Aggregate]:
         key = (f"{cfg.get('model_resolved', '?')} I={cfg.get('num_train_samples', '?')} "
                f"J={cfg.get('num_transplant_trees', '?')} G={cfg.get('num_generations', '?')} "
                f"workers={cfg.get('num_workers', '?')} rounds={cfg.get('max_rounds', '?')}")
-        groups.setdefault(key, []).append(summarize(root))
+        groups.setdefault(key, []).append(summarize(root, cache_dir))
     out = []
     for key, members in sorted(groups.items()):
         accuracies = [m.final_accuracy for m in members if m.final_accuracy is not None]

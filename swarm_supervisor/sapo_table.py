@@ -99,7 +99,7 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
 def report(cfg: SwarmConfig, family: str, seeds: tuple[int, ...], arms: list[Arm], roots: dict[str, Path],
            accuracies: dict[int, float], codes: dict[str, int]) -> int:
     """Print the table, save it (JSON and plot) under <GDRIVE_PATH>/tables/, and say which swarms did not finish."""
-    rows = table_rows(arms, roots)
+    rows = table_rows(arms, roots, cfg.cache_dir)
     paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
         dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))
     print(format_table(rows, paper))

@@ -423,3 +423,11 @@ def key_of_an_older_rl_swarm(key_dir: Path, node: str):
     key = NodeKey.load_or_create(key_dir, node)
     key.path.with_name(key.path.name + SIGNS_FILES).unlink(missing_ok=True)
     return NodeKey.load_or_create(key_dir, node)
+
+
+def viewer(folder):
+    """The config of `rl-swarm status` on a machine whose key folder (its pins) lies beside the experiment's, never
+    in the home folder."""
+    from configs_env import SwarmConfig
+
+    return SwarmConfig(cache_dir=folder.root.with_name(folder.root.name + ".viewer-cache"))

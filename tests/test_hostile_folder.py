@@ -33,6 +33,7 @@ from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile, check_node_name
 from workers.shared_folder.leftovers import STALE_TEMP_S, remove_stale_temps, writer_tag
 from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
+from workers.shared_folder.signing import KeyRing
 from tests.helpers import key_of_an_older_rl_swarm, keyring, node_exchange, node_key, write_as
 
 # what a planted link points at: a record a reader would accept, were it to follow the link
@@ -131,7 +132,7 @@ def test_a_metrics_log_with_hostile_lines_gives_its_good_rows_to_every_reader(sw
     assert [(row.node_id, row.reward) for row in view.nodes] == [("worker-2", 0.75)]
     assert status.rejected == len(bad_lines) + len(forged)
 
-    by_round, bad = metrics_by_round(folder)
+    by_round, bad = metrics_by_round(folder, KeyRing.for_viewing(folder, None))
     assert {r: list(nodes) for r, nodes in by_round.items()} == {1: ["worker-2"], 2: ["worker-2"]}
     assert len(bad) == len(bad_lines) + len(forged)
     assert bad[0].startswith("metrics/worker-2/metrics.jsonl line 2: expected a JSON object, got list")
@@ -178,7 +179,7 @@ def test_a_metrics_log_that_is_no_regular_file_is_skipped_by_every_reader(swarm,
     assert status.rejected == 1 and warnings_naming(caplog, path) == 1
     with pytest.raises(RejectedFile, match=HOSTILE_REASON[kind]):
         read_jsonl(path)
-    by_round, bad = metrics_by_round(folder)
+    by_round, bad = metrics_by_round(folder, KeyRing.for_viewing(folder, None))
     assert by_round == {} and bad == [f"metrics/worker-2/metrics.jsonl: {HOSTILE_REASON[kind]}, not a regular file; "
                                       "skipped"]
 
@@ -210,10 +211,10 @@ def test_status_summary_and_validation_survive_a_folder_full_of_hostile_files(sw
 def check_everything_survives(cfg: SwarmConfig, folder: ExperimentFolder, planted: dict[str, Path]) -> None:
     view = reader(cfg, folder).view()
     assert [row.node_id for row in view.nodes] == ["worker-2"]
-    summary = summarize(folder.root)
+    summary = summarize(folder.root, None)
     assert (summary.max_rounds, summary.started, summary.last_activity) == (0, "-", "-")
     assert summary.rejected_files == 1
-    checks = {check.name: check for check in validate(folder.root)}
+    checks = {check.name: check for check in validate(folder.root, None)}
     readable = checks["readable files"]
     # with state/round_2.json (its nodes an object) and round_².json (no checksum): refused, not a crash
     assert not readable.passed and readable.detail.startswith(f"{len(planted) + 2} unreadable"), readable.detail

@@ -156,13 +156,13 @@ def test_a_runtime_that_sees_the_folder_minutes_late_does_not_call_a_running_swa
     assert late.phase == "running" and late.eta_s is not None
     from swarm_supervisor.experiments import summarize      # `experiments list`: by the lag the swarm recorded
 
-    assert summarize(folder.root).status == "stopped"
+    assert summarize(folder.root, None).status == "stopped"
     # a forged lag counts as the setting's most, an hour (and two minutes)
     for recorded, beat_age, status in ((180, 200, "running"), (1e300, 3000, "running"), (1e300, 7200, "stopped")):
         write_json_atomic(folder.config_file, {**json.loads(folder.config_file.read_text()), "drive_lag": recorded})
         node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", time.time() - beat_age,
                                                                   role="coordinator"))
-        assert summarize(folder.root).status == status, recorded
+        assert summarize(folder.root, None).status == status, recorded
 
 
 def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monkeypatch):

@@ -394,7 +394,35 @@ def test_an_experiment_from_before_signed_records_still_shows_in_status_and_expe
     write_json_atomic(folder.heartbeat_file("w-1"), {**beat("w-1").to_json(), "schema": 1})
     view = SwarmReader(folder, cfg, "m", "cpu").view()
     assert view.round == 2 and [row.node_id for row in view.nodes] == ["w-1"]
-    assert summarize(folder.root).rounds_per_hour == pytest.approx(36.0)
+    assert summarize(folder.root, cfg.cache_dir).rounds_per_hour == pytest.approx(36.0)
     node_key(folder, COORDINATOR)                       # a folder of signed records: unsigned ones count no more
     view = SwarmReader(folder, cfg, "m", "cpu").view()
     assert view.round == 0 and view.nodes == ()
+
+
+def test_deleting_the_coordinators_key_makes_no_view_trust_a_peers_unsigned_records(swarm, tmp_path):
+    """A peer can delete a file: keys/coordinator.pub gone (or all of keys/) must not turn a signed experiment into
+    one "from before signed records", whose unsigned lines every view shows (here a made-up round 3 and a worker
+    that never ran). Legacy is told from what a peer cannot remove: this machine's key folder, and keys published."""
+    import shutil
+
+    from swarm_supervisor.experiments import summarize
+    from swarm_supervisor.status import SwarmReader
+
+    cfg, folder = swarm
+    write_as(folder, COORDINATOR, folder.round_state_file(1), RoundState(1, 3, 100.0, "x").to_json())
+    write_as(folder, "w-1", folder.heartbeat_file("w-1"), beat("w-1").to_json())
+    assert SwarmReader(folder, cfg, "m", "cpu").view().round == 1          # this machine looks once: it pins the key
+    folder.public_key_file(COORDINATOR).unlink()                            # the peer's doing, then its records
+    for round_ in (2, 3):
+        write_json_atomic(folder.round_state_file(round_), {**RoundState(round_, 3, 100.0 * round_, "x").to_json(),
+                                                            "schema": 1})
+    write_json_atomic(folder.heartbeat_file("w-9"), {**beat("w-9").to_json(), "schema": 1})
+    elsewhere = cfg.with_overrides(cache_dir=tmp_path / "another-machine")  # never looked before: keys/ still speaks
+    for viewer, signed_round in ((cfg, 1), (elsewhere, 0)):
+        view = SwarmReader(folder, viewer, "m", "cpu").view()
+        assert view.round == signed_round and [row.node_id for row in view.nodes] == ["w-1"]
+        assert summarize(folder.root, viewer.cache_dir).rounds_per_hour is None
+    shutil.rmtree(folder.keys_dir)                                          # every key gone
+    view = SwarmReader(folder, cfg, "m", "cpu").view()
+    assert view.round == 1 and "w-9" not in [row.node_id for row in view.nodes]

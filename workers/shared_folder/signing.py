@@ -28,7 +28,7 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import (CHECKSUM_KEY, SIGNATURE_KEY, canonical_json, read_json_bounded,
                                                 record_checksum, write_json_create_only)
 from workers.shared_folder.rejections import FolderError, RejectedFile, check_node_name, warn_once
-from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
+from workers.shared_folder.safe_io import check_regular, list_folder, sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,24 @@ class KeyRing:
         self._pinned: dict[str, Ed25519PublicKey] = {}
 
     @classmethod
-    def for_viewing(cls, folder: ExperimentFolder) -> "KeyRing":
-        """For views that decide nothing (status, experiments, validate): in a folder an rl-swarm before signed
-        records wrote (no coordinator key), its unsigned schema-1 records still read."""
-        return cls(folder, unsigned_readable=not is_visible(folder.public_key_file(COORDINATOR)))
+    def for_viewing(cls, folder: ExperimentFolder, cache_dir: Path | None) -> "KeyRing":
+        """For views that decide nothing (status, experiments, validate): the coordinator's key is pinned on this
+        machine when met (under `cache_dir`, as a joiner pins it), and a folder an rl-swarm before signed records
+        wrote still shows its unsigned schema-1 records.
+
+        Such a folder is told from what a peer cannot remove: this machine holds no key folder of the experiment
+        (none of its nodes ran here, no view pinned its coordinator), and no key at all is published in the
+        folder. A deleted keys/coordinator.pub, or keys/ emptied, makes no experiment this machine has seen signed
+        read unsigned records. `cache_dir` None: a view without a config, which the folder's keys alone decide for.
+        """
+        key_dir = None if cache_dir is None else local_key_dir(cache_dir, folder.root)
+        try:
+            published = bool(list_folder(folder.keys_dir, "*.pub"))
+        except OSError:         # a Drive hiccup: read as a signed folder, the side that trusts nothing unsigned
+            published = True
+        seen_here = key_dir is not None and key_dir.is_dir()
+        return cls(folder, pins_dir=None if key_dir is None else key_dir / "pins",
+                   unsigned_readable=not seen_here and not published)
 
     def trust(self, key: NodeKey) -> None:
         """A key of this machine's own: its records verify under it whatever the folder says."""
