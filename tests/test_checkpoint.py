@@ -264,3 +264,27 @@ def test_a_new_worker_that_up_starts_never_resumes_from_an_unsigned_checkpoint_a
     assert load_latest_checkpoint(folder.checkpoint_dir("w-1"), fresh, torch.optim.AdamW(fresh.parameters()), "m",
                                   key) is None
     assert not torch.equal(fresh.transformer.wte.weight, planted.transformer.wte.weight)
+
+
+def test_a_round_saved_twice_whose_second_write_dies_at_the_rename_keeps_the_first(tmp_path, key, monkeypatch):
+    """The same round saved again (a leaving worker's save of a round whose write had failed, say): the old folder
+    was deleted before the new one was renamed in, so a kill between the two left no checkpoint of the round."""
+    import os
+
+    model, optimizer = trained(0)
+    save_checkpoint(tmp_path, CheckpointMeta(3, "w-1", "m"), model, optimizer, key)
+    rename = os.replace
+
+    def killed_at_the_rename(source, target, *args, **kwargs):
+        if Path(source).name.startswith(".round_000003.") and Path(source).name.endswith(".tmp"):
+            raise OSError(5, "killed")
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_rename)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, CheckpointMeta(3, "w-1", "m"), trained(2)[0], optimizer, key)
+    monkeypatch.setattr(os, "replace", rename)
+    fresh = tiny_model(1)
+    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key)
+    assert meta is not None and meta.round == 3
+    assert torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)

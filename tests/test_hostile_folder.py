@@ -306,7 +306,8 @@ def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_
     live = checkpoints / f".round_000004.{writer_tag()}.a1b2c3d4.tmp"    # a checkpoint being written now
     elsewhere = folder.rollout_dir(1) / ".worker-3.json.12.tmp"      # any host's, minutes old
     moved_aside = checkpoints / f".best.{here_dead}.q9w8e7r6.old"       # save_best killed between its renames
-    for path in (killed, older, live, moved_aside):
+    round_aside = checkpoints / f".round_000001.{here_dead}.z1y2x3w4.old"  # round 1 saved again, killed likewise
+    for path in (killed, older, live, moved_aside, round_aside):
         path.mkdir(parents=True)
         (path / "model.safetensors").write_bytes(b"weights")
     elsewhere.parent.mkdir(parents=True)
@@ -317,9 +318,10 @@ def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_
 
     clear_leftovers(checkpoints)                # a worker's start
     remove_stale_temps(folder.root)             # the supervisor's start
-    assert [p.exists() for p in (killed, older, elsewhere, moved_aside)] == [False] * 4
+    assert [p.exists() for p in (killed, older, elsewhere, moved_aside, round_aside)] == [False] * 5
     assert live.exists()
     assert (checkpoints / BEST / "model.safetensors").read_bytes() == b"weights"
+    assert (checkpoints / "round_000001" / "model.safetensors").read_bytes() == b"weights"
 
 
 # -- names are matched whole -------------------------------------------------------------------------

@@ -9,7 +9,6 @@ re-seeds from it, so restoring the round restores where the worker is in its dat
 import io
 import json
 import logging
-import os
 import pickle
 import random
 import shutil
@@ -32,7 +31,7 @@ from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.safe_io import is_visible, sync_folder
 from workers.shared_folder.mount import make_dirs
-from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
+from workers.shared_folder.leftovers import make_temp_dir, remove_stale_temps, swap_in
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.signing import KeyRing, NodeKey, file_sha256, signed_lines
 from workers.weights import SLACK_BYTES, host_weights, load_weights, model_bytes, read_checked
@@ -124,9 +123,7 @@ def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot, key: 
     save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(snapshot.state, tmp / "state.pt")
     _write_signed_meta(tmp, snapshot.record, FILES, key)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_in(tmp, final)         # a round saved twice: the first stays whole until the second is in place
     sync_folder(root)           # the rename outlives a power cut before _prune removes the older checkpoints
     _prune(root, snapshot.meta.round)
     return final
@@ -208,36 +205,21 @@ def save_best(root: Path, key: NodeKey, model_name: str, round_: int, accuracy: 
     make_dirs(root)
     final = root / BEST
     tmp = make_temp_dir(final)
-    old = tmp.with_suffix(".old")
     try:
         save_file(weights, str(tmp / BEST_WEIGHTS), metadata={"format": "pt"})
         _write_signed_meta(tmp, {"schema": SCHEMA, "node": key.node, "model_name": model_name, "round": round_,
                                  "held_out_accuracy": accuracy}, (BEST_WEIGHTS,), key)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
+        swap_in(tmp, final)
         sync_folder(root)
-        shutil.rmtree(old, ignore_errors=True)
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            os.replace(old, final)
         raise OSError(f"best model of round {round_} not written: {str(exc).splitlines()[0][:200]}") from exc
     return final
 
 
 def clear_leftovers(root: Path) -> None:
-    """What killed writes left in this node's checkpoint folder: temp folders go, and a best model that
-    save_best had moved aside (`.best.*.old`) when it was killed comes back as best/."""
-    for old in sorted(root.glob(".best.*.old"), key=lambda p: p.lstat().st_mtime, reverse=True):
-        try:
-            if not (root / BEST).exists() and old.is_dir() and not old.is_symlink():
-                os.replace(old, root / BEST)
-                log.info("%s: the best model a killed write had moved aside is back", root / BEST)
-            elif is_stale(old):
-                remove(old)
-        except OSError as exc:       # the next start tries again
-            log.warning("%s: a leftover of a killed write, not cleared (%s)", old, exc)
+    """What killed writes left in this node's checkpoint folder: temp folders go, and a checkpoint or best model
+    that a write had moved aside (`.<name>.*.old`) when it was killed comes back."""
     remove_stale_temps(root, depth=1)
 
 

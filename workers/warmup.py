@@ -8,9 +8,7 @@ The result is saved once as the experiment's base in the shared folder; every wo
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from configs_env import SwarmConfig, SwarmError
 from workers.shared_folder.base_meta import BASE_WEIGHTS, sign_base_meta, signed_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile
-from workers.shared_folder.leftovers import make_temp_dir
+from workers.shared_folder.leftovers import make_temp_dir, swap_in
 from workers.shared_folder.safe_io import sync_folder
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, file_sha256, local_key_dir
 from workers.weights import SLACK_BYTES, load_weights, model_bytes, read_checked
@@ -193,9 +191,7 @@ def save_base(experiment_root: Path, policy: Policy, report: WarmupReport, key: 
         json.dump(record, f, allow_nan=False)
     # the weights too: a whole meta.json beside weights a power cut emptied would pass for a base
     sync_folder(tmp, files=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_in(tmp, final)         # a base warmed up over a refused one: never no base between the two renames
     sync_folder(final.parent)
     return final
 

@@ -87,6 +87,38 @@ def is_stale(path: Path, now: float | None = None) -> bool:
         return False
 
 
+def swap_in(tmp: Path, final: Path) -> None:
+    """Rename the whole folder `tmp` (from make_temp_dir) to `final`. An old `final` is first renamed aside (`.old`)
+    and removed last, so a kill at any point leaves a whole folder at `final`, or the old one aside, which
+    remove_stale_temps brings back; deleting it first left nothing between the two steps."""
+    old = tmp.with_suffix(".old")
+    if os.path.lexists(final):
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if os.path.lexists(old) and not os.path.lexists(final):
+            os.replace(old, final)
+        raise
+    if os.path.lexists(old):
+        remove(old)
+
+
+def restore_aside(path: Path) -> bool:
+    """A stale `.old` folder swap_in had moved aside goes back in place when nothing took it (True), or is
+    removed; a `.old` of a live writer is left alone."""
+    match = TEMP_NAME.fullmatch(path.name)
+    if match is None or not path.name.endswith(".old") or not is_stale(path):
+        return False
+    target = path.with_name(match["target"])
+    if os.path.lexists(target) or not path.is_dir() or path.is_symlink():
+        remove(path)
+        return False
+    os.replace(path, target)
+    log.info("%s: the folder a killed write had moved aside is back", target)
+    return True
+
+
 def remove(path: Path) -> None:
     """A file, a link (never what it points to) or a whole folder."""
     if path.is_dir() and not path.is_symlink():
@@ -114,12 +146,16 @@ def _entries(root: Path, depth: int) -> Iterator[Path]:
 
 def remove_stale_temps(root: Path, depth: int = 4) -> list[Path]:
     """Remove the stale `*.tmp` entries in `root` and up to `depth` levels below (the layout's temps sit at
-    most three down: rollouts/round_N/stage_S/). Returns what went."""
+    most three down: rollouts/round_N/stage_S/), and put back the `.old` folders swap_in left aside when their
+    place is empty (removed otherwise). Returns what went."""
     removed = []
     for path in _entries(root, depth):
-        if not path.name.endswith(".tmp") or not is_stale(path):
-            continue
         try:
+            if path.name.endswith(".old"):
+                restore_aside(path)
+                continue
+            if not path.name.endswith(".tmp") or not is_stale(path):
+                continue
             remove(path)
         except (OSError, RecursionError) as exc:      # RecursionError: a planted tree too deep for rmtree
             log.warning("%s: a leftover of a killed write, not removed (%s)", path, exc)
