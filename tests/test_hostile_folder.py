@@ -55,7 +55,8 @@ def no_reader_blocks():
 
 @pytest.fixture
 def swarm(tmp_path):
-    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "drive"), "MAX_ROUNDS": "2"})
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "drive"), "MAX_ROUNDS": "2",
+                                "RL_SWARM_CACHE": str(tmp_path / "cache")})
     folder = ExperimentFolder(cfg.experiment_dir).create()
     outside = tmp_path / "outside.json"
     outside.write_text(OUTSIDE_TEXT)
