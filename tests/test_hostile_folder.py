@@ -437,3 +437,26 @@ def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_
     restarted = key_of_an_older_rl_swarm(key_dir, "w-1")     # unsigned checkpoints are looked at too
     meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
     assert meta.round == 1
+
+
+def test_a_link_planted_as_a_nodes_checkpoint_folder_deletes_or_writes_nothing_of_this_machine(swarm, tmp_path):
+    """checkpoints/<node> is the shared folder's: a link there to a folder of this machine holding round_N folders
+    must not have the node's saves write there and prune them, nor its start clear or resume anything there."""
+    from tests.test_checkpoint import trained
+    from workers.checkpoint import CheckpointMeta, clear_leftovers, load_latest_checkpoint, save_checkpoint
+
+    _, folder, _ = swarm
+    outside = tmp_path / "this-machine"
+    for round_ in (1, 2, 3):
+        (outside / f"round_00000{round_}").mkdir(parents=True)
+        (outside / f"round_00000{round_}" / "notes.txt").write_text("not the swarm's")
+    checkpoints = folder.checkpoint_dir("w-1")
+    checkpoints.symlink_to(outside)
+    key = node_key(folder, "w-1")
+    model, optimizer = trained(0)
+    clear_leftovers(checkpoints)                                         # the worker's start
+    assert load_latest_checkpoint(checkpoints, model, optimizer, "m", key) is None
+    save_checkpoint(checkpoints, CheckpointMeta(5, "w-1", "m"), model, optimizer, key)
+    assert sorted(p.name for p in outside.iterdir()) == ["round_000001", "round_000002", "round_000003"]
+    assert all((p / "notes.txt").read_text() == "not the swarm's" for p in outside.iterdir())
+    assert not checkpoints.is_symlink() and (checkpoints / "round_000005" / "meta.json").is_file()

@@ -29,8 +29,7 @@ from workers.shared_folder.json_records import SIGNATURE_KEY, read_json_bounded,
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.retries import with_retries
-from workers.shared_folder.safe_io import is_visible, sync_folder
-from workers.shared_folder.mount import make_dirs
+from workers.shared_folder.safe_io import _folder, is_visible, list_folder, sync_folder
 from workers.shared_folder.leftovers import make_temp_dir, remove_stale_temps, swap_in
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.signing import KeyRing, NodeKey, file_sha256, signed_lines
@@ -106,7 +105,7 @@ def write_checkpoint(root: Path, snapshot: CheckpointSnapshot, key: NodeKey) -> 
     Any failure to write is an OSError (torch and safetensors report a full or failing disk as their own
     errors), and leaves no temp folder behind: each would hold a whole model.
     """
-    make_dirs(root)
+    own_folder(root)
     round_ = snapshot.meta.round
     tmp = make_temp_dir(root / f"round_{round_:06d}")
     try:
@@ -189,7 +188,7 @@ def _metrics_tail(record: dict[str, Any], where: Path) -> tuple[RoundMetrics, ..
 def _prune(root: Path, newest: int) -> None:
     """Keep the KEEP_LAST checkpoints up to round `newest`, the one just written; a later round's folder is a
     peer's (or unusable), and never pushes the node's own checkpoints out."""
-    own = [path for path in root.glob("round_*")
+    own = [path for path in list_folder(root, "round_*")
            if path.name[6:].isascii() and path.name[6:].isdigit() and int(path.name[6:]) <= newest]
     for old in sorted(own)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
@@ -202,7 +201,7 @@ def save_best(root: Path, key: NodeKey, model_name: str, round_: int, accuracy: 
 
     Written beside the old best and swapped in by renames, so a crash leaves one whole best model, old or new.
     """
-    make_dirs(root)
+    own_folder(root)
     final = root / BEST
     tmp = make_temp_dir(final)
     try:
@@ -217,9 +216,18 @@ def save_best(root: Path, key: NodeKey, model_name: str, round_: int, accuracy: 
     return final
 
 
+def own_folder(root: Path) -> None:
+    """The node's checkpoint folder, made if missing. checkpoints/<node> is in the shared folder: a link a peer
+    planted there is replaced by a folder (the link goes, never what it points to), so the node's saves, prunes
+    and clean-ups never reach a folder of this machine."""
+    with _folder(root, create=True):
+        pass
+
+
 def clear_leftovers(root: Path) -> None:
     """What killed writes left in this node's checkpoint folder: temp folders go, and a checkpoint or best model
     that a write had moved aside (`.<name>.*.old`) when it was killed comes back."""
+    own_folder(root)
     remove_stale_temps(root, depth=1)
 
 
@@ -295,7 +303,7 @@ def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.
     """
     if not root.exists():
         return None
-    folders = sorted(root.glob("round_*"), reverse=True)
+    folders = list_folder(root, "round_*")[::-1]         # bounded, and [] when a peer planted a link there
     for signed in (True, False) if key.predates_signed_files else (True,):
         for folder in folders:
             try:
