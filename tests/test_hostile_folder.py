@@ -460,3 +460,21 @@ def test_a_link_planted_as_a_nodes_checkpoint_folder_deletes_or_writes_nothing_o
     assert sorted(p.name for p in outside.iterdir()) == ["round_000001", "round_000002", "round_000003"]
     assert all((p / "notes.txt").read_text() == "not the swarm's" for p in outside.iterdir())
     assert not checkpoints.is_symlink() and (checkpoints / "round_000005" / "meta.json").is_file()
+
+
+def test_a_peer_flooding_a_folder_costs_the_clean_up_of_killed_writes_a_bounded_look(swarm, caplog):
+    """The supervisor's start clears killed writes in every folder of the experiment: a folder a peer filled with
+    more names than MAX_LOOKED_AT is looked at that far, with one warning naming it."""
+    from workers.shared_folder.leftovers import MAX_LOOKED_AT
+
+    _, folder, _ = swarm
+    flooded = folder.rollout_dir(1)
+    flooded.mkdir(parents=True)
+    for i in range(MAX_LOOKED_AT + 10):
+        os.close(os.open(flooded / f"junk-{i}.json", os.O_CREAT | os.O_WRONLY, 0o644))
+    remove_stale_temps(folder.root)
+    remove_stale_temps(folder.root)
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{flooded}: over ")]
+    assert warned == [f"{flooded}: over {MAX_LOOKED_AT} entries; the clean-up of killed writes looked at the first "
+                      f"{MAX_LOOKED_AT} (a peer flooding the folder?)"]
+

@@ -7,6 +7,7 @@ Drive, is never disturbed. Names of earlier versions (`.<target>.<pid>.tmp`, no 
 """
 
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -17,10 +18,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from workers.shared_folder.rejections import warn_once
+
 log = logging.getLogger(__name__)
 
 # a json temp lives milliseconds and a GPT-2 checkpoint is written in seconds, even to a slow Drive
 STALE_TEMP_S = 300.0
+MAX_LOOKED_AT = 65_536       # names of one folder the clean-up looks at: a peer's flood costs a bounded time
 TEMP_NAME = re.compile(r"\.(?P<target>.+?)\.(?P<pid>[0-9]{1,10})(?:@(?P<host>[0-9a-f]{8}))?"
                        r"(?:\.[A-Za-z0-9_]{1,16})?\.(?:tmp|old)")
 _HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
@@ -128,20 +132,32 @@ def remove(path: Path) -> None:
 
 
 def _entries(root: Path, depth: int) -> Iterator[Path]:
-    """Everything in root and up to `depth` levels below, without following links; a loop, not a recursion,
-    so a planted tree a thousand folders deep cannot end in RecursionError."""
+    """Everything in root and up to `depth` levels below, at most MAX_LOOKED_AT names of each folder, without
+    following links: a folder below the root is opened with O_NOFOLLOW, so one a peer swapped for a link since
+    it was listed is not walked. A loop, not a recursion: a planted tree a thousand folders deep cannot end in
+    RecursionError."""
     pending = [(root, 0)]
     while pending:
         directory, level = pending.pop()
         try:
-            with os.scandir(directory) as listing:
-                entries = list(listing)
-        except OSError:        # gone meanwhile, or unreadable: nothing of ours to clear there
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if level else 0))
+        except OSError:        # gone meanwhile, a link, or unreadable: nothing of ours to clear there
             continue
-        for entry in entries:
-            yield Path(entry.path)
-            if level + 1 < depth and entry.is_dir(follow_symlinks=False) and not entry.name.endswith(".tmp"):
-                pending.append((Path(entry.path), level + 1))
+        try:
+            with os.scandir(fd) as listing:
+                entries = [(entry.name, entry.is_dir(follow_symlinks=False))
+                           for entry in itertools.islice(listing, MAX_LOOKED_AT + 1)]
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if len(entries) > MAX_LOOKED_AT:
+            warn_once(f"{directory}: over {MAX_LOOKED_AT} entries; the clean-up of killed writes looked at the "
+                      f"first {MAX_LOOKED_AT} (a peer flooding the folder?)")
+        for name, is_folder in entries[:MAX_LOOKED_AT]:
+            yield directory / name
+            if level + 1 < depth and is_folder and not name.endswith(".tmp"):
+                pending.append((directory / name, level + 1))
 
 
 def remove_stale_temps(root: Path, depth: int = 4) -> list[Path]:
