@@ -16,7 +16,8 @@ from workers.shared_folder.held_out import read_held_out
 from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
 from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.json_records import read_json_bounded
-from workers.shared_folder.rejections import FolderError, RejectedFile, warn_skipped
+from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once, warn_skipped
+from workers.shared_folder.safe_io import list_folder
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import KeyRing, signed_lines
@@ -26,10 +27,17 @@ log = logging.getLogger(__name__)
 
 
 def experiment_roots(cfg: SwarmConfig) -> list[Path]:
-    """The experiments under GDRIVE_PATH; with SWARM_URL, those in its bucket (each mounted in this process)."""
+    """The experiments under GDRIVE_PATH, at most MAX_LISTED, and never a link a peer planted there (a folder of
+    this machine); with SWARM_URL, those in its bucket (each mounted in this process)."""
     base = cfg.gdrive_path / "experiments"
     if cfg.swarm_url is None:
-        return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        roots = []
+        for path in list_folder(base):
+            if path.is_symlink():
+                warn_once(f"{path}: a link, not an experiment; not followed")
+            elif path.is_dir():
+                roots.append(path)
+        return roots
     try:
         names = experiment_names(cfg.swarm_url)
     except OSError as exc:

@@ -478,3 +478,14 @@ def test_a_peer_flooding_a_folder_costs_the_clean_up_of_killed_writes_a_bounded_
     assert warned == [f"{flooded}: over {MAX_LOOKED_AT} entries; the clean-up of killed writes looked at the first "
                       f"{MAX_LOOKED_AT} (a peer flooding the folder?)"]
 
+
+def test_experiments_lists_no_folder_a_peer_linked_into_the_shared_folder(swarm, tmp_path, caplog):
+    """experiments/ is the shared folder's: a link a peer planted there (experiments/x -> a folder of this machine)
+    is no experiment to list, read or plot."""
+    from swarm_supervisor.experiments import experiment_roots
+
+    cfg, folder, _ = swarm
+    (tmp_path / "this-machine").mkdir()
+    (cfg.gdrive_path / "experiments" / "x").symlink_to(tmp_path / "this-machine")
+    assert experiment_roots(cfg) == [folder.root]
+    assert f"{cfg.gdrive_path / 'experiments' / 'x'}: a link, not an experiment; not followed" in caplog.text
