@@ -5,6 +5,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from configs_env import SwarmConfig
@@ -13,7 +14,7 @@ from configs_env.parsing import safe_name
 from swarm_supervisor.machines import count_restarts, supervisor_records
 from swarm_supervisor.readable import plain
 from workers.shared_folder.held_out import read_held_out
-from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
+from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats, read_round_state
 from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once, warn_skipped
@@ -173,18 +174,19 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
     # the SAPO paper's measure: the sum over rounds of the mean reward of every worker
     cumulative = sum(sum(r.reward_mean for r in nodes.values()) / len(nodes) for nodes in by_round.values())
     tail = [r for k in sorted(by_round)[-last_n:] for r in by_round[k].values()]
-    per_hour = None
-    if len(rounds) >= 2:
-        try:
-            first, last = (read_round_state(folder, keyring, r) for r in (rounds[0], rounds[-1]))
-            per_hour = rounds_per_hour(first, last)
-        except (OSError, RejectedFile):
-            per_hour = None
+    # the rounds the coordinator signed: a state file's name is anyone's to plant (round_999999.json)
+    last = first = None
+    try:
+        last = newest_signed_round(folder, keyring)
+        first = next((state for state in map(partial(_signed_state, folder, keyring), rounds[:16]) if state), None)
+    except OSError:         # a Drive hiccup: no pace this time
+        pass
+    per_hour = rounds_per_hour(first, last) if first and last else None
     beats = read_heartbeats(folder, keyring)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     return Summary(
         name=root.name, status=status_of(folder, keyring, drive_lag=_drive_lag(cfg.get("drive_lag"))),
-        rounds=rounds[-1] if rounds else 0,
+        rounds=last.round if last else 0,
         max_rounds=setting_of(cfg, "max_rounds", 0),
         nodes=len({n for nodes in by_round.values() for n in nodes}),
         split=f"I={cfg.get('num_train_samples', '?')} J={cfg.get('num_transplant_trees', '?')} "
@@ -198,6 +200,13 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
         held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
         rounds_per_hour=per_hour, restarts=count_restarts(folder),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
+
+
+def _signed_state(folder: ExperimentFolder, keyring: KeyRing, round_: int) -> RoundState | None:
+    try:
+        return read_round_state(folder, keyring, round_)
+    except (RejectedFile, FileNotFoundError):
+        return None
 
 
 def _drive_lag(value: object) -> float:

@@ -426,3 +426,18 @@ def test_deleting_the_coordinators_key_makes_no_view_trust_a_peers_unsigned_reco
     shutil.rmtree(folder.keys_dir)                                          # every key gone
     view = SwarmReader(folder, cfg, "m", "cpu").view()
     assert view.round == 1 and "w-9" not in [row.node_id for row in view.nodes]
+
+
+def test_experiments_counts_the_rounds_the_coordinator_signed_not_a_planted_state_files_name(swarm):
+    """`experiments list` said 999999 rounds for a state file a peer named round_999999.json."""
+    from swarm_supervisor.experiments import summarize
+
+    cfg, folder = swarm
+    for round_ in (1, 2):
+        write_as(folder, COORDINATOR, folder.round_state_file(round_),
+                 RoundState(round_, 3, 100.0 * round_, "x").to_json())
+    for planted in (0, 999999):     # a peer's, before and after the swarm's own
+        forged = forger().sign(RoundState(planted, 999999, 1e9, "x").to_json())
+        write_json_atomic(folder.round_state_file(planted), forged)
+    summary = summarize(folder.root, cfg.cache_dir)
+    assert summary.rounds == 2 and summary.rounds_per_hour == pytest.approx(36.0)
