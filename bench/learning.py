@@ -73,7 +73,8 @@ def _rounded(values: tuple[float | None, ...]) -> list[float | None]:
 
 def report(arms: list[Arm], drive: Path, out: Path, command: str, device: str | None = None) -> dict:
     env = base_env(drive)
-    rows = table_rows(arms, {a.experiment: a.config(env).experiment_dir for a in arms}, common_rounds=False)
+    rows = table_rows(arms, {a.experiment: a.config(env).experiment_dir for a in arms}, arms[0].config(env).cache_dir,
+                      common_rounds=False)
     default = next(r for r in rows if r.label == DEFAULT_LABEL)
     curves = default.reward_per_round
     result = {

@@ -11,7 +11,6 @@ the process's RSS stands in. bench/PEERS.md lists the settings and the device co
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -25,7 +24,9 @@ from typing import Callable
 
 import psutil
 
+from configs_env import SwarmConfig
 from swarm_supervisor.monitor import Monitor
+from swarm_supervisor.table import copy_base
 from workers.shared_folder.held_out import read_held_out
 from workers.shared_folder.signing import KeyRing
 from workers.shared_folder.folder import ExperimentFolder
@@ -166,11 +167,12 @@ def run_swarm(plan: PeersPlan, drive: Path, base: Path, workers: int, split: tup
     first measured round under torch.profiler (PROFILE_ROUND), its table kept as "profile"."""
     name = f"swarm-n{workers}-i{split[0]}-j{split[1]}"
     exp = drive / "experiments" / name
-    shutil.copytree(base / "base", exp / "base")
     total = plan.warmup_updates + measured
     env = {**os.environ, **plan.workload(), "GDRIVE_PATH": str(drive), "EXPERIMENT_NAME": name,
            "NUM_WORKERS": str(workers), "NUM_TRAIN_SAMPLES": str(split[0]), "NUM_TRANSPLANT_TREES": str(split[1]),
            "MAX_ROUNDS": str(total), "PROFILE_ROUND": str(plan.warmup_updates + 1 if profile else 0)}
+    # signed again for this swarm's coordinator: a base signed by another experiment's would be warmed up over
+    copy_base(SwarmConfig.from_env({**env, "EXPERIMENT_NAME": base.name}), SwarmConfig.from_env(env))
     with PeakMemory() as memory, open(plan.work / f"{name}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "swarm_supervisor", "up"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -184,7 +186,7 @@ def run_swarm(plan: PeersPlan, drive: Path, base: Path, workers: int, split: tup
     walls = _walls(round_starts(folder), finished_at, total, plan.warmup_updates)
     if not walls:
         return {"error": f"no measured round; exit code {proc.returncode}, see {plan.work / (name + '.log')}"}
-    keyring = KeyRing.for_viewing(folder)
+    keyring = KeyRing.for_viewing(folder, SwarmConfig.from_env(env).cache_dir)
     evals = {node: read_held_out(folder.eval_file(node), keyring)[0]
              for node in (f"worker-{i}" for i in range(1, workers + 1))}
     final = [rows[-1] for rows in evals.values() if rows and rows[-1].round > 0]

@@ -23,6 +23,8 @@ from workers.learning.tasks import Question, TaskMix, build_prompt, score_comple
 from workers.profiling import profiled
 from workers.round_loop import round_seed
 from workers.warmup import load_base
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.signing import KeyRing
 
 
 def worker_questions(cfg: SwarmConfig, index: int, updates: int) -> list[Question]:
@@ -121,7 +123,8 @@ def run(spec: dict) -> dict:
     if not on_cuda:
         torch.set_num_threads(max(1, spec.get("threads", 1)))
     policy = load_policy(spec["model"], device, cfg.cache_dir)
-    if not load_base(Path(spec["base_experiment"]), policy):
+    base = ExperimentFolder(Path(spec["base_experiment"]))     # `rl-swarm pretrain`'s, on this machine
+    if not load_base(base.root, policy, KeyRing(base), unsigned_ok=False):
         raise SystemExit(f"no warmed-up base in {spec['base_experiment']}")
     spec = {**spec, "learning_rate": cfg.learning_rate or default_learning_rate(spec["model"])}
     questions = worker_questions(cfg, spec["index"], spec["updates"])

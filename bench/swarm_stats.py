@@ -15,6 +15,7 @@ from swarm_supervisor.experiments import metrics_by_round
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.protocol import RoundState
+from workers.shared_folder.signing import KeyRing
 
 SKIP_ROUNDS = 2         # the first rounds include the workers' start-up
 
@@ -34,7 +35,7 @@ def swarm_timing(experiment_dir: Path) -> dict:
     """Seconds per round, the slowest worker's own work per round, and the mean of each hop (after start-up)."""
     folder = ExperimentFolder(experiment_dir)
     starts = round_starts(folder)
-    by_round, _ = metrics_by_round(folder)
+    by_round, _ = metrics_by_round(folder, KeyRing.for_viewing(folder, None))     # the bench's own, made just now
     rounds = sorted(r for r in by_round if r > SKIP_ROUNDS and r + 1 in starts and r in starts)
     if len(rounds) < 2:
         return {"error": f"{experiment_dir}: fewer than {SKIP_ROUNDS + 3} finished rounds"}

@@ -8,25 +8,38 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from configs_env import SwarmConfig, SwarmError
 from workers.processes import start_warmup
-from workers.shared_folder.base_meta import read_base_meta
+from workers.shared_folder.base_meta import signed_base_meta
 from workers.shared_folder.exchange import newest_signed_round
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.signing import KeyRing
+from workers.shared_folder.rejections import RejectedFile
+from workers.shared_folder.signing import KeyRing, NodeKey
 
 WARMUP_SILENCE_S = 600    # the warm-up reports every step; this long without a word means it is stuck
 
 
-def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, device: str, keyring: KeyRing) -> None:
-    """Run the supervised warm-up once per experiment, in its own process, unless its base exists; only the
-    holder of the experiment's claim calls it.
+def coordinators_base(folder: ExperimentFolder, keyring: KeyRing, key: NodeKey) -> tuple[dict | None, str | None]:
+    """The base's meta.json when this coordinator (`key`) signed it, or, for a key from before signed bases, an
+    unsigned one it may have made; else None, and why it was refused (None too when there is no base)."""
+    try:
+        return signed_base_meta(folder, keyring, unsigned_ok=key.predates_signed_files), None
+    except RejectedFile as refused:
+        return None, str(refused)
+
+
+def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, device: str, keyring: KeyRing,
+                key: NodeKey) -> None:
+    """Run the supervised warm-up once per experiment, in its own process, unless it has a base this coordinator
+    (`key`) signed; only the holder of the experiment's claim calls it. A base a peer planted is warmed up over.
 
     A process of its own, so the supervisor never holds a CUDA context or the model's memory.
     """
-    meta = read_base_meta(folder.root)
+    meta, refused = coordinators_base(folder, keyring, key)
     if cfg.warmup_steps == 0 or (meta is not None and meta.get("model_name") == model_name):
         return
     if newest_signed_round(folder, keyring) is not None:
         return    # the swarm already started without a base; a base now would not match its checkpoints
+    if refused:
+        print(f"rl-swarm: {refused}: a new one is warmed up in its place")
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     process = ctx.Process(target=start_warmup, args=(cfg, model_name, device, messages), name="warm-up", daemon=True)

@@ -14,11 +14,11 @@ from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count,
 from swarm_supervisor.monitor import Monitor
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
-from workers.shared_folder.rejections import FolderError
+from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.appends import open_append
 from workers.shared_folder.safe_io import remove_file
-from workers.shared_folder.base_meta import read_base_meta
+from workers.shared_folder.base_meta import signed_base_meta
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats
@@ -27,7 +27,7 @@ from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status, summary
 from workers.shared_folder.protocol import SCHEMA, Status
 from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections
-from swarm_supervisor.base_warmup import ensure_base
+from swarm_supervisor.base_warmup import coordinators_base, ensure_base
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 
 EXIT_USAGE = 2
@@ -167,7 +167,7 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
     if claim is not None:
         if not _prepare_rounds(folder, cfg, keyring):
             return 0
-        ensure_base(cfg, folder, model_name, devices[0], keyring)
+        ensure_base(cfg, folder, model_name, devices[0], keyring, claim.key)
     joined_as = None if claim is not None else cfg.node_id
     _log_to_file(folder.supervisor_dir(joined_as))
     if claim is not None:
@@ -226,8 +226,13 @@ def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
         keyring.public_key(COORDINATOR)
     except (UnknownSigner, OSError):      # not published yet, or a Drive hiccup
         return f"the coordinator's key ({folder.public_key_file(COORDINATOR)})"
-    if read_base_meta(folder.root) is not None:
-        return None
+    try:
+        if signed_base_meta(folder, keyring) is not None:
+            return None
+    except RejectedFile as refused:     # a peer's, or one still syncing: the coordinator's is waited for
+        warn_once(str(refused))
+    except OSError:                     # a Drive hiccup: looked at again
+        pass
     try:
         started = newest_signed_round(folder, keyring)       # a swarm that runs without a base (WARMUP_STEPS=0)
     except OSError:
@@ -249,7 +254,7 @@ def pretrain(cfg: SwarmConfig) -> int:
     folder = ExperimentFolder(cfg.experiment_dir).create()
     key, keyring = coordinator_key(cfg, folder)
     with CoordinatorClaim(cfg, folder, key, keyring, "pretrain").held():    # no `up` warms up beside it
-        meta = read_base_meta(folder.root)
+        meta, _ = coordinators_base(folder, keyring, key)
         if meta is not None and meta.get("model_name") == model_name:
             print(f"rl-swarm: {folder.root / 'base'} already holds a warmed-up {model_name} "
                   f"(greedy exact-match {meta.get('greedy_accuracy_after', 0):.0%}); nothing to do")
@@ -257,7 +262,7 @@ def pretrain(cfg: SwarmConfig) -> int:
         if newest_signed_round(folder, keyring) is not None:
             raise SwarmError(f"experiment {cfg.experiment_name!r} already started without a base: its checkpoints "
                              "would not match one; pretrain a new EXPERIMENT_NAME")
-        ensure_base(cfg, folder, model_name, device, keyring)
+        ensure_base(cfg, folder, model_name, device, keyring, key)
     return 0
 
 

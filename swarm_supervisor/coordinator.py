@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from configs_env import SwarmConfig
 from workers.shared_folder import storage
+from workers.shared_folder.archive import archive_folder
 from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_round_state
 from workers.shared_folder.folder import ExperimentFolder, round_number
 from workers.shared_folder.json_records import write_json_atomic, write_json_create_only
@@ -162,7 +163,7 @@ class Coordinator(threading.Thread):
         reading the previous round while this one starts.
         """
         oldest_kept = self.round - self.cfg.rollout_keep_last_n_rounds
-        archive = self.cfg.gdrive_path / "archives" / self.cfg.experiment_name / "rollouts"
+        archive = ("archives", self.cfg.experiment_name, "rollouts")
         try:
             rounds = list_folder(self.folder.rollouts_dir, "round_*")
         except OSError as exc:   # a Drive hiccup: the next round tries again
@@ -178,14 +179,10 @@ class Coordinator(threading.Thread):
                 elif path.is_symlink():        # planted: the link goes, never what it points to
                     path.unlink()
                 elif self.cfg.rollout_archive_old:
-                    archive.mkdir(parents=True, exist_ok=True)
-                    target = archive / path.name
-                    if target.exists():
-                        shutil.rmtree(target)
-                    shutil.move(str(path), str(target))
+                    archive_folder(path, self.cfg.gdrive_path, archive)
                 else:
                     shutil.rmtree(path)
-            except OSError as exc:   # a Drive hiccup: the next round tries again
+            except (OSError, RejectedFile) as exc:   # a Drive hiccup, or a file planted in the archive's way
                 log.warning("could not retire %s: %s", path, exc)
 
     def _announce_liveness(self) -> None:

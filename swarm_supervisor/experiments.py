@@ -5,6 +5,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from configs_env import SwarmConfig
@@ -13,10 +14,11 @@ from configs_env.parsing import safe_name
 from swarm_supervisor.machines import count_restarts, supervisor_records
 from swarm_supervisor.readable import plain
 from workers.shared_folder.held_out import read_held_out
-from workers.shared_folder.exchange import read_finished, read_heartbeats, read_round_state
+from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats, read_round_state
 from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.json_records import read_json_bounded
-from workers.shared_folder.rejections import FolderError, RejectedFile, warn_skipped
+from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once, warn_skipped
+from workers.shared_folder.safe_io import list_folder
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status
 from workers.shared_folder.signing import KeyRing, signed_lines
@@ -26,10 +28,17 @@ log = logging.getLogger(__name__)
 
 
 def experiment_roots(cfg: SwarmConfig) -> list[Path]:
-    """The experiments under GDRIVE_PATH; with SWARM_URL, those in its bucket (each mounted in this process)."""
+    """The experiments under GDRIVE_PATH, at most MAX_LISTED, and never a link a peer planted there (a folder of
+    this machine); with SWARM_URL, those in its bucket (each mounted in this process)."""
     base = cfg.gdrive_path / "experiments"
     if cfg.swarm_url is None:
-        return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        roots = []
+        for path in list_folder(base):
+            if path.is_symlink():
+                warn_once(f"{path}: a link, not an experiment; not followed")
+            elif path.is_dir():
+                roots.append(path)
+        return roots
     try:
         names = experiment_names(cfg.swarm_url)
     except OSError as exc:
@@ -67,11 +76,11 @@ def experiment_config(folder: ExperimentFolder) -> dict:
         return {}
 
 
-def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, RoundMetrics]], list[str]]:
+def metrics_by_round(folder: ExperimentFolder,
+                     keyring: KeyRing) -> tuple[dict[int, dict[str, RoundMetrics]], list[str]]:
     """Every worker's valid metrics rows by round (a re-run round keeps its last row), and the bad lines."""
     rows: dict[int, dict[str, RoundMetrics]] = {}
     bad: list[str] = []
-    keyring = KeyRing.for_viewing(folder)
     for path in folder.metrics_files():
         name = str(path.relative_to(folder.root))
         try:
@@ -89,11 +98,10 @@ def metrics_by_round(folder: ExperimentFolder) -> tuple[dict[int, dict[str, Roun
     return rows, bad
 
 
-def held_out_by_node(folder: ExperimentFolder) -> tuple[dict[str, list[HeldOutEval]], list[str]]:
+def held_out_by_node(folder: ExperimentFolder, keyring: KeyRing) -> tuple[dict[str, list[HeldOutEval]], list[str]]:
     """Every worker's held-out evaluations by round (round 0: before round 1), and the files with bad lines."""
     evals: dict[str, list[HeldOutEval]] = {}
     bad: list[str] = []
-    keyring = KeyRing.for_viewing(folder)
     for path in folder.metrics_files("eval.jsonl"):
         rows, errors = read_held_out(path, keyring)
         if errors:
@@ -117,10 +125,10 @@ def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
 RUNNING_FRESH_S = 120.0      # a coordinator heartbeat this recent says the swarm runs, plus DRIVE_LAG
 
 
-def status_of(folder: ExperimentFolder, beats: dict[str, Heartbeat] | None = None, drive_lag: float = 0.0) -> str:
+def status_of(folder: ExperimentFolder, keyring: KeyRing, beats: dict[str, Heartbeat] | None = None,
+              drive_lag: float = 0.0) -> str:
     """finished, running (a coordinator heartbeat of the last two minutes says so; on a machine that sees the
     folder `drive_lag` seconds late, of the last two minutes and that lag), failed or stopped."""
-    keyring = KeyRing.for_viewing(folder)
     if read_finished(folder, keyring) is not None:
         return "finished"
     beats = read_heartbeats(folder, keyring) if beats is None else beats
@@ -154,28 +162,31 @@ class Summary:
     rejected_files: int       # folder files and groups the workers refused, plus bad metrics lines
 
 
-def summarize(root: Path, last_n: int = 10) -> Summary:
+def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
+    """One experiment's numbers, as the node that signed each record says them (`cache_dir`: where this machine
+    keeps its keys; see KeyRing.for_viewing)."""
     folder = ExperimentFolder(root)
-    keyring = KeyRing.for_viewing(folder)
+    keyring = KeyRing.for_viewing(folder, cache_dir)
     cfg = experiment_config(folder)
     rounds = folder.state_rounds()
-    by_round, bad = metrics_by_round(folder)
-    evals, bad_evals = held_out_by_node(folder)
+    by_round, bad = metrics_by_round(folder, keyring)
+    evals, bad_evals = held_out_by_node(folder, keyring)
     # the SAPO paper's measure: the sum over rounds of the mean reward of every worker
     cumulative = sum(sum(r.reward_mean for r in nodes.values()) / len(nodes) for nodes in by_round.values())
     tail = [r for k in sorted(by_round)[-last_n:] for r in by_round[k].values()]
-    per_hour = None
-    if len(rounds) >= 2:
-        try:
-            first, last = (read_round_state(folder, keyring, r) for r in (rounds[0], rounds[-1]))
-            per_hour = rounds_per_hour(first, last)
-        except (OSError, RejectedFile):
-            per_hour = None
+    # the rounds the coordinator signed: a state file's name is anyone's to plant (round_999999.json)
+    last = first = None
+    try:
+        last = newest_signed_round(folder, keyring)
+        first = next((state for state in map(partial(_signed_state, folder, keyring), rounds[:16]) if state), None)
+    except OSError:         # a Drive hiccup: no pace this time
+        pass
+    per_hour = rounds_per_hour(first, last) if first and last else None
     beats = read_heartbeats(folder, keyring)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     return Summary(
-        name=root.name, status=status_of(folder, drive_lag=_drive_lag(cfg.get("drive_lag"))),
-        rounds=rounds[-1] if rounds else 0,
+        name=root.name, status=status_of(folder, keyring, drive_lag=_drive_lag(cfg.get("drive_lag"))),
+        rounds=last.round if last else 0,
         max_rounds=setting_of(cfg, "max_rounds", 0),
         nodes=len({n for nodes in by_round.values() for n in nodes}),
         split=f"I={cfg.get('num_train_samples', '?')} J={cfg.get('num_transplant_trees', '?')} "
@@ -189,6 +200,13 @@ def summarize(root: Path, last_n: int = 10) -> Summary:
         held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
         rounds_per_hour=per_hour, restarts=count_restarts(folder),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
+
+
+def _signed_state(folder: ExperimentFolder, keyring: KeyRing, round_: int) -> RoundState | None:
+    try:
+        return read_round_state(folder, keyring, round_)
+    except (RejectedFile, FileNotFoundError):
+        return None
 
 
 def _drive_lag(value: object) -> float:
@@ -234,7 +252,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
+def plot_experiments(roots: list[Path], out: Path, cache_dir: Path | None, window: int = 10) -> Path:
     """Reward and exact-match per round (smoothed, band = min..max over workers), seconds per round, GPU per node."""
     import matplotlib
 
@@ -245,7 +263,8 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
     (reward_ax, acc_ax), (speed_ax, gpu_ax) = axes
     for root in roots:
         folder = ExperimentFolder(root)
-        by_round, _ = metrics_by_round(folder)
+        keyring = KeyRing.for_viewing(folder, cache_dir)
+        by_round, _ = metrics_by_round(folder, keyring)
         rounds = sorted(by_round)
         if not rounds:
             continue
@@ -257,7 +276,7 @@ def plot_experiments(roots: list[Path], out: Path, window: int = 10) -> Path:
             ax.fill_between(rounds, _smooth(lows, window), _smooth(highs, window), alpha=0.15,
                             color=line.get_color())
         held_out: dict[int, list[float]] = {}
-        for rows in held_out_by_node(folder)[0].values():
+        for rows in held_out_by_node(folder, keyring)[0].values():
             for row in rows:
                 held_out.setdefault(row.round, []).append(row.accuracy)
         if held_out:
@@ -333,7 +352,7 @@ class Aggregate:
     held_out_final: tuple[float, float | None] | None = None
 
 
-def aggregate(roots: list[Path]) -> list[Aggregate]:
+def aggregate(roots: list[Path], cache_dir: Path | None) -> list[Aggregate]:
     """Experiments that differ only in SEED are one configuration: mean and 95% interval across them."""
     groups: dict[str, list[Summary]] = {}
     for root in roots:
@@ -341,7 +360,7 @@ def aggregate(roots: list[Path]) -> list[Aggregate]:
         key = (f"{cfg.get('model_resolved', '?')} I={cfg.get('num_train_samples', '?')} "
                f"J={cfg.get('num_transplant_trees', '?')} G={cfg.get('num_generations', '?')} "
                f"workers={cfg.get('num_workers', '?')} rounds={cfg.get('max_rounds', '?')}")
-        groups.setdefault(key, []).append(summarize(root))
+        groups.setdefault(key, []).append(summarize(root, cache_dir))
     out = []
     for key, members in sorted(groups.items()):
         accuracies = [m.final_accuracy for m in members if m.final_accuracy is not None]

@@ -28,7 +28,7 @@ def run_validate(cfg: SwarmConfig, name: str) -> int:
     from swarm_supervisor.experiments import experiment_folder
     from swarm_supervisor.validation import format_checks, validate
 
-    checks = validate(experiment_folder(cfg, name).root)
+    checks = validate(experiment_folder(cfg, name).root, cfg.cache_dir)
     print(format_checks(name, checks))
     return 0 if all(c.passed for c in checks) else 1
 
@@ -52,11 +52,11 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
         from swarm_supervisor.experiments import plot_experiments
 
         target = out or cfg.gdrive_path / "plots" / ("-".join(r.name for r in roots)[:100] + ".png")
-        print(f"rl-swarm: plot saved to {plain(plot_experiments(roots, target))}")
+        print(f"rl-swarm: plot saved to {plain(plot_experiments(roots, target, cfg.cache_dir))}")
         return 0
     if action == "aggregate":
-        return show_aggregate(roots)
-    summaries = [summarize(r) for r in roots]
+        return show_aggregate(roots, cfg.cache_dir)
+    summaries = [summarize(r, cfg.cache_dir) for r in roots]
     if as_csv:
         print(summaries_csv(summaries), end="")
         return 0
@@ -79,7 +79,7 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
     return 0
 
 
-def show_aggregate(roots: list[Path]) -> int:
+def show_aggregate(roots: list[Path], cache_dir: Path) -> int:
     from swarm_supervisor.experiments import aggregate
     from swarm_supervisor.readable import plain
 
@@ -90,7 +90,7 @@ def show_aggregate(roots: list[Path]) -> int:
         fmt = (lambda v: f"{v:.1%}") if percent else (lambda v: f"{v:.3f}")
         return fmt(mean) + ("" if half is None else f" ± {fmt(half)}")
 
-    for row in aggregate(roots):
+    for row in aggregate(roots, cache_dir):
         print(plain(f"{row.configuration}: {len(row.experiments)} run(s) ({', '.join(row.experiments)}): cumulative "
                     f"reward {shown(row.cumulative_reward)}, final accuracy {shown(row.final_accuracy, True)}, "
                     f"held-out accuracy {shown(row.held_out_final, True)} (95% interval)"))

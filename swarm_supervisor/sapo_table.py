@@ -9,9 +9,11 @@ from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
 from swarm_supervisor.cli import EXIT_INTERRUPTED
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
 from swarm_supervisor.table_report import format_cutoffs, format_table, format_task_rewards, plot_table, table_rows
-from workers.shared_folder.base_meta import read_base_meta
+from workers.shared_folder.base_meta import signed_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.rejections import RejectedFile, warn_once
+from workers.shared_folder.signing import KeyRing, local_key_dir
 from workers.shared_folder.storage import mount_experiment
 
 TABLE_SCHEMA = 1          # tables/<name>.json's own version
@@ -26,7 +28,14 @@ def warmup_accuracies(arms: list[Arm], env: dict[str, str]) -> dict[int, float]:
     for arm in arms:
         if arm.seed in found:       # the seed's arms share one base: read one meta.json per seed
             continue
-        meta = read_base_meta(arm.config(env).experiment_dir)
+        cfg = arm.config(env)
+        folder = ExperimentFolder(cfg.experiment_dir)
+        keyring = KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
+        try:        # the coordinator's word only: a peer's meta.json must not hide a weak base
+            meta = signed_base_meta(folder, keyring)
+        except (RejectedFile, OSError) as error:
+            warn_once(f"{error}; its warm-up accuracy is left out")
+            meta = None
         accuracy = meta.get("greedy_accuracy_after") if meta else None
         if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and math.isfinite(accuracy):
             found[arm.seed] = float(accuracy)
@@ -90,7 +99,7 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
 def report(cfg: SwarmConfig, family: str, seeds: tuple[int, ...], arms: list[Arm], roots: dict[str, Path],
            accuracies: dict[int, float], codes: dict[str, int]) -> int:
     """Print the table, save it (JSON and plot) under <GDRIVE_PATH>/tables/, and say which swarms did not finish."""
-    rows = table_rows(arms, roots)
+    rows = table_rows(arms, roots, cfg.cache_dir)
     paper = PAPER_CUMULATIVE_REWARD if family == "paper" else \
         dict(zip((r.label for r in rows), PAPER_CUMULATIVE_REWARD.values()))
     print(format_table(rows, paper))

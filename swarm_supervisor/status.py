@@ -86,7 +86,8 @@ class SwarmReader:
     def __init__(self, folder: ExperimentFolder, cfg: SwarmConfig, model_label: str, device_label: str,
                  keyring: KeyRing | None = None):
         self.folder, self.cfg = folder, cfg
-        self.keyring = keyring or KeyRing.for_viewing(folder)     # shows what nodes signed, not what others say
+        # shows what nodes signed, not what others say
+        self.keyring = keyring or KeyRing.for_viewing(folder, cfg.cache_dir)
         self.model_label, self.device_label = model_label, device_label
         self._offsets: dict[str, int] = {}
         self._refused: set[Path] = set()      # metrics paths that hold no regular file
@@ -305,7 +306,7 @@ class SwarmReader:
 
     def phase(self, beats: dict[str, Heartbeat]) -> str:
         try:
-            return status_of(self.folder, beats, self.cfg.drive_lag)
+            return status_of(self.folder, self.keyring, beats, self.cfg.drive_lag)
         except OSError as exc:     # a Drive hiccup: as if running, the next refresh asks again
             log.warning("experiment status not read (%s)", exc)
             return "running"

@@ -6,6 +6,7 @@ arms of one seed share one warm-up: it runs once (`rl-swarm pretrain`) and its b
 arms' folders, so the splits differ in how they share rollouts and in nothing else.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -19,9 +20,12 @@ from configs_env import SwarmConfig, SwarmError
 from swarm_supervisor.hangup import on_hangup, print_nowhere, session_of_its_own, terminal_outputs
 from workers.shared_folder.exchange import read_finished
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.signing import KeyRing, local_key_dir
+from swarm_supervisor.claim import coordinator_key
+from workers.shared_folder.base_meta import BASE_WEIGHTS, signed_base_meta
+from workers.shared_folder.rejections import RejectedFile
+from workers.shared_folder.signing import KeyRing, file_sha256, local_key_dir
 from workers.shared_folder.leftovers import make_temp_dir, remove
-from workers.shared_folder.safe_io import copy_regular_files, sync_folder
+from workers.shared_folder.safe_io import copy_regular_files, sync_folder, write_atomic
 
 POLL_S = 1.0
 STOP_GRACE_S = 90.0
@@ -88,21 +92,35 @@ def share_warmups(arms: list[Arm], base_env: Mapping[str, str], log_dir: Path) -
             same = all(getattr(cfg, key) == getattr(first, key) for key in WARMUP_KEYS)
             if first.warmup_steps and same and not target.exists() \
                     and not ExperimentFolder(cfg.experiment_dir).state_rounds():
-                _copy_folder(ExperimentFolder(first.experiment_dir).base_dir, target)
+                try:
+                    copy_base(first, cfg)
+                except RejectedFile as refused:
+                    print(f"rl-swarm: sapo-table: {refused}: not copied; {arm.label} (seed {seed}) warms up its own")
 
 
-def _copy_folder(source: Path, target: Path) -> None:
-    """Copy, then rename into place: `up` sees a whole base or none."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target)
+def copy_base(source_cfg: SwarmConfig, target_cfg: SwarmConfig) -> None:
+    """The base of one experiment into another, signed again by the other's coordinator key (this machine's,
+    which its `up` publishes): its workers take a base only when their coordinator signed it. Only a base the
+    source's coordinator (this machine) signed is copied, never one a peer planted there. Copied, then renamed
+    into place: `up` sees a whole base or none."""
+    source, target = ExperimentFolder(source_cfg.experiment_dir), ExperimentFolder(target_cfg.experiment_dir)
+    meta = signed_base_meta(source, coordinator_key(source_cfg, source)[1])
+    if meta is None:
+        raise RejectedFile(f"{source.base_dir}: no base to copy")
+    key = coordinator_key(target_cfg, target)[0]
+    target.root.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(target.base_dir)
     try:
-        copy_regular_files(source, tmp)
+        copy_regular_files(source.base_dir, tmp)
+        if file_sha256(tmp / BASE_WEIGHTS) != meta["files"][BASE_WEIGHTS]:
+            raise RejectedFile(f"{source.base_dir}: its weights are not the ones its meta.json signed for")
+        write_atomic(tmp / "meta.json", json.dumps(key.sign(meta), allow_nan=False).encode("utf-8"))
         sync_folder(tmp, files=True)        # the weights on disk before the rename that makes them the arm's base
-        os.replace(tmp, target)
+        os.replace(tmp, target.base_dir)
     except (OSError, SwarmError):
         remove(tmp)
         raise
-    sync_folder(target.parent)
+    sync_folder(target.root)
 
 
 class ArmRunner:

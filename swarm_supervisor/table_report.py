@@ -11,6 +11,7 @@ from swarm_supervisor.experiments import held_out_by_node, mean_interval, metric
 from swarm_supervisor.table import Arm
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import HeldOutEval
+from workers.shared_folder.signing import KeyRing
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class TableRow:
                 "task_rewards": {k: round(v, 4) for k, v in self.task_rewards.items()}}
 
 
-def table_rows(arms: list[Arm], roots: dict[str, Path], common_rounds: bool = True) -> list[TableRow]:
+def table_rows(arms: list[Arm], roots: dict[str, Path], cache_dir: Path | None,
+               common_rounds: bool = True) -> list[TableRow]:
     """Rows in the arms' order of labels; `roots` maps each arm's experiment to its folder. With `common_rounds`,
     a seed's splits are compared over the rounds every one of them reached: a table stopped early has some splits
     rounds ahead, and a sum over more rounds is no match for one over fewer. Without it (a sweep whose arms run
@@ -45,7 +47,8 @@ def table_rows(arms: list[Arm], roots: dict[str, Path], common_rounds: bool = Tr
     records = {}
     for arm in arms:
         folder = ExperimentFolder(roots[arm.experiment])
-        records[arm.experiment] = (metrics_by_round(folder)[0], held_out_by_node(folder)[0])
+        keyring = KeyRing.for_viewing(folder, cache_dir)
+        records[arm.experiment] = (metrics_by_round(folder, keyring)[0], held_out_by_node(folder, keyring)[0])
     reached = {name: max(by_round, default=0) for name, (by_round, _) in records.items()}
     common = {seed: min(reached[a.experiment] for a in arms if a.seed == seed) for seed in {a.seed for a in arms}}
     cutoff = {a.experiment: common[a.seed] if common_rounds else reached[a.experiment] for a in arms}

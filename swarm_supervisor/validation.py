@@ -22,14 +22,16 @@ class Check:
     detail: str
 
 
-def validate(root: Path) -> list[Check]:
-    """Completeness and consistency of one experiment's folder; each check is PASS or FAIL with a reason."""
+def validate(root: Path, cache_dir: Path | None) -> list[Check]:
+    """Completeness and consistency of one experiment's folder; each check is PASS or FAIL with a reason
+    (`cache_dir`: where this machine keeps its keys; see KeyRing.for_viewing)."""
     folder = ExperimentFolder(root)
+    keyring = KeyRing.for_viewing(folder, cache_dir)
     cfg = experiment_config(folder)
     rounds = folder.state_rounds()
     missing_states = _missing_rounds(rounds)
-    by_round, bad = metrics_by_round(folder)
-    unreadable = _unreadable_files(folder)
+    by_round, bad = metrics_by_round(folder, keyring)
+    unreadable = _unreadable_files(folder, keyring)
     return [
         Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"),
         Check("round states", bool(rounds) and not missing_states,
@@ -38,25 +40,24 @@ def validate(root: Path) -> list[Check]:
         Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
               else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"),
         Check("metrics lines", not bad, "every metrics line is valid" if not bad else f"{len(bad)} bad: {bad[0]}"),
-        _rounds_check(folder, cfg, rounds, by_round),
-        _held_out_check(folder, cfg, rounds, by_round),
+        _rounds_check(folder, keyring, cfg, rounds, by_round),
+        _held_out_check(folder, keyring, cfg, rounds, by_round),
         _checkpoints_check(folder, cfg, by_round),
         _logs_check(folder, by_round),
     ]
 
 
-def _unreadable_files(folder: ExperimentFolder) -> list[str]:
+def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[str]:
     """JSON files of the layout that do not parse or validate, or (in an experiment of signed records) are not
     signed by the node they speak for (checkpoints and temp files aside)."""
     root, unreadable = folder.root, []
-    keyring = KeyRing(folder) if is_visible(folder.public_key_file(COORDINATOR)) else None
     for path in _layout_files(folder):
         # the swarm's protocol records must carry a checksum; meta files of the warm-up base need not
         top = path.relative_to(root).parts[0]
         protocol = top in ("state", "peers", "rollouts", "rewards")
         try:
             record = read_json_bounded(path, require_checksum=protocol)
-            if protocol and keyring is not None:
+            if protocol:
                 record = keyring.verify(record, _speaks_for(top, path), str(path))
             schema = {"rollouts": RolloutFile, "peers": Heartbeat, "rewards": RoundMetrics}.get(top)
             if top == "state":
@@ -78,11 +79,10 @@ def _speaks_for(top: str, path: Path) -> str:
     return match["node"] if match else path.stem
 
 
-def _rounds_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
+def _rounds_check(folder: ExperimentFolder, keyring: KeyRing, cfg: dict, rounds: list[int],
                   by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
     """Every worker that marked a round done published rollouts and a metrics row for it."""
     gaps = []
-    keyring = KeyRing.for_viewing(folder)
     for r in rounds:
         try:
             state = read_round_state(folder, keyring, r)
@@ -180,12 +180,12 @@ def _may_hold_files(path: Path) -> bool:
     return path.is_dir()
 
 
-def _held_out_check(folder: ExperimentFolder, cfg: dict, rounds: list[int],
+def _held_out_check(folder: ExperimentFolder, keyring: KeyRing, cfg: dict, rounds: list[int],
                     by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
     """Every worker was evaluated before round 1 and, once the swarm finished, after the last round."""
     if not cfg.get("eval_size"):
         return Check("held-out evaluations", True, "none asked for (EVAL_SIZE=0, or an experiment from before them)")
-    evals, problems = held_out_by_node(folder)
+    evals, problems = held_out_by_node(folder, keyring)
     last = rounds[-1] if rounds and is_visible(folder.finished_file) else None
     for node in sorted({n for nodes in by_round.values() for n in nodes}):
         done = {row.round for row in evals.get(node, [])}

@@ -1,5 +1,4 @@
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,10 +58,17 @@ def warm_base(tmp_path_factory, model_cache) -> Path:
 
 
 @pytest.fixture
-def start_from_base(warm_base):
-    """Copies the session's warmed-up base into an experiment folder, so its `up` skips the warm-up."""
+def start_from_base(warm_base, model_cache):
+    """Copies the session's warmed-up base into an experiment folder, signed by that experiment's coordinator key
+    (as the SAPO table copies a base), so its `up` skips the warm-up."""
+    from configs_env import SwarmConfig
+    from swarm_supervisor.table import copy_base
+
+    def experiment(root: Path) -> SwarmConfig:
+        return SwarmConfig(gdrive_path=root.parent.parent, experiment_name=root.name, cache_dir=model_cache)
+
     def copy(exp: Path) -> None:
-        shutil.copytree(warm_base, exp / "base")
+        copy_base(experiment(warm_base.parent), experiment(exp))
     return copy
 
 

@@ -413,3 +413,21 @@ def append_as(folder, node: str, path: Path, record: dict) -> None:
     from workers.shared_folder.jsonl import append_jsonl
 
     append_jsonl(path, node_key(folder, node).sign(record))
+
+
+def key_of_an_older_rl_swarm(key_dir: Path, node: str):
+    """`node`'s key as an rl-swarm before signed checkpoints and bases made it (no marker beside it): unsigned ones
+    in the folder may be that node's own."""
+    from workers.shared_folder.signing import SIGNS_FILES, NodeKey
+
+    key = NodeKey.load_or_create(key_dir, node)
+    key.path.with_name(key.path.name + SIGNS_FILES).unlink(missing_ok=True)
+    return NodeKey.load_or_create(key_dir, node)
+
+
+def viewer(folder):
+    """The config of `rl-swarm status` on a machine whose key folder (its pins) lies beside the experiment's, never
+    in the home folder."""
+    from configs_env import SwarmConfig
+
+    return SwarmConfig(cache_dir=folder.root.with_name(folder.root.name + ".viewer-cache"))

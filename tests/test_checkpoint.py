@@ -17,7 +17,7 @@ from workers.shared_folder.signing import NodeKey
 from workers.shared_folder.jsonl import read_jsonl
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.exchange import read_signed
-from tests.helpers import append_as, keyring, node_key
+from tests.helpers import append_as, key_of_an_older_rl_swarm, keyring, node_key
 
 
 def tiny_model(seed: int) -> GPT2LMHeadModel:
@@ -101,18 +101,18 @@ def test_python_and_numpy_rng_and_the_metrics_tail_come_back(tmp_path, key):
 
 def test_a_checkpoint_written_before_signed_checkpoints_still_loads_for_its_own_node_only(tmp_path, key):
     """An experiment upgraded mid-run keeps its checkpoints (schema 1: unsigned, no numpy RNG or metrics tail);
-    a node whose key this start made signed nothing, so an unsigned checkpoint in its folder is a peer's."""
+    a node whose key this rl-swarm made signs every checkpoint, so an unsigned one in its folder is a peer's."""
     model, optimizer = trained(0)
     save_checkpoint(tmp_path, CheckpointMeta(3, "w-1", "m"), model, optimizer, key)
     meta_file = tmp_path / "round_000003" / "meta.json"
     old = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({k: old[k] for k in ("round", "node", "model_name", "python_rng")} | {"schema": 1}))
     fresh = tiny_model(1)
-    assert key.made_now and load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m",
-                                                   key) is None
-    restarted = NodeKey.load_or_create(key.path.parent, "w-1")        # the same node, started again
-    assert not restarted.made_now
-    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
+    assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key) is None
+    restarted = NodeKey.load_or_create(key.path.parent, "w-1")        # the same node, started again: still its own
+    assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted) is None
+    older = key_of_an_older_rl_swarm(key.path.parent, "w-1")          # a key from before signed checkpoints
+    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", older)
     assert meta.round == 3 and meta.metrics_tail == ()
     assert torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
 
@@ -121,7 +121,7 @@ def test_a_checkpoint_a_peer_planted_is_never_resumed_from(tmp_path, key, caplog
     """Newer rounds than the node's own, each skipped: unsigned, signed by another node, or its weights swapped."""
     model, optimizer = trained(0)
     save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
-    restarted = NodeKey.load_or_create(key.path.parent, "w-1")       # unsigned ones are looked at too
+    restarted = key_of_an_older_rl_swarm(key.path.parent, "w-1")     # unsigned ones are looked at too
     peer = NodeKey.load_or_create(tmp_path.parent / "peer.keys", "w-1")    # another machine, the same name
     forged, _ = trained(2)
     elsewhere = tmp_path.parent / f"{tmp_path.name}.elsewhere"      # made apart, then copied in as a peer would
@@ -141,7 +141,7 @@ def test_a_checkpoint_a_peer_planted_is_never_resumed_from(tmp_path, key, caplog
     meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
     assert meta.round == 1 and torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
     assert "round_000007 is unusable" in caplog.text and "signature is not 'w-1'" in caplog.text
-    assert "round_000008: its files are not the ones its meta.json signed for" in caplog.text
+    assert "round_000008/model.safetensors: not the file its signed meta.json names" in caplog.text
     # the node's next save keeps its own checkpoints: planted later rounds never push them out
     save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
     assert {"round_000001", "round_000002"} <= {p.name for p in tmp_path.iterdir()}
@@ -226,12 +226,65 @@ def test_a_checkpoint_the_drive_cannot_read_now_stops_the_resume_instead_of_star
     model, optimizer = trained(0)
     save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)
     save_checkpoint(tmp_path, CheckpointMeta(2, "w-1", "m"), model, optimizer, key)
-    load_model = checkpoint_module.load_model
-    monkeypatch.setattr(checkpoint_module, "load_model",
+    read_checked = checkpoint_module.read_checked
+    monkeypatch.setattr(checkpoint_module, "read_checked",
                         lambda *args, **kwargs: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     fresh = tiny_model(1)
     with pytest.raises(OSError, match="Input/output error"):
         load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000001", "round_000002"]     # both still there
-    monkeypatch.setattr(checkpoint_module, "load_model", load_model)          # the Drive is back
+    monkeypatch.setattr(checkpoint_module, "read_checked", read_checked)      # the Drive is back
     assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key).round == 2
+
+
+def plant_unsigned_checkpoint(root: Path, round_: int, model, optimizer) -> None:
+    """A checkpoint as an rl-swarm before signed checkpoints wrote it (or a peer writes one): no signature."""
+    made_by = NodeKey.load_or_create(root.parent / f"{root.name}.planter", "w-1")
+    save_checkpoint(root, CheckpointMeta(round_, "w-1", "m"), model, optimizer, made_by)
+    meta_file = root / f"round_{round_:06d}" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("signature", "files")} | {"schema": 2}))
+
+
+def test_a_new_worker_that_up_starts_never_resumes_from_an_unsigned_checkpoint_a_peer_planted(tmp_path):
+    """`up` makes each worker's key before the worker starts (so a worker never sees its key made): its first
+    start must still take no unsigned checkpoint in its folder for its own."""
+    from swarm_supervisor.cli import publish_worker_keys
+    from configs_env import SwarmConfig
+    from workers.shared_folder.signing import KeyRing
+    from workers.worker import node_exchange as worker_exchange
+
+    cfg = SwarmConfig(gdrive_path=tmp_path / "drive", experiment_name="e", cache_dir=tmp_path / "cache")
+    folder = ExperimentFolder(cfg.experiment_dir).create()
+    publish_worker_keys(cfg, folder, ["w-1"], KeyRing(folder))      # as `up` does, before starting its workers
+    key = worker_exchange(folder, cfg, "w-1").key                    # the worker's first start
+    planted, optimizer = trained(2)
+    plant_unsigned_checkpoint(folder.checkpoint_dir("w-1"), 5, planted, optimizer)
+    fresh = tiny_model(1)
+    assert load_latest_checkpoint(folder.checkpoint_dir("w-1"), fresh, torch.optim.AdamW(fresh.parameters()), "m",
+                                  key) is None
+    assert not torch.equal(fresh.transformer.wte.weight, planted.transformer.wte.weight)
+
+
+def test_a_round_saved_twice_whose_second_write_dies_at_the_rename_keeps_the_first(tmp_path, key, monkeypatch):
+    """The same round saved again (a leaving worker's save of a round whose write had failed, say): the old folder
+    was deleted before the new one was renamed in, so a kill between the two left no checkpoint of the round."""
+    import os
+
+    model, optimizer = trained(0)
+    save_checkpoint(tmp_path, CheckpointMeta(3, "w-1", "m"), model, optimizer, key)
+    rename = os.replace
+
+    def killed_at_the_rename(source, target, *args, **kwargs):
+        if Path(source).name.startswith(".round_000003.") and Path(source).name.endswith(".tmp"):
+            raise OSError(5, "killed")
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_rename)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, CheckpointMeta(3, "w-1", "m"), trained(2)[0], optimizer, key)
+    monkeypatch.setattr(os, "replace", rename)
+    fresh = tiny_model(1)
+    meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key)
+    assert meta is not None and meta.round == 3
+    assert torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)

@@ -1,15 +1,18 @@
 """Checkpoints and best models are written behind the rounds: what is saved is the model as it was when saved,
 training goes on while the write runs, and a write that fails is reported, never lost."""
 
+import json
 import threading
 
 import pytest
 import torch
 
 from tests.test_checkpoint import tiny_model, trained
-from workers.checkpoint import (BestModel, CheckpointMeta, load_latest_checkpoint, read_best, snapshot_checkpoint,
-                                write_checkpoint)
+from workers.checkpoint import (BestModel, CheckpointMeta, load_latest_checkpoint, read_best, save_best,
+                                snapshot_checkpoint, write_checkpoint)
 from workers.checkpoint_writer import BackgroundWriter
+from workers.shared_folder.hostile import forger
+from workers.weights import host_weights
 
 WAIT_S = 30.0
 
@@ -83,17 +86,43 @@ def test_a_refused_write_is_handed_back_in_order_with_what_landed(tmp_path, key,
     assert second.round == 51 and second.error is None
 
 
-def test_a_best_model_whose_write_failed_is_saved_by_the_next_evaluation(tmp_path):
+def test_a_best_model_whose_write_failed_is_saved_by_the_next_evaluation(tmp_path, key):
     model, _ = trained(0)
-    best = BestModel(tmp_path, "w-1", "m")
+    best = BestModel(tmp_path, key, "m")
     assert best.offer(0, 0.5, model) is not None
     best.landed(0, ok=False)                 # the folder refused it: best/ holds nothing yet
     write = best.offer(50, 0.4, model)       # lower than the failed one, still the best on disk
     assert write is not None
     write()
     best.landed(50, ok=True)
-    assert read_best(tmp_path)["held_out_accuracy"] == 0.4
+    assert read_best(tmp_path, key)["held_out_accuracy"] == 0.4
     assert best.offer(100, 0.3, model) is None and best.offer(100, 0.6, model) is not None
+    assert BestModel(tmp_path, key, "m").written == 0.4          # a restart still knows the score it must beat
+
+
+def test_a_best_score_a_peer_wrote_never_stops_the_nodes_best_model_saves(tmp_path, key, caplog):
+    """checkpoints/<node>/best/ is in the shared folder: a meta.json claiming 100% (unsigned, signed by another
+    key, or the node's own beside a model that is not the one it signed for) is no score to beat."""
+    model, _ = trained(0)
+    save_best(tmp_path, key, "m", 3, 0.5, host_weights(model))
+    ours = json.loads((tmp_path / "best" / "meta.json").read_text())
+    claims = {"unsigned": {k: v for k, v in ours.items() if k != "signature"} | {"held_out_accuracy": 1.0},
+              "signed by a peer": forger().sign({k: v for k, v in ours.items() if k != "signature"}
+                                                | {"node": "w-1", "held_out_accuracy": 1.0}),
+              "the node's beside another model": key.sign({k: v for k, v in ours.items() if k != "signature"}
+                                                          | {"held_out_accuracy": 1.0})}
+    for kind, claim in claims.items():
+        (tmp_path / "best" / "meta.json").write_text(json.dumps(claim))
+        if kind == "the node's beside another model":
+            (tmp_path / "best" / "model.safetensors").write_bytes(b"a peer's weights")
+        best = BestModel(tmp_path, key, "m")
+        assert best.written is None and read_best(tmp_path, key) is None, kind
+        write = best.offer(5, 0.9, model)                # a real 90% evaluation is saved as the best model
+        assert write is not None, kind
+        write()
+        assert read_best(tmp_path, key)["held_out_accuracy"] == 0.9, kind
+    assert "signature is not 'w-1'" in caplog.text
+    assert "its model is not the one its meta.json signed for" in caplog.text
 
 
 def test_a_new_best_evaluation_is_recorded_only_once_its_model_is_saved(tmp_path, monkeypatch):
@@ -115,7 +144,7 @@ def test_a_new_best_evaluation_is_recorded_only_once_its_model_is_saved(tmp_path
     ExperimentFolder(cfg.experiment_dir).create()
     worker = Worker(WorkerSpec(cfg=cfg, node="w-1", index=0, model_name="m", device="cpu",
                                parent_pid=os.getppid()), threading.Event())
-    worker.best = BestModel(worker.checkpoints, "w-1", "m")
+    worker.best = BestModel(worker.checkpoints, worker.exchange.key, "m")
     monkeypatch.setattr(worker_module, "evaluate_held_out",
                         lambda policy, cfg, questions, node, round_, splits: HeldOutEval(node, round_, 0.75, 10, 0.1))
     started, release = threading.Event(), threading.Event()
@@ -132,9 +161,9 @@ def test_a_new_best_evaluation_is_recorded_only_once_its_model_is_saved(tmp_path
     assert started.wait(WAIT_S)
     path = eval_file(worker.folder, "w-1")
     ring = worker.exchange.keyring
-    assert read_held_out(path, ring)[0] == [] and read_best(worker.checkpoints) is None    # neither, while it writes
+    assert read_held_out(path, ring)[0] == [] and read_best(worker.checkpoints, worker.exchange.key) is None
     release.set()
     assert worker.writer.wait(WAIT_S)
     worker._writes_ended()
     assert [(row.round, row.accuracy) for row in read_held_out(path, ring)[0]] == [(50, 0.75)]
-    assert read_best(worker.checkpoints)["round"] == 50
+    assert read_best(worker.checkpoints, worker.exchange.key)["round"] == 50

@@ -138,3 +138,28 @@ def test_the_coordinator_says_when_a_worker_turns_late_gone_and_alive_again(tmp_
         coordinator.join(timeout=5)
     assert [e.split(":")[0].split(" (")[0] for e in events if "w-1" in e] == \
         ["w-1 is late", "w-1 is gone", "w-1 is alive again"]
+
+
+def test_archiving_old_rollouts_never_follows_a_link_a_peer_planted_in_the_archive(swarm, tmp_path):
+    """archives/ is in the shared folder too: a link planted there must not have the coordinator delete a folder
+    of this machine that bears a round's name, nor move the swarm's rollouts out of the shared folder."""
+    cfg, folder, coordinator, _ = swarm
+    outside = tmp_path / "this-machine"
+    (outside / "round_1").mkdir(parents=True)
+    (outside / "round_1" / "precious.txt").write_text("not the swarm's")
+    archive = cfg.gdrive_path / "archives" / cfg.experiment_name
+    archive.mkdir(parents=True)
+    (archive / "rollouts").symlink_to(outside)
+    write_as(folder, "w-1", folder.rollout_file(1, "w-1"), {"node": "w-1"})
+    coordinator.round = 3
+    coordinator.retire_old_rollouts()
+    assert (outside / "round_1" / "precious.txt").read_text() == "not the swarm's"
+    assert sorted(p.name for p in outside.iterdir()) == ["round_1"]
+    assert not (archive / "rollouts").is_symlink()
+    assert (archive / "rollouts" / "round_1" / "stage_0" / "w-1.json").is_file()
+    assert not folder.rollout_dir(1).exists()
+    # a round archived again (an experiment started anew under its name) replaces the archived one, nothing left
+    write_as(folder, "w-2", folder.rollout_file(1, "w-2"), {"node": "w-2"})
+    coordinator.retire_old_rollouts()
+    assert [p.name for p in (archive / "rollouts").iterdir()] == ["round_1"]
+    assert [p.name for p in (archive / "rollouts" / "round_1" / "stage_0").iterdir()] == ["w-2.json"]

@@ -9,7 +9,7 @@ from configs_env import SwarmConfig
 from swarm_supervisor.events import EventJournal, Watches
 from swarm_supervisor.machines import count_restarts
 from swarm_supervisor.status import SwarmReader, read_events
-from tests.helpers import node_exchange
+from tests.helpers import node_exchange, viewer
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.protocol import Heartbeat
@@ -105,7 +105,7 @@ def test_each_machine_keeps_its_own_events_and_samples_and_speaks_only_for_its_o
 
     append_jsonl(folder.monitor_file, sample({"worker-1": 2500.0}, 5000.0, 80000.0))
     append_jsonl(joined / "monitor.jsonl", sample({"colab2": 2600.0, "worker-1": 1.0}, 1.0, 2.0))
-    view = SwarmReader(folder, SwarmConfig(), "tiny", "cpu").view()
+    view = SwarmReader(folder, viewer(folder), "tiny", "cpu").view()
     rows = {row.node_id: row for row in view.nodes}
     assert (rows["worker-1"].restarts, rows["colab2"].restarts) == (1, 1)
     assert (rows["worker-1"].gpu_mib, rows["colab2"].gpu_mib) == (2500.0, 2600.0)
@@ -142,7 +142,7 @@ def test_an_event_appended_twice_by_a_retried_write_counts_once(tmp_path, monkey
     journal.add("worker-1: restarting", kind="restart", node="worker-1")
     assert journal.flush() and len(written(folder)) == 2            # on disk twice
     assert count_restarts(folder) == 1
-    view = SwarmReader(folder, SwarmConfig(), "tiny", "cpu")
+    view = SwarmReader(folder, viewer(folder), "tiny", "cpu")
     view.view()
     assert view.restarts == {"worker-1": 1}
     assert len(read_events(folder)) == 1

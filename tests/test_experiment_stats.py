@@ -54,13 +54,13 @@ def test_compare_shows_held_out_accuracy_and_reads_metrics_lines_from_before_it(
     from swarm_supervisor.validation import validate
 
     _experiment(tmp_path / "run", with_evals=True)
-    summary = summarize(tmp_path / "run")
+    summary = summarize(tmp_path / "run", None)
     assert summary.rejected_files == 0 and summary.cumulative_reward == pytest.approx(1.0)   # old line read
     assert summary.held_out_start == pytest.approx(0.15) and summary.held_out_final == pytest.approx(0.35)
     assert "held_out_start,held_out_final" in summaries_csv([summary]).splitlines()[0]
-    [check] = [c for c in validate(tmp_path / "run") if c.name == "held-out evaluations"]
+    [check] = [c for c in validate(tmp_path / "run", None) if c.name == "held-out evaluations"]
     assert check.passed and "after the last round" in check.detail
-    [row] = aggregate([tmp_path / "run"])
+    [row] = aggregate([tmp_path / "run"], None)
     assert row.held_out_final == (pytest.approx(0.35), None)
 
 
@@ -69,8 +69,8 @@ def test_validate_names_the_worker_whose_held_out_evaluations_are_missing(tmp_pa
     from swarm_supervisor.validation import validate
 
     folder = _experiment(tmp_path / "run", with_evals=False)
-    assert summarize(folder.root).held_out_final is None
-    [check] = [c for c in validate(folder.root) if c.name == "held-out evaluations"]
+    assert summarize(folder.root, None).held_out_final is None
+    [check] = [c for c in validate(folder.root, None) if c.name == "held-out evaluations"]
     assert not check.passed and "worker-1: none before round 1" in check.detail
     assert "worker-1: none after the last round 2" in check.detail
 
@@ -89,7 +89,7 @@ def test_the_plot_draws_held_out_accuracy_beside_training_accuracy(tmp_path, mon
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_lines)
     _experiment(tmp_path / "run", with_evals=True)
-    out = plot_experiments([tmp_path / "run"], tmp_path / "plot.png")
+    out = plot_experiments([tmp_path / "run"], tmp_path / "plot.png", None)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert drawn["run held-out"] == [0, 2]                  # the start and the end evaluation
 

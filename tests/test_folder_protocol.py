@@ -15,7 +15,7 @@ from workers.shared_folder.signing import COORDINATOR
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState
 
 from tests.helpers import group
-from tests.helpers import node_exchange, node_key, warnings_naming, write_as
+from tests.helpers import node_exchange, node_key, viewer, warnings_naming, write_as
 
 
 def sealed(record: dict) -> dict:
@@ -187,7 +187,6 @@ def test_retry_waits_double_and_are_spread_so_nodes_do_not_retry_in_step():
 
 
 def test_rejected_files_reach_the_dashboard_through_heartbeats(folder):
-    from configs_env import SwarmConfig
     from swarm_supervisor.status import SwarmReader
 
     stage = folder.rollout_dir(1)
@@ -198,7 +197,7 @@ def test_rejected_files_reach_the_dashboard_through_heartbeats(folder):
     exchange.write_heartbeat(Heartbeat(node="w-1", role="worker", pid=1, host="h", instance="i", status="training",
                                        round=1, started_at=0, updated_at=0,
                                        rejected=exchange.rejected))
-    view = SwarmReader(folder, SwarmConfig.from_env({}), "m", "cpu").view()
+    view = SwarmReader(folder, viewer(folder), "m", "cpu").view()
     assert view.rejected_files == 1
 
 

@@ -33,7 +33,8 @@ from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile, check_node_name
 from workers.shared_folder.leftovers import STALE_TEMP_S, remove_stale_temps, writer_tag
 from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
-from tests.helpers import keyring, node_exchange, node_key, write_as
+from workers.shared_folder.signing import KeyRing
+from tests.helpers import key_of_an_older_rl_swarm, keyring, node_exchange, node_key, write_as
 
 # what a planted link points at: a record a reader would accept, were it to follow the link
 OUTSIDE_TEXT = sealed(rollouts_record("outsider"))
@@ -54,7 +55,8 @@ def no_reader_blocks():
 
 @pytest.fixture
 def swarm(tmp_path):
-    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "drive"), "MAX_ROUNDS": "2"})
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "drive"), "MAX_ROUNDS": "2",
+                                "RL_SWARM_CACHE": str(tmp_path / "cache")})
     folder = ExperimentFolder(cfg.experiment_dir).create()
     outside = tmp_path / "outside.json"
     outside.write_text(OUTSIDE_TEXT)
@@ -131,7 +133,7 @@ def test_a_metrics_log_with_hostile_lines_gives_its_good_rows_to_every_reader(sw
     assert [(row.node_id, row.reward) for row in view.nodes] == [("worker-2", 0.75)]
     assert status.rejected == len(bad_lines) + len(forged)
 
-    by_round, bad = metrics_by_round(folder)
+    by_round, bad = metrics_by_round(folder, KeyRing.for_viewing(folder, None))
     assert {r: list(nodes) for r, nodes in by_round.items()} == {1: ["worker-2"], 2: ["worker-2"]}
     assert len(bad) == len(bad_lines) + len(forged)
     assert bad[0].startswith("metrics/worker-2/metrics.jsonl line 2: expected a JSON object, got list")
@@ -178,7 +180,7 @@ def test_a_metrics_log_that_is_no_regular_file_is_skipped_by_every_reader(swarm,
     assert status.rejected == 1 and warnings_naming(caplog, path) == 1
     with pytest.raises(RejectedFile, match=HOSTILE_REASON[kind]):
         read_jsonl(path)
-    by_round, bad = metrics_by_round(folder)
+    by_round, bad = metrics_by_round(folder, KeyRing.for_viewing(folder, None))
     assert by_round == {} and bad == [f"metrics/worker-2/metrics.jsonl: {HOSTILE_REASON[kind]}, not a regular file; "
                                       "skipped"]
 
@@ -210,10 +212,10 @@ def test_status_summary_and_validation_survive_a_folder_full_of_hostile_files(sw
 def check_everything_survives(cfg: SwarmConfig, folder: ExperimentFolder, planted: dict[str, Path]) -> None:
     view = reader(cfg, folder).view()
     assert [row.node_id for row in view.nodes] == ["worker-2"]
-    summary = summarize(folder.root)
+    summary = summarize(folder.root, None)
     assert (summary.max_rounds, summary.started, summary.last_activity) == (0, "-", "-")
     assert summary.rejected_files == 1
-    checks = {check.name: check for check in validate(folder.root)}
+    checks = {check.name: check for check in validate(folder.root, None)}
     readable = checks["readable files"]
     # with state/round_2.json (its nodes an object) and round_².json (no checksum): refused, not a crash
     assert not readable.passed and readable.detail.startswith(f"{len(planted) + 2} unreadable"), readable.detail
@@ -305,7 +307,8 @@ def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_
     live = checkpoints / f".round_000004.{writer_tag()}.a1b2c3d4.tmp"    # a checkpoint being written now
     elsewhere = folder.rollout_dir(1) / ".worker-3.json.12.tmp"      # any host's, minutes old
     moved_aside = checkpoints / f".best.{here_dead}.q9w8e7r6.old"       # save_best killed between its renames
-    for path in (killed, older, live, moved_aside):
+    round_aside = checkpoints / f".round_000001.{here_dead}.z1y2x3w4.old"  # round 1 saved again, killed likewise
+    for path in (killed, older, live, moved_aside, round_aside):
         path.mkdir(parents=True)
         (path / "model.safetensors").write_bytes(b"weights")
     elsewhere.parent.mkdir(parents=True)
@@ -316,9 +319,10 @@ def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_
 
     clear_leftovers(checkpoints)                # a worker's start
     remove_stale_temps(folder.root)             # the supervisor's start
-    assert [p.exists() for p in (killed, older, elsewhere, moved_aside)] == [False] * 4
+    assert [p.exists() for p in (killed, older, elsewhere, moved_aside, round_aside)] == [False] * 5
     assert live.exists()
     assert (checkpoints / BEST / "model.safetensors").read_bytes() == b"weights"
+    assert (checkpoints / "round_000001" / "model.safetensors").read_bytes() == b"weights"
 
 
 # -- names are matched whole -------------------------------------------------------------------------
@@ -381,23 +385,31 @@ def test_a_coordinator_thread_that_ends_silently_does_not_leave_the_supervisor_w
 def test_a_link_planted_in_a_base_the_sapo_table_shares_copies_no_file_of_this_machine(tmp_path):
     """The table copies seed S's base to its other splits: a peer's link there must not carry a local secret into
     the shared folder, where every peer reads it."""
-    from swarm_supervisor.table import _copy_folder
+    import hashlib
+
+    from swarm_supervisor.claim import coordinator_key
+    from swarm_supervisor.table import copy_base
+    from workers.shared_folder.base_meta import sign_base_meta
 
     secret = tmp_path / "id_ed25519"
     secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
-    base = tmp_path / "drive" / "a" / "base"
+    source, target = (SwarmConfig(gdrive_path=tmp_path / "drive", experiment_name=name, cache_dir=tmp_path / "cache")
+                      for name in ("a", "b"))
+    base = ExperimentFolder(source.experiment_dir).base_dir
     base.mkdir(parents=True)
-    (base / "meta.json").write_text("{}")
+    key = coordinator_key(source, ExperimentFolder(source.experiment_dir))[0]     # the base is the coordinator's
+    meta = sign_base_meta({"model_name": "m"}, hashlib.sha256(b"weights").hexdigest(), key)
+    (base / "meta.json").write_text(json.dumps(meta))
     (base / "model.safetensors").symlink_to(secret)
-    target = tmp_path / "drive" / "b" / "base"
+    copied = ExperimentFolder(target.experiment_dir).base_dir
     with pytest.raises(RejectedFile, match="model.safetensors"):
-        _copy_folder(base, target)
-    assert not target.exists() and list(target.parent.iterdir()) == []      # no copy, no temp folder left
+        copy_base(source, target)
+    assert not copied.exists() and list(copied.parent.iterdir()) == []      # no copy, no temp folder left
     (base / "model.safetensors").unlink()
     (base / "model.safetensors").write_bytes(b"weights")
-    _copy_folder(base, target)
-    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "model.safetensors"]
-    assert (target / "model.safetensors").read_bytes() == b"weights"
+    copy_base(source, target)
+    assert sorted(p.name for p in copied.iterdir()) == ["meta.json", "model.safetensors"]
+    assert (copied / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_path):
@@ -422,6 +434,58 @@ def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_
     (planted / "meta.json").write_text(json.dumps(key.sign({**meta, "round": 3})))    # the node's, but for the link
     (planted / "state.pt").symlink_to(tmp_path / "round_000001" / "state.pt")
     fresh = trained(1)[0]
-    restarted = NodeKey.load_or_create(key_dir, "w-1")     # unsigned checkpoints are looked at too
+    restarted = key_of_an_older_rl_swarm(key_dir, "w-1")     # unsigned checkpoints are looked at too
     meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted)
     assert meta.round == 1
+
+
+def test_a_link_planted_as_a_nodes_checkpoint_folder_deletes_or_writes_nothing_of_this_machine(swarm, tmp_path):
+    """checkpoints/<node> is the shared folder's: a link there to a folder of this machine holding round_N folders
+    must not have the node's saves write there and prune them, nor its start clear or resume anything there."""
+    from tests.test_checkpoint import trained
+    from workers.checkpoint import CheckpointMeta, clear_leftovers, load_latest_checkpoint, save_checkpoint
+
+    _, folder, _ = swarm
+    outside = tmp_path / "this-machine"
+    for round_ in (1, 2, 3):
+        (outside / f"round_00000{round_}").mkdir(parents=True)
+        (outside / f"round_00000{round_}" / "notes.txt").write_text("not the swarm's")
+    checkpoints = folder.checkpoint_dir("w-1")
+    checkpoints.symlink_to(outside)
+    key = node_key(folder, "w-1")
+    model, optimizer = trained(0)
+    clear_leftovers(checkpoints)                                         # the worker's start
+    assert load_latest_checkpoint(checkpoints, model, optimizer, "m", key) is None
+    save_checkpoint(checkpoints, CheckpointMeta(5, "w-1", "m"), model, optimizer, key)
+    assert sorted(p.name for p in outside.iterdir()) == ["round_000001", "round_000002", "round_000003"]
+    assert all((p / "notes.txt").read_text() == "not the swarm's" for p in outside.iterdir())
+    assert not checkpoints.is_symlink() and (checkpoints / "round_000005" / "meta.json").is_file()
+
+
+def test_a_peer_flooding_a_folder_costs_the_clean_up_of_killed_writes_a_bounded_look(swarm, caplog):
+    """The supervisor's start clears killed writes in every folder of the experiment: a folder a peer filled with
+    more names than MAX_LOOKED_AT is looked at that far, with one warning naming it."""
+    from workers.shared_folder.leftovers import MAX_LOOKED_AT
+
+    _, folder, _ = swarm
+    flooded = folder.rollout_dir(1)
+    flooded.mkdir(parents=True)
+    for i in range(MAX_LOOKED_AT + 10):
+        os.close(os.open(flooded / f"junk-{i}.json", os.O_CREAT | os.O_WRONLY, 0o644))
+    remove_stale_temps(folder.root)
+    remove_stale_temps(folder.root)
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{flooded}: over ")]
+    assert warned == [f"{flooded}: over {MAX_LOOKED_AT} entries; the clean-up of killed writes looked at the first "
+                      f"{MAX_LOOKED_AT} (a peer flooding the folder?)"]
+
+
+def test_experiments_lists_no_folder_a_peer_linked_into_the_shared_folder(swarm, tmp_path, caplog):
+    """experiments/ is the shared folder's: a link a peer planted there (experiments/x -> a folder of this machine)
+    is no experiment to list, read or plot."""
+    from swarm_supervisor.experiments import experiment_roots
+
+    cfg, folder, _ = swarm
+    (tmp_path / "this-machine").mkdir()
+    (cfg.gdrive_path / "experiments" / "x").symlink_to(tmp_path / "this-machine")
+    assert experiment_roots(cfg) == [folder.root]
+    assert f"{cfg.gdrive_path / 'experiments' / 'x'}: a link, not an experiment; not followed" in caplog.text

@@ -8,7 +8,6 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from configs_env import SwarmConfig
 from swarm_supervisor.dashboard import render
 from swarm_supervisor.learning_health import NO_SIGNAL_ROUNDS, REWARD_WINDOW, RewardWatch
 from swarm_supervisor.status import SwarmReader
@@ -16,7 +15,7 @@ from tests.helpers import append_as, console_text, metrics_row, swarm_env
 from workers.shared_folder.held_out import eval_file, held_out_trend
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import Heartbeat, HeldOutEval
-from tests.helpers import node_exchange
+from tests.helpers import node_exchange, viewer
 
 
 def evals(*accuracies: float, every: int = 50) -> list[HeldOutEval]:
@@ -69,7 +68,7 @@ def test_the_table_shows_start_newest_best_and_marks_a_falling_worker(tmp_path):
                                                            started_at=now, updated_at=now))
     for row in evals(0.70, 0.95, 0.80, 0.82):
         append_as(folder, "worker-1", eval_file(folder, "worker-1"), {**row.to_json(), "node": "worker-1"})
-    view = SwarmReader(folder, SwarmConfig(), "tiny", "cpu").view()
+    view = SwarmReader(folder, viewer(folder), "tiny", "cpu").view()
     text = console_text(render(view), width=200)
     assert "70→82% (best 95) ↓" in text and "held-out falling: 82%, best 95%" in text
 
@@ -130,7 +129,7 @@ def test_rounds_with_nothing_to_learn_from_are_named_with_the_fix(tmp_path):
         append_as(folder, "worker-1", folder.metrics_file("worker-1"), {**metrics_row("worker-1", round_, reward=0.0),
                                                         "zero_advantage_groups": 2})
         append_as(folder, "worker-2", folder.metrics_file("worker-2"), metrics_row("worker-2", round_, reward=0.1))
-    rows = {row.node_id: row for row in SwarmReader(folder, SwarmConfig(), "tiny", "cpu").view().nodes}
+    rows = {row.node_id: row for row in SwarmReader(folder, viewer(folder), "tiny", "cpu").view().nodes}
     assert rows["worker-1"].learning_alarm == "no reward signal" and "nothing to learn from" in \
         rows["worker-1"].learning_warning
     assert rows["worker-2"].learning_alarm is None      # a low reward, but groups with a spread: it learns

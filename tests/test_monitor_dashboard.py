@@ -11,7 +11,7 @@ from rich.console import Console
 from swarm_supervisor.dashboard import Dashboard, format_duration, render, sparkline, status_line
 from swarm_supervisor.status import NodeRow, SwarmView
 from swarm_supervisor.monitor import DeviceSnapshot, Monitor
-from tests.helpers import append_as, node_exchange
+from tests.helpers import append_as, node_exchange, viewer
 
 
 def row(node: str, status: str = "training", **extra) -> NodeRow:
@@ -168,7 +168,6 @@ def test_nvml_reports_the_device_and_this_processs_gpu_memory():
 def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest(tmp_path):
     import time
 
-    from configs_env import SwarmConfig
     from swarm_supervisor.status import SwarmReader
     from workers.shared_folder.held_out import eval_file
     from workers.shared_folder.folder import ExperimentFolder
@@ -185,7 +184,7 @@ def test_the_dashboard_shows_each_workers_held_out_accuracy_from_start_to_newest
         append_as(folder, "worker-1", eval_file(folder, "worker-1"),
                   HeldOutEval("worker-1", round_, accuracy, 100, 3.0).to_json())
     append_as(folder, "worker-2", eval_file(folder, "worker-2"), HeldOutEval("worker-2", 0, 0.1, 100, 3.0).to_json())
-    reader = SwarmReader(folder, SwarmConfig.from_env({}), "rl-swarm/tiny-gpt2", "cpu")
+    reader = SwarmReader(folder, viewer(folder), "rl-swarm/tiny-gpt2", "cpu")
 
     def line_of(text: str, node: str) -> str:
         [line] = [line for line in text.splitlines() if node in line]

@@ -76,7 +76,8 @@ def test_the_dashboard_shows_each_gpu_and_each_workers_device(tmp_path):
         node_exchange(folder, node).write_heartbeat(Heartbeat(node=node, role="worker", pid=1, host="h", instance="i",
                                                          status="training", round=2, started_at=now,
                                                          updated_at=now, device=device))
-    view = SwarmReader(folder, SwarmConfig.from_env({}), "gpt2", "cuda:0, cuda:1").view(snapshot=snapshot)
+    viewer = SwarmConfig(cache_dir=tmp_path / "cache")
+    view = SwarmReader(folder, viewer, "gpt2", "cuda:0, cuda:1").view(snapshot=snapshot)
     text = console_text(render(view))
     assert "cuda:0 NVIDIA H100" in text and "10,240/81,920 MiB (12%)" in text
     assert "cuda:1 NVIDIA H100" in text and "40,960/81,920 MiB (50%)" in text

@@ -35,7 +35,7 @@ from workers.shared_folder.jsonl import append_jsonl, read_jsonl, read_jsonl_tai
 from workers.shared_folder.rejections import FolderError
 from workers.shared_folder.safe_io import is_visible, list_folder
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, SwarmFinished
-from workers.shared_folder.signing import COORDINATOR
+from workers.shared_folder.signing import COORDINATOR, KeyRing
 from workers.shared_folder.store_local import LocalStore
 
 
@@ -387,7 +387,8 @@ def test_status_validate_and_experiments_read_an_s3_experiment_here_and_from_ano
     code, out, _ = rl_swarm(monkeypatch, capsys, elsewhere, "experiments", "list", "--csv")
     [row] = list(csv.DictReader(io.StringIO(out)))
     assert (row["name"], row["status"], row["rounds"], row["nodes"]) == ("e2e", "finished", "3", "2")
-    rewards = [[m.reward_mean for m in nodes.values()] for nodes in metrics_by_round(folder)[0].values()]
+    by_round = metrics_by_round(folder, KeyRing.for_viewing(folder, None))[0]
+    rewards = [[m.reward_mean for m in nodes.values()] for nodes in by_round.values()]
     assert float(row["cumulative_reward"]) == pytest.approx(sum(sum(r) / len(r) for r in rewards))
     code, out, _ = rl_swarm(monkeypatch, capsys, elsewhere, "experiments", "compare", "e2e")
     assert code == 0 and "e2e" in out and "rounds 3/3" in out, out

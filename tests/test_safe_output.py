@@ -71,6 +71,11 @@ def hostile_heartbeats(folder: ExperimentFolder) -> None:
                                       "level": "info"})
 
 
+def viewing(tmp_path: Path, **settings: float) -> SwarmConfig:
+    """`rl-swarm status`'s config of 2000 rounds, this machine's keys in tmp_path."""
+    return SwarmConfig(cache_dir=tmp_path / "cache", max_rounds=2000, **settings)
+
+
 def rl_swarm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "swarm_supervisor", *args], env=env, capture_output=True,
                           text=True, timeout=120)
@@ -79,7 +84,7 @@ def rl_swarm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def test_an_escape_sequence_or_markup_in_a_heartbeat_is_shown_literally_on_the_dashboard(tmp_path):
     folder = sixty_fast_rounds(tmp_path / "drive", "running")
     hostile_heartbeats(folder)
-    reader = SwarmReader(folder, SwarmConfig(max_rounds=2000), "rl-swarm/tiny-gpt2", "cpu")
+    reader = SwarmReader(folder, viewing(tmp_path), "rl-swarm/tiny-gpt2", "cpu")
     from swarm_supervisor.status import read_events
 
     swarm = reader.view(events=read_events(folder))
@@ -133,7 +138,7 @@ def test_markup_and_control_characters_in_config_and_names_do_not_crash_experime
 def test_a_stopped_experiment_shows_no_eta_and_the_pace_it_ran_at(tmp_path):
     """60 rounds in 48 s, stopped an hour ago: 4500 rounds/h, not 60 an hour, and no ETA."""
     stopped = sixty_fast_rounds(tmp_path / "stopped" / "drive", "stopped")
-    swarm = SwarmReader(stopped, SwarmConfig(max_rounds=2000), "tiny", "cpu").view()
+    swarm = SwarmReader(stopped, viewing(tmp_path), "tiny", "cpu").view()
     assert swarm.phase == "stopped" and swarm.eta_s is None
     assert swarm.rounds_per_hour == pytest.approx(59 / (0.8 * 59) * 3600)
     assert swarm.elapsed_s == pytest.approx(0.8 * 59 + 0.7, abs=0.01)       # to the last round's metrics
@@ -141,7 +146,7 @@ def test_a_stopped_experiment_shows_no_eta_and_the_pace_it_ran_at(tmp_path):
     assert "4500 rounds/h" in text and "stopped" in text and "ETA" not in text and "elapsed 47s" in text
     assert "ETA" not in status_line(swarm) and "stopped" in status_line(swarm)
     running = sixty_fast_rounds(tmp_path / "running" / "drive", "running")
-    swarm = SwarmReader(running, SwarmConfig(max_rounds=2000), "tiny", "cpu").view()
+    swarm = SwarmReader(running, viewing(tmp_path), "tiny", "cpu").view()
     assert swarm.phase == "running" and swarm.eta_s is not None and "ETA" in console_text(render(swarm))
 
 
@@ -151,18 +156,18 @@ def test_a_runtime_that_sees_the_folder_minutes_late_does_not_call_a_running_swa
     folder = sixty_fast_rounds(tmp_path / "drive", "running")
     node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", time.time() - 200,
                                                               role="coordinator"))
-    assert SwarmReader(folder, SwarmConfig(max_rounds=2000), "tiny", "cpu").view().phase == "stopped"
-    late = SwarmReader(folder, SwarmConfig(max_rounds=2000, drive_lag=180.0), "tiny", "cpu").view()
+    assert SwarmReader(folder, viewing(tmp_path), "tiny", "cpu").view().phase == "stopped"
+    late = SwarmReader(folder, viewing(tmp_path, drive_lag=180.0), "tiny", "cpu").view()
     assert late.phase == "running" and late.eta_s is not None
     from swarm_supervisor.experiments import summarize      # `experiments list`: by the lag the swarm recorded
 
-    assert summarize(folder.root).status == "stopped"
+    assert summarize(folder.root, None).status == "stopped"
     # a forged lag counts as the setting's most, an hour (and two minutes)
     for recorded, beat_age, status in ((180, 200, "running"), (1e300, 3000, "running"), (1e300, 7200, "stopped")):
         write_json_atomic(folder.config_file, {**json.loads(folder.config_file.read_text()), "drive_lag": recorded})
         node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", time.time() - beat_age,
                                                                   role="coordinator"))
-        assert summarize(folder.root).status == status, recorded
+        assert summarize(folder.root, None).status == status, recorded
 
 
 def test_a_worker_without_a_coordinator_keeps_waiting_and_says_so(tmp_path, monkeypatch):

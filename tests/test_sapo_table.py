@@ -1,19 +1,28 @@
 """`rl-swarm sapo-table`: the paper's four splits side by side, and the table the paper prints."""
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from configs_env import ConfigError, SwarmConfig
 from configs_env.presets import PAPER_TASKS
 from swarm_supervisor.cli import EXIT_USAGE, main
 from swarm_supervisor.sapo_table import warmup_accuracies, weak_base_warning
-from swarm_supervisor.table import Arm
+from swarm_supervisor.claim import coordinator_key
+from swarm_supervisor.table import Arm, copy_base
 from swarm_supervisor.table_report import TableRow, format_table, gains
 from tests.helpers import swarm_env
+from workers.shared_folder.base_meta import sign_base_meta
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.hostile import forger
+from workers.shared_folder.rejections import RejectedFile
+from workers.shared_folder.signing import KeyRing
 
 
 def test_the_paper_presets_are_the_papers_swarm_and_a_degenerate_split_is_named():
@@ -49,14 +58,31 @@ def test_arms_of_one_seed_differ_only_in_their_preset():
         ("2", "t-paper-6-2-s2", "paper-6-2", "/d")
 
 
+def signed_base(cfg: SwarmConfig, meta: dict, weights: bytes = b"weights") -> ExperimentFolder:
+    """A base in cfg's experiment, its meta.json signed by the experiment's coordinator (this machine's key,
+    published as `up` publishes it)."""
+    folder = ExperimentFolder(cfg.experiment_dir).create()
+    key, keyring = coordinator_key(cfg, folder)
+    keyring.publish(key)
+    folder.base_dir.mkdir()
+    (folder.base_dir / "model.safetensors").write_bytes(weights)
+    (folder.base_dir / "meta.json").write_text(json.dumps(sign_base_meta(meta, hashlib.sha256(weights).hexdigest(),
+                                                                         key)))
+    return folder
+
+
 def test_a_base_that_answers_too_few_questions_is_named_with_the_fix(tmp_path):
-    env = {"GDRIVE_PATH": str(tmp_path), "EXPERIMENT_NAME": "x", "HF_HUB_OFFLINE": "1"}
+    env = {"GDRIVE_PATH": str(tmp_path), "EXPERIMENT_NAME": "x", "HF_HUB_OFFLINE": "1",
+           "RL_SWARM_CACHE": str(tmp_path / "cache")}
     arms = [Arm(label=label, seed=seed, experiment=f"x-{preset}-s{seed}", env=(("PRESET", preset),))
             for seed in (1, 2) for label, preset in (("8/0", "paper-8-0"), ("4/4", "paper-4-4"))]
     for seed, accuracy in ((1, 0.06), (2, 0.84)):       # seed 2's base only in its second arm: found there too
-        base = arms[2 * (seed - 1) + (seed == 2)].config(env).experiment_dir / "base"
-        base.mkdir(parents=True)
-        (base / "meta.json").write_text(json.dumps({"schema": 1, "greedy_accuracy_after": accuracy}))
+        signed_base(arms[2 * (seed - 1) + (seed == 2)].config(env), {"greedy_accuracy_after": accuracy})
+    # a peer's meta.json in seed 1's second arm, claiming a strong base, hides nothing
+    planted = ExperimentFolder(arms[1].config(env).experiment_dir).base_dir
+    planted.mkdir(parents=True)
+    (planted / "meta.json").write_text(json.dumps({"schema": 1, "greedy_accuracy_after": 0.99}))
+    arms = [arms[1], arms[0], *arms[2:]]
     accuracies = warmup_accuracies(arms, env)
     assert accuracies == {1: 0.06, 2: 0.84}
     warning = weak_base_warning(accuracies)
@@ -64,6 +90,38 @@ def test_a_base_that_answers_too_few_questions_is_named_with_the_fix(tmp_path):
     assert "WARMUP_STEPS" in warning and "TASKS=" in warning
     assert weak_base_warning({2: 0.84}) is None
     assert "19.6% (seed 3)" in weak_base_warning({3: 0.196})      # not "20% ... below 20%"
+
+
+def test_a_base_the_table_copies_is_signed_for_the_split_it_lands_in_and_a_planted_one_is_not_spread(tmp_path):
+    """Each split is an experiment of its own, with a coordinator key of its own: a copy still signed by the first
+    split's coordinator would be refused by every other split's workers; and a base a peer planted in the first
+    split must not become every split's start."""
+    from workers.learning.model import load_policy
+    from workers.warmup import WarmupReport, load_base, save_base
+
+    first, other = (SwarmConfig(gdrive_path=tmp_path / "drive", experiment_name=name, cache_dir=tmp_path / "cache")
+                    for name in ("t-paper-8-0-s1", "t-paper-4-4-s1"))
+    source, target = ExperimentFolder(first.experiment_dir).create(), ExperimentFolder(other.experiment_dir).create()
+    warmed = load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path / "cache")
+    key, keyring = coordinator_key(first, source)
+    keyring.publish(key)
+    save_base(source.root, warmed, WarmupReport(warmed.name, 1, 2.5, 0.0, 0.9, 1.0), key)
+    copy_base(first, other)
+    target_key, target_ring = coordinator_key(other, target)       # made by the copy; the split's `up` publishes it
+    target_ring.publish(target_key)
+    worker = load_policy("rl-swarm/tiny-gpt2", "cpu", tmp_path / "cache")
+    with torch.no_grad():
+        next(worker.model.parameters()).add_(1.0)
+    assert load_base(target.root, worker, KeyRing(target), unsigned_ok=False)      # as the split's workers check it
+    assert torch.equal(next(worker.model.parameters()), next(warmed.model.parameters()))
+    with pytest.raises(RejectedFile, match="not the experiment's coordinator's"):   # not the first split's any more
+        load_base(target.root, worker, KeyRing(source), unsigned_ok=False)
+    # a base a peer planted in the first split is not copied
+    shutil.rmtree(target.base_dir)
+    save_base(source.root, warmed, WarmupReport(warmed.name, 1, 2.5, 0.0, 1.0, 1.0), forger())
+    with pytest.raises(RejectedFile, match="not the experiment's coordinator's"):
+        copy_base(first, other)
+    assert not target.base_dir.exists() and not [p for p in target.root.iterdir() if p.name.startswith(".base")]
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from workers.learning.tasks import TaskMix
 from workers.shared_folder import exchange as exchange_module
 from workers.shared_folder.exchange import (newest_signed_round, read_finished, read_heartbeats, read_round_state,
                                             read_signed)
+from workers.shared_folder.base_meta import sign_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded, write_json_atomic
 from workers.shared_folder.rejections import FolderError, RejectedFile
@@ -252,6 +253,8 @@ def test_a_joiner_waits_for_the_coordinators_key_and_the_base_then_pins_the_key(
     with pytest.raises(SwarmError, match=r"no the coordinator's key .* after 1s: start `rl-swarm up` on this "):
         cli.join_when_ready(cfg, folder)
     coordinator = node_key(folder, COORDINATOR)
+    folder.base_dir.mkdir()
+    (folder.base_dir / "meta.json").write_text(json.dumps({"schema": 1, "model_name": "m"}))    # a peer's
     with pytest.raises(SwarmError, match=r"no the experiment's base model .* after 1s"):
         cli.join_when_ready(cfg, folder)
     monkeypatch.setattr(cli, "COORDINATOR_PATIENCE", 60)
@@ -259,8 +262,7 @@ def test_a_joiner_waits_for_the_coordinators_key_and_the_base_then_pins_the_key(
     joining = threading.Thread(target=lambda: joined.append(cli.join_when_ready(cfg, folder)))
     joining.start()
     wait_until(lambda: "waiting for the experiment's base model" in capsys.readouterr().out)
-    folder.base_dir.mkdir()
-    (folder.base_dir / "meta.json").write_text(json.dumps({"schema": 1, "model_name": "m"}))    # `up`'s warm-up
+    write_json_atomic(folder.base_dir / "meta.json", sign_base_meta({"model_name": "m"}, "0" * 64, coordinator))
     joining.join(timeout=30)
     assert joined and f"coordinator key {coordinator.fingerprint} (pinned on this machine" in capsys.readouterr().out
 
@@ -392,7 +394,50 @@ def test_an_experiment_from_before_signed_records_still_shows_in_status_and_expe
     write_json_atomic(folder.heartbeat_file("w-1"), {**beat("w-1").to_json(), "schema": 1})
     view = SwarmReader(folder, cfg, "m", "cpu").view()
     assert view.round == 2 and [row.node_id for row in view.nodes] == ["w-1"]
-    assert summarize(folder.root).rounds_per_hour == pytest.approx(36.0)
+    assert summarize(folder.root, cfg.cache_dir).rounds_per_hour == pytest.approx(36.0)
     node_key(folder, COORDINATOR)                       # a folder of signed records: unsigned ones count no more
     view = SwarmReader(folder, cfg, "m", "cpu").view()
     assert view.round == 0 and view.nodes == ()
+
+
+def test_deleting_the_coordinators_key_makes_no_view_trust_a_peers_unsigned_records(swarm, tmp_path):
+    """A peer can delete a file: keys/coordinator.pub gone (or all of keys/) must not turn a signed experiment into
+    one "from before signed records", whose unsigned lines every view shows (here a made-up round 3 and a worker
+    that never ran). Legacy is told from what a peer cannot remove: this machine's key folder, and keys published."""
+    import shutil
+
+    from swarm_supervisor.experiments import summarize
+    from swarm_supervisor.status import SwarmReader
+
+    cfg, folder = swarm
+    write_as(folder, COORDINATOR, folder.round_state_file(1), RoundState(1, 3, 100.0, "x").to_json())
+    write_as(folder, "w-1", folder.heartbeat_file("w-1"), beat("w-1").to_json())
+    assert SwarmReader(folder, cfg, "m", "cpu").view().round == 1          # this machine looks once: it pins the key
+    folder.public_key_file(COORDINATOR).unlink()                            # the peer's doing, then its records
+    for round_ in (2, 3):
+        write_json_atomic(folder.round_state_file(round_), {**RoundState(round_, 3, 100.0 * round_, "x").to_json(),
+                                                            "schema": 1})
+    write_json_atomic(folder.heartbeat_file("w-9"), {**beat("w-9").to_json(), "schema": 1})
+    elsewhere = cfg.with_overrides(cache_dir=tmp_path / "another-machine")  # never looked before: keys/ still speaks
+    for viewer, signed_round in ((cfg, 1), (elsewhere, 0)):
+        view = SwarmReader(folder, viewer, "m", "cpu").view()
+        assert view.round == signed_round and [row.node_id for row in view.nodes] == ["w-1"]
+        assert summarize(folder.root, viewer.cache_dir).rounds_per_hour is None
+    shutil.rmtree(folder.keys_dir)                                          # every key gone
+    view = SwarmReader(folder, cfg, "m", "cpu").view()
+    assert view.round == 1 and "w-9" not in [row.node_id for row in view.nodes]
+
+
+def test_experiments_counts_the_rounds_the_coordinator_signed_not_a_planted_state_files_name(swarm):
+    """`experiments list` said 999999 rounds for a state file a peer named round_999999.json."""
+    from swarm_supervisor.experiments import summarize
+
+    cfg, folder = swarm
+    for round_ in (1, 2):
+        write_as(folder, COORDINATOR, folder.round_state_file(round_),
+                 RoundState(round_, 3, 100.0 * round_, "x").to_json())
+    for planted in (0, 999999):     # a peer's, before and after the swarm's own
+        forged = forger().sign(RoundState(planted, 999999, 1e9, "x").to_json())
+        write_json_atomic(folder.round_state_file(planted), forged)
+    summary = summarize(folder.root, cfg.cache_dir)
+    assert summary.rounds == 2 and summary.rounds_per_hour == pytest.approx(36.0)

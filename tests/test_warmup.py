@@ -1,6 +1,8 @@
 """The supervised warm-up runs WARMUP_STEPS steps, or stops early once WARMUP_TARGET_ACCURACY is reached."""
 
+import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +11,12 @@ import pytest
 import torch
 
 from configs_env import ConfigError, SwarmConfig
-from tests.helpers import swarm_env
+from tests.helpers import node_key, swarm_env
 from workers.learning.model import Policy, load_policy
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.hostile import forger
 from workers.shared_folder.rejections import RejectedFile
+from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey
 from workers.warmup import (TARGET_CHECK_EVERY, WarmupReport, _supervised_step, load_base, save_base,
                             supervised_warmup)
 from workers.learning.tasks import TaskMix
@@ -23,6 +28,16 @@ def fresh_policy(cache: Path) -> Policy:
 
 def config(**env: str) -> SwarmConfig:
     return SwarmConfig.from_env({"TEST_MODE": "true", **env})
+
+
+def report(policy: Policy) -> WarmupReport:
+    return WarmupReport(policy.name, 1, 2.5, 0.0, 0.0, 1.0)
+
+
+def coordinator(root: Path) -> tuple[NodeKey, KeyRing]:
+    """The experiment's coordinator key, published in its folder, and a worker's key ring, which trusts it."""
+    folder = ExperimentFolder(root)
+    return node_key(folder, COORDINATOR), KeyRing(folder)
 
 
 def test_a_low_target_stops_at_the_first_check_that_reaches_it_and_changes_no_step(model_cache):
@@ -117,9 +132,10 @@ def test_a_base_whose_weights_are_not_finite_is_refused_with_the_fix(model_cache
     policy = fresh_policy(model_cache)
     with torch.no_grad():
         next(policy.model.parameters())[0, 0] = float("nan")
-    save_base(tmp_path, policy, WarmupReport(policy.name, 1, 2.5, 0.0, 0.0, 1.0))
+    key, keyring = coordinator(tmp_path)
+    save_base(tmp_path, policy, report(policy), key)
     with pytest.raises(RejectedFile) as error:
-        load_base(tmp_path, fresh_policy(model_cache))
+        load_base(tmp_path, fresh_policy(model_cache), keyring, unsigned_ok=False)
     assert str(error.value) == (f"{tmp_path / 'base'} holds weights that are not finite (a warm-up that diverged): "
                                 "delete that folder to warm up again, with a lower WARMUP_LR")
 
@@ -128,21 +144,108 @@ def test_a_base_whose_meta_cannot_be_read_is_refused_not_trained_past(model_cach
     """The SAPO table's failure: a meta.json with a NaN in it was skipped, and every worker started from the raw
     model beside a base it never loaded."""
     policy = fresh_policy(model_cache)
-    base = save_base(tmp_path, policy, WarmupReport(policy.name, 1, 2.5, 0.0, 0.0, 1.0))
+    key, keyring = coordinator(tmp_path)
+    base = save_base(tmp_path, policy, report(policy), key)
     (base / "meta.json").write_text('{"schema": 1, "model_name": "rl-swarm/tiny-gpt2", "final_loss": NaN}')
     with pytest.raises(RejectedFile) as error:
-        load_base(tmp_path, fresh_policy(model_cache))
-    assert str(error.value) == (f"{base / 'meta.json'} cannot be read, so the base cannot be checked: delete "
-                                f"{base} to warm up again")
-    assert not load_base(tmp_path / "no-base-yet", fresh_policy(model_cache))      # no base at all: the raw model
+        load_base(tmp_path, fresh_policy(model_cache), keyring, unsigned_ok=True)
+    assert str(error.value).startswith(f"{base}: its meta.json cannot be read (")
+    assert str(error.value).endswith(f"); not loaded: delete {base} to warm up again, or use a new EXPERIMENT_NAME")
+    assert not load_base(tmp_path / "no-base-yet", fresh_policy(model_cache), keyring, unsigned_ok=False)
 
 
 def test_a_base_whose_weights_a_power_cut_emptied_is_refused_with_the_fix(model_cache, tmp_path):
     """meta.json whole beside an empty weights file: every worker would crash on a raw safetensors error."""
     policy = fresh_policy(model_cache)
-    base = save_base(tmp_path, policy, WarmupReport(policy.name, 1, 2.5, 0.0, 0.0, 1.0))
+    key, keyring = coordinator(tmp_path)
+    base = save_base(tmp_path, policy, report(policy), key)
     (base / "model.safetensors").write_bytes(b"")
     with pytest.raises(RejectedFile) as error:
-        load_base(tmp_path, fresh_policy(model_cache))
+        load_base(tmp_path, fresh_policy(model_cache), keyring, unsigned_ok=False)
     assert str(error.value).startswith(f"{base / 'model.safetensors'} cannot be loaded (")
-    assert str(error.value).endswith(f"): delete {base} to warm up again") and "\n" not in str(error.value)
+    assert str(error.value).endswith(f"): delete {base} to warm up again, or use a new EXPERIMENT_NAME")
+    assert "\n" not in str(error.value)
+
+
+def peers_policy(cache: Path) -> Policy:
+    """Weights a peer chose, all 0.5: what it would have every new worker start from."""
+    policy = fresh_policy(cache)
+    with torch.no_grad():
+        for parameter in policy.model.parameters():
+            parameter.fill_(0.5)
+    return policy
+
+
+def starts_from_peers_weights(policy: Policy) -> bool:
+    return all(bool((parameter == 0.5).all()) for parameter in policy.model.parameters())
+
+
+def test_a_base_a_peer_planted_is_no_new_workers_start(model_cache, tmp_path):
+    """base/ is in the shared folder: a peer's own base (unsigned, signed by its key, or the coordinator's
+    meta.json beside the peer's weights) is refused in one line naming the folder and the fix, never loaded."""
+    key, keyring = coordinator(tmp_path)
+    peers = peers_policy(model_cache)
+    peers_weights = save_base(tmp_path / "peer", peers, report(peers), forger()) / "model.safetensors"
+
+    def plant(kind: str) -> None:
+        shutil.rmtree(tmp_path / "base", ignore_errors=True)
+        if kind == "the peer's weights":        # beside the coordinator's own meta.json
+            honest = fresh_policy(model_cache)
+            save_base(tmp_path, honest, report(honest), key)
+        else:
+            shutil.copytree(peers_weights.parent, tmp_path / "base")
+        if kind == "unsigned":
+            (tmp_path / "base" / "meta.json").write_text(json.dumps({"schema": 1, "model_name": peers.name}))
+        shutil.copyfile(peers_weights, tmp_path / "base" / "model.safetensors")
+
+    reasons = {"unsigned": "its meta.json is not signed by the experiment's coordinator (a peer's, or made by an "
+                           "rl-swarm before signed bases); not loaded",
+               "signed by the peer": "its meta.json is not the experiment's coordinator's (its signature is not "
+                                     "'coordinator''s (key ",
+               "the peer's weights": "not the file its signed meta.json names (SHA-256 differs)"}
+    for kind, reason in reasons.items():
+        plant(kind)
+        worker = fresh_policy(model_cache)
+        with pytest.raises(RejectedFile) as error:
+            load_base(tmp_path, worker, keyring, unsigned_ok=False)
+        assert reason in str(error.value) and str(error.value).startswith(str(tmp_path / "base")), kind
+        assert str(error.value).endswith(f"delete {tmp_path / 'base'} to warm up again, or use a new "
+                                         "EXPERIMENT_NAME") and "\n" not in str(error.value)
+        assert not starts_from_peers_weights(worker), kind
+    # the coordinator's own base is every worker's start
+    warmed = fresh_policy(model_cache)
+    with torch.no_grad():
+        next(warmed.model.parameters()).add_(1.0)
+    save_base(tmp_path, warmed, report(warmed), key)
+    worker = fresh_policy(model_cache)
+    assert load_base(tmp_path, worker, keyring, unsigned_ok=False)
+    assert torch.equal(next(worker.model.parameters()), next(warmed.model.parameters()))
+
+
+def test_a_base_from_before_signed_bases_is_taken_only_by_a_node_whose_key_is_as_old(model_cache, tmp_path):
+    """An experiment upgraded mid-run keeps its unsigned base for its nodes from before signed files (a restarted
+    worker's KL anchor, say); a node whose key signs its files takes it for a peer's."""
+    key, keyring = coordinator(tmp_path)
+    warmed = peers_policy(model_cache)
+    base = save_base(tmp_path, warmed, report(warmed), key)
+    (base / "meta.json").write_text(json.dumps({"schema": 1, "model_name": warmed.name}))     # as it was
+    with pytest.raises(RejectedFile, match="not signed by the experiment's coordinator"):
+        load_base(tmp_path, fresh_policy(model_cache), keyring, unsigned_ok=False)
+    worker = fresh_policy(model_cache)
+    assert load_base(tmp_path, worker, keyring, unsigned_ok=True) and starts_from_peers_weights(worker)
+
+
+@pytest.mark.slow
+def test_the_coordinator_warms_up_over_a_base_a_peer_planted_before_the_swarm_started(model_cache, tmp_path):
+    env = swarm_env(tmp_path, WARMUP_STEPS="10")
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    peers = peers_policy(model_cache)
+    save_base(exp, peers, report(peers), forger())
+    result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "pretrain"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (f"rl-swarm: {exp / 'base'}: its meta.json is not the experiment's coordinator's (its signature is not "
+            "'coordinator''s") in result.stdout and "a new one is warmed up in its place" in result.stdout
+    worker = fresh_policy(model_cache)
+    pinned = KeyRing(ExperimentFolder(exp))                         # the coordinator's key, as its workers pin it
+    assert load_base(exp, worker, pinned, unsigned_ok=False) and not starts_from_peers_weights(worker)

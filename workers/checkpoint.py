@@ -6,10 +6,9 @@ a worker's questions come from round_seed(cfg, index, round) (workers/round_loop
 re-seeds from it, so restoring the round restores where the worker is in its data.
 """
 
-import hashlib
+import io
 import json
 import logging
-import os
 import pickle
 import random
 import shutil
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_file
+from safetensors.torch import save_file
 
 from configs_env import SwarmError
 from workers.shared_folder.folder import ExperimentFolder
@@ -30,11 +29,11 @@ from workers.shared_folder.json_records import SIGNATURE_KEY, read_json_bounded,
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.retries import with_retries
-from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
-from workers.shared_folder.mount import make_dirs
-from workers.shared_folder.leftovers import is_stale, make_temp_dir, remove, remove_stale_temps
+from workers.shared_folder.safe_io import _folder, is_visible, list_folder, sync_folder
+from workers.shared_folder.leftovers import make_temp_dir, remove_stale_temps, swap_in
 from workers.shared_folder.protocol import RoundMetrics
-from workers.shared_folder.signing import KeyRing, NodeKey, signed_lines
+from workers.shared_folder.signing import KeyRing, NodeKey, file_sha256, signed_lines
+from workers.weights import SLACK_BYTES, host_weights, load_weights, model_bytes, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,8 @@ BEST = "best"             # checkpoints/<node>/best/: the model of the node's be
 METRICS_TAIL = 8          # this node's last metrics rows kept in each checkpoint (bounded: meta.json stays small)
 SCHEMA = 3                # 3: meta.json signed by the node, with its files' SHA-256; 1 and 2 unsigned (see load)
 FILES = ("model.safetensors", "state.pt")
+STATE_SIZES = 8           # state.pt is refused unread beyond 8 models' size (AdamW's moments, fp32 masters, RNGs)
+BEST_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,6 @@ class CheckpointSnapshot:
     weights: dict[str, torch.Tensor]      # model.safetensors: one name per storage (GPT-2's lm_head is its wte)
     state: dict[str, Any]                 # state.pt: the optimizer's state and torch's RNGs
     record: dict[str, Any]                # meta.json
-
-
-def host_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights copied to the CPU. safetensors stores no tensor twice: of the names sharing one
-    (GPT-2's lm_head is its wte), the alphabetically first is kept, as safetensors' save_model keeps it, and
-    load_model restores the others from it."""
-    names: dict[tuple, list[str]] = {}
-    tensors = model.state_dict()
-    for name, tensor in tensors.items():
-        same = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        names.setdefault(same, []).append(name)
-    return {min(group): tensors[min(group)].detach().to("cpu", copy=True).contiguous() for group in names.values()}
 
 
 def _to_host(value: Any) -> Any:
@@ -116,7 +105,7 @@ def write_checkpoint(root: Path, snapshot: CheckpointSnapshot, key: NodeKey) -> 
     Any failure to write is an OSError (torch and safetensors report a full or failing disk as their own
     errors), and leaves no temp folder behind: each would hold a whole model.
     """
-    make_dirs(root)
+    own_folder(root)
     round_ = snapshot.meta.round
     tmp = make_temp_dir(root / f"round_{round_:06d}")
     try:
@@ -132,25 +121,20 @@ def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot, key: 
     final = root / f"round_{snapshot.meta.round:06d}"
     save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(snapshot.state, tmp / "state.pt")
-    record = key.sign({**snapshot.record, "files": {name: _sha256(tmp / name) for name in FILES}})
-    with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        json.dump(record, f, allow_nan=False)
-    sync_folder(tmp, files=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _write_signed_meta(tmp, snapshot.record, FILES, key)
+    swap_in(tmp, final)         # a round saved twice: the first stays whole until the second is in place
     sync_folder(root)           # the rename outlives a power cut before _prune removes the older checkpoints
     _prune(root, snapshot.meta.round)
     return final
 
 
-def _sha256(path: Path) -> str:
-    check_regular(path)          # never through a link, never blocking on a FIFO
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _write_signed_meta(folder: Path, record: dict[str, Any], names: tuple[str, ...], key: NodeKey) -> None:
+    """meta.json, written last into a folder not yet renamed into place: `record` with the SHA-256 of each of
+    `names`, signed by the node; then every file is synced."""
+    signed = key.sign({**record, "files": {name: file_sha256(folder / name) for name in names}})
+    with open(folder / "meta.json", "w", encoding="utf-8") as f:
+        json.dump(signed, f, allow_nan=False)
+    sync_folder(folder, files=True)
 
 
 def _python_rng_state() -> list[Any]:
@@ -204,62 +188,67 @@ def _metrics_tail(record: dict[str, Any], where: Path) -> tuple[RoundMetrics, ..
 def _prune(root: Path, newest: int) -> None:
     """Keep the KEEP_LAST checkpoints up to round `newest`, the one just written; a later round's folder is a
     peer's (or unusable), and never pushes the node's own checkpoints out."""
-    own = [path for path in root.glob("round_*")
+    own = [path for path in list_folder(root, "round_*")
            if path.name[6:].isascii() and path.name[6:].isdigit() and int(path.name[6:]) <= newest]
     for old in sorted(own)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_best(root: Path, node: str, model_name: str, round_: int, accuracy: float,
+def save_best(root: Path, key: NodeKey, model_name: str, round_: int, accuracy: float,
               weights: dict[str, torch.Tensor]) -> Path:
     """The model of the node's best held-out evaluation (`weights`, from host_weights), as root/best/ (weights and
-    meta.json; never resumed from).
+    meta.json, signed by the node's `key` with the weights' SHA-256; never resumed from).
 
     Written beside the old best and swapped in by renames, so a crash leaves one whole best model, old or new.
     """
-    make_dirs(root)
+    own_folder(root)
     final = root / BEST
     tmp = make_temp_dir(final)
-    old = tmp.with_suffix(".old")
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-            json.dump({"schema": SCHEMA, "node": node, "model_name": model_name, "round": round_,
-                       "held_out_accuracy": accuracy}, f, allow_nan=False)
-        sync_folder(tmp, files=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
+        save_file(weights, str(tmp / BEST_WEIGHTS), metadata={"format": "pt"})
+        _write_signed_meta(tmp, {"schema": SCHEMA, "node": key.node, "model_name": model_name, "round": round_,
+                                 "held_out_accuracy": accuracy}, (BEST_WEIGHTS,), key)
+        swap_in(tmp, final)
         sync_folder(root)
-        shutil.rmtree(old, ignore_errors=True)
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            os.replace(old, final)
         raise OSError(f"best model of round {round_} not written: {str(exc).splitlines()[0][:200]}") from exc
     return final
 
 
+def own_folder(root: Path) -> None:
+    """The node's checkpoint folder, made if missing. checkpoints/<node> is in the shared folder: a link a peer
+    planted there is replaced by a folder (the link goes, never what it points to), so the node's saves, prunes
+    and clean-ups never reach a folder of this machine."""
+    with _folder(root, create=True):
+        pass
+
+
 def clear_leftovers(root: Path) -> None:
-    """What killed writes left in this node's checkpoint folder: temp folders go, and a best model that
-    save_best had moved aside (`.best.*.old`) when it was killed comes back as best/."""
-    for old in sorted(root.glob(".best.*.old"), key=lambda p: p.lstat().st_mtime, reverse=True):
-        try:
-            if not (root / BEST).exists() and old.is_dir() and not old.is_symlink():
-                os.replace(old, root / BEST)
-                log.info("%s: the best model a killed write had moved aside is back", root / BEST)
-            elif is_stale(old):
-                remove(old)
-        except OSError as exc:       # the next start tries again
-            log.warning("%s: a leftover of a killed write, not cleared (%s)", old, exc)
+    """What killed writes left in this node's checkpoint folder: temp folders go, and a checkpoint or best model
+    that a write had moved aside (`.<name>.*.old`) when it was killed comes back."""
+    own_folder(root)
     remove_stale_temps(root, depth=1)
 
 
-def read_best(root: Path) -> dict[str, Any] | None:
-    """best/meta.json when it is whole: {"round", "held_out_accuracy", ...}; None when there is none."""
+def read_best(root: Path, key: NodeKey) -> dict[str, Any] | None:
+    """best/meta.json when the node (`key`) signed it, beside the model it signed for: {"round",
+    "held_out_accuracy", ...}; None when there is none, or none of the node's. checkpoints/<node>/ is in the shared
+    folder: a score a peer wrote there (say 100%) would stop every save of the node's best model."""
+    path = root / BEST / "meta.json"
     try:
-        record = read_json_bounded(root / BEST / "meta.json", max_bytes=64 * 1024)
-    except (OSError, RejectedFile):
+        record = key.verify(read_json_bounded(path, max_bytes=64 * 1024), str(path))
+        files = record.get("files")
+        if record.get("node") != key.node or not isinstance(files, dict) or \
+                files.get(BEST_WEIGHTS) != file_sha256(root / BEST / BEST_WEIGHTS):
+            raise RejectedFile(f"{root / BEST}: its model is not the one its meta.json signed for")
+    except FileNotFoundError:
+        return None
+    except RejectedFile as refused:     # unsigned ones too: a score from before signed best models is not proof
+        log.warning("%s; not this node's best: its next evaluation saves the best model over it", refused)
+        return None
+    except OSError as exc:
+        log.warning("%s not read (%s); its next evaluation saves the best model over it", path, exc)
         return None
     accuracy = record.get("held_out_accuracy")
     if not isinstance(record.get("round"), int) or isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
@@ -270,9 +259,9 @@ def read_best(root: Path) -> dict[str, Any] | None:
 class BestModel:
     """Keeps root/best/ at the node's best held-out evaluation so far (round 0, the start, included)."""
 
-    def __init__(self, root: Path, node: str, model_name: str):
-        self.root, self.node, self.model_name = root, node, model_name
-        meta = read_best(root)
+    def __init__(self, root: Path, key: NodeKey, model_name: str):
+        self.root, self.key, self.model_name = root, key, model_name
+        meta = read_best(root, key)
         self.written: float | None = float(meta["held_out_accuracy"]) if meta else None   # what best/ holds
         self.accuracy = self.written            # the best offered: written, or being written
         self._offered: dict[int, float] = {}
@@ -283,7 +272,7 @@ class BestModel:
         if self.accuracy is not None and accuracy <= self.accuracy:
             return None
         self.accuracy, self._offered[round_] = accuracy, accuracy
-        return partial(save_best, self.root, self.node, self.model_name, round_, accuracy, host_weights(model))
+        return partial(save_best, self.root, self.key, self.model_name, round_, accuracy, host_weights(model))
 
     def landed(self, round_: int, ok: bool) -> None:
         """The write of round_'s offer ended; one that failed leaves the next better evaluation to try again."""
@@ -306,23 +295,25 @@ def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.
     incomplete, corrupt, unsigned or signed by another key is skipped with a warning.
 
     An unsigned checkpoint (written before rl-swarm signed them) is used only when no signed one loads and the
-    node's key is older than this start: a node whose key was just made signed nothing, so an unsigned
-    checkpoint in its folder is a peer's. A folder error that outlasts the retries (EIO, a Drive mount gone
-    stale) is raised, never taken for a corrupt checkpoint: a worker that went on from the base instead would
-    prune its trained checkpoints with its next saves. It exits, and its restart tries again.
+    node's key was made by an rl-swarm before signed checkpoints: a node whose key this version made signs every
+    checkpoint it writes, so an unsigned one in its folder is a peer's. A folder error that outlasts the retries
+    (EIO, a Drive mount gone stale) is raised, never taken for a corrupt checkpoint: a worker that went on from
+    the base instead would prune its trained checkpoints with its next saves. It exits, and its restart tries
+    again.
     """
     if not root.exists():
         return None
-    folders = sorted(root.glob("round_*"), reverse=True)
-    for signed in (True, False) if not key.made_now else (True,):
+    folders = list_folder(root, "round_*")[::-1]         # bounded, and [] when a peer planted a link there
+    for signed in (True, False) if key.predates_signed_files else (True,):
         for folder in folders:
             try:
                 return with_retries(lambda folder=folder, signed=signed: _load_checkpoint(folder, model, optimizer,
                                                                                           model_name, key, signed),
                                     f"loading the checkpoint {folder}", retry_missing=False)
             except _NotThisPass:
-                if key.made_now:
-                    log.warning("checkpoint %s is unsigned and this node's key is new: not its own; skipped", folder)
+                if not key.predates_signed_files:
+                    log.warning("checkpoint %s is unsigned and this node's key signs every checkpoint: not its own; "
+                                "skipped", folder)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError, RejectedFile, SafetensorError,
                     RuntimeError, KeyError, ValueError, TypeError, EOFError,
                     pickle.UnpicklingError) as exc:   # UnpicklingError: state.pt holds more than weights
@@ -340,12 +331,13 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     record = read_json_bounded(folder / "meta.json", max_bytes=1024 * 1024)
     if (SIGNATURE_KEY in record) != signed:
         raise _NotThisPass()
+    files: dict[str, Any] = {}
     if signed:
         record = key.verify(record, str(folder / "meta.json"))
         files = record.get("files")
         if record.get("node") != key.node or not isinstance(files, dict) or \
-                any(files.get(name) != _sha256(folder / name) for name in FILES):
-            raise RejectedFile(f"{folder}: its files are not the ones its meta.json signed for")
+                not all(isinstance(files.get(name), str) for name in FILES):
+            raise RejectedFile(f"{folder}: its meta.json names no SHA-256 of its files, or is another node's")
     else:
         log.warning("checkpoint %s is unsigned (written by an rl-swarm before signed checkpoints): used as no "
                     "signed one loads", folder)
@@ -355,10 +347,12 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
         raise CheckpointMismatch(
             f"{folder} was trained from MODEL_NAME={record['model_name']!r}, not {model_name!r}: "
             f"set MODEL_NAME={record['model_name']} to resume, or use a new EXPERIMENT_NAME")
-    for name in FILES:          # a link or FIFO a peer planted: skipped, not read
-        check_regular(folder / name)
-    load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
-    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+    # loaded from the bytes whose SHA-256 was checked (a link or FIFO a peer planted: refused, not read)
+    size = model_bytes(model)
+    weights = read_checked(folder / "model.safetensors", files.get("model.safetensors"), size + SLACK_BYTES)
+    state_bytes = read_checked(folder / "state.pt", files.get("state.pt"), STATE_SIZES * size + SLACK_BYTES)
+    load_weights(model, weights)
+    state = torch.load(io.BytesIO(state_bytes), weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     _restore_rngs(record, state, folder)
     return CheckpointMeta(round=record["round"], node=str(record.get("node", "")),

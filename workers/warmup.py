@@ -8,9 +8,7 @@ The result is saved once as the experiment's base in the shared folder; every wo
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,14 +16,16 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from configs_env import SwarmConfig, SwarmError
-from workers.shared_folder.base_meta import BASE_META_SCHEMA, read_base_meta
+from workers.shared_folder.base_meta import BASE_WEIGHTS, sign_base_meta, signed_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile
-from workers.shared_folder.leftovers import make_temp_dir
-from workers.shared_folder.safe_io import check_regular, is_visible, sync_folder
+from workers.shared_folder.leftovers import make_temp_dir, swap_in
+from workers.shared_folder.safe_io import sync_folder
+from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, file_sha256, local_key_dir
+from workers.weights import SLACK_BYTES, load_weights, model_bytes, read_checked
 from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_out_questions
 from workers.learning.generation import encode_prompt
 from workers.learning.grpo import build_batch, completion_logprobs, step_if_finite
@@ -178,46 +178,50 @@ def base_dir(experiment_root: Path) -> Path:
     return ExperimentFolder(experiment_root).base_dir
 
 
-def save_base(experiment_root: Path, policy: Policy, report: WarmupReport) -> Path:
-    """Temp folder, fsync, rename: a half-written base is never seen."""
+def save_base(experiment_root: Path, policy: Policy, report: WarmupReport, key: NodeKey) -> Path:
+    """Temp folder, fsync, rename: a half-written base is never seen. Its meta.json is signed by the experiment's
+    coordinator `key`, with the SHA-256 of the weights, which every worker checks before it starts from them."""
     final = base_dir(experiment_root)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(final)
-    save_model(policy.model, str(tmp / "model.safetensors"))
+    save_model(policy.model, str(tmp / BASE_WEIGHTS))
+    # no NaN: the readers skip a meta.json that holds one, and would start every worker from scratch
+    record = sign_base_meta(asdict(report), file_sha256(tmp / BASE_WEIGHTS), key)
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        # no NaN: the readers skip a meta.json that holds one, and would start every worker from scratch
-        json.dump({"schema": BASE_META_SCHEMA, **asdict(report)}, f, allow_nan=False)
+        json.dump(record, f, allow_nan=False)
     # the weights too: a whole meta.json beside weights a power cut emptied would pass for a base
     sync_folder(tmp, files=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_in(tmp, final)         # a base warmed up over a refused one: never no base between the two renames
     sync_folder(final.parent)
     return final
 
 
-def load_base(experiment_root: Path, policy: Policy) -> bool:
-    """Start from the experiment's warmed-up base, if it has one made for this model."""
-    meta = read_base_meta(experiment_root)
+def load_base(experiment_root: Path, policy: Policy, keyring: KeyRing, unsigned_ok: bool) -> bool:
+    """Start from the experiment's warmed-up base, if it has one made for this model and signed by the
+    coordinator of `keyring` (an unsigned one only when `unsigned_ok`: see workers.shared_folder.base_meta)."""
+    folder = ExperimentFolder(experiment_root)
+    fix = f"delete {folder.base_dir} to warm up again, or use a new EXPERIMENT_NAME"
+    try:
+        meta = signed_base_meta(folder, keyring, unsigned_ok)
+    except RejectedFile as error:
+        raise RejectedFile(f"{error}; not loaded: {fix}") from None
     if meta is None:
-        if is_visible(base_dir(experiment_root) / "meta.json"):     # there, but refused (warned about)
-            raise RejectedFile(f"{base_dir(experiment_root) / 'meta.json'} cannot be read, so the base cannot be "
-                               f"checked: delete {base_dir(experiment_root)} to warm up again")
         return False
     if meta.get("model_name") != policy.name:
-        raise RejectedFile(f"{base_dir(experiment_root)} was made for MODEL_NAME={meta.get('model_name')!r}, not "
+        raise RejectedFile(f"{folder.base_dir} was made for MODEL_NAME={meta.get('model_name')!r}, not "
                            f"{policy.name!r}: use a new EXPERIMENT_NAME or the same MODEL_NAME")
+    weights = folder.base_dir / BASE_WEIGHTS
     try:
-        check_regular(base_dir(experiment_root) / "model.safetensors")      # never through a link, or a FIFO
-        load_model(policy.model, str(base_dir(experiment_root) / "model.safetensors"), device=str(policy.device))
+        # never through a link, or a FIFO; loaded from the bytes whose SHA-256 was checked
+        data = read_checked(weights, meta.get("files", {}).get(BASE_WEIGHTS), model_bytes(policy.model) + SLACK_BYTES)
+        load_weights(policy.model, data)
     except (SafetensorError, FileNotFoundError, RuntimeError, RejectedFile) as exc:
-        raise RejectedFile(f"{base_dir(experiment_root) / 'model.safetensors'} cannot be loaded "
-                           f"({str(exc).splitlines()[0][:120]}): delete {base_dir(experiment_root)} to warm up "
-                           f"again") from exc
+        why = str(exc).splitlines()[0].removeprefix(f"{weights}: ")[:160]
+        raise RejectedFile(f"{weights} cannot be loaded ({why}): {fix}") from exc
     if not _weights_finite(policy.model):
         # NaN weights generate garbage that earns no reward, so no group has an advantage and nothing ever
         # trains: a swarm would run every round and learn nothing, without an error anywhere
-        raise RejectedFile(f"{base_dir(experiment_root)} holds weights that are not finite (a warm-up that "
+        raise RejectedFile(f"{folder.base_dir} holds weights that are not finite (a warm-up that "
                            f"diverged): delete that folder to warm up again, with a lower WARMUP_LR")
     return True
 
@@ -243,7 +247,9 @@ def warmup_main(cfg: SwarmConfig, model_name: str, device: str, messages) -> Non
                 last[0] = now
 
         report = supervised_warmup(policy, cfg, on_step, lambda step, accuracy: messages.put(("check", accuracy)))
-        path = save_base(cfg.experiment_dir, policy, report)
+        # the coordinator's key, which its claim made before this process started: the base is its to sign
+        key = NodeKey.load_or_create(local_key_dir(cfg.cache_dir, cfg.experiment_dir), COORDINATOR)
+        path = save_base(cfg.experiment_dir, policy, report, key)
         messages.put(("done", {**asdict(report), "path": str(path), "stop_note": report.stop_note()}))
     except SwarmError as exc:       # it names the fix already; the supervisor prints it (the one copy a user sees)
         messages.put(("error", str(exc)))

@@ -231,7 +231,7 @@ class Worker:
             if self.progress.history:
                 last = self.progress.history[-1]
                 self.update(last_reward=last.reward_mean, last_accuracy=last.accuracy)
-        elif load_base(self.folder.root, policy):
+        elif load_base(self.folder.root, policy, self.exchange.keyring, self.exchange.key.predates_signed_files):
             log.info("starting from the experiment's warmed-up base model")
         node = Node(policy, optimizer, cfg, TaskMix(cfg.tasks, seed=cfg.seed + spec.index), self.exchange,
                     spec.index, self._reference(policy), spec.generation_splits, self.outbox)
@@ -240,7 +240,7 @@ class Worker:
             log.info("rehearsed the largest round (%d-token prompts, %d new tokens): %.2f GiB reserved at most",
                      width, cfg.max_new_tokens, torch.cuda.max_memory_reserved(policy.device) / 2**30)
         self.held_out = held_out_questions(cfg.tasks, cfg.eval_size)
-        self.best = BestModel(self.checkpoints, spec.node, spec.model_name)
+        self.best = BestModel(self.checkpoints, self.exchange.key, spec.model_name)
         # round 0 is the start, evaluated only when not resuming; a resumed worker makes up an evaluation
         # that a crash cut off at its checkpoint's round; the file is the record, so none runs twice
         done = self.progress.last_done
@@ -255,7 +255,8 @@ class Worker:
             return None
         spec = self.spec
         reference = load_policy(spec.model_name, spec.device, self.cfg.cache_dir).model.eval().requires_grad_(False)
-        load_base(self.folder.root, Policy(reference, policy.tokenizer, spec.model_name, policy.device))
+        load_base(self.folder.root, Policy(reference, policy.tokenizer, spec.model_name, policy.device),
+                  self.exchange.keyring, self.exchange.key.predates_signed_files)
         return reference
 
     def _record(self, node: Node, state: RoundState, metrics: RoundMetrics) -> None:

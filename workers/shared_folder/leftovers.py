@@ -7,6 +7,7 @@ Drive, is never disturbed. Names of earlier versions (`.<target>.<pid>.tmp`, no 
 """
 
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -17,10 +18,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from workers.shared_folder.rejections import warn_once
+
 log = logging.getLogger(__name__)
 
 # a json temp lives milliseconds and a GPT-2 checkpoint is written in seconds, even to a slow Drive
 STALE_TEMP_S = 300.0
+MAX_LOOKED_AT = 65_536       # names of one folder the clean-up looks at: a peer's flood costs a bounded time
 TEMP_NAME = re.compile(r"\.(?P<target>.+?)\.(?P<pid>[0-9]{1,10})(?:@(?P<host>[0-9a-f]{8}))?"
                        r"(?:\.[A-Za-z0-9_]{1,16})?\.(?:tmp|old)")
 _HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
@@ -87,6 +91,38 @@ def is_stale(path: Path, now: float | None = None) -> bool:
         return False
 
 
+def swap_in(tmp: Path, final: Path) -> None:
+    """Rename the whole folder `tmp` (from make_temp_dir) to `final`. An old `final` is first renamed aside (`.old`)
+    and removed last, so a kill at any point leaves a whole folder at `final`, or the old one aside, which
+    remove_stale_temps brings back; deleting it first left nothing between the two steps."""
+    old = tmp.with_suffix(".old")
+    if os.path.lexists(final):
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if os.path.lexists(old) and not os.path.lexists(final):
+            os.replace(old, final)
+        raise
+    if os.path.lexists(old):
+        remove(old)
+
+
+def restore_aside(path: Path) -> bool:
+    """A stale `.old` folder swap_in had moved aside goes back in place when nothing took it (True), or is
+    removed; a `.old` of a live writer is left alone."""
+    match = TEMP_NAME.fullmatch(path.name)
+    if match is None or not path.name.endswith(".old") or not is_stale(path):
+        return False
+    target = path.with_name(match["target"])
+    if os.path.lexists(target) or not path.is_dir() or path.is_symlink():
+        remove(path)
+        return False
+    os.replace(path, target)
+    log.info("%s: the folder a killed write had moved aside is back", target)
+    return True
+
+
 def remove(path: Path) -> None:
     """A file, a link (never what it points to) or a whole folder."""
     if path.is_dir() and not path.is_symlink():
@@ -96,30 +132,46 @@ def remove(path: Path) -> None:
 
 
 def _entries(root: Path, depth: int) -> Iterator[Path]:
-    """Everything in root and up to `depth` levels below, without following links; a loop, not a recursion,
-    so a planted tree a thousand folders deep cannot end in RecursionError."""
+    """Everything in root and up to `depth` levels below, at most MAX_LOOKED_AT names of each folder, without
+    following links: a folder below the root is opened with O_NOFOLLOW, so one a peer swapped for a link since
+    it was listed is not walked. A loop, not a recursion: a planted tree a thousand folders deep cannot end in
+    RecursionError."""
     pending = [(root, 0)]
     while pending:
         directory, level = pending.pop()
         try:
-            with os.scandir(directory) as listing:
-                entries = list(listing)
-        except OSError:        # gone meanwhile, or unreadable: nothing of ours to clear there
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if level else 0))
+        except OSError:        # gone meanwhile, a link, or unreadable: nothing of ours to clear there
             continue
-        for entry in entries:
-            yield Path(entry.path)
-            if level + 1 < depth and entry.is_dir(follow_symlinks=False) and not entry.name.endswith(".tmp"):
-                pending.append((Path(entry.path), level + 1))
+        try:
+            with os.scandir(fd) as listing:
+                entries = [(entry.name, entry.is_dir(follow_symlinks=False))
+                           for entry in itertools.islice(listing, MAX_LOOKED_AT + 1)]
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if len(entries) > MAX_LOOKED_AT:
+            warn_once(f"{directory}: over {MAX_LOOKED_AT} entries; the clean-up of killed writes looked at the "
+                      f"first {MAX_LOOKED_AT} (a peer flooding the folder?)")
+        for name, is_folder in entries[:MAX_LOOKED_AT]:
+            yield directory / name
+            if level + 1 < depth and is_folder and not name.endswith(".tmp"):
+                pending.append((directory / name, level + 1))
 
 
 def remove_stale_temps(root: Path, depth: int = 4) -> list[Path]:
     """Remove the stale `*.tmp` entries in `root` and up to `depth` levels below (the layout's temps sit at
-    most three down: rollouts/round_N/stage_S/). Returns what went."""
+    most three down: rollouts/round_N/stage_S/), and put back the `.old` folders swap_in left aside when their
+    place is empty (removed otherwise). Returns what went."""
     removed = []
     for path in _entries(root, depth):
-        if not path.name.endswith(".tmp") or not is_stale(path):
-            continue
         try:
+            if path.name.endswith(".old"):
+                restore_aside(path)
+                continue
+            if not path.name.endswith(".tmp") or not is_stale(path):
+                continue
             remove(path)
         except (OSError, RecursionError) as exc:      # RecursionError: a planted tree too deep for rmtree
             log.warning("%s: a leftover of a killed write, not removed (%s)", path, exc)

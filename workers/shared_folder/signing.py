@@ -28,7 +28,7 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import (CHECKSUM_KEY, SIGNATURE_KEY, canonical_json, read_json_bounded,
                                                 record_checksum, write_json_create_only)
 from workers.shared_folder.rejections import FolderError, RejectedFile, check_node_name, warn_once
-from workers.shared_folder.safe_io import is_visible, sync_folder
+from workers.shared_folder.safe_io import check_regular, list_folder, sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ KEY_SCHEMA = 1
 KEY_BYTES = 4096                 # a public key file is about 200 bytes
 PRIVATE_KEY_BYTES = 1024
 MAX_PINNED = 4096                # peers' keys kept in memory; one forgotten is pinned again from the folder
+# beside a key made by an rl-swarm that signs checkpoints and bases: a key without it is older, and an unsigned
+# checkpoint or base in the folder may be that node's own (see NodeKey.predates_signed_files)
+SIGNS_FILES = ".signs-files"
 
 
 class UnknownSigner(RejectedFile):
@@ -47,6 +50,16 @@ def fingerprint(public: Ed25519PublicKey) -> str:
     """A short, readable name of a public key, for a person to compare between machines."""
     digest = hashlib.sha256(_raw(public)).hexdigest()[:16]
     return "ed25519:" + "-".join(digest[i:i + 4] for i in range(0, 16, 4))
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a regular file, for a signed meta.json to name (read without following a link or blocking)."""
+    check_regular(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _raw(public: Ed25519PublicKey) -> bytes:
@@ -95,21 +108,26 @@ def _read_private_file(path: Path, limit: int) -> bytes:
 class NodeKey:
     """A node's private Ed25519 key, kept in this machine's key folder (0700, the file 0600)."""
 
-    def __init__(self, node: str, private: Ed25519PrivateKey, path: Path | None = None, made_now: bool = False):
+    def __init__(self, node: str, private: Ed25519PrivateKey, path: Path | None = None,
+                 predates_signed_files: bool = False):
         self.node, self._private, self.path = check_node_name(node), private, path
         self.public = private.public_key()
-        self.made_now = made_now        # made by this start: nothing in the folder was signed with it before
+        # made by an rl-swarm before checkpoints and bases were signed: an unsigned one may be this node's own.
+        # Read from this machine's disk, not from when the key was made: `up` makes its workers' keys before they
+        # start, so a worker never sees its key made, and a peer can plant an unsigned file before any start
+        self.predates_signed_files = predates_signed_files
 
     @classmethod
     def load_or_create(cls, key_dir: Path, node: str) -> "NodeKey":
         """The node's key from `key_dir`, made there on first use: a restarted node keeps its key."""
         path = _private_dir(key_dir) / f"{check_node_name(node)}.key"
-        made_now = False
+        marker = path.with_name(path.name + SIGNS_FILES)
         if not path.exists():
+            _create_private_file(marker, b"")      # first: a key is never seen without it when this made it
             fresh = Ed25519PrivateKey.generate()
-            made_now = _create_private_file(path, fresh.private_bytes(serialization.Encoding.PEM,
-                                                                      serialization.PrivateFormat.PKCS8,
-                                                                      serialization.NoEncryption()))
+            _create_private_file(path, fresh.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
         try:
             private = serialization.load_pem_private_key(_read_private_file(path, PRIVATE_KEY_BYTES), password=None)
         except (OSError, ValueError, TypeError) as exc:
@@ -117,7 +135,7 @@ class NodeKey:
                               "a new one (the node then needs a new NODE_ID: its old key stays in the folder)") from exc
         if not isinstance(private, Ed25519PrivateKey):
             raise FolderError(f"{path}: not an Ed25519 key; move it away to make a new one")
-        return cls(node, private, path, made_now)
+        return cls(node, private, path, predates_signed_files=not marker.exists())
 
     @property
     def fingerprint(self) -> str:
@@ -174,10 +192,24 @@ class KeyRing:
         self._pinned: dict[str, Ed25519PublicKey] = {}
 
     @classmethod
-    def for_viewing(cls, folder: ExperimentFolder) -> "KeyRing":
-        """For views that decide nothing (status, experiments, validate): in a folder an rl-swarm before signed
-        records wrote (no coordinator key), its unsigned schema-1 records still read."""
-        return cls(folder, unsigned_readable=not is_visible(folder.public_key_file(COORDINATOR)))
+    def for_viewing(cls, folder: ExperimentFolder, cache_dir: Path | None) -> "KeyRing":
+        """For views that decide nothing (status, experiments, validate): the coordinator's key is pinned on this
+        machine when met (under `cache_dir`, as a joiner pins it), and a folder an rl-swarm before signed records
+        wrote still shows its unsigned schema-1 records.
+
+        Such a folder is told from what a peer cannot remove: this machine holds no key folder of the experiment
+        (none of its nodes ran here, no view pinned its coordinator), and no key at all is published in the
+        folder. A deleted keys/coordinator.pub, or keys/ emptied, makes no experiment this machine has seen signed
+        read unsigned records. `cache_dir` None: a view without a config, which the folder's keys alone decide for.
+        """
+        key_dir = None if cache_dir is None else local_key_dir(cache_dir, folder.root)
+        try:
+            published = bool(list_folder(folder.keys_dir, "*.pub"))
+        except OSError:         # a Drive hiccup: read as a signed folder, the side that trusts nothing unsigned
+            published = True
+        seen_here = key_dir is not None and key_dir.is_dir()
+        return cls(folder, pins_dir=None if key_dir is None else key_dir / "pins",
+                   unsigned_readable=not seen_here and not published)
 
     def trust(self, key: NodeKey) -> None:
         """A key of this machine's own: its records verify under it whatever the folder says."""
