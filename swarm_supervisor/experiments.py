@@ -14,7 +14,7 @@ from configs_env.parsing import safe_name
 from swarm_supervisor.machines import count_restarts, supervisor_records
 from swarm_supervisor.readable import plain
 from workers.shared_folder.held_out import read_held_out
-from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats, read_round_state
+from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats, signed_round_state
 from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once, warn_skipped
@@ -178,7 +178,7 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
     last = first = None
     try:
         last = newest_signed_round(folder, keyring)
-        first = next((state for state in map(partial(_signed_state, folder, keyring), rounds[:16]) if state), None)
+        first = next((state for state in map(partial(signed_round_state, folder, keyring), rounds[:16]) if state), None)
     except OSError:         # a Drive hiccup: no pace this time
         pass
     per_hour = rounds_per_hour(first, last) if first and last else None
@@ -200,13 +200,6 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
         held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
         rounds_per_hour=per_hour, restarts=count_restarts(folder),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
-
-
-def _signed_state(folder: ExperimentFolder, keyring: KeyRing, round_: int) -> RoundState | None:
-    try:
-        return read_round_state(folder, keyring, round_)
-    except (RejectedFile, FileNotFoundError):
-        return None
 
 
 def _drive_lag(value: object) -> float:
