@@ -326,6 +326,32 @@ def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_
     assert (checkpoints / "round_000001" / "model.safetensors").read_bytes() == b"weights"
 
 
+def test_the_clean_up_of_killed_writes_never_deletes_through_a_folder_a_peer_swapped_for_a_link(swarm, tmp_path,
+                                                                                                 monkeypatch):
+    """A peer swapping rollouts/round_1 for a link to a folder of this machine, after the clean-up looked at the
+    temp folder in it and before it removed it, had the folder of this machine of that name deleted."""
+    from workers.shared_folder import leftovers
+
+    _, folder, _ = swarm
+    killed = folder.rollout_dir(1) / f".worker-3.json.{writer_tag()}.k3j_2x9a.tmp"
+    outside = tmp_path / "this-machine"
+    for where in (killed, outside / "stage_0" / killed.name):
+        where.mkdir(parents=True)
+        (where / "notes.txt").write_text("kept")
+    round_dir = folder.rollout_dir(1).parent
+
+    def swap_then_dead(pid: int) -> bool:        # asked while the clean-up decides on the killed write
+        if not round_dir.is_symlink():
+            round_dir.rename(round_dir.with_name("round_1.moved"))
+            round_dir.symlink_to(outside)
+        return False
+
+    monkeypatch.setattr(leftovers, "pid_alive", swap_then_dead)
+    remove_stale_temps(folder.root)
+    assert (outside / "stage_0" / killed.name / "notes.txt").read_text() == "kept"
+    assert not (round_dir.with_name("round_1.moved") / "stage_0" / killed.name).exists()
+
+
 # -- names are matched whole -------------------------------------------------------------------------
 
 def test_names_with_a_trailing_newline_or_unicode_digits_never_become_nodes_or_rounds(swarm):
