@@ -210,31 +210,40 @@ def remove_stale_temps(root: Path, depth: int = 4) -> list[Path]:
     very folder it was listed in (dir_fd-relative): a folder a peer swapped for a link meanwhile is not walked,
     nor removed through. A loop, not a recursion: a planted tree a thousand folders deep cannot end in
     RecursionError."""
-    removed: list[Path] = []
     try:
-        stack = _level(os.open(root, _FOLDER_FLAGS & ~os.O_NOFOLLOW), root)    # the path up to it is the user's
+        top = os.open(root, _FOLDER_FLAGS & ~os.O_NOFOLLOW)      # the path up to it is the user's
     except OSError:
-        return removed
+        return []
+    try:
+        return remove_stale_temps_at(top, root, depth)
+    finally:
+        os.close(top)
+
+
+def remove_stale_temps_at(folder: int, directory: Path, depth: int) -> list[Path]:
+    """remove_stale_temps in the folder open at `folder` (left open), named `directory` in messages."""
+    removed: list[Path] = []
+    stack = _level(os.dup(folder), directory)
     try:
         while stack:
-            folder, directory, entries = stack[-1]
+            here, where, entries = stack[-1]
             name, is_folder = next(entries, ("", False))
             if not name:
                 os.close(stack.pop()[0])
             elif TEMP_NAME.fullmatch(name):
-                if _clear_at(folder, name, directory):
-                    removed.append(directory / name)
+                if _clear_at(here, name, where):
+                    removed.append(where / name)
             elif is_folder and len(stack) < depth and not name.endswith(".tmp"):
                 try:
-                    below = _open_folder_at(folder, name)
+                    below = _open_folder_at(here, name)
                 except OSError:        # gone meanwhile, a link, or unreadable: nothing of ours to clear there
                     continue
-                stack += _level(below, directory / name)
+                stack += _level(below, where / name)
     finally:
-        for folder, _, _ in stack:
-            os.close(folder)
+        for here, _, _ in stack:
+            os.close(here)
     if removed:
-        log.info("removed %d leftover(s) of killed writes under %s", len(removed), root)
+        log.info("removed %d leftover(s) of killed writes under %s", len(removed), directory)
     return removed
 
 
