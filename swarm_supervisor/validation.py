@@ -3,12 +3,13 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarm_supervisor.experiments import experiment_config, held_out_by_node, metrics_by_round, setting_of
+from swarm_supervisor.experiments import held_out_by_node, metrics_by_round, setting_of
 from swarm_supervisor.readable import plain
 from workers.shared_folder import storage
 from workers.shared_folder.exchange import ROLLOUT_NAME, read_finished, signed_round_state
 from workers.shared_folder.folder import ExperimentFolder, round_number
 from workers.shared_folder.json_records import read_json_bounded
+from workers.shared_folder.recorded_config import read_recorded_config
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.safe_io import is_visible, list_folder
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState, SwarmFinished
@@ -27,14 +28,14 @@ def validate(root: Path, cache_dir: Path | None) -> list[Check]:
     (`cache_dir`: where this machine keeps its keys; see KeyRing.for_viewing)."""
     folder = ExperimentFolder(root)
     keyring = KeyRing.for_viewing(folder, cache_dir)
-    cfg = experiment_config(folder)
+    cfg, config_check = _config(folder, keyring)
     states = _signed_states(folder, keyring)
     rounds = sorted(states)
     missing_states = _missing_rounds(rounds)
     by_round, bad = metrics_by_round(folder, keyring)
     unreadable = _unreadable_files(folder, keyring)
     return [
-        Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"),
+        config_check,
         _round_states_check(rounds, missing_states),
         Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
               else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"),
@@ -44,6 +45,16 @@ def validate(root: Path, cache_dir: Path | None) -> list[Check]:
         _checkpoints_check(folder, cfg, by_round),
         _logs_check(folder, by_round),
     ]
+
+
+def _config(folder: ExperimentFolder, keyring: KeyRing) -> tuple[dict, Check]:
+    """The settings the coordinator signed in config.json ({} without them) and their check."""
+    try:
+        return read_recorded_config(folder, keyring), Check("config", True, "config.json signed by the coordinator")
+    except RejectedFile as error:
+        return {}, Check("config", False, str(error))
+    except OSError as exc:
+        return {}, Check("config", False, f"config.json missing or unreadable ({exc.strerror or exc})")
 
 
 def _signed_states(folder: ExperimentFolder, keyring: KeyRing) -> dict[int, RoundState]:

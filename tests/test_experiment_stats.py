@@ -19,13 +19,13 @@ def _experiment(root, with_evals: bool):
     from tests.helpers import append_as, write_as
     from workers.shared_folder.held_out import eval_file
     from workers.shared_folder.folder import ExperimentFolder
-    from workers.shared_folder.json_records import write_json_atomic
     from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
 
     folder = ExperimentFolder(root).create()
-    write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": 2, "num_train_samples": 2,
-                                           "num_transplant_trees": 2, "num_generations": 4, "num_workers": 2,
-                                           "model_resolved": "rl-swarm/tiny-gpt2", "eval_size": 32})
+    write_as(folder, "coordinator", folder.config_file, {"schema": 1, "max_rounds": 2, "num_train_samples": 2,
+                                                         "num_transplant_trees": 2, "num_generations": 4,
+                                                         "num_workers": 2, "model_resolved": "rl-swarm/tiny-gpt2",
+                                                         "eval_size": 32})
     for round_ in (1, 2):
         write_as(folder, "coordinator", folder.round_state_file(round_),
                  RoundState(round_, 2, time.time(), "test").to_json())

@@ -449,7 +449,7 @@ def test_validate_checks_the_rounds_the_coordinator_signed_not_a_planted_state_f
     from swarm_supervisor.validation import validate
 
     cfg, folder = swarm
-    write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": 2, "eval_size": 8})
+    write_as(folder, COORDINATOR, folder.config_file, {"schema": 2, "max_rounds": 2, "eval_size": 8})
     for round_ in (1, 2):
         write_as(folder, COORDINATOR, folder.round_state_file(round_), RoundState(round_, 2, 1.0, "x").to_json())
         append_as(folder, "w-1", folder.metrics_file("w-1"), metrics_row("w-1", round_))
@@ -460,3 +460,39 @@ def test_validate_checks_the_rounds_the_coordinator_signed_not_a_planted_state_f
     assert checks["round states"].detail == "rounds 1..2 each have a state the coordinator signed"
     assert not checks["held-out evaluations"].passed
     assert "w-1: none after the last round 2" in checks["held-out evaluations"].detail
+
+
+def test_a_config_json_a_peer_rewrote_counts_for_nothing_and_validate_names_it_and_the_fix(swarm):
+    """config.json was not signed: a peer's EVAL_SIZE=0 there made validate pass a swarm whose worker was never
+    evaluated on held-out questions ("none asked for"), and its model name was the one experiments listed."""
+    from swarm_supervisor.experiments import summarize
+    from swarm_supervisor.validation import validate
+
+    cfg, folder = swarm
+    write_as(folder, COORDINATOR, folder.round_state_file(1), RoundState(1, 1, 1.0, "x").to_json())
+    append_as(folder, "w-1", folder.metrics_file("w-1"), metrics_row("w-1", 1))
+    settings = {"schema": 2, "max_rounds": 1, "eval_size": 8, "model_resolved": "gpt2"}
+    write_as(folder, COORDINATOR, folder.config_file, settings)
+    checks = {check.name: check for check in validate(folder.root, cfg.cache_dir)}
+    assert checks["config"].passed and not checks["held-out evaluations"].passed
+    for forged in ({**settings, "eval_size": 0, "model_resolved": "peer"},
+                   forger().sign({**settings, "eval_size": 0, "model_resolved": "peer"})):
+        write_json_atomic(folder.config_file, forged)
+        checks = {check.name: check for check in validate(folder.root, cfg.cache_dir)}
+        assert not checks["config"].passed
+        assert checks["config"].detail.startswith(f"{folder.config_file}: not the experiment's coordinator's (")
+        assert checks["config"].detail.endswith("; the next `rl-swarm up` of the experiment on its coordinator's "
+                                                "machine writes a signed one")
+        assert "\n" not in checks["config"].detail
+        assert summarize(folder.root, cfg.cache_dir).model == "?"
+
+
+def test_an_unsigned_config_json_still_reads_in_a_folder_from_before_signed_records(tmp_path):
+    from swarm_supervisor.experiments import summarize
+    from swarm_supervisor.validation import validate
+
+    old = ExperimentFolder(tmp_path / "drive" / "experiments" / "old").create()
+    write_json_atomic(old.config_file, {"schema": 1, "max_rounds": 3, "model_resolved": "gpt2"})
+    assert summarize(old.root, tmp_path / "cache").model == "gpt2"
+    [check] = [c for c in validate(old.root, tmp_path / "cache") if c.name == "config"]
+    assert check.passed
