@@ -13,7 +13,7 @@ from configs_env import SETTINGS, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count, nvml_ids, refuse_unfit, worker_devices
 from swarm_supervisor.monitor import Monitor
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.recorded_config import write_recorded_config
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.appends import open_append
@@ -171,8 +171,9 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
     joined_as = None if claim is not None else cfg.node_id
     _log_to_file(folder.supervisor_dir(joined_as))
     if claim is not None:
-        write_json_atomic(folder.config_file, {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name,
-                                               "device_resolved": devices_label(devices), "started_at": time.time()})
+        write_recorded_config(folder, {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name,
+                                       "device_resolved": devices_label(devices), "started_at": time.time()},
+                              claim.key)
     publish_worker_keys(cfg, folder, nodes, keyring)
     specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
              for i, (node, device) in enumerate(zip(nodes, devices))]

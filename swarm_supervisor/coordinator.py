@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from configs_env import SwarmConfig
 from workers.shared_folder import storage
-from workers.shared_folder.archive import archive_folder
+from workers.shared_folder.archive import archive_folder, finish_killed_archiving
 from workers.shared_folder.exchange import Exchange, live_workers, liveness, read_round_state
 from workers.shared_folder.folder import ExperimentFolder, round_number
 from workers.shared_folder.json_records import write_json_atomic, write_json_create_only
@@ -52,6 +52,7 @@ class Coordinator(threading.Thread):
 
     def run(self) -> None:
         try:
+            finish_killed_archiving(self.cfg.gdrive_path, self.archive)
             self._resume()
             while not self.stop.is_set() and not self.finished.is_set():
                 if self._heartbeat():
@@ -82,6 +83,11 @@ class Coordinator(threading.Thread):
             self.round = round_
             self.on_event(f"coordinator resumes at round {self.round}")
             return
+
+    @property
+    def archive(self) -> tuple[str, ...]:
+        """Where retired rounds' rollouts go, below GDRIVE_PATH (ROLLOUT_ARCHIVE_OLD)."""
+        return ("archives", self.cfg.experiment_name, "rollouts")
 
     def done_nodes(self, round_: int) -> set[str]:
         """Nodes whose intact rewards file marks this round done (a half-synced or forged one is skipped)."""
@@ -163,7 +169,6 @@ class Coordinator(threading.Thread):
         reading the previous round while this one starts.
         """
         oldest_kept = self.round - self.cfg.rollout_keep_last_n_rounds
-        archive = ("archives", self.cfg.experiment_name, "rollouts")
         try:
             rounds = list_folder(self.folder.rollouts_dir, "round_*")
         except OSError as exc:   # a Drive hiccup: the next round tries again
@@ -179,7 +184,7 @@ class Coordinator(threading.Thread):
                 elif path.is_symlink():        # planted: the link goes, never what it points to
                     path.unlink()
                 elif self.cfg.rollout_archive_old:
-                    archive_folder(path, self.cfg.gdrive_path, archive)
+                    archive_folder(path, self.cfg.gdrive_path, self.archive)
                 else:
                     shutil.rmtree(path)
             except (OSError, RejectedFile) as exc:   # a Drive hiccup, or a file planted in the archive's way

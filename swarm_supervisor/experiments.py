@@ -14,9 +14,9 @@ from configs_env.parsing import safe_name
 from swarm_supervisor.machines import count_restarts, supervisor_records
 from swarm_supervisor.readable import plain
 from workers.shared_folder.held_out import read_held_out
-from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats, read_round_state
+from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats, signed_round_state
 from workers.shared_folder.folder import ExperimentFolder, runs_on
-from workers.shared_folder.json_records import read_json_bounded
+from workers.shared_folder.recorded_config import read_recorded_config
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once, warn_skipped
 from workers.shared_folder.safe_io import list_folder
 from workers.shared_folder.jsonl import read_jsonl
@@ -68,12 +68,16 @@ def unreachable(url: str, error: OSError) -> FolderError:
                        "exist), AWS_ENDPOINT_URL and the credentials")
 
 
-def experiment_config(folder: ExperimentFolder) -> dict:
-    """The config.json the swarm was started with; {} when missing or unreadable."""
+def experiment_config(folder: ExperimentFolder, keyring: KeyRing) -> dict:
+    """The config.json the swarm was started with; {} when missing, unreadable, or not the coordinator's (warned
+    about once)."""
     try:
-        return read_json_bounded(folder.config_file, max_bytes=256 * 1024)
-    except (OSError, RejectedFile):
-        return {}
+        return read_recorded_config(folder, keyring)
+    except RejectedFile as error:
+        warn_once(str(error))
+    except OSError:         # missing, or a Drive hiccup: no settings to show this time
+        pass
+    return {}
 
 
 def metrics_by_round(folder: ExperimentFolder,
@@ -167,7 +171,7 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
     keeps its keys; see KeyRing.for_viewing)."""
     folder = ExperimentFolder(root)
     keyring = KeyRing.for_viewing(folder, cache_dir)
-    cfg = experiment_config(folder)
+    cfg = experiment_config(folder, keyring)
     rounds = folder.state_rounds()
     by_round, bad = metrics_by_round(folder, keyring)
     evals, bad_evals = held_out_by_node(folder, keyring)
@@ -178,7 +182,7 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
     last = first = None
     try:
         last = newest_signed_round(folder, keyring)
-        first = next((state for state in map(partial(_signed_state, folder, keyring), rounds[:16]) if state), None)
+        first = next((state for state in map(partial(signed_round_state, folder, keyring), rounds[:16]) if state), None)
     except OSError:         # a Drive hiccup: no pace this time
         pass
     per_hour = rounds_per_hour(first, last) if first and last else None
@@ -200,13 +204,6 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
         held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
         rounds_per_hour=per_hour, restarts=count_restarts(folder),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
-
-
-def _signed_state(folder: ExperimentFolder, keyring: KeyRing, round_: int) -> RoundState | None:
-    try:
-        return read_round_state(folder, keyring, round_)
-    except (RejectedFile, FileNotFoundError):
-        return None
 
 
 def _drive_lag(value: object) -> float:
@@ -356,7 +353,8 @@ def aggregate(roots: list[Path], cache_dir: Path | None) -> list[Aggregate]:
     """Experiments that differ only in SEED are one configuration: mean and 95% interval across them."""
     groups: dict[str, list[Summary]] = {}
     for root in roots:
-        cfg = experiment_config(ExperimentFolder(root))
+        folder = ExperimentFolder(root)
+        cfg = experiment_config(folder, KeyRing.for_viewing(folder, cache_dir))
         key = (f"{cfg.get('model_resolved', '?')} I={cfg.get('num_train_samples', '?')} "
                f"J={cfg.get('num_transplant_trees', '?')} G={cfg.get('num_generations', '?')} "
                f"workers={cfg.get('num_workers', '?')} rounds={cfg.get('max_rounds', '?')}")

@@ -381,10 +381,12 @@ class RecordedSample:
 def folder_reader(cfg: SwarmConfig) -> SwarmReader:
     """A reader of an experiment from its folder alone, with the model, device and MAX_ROUNDS it was started with."""
     folder = experiment_folder(cfg, cfg.experiment_name)
-    recorded = experiment_config(folder)
+    keyring = KeyRing.for_viewing(folder, cfg.cache_dir)
+    recorded = experiment_config(folder, keyring)
     if isinstance(recorded.get("max_rounds"), int):
         cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])
-    return SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")), str(recorded.get("device_resolved", "?")))
+    return SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")), str(recorded.get("device_resolved", "?")),
+                       keyring)
 
 
 EVENTS_READ_BYTES = 64 * 1024     # of each machine's events.jsonl, by `status` and the notebooks' refreshes

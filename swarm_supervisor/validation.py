@@ -3,12 +3,13 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarm_supervisor.experiments import experiment_config, held_out_by_node, metrics_by_round, setting_of
+from swarm_supervisor.experiments import held_out_by_node, metrics_by_round, setting_of
 from swarm_supervisor.readable import plain
 from workers.shared_folder import storage
-from workers.shared_folder.exchange import ROLLOUT_NAME, read_round_state
+from workers.shared_folder.exchange import ROLLOUT_NAME, read_finished, signed_round_state
 from workers.shared_folder.folder import ExperimentFolder, round_number
 from workers.shared_folder.json_records import read_json_bounded
+from workers.shared_folder.recorded_config import read_recorded_config
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.safe_io import is_visible, list_folder
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState, SwarmFinished
@@ -27,24 +28,55 @@ def validate(root: Path, cache_dir: Path | None) -> list[Check]:
     (`cache_dir`: where this machine keeps its keys; see KeyRing.for_viewing)."""
     folder = ExperimentFolder(root)
     keyring = KeyRing.for_viewing(folder, cache_dir)
-    cfg = experiment_config(folder)
-    rounds = folder.state_rounds()
+    cfg, config_check = _config(folder, keyring)
+    states = _signed_states(folder, keyring)
+    rounds = sorted(states)
     missing_states = _missing_rounds(rounds)
     by_round, bad = metrics_by_round(folder, keyring)
     unreadable = _unreadable_files(folder, keyring)
     return [
-        Check("config", bool(cfg), "config.json readable" if cfg else "config.json missing or unreadable"),
-        Check("round states", bool(rounds) and not missing_states,
-              f"rounds 1..{rounds[-1] if rounds else 0} each have a state file" if not missing_states
-              else f"no state file for rounds {missing_states}"),
+        config_check,
+        _round_states_check(rounds, missing_states),
         Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
               else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"),
         Check("metrics lines", not bad, "every metrics line is valid" if not bad else f"{len(bad)} bad: {bad[0]}"),
-        _rounds_check(folder, keyring, cfg, rounds, by_round),
+        _rounds_check(folder, cfg, states, by_round),
         _held_out_check(folder, keyring, cfg, rounds, by_round),
         _checkpoints_check(folder, cfg, by_round),
         _logs_check(folder, by_round),
     ]
+
+
+def _config(folder: ExperimentFolder, keyring: KeyRing) -> tuple[dict, Check]:
+    """The settings the coordinator signed in config.json ({} without them) and their check."""
+    try:
+        return read_recorded_config(folder, keyring), Check("config", True, "config.json signed by the coordinator")
+    except RejectedFile as error:
+        return {}, Check("config", False, str(error))
+    except OSError as exc:
+        return {}, Check("config", False, f"config.json missing or unreadable ({exc.strerror or exc})")
+
+
+def _signed_states(folder: ExperimentFolder, keyring: KeyRing) -> dict[int, RoundState]:
+    """The round states the coordinator signed, by round: a state file's name is anyone's to plant (a refused
+    one is named by the readable-files check)."""
+    states = {}
+    for round_ in folder.state_rounds():
+        try:
+            state = signed_round_state(folder, keyring, round_)
+        except OSError:     # a Drive hiccup: named by the readable-files check
+            continue
+        if state is not None:
+            states[round_] = state
+    return states
+
+
+def _round_states_check(rounds: list[int], missing: list[int]) -> Check:
+    if not rounds:
+        return Check("round states", False, "no round state the coordinator signed")
+    if missing:
+        return Check("round states", False, f"no state the coordinator signed for rounds {missing}")
+    return Check("round states", True, f"rounds 1..{rounds[-1]} each have a state the coordinator signed")
 
 
 def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[str]:
@@ -79,15 +111,11 @@ def _speaks_for(top: str, path: Path) -> str:
     return match["node"] if match else path.stem
 
 
-def _rounds_check(folder: ExperimentFolder, keyring: KeyRing, cfg: dict, rounds: list[int],
+def _rounds_check(folder: ExperimentFolder, cfg: dict, states: dict[int, RoundState],
                   by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
     """Every worker that marked a round done published rollouts and a metrics row for it."""
     gaps = []
-    for r in rounds:
-        try:
-            state = read_round_state(folder, keyring, r)
-        except (RejectedFile, OSError):
-            continue
+    for r, state in sorted(states.items()):
         done = {p.stem for p in list_folder(folder.rewards_dir(r), "*.json")}
         published = {match["node"] for p in list_folder(folder.rollout_dir(r), "*.json")
                      if (match := ROLLOUT_NAME.fullmatch(p.name))}
@@ -135,7 +163,7 @@ def _logs_check(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMet
 
 
 def _missing_rounds(rounds: list[int], shown: int = 10) -> list[int]:
-    """The first rounds in 1..max(rounds) without a state file; linear in the files, whatever number a
+    """The first rounds in 1..max(rounds) without a signed state; linear in the files, whatever number a
     planted round_999999999.json claims."""
     missing: list[int] = []
     expected = 1
@@ -186,7 +214,7 @@ def _held_out_check(folder: ExperimentFolder, keyring: KeyRing, cfg: dict, round
     if not cfg.get("eval_size"):
         return Check("held-out evaluations", True, "none asked for (EVAL_SIZE=0, or an experiment from before them)")
     evals, problems = held_out_by_node(folder, keyring)
-    last = rounds[-1] if rounds and is_visible(folder.finished_file) else None
+    last = rounds[-1] if rounds and read_finished(folder, keyring) else None
     for node in sorted({n for nodes in by_round.values() for n in nodes}):
         done = {row.round for row in evals.get(node, [])}
         if 0 not in done:

@@ -117,6 +117,36 @@ def test_a_checkpoint_written_before_signed_checkpoints_still_loads_for_its_own_
     assert torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
 
 
+def test_a_key_from_before_its_marker_whose_checkpoints_are_all_signed_is_marked_and_refuses_unsigned_ones(
+        tmp_path, key):
+    """Keys made after signed checkpoints but before the marker beside them look like older keys: such a node took
+    a peer's unsigned round for its own whenever its signed ones did not load. One whose checkpoints are all
+    signed by its key has proven it signs: its start marks the key, and an unsigned round is no longer its own."""
+    model, optimizer = trained(0)
+    between = key_of_an_older_rl_swarm(key.path.parent, "w-1")
+    save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, between)
+    unsigned_copy(tmp_path / "round_000001", tmp_path / "round_000002")         # its own from before, maybe
+    fresh = tiny_model(1)
+    assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", between).round == 1
+    assert between.predates_signed_files                      # an unsigned one may be its own: not proven
+    shutil.rmtree(tmp_path / "round_000002")
+    assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", between).round == 1
+    assert not NodeKey.load_or_create(key.path.parent, "w-1").predates_signed_files      # marked on this machine
+    unsigned_copy(tmp_path / "round_000001", tmp_path / "round_000009")         # a peer's, later
+    (tmp_path / "round_000001" / "model.safetensors").write_bytes(b"torn")      # and its own unusable
+    restarted = NodeKey.load_or_create(key.path.parent, "w-1")
+    assert load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", restarted) is None
+
+
+def unsigned_copy(source: Path, target: Path) -> None:
+    """A checkpoint as an rl-swarm before signed checkpoints wrote it (or a peer plants one): its files, and a
+    meta.json with no signature and no SHA-256 of them."""
+    shutil.copytree(source, target)
+    meta = json.loads((source / "meta.json").read_text())
+    (target / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("signature", "files")}
+                                                 | {"round": int(target.name.removeprefix("round_"))}))
+
+
 def test_a_checkpoint_a_peer_planted_is_never_resumed_from(tmp_path, key, caplog):
     """Newer rounds than the node's own, each skipped: unsigned, signed by another node, or its weights swapped."""
     model, optimizer = trained(0)

@@ -163,3 +163,28 @@ def test_archiving_old_rollouts_never_follows_a_link_a_peer_planted_in_the_archi
     coordinator.retire_old_rollouts()
     assert [p.name for p in (archive / "rollouts").iterdir()] == ["round_1"]
     assert [p.name for p in (archive / "rollouts" / "round_1" / "stage_0").iterdir()] == ["w-2.json"]
+
+
+def test_a_coordinator_killed_mid_archive_has_its_next_start_finish_what_it_left_aside(swarm, tmp_path):
+    """Archiving round N again renames the archived round_N aside (`.round_N.<writer>.old`), moves the new one in,
+    then removes the old: a kill between those left the hidden folder in archives/ for good."""
+    from tests.test_hostile_folder import dead_pid
+    from workers.shared_folder.leftovers import writer_tag
+
+    cfg, folder, coordinator, _ = swarm
+    archive = cfg.gdrive_path / "archives" / cfg.experiment_name / "rollouts"
+    killed = writer_tag().replace(writer_tag().split("@")[0], str(dead_pid()))
+    for name in ("round_1", f".round_1.{killed}.a1b2c3d4.old", f".round_2.{killed}.e5f6a7b8.old"):
+        (archive / name / "stage_0").mkdir(parents=True)
+        (archive / name / "stage_0" / "w-1.json").write_text(name)
+    outside = tmp_path / "this-machine"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("kept")
+    (archive / f".round_3.{killed}.c9d0e1f2.old").symlink_to(outside)     # a peer's
+    coordinator.start()
+    wait_until(lambda: folder.state_rounds() == [1])
+    # round 1 was moved in before the kill: the old one goes; round 2 was not: the archived one is back
+    assert sorted(p.name for p in archive.iterdir()) == ["round_1", "round_2"]
+    assert (archive / "round_1" / "stage_0" / "w-1.json").read_text() == "round_1"
+    assert (archive / "round_2" / "stage_0" / "w-1.json").read_text().startswith(".round_2.")
+    assert (outside / "notes.txt").read_text() == "kept"

@@ -81,7 +81,7 @@ def test_validate_fails_on_a_damaged_copy_naming_what_is_wrong(test_mode_run, tm
     result = rl_swarm(swarm_env(tmp_path), "validate", "e2e")
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert "FAIL  round states: no state file for rounds [2]" in lines
+    assert "FAIL  round states: no state the coordinator signed for rounds [2]" in lines
     assert any(line.startswith("FAIL  metrics lines: 1 bad: metrics/worker-2/metrics.jsonl line 4") for line in lines)
     assert any(line.startswith("FAIL  rollouts and metrics per round") and "round 3: worker-1 has no rollouts" in line
                for line in lines)

@@ -16,19 +16,20 @@ def _experiment(root, with_evals: bool):
     import json
     import time
 
-    from tests.helpers import append_as
+    from tests.helpers import append_as, write_as
     from workers.shared_folder.held_out import eval_file
     from workers.shared_folder.folder import ExperimentFolder
-    from workers.shared_folder.json_records import write_json_atomic
     from workers.shared_folder.protocol import HeldOutEval, RoundMetrics, RoundState
 
     folder = ExperimentFolder(root).create()
-    write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": 2, "num_train_samples": 2,
-                                           "num_transplant_trees": 2, "num_generations": 4, "num_workers": 2,
-                                           "model_resolved": "rl-swarm/tiny-gpt2", "eval_size": 32})
+    write_as(folder, "coordinator", folder.config_file, {"schema": 1, "max_rounds": 2, "num_train_samples": 2,
+                                                         "num_transplant_trees": 2, "num_generations": 4,
+                                                         "num_workers": 2, "model_resolved": "rl-swarm/tiny-gpt2",
+                                                         "eval_size": 32})
     for round_ in (1, 2):
-        write_json_atomic(folder.round_state_file(round_), RoundState(round_, 2, time.time(), "test").to_json())
-    write_json_atomic(folder.finished_file, {"schema": 1, "rounds": 2, "finished_at": time.time()})
+        write_as(folder, "coordinator", folder.round_state_file(round_),
+                 RoundState(round_, 2, time.time(), "test").to_json())
+    write_as(folder, "coordinator", folder.finished_file, {"schema": 1, "rounds": 2, "finished_at": time.time()})
     for node in ("worker-1", "worker-2"):
         for round_ in (1, 2):
             row = RoundMetrics(node=node, round=round_, reward_mean=0.5, accuracy=0.25, loss=0.1, local_groups=2,

@@ -46,8 +46,9 @@ def sixty_fast_rounds(drive: Path, coordinator: str, config: dict | None = None)
     """60 rounds in 48 s an hour ago; the coordinator's heartbeat says `coordinator` (running, stopped, done)."""
     folder = ExperimentFolder(drive / "experiments" / "e2e").create()
     began = time.time() - 3600
-    write_json_atomic(folder.config_file, {"schema": 1, "max_rounds": 2000, "model_resolved": "rl-swarm/tiny-gpt2",
-                                           "device_resolved": "cpu", "started_at": began, **(config or {})})
+    write_as(folder, "coordinator", folder.config_file, {"schema": 1, "max_rounds": 2000, "device_resolved": "cpu",
+                                                         "model_resolved": "rl-swarm/tiny-gpt2", "started_at": began,
+                                                         **(config or {})})
     for round_ in range(1, 61):
         write_as(folder, "coordinator", folder.round_state_file(round_),
                  RoundState(round_, 2000, began + 0.8 * round_, "all workers done").to_json())
@@ -164,7 +165,9 @@ def test_a_runtime_that_sees_the_folder_minutes_late_does_not_call_a_running_swa
     assert summarize(folder.root, None).status == "stopped"
     # a forged lag counts as the setting's most, an hour (and two minutes)
     for recorded, beat_age, status in ((180, 200, "running"), (1e300, 3000, "running"), (1e300, 7200, "stopped")):
-        write_json_atomic(folder.config_file, {**json.loads(folder.config_file.read_text()), "drive_lag": recorded})
+        recorded_config = {k: v for k, v in json.loads(folder.config_file.read_text()).items()
+                           if k not in ("signature", "sha256")}
+        write_as(folder, "coordinator", folder.config_file, {**recorded_config, "drive_lag": recorded})
         node_exchange(folder, "coordinator").write_heartbeat(beat("coordinator", "running", time.time() - beat_age,
                                                                   role="coordinator"))
         assert summarize(folder.root, None).status == status, recorded

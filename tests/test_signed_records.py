@@ -18,8 +18,8 @@ import pytest
 from configs_env import SwarmConfig, SwarmError
 from swarm_supervisor.claim import CoordinatorClaim, Lease, coordinator_key
 from swarm_supervisor.coordinator import Coordinator
-from tests.helpers import (metrics_rows, node_exchange, node_key, peer_group, swarm_env, wait_for, warnings_naming,
-                           write_as)
+from tests.helpers import (append_as, metrics_row, metrics_rows, node_exchange, node_key, peer_group, swarm_env,
+                           wait_for, warnings_naming, write_as)
 from workers.learning.tasks import TaskMix
 from workers.shared_folder import exchange as exchange_module
 from workers.shared_folder.exchange import (newest_signed_round, read_finished, read_heartbeats, read_round_state,
@@ -30,7 +30,7 @@ from workers.shared_folder.json_records import read_json_bounded, write_json_ato
 from workers.shared_folder.rejections import FolderError, RejectedFile
 from workers.shared_folder.safe_io import MAX_LISTED
 from workers.shared_folder.hostile import forger, plant_forgeries
-from workers.shared_folder.protocol import Heartbeat, RoundState, Status
+from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RoundState, Status, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, local_key_dir
 
 EXPERIMENT = "e2e"
@@ -441,3 +441,58 @@ def test_experiments_counts_the_rounds_the_coordinator_signed_not_a_planted_stat
         write_json_atomic(folder.round_state_file(planted), forged)
     summary = summarize(folder.root, cfg.cache_dir)
     assert summary.rounds == 2 and summary.rounds_per_hour == pytest.approx(36.0)
+
+
+def test_validate_checks_the_rounds_the_coordinator_signed_not_a_planted_state_files_name(swarm):
+    """A peer's state/round_000003.json made validate say "rounds 1..3" and pass a swarm whose worker was never
+    evaluated after its last round 2 (it looked for the evaluation after the planted round 3 instead)."""
+    from swarm_supervisor.validation import validate
+
+    cfg, folder = swarm
+    write_as(folder, COORDINATOR, folder.config_file, {"schema": 2, "max_rounds": 2, "eval_size": 8})
+    for round_ in (1, 2):
+        write_as(folder, COORDINATOR, folder.round_state_file(round_), RoundState(round_, 2, 1.0, "x").to_json())
+        append_as(folder, "w-1", folder.metrics_file("w-1"), metrics_row("w-1", round_))
+    write_as(folder, COORDINATOR, folder.finished_file, SwarmFinished(2, 3.0).to_json())
+    append_as(folder, "w-1", folder.eval_file("w-1"), HeldOutEval("w-1", 0, 0.5, 8, 1.0).to_json())
+    write_json_atomic(folder.round_state_file(3), forger().sign(RoundState(3, 3, 2.0, "x").to_json()))
+    checks = {check.name: check for check in validate(folder.root, cfg.cache_dir)}
+    assert checks["round states"].detail == "rounds 1..2 each have a state the coordinator signed"
+    assert not checks["held-out evaluations"].passed
+    assert "w-1: none after the last round 2" in checks["held-out evaluations"].detail
+
+
+def test_a_config_json_a_peer_rewrote_counts_for_nothing_and_validate_names_it_and_the_fix(swarm):
+    """config.json was not signed: a peer's EVAL_SIZE=0 there made validate pass a swarm whose worker was never
+    evaluated on held-out questions ("none asked for"), and its model name was the one experiments listed."""
+    from swarm_supervisor.experiments import summarize
+    from swarm_supervisor.validation import validate
+
+    cfg, folder = swarm
+    write_as(folder, COORDINATOR, folder.round_state_file(1), RoundState(1, 1, 1.0, "x").to_json())
+    append_as(folder, "w-1", folder.metrics_file("w-1"), metrics_row("w-1", 1))
+    settings = {"schema": 2, "max_rounds": 1, "eval_size": 8, "model_resolved": "gpt2"}
+    write_as(folder, COORDINATOR, folder.config_file, settings)
+    checks = {check.name: check for check in validate(folder.root, cfg.cache_dir)}
+    assert checks["config"].passed and not checks["held-out evaluations"].passed
+    for forged in ({**settings, "eval_size": 0, "model_resolved": "peer"},
+                   forger().sign({**settings, "eval_size": 0, "model_resolved": "peer"})):
+        write_json_atomic(folder.config_file, forged)
+        checks = {check.name: check for check in validate(folder.root, cfg.cache_dir)}
+        assert not checks["config"].passed
+        assert checks["config"].detail.startswith(f"{folder.config_file}: not the experiment's coordinator's (")
+        assert checks["config"].detail.endswith("; the next `rl-swarm up` of the experiment on its coordinator's "
+                                                "machine writes a signed one")
+        assert "\n" not in checks["config"].detail
+        assert summarize(folder.root, cfg.cache_dir).model == "?"
+
+
+def test_an_unsigned_config_json_still_reads_in_a_folder_from_before_signed_records(tmp_path):
+    from swarm_supervisor.experiments import summarize
+    from swarm_supervisor.validation import validate
+
+    old = ExperimentFolder(tmp_path / "drive" / "experiments" / "old").create()
+    write_json_atomic(old.config_file, {"schema": 1, "max_rounds": 3, "model_resolved": "gpt2"})
+    assert summarize(old.root, tmp_path / "cache").model == "gpt2"
+    [check] = [c for c in validate(old.root, tmp_path / "cache") if c.name == "config"]
+    assert check.passed

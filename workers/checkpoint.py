@@ -304,6 +304,11 @@ def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.
     if not root.exists():
         return None
     folders = list_folder(root, "round_*")[::-1]         # bounded, and [] when a peer planted a link there
+    # a key with no marker (made before the marker existed) whose checkpoints here are all its signed ones has
+    # proven it signs its files: from now on no unsigned checkpoint or base is its own
+    if key.predates_signed_files and folders and all(_signed_by(folder, key) for folder in folders):
+        key.mark_signs_files()
+        log.info("every checkpoint of %s is signed by its key: its key is marked as one that signs", key.node)
     for signed in (True, False) if key.predates_signed_files else (True,):
         for folder in folders:
             try:
@@ -320,6 +325,14 @@ def load_latest_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.
                 log.warning("checkpoint %s is unusable (%s); trying an older one", folder,
                             str(exc).splitlines()[0][:200])
     return None
+
+
+def _signed_by(folder: Path, key: NodeKey) -> bool:
+    try:
+        key.verify(read_json_bounded(folder / "meta.json", max_bytes=1024 * 1024), str(folder / "meta.json"))
+    except (RejectedFile, OSError):
+        return False
+    return True
 
 
 class _NotThisPass(Exception):

@@ -7,24 +7,29 @@ as every folder of an experiment is (safe_io._folder).
 """
 
 import contextlib
+import logging
 import os
 import secrets
 from pathlib import Path
 from typing import Iterator
 
-from workers.shared_folder.leftovers import remove, writer_tag
+from workers.shared_folder.leftovers import remove_at, remove_stale_temps_at, writer_tag
+from workers.shared_folder.rejections import LinkedFolder
 from workers.shared_folder.safe_io import _folder, _step_into
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _folders_below(drive: Path, parts: tuple[str, ...]) -> Iterator[int]:
-    """A descriptor of drive/parts..., each part made if missing and opened without following a link (one
-    planted where a folder belongs is replaced by a folder); `drive` itself is the user's (GDRIVE_PATH)."""
+def _folders_below(drive: Path, parts: tuple[str, ...], create: bool = True) -> Iterator[int]:
+    """A descriptor of drive/parts..., each part opened without following a link; with `create`, made if missing
+    (a link planted where a folder belongs is replaced by a folder), else LinkedFolder or FileNotFoundError.
+    `drive` itself is the user's (GDRIVE_PATH)."""
     fd = os.open(drive, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in parts:
             parent, fd = fd, -1         # _step_into closes the parent, whatever happens
-            fd = _step_into(parent, part, drive.joinpath(*parts), create=True)
+            fd = _step_into(parent, part, drive.joinpath(*parts), create=create)
         yield fd
     finally:
         if fd >= 0:
@@ -48,7 +53,19 @@ def archive_folder(source: Path, drive: Path, parts: tuple[str, ...]) -> None:
             if moved_aside:
                 os.rename(aside, name, src_dir_fd=archive_fd, dst_dir_fd=archive_fd)
             raise
-    # by path, once the rename is done: a folder of that unpredictable name is the one just moved aside
-    old = drive.joinpath(*parts, aside)
-    if os.path.lexists(old):
-        remove(old)
+        if moved_aside:         # a kill before this leaves it to finish_killed_archiving
+            remove_at(archive_fd, aside)
+
+
+def finish_killed_archiving(drive: Path, parts: tuple[str, ...]) -> None:
+    """What an archive_folder killed between its renames left in drive/parts...: the old round it had moved aside
+    goes when the new one is in place, or comes back when not (the round is archived again later), as
+    remove_stale_temps does for any folder moved aside; no link is followed on the way or below."""
+    try:
+        with _folders_below(drive, parts, create=False) as archive_fd:
+            remove_stale_temps_at(archive_fd, drive.joinpath(*parts), depth=1)
+    except (FileNotFoundError, LinkedFolder):      # nothing archived yet, or a peer's link: the next move replaces it
+        return
+    except OSError as exc:     # a Drive hiccup: the next start looks again
+        log.warning("%s: what a killed archiving left aside is not cleared (%s); the next start tries again",
+                    drive.joinpath(*parts), exc.strerror or exc)

@@ -221,17 +221,20 @@ def newest_round_state(read: Callable[[int], RoundState | None], rounds: list[in
     return read(at_least) if at_least in rounds and at_least not in candidates else None
 
 
+def signed_round_state(folder: ExperimentFolder, keyring: KeyRing, round_: int) -> RoundState | None:
+    """The coordinator's signed state of `round_`; None when missing or not the coordinator's (warned about once,
+    unless no coordinator key is published yet); OSError for a Drive hiccup."""
+    try:
+        return read_round_state(folder, keyring, round_)
+    except (RejectedFile, FileNotFoundError) as error:
+        if isinstance(error, RejectedFile) and not isinstance(error, UnknownSigner):
+            warn_skipped(folder.round_state_file(round_), error)
+        return None
+
+
 def newest_signed_round(folder: ExperimentFolder, keyring: KeyRing) -> RoundState | None:
     """The newest round the coordinator started (signed), or None before round 1; OSError for a Drive hiccup."""
-    def read(round_: int) -> RoundState | None:
-        try:
-            return read_round_state(folder, keyring, round_)
-        except (RejectedFile, FileNotFoundError) as error:
-            if isinstance(error, RejectedFile) and not isinstance(error, UnknownSigner):
-                warn_skipped(folder.round_state_file(round_), error)
-            return None
-
-    return newest_round_state(read, folder.state_rounds())
+    return newest_round_state(lambda round_: signed_round_state(folder, keyring, round_), folder.state_rounds())
 
 
 def read_finished(folder: ExperimentFolder, keyring: KeyRing) -> SwarmFinished | None:

@@ -137,6 +137,12 @@ class NodeKey:
             raise FolderError(f"{path}: not an Ed25519 key; move it away to make a new one")
         return cls(node, private, path, predates_signed_files=not marker.exists())
 
+    def mark_signs_files(self) -> None:
+        """Mark this key on this machine as one that signs its checkpoints and bases: unsigned ones are not its own."""
+        if self.path is not None:
+            _create_private_file(self.path.with_name(self.path.name + SIGNS_FILES), b"")
+        self.predates_signed_files = False
+
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.public)
