@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,19 +67,24 @@ def bench_worker_memory(cache: Path) -> dict:
             "estimate_gib": estimate_worker_mib(config, SwarmConfig.from_env({}), checkpointing=True) / 1024}
 
 
-def bench_swarm(cache: Path, rounds: int, **settings: str) -> dict:
+def bench_swarm(cache: Path, rounds: int, seconds: float = 420, **settings: str) -> dict:
     """`rl-swarm up` (the default preset unless `settings` name another) for `rounds` rounds: seconds per round, where
-    they go, and NVML memory per worker."""
+    they go, and NVML memory per worker. A swarm still running after `seconds` is stopped as Ctrl-C stops it, and
+    what it measured by then is the result, with the round it reached as "cut_at_round"."""
     drive = Path(tempfile.mkdtemp())
     env = {**os.environ, "GDRIVE_PATH": str(drive), "RL_SWARM_CACHE": str(cache), "MODEL_NAME": MODEL,
            "MAX_ROUNDS": str(rounds), "HF_HUB_OFFLINE": "1", "EXPERIMENT_NAME": "bench", **settings}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], env=env, capture_output=True, text=True,
-                            timeout=420)
+    returncode, output, cut = _run_swarm(env, seconds)
     wall = time.monotonic() - started
     exp = drive / "experiments" / "bench"
-    if result.returncode != 0:
-        return {"error": (result.stdout + result.stderr)[-800:]}
+    reached = max((int(path.stem.removeprefix("round_")) for path in (exp / "state").glob("round_*.json")
+                   if path.stem.removeprefix("round_").isdigit()), default=0) if (exp / "state").is_dir() else 0
+    if cut:
+        rounds = reached - 1        # the round it was in when stopped may not have finished
+    if (returncode != 0 and not cut) or rounds < 12:
+        return {"error": f"exit {returncode}{f', cut after {seconds:.0f} s at round {reached}' if cut else ''}: "
+                         + output[-800:]}
     states = [json.loads((exp / "state" / f"round_{r:06d}.json").read_text())["started_at"] for r in (2, rounds)]
     samples = [json.loads(line) for line in (exp / "logs" / "supervisor" / "monitor.jsonl").read_text().splitlines()]
 
@@ -101,12 +107,39 @@ def bench_swarm(cache: Path, rounds: int, **settings: str) -> dict:
     timing = swarm_timing(exp)
     profiled = settings.get("PROFILE_ROUND")
     profile = {"profile": read_profile(exp / "logs" / "worker-1" / f"profile-round-{profiled}.txt")} if profiled else {}
-    return {**profile, "rounds": rounds, "wall_s": wall, "seconds_per_round": (states[1] - states[0]) / (rounds - 2),
+    return {**profile, **({"cut_at_round": reached} if cut else {}), "rounds": rounds, "wall_s": wall,
+            "seconds_per_round": (states[1] - states[0]) / (rounds - 2),
             "worker_work_seconds": timing.get("worker_work_seconds"), "hops": timing.get("hops"),
             "peak_gib_per_worker": peak, "peak_gib_by_round_10": peak_until(round_11),
             "torch_peak_gib_by_round_10": torch_peak(10), "torch_peak_gib": torch_peak(rounds),
             "mean_completion_tokens": sum(m["mean_completion_tokens"] for m in metrics) / len(metrics),
             "final_reward_mean": sum(m["reward_mean"] for m in metrics[-5:]) / 5}
+
+
+def _run_swarm(env: dict, seconds: float, command: tuple[str, ...] = ("-m", "swarm_supervisor", "up"),
+               grace: float = 60) -> tuple[int, str, bool]:
+    """`rl-swarm up` in `env` for at most `seconds`: its exit code, the tail of its output, and whether it was cut.
+    Cut means stopped with SIGINT (checkpointed, its metrics whole), then killed if it has not exited `grace` on."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, *command], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+        cut = False
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            cut = True
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:     # this bench itself was stopped: the swarm goes with it
+                proc.kill()
+                proc.wait(timeout=30)
+        log.seek(0)
+        return proc.returncode, log.read()[-4000:], cut
 
 
 def bench_scaling(cache: Path, counts: tuple[int, ...], seconds: float = 10.0) -> list[dict]:
@@ -155,11 +188,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="comma-separated subset of " + ", ".join(PARTS) + " (a device call lasts 10 minutes)")
+    parser.add_argument("--swarm-seconds", type=float, default=420,
+                        help="swarm parts: stop a swarm after this long and report the rounds it finished")
     parser.add_argument("--merge", action="store_true", help="keep the parts already in --out that this run skips")
     parser.add_argument("--table-drive", type=Path, default=None,
                         help="sapo_table: the GDRIVE_PATH a `PRESET=paper-8-0 rl-swarm sapo-table` ran in")
     add_peers_arguments(parser)
     args = parser.parse_args()
+    # `timeout` stops a device run with SIGTERM: exit through the finally blocks, which stop the swarms started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if "sapo_table" in parts and not args.table_drive:
@@ -177,10 +214,10 @@ def main() -> None:
                     "torch": torch.__version__})
     runs = {"generation": lambda: bench_generation(cache), "train": lambda: bench_train(cache),
             "worker_memory": lambda: bench_worker_memory(cache),
-            "swarm_default": lambda: bench_swarm(cache, args.rounds),
-            "swarm_paper": lambda: bench_swarm(cache, min(args.rounds, 100), PRESET="paper-4-4",
+            "swarm_default": lambda: bench_swarm(cache, args.rounds, args.swarm_seconds),
+            "swarm_paper": lambda: bench_swarm(cache, min(args.rounds, 100), args.swarm_seconds, PRESET="paper-4-4",
                                                  PROFILE_ROUND=str(min(50, max(3, args.rounds - 10)))),
-            "swarm_worst_case": lambda: bench_swarm(cache, 40, WARMUP_STEPS="0"),
+            "swarm_worst_case": lambda: bench_swarm(cache, 40, args.swarm_seconds, WARMUP_STEPS="0"),
             "sapo_table": lambda: bench_sapo_table(args.table_drive or Path("/nonexistent")),
             "scaling": lambda: bench_scaling(cache, (1, 2, 4, 8, 16)),
             "peers": lambda: bench_peers(peers_plan(args, cache), lambda partial: save({**results, "peers": partial}))}
