@@ -85,6 +85,13 @@ def bench_swarm(cache: Path, rounds: int, seconds: float = 420, **settings: str)
     if (returncode != 0 and not cut) or rounds < 12:
         return {"error": f"exit {returncode}{f', cut after {seconds:.0f} s at round {reached}' if cut else ''}: "
                          + output[-800:]}
+    result = swarm_result(exp, rounds, wall, settings.get("PROFILE_ROUND"))
+    return {**({"cut_at_round": reached} if cut else {}), **result}
+
+
+def swarm_result(exp: Path, rounds: int, wall: float | None, profiled: str | None = None) -> dict:
+    """What bench_swarm reports of the experiment folder `exp` over its rounds 1..`rounds` (also for a swarm's
+    folder fetched from the device after its bench was cut)."""
     states = [json.loads((exp / "state" / f"round_{r:06d}.json").read_text())["started_at"] for r in (2, rounds)]
     samples = [json.loads(line) for line in (exp / "logs" / "supervisor" / "monitor.jsonl").read_text().splitlines()]
 
@@ -105,9 +112,8 @@ def bench_swarm(cache: Path, rounds: int, seconds: float = 420, **settings: str)
         return max(values) / 1024 if values else None
 
     timing = swarm_timing(exp)
-    profiled = settings.get("PROFILE_ROUND")
     profile = {"profile": read_profile(exp / "logs" / "worker-1" / f"profile-round-{profiled}.txt")} if profiled else {}
-    return {**profile, **({"cut_at_round": reached} if cut else {}), "rounds": rounds, "wall_s": wall,
+    return {**profile, "rounds": rounds, "wall_s": wall,
             "seconds_per_round": (states[1] - states[0]) / (rounds - 2),
             "worker_work_seconds": timing.get("worker_work_seconds"), "hops": timing.get("hops"),
             "peak_gib_per_worker": peak, "peak_gib_by_round_10": peak_until(round_11),

@@ -8,7 +8,9 @@ def _swarm_lines(s: dict) -> list[str]:
     if "error" in s:
         return [f"failed: {s['error']}"]
     growth = 100 * (s["peak_gib_per_worker"] / s["peak_gib_by_round_10"] - 1) if s.get("peak_gib_by_round_10") else 0
-    return [f"- rounds: {s['rounds']}, wall {s['wall_s']:.0f}s (warm-up and start-up included)",
+    wall = (f"wall {s['wall_s']:.0f}s (warm-up and start-up included)" if s.get("wall_s") is not None
+            else "wall not measured")
+    return [*([f"- {s['note']}"] if s.get("note") else []), f"- rounds: {s['rounds']}, {wall}",
             f"- seconds per round: **{s['seconds_per_round']:.2f}** (target <= 1.8: 2000 rounds in "
             f"{2000 * s['seconds_per_round'] / 3600:.2f} h)",
             f"- peak GPU per worker (NVML, CUDA context included): **{s['peak_gib_per_worker']:.2f} GiB** "
@@ -82,9 +84,15 @@ def render(results: dict) -> str:
         lines += _swarm_lines(results["swarm_default"])
     if "swarm_paper" in results:
         lines.append("")
-        heading("The paper's shape (`PRESET=paper-4-4`: 8 workers, G=8, I=4, J=4, max 256 new tokens, warmed-up base)",
+        heading("The paper's shape (`PRESET=paper-4-4`: 8 workers, G=8, I=4, J=4, max 128 new tokens, warmed-up base)",
                 "swarm_paper")
         lines += _swarm_lines(results["swarm_paper"])
+        released = results["swarm_paper"].get("decode_cache_release")
+        if released:
+            lines += ["", f"With `DECODE_CACHE=release` ({released['note']}): {released['seconds_per_round']:.2f} s "
+                          f"per round, the slowest worker's work {released['worker_work_seconds']:.3f} s, peak GPU "
+                          f"per worker (NVML) {released['peak_gib_per_worker']:.2f} GiB, the allocator's peak "
+                          f"{released['torch_peak_gib']:.3f} GiB, over {released['rounds']} rounds"]
     x3 = results.get("swarm_default_x3")
     if x3:
         lines.append("")
