@@ -57,7 +57,7 @@ def warm_base(tmp_path_factory, model_cache) -> Path:
     return root / "drive" / "experiments" / "e2e" / "base"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def start_from_base(warm_base, model_cache):
     """Copies the session's warmed-up base into an experiment folder, signed by that experiment's coordinator key
     (as the SAPO table copies a base), so its `up` skips the warm-up."""
