@@ -19,6 +19,7 @@ from swarm_supervisor.machines import restarted_node, supervisor_events
 from swarm_supervisor.learning_health import RewardWatch, learning_alarm
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
 from swarm_supervisor.readable import plain
+from swarm_supervisor.verdicts import RememberedVerdicts
 from workers.shared_folder.held_out import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
 from workers.shared_folder.folder import ExperimentFolder, runs_on
@@ -87,7 +88,7 @@ class SwarmReader:
                  keyring: KeyRing | None = None):
         self.folder, self.cfg = folder, cfg
         # shows what nodes signed, not what others say
-        self.keyring = keyring or KeyRing.for_viewing(folder, cfg.cache_dir)
+        self.keyring = RememberedVerdicts(keyring or KeyRing.for_viewing(folder, cfg.cache_dir))
         self.model_label, self.device_label = model_label, device_label
         self._offsets: dict[str, int] = {}
         self._refused: set[Path] = set()      # metrics paths that hold no regular file

@@ -1,9 +1,13 @@
+import fcntl
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from configs_env import SwarmConfig
 
 # No Hugging Face hub on CI machines or here: every load must be offline.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -46,29 +50,42 @@ def model_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def warm_base(tmp_path_factory, model_cache) -> Path:
-    """TEST_MODE's warm-up, run once: swarms whose story is not the warm-up start from a copy of its base."""
+def warm_base(tmp_path_factory) -> SwarmConfig:
+    """TEST_MODE's warm-up, run once a run: swarms whose story is not the warm-up start from a copy of its base.
+    pytest-xdist's workers share it (each warmed up its own: 40 s of CPU more), the first to need it makes it while
+    the others wait; it keeps its own model cache, which holds the key of the coordinator that signed it."""
     from tests.helpers import swarm_env
 
-    root = tmp_path_factory.mktemp("warm-base")
-    result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "pretrain"], env=swarm_env(root),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return root / "drive" / "experiments" / "e2e" / "base"
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent / "warm-base" if shared else tmp_path_factory.mktemp("warm-base")
+    root.mkdir(exist_ok=True)
+    cfg = SwarmConfig(gdrive_path=root / "drive", experiment_name="e2e", cache_dir=root / "cache")
+    with open(root / ".lock", "w") as lock:
+        deadline = time.monotonic() + 900       # another worker's warm-up: at most its 600 s, and its start
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"another test worker held {root / '.lock'} for 900 s"
+                time.sleep(0.5)
+        if not (cfg.experiment_dir / "base" / "meta.json").exists():
+            result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "pretrain"],
+                                    env={**swarm_env(root), "RL_SWARM_CACHE": str(cfg.cache_dir)},
+                                    capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stdout + result.stderr
+    return cfg
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def start_from_base(warm_base, model_cache):
-    """Copies the session's warmed-up base into an experiment folder, signed by that experiment's coordinator key
+    """Copies the run's warmed-up base into an experiment folder, signed by that experiment's coordinator key
     (as the SAPO table copies a base), so its `up` skips the warm-up."""
-    from configs_env import SwarmConfig
     from swarm_supervisor.table import copy_base
 
-    def experiment(root: Path) -> SwarmConfig:
-        return SwarmConfig(gdrive_path=root.parent.parent, experiment_name=root.name, cache_dir=model_cache)
-
     def copy(exp: Path) -> None:
-        copy_base(experiment(warm_base.parent), experiment(exp))
+        copy_base(warm_base, SwarmConfig(gdrive_path=exp.parent.parent, experiment_name=exp.name,
+                                         cache_dir=model_cache))
     return copy
 
 

@@ -496,3 +496,40 @@ def test_an_unsigned_config_json_still_reads_in_a_folder_from_before_signed_reco
     assert summarize(old.root, tmp_path / "cache").model == "gpt2"
     [check] = [c for c in validate(old.root, tmp_path / "cache") if c.name == "config"]
     assert check.passed
+
+
+def test_the_dashboard_checks_an_unchanged_heartbeat_once_and_still_refuses_one_tampered_after_it(swarm, caplog):
+    """The table is rebuilt four times a second: a heartbeat it has verified is not verified again, but a peer that
+    rewrites it in place (same inode, same size, its mtime set back, a correct checksum) is refused at once."""
+    from swarm_supervisor.status import SwarmReader
+    from workers.shared_folder.json_records import record_checksum
+
+    class CountingKeyRing(KeyRing):
+        checked = 0
+
+        def verify(self, record: dict, node: str, where: str) -> dict:
+            self.checked += 1
+            return super().verify(record, node, where)
+
+    cfg, folder = swarm
+    node_exchange(folder, "w-1").write_heartbeat(beat("w-1", Status.WAITING))
+    keyring = CountingKeyRing(folder)
+    reader = SwarmReader(folder, cfg, "tiny", "cpu", keyring)
+    for _ in range(4):
+        assert reader.heartbeats()["w-1"].status == Status.WAITING
+    assert keyring.checked == 1
+    path = folder.heartbeat_file("w-1")
+    before, good = os.stat(path), path.read_text()
+    record = json.loads(good)
+    forged = {**record, "status": Status.STOPPED}          # "w-1 stopped": rounds would no longer wait for it
+    text = good.replace('"status":"waiting"', '"status":"stopped"').replace(record["sha256"], record_checksum(forged))
+    assert len(text) == len(good) and text != good
+    with open(path, "r+", encoding="utf-8") as f:
+        f.write(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert "w-1" not in reader.heartbeats() and "w-1" not in reader.heartbeats()
+    assert "its signature is not 'w-1''s" in caplog.text
+    node_exchange(folder, "w-1").write_heartbeat(beat("w-1", Status.TRAINING))    # w-1 beats again: shown again
+    assert reader.heartbeats()["w-1"].status == Status.TRAINING
