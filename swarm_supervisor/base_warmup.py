@@ -44,31 +44,46 @@ def ensure_base(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, dev
     messages = ctx.Queue()
     process = ctx.Process(target=start_warmup, args=(cfg, model_name, device, messages), name="warm-up", daemon=True)
     process.start()
-    report = None
-    target = f" accuracy {{task.fields[accuracy]}} (target {cfg.warmup_target_accuracy:.0%})" \
-        if cfg.warmup_target_accuracy > 0 else ""
-    with Progress(TextColumn("warm-up"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}" + target),
-                  TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("warm-up", total=cfg.warmup_steps, loss="-", accuracy="-")
-        while report is None:
-            try:
-                kind, value = messages.get(timeout=WARMUP_SILENCE_S)
-            except queues.Empty:
-                process.kill()
-                raise SwarmError(f"the warm-up said nothing for {WARMUP_SILENCE_S}s and was stopped: see "
-                                 f"{folder.log_dir('supervisor')}, or set WARMUP_STEPS=0 to skip it") from None
-            if kind == "step":
-                bar.update(task, completed=value[0], loss=f"{value[1]:.3f}")
-            elif kind == "check":     # a WARMUP_TARGET_ACCURACY check, every few dozen steps
-                bar.update(task, accuracy=f"{value:.0%}")
-            elif kind == "error":
-                process.join(timeout=10)
-                raise SwarmError(f"warm-up failed: {value}")
-            else:
-                report = value
+    try:
+        report = None
+        target = f" accuracy {{task.fields[accuracy]}} (target {cfg.warmup_target_accuracy:.0%})" \
+            if cfg.warmup_target_accuracy > 0 else ""
+        with Progress(TextColumn("warm-up"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}" + target),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task("warm-up", total=cfg.warmup_steps, loss="-", accuracy="-")
+            while report is None:
+                try:
+                    kind, value = messages.get(timeout=WARMUP_SILENCE_S)
+                except queues.Empty:
+                    process.kill()
+                    raise SwarmError(f"the warm-up said nothing for {WARMUP_SILENCE_S}s and was stopped: see "
+                                     f"{folder.log_dir('supervisor')}, or set WARMUP_STEPS=0 to skip it") from None
+                if kind == "step":
+                    bar.update(task, completed=value[0], loss=f"{value[1]:.3f}")
+                elif kind == "check":     # a WARMUP_TARGET_ACCURACY check, every few dozen steps
+                    bar.update(task, accuracy=f"{value:.0%}")
+                elif kind == "error":
+                    process.join(timeout=10)
+                    raise SwarmError(f"warm-up failed: {value}")
+                else:
+                    report = value
+    except BaseException:       # Ctrl-C (KeyboardInterrupt) or a failure: the warm-up goes now, not at exit
+        _stop(process)
+        raise
     process.join(timeout=60)
     _say(report)
+
+
+def _stop(process) -> None:  # noqa: ANN001 - a multiprocessing context's Process
+    """The warm-up process stopped within seconds: its model and half-made base go with it (the base is written
+    atomically, so none is left half-made). Left to the interpreter's exit, it is joined without a bound."""
+    if process.is_alive():
+        process.terminate()
+        process.join(timeout=10)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=10)
 
 
 def _say(report: dict) -> None:

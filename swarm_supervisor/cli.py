@@ -372,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     except SwarmError as error:
         print(f"rl-swarm: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:      # before a supervisor took over Ctrl-C: in the warm-up, or while starting
+        print("rl-swarm: stopped by Ctrl-C before the swarm's rounds began; nothing was lost: the same command "
+              "starts again (a warm-up cut short starts over)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def stacks_on_sigusr1() -> None:

@@ -375,7 +375,11 @@ def test_a_second_up_on_one_experiment_is_refused_in_one_line_also_during_the_wa
         assert first.poll() is None and not (exp / "base").exists()           # the first is still warming up
     finally:
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=120)
+        output, _ = first.communicate(timeout=120)
+    # Ctrl-C in the warm-up stops it at once, with one line and no traceback
+    assert first.returncode == 130, output
+    assert "rl-swarm: stopped by Ctrl-C before the swarm's rounds began; nothing was lost" in output
+    assert "Traceback" not in output
     assert second.returncode == 2
     [line] = second.stderr.strip().splitlines()
     assert line.startswith(f"rl-swarm: error: experiment {EXPERIMENT!r} already has a coordinator: `rl-swarm up` (pid "
