@@ -1,5 +1,6 @@
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,3 +96,11 @@ def key(tmp_path):
     from workers.shared_folder.signing import NodeKey
 
     return NodeKey.load_or_create(tmp_path.parent / f"{tmp_path.name}.keys", "w-1")
+
+
+def pytest_configure(config):
+    """pytest-xdist's workers run with SIGINT and SIGHUP ignored, and an ignored signal stays ignored through exec:
+    every `up` a test started under -n ignored its Ctrl-C and took its terminal's hang-up for nohup (and one
+    left warming up outlived the suite). The tests' processes start with the dispositions a shell gives them."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
