@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from bench.sdpa_probe import _padded_batch
+from bench.sdpa_probe import padded_batch
 from bench.workload import MODEL
 from workers.learning.grpo import completion_logprobs
 from workers.learning.model import load_policy
@@ -26,7 +26,7 @@ def main() -> None:
     from pathlib import Path
 
     policy = load_policy(MODEL, "cuda:0", Path(tempfile.mkdtemp()))
-    batch = _padded_batch(policy, 60, 40, random.Random(1))
+    batch = padded_batch(policy, 60, 40, random.Random(1))
     mask = batch.completion_mask.bool()
     (la, ga), (lb, gb) = grads(policy, batch, True), grads(policy, batch, False)
     (lc, gc) = grads(policy, batch, True)        # the noise floor: cuDNN against itself

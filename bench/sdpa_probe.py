@@ -25,7 +25,8 @@ from workers.learning.optim import AdamWBf16Moments
 ROWS = 16
 
 
-def _padded_batch(policy, prompt_len: int, completion_len: int, rng: random.Random):
+def padded_batch(policy, prompt_len: int, completion_len: int, rng: random.Random):
+    """ROWS random rows, prompts up to 7 tokens short of `prompt_len` (left padding), one completion full width."""
     prompts = [[rng.randrange(100, 50000) for _ in range(prompt_len - rng.randrange(0, 8))] for _ in range(ROWS)]
     completions = [[rng.randrange(100, 50000) for _ in range(rng.randrange(1, completion_len + 1))]
                    for _ in range(ROWS - 1)] + [[7] * completion_len]
@@ -47,18 +48,18 @@ def _timed_step(policy, optimizer, batch, skipped: list) -> float:
 
 
 def probe(cache: Path, cudnn: bool, widths: list[int], repeats: int) -> dict:
-    torch.backends.cuda.enable_cudnn_sdp(cudnn)
     policy = load_policy(MODEL, "cuda:0", cache)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)          # after load_policy, which switches cuDNN's off
     enable_activation_checkpointing(policy.model)
     policy.model.train()
     optimizer = AdamWBf16Moments(policy.model.parameters(), lr=1e-7)
     rng = random.Random(0)
-    same = _padded_batch(policy, 60, 20, rng)
+    same = padded_batch(policy, 60, 20, rng)
     skipped: list[int] = []
     for _ in range(3):
         _timed_step(policy, optimizer, same, skipped)
     repeated = [_timed_step(policy, optimizer, same, skipped) for _ in range(repeats)]
-    new = [_timed_step(policy, optimizer, _padded_batch(policy, 60, width, rng), skipped) for width in widths]
+    new = [_timed_step(policy, optimizer, padded_batch(policy, 60, width, rng), skipped) for width in widths]
     del policy, optimizer
     torch.cuda.empty_cache()
     return {"cudnn_sdp": cudnn, "repeated_shape_median_s": statistics.median(repeated),

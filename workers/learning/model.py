@@ -186,6 +186,11 @@ def load_policy(model_name: str, device: str | torch.device, cache_dir: Path,
     _dropout_off(model)
     _fused_gelu(model)
     device = torch.device(device)
+    if device.type == "cuda":
+        # cuDNN's attention builds a plan for every new batch shape (0.30 s against 0.07 s for an update at a
+        # width not seen before, bench/NOTES.md), and a round's update batch is as wide as its longest
+        # prompt + completion, so most rounds are new; the memory-efficient kernel needs no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return Policy(model=model.to(device), tokenizer=tokenizer, name=model_name, device=device)
 
 
