@@ -129,6 +129,32 @@ def test_a_torn_last_line_is_skipped_and_swallows_no_line_appended_after_it(tmp_
     assert list(lines) == [{"round": 1}, {"round": 2}] and len(lines.bad) == 1
 
 
+def test_an_append_that_fails_part_way_leaves_no_torn_line_for_its_retry(tmp_path, monkeypatch):
+    """A full disk fails a metrics line after part of it is written: the part is cut off, so the retry once there
+    is room adds the line whole and no reader sees a bad one."""
+    import errno
+    import os
+
+    from workers.shared_folder import appends
+
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"round": 1})
+
+    def disk_fills(fd, data):
+        os.write(fd, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(appends, "write_all", disk_fills)
+        with pytest.raises(OSError, match="No space"):
+            append_jsonl(path, {"round": 2, "reward_mean": 0.5})
+    after_failure = read_jsonl(path)
+    assert list(after_failure) == [{"round": 1}] and not after_failure.bad
+    append_jsonl(path, {"round": 2, "reward_mean": 0.5})
+    lines = read_jsonl(path)
+    assert list(lines) == [{"round": 1}, {"round": 2, "reward_mean": 0.5}] and not lines.bad
+
+
 def test_metrics_row_round_trips_and_rejects_bad_fields():
     row = RoundMetrics(node="w-1", round=1, reward_mean=0.5, accuracy=0.25, loss=0.1, local_groups=2,
                        external_groups=2, external_available=6, zero_advantage_groups=0, completions=8,

@@ -43,17 +43,31 @@ def append_durably(path: Path, data: bytes) -> None:
     """Append `data`, whole lines, to the regular file at `path` (made if missing, never through a link) and fsync.
 
     A line a crash tore at the end of the file is ended first: it stays one bad line that readers skip, where
-    without its newline it would swallow this one too (a metrics line rewritten by a restart, say).
+    without its newline it would swallow this one too (a metrics line rewritten by a restart, say). A write
+    that fails part-way (a full disk) is cut off again before the error goes up, so the retry that follows
+    leaves no torn line behind: the file has one writer, so what lies past `size` is this call's own.
     """
     fd = open_append(path)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data
-        write_all(fd, data)
-        os.fsync(fd)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            _cut_back(fd, path, size)
+            raise
     finally:
         os.close(fd)
+
+
+def _cut_back(fd: int, path: Path, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError as error:      # the failed write's error is the one to report; this one only costs a bad line
+        log.warning("%s: a failed append's part could not be cut off (%s); readers skip it as a torn line",
+                    path, error.strerror or error)
 
 
 def append_line(path: Path, line: bytes) -> None:
