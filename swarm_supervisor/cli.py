@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from configs_env import SETTINGS, SwarmConfig, SwarmError
+from swarm_supervisor.disk_room import disk_warning
 from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count, nvml_ids, refuse_unfit, worker_devices
 from swarm_supervisor.monitor import Monitor
 from workers.shared_folder.folder import ExperimentFolder
@@ -79,18 +80,34 @@ def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
     return name, note
 
 
+def model_config(cfg: SwarmConfig, model_name: str):  # noqa: ANN201 - a transformers PretrainedConfig
+    """The model's config alone (no weights loaded), from where resolve_model put or found it."""
+    from transformers import AutoConfig
+
+    from workers.learning.hub import offline_kwargs
+    from workers.learning.model import model_source
+
+    source = model_source(model_name, cfg.cache_dir)
+    return AutoConfig.from_pretrained(source, **offline_kwargs(source))
+
+
 def worker_need_mib(cfg: SwarmConfig, model_name: str, device: str) -> float:
     """The estimate of one worker's GPU memory for this model and these settings."""
     import torch
-    from transformers import AutoConfig
 
     from workers.learning.memory import estimate_worker_mib
-    from workers.learning.hub import offline_kwargs
-    from workers.learning.model import model_source, use_activation_checkpointing
+    from workers.learning.model import use_activation_checkpointing
 
     checkpointing = use_activation_checkpointing(cfg.gradient_checkpointing, torch.device(device))
-    source = model_source(model_name, cfg.cache_dir)
-    return estimate_worker_mib(AutoConfig.from_pretrained(source, **offline_kwargs(source)), cfg, checkpointing)
+    return estimate_worker_mib(model_config(cfg, model_name), cfg, checkpointing)
+
+
+def warn_short_disk(configs: list[SwarmConfig], model_name: str, on_cuda: bool) -> None:
+    """Say so when the disk under GDRIVE_PATH will not hold the checkpoints of these swarms' workers."""
+    swarms = [(ExperimentFolder(c.experiment_dir), worker_names(c)) for c in configs]
+    warning = disk_warning(configs[0].gdrive_path, swarms, model_config(configs[0], model_name), on_cuda, model_name)
+    if warning:
+        print(f"rl-swarm: {warning}")
 
 
 def check_fit(cfg: SwarmConfig, gpus: int, need_mib: float, monitor: Monitor | None = None) -> None:
@@ -143,6 +160,7 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     if devices[0] != CPU:
         need_mib = worker_need_mib(cfg, model_name, devices[0])
         check_fit(cfg, gpus, need_mib)
+    warn_short_disk([cfg], model_name, on_cuda=devices[0] != CPU)
     folder = ExperimentFolder(cfg.experiment_dir).create()
     if role != "up":
         return _run_swarm(cfg, folder, model_name, devices, join_when_ready(cfg, folder), dashboard=dashboard,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from configs_env import SwarmConfig, SwarmError
 from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
-from swarm_supervisor.cli import EXIT_INTERRUPTED
+from swarm_supervisor.cli import EXIT_INTERRUPTED, resolve_devices, resolve_model, warn_short_disk
+from swarm_supervisor.devices import CPU, gpu_count
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
 from swarm_supervisor.table_report import format_cutoffs, format_table, format_task_rewards, plot_table, table_rows
 from workers.shared_folder.base_meta import signed_base_meta
@@ -81,6 +82,10 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
             if warning not in warned:
                 print(f"rl-swarm: {arm.label}: {warning}")
                 warned.add(warning)
+    # every swarm's checkpoints stay on the disk after it ends: the table needs room for all of them
+    model_name, _ = resolve_model(cfg)
+    devices, _ = resolve_devices(cfg, gpu_count())
+    warn_short_disk([arm.config(env) for arm in arms], model_name, on_cuda=devices[0] != CPU)
     logs = tables / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"rl-swarm: sapo-table: {len(arms)} swarms ({family} presets, seeds {', '.join(map(str, seeds))}), "
