@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from configs_env import SETTINGS, SwarmConfig, SwarmError
-from swarm_supervisor.disk_room import disk_warning
-from swarm_supervisor.devices import CPU, device_fits, devices_label, gpu_count, nvml_ids, refuse_unfit, worker_devices
-from swarm_supervisor.monitor import Monitor
+from swarm_supervisor.devices import CPU, devices_label, gpu_count
+from swarm_supervisor.preflight import (check_fit, resolve_devices, resolve_model, warn_short_disk, worker_names,
+                                        worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import write_recorded_config
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
@@ -58,78 +58,6 @@ def settings_markdown() -> str:
 def settings_table() -> str:
     width = max(len(s.env) for s in SETTINGS)
     return "\n".join(f"  {s.env:<{width}}  {s.help} [default: {shown_default(s.attr)}]" for s in SETTINGS)
-
-
-def resolve_devices(cfg: SwarmConfig, gpus: int) -> tuple[list[str], str | None]:
-    """Each worker's device (devices.worker_devices), and a note when DEVICE=auto finds no GPU."""
-    note = "CUDA is not available: the workers run on the CPU" if cfg.device == "auto" and gpus == 0 else None
-    return worker_devices(cfg.device, cfg.num_workers, gpus), note
-
-
-def resolve_model(cfg: SwarmConfig) -> tuple[str, str | None]:
-    """The model every worker loads; built or checked here once, before any process starts, with room in its
-    context for the tasks' prompts and MAX_NEW_TOKENS."""
-    from workers.learning.model import check_prompt_room, ensure_model_available, resolve_default_model
-
-    if cfg.model_name is None:
-        name, note = resolve_default_model(cfg.cache_dir)
-    else:
-        name, note = cfg.model_name, None
-    ensure_model_available(name, cfg.cache_dir)
-    check_prompt_room(name, cfg.cache_dir, cfg.tasks, cfg.max_new_tokens)
-    return name, note
-
-
-def model_config(cfg: SwarmConfig, model_name: str):  # noqa: ANN201 - a transformers PretrainedConfig
-    """The model's config alone (no weights loaded), from where resolve_model put or found it."""
-    from transformers import AutoConfig
-
-    from workers.learning.hub import offline_kwargs
-    from workers.learning.model import model_source
-
-    source = model_source(model_name, cfg.cache_dir)
-    return AutoConfig.from_pretrained(source, **offline_kwargs(source))
-
-
-def worker_need_mib(cfg: SwarmConfig, model_name: str, device: str) -> float:
-    """The estimate of one worker's GPU memory for this model and these settings."""
-    import torch
-
-    from workers.learning.memory import estimate_worker_mib
-    from workers.learning.model import use_activation_checkpointing
-
-    checkpointing = use_activation_checkpointing(cfg.gradient_checkpointing, torch.device(device))
-    return estimate_worker_mib(model_config(cfg, model_name), cfg, checkpointing)
-
-
-def warn_short_disk(configs: list[SwarmConfig], model_name: str, on_cuda: bool) -> None:
-    """Say so when the disk under GDRIVE_PATH will not hold the checkpoints of these swarms' workers."""
-    swarms = [(ExperimentFolder(c.experiment_dir), worker_names(c)) for c in configs]
-    warning = disk_warning(configs[0].gdrive_path, swarms, model_config(configs[0], model_name), on_cuda, model_name)
-    if warning:
-        print(f"rl-swarm: {warning}")
-
-
-def check_fit(cfg: SwarmConfig, gpus: int, need_mib: float, monitor: Monitor | None = None) -> None:
-    """Refuse a swarm that cannot fit on its GPUs, before any worker starts, naming the GPU that is short and how
-    many workers would fit."""
-    devices = worker_devices(cfg.device, cfg.num_workers, gpus)
-    monitor = monitor or Monitor(nvml_ids(devices, cfg.cuda_visible_devices))
-    try:
-        snapshot = monitor.sample([])
-    finally:
-        monitor.close()
-    free = {device.label: device.free_mib for device in snapshot.devices}     # no NVML: nothing to check against
-    fits = device_fits(devices, free, need_mib, cfg.memory_high_water)
-    for fit in fits:
-        print(f"rl-swarm: {fit.line(need_mib)}")
-    refuse_unfit(fits, need_mib, cfg.num_workers, lambda n: worker_devices(cfg.device, n, gpus))
-
-
-def worker_names(cfg: SwarmConfig) -> list[str]:
-    if cfg.num_workers == 1 and cfg.node_id != "worker":
-        return [cfg.node_id]
-    return [f"{cfg.node_id}-{i}" for i in range(1, cfg.num_workers + 1)]
 
 
 def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list[str], keyring: KeyRing) -> None:

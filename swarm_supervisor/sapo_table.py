@@ -6,7 +6,8 @@ from pathlib import Path
 
 from configs_env import SwarmConfig, SwarmError
 from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
-from swarm_supervisor.cli import EXIT_INTERRUPTED, resolve_devices, resolve_model, warn_short_disk
+from swarm_supervisor.cli import EXIT_INTERRUPTED
+from swarm_supervisor.preflight import resolve_devices, resolve_model, warn_short_disk
 from swarm_supervisor.devices import CPU, gpu_count
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
 from swarm_supervisor.table_report import format_cutoffs, format_table, format_task_rewards, plot_table, table_rows

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from configs_env import SwarmConfig, SwarmError
-from swarm_supervisor import cli
+from swarm_supervisor import cli, preflight
 from swarm_supervisor.dashboard import render, status_line
 from swarm_supervisor.devices import nvml_ids, worker_devices
 from swarm_supervisor.monitor import Monitor
@@ -24,7 +24,7 @@ def test_auto_spreads_the_workers_round_robin_over_every_gpu_and_a_pin_keeps_one
     assert worker_devices("auto", 2, gpus=4) == ["cuda:0", "cuda:1"]
     assert worker_devices("cuda:1", 3, gpus=2) == ["cuda:1"] * 3
     assert worker_devices("cuda", 2, gpus=2) == ["cuda:0"] * 2
-    devices, note = cli.resolve_devices(SwarmConfig.from_env({"NUM_WORKERS": "3"}), gpus=0)
+    devices, note = preflight.resolve_devices(SwarmConfig.from_env({"NUM_WORKERS": "3"}), gpus=0)
     assert devices == ["cpu"] * 3 and note == "CUDA is not available: the workers run on the CPU"
 
 
@@ -47,19 +47,20 @@ def test_the_fit_check_reads_each_gpu_and_names_the_one_that_is_short(capsys):
     gpus = [(80 * GIB, 2 * GIB, {}), (80 * GIB, 73 * GIB, {})]
     six = SwarmConfig.from_env({"NUM_WORKERS": "6"})
     with pytest.raises(SwarmError) as refused:
-        cli.check_fit(six, 2, NEED_MIB, Monitor(nvml_ids(["cuda:0", "cuda:1"], None), nvml=StandInNVML(gpus)))
+        preflight.check_fit(six, 2, NEED_MIB, Monitor(nvml_ids(["cuda:0", "cuda:1"], None), nvml=StandInNVML(gpus)))
     assert capsys.readouterr().out.splitlines() == [
         "rl-swarm: cuda:0: 3 workers, ~2.8 GiB each, 78.0 GiB free: room for 26",
         "rl-swarm: cuda:1: 3 workers, ~2.8 GiB each, 7.0 GiB free: room for 2"]
     assert str(refused.value) == ("NUM_WORKERS=6 puts 3 workers on cuda:1, needing ~8 GiB, but it has 7 GiB free: at "
                                   "most 2 fit there (set NUM_WORKERS=5, or lower MAX_NEW_TOKENS / NUM_GENERATIONS)")
     five = SwarmConfig.from_env({"NUM_WORKERS": "5"})
-    cli.check_fit(five, 2, NEED_MIB, Monitor(nvml_ids(["cuda:0", "cuda:1"], None), nvml=StandInNVML(gpus)))
+    preflight.check_fit(five, 2, NEED_MIB, Monitor(nvml_ids(["cuda:0", "cuda:1"], None), nvml=StandInNVML(gpus)))
     assert "cuda:1: 2 workers" in capsys.readouterr().out
     # CUDA_VISIBLE_DEVICES=1,0: the workers' cuda:0 is the busy GPU, and the check reads that one as cuda:0
     swapped = SwarmConfig.from_env({"NUM_WORKERS": "6", "CUDA_VISIBLE_DEVICES": "1,0"})
     with pytest.raises(SwarmError, match="puts 3 workers on cuda:0"):
-        cli.check_fit(swapped, 2, NEED_MIB, Monitor(nvml_ids(["cuda:0", "cuda:1"], "1,0"), nvml=StandInNVML(gpus)))
+        preflight.check_fit(swapped, 2, NEED_MIB,
+                            Monitor(nvml_ids(["cuda:0", "cuda:1"], "1,0"), nvml=StandInNVML(gpus)))
 
 
 def test_the_dashboard_shows_each_gpu_and_each_workers_device(tmp_path):
