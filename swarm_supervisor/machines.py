@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from swarm_supervisor.readable import plain
 from workers.shared_folder.folder import ExperimentFolder, runs_on
 from workers.shared_folder.jsonl import read_jsonl, read_jsonl_last
 from workers.shared_folder.protocol import EVENT_RESTART
@@ -84,3 +85,18 @@ def count_restarts(folder: ExperimentFolder) -> int:
     rows, _ = supervisor_events(folder)
     return sum(restarted_node(row["machine"], row) is not None or (row["machine"] is None and "kind" not in row and
                "restarting from its last checkpoint" in str(row.get("event", ""))) for row in rows)
+
+
+EVENTS_READ_BYTES = 64 * 1024     # of each machine's events.jsonl, by `status` and the notebooks' refreshes
+
+
+def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
+    """The supervisors' newest events, for `rl-swarm status`: a machine that joined names itself ("[colab2] ..."),
+    and files that could not be read are one line."""
+    rows, problems = supervisor_events(folder, last_bytes=EVENTS_READ_BYTES)
+    out = [plain(f"{len(problems)} supervisor file(s) not read: {problems[0][:200]}")] if problems else []
+    for row in rows[-last:]:
+        if isinstance(row.get("event"), str):
+            said = f"[{row['machine']}] " if row["machine"] else ""
+            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + said + plain(row["event"][:200]))
+    return out

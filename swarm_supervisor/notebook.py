@@ -24,7 +24,8 @@ from rich.text import Text
 from configs_env import SwarmConfig, SwarmError
 from swarm_supervisor.dashboard import render
 from swarm_supervisor.hangup import session_of_its_own
-from swarm_supervisor.status import folder_reader, read_events
+from swarm_supervisor.machines import read_events
+from swarm_supervisor.status import folder_reader
 from swarm_supervisor.supervisor import EXIT_INTERRUPTED, SHUTDOWN_GRACE_S
 from workers.shared_folder import storage
 from workers.shared_folder.mount import folder_present

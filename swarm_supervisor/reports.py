@@ -17,7 +17,8 @@ def show_status(cfg: SwarmConfig) -> int:
     from rich.console import Console
 
     from swarm_supervisor.dashboard import render
-    from swarm_supervisor.status import folder_reader, read_events
+    from swarm_supervisor.machines import read_events
+    from swarm_supervisor.status import folder_reader
 
     reader = folder_reader(cfg)
     Console().print(render(reader.view(events=read_events(reader.folder)), whole=True))

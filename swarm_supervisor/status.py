@@ -15,10 +15,9 @@ from typing import Iterable
 
 from configs_env import SwarmConfig
 from swarm_supervisor.experiments import experiment_config, experiment_folder, rounds_per_hour, status_of
-from swarm_supervisor.machines import restarted_node, supervisor_events
+from swarm_supervisor.machines import restarted_node
 from swarm_supervisor.learning_health import RewardWatch, learning_alarm
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
-from swarm_supervisor.readable import plain
 from swarm_supervisor.verdicts import RememberedVerdicts
 from workers.shared_folder.held_out import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
@@ -388,18 +387,3 @@ def folder_reader(cfg: SwarmConfig) -> SwarmReader:
         cfg = cfg.with_overrides(max_rounds=recorded["max_rounds"])
     return SwarmReader(folder, cfg, str(recorded.get("model_resolved", "?")), str(recorded.get("device_resolved", "?")),
                        keyring)
-
-
-EVENTS_READ_BYTES = 64 * 1024     # of each machine's events.jsonl, by `status` and the notebooks' refreshes
-
-
-def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
-    """The supervisors' newest events, for `rl-swarm status`: a machine that joined names itself ("[colab2] ..."),
-    and files that could not be read are one line."""
-    rows, problems = supervisor_events(folder, last_bytes=EVENTS_READ_BYTES)
-    out = [plain(f"{len(problems)} supervisor file(s) not read: {problems[0][:200]}")] if problems else []
-    for row in rows[-last:]:
-        if isinstance(row.get("event"), str):
-            said = f"[{row['machine']}] " if row["machine"] else ""
-            out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + said + plain(row["event"][:200]))
-    return out

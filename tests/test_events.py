@@ -8,7 +8,8 @@ import swarm_supervisor.events as events_module
 from configs_env import SwarmConfig
 from swarm_supervisor.events import EventJournal, Watches
 from swarm_supervisor.machines import count_restarts
-from swarm_supervisor.status import SwarmReader, read_events
+from swarm_supervisor.machines import read_events
+from swarm_supervisor.status import SwarmReader
 from tests.helpers import node_exchange, viewer
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.jsonl import append_jsonl

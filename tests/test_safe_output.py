@@ -86,7 +86,7 @@ def test_an_escape_sequence_or_markup_in_a_heartbeat_is_shown_literally_on_the_d
     folder = sixty_fast_rounds(tmp_path / "drive", "running")
     hostile_heartbeats(folder)
     reader = SwarmReader(folder, viewing(tmp_path), "rl-swarm/tiny-gpt2", "cpu")
-    from swarm_supervisor.status import read_events
+    from swarm_supervisor.machines import read_events
 
     swarm = reader.view(events=read_events(folder))
     for width in (200, 80):        # the table, and one block per node
