@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.test_checkpoint import tiny_model, trained
-from workers.checkpoint import (BestModel, CheckpointMeta, load_latest_checkpoint, read_best, save_best,
-                                snapshot_checkpoint, write_checkpoint)
+from workers.best_model import BestModel, read_best, save_best
+from workers.checkpoint import CheckpointMeta, load_latest_checkpoint, snapshot_checkpoint, write_checkpoint
 from workers.checkpoint_writer import BackgroundWriter
 from workers.shared_folder.hostile import forger
 from workers.weights import host_weights
@@ -131,7 +131,7 @@ def test_a_new_best_evaluation_is_recorded_only_once_its_model_is_saved(tmp_path
     import os
     from types import SimpleNamespace
 
-    import workers.checkpoint as checkpoint_module
+    import workers.best_model as best_model_module
     import workers.worker as worker_module
     from configs_env import SwarmConfig
     from workers.shared_folder.folder import ExperimentFolder
@@ -148,14 +148,14 @@ def test_a_new_best_evaluation_is_recorded_only_once_its_model_is_saved(tmp_path
     monkeypatch.setattr(worker_module, "evaluate_held_out",
                         lambda policy, cfg, questions, node, round_, splits: HeldOutEval(node, round_, 0.75, 10, 0.1))
     started, release = threading.Event(), threading.Event()
-    save_best = checkpoint_module.save_best
+    save_best = best_model_module.save_best
 
     def slow_save_best(*args):          # a Drive mount taking its time, or a kill on the way
         started.set()
         assert release.wait(WAIT_S)
         return save_best(*args)
 
-    monkeypatch.setattr(checkpoint_module, "save_best", slow_save_best)
+    monkeypatch.setattr(best_model_module, "save_best", slow_save_best)
     model, _ = trained(0)
     worker._evaluate(SimpleNamespace(policy=SimpleNamespace(model=model), splits=1), 50)
     assert started.wait(WAIT_S)

@@ -298,7 +298,8 @@ def dead_pid() -> int:
 
 
 def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_kept(swarm):
-    from workers.checkpoint import BEST, clear_leftovers
+    from workers.best_model import BEST
+    from workers.checkpoint import clear_leftovers
 
     _, folder, _ = swarm
     checkpoints = folder.checkpoint_dir("worker-1")

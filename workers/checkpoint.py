@@ -12,9 +12,7 @@ import logging
 import pickle
 import random
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +36,10 @@ from workers.weights import SLACK_BYTES, host_weights, load_weights, model_bytes
 log = logging.getLogger(__name__)
 
 KEEP_LAST = 2
-BEST = "best"             # checkpoints/<node>/best/: the model of the node's best held-out evaluation
 METRICS_TAIL = 8          # this node's last metrics rows kept in each checkpoint (bounded: meta.json stays small)
 SCHEMA = 3                # 3: meta.json signed by the node, with its files' SHA-256; 1 and 2 unsigned (see load)
 FILES = ("model.safetensors", "state.pt")
 STATE_SIZES = 8           # state.pt is refused unread beyond 8 models' size (AdamW's moments, fp32 masters, RNGs)
-BEST_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -121,14 +117,14 @@ def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot, key: 
     final = root / f"round_{snapshot.meta.round:06d}"
     save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(snapshot.state, tmp / "state.pt")
-    _write_signed_meta(tmp, snapshot.record, FILES, key)
+    write_signed_meta(tmp, snapshot.record, FILES, key)
     swap_in(tmp, final)         # a round saved twice: the first stays whole until the second is in place
     sync_folder(root)           # the rename outlives a power cut before _prune removes the older checkpoints
     _prune(root, snapshot.meta.round)
     return final
 
 
-def _write_signed_meta(folder: Path, record: dict[str, Any], names: tuple[str, ...], key: NodeKey) -> None:
+def write_signed_meta(folder: Path, record: dict[str, Any], names: tuple[str, ...], key: NodeKey) -> None:
     """meta.json, written last into a folder not yet renamed into place: `record` with the SHA-256 of each of
     `names`, signed by the node; then every file is synced."""
     signed = key.sign({**record, "files": {name: file_sha256(folder / name) for name in names}})
@@ -194,28 +190,6 @@ def _prune(root: Path, newest: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_best(root: Path, key: NodeKey, model_name: str, round_: int, accuracy: float,
-              weights: dict[str, torch.Tensor]) -> Path:
-    """The model of the node's best held-out evaluation (`weights`, from host_weights), as root/best/ (weights and
-    meta.json, signed by the node's `key` with the weights' SHA-256; never resumed from).
-
-    Written beside the old best and swapped in by renames, so a crash leaves one whole best model, old or new.
-    """
-    own_folder(root)
-    final = root / BEST
-    tmp = make_temp_dir(final)
-    try:
-        save_file(weights, str(tmp / BEST_WEIGHTS), metadata={"format": "pt"})
-        _write_signed_meta(tmp, {"schema": SCHEMA, "node": key.node, "model_name": model_name, "round": round_,
-                                 "held_out_accuracy": accuracy}, (BEST_WEIGHTS,), key)
-        swap_in(tmp, final)
-        sync_folder(root)
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"best model of round {round_} not written: {str(exc).splitlines()[0][:200]}") from exc
-    return final
-
-
 def own_folder(root: Path) -> None:
     """The node's checkpoint folder, made if missing. checkpoints/<node> is in the shared folder: a link a peer
     planted there is replaced by a folder (the link goes, never what it points to), so the node's saves, prunes
@@ -229,60 +203,6 @@ def clear_leftovers(root: Path) -> None:
     that a write had moved aside (`.<name>.*.old`) when it was killed comes back."""
     own_folder(root)
     remove_stale_temps(root, depth=1)
-
-
-def read_best(root: Path, key: NodeKey) -> dict[str, Any] | None:
-    """best/meta.json when the node (`key`) signed it, beside the model it signed for: {"round",
-    "held_out_accuracy", ...}; None when there is none, or none of the node's. checkpoints/<node>/ is in the shared
-    folder: a score a peer wrote there (say 100%) would stop every save of the node's best model."""
-    path = root / BEST / "meta.json"
-    try:
-        record = key.verify(read_json_bounded(path, max_bytes=64 * 1024), str(path))
-        files = record.get("files")
-        if record.get("node") != key.node or not isinstance(files, dict) or \
-                files.get(BEST_WEIGHTS) != file_sha256(root / BEST / BEST_WEIGHTS):
-            raise RejectedFile(f"{root / BEST}: its model is not the one its meta.json signed for")
-    except FileNotFoundError:
-        return None
-    except RejectedFile as refused:     # unsigned ones too: a score from before signed best models is not proof
-        log.warning("%s; not this node's best: its next evaluation saves the best model over it", refused)
-        return None
-    except OSError as exc:
-        log.warning("%s not read (%s); its next evaluation saves the best model over it", path, exc)
-        return None
-    accuracy = record.get("held_out_accuracy")
-    if not isinstance(record.get("round"), int) or isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
-        return None
-    return record
-
-
-class BestModel:
-    """Keeps root/best/ at the node's best held-out evaluation so far (round 0, the start, included)."""
-
-    def __init__(self, root: Path, key: NodeKey, model_name: str):
-        self.root, self.key, self.model_name = root, key, model_name
-        meta = read_best(root, key)
-        self.written: float | None = float(meta["held_out_accuracy"]) if meta else None   # what best/ holds
-        self.accuracy = self.written            # the best offered: written, or being written
-        self._offered: dict[int, float] = {}
-
-    def offer(self, round_: int, accuracy: float, model: torch.nn.Module) -> Callable[[], Path] | None:
-        """When `accuracy` beats every earlier evaluation, the write that saves the model as best (its weights
-        copied now, so training may go on before it runs); report its outcome to `landed`."""
-        if self.accuracy is not None and accuracy <= self.accuracy:
-            return None
-        self.accuracy, self._offered[round_] = accuracy, accuracy
-        return partial(save_best, self.root, self.key, self.model_name, round_, accuracy, host_weights(model))
-
-    def landed(self, round_: int, ok: bool) -> None:
-        """The write of round_'s offer ended; one that failed leaves the next better evaluation to try again."""
-        accuracy = self._offered.pop(round_, None)
-        if accuracy is None:
-            return
-        if ok:
-            self.written = accuracy if self.written is None else max(self.written, accuracy)
-        offered = [self.written, *self._offered.values()]
-        self.accuracy = max((a for a in offered if a is not None), default=None)
 
 
 class CheckpointMismatch(SwarmError):

@@ -15,7 +15,8 @@ from functools import partial
 import torch
 
 from configs_env import SwarmConfig, SwarmError
-from workers.checkpoint import (METRICS_TAIL, BestModel, CheckpointMeta, clear_leftovers, load_latest_checkpoint,
+from workers.best_model import BestModel
+from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, clear_leftovers, load_latest_checkpoint,
                                 rewrite_lost_records, snapshot_checkpoint, write_checkpoint)
 from workers.checkpoint_writer import BackgroundWriter
 from workers.evaluation import eval_due, evaluate_held_out, held_out_questions
