@@ -17,9 +17,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
+# The files of minutes, longest first (a 2-core run's --durations, each file's tests added up): under -n they start
+# before every other file, longest-first, so the short files fill the end of the run on both workers. pytest-xdist
+# would order files by their number of tests (pyproject's addopts turn that off): the learning run's one-test file
+# started last, 14 minutes in, and ran its 7 minutes while the other worker had nothing left to start.
+LONGEST_FILES = ("test_swarm_learns.py", "test_notebooks.py", "test_e2e.py", "test_slow_drive.py", "test_sapo_table.py",
+                 "test_object_store.py", "test_bench_peers.py", "test_supervision.py", "test_warmup.py")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: a file's tests keep their order
     if "long" not in (config.getoption("markexpr") or ""):
         wait = pytest.mark.skip(reason="minutes long: run with -m long")
         for item in items:
