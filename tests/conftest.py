@@ -114,3 +114,7 @@ def pytest_configure(config):
     left warming up outlived the suite). The tests' processes start with the dispositions a shell gives them."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    # pytest-xdist sorts files by test count, which would start the one-test learning run last: LONGEST_FILES'
+    # order instead (set here, not in addopts, so a machine without xdist, the GPU's, still runs pytest)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False

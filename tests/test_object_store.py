@@ -317,6 +317,10 @@ def s3_swarm(s3, tmp_path_factory):
                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: _in_bucket(bucket, "rewards/round_1/worker-1.json"), 240, "worker-1's round 1", proc)
+        # the checkpoint is written beside the next round (and stays on this machine's disk): the kill waits for
+        # it, or the restarted worker would rightly find none to resume from
+        wait_for(lambda: (exp / "checkpoints" / "worker-1" / "round_000001" / "meta.json").is_file(), 240,
+                 "worker-1's checkpoint of round 1", proc)
         os.kill(json.loads(bucket.read("peers/worker-1.json", 64 * 1024))["pid"], signal.SIGKILL)
         output, _ = proc.communicate(timeout=300)
     finally:
