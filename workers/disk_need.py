@@ -25,8 +25,9 @@ def bytes_under(folder: Path) -> int:
     total, seen, pending = 0, 0, [folder]
     while pending and seen < MAX_FILES_COUNTED:
         try:
-            entries = list(os.scandir(pending.pop()))
-        except (FileNotFoundError, NotADirectoryError):
+            with os.scandir(pending.pop()) as listing:
+                entries = list(listing)
+        except OSError:         # gone or unreadable: counted as empty, so the estimate asks for more room, not less
             continue
         for entry in entries:
             seen += 1
