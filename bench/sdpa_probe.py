@@ -49,7 +49,7 @@ def _timed_step(policy, optimizer, batch, skipped: list) -> float:
 
 def probe(cache: Path, cudnn: bool, widths: list[int], repeats: int) -> dict:
     policy = load_policy(MODEL, "cuda:0", cache)
-    torch.backends.cuda.enable_cudnn_sdp(cudnn)          # after load_policy, which switches cuDNN's off
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)          # workers switch it off around their updates only
     enable_activation_checkpointing(policy.model)
     policy.model.train()
     optimizer = AdamWBf16Moments(policy.model.parameters(), lr=1e-7)

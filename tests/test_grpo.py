@@ -1,6 +1,5 @@
 """The GRPO update matches a hand-written float64 reference, masks by position, and moves the policy the right way."""
 
-import contextlib
 import copy
 import math
 
@@ -264,25 +263,28 @@ def test_the_head_gradient_sums_chunks_in_fp32_on_cuda():
 
 
 @pytest.mark.gpu
-def test_a_cuda_policy_attends_without_cudnn_and_its_padded_update_matches_the_math_kernel(model_cache):
-    """On CUDA the policy's attention skips cuDNN (a plan per new batch shape); the kernel it gets instead
-    gives a left-padded batch (fully masked query rows included) the log-probs and gradient of plain math."""
+def test_a_cuda_update_attends_without_cudnn_and_its_padded_batch_matches_the_math_kernel(model_cache):
+    """On CUDA an update's attention skips cuDNN (a plan per new batch shape) while generation keeps it; the
+    kernel the update gets gives a left-padded batch (fully masked query rows included) the log-probs and
+    gradient of plain math."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from workers.learning.model import load_policy
+    from workers.learning.model import load_policy, update_attention
 
     policy = load_policy("rl-swarm/tiny-gpt2", "cuda", model_cache)
-    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
     batch = build_batch([[5, 6, 7, 8, 9, 10, 11], [5], [8, 9]], [[10, 11, 12, 13], [11, 12], [14]],
                         pad_id=policy.tokenizer.eos_token_id, device="cuda")
     results = []
-    for math_only in (False, True):
+    for kernels in (update_attention(policy.device), sdpa_kernel([SDPBackend.MATH])):
         policy.model.zero_grad(set_to_none=True)
-        with sdpa_kernel([SDPBackend.MATH]) if math_only else contextlib.nullcontext():
+        with kernels:
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
             logp = completion_logprobs(policy.model, batch)
-        (logp * batch.completion_mask).sum().backward()
+            (logp * batch.completion_mask).sum().backward()
         grad = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
         results.append((logp.detach(), grad))
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before     # generation's kernels are untouched
     (logp, grad), (ref_logp, ref_grad) = results
     assert torch.isfinite(logp).all() and torch.isfinite(grad).all()
     assert torch.allclose(logp, ref_logp, atol=1e-4, rtol=0)

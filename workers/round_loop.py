@@ -22,7 +22,7 @@ from workers.learning.generation import (Completion, CompletionMismatch, Complet
                                          sample_completions)
 from workers.learning.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.learning.memory import largest_micro_batch, release_cached_memory
-from workers.learning.model import Policy
+from workers.learning.model import Policy, update_attention
 from workers.shared_folder.protocol import RolloutGroup, RoundMetrics, Status
 from workers.learning.tasks import GroupScores, Question, QuestionNotRebuilt, TaskMix, build_prompt, score_group
 
@@ -139,7 +139,8 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
     completions = [ids for g in groups for ids in g.completion_ids]
     batch = build_batch(prompts, completions, pad_id=policy.tokenizer.eos_token_id, device=policy.device)
     policy.model.train()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
+    with update_attention(policy.device), torch.autocast("cuda", dtype=torch.bfloat16,
+                                                         enabled=policy.device.type == "cuda"):
         stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
                           num_iterations=cfg.steps_per_round, chunk_size=LOGPROB_CHUNK,
                           micro_batch_size=cfg.train_micro_batch,
@@ -191,9 +192,10 @@ def rehearse_largest_round(node: Node) -> int:
     train_rows = largest_micro_batch(cfg)
     batch = build_batch([[eos] * longest] * train_rows, [[eos] * cfg.max_new_tokens] * train_rows, eos, device)
     policy.model.train()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logp = completion_logprobs(policy.model, batch, LOGPROB_CHUNK)
-    (logp.sum() * 0).backward()
+    with update_attention(device):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logp = completion_logprobs(policy.model, batch, LOGPROB_CHUNK)
+        (logp.sum() * 0).backward()
     if hasattr(optimizer, "allocate_state"):
         optimizer.allocate_state()
     optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ from workers.evaluation import EVAL_BATCH, accuracy_by_task, greedy_hits, held_o
 from workers.learning.generation import encode_prompt
 from workers.learning.grpo import build_batch, completion_logprobs, step_if_finite
 from workers.learning.model import (Policy, default_warmup_lr, enable_activation_checkpointing,
-                                   use_activation_checkpointing)
+                                   update_attention, use_activation_checkpointing)
 from workers.learning.tasks import Question, TaskMix, build_prompt
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,11 @@ def _supervised_step(policy: Policy, questions: list[Question], optimizer: torch
     targets = [policy.tokenizer(target_text(q.answer), add_special_tokens=False)["input_ids"] + [eos]
                for q in questions]
     batch = build_batch(prompts, targets, pad_id=eos, device=policy.device)
-    logp = completion_logprobs(policy.model, batch)
-    loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with update_attention(policy.device):
+        logp = completion_logprobs(policy.model, batch)
+        loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
     return loss, step_if_finite(optimizer, norm)
 

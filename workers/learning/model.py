@@ -186,12 +186,22 @@ def load_policy(model_name: str, device: str | torch.device, cache_dir: Path,
     _dropout_off(model)
     _fused_gelu(model)
     device = torch.device(device)
-    if device.type == "cuda":
-        # cuDNN's attention builds a plan for every new batch shape (0.30 s against 0.07 s for an update at a
-        # width not seen before, bench/NOTES.md), and a round's update batch is as wide as its longest
-        # prompt + completion, so most rounds are new; the memory-efficient kernel needs no plan.
-        torch.backends.cuda.enable_cudnn_sdp(False)
     return Policy(model=model.to(device), tokenizer=tokenizer, name=model_name, device=device)
+
+
+def update_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """Around a forward that will be back-propagated, and its backward: on CUDA, any attention kernel but cuDNN's.
+
+    cuDNN builds a plan for every new batch shape (0.30 s against 0.07 s for an update at a width not seen
+    before, bench/NOTES.md), and an update's batch is as wide as its round's longest prompt + completion, so
+    most rounds are new. Generation keeps cuDNN: its shapes are bucketed and replayed, where cuDNN's decode
+    attention is ~20x faster than the memory-efficient kernel's. The switch is process-wide, so it also holds
+    for the backward's thread and the activation checkpoints it recomputes.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def use_activation_checkpointing(setting: str, device: torch.device) -> bool:
