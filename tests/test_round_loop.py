@@ -149,7 +149,9 @@ def test_a_round_whose_rollouts_the_folder_refuses_trains_on_local_rollouts_and_
     import workers.shared_folder.retries as retries_module
 
     monkeypatch.setattr(retries_module.time, "sleep", lambda s: None)
-    cfg = SwarmConfig.from_env({"NUM_WORKERS": "2", "NUM_TRAIN_SAMPLES": "4", "NUM_TRANSPLANT_TREES": "1",
+    # 16 questions: the warmed tiny model answers ~6% right, so some group carries signal whichever the sampler's
+    # draws (with 4, none did in about a third of the seeds)
+    cfg = SwarmConfig.from_env({"NUM_WORKERS": "2", "NUM_TRAIN_SAMPLES": "16", "NUM_TRANSPLANT_TREES": "1",
                                 "NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "16", "ROLLOUT_FETCH_TIMEOUT": "0.5"})
     learner = Policy(copy.deepcopy(warmed.model), warmed.tokenizer, warmed.name, warmed.device)
     optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-4)
@@ -162,7 +164,7 @@ def test_a_round_whose_rollouts_the_folder_refuses_trains_on_local_rollouts_and_
     before = [p.detach().clone() for p in learner.model.parameters()]
     node = Node(learner, optimizer, cfg, TaskMix(cfg.tasks, seed=3), exchange, 0)
     metrics = play_round(node, 1, threading.Event(), lambda: {"w-2"}, lambda stage: None)
-    assert metrics is not None and metrics.local_groups == 4 and metrics.external_groups == 0
+    assert metrics is not None and metrics.local_groups == 16 and metrics.external_groups == 0
     assert exchange.trouble["publish"] == ("round 1: rollouts not published (Input/output error); trained on "
                                            "local rollouts")
     assert metrics.zero_advantage_groups < metrics.local_groups            # local groups carried signal...

@@ -54,7 +54,7 @@ def greedy_hits(policy: Policy, questions: list[Question], max_new_tokens: int, 
     hits = []
     for start in range(0, len(prompts), size):
         batch = prompts[start:start + size]
-        if fast:
+        if fast and policy.device.type == "cuda":
             # the fast sampler captures a CUDA graph per batch shape: a short last batch repeats a prompt
             # instead of capturing (and keeping) one more graph
             batch = batch + batch[-1:] * (size - len(batch))
@@ -78,6 +78,6 @@ def evaluate_held_out(policy: Policy, cfg: SwarmConfig, questions: list[Question
     # round, is reused as it is instead of growing for the evaluation and staying grown
     size = (prompts_per_call(cfg.num_train_samples, splits) * cfg.num_generations if on_cuda
             else EVAL_BATCH // max(1, splits))
-    accuracy = greedy_accuracy(policy, questions, cfg.max_new_tokens, fast=on_cuda, batch_size=max(1, size))
+    accuracy = greedy_accuracy(policy, questions, cfg.max_new_tokens, fast=True, batch_size=max(1, size))
     return HeldOutEval(node=node, round=round_, accuracy=accuracy, questions=len(questions),
                        seconds=time.monotonic() - started)

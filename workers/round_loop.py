@@ -57,9 +57,10 @@ def generate_local(policy: Policy, cfg: SwarmConfig, prompts: list[str], seed: i
     size = prompts_per_call(len(prompts), splits)
     sampled = []
     for start in range(0, len(prompts), size):
-        # on CUDA: the CUDA-graph sampler (learning/decode.py), ~5x the tokens/s of plain generate (bench/RESULTS.md)
+        # GPT-2's own sampler (learning/decode.py): on CUDA from CUDA graphs, ~5x the tokens/s of plain generate
+        # (bench/RESULTS.md); on the CPU ~1.5x, without generate's per-step machinery
         sampled += sample_completions(policy, prompts[start:start + size], cfg.num_generations, cfg.max_new_tokens,
-                                      cfg.temperature, seed + start, fast=policy.device.type == "cuda")
+                                      cfg.temperature, seed + start, fast=True)
     return sampled
 
 

@@ -45,16 +45,16 @@ def generate_ids(policy: Policy, input_ids: torch.Tensor, attention: torch.Tenso
                  temperature: float, greedy: bool, fast: bool, min_new_tokens: int = 0) -> torch.Tensor:
     """Prompts + sampled tokens, as `model.generate` with no top-k/top-p returns them.
 
-    `fast`: GPT-2 through workers.learning.decode (static cache, CUDA graphs); another model through `generate`
-    with bf16 autocast and a static cache on CUDA. Otherwise plain `generate`.
+    `fast`: GPT-2 through workers.learning.decode (static cache, CUDA graphs on CUDA); another model through
+    `generate`, with bf16 autocast and a static cache on CUDA. Otherwise plain `generate`.
     """
     eos = policy.tokenizer.eos_token_id
     decoder = fast_decoder(policy) if fast else None
     if decoder is not None:
         return decoder.generate(input_ids, attention, max_new_tokens, temperature, greedy, eos, min_new_tokens)
     sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-    extra = {"cache_implementation": "static"} if fast else {}
     on_cuda = fast and input_ids.device.type == "cuda"
+    extra = {"cache_implementation": "static"} if on_cuda else {}
     context = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
     with context:
         return policy.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=not greedy,
@@ -87,7 +87,7 @@ def sample_completions(policy: Policy, prompts: list[str], num_generations: int,
     eos = tokenizer.eos_token_id
     prompt_ids = [encode_prompt(policy, p, max_new_tokens) for p in prompts]
     width = max(len(ids) for ids in prompt_ids)
-    if fast:
+    if fast and policy.device.type == "cuda":         # a CUDA graph per shape: a few shapes, reused
         width = bucketed_width(policy, width, max_new_tokens)
     rows = [ids for ids in prompt_ids for _ in range(num_generations)]
     input_ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=policy.device)
