@@ -280,12 +280,15 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
         raise CheckpointMismatch(
             f"{folder} was trained from MODEL_NAME={record['model_name']!r}, not {model_name!r}: "
             f"set MODEL_NAME={record['model_name']} to resume, or use a new EXPERIMENT_NAME")
-    # loaded from the bytes whose SHA-256 was checked (a link or FIFO a peer planted: refused, not read)
+    # loaded from the bytes whose SHA-256 was checked (a link or FIFO a peer planted: refused, not read); one
+    # file at a time, each file's bytes let go once loaded: a restart's host memory peaks at the larger file
+    # twice (bytes and tensors), not at both files twice, with every worker of a resumed swarm loading at once
     size = model_bytes(model)
-    weights = read_checked(folder / "model.safetensors", files.get("model.safetensors"), size + SLACK_BYTES)
     state_bytes = read_checked(folder / "state.pt", files.get("state.pt"), STATE_SIZES * size + SLACK_BYTES)
-    load_weights(model, weights)
     state = torch.load(io.BytesIO(state_bytes), weights_only=True, map_location="cpu")
+    del state_bytes
+    load_weights(model, read_checked(folder / "model.safetensors", files.get("model.safetensors"),
+                                     size + SLACK_BYTES))
     optimizer.load_state_dict(state["optimizer"])
     _restore_rngs(record, state, folder)
     return CheckpointMeta(round=record["round"], node=str(record.get("node", "")),
