@@ -27,7 +27,9 @@ def _swarm_lines(s: dict) -> list[str]:
 HOPS = (("generate_s", "generate (a worker's own completions)"), ("score_s", "score them"),
         ("fetch_s", "publish ours, wait for and re-score the peers' rollouts"), ("train_s", "train (the update)"),
         ("worker_round_s", "a worker's whole round"), ("slowest_worker_round_s", "the slowest worker's round"),
-        ("between_rounds_s", "hand-off between rounds (wall minus the slowest worker's round)"))
+        ("between_rounds_s", "hand-off between rounds (wall minus the slowest worker's round)"),
+        ("between_rounds_median_s", "the same, the median round's (rounds with an evaluation or a checkpoint are "
+                                    "the outliers a mean spreads)"))
 
 
 def _hop_lines(s: dict) -> list[str]:

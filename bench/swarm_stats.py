@@ -51,6 +51,9 @@ def swarm_timing(experiment_dir: Path) -> dict:
             "worker_round_s": mean(m.round_s for m in rows),
             "slowest_worker_round_s": mean(m.round_s for m in slowest)}
     hops["between_rounds_s"] = mean(walls) - hops["slowest_worker_round_s"]
+    # the typical hand-off, without the rounds that end in a held-out evaluation or a checkpoint's snapshot
+    # (every EVAL_EVERY and CHECKPOINT_INTERVAL rounds), which the mean spreads over all rounds
+    hops["between_rounds_median_s"] = median(wall - m.round_s for wall, m in zip(walls, slowest))
     return {"rounds": len(rounds), "workers": len({m.node for m in rows}),
             "seconds_per_round": mean(walls), "median_seconds_per_round": median(walls),
             "worker_work_seconds": mean(max(work(m) for m in by_round[r].values()) for r in rounds),
