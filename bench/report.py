@@ -45,6 +45,126 @@ def _hop_lines(s: dict) -> list[str]:
     return lines
 
 
+Section = tuple[str, str, list[str]]      # (title, the part whose command measured it, its lines)
+
+
+def _generation(results: dict) -> Section | None:
+    if "generation" not in results:
+        return None
+    lines = ["| batch | plain `generate` tok/s | workers' fast path tok/s | speed-up (target >= 4x) |",
+             "|---|---|---|---|"]
+    for row in results["generation"]["rows"]:
+        fast = row.get("fast_tok_s")
+        lines.append(f"| {row['batch']} | {row['plain_tok_s']:.0f} | "
+                     f"{'%.0f' % fast if fast else row.get('fast_error', '-')} | "
+                     f"{'%.2fx' % (fast / row['plain_tok_s']) if fast else '-'} |")
+    return "Generation (GPT-2 124M shapes, 256 new tokens, T=1.0, every row forced to 256 tokens)", "generation", lines
+
+
+def _train(results: dict) -> Section | None:
+    if "train" not in results:
+        return None
+    lines = ["| path | seconds | peak GiB (torch allocator) |", "|---|---|---|"]
+    lines += [f"| {row.get('name', key)} | {row['seconds']:.4f} | {row['peak_gib']:.2f} |"
+              for key, row in results["train"].items()]
+    return "Train step (16 rows x 256 completion tokens + 48 prompt tokens, bf16 autocast)", "train", lines
+
+
+def _worker_memory(results: dict) -> Section | None:
+    w = results.get("worker_memory")
+    if not w:
+        return None
+    return ("One worker's worst case by NVML (generate 8 x 256 tokens, update 16 x 256, 8 rounds)", "worker_memory",
+            [f"- peak **{w['nvml_peak_gib']:.2f} GiB**, CUDA context included (target <= 3); by round: "
+             + ", ".join(f"{x:.2f}" for x in w["nvml_peak_by_round"]),
+             f"- the supervisor's pre-start estimate for it: {w['estimate_gib']:.2f} GiB"])
+
+
+def _swarm_default(results: dict) -> Section | None:
+    if "swarm_default" not in results:
+        return None
+    return ("Whole default swarm (`rl-swarm up`: 4 workers, I=2, J=2, G=4, max 256 new tokens, warmed-up base)",
+            "swarm_default", _swarm_lines(results["swarm_default"]))
+
+
+def _swarm_paper(results: dict) -> Section | None:
+    if "swarm_paper" not in results:
+        return None
+    lines = _swarm_lines(results["swarm_paper"])
+    released = results["swarm_paper"].get("decode_cache_release")
+    if released:
+        lines += ["", f"With `DECODE_CACHE=release` ({released['note']}): {released['seconds_per_round']:.2f} s "
+                      f"per round, the slowest worker's work {released['worker_work_seconds']:.3f} s, peak GPU "
+                      f"per worker (NVML) {released['peak_gib_per_worker']:.2f} GiB, the allocator's peak "
+                      f"{released['torch_peak_gib']:.3f} GiB, over {released['rounds']} rounds"]
+    return ("The paper's shape (`PRESET=paper-4-4`: 8 workers, G=8, I=4, J=4, max 128 new tokens, warmed-up base)",
+            "swarm_paper", lines)
+
+
+def _swarm_default_x3(results: dict) -> Section | None:
+    x3 = results.get("swarm_default_x3")
+    if not x3:
+        return None
+    hops = [(key, text) for key, text in HOPS if any(key in one["hops"] for one in x3["per_swarm"].values())]
+    lines = [f"- {x3['note']}",
+             f"- seconds per round, mean of the swarms: **{x3['seconds_per_round']:.3f}**; the slowest worker's "
+             f"own work: {x3['worker_work_seconds']:.3f} s; wall / work: "
+             f"**{x3['seconds_per_round'] / x3['worker_work_seconds']:.2f}** (target <= 1.5); peak GPU per "
+             f"worker (NVML): {x3['peak_gib_per_worker']:.2f} GiB", "",
+             "| swarm | rounds | s/round | " + " | ".join(text for _, text in hops) + " |",
+             "|---|---|---|" + "---|" * len(hops)]
+    for name, one in x3["per_swarm"].items():
+        lines.append(f"| {name} | {one['rounds']} | {one['seconds_per_round']:.3f} | "
+                     + " | ".join(f"{one['hops'].get(key, float('nan')):.3f}" for key, _ in hops) + " |")
+    return (f"Default swarms side by side ({x3['swarms']} swarms, {x3['workers']} workers, {x3['device']}, "
+            f"git {x3['git_sha']})", "swarm_default_x3", lines)
+
+
+def _sapo_table(results: dict) -> Section | None:
+    t = results.get("sapo_table")
+    if not t or "error" in t:
+        return None
+    lines = [f"- seconds per round, mean over the splits and seeds: **{t['seconds_per_round']:.2f}** "
+             f"(target <= 1.2); peak GPU per worker (NVML): {t['peak_gib_per_worker']:.2f} GiB", "",
+             "| seed | split | seconds per round | slowest worker's work | hand-off between rounds |",
+             "|---|---|---|---|---|"]
+    for seed, batch in t["by_seed"].items():
+        for name, one in batch["per_swarm"].items():
+            if "error" not in one:
+                lines.append(f"| {seed} | {name} | {one['seconds_per_round']:.2f} | "
+                             f"{one['worker_work_seconds']:.3f} | {one['hops']['between_rounds_s']:.3f} |")
+    return (f"Four paper swarms at once (`rl-swarm sapo-table`: {t['swarms_at_once']} swarms, "
+            f"{t['workers_at_once']} workers)", "sapo_table", lines)
+
+
+def _swarm_worst_case(results: dict) -> Section | None:
+    if "swarm_worst_case" not in results:
+        return None
+    return ("Worst-case swarm (WARMUP_STEPS=0: a random-init model writes all 256 tokens every time)",
+            "swarm_worst_case", _swarm_lines(results["swarm_worst_case"])
+            + ["- every reward is 0 for a random-init model, so no update runs in these rounds: this row "
+               "measures generation and the exchange at their longest"])
+
+
+def _scaling(results: dict) -> Section | None:
+    if "scaling" not in results:
+        return None
+    lines = ["| workers | aggregate tok/s | peak GiB per worker (torch reserved) |", "|---|---|---|"]
+    lines += [f"| {row['workers']} | {row['tok_s']:.0f} | {row['peak_gib_per_worker']:.2f} |"
+              for row in results["scaling"]]
+    return "Scaling (N processes generating at once on one GPU, batch 16, 256 tokens, the fast path)", "scaling", lines
+
+
+def _peers(results: dict) -> Section | None:
+    if "peers" not in results:
+        return None
+    return "Side by side with TRL's GRPOTrainer (issue 20; bench/PEERS.md)", "peers", peers_lines(results["peers"])
+
+
+SECTIONS = (_generation, _train, _worker_memory, _swarm_default, _swarm_paper, _swarm_default_x3, _sapo_table,
+            _swarm_worst_case, _scaling, _peers)
+
+
 def render(results: dict) -> str:
     """bench/RESULTS.md: a table per part, each with the command that measured it."""
     commands = results.get("commands", {})
@@ -52,96 +172,9 @@ def render(results: dict) -> str:
              f"torch {results['torch']})", "",
              "Made by `GIT_SHA=<commit> python -m bench all --out bench/results.json` on the GPU machine "
              "(`--parts` splits it over device calls of at most 10 minutes; each section names its own run).", ""]
-
-    def heading(title: str, part: str) -> None:
-        lines.extend([f"## {title}", "", f"`{commands.get(part, 'python -m bench all')}`", ""])
-
-    if "generation" in results:
-        heading("Generation (GPT-2 124M shapes, 256 new tokens, T=1.0, every row forced to 256 tokens)", "generation")
-        lines += ["| batch | plain `generate` tok/s | workers' fast path tok/s | speed-up (target >= 4x) |",
-                  "|---|---|---|---|"]
-        for row in results["generation"]["rows"]:
-            fast = row.get("fast_tok_s")
-            lines.append(f"| {row['batch']} | {row['plain_tok_s']:.0f} | "
-                         f"{'%.0f' % fast if fast else row.get('fast_error', '-')} | "
-                         f"{'%.2fx' % (fast / row['plain_tok_s']) if fast else '-'} |")
-    if "train" in results:
-        lines.append("")
-        heading("Train step (16 rows x 256 completion tokens + 48 prompt tokens, bf16 autocast)", "train")
-        lines += ["| path | seconds | peak GiB (torch allocator) |", "|---|---|---|"]
-        for key, row in results["train"].items():
-            lines.append(f"| {row.get('name', key)} | {row['seconds']:.4f} | {row['peak_gib']:.2f} |")
-    w = results.get("worker_memory")
-    if w:
-        lines.append("")
-        heading("One worker's worst case by NVML (generate 8 x 256 tokens, update 16 x 256, 8 rounds)",
-                "worker_memory")
-        lines += [f"- peak **{w['nvml_peak_gib']:.2f} GiB**, CUDA context included (target <= 3); by round: "
-                  + ", ".join(f"{x:.2f}" for x in w["nvml_peak_by_round"]),
-                  f"- the supervisor's pre-start estimate for it: {w['estimate_gib']:.2f} GiB"]
-    if "swarm_default" in results:
-        lines.append("")
-        heading("Whole default swarm (`rl-swarm up`: 4 workers, I=2, J=2, G=4, max 256 new tokens, warmed-up base)",
-                "swarm_default")
-        lines += _swarm_lines(results["swarm_default"])
-    if "swarm_paper" in results:
-        lines.append("")
-        heading("The paper's shape (`PRESET=paper-4-4`: 8 workers, G=8, I=4, J=4, max 128 new tokens, warmed-up base)",
-                "swarm_paper")
-        lines += _swarm_lines(results["swarm_paper"])
-        released = results["swarm_paper"].get("decode_cache_release")
-        if released:
-            lines += ["", f"With `DECODE_CACHE=release` ({released['note']}): {released['seconds_per_round']:.2f} s "
-                          f"per round, the slowest worker's work {released['worker_work_seconds']:.3f} s, peak GPU "
-                          f"per worker (NVML) {released['peak_gib_per_worker']:.2f} GiB, the allocator's peak "
-                          f"{released['torch_peak_gib']:.3f} GiB, over {released['rounds']} rounds"]
-    x3 = results.get("swarm_default_x3")
-    if x3:
-        lines.append("")
-        heading(f"Default swarms side by side ({x3['swarms']} swarms, {x3['workers']} workers, {x3['device']}, "
-                f"git {x3['git_sha']})", "swarm_default_x3")
-        lines += [f"- {x3['note']}",
-                  f"- seconds per round, mean of the swarms: **{x3['seconds_per_round']:.3f}**; the slowest worker's "
-                  f"own work: {x3['worker_work_seconds']:.3f} s; wall / work: "
-                  f"**{x3['seconds_per_round'] / x3['worker_work_seconds']:.2f}** (target <= 1.5); peak GPU per "
-                  f"worker (NVML): {x3['peak_gib_per_worker']:.2f} GiB", "",
-                  "| swarm | rounds | s/round | " + " | ".join(text for _, text in HOPS) + " |",
-                  "|---|---|---|" + "---|" * len(HOPS)]
-        for name, one in x3["per_swarm"].items():
-            lines.append(f"| {name} | {one['rounds']} | {one['seconds_per_round']:.3f} | "
-                         + " | ".join(f"{one['hops'][key]:.3f}" for key, _ in HOPS) + " |")
-    t = results.get("sapo_table")
-    if t and "error" not in t:
-        lines.append("")
-        heading(f"Four paper swarms at once (`rl-swarm sapo-table`: {t['swarms_at_once']} swarms, "
-                f"{t['workers_at_once']} workers)", "sapo_table")
-        lines += [f"- seconds per round, mean over the splits and seeds: **{t['seconds_per_round']:.2f}** "
-                  f"(target <= 1.2); peak GPU per worker (NVML): {t['peak_gib_per_worker']:.2f} GiB", "",
-                  "| seed | split | seconds per round | slowest worker's work | hand-off between rounds |",
-                  "|---|---|---|---|---|"]
-        for seed, batch in t["by_seed"].items():
-            for name, one in batch["per_swarm"].items():
-                if "error" not in one:
-                    lines.append(f"| {seed} | {name} | {one['seconds_per_round']:.2f} | "
-                                 f"{one['worker_work_seconds']:.3f} | {one['hops']['between_rounds_s']:.3f} |")
-    if "swarm_worst_case" in results:
-        lines.append("")
-        heading("Worst-case swarm (WARMUP_STEPS=0: a random-init model writes all 256 tokens every time)",
-                "swarm_worst_case")
-        lines += _swarm_lines(results["swarm_worst_case"])
-        lines.append("- every reward is 0 for a random-init model, so no update runs in these rounds: this row "
-                     "measures generation and the exchange at their longest")
-    if "scaling" in results:
-        lines.append("")
-        heading("Scaling (N processes generating at once on one GPU, batch 16, 256 tokens, the fast path)",
-                "scaling")
-        lines += ["| workers | aggregate tok/s | peak GiB per worker (torch reserved) |", "|---|---|---|"]
-        for row in results["scaling"]:
-            lines.append(f"| {row['workers']} | {row['tok_s']:.0f} | {row['peak_gib_per_worker']:.2f} |")
-    if "peers" in results:
-        lines.append("")
-        heading("Side by side with TRL's GRPOTrainer (issue 20; bench/PEERS.md)", "peers")
-        lines += peers_lines(results["peers"])
+    sections = [section for make in SECTIONS if (section := make(results))]
+    for i, (title, part, body) in enumerate(sections):
+        lines += ([""] if i else []) + [f"## {title}", "", f"`{commands.get(part, 'python -m bench all')}`", ""] + body
     lines += ["", "## Against the targets (issues 8 and 18)", ""] + [f"- {line}" for line in verdicts(results)]
     return "\n".join(lines) + "\n"
 
