@@ -235,8 +235,13 @@ class Dashboard:
         self._last_draw = float("-inf")
         self._last_key: tuple | None = None
 
+    @property
+    def live(self) -> bool:
+        """Whether a live table is drawn (a terminal), redrawn up to `refresh_per_second`."""
+        return self.shown and self.console.is_terminal
+
     def start(self) -> None:
-        if self.shown and self.console.is_terminal and self._live is None:
+        if self.live and self._live is None:
             self._live = Live(console=self.console, auto_refresh=False, transient=False, redirect_stdout=False,
                               redirect_stderr=False)
             self._live.start()

@@ -37,6 +37,10 @@ TICK_S = 0.25
 MONITOR_S = 1.0
 RECORD_S = 5.0
 HANG_CHECK_S = 2.0       # how often hung workers and the shared folder's presence are checked
+# how often the folder is read for the view when no live table shows it (a pipe's status lines, a notebook's own
+# table, the learning alarms): each read lists and verifies every heartbeat and new metrics line, CPU the
+# workers' launches share
+QUIET_VIEW_S = 1.0
 SHUTDOWN_GRACE_S = 30.0
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -288,7 +292,8 @@ class Supervisor:
             self.coordinator.start()
         self.event(f"started {len(self.handles)} workers" + (" and the coordinator" if self.coordinator else ""))
         self.dashboard.start()
-        last_sample = last_record = last_hang_check = 0.0
+        last_sample = last_record = last_hang_check = last_view = float("-inf")
+        view_every = TICK_S if self.dashboard.live else QUIET_VIEW_S
         while self.exit_code is None:
             now = time.monotonic()
             if now - last_hang_check >= HANG_CHECK_S:
@@ -303,10 +308,12 @@ class Supervisor:
             if now - last_record >= RECORD_S:
                 self._record(self.snapshot)
                 last_record = now
-            view = self.reader.view(self.handles, self.snapshot, self.events, self.started,
-                                    self.coordinator.round if self.coordinator else None)
-            self.watch.learning(view)
-            self.dashboard.update(view)
+            if now - last_view >= view_every:
+                view = self.reader.view(self.handles, self.snapshot, self.events, self.started,
+                                        self.coordinator.round if self.coordinator else None)
+                self.watch.learning(view)
+                self.dashboard.update(view)
+                last_view = now
             verdict = self._verdict()
             # a stop signal's handler runs between any two lines of this loop and sets exit_code itself: the
             # verdict must not overwrite it with None (the loop then ran on with every worker stopped, seen in CI)
