@@ -108,6 +108,19 @@ def key(tmp_path):
     return NodeKey.load_or_create(tmp_path.parent / f"{tmp_path.name}.keys", "w-1")
 
 
+@pytest.fixture
+def no_reader_blocks():
+    """A reader blocked on a FIFO would hang the suite: a test that plants one asks for this, and fails instead."""
+    def blocked(signum, frame):
+        # pytest.fail, not TimeoutError: that is an OSError, which a reader takes for a Drive hiccup and retries
+        pytest.fail("a reader or writer blocked (on a FIFO?)")
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def pytest_configure(config):
     """pytest-xdist's workers run with SIGINT and SIGHUP ignored, and an ignored signal stays ignored through exec:
     every `up` a test started under -n ignored its Ctrl-C and took its terminal's hang-up for nohup (and one
