@@ -22,7 +22,7 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 # would order files by their number of tests (pyproject's addopts turn that off): the learning run's one-test file
 # started last, 14 minutes in, and ran its 7 minutes while the other worker had nothing left to start.
 LONGEST_FILES = ("test_swarm_learns.py", "test_notebooks.py", "test_e2e.py", "test_slow_drive.py", "test_sapo_table.py",
-                 "test_object_store.py", "test_bench_peers.py", "test_supervision.py", "test_warmup.py")
+                 "test_object_store_swarm.py", "test_bench_peers.py", "test_supervision.py", "test_warmup.py")
 
 
 def pytest_collection_modifyitems(config, items):
