@@ -54,6 +54,11 @@ class SeaweedS3:
         args = [weed, "server", "-s3", "-dir", str(workdir), "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1",
                 "-master.volumeSizeLimitMB", "64", "-volume.max", "8"]
         args += [f"-{name}={port}" for name, port in zip(SEAWEED_PORTS, ports)]
+        # a newer weed also serves Iceberg and Lance catalogs, on fixed ports: the server of another test process of
+        # this host (pytest -n 2) held them and this one died at its start; the tests use neither, so they are off
+        usage = subprocess.run([weed, "server", "-h"], capture_output=True, text=True, timeout=60)
+        flags = usage.stdout + usage.stderr
+        args += [f"-{flag}=0" for flag in ("s3.port.iceberg", "s3.port.lance") if f"-{flag} " in flags]
         self.log = workdir / "weed.log"
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         self.endpoint = f"http://127.0.0.1:{ports[6]}"
