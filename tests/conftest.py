@@ -22,7 +22,7 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 # would order files by their number of tests (pyproject's addopts turn that off): the learning run's one-test file
 # started last, 14 minutes in, and ran its 7 minutes while the other worker had nothing left to start.
 LONGEST_FILES = ("test_swarm_learns.py", "test_notebooks.py", "test_e2e.py", "test_slow_drive.py", "test_sapo_table.py",
-                 "test_object_store.py", "test_bench_peers.py", "test_supervision.py", "test_warmup.py")
+                 "test_object_store_swarm.py", "test_bench_peers.py", "test_supervision.py", "test_warmup.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -106,6 +106,19 @@ def key(tmp_path):
     from workers.shared_folder.signing import NodeKey
 
     return NodeKey.load_or_create(tmp_path.parent / f"{tmp_path.name}.keys", "w-1")
+
+
+@pytest.fixture
+def no_reader_blocks():
+    """A reader blocked on a FIFO would hang the suite: a test that plants one asks for this, and fails instead."""
+    def blocked(signum, frame):
+        # pytest.fail, not TimeoutError: that is an OSError, which a reader takes for a Drive hiccup and retries
+        pytest.fail("a reader or writer blocked (on a FIFO?)")
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def pytest_configure(config):

