@@ -3,6 +3,8 @@ experiment with a file outside it for a planted link to point at."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from configs_env import SwarmConfig
@@ -76,3 +78,9 @@ def hostile_experiment(tmp_path: Path) -> tuple[SwarmConfig, ExperimentFolder, P
     outside.write_text(OUTSIDE_TEXT)
     return cfg, folder, outside
 
+
+def dead_pid() -> int:
+    """The pid of a process that has exited: a killed writer's, in the name of what it left."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait(timeout=60)
+    return finished.pid

@@ -168,7 +168,7 @@ def test_archiving_old_rollouts_never_follows_a_link_a_peer_planted_in_the_archi
 def test_a_coordinator_killed_mid_archive_has_its_next_start_finish_what_it_left_aside(swarm, tmp_path):
     """Archiving round N again renames the archived round_N aside (`.round_N.<writer>.old`), moves the new one in,
     then removes the old: a kill between those left the hidden folder in archives/ for good."""
-    from tests.test_hostile_folder import dead_pid
+    from tests.hostile_files import dead_pid
     from workers.shared_folder.leftovers import writer_tag
 
     cfg, folder, coordinator, _ = swarm

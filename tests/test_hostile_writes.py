@@ -6,15 +6,13 @@ its checkpoints reaches no file of this machine.
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from configs_env import SwarmConfig
 from tests.helpers import heartbeat_record, metrics_row, node_key, warnings_naming
-from tests.hostile_files import OUTSIDE_TEXT, hostile_experiment, plant_entry
+from tests.hostile_files import OUTSIDE_TEXT, dead_pid, hostile_experiment, plant_entry
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded, write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
@@ -74,12 +72,6 @@ def test_an_atomic_write_replaces_a_planted_link_and_uses_no_temp_name_a_peer_co
 
 
 # -- leftovers of killed writes ----------------------------------------------------------------------
-
-def dead_pid() -> int:
-    finished = subprocess.Popen([sys.executable, "-c", "pass"])
-    finished.wait(timeout=60)
-    return finished.pid
-
 
 def test_leftovers_of_killed_writes_are_cleared_at_start_and_a_live_writers_are_kept(swarm):
     from workers.best_model import BEST
