@@ -187,7 +187,7 @@ PARTS = ("generation", "train", "worker_memory", "swarm_default", "swarm_paper",
          "scaling", "profile", "peers")
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", choices=["all"])
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -200,6 +200,21 @@ def main() -> None:
     parser.add_argument("--table-drive", type=Path, default=None,
                         help="sapo_table: the GDRIVE_PATH a `PRESET=paper-8-0 rl-swarm sapo-table` ran in")
     add_peers_arguments(parser)
+    return parser
+
+
+def _write_profiles(out: Path, name: str, result: object) -> None:
+    """A part's torch-profiler tables go beside --out, not into results.json."""
+    if name == "peers" and isinstance(result, dict):     # one update of each side: where its time goes
+        profiles = result.pop("profile", None) or {}
+        out.with_name("peers_profile.txt").write_text(
+            "".join(f"## {side}\n\n{text}\n" for side, text in profiles.items() if text))
+    elif isinstance(result, dict) and "profile" in result:     # one round of worker-1
+        out.with_name(f"{name}_profile.txt").write_text(result.pop("profile") + "\n")
+
+
+def main() -> None:
+    parser = _parser()
     args = parser.parse_args()
     # `timeout` stops a device run with SIGTERM: exit through the finally blocks, which stop the swarms started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -244,12 +259,7 @@ def main() -> None:
             args.out.with_name("profile.txt").write_text(profile_round(cache) + "\n")
         else:
             results[name] = runs[name]()
-        if name == "peers":         # one update of each side under torch.profiler: where its time goes
-            profiles = results[name].pop("profile", None) or {}
-            args.out.with_name("peers_profile.txt").write_text(
-                "".join(f"## {side}\n\n{text}\n" for side, text in profiles.items() if text))
-        elif isinstance(results.get(name), dict) and "profile" in results[name]:     # one round of worker-1
-            args.out.with_name(f"{name}_profile.txt").write_text(results[name].pop("profile") + "\n")
+            _write_profiles(args.out, name, results[name])
         commands[name] = command
         print(f"{name}: {time.monotonic() - started:.0f}s {json.dumps(results.get(name))[:400]}", flush=True)
         results["commands"] = commands

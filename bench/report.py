@@ -1,6 +1,8 @@
 """bench/RESULTS.md from bench/results.json: a section per part with the command that measured it, then each
 target met or missed."""
 
+from collections.abc import Callable
+
 from bench.peers import peers_lines
 
 
@@ -181,11 +183,18 @@ def render(results: dict) -> str:
 
 def verdicts(results: dict) -> list[str]:
     """One line per target: met or missed, with the number that decides it."""
-    out = []
+    out: list[str] = []
 
     def say(met: bool, text: str) -> None:
         out.append(f"{'met' if met else '**missed**'}: {text}")
 
+    _swarm_verdicts(results, say)
+    _part_verdicts(results, say)
+    return out
+
+
+def _swarm_verdicts(results: dict, say: Callable[[bool, str], None]) -> None:
+    """The whole swarms' targets: seconds per round, the hand-offs, memory over rounds."""
     s = results.get("swarm_default", {})
     if "seconds_per_round" in s:
         say(s["seconds_per_round"] <= 1.8, f"2000 rounds in <= 1 h: {s['seconds_per_round']:.2f} s per round "
@@ -224,6 +233,11 @@ def verdicts(results: dict) -> list[str]:
     if "seconds_per_round" in worst:
         say(worst["seconds_per_round"] <= 1.0, f"worst case (every completion 256 tokens) <= 1.0 s per round: "
             f"{worst['seconds_per_round']:.2f} s")
+
+
+def _part_verdicts(results: dict, say: Callable[[bool, str], None]) -> None:
+    """The targets of one worker's parts: its memory, generation, the train step."""
+    s = results.get("swarm_default", {})
     w = results.get("worker_memory")
     if w:
         peak = max(w["nvml_peak_gib"], s.get("peak_gib_per_worker", 0))
@@ -244,4 +258,3 @@ def verdicts(results: dict) -> list[str]:
                     f"train step at least as fast as full logits, with less memory ({row['name']}): "
                     f"{row['seconds']:.3f} s vs {naive['seconds']:.3f} s, {row['peak_gib']:.2f} vs "
                     f"{naive['peak_gib']:.2f} GiB")
-    return out
