@@ -113,6 +113,40 @@ def test_heartbeats_are_read_whole_or_not_at_all(folder, monkeypatch):
     assert answers > 50 and failures > 5
 
 
+def test_a_slow_heartbeat_write_never_holds_up_a_round_and_the_last_beat_is_written_before_the_worker_leaves(
+        folder, monkeypatch):
+    """A round changes its stage beat three times; with the folder taking seconds a write, the round goes on at
+    once and the folder gets the newest beat when it can; a last status is written before `update` returns."""
+    import threading
+
+    from workers.heartbeat import Heartbeats
+    from workers.shared_folder.protocol import Status
+
+    exchange = node_exchange(folder, "w-1")
+    folder_back, written = threading.Event(), []
+    write = exchange.write_heartbeat
+
+    def slow_write(beat: Heartbeat) -> None:
+        folder_back.wait(10)           # a Drive write in a bad minute
+        write(beat)
+        written.append(beat.status)
+
+    monkeypatch.setattr(exchange, "write_heartbeat", slow_write)
+    beats = Heartbeats(exchange, Heartbeat.first("w-1", "worker", Status.WAITING), lambda: [])
+    beats.start()
+    started = time.monotonic()
+    for stage in (Status.GENERATING, Status.FETCHING, Status.TRAINING):
+        beats.update(status=stage, round=1)
+    assert time.monotonic() - started < 1.0 and not written          # the round did not wait for the folder
+    folder_back.set()
+    wait_until(lambda: written and written[-1] == Status.TRAINING, timeout=10)
+    assert read_heartbeats(folder, keyring(folder))["w-1"].status == Status.TRAINING
+    beats.stop()
+    beats.update(status=Status.DONE, round=1)
+    assert written[-1] == Status.DONE
+    assert read_heartbeats(folder, keyring(folder))["w-1"].status == Status.DONE
+
+
 def test_checkpoints_base_and_logs_stay_outside_the_simulation(folder):
     outside = [folder.checkpoint_dir("w-1") / "round_000001" / "meta.json", folder.root / "base" / "meta.json",
                folder.log_dir("w-1") / "x.json", folder.config_file]

@@ -20,6 +20,7 @@ from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, clear_leftovers, l
                                 rewrite_lost_records, snapshot_checkpoint, write_checkpoint)
 from workers.checkpoint_writer import BackgroundWriter
 from workers.evaluation import eval_due, evaluate_held_out, held_out_questions
+from workers.heartbeat import Heartbeats
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer
@@ -41,7 +42,6 @@ from workers.warmup import load_base
 
 log = logging.getLogger("workers.worker")
 
-HEARTBEAT_S = 2.0
 ROUND_POLL_S = 0.2        # between looks for a new round; on this host the coordinator's doorbell cuts it short
 OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
 # how long a leaving worker keeps trying them: shorter when asked to stop, inside the supervisor's 30 s grace
@@ -76,9 +76,9 @@ class Worker:
         self.folder = ExperimentFolder(spec.cfg.experiment_dir)
         mount.claim(self.folder.root)      # made by the supervisor; a dropped mount must not make it again
         self.exchange = node_exchange(self.folder, spec.cfg, spec.node)
-        self.beat = replace(Heartbeat.first(spec.node, "worker", Status.STARTING), device=spec.device)
-        self._beat_lock = threading.Lock()
         self.outbox = Outbox()
+        self.heartbeats = Heartbeats(self.exchange, replace(Heartbeat.first(spec.node, "worker", Status.STARTING),
+                                                            device=spec.device), self._troubles)
         self.checkpoints = self.folder.checkpoint_dir(spec.node)
         self.writer = BackgroundWriter(f"checkpoints of {spec.node}")
         self.progress = Progress()
@@ -86,22 +86,16 @@ class Worker:
         self.best: BestModel | None = None
 
     # -- heartbeat -----------------------------------------------------------------------------------
-    def update(self, **changes: object) -> None:
-        with self._beat_lock:
-            now = time.time()
-            if changes.get("status", self.beat.status) != self.beat.status or "round" in changes:
-                changes["progress_at"] = now
-            troubles = [*self.exchange.trouble.values()] + ([self.outbox.trouble] if self.outbox.trouble else [])
-            self.beat = replace(self.beat, updated_at=now, rejected=self.exchange.rejected,
-                                note="; ".join(troubles) or None, **changes)
-            try:
-                self.exchange.write_heartbeat(self.beat)
-            except OSError as exc:  # a Drive hiccup must not kill the worker; the next beat, 2 s on, retries
-                log.warning("heartbeat not written: %s", exc)
+    @property
+    def beat(self) -> Heartbeat:
+        return self.heartbeats.beat
 
-    def _heartbeat_loop(self, done: threading.Event) -> None:
-        while not done.wait(HEARTBEAT_S):
-            self.update()
+    def update(self, **changes: object) -> None:
+        self.heartbeats.update(**changes)
+
+    def _troubles(self) -> list[str]:
+        """What the heartbeat's note says: the folder's refusals of this round, the writes still waiting."""
+        return [*self.exchange.trouble.values()] + ([self.outbox.trouble] if self.outbox.trouble else [])
 
     # -- rounds --------------------------------------------------------------------------------------
     def _coordinator_alive(self) -> bool:
@@ -189,12 +183,11 @@ class Worker:
 
     def run(self) -> None:
         self.update()
-        done = threading.Event()
-        threading.Thread(target=self._heartbeat_loop, args=(done,), daemon=True, name="heartbeat").start()
+        self.heartbeats.start()
         try:
             self._play()
         finally:
-            done.set()
+            self.heartbeats.stop()
 
     def _play(self) -> None:
         node = self._start()
