@@ -387,9 +387,11 @@ class Supervisor:
             self.coordinator.join(timeout=5)
         try:
             self.watch.folder()     # a folder back since the last check: the swarm can finish within its 2 s
+            view = self.reader.view(self.handles, self.snapshot, self.events, self.started,
+                                    self.coordinator.round if self.coordinator else None)
+            self.watch.learning(view)   # the last evaluations, which the workers wrote as they left
             self.journal.flush()    # what is still waiting then, the run's summary prints
-            self.dashboard.update(self.reader.view(self.handles, self.snapshot, self.events, self.started,
-                                                   self.coordinator.round if self.coordinator else None))
+            self.dashboard.update(view)
         finally:
             self.dashboard.stop()
 
