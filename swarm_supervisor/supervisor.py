@@ -9,17 +9,17 @@ import multiprocessing as mp      # not torch's: no tensor passes between these 
 import signal
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.dashboard import Dashboard
 from swarm_supervisor.events import EventJournal, Watches
+from swarm_supervisor.handles import RestartPolicy, WorkerHandle
 from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
 from swarm_supervisor.devices import nvml_ids
-from swarm_supervisor.status import SwarmReader
+from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_finished, read_heartbeats
@@ -52,39 +52,6 @@ def one_line(error: BaseException) -> str:
 
 
 MEMORY_POLL_S = 5.0     # how often a restart held back for GPU memory looks again
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    max_restarts: int = 5          # R
-    window_s: float = 600.0        # T
-    backoff_s: float = 1.0
-    backoff_max_s: float = 30.0
-
-    def delay(self, recent_restarts: int) -> float:
-        return min(self.backoff_max_s, self.backoff_s * 2 ** max(0, recent_restarts - 1))
-
-
-@dataclass
-class WorkerHandle:
-    spec: WorkerSpec
-    process: Any = None
-    restarts: deque = field(default_factory=deque)   # monotonic times of restarts within the window
-    total_restarts: int = 0
-    restart_at: float | None = None
-    failed: bool = False
-    exited_ok: bool = False
-    last_error: str | None = None
-    kill_reason: str | None = None      # set when the supervisor itself killed the process
-    memory_wait_since: float | None = None    # its restart waits for room on its GPU (monotonic start)
-    memory_wait_gave_up: float | None = None  # when a wait last ran out: the next out-of-memory exit counts
-
-    @property
-    def node(self) -> str:
-        return self.spec.node
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
 
 
 class Supervisor:
@@ -309,8 +276,7 @@ class Supervisor:
                 self._record(self.snapshot)
                 last_record = now
             if now - last_view >= view_every:
-                view = self.reader.view(self.handles, self.snapshot, self.events, self.started,
-                                        self.coordinator.round if self.coordinator else None)
+                view = self._view()
                 self.watch.learning(view)
                 self.dashboard.update(view)
                 last_view = now
@@ -321,6 +287,10 @@ class Supervisor:
             if self.exit_code is None:
                 time.sleep(TICK_S)
         return self.exit_code
+
+    def _view(self) -> SwarmView:
+        return self.reader.view(self.handles, self.snapshot, self.events, self.started,
+                                self.coordinator.round if self.coordinator else None)
 
     def _record(self, snapshot: MonitorSnapshot | None) -> None:
         """Per-node GPU/RAM/CPU over time, for plots and for checking the memory budget after a run."""
@@ -387,8 +357,7 @@ class Supervisor:
             self.coordinator.join(timeout=5)
         try:
             self.watch.folder()     # a folder back since the last check: the swarm can finish within its 2 s
-            view = self.reader.view(self.handles, self.snapshot, self.events, self.started,
-                                    self.coordinator.round if self.coordinator else None)
+            view = self._view()
             self.watch.learning(view)   # the last evaluations, which the workers wrote as they left
             self.journal.flush()    # what is still waiting then, the run's summary prints
             self.dashboard.update(view)
