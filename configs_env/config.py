@@ -133,6 +133,9 @@ class SwarmConfig:
         "Completions per forward/backward of the update (gradients accumulate; bounds activation memory)")
     gradient_checkpointing: str = setting("auto", "GRADIENT_CHECKPOINTING", p.choice(("auto", "on", "off")),
         "Recompute activations in backward to save GPU memory: auto = on CUDA, off on CPU")
+    update_graphs: str = setting("auto", "UPDATE_GRAPHS", p.choice(("auto", "off")),
+        "The update's forward and backward as CUDA graphs, one per bucketed batch shape: auto = on CUDA when "
+        "STEPS_PER_ROUND=1 and KL_BETA=0 (far less host time per update); off = always eager")
     decode_cache: str = setting("keep", "DECODE_CACHE", p.choice(("keep", "release")),
         "The sampler's KV cache and CUDA graphs between rounds: keep (no re-capture) or release them before "
         "each update (less GPU memory at the update's peak: ~11 MiB per generated row of 320 positions; the "

@@ -23,6 +23,7 @@ from workers.learning.generation import (Completion, CompletionMismatch, Complet
 from workers.learning.grpo import LOGPROB_CHUNK, build_batch, completion_logprobs, group_advantages, grpo_step
 from workers.learning.memory import largest_micro_batch, release_cached_memory
 from workers.learning.model import Policy, update_attention
+from workers.learning.update_graph import UpdateGraphs, pad_for_graphs
 from workers.shared_folder.protocol import RolloutGroup, RoundMetrics, Status
 from workers.learning.tasks import GroupScores, Question, QuestionNotRebuilt, TaskMix, build_prompt, score_group
 
@@ -138,19 +139,44 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
     advantages = group_advantages(rewards, scale=cfg.advantage_scale).flatten().to(policy.device)
     prompts = [g.prompt_ids for g in groups for _ in g.completion_ids]
     completions = [ids for g in groups for ids in g.completion_ids]
-    batch = build_batch(prompts, completions, pad_id=policy.tokenizer.eos_token_id, device=policy.device)
     policy.model.train()
     with update_attention(policy.device), torch.autocast("cuda", dtype=torch.bfloat16,
                                                          enabled=policy.device.type == "cuda"):
-        stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
-                          num_iterations=cfg.steps_per_round, chunk_size=LOGPROB_CHUNK,
-                          micro_batch_size=cfg.train_micro_batch,
-                          normalize=cfg.loss_normalization)
+        stats = _graphed_update(policy, optimizer, cfg, prompts, completions, advantages)
+        if stats is None:
+            batch = build_batch(prompts, completions, pad_id=policy.tokenizer.eos_token_id, device=policy.device)
+            stats = grpo_step(policy.model, optimizer, batch, advantages, beta=cfg.kl_beta, ref_model=reference,
+                              num_iterations=cfg.steps_per_round, chunk_size=LOGPROB_CHUNK,
+                              micro_batch_size=cfg.train_micro_batch, normalize=cfg.loss_normalization)
     if stats.get("skipped_steps"):
         log.warning("update skipped: its gradient was not finite (loss %s, grad norm %s; %d completions of up to "
                     "%d tokens after prompts of up to %d); the weights are unchanged", stats["loss"],
                     stats["grad_norm"], len(completions), max(map(len, completions)), max(map(len, prompts)))
     return stats
+
+
+def update_graphs(policy: Policy, cfg: SwarmConfig) -> UpdateGraphs | None:
+    """The policy's update graphs where UPDATE_GRAPHS allows them: on CUDA, one step a round, no KL term."""
+    if cfg.update_graphs == "off" or policy.device.type != "cuda" or cfg.steps_per_round != 1 or cfg.kl_beta > 0:
+        return None
+    if policy.update_graphs is None:
+        policy.update_graphs = UpdateGraphs(policy.model, largest_micro_batch(cfg), LOGPROB_CHUNK,
+                                            normalize=cfg.loss_normalization)
+    return policy.update_graphs
+
+
+def _graphed_update(policy: Policy, optimizer: torch.optim.Optimizer, cfg: SwarmConfig, prompts: list[list[int]],
+                    completions: list[list[int]], advantages: torch.Tensor) -> dict[str, float] | None:
+    """The update replayed from CUDA graphs on the batch padded to its bucket; None where no graph serves."""
+    graphs = update_graphs(policy, cfg)
+    if graphs is None:
+        return None
+    eos = policy.tokenizer.eos_token_id
+    padded = pad_for_graphs(prompts, completions, advantages, eos, graphs.micro_batch,
+                            bucketed_width(policy, max(map(len, prompts)), cfg.max_new_tokens), cfg.max_new_tokens)
+    batch = build_batch(padded.prompts, padded.completions, eos, policy.device, padded.prompt_width,
+                        padded.completion_width)
+    return graphs.step(optimizer, batch, padded.advantages, padded.real_rows)
 
 
 @dataclass
@@ -191,12 +217,18 @@ def rehearse_largest_round(node: Node) -> int:
                          fast=True, min_new_tokens=cfg.max_new_tokens)
         release_cached_memory(device)
     train_rows = largest_micro_batch(cfg)
-    batch = build_batch([[eos] * longest] * train_rows, [[eos] * cfg.max_new_tokens] * train_rows, eos, device)
     policy.model.train()
     with update_attention(device):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logp = completion_logprobs(policy.model, batch, LOGPROB_CHUNK)
-        (logp.sum() * 0).backward()
+        graphs = update_graphs(policy, cfg)
+        if graphs is not None:          # its capture for this shape is the rehearsal (and sizes its memory)
+            batch = build_batch([[eos] * longest] * train_rows, [[eos] * cfg.max_new_tokens] * train_rows, eos,
+                                device, prompt_width=width)
+            graphs.prepare(batch, train_rows)
+        else:
+            batch = build_batch([[eos] * longest] * train_rows, [[eos] * cfg.max_new_tokens] * train_rows, eos, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logp = completion_logprobs(policy.model, batch, LOGPROB_CHUNK)
+            (logp.sum() * 0).backward()
     if hasattr(optimizer, "allocate_state"):
         optimizer.allocate_state()
     optimizer.zero_grad(set_to_none=True)

@@ -54,14 +54,15 @@ class RolloutBatch:
 
 
 def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                device: torch.device | str = "cpu") -> RolloutBatch:
-    """Token-id lists -> one padded batch; a completion's EOS is trained, its padding is not."""
+                device: torch.device | str = "cpu", prompt_width: int = 0, completion_width: int = 0) -> RolloutBatch:
+    """Token-id lists -> one padded batch, at least `prompt_width` + `completion_width` wide; a completion's EOS
+    is trained, its padding is not."""
     if not prompts or len(prompts) != len(completions):
         raise ValueError(f"build_batch: {len(prompts)} prompts for {len(completions)} completions")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("build_batch: an empty prompt leaves no position to predict the first completion token")
-    width_p = max(len(p) for p in prompts)
-    width_c = max(len(c) for c in completions)
+    width_p = max(prompt_width, *(len(p) for p in prompts))
+    width_c = max(completion_width, *(len(c) for c in completions))
     ids, mask, done = [], [], []
     for prompt, completion in zip(prompts, completions):
         left, right = width_p - len(prompt), width_c - len(completion)
@@ -220,7 +221,7 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, chunk_size:
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor,
               ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.28,
               normalize: str = "token", total_tokens: torch.Tensor | None = None,
-              total_rows: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              total_rows: int | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of (B, C) token log-probs under (B,) advantages, and its stats.
 
     The stats (loss, clip_fraction, ratio and, when beta > 0, kl; means over this batch's completion
@@ -253,7 +254,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         loss = per_token.sum() / denom.clamp(min=1)
     else:
         rows = total_rows if total_rows is not None else logp.shape[0]
-        loss = (per_token.sum(dim=1) / counts.clamp(min=1)).sum() / max(rows, 1)
+        # a tensor (a CUDA graph's input) is clamped on the device: max() would stop the host to compare
+        rows = rows.clamp(min=1) if isinstance(rows, torch.Tensor) else max(rows, 1)
+        loss = (per_token.sum(dim=1) / counts.clamp(min=1)).sum() / rows
     with torch.no_grad():
         tokens = counts.sum().clamp(min=1)
         clipped = ((ratio > 1 + eps_high) & (adv > 0)) | ((ratio < 1 - eps_low) & (adv < 0))

@@ -44,6 +44,8 @@ class Policy:
     device: torch.device
     # the fast sampler (workers.learning.decode), built on first use and kept: its KV cache and CUDA graphs
     decoder: object | None = field(default=None, repr=False)
+    # the update's CUDA graphs (workers.learning.update_graph), likewise built on first use and kept
+    update_graphs: object | None = field(default=None, repr=False)
 
 
 # Learning rates by model: RL's are measured (README "Learning", bench/LEARNING.md); the warm-up's is supervised.
@@ -212,7 +214,10 @@ def use_activation_checkpointing(setting: str, device: torch.device) -> bool:
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block's activations in backward: a 256-token update of GPT-2 124M peaks at ~1.9 GiB
     instead of ~3.8 GiB (bench/RESULTS.md), for ~30% more time in a step that is a small part of a round."""
-    kwargs = {"use_reentrant": False}    # the reentrant variant drops gradients of inputs that need none
+    # the reentrant variant drops gradients of inputs that need none; the RNG's state need not be kept for the
+    # recompute (dropout is off: the forward draws nothing), and reading it is a host call per block that a
+    # CUDA graph's capture (workers.learning.update_graph) may refuse
+    kwargs = {"use_reentrant": False, "preserve_rng_state": False}
     if hasattr(model, "activation_checkpointing_enable"):         # transformers >= 5.2x names it so
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
