@@ -75,7 +75,7 @@ def test_cuda_graph_replays_train_as_the_eager_steps(model_cache):
     from workers.learning.optim import make_optimizer
 
     rounds = [(PROMPTS, COMPLETIONS, ADVANTAGES), (PROMPTS[::-1], COMPLETIONS, ADVANTAGES[::-1]),
-              (PROMPTS[:3], [c * 8 for c in COMPLETIONS[:3]], ADVANTAGES[:3])]
+              (PROMPTS[:3], [c * 12 for c in COMPLETIONS[:3]], ADVANTAGES[:3])]
     results = []
     for use_graphs in (False, True):
         torch.manual_seed(0)

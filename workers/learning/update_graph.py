@@ -173,6 +173,10 @@ class UpdateGraphs:
         with torch.cuda.stream(self._stream):
             self._forward_backward(capture)          # the warm-up: lazy initialisations happen outside capture
         torch.cuda.current_stream().wait_stream(self._stream)
+        # the warm-up's blocks stay cached for the side stream: handed back before the capture takes the same
+        # amount again in its pool, or the worker would peak at twice an update's memory here (NVML sees it)
+        torch.cuda.synchronize(self._stream.device)
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
             self._forward_backward(capture)
