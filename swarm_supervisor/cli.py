@@ -11,7 +11,7 @@ from pathlib import Path
 
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, devices_label, gpu_count
-from swarm_supervisor.preflight import (check_fit, resolve_devices, resolve_model, warn_short_disk, worker_names,
+from swarm_supervisor.preflight import (resolve_devices, settle_fit, resolve_model, warn_short_disk, worker_names,
                                         worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import write_recorded_config
@@ -86,8 +86,7 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
             print(f"rl-swarm: {note}")
     need_mib = None
     if devices[0] != CPU:
-        need_mib = worker_need_mib(cfg, model_name, devices[0])
-        check_fit(cfg, gpus, need_mib)
+        cfg, need_mib = settle_fit(cfg, gpus, lambda settings: worker_need_mib(settings, model_name, devices[0]))
     warn_short_disk([cfg], model_name, on_cuda=devices[0] != CPU)
     folder = ExperimentFolder(cfg.experiment_dir).create()
     if role != "up":

@@ -1,6 +1,8 @@
 """What `rl-swarm up` checks and settles before any process starts: each worker's device and name, the model,
 whether the workers fit on their GPUs, and whether the disk holds their checkpoints."""
 
+from typing import Callable
+
 from configs_env import SwarmConfig
 from swarm_supervisor.devices import device_fits, refuse_unfit, worker_devices, nvml_ids
 from swarm_supervisor.disk_room import disk_warning
@@ -61,14 +63,45 @@ def warn_short_disk(configs: list[SwarmConfig], model_name: str, on_cuda: bool) 
 def check_fit(cfg: SwarmConfig, gpus: int, need_mib: float, monitor: Monitor | None = None) -> None:
     """Refuse a swarm that cannot fit on its GPUs, before any worker starts, naming the GPU that is short and how
     many workers would fit."""
-    devices = worker_devices(cfg.device, cfg.num_workers, gpus)
-    monitor = monitor or Monitor(nvml_ids(devices, cfg.cuda_visible_devices))
+    _refuse_unfit(cfg, gpus, _free_mib(cfg, gpus, monitor), need_mib)
+
+
+def settle_fit(cfg: SwarmConfig, gpus: int, need_of: Callable[[SwarmConfig], float],
+               monitor: Monitor | None = None) -> tuple[SwarmConfig, float]:
+    """check_fit, with UPDATE_GRAPHS=auto settled first: the update's CUDA graphs where every GPU has room for
+    them, else an eager update (said in one line) rather than a refusal of a swarm that fits without them.
+    Returns the settings the workers run with and what one of them needs."""
+    free = _free_mib(cfg, gpus, monitor)
+    need = need_of(cfg)
+    if cfg.update_graphs == "auto" and cfg.graphed_update:
+        short = [fit for fit in _fits(cfg, gpus, free, need) if fit.workers > fit.room]
+        if short:
+            eager = cfg.with_overrides(update_graphs="off")
+            eager_need = need_of(eager)
+            print(f"rl-swarm: UPDATE_GRAPHS=auto: with the update's CUDA graphs a worker needs ~{need / 1024:.1f} "
+                  f"GiB and {short[0].device} has room for {short[0].room} of its {short[0].workers}; the update "
+                  f"runs eagerly (~{eager_need / 1024:.1f} GiB a worker)")
+            cfg, need = eager, eager_need
+    _refuse_unfit(cfg, gpus, free, need)
+    return cfg, need
+
+
+def _free_mib(cfg: SwarmConfig, gpus: int, monitor: Monitor | None) -> dict[str, float]:
+    """Each GPU's free memory by NVML, keyed as the workers name their devices; none without NVML."""
+    monitor = monitor or Monitor(nvml_ids(worker_devices(cfg.device, cfg.num_workers, gpus), cfg.cuda_visible_devices))
     try:
         snapshot = monitor.sample([])
     finally:
         monitor.close()
-    free = {device.label: device.free_mib for device in snapshot.devices}     # no NVML: nothing to check against
-    fits = device_fits(devices, free, need_mib, cfg.memory_high_water)
+    return {device.label: device.free_mib for device in snapshot.devices}     # no NVML: nothing to check against
+
+
+def _fits(cfg: SwarmConfig, gpus: int, free: dict[str, float], need_mib: float) -> list:
+    return device_fits(worker_devices(cfg.device, cfg.num_workers, gpus), free, need_mib, cfg.memory_high_water)
+
+
+def _refuse_unfit(cfg: SwarmConfig, gpus: int, free: dict[str, float], need_mib: float) -> None:
+    fits = _fits(cfg, gpus, free, need_mib)
     for fit in fits:
         print(f"rl-swarm: {fit.line(need_mib)}")
     refuse_unfit(fits, need_mib, cfg.num_workers, lambda n: worker_devices(cfg.device, n, gpus))

@@ -3,12 +3,14 @@ table (cumulative reward per split against the paper's), saved under <GDRIVE_PAT
 
 import math
 from pathlib import Path
+from typing import Callable
 
 from configs_env import SwarmConfig, SwarmError
 from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
 from swarm_supervisor.cli import EXIT_INTERRUPTED
-from swarm_supervisor.preflight import resolve_devices, resolve_model, warn_short_disk
+from swarm_supervisor.preflight import resolve_devices, resolve_model, settle_fit, warn_short_disk, worker_need_mib
 from swarm_supervisor.devices import CPU, gpu_count
+from swarm_supervisor.monitor import Monitor
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
 from swarm_supervisor.table_report import format_cutoffs, format_table, format_task_rewards, plot_table, table_rows
 from workers.shared_folder.base_meta import signed_base_meta
@@ -85,8 +87,11 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
                 warned.add(warning)
     # every swarm's checkpoints stay on the disk after it ends: the table needs room for all of them
     model_name, _ = resolve_model(cfg)
-    devices, _ = resolve_devices(cfg, gpu_count())
+    gpus = gpu_count()
+    devices, _ = resolve_devices(cfg, gpus)
     warn_short_disk([arm.config(env) for arm in arms], model_name, on_cuda=devices[0] != CPU)
+    if devices[0] != CPU:
+        env = settle_table_fit(arms, env, parallel, gpus, lambda c: worker_need_mib(c, model_name, devices[0]))
     logs = tables / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"rl-swarm: sapo-table: {len(arms)} swarms ({family} presets, seeds {', '.join(map(str, seeds))}), "
@@ -100,6 +105,16 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
         mount_experiment(cfg.swarm_url, roots[arm.experiment], arm.experiment)
     codes = ArmRunner(arms, env, logs, parallel, stall_s=max(1800.0, 3 * cfg.coordinator_round_interval)).run()
     return report(cfg, family, seeds, arms, roots, accuracies, codes)
+
+
+def settle_table_fit(arms: list[Arm], env: dict[str, str], parallel: int, gpus: int,
+                     need_of: Callable[[SwarmConfig], float], monitor: Monitor | None = None) -> dict[str, str]:
+    """The swarms that run at once checked against the GPUs together (each `up` alone would see the GPU empty at its
+    start); UPDATE_GRAPHS=auto settled for all of them. Returns the environment the swarms run with."""
+    first = arms[0].config(env)
+    together = first.with_overrides(num_workers=first.num_workers * min(parallel, len(arms)))
+    settled, _ = settle_fit(together, gpus, need_of, monitor)
+    return {**env, "UPDATE_GRAPHS": "off"} if settled.update_graphs != together.update_graphs else env
 
 
 def report(cfg: SwarmConfig, family: str, seeds: tuple[int, ...], arms: list[Arm], roots: dict[str, Path],

@@ -63,6 +63,31 @@ def test_the_fit_check_reads_each_gpu_and_names_the_one_that_is_short(capsys):
                             Monitor(nvml_ids(["cuda:0", "cuda:1"], "1,0"), nvml=StandInNVML(gpus)))
 
 
+def test_update_graphs_auto_runs_eagerly_where_the_gpu_has_no_room_for_them_and_on_refuses(capsys):
+    """The update's CUDA graphs cost memory: auto keeps them where every GPU has room, else says so and runs the
+    update eagerly; on insists, and a swarm that does not fit with them is refused."""
+    def need_of(settings: SwarmConfig) -> float:
+        return NEED_MIB + (0.8 * GIB if settings.graphed_update else 0.0)
+
+    def settle(env: dict, free_gib: float):
+        gpu = Monitor(nvml_ids(["cuda:0"], None), nvml=StandInNVML([(80 * GIB, (80 - free_gib) * GIB, {})]))
+        return preflight.settle_fit(SwarmConfig.from_env({"NUM_WORKERS": "8", **env}), 1, need_of, gpu)
+
+    settings, need = settle({}, free_gib=40)                       # 8 x 3.6 GiB fit in 40 GiB below the high-water mark
+    assert settings.update_graphs == "auto" and need == NEED_MIB + 0.8 * GIB
+    capsys.readouterr()
+    settings, need = settle({}, free_gib=27)                       # 8 x 2.8 do, 8 x 3.6 do not
+    assert settings.update_graphs == "off" and not settings.graphed_update and need == NEED_MIB
+    assert capsys.readouterr().out.splitlines() == [
+        "rl-swarm: UPDATE_GRAPHS=auto: with the update's CUDA graphs a worker needs ~3.6 GiB and cuda:0 has room for "
+        "7 of its 8; the update runs eagerly (~2.8 GiB a worker)",
+        "rl-swarm: cuda:0: 8 workers, ~2.8 GiB each, 27.0 GiB free: room for 9"]
+    with pytest.raises(SwarmError, match="at most 7 fit there"):
+        settle({"UPDATE_GRAPHS": "on"}, free_gib=27)
+    with pytest.raises(SwarmError, match="at most 6 fit there"):     # fits neither way: refused as before
+        settle({}, free_gib=20)
+
+
 def test_the_dashboard_shows_each_gpu_and_each_workers_device(tmp_path):
     me = os.getpid()
     gpus = [(80 * GIB, 10 * GIB, {}), (80 * GIB, 40 * GIB, {me: 3000.0}), (80 * GIB, 0.0, {})]

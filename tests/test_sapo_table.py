@@ -71,6 +71,30 @@ def signed_base(cfg: SwarmConfig, meta: dict, weights: bytes = b"weights") -> Ex
     return folder
 
 
+def test_the_swarms_a_table_runs_at_once_are_fitted_on_the_gpu_together(tmp_path, capsys):
+    """Four paper swarms at once are 32 workers on one GPU: checked together (each `up` alone would see the GPU
+    empty), and where the update's CUDA graphs do not fit for all of them, every swarm runs its update eagerly."""
+    from configs_env.presets import TABLE_FAMILIES
+    from swarm_supervisor.devices import nvml_ids
+    from swarm_supervisor.monitor import Monitor
+    from swarm_supervisor.sapo_table import settle_table_fit
+    from tests.helpers import StandInNVML
+
+    gib = 1024.0
+    env = {"GDRIVE_PATH": str(tmp_path)}
+    arms = [Arm(label=p, seed=1, experiment=f"t-{p}", env=(("PRESET", p),)) for p in TABLE_FAMILIES["paper"]]
+
+    def need_of(settings: SwarmConfig) -> float:          # paper-4-4's worker as measured, with and without
+        return 3.5 * gib + (0.85 * gib if settings.graphed_update else 0.0)
+
+    def h200() -> Monitor:
+        return Monitor(nvml_ids(["cuda:0"], None), nvml=StandInNVML([(140 * gib, 1 * gib, {})]))
+
+    assert settle_table_fit(arms, env, 4, 1, need_of, h200())["UPDATE_GRAPHS"] == "off"
+    assert "cuda:0: 32 workers, ~3.5 GiB each" in capsys.readouterr().out
+    assert settle_table_fit(arms, env, 2, 1, need_of, h200()) == env       # 16 workers: room for the graphs
+
+
 def test_a_base_that_answers_too_few_questions_is_named_with_the_fix(tmp_path):
     env = {"GDRIVE_PATH": str(tmp_path), "EXPERIMENT_NAME": "x", "HF_HUB_OFFLINE": "1",
            "RL_SWARM_CACHE": str(tmp_path / "cache")}

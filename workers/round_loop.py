@@ -157,7 +157,7 @@ def train_on_groups(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
 
 def update_graphs(policy: Policy, cfg: SwarmConfig) -> UpdateGraphs | None:
     """The policy's update graphs where UPDATE_GRAPHS allows them: on CUDA, one step a round, no KL term."""
-    if cfg.update_graphs == "off" or policy.device.type != "cuda" or cfg.steps_per_round != 1 or cfg.kl_beta > 0:
+    if not cfg.graphed_update or policy.device.type != "cuda":
         return None
     if policy.update_graphs is None:
         policy.update_graphs = UpdateGraphs(policy.model, largest_micro_batch(cfg), LOGPROB_CHUNK,

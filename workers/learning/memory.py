@@ -48,13 +48,29 @@ def parameter_count(config) -> int:
 
 def estimate_worker_mib(config, cfg: SwarmConfig, checkpointing: bool = True) -> float:
     """Worst case (every completion MAX_NEW_TOKENS long, prompts ~48 tokens): weights, gradients and
-    optimizer, plus one micro-batch's activations."""
+    optimizer, plus one micro-batch's activations, plus what the update's CUDA graphs hold when cfg uses them."""
     d = getattr(config, "n_embd", None) or config.hidden_size
     layers = getattr(config, "n_layer", None) or config.num_hidden_layers
     tokens = largest_micro_batch(cfg) * (cfg.max_new_tokens + 48)
     activations = tokens * d * layers * ACTIVATION_BYTES[checkpointing]
     model_state = parameter_count(config) * BYTES_PER_PARAM
-    return FIXED_MIB + (model_state + activations) / MIB + torch_path_mib(config.vocab_size)
+    graphs = update_graphs_mib(config, cfg) if cfg.graphed_update else 0.0
+    return FIXED_MIB + (model_state + activations) / MIB + torch_path_mib(config.vocab_size) + graphs
+
+
+def update_graphs_mib(config, cfg: SwarmConfig) -> float:
+    """What a worker holds more when its update replays from CUDA graphs (workers.learning.update_graph).
+
+    The gradients and the graphs' pool stay allocated while the round generates, where an eager update hands
+    its blocks back for generation to reuse. Measured by NVML on an H200 (bench/RESULTS.md, dabd3c9): +0.42 GiB
+    for the default worker and +0.84 GiB for paper-4-4's; the fp32 gradients plus twice the sampler's bf16 KV
+    cache for a round's rows (0.63 and 0.85 GiB) bounds both.
+    """
+    d = getattr(config, "n_embd", None) or config.hidden_size
+    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
+    rows = cfg.num_train_samples * cfg.num_generations
+    cache = layers * 2 * rows * (cfg.max_new_tokens + 48) * d * 2
+    return (parameter_count(config) * 4 + 2 * cache) / MIB
 
 
 def release_cached_memory(device: torch.device) -> None:
