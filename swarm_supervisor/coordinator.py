@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.1
 HEARTBEAT_S = 2.0
+# The remote workers' heartbeats are read at most this often. A round's end asked for them up to three times,
+# and on an object store that is a listing plus a HEAD and a GET per heartbeat each time: most of a hand-off
+# between rounds. Liveness is judged over PEER_TIMEOUT (tens of seconds), so a second's delay changes nothing.
+LIVENESS_READ_S = 1.0
 
 
 class Coordinator(threading.Thread):
@@ -49,6 +53,8 @@ class Coordinator(threading.Thread):
         self._beat = Heartbeat.first(COORDINATOR, "coordinator", Status.RUNNING)
         self._last_beat = 0.0
         self._liveness: dict[str, tuple[str, str]] = {}    # worker: (alive / late / gone, process instance)
+        self._remote: tuple[float, set[str]] | None = None   # when the heartbeats were read, and who was live
+        self._done: tuple[int, set[str]] = (0, set())        # a round, and its nodes already seen done
 
     def run(self) -> None:
         try:
@@ -91,8 +97,12 @@ class Coordinator(threading.Thread):
 
     def done_nodes(self, round_: int) -> set[str]:
         """Nodes whose intact rewards file marks this round done (a half-synced or forged one is skipped)."""
-        done = set()
+        if self._done[0] != round_:
+            self._done = (round_, set())
+        done = self._done[1]          # a node seen done stays done: its file is not read again at every poll
         for path in list_folder(self.folder.reward_file(round_, "x").parent, "*.json"):
+            if path.stem in done:
+                continue
             def parse(record: dict[str, Any], where: str, node: str = path.stem) -> str:
                 if record.get("node") != node or record.get("round") != round_:
                     raise RejectedFile(f"{where}: names node {record.get('node')!r} round {record.get('round')!r}, "
@@ -101,38 +111,41 @@ class Coordinator(threading.Thread):
             node = self.exchange.read_record(path, parse, signer=path.stem)
             if node is not None:
                 done.add(node)
-        return done
+        return set(done)
 
     def expected_nodes(self) -> set[str]:
         """Workers this swarm waits for: local processes that are up, and remote nodes with a fresh heartbeat."""
-        remote = live_workers(self.exchange.read_heartbeats(), self.cfg.peer_timeout)
-        return remote | self.local_workers()
+        now = time.monotonic()
+        if self._remote is None or now - self._remote[0] >= LIVENESS_READ_S:
+            self._remote = (now, live_workers(self.exchange.read_heartbeats(), self.cfg.peer_timeout))
+        return self._remote[1] | self.local_workers()
 
     def _maybe_advance(self) -> None:
         done = self.done_nodes(self.round)
         if not done:
             return
         waited = time.monotonic() - self.round_started
-        if self.expected_nodes() <= done:
-            self._advance("all workers done")
+        expected = self.expected_nodes()
+        if expected <= done:
+            self._advance("all workers done", expected)
         elif waited >= self.cfg.coordinator_round_interval:
-            missing = sorted(self.expected_nodes() - done)
             self.on_event(f"round {self.round}: interval of {self.cfg.coordinator_round_interval:.0f}s reached, "
-                          f"going on without {', '.join(missing)}")
-            self._advance("interval")
+                          f"going on without {', '.join(sorted(expected - done))}")
+            self._advance("interval", expected)
 
-    def _advance(self, reason: str) -> None:
+    def _advance(self, reason: str, expected: set[str]) -> None:
         if self.round >= self.cfg.max_rounds:
             record = self.exchange.key.sign(SwarmFinished(rounds=self.round, finished_at=time.time()).to_json())
             with_retries(lambda: write_json_atomic(self.folder.finished_file, record), "writing finished.json")
             self.finished.set()
             self.on_event(f"all {self.round} rounds done")
             return
-        self._start_round(self.round + 1, reason)
+        self._start_round(self.round + 1, reason, expected)
 
-    def _start_round(self, round_: int, reason: str) -> None:
+    def _start_round(self, round_: int, reason: str, expected: set[str] | None = None) -> None:
+        expected = self.expected_nodes() if expected is None else expected
         state = RoundState(round=round_, max_rounds=self.cfg.max_rounds, started_at=time.time(), reason=reason,
-                           nodes=tuple(sorted(self.expected_nodes())))
+                           nodes=tuple(sorted(expected)))
         self._write_round_state(state)
         self.exchange.doorbell.ring()        # the workers of this host start the round now, not at their next poll
         self.round = round_

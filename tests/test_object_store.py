@@ -15,8 +15,10 @@ import pytest
 from configs_env import ConfigError, SwarmConfig
 from swarm_supervisor import cli
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
+from swarm_supervisor import coordinator as coordinator_module
 from swarm_supervisor.coordinator import Coordinator
-from tests.helpers import group, heartbeat_record, keyring, node_exchange, node_key, warnings_naming, write_as
+from tests.helpers import (group, heartbeat_record, keyring, metrics_row, node_exchange, node_key, warnings_naming,
+                           write_as)
 from tests.store_servers import FakeGCS, in_bucket, serving_s3
 from workers.shared_folder import storage
 from workers.shared_folder.exchange import (newest_signed_round, read_finished, read_heartbeats, read_round_state,
@@ -99,6 +101,29 @@ def test_a_second_coordinator_cannot_overwrite_a_round_the_first_started(experim
         second._start_round(1, "start")
     assert read_round_state(folder, keyring(folder), 1) == started         # the first one's round stands
     assert folder.state_rounds() == [1] and second.round == 0
+
+
+def test_a_rounds_end_costs_the_bucket_a_bounded_number_of_requests(s3, tmp_path, monkeypatch):
+    """Two remote workers finish a round: the coordinator lists their rewards, reads each once, reads the heartbeats
+    once (not once per question it asks of them; at most once a second) and starts the next round; a poll with
+    nothing new lists."""
+    monkeypatch.setattr(coordinator_module, "LIVENESS_READ_S", 0.0)     # a round longer than it: read again
+    with created(tmp_path, f"s3://swarm/t{time.time_ns()}") as (cfg, folder):
+        workers = ("w-1", "w-2")
+        for node in workers:
+            write_as(folder, node, folder.heartbeat_file(node), heartbeat_record(node))
+        coordinator = Coordinator(cfg, folder, threading.Event(), set, node_key(folder, "coordinator"))
+        coordinator._start_round(1, "start")
+        for node in workers:
+            write_as(folder, node, folder.reward_file(1, node), metrics_row(node, 1))
+        store = storage.mounted(folder.state_dir)[0]
+        before = sum(store.requests.values())
+        coordinator._maybe_advance()
+        assert coordinator.round == 2 and read_round_state(folder, keyring(folder), 2).nodes == workers
+        ended = sum(store.requests.values()) - before
+        coordinator._maybe_advance()
+        assert sum(store.requests.values()) - before - ended == 1          # round 2's rewards: one listing
+        assert ended <= 13, dict(store.requests)      # 17 when a round's end read the heartbeats twice
 
 
 def test_a_crashed_ups_lease_does_not_block_a_resume_and_a_finished_up_gives_its_lease_back(experiment):
