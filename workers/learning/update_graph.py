@@ -97,7 +97,7 @@ class UpdateGraphs:
              real_rows: int, max_grad_norm: float = 1.0) -> dict[str, float] | None:
         """grpo_step(num_iterations=1, beta=0) on a batch from pad_for_graphs; None when no graph serves it
         (the caller then trains eagerly)."""
-        rows, width = batch.input_ids.shape
+        rows = batch.input_ids.shape[0]
         if rows % self.micro_batch:
             raise ValueError(f"UpdateGraphs.step: {rows} rows, not a multiple of the micro-batch {self.micro_batch}")
         capture = self._capture_for(batch, advantages, real_rows)
