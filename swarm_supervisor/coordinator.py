@@ -29,6 +29,9 @@ from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+# In an object store a poll is a billed LIST request: this host's workers ring the doorbell when they finish, so
+# the poll only has to catch the workers of other machines, and half a second late is a small part of their round
+STORE_POLL_S = 0.5
 HEARTBEAT_S = 2.0
 # The remote workers' heartbeats are read at most this often. A round's end asked for them up to three times,
 # and on an object store that is a listing plus a HEAD and a GET per heartbeat each time: most of a hand-off
@@ -60,6 +63,7 @@ class Coordinator(threading.Thread):
         try:
             finish_killed_archiving(self.cfg.gdrive_path, self.archive)
             self._resume()
+            poll_s = STORE_POLL_S if storage.mounted(self.folder.state_dir) is not None else POLL_S
             while not self.stop.is_set() and not self.finished.is_set():
                 if self._heartbeat():
                     self._announce_liveness()
@@ -70,7 +74,7 @@ class Coordinator(threading.Thread):
                         self._maybe_advance()
                 except OSError as exc:     # a Drive hiccup: nothing changed, the next poll decides again
                     log.warning("round %d: the folder failed (%s); trying again", self.round, exc)
-                self.exchange.doorbell.wait(POLL_S)      # a worker's rewards file rings it
+                self.exchange.doorbell.wait(poll_s)      # a worker's rewards file rings it
             self._heartbeat(status=Status.DONE if self.finished.is_set() else Status.STOPPED, force=True)
         except BaseException as exc:  # the supervisor reports it and stops the swarm
             log.exception("coordinator failed")
