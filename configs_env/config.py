@@ -233,6 +233,7 @@ class SwarmConfig:
                               "under GDRIVE_PATH to be moved; set ROLLOUT_ARCHIVE_OLD=false (they are deleted), or "
                               "keep them all with ROLLOUT_CLEANUP_ENABLED=false")
         self._check_drive_lag()
+        self._check_update_graphs()
         if self.node_id.lower() in RESERVED_NODE_IDS or self.node_id.lower().startswith("supervisor-"):
             raise ConfigError(f"NODE_ID={self.node_id!r}: the shared folder uses that name for the coordinator and "
                               "the supervisors' logs; pick another NODE_ID (e.g. colab2)")
@@ -246,6 +247,13 @@ class SwarmConfig:
                     f"and the swarm measures no sampling; set NUM_WORKERS={j // max(1, i) + 2} or more, or "
                     f"NUM_TRANSPLANT_TREES < {(n - 1) * i} (the paper-* presets run 8 workers)"]
         return []
+
+    def _check_update_graphs(self) -> None:
+        """UPDATE_GRAPHS=on insists on what the graphs cannot hold: one step a round, without the KL term."""
+        if self.update_graphs == "on" and not self.graphed_update:
+            what = f"KL_BETA={self.kl_beta:g}" if self.kl_beta > 0 else f"STEPS_PER_ROUND={self.steps_per_round}"
+            raise ConfigError(f"UPDATE_GRAPHS=on with {what}: the update's CUDA graphs hold one step without the KL "
+                              "term; set UPDATE_GRAPHS=auto (graphs where they apply) or off")
 
     def _check_drive_lag(self) -> None:
         """Under a Drive lag L a peer's rollouts arrive >= L after its publish, and a round is seen done >= 2L

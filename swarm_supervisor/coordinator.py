@@ -33,9 +33,9 @@ POLL_S = 0.1
 # the poll only has to catch the workers of other machines, and half a second late is a small part of their round
 STORE_POLL_S = 0.5
 HEARTBEAT_S = 2.0
-# The remote workers' heartbeats are read at most this often. A round's end asked for them up to three times,
-# and on an object store that is a listing plus a HEAD and a GET per heartbeat each time: most of a hand-off
-# between rounds. Liveness is judged over PEER_TIMEOUT (tens of seconds), so a second's delay changes nothing.
+# The heartbeats are read at most this often. A round's end asked for them up to three times, and the liveness
+# events once more, and on an object store each read is a listing plus a HEAD and a GET per heartbeat: most of a
+# hand-off between rounds. The price: a worker that stops (its last beat says so) is let go up to a second later.
 LIVENESS_READ_S = 1.0
 
 
@@ -56,7 +56,7 @@ class Coordinator(threading.Thread):
         self._beat = Heartbeat.first(COORDINATOR, "coordinator", Status.RUNNING)
         self._last_beat = 0.0
         self._liveness: dict[str, tuple[str, str]] = {}    # worker: (alive / late / gone, process instance)
-        self._remote: tuple[float, set[str]] | None = None   # when the heartbeats were read, and who was live
+        self._beats: tuple[float, dict[str, Heartbeat]] | None = None    # when the heartbeats were read, and them
         self._done: tuple[int, set[str]] = (0, set())        # a round, and its nodes already seen done
 
     def run(self) -> None:
@@ -119,10 +119,13 @@ class Coordinator(threading.Thread):
 
     def expected_nodes(self) -> set[str]:
         """Workers this swarm waits for: local processes that are up, and remote nodes with a fresh heartbeat."""
+        return live_workers(self._heartbeats(), self.cfg.peer_timeout) | self.local_workers()
+
+    def _heartbeats(self) -> dict[str, Heartbeat]:
         now = time.monotonic()
-        if self._remote is None or now - self._remote[0] >= LIVENESS_READ_S:
-            self._remote = (now, live_workers(self.exchange.read_heartbeats(), self.cfg.peer_timeout))
-        return self._remote[1] | self.local_workers()
+        if self._beats is None or now - self._beats[0] >= LIVENESS_READ_S:
+            self._beats = (now, self.exchange.read_heartbeats())
+        return self._beats[1]
 
     def _maybe_advance(self) -> None:
         done = self.done_nodes(self.round)
@@ -210,7 +213,7 @@ class Coordinator(threading.Thread):
     def _announce_liveness(self) -> None:
         """An event each time a worker turns late, gone, or alive again (not for its first heartbeat)."""
         try:
-            beats = self.exchange.read_heartbeats()
+            beats = self._heartbeats()
         except OSError as exc:      # a Drive hiccup: the next beat looks again
             log.info("liveness not checked: %s", exc)
             return

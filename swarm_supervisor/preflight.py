@@ -63,7 +63,7 @@ def warn_short_disk(configs: list[SwarmConfig], model_name: str, on_cuda: bool) 
 def check_fit(cfg: SwarmConfig, gpus: int, need_mib: float, monitor: Monitor | None = None) -> None:
     """Refuse a swarm that cannot fit on its GPUs, before any worker starts, naming the GPU that is short and how
     many workers would fit."""
-    _refuse_unfit(cfg, gpus, _free_mib(cfg, gpus, monitor), need_mib)
+    _refuse_unfit(cfg, gpus, free_mib(worker_devices(cfg.device, cfg.num_workers, gpus), cfg, monitor), need_mib)
 
 
 def settle_fit(cfg: SwarmConfig, gpus: int, need_of: Callable[[SwarmConfig], float],
@@ -71,7 +71,7 @@ def settle_fit(cfg: SwarmConfig, gpus: int, need_of: Callable[[SwarmConfig], flo
     """check_fit, with UPDATE_GRAPHS=auto settled first: the update's CUDA graphs where every GPU has room for
     them, else an eager update (said in one line) rather than a refusal of a swarm that fits without them.
     Returns the settings the workers run with and what one of them needs."""
-    free = _free_mib(cfg, gpus, monitor)
+    free = free_mib(worker_devices(cfg.device, cfg.num_workers, gpus), cfg, monitor)
     need = need_of(cfg)
     if cfg.update_graphs == "auto" and cfg.graphed_update:
         short = [fit for fit in _fits(cfg, gpus, free, need) if fit.workers > fit.room]
@@ -86,9 +86,9 @@ def settle_fit(cfg: SwarmConfig, gpus: int, need_of: Callable[[SwarmConfig], flo
     return cfg, need
 
 
-def _free_mib(cfg: SwarmConfig, gpus: int, monitor: Monitor | None) -> dict[str, float]:
-    """Each GPU's free memory by NVML, keyed as the workers name their devices; none without NVML."""
-    monitor = monitor or Monitor(nvml_ids(worker_devices(cfg.device, cfg.num_workers, gpus), cfg.cuda_visible_devices))
+def free_mib(devices: list[str], cfg: SwarmConfig, monitor: Monitor | None = None) -> dict[str, float]:
+    """Each of these GPUs' free memory by NVML, keyed as the workers name their devices; none without NVML."""
+    monitor = monitor or Monitor(nvml_ids(devices, cfg.cuda_visible_devices))
     try:
         snapshot = monitor.sample([])
     finally:

@@ -8,8 +8,8 @@ from typing import Callable
 from configs_env import SwarmConfig, SwarmError
 from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
 from swarm_supervisor.cli import EXIT_INTERRUPTED
-from swarm_supervisor.preflight import resolve_devices, resolve_model, settle_fit, warn_short_disk, worker_need_mib
-from swarm_supervisor.devices import CPU, gpu_count
+from swarm_supervisor.preflight import free_mib, resolve_devices, resolve_model, warn_short_disk, worker_need_mib
+from swarm_supervisor.devices import CPU, DeviceFit, device_fits, gpu_count, worker_devices
 from swarm_supervisor.monitor import Monitor
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
 from swarm_supervisor.table_report import format_cutoffs, format_table, format_task_rewards, plot_table, table_rows
@@ -109,12 +109,39 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
 
 def settle_table_fit(arms: list[Arm], env: dict[str, str], parallel: int, gpus: int,
                      need_of: Callable[[SwarmConfig], float], monitor: Monitor | None = None) -> dict[str, str]:
-    """The swarms that run at once checked against the GPUs together (each `up` alone would see the GPU empty at its
-    start); UPDATE_GRAPHS=auto settled for all of them. Returns the environment the swarms run with."""
-    first = arms[0].config(env)
-    together = first.with_overrides(num_workers=first.num_workers * min(parallel, len(arms)))
-    settled, _ = settle_fit(together, gpus, need_of, monitor)
-    return {**env, "UPDATE_GRAPHS": "off"} if settled.update_graphs != together.update_graphs else env
+    """The swarms that run at once checked against the GPUs together (each `up` alone would see the GPUs empty at its
+    start, and puts its workers from cuda:0 on); UPDATE_GRAPHS=auto settled for all of them. Returns the environment
+    the swarms run with; a table whose swarms do not fit even eagerly is refused in one line."""
+    configs = sorted((arm.config(env) for arm in arms), key=lambda c: -c.num_workers)
+
+    def placed(at_once: int) -> list[str]:       # the largest swarms that can run at once, each placed as its `up` does
+        return [device for c in configs[:at_once] for device in worker_devices(c.device, c.num_workers, gpus)]
+
+    at_once = min(parallel, len(configs))
+    free = free_mib(sorted(set(placed(at_once))), configs[0], monitor)
+
+    def short(settings: list[SwarmConfig], at: int) -> tuple[list[DeviceFit], float]:
+        need = max(map(need_of, settings))
+        fits = device_fits(placed(at), free, need, settings[0].memory_high_water)
+        return [fit for fit in fits if fit.workers > fit.room], need
+
+    unfit, need = short(configs, at_once)
+    if unfit and any(c.update_graphs == "auto" and c.graphed_update for c in configs):
+        configs = [c.with_overrides(update_graphs="off") if c.update_graphs == "auto" else c for c in configs]
+        print(f"rl-swarm: UPDATE_GRAPHS=auto: {at_once} swarms at once with the update's CUDA graphs "
+              f"(~{need / 1024:.1f} GiB a worker) do not fit on {unfit[0].device}; their updates run eagerly")
+        env = {**env, "UPDATE_GRAPHS": "off"} if env.get("UPDATE_GRAPHS", "auto") == "auto" else env
+        unfit, need = short(configs, at_once)
+    for fit in device_fits(placed(at_once), free, need, configs[0].memory_high_water):
+        print(f"rl-swarm: {fit.line(need)}")
+    if unfit:
+        fitting = next((n for n in range(at_once - 1, 0, -1) if not short(configs, n)[0]), 0)
+        fix = f"run `rl-swarm sapo-table --parallel {fitting}`" if fitting else "free memory on it"
+        fit = unfit[0]
+        raise SwarmError(f"sapo-table: {at_once} swarms at once put {fit.workers} workers on {fit.device}, needing "
+                         f"~{fit.workers * need / 1024:.0f} GiB, but it has {fit.free_mib / 1024:.0f} GiB free ({fix}, "
+                         "or lower MAX_NEW_TOKENS / NUM_GENERATIONS)")
+    return env
 
 
 def report(cfg: SwarmConfig, family: str, seeds: tuple[int, ...], arms: list[Arm], roots: dict[str, Path],

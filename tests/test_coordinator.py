@@ -110,6 +110,7 @@ def test_the_coordinator_says_when_a_worker_turns_late_gone_and_alive_again(tmp_
     import swarm_supervisor.coordinator as coordinator_module
 
     monkeypatch.setattr(coordinator_module, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(coordinator_module, "LIVENESS_READ_S", 0.05)
     cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path), "MAX_ROUNDS": "3", "NUM_WORKERS": "2",
                                 "PEER_TIMEOUT": "4"})
     folder = ExperimentFolder(cfg.experiment_dir).create()

@@ -103,27 +103,35 @@ def test_a_second_coordinator_cannot_overwrite_a_round_the_first_started(experim
     assert folder.state_rounds() == [1] and second.round == 0
 
 
-def test_a_rounds_end_costs_the_bucket_a_bounded_number_of_requests(s3, tmp_path, monkeypatch):
-    """Two remote workers finish a round: the coordinator lists their rewards, reads each once, reads the heartbeats
-    once (not once per question it asks of them; at most once a second) and starts the next round; a poll with
-    nothing new lists."""
-    monkeypatch.setattr(coordinator_module, "LIVENESS_READ_S", 0.0)     # a round longer than it: read again
+def test_a_coordinator_polling_a_bucket_reads_each_rewards_file_once_and_the_heartbeats_once_a_second(
+        s3, tmp_path, monkeypatch):
+    """A bucket bills each request. While a round waits for its last worker, a poll lists the round's rewards and
+    reads nothing it has read before; the round's end reads the last rewards file, and the heartbeats only when the
+    last read of them is LIVENESS_READ_S old."""
+    monkeypatch.setattr(coordinator_module, "LIVENESS_READ_S", 3600.0)
     with created(tmp_path, f"s3://swarm/t{time.time_ns()}") as (cfg, folder):
         workers = ("w-1", "w-2")
         for node in workers:
             write_as(folder, node, folder.heartbeat_file(node), heartbeat_record(node))
         coordinator = Coordinator(cfg, folder, threading.Event(), set, node_key(folder, "coordinator"))
         coordinator._start_round(1, "start")
-        for node in workers:
-            write_as(folder, node, folder.reward_file(1, node), metrics_row(node, 1))
         store = storage.mounted(folder.state_dir)[0]
-        before = sum(store.requests.values())
+
+        def requests_of(call) -> dict[str, int]:
+            before = dict(store.requests)
+            call()
+            return {kind: n - before.get(kind, 0) for kind, n in store.requests.items() if n != before.get(kind, 0)}
+
+        write_as(folder, "w-1", folder.reward_file(1, "w-1"), metrics_row("w-1", 1))
         coordinator._maybe_advance()
+        assert coordinator.round == 1                                  # w-2 is not done yet
+        assert requests_of(coordinator._maybe_advance) == {"list": 1}  # w-1's file and the heartbeats: not again
+        write_as(folder, "w-2", folder.reward_file(1, "w-2"), metrics_row("w-2", 1))
+        ended = requests_of(coordinator._maybe_advance)
         assert coordinator.round == 2 and read_round_state(folder, keyring(folder), 2).nodes == workers
-        ended = sum(store.requests.values()) - before
-        coordinator._maybe_advance()
-        assert sum(store.requests.values()) - before - ended == 1          # round 2's rewards: one listing
-        assert ended <= 13, dict(store.requests)      # 17 when a round's end read the heartbeats twice
+        assert ended.get("get") == 1 and ended.get("head") == 1         # w-2's file, and no heartbeat
+        monkeypatch.setattr(coordinator_module, "LIVENESS_READ_S", 0.0)
+        assert requests_of(coordinator.expected_nodes).get("list") == 1     # now old enough: read again
 
 
 def test_a_crashed_ups_lease_does_not_block_a_resume_and_a_finished_up_gives_its_lease_back(experiment):

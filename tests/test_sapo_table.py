@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from configs_env import ConfigError, SwarmConfig
+from configs_env import ConfigError, SwarmConfig, SwarmError
 from configs_env.presets import PAPER_TASKS
 from swarm_supervisor.cli import EXIT_USAGE, main
 from swarm_supervisor.sapo_table import warmup_accuracies, weak_base_warning
@@ -71,9 +71,10 @@ def signed_base(cfg: SwarmConfig, meta: dict, weights: bytes = b"weights") -> Ex
     return folder
 
 
-def test_the_swarms_a_table_runs_at_once_are_fitted_on_the_gpu_together(tmp_path, capsys):
-    """Four paper swarms at once are 32 workers on one GPU: checked together (each `up` alone would see the GPU
-    empty), and where the update's CUDA graphs do not fit for all of them, every swarm runs its update eagerly."""
+def test_the_swarms_a_table_runs_at_once_are_fitted_on_the_gpus_together(tmp_path, capsys):
+    """Four paper swarms at once are 32 workers: checked together (each `up` alone would see the GPUs empty, and
+    puts its workers from cuda:0 on). Where the update's CUDA graphs do not fit for all of them, every swarm runs
+    its update eagerly; where even that does not fit, the table is refused with the --parallel that fits."""
     from configs_env.presets import TABLE_FAMILIES
     from swarm_supervisor.devices import nvml_ids
     from swarm_supervisor.monitor import Monitor
@@ -81,18 +82,24 @@ def test_the_swarms_a_table_runs_at_once_are_fitted_on_the_gpu_together(tmp_path
     from tests.helpers import StandInNVML
 
     gib = 1024.0
-    env = {"GDRIVE_PATH": str(tmp_path)}
     arms = [Arm(label=p, seed=1, experiment=f"t-{p}", env=(("PRESET", p),)) for p in TABLE_FAMILIES["paper"]]
 
     def need_of(settings: SwarmConfig) -> float:          # paper-4-4's worker as measured, with and without
         return 3.5 * gib + (0.85 * gib if settings.graphed_update else 0.0)
 
-    def h200() -> Monitor:
-        return Monitor(nvml_ids(["cuda:0"], None), nvml=StandInNVML([(140 * gib, 1 * gib, {})]))
+    def gpus(*free_gib: float) -> Monitor:
+        ids = nvml_ids([f"cuda:{i}" for i in range(len(free_gib))], None)
+        return Monitor(ids, nvml=StandInNVML([(140 * gib, (140 - free) * gib, {}) for free in free_gib]))
 
-    assert settle_table_fit(arms, env, 4, 1, need_of, h200())["UPDATE_GRAPHS"] == "off"
+    env = {"GDRIVE_PATH": str(tmp_path)}
+    assert settle_table_fit(arms, env, 4, 1, need_of, gpus(139))["UPDATE_GRAPHS"] == "off"
     assert "cuda:0: 32 workers, ~3.5 GiB each" in capsys.readouterr().out
-    assert settle_table_fit(arms, env, 2, 1, need_of, h200()) == env       # 16 workers: room for the graphs
+    assert settle_table_fit(arms, env, 2, 1, need_of, gpus(139)) == env       # 16 workers: room for the graphs
+    # three GPUs: each swarm of 8 puts 3 workers on cuda:0 and cuda:1 and 2 on cuda:2, so cuda:0 holds 12, not 11
+    spread = {**env, "DEVICE": "auto"}
+    with pytest.raises(SwarmError, match=r"4 swarms at once put 12 workers on cuda:0, .*run `rl-swarm sapo-table "
+                                         r"--parallel 3`"):
+        settle_table_fit(arms, spread, 4, 3, need_of, gpus(44, 80, 80))
 
 
 def test_a_base_that_answers_too_few_questions_is_named_with_the_fix(tmp_path):

@@ -68,6 +68,35 @@ def test_a_step_whose_gradient_is_not_finite_is_skipped_and_the_next_one_trains(
     assert optimizer.grads[0].norm() > 0
 
 
+def test_a_capture_that_fails_leaves_the_worker_eager_but_running_out_of_memory_is_not_taken_for_that(monkeypatch):
+    """A model whose forward a capture refuses trains eagerly from then on (step() answers None: grpo_step serves);
+    an out-of-memory error goes up to the worker, whose restart with smaller batches is the answer to it."""
+    batch, padded = padded_batch(PROMPTS, COMPLETIONS, ADVANTAGES, 4, 6)
+    refused = UpdateGraphs(tiny(), micro_batch=4, chunk_size=3, use_graphs=True)
+    monkeypatch.setattr(refused, "_record", lambda capture: (_ for _ in ()).throw(
+        RuntimeError("operation not permitted when stream is capturing")))
+    assert refused.step(GradRecorder(refused.params), batch, padded.advantages, padded.real_rows) is None
+    assert refused.broken == "RuntimeError: operation not permitted when stream is capturing"
+    assert all(p.grad is None for p in refused.params)
+    short = UpdateGraphs(tiny(), micro_batch=4, chunk_size=3, use_graphs=True)
+    monkeypatch.setattr(short, "_record", lambda capture: (_ for _ in ()).throw(torch.OutOfMemoryError("no room")))
+    with pytest.raises(torch.OutOfMemoryError):
+        short.step(GradRecorder(short.params), batch, padded.advantages, padded.real_rows)
+    assert short.broken is None
+
+
+@pytest.mark.parametrize("other", ["KL_BETA=0.04", "STEPS_PER_ROUND=2"])
+def test_update_graphs_on_with_what_they_cannot_hold_is_refused_in_one_line(other):
+    from configs_env import ConfigError, SwarmConfig
+
+    name, value = other.split("=")
+    with pytest.raises(ConfigError) as refused:
+        SwarmConfig.from_env({"UPDATE_GRAPHS": "on", name: value})
+    assert str(refused.value) == (f"UPDATE_GRAPHS=on with {other}: the update's CUDA graphs hold one step without the "
+                                  "KL term; set UPDATE_GRAPHS=auto (graphs where they apply) or off")
+    assert not SwarmConfig.from_env({name: value}).graphed_update         # auto: eager there, without a word
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replays_train_as_the_eager_steps(model_cache):
     """Three rounds of two shapes: the replays give the eager steps' weights and stats; one capture per shape."""

@@ -169,7 +169,7 @@ def _graphed_update(policy: Policy, optimizer: torch.optim.Optimizer, cfg: Swarm
                     completions: list[list[int]], advantages: torch.Tensor) -> dict[str, float] | None:
     """The update replayed from CUDA graphs on the batch padded to its bucket; None where no graph serves."""
     graphs = update_graphs(policy, cfg)
-    if graphs is None:
+    if graphs is None or not any(completions):      # no token to learn from: grpo_step returns without a step
         return None
     eos = policy.tokenizer.eos_token_id
     padded = pad_for_graphs(prompts, completions, advantages, eos, graphs.micro_batch,
