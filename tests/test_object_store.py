@@ -20,7 +20,7 @@ from swarm_supervisor.coordinator import Coordinator
 from tests.helpers import (group, heartbeat_record, keyring, metrics_row, node_exchange, node_key, warnings_naming,
                            write_as)
 from tests.store_servers import FakeGCS, in_bucket, serving_s3
-from workers.shared_folder import storage
+from workers.shared_folder import storage, store_fsspec
 from workers.shared_folder.exchange import (newest_signed_round, read_finished, read_heartbeats, read_round_state,
                                             read_signed)
 from workers.shared_folder.hostile import plant_forgeries, plant_hostile_files
@@ -129,7 +129,7 @@ def test_a_coordinator_polling_a_bucket_reads_each_rewards_file_once_and_the_hea
         write_as(folder, "w-2", folder.reward_file(1, "w-2"), metrics_row("w-2", 1))
         ended = requests_of(coordinator._maybe_advance)
         assert coordinator.round == 2 and read_round_state(folder, keyring(folder), 2).nodes == workers
-        assert ended.get("get") == 1 and ended.get("head") == 1         # w-2's file, and no heartbeat
+        assert ended.get("get") == 1 and "head" not in ended     # w-2's file (version: the listing's), no beat
         monkeypatch.setattr(coordinator_module, "LIVENESS_READ_S", 0.0)
         assert requests_of(coordinator.expected_nodes).get("list") == 1     # now old enough: read again
 
@@ -198,6 +198,29 @@ def test_a_store_writes_whole_records_once_and_appends_logs_in_order(store):
     assert len(store.list("state", limit=1)) == 1 and store.list("nothing/here") == []
     store.delete("state")
     assert store.list("state") == []
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_a_version_asked_right_after_a_listing_costs_no_request_and_a_rewrite_shows_at_the_next(
+        scheme, request, monkeypatch):
+    """A reader lists a folder, then asks each file's version before reading it: the listing already says it (a
+    HEAD per file less), the same the HEAD would say. A peer's rewrite shows at the next listing, as a poll later;
+    this process's own write is never answered from an older listing."""
+    monkeypatch.setattr(store_fsspec, "LISTED_FRESH_S", 3600.0)
+    request.getfixturevalue(SERVERS[scheme])
+    url = f"{scheme}://swarm/t{time.time_ns()}"
+    ours, peer = storage.open_store(url, "exp"), storage.open_store(url, "exp")
+    peer.write("d/a.json", b"one")
+    by_head = ours.version("d/a.json")
+    heads = ours.requests["head"]
+    ours.list("d")
+    assert ours.version("d/a.json") == by_head and ours.requests["head"] == heads
+    peer.write("d/a.json", b"two!")
+    ours.list("d")
+    rewritten = ours.version("d/a.json")
+    assert rewritten != by_head and rewritten == peer.version("d/a.json") and ours.requests["head"] == heads
+    ours.write("d/a.json", b"three")
+    assert ours.version("d/a.json") not in (by_head, rewritten) and ours.requests["head"] == heads + 1
 
 
 def test_the_swarms_records_live_in_the_bucket_and_checkpoints_stay_local(s3, tmp_path, caplog):

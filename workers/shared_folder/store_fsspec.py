@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 EXTRAS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
 PAGE = 1000     # keys an S3 listing returns a request
+# A reader lists a folder, then asks each file's version before reading it: a HEAD a file. The listing already
+# says each object's ETag and size, so a version asked for within this long of a listing is taken from it (a file
+# rewritten in between is seen changed at the next listing, as a poll later would see it anyway).
+LISTED_FRESH_S = 1.0
+LISTED_KEEP = 4096      # versions remembered from listings at most
 
 
 def _filesystem(scheme: str) -> Any:
@@ -92,6 +97,7 @@ class FsspecStore:
         self.fs = fs if fs is not None else _filesystem(scheme)
         self.requests: Counter[str] = Counter()
         self._count_lock = threading.Lock()
+        self._listed: dict[str, tuple[float, Version]] = {}     # key: when a listing saw it, and its version there
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -123,10 +129,12 @@ class FsspecStore:
 
     def write(self, key: str, data: bytes) -> None:
         self._count("put")
+        self._forget(key)
         self.fs.pipe_file(self._path(key), data)
 
     def create(self, key: str, data: bytes) -> bool:
         self._count("put")
+        self._forget(key)
         try:
             self.fs.pipe_file(self._path(key), data, mode="create")
         except OSError as error:
@@ -161,13 +169,27 @@ class FsspecStore:
 
     def list(self, key: str, limit: int = MAX_LISTED) -> list[Entry]:
         path = self._path(key)
-        entries = []
+        entries, now = [], time.monotonic()
         for info in self._list(path, limit)[:limit]:
             if info["name"].rstrip("/") == path:      # a folder's own marker object (SeaweedFS keeps one)
                 continue
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-            entries.append(Entry(name=name, size=int(info.get("size") or 0), folder=info.get("type") == "directory"))
+            folder = info.get("type") == "directory"
+            entries.append(Entry(name=name, size=int(info.get("size") or 0), folder=folder))
+            if not folder and _tag(info):
+                self._remember(f"{key}/{name}" if key else name, now, _version(info))
         return sorted(entries, key=lambda entry: entry.name)
+
+    def _remember(self, key: str, when: float, version: Version) -> None:
+        with self._count_lock:
+            self._listed.pop(key, None)
+            if len(self._listed) >= LISTED_KEEP:
+                del self._listed[next(iter(self._listed))]
+            self._listed[key] = (when, version)
+
+    def _forget(self, key: str) -> None:
+        with self._count_lock:
+            self._listed.pop(key, None)
 
     def _list(self, path: str, limit: int) -> list[dict[str, Any]]:
         if self.scheme == "s3":
@@ -184,16 +206,29 @@ class FsspecStore:
             return []
 
     def version(self, key: str) -> Version:
+        with self._count_lock:
+            listed = self._listed.get(key)
+        if listed is not None and time.monotonic() - listed[0] < LISTED_FRESH_S:
+            return listed[1]
         self._count("head")
         info = self.fs.info(self._path(key))
         if info.get("type") == "directory":
             raise FileNotFoundError(f"{self.url}/{key}: a folder, not a record")
-        tag = str(info.get("ETag") or info.get("generation") or info.get("mtime") or "")
-        return int.from_bytes(hashlib.sha256(tag.encode()).digest()[:8], "big"), int(info.get("size") or 0)
+        return _version(info)
 
     def delete(self, key: str) -> None:
         self._count("delete")
+        self._forget(key)
         try:
             self.fs.rm(self._path(key), recursive=True)
         except FileNotFoundError:
             pass
+
+
+def _tag(info: dict[str, Any]) -> str:
+    # S3's ETag and GCS's generation change with every write; a listing and a HEAD spell them alike
+    return str(info.get("ETag") or info.get("generation") or info.get("mtime") or "").strip('"')
+
+
+def _version(info: dict[str, Any]) -> Version:
+    return int.from_bytes(hashlib.sha256(_tag(info).encode()).digest()[:8], "big"), int(info.get("size") or 0)
