@@ -68,22 +68,31 @@ def check_fit(cfg: SwarmConfig, gpus: int, need_mib: float, monitor: Monitor | N
 
 def settle_fit(cfg: SwarmConfig, gpus: int, need_of: Callable[[SwarmConfig], float],
                monitor: Monitor | None = None) -> tuple[SwarmConfig, float]:
-    """check_fit, with UPDATE_GRAPHS=auto settled first: the update's CUDA graphs where every GPU has room for
-    them, else an eager update (said in one line) rather than a refusal of a swarm that fits without them.
-    Returns the settings the workers run with and what one of them needs."""
-    free = free_mib(worker_devices(cfg.device, cfg.num_workers, gpus), cfg, monitor)
-    need = need_of(cfg)
-    if cfg.update_graphs == "auto" and cfg.graphed_update:
-        short = [fit for fit in _fits(cfg, gpus, free, need) if fit.workers > fit.room]
-        if short:
-            eager = cfg.with_overrides(update_graphs="off")
-            eager_need = need_of(eager)
-            print(f"rl-swarm: UPDATE_GRAPHS=auto: with the update's CUDA graphs a worker needs ~{need / 1024:.1f} "
-                  f"GiB and {short[0].device} has room for {short[0].room} of its {short[0].workers}; the update "
-                  f"runs eagerly (~{eager_need / 1024:.1f} GiB a worker)")
-            cfg, need = eager, eager_need
+    """check_fit, with UPDATE_GRAPHS=auto settled first (settle_graphs). Returns the settings the workers run with
+    and what one of them needs."""
+    devices = worker_devices(cfg.device, cfg.num_workers, gpus)
+    free = free_mib(devices, cfg, monitor)
+    [cfg], need = settle_graphs([cfg], devices, free, need_of)
     _refuse_unfit(cfg, gpus, free, need)
     return cfg, need
+
+
+def settle_graphs(configs: list[SwarmConfig], devices: list[str], free: dict[str, float],
+                  need_of: Callable[[SwarmConfig], float]) -> tuple[list[SwarmConfig], float]:
+    """Workers of these settings placed on `devices`: with UPDATE_GRAPHS=auto, the update's CUDA graphs where every
+    GPU has room for them, else an eager update (said in one line) rather than a refusal of workers that fit without
+    them. Returns the settings they run with and the most one of them needs."""
+    need = max(map(need_of, configs))
+    graphed = [c.update_graphs == "auto" and c.graphed_update for c in configs]
+    short = [fit for fit in device_fits(devices, free, need, configs[0].memory_high_water) if fit.workers > fit.room]
+    if not short or not any(graphed):
+        return configs, need
+    configs = [c.with_overrides(update_graphs="off") if g else c for c, g in zip(configs, graphed)]
+    eager_need = max(map(need_of, configs))
+    print(f"rl-swarm: UPDATE_GRAPHS=auto: with the update's CUDA graphs a worker needs ~{need / 1024:.1f} GiB and "
+          f"{short[0].device} has room for {short[0].room} of its {short[0].workers}; the update runs eagerly "
+          f"(~{eager_need / 1024:.1f} GiB a worker)")
+    return configs, eager_need
 
 
 def free_mib(devices: list[str], cfg: SwarmConfig, monitor: Monitor | None = None) -> dict[str, float]:
@@ -96,12 +105,8 @@ def free_mib(devices: list[str], cfg: SwarmConfig, monitor: Monitor | None = Non
     return {device.label: device.free_mib for device in snapshot.devices}     # no NVML: nothing to check against
 
 
-def _fits(cfg: SwarmConfig, gpus: int, free: dict[str, float], need_mib: float) -> list:
-    return device_fits(worker_devices(cfg.device, cfg.num_workers, gpus), free, need_mib, cfg.memory_high_water)
-
-
 def _refuse_unfit(cfg: SwarmConfig, gpus: int, free: dict[str, float], need_mib: float) -> None:
-    fits = _fits(cfg, gpus, free, need_mib)
+    fits = device_fits(worker_devices(cfg.device, cfg.num_workers, gpus), free, need_mib, cfg.memory_high_water)
     for fit in fits:
         print(f"rl-swarm: {fit.line(need_mib)}")
     refuse_unfit(fits, need_mib, cfg.num_workers, lambda n: worker_devices(cfg.device, n, gpus))

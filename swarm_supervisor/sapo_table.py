@@ -8,7 +8,8 @@ from typing import Callable
 from configs_env import SwarmConfig, SwarmError
 from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
 from swarm_supervisor.cli import EXIT_INTERRUPTED
-from swarm_supervisor.preflight import free_mib, resolve_devices, resolve_model, warn_short_disk, worker_need_mib
+from swarm_supervisor.preflight import (free_mib, resolve_devices, resolve_model, settle_graphs, warn_short_disk,
+                                        worker_need_mib)
 from swarm_supervisor.devices import CPU, DeviceFit, device_fits, gpu_count, worker_devices
 from swarm_supervisor.monitor import Monitor
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
@@ -119,25 +120,21 @@ def settle_table_fit(arms: list[Arm], env: dict[str, str], parallel: int, gpus: 
 
     at_once = min(parallel, len(configs))
     free = free_mib(sorted(set(placed(at_once))), configs[0], monitor)
+    settled, need = settle_graphs(configs, placed(at_once), free, need_of)
+    if any(c.update_graphs != s.update_graphs for c, s in zip(configs, settled)):
+        env = {**env, "UPDATE_GRAPHS": "off"}
+    configs = settled
 
-    def short(settings: list[SwarmConfig], at: int) -> tuple[list[DeviceFit], float]:
-        need = max(map(need_of, settings))
-        fits = device_fits(placed(at), free, need, settings[0].memory_high_water)
-        return [fit for fit in fits if fit.workers > fit.room], need
+    def unfit(at: int) -> list[DeviceFit]:
+        fits = device_fits(placed(at), free, need, configs[0].memory_high_water)
+        return [fit for fit in fits if fit.workers > fit.room]
 
-    unfit, need = short(configs, at_once)
-    if unfit and any(c.update_graphs == "auto" and c.graphed_update for c in configs):
-        configs = [c.with_overrides(update_graphs="off") if c.update_graphs == "auto" else c for c in configs]
-        print(f"rl-swarm: UPDATE_GRAPHS=auto: {at_once} swarms at once with the update's CUDA graphs "
-              f"(~{need / 1024:.1f} GiB a worker) do not fit on {unfit[0].device}; their updates run eagerly")
-        env = {**env, "UPDATE_GRAPHS": "off"} if env.get("UPDATE_GRAPHS", "auto") == "auto" else env
-        unfit, need = short(configs, at_once)
     for fit in device_fits(placed(at_once), free, need, configs[0].memory_high_water):
         print(f"rl-swarm: {fit.line(need)}")
-    if unfit:
-        fitting = next((n for n in range(at_once - 1, 0, -1) if not short(configs, n)[0]), 0)
+    if unfit(at_once):
+        fit = unfit(at_once)[0]
+        fitting = next((n for n in range(at_once - 1, 0, -1) if not unfit(n)), 0)
         fix = f"run `rl-swarm sapo-table --parallel {fitting}`" if fitting else "free memory on it"
-        fit = unfit[0]
         raise SwarmError(f"sapo-table: {at_once} swarms at once put {fit.workers} workers on {fit.device}, needing "
                          f"~{fit.workers * need / 1024:.0f} GiB, but it has {fit.free_mib / 1024:.0f} GiB free ({fix}, "
                          "or lower MAX_NEW_TOKENS / NUM_GENERATIONS)")

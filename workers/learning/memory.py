@@ -32,6 +32,12 @@ def torch_path_mib(vocab: int) -> float:
     return missing
 
 
+def width_and_depth(config) -> tuple[int, int]:
+    """Hidden size and layer count of a GPT-2-style config (GPT-2's own names, or transformers' generic ones)."""
+    return (getattr(config, "n_embd", None) or config.hidden_size,
+            getattr(config, "n_layer", None) or config.num_hidden_layers)
+
+
 def largest_micro_batch(cfg: SwarmConfig) -> int:
     """Rows of a round's largest update micro-batch: every local and external group, G rows each."""
     return min(cfg.train_micro_batch, (cfg.num_train_samples + cfg.num_transplant_trees) * cfg.num_generations)
@@ -39,8 +45,7 @@ def largest_micro_batch(cfg: SwarmConfig) -> int:
 
 def parameter_count(config) -> int:
     """GPT-2-style count from the config alone (no weights loaded): embeddings + 12 d^2 per layer."""
-    d = getattr(config, "n_embd", None) or config.hidden_size
-    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
+    d, layers = width_and_depth(config)
     vocab = config.vocab_size
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0)
     return vocab * d + positions * d + layers * 12 * d * d
@@ -49,8 +54,7 @@ def parameter_count(config) -> int:
 def estimate_worker_mib(config, cfg: SwarmConfig, checkpointing: bool = True) -> float:
     """Worst case (every completion MAX_NEW_TOKENS long, prompts ~48 tokens): weights, gradients and
     optimizer, plus one micro-batch's activations, plus what the update's CUDA graphs hold when cfg uses them."""
-    d = getattr(config, "n_embd", None) or config.hidden_size
-    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
+    d, layers = width_and_depth(config)
     tokens = largest_micro_batch(cfg) * (cfg.max_new_tokens + 48)
     activations = tokens * d * layers * ACTIVATION_BYTES[checkpointing]
     model_state = parameter_count(config) * BYTES_PER_PARAM
@@ -66,8 +70,7 @@ def update_graphs_mib(config, cfg: SwarmConfig) -> float:
     for the default worker and +0.84 GiB for paper-4-4's; the fp32 gradients plus twice the sampler's bf16 KV
     cache for a round's rows (0.63 and 0.85 GiB) bounds both.
     """
-    d = getattr(config, "n_embd", None) or config.hidden_size
-    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
+    d, layers = width_and_depth(config)
     rows = cfg.num_train_samples * cfg.num_generations
     cache = layers * 2 * rows * (cfg.max_new_tokens + 48) * d * 2
     return (parameter_count(config) * 4 + 2 * cache) / MIB
