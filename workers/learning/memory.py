@@ -1,6 +1,9 @@
-"""How much GPU memory one worker needs, estimated before any process starts, and releasing it between phases."""
+"""How much GPU memory one worker needs, estimated from the model's config before any process starts.
 
-import torch
+Torch-free: the CLI's disk check reads it (through workers.disk_need) whatever the command, and `rl-swarm status`
+must not wait ~1.2 s for a torch it never uses. Releasing memory between a round's phases is the round's
+(workers.round_loop).
+"""
 
 from configs_env import SwarmConfig
 
@@ -20,7 +23,7 @@ ACTIVATION_BYTES = {True: 8, False: 44}
 def torch_path_mib(vocab: int) -> float:
     """What the update holds more where Triton is missing: the torch AdamW step's fp32 temporaries (five
     pieces of PIECE elements) and two fp32 copies of a chunk of logits."""
-    # here, not at the top: the supervisor's fit check imports this module and need not load Triton otherwise
+    # here, not at the top: these load torch and Triton, which this module's other readers never need
     from workers.learning import optim, softmax_kernels
     from workers.learning.grpo import LOGPROB_CHUNK
 
@@ -74,14 +77,3 @@ def update_graphs_mib(config, cfg: SwarmConfig) -> float:
     rows = cfg.num_train_samples * cfg.num_generations
     cache = layers * 2 * rows * (cfg.max_new_tokens + 48) * d * 2
     return (parameter_count(config) * 4 + 2 * cache) / MIB
-
-
-def release_cached_memory(device: torch.device) -> None:
-    """Hand the allocator's cached blocks back between generation and the update.
-
-    Generation and training allocate differently shaped blocks; kept cached, one phase's blocks sit
-    beside the other's and NVML counts both (a worker measured 2.7 GiB in its first round, 3.0 from
-    its second on). Sixteen workers share one GPU, so a freed block is worth the few ms it costs.
-    """
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
