@@ -7,8 +7,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from swarm_supervisor import disk_room
-from workers.checkpoint import KEEP_LAST, CheckpointMeta, save_checkpoint
-from workers.disk_need import MOMENT_BYTES, WEIGHT_BYTES, bytes_under, worker_checkpoint_bytes
+from workers.checkpoint import CheckpointMeta, save_checkpoint
+from workers.disk_need import KEEP_LAST, MOMENT_BYTES, WEIGHT_BYTES, bytes_under, worker_checkpoint_bytes
 from workers.learning.memory import parameter_count
 from workers.shared_folder.folder import ExperimentFolder
 

@@ -1,4 +1,10 @@
-"""Across seeds: the mean and its 95% Student-t interval, checked by hand."""
+"""The experiment views on a small finished experiment: across seeds the mean and its 95% Student-t interval,
+checked by hand; held-out accuracy in compare, validate and the plot; and the read-only commands answering
+without loading the learning code."""
+
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -107,3 +113,21 @@ def test_restarts_are_counted_from_the_events_kind_and_from_older_sentences(tmp_
                 {"time": 4, "event": "started 2 workers", "level": "info"}):
         append_jsonl(folder.events_file, row)
     assert count_restarts(folder) == 2
+
+
+# what `up` and `pretrain` need, and a read-only command never does: torch alone takes ~1.2 s of CPU to import
+LEARNING_MODULES = ("torch", "transformers", "reasoning_gym")
+
+
+def test_status_experiments_validate_and_config_answer_without_loading_torch(tmp_path):
+    from tests.helpers import swarm_env
+
+    _experiment(tmp_path / "drive" / "experiments" / "e2e", with_evals=True)
+    for command in (["--help"], ["status"], ["experiments", "list"], ["validate", "e2e"], ["config"]):
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "swarm_supervisor", *command],
+                                env=swarm_env(tmp_path, COLUMNS="200"), capture_output=True, text=True, timeout=120)
+        # 1: validate's FAILs, of a folder that holds no checkpoints or logs
+        assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stdout + result.stderr
+        imported = re.findall(r"^import time:.*\|\s+(\S+)$", result.stderr, re.MULTILINE)
+        loaded = [name for name in LEARNING_MODULES if name in imported]
+        assert not loaded, f"`rl-swarm {' '.join(command)}` imported {', '.join(loaded)}: it starts seconds slower"

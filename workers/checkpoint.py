@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from configs_env import SwarmError
+from workers.disk_need import KEEP_LAST
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import SIGNATURE_KEY, read_json_bounded, write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
@@ -35,7 +36,6 @@ from workers.weights import SLACK_BYTES, host_weights, load_weights, model_bytes
 
 log = logging.getLogger(__name__)
 
-KEEP_LAST = 2
 METRICS_TAIL = 8          # this node's last metrics rows kept in each checkpoint (bounded: meta.json stays small)
 SCHEMA = 3                # 3: meta.json signed by the node, with its files' SHA-256; 1 and 2 unsigned (see load)
 FILES = ("model.safetensors", "state.pt")

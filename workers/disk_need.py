@@ -1,11 +1,12 @@
-"""How much disk a worker's checkpoints take, from the model's config alone, before any worker starts."""
+"""How many checkpoints a worker keeps, and how much disk they take, from the model's config alone, before any
+worker starts. Torch-free, as workers.learning.memory: the CLI imports it whatever the command (its disk check)."""
 
 import os
 from pathlib import Path
 
-from workers.checkpoint import KEEP_LAST
 from workers.learning.memory import parameter_count
 
+KEEP_LAST = 2                           # a worker's newest checkpoints kept; workers.checkpoint prunes the older
 WEIGHT_BYTES = 4                        # model.safetensors holds fp32 weights
 # state.pt holds AdamW's two moments: bf16 on CUDA (workers.learning.optim), fp32 with torch's AdamW on the CPU
 MOMENT_BYTES = {True: 2 * 2, False: 2 * 4}
