@@ -34,7 +34,9 @@ REFRESH_S = 2.0                          # a redraw reads the folder: on Drive, 
 STOP_WAIT_S = SHUTDOWN_GRACE_S + 30.0    # the supervisor gives its workers SHUTDOWN_GRACE_S to save and leave
 SWEEP_WAIT_S = 5.0                       # multiprocessing's helpers leave once their parent has
 FRAME_WIDTH = 150                        # columns of a frame: a Colab cell shows about this many
-CHILD_COMMANDS = ("up", "worker", "join")
+# the commands run_swarm follows; sapo-table runs several swarms, each `up` writing to a log of its own: it has
+# no one folder to draw a table from, and prints its swarms' progress and its table as lines
+CHILD_COMMANDS = ("up", "worker", "join", "sapo-table")
 
 
 class CellStop(Exception):
@@ -125,8 +127,9 @@ def rl_swarm(*args: str, **settings: object) -> int:
     return proc.wait()
 
 
-def run_swarm(command: str = "up", **settings: object) -> int:
-    """`rl-swarm up` (or `worker`) with its live table in the cell and its summary at the end.
+def run_swarm(command: str = "up", *args: str, **settings: object) -> int:
+    """`rl-swarm up` (or `worker`) with its live table in the cell and its summary at the end; `sapo-table` (with
+    its ARGS) with its lines as they come.
 
     Interrupting the cell stops the swarm cleanly (files written, checkpoints saved, resumable); a second
     interrupt kills it at once. A swarm that failed ends the cell with one line.
@@ -135,13 +138,14 @@ def run_swarm(command: str = "up", **settings: object) -> int:
         raise CellStop(f"rl-swarm: run_swarm runs {', '.join(CHILD_COMMANDS)}, not {command!r}: use rl_swarm() for "
                        "the others")
     env = merged_env(settings)
-    table = None
-    try:
-        table = FolderTable(SwarmConfig.from_env(env, role="join" if command != "up" else "up"))
-    except SwarmError:
-        pass                            # the child says what is wrong, in one line, and exits 2
-    child = Child([sys.executable, "-m", "swarm_supervisor", command, "--no-dashboard"], env)
-    code = child.follow(table, LiveCell())
+    table, argv = None, [sys.executable, "-m", "swarm_supervisor", command, *args]
+    if command != "sapo-table":
+        argv.append("--no-dashboard")
+        try:
+            table = FolderTable(SwarmConfig.from_env(env, role="join" if command != "up" else "up"))
+        except SwarmError:
+            pass                        # the child says what is wrong, in one line, and exits 2
+    code = Child(argv, env).follow(table, LiveCell())
     if code not in (0, EXIT_INTERRUPTED):
         raise CellStop(f"rl-swarm: `rl-swarm {command}` exited with code {code}: see the lines above and logs/ in "
                        "the experiment folder")

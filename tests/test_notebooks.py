@@ -13,12 +13,12 @@ import pytest
 
 from tests.helpers import metrics_rows, survivors
 
-nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+from tests.notebook_runs import NOTEBOOKS, execute, outputs_text  # noqa: E402 - after the skips above
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).parent.parent
-NOTEBOOKS = REPO / "notebooks"
 
 
 @pytest.fixture
@@ -35,17 +35,6 @@ def colab_env(tmp_path, monkeypatch):
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return tmp_path
-
-
-def execute(name: str, cwd: Path, kernel: str = "python3"):
-    """The notebook run top to bottom (raising on any cell's error), with its outputs."""
-    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "outputs not stripped"
-    started = time.monotonic()
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name=kernel,
-                            resources={"metadata": {"path": str(cwd)}}).execute()
-    print(f"{name}.ipynb ran in {time.monotonic() - started:.0f}s")
-    return notebook
 
 
 def fresh_runtime(tmp_path: Path, monkeypatch) -> str:
@@ -87,16 +76,6 @@ async def execute_then_interrupt(notebook, cwd: Path, kernel: str, ready) -> flo
         await client.km.interrupt_kernel()
         await asyncio.wait_for(cell, 120)
         return time.monotonic() - interrupted
-
-
-def outputs_text(notebook) -> str:
-    """Everything the cells show, as text: streams, and each display's text/plain (a redrawn one: its last frame)."""
-    parts = []
-    for cell in notebook.cells:
-        for out in cell.get("outputs", []):
-            shown = out.get("text", "") if out.output_type == "stream" else out.get("data", {}).get("text/plain", "")
-            parts.append(shown)
-    return "\n".join(parts)
 
 
 def test_colab_cell_installs_from_drive_draws_the_table_stops_on_interrupt_and_resumes(colab_env, monkeypatch,
@@ -156,17 +135,3 @@ def test_join_worker_adds_workers_to_a_running_swarm(colab_env, monkeypatch, sta
         up.kill()
     rows = [json.loads(line) for line in (exp / "metrics" / "colab2" / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["round"] == 20
-
-
-def test_sapo_configs_runs_the_four_configurations_and_compares_them(colab_env, monkeypatch, start_from_base):
-    monkeypatch.setenv("NUM_WORKERS", "4")        # 1/3 needs three peers publishing one group each
-    # four swarms one after another: 2 rounds and 8 held-out questions each are enough to compare and plot
-    monkeypatch.setenv("MAX_ROUNDS", "2")
-    monkeypatch.setenv("EVAL_SIZE", "8")
-    presets = ("sapo-4-0", "sapo-3-1", "sapo-2-2", "sapo-1-3")
-    for preset in presets:
-        start_from_base(colab_env / "drive" / "experiments" / f"{preset}-test")
-    execute("sapo_configs", colab_env)
-    for preset in presets:
-        assert (colab_env / "drive" / "experiments" / f"{preset}-test" / "state" / "finished.json").exists()
-    assert (colab_env / "drive" / "plots" / "sapo-configs.png").exists()

@@ -18,6 +18,7 @@ from swarm_supervisor.claim import coordinator_key
 from swarm_supervisor.table import Arm, copy_base
 from swarm_supervisor.table_report import TableRow, format_table, gains
 from tests.helpers import swarm_env
+from tests.notebook_runs import execute, outputs_text
 from workers.shared_folder.base_meta import sign_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.hostile import forger
@@ -156,11 +157,14 @@ def test_a_base_the_table_copies_is_signed_for_the_split_it_lands_in_and_a_plant
 
 
 @pytest.mark.slow
-def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_and_prints_the_papers_table(tmp_path):
+def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_prints_the_papers_table_and_the_notebook_shows_it(
+        tmp_path, monkeypatch):
     # the paper's nine tasks have prompts of up to ~370 tokens: warm-up batches of 32 and 32 held-out questions were
     # most of this test's time. With 8 of each the tiny model still learns the answer format (50-90% of completions
-    # well-formed, as with 32), and the splits still share groups with a signal
-    env = swarm_env(tmp_path, MAX_ROUNDS="2", EXPERIMENT_NAME="t", WARMUP_BATCH_SIZE="8", EVAL_SIZE="8")
+    # well-formed, as with 32), and the splits still share groups with a signal. The name is the one the
+    # sapo_configs notebook gives a TEST_SIZED table, so the notebook finds these swarms
+    env = swarm_env(tmp_path, MAX_ROUNDS="2", EXPERIMENT_NAME="sapo-configs-test", WARMUP_BATCH_SIZE="8",
+                    EVAL_SIZE="8")
     result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "sapo-table"], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -170,28 +174,34 @@ def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_and_prints_the_papers_
     assert [r.split()[0] for r in rows] == ["8/0", "6/2", "4/4", "2/6"]
     assert "561.8 (8/0)" in rows[0] and "+94%" not in rows[0] and "1093.3 (4/4)" in rows[2]
     drive = tmp_path / "drive"
-    table = json.loads((drive / "tables" / "t-paper.json").read_text())
+    name = "sapo-configs-test-paper"
+    table = json.loads((drive / "tables" / f"{name}.json").read_text())
     assert [r["split"] for r in table["rows"]] == ["8/0", "6/2", "4/4", "2/6"]
     assert all(r["rounds"] == [2] and len(r["task_rewards"]) >= 1 for r in table["rows"])
-    base_meta = json.loads((drive / "experiments" / "t-paper-8-0-s1" / "base" / "meta.json").read_text())
+    base_meta = json.loads((drive / "experiments" / f"{name}-8-0-s1" / "base" / "meta.json").read_text())
     assert table["warmup_accuracy"] == {"1": base_meta["greedy_accuracy_after"]}
     # one warm-up for the seed: every split started from the same base
-    bases = [(drive / "experiments" / f"t-paper-{s}-s1" / "base" / "model.safetensors").read_bytes()
+    bases = [(drive / "experiments" / f"{name}-{s}-s1" / "base" / "model.safetensors").read_bytes()
              for s in ("8-0", "6-2", "4-4", "2-6")]
     assert all(b == bases[0] for b in bases)
     # the splits really differ in sharing: 8/0 trains on no peer group, 2/6 on some
     def external(split: str) -> int:
-        path = drive / "experiments" / f"t-paper-{split}-s1" / "metrics" / "worker-1" / "metrics.jsonl"
+        path = drive / "experiments" / f"{name}-{split}-s1" / "metrics" / "worker-1" / "metrics.jsonl"
         return sum(json.loads(line)["external_groups"] for line in path.read_text().splitlines())
     assert external("8-0") == 0 and external("2-6") > 0
-    # it resumes like `up`: a second run finds every split finished (starting no swarm) and prints the same table
+    # it resumes like `up`: the notebook's cell, with the paper family picked in its form, runs `rl-swarm sapo-table`
+    # again; it finds every split finished (starting no swarm), shows the same table and its plot
     logs = {path: path.read_bytes() for path in (drive / "tables" / "logs").glob("*.log")}
-    again = subprocess.run([sys.executable, "-m", "swarm_supervisor", "sapo-table"], env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0 and rows[0] in again.stdout
+    (drive / "tables" / f"{name}.png").unlink()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    notebook = execute("sapo_configs", tmp_path, params={"FAMILY": '"paper"'})
+    assert rows[0] in outputs_text(notebook)
+    assert any("image/png" in out.get("data", {}) for out in notebook.cells[0].outputs)
+    assert (drive / "tables" / f"{name}.png").exists()
     assert {path: path.read_bytes() for path in logs} == logs      # no swarm's `up` ran (each appends to its log)
     # a table stopped early (here: 8/0's round 2 gone) compares every split over the rounds all reached
-    for path in (drive / "experiments" / "t-paper-8-0-s1" / "metrics").glob("*/metrics.jsonl"):
+    for path in (drive / "experiments" / f"{name}-8-0-s1" / "metrics").glob("*/metrics.jsonl"):
         path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
                                 if json.loads(line)["round"] == 1))
     report = subprocess.run([sys.executable, "-m", "swarm_supervisor", "sapo-table", "--report"], env=env,
@@ -200,9 +210,9 @@ def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_and_prints_the_papers_
     assert "seed 1: compared over the first 1 rounds, the most every split reached (8/0 1, 6/2 2, 4/4 2, 2/6 2)" \
         in report.stdout
     assert {path: path.read_bytes() for path in logs} == logs
-    cut = json.loads((drive / "tables" / "t-paper.json").read_text())["rows"]
+    cut = json.loads((drive / "tables" / f"{name}.json").read_text())["rows"]
     assert [(r["rounds"], r["rounds_reached"]) for r in cut] == [([1], [1])] + [([1], [2])] * 3
-    first = [json.loads(line) for path in (drive / "experiments" / "t-paper-2-6-s1" / "metrics").glob("*/metrics.jsonl")
+    first = [json.loads(line) for path in (drive / "experiments" / f"{name}-2-6-s1" / "metrics").glob("*/metrics.jsonl")
              for line in path.read_text().splitlines() if json.loads(line)["round"] == 1]
     assert cut[3]["cumulative_reward"] == [pytest.approx(sum(m["reward_mean"] for m in first) / len(first), abs=1e-4)]
 
