@@ -5,7 +5,9 @@ may say (runs_on: its own workers' restarts and memory).
 """
 
 import logging
+import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -100,3 +102,33 @@ def read_events(folder: ExperimentFolder, last: int = 8) -> list[str]:
             said = f"[{row['machine']}] " if row["machine"] else ""
             out.append(time.strftime("%H:%M:%S ", time.localtime(row["time"])) + said + plain(row["event"][:200]))
     return out
+
+
+def _mib(value: object) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else None
+
+
+@dataclass(frozen=True)
+class RecordedSample:
+    """A line of a machine's monitor.jsonl (ExperimentFolder.monitor_file_of): per node (GPU MiB, RSS MiB), and the
+    device's memory."""
+
+    time: float
+    nodes: dict[str, tuple[float | None, float | None]]
+    device_used_mib: float | None
+    device_total_mib: float | None
+
+    @classmethod
+    def from_json(cls, record: dict, where: str) -> "RecordedSample":
+        when, nodes = record.get("time"), record.get("nodes")
+        if _mib(when) is None or not isinstance(nodes, dict):
+            raise RejectedFile(f"{where}: not a monitor sample (time and nodes)")
+        return cls(time=float(when), nodes={str(node): (_mib(v.get("gpu_mib")), _mib(v.get("rss_mib")))
+                                            for node, v in nodes.items() if isinstance(v, dict)},
+                   device_used_mib=_mib(record.get("device_used_mib")),
+                   device_total_mib=_mib(record.get("device_total_mib")))
+
+    def of_machine(self, machine: str | None) -> "RecordedSample":
+        """The sample without the nodes that machine does not run (runs_on)."""
+        return replace(self, nodes={node: v for node, v in self.nodes.items() if runs_on(machine, node)})

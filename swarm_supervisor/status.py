@@ -9,19 +9,20 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
 from swarm_supervisor.experiments import experiment_config, experiment_folder, rounds_per_hour, status_of
-from swarm_supervisor.machines import restarted_node
+from swarm_supervisor.machines import RecordedSample, restarted_node
 from swarm_supervisor.learning_health import RewardWatch, learning_alarm
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
 from swarm_supervisor.verdicts import RememberedVerdicts
 from workers.shared_folder.held_out import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
-from workers.shared_folder.folder import ExperimentFolder, runs_on
+from workers.shared_folder import storage
+from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import RejectedFile, warn_skipped
 from workers.shared_folder.safe_io import file_size
 from workers.shared_folder.jsonl import read_jsonl_tail
@@ -77,6 +78,9 @@ TREND = 8
 RECORDED_FRESH_S = 30.0    # the supervisor records a monitor sample every 5 s: an older one is of a stopped swarm
 MACHINES_LISTED_S = 10.0   # how often the reader looks for the supervisor folders of machines that joined
 METRICS_CHUNK = 1024 * 1024      # bytes of a metrics log read a refresh: a long log is caught up over a few
+# On an object store each listing is a billed request of tens of ms, and a view made 12 a second for 4 workers: a
+# view asks whether a node's held-out log grew every HELD_OUT_CHECK_S there (it grows every EVAL_EVERY rounds)
+HELD_OUT_CHECK_S = 10.0
 class SwarmReader:
     """Reads metrics incrementally (new lines only) so a refresh several times a second stays cheap.
 
@@ -98,6 +102,7 @@ class SwarmReader:
         self._rounds: list[int] = []
         self._states: dict[int, RoundState] = {}     # intact round states read so far (they never change)
         self._held_out: dict[str, tuple[int, HeldOutTrend]] = {}   # node: (file size, trend)
+        self._held_out_checked: dict[str, float] = {}                # node: when its size was last asked (a store)
         self.rewards: dict[str, RewardWatch] = {}
         self._samples_at: dict[str | None, int] = {}  # bytes of each machine's monitor.jsonl read
         self.samples: dict[str | None, RecordedSample] = {}     # each machine's newest monitor sample
@@ -184,6 +189,11 @@ class SwarmReader:
         """The node's held-out accuracy: start, best, newest; the file is re-read when it grows."""
         path = eval_file(self.folder, node)
         cached = self._held_out.get(node)
+        now = time.monotonic()
+        if cached is not None and self._on_store() and now - self._held_out_checked.get(node, -math.inf) < \
+                HELD_OUT_CHECK_S:
+            return cached[1]
+        self._held_out_checked[node] = now
         try:
             size = file_size(path)
             if cached is None or cached[0] != size:
@@ -193,6 +203,9 @@ class SwarmReader:
         except OSError:      # not written yet, or a Drive hiccup: the last answer stands until the next refresh
             pass
         return cached[1] if cached else HeldOutTrend()
+
+    def _on_store(self) -> bool:
+        return storage.mounted(self.folder.state_dir) is not None
 
     def heartbeats(self) -> dict[str, Heartbeat]:
         try:
@@ -220,21 +233,16 @@ class SwarmReader:
                 return None
         return self._states[round_]
 
-    def _newest_state(self) -> RoundState | None:
+    def _newest_state(self, rounds: list[int]) -> RoundState | None:
         """The newest round state the coordinator signed: a half-synced or forged round_000099.json is no round."""
-        return newest_round_state(self._state, self.state_rounds())
+        return newest_round_state(self._state, rounds)
 
-    def current_round(self) -> int:
-        newest = self._newest_state()
-        return newest.round if newest else 0
-
-    def _timing(self, round_: int, running: bool) -> tuple[float, float | None, float | None]:
-        """Elapsed seconds, rounds per hour and ETA, from the round state files' timestamps.
+    def _timing(self, round_: int, running: bool, rounds: list[int]) -> tuple[float, float | None, float | None]:
+        """Elapsed seconds, rounds per hour and ETA, from the round state files' timestamps (`rounds`: listed).
 
         A swarm that is not running is timed to its newest round, not to now: stopped a day ago, it did its
         rounds at the pace it did them, and it has no ETA.
         """
-        rounds = self.state_rounds()
         first = self._state(rounds[0]) if rounds else None
         if first is None:
             return 0.0, None, None
@@ -243,7 +251,7 @@ class SwarmReader:
         second = self._state(rounds[1]) if len(rounds) > 2 else None
         start = second if second is not None and second.round < round_ else first
         if not running:
-            newest = self._newest_state()
+            newest = self._newest_state(rounds)
             finished = [row.finished_at for row in self.latest.values() if newest and row.round >= newest.round]
             end = max([newest.started_at if newest else first.started_at, *finished])
             return max(0.0, end - first.started_at), rounds_per_hour(start, newest) if newest else None, None
@@ -277,9 +285,11 @@ class SwarmReader:
         for node in nodes:
             self._read_new_metrics(node)
             rows.append(self._row(node, beats.get(node), by_node.get(node), snapshot))
-        round_ = coordinator_round or self.current_round()
+        rounds = self.state_rounds()        # once a view: on a bucket a listing is a billed request
+        newest = self._newest_state(rounds)
+        round_ = coordinator_round or (newest.round if newest else 0)
         phase = self.phase(beats)
-        elapsed, per_hour, eta = self._timing(round_, running=phase == "running")
+        elapsed, per_hour, eta = self._timing(round_, phase == "running", rounds)
         return SwarmView(experiment=self.cfg.experiment_name, model=self.model_label, device_label=self.device_label,
                          round=round_, max_rounds=self.cfg.max_rounds, elapsed_s=elapsed, rounds_per_hour=per_hour,
                          eta_s=eta, devices=snapshot.devices if snapshot else (), nodes=tuple(rows),
@@ -346,36 +356,6 @@ class SwarmReader:
                        liveness=liveness(beat, self.cfg.peer_timeout) if beat else None,
                        note=beat.note if beat else None,
                        device=handle.spec.device if handle is not None else beat.device if beat else None)
-
-
-def _mib(value: object) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    return float(value) if ok else None
-
-
-@dataclass(frozen=True)
-class RecordedSample:
-    """A line of a machine's monitor.jsonl (ExperimentFolder.monitor_file_of): per node (GPU MiB, RSS MiB), and the
-    device's memory."""
-
-    time: float
-    nodes: dict[str, tuple[float | None, float | None]]
-    device_used_mib: float | None
-    device_total_mib: float | None
-
-    @classmethod
-    def from_json(cls, record: dict, where: str) -> "RecordedSample":
-        when, nodes = record.get("time"), record.get("nodes")
-        if _mib(when) is None or not isinstance(nodes, dict):
-            raise RejectedFile(f"{where}: not a monitor sample (time and nodes)")
-        return cls(time=float(when), nodes={str(node): (_mib(v.get("gpu_mib")), _mib(v.get("rss_mib")))
-                                            for node, v in nodes.items() if isinstance(v, dict)},
-                   device_used_mib=_mib(record.get("device_used_mib")),
-                   device_total_mib=_mib(record.get("device_total_mib")))
-
-    def of_machine(self, machine: str | None) -> "RecordedSample":
-        """The sample without the nodes that machine does not run (runs_on)."""
-        return replace(self, nodes={node: v for node, v in self.nodes.items() if runs_on(machine, node)})
 
 
 def folder_reader(cfg: SwarmConfig) -> SwarmReader:

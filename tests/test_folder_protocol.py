@@ -240,7 +240,7 @@ def test_the_pace_and_eta_leave_out_the_first_round_which_holds_the_workers_star
                  RoundState(round_, 100, started, "start" if round_ == 1 else "all nodes done").to_json())
     reader = SwarmReader(folder, SwarmConfig.from_env({"MAX_ROUNDS": "100"}), "m", "cpu",
                          keyring=node_exchange(folder, COORDINATOR).keyring)
-    elapsed, per_hour, eta = reader._timing(4, running=True)
+    elapsed, per_hour, eta = reader._timing(4, True, reader.state_rounds())
     assert elapsed == pytest.approx(120, abs=2) and per_hour == pytest.approx(240, rel=0.05)
     assert eta == pytest.approx(96 / 240 * 3600, rel=0.05)
 

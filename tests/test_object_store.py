@@ -17,10 +17,13 @@ from swarm_supervisor import cli
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 from swarm_supervisor import coordinator as coordinator_module
 from swarm_supervisor.coordinator import Coordinator
-from tests.helpers import (group, heartbeat_record, keyring, metrics_row, node_exchange, node_key, warnings_naming,
-                           write_as)
+from swarm_supervisor import status as status_module
+from swarm_supervisor.status import SwarmReader
+from tests.helpers import (append_as, group, heartbeat_record, keyring, metrics_row, node_exchange, node_key,
+                           warnings_naming, write_as)
 from tests.store_servers import FakeGCS, in_bucket, serving_s3
 from workers.shared_folder import storage, store_fsspec
+from workers.shared_folder.held_out import eval_file
 from workers.shared_folder.exchange import (newest_signed_round, read_finished, read_heartbeats, read_round_state,
                                             read_signed)
 from workers.shared_folder.hostile import plant_forgeries, plant_hostile_files
@@ -29,7 +32,7 @@ from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl, read_jsonl_tail
 from workers.shared_folder.rejections import FolderError
 from workers.shared_folder.safe_io import is_visible, list_folder
-from workers.shared_folder.protocol import Heartbeat, RoundState, SwarmFinished
+from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RoundState, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR
 from workers.shared_folder.store_local import LocalStore
 
@@ -132,6 +135,33 @@ def test_a_coordinator_polling_a_bucket_reads_each_rewards_file_once_and_the_hea
         assert ended.get("get") == 1 and "head" not in ended     # w-2's file (version: the listing's), no beat
         monkeypatch.setattr(coordinator_module, "LIVENESS_READ_S", 0.0)
         assert requests_of(coordinator.expected_nodes).get("list") == 1     # now old enough: read again
+
+
+def test_a_view_of_a_bucket_lists_the_round_states_once_and_each_held_out_log_every_few_seconds(
+        s3, tmp_path, monkeypatch):
+    """The dashboard draws a view of the folder every second, and a bucket bills each listing. A view lists each
+    worker's metrics log, the heartbeats and the round states once (the states were listed three times), and a
+    worker's held-out log only when it last asked HELD_OUT_CHECK_S ago (the log grows every EVAL_EVERY rounds)."""
+    with created(tmp_path, f"s3://swarm/t{time.time_ns()}") as (cfg, folder):
+        workers = ("w-1", "w-2")
+        for node in workers:
+            write_as(folder, node, folder.heartbeat_file(node), heartbeat_record(node))
+            append_as(folder, node, folder.metrics_file(node), metrics_row(node, 1))
+            append_as(folder, node, eval_file(folder, node), HeldOutEval(node, 0, 0.5, 8, 1.0).to_json())
+        Coordinator(cfg, folder, threading.Event(), set, node_key(folder, "coordinator"))._start_round(1, "start")
+        reader = SwarmReader(folder, cfg, "tiny", "cpu", keyring(folder))
+        store = storage.mounted(folder.state_dir)[0]
+
+        def lists_of_a_view() -> int:
+            before = store.requests["list"]
+            view = reader.view()
+            assert view.round == 1 and [r.held_out_start for r in view.nodes if r.role == "worker"] == [0.5, 0.5]
+            return store.requests["list"] - before
+
+        lists_of_a_view()
+        assert lists_of_a_view() == len(workers) + 2          # the metrics logs, the heartbeats, the round states
+        monkeypatch.setattr(status_module, "HELD_OUT_CHECK_S", 0.0)
+        assert lists_of_a_view() == 2 * len(workers) + 2      # and now the held-out logs too
 
 
 def test_a_crashed_ups_lease_does_not_block_a_resume_and_a_finished_up_gives_its_lease_back(experiment):
