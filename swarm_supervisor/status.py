@@ -286,7 +286,7 @@ class SwarmReader:
             self._read_new_metrics(node)
             rows.append(self._row(node, beats.get(node), by_node.get(node), snapshot))
         rounds = self.state_rounds()        # once a view: on a bucket a listing is a billed request
-        newest = self._newest_state(rounds)
+        newest = None if coordinator_round else self._newest_state(rounds)
         round_ = coordinator_round or (newest.round if newest else 0)
         phase = self.phase(beats)
         elapsed, per_hour, eta = self._timing(round_, phase == "running", rounds)

@@ -21,6 +21,7 @@ from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
 from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot
+from workers.shared_folder import storage
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_finished, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder
@@ -39,10 +40,15 @@ RECORD_S = 5.0
 HANG_CHECK_S = 2.0       # how often hung workers and the shared folder's presence are checked
 # how often the folder is read for the view when no live table shows it (a pipe's status lines, a notebook's own
 # table, the learning alarms): each read lists and verifies every heartbeat and new metrics line, CPU the
-# workers' launches share
+# workers' launches share. On an object store a live table too: there a read is billed listings (6 for 4 workers)
 QUIET_VIEW_S = 1.0
 SHUTDOWN_GRACE_S = 30.0
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def view_interval(live_table: bool, on_store: bool) -> float:
+    """Seconds between the supervisor's reads of the folder for its view."""
+    return TICK_S if live_table and not on_store else QUIET_VIEW_S
 
 
 def one_line(error: BaseException) -> str:
@@ -260,7 +266,7 @@ class Supervisor:
         self.event(f"started {len(self.handles)} workers" + (" and the coordinator" if self.coordinator else ""))
         self.dashboard.start()
         last_sample = last_record = last_hang_check = last_view = float("-inf")
-        view_every = TICK_S if self.dashboard.live else QUIET_VIEW_S
+        view_every = view_interval(self.dashboard.live, storage.mounted(self.folder.state_dir) is not None)
         while self.exit_code is None:
             now = time.monotonic()
             if now - last_hang_check >= HANG_CHECK_S:

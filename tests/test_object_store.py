@@ -19,6 +19,7 @@ from swarm_supervisor import coordinator as coordinator_module
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor import status as status_module
 from swarm_supervisor.status import SwarmReader
+from swarm_supervisor.supervisor import QUIET_VIEW_S, TICK_S, view_interval
 from tests.helpers import (append_as, group, heartbeat_record, keyring, metrics_row, node_exchange, node_key,
                            warnings_naming, write_as)
 from tests.store_servers import FakeGCS, in_bucket, serving_s3
@@ -141,7 +142,8 @@ def test_a_view_of_a_bucket_lists_the_round_states_once_and_each_held_out_log_ev
         s3, tmp_path, monkeypatch):
     """The dashboard draws a view of the folder every second, and a bucket bills each listing. A view lists each
     worker's metrics log, the heartbeats and the round states once (the states were listed three times), and a
-    worker's held-out log only when it last asked HELD_OUT_CHECK_S ago (the log grows every EVAL_EVERY rounds)."""
+    worker's held-out log only when it last asked HELD_OUT_CHECK_S ago (the log grows every EVAL_EVERY rounds);
+    a terminal's live table, redrawn four times a second, reads a bucket once a second."""
     with created(tmp_path, f"s3://swarm/t{time.time_ns()}") as (cfg, folder):
         workers = ("w-1", "w-2")
         for node in workers:
@@ -162,6 +164,9 @@ def test_a_view_of_a_bucket_lists_the_round_states_once_and_each_held_out_log_ev
         assert lists_of_a_view() == len(workers) + 2          # the metrics logs, the heartbeats, the round states
         monkeypatch.setattr(status_module, "HELD_OUT_CHECK_S", 0.0)
         assert lists_of_a_view() == 2 * len(workers) + 2      # and now the held-out logs too
+        # a supervisor's live table (a terminal) reads a bucket once a second, not at each of its redraws
+        on_store = storage.mounted(folder.state_dir) is not None
+        assert view_interval(True, on_store) == QUIET_VIEW_S > view_interval(True, False) == TICK_S
 
 
 def test_a_crashed_ups_lease_does_not_block_a_resume_and_a_finished_up_gives_its_lease_back(experiment):
