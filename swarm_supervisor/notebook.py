@@ -27,11 +27,13 @@ from swarm_supervisor.hangup import session_of_its_own
 from swarm_supervisor.machines import read_events
 from swarm_supervisor.status import folder_reader
 from swarm_supervisor.supervisor import EXIT_INTERRUPTED, SHUTDOWN_GRACE_S
+from swarm_supervisor.table import STOP_GRACE_S
 from workers.shared_folder import storage
 from workers.shared_folder.mount import folder_present
 
 REFRESH_S = 2.0                          # a redraw reads the folder: on Drive, every second would be too often
 STOP_WAIT_S = SHUTDOWN_GRACE_S + 30.0    # the supervisor gives its workers SHUTDOWN_GRACE_S to save and leave
+TABLE_STOP_WAIT_S = STOP_GRACE_S + 30.0  # sapo-table gives its swarms STOP_GRACE_S: killed sooner, they would not save
 SWEEP_WAIT_S = 5.0                       # multiprocessing's helpers leave once their parent has
 FRAME_WIDTH = 150                        # columns of a frame: a Colab cell shows about this many
 # the commands run_swarm follows; sapo-table runs several swarms, each `up` writing to a log of its own: it has
@@ -115,6 +117,8 @@ def merged_env(settings: Mapping[str, object]) -> dict[str, str]:
     # ipykernel sets these for its own children, and rich then draws live bars into our pipe, frame after frame
     for name in ("FORCE_COLOR", "CLICOLOR_FORCE"):
         env.pop(name, None)
+    # into a pipe, Python buffers a child's prints by the block: a table's lines would reach the cell at its end
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
@@ -145,17 +149,19 @@ def run_swarm(command: str = "up", *args: str, **settings: object) -> int:
             table = FolderTable(SwarmConfig.from_env(env, role="join" if command != "up" else "up"))
         except SwarmError:
             pass                        # the child says what is wrong, in one line, and exits 2
-    code = Child(argv, env).follow(table, LiveCell())
+    table_run = command == "sapo-table"
+    code = Child(argv, env, TABLE_STOP_WAIT_S if table_run else STOP_WAIT_S).follow(table, LiveCell())
     if code not in (0, EXIT_INTERRUPTED):
-        raise CellStop(f"rl-swarm: `rl-swarm {command}` exited with code {code}: see the lines above and logs/ in "
-                       "the experiment folder")
+        logs = "tables/logs/ in the shared folder" if table_run else "logs/ in the experiment folder"
+        raise CellStop(f"rl-swarm: `rl-swarm {command}` exited with code {code}: see the lines above and {logs}")
     return code
 
 
 class Child:
     """`rl-swarm` in a session of its own, its output printed as it comes, its table redrawn meanwhile."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]):
+    def __init__(self, argv: list[str], env: dict[str, str], stop_wait_s: float = STOP_WAIT_S):
+        self.stop_wait_s = stop_wait_s       # after a stop button, how long the child has to stop before it is killed
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      **session_of_its_own())
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -184,12 +190,12 @@ class Child:
               "checkpoints; interrupt again to kill it at once)", flush=True)
         self.proc.send_signal(signal.SIGINT)
         try:
-            code = self._pump(table, cell, deadline=time.monotonic() + STOP_WAIT_S)
+            code = self._pump(table, cell, deadline=time.monotonic() + self.stop_wait_s)
         except KeyboardInterrupt:
             print("rl-swarm: interrupted again: killing the swarm (it resumes from its last checkpoint)")
             return self._kill()
         if code is None:
-            print(f"rl-swarm: the swarm did not stop within {STOP_WAIT_S:.0f}s: killed (it resumes from its last "
+            print(f"rl-swarm: the swarm did not stop within {self.stop_wait_s:.0f}s: killed (it resumes from its last "
                   "checkpoint)")
             return self._kill()
         return code

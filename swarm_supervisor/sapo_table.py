@@ -62,6 +62,8 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
                    report_only: bool = False) -> int:
     """`rl-swarm sapo-table`: the four splits of a preset family side by side, once per seed, then the paper's table.
     With `report_only` (`--report`), the table of what the swarms' folders hold, nothing run."""
+    if parallel < 1:
+        raise SwarmError(f"sapo-table --parallel {parallel}: at least one swarm runs at a time (e.g. --parallel 2)")
     family = family or ("sapo" if cfg.preset.startswith("sapo") else "paper")
     # TEST_MODE: one seed of 4-worker swarms unless SEEDS / NUM_WORKERS say otherwise, so a CPU runs it in minutes
     seeds = cfg.seeds[:1] if cfg.test_mode and "SEEDS" not in env else cfg.seeds

@@ -29,6 +29,9 @@ from workers.shared_folder.safe_io import copy_regular_files, sync_folder, write
 
 POLL_S = 1.0
 STOP_GRACE_S = 90.0
+# a line of each running swarm's round this often: the swarms' own output goes to their logs, and a notebook's
+# cell shows nothing else for the hours a table runs
+PROGRESS_S = 300.0
 WARMUP_TIMEOUT_S = 2 * 3600.0       # a stopping swarm saves a checkpoint per worker; then it is killed
 # the settings a warm-up depends on: arms of one seed share a base only when these agree
 WARMUP_KEYS = ("model_name", "tasks", "seed", "warmup_steps", "warmup_batch_size", "warmup_lr",
@@ -130,7 +133,8 @@ class ArmRunner:
     def __init__(self, arms: list[Arm], base_env: Mapping[str, str], log_dir: Path, parallel: int, stall_s: float):
         self.arms, self.base_env, self.log_dir = arms, dict(base_env), log_dir
         self.parallel, self.stall_s = max(1, parallel), stall_s
-        self.folders = [ExperimentFolder(arm.config(base_env).experiment_dir) for arm in arms]
+        self.folders = {arm.experiment: ExperimentFolder(arm.config(base_env).experiment_dir) for arm in arms}
+        self.named = {arm.experiment: arm for arm in arms}
         self.running: dict[str, subprocess.Popen] = {}
         self.codes: dict[str, int] = {}
         self.stopping = False
@@ -144,6 +148,7 @@ class ArmRunner:
         before_hangup = on_hangup(self.hang_up)
         waiting = list(self.arms)
         progress, progress_at = -1, time.monotonic()
+        said_at = time.monotonic()
         try:
             while (waiting and not self.stopping) or self.running:
                 while waiting and len(self.running) < self.parallel and not self.stopping:
@@ -153,6 +158,9 @@ class ArmRunner:
                     else:
                         self._start(arm)
                 self._reap()
+                if self.running and time.monotonic() - said_at >= PROGRESS_S:
+                    print(f"rl-swarm: sapo-table: {self._progress()}", flush=True)
+                    said_at = time.monotonic()
                 done = self._rounds_done()
                 if done != progress:
                     progress, progress_at = done, time.monotonic()
@@ -179,29 +187,40 @@ class ArmRunner:
         return finished is not None and finished.covers(cfg.max_rounds)
 
     def _start(self, arm: Arm) -> None:
-        out = open(self.log_dir / f"{arm.experiment}.log", "ab")
+        log = self.log_dir / f"{arm.experiment}.log"
+        out = open(log, "ab")
         try:
             self.running[arm.experiment] = subprocess.Popen(
                 _command("up"), env=arm.environment(self.base_env), stdout=out, stderr=subprocess.STDOUT,
                 **session_of_its_own())
         finally:
             out.close()         # the child holds its own copy of the descriptor
+        print(f"rl-swarm: sapo-table: {arm.label} (seed {arm.seed}) started: {arm.experiment}, log {log}", flush=True)
 
     def _reap(self) -> None:
         for name, process in list(self.running.items()):
             if process.poll() is not None:
                 self.codes[name] = process.returncode
                 del self.running[name]
+                arm = self.named[name]
+                print(f"rl-swarm: sapo-table: {arm.label} (seed {arm.seed}) "
+                      f"{'finished' if process.returncode == 0 else f'ended with exit {process.returncode}'} at "
+                      f"round {self._round_of(name)}", flush=True)
+
+    def _round_of(self, name: str) -> int:
+        """The newest round the arm's coordinator started (0 before its first, or while its folder is unread)."""
+        try:
+            rounds = self.folders[name].state_rounds()
+        except OSError:
+            return 0
+        return rounds[-1] if rounds else 0
 
     def _rounds_done(self) -> int:
-        total = 0
-        for folder in self.folders:
-            try:
-                rounds = folder.state_rounds()
-            except OSError:
-                continue
-            total += rounds[-1] if rounds else 0
-        return total
+        return sum(self._round_of(name) for name in self.folders)
+
+    def _progress(self) -> str:
+        return ", ".join(f"{self.named[name].label} (seed {self.named[name].seed}) round {self._round_of(name)}/"
+                         f"{self.named[name].config(self.base_env).max_rounds}" for name in self.running)
 
     def hang_up(self, _signum: int, _frame: object) -> None:
         print_nowhere(self.terminal)

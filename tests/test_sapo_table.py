@@ -18,7 +18,6 @@ from swarm_supervisor.claim import coordinator_key
 from swarm_supervisor.table import Arm, copy_base
 from swarm_supervisor.table_report import TableRow, format_table, gains
 from tests.helpers import swarm_env
-from tests.notebook_runs import execute, outputs_text
 from workers.shared_folder.base_meta import sign_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.hostile import forger
@@ -159,6 +158,8 @@ def test_a_base_the_table_copies_is_signed_for_the_split_it_lands_in_and_a_plant
 @pytest.mark.slow
 def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_prints_the_papers_table_and_the_notebook_shows_it(
         tmp_path, monkeypatch):
+    pytest.importorskip("nbclient")
+    from tests.notebook_runs import execute, outputs_text
     # the paper's nine tasks have prompts of up to ~370 tokens: warm-up batches of 32 and 32 held-out questions were
     # most of this test's time. With 8 of each the tiny model still learns the answer format (50-90% of completions
     # well-formed, as with 32), and the splits still share groups with a signal. The name is the one the
@@ -173,6 +174,9 @@ def test_test_mode_sapo_table_runs_four_splits_on_the_cpu_prints_the_papers_tabl
     rows = lines[header + 2:header + 6]
     assert [r.split()[0] for r in rows] == ["8/0", "6/2", "4/4", "2/6"]
     assert "561.8 (8/0)" in rows[0] and "+94%" not in rows[0] and "1093.3 (4/4)" in rows[2]
+    for split in ("8/0", "6/2", "4/4", "2/6"):          # each swarm's start and end, as they come
+        assert f"rl-swarm: sapo-table: {split} (seed 1) started: sapo-configs-test-paper-" in result.stdout
+        assert f"rl-swarm: sapo-table: {split} (seed 1) finished at round 2" in result.stdout
     drive = tmp_path / "drive"
     name = "sapo-configs-test-paper"
     table = json.loads((drive / "tables" / f"{name}.json").read_text())
@@ -225,6 +229,9 @@ def test_a_report_of_a_table_never_run_names_the_folder_and_the_fix(tmp_path, mo
     assert error.startswith("rl-swarm: error: sapo-table --report: no swarm has run for nothing-paper-8-0-s1")
     assert str(tmp_path / "drive" / "experiments") in error and "run `rl-swarm sapo-table`" in error
     assert "\n" not in error and not (tmp_path / "drive" / "tables").exists()
+    assert main(["sapo-table", "--parallel", "0"]) == EXIT_USAGE       # a notebook form's 0, say
+    assert capsys.readouterr().err.strip() == ("rl-swarm: error: sapo-table --parallel 0: at least one swarm runs at "
+                                               "a time (e.g. --parallel 2)")
 
 
 def test_a_tables_swarms_stop_as_on_ctrl_c_when_the_table_is_killed_with_sigkill(tmp_path):
@@ -256,3 +263,29 @@ def test_a_tables_swarms_stop_as_on_ctrl_c_when_the_table_is_killed_with_sigkill
             time.sleep(0.1)
     finally:
         proc.kill()
+
+
+def test_a_notebook_runs_a_table_unbuffered_and_its_stop_button_gives_the_swarms_the_time_the_table_does(
+        tmp_path, monkeypatch):
+    """The sapo_configs cell prints the table's lines as they come (a child printing into a pipe buffers by the
+    block: they would come at the end, hours later), and its stop button sends the table a Ctrl-C, then waits
+    longer than sapo-table gives its swarms to save before it kills them all."""
+    from swarm_supervisor import notebook
+    from swarm_supervisor.table import STOP_GRACE_S
+
+    started = {}
+
+    class Started:
+        def __init__(self, argv: list[str], env: dict[str, str], stop_wait_s: float):
+            started.update(argv=argv, env=env, stop_wait_s=stop_wait_s)
+
+        def follow(self, table, cell) -> int:  # noqa: ANN001 - the cell's table and output, unused here
+            started["table"] = table
+            return 0
+
+    monkeypatch.setattr(notebook, "Child", Started)
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    assert notebook.run_swarm("sapo-table", "--family", "sapo", GDRIVE_PATH=str(tmp_path)) == 0
+    assert started["argv"][-4:] == ["swarm_supervisor", "sapo-table", "--family", "sapo"]
+    assert started["env"]["PYTHONUNBUFFERED"] == "1" and started["table"] is None
+    assert started["stop_wait_s"] > STOP_GRACE_S
