@@ -190,9 +190,8 @@ class SwarmReader:
         path = eval_file(self.folder, node)
         cached = self._held_out.get(node)
         now = time.monotonic()
-        if cached is not None and self._on_store() and now - self._held_out_checked.get(node, -math.inf) < \
-                HELD_OUT_CHECK_S:
-            return cached[1]
+        if storage.mounted(path) is not None and now - self._held_out_checked.get(node, -math.inf) < HELD_OUT_CHECK_S:
+            return cached[1] if cached else HeldOutTrend()
         self._held_out_checked[node] = now
         try:
             size = file_size(path)
@@ -203,9 +202,6 @@ class SwarmReader:
         except OSError:      # not written yet, or a Drive hiccup: the last answer stands until the next refresh
             pass
         return cached[1] if cached else HeldOutTrend()
-
-    def _on_store(self) -> bool:
-        return storage.mounted(self.folder.state_dir) is not None
 
     def heartbeats(self) -> dict[str, Heartbeat]:
         try:

@@ -4,6 +4,7 @@ machine; the same guarantees from the local folder. A whole swarm on s3://: test
 import contextlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -154,16 +155,23 @@ def test_a_view_of_a_bucket_lists_the_round_states_once_and_each_held_out_log_ev
         reader = SwarmReader(folder, cfg, "tiny", "cpu", keyring(folder))
         store = storage.mounted(folder.state_dir)[0]
 
-        def lists_of_a_view() -> int:
+        def a_view() -> tuple[int, list[float | None]]:
+            """The listings one view made, and the workers' newest held-out accuracy it shows."""
             before = store.requests["list"]
             view = reader.view()
-            assert view.round == 1 and [r.held_out_start for r in view.nodes if r.role == "worker"] == [0.5, 0.5]
-            return store.requests["list"] - before
+            assert view.round == 1
+            return store.requests["list"] - before, [r.held_out for r in view.nodes if r.role == "worker"]
 
-        lists_of_a_view()
-        assert lists_of_a_view() == len(workers) + 2          # the metrics logs, the heartbeats, the round states
+        a_view()
+        monkeypatch.setattr(status_module, "HELD_OUT_CHECK_S", math.inf)
+        assert a_view()[0] == len(workers) + 2          # the metrics logs, the heartbeats, the round states
+        for node in workers:                              # an evaluation lands: shown at the next look
+            append_as(folder, node, eval_file(folder, node), HeldOutEval(node, 5, 0.75, 8, 1.0).to_json())
+        assert a_view()[1] == [None, None]                # not looked for yet: only the start so far
         monkeypatch.setattr(status_module, "HELD_OUT_CHECK_S", 0.0)
-        assert lists_of_a_view() == 2 * len(workers) + 2      # and now the held-out logs too
+        # each held-out log listed for its size, and once more to read its new row
+        assert a_view() == (3 * len(workers) + 2, [0.75, 0.75])
+        assert a_view()[0] == 2 * len(workers) + 2      # unchanged since: its size only
         # a supervisor's live table (a terminal) reads a bucket once a second, not at each of its redraws
         on_store = storage.mounted(folder.state_dir) is not None
         assert view_interval(True, on_store) == QUIET_VIEW_S > view_interval(True, False) == TICK_S
