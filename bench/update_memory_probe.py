@@ -2,7 +2,9 @@
 allocator after each phase of ten simulated rounds (the first with every completion MAX_NEW_TOKENS long, as the
 rehearsal), then the allocator's segments by pool. Each shape and mode runs in a process of its own.
 
-    python -m bench.update_memory_probe OUT      (on the GPU; bench/probes/update_memory_probe.json, NOTES.md)
+    python -m bench.update_memory_probe OUT      (on the GPU: OUT/memory_<shape>_<mode>.json, one a process)
+
+bench/probes/update_memory_probe.json keeps a summary of those files (the peaks and the pools); NOTES.md reads it.
 """
 
 import json
@@ -51,7 +53,7 @@ def probe(shape: str, mode: str) -> dict:
     cfg = SwarmConfig.from_env({"NUM_TRAIN_SAMPLES": str(i), "NUM_TRANSPLANT_TREES": str(j), "NUM_GENERATIONS": str(g),
                                 "UPDATE_GRAPHS": mode, "MODEL_NAME": "rl-swarm/gpt2-124m-random"})
     device = torch.device("cuda")
-    policy = load_policy(cfg.model_name, device, Path(os.environ["RL_SWARM_CACHE"]))
+    policy = load_policy(cfg.model_name, device, cfg.cache_dir)
     optimizer = make_optimizer(policy.model, 1e-6)
     if use_activation_checkpointing(cfg.gradient_checkpointing, device):
         enable_activation_checkpointing(policy.model)
