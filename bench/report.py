@@ -31,7 +31,9 @@ HOPS = (("generate_s", "generate (a worker's own completions)"), ("score_s", "sc
         ("worker_round_s", "a worker's whole round"), ("slowest_worker_round_s", "the slowest worker's round"),
         ("between_rounds_s", "hand-off between rounds (wall minus the slowest worker's round)"),
         ("between_rounds_median_s", "the same, the median round's (rounds with an evaluation or a checkpoint are "
-                                    "the outliers a mean spreads)"))
+                                    "the outliers a mean spreads)"),
+        ("between_quiet_rounds_s", "the same, the mean over rounds that end in neither a held-out evaluation nor a "
+                                   "checkpoint"))
 
 
 def _hop_lines(s: dict) -> list[str]:
@@ -41,7 +43,11 @@ def _hop_lines(s: dict) -> list[str]:
         return []
     lines = [f"- the slowest worker's own work (generate + score + train) per round: "
              f"{s['worker_work_seconds']:.3f} s; wall per round / that work: "
-             f"**{s['seconds_per_round'] / s['worker_work_seconds']:.2f}** (target <= 1.5)", "",
+             f"**{s['seconds_per_round'] / s['worker_work_seconds']:.2f}** (target <= 1.5)",
+             *([f"- the {s['quiet_rounds']} of {s['rounds']} rounds that end in neither a held-out evaluation nor a "
+                f"checkpoint: {s['seconds_per_quiet_round']:.3f} s a round for {s['quiet_worker_work_seconds']:.3f} s "
+                f"of work, wall / work {s['seconds_per_quiet_round'] / s['quiet_worker_work_seconds']:.2f}"]
+               if s.get("quiet_rounds") else []), "",
              "| hop | mean seconds |", "|---|---|"]
     lines += [f"| {text} | {hops[key]:.3f} |" for key, text in HOPS if key in hops]
     return lines

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from statistics import mean, median
 
-from swarm_supervisor.experiments import metrics_by_round
+from swarm_supervisor.experiments import experiment_config, metrics_by_round
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.protocol import RoundState
@@ -31,11 +31,19 @@ def round_starts(folder: ExperimentFolder) -> dict[int, float]:
     return starts
 
 
+def saves_or_evaluates(round_: int, settings: dict) -> bool:
+    """Whether the workers end `round_` with a held-out evaluation or a checkpoint (config.json's settings)."""
+    return any(isinstance(every, int) and every > 0 and round_ % every == 0
+               for every in (settings.get("eval_every"), settings.get("checkpoint_interval")))
+
+
 def swarm_timing(experiment_dir: Path) -> dict:
-    """Seconds per round, the slowest worker's own work per round, and the mean of each hop (after start-up)."""
+    """Seconds per round, the slowest worker's own work per round, and the mean of each hop (after start-up); the
+    same for the quiet rounds alone, those that end in neither a held-out evaluation nor a checkpoint."""
     folder = ExperimentFolder(experiment_dir)
     starts = round_starts(folder)
-    by_round, _ = metrics_by_round(folder, KeyRing.for_viewing(folder, None))     # the bench's own, made just now
+    keyring = KeyRing.for_viewing(folder, None)
+    by_round, _ = metrics_by_round(folder, keyring)     # the bench's own, made just now
     rounds = sorted(r for r in by_round if r > SKIP_ROUNDS and r + 1 in starts and r in starts)
     if len(rounds) < 2:
         return {"error": f"{experiment_dir}: fewer than {SKIP_ROUNDS + 3} finished rounds"}
@@ -54,9 +62,16 @@ def swarm_timing(experiment_dir: Path) -> dict:
     # the typical hand-off, without the rounds that end in a held-out evaluation or a checkpoint's snapshot
     # (every EVAL_EVERY and CHECKPOINT_INTERVAL rounds), which the mean spreads over all rounds
     hops["between_rounds_median_s"] = median(wall - m.round_s for wall, m in zip(walls, slowest))
+    settings = experiment_config(folder, keyring)
+    quiet = [i for i, r in enumerate(rounds) if not saves_or_evaluates(r, settings)]
+    if quiet:
+        hops["between_quiet_rounds_s"] = mean(walls[i] - slowest[i].round_s for i in quiet)
     return {"rounds": len(rounds), "workers": len({m.node for m in rows}),
             "seconds_per_round": mean(walls), "median_seconds_per_round": median(walls),
             "worker_work_seconds": mean(max(work(m) for m in by_round[r].values()) for r in rounds),
+            **({"quiet_rounds": len(quiet), "seconds_per_quiet_round": mean(walls[i] for i in quiet),
+                "quiet_worker_work_seconds": mean(max(work(m) for m in by_round[rounds[i]].values()) for i in quiet)}
+               if quiet else {}),
             "hops": {k: round(v, 4) for k, v in hops.items()},
             "peak_gib_per_worker": nvml_peak_gib(folder)}
 
