@@ -216,7 +216,8 @@ class ArmRunner:
         return rounds[-1] if rounds else 0
 
     def _rounds_done(self) -> int:
-        return sum(self._round_of(name) for name in self.folders)
+        # the running swarms' only: an ended one's rounds no longer move, and on a bucket each look is a billed LIST
+        return sum(self._round_of(name) for name in self.running)
 
     def _progress(self) -> str:
         return ", ".join(f"{self.named[name].label} (seed {self.named[name].seed}) round {self._round_of(name)}/"
