@@ -200,42 +200,48 @@ def test_a_swarm_on_a_slow_flaky_drive_full_of_hostile_files_completes_every_rou
     assert "rejected files" in result.stdout       # the dashboard counted them
 
 
+ROUNDS = 40     # after the folder is back, rounds of ~0.15 s each must outlast the supervisor's look (every 2 s)
+
+
 @pytest.fixture(scope="module")
 def dropped_mount(tmp_path_factory, start_from_base) -> tuple[Path, int, str, list[Path] | None]:
-    """One swarm whose mount drops for 60 s twice, the two ways Colab's Drive does: in round 2 the folder vanishes,
-    in round 4 every call on it fails with ENOTCONN ("Transport endpoint is not connected", DRIVE_SIM_HANGUP). One
-    swarm for both (a swarm's start is ~30 s of CPU); returns its folder, exit code, output, and what stood in the
-    folder's place while it had vanished (None: nothing rebuilt it on the local disk)."""
+    """One swarm whose mount drops for 60 s twice, the two ways Colab's Drive does: in round 2 the folder vanishes;
+    once the supervisor has seen it back, a round later, every call on it fails with ENOTCONN ("Transport endpoint
+    is not connected", DRIVE_SIM_HANGUP). One swarm for both (a swarm's start is ~30 s of CPU); returns its folder,
+    exit code, output, and what stood in the folder's place while it had vanished (None: nothing rebuilt it on the
+    local disk)."""
     tmp_path = tmp_path_factory.mktemp("dropped-mount")
     hangup = tmp_path / "mount-hung-up"
-    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS="6", COORDINATOR_ROUND_INTERVAL="300",
+    env = swarm_env(tmp_path, NUM_WORKERS="2", MAX_ROUNDS=str(ROUNDS), COORDINATOR_ROUND_INTERVAL="300",
                     DRIVE_SIM_HANGUP=str(hangup))
     exp = tmp_path / "drive" / "experiments" / "e2e"
     start_from_base(exp)
     away = tmp_path / "mount-dropped"
     up = Up(env, tmp_path / "up.out")
+
+    def reached(round_: int) -> None:
+        wait_until(lambda: (exp / "state" / f"round_{round_:06d}.json").exists() or up.poll() is not None,
+                   timeout=400)
+        assert up.poll() is None, up.output()
+
     try:
-        for round_, drop in ((2, "vanished"), (4, "hung up")):
-            wait_until(lambda r=round_: (exp / "state" / f"round_{r:06d}.json").exists() or up.poll() is not None,
-                       timeout=400)
-            assert up.poll() is None, up.output()
-            if drop == "vanished":
-                exp.rename(away)
-            else:
-                hangup.touch()
-            # the mount's minute away (issue #19 asks for 60 s); nothing to wait on: the point is that time passes,
-            # longer than a write's retries and the round's wait for peers together
-            time.sleep(60)
-            if drop == "vanished":
-                rebuilt = sorted(exp.rglob("*"))[:10] if exp.exists() else None
-                if rebuilt is not None:
-                    exp.rename(tmp_path / "rebuilt")
-                away.rename(exp)
-                # the supervisor sees the folder back before it goes again: two outages, not one of two minutes
-                wait_until(lambda: "is back after" in ExperimentFolder(exp).events_file.read_text()
-                           or up.poll() is not None, timeout=120)
-            else:
-                hangup.unlink()
+        reached(2)
+        exp.rename(away)
+        # the mount's minute away (issue #19 asks for 60 s); nothing to wait on: the point is that time passes,
+        # longer than a write's retries and the round's wait for peers together
+        time.sleep(60)
+        rebuilt = sorted(exp.rglob("*"))[:10] if exp.exists() else None
+        if rebuilt is not None:
+            exp.rename(tmp_path / "rebuilt")
+        away.rename(exp)
+        # the supervisor sees the folder back before it goes again: two outages, not one of two minutes. The
+        # rounds race on meanwhile (seen in CI: rounds 3 to 6 in 0.5 s), so the second drop follows the look
+        wait_until(lambda: "is back after" in ExperimentFolder(exp).events_file.read_text()
+                   or up.poll() is not None, timeout=120)
+        reached(ExperimentFolder(exp).state_rounds()[-1] + 1)
+        hangup.touch()
+        time.sleep(60)
+        hangup.unlink()
         output = up.wait(timeout=400)
     finally:
         up.kill()
@@ -251,8 +257,8 @@ def test_a_drive_mount_dropped_for_a_minute_mid_run_loses_no_record(dropped_moun
     if drop == "vanished":
         assert rebuilt is None, f"the folder was rebuilt while the mount was away: {rebuilt}"
     for node in ("worker-1", "worker-2"):
-        assert sorted({row["round"] for row in metrics_rows(exp, node)}) == [1, 2, 3, 4, 5, 6]
-        assert all(ExperimentFolder(exp).reward_file(r, node).exists() for r in range(1, 7))
+        assert sorted({row["round"] for row in metrics_rows(exp, node)}) == list(range(1, ROUNDS + 1))
+        assert all(ExperimentFolder(exp).reward_file(r, node).exists() for r in range(1, ROUNDS + 1))
     events = [json.loads(line)["event"] for line in ExperimentFolder(exp).events_file.read_text().splitlines()]
     # the supervisor noticed both ends of each outage, and the line it could not write while the folder was away
     # was written when the folder came back, before the line that says so (a hang-up's simulation leaves logs/
