@@ -12,7 +12,8 @@ from workers.best_model import BestModel, read_best, save_best
 from workers.checkpoint import CheckpointMeta, load_latest_checkpoint, snapshot_checkpoint, write_checkpoint
 from workers.checkpoint_writer import BackgroundWriter
 from workers.shared_folder.hostile import forger
-from workers.weights import host_weights
+from workers.host_copies import HostCopies
+from workers.weights import host_weights, weight_tensors
 
 WAIT_S = 30.0
 
@@ -61,6 +62,43 @@ def test_the_worker_goes_on_while_its_checkpoint_is_written(tmp_path, key):
     assert (tmp_path / "round_000050" / "meta.json").is_file()
 
 
+def test_a_checkpoint_still_being_written_keeps_its_round_while_the_next_ones_are_taken(tmp_path, key):
+    """Snapshots are copied into host memory that earlier writes used (a fresh copy of GPT-2's ~0.95 GB costs
+    its page faults inside the round): memory is reused only once the write that read it has ended, so a slow
+    write never saves a later round's weights under its own round's name and SHA-256."""
+    model, optimizer = trained(0)
+    copies, writer = HostCopies(), BackgroundWriter("test")
+    started, release = threading.Event(), threading.Event()
+    at_50 = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    snapshot_50 = snapshot_checkpoint(CheckpointMeta(50, "w-1", "m"), model, optimizer, copies)
+
+    def slow_write() -> None:           # a Drive mount taking its time, while the worker plays on
+        started.set()
+        assert release.wait(WAIT_S)
+        write_checkpoint(tmp_path, snapshot_50, key)
+
+    writer.submit("checkpoint", 50, "checkpoint of round 50", slow_write, snapshot_50.release)
+    assert started.wait(WAIT_S)
+    model(torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    optimizer.step()                    # round 51 changes every weight and moment in place
+    snapshot_51 = snapshot_checkpoint(CheckpointMeta(51, "w-1", "m"), model, optimizer, copies)
+    writer.submit("checkpoint", 51, "checkpoint of round 51",
+                  lambda: write_checkpoint(tmp_path, snapshot_51, key), snapshot_51.release)
+    release.set()
+    assert writer.wait(WAIT_S) and [w.error for w in writer.finished()] == [None, None]
+
+    fresh, fresh_optimizer = tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters(), lr=1e-2)
+    (tmp_path / "round_000051" / "meta.json").unlink()        # so the newest whole checkpoint is round 50's
+    assert load_latest_checkpoint(tmp_path, fresh, fresh_optimizer, "m", key).round == 50
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, at_50[name]), name
+    # both writes ended: the next checkpoint is copied into memory one of them used, not into new memory
+    used = {tensor.data_ptr() for snapshot in (snapshot_50, snapshot_51) for tensor in snapshot.weights.values()}
+    snapshot_52 = snapshot_checkpoint(CheckpointMeta(52, "w-1", "m"), model, optimizer, copies)
+    assert {tensor.data_ptr() for tensor in snapshot_52.weights.values()} <= used
+    assert all(torch.equal(snapshot_52.weights[name], tensor) for name, tensor in weight_tensors(model).items())
+
+
 def test_a_write_that_fails_other_than_by_the_folder_crashes_the_worker():
     writer = BackgroundWriter("test")
     writer.submit("checkpoint", 50, "checkpoint of round 50", lambda: 1 / 0)
@@ -91,9 +129,9 @@ def test_a_best_model_whose_write_failed_is_saved_by_the_next_evaluation(tmp_pat
     best = BestModel(tmp_path, key, "m")
     assert best.offer(0, 0.5, model) is not None
     best.landed(0, ok=False)                 # the folder refused it: best/ holds nothing yet
-    write = best.offer(50, 0.4, model)       # lower than the failed one, still the best on disk
-    assert write is not None
-    write()
+    offer = best.offer(50, 0.4, model)       # lower than the failed one, still the best on disk
+    assert offer is not None
+    offer[0]()
     best.landed(50, ok=True)
     assert read_best(tmp_path, key)["held_out_accuracy"] == 0.4
     assert best.offer(100, 0.3, model) is None and best.offer(100, 0.6, model) is not None
@@ -117,9 +155,9 @@ def test_a_best_score_a_peer_wrote_never_stops_the_nodes_best_model_saves(tmp_pa
             (tmp_path / "best" / "model.safetensors").write_bytes(b"a peer's weights")
         best = BestModel(tmp_path, key, "m")
         assert best.written is None and read_best(tmp_path, key) is None, kind
-        write = best.offer(5, 0.9, model)                # a real 90% evaluation is saved as the best model
-        assert write is not None, kind
-        write()
+        offer = best.offer(5, 0.9, model)                # a real 90% evaluation is saved as the best model
+        assert offer is not None, kind
+        offer[0]()
         assert read_best(tmp_path, key)["held_out_accuracy"] == 0.9, kind
     assert "signature is not 'w-1'" in caplog.text
     assert "its model is not the one its meta.json signed for" in caplog.text

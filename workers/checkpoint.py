@@ -12,6 +12,7 @@ import logging
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from workers.shared_folder.safe_io import _folder, is_visible, list_folder, sync
 from workers.shared_folder.leftovers import make_temp_dir, remove_stale_temps, swap_in
 from workers.shared_folder.protocol import RoundMetrics
 from workers.shared_folder.signing import KeyRing, NodeKey, file_sha256, signed_lines
-from workers.weights import SLACK_BYTES, host_weights, load_weights, model_bytes, read_checked
+from workers.host_copies import HostCopies
+from workers.weights import SLACK_BYTES, load_weights, model_bytes, read_checked, weight_tensors
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class CheckpointMeta:
     metrics_tail: tuple[RoundMetrics, ...] = ()
 
 
+def _nothing_to_release() -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class CheckpointSnapshot:
     """A checkpoint copied to host memory: its write, in any thread and later, reads nothing training changes."""
@@ -60,31 +66,24 @@ class CheckpointSnapshot:
     weights: dict[str, torch.Tensor]      # model.safetensors: one name per storage (GPT-2's lm_head is its wte)
     state: dict[str, Any]                 # state.pt: the optimizer's state and torch's RNGs
     record: dict[str, Any]                # meta.json
+    release: Callable[[], None] = _nothing_to_release     # the host copies' memory, once nothing reads them
 
 
-def _to_host(value: Any) -> Any:
-    """A copy of a state dict on the CPU: every tensor copied, containers rebuilt, numbers and strings kept."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: _to_host(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(item) for item in value)
-    return value
-
-
-def snapshot_checkpoint(meta: CheckpointMeta, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer) -> CheckpointSnapshot:
-    """Everything a checkpoint holds, taken now: weights, optimizer state and every RNG."""
+def snapshot_checkpoint(meta: CheckpointMeta, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        copies: HostCopies | None = None) -> CheckpointSnapshot:
+    """Everything a checkpoint holds, taken now: weights, optimizer state and every RNG; copied into `copies`
+    (new host memory without), which the snapshot's release hands back once its write has ended."""
+    copies = HostCopies(keep=0) if copies is None else copies
+    (weights, optimizer_state), release = copies.copy((weight_tensors(model), optimizer.state_dict()))
     # weights_only=True can read state.pt back: tensors, numbers and plain containers only, no pickled objects
-    state = {"optimizer": _to_host(optimizer.state_dict()), "torch_rng": torch.get_rng_state()}
+    state = {"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}
     # only when this process already uses CUDA: asking an idle GPU for its RNG would create a context there
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     record = {"schema": SCHEMA, "round": meta.round, "node": meta.node, "model_name": meta.model_name,
               "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state(),
               "metrics_tail": [m.to_json() for m in meta.metrics_tail[-METRICS_TAIL:]]}
-    return CheckpointSnapshot(meta, host_weights(model), state, record)
+    return CheckpointSnapshot(meta, weights, state, record, release)
 
 
 def save_checkpoint(root: Path, meta: CheckpointMeta, model: torch.nn.Module,

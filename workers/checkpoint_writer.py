@@ -2,7 +2,7 @@
 
 A checkpoint of GPT-2 124M (weights and AdamW moments) is ~0.9 GB: 6-7 s to write and fsync on a plain disk,
 longer on a Drive mount. Every worker checkpoints at the same round, so the whole swarm waited for the slowest
-write. Now a worker copies what it saves into host memory (~0.35 s for 124M on a CPU) and hands the copy to
+write. Now a worker copies what it saves into host memory (workers/host_copies.py) and hands the copy to
 this writer, which writes the copies in order. A crash before a write lands leaves the checkpoint before it, as
 a crash between two checkpoints always has; the next start clears the temp folder that write left.
 """
@@ -42,14 +42,18 @@ class BackgroundWriter:
         self._pending = 0
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def submit(self, kind: str, round_: int, what: str, write: Callable[[], object]) -> None:
+    def submit(self, kind: str, round_: int, what: str, write: Callable[[], object],
+               release: Callable[[], None] | None = None) -> None:
         """Queue `write` (retried as every folder write is); waits only while PENDING writes wait before it.
-        OSError when no room came in ROOM_WAIT_S."""
+        OSError when no room came in ROOM_WAIT_S. `release` is called once `write` will read nothing more: after
+        its last try, or here when it was never queued."""
         with self._idle:
             self._pending += 1
         try:
-            self._jobs.put((kind, round_, what, write), timeout=ROOM_WAIT_S)
+            self._jobs.put((kind, round_, what, write, release), timeout=ROOM_WAIT_S)
         except queue.Full:
+            if release is not None:
+                release()
             self._one_less()
             raise OSError(f"{what} not written: the writes before it took over {ROOM_WAIT_S:.0f}s") from None
 
@@ -73,12 +77,15 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while True:
-            kind, round_, what, write = self._jobs.get()
+            kind, round_, what, write, release = self._jobs.get()
             try:
                 with_retries(write, what)
                 outcome = Written(kind, round_, what, write)
             except Exception as exc:      # noqa: BLE001 - handed to the worker's thread by finished(), never lost
                 outcome = Written(kind, round_, what, write, exc)
+            finally:
+                if release is not None:
+                    release()
             self._outcomes.put(outcome)
             self._one_less()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load
 
+from workers.host_copies import fresh_copy
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.safe_io import read_whole
 
@@ -28,12 +29,17 @@ def _shared_names(model: torch.nn.Module) -> list[list[str]]:
     return [sorted(group) for group in names.values()]
 
 
-def host_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights copied to the CPU. safetensors stores no tensor twice: of the names sharing one, the
-    alphabetically first is kept, as safetensors' save_model keeps it, and load_weights restores the others."""
+def weight_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights by name, each tensor once, as a safetensors file stores them (not copied): of the names
+    sharing one, the alphabetically first is kept, as safetensors' save_model keeps it, and load_weights restores
+    the others."""
     tensors = model.state_dict()
-    return {group[0]: tensors[group[0]].detach().to("cpu", copy=True).contiguous()
-            for group in _shared_names(model)}
+    return {group[0]: tensors[group[0]] for group in _shared_names(model)}
+
+
+def host_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights (weight_tensors) copied to new host memory."""
+    return fresh_copy(weight_tensors(model))
 
 
 def model_bytes(model: torch.nn.Module) -> int:

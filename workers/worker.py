@@ -21,6 +21,7 @@ from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, clear_leftovers, l
 from workers.checkpoint_writer import BackgroundWriter
 from workers.evaluation import eval_due, evaluate_held_out, held_out_questions
 from workers.heartbeat import Heartbeats
+from workers.host_copies import HostCopies
 from workers.learning.model import (Policy, default_learning_rate, enable_activation_checkpointing, load_policy,
                                    use_activation_checkpointing)
 from workers.learning.optim import make_optimizer
@@ -81,6 +82,7 @@ class Worker:
                                                             device=spec.device), self._troubles)
         self.checkpoints = self.folder.checkpoint_dir(spec.node)
         self.writer = BackgroundWriter(f"checkpoints of {spec.node}")
+        self.copies = HostCopies()          # what the writer writes, copied into memory its earlier writes used
         self.progress = Progress()
         self.held_out: list = []
         self.best: BestModel | None = None
@@ -234,7 +236,7 @@ class Worker:
             log.info("rehearsed the largest round (%d-token prompts, %d new tokens): %.2f GiB reserved at most",
                      width, cfg.max_new_tokens, torch.cuda.max_memory_reserved(policy.device) / 2**30)
         self.held_out = held_out_questions(cfg.tasks, cfg.eval_size)
-        self.best = BestModel(self.checkpoints, self.exchange.key, spec.model_name)
+        self.best = BestModel(self.checkpoints, self.exchange.key, spec.model_name, self.copies)
         # round 0 is the start, evaluated only when not resuming; a resumed worker makes up an evaluation
         # that a crash cut off at its checkpoint's round; the file is the record, so none runs twice
         done = self.progress.last_done
@@ -292,10 +294,10 @@ class Worker:
                  result.questions, result.seconds)
         path = eval_file(self.folder, self.spec.node)
         line = (f"appending to {path}", partial(append_jsonl, path, self.exchange.key.sign(result.to_json())))
-        write = self.best.offer(round_, result.accuracy, node.policy.model)
-        if write is not None:
+        offer = self.best.offer(round_, result.accuracy, node.policy.model)
+        if offer is not None:
             try:
-                self.writer.submit("best", round_, f"best model of round {round_}", write)
+                self.writer.submit("best", round_, f"best model of round {round_}", *offer)
                 # the line after the model: a kill between them leaves no line, so the resumed worker evaluates
                 # its checkpoint's round again and offers that model; never a best accuracy whose model is lost
                 self.writer.submit("record", round_, *line)
@@ -308,10 +310,11 @@ class Worker:
     def _save(self, node: Node, round_: int) -> bool:
         """A checkpoint, copied now and written behind the rounds; False when it could not be queued."""
         meta = CheckpointMeta(round_, self.spec.node, self.spec.model_name, tuple(self.progress.history))
-        snapshot = snapshot_checkpoint(meta, node.policy.model, node.optimizer)
+        snapshot = snapshot_checkpoint(meta, node.policy.model, node.optimizer, self.copies)
         try:
             self.writer.submit("checkpoint", round_, f"checkpoint of round {round_}",
-                               lambda: write_checkpoint(self.checkpoints, snapshot, self.exchange.key))
+                               lambda: write_checkpoint(self.checkpoints, snapshot, self.exchange.key),
+                               snapshot.release)
         except OSError as exc:
             log.warning("round %d: checkpoint not saved (%s); the next round tries again", round_, exc)
             return False
