@@ -47,7 +47,12 @@ def _hop_lines(s: dict) -> list[str]:
              *([f"- the {s['quiet_rounds']} of {s['rounds']} rounds that end in neither a held-out evaluation nor a "
                 f"checkpoint: {s['seconds_per_quiet_round']:.3f} s a round for {s['quiet_worker_work_seconds']:.3f} s "
                 f"of work, wall / work {s['seconds_per_quiet_round'] / s['quiet_worker_work_seconds']:.2f}"]
-               if s.get("quiet_rounds") else []), "",
+               if s.get("quiet_rounds") else []),
+             *([f"- held-out evaluations: {h['evaluations']} of {h['questions']} greedy answers, "
+                f"{h['seconds']:.2f} s each"
+                + (f"; answers of {h['mean_tokens']:.1f} tokens on average, {h['cut_off']:.1f} a time cut off at "
+                   "MAX_NEW_TOKENS" if h.get("mean_tokens") is not None else "")]
+               if (h := s.get("held_out")) else []), "",
              "| hop | mean seconds |", "|---|---|"]
     lines += [f"| {text} | {hops[key]:.3f} |" for key, text in HOPS if key in hops]
     return lines

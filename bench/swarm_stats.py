@@ -13,6 +13,7 @@ from statistics import mean, median
 
 from swarm_supervisor.experiments import experiment_config, metrics_by_round
 from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.held_out import read_held_out
 from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.protocol import RoundState
 from workers.shared_folder.signing import KeyRing
@@ -73,7 +74,21 @@ def swarm_timing(experiment_dir: Path) -> dict:
                 "quiet_worker_work_seconds": mean(max(work(m) for m in by_round[rounds[i]].values()) for i in quiet)}
                if quiet else {}),
             "hops": {k: round(v, 4) for k, v in hops.items()},
+            "held_out": held_out_timing(folder, keyring, sorted({m.node for m in rows})),
             "peak_gib_per_worker": nvml_peak_gib(folder)}
+
+
+def held_out_timing(folder: ExperimentFolder, keyring: KeyRing, nodes: list[str]) -> dict | None:
+    """The workers' held-out evaluations: how many, their mean seconds, and what their answers looked like (a
+    batch of greedy answers runs as long as its longest: cut-off answers ran MAX_NEW_TOKENS)."""
+    rows = [row for node in nodes for row in read_held_out(folder.eval_file(node), keyring)[0]]
+    if not rows:
+        return None
+    measured = [row for row in rows if row.mean_tokens is not None and row.cut_off is not None]
+    return {"evaluations": len(rows), "questions": max(row.questions for row in rows),
+            "seconds": round(mean(row.seconds for row in rows), 4),
+            "mean_tokens": round(mean(row.mean_tokens for row in measured), 2) if measured else None,
+            "cut_off": round(mean(row.cut_off for row in measured), 2) if measured else None}
 
 
 def nvml_peak_gib(folder: ExperimentFolder) -> float | None:

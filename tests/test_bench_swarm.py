@@ -43,7 +43,7 @@ def test_the_rounds_that_end_in_an_evaluation_or_a_checkpoint_are_told_apart_fro
     from bench.swarm_stats import swarm_timing
     from tests.helpers import append_as, metrics_row, write_as
     from workers.shared_folder.folder import ExperimentFolder
-    from workers.shared_folder.protocol import RoundState
+    from workers.shared_folder.protocol import HeldOutEval, RoundState
 
     folder = ExperimentFolder(tmp_path / "exp")
     write_as(folder, "coordinator", folder.config_file, {"schema": 1, "eval_every": 5, "checkpoint_interval": 10})
@@ -54,6 +54,10 @@ def test_the_rounds_that_end_in_an_evaluation_or_a_checkpoint_are_told_apart_fro
         for node in ("w-1", "w-2"):     # each worker's round: 2 s of work (generate 1 + train 1) in 2.5 s
             append_as(folder, node, folder.metrics_file(node), {**metrics_row(node, round_), "round_s": 2.5})
         started += 2.6 if round_ % 5 else 4.6     # 0.1 s of hand-off, 2.1 s after an evaluation or a checkpoint
+        if round_ % 5 == 0:         # a batch of greedy answers takes its longest one's time: the bench says how long
+            for node, cut_off in (("w-1", 3), ("w-2", 1)):
+                append_as(folder, node, folder.eval_file(node),
+                          HeldOutEval(node, round_, 0.5, 100, 2.0, mean_tokens=40.0, cut_off=cut_off).to_json())
     timing = swarm_timing(folder.root)
     assert timing["rounds"] == 10 and timing["quiet_rounds"] == 8        # rounds 3-12 measured: 5 and 10 are not quiet
     assert timing["seconds_per_quiet_round"] == pytest.approx(2.6) and timing["quiet_worker_work_seconds"] == 2.0
@@ -64,3 +68,7 @@ def test_the_rounds_that_end_in_an_evaluation_or_a_checkpoint_are_told_apart_fro
     text = render({"device": "GPU", "date": "d", "git_sha": "abc1234", "torch": "2", "swarm_default": swarm})
     assert "the 8 of 10 rounds that end in neither a held-out evaluation nor a checkpoint: 2.600 s a round for " \
            "2.000 s of work, wall / work 1.30" in text
+    assert timing["held_out"] == {"evaluations": 4, "questions": 100, "seconds": 2.0, "mean_tokens": 40.0,
+                                  "cut_off": 2.0}
+    assert "held-out evaluations: 4 of 100 greedy answers, 2.00 s each; answers of 40.0 tokens on average, 2.0 a " \
+           "time cut off at MAX_NEW_TOKENS" in text

@@ -13,7 +13,7 @@ from configs_env import SwarmConfig
 from workers.evaluation import EVAL_SEED, eval_due, evaluate_held_out, greedy_accuracy, held_out_questions
 from workers.shared_folder.folder import ExperimentFolder
 from workers.learning.model import Policy, load_policy
-from workers.shared_folder.protocol import RoundMetrics
+from workers.shared_folder.protocol import HeldOutEval, RoundMetrics
 from workers.round_loop import Node, external_candidates, play_round, round_seed
 from workers.learning.tasks import TaskMix
 from workers.warmup import supervised_warmup
@@ -133,13 +133,18 @@ def test_every_node_evaluates_the_same_held_out_questions_and_no_worker_trains_o
     assert len(drawn) > 5000 and not drawn & reserved
 
 
-def test_held_out_accuracy_is_greedy_whatever_the_batch_and_runs_at_start_every_n_and_end(warmed):
+def test_held_out_accuracy_is_greedy_counts_answers_cut_off_and_runs_at_start_every_n_and_end(warmed):
     cfg = SwarmConfig.from_env({"MAX_NEW_TOKENS": "16"})
     questions = held_out_questions(cfg.tasks, 24)
     whole = greedy_accuracy(warmed, questions, 16)
     assert whole > 0 and greedy_accuracy(warmed, questions, 16, batch_size=5) == whole   # greedy: no noise
     record = evaluate_held_out(warmed, cfg, questions, "w-1", round_=0)
     assert (record.node, record.round, record.questions, record.accuracy) == ("w-1", 0, 24, whole)
+    assert 0 < record.mean_tokens <= 16 and 0 <= record.cut_off < 24      # some answers end: it scored some
+    # answers cut at MAX_NEW_TOKENS are counted: an evaluation that takes its longest answer's time says so
+    short = evaluate_held_out(warmed, SwarmConfig.from_env({"MAX_NEW_TOKENS": "2"}), questions, "w-1", round_=0)
+    assert (short.cut_off, short.mean_tokens, short.accuracy) == (24, 2.0, 0.0)
+    assert HeldOutEval.from_json(short.to_json()) == short
     assert [r for r in range(12) if eval_due(r, max_rounds=10, every=4)] == [0, 4, 8, 10, 11]
     assert [r for r in range(11) if eval_due(r, max_rounds=10, every=0)] == [0, 10]
 

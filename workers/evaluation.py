@@ -7,6 +7,7 @@ questions whatever its SEED and index, and the numbers of nodes and of experimen
 
 import random
 import time
+from dataclasses import dataclass
 
 from configs_env import SwarmConfig
 from workers.learning.generation import prompts_per_call, sample_completions
@@ -29,6 +30,13 @@ def held_out_questions(tasks: tuple[tuple[str, float], ...], size: int) -> list[
     return TaskMix(tasks, seed=EVAL_SEED).sample(size, random.Random(EVAL_SEED))
 
 
+@dataclass(frozen=True)
+class GreedyAnswer:
+    hit: bool               # exactly right (score == 1)
+    tokens: int             # its completion tokens, EOS included when it ended
+    finished: bool          # ended before MAX_NEW_TOKENS
+
+
 def greedy_accuracy(policy: Policy, questions: list[Question], max_new_tokens: int, fast: bool = False,
                     batch_size: int | None = None) -> float:
     """Exact-match rate (score == 1) of greedy answers, `batch_size` prompts a generate call (default: all)."""
@@ -49,9 +57,15 @@ def accuracy_by_task(questions: list[Question], hits: list[bool]) -> dict[str, f
 def greedy_hits(policy: Policy, questions: list[Question], max_new_tokens: int, fast: bool = False,
                 batch_size: int | None = None) -> list[bool]:
     """Whether each greedy answer is exactly right (score == 1), `batch_size` prompts a generate call."""
+    return [answer.hit for answer in greedy_answers(policy, questions, max_new_tokens, fast, batch_size)]
+
+
+def greedy_answers(policy: Policy, questions: list[Question], max_new_tokens: int, fast: bool = False,
+                   batch_size: int | None = None) -> list[GreedyAnswer]:
+    """Each question's greedy answer, scored, `batch_size` prompts a generate call."""
     prompts = [build_prompt(q.question) for q in questions]
     size = max(1, batch_size or len(prompts))
-    hits = []
+    answers = []
     for start in range(0, len(prompts), size):
         batch = prompts[start:start + size]
         if fast and policy.device.type == "cuda":
@@ -59,9 +73,10 @@ def greedy_hits(policy: Policy, questions: list[Question], max_new_tokens: int, 
             # instead of capturing (and keeping) one more graph
             batch = batch + batch[-1:] * (size - len(batch))
         groups = sample_completions(policy, batch, 1, max_new_tokens, 1.0, generator_seed=0, greedy=True, fast=fast)
-        for question, group in zip(questions[start:start + size], groups):
-            hits.append(score_completion(question.task, group[0].text, question.entry()) >= 1.0)
-    return hits
+        for question, [completion] in zip(questions[start:start + size], groups):
+            answers.append(GreedyAnswer(score_completion(question.task, completion.text, question.entry()) >= 1.0,
+                                        len(completion.ids), completion.finished))
+    return answers
 
 
 def eval_due(round_: int, max_rounds: int, every: int) -> bool:
@@ -78,6 +93,9 @@ def evaluate_held_out(policy: Policy, cfg: SwarmConfig, questions: list[Question
     # round, is reused as it is instead of growing for the evaluation and staying grown
     size = (prompts_per_call(cfg.num_train_samples, splits) * cfg.num_generations if on_cuda
             else EVAL_BATCH // max(1, splits))
-    accuracy = greedy_accuracy(policy, questions, cfg.max_new_tokens, fast=True, batch_size=max(1, size))
-    return HeldOutEval(node=node, round=round_, accuracy=accuracy, questions=len(questions),
-                       seconds=time.monotonic() - started)
+    answers = greedy_answers(policy, questions, cfg.max_new_tokens, fast=True, batch_size=max(1, size))
+    count = max(1, len(answers))
+    return HeldOutEval(node=node, round=round_, accuracy=sum(a.hit for a in answers) / count,
+                       questions=len(questions), seconds=time.monotonic() - started,
+                       mean_tokens=sum(a.tokens for a in answers) / count,
+                       cut_off=sum(not a.finished for a in answers))

@@ -289,9 +289,10 @@ class Worker:
         """Held-out greedy accuracy to eval.jsonl; the model kept as best/ when it beats every earlier one."""
         self.update(status=Status.EVALUATING)
         result = evaluate_held_out(node.policy, self.cfg, self.held_out, self.spec.node, round_, node.splits)
-        log.info("%s: held-out greedy exact-match %.1f%% of %d questions (%.1fs)",
-                 f"after round {round_}" if round_ else "before round 1", 100 * result.accuracy,
-                 result.questions, result.seconds)
+        log.info("%s: held-out greedy exact-match %.1f%% of %d questions (%.1fs; answers of %.1f tokens on average, "
+                 "%d cut off at MAX_NEW_TOKENS=%d)", f"after round {round_}" if round_ else "before round 1",
+                 100 * result.accuracy, result.questions, result.seconds, result.mean_tokens or 0.0,
+                 result.cut_off or 0, self.cfg.max_new_tokens)
         path = eval_file(self.folder, self.spec.node)
         line = (f"appending to {path}", partial(append_jsonl, path, self.exchange.key.sign(result.to_json())))
         offer = self.best.offer(round_, result.accuracy, node.policy.model)

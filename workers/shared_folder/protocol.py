@@ -349,6 +349,10 @@ class HeldOutEval:
     questions: int
     seconds: float
     finished_at: float = field(default_factory=time.time)
+    # what the answers looked like (absent in lines from before them): their mean length in tokens, and how many
+    # ran to MAX_NEW_TOKENS without ending (a batch of answers takes as long as its longest)
+    mean_tokens: float | None = None
+    cut_off: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
@@ -356,12 +360,16 @@ class HeldOutEval:
     @classmethod
     def from_json(cls, record: dict[str, Any], where: str = "held-out evaluation") -> "HeldOutEval":
         _check_schema(record, where)
+        mean_tokens, cut_off = record.get("mean_tokens"), record.get("cut_off")
         row = cls(node=check_node_name(_need(record, "node", str, where)), round=_need(record, "round", int, where),
                   accuracy=float(_need(record, "accuracy", (int, float), where)),
                   questions=_need(record, "questions", int, where),
                   seconds=float(_need(record, "seconds", (int, float), where)),
-                  finished_at=float(_need(record, "finished_at", (int, float), where)))
-        if row.round < 0 or row.questions < 1 or not 0.0 <= row.accuracy <= 1.0:
-            raise RejectedFile(f"{where}: round {row.round}, {row.questions} questions or accuracy {row.accuracy} "
-                               "is out of range")
+                  finished_at=float(_need(record, "finished_at", (int, float), where)),
+                  mean_tokens=None if mean_tokens is None else float(_need(record, "mean_tokens", (int, float), where)),
+                  cut_off=None if cut_off is None else _need(record, "cut_off", int, where))
+        if row.round < 0 or row.questions < 1 or not 0.0 <= row.accuracy <= 1.0 or \
+                not 0 <= (row.cut_off or 0) <= row.questions or not 0.0 <= (row.mean_tokens or 0.0) < 1e6:
+            raise RejectedFile(f"{where}: round {row.round}, {row.questions} questions, accuracy {row.accuracy}, "
+                               f"{row.cut_off} cut off or {row.mean_tokens} tokens is out of range")
         return row
