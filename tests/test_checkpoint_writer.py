@@ -129,9 +129,9 @@ def test_a_best_model_whose_write_failed_is_saved_by_the_next_evaluation(tmp_pat
     best = BestModel(tmp_path, key, "m")
     assert best.offer(0, 0.5, model) is not None
     best.landed(0, ok=False)                 # the folder refused it: best/ holds nothing yet
-    offer = best.offer(50, 0.4, model)       # lower than the failed one, still the best on disk
-    assert offer is not None
-    offer[0]()
+    write = best.offer(50, 0.4, model)       # lower than the failed one, still the best on disk
+    assert write is not None
+    write()
     best.landed(50, ok=True)
     assert read_best(tmp_path, key)["held_out_accuracy"] == 0.4
     assert best.offer(100, 0.3, model) is None and best.offer(100, 0.6, model) is not None
@@ -155,9 +155,9 @@ def test_a_best_score_a_peer_wrote_never_stops_the_nodes_best_model_saves(tmp_pa
             (tmp_path / "best" / "model.safetensors").write_bytes(b"a peer's weights")
         best = BestModel(tmp_path, key, "m")
         assert best.written is None and read_best(tmp_path, key) is None, kind
-        offer = best.offer(5, 0.9, model)                # a real 90% evaluation is saved as the best model
-        assert offer is not None, kind
-        offer[0]()
+        write = best.offer(5, 0.9, model)                # a real 90% evaluation is saved as the best model
+        assert write is not None, kind
+        write()
         assert read_best(tmp_path, key)["held_out_accuracy"] == 0.9, kind
     assert "signature is not 'w-1'" in caplog.text
     assert "its model is not the one its meta.json signed for" in caplog.text

@@ -13,13 +13,12 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from workers.checkpoint import SCHEMA, own_folder, write_signed_meta
-from workers.host_copies import HostCopies
 from workers.shared_folder.json_records import read_json_bounded
 from workers.shared_folder.leftovers import make_temp_dir, swap_in
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.safe_io import sync_folder
 from workers.shared_folder.signing import NodeKey, file_sha256
-from workers.weights import weight_tensors
+from workers.weights import host_weights
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +76,20 @@ def read_best(root: Path, key: NodeKey) -> dict[str, Any] | None:
 class BestModel:
     """Keeps root/best/ at the node's best held-out evaluation so far (round 0, the start, included)."""
 
-    def __init__(self, root: Path, key: NodeKey, model_name: str, copies: HostCopies | None = None):
+    def __init__(self, root: Path, key: NodeKey, model_name: str):
         self.root, self.key, self.model_name = root, key, model_name
-        self.copies = HostCopies(keep=0) if copies is None else copies
         meta = read_best(root, key)
         self.written: float | None = float(meta["held_out_accuracy"]) if meta else None   # what best/ holds
         self.accuracy = self.written            # the best offered: written, or being written
         self._offered: dict[int, float] = {}
 
-    def offer(self, round_: int, accuracy: float,
-              model: torch.nn.Module) -> tuple[Callable[[], Path], Callable[[], None]] | None:
+    def offer(self, round_: int, accuracy: float, model: torch.nn.Module) -> Callable[[], Path] | None:
         """When `accuracy` beats every earlier evaluation, the write that saves the model as best (its weights
-        copied now, so training may go on before it runs) and the release of that copy, once the write has
-        ended; report its outcome to `landed`."""
+        copied now, so training may go on before it runs); report its outcome to `landed`."""
         if self.accuracy is not None and accuracy <= self.accuracy:
             return None
         self.accuracy, self._offered[round_] = accuracy, accuracy
-        weights, release = self.copies.copy(weight_tensors(model))
-        return partial(save_best, self.root, self.key, self.model_name, round_, accuracy, weights), release
+        return partial(save_best, self.root, self.key, self.model_name, round_, accuracy, host_weights(model))
 
     def landed(self, round_: int, ok: bool) -> None:
         """The write of round_'s offer ended; one that failed leaves the next better evaluation to try again."""

@@ -82,7 +82,7 @@ class Worker:
                                                             device=spec.device), self._troubles)
         self.checkpoints = self.folder.checkpoint_dir(spec.node)
         self.writer = BackgroundWriter(f"checkpoints of {spec.node}")
-        self.copies = HostCopies()          # what the writer writes, copied into memory its earlier writes used
+        self.copies = HostCopies()          # checkpoints copied into the memory the previous one's write used
         self.progress = Progress()
         self.held_out: list = []
         self.best: BestModel | None = None
@@ -236,7 +236,7 @@ class Worker:
             log.info("rehearsed the largest round (%d-token prompts, %d new tokens): %.2f GiB reserved at most",
                      width, cfg.max_new_tokens, torch.cuda.max_memory_reserved(policy.device) / 2**30)
         self.held_out = held_out_questions(cfg.tasks, cfg.eval_size)
-        self.best = BestModel(self.checkpoints, self.exchange.key, spec.model_name, self.copies)
+        self.best = BestModel(self.checkpoints, self.exchange.key, spec.model_name)
         # round 0 is the start, evaluated only when not resuming; a resumed worker makes up an evaluation
         # that a crash cut off at its checkpoint's round; the file is the record, so none runs twice
         done = self.progress.last_done
@@ -295,10 +295,10 @@ class Worker:
                  result.cut_off or 0, self.cfg.max_new_tokens)
         path = eval_file(self.folder, self.spec.node)
         line = (f"appending to {path}", partial(append_jsonl, path, self.exchange.key.sign(result.to_json())))
-        offer = self.best.offer(round_, result.accuracy, node.policy.model)
-        if offer is not None:
+        write = self.best.offer(round_, result.accuracy, node.policy.model)
+        if write is not None:
             try:
-                self.writer.submit("best", round_, f"best model of round {round_}", *offer)
+                self.writer.submit("best", round_, f"best model of round {round_}", write)
                 # the line after the model: a kill between them leaves no line, so the resumed worker evaluates
                 # its checkpoint's round again and offers that model; never a best accuracy whose model is lost
                 self.writer.submit("record", round_, *line)
