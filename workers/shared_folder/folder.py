@@ -13,7 +13,7 @@ from pathlib import Path
 
 from workers.shared_folder import mount
 from workers.shared_folder.rejections import NODE_NAME, FolderError, check_node_name
-from workers.shared_folder.safe_io import list_folder, refuse_links_below
+from workers.shared_folder.safe_io import list_folder, list_names, refuse_links_below
 
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 # the folders a new experiment starts with; base/ appears with the warm-up's result, config.json beside them
@@ -131,8 +131,8 @@ class ExperimentFolder:
     def state_rounds(self) -> list[int]:
         """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
         found = []
-        for path in list_folder(self.state_dir, "round_*.json"):
-            number = round_number(path.stem)
+        for name in list_names(self.state_dir, "round_*.json"):
+            number = round_number(name.removesuffix(".json"))
             if number is not None:
                 found.append(number)
         return sorted(found)
