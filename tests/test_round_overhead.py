@@ -1,0 +1,83 @@
+"""What a round costs outside its work: a worker's waits and writes stay cheap however long the run and however
+fast its rounds (the milliseconds themselves are in bench/NOTES.md)."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from configs_env import SwarmConfig
+from tests.helpers import write_as
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.protocol import RoundState
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return ExperimentFolder(tmp_path / "drive" / "experiments" / "e")
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not reached in {timeout}s"
+        time.sleep(0.01)
+
+
+def waiting_worker(folder: ExperimentFolder, monkeypatch, rounds: range):
+    """A worker of a swarm whose coordinator started `rounds`, its look at state/ counted at every poll."""
+    import workers.worker as worker_module
+    from workers.worker import Worker, WorkerSpec
+
+    for round_ in rounds:
+        write_as(folder, "coordinator", folder.round_state_file(round_),
+                 RoundState(round_, 10_000, time.time(), "all workers done").to_json())
+    cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(folder.root.parent.parent), "EXPERIMENT_NAME": folder.root.name,
+                                "RL_SWARM_CACHE": str(folder.root.parent.parent / "cache"), "MAX_ROUNDS": "10000"})
+    monkeypatch.setattr(worker_module, "ROUND_POLL_S", 0.01)
+    worker = Worker(WorkerSpec(cfg=cfg, node="w-1", index=0, model_name="m", device="cpu",
+                               parent_pid=os.getppid()), threading.Event())
+    counts = {"listings": 0, "polls": 0}
+    listing, poll = worker.folder.state_rounds, worker.exchange.doorbell.wait
+
+    def counted(key, call):
+        def wrapped(*args):
+            counts[key] += 1
+            return call(*args)
+        return wrapped
+
+    monkeypatch.setattr(worker.folder, "state_rounds", counted("listings", listing))
+    monkeypatch.setattr(worker.exchange.doorbell, "wait", counted("polls", poll))
+    return worker, counts
+
+
+def test_a_worker_waiting_for_its_next_round_lists_the_round_states_once_a_round_not_at_every_poll(folder,
+                                                                                                      monkeypatch):
+    """state/ holds a file per round (2000 of them at the end of a default run): listing it at every wake-up cost
+    a waiting worker O(rounds) each time, several times a round. It looks at the one file it waits for instead."""
+    worker, counts = waiting_worker(folder, monkeypatch, range(1, 51))
+    found = []
+    waiting = threading.Thread(target=lambda: found.append(worker.wait_for_round(51)))
+    waiting.start()
+    try:
+        wait_until(lambda: counts["polls"] >= 30, 10, "30 polls of the waiting worker")
+        write_as(folder, "coordinator", folder.round_state_file(51),
+                 RoundState(51, 10_000, time.time(), "all workers done").to_json())
+        waiting.join(timeout=10)
+    finally:
+        worker.stop.set()
+        waiting.join(timeout=5)
+    assert found and found[0].round == 51
+    assert counts["listings"] <= 3, f"{counts['listings']} listings of state/ in {counts['polls']} polls"
+
+
+def test_a_round_state_a_peer_deleted_does_not_hide_the_later_rounds(folder, monkeypatch):
+    """The look at one file is a shortcut, not the rule: state/ is still listed every LIST_ROUNDS_S, so a worker
+    waiting for round 2 whose file a peer removed finds round 3 the coordinator wrote after it."""
+    import workers.worker as worker_module
+
+    worker, counts = waiting_worker(folder, monkeypatch, range(1, 4))
+    os.unlink(folder.round_state_file(2))
+    monkeypatch.setattr(worker_module, "LIST_ROUNDS_S", 0.05)
+    assert worker.wait_for_round(2).round == 3
