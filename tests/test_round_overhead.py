@@ -8,9 +8,9 @@ import time
 import pytest
 
 from configs_env import SwarmConfig
-from tests.helpers import write_as
+from tests.helpers import node_exchange, write_as
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.protocol import RoundState
+from workers.shared_folder.protocol import Heartbeat, RoundState, Status
 
 
 @pytest.fixture
@@ -81,3 +81,33 @@ def test_a_round_state_a_peer_deleted_does_not_hide_the_later_rounds(folder, mon
     os.unlink(folder.round_state_file(2))
     monkeypatch.setattr(worker_module, "LIST_ROUNDS_S", 0.05)
     assert worker.wait_for_round(2).round == 3
+
+
+def test_a_fast_rounds_stages_reach_the_folder_as_a_few_writes_the_newest_last(folder):
+    """A round of a tenth of a second changes a worker's stage five times; each beat written was a signed, synced
+    file that every peer then verified. The heartbeat thread writes the newest beat at most every BEAT_GAP_S."""
+    from workers.heartbeat import Heartbeats
+
+    exchange = node_exchange(folder, "w-1")
+    written: list[tuple[str, int]] = []
+    write = exchange.write_heartbeat
+
+    def counted_write(beat: Heartbeat) -> None:
+        write(beat)
+        written.append((beat.status, beat.round))
+
+    exchange.write_heartbeat = counted_write
+    beats = Heartbeats(exchange, Heartbeat.first("w-1", "worker", Status.WAITING), lambda: [])
+    beats.start()
+    stages = [Status.GENERATING, Status.FETCHING, Status.TRAINING, Status.WAITING] * 3
+    for number, stage in enumerate(stages):
+        beats.update(status=stage, round=1 + number // 4)
+        try:        # an unthrottled thread writes each change before the next one comes
+            wait_until(lambda number=number: len(written) > number, 0.05, "a write")
+        except AssertionError:
+            pass
+    wait_until(lambda: written and written[-1] == (Status.WAITING, 3), 5, "the newest beat written")
+    beats.stop()
+    assert len(written) <= 3, written
+    beat = node_exchange(folder, "w-2").read_heartbeats()["w-1"]
+    assert (beat.status, beat.round) == (Status.WAITING, 3)
