@@ -83,6 +83,14 @@ def test_a_round_state_a_peer_deleted_does_not_hide_the_later_rounds(folder, mon
     assert worker.wait_for_round(2).round == 3
 
 
+def test_a_worker_far_behind_the_coordinator_starts_at_its_newest_round(folder, monkeypatch):
+    """A worker restarted from an old checkpoint waits for round 2 while the swarm is at round 40: it plays round
+    40, found by the listing once more rounds than a poll looks at one by one are there."""
+    worker, _ = waiting_worker(folder, monkeypatch, range(1, 41))
+    assert worker.wait_for_round(2).round == 40
+    assert worker.wait_for_round(39).round == 40
+
+
 def test_a_fast_rounds_stages_reach_the_folder_as_a_few_writes_the_newest_last(folder):
     """A round of a tenth of a second changes a worker's stage five times; each beat written was a signed, synced
     file that every peer then verified. The heartbeat thread writes the newest beat at most every BEAT_GAP_S."""
@@ -111,3 +119,28 @@ def test_a_fast_rounds_stages_reach_the_folder_as_a_few_writes_the_newest_last(f
     assert len(written) <= 3, written
     beat = node_exchange(folder, "w-2").read_heartbeats()["w-1"]
     assert (beat.status, beat.round) == (Status.WAITING, 3)
+
+
+def test_a_worker_reading_its_peers_heartbeats_each_round_verifies_only_those_that_changed(folder, monkeypatch):
+    """A worker reads every heartbeat once a round (who stopped?); most are the bytes it verified the round before.
+    Those are not parsed and verified again; a beat changed in any byte is, even at the same size and time."""
+    from workers.shared_folder.signing import KeyRing
+
+    peers = {node: node_exchange(folder, node) for node in ("w-2", "w-3", "w-4")}
+    for node, exchange in peers.items():
+        exchange.write_heartbeat(Heartbeat.first(node, "worker", Status.TRAINING))
+    reader = node_exchange(folder, "w-1")
+    verified = []
+    verify = KeyRing.verify
+    monkeypatch.setattr(KeyRing, "verify", lambda self, record, node, where: verified.append(node)
+                        or verify(self, record, node, where))
+    assert sorted(reader.read_heartbeats()) == ["w-2", "w-3", "w-4"]
+    assert sorted(reader.read_heartbeats()) == ["w-2", "w-3", "w-4"]
+    assert sorted(verified) == ["w-2", "w-3", "w-4"]            # the second read verified none again
+    peers["w-3"].write_heartbeat(Heartbeat.first("w-3", "worker", Status.DONE))
+    assert reader.read_heartbeats()["w-3"].status == Status.DONE and verified[-1] == "w-3"
+    path = folder.heartbeat_file("w-2")                         # forged in place: same size, same time
+    info, data = path.stat(), path.read_bytes()
+    path.write_bytes(data.replace(b'"training"', b'"stopped!"'))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert "w-2" not in reader.read_heartbeats() and reader.rejected == 1

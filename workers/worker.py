@@ -30,7 +30,7 @@ from workers.processes import COORDINATOR_PATIENCE, EXIT_ORPHANED, WorkerSpec
 from workers.profiling import profiled
 from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.shared_folder import mount
-from workers.shared_folder.exchange import Exchange, Outbox, newest_round_state
+from workers.shared_folder.exchange import NEWEST_LOOKED, Exchange, Outbox, newest_round_state
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.held_out import eval_file, read_held_out
 from workers.shared_folder.json_records import write_json_atomic
@@ -38,15 +38,14 @@ from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
 from workers.shared_folder.rejections import FolderError, RejectedFile
 from workers.shared_folder.retries import with_retries
-from workers.shared_folder.safe_io import is_visible
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, local_key_dir
 from workers.warmup import load_base
 
 log = logging.getLogger("workers.worker")
 
 ROUND_POLL_S = 0.2        # between looks for a new round; on this host the coordinator's doorbell cuts it short
-# while waiting for round r, state/ is listed when round r's file is there, and at least this often whatever the file
-# says (a round file a peer deleted must not hide the later ones for ever)
+# while waiting for round r, a worker looks for round r's file and those after it; it lists state/ this often too,
+# so a round file a peer deleted does not hide the later ones for ever
 LIST_ROUNDS_S = 2.0
 OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
 # how long a leaving worker keeps trying them: shorter when asked to stop, inside the supervisor's 30 s grace
@@ -119,17 +118,20 @@ class Worker:
         PEER_TIMEOUT, and raises NoCoordinator after COORDINATOR_PATIENCE of them.
         """
         quiet_since = last_flush = time.monotonic()
-        listed_at = -LIST_ROUNDS_S
+        listed_at = time.monotonic()
         unheard_since: float | None = None      # when the coordinator was first found silent
         while not self.stop.is_set():
             if os.getppid() != self.spec.parent_pid:
                 log.error("the supervisor (pid %d) is gone; exiting", self.spec.parent_pid)
                 sys.exit(EXIT_ORPHANED)
-            if self._round_may_have_begun(at_least, listed_at):
-                listed_at = time.monotonic()
-                state = self._newest_round(self._state_rounds(), at_least)
-                if state is not None:
-                    return state
+            if time.monotonic() - listed_at >= LIST_ROUNDS_S:
+                listed_at, rounds = time.monotonic(), self._state_rounds()
+            else:       # one look at one file a poll; a worker far behind (or forged files) gets the listing
+                rounds = self.folder.state_rounds_from(at_least, NEWEST_LOOKED)
+                rounds = self._state_rounds() if rounds is None else rounds
+            state = self._newest_round(rounds, at_least) if rounds else None
+            if state is not None:
+                return state
             # the last round's rewards file may be waiting in the outbox: without it no round ends
             if self.outbox and time.monotonic() - last_flush >= OUTBOX_RETRY_S:
                 self.outbox.flush(attempts=1)
@@ -142,13 +144,6 @@ class Worker:
                 quiet_since = time.monotonic()
             self.exchange.doorbell.wait(ROUND_POLL_S)      # the coordinator's new round rings it
         return None
-
-    def _round_may_have_begun(self, at_least: int, listed_at: float) -> bool:
-        """Whether to list state/ now: the awaited round's file is there, or LIST_ROUNDS_S passed since the last
-        listing. Rounds are written one by one, so no later round is there without it; a listing per poll cost
-        O(rounds) per wake-up (14 ms of CPU at round 2000, several wake-ups a round), a look at one file does not."""
-        return (time.monotonic() - listed_at >= LIST_ROUNDS_S
-                or is_visible(self.folder.round_state_file(at_least)))
 
     def _state_rounds(self) -> list[int]:
         try:
