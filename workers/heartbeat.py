@@ -2,6 +2,8 @@
 
 A round never waits on the folder for a stage's beat (a PUT on S3, a Drive write of seconds in a bad minute):
 the thread writes a changed beat at once, and an unchanged one every HEARTBEAT_S so peers see the worker alive.
+A fast round changes its stage five times in a tenth of a second; the thread writes a changed beat at most every
+BEAT_GAP_S, the newest one, instead of each (a signed, synced write is ~0.35 ms of CPU, and every reader verifies it).
 """
 
 import logging
@@ -16,6 +18,7 @@ from workers.shared_folder.protocol import Heartbeat, Status
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
+BEAT_GAP_S = 0.5       # between two writes of changed beats; a last status is written at once by the caller
 
 
 class Heartbeats:
@@ -29,6 +32,7 @@ class Heartbeats:
         self._done = threading.Event()
         self._due = threading.Event()             # a changed beat for the thread to write now
         self._thread: threading.Thread | None = None
+        self._written_at = -BEAT_GAP_S            # monotonic time of the thread's last write
 
     def update(self, **changes: object) -> None:
         """Change the beat. The thread writes it; a last status, or one while no thread runs, is written here."""
@@ -69,8 +73,11 @@ class Heartbeats:
     def _loop(self) -> None:
         while not self._done.is_set():
             changed = self._due.wait(HEARTBEAT_S)
+            if changed:                      # the changes of the next moments go in the same write
+                self._done.wait(self._written_at + BEAT_GAP_S - time.monotonic())
             self._due.clear()                # a change after this is written by this write or the next
             if not changed:
                 self._touch()                # alive: a fresh updated_at, and the troubles as they are now
             if not self._done.is_set():
                 self._write()
+                self._written_at = time.monotonic()

@@ -30,7 +30,7 @@ from workers.processes import COORDINATOR_PATIENCE, EXIT_ORPHANED, WorkerSpec
 from workers.profiling import profiled
 from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.shared_folder import mount
-from workers.shared_folder.exchange import Exchange, Outbox, newest_round_state
+from workers.shared_folder.exchange import NEWEST_LOOKED, Exchange, Outbox, newest_round_state
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.held_out import eval_file, read_held_out
 from workers.shared_folder.json_records import write_json_atomic
@@ -44,6 +44,9 @@ from workers.warmup import load_base
 log = logging.getLogger("workers.worker")
 
 ROUND_POLL_S = 0.2        # between looks for a new round; on this host the coordinator's doorbell cuts it short
+# while waiting for round r, a worker looks for round r's file and those after it; it lists state/ this often too,
+# so a round file a peer deleted does not hide the later ones for ever
+LIST_ROUNDS_S = 2.0
 OUTBOX_RETRY_S = 2.0      # while waiting for a round, how often writes the folder refused are tried again
 # how long a leaving worker keeps trying them: shorter when asked to stop, inside the supervisor's 30 s grace
 OUTBOX_EXIT_S, OUTBOX_EXIT_STOPPING_S = 60.0, 20.0
@@ -115,17 +118,18 @@ class Worker:
         PEER_TIMEOUT, and raises NoCoordinator after COORDINATOR_PATIENCE of them.
         """
         quiet_since = last_flush = time.monotonic()
+        listed_at = time.monotonic()
         unheard_since: float | None = None      # when the coordinator was first found silent
         while not self.stop.is_set():
             if os.getppid() != self.spec.parent_pid:
                 log.error("the supervisor (pid %d) is gone; exiting", self.spec.parent_pid)
                 sys.exit(EXIT_ORPHANED)
-            try:
-                rounds = self.folder.state_rounds()
-            except OSError as exc:     # a Drive hiccup: as if no new round yet
-                log.warning("could not list the round states: %s", exc)
-                rounds = []
-            state = self._newest_round(rounds, at_least)
+            if time.monotonic() - listed_at >= LIST_ROUNDS_S:
+                listed_at, rounds = time.monotonic(), self._state_rounds()
+            else:       # one look at one file a poll; a worker far behind (or forged files) gets the listing
+                rounds = self.folder.state_rounds_from(at_least, NEWEST_LOOKED)
+                rounds = self._state_rounds() if rounds is None else rounds
+            state = self._newest_round(rounds, at_least) if rounds else None
             if state is not None:
                 return state
             # the last round's rewards file may be waiting in the outbox: without it no round ends
@@ -140,6 +144,13 @@ class Worker:
                 quiet_since = time.monotonic()
             self.exchange.doorbell.wait(ROUND_POLL_S)      # the coordinator's new round rings it
         return None
+
+    def _state_rounds(self) -> list[int]:
+        try:
+            return self.folder.state_rounds()
+        except OSError as exc:     # a Drive hiccup: as if no new round yet
+            log.warning("could not list the round states: %s", exc)
+            return []
 
     def _check_coordinator(self, at_least: int, unheard_since: float | None) -> float | None:
         """Called once per PEER_TIMEOUT of a quiet wait: when the coordinator was first found silent, or None."""

@@ -173,6 +173,13 @@ def listed(directory: Path, names: list[str]) -> list[str]:
     return _active.stale_listing(directory, names)
 
 
+def visible_names(directory: Path, names: list[str]) -> list[str]:
+    """`names` in `directory` less those this process may not see yet (see hidden)."""
+    if _active is None or not _active.covers(directory / "x"):
+        return names
+    return [name for name in names if not hidden(directory / name)]
+
+
 def hidden(path: Path) -> bool:
     """A regular file this process may not see yet (folders appear at once)."""
     if _active is None or not _active.covers(path):

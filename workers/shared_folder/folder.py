@@ -13,7 +13,7 @@ from pathlib import Path
 
 from workers.shared_folder import mount
 from workers.shared_folder.rejections import NODE_NAME, FolderError, check_node_name
-from workers.shared_folder.safe_io import list_folder, refuse_links_below
+from workers.shared_folder.safe_io import is_visible, list_folder, list_names, refuse_links_below
 
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 # the folders a new experiment starts with; base/ appears with the warm-up's result, config.json beside them
@@ -128,11 +128,22 @@ class ExperimentFolder:
         return [name for name in (path.name.removeprefix(f"{SUPERVISOR}-") for path in listed)
                 if NODE_NAME.fullmatch(name)]
 
+    def state_rounds_from(self, at_least: int, most: int) -> list[int] | None:
+        """Rounds at_least, at_least + 1, ... whose state file is there, looked at one by one (the coordinator
+        writes them in order): where a listing of state/ costs O(rounds) (2.3 ms of CPU at round 2000), a poll
+        that finds no new round looks at one file. None past `most` of them: list state/ then."""
+        found: list[int] = []
+        while is_visible(self.round_state_file(at_least + len(found))):
+            found.append(at_least + len(found))
+            if len(found) >= most:
+                return None
+        return found
+
     def state_rounds(self) -> list[int]:
         """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
         found = []
-        for path in list_folder(self.state_dir, "round_*.json"):
-            number = round_number(path.stem)
+        for name in list_names(self.state_dir, "round_*.json"):
+            number = round_number(name.removesuffix(".json"))
             if number is not None:
                 found.append(number)
         return sorted(found)

@@ -69,7 +69,12 @@ def read_json_bounded(path: Path, max_bytes: int = MAX_RECORD_BYTES, *,
     object. A record without a checksum is accepted only when require_checksum is False (files not
     written by write_json_atomic, such as checkpoint meta files).
     """
-    record = parse_json(read_whole(path, max_bytes), str(path))
+    return sealed_record(read_whole(path, max_bytes), path, require_checksum=require_checksum)
+
+
+def sealed_record(data: bytes, path: Path, *, require_checksum: bool = False) -> dict[str, Any]:
+    """read_json_bounded's object from bytes already read from `path`."""
+    record = parse_json(data, str(path))
     if not isinstance(record, dict):
         raise RejectedFile(f"{path}: expected a JSON object, got {type(record).__name__}; skipped")
     claimed = record.pop(CHECKSUM_KEY, None)

@@ -14,6 +14,7 @@ import errno
 import fnmatch
 import logging
 import os
+import re
 import secrets
 import stat
 import threading
@@ -254,6 +255,13 @@ def list_folder(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
     most `limit` entries, those whose name `first` takes before the others, with one warning: a peer that
     floods a folder costs a reader a bounded time.
     """
+    return [directory / name for name in list_names(directory, pattern, limit, first)]
+
+
+def list_names(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
+               first: Callable[[str], bool] | None = None) -> list[str]:
+    """list_folder's entries as sorted names: sorting and filtering strings, not paths, keeps a folder of
+    thousands of entries (a long run's state/) a fraction of a millisecond where paths took ten times that."""
     if (where := storage.mounted(directory)) is not None:
         names = [entry.name for entry in where[0].list(where[1])]
     else:
@@ -261,13 +269,14 @@ def list_folder(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
         if names is None:
             return []
         names = drive_sim.listed(directory, names)
-    listed = sorted(directory / name for name in names if not name.startswith(".")
-                    and fnmatch.fnmatchcase(name, pattern) and not drive_sim.hidden(directory / name))
+    matches = re.compile(fnmatch.translate(pattern)).match
+    listed = sorted(name for name in names if not name.startswith(".") and matches(name))
+    listed = drive_sim.visible_names(directory, listed)
     if len(listed) > limit:
         warn_once(f"{directory}: {len(listed)} entries, over the {limit} a reader takes from one folder (a peer "
                   f"flooding it?); the rest skipped")
         if first is not None:
-            listed.sort(key=lambda path: not first(path.name))      # stable: still sorted within each side
+            listed.sort(key=lambda name: not first(name))      # stable: still sorted within each side
         listed = sorted(listed[:limit])
     return listed
 

@@ -249,6 +249,10 @@ class KeyRing:
         self._pinned[node] = pinned
         return pinned
 
+    def pinned(self, node: str) -> Ed25519PublicKey | None:
+        """The key this process pinned for `node`, without looking at any file; None while none is."""
+        return self._pinned.get(node)
+
     def verify(self, record: dict[str, Any], node: str, where: str) -> dict[str, Any]:
         """The record without its signature when it is `node`'s; RejectedFile (UnknownSigner) otherwise."""
         if record.get(SIGNATURE_KEY) is None and self.unsigned_readable and record.get("schema") == 1:
