@@ -2,6 +2,7 @@
 machine; the same guarantees from the local folder. A whole swarm on s3://: test_object_store_swarm.py."""
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -195,6 +196,26 @@ def test_a_raised_max_rounds_continues_a_finished_experiment(experiment):
     write_as(folder, "coordinator", folder.finished_file, SwarmFinished(rounds=2, finished_at=time.time()).to_json())
     assert cli._prepare_rounds(folder, cfg, keyring(folder))            # MAX_ROUNDS=3 > 2: the swarm goes on
     assert not is_visible(folder.finished_file)         # so the workers do not leave at once
+
+
+def test_a_run_past_a_listings_bound_resumes_and_is_seen_at_its_newest_round(experiment, monkeypatch):
+    """A listing takes the first MAX_LISTED round states by name (2048; a bucket lists in name order, and a bound
+    keeps a flooding peer cheap): past that many rounds a restarted coordinator resumes at the newest round and a
+    view shows it, not the last one listed. The bound is made 8 here, for 23 rounds instead of 2100."""
+    import workers.shared_folder.folder as folder_module
+
+    cfg, folder = experiment
+    cfg = dataclasses.replace(cfg, max_rounds=100)
+    monkeypatch.setattr(folder_module, "MAX_LISTED", 8)
+    key = node_key(folder, "coordinator")
+    first = Coordinator(cfg, folder, threading.Event(), lambda: {"w-1"}, key)
+    for round_ in range(1, 24):
+        first._start_round(round_, "start")
+    assert folder.state_rounds() == list(range(16, 24))
+    assert newest_signed_round(folder, keyring(folder)).round == 23
+    resumed = Coordinator(cfg, folder, threading.Event(), lambda: {"w-1"}, key)
+    resumed._resume()
+    assert resumed.round == 23
 
 
 def test_old_rounds_rollouts_leave_the_bucket_and_archiving_them_is_refused_in_one_line(s3, tmp_path):

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from workers.shared_folder import mount
 from workers.shared_folder.rejections import NODE_NAME, FolderError, check_node_name
-from workers.shared_folder.safe_io import is_visible, list_folder, list_names, refuse_links_below
+from workers.shared_folder.safe_io import MAX_LISTED, is_visible, list_folder, list_names, refuse_links_below
 
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
+MAX_ROUND = 999_999_999
 # the folders a new experiment starts with; base/ appears with the warm-up's result, config.json beside them
 SUBFOLDERS = ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs", "keys")
 SUPERVISOR = "supervisor"       # logs/supervisor/ and logs/supervisor-<NODE_ID>/: reserved as NODE_IDs (configs_env)
@@ -140,13 +141,30 @@ class ExperimentFolder:
         return found
 
     def state_rounds(self) -> list[int]:
-        """Round numbers with a state file, ascending; OSError for a Drive hiccup."""
-        found = []
-        for name in list_names(self.state_dir, "round_*.json"):
-            number = round_number(name.removesuffix(".json"))
-            if number is not None:
-                found.append(number)
-        return sorted(found)
+        """Round numbers with a state file, ascending, the newest MAX_LISTED of them; OSError for a Drive hiccup.
+
+        A listing takes the first MAX_LISTED names (an object store's order; a bound against a flooding peer), so
+        a run past that many rounds finds its later ones by looking at single files after the last one listed,
+        in steps that double then halve (the coordinator writes its rounds one after another): ~2 log2(n) looks
+        where a full listing of a bucket would cost a request per thousand rounds, at every view."""
+        names = list_names(self.state_dir, "round_*.json", MAX_LISTED, warn_when_cut=False)
+        found = sorted(number for number in (round_number(name.removesuffix(".json")) for name in names)
+                       if number is not None)
+        if len(names) < MAX_LISTED or not found:
+            return found
+        newest = self._last_state_from(found[-1])
+        return [*found, *range(found[-1] + 1, newest + 1)][-MAX_LISTED:]
+
+    def _last_state_from(self, known: int) -> int:
+        """The last round of the unbroken run of state files from `known` (whose file is there) on."""
+        step = 1
+        while known + step <= MAX_ROUND and is_visible(self.round_state_file(known + step)):
+            known, step = known + step, step * 2
+        missing = min(known + step, MAX_ROUND + 1)      # a file known not to be there, or past the last name
+        while missing - known > 1:
+            middle = (known + missing) // 2
+            known, missing = (middle, missing) if is_visible(self.round_state_file(middle)) else (known, middle)
+        return known
 
 
 def runs_on(machine: str | None, node: str) -> bool:

@@ -34,11 +34,9 @@ MAX_SCANNED = 65_536
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never half of one.
-
-    The temp file has an unpredictable name (O_EXCL, never a planted link), the rename replaces a link
-    planted at `path` itself, never writing through it, and no folder on the way is a link (see _folder).
-    """
+    """Readers see the old file or the new one, never half of one. The temp file has an unpredictable name
+    (O_EXCL, never a planted link), the rename replaces a link planted at `path` itself, never writing through it,
+    and no folder on the way is a link (see _folder)."""
     if (where := storage.mounted(path)) is not None:      # an object store: a PUT replaces the object whole
         where[0].write(where[1], data)
         return
@@ -117,8 +115,6 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSO
 
 def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
 
 
 _roots: dict[str, None] = {}       # experiment folders of this process: nothing below them follows a link
@@ -248,20 +244,17 @@ def _read_stored(path: Path, store: storage.Store, key: str, offset: int, limit:
 
 def list_folder(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
                 first: Callable[[str], bool] | None = None) -> list[Path]:
-    """Sorted entries matching `pattern`, without temp or hidden files; [] when the folder does not exist,
-    or is a link (warned about once).
-
-    The one way the swarm lists the shared folder; OSError for a Drive hiccup (the caller polls again). At
-    most `limit` entries, those whose name `first` takes before the others, with one warning: a peer that
-    floods a folder costs a reader a bounded time.
-    """
+    """list_names' entries as paths."""
     return [directory / name for name in list_names(directory, pattern, limit, first)]
 
 
 def list_names(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
-               first: Callable[[str], bool] | None = None) -> list[str]:
-    """list_folder's entries as sorted names: sorting and filtering strings, not paths, keeps a folder of
-    thousands of entries (a long run's state/) a fraction of a millisecond where paths took ten times that."""
+               first: Callable[[str], bool] | None = None, warn_when_cut: bool = True) -> list[str]:
+    """Sorted names matching `pattern`, without temp or hidden files; [] when the folder does not exist, or is a
+    link (warned about once). The one way the swarm lists the shared folder; OSError for a Drive hiccup (the caller
+    polls again). At most `limit` names, the first by name (as an object store lists them), or those `first` takes
+    before the others, with one warning: a peer that floods a folder costs a reader a bounded time. Names, not
+    paths, are sorted and filtered: a long run's state/ of thousands lists in a fraction of a millisecond."""
     if (where := storage.mounted(directory)) is not None:
         names = [entry.name for entry in where[0].list(where[1])]
     else:
@@ -273,8 +266,9 @@ def list_names(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
     listed = sorted(name for name in names if not name.startswith(".") and matches(name))
     listed = drive_sim.visible_names(directory, listed)
     if len(listed) > limit:
-        warn_once(f"{directory}: {len(listed)} entries, over the {limit} a reader takes from one folder (a peer "
-                  f"flooding it?); the rest skipped")
+        if warn_when_cut:
+            warn_once(f"{directory}: {len(listed)} entries, over the {limit} a reader takes from one folder (a peer "
+                      f"flooding it?); the rest skipped")
         if first is not None:
             listed.sort(key=lambda name: not first(name))      # stable: still sorted within each side
         listed = sorted(listed[:limit])

@@ -74,7 +74,7 @@ class LocalStore:
 
     def list(self, key: str, limit: int = MAX_LISTED) -> list[Entry]:
         entries = []
-        for path in safe_io.list_folder(self._path(key))[:limit]:
+        for path in safe_io.list_folder(self._path(key), limit=limit):
             info = path.lstat()
             folder = path.is_dir() and not path.is_symlink()
             entries.append(Entry(name=path.name, size=0 if folder else info.st_size, folder=folder))
