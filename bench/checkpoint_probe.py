@@ -20,7 +20,7 @@ from workers.host_copies import HostCopies
 from workers.learning.model import load_policy
 from workers.learning.optim import make_optimizer
 from workers.shared_folder.signing import NodeKey
-from workers.weights import host_weights, weight_tensors
+from workers.weights import host_weights
 
 
 def timed(what: str, step) -> object:  # noqa: ANN001 - any callable
@@ -61,11 +61,8 @@ def main() -> None:
             timed("host_weights (the best model's copy) into new memory", lambda: host_weights(policy.model))
             snapshot = timed("snapshot_checkpoint into the previous write's memory",
                              lambda: snapshot_checkpoint(meta, policy.model, optimizer, copies))
-            _, best_release = timed("the best model's copy into the previous write's memory",
-                                    lambda: copies.copy(weight_tensors(policy.model)))
             timed("write_checkpoint", lambda s=snapshot: write_checkpoint(folder / "checkpoints", s, key))
-            snapshot.release()
-            best_release()
+            snapshot.release()            # as the writer thread does: the next snapshot reuses this memory
         if device.type != "cuda":
             return
         x = torch.randn(4096, 4096, device=device)

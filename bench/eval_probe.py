@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 
 from configs_env import SwarmConfig
-from workers.evaluation import held_out_questions
-from workers.learning.generation import sample_completions
+from workers.evaluation import greedy_answers, held_out_questions
 from workers.learning.model import load_policy
-from workers.learning.tasks import build_prompt, score_completion
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.signing import KeyRing
 from workers.warmup import load_base
@@ -33,21 +31,16 @@ def timed_calls(policy, questions, max_new_tokens: int, width: int) -> dict:  # 
     on_cuda = policy.device.type == "cuda"
     calls, hits = [], 0
     for start in range(0, len(questions), width):
-        batch = questions[start:start + width]
-        prompts = [build_prompt(q.question) for q in batch]
-        prompts += prompts[-1:] * (width - len(prompts))        # as the workers do: one graph per width
         if on_cuda:
             torch.cuda.synchronize()
         began = time.perf_counter()
-        groups = sample_completions(policy, prompts, 1, max_new_tokens, 1.0, generator_seed=0, greedy=True,
-                                    fast=True)
+        answers = greedy_answers(policy, questions[start:start + width], max_new_tokens, fast=True, batch_size=width)
         if on_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
-        answers = [group[0] for group in groups[:len(batch)]]
-        hits += sum(score_completion(q.task, a.text, q.entry()) >= 1.0 for q, a in zip(batch, answers))
-        calls.append({"seconds": round(seconds, 4), "longest": max(len(a.ids) for a in answers),
-                      "cut_off": sum(not a.finished for a in answers)})
+        hits += sum(answer.hit for answer in answers)
+        calls.append({"seconds": round(seconds, 4), "longest": max(answer.tokens for answer in answers),
+                      "cut_off": sum(not answer.finished for answer in answers)})
     return {"width": width, "seconds": round(sum(c["seconds"] for c in calls), 4), "calls": calls,
             "accuracy": hits / max(1, len(questions))}
 

@@ -87,7 +87,8 @@ def test_a_checkpoint_still_being_written_keeps_its_round_while_the_next_ones_ar
     release.set()
     assert writer.wait(WAIT_S) and [w.error for w in writer.finished()] == [None, None]
 
-    fresh, fresh_optimizer = tiny_model(1), torch.optim.AdamW(tiny_model(1).parameters(), lr=1e-2)
+    fresh = tiny_model(1)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     (tmp_path / "round_000051" / "meta.json").unlink()        # so the newest whole checkpoint is round 50's
     assert load_latest_checkpoint(tmp_path, fresh, fresh_optimizer, "m", key).round == 50
     for name, tensor in fresh.state_dict().items():

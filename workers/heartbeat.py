@@ -1,9 +1,9 @@
 """A worker's heartbeat: changed by the worker as its rounds go, written to the folder by a thread of its own.
 
 A round never waits on the folder for a stage's beat (a PUT on S3, a Drive write of seconds in a bad minute):
-the thread writes a changed beat at once, and an unchanged one every HEARTBEAT_S so peers see the worker alive.
-A fast round changes its stage five times in a tenth of a second; the thread writes a changed beat at most every
-BEAT_GAP_S, the newest one, instead of each (a signed, synced write is ~0.35 ms of CPU, and every reader verifies it).
+the thread writes a changed beat, and an unchanged one every HEARTBEAT_S so peers see the worker alive. A fast round
+changes its stage five times in a tenth of a second, so a changed beat waits until BEAT_GAP_S after the last write
+and the newest one goes (a signed, synced write is ~0.35 ms of CPU, and every reader verifies it).
 """
 
 import logging
@@ -30,7 +30,7 @@ class Heartbeats:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()       # one write at a time, each of the newest beat
         self._done = threading.Event()
-        self._due = threading.Event()             # a changed beat for the thread to write now
+        self._due = threading.Event()             # a changed beat for the thread to write
         self._thread: threading.Thread | None = None
         self._written_at = -BEAT_GAP_S            # monotonic time of the thread's last write
 
@@ -78,6 +78,6 @@ class Heartbeats:
             self._due.clear()                # a change after this is written by this write or the next
             if not changed:
                 self._touch()                # alive: a fresh updated_at, and the troubles as they are now
-            if not self._done.is_set():
+            if changed or not self._done.is_set():      # a change made before a stop still goes
                 self._write()
                 self._written_at = time.monotonic()

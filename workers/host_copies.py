@@ -4,9 +4,9 @@ A fresh host copy of GPT-2 124M's weights and AdamW moments (~0.95 GB) touches e
 kernel maps and zeroes each one, inside the round (0.41-0.90 s from an H200, 0.65-0.82 s on a 2-core CPU), where a
 copy into memory that held the previous snapshot is a memcpy (0.12 s on that CPU; bench/NOTES.md).
 
-A copy is handed back only by the writer thread, once the write that read it has ended (landed, failed, or never
-queued), so a snapshot is never overwritten while its write still reads it: a checkpoint whose SHA-256 matches
-mixed contents would resume as a model no round ever had.
+A copy is handed back only once the write that read it has ended: by the writer thread after its last try, or by
+the worker when the write was never queued. So a snapshot is never overwritten while its write still reads it: a
+checkpoint whose SHA-256 matches mixed contents would resume as a model no round ever had.
 """
 
 import threading
