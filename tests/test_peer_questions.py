@@ -282,13 +282,16 @@ def test_a_raw_models_full_length_completions_are_trained_on_as_sampled_and_forg
                    for g in shared for t, f in zip(g.completions, g.finished)]
     assert max(retokenised) > 32, "no completion tokenised longer than sampled: the case is not exercised"
     forged = shared[0].completion_ids[0][:-1] + (shared[0].completion_ids[0][0],)    # another text, same length
-    groups = [*shared, dataclasses.replace(shared[0], completion_ids=(forged, *shared[0].completion_ids[1:]))]
+    beyond = (len(policy.tokenizer), *shared[1].completion_ids[0][1:])      # an id of no token
+    groups = [*shared, dataclasses.replace(shared[0], completion_ids=(forged, *shared[0].completion_ids[1:])),
+              dataclasses.replace(shared[1], completion_ids=(beyond, *shared[1].completion_ids[1:]))]
     reader, found = _through_the_folder(folder, groups)
     kept, available = external_candidates(policy, cfg, TaskMix(cfg.tasks, seed=0), found, reader, 1)
     assert available == 8                                                   # every honest group, none cut
     assert all(c in [list(ids) for g in training for ids in g.completion_ids] for k in kept
                for c in k.completion_ids)                                   # trained on the ids it sampled
     assert "group 8: its token ids do not spell its completion" in caplog.text
+    assert "group 9: its token ids do not spell its completion" in caplog.text
 
 
 def test_a_reader_remembers_only_the_newest_records_over_many_rounds(tmp_path, monkeypatch):

@@ -136,7 +136,7 @@ def encode_completion(policy: Policy, text: str, finished: bool, max_new_tokens:
         ids = list(sampled)
         ends_with_eos = bool(ids) and ids[-1] == eos
         body = ids[:-1] if ends_with_eos else ids
-        if ends_with_eos != finished or eos in body or any(i >= len(policy.tokenizer) for i in body) \
+        if ends_with_eos != finished or eos in body or (body and max(body) >= len(policy.tokenizer)) \
                 or policy.tokenizer.decode(body, skip_special_tokens=True) != text:
             raise CompletionMismatch("its token ids do not spell its completion")
     else:

@@ -44,6 +44,8 @@ def _finite_float(text: str) -> float:
 
 
 def _bounded_int(text: str) -> int:
+    if len(text) < FLOAT_DIGITS:       # under 1e308 whatever its digits: the common case (token ids) takes one call
+        return int(text)
     # the length first: int() of thousands of digits is slow (Python refuses past 4300 digits for that reason)
     if len(text.lstrip("-")) > FLOAT_DIGITS:
         raise _beyond_float(text)

@@ -318,8 +318,9 @@ def _completion_ids(value: Any, count: int, where: str) -> tuple[tuple[int, ...]
     if not isinstance(value, list) or len(value) != count:
         raise RejectedFile(f"{where}: 'completion_ids' must hold one list per completion")
     for ids in value:
-        if not isinstance(ids, list) or len(ids) > MAX_COMPLETION_IDS or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_TOKEN_ID for i in ids):
+        # type(i) is int: not a bool, which is an int too; min and max in C, not a comparison per id in Python
+        if not isinstance(ids, list) or len(ids) > MAX_COMPLETION_IDS or not all(type(i) is int for i in ids) \
+                or (ids and (min(ids) < 0 or max(ids) >= MAX_TOKEN_ID)):
             raise RejectedFile(f"{where}: 'completion_ids' must be lists of at most {MAX_COMPLETION_IDS} token ids")
     return tuple(tuple(ids) for ids in value)
 
