@@ -87,7 +87,7 @@ class Coordinator(threading.Thread):
             path = self.folder.round_state_file(round_)
             try:
                 with_retries(lambda r=round_: read_round_state(self.folder, keyring, r), f"reading {path}")
-            except RejectedFile as error:     # a half-synced, hostile or forged file is not a round to resume at
+            except (RejectedFile, FileNotFoundError) as error:   # half-synced, forged or gone: not a round to resume at
                 log.warning("%s", error)
                 continue
             self.round = round_

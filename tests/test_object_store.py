@@ -198,24 +198,27 @@ def test_a_raised_max_rounds_continues_a_finished_experiment(experiment):
     assert not is_visible(folder.finished_file)         # so the workers do not leave at once
 
 
-def test_a_run_past_a_listings_bound_resumes_and_is_seen_at_its_newest_round(experiment, monkeypatch):
-    """A listing takes the first MAX_LISTED round states by name (2048; a bucket lists in name order, and a bound
-    keeps a flooding peer cheap): past that many rounds a restarted coordinator resumes at the newest round and a
-    view shows it, not the last one listed. The bound is made 8 here, for 23 rounds instead of 2100."""
+def test_a_run_longer_than_a_listing_resumes_and_is_seen_at_its_newest_round(experiment, monkeypatch):
+    """A listing is bounded (10,000 names of a bucket, in name order; 65,536 of a folder, in any order): the rounds
+    after the newest listed are found file by file, so a restarted coordinator resumes at the newest round and a
+    view shows it. The bounds are made 10 here, for 40 rounds instead of 10,040."""
     import workers.shared_folder.folder as folder_module
+    from workers.shared_folder import safe_io
 
     cfg, folder = experiment
     cfg = dataclasses.replace(cfg, max_rounds=100)
-    monkeypatch.setattr(folder_module, "MAX_LISTED", 8)
     key = node_key(folder, "coordinator")
     first = Coordinator(cfg, folder, threading.Event(), lambda: {"w-1"}, key)
-    for round_ in range(1, 24):
+    for round_ in range(1, 41):
         first._start_round(round_, "start")
-    assert folder.state_rounds() == list(range(16, 24))
-    assert newest_signed_round(folder, keyring(folder)).round == 23
+    for module, name, bound in ((storage, "MAX_LISTED", 10), (safe_io, "MAX_SCANNED", 10),
+                                (folder_module, "MAX_SCANNED", 10), (folder_module, "MAX_LISTED", 8)):
+        monkeypatch.setattr(module, name, bound)
+    assert folder.state_rounds()[-4:] == [37, 38, 39, 40]
+    assert newest_signed_round(folder, keyring(folder)).round == 40
     resumed = Coordinator(cfg, folder, threading.Event(), lambda: {"w-1"}, key)
     resumed._resume()
-    assert resumed.round == 23
+    assert resumed.round == 40
 
 
 def test_old_rounds_rollouts_leave_the_bucket_and_archiving_them_is_refused_in_one_line(s3, tmp_path):

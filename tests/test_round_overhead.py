@@ -116,15 +116,16 @@ def test_a_worker_far_behind_the_coordinator_starts_at_its_newest_round(folder, 
 
 
 def test_a_run_longer_than_a_listing_still_finds_its_newest_round(folder, monkeypatch):
-    """A listing takes the first 2048 names of a folder (a bound against a peer flooding it), so state/ of a run
-    past round 2048 listed only the oldest rounds: a view said round 2048, and a worker restarted far behind waited
-    for ever. Both find the newest round."""
+    """A reader takes 2048 round states (a bound against a peer flooding state/), and took the first 2048 names:
+    past round 2048 a view said round 2048, and a worker restarted far behind waited for ever. Both find the
+    newest round."""
     from workers.shared_folder.exchange import newest_signed_round
     from workers.shared_folder.safe_io import MAX_LISTED
 
     newest = MAX_LISTED + 52
     worker, _ = waiting_worker(folder, monkeypatch, range(1, newest + 1))
-    assert folder.state_rounds() == list(range(newest - MAX_LISTED + 1, newest + 1))
+    rounds = folder.state_rounds()          # the run's first rounds (its start, its pace) and its newest
+    assert rounds == [*range(1, 17), *range(newest - MAX_LISTED + 17, newest + 1)]
     assert newest_signed_round(folder, keyring(folder)).round == newest
     assert round_found(worker, 5) == newest
 

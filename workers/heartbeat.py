@@ -78,6 +78,6 @@ class Heartbeats:
             self._due.clear()                # a change after this is written by this write or the next
             if not changed:
                 self._touch()                # alive: a fresh updated_at, and the troubles as they are now
-            if changed or not self._done.is_set():      # a change made before a stop still goes
+            if changed or not self._done.is_set():      # at a stop too: the newest beat, with a change just before
                 self._write()
                 self._written_at = time.monotonic()

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from workers.shared_folder import mount
 from workers.shared_folder.rejections import NODE_NAME, FolderError, check_node_name
-from workers.shared_folder.safe_io import MAX_LISTED, is_visible, list_folder, list_names, refuse_links_below
+from workers.shared_folder.safe_io import (MAX_LISTED, MAX_SCANNED, is_visible, list_folder, list_names,
+                                          refuse_links_below)
 
 ROUND_DIGITS = re.compile(r"[0-9]{1,9}")      # ASCII only: str.isdigit() also takes '²', which int() refuses
 MAX_ROUND = 999_999_999
+FIRST_KEPT = 16           # of a long run's round states, the oldest kept beside the newest (and the newest looked for)
 # the folders a new experiment starts with; base/ appears with the warm-up's result, config.json beside them
 SUBFOLDERS = ("state", "peers", "rollouts", "rewards", "metrics", "checkpoints", "logs", "keys")
 SUPERVISOR = "supervisor"       # logs/supervisor/ and logs/supervisor-<NODE_ID>/: reserved as NODE_IDs (configs_env)
@@ -141,30 +143,38 @@ class ExperimentFolder:
         return found
 
     def state_rounds(self) -> list[int]:
-        """Round numbers with a state file, ascending, the newest MAX_LISTED of them; OSError for a Drive hiccup.
+        """Round numbers with a state file, ascending; OSError for a Drive hiccup. Of a run past MAX_LISTED rounds,
+        the oldest FIRST_KEPT (its start and pace are read there) and the newest.
 
-        A listing takes the first MAX_LISTED names (an object store's order; a bound against a flooding peer), so
-        a run past that many rounds finds its later ones by looking at single files after the last one listed,
-        in steps that double then halve (the coordinator writes its rounds one after another): ~2 log2(n) looks
-        where a full listing of a bucket would cost a request per thousand rounds, at every view."""
-        names = list_names(self.state_dir, "round_*.json", MAX_LISTED, warn_when_cut=False)
+        A listing is bounded (MAX_SCANNED names of a folder, storage.MAX_LISTED of a bucket, in name order), so the
+        later rounds of a run longer than that are found by looking at single files after the newest listed."""
+        names = list_names(self.state_dir, "round_*.json", MAX_SCANNED, warn_when_cut=False)
         found = sorted(number for number in (round_number(name.removesuffix(".json")) for name in names)
                        if number is not None)
-        if len(names) < MAX_LISTED or not found:
+        if len(found) < MAX_LISTED:
             return found
-        newest = self._last_state_from(found[-1])
-        return [*found, *range(found[-1] + 1, newest + 1)][-MAX_LISTED:]
+        newest, listed = self._newest_from(found[-1]), set(found)      # one look when the listing held the newest
+        found = sorted(listed.union(round_ for round_ in range(max(1, newest - FIRST_KEPT), newest + 1)
+                                    if round_ in listed or round_ == newest or self._there(round_)))
+        oldest = min(FIRST_KEPT, MAX_LISTED // 2)
+        return found[:oldest] + found[oldest - MAX_LISTED:]
 
-    def _last_state_from(self, known: int) -> int:
-        """The last round of the unbroken run of state files from `known` (whose file is there) on."""
-        step = 1
-        while known + step <= MAX_ROUND and is_visible(self.round_state_file(known + step)):
-            known, step = known + step, step * 2
-        missing = min(known + step, MAX_ROUND + 1)      # a file known not to be there, or past the last name
-        while missing - known > 1:
-            middle = (known + missing) // 2
-            known, missing = (middle, missing) if is_visible(self.round_state_file(middle)) else (known, middle)
-        return known
+    def _there(self, round_: int) -> bool:
+        return is_visible(self.round_state_file(round_))
+
+    def _newest_from(self, known: int) -> int:
+        """The newest round whose state file is there, from `known` (whose file is) on, in steps that double then
+        halve (the coordinator writes its rounds one after another); ~60 looks at most. Files a peer planted or
+        deleted at the looked-at names can hide the newest rounds from it, never pass for one: a round is read as
+        its state signed by the coordinator."""
+        newest, step = known, 1
+        while newest + step <= MAX_ROUND and self._there(newest + step):
+            newest, step = newest + step, step * 2
+        missing = min(newest + step, MAX_ROUND + 1)        # not there, or past the last name
+        while missing - newest > 1:
+            middle = (newest + missing) // 2
+            newest, missing = (middle, missing) if self._there(middle) else (newest, middle)
+        return newest
 
 
 def runs_on(machine: str | None, node: str) -> bool:

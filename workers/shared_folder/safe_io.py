@@ -256,7 +256,7 @@ def list_names(directory: Path, pattern: str = "*", limit: int = MAX_LISTED,
     before the others, with one warning: a peer that floods a folder costs a reader a bounded time. Names, not
     paths, are sorted and filtered: a long run's state/ of thousands lists in a fraction of a millisecond."""
     if (where := storage.mounted(directory)) is not None:
-        names = [entry.name for entry in where[0].list(where[1])]
+        names = [entry.name for entry in where[0].list(where[1], storage.MAX_LISTED)]
     else:
         names = _scan(directory)
         if names is None:
