@@ -28,9 +28,10 @@ from workers.shared_folder import exchange as exchange_module
 from workers.shared_folder.exchange import Exchange
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import record_checksum
-from workers.shared_folder.protocol import RolloutFile
+from workers.shared_folder.protocol import RolloutFile, RolloutGroup
+from workers.shared_folder.rejections import RejectedFile
 
-from tests.helpers import node_exchange, node_key, peer_group, swarm_env
+from tests.helpers import group, node_exchange, node_key, peer_group, swarm_env
 
 PUBLIC_AND_DEFAULT = tuple(name for name, _ in PAPER_TASKS) + ("chain_sum",)   # basic_arithmetic is in both
 
@@ -269,6 +270,17 @@ def test_a_peer_completion_longer_than_max_new_tokens_is_rejected_not_cut(policy
     assert available == 1 and kept[0].rewards == [1.0, 0.0, 0.0, 0.0] and len(kept[0].completion_ids[0]) == 16
     assert "group 1: a completion of 17 tokens, over MAX_NEW_TOKENS=16" in caplog.text
     assert "group 2: 3 completions, expected G=4" in caplog.text
+
+
+@pytest.mark.parametrize("ids", [[5, True], [5, -1], [5, 2**20], [5, 5.0], [5, "5"], [5, None], [[5]]],
+                         ids=["a bool", "negative", "beyond any vocabulary", "a float", "a string", "null", "a list"])
+def test_a_peers_token_ids_that_are_not_token_ids_are_refused(ids):
+    """A peer's completion_ids are trained on: anything but an int id in range refuses its group."""
+    record = {**group(2).to_json(), "completion_ids": [[7, 8], ids]}
+    with pytest.raises(RejectedFile, match="completion_ids"):
+        RolloutGroup.from_json(record, "rollouts/round_1/w-2.json group 0")
+    assert RolloutGroup.from_json({**record, "completion_ids": [[7, 8], [5, 2**20 - 1]]}, "g").completion_ids[1] \
+        == (5, 2**20 - 1)
 
 
 def test_a_raw_models_full_length_completions_are_trained_on_as_sampled_and_forged_ids_are_refused(
