@@ -62,10 +62,13 @@ def test_the_worker_goes_on_while_its_checkpoint_is_written(tmp_path, key):
     assert (tmp_path / "round_000050" / "meta.json").is_file()
 
 
-def test_a_checkpoint_still_being_written_keeps_its_round_while_the_next_ones_are_taken(tmp_path, key):
+def test_a_checkpoint_still_being_written_keeps_its_round_while_the_next_ones_are_taken(tmp_path, key, monkeypatch):
     """Snapshots are copied into host memory that earlier writes used (a fresh copy of GPT-2's ~0.95 GB costs
     its page faults inside the round): memory is reused only once the write that read it has ended, so a slow
     write never saves a later round's weights under its own round's name and SHA-256."""
+    import workers.host_copies as host_copies
+
+    monkeypatch.setattr(host_copies, "MIN_AVAILABLE", 0.0)      # whatever RAM the test's host has free
     model, optimizer = trained(0)
     copies, writer = HostCopies(), BackgroundWriter("test")
     started, release = threading.Event(), threading.Event()
@@ -98,6 +101,30 @@ def test_a_checkpoint_still_being_written_keeps_its_round_while_the_next_ones_ar
     snapshot_52 = snapshot_checkpoint(CheckpointMeta(52, "w-1", "m"), model, optimizer, copies)
     assert {tensor.data_ptr() for tensor in snapshot_52.weights.values()} <= used
     assert all(torch.equal(snapshot_52.weights[name], tensor) for name, tensor in weight_tensors(model).items())
+
+
+def test_a_worker_on_a_host_short_of_ram_lets_its_checkpoint_copy_go(monkeypatch):
+    """A copy is kept for the next checkpoint only while the host keeps a fifth of its RAM available: the 32
+    workers of a SAPO table would keep ~30 GB between checkpoints, more than a small host has to spare."""
+    import collections
+
+    import workers.host_copies as host_copies
+
+    model = tiny_model(0)
+    memory = collections.namedtuple("memory", "available total")
+
+    def copied_twice(available: int) -> bool:
+        """Whether the second copy lands in the first one's memory, with `available` of 100 units of RAM."""
+        monkeypatch.setattr(host_copies.psutil, "virtual_memory", lambda: memory(available, 100))
+        copies = HostCopies()
+        first, release = copies.copy(weight_tensors(model))
+        used = {tensor.data_ptr() for tensor in first.values()}
+        release()
+        second, _ = copies.copy(weight_tensors(model))
+        return {tensor.data_ptr() for tensor in second.values()} == used
+
+    assert copied_twice(available=60)
+    assert not copied_twice(available=10)
 
 
 def test_a_write_that_fails_other_than_by_the_folder_crashes_the_worker():
