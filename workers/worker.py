@@ -36,7 +36,7 @@ from workers.shared_folder.held_out import eval_file, read_held_out
 from workers.shared_folder.json_records import write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl
 from workers.shared_folder.protocol import Heartbeat, RoundMetrics, RoundState, Status
-from workers.shared_folder.rejections import FolderError, RejectedFile
+from workers.shared_folder.rejections import FolderError
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, local_key_dir
 from workers.warmup import load_base
@@ -174,15 +174,7 @@ class Worker:
     def _newest_round(self, rounds: list[int], at_least: int) -> RoundState | None:
         """The newest round state >= at_least signed by the coordinator; a half-synced, bad or forged one is
         skipped (warned about once)."""
-        def read(round_: int) -> RoundState | None:
-            def parse(record: dict, where: str) -> RoundState:
-                state = RoundState.from_json(record, where)
-                if state.round != round_:
-                    raise RejectedFile(f"{where}: says round {state.round}, which its name contradicts; skipped")
-                return state
-            return self.exchange.read_record(self.folder.round_state_file(round_), parse, signer=COORDINATOR)
-
-        return newest_round_state(read, rounds, at_least)
+        return newest_round_state(self.exchange.round_state, rounds, at_least)
 
     def expected_peers(self, state: RoundState) -> set[str]:
         """The workers the coordinator listed for this round, less those whose heartbeat says they stopped."""

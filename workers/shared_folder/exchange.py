@@ -192,6 +192,10 @@ class Exchange:
         """The coordinator's finished.json, when it is there and signed by the coordinator."""
         return self.read_record(self.folder.finished_file, SwarmFinished.from_json, signer=COORDINATOR)
 
+    def round_state(self, round_: int) -> RoundState | None:
+        """The coordinator's signed state of `round_`, or None as read_record says."""
+        return self.read_record(self.folder.round_state_file(round_), round_state_parser(round_), signer=COORDINATOR)
+
 
 def read_signed(path: Path, signer: str, keyring: KeyRing, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any]:
     """A record of the folder that counts only as `signer`'s: checksum, then signature under its pinned key.
@@ -199,14 +203,21 @@ def read_signed(path: Path, signer: str, keyring: KeyRing, max_bytes: int = MAX_
     return keyring.verify(read_json_bounded(path, max_bytes, require_checksum=True), signer, str(path))
 
 
+def round_state_parser(round_: int) -> Callable[[dict[str, Any], str], RoundState]:
+    """RoundState.from_json for the state file of `round_`: RejectedFile when it says another round."""
+    def parse(record: dict[str, Any], where: str) -> RoundState:
+        state = RoundState.from_json(record, where)
+        if state.round != round_:
+            raise RejectedFile(f"{where}: says round {state.round}, which its name contradicts; skipped")
+        return state
+    return parse
+
+
 def read_round_state(folder: ExperimentFolder, keyring: KeyRing, round_: int) -> RoundState:
     """The coordinator's signed state of `round_`; raises as read_signed, and RejectedFile when its round is
     not the one its name says."""
     path = folder.round_state_file(round_)
-    state = RoundState.from_json(read_signed(path, COORDINATOR, keyring), str(path))
-    if state.round != round_:
-        raise RejectedFile(f"{path}: says round {state.round}, which its name contradicts; skipped")
-    return state
+    return round_state_parser(round_)(read_signed(path, COORDINATOR, keyring), str(path))
 
 
 def newest_round_state(read: Callable[[int], RoundState | None], rounds: list[int],
