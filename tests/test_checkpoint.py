@@ -208,11 +208,14 @@ def test_a_kill_after_the_checkpoint_loses_no_metrics_line_or_rewards_file(tmp_p
     save_checkpoint(folder.checkpoint_dir("w-1"), CheckpointMeta(3, "w-1", "m", tail), model, optimizer, key)
     # the process died here: round 3's metrics line and rewards file (the coordinator's "done") are missing
     meta = load_latest_checkpoint(folder.checkpoint_dir("w-1"), model, optimizer, "m", key)
-    assert rewrite_lost_records(folder, "w-1", meta, key) == [3]
+    assert rewrite_lost_records(folder, "w-1", meta, key) == ([3], set())
     assert [row["round"] for row in read_jsonl(folder.metrics_file("w-1"))] == [1, 2, 3]
     rewards = read_signed(folder.reward_file(3, "w-1"), "w-1", keyring(folder))     # the coordinator counts it
     assert rewards["reward_mean"] == pytest.approx(0.3)
-    assert rewrite_lost_records(folder, "w-1", meta, key) == []          # a second restart adds nothing
+    assert rewrite_lost_records(folder, "w-1", meta, key) == ([], set())     # a second restart adds nothing
+    # round 4 recorded, then a kill before its checkpoint landed: the restart replays it, its line already there
+    append_as(folder, "w-1", folder.metrics_file("w-1"), round_metrics(4).to_json())
+    assert rewrite_lost_records(folder, "w-1", meta, key) == ([], {4})
 
 
 @pytest.mark.gpu

@@ -294,8 +294,11 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
                           model_name=record["model_name"], metrics_tail=_metrics_tail(record, folder))
 
 
-def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMeta, key: NodeKey) -> list[int]:
-    """Rounds of the checkpoint's tail whose metrics line or rewards file the killed process never wrote.
+def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMeta,
+                         key: NodeKey) -> tuple[list[int], set[int]]:
+    """Rounds of the checkpoint's tail whose metrics line or rewards file the killed process never wrote, and the
+    rounds after the checkpoint's that have a line already (the checkpoint lands behind its round: a kill before
+    it did replays them, and they are not recorded twice).
 
     A worker saves the checkpoint before those two files, so a kill in between loses them; without the
     rewards file the coordinator would wait for a round this node will not play again.
@@ -307,7 +310,7 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
                                                     signed_lines(RoundMetrics.from_json, node, keyring))}
     except (RejectedFile, OSError) as exc:
         log.warning("could not read this node's metrics to complete them (%s); nothing rewritten", exc)
-        return []
+        return [], set()
     rewritten = []
     for metrics in meta.metrics_tail:
         if metrics.node != node or metrics.round > meta.round:
@@ -320,4 +323,4 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
         if metrics.round == meta.round and not is_visible(reward_file):
             with_retries(lambda path=reward_file, row=row: write_json_atomic(path, row), f"writing {reward_file}")
             rewritten.append(metrics.round)
-    return sorted(set(rewritten))
+    return sorted(set(rewritten)), {round_ for round_ in recorded if round_ > meta.round}

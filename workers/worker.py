@@ -66,6 +66,7 @@ class Progress:
     last_written: int = 0               # the last checkpoint on disk
     history: deque = field(default_factory=lambda: deque(maxlen=METRICS_TAIL))
     checkpoint_owed: bool = False       # a due checkpoint the folder refused: the next round tries again
+    lined: set[int] = field(default_factory=set)    # rounds after the checkpoint with a metrics line already
 
     @classmethod
     def resumed(cls, meta: CheckpointMeta | None) -> "Progress":
@@ -225,7 +226,8 @@ class Worker:
         self.progress = Progress.resumed(meta)
         if meta:
             log.info("resumed from checkpoint of round %d", meta.round)
-            for round_ in rewrite_lost_records(self.folder, spec.node, meta, self.exchange.key):
+            rewritten, self.progress.lined = rewrite_lost_records(self.folder, spec.node, meta, self.exchange.key)
+            for round_ in rewritten:
                 log.info("round %d: metrics or rewards file rewritten from the checkpoint", round_)
             if self.progress.history:
                 last = self.progress.history[-1]
@@ -265,14 +267,16 @@ class Worker:
         progress = self.progress
         progress.history.append(metrics)
         progress.last_done = round_
-        # the checkpoint before the metrics line: a kill between them leaves the line to the restart
-        # (rewrite_lost_records), where the other order would replay the round and write it twice
+        # the checkpoint is taken before the metrics line, and lands behind the round: a kill after it landed leaves
+        # the line to the restart (rewrite_lost_records); one before replays the round from the checkpoint before
+        # (the same update: its seed and the peers' rollouts are in the folder), whose line is there (lined)
         self._writes_ended()
         if round_ % cfg.checkpoint_interval == 0 or round_ >= cfg.max_rounds or progress.checkpoint_owed:
             progress.checkpoint_owed = not self._save(node, round_)
         metrics_file = self.folder.metrics_file(self.spec.node)
         # a line doubled by a retry after a write that did land is harmless: readers keep a round's last row
-        self.outbox.send(f"appending to {metrics_file}", partial(append_jsonl, metrics_file, record))
+        if round_ not in progress.lined:
+            self.outbox.send(f"appending to {metrics_file}", partial(append_jsonl, metrics_file, record))
         # before the "done" mark, so the coordinator's last round waits for the final evaluation
         if self.held_out and eval_due(round_, state.max_rounds, cfg.eval_every) and not self.stop.is_set():
             self._evaluate(node, round_)
