@@ -3,7 +3,7 @@
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psutil
@@ -164,3 +164,43 @@ class Monitor:
             except self._nvml.NVMLError as exc:
                 log.debug("nvmlShutdown: %s", exc)
             self._nvml = None
+
+
+class PeakWindow:
+    """The most each process and GPU held across the samples since the last record.
+
+    Samples are taken every second and recorded every few: a record of the sample that happens to fall on it
+    misses a checkpoint's or an evaluation's peak of a second or two, and a run shorter than one record interval
+    (a test swarm) may never show a worker's GPU memory at all. Memory is the most of the window; the rest is the
+    newest sample's. A process seen alive in the window counts as alive in its record, so the last record of a
+    run keeps the workers that have just exited.
+    """
+
+    def __init__(self) -> None:
+        self._newest: MonitorSnapshot | None = None
+        self._processes: dict[int, ProcessSnapshot] = {}
+        self._device_used: dict[str, float] = {}
+
+    def add(self, snapshot: MonitorSnapshot) -> None:
+        self._newest = snapshot
+        for pid, now in snapshot.processes.items():
+            before = self._processes.get(pid)
+            if not now.alive:
+                continue
+            self._processes[pid] = now if before is None else replace(
+                now, rss_mib=_most(before.rss_mib, now.rss_mib), gpu_mib=_most(before.gpu_mib, now.gpu_mib))
+        for device in snapshot.devices:
+            self._device_used[device.label] = max(self._device_used.get(device.label, 0.0), device.used_mib)
+
+    def take(self) -> MonitorSnapshot | None:
+        """The window as one snapshot (None when nothing was sampled since the last take), and a new window."""
+        newest, processes, used = self._newest, self._processes, self._device_used
+        self.__init__()
+        if newest is None:
+            return None
+        devices = tuple(replace(d, used_mib=used.get(d.label, d.used_mib)) for d in newest.devices)
+        return replace(newest, devices=devices, processes={**newest.processes, **processes})
+
+
+def _most(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)

@@ -20,7 +20,7 @@ from swarm_supervisor.handles import RestartPolicy, WorkerHandle
 from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
 from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader, SwarmView
-from swarm_supervisor.monitor import Monitor, MonitorSnapshot
+from swarm_supervisor.monitor import Monitor, MonitorSnapshot, PeakWindow
 from workers.shared_folder import storage
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_finished, read_heartbeats
@@ -89,6 +89,7 @@ class Supervisor:
                                         self.keyring, self.event) if run_coordinator else None)
         self.monitor = Monitor(nvml_ids([spec.device for spec in specs], cfg.cuda_visible_devices))
         self.snapshot: MonitorSnapshot | None = None
+        self.peaks = PeakWindow()           # what monitor.jsonl records: the most of each window's samples
         self.dashboard = dashboard or Dashboard()
         self.reader = SwarmReader(self.folder, cfg, model_label, device_label, self.keyring)
         self.started = time.monotonic()
@@ -277,9 +278,10 @@ class Supervisor:
             if now - last_sample >= MONITOR_S:
                 self.snapshot = self.monitor.sample(h.process.pid for h in self.handles if h.alive())
                 self.watch.memory(self.snapshot)
+                self.peaks.add(self.snapshot)
                 last_sample = now
             if now - last_record >= RECORD_S:
-                self._record(self.snapshot)
+                self._record(self.peaks.take())
                 last_record = now
             if now - last_view >= view_every:
                 view = self._view()
@@ -292,6 +294,7 @@ class Supervisor:
             self.exit_code = verdict if verdict is not None else EXIT_INTERRUPTED if self.interrupts else None
             if self.exit_code is None:
                 time.sleep(TICK_S)
+        self._record(self.peaks.take())      # the samples since the last record: a short run's only ones
         return self.exit_code
 
     def _view(self) -> SwarmView:
@@ -299,7 +302,8 @@ class Supervisor:
                                 self.coordinator.round if self.coordinator else None)
 
     def _record(self, snapshot: MonitorSnapshot | None) -> None:
-        """Per-node GPU/RAM/CPU over time, for plots and for checking the memory budget after a run."""
+        """Per-node GPU/RAM/CPU over time (memory as the most a window's samples saw: PeakWindow), for plots and for
+        checking the memory budget after a run."""
         if snapshot is None:
             return
         nodes = {}

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from swarm_supervisor.dashboard import Dashboard, format_duration, render, sparkline, status_line
 from swarm_supervisor.status import NodeRow, SwarmView
-from swarm_supervisor.monitor import DeviceSnapshot, Monitor
+from swarm_supervisor.monitor import DeviceSnapshot, Monitor, MonitorSnapshot, PeakWindow, ProcessSnapshot
 from tests.helpers import append_as, node_exchange, viewer
 
 
@@ -148,6 +148,28 @@ def test_a_reward_trend_is_a_sparkline_from_lowest_to_highest():
 
 
 @pytest.mark.gpu
+def sample(at: float, used: float, **processes: tuple[float | None, float | None] | None) -> MonitorSnapshot:
+    """A monitor reading: the GPU's used MiB, and per pid (p7=...) its (GPU MiB, RSS MiB), or None once exited."""
+    procs = {int(pid[1:]): ProcessSnapshot(int(pid[1:]), alive=v is not None, rss_mib=v and v[1], cpu_pct=5.0,
+                                           gpu_mib=v and v[0]) for pid, v in processes.items()}
+    device = DeviceSnapshot("H200", total_mib=80000, used_mib=used, free_mib=80000 - used, utilization_pct=None)
+    return MonitorSnapshot(at, (device,), procs, supervisor_cpu_pct=1.0, host_ram_used_mib=1, host_ram_total_mib=2)
+
+
+def test_a_record_keeps_the_peak_of_a_checkpoint_between_two_records_and_workers_that_just_exited():
+    window = PeakWindow()
+    assert window.take() is None                        # nothing sampled: nothing to record
+    window.add(sample(1.0, 5000, p7=(2000, 900), p8=(None, 800)))
+    window.add(sample(2.0, 6500, p7=(3100, 1900), p8=(2100, 850)))      # worker 7's checkpoint copy, one second
+    window.add(sample(3.0, 5100, p7=(2000, 950), p8=None))              # worker 8 has exited
+    record = window.take()
+    assert record.taken_at == 3.0 and record.devices[0].used_mib == 6500
+    assert (record.processes[7].gpu_mib, record.processes[7].rss_mib) == (3100, 1900)
+    assert record.processes[8].alive and (record.processes[8].gpu_mib, record.processes[8].rss_mib) == (2100, 850)
+    window.add(sample(4.0, 5000, p7=(2000, 900)))       # the next window starts afresh
+    assert window.take().processes[7].gpu_mib == 2000
+
+
 def test_nvml_reports_the_device_and_this_processs_gpu_memory():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
