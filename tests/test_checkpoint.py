@@ -1,6 +1,7 @@
 """Checkpoints restore weights, optimizer and RNG exactly; broken or foreign ones are never trusted."""
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -8,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, CheckpointMismatch, load_latest_checkpoint,
@@ -321,3 +324,30 @@ def test_a_round_saved_twice_whose_second_write_dies_at_the_rename_keeps_the_fir
     meta = load_latest_checkpoint(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), "m", key)
     assert meta is not None and meta.round == 3
     assert torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_a_checkpoints_weights_load_with_safetensors_and_a_big_file_is_synced_as_it_is_written(tmp_path, monkeypatch):
+    import workers.paced_files as paced
+
+    tensors = {"h.0.w": torch.randn(3, 5), "steps": torch.arange(7), "moment": torch.randn(4).bfloat16(),
+               "empty": torch.zeros(0), "scale": torch.tensor(2.5), "mask": torch.tensor([True, False])}
+    paced.save_safetensors(tensors, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(ValueError, match="complex64"):
+        paced.save_safetensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "z.safetensors")
+
+    # a file of 10 steps is synced at least once a step: the disk never holds more than a step unwritten
+    synced = []
+    monkeypatch.setattr(paced, "SYNC_EVERY", 1000)
+    monkeypatch.setattr(paced.os, "fdatasync", lambda fd: synced.append(os.fstat(fd).st_size))
+    with paced.PacedFile(tmp_path / "state.pt") as f:
+        torch.save({"w": torch.randn(2500), "round": 3}, f)
+    size = (tmp_path / "state.pt").stat().st_size
+    assert size > 10_000 and synced[-1] == size
+    assert max(b - a for a, b in zip([0, *synced], synced)) <= 1000 + 1000     # a step, and what was buffered
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["round"] == 3
+    with pytest.raises(FileExistsError):           # never over an existing file, nor through a planted link
+        paced.PacedFile(tmp_path / "state.pt")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from workers.paced_files import save_safetensors
 
 from workers.checkpoint import SCHEMA, own_folder, write_signed_meta
 from workers.shared_folder.json_records import read_json_bounded
@@ -37,7 +37,7 @@ def save_best(root: Path, key: NodeKey, model_name: str, round_: int, accuracy: 
     final = root / BEST
     tmp = make_temp_dir(final)
     try:
-        save_file(weights, str(tmp / BEST_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(weights, tmp / BEST_WEIGHTS, metadata={"format": "pt"})
         write_signed_meta(tmp, {"schema": SCHEMA, "node": key.node, "model_name": model_name, "round": round_,
                                  "held_out_accuracy": accuracy}, (BEST_WEIGHTS,), key)
         swap_in(tmp, final)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from workers.paced_files import PacedFile, save_safetensors
 
 from configs_env import SwarmError
 from workers.disk_need import KEEP_LAST
@@ -114,8 +114,9 @@ def write_checkpoint(root: Path, snapshot: CheckpointSnapshot, key: NodeKey) -> 
 
 def _write_checkpoint(root: Path, tmp: Path, snapshot: CheckpointSnapshot, key: NodeKey) -> Path:
     final = root / f"round_{snapshot.meta.round:06d}"
-    save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(snapshot.state, tmp / "state.pt")
+    save_safetensors(snapshot.weights, tmp / "model.safetensors", metadata={"format": "pt"})
+    with PacedFile(tmp / "state.pt") as f:
+        torch.save(snapshot.state, f)
     write_signed_meta(tmp, snapshot.record, FILES, key)
     swap_in(tmp, final)         # a round saved twice: the first stays whole until the second is in place
     sync_folder(root)           # the rename outlives a power cut before _prune removes the older checkpoints
