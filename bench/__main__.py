@@ -116,6 +116,8 @@ def swarm_result(exp: Path, rounds: int, wall: float | None, profiled: str | Non
     return {**profile, "rounds": rounds, "wall_s": wall,
             "seconds_per_round": (states[1] - states[0]) / (rounds - 2),
             "worker_work_seconds": timing.get("worker_work_seconds"), "hops": timing.get("hops"),
+            **{key: timing[key] for key in ("quiet_rounds", "seconds_per_quiet_round", "quiet_worker_work_seconds",
+                                            "held_out") if timing.get(key) is not None},
             "peak_gib_per_worker": peak, "peak_gib_by_round_10": peak_until(round_11),
             "torch_peak_gib_by_round_10": torch_peak(10), "torch_peak_gib": torch_peak(rounds),
             "mean_completion_tokens": sum(m["mean_completion_tokens"] for m in metrics) / len(metrics),
