@@ -1,5 +1,5 @@
 """The pace a user reads (s/round, ETA, rounds/h) after Ctrl-C and a resume: the hour the swarm was down is no
-round time."""
+round time, and `rl-swarm status` and `rl-swarm experiments compare` say the same rounds/h of one folder."""
 
 import re
 import time
@@ -7,11 +7,14 @@ import time
 import pytest
 
 from configs_env import SwarmConfig
+from swarm_supervisor.cli import main
 from swarm_supervisor.dashboard import status_line
+from swarm_supervisor.experiments import summarize
 from swarm_supervisor.status import SwarmReader
 from tests.helpers import node_exchange, write_as
+from workers.shared_folder import folder as folder_module
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.protocol import Heartbeat, RoundState, Status
+from workers.shared_folder.protocol import Heartbeat, RoundState, Status, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR
 
 START_UP_S = 30.0      # a run's first round: the workers load the model and evaluate before they play it
@@ -77,3 +80,36 @@ def test_after_a_resume_the_dashboard_shows_the_pace_of_rounds_not_the_hour_the_
         shown = float(re.search(r"([\d.]+) s/round", status_line(view)).group(1))
         assert shown == (0.5 if newest >= 44 else 0.2), newest
     assert view.eta_s == pytest.approx(15 * 0.5)
+
+
+def test_status_and_compare_say_the_same_rounds_per_hour_of_a_finished_resumed_run(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """`status` said 17752 rounds/h and `compare` 814 of one run. Both now say the pace while it ran: 37 rounds in
+    7.4 s before the Ctrl-C and 19 in 9.5 s after the resume, the downtime and each run's start left out."""
+    folder = resumed_run(tmp_path / "drive", range(40, 61), 0.5)
+    write_as(folder, COORDINATOR, folder.finished_file, SwarmFinished(60, time.time()).to_json())
+    coordinator_says(folder, Status.DONE, 60)
+    ran_at = 56 / (7.4 + 9.5) * 3600                                  # 11929 rounds/h
+    monkeypatch.setenv("GDRIVE_PATH", str(tmp_path / "drive"))
+    monkeypatch.setenv("EXPERIMENT_NAME", "e2e")
+    monkeypatch.setenv("RL_SWARM_CACHE", str(tmp_path / "viewer"))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["status"]) == 0
+    assert f"{ran_at:.0f} rounds/h" in capsys.readouterr().out
+    assert main(["experiments", "compare", "e2e"]) == 0
+    assert f" {ran_at:.0f} " in capsys.readouterr().out
+    cfg = SwarmConfig(cache_dir=tmp_path / "viewer", max_rounds=60)
+    assert SwarmReader(folder, cfg, "m", "cpu").view().rounds_per_hour == pytest.approx(ran_at) == \
+        summarize(folder.root, cfg.cache_dir).rounds_per_hour
+
+
+def test_a_resume_the_listing_of_a_long_run_leaves_out_is_still_no_round_time(tmp_path, monkeypatch):
+    """A long run's state/ listing keeps its oldest and newest rounds only (here 4 and 4 of 60: a run of
+    thousands of rounds, shrunk): the resume at round 40 lies between them, and is still left out."""
+    monkeypatch.setattr(folder_module, "MAX_LISTED", 8)
+    folder = resumed_run(tmp_path / "drive", range(40, 61), 0.5)
+    assert folder.state_rounds() == [1, 2, 3, 4, 57, 58, 59, 60]
+    coordinator_says(folder, Status.STOPPED, 60)
+    cfg = SwarmConfig(cache_dir=tmp_path / "viewer", max_rounds=60)
+    assert SwarmReader(folder, cfg, "m", "cpu").view().rounds_per_hour == pytest.approx(56 / (7.4 + 9.5) * 3600) \
+        == summarize(folder.root, cfg.cache_dir).rounds_per_hour
