@@ -48,6 +48,7 @@ class Coordinator(threading.Thread):
         self.local_workers = local_workers
         self.on_event = on_event
         self.round = 0
+        self.run_first_round = 1           # set on resume: the round this run begins with
         self.round_started = time.monotonic()
         self.finished = threading.Event()
         self.error: BaseException | None = None
@@ -90,7 +91,7 @@ class Coordinator(threading.Thread):
             except (RejectedFile, FileNotFoundError) as error:   # half-synced, forged or gone: not a round to resume at
                 log.warning("%s", error)
                 continue
-            self.round = round_
+            self.round, self.run_first_round = round_, round_ + 1
             self.on_event(f"coordinator resumes at round {self.round}")
             return
 
@@ -152,7 +153,7 @@ class Coordinator(threading.Thread):
     def _start_round(self, round_: int, reason: str, expected: set[str] | None = None) -> None:
         expected = self.expected_nodes() if expected is None else expected
         state = RoundState(round=round_, max_rounds=self.cfg.max_rounds, started_at=time.time(), reason=reason,
-                           nodes=tuple(sorted(expected)))
+                           nodes=tuple(sorted(expected)), run_first_round=self.run_first_round)
         self._write_round_state(state)
         self.exchange.doorbell.ring()        # the workers of this host start the round now, not at their next poll
         self.round = round_

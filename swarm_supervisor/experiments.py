@@ -12,6 +12,7 @@ from configs_env import SwarmConfig
 from configs_env.config import MAX_DRIVE_LAG_S
 from configs_env.parsing import safe_name
 from swarm_supervisor.machines import count_restarts, supervisor_records
+from swarm_supervisor.pace import rounds_per_hour
 from swarm_supervisor.readable import plain
 from workers.shared_folder.held_out import read_held_out
 from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats, signed_round_state
@@ -20,7 +21,7 @@ from workers.shared_folder.recorded_config import read_recorded_config
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once, warn_skipped
 from workers.shared_folder.safe_io import list_folder
 from workers.shared_folder.jsonl import read_jsonl
-from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RoundMetrics, RoundState, Status
+from workers.shared_folder.protocol import Heartbeat, HeldOutEval, RoundMetrics, Status
 from workers.shared_folder.signing import KeyRing, signed_lines
 from workers.shared_folder.storage import experiment_names, mount_experiment
 
@@ -119,13 +120,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def rounds_per_hour(first: RoundState, last: RoundState) -> float | None:
-    """The pace between two rounds' starts: a stopped run's own, however long ago it stopped."""
-    if last.started_at <= first.started_at:
-        return None
-    return (last.round - first.round) / (last.started_at - first.started_at) * 3600
-
-
 RUNNING_FRESH_S = 120.0      # a coordinator heartbeat this recent says the swarm runs, plus DRIVE_LAG
 
 
@@ -161,7 +155,7 @@ class Summary:
     held_out_start: float | None    # greedy exact-match on the held-out set before round 1, mean of workers
     held_out_final: float | None    # the same at each worker's newest evaluation after round 0
     held_out_best: float | None     # each worker's best evaluation (round 0 included), mean of workers
-    rounds_per_hour: float | None
+    rounds_per_hour: float | None    # while it ran, downtime left out (pace.rounds_per_hour)
     restarts: int
     rejected_files: int       # folder files and groups the workers refused, plus bad metrics lines
 
@@ -172,24 +166,23 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
     folder = ExperimentFolder(root)
     keyring = KeyRing.for_viewing(folder, cache_dir)
     cfg = experiment_config(folder, keyring)
-    rounds = folder.state_rounds()
     by_round, bad = metrics_by_round(folder, keyring)
     evals, bad_evals = held_out_by_node(folder, keyring)
     # the SAPO paper's measure: the sum over rounds of the mean reward of every worker
     cumulative = sum(sum(r.reward_mean for r in nodes.values()) / len(nodes) for nodes in by_round.values())
     tail = [r for k in sorted(by_round)[-last_n:] for r in by_round[k].values()]
+    beats = read_heartbeats(folder, keyring)
+    status = status_of(folder, keyring, beats, _drive_lag(cfg.get("drive_lag")))
     # the rounds the coordinator signed: a state file's name is anyone's to plant (round_999999.json)
-    last = first = None
+    last = per_hour = None
     try:
         last = newest_signed_round(folder, keyring)
-        first = next((state for state in map(partial(signed_round_state, folder, keyring), rounds[:16]) if state), None)
+        per_hour = rounds_per_hour(partial(signed_round_state, folder, keyring), last, status == "running")
     except OSError:         # a Drive hiccup: no pace this time
         pass
-    per_hour = rounds_per_hour(first, last) if first and last else None
-    beats = read_heartbeats(folder, keyring)
     last_seen = max((b.updated_at for b in beats.values()), default=None)
     return Summary(
-        name=root.name, status=status_of(folder, keyring, drive_lag=_drive_lag(cfg.get("drive_lag"))),
+        name=root.name, status=status,
         rounds=last.round if last else 0,
         max_rounds=setting_of(cfg, "max_rounds", 0),
         nodes=len({n for nodes in by_round.values() for n in nodes}),

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
-from swarm_supervisor.experiments import experiment_config, experiment_folder, rounds_per_hour, status_of
+from swarm_supervisor.experiments import experiment_config, experiment_folder, status_of
 from swarm_supervisor.machines import RecordedSample, restarted_node
 from swarm_supervisor.learning_health import RewardWatch, learning_alarm
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot
+from swarm_supervisor.pace import rounds_per_hour
 from swarm_supervisor.verdicts import RememberedVerdicts
 from workers.shared_folder.held_out import HeldOutTrend, eval_file, held_out_trend, read_held_out
 from workers.shared_folder.exchange import liveness, newest_round_state, read_heartbeats, read_round_state
@@ -66,7 +67,7 @@ class SwarmView:
     round: int
     max_rounds: int
     elapsed_s: float
-    rounds_per_hour: float | None
+    rounds_per_hour: float | None    # while it ran, downtime left out (pace.rounds_per_hour)
     eta_s: float | None
     devices: tuple[DeviceSnapshot, ...]      # the GPUs the workers use; () where NVML reads none
     nodes: tuple[NodeRow, ...]
@@ -234,7 +235,8 @@ class SwarmReader:
         return newest_round_state(self._state, rounds)
 
     def _timing(self, round_: int, running: bool, rounds: list[int]) -> tuple[float, float | None, float | None]:
-        """Elapsed seconds, rounds per hour and ETA, from the round state files' timestamps (`rounds`: listed).
+        """Elapsed seconds, rounds per hour (pace.rounds_per_hour) and ETA, from the round state files' timestamps
+        (`rounds`: listed).
 
         A swarm that is not running is timed to its newest round, not to now: stopped a day ago, it did its
         rounds at the pace it did them, and it has no ETA.
@@ -242,24 +244,16 @@ class SwarmReader:
         first = self._state(rounds[0]) if rounds else None
         if first is None:
             return 0.0, None, None
-        # the pace from the second round on: the first holds the workers' start (loading the model, the round-0
-        # evaluation), once per run, which would make every early ETA hours too long
-        second = self._state(rounds[1]) if len(rounds) > 2 else None
-        start = second if second is not None and second.round < round_ else first
+        newest = self._newest_state(rounds)
+        per_hour = rounds_per_hour(self._state, newest, running)
         if not running:
-            newest = self._newest_state(rounds)
             finished = [row.finished_at for row in self.latest.values() if newest and row.round >= newest.round]
             end = max([newest.started_at if newest else first.started_at, *finished])
-            return max(0.0, end - first.started_at), rounds_per_hour(start, newest) if newest else None, None
-        now = time.time()
-        elapsed = max(0.0, now - first.started_at)
-        done, pace_s = max(0, round_ - start.round), now - start.started_at
-        if done == 0 or pace_s <= 0:
-            return elapsed, None, None
-        per_hour = done / pace_s * 3600
-        eta = max(0, self.cfg.max_rounds - round_) / per_hour * 3600
+            return max(0.0, end - first.started_at), per_hour, None
+        elapsed = max(0.0, time.time() - first.started_at)
+        eta = max(0, self.cfg.max_rounds - round_) / per_hour * 3600 if per_hour else None
         # a forged start time of -1e308 makes the rate tiny and the ETA infinite: no ETA rather than a crash
-        return elapsed, per_hour, eta if math.isfinite(eta) else None
+        return elapsed, per_hour, eta if eta is not None and math.isfinite(eta) else None
 
     def view(self, handles: Iterable = (), snapshot: MonitorSnapshot | None = None, events: Iterable[str] = (),
              started: float | None = None, coordinator_round: int | None = None) -> SwarmView:

@@ -8,7 +8,8 @@ import pytest
 from configs_env import SwarmConfig
 from swarm_supervisor.coordinator import Coordinator
 from workers.shared_folder.folder import ExperimentFolder
-from tests.helpers import node_exchange, node_key, write_as
+from tests.helpers import keyring, node_exchange, node_key, write_as
+from workers.shared_folder.exchange import read_round_state
 
 
 def wait_until(predicate, timeout=5.0):
@@ -50,6 +51,7 @@ def test_rounds_advance_when_all_workers_are_done_and_the_swarm_finishes(swarm):
     for node in ("w-1", "w-2"):
         finish(folder, 2, node)
     wait_until(lambda: folder.state_rounds() == [1, 2, 3])
+    assert read_round_state(folder, keyring(folder), 3).run_first_round == 1       # one run, begun at round 1
     for node in ("w-1", "w-2"):
         finish(folder, 3, node)
     wait_until(coordinator.finished.is_set)
@@ -84,6 +86,8 @@ def test_a_restarted_coordinator_resumes_at_its_last_round(swarm):
         for node in workers:
             finish(folder, 2, node)
         wait_until(lambda: folder.state_rounds() == [1, 2, 3])
+        # round 3 begins this run: the pace leaves out the time from round 2's start to its (the downtime)
+        assert read_round_state(folder, keyring(folder), 3).run_first_round == 3
     finally:
         stop.set()
         coordinator.join(timeout=5)

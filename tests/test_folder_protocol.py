@@ -2,7 +2,6 @@
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -11,7 +10,6 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded, record_checksum, write_json_atomic
 from workers.shared_folder.jsonl import append_jsonl, read_jsonl
 from workers.shared_folder.rejections import RejectedFile, check_node_name
-from workers.shared_folder.signing import COORDINATOR
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState
 
 from tests.helpers import group
@@ -225,24 +223,6 @@ def test_rejected_files_reach_the_dashboard_through_heartbeats(folder):
                                        rejected=exchange.rejected))
     view = SwarmReader(folder, viewer(folder), "m", "cpu").view()
     assert view.rejected_files == 1
-
-
-def test_the_pace_and_eta_leave_out_the_first_round_which_holds_the_workers_start(folder):
-    """Round 1 took 90 s (models loaded, the round-0 evaluation), then rounds start every 10 s: at round 4, two
-    rounds in the 30 s since round 2 began is 240 rounds/h, and the 96 rounds left take 24 minutes, not the hour
-    a pace from round 1 (3 rounds in 120 s) would say."""
-    from configs_env import SwarmConfig
-    from swarm_supervisor.status import SwarmReader
-
-    now = time.time()
-    for round_, started in ((1, now - 120), (2, now - 30), (3, now - 20), (4, now - 10)):
-        write_as(folder, COORDINATOR, folder.round_state_file(round_),
-                 RoundState(round_, 100, started, "start" if round_ == 1 else "all nodes done").to_json())
-    reader = SwarmReader(folder, SwarmConfig.from_env({"MAX_ROUNDS": "100"}), "m", "cpu",
-                         keyring=node_exchange(folder, COORDINATOR).keyring)
-    elapsed, per_hour, eta = reader._timing(4, True, reader.state_rounds())
-    assert elapsed == pytest.approx(120, abs=2) and per_hour == pytest.approx(240, rel=0.05)
-    assert eta == pytest.approx(96 / 240 * 3600, rel=0.05)
 
 
 # -- checksums: a file that is valid JSON but not what its writer wrote is never trusted ------------

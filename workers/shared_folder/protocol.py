@@ -75,6 +75,8 @@ class RoundState:
     started_at: float
     reason: str
     nodes: tuple[str, ...] = ()     # the workers the coordinator expects this round; peers wait for these
+    # the round this coordinator's run began with (a resume begins a run): the pace leaves out the downtime before it
+    run_first_round: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self), "nodes": list(self.nodes)}
@@ -86,9 +88,13 @@ class RoundState:
         state = cls(round=_need(record, "round", int, where), max_rounds=_need(record, "max_rounds", int, where),
                     started_at=float(_need(record, "started_at", (int, float), where)),
                     reason=_need(record, "reason", str, where),
-                    nodes=tuple(check_node_name(n) for n in nodes[:1024]))
+                    nodes=tuple(check_node_name(n) for n in nodes[:1024]),
+                    # absent before runs were told apart: the whole experiment reads as one run
+                    run_first_round=_need({"run_first_round": 1, **record}, "run_first_round", int, where))
         if not 1 <= state.round <= state.max_rounds:
             raise RejectedFile(f"{where}: round {state.round} is outside 1..{state.max_rounds}")
+        if not 1 <= state.run_first_round <= state.round:
+            raise RejectedFile(f"{where}: its run's first round {state.run_first_round} is outside 1..{state.round}")
         return state
 
 
