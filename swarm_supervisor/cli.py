@@ -15,7 +15,7 @@ from swarm_supervisor.preflight import (resolve_devices, settle_fit, resolve_mod
                                         worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import write_recorded_config
-from swarm_supervisor.resume import ExperimentFinished, finished_note
+from swarm_supervisor.resume import ExperimentFinished, Resume, finished_note, plan_resume
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.appends import open_append
@@ -27,7 +27,7 @@ from workers.shared_folder.exchange import newest_signed_round, read_heartbeats
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, fingerprint, local_key_dir
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status, summary
-from workers.shared_folder.protocol import SCHEMA, Status
+from workers.shared_folder.protocol import Status
 from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections
 from swarm_supervisor.base_warmup import coordinators_base, ensure_base
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
@@ -112,16 +112,17 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
 
     nodes = worker_names(cfg)
     refuse_running_nodes(folder, cfg, nodes, keyring)
+    resume = None
     if claim is not None:
-        if not _prepare_rounds(folder, cfg, keyring):
+        if (resume := _prepare_rounds(folder, cfg, keyring, model_name)) is None:
             return 0
+        for line in resume.lines(cfg):
+            print(f"rl-swarm: {line}")
         ensure_base(cfg, folder, model_name, devices[0], keyring, claim.key)
     joined_as = None if claim is not None else cfg.node_id
     _log_to_file(folder.supervisor_dir(joined_as))
-    if claim is not None:
-        write_recorded_config(folder, {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name,
-                                       "device_resolved": devices_label(devices), "started_at": time.time()},
-                              claim.key)
+    if claim is not None and resume is not None:
+        write_recorded_config(folder, resume.record(cfg, model_name, devices_label(devices)), claim.key)
     publish_worker_keys(cfg, folder, nodes, keyring)
     specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
              for i, (node, device) in enumerate(zip(nodes, devices))]
@@ -228,15 +229,17 @@ def pretrain(cfg: SwarmConfig) -> int:
     return 0
 
 
-def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing) -> bool:
-    """False when the experiment already ran all MAX_ROUNDS (its coordinator's signed finished.json says so);
-    a raised MAX_ROUNDS continues it, and a finished.json it did not sign is removed."""
+def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing, model_name: str) -> Resume | None:
+    """How the rounds start (a new experiment's Resume has round 0); None when the experiment already ran all
+    MAX_ROUNDS (its coordinator's signed finished.json says so). A raised MAX_ROUNDS continues it, and a
+    finished.json it did not sign is removed, once the resume is known to be coherent (ConfigError otherwise)."""
     note = finished_note(folder, keyring, cfg)
     if note is not None:
         print(f"rl-swarm: {note}")
-        return False
+        return None
+    resume = plan_resume(folder, keyring, cfg, model_name)
     remove_file(folder.finished_file)    # only this coordinator writes it, and it is not running yet
-    return True
+    return resume
 
 
 def _log_to_file(log_dir: Path) -> None:
