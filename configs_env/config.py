@@ -20,11 +20,14 @@ class Setting:
     attr: str
     parse: p.Parser
     help: str
+    shapes_run: bool
 
 
-def setting(default: Any, env: str, parse: p.Parser, help: str) -> Any:
-    """A config field that names its environment variable, its parser and its help line (README, --help)."""
-    return field(default=default, metadata={"env": env, "parse": parse, "help": help})
+def setting(default: Any, env: str, parse: p.Parser, help: str, shapes_run: bool = False) -> Any:
+    """A config field that names its environment variable, its parser and its help line (README, --help);
+    shapes_run: what the rounds train on or how (a resumed experiment says when it changed), not where they run,
+    how long they wait or what is shown."""
+    return field(default=default, metadata={"env": env, "parse": parse, "help": help, "shapes_run": shapes_run})
 
 
 def waits_for_lag(values: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, float]:
@@ -75,7 +78,7 @@ class SwarmConfig:
     cache_dir: Path = setting(Path.home() / ".cache" / "rl-swarm", "RL_SWARM_CACHE", p.path,
         "Where offline models are built once and reused")
     seed: int = setting(42, "SEED", p.integer(0),
-        "Base seed; each worker's questions use SEED + its index")
+        "Base seed; each worker's questions use SEED + its index", shapes_run=True)
     seeds: tuple[int, ...] = setting((1, 2, 3), "SEEDS", p.seeds,
         "Seeds of `rl-swarm sapo-table`: each split runs once per seed")
     preset: str = setting("default", "PRESET", p.choice(preset_names()),
@@ -86,17 +89,17 @@ class SwarmConfig:
         "Quick validation run: 3 rounds, I=4, G=4, tiny sizes")
     # The swarm and its rounds
     num_workers: int = setting(4, "NUM_WORKERS", p.integer(1, 64, example=4),
-        "Worker processes on this machine")
+        "Worker processes on this machine", shapes_run=True)
     max_rounds: int = setting(2000, "MAX_ROUNDS", p.integer(1, example=2000),
         "Rounds the coordinator runs before the swarm stops")
     num_train_samples: int = setting(2, "NUM_TRAIN_SAMPLES", p.integer(0, 1024, example=2),
-        "I: local questions per worker per round")
+        "I: local questions per worker per round", shapes_run=True)
     num_transplant_trees: int = setting(2, "NUM_TRANSPLANT_TREES", p.integer(0, 1024, example=2),
-        "J: groups taken from other workers' rollouts per round")
+        "J: groups taken from other workers' rollouts per round", shapes_run=True)
     num_generations: int = setting(4, "NUM_GENERATIONS", p.integer(2, 256, example=4),
-        "G: completions generated per question")
+        "G: completions generated per question", shapes_run=True)
     tasks: tuple[tuple[str, float], ...] = setting(p.task_mix("TASKS", DEFAULT_TASKS), "TASKS", p.task_mix,
-        "reasoning-gym tasks and weights (task:weight,...)")
+        "reasoning-gym tasks and weights (task:weight,...)", shapes_run=True)
     coordinator_round_interval: float = setting(120.0, "COORDINATOR_ROUND_INTERVAL",
                                                 p.number(0.1, "120", exclusive=True),
         "Seconds after which the coordinator advances the round even if some workers are not done")
@@ -109,24 +112,24 @@ class SwarmConfig:
         "runtimes: minutes); the three waits above, where not set, grow to ride it out; 0: one machine")
     # Generation and training
     max_new_tokens: int = setting(256, "MAX_NEW_TOKENS", p.integer(1, 4096),
-        "Longest completion, in tokens")
+        "Longest completion, in tokens", shapes_run=True)
     temperature: float = setting(1.0, "TEMPERATURE", p.number(0, "1.0", exclusive=True),
-        "Sampling temperature")
+        "Sampling temperature", shapes_run=True)
     learning_rate: float | None = setting(None, "LEARNING_RATE", p.number(0, "1e-6", exclusive=True),
-        "AdamW learning rate (unset: 1e-6 for GPT-2 124M, 3e-5 for the tiny model)")
+        "AdamW learning rate (unset: 1e-6 for GPT-2 124M, 3e-5 for the tiny model)", shapes_run=True)
     advantage_scale: str = setting("std", "ADVANTAGE_SCALE", p.choice(("std", "none")),
-        "std: (r - mean) / (std + eps) per group; none: r - mean")
+        "std: (r - mean) / (std + eps) per group; none: r - mean", shapes_run=True)
     loss_normalization: str = setting("token", "LOSS_NORMALIZATION", p.choice(("token", "sequence")),
         "token: average over every completion token of the batch (DAPO); sequence: per completion, then over "
-        "completions (GRPO)")
+        "completions (GRPO)", shapes_run=True)
     kl_beta: float = setting(0.0, "KL_BETA", p.number(0, "0.0"),
-        "KL penalty weight (0: no reference model is kept)")
+        "KL penalty weight (0: no reference model is kept)", shapes_run=True)
     steps_per_round: int = setting(1, "STEPS_PER_ROUND", p.integer(1, 16, example=1),
         "Optimizer steps on each round's batch (GRPO's mu); above 1 the clipped ratio (0.2 / 0.28) bounds "
-        "how far the later steps move")
+        "how far the later steps move", shapes_run=True)
     format_reward: float = setting(0.0, "FORMAT_REWARD", p.number(0, "0.1"),
         "Bonus added to the reward of a completion with a well-formed <answer>...</answer> (0: off; e.g. 0.1 "
-        "when starting RL from a raw model)")
+        "when starting RL from a raw model)", shapes_run=True)
     checkpoint_interval: int = setting(50, "CHECKPOINT_INTERVAL", p.integer(1),
         "K: a checkpoint every K rounds")
     train_micro_batch: int = setting(16, "TRAIN_MICRO_BATCH", p.integer(1, 4096, example=16),
@@ -155,7 +158,8 @@ class SwarmConfig:
         "Rounds between held-out evaluations (greedy exact-match, written to metrics/<node>/eval.jsonl); "
         "0: only before round 1 and after the last round")
     eval_size: int = setting(100, "EVAL_SIZE", p.integer(0, 4096, example=100),
-        "Held-out questions: the same for every node, from a seed no worker trains on; 0: no evaluation")
+        "Held-out questions: the same for every node, from a seed no worker trains on; 0: no evaluation",
+        shapes_run=True)
     profile_round: int = setting(0, "PROFILE_ROUND", p.integer(0, example=5),
         "Profile this round of every worker with torch.profiler (time per operator, CPU and GPU) into "
         "logs/<node>/profile-round-N.txt; the profiler slows that round down; 0: off")
@@ -294,4 +298,5 @@ class SwarmConfig:
 
 
 SETTINGS: tuple[Setting, ...] = tuple(
-    Setting(f.metadata["env"], f.name, f.metadata["parse"], f.metadata["help"]) for f in fields(SwarmConfig))
+    Setting(f.metadata["env"], f.name, f.metadata["parse"], f.metadata["help"], f.metadata["shapes_run"])
+    for f in fields(SwarmConfig))

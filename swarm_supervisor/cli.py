@@ -15,6 +15,7 @@ from swarm_supervisor.preflight import (resolve_devices, settle_fit, resolve_mod
                                         worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import write_recorded_config
+from swarm_supervisor.resume import ExperimentFinished, Resume, finished_note, plan_resume
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.appends import open_append
@@ -22,11 +23,11 @@ from workers.shared_folder.safe_io import remove_file
 from workers.shared_folder.base_meta import signed_base_meta
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
-from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats
+from workers.shared_folder.exchange import newest_signed_round, read_heartbeats
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, fingerprint, local_key_dir
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status, summary
-from workers.shared_folder.protocol import SCHEMA, Status
+from workers.shared_folder.protocol import Status
 from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections
 from swarm_supervisor.base_warmup import coordinators_base, ensure_base
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
@@ -77,6 +78,8 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
 def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     from workers.learning.tasks import check_tasks      # reasoning-gym loads only when a swarm starts
 
+    if role != "up":        # before the tasks and the model load: a finished experiment has nothing to join
+        refuse_finished(cfg, ExperimentFolder(cfg.experiment_dir))
     check_tasks(cfg.tasks)
     gpus = gpu_count()
     devices, device_note = resolve_devices(cfg, gpus)
@@ -109,16 +112,17 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
 
     nodes = worker_names(cfg)
     refuse_running_nodes(folder, cfg, nodes, keyring)
+    resume = None
     if claim is not None:
-        if not _prepare_rounds(folder, cfg, keyring):
+        if (resume := _prepare_rounds(folder, cfg, keyring, model_name)) is None:
             return 0
+        for line in resume.lines(cfg):
+            print(f"rl-swarm: {line}")
         ensure_base(cfg, folder, model_name, devices[0], keyring, claim.key)
     joined_as = None if claim is not None else cfg.node_id
     _log_to_file(folder.supervisor_dir(joined_as))
-    if claim is not None:
-        write_recorded_config(folder, {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name,
-                                       "device_resolved": devices_label(devices), "started_at": time.time()},
-                              claim.key)
+    if claim is not None and resume is not None:
+        write_recorded_config(folder, resume.record(cfg, model_name, devices_label(devices)), claim.key)
     publish_worker_keys(cfg, folder, nodes, keyring)
     specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
              for i, (node, device) in enumerate(zip(nodes, devices))]
@@ -143,11 +147,24 @@ def publish_worker_keys(cfg: SwarmConfig, folder: ExperimentFolder, nodes: list[
         with_retries(lambda key=key: keyring.publish(key), f"publishing the public key of {node}")
 
 
+def joiners_keyring(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
+    """A joining machine's keys of the experiment, its coordinator's pinned on this machine at first sight."""
+    return KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
+
+
+def refuse_finished(cfg: SwarmConfig, folder: ExperimentFolder) -> None:
+    """ExperimentFinished when the experiment's coordinator has ended it: a joiner would replay its last round
+    and write its metrics and evaluations into the finished experiment's results."""
+    note = finished_note(folder, joiners_keyring(cfg, folder), cfg, joining=True)
+    if note is not None:
+        raise ExperimentFinished(note)
+
+
 def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
     """A joining machine waits, within a bound, for the coordinator's key and the experiment's base/ (or a first
     round of a swarm that runs without one), pins the coordinator's key and prints it for the person to check.
     It never makes a base of its own nor starts from the raw model of a swarm that has one."""
-    keyring = KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
+    keyring = joiners_keyring(cfg, folder)
     bound = COORDINATOR_PATIENCE * cfg.peer_timeout
     deadline, said = time.monotonic() + bound, None
     while (waiting := _not_ready(folder, keyring)) is not None:
@@ -212,16 +229,17 @@ def pretrain(cfg: SwarmConfig) -> int:
     return 0
 
 
-def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing) -> bool:
-    """False when the experiment already ran all MAX_ROUNDS (its coordinator's signed finished.json says so);
-    a raised MAX_ROUNDS continues it, and a finished.json it did not sign is removed."""
-    finished = read_finished(folder, keyring)
-    if finished is not None and finished.covers(cfg.max_rounds):
-        print(f"rl-swarm: experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; raise "
-              f"MAX_ROUNDS to continue it, or set a new EXPERIMENT_NAME")
-        return False
+def _prepare_rounds(folder: ExperimentFolder, cfg: SwarmConfig, keyring: KeyRing, model_name: str) -> Resume | None:
+    """How the rounds start (a new experiment's Resume has round 0); None when the experiment already ran all
+    MAX_ROUNDS (its coordinator's signed finished.json says so). A raised MAX_ROUNDS continues it, and a
+    finished.json it did not sign is removed, once the resume is known to be coherent (ConfigError otherwise)."""
+    note = finished_note(folder, keyring, cfg)
+    if note is not None:
+        print(f"rl-swarm: {note}")
+        return None
+    resume = plan_resume(folder, keyring, cfg, model_name)
     remove_file(folder.finished_file)    # only this coordinator writes it, and it is not running yet
-    return True
+    return resume
 
 
 def _log_to_file(log_dir: Path) -> None:

@@ -57,6 +57,18 @@ def test_resume_restores_weights_optimizer_and_rng_exactly(tmp_path, key):
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
 
 
+def test_a_resume_with_another_learning_rate_trains_at_the_new_one(tmp_path, key):
+    """The resume says LEARNING_RATE changed and config.json records it: the update must use it, not the
+    rate the checkpoint's optimizer was saved with (torch's load_state_dict brings that one back)."""
+    model, optimizer = trained(0)          # at lr 1e-2
+    save_checkpoint(tmp_path, CheckpointMeta(5, "w-1", "m"), model, optimizer, key)
+    fresh = tiny_model(1)
+    resumed = torch.optim.AdamW(fresh.parameters(), lr=3e-4)
+    load_latest_checkpoint(tmp_path, fresh, resumed, "m", key)
+    assert [group["lr"] for group in resumed.param_groups] == [3e-4]
+    assert resumed.state_dict()["state"], "the moments came back with the checkpoint"
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, key, caplog):
     model, optimizer = trained(0)
     save_checkpoint(tmp_path, CheckpointMeta(1, "w-1", "m"), model, optimizer, key)

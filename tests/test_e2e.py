@@ -141,9 +141,19 @@ def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal,
     for node, last in done.items():    # stopping saved a checkpoint of the last completed round
         assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir()
 
-    result = run_up({**env, "MAX_ROUNDS": str(max(done.values()) + 2)})
+    assert "resuming" not in output
+    # resumed with another learning rate: said on the console, used by the update, kept in config.json
+    result = run_up({**env, "MAX_ROUNDS": str(max(done.values()) + 2), "LEARNING_RATE": "1e-4"})
     assert result.returncode == 0, result.stdout + result.stderr
+    said = [line for line in result.stdout.splitlines() if line.startswith(("rl-swarm: resuming", "rl-swarm: LEARN"))]
+    assert said[0].startswith("rl-swarm: resuming experiment 'e2e' at round ") and \
+        said[0].endswith(f" of {max(done.values()) + 2} (MAX_ROUNDS was 2000)")
+    assert said[1:] == ["rl-swarm: LEARNING_RATE changed from unset to 0.0001 (config.json records both)"]
+    config = json.loads((exp / "config.json").read_text())
+    assert config["learning_rate"] == 1e-4 and config["max_rounds"] == max(done.values()) + 2
+    assert [change["settings"] for change in config["setting_changes"]] == [{"learning_rate": [None, 1e-4]}]
     for node in done:
+        assert {r["learning_rate"] for r in metrics_rows(exp, node) if r["round"] > done[node]} == {1e-4}
         rounds = [r["round"] for r in metrics_rows(exp, node)]
         assert rounds[-1] == max(done.values()) + 2
         assert rounds[: len(rounds)] == sorted(rounds)      # resumed forward, no round replayed from scratch

@@ -72,3 +72,21 @@ def test_a_second_process_with_the_same_node_id_refuses_to_start(two_machines):
     twin = two_machines.twin
     assert twin.returncode == 2
     assert "node 'worker-1' is already running" in twin.stderr and "pick another NODE_ID" in twin.stderr
+
+
+def files_of(exp: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(exp)): (p.stat().st_size, p.stat().st_mtime_ns) for p in exp.rglob("*") if p.is_file()}
+
+
+def test_a_machine_that_joins_after_the_last_round_is_refused_and_changes_no_result(two_machines, tmp_path):
+    """A late joiner replayed the finished swarm's last round and wrote its metrics and held-out evaluations into
+    it: `experiments compare` then counted its nodes and its best accuracy. Its own MAX_ROUNDS (TEST_MODE's 3,
+    not the swarm's 40) decides nothing: only the coordinator runs rounds, and it has ended."""
+    exp = two_machines.exp
+    before = files_of(exp)
+    late = join_from_another_machine(swarm_env(exp.parents[2]), tmp_path / "late-machine", node="late")
+    assert late.returncode == 2 and late.stdout == ""
+    assert late.stderr.splitlines() == [
+        "rl-swarm: error: experiment 'e2e' already finished its 40 rounds; its `rl-swarm up` continues it with a "
+        "raised MAX_ROUNDS (join then), or set a new EXPERIMENT_NAME"]
+    assert files_of(exp) == before

@@ -194,7 +194,7 @@ def test_a_crashed_ups_lease_does_not_block_a_resume_and_a_finished_up_gives_its
 def test_a_raised_max_rounds_continues_a_finished_experiment(experiment):
     cfg, folder = experiment
     write_as(folder, "coordinator", folder.finished_file, SwarmFinished(rounds=2, finished_at=time.time()).to_json())
-    assert cli._prepare_rounds(folder, cfg, keyring(folder))            # MAX_ROUNDS=3 > 2: the swarm goes on
+    assert cli._prepare_rounds(folder, cfg, keyring(folder), "m") is not None     # MAX_ROUNDS=3 > 2: it goes on
     assert not is_visible(folder.finished_file)         # so the workers do not leave at once
 
 

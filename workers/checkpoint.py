@@ -289,7 +289,12 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     del state_bytes
     load_weights(model, read_checked(folder / "model.safetensors", files.get("model.safetensors"),
                                      size + SLACK_BYTES))
+    configured = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    # torch takes the saved groups' lr too: a resume with another LEARNING_RATE (said, and kept in config.json)
+    # would train on at the old one, and its metrics lines would say so
+    for group, lr in zip(optimizer.param_groups, configured):
+        group["lr"] = lr
     _restore_rngs(record, state, folder)
     return CheckpointMeta(round=record["round"], node=str(record.get("node", "")),
                           model_name=record["model_name"], metrics_tail=_metrics_tail(record, folder))

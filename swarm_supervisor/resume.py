@@ -1,0 +1,116 @@
+"""Starting an experiment again: whether rounds are left to run, and what a resumed `up` says and records.
+
+A resumed run goes on from its workers' checkpoints, so it must load the model they hold. Other settings that shape
+the rounds (the split, the tasks, the seed, the learning rate, ...) may change: the console says which, from what
+to what, and config.json keeps the change beside the settings the resumed run uses, so the record stays true of
+the rounds before it too.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from configs_env import SETTINGS, ConfigError, SwarmConfig, SwarmError
+from workers.shared_folder.exchange import newest_signed_round, read_finished
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.protocol import SCHEMA
+from workers.shared_folder.recorded_config import read_recorded_config
+from workers.shared_folder.rejections import RejectedFile, warn_once
+from workers.shared_folder.retries import with_retries
+from workers.shared_folder.signing import KeyRing
+
+KEPT_CHANGES = 64       # config.json is read within 256 KiB: a run resumed with changes time and again keeps the last
+SHAPING = {s.attr: s.env for s in SETTINGS if s.shapes_run}
+
+
+class ExperimentFinished(SwarmError):
+    """A machine asked to join an experiment whose coordinator already ran all its rounds."""
+
+
+def finished_note(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig, joining: bool = False) -> str | None:
+    """Why the experiment has no round left to run (its coordinator's signed finished.json covers MAX_ROUNDS), or
+    None. A joining machine's own MAX_ROUNDS does not count: only its coordinator runs rounds, and it has ended."""
+    finished = read_finished(folder, keyring)
+    if finished is None or not (joining or finished.covers(cfg.max_rounds)):
+        return None
+    fix = "its `rl-swarm up` continues it with a raised MAX_ROUNDS (join then)" if joining else \
+        "raise MAX_ROUNDS to continue it"
+    return f"experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; {fix}, or set a new " \
+           "EXPERIMENT_NAME"
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How `up` starts its rounds: at `round` (0: a new experiment) with the settings of config.json `recorded`."""
+
+    round: int = 0
+    recorded: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)     # setting -> (recorded, now), as JSON
+
+    def lines(self, cfg: SwarmConfig) -> list[str]:
+        """What the console says of a resume: where it goes on, and each setting that changed."""
+        if not self.round:
+            return []
+        was = self.recorded.get("max_rounds")
+        raised = f" (MAX_ROUNDS was {was})" if isinstance(was, int) and was != cfg.max_rounds else ""
+        return [f"resuming experiment {cfg.experiment_name!r} at round {self.round} of {cfg.max_rounds}{raised}",
+                *(f"{SHAPING[attr]} changed from {spelled(old)} to {spelled(new)} (config.json records both)"
+                  for attr, (old, new) in self.changes.items())]
+
+    def record(self, cfg: SwarmConfig, model_name: str, device_label: str) -> dict[str, Any]:
+        """config.json: the settings this run uses; a resume keeps the experiment's first start and its changes."""
+        now = time.time()
+        started = self.recorded.get("started_at") if self.round else None
+        changes = self.recorded.get("setting_changes") if self.round else None
+        changes = list(changes) if isinstance(changes, list) else []
+        if self.changes:
+            changes.append({"round": self.round, "at": now,
+                            "settings": {attr: [old, new] for attr, (old, new) in self.changes.items()}})
+        record = {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name, "device_resolved": device_label,
+                  "started_at": started if isinstance(started, (int, float)) else now}
+        if self.round:
+            record["resumed_at"] = now
+        if changes:
+            record["setting_changes"] = changes[-KEPT_CHANGES:]
+        return record
+
+
+def plan_resume(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig, model_name: str) -> Resume:
+    """Where the experiment's rounds go on and what changed since config.json; ConfigError, before anything is
+    written, for a model other than its checkpoints hold."""
+    newest = with_retries(lambda: newest_signed_round(folder, keyring), f"listing {folder.state_dir}")
+    if newest is None:       # no round ran: nothing trained on the recorded settings, nothing to keep of them
+        return Resume()
+    recorded = _recorded(folder, keyring)
+    before = recorded.get("model_resolved")
+    if isinstance(before, str) and before != model_name:
+        asked = f"MODEL_NAME={cfg.model_name}" if cfg.model_name else f"MODEL_NAME unset (here: {model_name})"
+        raise ConfigError(f"{asked}: experiment {cfg.experiment_name!r} ran {newest.round} rounds of {before}, and "
+                          f"its checkpoints hold that model; set MODEL_NAME={before} to resume it, or a new "
+                          "EXPERIMENT_NAME")
+    now = cfg.to_json()
+    changes = {attr: (recorded[attr], now[attr]) for attr in SHAPING
+               if attr in recorded and recorded[attr] != now[attr]}
+    return Resume(newest.round, recorded, changes)
+
+
+def _recorded(folder: ExperimentFolder, keyring: KeyRing) -> dict[str, Any]:
+    """The coordinator's config.json; {} when there is none it signed (then nothing is compared)."""
+    try:
+        return with_retries(lambda: read_recorded_config(folder, keyring), f"reading {folder.config_file}",
+                            retry_missing=False)
+    except FileNotFoundError:
+        return {}
+    except RejectedFile as refused:
+        warn_once(str(refused))
+        return {}
+
+
+def spelled(value: Any) -> str:
+    """A recorded setting as its variable would spell it (TASKS=chain_sum:1,...; unset for None)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(f"{item[0]}:{item[1]:g}" if isinstance(item, list) and len(item) == 2
+                        and isinstance(item[1], (int, float)) else str(item) for item in value)
+    return str(value)
