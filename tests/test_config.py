@@ -147,3 +147,19 @@ def test_too_few_groups_to_take_suggests_a_split_that_runs(env):
     assert len(fewer) == (env.get("NUM_TRAIN_SAMPLES") != "0")      # with I=0 no J but 0 runs, and 0 is refused
     for value in fewer:
         SwarmConfig.from_env({**env, "NUM_TRANSPLANT_TREES": value})
+
+
+def test_rl_swarm_config_shows_the_variables_a_user_sets_and_what_an_unset_one_comes_to(monkeypatch, capsys):
+    """`rl-swarm config` once printed `gdrive_path = ...` and `learning_rate = None`: neither is what a user sets."""
+    from swarm_supervisor.cli import main
+
+    monkeypatch.setenv("MAX_NEW_TOKENS", "64")
+    monkeypatch.delenv("LEARNING_RATE", raising=False)
+    monkeypatch.delenv("MODEL_NAME", raising=False)
+    assert main(["config"]) == 0
+    shown = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines() if " = " in line)
+    assert set(shown) == {s.env for s in SETTINGS}
+    assert shown["MAX_NEW_TOKENS"] == "64" and shown["TASKS"] == "chain_sum:1,basic_arithmetic:1"
+    assert shown["LEARNING_RATE"] == "auto: 1e-6 for GPT-2 124M, 3e-5 for the tiny model"
+    assert shown["MODEL_NAME"].startswith("auto: openai-community/gpt2")
+    assert "None" not in shown.values()

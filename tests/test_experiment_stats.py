@@ -115,6 +115,18 @@ def test_restarts_are_counted_from_the_events_kind_and_from_older_sentences(tmp_
     assert count_restarts(folder) == 2
 
 
+def test_rl_swarm_experiments_without_an_action_lists_them(tmp_path, monkeypatch, capsys):
+    """It once said `required: action, names`, though listing needs no names."""
+    from swarm_supervisor.cli import main
+
+    _experiment(tmp_path / "drive" / "experiments" / "e2e", with_evals=False)
+    monkeypatch.setenv("GDRIVE_PATH", str(tmp_path / "drive"))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["experiments"]) == 0
+    out = capsys.readouterr().out
+    assert "e2e" in out and "finished" in out and "2/2" in out
+
+
 # what `up` and `pretrain` need, and a read-only command never does: torch alone takes ~1.2 s of CPU to import
 LEARNING_MODULES = ("torch", "transformers", "reasoning_gym")
 
