@@ -1,5 +1,6 @@
 """`rl-swarm validate`: is one experiment's folder complete and consistent? A PASS/FAIL line per check."""
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.safe_io import is_visible, list_folder
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR, KeyRing
+
+
+SHOWN = 3              # files, gaps or problems named in a check's line; the rest are counted
+REASON_CHARS = 100     # of why a file is unreadable: its start says what is wrong
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,8 @@ def validate(root: Path, cache_dir: Path | None) -> list[Check]:
     return [
         config_check,
         _round_states_check(rounds, missing_states),
-        Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
-              else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"),
-        Check("metrics lines", not bad, "every metrics line is valid" if not bad else f"{len(bad)} bad: {bad[0]}"),
+        _readable_check(unreadable),
+        Check("metrics lines", not bad, f"{len(bad)} bad: {listed(bad, 1)}" if bad else "every metrics line is valid"),
         _rounds_check(folder, cfg, states, by_round),
         _held_out_check(folder, keyring, cfg, rounds, by_round),
         _checkpoints_check(folder, cfg, by_round),
@@ -79,9 +83,9 @@ def _round_states_check(rounds: list[int], missing: list[int]) -> Check:
     return Check("round states", True, f"rounds 1..{rounds[-1]} each have a state the coordinator signed")
 
 
-def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[str]:
+def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[tuple[Path, str]]:
     """JSON files of the layout that do not parse or validate, or (in an experiment of signed records) are not
-    signed by the node they speak for (checkpoints and temp files aside)."""
+    signed by the node they speak for (checkpoints and temp files aside): each its path in the experiment and why."""
     root, unreadable = folder.root, []
     for path in _layout_files(folder):
         # the swarm's protocol records must carry a checksum; meta files of the warm-up base need not
@@ -99,8 +103,36 @@ def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[str]:
             if schema is not None:
                 schema.from_json(record, str(path))
         except (RejectedFile, OSError) as exc:
-            unreadable.append(f"{path.relative_to(root)} ({str(exc)[-80:]})")
+            unreadable.append((path.relative_to(root), _reason(root, path, exc)))
     return unreadable
+
+
+def _reason(root: Path, path: Path, error: Exception) -> str:
+    """Why `path` was refused, read from its start: paths relative to the experiment, cut at the end."""
+    text = str(error) if isinstance(error, RejectedFile) else (error.strerror or str(error))
+    return shortened(text.removeprefix(f"{path}: ").removesuffix("; skipped").replace(f"{root}/", ""), REASON_CHARS)
+
+
+def shortened(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most - 1] + "\u2026"
+
+
+def listed(items: list[str], shown: int = SHOWN) -> str:
+    """The first `shown` items, and how many more there are: a FAIL hides none of its count."""
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
+
+
+def _readable_check(unreadable: list[tuple[Path, str]]) -> Check:
+    """The first few unreadable files, each with why, and the folders that hold the rest, the fullest first."""
+    if not unreadable:
+        return Check("readable files", True, "every JSON file parses and validates")
+    detail = f"{len(unreadable)} unreadable: {listed([f'{path} ({why})' for path, why in unreadable])}"
+    folders = Counter(f"{path.parent}/" for path, _ in unreadable[SHOWN:])
+    if folders:
+        detail += " in " + ", ".join(f"{name} ({count})" for name, count in folders.most_common(3)) + \
+            (", ..." if len(folders) > 3 else "")
+    return Check("readable files", False, detail)
 
 
 def _speaks_for(top: str, path: Path) -> str:
@@ -127,7 +159,7 @@ def _rounds_check(folder: ExperimentFolder, cfg: dict, states: dict[int, RoundSt
     if cfg.get("rollout_cleanup_enabled"):
         gaps = [g for g in gaps if "rollouts" not in g]     # retired rounds are gone on purpose
     return Check("rollouts and metrics per round", not gaps, "every worker that finished a round published "
-                 "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}")
+                 "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {listed(gaps)}")
 
 
 def _local_workers(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMetrics]]) -> tuple[list[str], str]:
@@ -152,7 +184,7 @@ def _checkpoints_check(folder: ExperimentFolder, cfg: dict, by_round: dict[int, 
         if not saved or max(saved) < last_round - interval:
             stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
     return Check("checkpoints", not stale, f"every worker has a checkpoint within {interval} rounds of its "
-                 f"last round{elsewhere}" if not stale else "; ".join(stale[:3]))
+                 f"last round{elsewhere}" if not stale else listed(stale))
 
 
 def _logs_check(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
@@ -222,7 +254,7 @@ def _held_out_check(folder: ExperimentFolder, keyring: KeyRing, cfg: dict, round
         if last is not None and node in by_round.get(last, {}) and last not in done:
             problems.append(f"{node}: none after the last round {last}")
     if problems:
-        return Check("held-out evaluations", False, f"{len(problems)} missing or bad: {'; '.join(problems[:3])}")
+        return Check("held-out evaluations", False, f"{len(problems)} missing or bad: {listed(problems)}")
     return Check("held-out evaluations", True,
                  "every worker was evaluated at the start" + (" and after the last round" if last else ""))
 

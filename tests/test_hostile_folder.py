@@ -203,6 +203,22 @@ def check_everything_survives(cfg: SwarmConfig, folder: ExperimentFolder, plante
     assert not checks["round states"].passed and "[2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" in checks["round states"].detail
 
 
+def test_validate_names_unreadable_files_from_the_start_of_why_and_counts_those_it_leaves_out(swarm):
+    """It once printed `7 unreadable:` and three of them, each reason cut from its start (`ting property name...`)
+    and naming the file by its full path again."""
+    cfg, folder, outside = swarm
+    planted = plant_hostile(folder.peers_dir, outside, HEARTBEAT_BYTES)
+    (folder.peers_dir / "evil.json").write_text("{'a': 1}")
+    folder.finished_file.write_text('{"pad": "' + "x" * HEARTBEAT_BYTES + '"}')
+    [readable] = [c for c in validate(folder.root, cfg.cache_dir) if c.name == "readable files"]
+    total = len(planted) + 2
+    assert readable.detail.startswith(f"{total} unreadable: peers/evil.json (not valid JSON (JSONDecodeError: "
+                                      "Expecting property name"), readable.detail
+    assert "; peers/hostile-1.json (a FIFO, not a regular file); " in readable.detail
+    assert readable.detail.endswith(f"; and {total - 3} more in peers/ ({total - 4}), state/ (1)")
+    assert str(folder.root) not in readable.detail
+
+
 def test_a_forged_start_time_shows_no_eta_rather_than_an_infinite_one(swarm):
     cfg, folder, _ = swarm
     for round_, started_at in ((1, -1.7e308), (2, time.time())):
