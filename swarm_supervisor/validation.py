@@ -7,10 +7,11 @@ from pathlib import Path
 from swarm_supervisor.experiments import held_out_by_node, metrics_by_round, setting_of
 from swarm_supervisor.readable import plain
 from workers.shared_folder import storage
-from workers.shared_folder.exchange import ROLLOUT_NAME, read_finished, signed_round_state
+from workers.shared_folder.base_meta import META_BYTES
+from workers.shared_folder.exchange import ROLLOUT_NAME, SMALL_RECORD_BYTES, read_finished, signed_round_state
 from workers.shared_folder.folder import ExperimentFolder, round_number
-from workers.shared_folder.json_records import read_json_bounded
-from workers.shared_folder.recorded_config import read_recorded_config
+from workers.shared_folder.json_records import MAX_RECORD_BYTES, read_json_bounded
+from workers.shared_folder.recorded_config import CONFIG_BYTES, read_recorded_config
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.safe_io import is_visible, list_folder
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState, SwarmFinished
@@ -92,7 +93,7 @@ def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[tuple[
         top = path.relative_to(root).parts[0]
         protocol = top in ("state", "peers", "rollouts", "rewards")
         try:
-            record = read_json_bounded(path, require_checksum=protocol)
+            record = read_json_bounded(path, _reader_limit(folder, path), require_checksum=protocol)
             if protocol:
                 record = keyring.verify(record, _speaks_for(top, path), str(path))
             schema = {"rollouts": RolloutFile, "peers": Heartbeat, "rewards": RoundMetrics}.get(top)
@@ -105,6 +106,17 @@ def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[tuple[
         except (RejectedFile, OSError) as exc:
             unreadable.append((path.relative_to(root), _reason(root, path, exc)))
     return unreadable
+
+
+def _reader_limit(folder: ExperimentFolder, path: Path) -> int:
+    """The bytes the swarm's own reader of `path` takes, so validate refuses a file for the size they refuse it."""
+    if path.parent == folder.peers_dir or path in (folder.finished_file, folder.coordinator_lease_file):
+        return SMALL_RECORD_BYTES
+    if path == folder.config_file:
+        return CONFIG_BYTES
+    if path.parent == folder.base_dir:
+        return META_BYTES
+    return MAX_RECORD_BYTES
 
 
 def _reason(root: Path, path: Path, error: Exception) -> str:

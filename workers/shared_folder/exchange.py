@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # matched whole (fullmatch): a `$` anchor would let "w-1.json\n" through
 ROLLOUT_NAME = re.compile(r"(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>[0-9]{1,4}))?\.json")
 POLL_S = 0.2
-HEARTBEAT_BYTES = 64 * 1024
+SMALL_RECORD_BYTES = 64 * 1024     # a heartbeat, finished.json, the coordinator's lease: a few hundred bytes each
 # records remembered, parsed or known bad: a round reads its peers' rollout files (one per group at most, with
 # ROLLOUT_PUBLISH_FREQUENCY=generation), a state file and, in the coordinator, the workers' rewards files
 MAX_REMEMBERED = 256
@@ -254,7 +254,7 @@ def read_finished(folder: ExperimentFolder, keyring: KeyRing) -> SwarmFinished |
     (warned about once)."""
     path = folder.finished_file
     try:
-        return SwarmFinished.from_json(read_signed(path, COORDINATOR, keyring, HEARTBEAT_BYTES), str(path))
+        return SwarmFinished.from_json(read_signed(path, COORDINATOR, keyring, SMALL_RECORD_BYTES), str(path))
     except FileNotFoundError:
         return None
     except RejectedFile as error:
@@ -289,7 +289,7 @@ def read_heartbeats(folder: ExperimentFolder, keyring: KeyRing,
                            first_wait_s=0.05)
     for path in listing:
         try:
-            data = with_retries(lambda p=path: read_whole(p, HEARTBEAT_BYTES), f"reading {path}", attempts=3,
+            data = with_retries(lambda p=path: read_whole(p, SMALL_RECORD_BYTES), f"reading {path}", attempts=3,
                                 first_wait_s=0.05, retry_missing=False)
             beat = _heartbeat(path, data, keyring, known)
         except FileNotFoundError:
