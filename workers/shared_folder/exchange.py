@@ -15,7 +15,8 @@ from workers.shared_folder.retries import with_retries
 from workers.shared_folder.safe_io import list_folder, read_whole
 from workers.shared_folder import storage
 from workers.shared_folder.doorbell import Doorbell
-from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundState, Status, SwarmFinished
+from workers.shared_folder.protocol import (REFUSED_NAMES, Heartbeat, RolloutFile, RolloutGroup, RoundState, Status,
+                                            SwarmFinished, refused_name)
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Exchange:
         self.keyring = keyring or KeyRing(folder)
         self.keyring.trust(key)
         self.rejected = 0               # files and groups refused, each counted once (the heartbeat shows it)
+        # the newest of them, for the heartbeat: a tuple replaced whole, as the heartbeat's thread reads it
+        self.rejected_names: tuple[str, ...] = ()
         self._refused: dict[Path, None] = {}
         self._bad: dict[Path, Version] = {}
         self._cache: dict[Path, tuple[Version, Any]] = {}
@@ -80,7 +83,10 @@ class Exchange:
         """Count and remember a refusal; False when it is remembered already (it moves to the newest end)."""
         known = key in self._refused
         _remember(self._refused, key, None, MAX_REJECTED_KEPT)
-        self.rejected += not known
+        if not known:
+            self.rejected += 1
+            where = key.relative_to(self.folder.root) if key.is_relative_to(self.folder.root) else key
+            self.rejected_names = (*self.rejected_names, refused_name(str(where)))[-REFUSED_NAMES:]
         return not known
 
     @property
