@@ -27,7 +27,8 @@ def setting(default: Any, env: str, parse: p.Parser, help: str, shapes_run: bool
     """A config field that names its environment variable, its parser and its help line (README, --help);
     shapes_run: what the rounds train on or how (a resumed experiment says when it changed), not where they run,
     how long they wait or what is shown."""
-    return field(default=default, metadata={"env": env, "parse": parse, "help": help, "shapes_run": shapes_run})
+    return field(default=default, metadata={"env": env, "parse": p.suggesting(parse, default), "help": help,
+                                            "shapes_run": shapes_run})
 
 
 def waits_for_lag(values: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, float]:
@@ -77,7 +78,7 @@ class SwarmConfig:
         "monitor reads the same GPUs as the workers")
     cache_dir: Path = setting(Path.home() / ".cache" / "rl-swarm", "RL_SWARM_CACHE", p.path,
         "Where offline models are built once and reused")
-    seed: int = setting(42, "SEED", p.integer(0),
+    seed: int = setting(42, "SEED", p.Integer(0),
         "Base seed; each worker's questions use SEED + its index", shapes_run=True)
     seeds: tuple[int, ...] = setting((1, 2, 3), "SEEDS", p.seeds,
         "Seeds of `rl-swarm sapo-table`: each split runs once per seed")
@@ -88,51 +89,51 @@ class SwarmConfig:
     test_mode: bool = setting(False, "TEST_MODE", p.boolean,
         "Quick validation run: 3 rounds, I=4, G=4, tiny sizes")
     # The swarm and its rounds
-    num_workers: int = setting(4, "NUM_WORKERS", p.integer(1, 64, example=4),
+    num_workers: int = setting(4, "NUM_WORKERS", p.Integer(1, 64),
         "Worker processes on this machine", shapes_run=True)
-    max_rounds: int = setting(2000, "MAX_ROUNDS", p.integer(1, example=2000),
+    max_rounds: int = setting(2000, "MAX_ROUNDS", p.Integer(1),
         "Rounds the coordinator runs before the swarm stops")
-    num_train_samples: int = setting(2, "NUM_TRAIN_SAMPLES", p.integer(0, 1024, example=2),
+    num_train_samples: int = setting(2, "NUM_TRAIN_SAMPLES", p.Integer(0, 1024),
         "I: local questions per worker per round", shapes_run=True)
-    num_transplant_trees: int = setting(2, "NUM_TRANSPLANT_TREES", p.integer(0, 1024, example=2),
+    num_transplant_trees: int = setting(2, "NUM_TRANSPLANT_TREES", p.Integer(0, 1024),
         "J: groups taken from other workers' rollouts per round", shapes_run=True)
-    num_generations: int = setting(4, "NUM_GENERATIONS", p.integer(2, 256, example=4),
+    num_generations: int = setting(4, "NUM_GENERATIONS", p.Integer(2, 256),
         "G: completions generated per question", shapes_run=True)
     tasks: tuple[tuple[str, float], ...] = setting(p.task_mix("TASKS", DEFAULT_TASKS), "TASKS", p.task_mix,
         "reasoning-gym tasks and weights (task:weight,...)", shapes_run=True)
     coordinator_round_interval: float = setting(120.0, "COORDINATOR_ROUND_INTERVAL",
-                                                p.number(0.1, "120", exclusive=True),
+                                                p.Number(0.1, exclusive=True),
         "Seconds after which the coordinator advances the round even if some workers are not done")
-    rollout_fetch_timeout: float = setting(60.0, "ROLLOUT_FETCH_TIMEOUT", p.number(0, "60"),
+    rollout_fetch_timeout: float = setting(60.0, "ROLLOUT_FETCH_TIMEOUT", p.Number(0),
         "Seconds a worker waits for peers' rollouts of the round before going on with what arrived")
-    peer_timeout: float = setting(120.0, "PEER_TIMEOUT", p.number(1, "120"),
+    peer_timeout: float = setting(120.0, "PEER_TIMEOUT", p.Number(1),
         "Seconds without a heartbeat after which a node counts as gone")
-    drive_lag: float = setting(0.0, "DRIVE_LAG", p.number(0, "180", maximum=MAX_DRIVE_LAG_S),
+    drive_lag: float = setting(0.0, "DRIVE_LAG", p.Number(0, "180", maximum=MAX_DRIVE_LAG_S),
         "Seconds a file written on another machine may take to show up in the shared folder (Drive between Colab "
         "runtimes: minutes); the three waits above, where not set, grow to ride it out; 0: one machine")
     # Generation and training
-    max_new_tokens: int = setting(256, "MAX_NEW_TOKENS", p.integer(1, 4096),
+    max_new_tokens: int = setting(256, "MAX_NEW_TOKENS", p.Integer(1, 4096),
         "Longest completion, in tokens", shapes_run=True)
-    temperature: float = setting(1.0, "TEMPERATURE", p.number(0, "1.0", exclusive=True),
+    temperature: float = setting(1.0, "TEMPERATURE", p.Number(0, exclusive=True),
         "Sampling temperature", shapes_run=True)
-    learning_rate: float | None = setting(None, "LEARNING_RATE", p.number(0, "1e-6", exclusive=True),
+    learning_rate: float | None = setting(None, "LEARNING_RATE", p.Number(0, "1e-6", exclusive=True),
         "AdamW learning rate (unset: 1e-6 for GPT-2 124M, 3e-5 for the tiny model)", shapes_run=True)
     advantage_scale: str = setting("std", "ADVANTAGE_SCALE", p.choice(("std", "none")),
         "std: (r - mean) / (std + eps) per group; none: r - mean", shapes_run=True)
     loss_normalization: str = setting("token", "LOSS_NORMALIZATION", p.choice(("token", "sequence")),
         "token: average over every completion token of the batch (DAPO); sequence: per completion, then over "
         "completions (GRPO)", shapes_run=True)
-    kl_beta: float = setting(0.0, "KL_BETA", p.number(0, "0.0"),
+    kl_beta: float = setting(0.0, "KL_BETA", p.Number(0),
         "KL penalty weight (0: no reference model is kept)", shapes_run=True)
-    steps_per_round: int = setting(1, "STEPS_PER_ROUND", p.integer(1, 16, example=1),
+    steps_per_round: int = setting(1, "STEPS_PER_ROUND", p.Integer(1, 16),
         "Optimizer steps on each round's batch (GRPO's mu); above 1 the clipped ratio (0.2 / 0.28) bounds "
         "how far the later steps move", shapes_run=True)
-    format_reward: float = setting(0.0, "FORMAT_REWARD", p.number(0, "0.1"),
+    format_reward: float = setting(0.0, "FORMAT_REWARD", p.Number(0, "0.1"),
         "Bonus added to the reward of a completion with a well-formed <answer>...</answer> (0: off; e.g. 0.1 "
         "when starting RL from a raw model)", shapes_run=True)
-    checkpoint_interval: int = setting(50, "CHECKPOINT_INTERVAL", p.integer(1),
+    checkpoint_interval: int = setting(50, "CHECKPOINT_INTERVAL", p.Integer(1),
         "K: a checkpoint every K rounds")
-    train_micro_batch: int = setting(16, "TRAIN_MICRO_BATCH", p.integer(1, 4096, example=16),
+    train_micro_batch: int = setting(16, "TRAIN_MICRO_BATCH", p.Integer(1, 4096),
         "Completions per forward/backward of the update (gradients accumulate; bounds activation memory)")
     gradient_checkpointing: str = setting("auto", "GRADIENT_CHECKPOINTING", p.choice(("auto", "on", "off")),
         "Recompute activations in backward to save GPU memory: auto = on CUDA, off on CPU")
@@ -144,23 +145,23 @@ class SwarmConfig:
         "The sampler's KV cache and CUDA graphs between rounds: keep (no re-capture) or release them before "
         "each update (less GPU memory at the update's peak: ~11 MiB per generated row of 320 positions; the "
         "graphs are captured again next round)")
-    warmup_steps: int = setting(400, "WARMUP_STEPS", p.integer(0, example=400),
+    warmup_steps: int = setting(400, "WARMUP_STEPS", p.Integer(0),
         "Supervised warm-up steps (question -> <answer>gold</answer>) run once before round 1; 0: none")
-    warmup_batch_size: int = setting(32, "WARMUP_BATCH_SIZE", p.integer(1, 4096, example=32),
+    warmup_batch_size: int = setting(32, "WARMUP_BATCH_SIZE", p.Integer(1, 4096),
         "Warm-up batch size")
-    warmup_lr: float | None = setting(None, "WARMUP_LR", p.number(0, "1e-3", exclusive=True),
+    warmup_lr: float | None = setting(None, "WARMUP_LR", p.Number(0, "1e-3", exclusive=True),
         "Warm-up learning rate (unset: 1e-3 for the tiny model, 5e-5 otherwise)")
-    warmup_target_accuracy: float = setting(0.0, "WARMUP_TARGET_ACCURACY", p.number(0, "0.3", maximum=1),
+    warmup_target_accuracy: float = setting(0.0, "WARMUP_TARGET_ACCURACY", p.Number(0, "0.3", maximum=1),
         "Stop the warm-up once its held-out greedy exact-match reaches this (0 to 1, checked every 50 steps; "
         "WARMUP_STEPS is then the most steps it takes); 0: always run WARMUP_STEPS")
     # Held-out evaluation
-    eval_every: int = setting(50, "EVAL_EVERY", p.integer(0, example=50),
+    eval_every: int = setting(50, "EVAL_EVERY", p.Integer(0),
         "Rounds between held-out evaluations (greedy exact-match, written to metrics/<node>/eval.jsonl); "
         "0: only before round 1 and after the last round")
-    eval_size: int = setting(100, "EVAL_SIZE", p.integer(0, 4096, example=100),
+    eval_size: int = setting(100, "EVAL_SIZE", p.Integer(0, 4096),
         "Held-out questions: the same for every node, from a seed no worker trains on; 0: no evaluation",
         shapes_run=True)
-    profile_round: int = setting(0, "PROFILE_ROUND", p.integer(0, example=5),
+    profile_round: int = setting(0, "PROFILE_ROUND", p.Integer(0, example=5),
         "Profile this round of every worker with torch.profiler (time per operator, CPU and GPU) into "
         "logs/<node>/profile-round-N.txt; the profiler slows that round down; 0: off")
     # The shared folder
@@ -169,18 +170,18 @@ class SwarmConfig:
         "When rollouts are written to the folder: after each generation batch, each stage, or each round")
     rollout_cleanup_enabled: bool = setting(False, "ROLLOUT_CLEANUP_ENABLED", p.boolean,
         "Let the coordinator remove old rounds' rollouts")
-    rollout_keep_last_n_rounds: int = setting(10, "ROLLOUT_KEEP_LAST_N_ROUNDS", p.integer(1),
+    rollout_keep_last_n_rounds: int = setting(10, "ROLLOUT_KEEP_LAST_N_ROUNDS", p.Integer(1),
         "Rounds of rollouts kept when cleanup is on")
     rollout_archive_old: bool = setting(False, "ROLLOUT_ARCHIVE_OLD", p.boolean,
         "Move old rounds to <GDRIVE_PATH>/archives/<EXPERIMENT_NAME>/ instead of deleting them")
-    drive_sim_lag: float = setting(0.0, "DRIVE_SIM_LAG", p.number(0, "5"),
+    drive_sim_lag: float = setting(0.0, "DRIVE_SIM_LAG", p.Number(0, "5"),
         "For testing: simulate a slow Drive, where a file another process wrote is visible only this many "
         "seconds after its write (needs ROLLOUT_FETCH_TIMEOUT >= 2x and COORDINATOR_ROUND_INTERVAL >= "
         "ROLLOUT_FETCH_TIMEOUT + 3x it); 0: off")
-    drive_sim_fail_rate: float = setting(0.0, "DRIVE_SIM_FAIL_RATE", p.number(0, "0.05", maximum=0.5),
+    drive_sim_fail_rate: float = setting(0.0, "DRIVE_SIM_FAIL_RATE", p.Number(0, "0.05", maximum=0.5),
         "For testing: share of shared-folder reads, writes and listings that fail with EIO, as on a flaky "
         "Drive (0 to 0.5); 0: off")
-    drive_sim_stale: float = setting(0.0, "DRIVE_SIM_STALE", p.number(0, "5"),
+    drive_sim_stale: float = setting(0.0, "DRIVE_SIM_STALE", p.Number(0, "5"),
         "For testing: simulate Drive's stale listings, where a folder's listing is up to this many seconds old "
         "(new files missing from it, deleted ones still in it); it adds to DRIVE_SIM_LAG in the waits it needs; "
         "0: off")
@@ -188,16 +189,16 @@ class SwarmConfig:
         "For testing: while a file exists at this path, every shared-folder read, write and listing fails with "
         "ENOTCONN ('Transport endpoint is not connected'), as when Colab's Drive mount hangs up; unset: off")
     # Supervision
-    max_restarts: int = setting(5, "MAX_RESTARTS", p.integer(0),
+    max_restarts: int = setting(5, "MAX_RESTARTS", p.Integer(0),
         "Restarts of one worker within RESTART_WINDOW before "
         "it is marked failed")
-    restart_window: float = setting(600.0, "RESTART_WINDOW", p.number(1, "600"),
+    restart_window: float = setting(600.0, "RESTART_WINDOW", p.Number(1),
         "Seconds over which restarts are counted")
-    restart_backoff: float = setting(1.0, "RESTART_BACKOFF", p.number(0, "1"),
+    restart_backoff: float = setting(1.0, "RESTART_BACKOFF", p.Number(0),
         "Seconds before the first restart; doubled for each further restart in the window (at most 30 s)")
-    worker_hang_timeout: float = setting(900.0, "WORKER_HANG_TIMEOUT", p.number(5, "900"),
+    worker_hang_timeout: float = setting(900.0, "WORKER_HANG_TIMEOUT", p.Number(5),
         "Seconds a worker may stay in one stage (waiting excepted) before it is killed and restarted")
-    memory_high_water: float = setting(0.95, "MEMORY_HIGH_WATER", p.number(0.05, "0.95"),
+    memory_high_water: float = setting(0.95, "MEMORY_HIGH_WATER", p.Number(0.05),
         "Share of GPU memory in use above which the dashboard and events.jsonl warn")
 
     @classmethod
@@ -227,8 +228,14 @@ class SwarmConfig:
             raise ConfigError(f"NUM_TRANSPLANT_TREES={j} with NUM_WORKERS={n}: external rollouts need at least "
                               "2 workers (set NUM_WORKERS=2 or more, or NUM_TRANSPLANT_TREES=0)")
         if role == "up" and j > (n - 1) * i:
+            # each fix named must pass every check: I=0 leaves J no value but 0, which the check above refuses
+            enough = f"NUM_TRAIN_SAMPLES={j // (n - 1) + 1} or more"
+            if i == 0:
+                raise ConfigError(f"NUM_TRAIN_SAMPLES=0 with NUM_TRANSPLANT_TREES={j}: no worker publishes groups "
+                                  f"for the others to take; set {enough}")
             raise ConfigError(f"NUM_TRANSPLANT_TREES={j}: the other {n - 1} workers publish only {(n - 1) * i} "
-                              f"groups a round (NUM_TRAIN_SAMPLES={i} each); set NUM_TRANSPLANT_TREES <= {(n - 1) * i}")
+                              f"groups a round (NUM_TRAIN_SAMPLES={i} each); set NUM_TRANSPLANT_TREES <= "
+                              f"{(n - 1) * i}, or {enough}")
         if self.warmup_target_accuracy > 0 and self.warmup_steps == 0:
             raise ConfigError(f"WARMUP_TARGET_ACCURACY={self.warmup_target_accuracy:g} with WARMUP_STEPS=0: the "
                               "warm-up is off; set WARMUP_STEPS to the most steps it may take (e.g. WARMUP_STEPS=400)")

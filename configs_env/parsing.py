@@ -1,6 +1,7 @@
 """Parsers for environment values; each raises ConfigError with one line: name, value, what is allowed."""
 
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,32 +14,57 @@ _FALSE = {"0", "false", "no", "off"}
 Parser = Callable[[str, str], object]
 
 
-def integer(minimum: int, maximum: int | None = None, example: int | None = None) -> Parser:
-    shown = example if example is not None else max(minimum, 1)
+@dataclass(frozen=True)
+class Integer:
+    """An integer within bounds; a refusal suggests `example`, the setting's default unless one is given."""
 
-    def parse(name: str, raw: str) -> int:
+    minimum: int
+    maximum: int | None = None
+    example: int | None = None
+
+    def __call__(self, name: str, raw: str) -> int:
         text = raw.strip()
-        ok = text.lstrip("-").isdigit() and int(text) >= minimum and (maximum is None or int(text) <= maximum)
+        ok = text.lstrip("-").isdigit() and int(text) >= self.minimum and \
+            (self.maximum is None or int(text) <= self.maximum)
         if not ok:
-            upper = f" and <= {maximum}" if maximum is not None else ""
-            raise ConfigError(f"{name}={raw!r}: expected an integer >= {minimum}{upper} (e.g. {name}={shown})")
+            upper = f" and <= {self.maximum}" if self.maximum is not None else ""
+            raise ConfigError(f"{name}={raw!r}: expected an integer >= {self.minimum}{upper} (e.g. "
+                              f"{name}={self.example})")
         return int(text)
-    return parse
 
 
-def number(minimum: float, example: str, exclusive: bool = False, maximum: float | None = None) -> Parser:
-    def parse(name: str, raw: str) -> float:
+@dataclass(frozen=True)
+class Number:
+    """A finite number within bounds; a refusal suggests `example`, the setting's default unless one is given."""
+
+    minimum: float
+    example: str | float | None = None
+    exclusive: bool = False
+    maximum: float | None = None
+
+    def __call__(self, name: str, raw: str) -> float:
         try:
             value = float(raw)
         except ValueError:
             value = float("nan")
-        too_big = maximum is not None and value > maximum
-        if not (value > minimum if exclusive else value >= minimum) or value != value or value == float("inf") \
-                or too_big:
-            bound = ">" if exclusive else ">="
-            upper = f" and <= {maximum:g}" if maximum is not None else ""
-            raise ConfigError(f"{name}={raw!r}: expected a number {bound} {minimum:g}{upper} (e.g. {name}={example})")
+        too_big = self.maximum is not None and value > self.maximum
+        if not (value > self.minimum if self.exclusive else value >= self.minimum) or value != value \
+                or value == float("inf") or too_big:
+            bound = ">" if self.exclusive else ">="
+            upper = f" and <= {self.maximum:g}" if self.maximum is not None else ""
+            shown = f"{self.example:g}" if isinstance(self.example, float) else self.example
+            raise ConfigError(f"{name}={raw!r}: expected a number {bound} {self.minimum:g}{upper} (e.g. "
+                              f"{name}={shown})")
         return value
+
+
+def suggesting(parse: Parser, default: object) -> Parser:
+    """`parse`, its refusals suggesting the setting's default where it names no example of its own: a value a
+    user may set and that works (a bound such as MAX_NEW_TOKENS=1 is accepted but useless)."""
+    if isinstance(parse, (Integer, Number)) and parse.example is None:
+        if default is None:
+            raise ValueError("a bounded setting without a default needs an example for its errors")
+        return replace(parse, example=default)
     return parse
 
 

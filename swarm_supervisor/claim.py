@@ -24,9 +24,10 @@ import psutil
 
 from configs_env import SwarmConfig
 from workers.shared_folder import mount
-from workers.shared_folder.exchange import HEARTBEAT_BYTES, read_signed
+from workers.shared_folder.exchange import SMALL_RECORD_BYTES, read_signed
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import read_json_bounded, write_json_atomic, write_json_create_only
+from workers.shared_folder.recorded_config import CONFIG_BYTES
 from workers.shared_folder.rejections import FolderError, RejectedFile
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.safe_io import is_visible, remove_file
@@ -126,7 +127,7 @@ class CoordinatorClaim:
     def _written_before_signatures(self) -> bool:
         """An experiment that an older `up` started: its rounds cannot be resumed, their states are not signed."""
         try:
-            config = read_json_bounded(self.folder.config_file, HEARTBEAT_BYTES)
+            config = read_json_bounded(self.folder.config_file, CONFIG_BYTES)
         except (OSError, RejectedFile):
             return False
         return config.get("schema") == 1 and bool(self.folder.state_rounds())
@@ -138,7 +139,7 @@ class CoordinatorClaim:
         """The lease in the folder when this coordinator's key signed it; None when it is gone or forged."""
         path = self.folder.coordinator_lease_file
         try:
-            return Lease.from_json(read_signed(path, COORDINATOR, self.keyring, HEARTBEAT_BYTES), str(path))
+            return Lease.from_json(read_signed(path, COORDINATOR, self.keyring, SMALL_RECORD_BYTES), str(path))
         except FileNotFoundError:
             return None
         except (UnknownSigner, RejectedFile) as error:

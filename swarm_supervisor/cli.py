@@ -4,12 +4,13 @@ import argparse
 import faulthandler
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
 
-from configs_env import SETTINGS, SwarmConfig, SwarmError
+from configs_env import SETTINGS, Setting, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, devices_label, gpu_count
 from swarm_supervisor.preflight import (resolve_devices, settle_fit, resolve_model, warn_short_disk, worker_names,
                                         worker_need_mib)
@@ -39,14 +40,39 @@ JOIN_POLL_S = 1.0
 
 def shown_default(attr: str) -> str:
     """A setting's default as its variable would spell it."""
-    default = getattr(SwarmConfig(), attr)
-    if attr == "tasks":
-        return ",".join(f"{name}:{weight:g}" for name, weight in default)
     if attr == "cache_dir":
         return "~/.cache/rl-swarm"
-    if isinstance(default, tuple):
-        return ",".join(map(str, default))
-    return str(default)
+    return shown_value(attr, getattr(SwarmConfig(), attr))
+
+
+def shown_value(attr: str, value: object) -> str:
+    """A setting's value as its variable would spell it."""
+    if attr == "tasks":
+        return ",".join(f"{name}:{weight:g}" for name, weight in value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+UNSET = re.compile(r"unset: ([^);]*)")
+
+
+def resolved_settings(cfg: SwarmConfig) -> str:
+    """`rl-swarm config`: each variable as a run takes it; one left to rl-swarm says what it resolves to."""
+    lines = []
+    for s in SETTINGS:
+        value = getattr(cfg, s.attr)
+        lines.append(plain(f"{s.env} = {without(s) if value is None else shown_value(s.attr, value)}"))
+    return "\n".join(lines)
+
+
+def without(setting: Setting) -> str:
+    """What a run does without the variable, as its help line says ("unset: ..."; LEARNING_RATE's depends on the
+    model), or "unset"."""
+    said = UNSET.search(setting.help)
+    if said is None:
+        return "unset"
+    return "off" if said[1] == "off" else f"auto: {said[1]}"
 
 
 def settings_markdown() -> str:
@@ -280,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check one experiment's folder for completeness (exit 1 on a FAIL)")
     validate.add_argument("experiment", nargs="?", help="experiment name (default: EXPERIMENT_NAME)")
     experiments = sub.add_parser("experiments", help="list or compare the experiments under GDRIVE_PATH")
-    experiments.add_argument("action", choices=["list", "compare", "aggregate", "plot"])
-    experiments.add_argument("names", nargs="*", help="experiments to compare (default: all)")
+    # optional, with `list` its default: argparse calls a positional `names` of nargs="*" missing too when a
+    # required `action` before it is
+    experiments.add_argument("action", nargs="?", default="list", choices=["list", "compare", "aggregate", "plot"],
+                             help="what to show (default: list)")
+    experiments.add_argument("names", nargs="*", help="experiments to compare or plot (default: all)")
     experiments.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     experiments.add_argument("--out", type=Path, default=None, help="PNG path for plot "
                              "(default: <GDRIVE_PATH>/plots/<names>.png)")
@@ -311,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             print(settings_markdown())
             return 0
         if command == "config":
-            for key, value in cfg.to_json().items():
-                print(f"{key} = {value}")
+            print(resolved_settings(cfg))
             for warning in cfg.warnings():
                 print(f"warning: {warning}")
             return 0

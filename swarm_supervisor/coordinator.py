@@ -247,7 +247,8 @@ class Coordinator(threading.Thread):
             return False
         self._last_beat = now
         self._beat = Heartbeat(**{**self._beat.__dict__, "status": status, "round": self.round,
-                                  "updated_at": time.time(), "rejected": self.exchange.rejected})
+                                  "updated_at": time.time(), "rejected": self.exchange.rejected,
+                                  "rejected_names": self.exchange.rejected_names})
         try:
             self.exchange.write_heartbeat(self._beat)
         except OSError as exc:   # a missed beat is harmless: the next one is 2 s away, PEER_TIMEOUT is minutes

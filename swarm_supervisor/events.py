@@ -28,6 +28,8 @@ from workers.shared_folder.rejections import RejectedFile
 log = logging.getLogger(__name__)
 
 SHOWN = 8                 # the dashboard's newest events
+# a peer that plants files without end makes an event a minute for each node that refuses them, not one a file
+REFUSALS_TOLD_EVERY_S = 60.0
 MAX_WAITING = 10_000      # records kept through an outage; past that the oldest go, and a record says how many
 
 
@@ -108,6 +110,7 @@ class Watches:
         self.folder_gone_at: float | None = None     # when the shared folder vanished (a dropped Drive mount)
         self.unlearning: set[str] = set()            # workers the learning-health guard warned about
         self.above_high_water: set[str] = set()      # the GPUs whose memory is above MEMORY_HIGH_WATER
+        self.refusals_told: dict[str, tuple[int, float]] = {}    # node: its refusals told of, and when
 
     def folder(self) -> None:
         """An event when the shared folder vanishes (a dropped Drive mount) and one when it is back; the events
@@ -137,6 +140,21 @@ class Watches:
                 self.unlearning.discard(row.node_id)
                 self.journal.add(f"{row.node_id}: learning again (held-out and reward back within the guard's "
                                  "bounds)")
+
+    def refusals(self, view: SwarmView) -> None:
+        """A warning event when a node refused more of the folder's files or groups: how many, the newest by name
+        (as its heartbeat names them), where the reasons are; at most one a node every REFUSALS_TOLD_EVERY_S."""
+        now = time.monotonic()
+        for row in view.nodes:
+            told, at = self.refusals_told.get(row.node_id, (0, -REFUSALS_TOLD_EVERY_S))
+            told = told if row.rejected >= told else 0        # a restarted process counts from 0 again
+            if row.rejected <= told or now - at < REFUSALS_TOLD_EVERY_S:
+                continue
+            self.refusals_told[row.node_id] = (row.rejected, now)
+            log_file = f"logs/{row.node_id}/worker.log" if row.role == "worker" else "logs/supervisor/supervisor.log"
+            newest = f"; the newest: {', '.join(row.rejected_names)}" if row.rejected_names else ""
+            self.journal.add(f"{row.node_id} refused {row.rejected - told} more files or groups of the shared folder "
+                             f"({row.rejected} in all){newest}; {log_file} says why", level="warning")
 
     def memory(self, snapshot: MonitorSnapshot) -> None:
         """One event each time a GPU's memory crosses the high-water mark (and again after it fell back)."""

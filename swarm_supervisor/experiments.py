@@ -89,7 +89,9 @@ def metrics_by_round(folder: ExperimentFolder,
     for path in folder.metrics_files():
         name = str(path.relative_to(folder.root))
         try:
-            lines = read_jsonl(path, signed_lines(RoundMetrics.from_json, path.parent.name, keyring), name=name)
+            # warned about by the whole path: a line named as in the experiment would not say which experiment,
+            # and would be warned about once for every experiment with that line
+            lines = read_jsonl(path, signed_lines(RoundMetrics.from_json, path.parent.name, keyring))
         except RejectedFile as error:        # not a regular file, or over the size limit: warned about once
             warn_skipped(path, error)
             bad.append(str(error).replace(str(path), name)[:200])
@@ -97,7 +99,7 @@ def metrics_by_round(folder: ExperimentFolder,
         except OSError as exc:               # a Drive hiccup: the next look reads it
             bad.append(f"{name}: not read ({exc.strerror or exc})")
             continue
-        bad += [line[:200] for line in lines.bad]
+        bad += [line.replace(str(path), name)[:200] for line in lines.bad]
         for row in lines:
             rows.setdefault(row.round, {})[row.node] = row
     return rows, bad

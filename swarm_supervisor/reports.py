@@ -5,12 +5,19 @@ Every string read from the folder (names, config values, statuses) is printed th
 escaped, never read as markup, and whole at any width.
 """
 
+import contextlib
+import logging
+import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 from configs_env import SwarmConfig
 from swarm_supervisor.readable import plain
 from workers.shared_folder.rejections import FolderError
+
+NAMED = 5       # experiments, or warnings of none, named in the one line that tells of the files skipped
 
 
 def show_status(cfg: SwarmConfig) -> int:
@@ -35,11 +42,8 @@ def run_validate(cfg: SwarmConfig, name: str) -> int:
 
 
 def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bool, out: Path | None = None) -> int:
-    from rich.console import Console
-
     from configs_env.parsing import safe_name
-    from swarm_supervisor.experiments import experiment_roots, summaries_csv, summarize
-    from swarm_supervisor.readable import FittedTable, cell, plain
+    from swarm_supervisor.experiments import experiment_roots
 
     roots = experiment_roots(cfg)
     if names:
@@ -49,6 +53,16 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
             where = f"{cfg.swarm_url}/experiments" if cfg.swarm_url else cfg.gdrive_path / "experiments"
             raise FolderError(f"no experiment {', '.join(sorted(missing))} under {where}")
         roots = [r for r in roots if r.name in wanted]
+    with skipped_files_told_once(roots):
+        return _show(cfg, roots, action, as_csv, out)
+
+
+def _show(cfg: SwarmConfig, roots: list[Path], action: str, as_csv: bool, out: Path | None) -> int:
+    from rich.console import Console
+
+    from swarm_supervisor.experiments import summaries_csv, summarize
+    from swarm_supervisor.readable import FittedTable, cell
+
     if action == "plot":
         from swarm_supervisor.experiments import plot_experiments
 
@@ -78,6 +92,54 @@ def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bo
         rows.append([cell(value) for value in values])
     Console().print(FittedTable(columns, rows))
     return 0
+
+
+class SkippedFiles(logging.Handler):
+    """The readers' warnings (a bad file, a bad line) while experiments are read, counted by the experiment whose
+    path they name: every experiment's every bad file was a line on stderr, some of them not saying whose."""
+
+    def __init__(self, roots: list[Path]):
+        super().__init__(logging.WARNING)
+        self.roots = roots
+        self.by_experiment: Counter[str] = Counter()
+        self.others: list[str] = []         # warnings that name no experiment: the first NAMED, counted past them
+        self.more_others = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        whose = next((root.name for root in self.roots if f"{root}/" in text), None)
+        if whose is not None:
+            self.by_experiment[whose] += 1
+        elif len(self.others) < NAMED:
+            self.others.append(text)
+        else:
+            self.more_others += 1
+
+    def told(self) -> list[str]:
+        """One line for the experiments' files, the warnings of none as they are; [] when there were none."""
+        lines = [plain(f"rl-swarm: {text}") for text in self.others]
+        if self.more_others:
+            lines.append(f"rl-swarm: and {self.more_others} more warnings")
+        if self.by_experiment:
+            named = ", ".join(f"{name} {count}" for name, count in self.by_experiment.most_common(NAMED))
+            more = len(self.by_experiment) - NAMED
+            lines.append(plain(f"rl-swarm: unreadable files or lines skipped, by experiment: {named}"
+                               + (f" and {more} more experiments" if more > 0 else "")
+                               + " (`rl-swarm validate <experiment>` names them)"))
+        return lines
+
+
+@contextlib.contextmanager
+def skipped_files_told_once(roots: list[Path]) -> Iterator[None]:
+    """The warnings of reading `roots` said in a line at the end, on stderr, instead of a line each."""
+    handler = SkippedFiles(roots)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        for line in handler.told():
+            print(line, file=sys.stderr)
 
 
 def show_aggregate(roots: list[Path], cache_dir: Path) -> int:

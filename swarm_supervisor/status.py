@@ -57,6 +57,8 @@ class NodeRow:
     learning_alarm: str | None = None     # a few words when the node unlearns (held-out falling, reward collapsed)
     learning_warning: str | None = None   # the same as a sentence, for the supervisor's events
     device: str | None = None             # where the worker runs: cpu, cuda:1
+    rejected: int = 0                     # files and groups of the folder it refused (its heartbeat says)
+    rejected_names: tuple[str, ...] = ()  # the newest of them, by name
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,8 @@ class SwarmReader:
             rows.append(NodeRow(node_id="coordinator", role="coordinator", status=coordinator.status,
                                 round=coordinator.round, reward=None, accuracy=None, reward_trend=(),
                                 local_rollouts=None, external_rollouts=None, gpu_mib=None, ram_mib=None,
-                                restarts=0, heartbeat_age_s=coordinator.age(), last_error=coordinator.last_error))
+                                restarts=0, heartbeat_age_s=coordinator.age(), last_error=coordinator.last_error,
+                                rejected=coordinator.rejected, rejected_names=coordinator.rejected_names))
         by_node = {h.node: h for h in handles}
         for node in nodes:
             self._read_new_metrics(node)
@@ -345,6 +348,7 @@ class SwarmReader:
                        learning_warning=trend.warning(node) or (rewards.warning(node) if rewards else None),
                        liveness=liveness(beat, self.cfg.peer_timeout) if beat else None,
                        note=beat.note if beat else None,
+                       rejected=beat.rejected if beat else 0, rejected_names=beat.rejected_names if beat else (),
                        device=handle.spec.device if handle is not None else beat.device if beat else None)
 
 

@@ -286,6 +286,7 @@ class Supervisor:
             if now - last_view >= view_every:
                 view = self._view()
                 self.watch.learning(view)
+                self.watch.refusals(view)
                 self.dashboard.update(view)
                 last_view = now
             verdict = self._verdict()

@@ -1,19 +1,25 @@
 """`rl-swarm validate`: is one experiment's folder complete and consistent? A PASS/FAIL line per check."""
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from swarm_supervisor.experiments import held_out_by_node, metrics_by_round, setting_of
 from swarm_supervisor.readable import plain
 from workers.shared_folder import storage
-from workers.shared_folder.exchange import ROLLOUT_NAME, read_finished, signed_round_state
+from workers.shared_folder.base_meta import META_BYTES
+from workers.shared_folder.exchange import ROLLOUT_NAME, SMALL_RECORD_BYTES, read_finished, signed_round_state
 from workers.shared_folder.folder import ExperimentFolder, round_number
-from workers.shared_folder.json_records import read_json_bounded
-from workers.shared_folder.recorded_config import read_recorded_config
+from workers.shared_folder.json_records import MAX_RECORD_BYTES, read_json_bounded
+from workers.shared_folder.recorded_config import CONFIG_BYTES, read_recorded_config
 from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.safe_io import is_visible, list_folder
 from workers.shared_folder.protocol import Heartbeat, RolloutFile, RoundMetrics, RoundState, SwarmFinished
 from workers.shared_folder.signing import COORDINATOR, KeyRing
+
+
+SHOWN = 3              # files, gaps or problems named in a check's line; the rest are counted
+REASON_CHARS = 100     # of why a file is unreadable: its start says what is wrong
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,8 @@ def validate(root: Path, cache_dir: Path | None) -> list[Check]:
     return [
         config_check,
         _round_states_check(rounds, missing_states),
-        Check("readable files", not unreadable, "every JSON file parses and validates" if not unreadable
-              else f"{len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"),
-        Check("metrics lines", not bad, "every metrics line is valid" if not bad else f"{len(bad)} bad: {bad[0]}"),
+        _readable_check(unreadable),
+        Check("metrics lines", not bad, f"{len(bad)} bad: {listed(bad, 1)}" if bad else "every metrics line is valid"),
         _rounds_check(folder, cfg, states, by_round),
         _held_out_check(folder, keyring, cfg, rounds, by_round),
         _checkpoints_check(folder, cfg, by_round),
@@ -79,16 +84,16 @@ def _round_states_check(rounds: list[int], missing: list[int]) -> Check:
     return Check("round states", True, f"rounds 1..{rounds[-1]} each have a state the coordinator signed")
 
 
-def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[str]:
+def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[tuple[Path, str]]:
     """JSON files of the layout that do not parse or validate, or (in an experiment of signed records) are not
-    signed by the node they speak for (checkpoints and temp files aside)."""
+    signed by the node they speak for (checkpoints and temp files aside): each its path in the experiment and why."""
     root, unreadable = folder.root, []
     for path in _layout_files(folder):
         # the swarm's protocol records must carry a checksum; meta files of the warm-up base need not
         top = path.relative_to(root).parts[0]
         protocol = top in ("state", "peers", "rollouts", "rewards")
         try:
-            record = read_json_bounded(path, require_checksum=protocol)
+            record = read_json_bounded(path, _reader_limit(folder, path), require_checksum=protocol)
             if protocol:
                 record = keyring.verify(record, _speaks_for(top, path), str(path))
             schema = {"rollouts": RolloutFile, "peers": Heartbeat, "rewards": RoundMetrics}.get(top)
@@ -99,8 +104,47 @@ def _unreadable_files(folder: ExperimentFolder, keyring: KeyRing) -> list[str]:
             if schema is not None:
                 schema.from_json(record, str(path))
         except (RejectedFile, OSError) as exc:
-            unreadable.append(f"{path.relative_to(root)} ({str(exc)[-80:]})")
+            unreadable.append((path.relative_to(root), _reason(root, path, exc)))
     return unreadable
+
+
+def _reader_limit(folder: ExperimentFolder, path: Path) -> int:
+    """The bytes the swarm's own reader of `path` takes, so validate refuses a file for the size they refuse it."""
+    if path.parent == folder.peers_dir or path in (folder.finished_file, folder.coordinator_lease_file):
+        return SMALL_RECORD_BYTES
+    if path == folder.config_file:
+        return CONFIG_BYTES
+    if path.parent == folder.base_dir:
+        return META_BYTES
+    return MAX_RECORD_BYTES
+
+
+def _reason(root: Path, path: Path, error: Exception) -> str:
+    """Why `path` was refused, read from its start: paths relative to the experiment, cut at the end."""
+    text = str(error) if isinstance(error, RejectedFile) else (error.strerror or str(error))
+    return shortened(text.removeprefix(f"{path}: ").removesuffix("; skipped").replace(f"{root}/", ""), REASON_CHARS)
+
+
+def shortened(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most - 1] + "\u2026"
+
+
+def listed(items: list[str], shown: int = SHOWN) -> str:
+    """The first `shown` items, and how many more there are: a FAIL hides none of its count."""
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
+
+
+def _readable_check(unreadable: list[tuple[Path, str]]) -> Check:
+    """The first few unreadable files, each with why, and the folders that hold the rest, the fullest first."""
+    if not unreadable:
+        return Check("readable files", True, "every JSON file parses and validates")
+    detail = f"{len(unreadable)} unreadable: {listed([f'{path} ({why})' for path, why in unreadable])}"
+    folders = Counter(f"{path.parent}/" for path, _ in unreadable[SHOWN:])
+    if folders:
+        detail += " in " + ", ".join(f"{name} ({count})" for name, count in folders.most_common(3)) + \
+            (", ..." if len(folders) > 3 else "")
+    return Check("readable files", False, detail)
 
 
 def _speaks_for(top: str, path: Path) -> str:
@@ -127,7 +171,7 @@ def _rounds_check(folder: ExperimentFolder, cfg: dict, states: dict[int, RoundSt
     if cfg.get("rollout_cleanup_enabled"):
         gaps = [g for g in gaps if "rollouts" not in g]     # retired rounds are gone on purpose
     return Check("rollouts and metrics per round", not gaps, "every worker that finished a round published "
-                 "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {'; '.join(gaps[:3])}")
+                 "rollouts and a metrics row for it" if not gaps else f"{len(gaps)} gaps: {listed(gaps)}")
 
 
 def _local_workers(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMetrics]]) -> tuple[list[str], str]:
@@ -152,7 +196,7 @@ def _checkpoints_check(folder: ExperimentFolder, cfg: dict, by_round: dict[int, 
         if not saved or max(saved) < last_round - interval:
             stale.append(f"{node}: newest checkpoint {max(saved) if saved else 'none'}, last round {last_round}")
     return Check("checkpoints", not stale, f"every worker has a checkpoint within {interval} rounds of its "
-                 f"last round{elsewhere}" if not stale else "; ".join(stale[:3]))
+                 f"last round{elsewhere}" if not stale else listed(stale))
 
 
 def _logs_check(folder: ExperimentFolder, by_round: dict[int, dict[str, RoundMetrics]]) -> Check:
@@ -222,7 +266,7 @@ def _held_out_check(folder: ExperimentFolder, keyring: KeyRing, cfg: dict, round
         if last is not None and node in by_round.get(last, {}) and last not in done:
             problems.append(f"{node}: none after the last round {last}")
     if problems:
-        return Check("held-out evaluations", False, f"{len(problems)} missing or bad: {'; '.join(problems[:3])}")
+        return Check("held-out evaluations", False, f"{len(problems)} missing or bad: {listed(problems)}")
     return Check("held-out evaluations", True,
                  "every worker was evaluated at the start" + (" and after the last round" if last else ""))
 

@@ -1,5 +1,6 @@
 """Settings come from the environment; bad values stop the program with one line naming the variable."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,53 @@ def test_the_node_ids_refused_are_the_names_the_shared_folder_gives_to_other_thi
     from workers.shared_folder.signing import COORDINATOR
 
     assert set(RESERVED_NODE_IDS) == {COORDINATOR, SUPERVISOR}
+
+
+BAD_VALUES = ("abc", "-5", "100000", "1e400", "nan", "0", "")
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.env)
+def test_the_example_a_refused_value_suggests_is_one_worth_setting(setting):
+    """MAX_NEW_TOKENS=100000 once suggested MAX_NEW_TOKENS=1: accepted, but no one wants it. An example is accepted;
+    a number's is its default, unless the default turns the setting off (DRIVE_LAG=0) or leaves it to rl-swarm."""
+    default = getattr(SwarmConfig(), setting.attr)
+    numeric = type(default) in (int, float) or default is None
+    for raw in BAD_VALUES:
+        try:
+            setting.parse(setting.env, raw)
+        except ConfigError as error:
+            for example in re.findall(rf"\(e\.g\. {setting.env}=(\S+)\)$", str(error)):
+                cfg = SwarmConfig.from_env({setting.env: example})
+                assert getattr(cfg, setting.attr) == default or not (numeric and default), (str(error), default)
+
+
+@pytest.mark.parametrize("env", [{"NUM_TRAIN_SAMPLES": "0"}, {"NUM_TRANSPLANT_TREES": "7"},
+                                 {"NUM_TRANSPLANT_TREES": "9", "NUM_TRAIN_SAMPLES": "1"}])
+def test_too_few_groups_to_take_suggests_a_split_that_runs(env):
+    """NUM_TRAIN_SAMPLES=0 once suggested NUM_TRANSPLANT_TREES <= 0, which the next check refuses."""
+    with pytest.raises(ConfigError) as error:
+        SwarmConfig.from_env(env)
+    message = str(error.value)
+    assert message.startswith(next(f"{name}={value}" for name, value in env.items())), message
+    [enough] = re.findall(r"NUM_TRAIN_SAMPLES=(\d+) or more", message)
+    assert SwarmConfig.from_env({**env, "NUM_TRAIN_SAMPLES": enough}).warnings() == []
+    fewer = re.findall(r"NUM_TRANSPLANT_TREES <= (\d+)", message)
+    assert len(fewer) == (env.get("NUM_TRAIN_SAMPLES") != "0")      # with I=0 no J but 0 runs, and 0 is refused
+    for value in fewer:
+        SwarmConfig.from_env({**env, "NUM_TRANSPLANT_TREES": value})
+
+
+def test_rl_swarm_config_shows_the_variables_a_user_sets_and_what_an_unset_one_comes_to(monkeypatch, capsys):
+    """`rl-swarm config` once printed `gdrive_path = ...` and `learning_rate = None`: neither is what a user sets."""
+    from swarm_supervisor.cli import main
+
+    monkeypatch.setenv("MAX_NEW_TOKENS", "64")
+    monkeypatch.delenv("LEARNING_RATE", raising=False)
+    monkeypatch.delenv("MODEL_NAME", raising=False)
+    assert main(["config"]) == 0
+    shown = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines() if " = " in line)
+    assert set(shown) == {s.env for s in SETTINGS}
+    assert shown["MAX_NEW_TOKENS"] == "64" and shown["TASKS"] == "chain_sum:1,basic_arithmetic:1"
+    assert shown["LEARNING_RATE"] == "auto: 1e-6 for GPT-2 124M, 3e-5 for the tiny model"
+    assert shown["MODEL_NAME"].startswith("auto: openai-community/gpt2")
+    assert "None" not in shown.values()

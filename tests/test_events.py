@@ -160,3 +160,48 @@ def test_events_still_unwritten_when_a_run_ends_are_printed_in_its_summary(tmp_p
     printed = summary(supervisor, 1.0, 130)
     assert "1 events not written to" in printed and "(the shared folder is away)" in printed
     assert printed.splitlines()[-1].endswith("worker-1: exited with code -9; restart in 1s")
+
+
+def test_files_a_worker_refuses_are_named_in_the_supervisors_events_once_a_minute_however_many(tmp_path,
+                                                                                               monkeypatch):
+    """The dashboard said `rejected files 41` and only each worker's log said which: now the heartbeat carries the
+    newest few names and the supervisor's events say them, an event a minute for a peer that plants without end."""
+    from tests.hostile_files import plant_hostile
+    from workers.heartbeat import Heartbeats
+
+    folder = ExperimentFolder(tmp_path / "exp").create()
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    stage = folder.rollout_dir(1)
+    exchange = node_exchange(folder, "worker-1")
+    beats = Heartbeats(exchange, Heartbeat.first("worker-1", "worker", "waiting"), troubles=list)
+    watch = Watches(EventJournal(folder.events_file), folder.root, memory_high_water=0.9)
+    reader = SwarmReader(folder, viewer(folder), "tiny", "cpu")
+
+    def poll(round_: int) -> None:       # the worker reads its peers and beats; the supervisor looks
+        exchange.peer_rollouts(round_)
+        beats.update(round=round_)
+        watch.refusals(reader.view())
+
+    planted = plant_hostile(stage, outside)
+    poll(1)
+    newest = sorted(f"{path.relative_to(folder.root)}" for path in planted.values())[-5:]
+    assert written(folder) == [f"worker-1 refused {len(planted)} more files or groups of the shared folder "
+                               f"({len(planted)} in all); the newest: {', '.join(newest)}; logs/worker-1/worker.log "
+                               "says why"]
+    plant_hostile(folder.rollout_dir(2), outside)
+    poll(2)
+    assert len(written(folder)) == 1                 # within the minute: counted, not told again
+    monkeypatch.setattr(events_module, "REFUSALS_TOLD_EVERY_S", 0.0)
+    poll(2)
+    assert written(folder)[-1].startswith(f"worker-1 refused {len(planted)} more files or groups of the shared "
+                                          f"folder ({2 * len(planted)} in all); the newest: rollouts/round_2/")
+
+
+def test_names_in_a_heartbeat_are_shown_only_when_they_are_plain_names_and_only_the_newest_few(tmp_path):
+    from workers.shared_folder.protocol import REFUSED_NAMES
+
+    planted = ["\x1b[2J", "[bold]x[/bold]", "a" * 500, *(f"peers/w-{n}.json" for n in range(1000)), 7]
+    beat = Heartbeat.from_json({**Heartbeat.first("w-1", "worker", "waiting").to_json(), "rejected": 1007,
+                                "rejected_names": planted})
+    assert beat.rejected_names == tuple(f"peers/w-{n}.json" for n in range(1000 - REFUSED_NAMES, 1000))

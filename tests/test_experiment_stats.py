@@ -115,6 +115,40 @@ def test_restarts_are_counted_from_the_events_kind_and_from_older_sentences(tmp_
     assert count_restarts(folder) == 2
 
 
+def test_rl_swarm_experiments_without_an_action_lists_them(tmp_path, monkeypatch, capsys):
+    """It once said `required: action, names`, though listing needs no names."""
+    from swarm_supervisor.cli import main
+
+    _experiment(tmp_path / "drive" / "experiments" / "e2e", with_evals=False)
+    monkeypatch.setenv("GDRIVE_PATH", str(tmp_path / "drive"))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["experiments"]) == 0
+    out = capsys.readouterr().out
+    assert "e2e" in out and "finished" in out and "2/2" in out
+
+
+def test_experiments_tell_of_unreadable_files_in_one_line_naming_each_experiment(tmp_path, monkeypatch, capsys):
+    """`experiments list` printed a line for every bad file of every experiment, some not saying whose
+    (`metrics/worker-2/metrics.jsonl line 26: not valid JSON`); comparing one experiment says nothing of another."""
+    from swarm_supervisor.cli import main
+
+    experiments = tmp_path / "drive" / "experiments"
+    _experiment(experiments / "good", with_evals=False)
+    for name in ("hostile1", "hostile2"):
+        folder = _experiment(experiments / name, with_evals=False)
+        with open(folder.metrics_file("worker-2"), "a") as log:
+            log.write("not json\n[]\n")
+        (folder.peers_dir / "evil.json").write_text("{'a'")
+    monkeypatch.setenv("GDRIVE_PATH", str(tmp_path / "drive"))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["experiments", "list"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "rl-swarm: unreadable files or lines skipped, by experiment: hostile1 3, hostile2 3 (`rl-swarm validate "
+        "<experiment>` names them)"]
+    assert main(["experiments", "compare", "good"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 # what `up` and `pretrain` need, and a read-only command never does: torch alone takes ~1.2 s of CPU to import
 LEARNING_MODULES = ("torch", "transformers", "reasoning_gym")
 

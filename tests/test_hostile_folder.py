@@ -24,7 +24,7 @@ from swarm_supervisor.status import METRICS_CHUNK, SwarmReader
 from tests.helpers import heartbeat_record, metrics_row, rollouts_record, warnings_naming
 from tests.hostile_files import HOSTILE_REASON, OUTSIDE_TEXT, hostile_experiment, plant_entry, plant_hostile, sealed
 from workers.shared_folder.held_out import eval_file, read_held_out
-from workers.shared_folder.exchange import HEARTBEAT_BYTES, ROLLOUT_NAME, read_heartbeats
+from workers.shared_folder.exchange import SMALL_RECORD_BYTES, ROLLOUT_NAME, read_heartbeats
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import MAX_RECORD_BYTES, read_json_bounded, write_json_atomic
 from workers.shared_folder.jsonl import read_jsonl
@@ -77,7 +77,7 @@ def test_a_worker_trains_on_the_good_peer_rollouts_and_warns_once_about_each_hos
 def test_heartbeats_of_hostile_files_and_of_a_name_with_a_newline_are_skipped_once_each(swarm, caplog):
     _, folder, outside = swarm
     peers = folder.root / "peers"
-    planted = plant_hostile(peers, outside, HEARTBEAT_BYTES)
+    planted = plant_hostile(peers, outside, SMALL_RECORD_BYTES)
     newline = peers / "worker-1\n.json"
     newline.write_text(sealed(heartbeat_record("worker-1\n")))
     (peers / "worker-2.json").write_text(sealed(node_key(folder, "worker-2").sign(heartbeat_record("worker-2"))))
@@ -201,6 +201,32 @@ def check_everything_survives(cfg: SwarmConfig, folder: ExperimentFolder, plante
     assert not readable.passed and readable.detail.startswith(f"{len(planted) + 2} unreadable"), readable.detail
     # round 2 is signed but invalid: no state of it counts
     assert not checks["round states"].passed and "[2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" in checks["round states"].detail
+
+
+def test_validate_names_unreadable_files_from_the_start_of_why_and_counts_those_it_leaves_out(swarm):
+    """It once printed `7 unreadable:` and three of them, each reason cut from its start (`ting property name...`)
+    and naming the file by its full path again."""
+    cfg, folder, outside = swarm
+    planted = plant_hostile(folder.peers_dir, outside, SMALL_RECORD_BYTES)
+    (folder.peers_dir / "evil.json").write_text("{'a': 1}")
+    folder.finished_file.write_text('{"pad": "' + "x" * SMALL_RECORD_BYTES + '"}')
+    [readable] = [c for c in validate(folder.root, cfg.cache_dir) if c.name == "readable files"]
+    total = len(planted) + 2
+    assert readable.detail.startswith(f"{total} unreadable: peers/evil.json (not valid JSON (JSONDecodeError: "
+                                      "Expecting property name"), readable.detail
+    assert "; peers/hostile-1.json (a FIFO, not a regular file); " in readable.detail
+    assert readable.detail.endswith(f"; and {total - 3} more in peers/ ({total - 4}), state/ (1)")
+    assert str(folder.root) not in readable.detail
+
+
+def test_validate_refuses_an_oversized_finished_json_for_the_limit_status_reads_it_with(swarm, caplog):
+    cfg, folder, _ = swarm
+    folder.finished_file.write_text('{"pad": "' + "x" * SMALL_RECORD_BYTES + '"}')
+    [readable] = [c for c in validate(folder.root, cfg.cache_dir) if c.name == "readable files"]
+    limit = f"is over the {SMALL_RECORD_BYTES}-byte limit"
+    assert readable.detail.startswith("1 unreadable: state/finished.json (") and limit in readable.detail
+    assert summarize(folder.root, cfg.cache_dir).status != "finished"      # what `status` and `experiments` read
+    assert warnings_naming(caplog, folder.finished_file) == 1 and limit in caplog.text
 
 
 def test_a_forged_start_time_shows_no_eta_rather_than_an_infinite_one(swarm):

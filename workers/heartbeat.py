@@ -58,7 +58,8 @@ class Heartbeats:
                 changes["progress_at"] = now
             troubles = self.troubles()
             self.beat = replace(self.beat, updated_at=now, rejected=self.exchange.rejected,
-                                note="; ".join(troubles) or None, **changes)
+                                rejected_names=self.exchange.rejected_names, note="; ".join(troubles) or None,
+                                **changes)
 
     def _write(self) -> None:
         # the beat is read under the write lock: a write never puts an older beat over a newer one

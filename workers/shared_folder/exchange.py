@@ -15,7 +15,8 @@ from workers.shared_folder.retries import with_retries
 from workers.shared_folder.safe_io import list_folder, read_whole
 from workers.shared_folder import storage
 from workers.shared_folder.doorbell import Doorbell
-from workers.shared_folder.protocol import Heartbeat, RolloutFile, RolloutGroup, RoundState, Status, SwarmFinished
+from workers.shared_folder.protocol import (REFUSED_NAMES, Heartbeat, RolloutFile, RolloutGroup, RoundState, Status,
+                                            SwarmFinished, refused_name)
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 # matched whole (fullmatch): a `$` anchor would let "w-1.json\n" through
 ROLLOUT_NAME = re.compile(r"(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,63}?)(?:\.part(?P<part>[0-9]{1,4}))?\.json")
 POLL_S = 0.2
-HEARTBEAT_BYTES = 64 * 1024
+SMALL_RECORD_BYTES = 64 * 1024     # a heartbeat, finished.json, the coordinator's lease: a few hundred bytes each
 # records remembered, parsed or known bad: a round reads its peers' rollout files (one per group at most, with
 # ROLLOUT_PUBLISH_FREQUENCY=generation), a state file and, in the coordinator, the workers' rewards files
 MAX_REMEMBERED = 256
@@ -60,6 +61,8 @@ class Exchange:
         self.keyring = keyring or KeyRing(folder)
         self.keyring.trust(key)
         self.rejected = 0               # files and groups refused, each counted once (the heartbeat shows it)
+        # the newest of them, for the heartbeat: a tuple replaced whole, as the heartbeat's thread reads it
+        self.rejected_names: tuple[str, ...] = ()
         self._refused: dict[Path, None] = {}
         self._bad: dict[Path, Version] = {}
         self._cache: dict[Path, tuple[Version, Any]] = {}
@@ -80,7 +83,10 @@ class Exchange:
         """Count and remember a refusal; False when it is remembered already (it moves to the newest end)."""
         known = key in self._refused
         _remember(self._refused, key, None, MAX_REJECTED_KEPT)
-        self.rejected += not known
+        if not known:
+            self.rejected += 1
+            where = key.relative_to(self.folder.root) if key.is_relative_to(self.folder.root) else key
+            self.rejected_names = (*self.rejected_names, refused_name(str(where)))[-REFUSED_NAMES:]
         return not known
 
     @property
@@ -254,7 +260,7 @@ def read_finished(folder: ExperimentFolder, keyring: KeyRing) -> SwarmFinished |
     (warned about once)."""
     path = folder.finished_file
     try:
-        return SwarmFinished.from_json(read_signed(path, COORDINATOR, keyring, HEARTBEAT_BYTES), str(path))
+        return SwarmFinished.from_json(read_signed(path, COORDINATOR, keyring, SMALL_RECORD_BYTES), str(path))
     except FileNotFoundError:
         return None
     except RejectedFile as error:
@@ -289,7 +295,7 @@ def read_heartbeats(folder: ExperimentFolder, keyring: KeyRing,
                            first_wait_s=0.05)
     for path in listing:
         try:
-            data = with_retries(lambda p=path: read_whole(p, HEARTBEAT_BYTES), f"reading {path}", attempts=3,
+            data = with_retries(lambda p=path: read_whole(p, SMALL_RECORD_BYTES), f"reading {path}", attempts=3,
                                 first_wait_s=0.05, retry_missing=False)
             beat = _heartbeat(path, data, keyring, known)
         except FileNotFoundError:

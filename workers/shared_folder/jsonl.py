@@ -44,18 +44,17 @@ def _as_record(record: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def read_jsonl(path: Path, parse: Callable[[dict[str, Any], str], T] = _as_record,
-               max_bytes: int = MAX_JSONL_BYTES, name: str | None = None) -> JsonLines[T]:
+               max_bytes: int = MAX_JSONL_BYTES) -> JsonLines[T]:
     """Every line of a JSONL file parsed by `parse` (an object per line); nothing while the file is missing.
 
     A bad line (not JSON, not an object, refused by `parse`) is logged, counted in `bad` and skipped.
     RejectedFile when the file is not a regular file or is over `max_bytes`; OSError for a Drive hiccup.
-    `name` names the file in messages (default: its path).
     """
     try:
         data = read_whole(path, max_bytes)
     except FileNotFoundError:
         return JsonLines([], [], 0)
-    return _parse_lines(data, 0, name or str(path), parse)
+    return _parse_lines(data, 0, str(path), parse)
 
 
 def read_jsonl_tail(path: Path, offset: int, parse: Callable[[dict[str, Any], str], T] = _as_record,

@@ -41,6 +41,10 @@ MAX_TASKS = 64             # tasks named in one metrics row
 # no honest metrics row holds a number this large; a peer's 1e308 made the views' sums and scales overflow
 MAX_NUMBER = 1e15
 TASK_NAME = re.compile(r"[a-z0-9_]{1,64}")      # reasoning-gym's dataset names
+# a file or group a node refused, as its heartbeat names it for people (never a path): the characters of the
+# layout's paths and of a group's name ("round 3 rollouts of w-9, group 0"), the newest few
+REFUSED_NAME = re.compile(r"[A-Za-z0-9._/, -]{1,160}")
+REFUSED_NAMES = 5
 # a field typed `X | None` may be absent or null: it was added after the first metrics files were written
 _OPTIONAL = {float | None: (float, True), int | None: (int, True)}
 
@@ -119,6 +123,11 @@ class SwarmFinished:
                    finished_at=float(_need(record, "finished_at", (int, float), where)))
 
 
+def refused_name(name: str) -> str:
+    """A refused file's or group's name as a heartbeat carries it: each character past REFUSED_NAME's a '?'."""
+    return re.sub(r"[^A-Za-z0-9._/, -]", "?", name)[:160] or "?"
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     """A node's own liveness record in peers/; rewritten only by that node."""
@@ -139,6 +148,7 @@ class Heartbeat:
     rejected: int = 0                # files and groups from the folder this node refused to trust
     note: str | None = None          # trouble the node works around, e.g. a folder that refused its writes
     device: str | None = None        # where a worker runs (cpu, cuda:1): `rl-swarm status` shows it
+    rejected_names: tuple[str, ...] = ()     # the newest it refused (REFUSED_NAME): the supervisor's events say them
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self), "stage": 0}     # "stage": read by versions before stages went
@@ -157,6 +167,10 @@ class Heartbeat:
             optional["progress_at"] = float(_need(record, "progress_at", (int, float), where))
         if "rejected" in record:
             optional["rejected"] = max(0, _need(record, "rejected", int, where))
+        if "rejected_names" in record:      # a name past the pattern is left out, not the node's liveness
+            names = [name for name in _need(record, "rejected_names", list, where)
+                     if isinstance(name, str) and REFUSED_NAME.fullmatch(name)]
+            optional["rejected_names"] = tuple(names[-REFUSED_NAMES:])
         return cls(node=check_node_name(_need(record, "node", str, where)), role=_need(record, "role", str, where),
                    pid=_need(record, "pid", int, where), host=_need(record, "host", str, where)[:128],
                    instance=_need(record, "instance", str, where)[:64], status=_need(record, "status", str, where)[:32],
