@@ -92,7 +92,6 @@ class Supervisor:
         self.peaks = PeakWindow()           # what monitor.jsonl records: the most of each window's samples
         self.dashboard = dashboard or Dashboard()
         self.reader = SwarmReader(self.folder, cfg, model_label, device_label, self.keyring)
-        self.started = time.monotonic()
         self.interrupts = 0
         self.hung_up = False
         self.terminal: tuple[int, ...] = ()      # stdout/stderr that are a terminal (hangup.terminal_outputs)
@@ -298,7 +297,8 @@ class Supervisor:
         return self.exit_code
 
     def _view(self) -> SwarmView:
-        return self.reader.view(self.handles, self.snapshot, self.events, self.started,
+        return self.reader.view(self.handles, self.snapshot, self.events,
+                                self.coordinator.instance if self.coordinator else None,
                                 self.coordinator.round if self.coordinator else None)
 
     def _record(self, snapshot: MonitorSnapshot | None) -> None:
