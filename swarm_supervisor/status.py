@@ -211,9 +211,10 @@ class SwarmReader:
             log.warning("heartbeats not read (%s); showing the last ones", exc)
         return self._beats
 
-    def last_error(self, node: str) -> str | None:
+    def last_error(self, node: str, pid: int) -> str | None:
+        """The error the process `pid` of `node` beat last (not one of a process before it)."""
         beat = self.heartbeats().get(node)
-        return beat.last_error if beat else None
+        return beat.last_error if beat and beat.pid == pid else None
 
     def state_rounds(self) -> list[int]:
         try:
@@ -322,8 +323,8 @@ class SwarmReader:
                 status = Status.FAILED
             elif handle.restart_at is not None:
                 status = Status.RESTARTING
-            elif not handle.alive() and handle.exited_ok:
-                status = beat.status if beat else Status.DONE
+            elif not handle.alive() and (handle.exited_ok or handle.stopped):    # over, whatever its beat last said
+                status = Status.DONE if beat and beat.status == Status.DONE else Status.STOPPED
         process = None
         if snapshot is not None and handle is not None and handle.process is not None:
             process = snapshot.processes.get(handle.process.pid)
@@ -342,7 +343,7 @@ class SwarmReader:
                        gpu_mib=process.gpu_mib if process else None, ram_mib=process.rss_mib if process else None,
                        restarts=handle.total_restarts if handle is not None else self.restarts.get(node, 0),
                        heartbeat_age_s=beat.age() if beat else None,
-                       last_error=error if status in Status.TROUBLE else None,
+                       last_error=error if status in Status.TROUBLE or (handle and handle.stopped) else None,
                        held_out_start=trend.start, held_out=trend.newest, held_out_best=trend.best,
                        learning_alarm=learning_alarm(trend, rewards),
                        learning_warning=trend.warning(node) or (rewards.warning(node) if rewards else None),
