@@ -60,6 +60,11 @@ class Coordinator(threading.Thread):
         self._beats: tuple[float, dict[str, Heartbeat]] | None = None    # when the heartbeats were read, and them
         self._done: tuple[int, set[str]] = (0, set())        # a round, and its nodes already seen done
 
+    @property
+    def instance(self) -> str:
+        """Its heartbeat's instance id: a coordinator heartbeat with another is of a run before this one."""
+        return self._beat.instance
+
     def run(self) -> None:
         try:
             finish_killed_archiving(self.cfg.gdrive_path, self.archive)

@@ -234,6 +234,7 @@ class Dashboard:
         self._drawn: SwarmView | None = None     # the view on screen (live) or last printed (lines)
         self._last_draw = float("-inf")
         self._last_key: tuple | None = None
+        self._last_line: str | None = None
 
     @property
     def live(self) -> bool:
@@ -265,7 +266,7 @@ class Dashboard:
         self.shown, self._live = False, None
 
     def stop(self) -> None:
-        """A terminal keeps the last frame on screen; a pipe gets a final status line."""
+        """A terminal keeps the last frame on screen; a pipe gets a final status line unless its last one says it."""
         try:
             if self._live is not None:
                 self._draw_live(force=True)
@@ -292,9 +293,12 @@ class Dashboard:
         now = time.monotonic()
         key = (view.round, tuple((n.node_id, n.status, n.liveness, n.learning_alarm) for n in view.nodes
                                  if n.status in TROUBLE or n.liveness in ("late", "gone") or n.learning_alarm))
-        if force or key != self._last_key or now - self._last_draw >= self.line_interval_s:
-            self.console.print(status_line(view), markup=False, highlight=False, soft_wrap=True)
-            self._drawn, self._last_key, self._last_draw = view, key, now
+        line = status_line(view)
+        # the final line repeats the last one when nothing changed since (a run's end printed it twice)
+        if (force and line != self._last_line) or key != self._last_key or \
+                now - self._last_draw >= self.line_interval_s:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self._drawn, self._last_key, self._last_draw, self._last_line = view, key, now, line
 
     def __enter__(self) -> "Dashboard":
         self.start()

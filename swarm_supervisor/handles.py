@@ -28,6 +28,7 @@ class WorkerHandle:
     restart_at: float | None = None
     failed: bool = False
     exited_ok: bool = False
+    stopped: bool = False               # it exited otherwise (or was killed) once the swarm was stopping
     last_error: str | None = None
     kill_reason: str | None = None      # set when the supervisor itself killed the process
     memory_wait_since: float | None = None    # its restart waits for room on its GPU (monotonic start)

@@ -161,20 +161,15 @@ def show_aggregate(roots: list[Path], cache_dir: Path) -> int:
 
 
 def summary(supervisor, wall_s: float, code: int) -> str:
+    from swarm_supervisor.endings import endings
+
     view = supervisor.reader.view(supervisor.handles)
     verdict = {0: "finished", 130: "stopped (resumable: run the same command again)"}.get(code, "FAILED")
     if code not in (0, 130) and supervisor.failure:
         verdict += f" ({supervisor.failure})"
     lines = [f"rl-swarm: {verdict}: experiment {view.experiment!r}, round {view.round}/{view.max_rounds}, "
              f"{wall_s:.1f}s, folder {supervisor.folder.root}"]
-    for row in view.nodes:
-        if row.role != "worker":
-            continue
-        reward = "-" if row.reward is None else f"{row.reward:.3f}"
-        shown = [f"{v:.1%}" for v in (row.held_out_start, row.held_out) if v is not None]
-        error = f" ({row.last_error})" if row.last_error else ""
-        lines.append(plain(f"  {row.node_id}: {row.status}, round {row.round}, reward {reward}, held-out "
-                           f"{' -> '.join(shown) or '-'}, restarts {row.restarts}{error}"))
+    lines += [plain(f"  {ended.words()}, {ended.numbers()}") for ended in endings(list(view.nodes))]
     unwritten = list(supervisor.journal.waiting)
     if unwritten:       # the shared folder was still away at the end: they are nowhere else
         lines.append(f"rl-swarm: {len(unwritten)} events not written to {supervisor.journal.path} (the shared "

@@ -213,9 +213,10 @@ class SwarmReader:
             log.warning("heartbeats not read (%s); showing the last ones", exc)
         return self._beats
 
-    def last_error(self, node: str) -> str | None:
+    def last_error(self, node: str, pid: int) -> str | None:
+        """The error the process `pid` of `node` beat last (not one of a process before it)."""
         beat = self.heartbeats().get(node)
-        return beat.last_error if beat else None
+        return beat.last_error if beat and beat.pid == pid else None
 
     def state_rounds(self) -> list[int]:
         try:
@@ -258,7 +259,9 @@ class SwarmReader:
         return elapsed, per_hour, eta if eta is not None and math.isfinite(eta) else None
 
     def view(self, handles: Iterable = (), snapshot: MonitorSnapshot | None = None, events: Iterable[str] = (),
-             started: float | None = None, coordinator_round: int | None = None) -> SwarmView:
+             own_coordinator: str | None = None, coordinator_round: int | None = None) -> SwarmView:
+        """The swarm now; a supervisor passes its processes (`handles`) and the instance of the coordinator it runs
+        (`own_coordinator`): a heartbeat of the run before is no news of this one, which is starting."""
         beats = self.heartbeats()
         handles = list(handles)
         if not handles:
@@ -266,14 +269,10 @@ class SwarmReader:
             snapshot = snapshot or self._recorded_snapshot()
         nodes = [h.node for h in handles] + sorted(n for n, b in beats.items()
                                                    if b.role == "worker" and n not in {h.node for h in handles})
-        rows = []
         coordinator = beats.get("coordinator")
-        if coordinator is not None:
-            rows.append(NodeRow(node_id="coordinator", role="coordinator", status=coordinator.status,
-                                round=coordinator.round, reward=None, accuracy=None, reward_trend=(),
-                                local_rollouts=None, external_rollouts=None, gpu_mib=None, ram_mib=None,
-                                restarts=0, heartbeat_age_s=coordinator.age(), last_error=coordinator.last_error,
-                                rejected=coordinator.rejected, rejected_names=coordinator.rejected_names))
+        starting = own_coordinator is not None and (coordinator is None or coordinator.instance != own_coordinator)
+        rows = [] if coordinator is None and not starting else \
+            [_coordinator_row(None if starting else coordinator, coordinator_round)]
         by_node = {h.node: h for h in handles}
         for node in nodes:
             self._read_new_metrics(node)
@@ -282,6 +281,8 @@ class SwarmReader:
         newest = None if coordinator_round else self._newest_state(rounds)
         round_ = coordinator_round or (newest.round if newest else 0)
         phase = self.phase(beats)
+        if starting and phase != "finished":      # the folder still says how the run before ended
+            phase = "starting"
         elapsed, per_hour, eta = self._timing(round_, phase == "running", rounds)
         return SwarmView(experiment=self.cfg.experiment_name, model=self.model_label, device_label=self.device_label,
                          round=round_, max_rounds=self.cfg.max_rounds, elapsed_s=elapsed, rounds_per_hour=per_hour,
@@ -315,6 +316,8 @@ class SwarmReader:
             return "running"
 
     def _row(self, node: str, beat, handle, snapshot: MonitorSnapshot | None) -> NodeRow:
+        if handle is not None and beat is not None and (handle.process is None or beat.pid != handle.process.pid):
+            beat = None      # the run before's, or a crashed process's: the process running now has not beaten yet
         metrics = self.latest.get(node)
         status = beat.status if beat else Status.STARTING
         if handle is not None:
@@ -322,8 +325,8 @@ class SwarmReader:
                 status = Status.FAILED
             elif handle.restart_at is not None:
                 status = Status.RESTARTING
-            elif not handle.alive() and handle.exited_ok:
-                status = beat.status if beat else Status.DONE
+            elif not handle.alive() and (handle.exited_ok or handle.stopped):    # over, whatever its beat last said
+                status = Status.DONE if beat and beat.status == Status.DONE else Status.STOPPED
         process = None
         if snapshot is not None and handle is not None and handle.process is not None:
             process = snapshot.processes.get(handle.process.pid)
@@ -342,7 +345,7 @@ class SwarmReader:
                        gpu_mib=process.gpu_mib if process else None, ram_mib=process.rss_mib if process else None,
                        restarts=handle.total_restarts if handle is not None else self.restarts.get(node, 0),
                        heartbeat_age_s=beat.age() if beat else None,
-                       last_error=error if status in Status.TROUBLE else None,
+                       last_error=error if status in Status.TROUBLE or (handle and handle.stopped) else None,
                        held_out_start=trend.start, held_out=trend.newest, held_out_best=trend.best,
                        learning_alarm=learning_alarm(trend, rewards),
                        learning_warning=trend.warning(node) or (rewards.warning(node) if rewards else None),
@@ -350,6 +353,15 @@ class SwarmReader:
                        note=beat.note if beat else None,
                        rejected=beat.rejected if beat else 0, rejected_names=beat.rejected_names if beat else (),
                        device=handle.spec.device if handle is not None else beat.device if beat else None)
+
+
+def _coordinator_row(beat: Heartbeat | None, round_: int | None) -> NodeRow:
+    """The coordinator's row: as its heartbeat says, or starting while the one this supervisor runs has not beaten."""
+    return NodeRow(node_id="coordinator", role="coordinator", status=beat.status if beat else Status.STARTING,
+                   round=beat.round if beat else round_, reward=None, accuracy=None, reward_trend=(),
+                   local_rollouts=None, external_rollouts=None, gpu_mib=None, ram_mib=None, restarts=0,
+                   heartbeat_age_s=beat.age() if beat else None, last_error=beat.last_error if beat else None,
+                   rejected=beat.rejected if beat else 0, rejected_names=beat.rejected_names if beat else ())
 
 
 def folder_reader(cfg: SwarmConfig) -> SwarmReader:

@@ -92,7 +92,6 @@ class Supervisor:
         self.peaks = PeakWindow()           # what monitor.jsonl records: the most of each window's samples
         self.dashboard = dashboard or Dashboard()
         self.reader = SwarmReader(self.folder, cfg, model_label, device_label, self.keyring)
-        self.started = time.monotonic()
         self.interrupts = 0
         self.hung_up = False
         self.terminal: tuple[int, ...] = ()      # stdout/stderr that are a terminal (hangup.terminal_outputs)
@@ -117,7 +116,7 @@ class Supervisor:
     def _reap(self) -> None:
         now = time.monotonic()
         for h in self.handles:
-            if h.failed or h.exited_ok:
+            if h.failed or h.exited_ok or h.stopped:
                 continue
             if h.restart_at is not None:
                 if now >= h.restart_at and not self.stopping and not self._held_for_memory(h, now):
@@ -132,10 +131,14 @@ class Supervisor:
             if code == 0:
                 h.exited_ok = True
                 continue
-            h.last_error = h.kill_reason or self.reader.last_error(h.node) or f"exit code {code}"
-            h.kill_reason = None
+            h.last_error = h.kill_reason or self.reader.last_error(h.node, h.process.pid) or f"exit code {code}"
             if self.stopping:
+                h.stopped = True
+                if code == -signal.SIGTERM and h.kill_reason is None:   # asked to stop before it set its handler
+                    h.last_error = None
+                h.kill_reason = None
                 continue
+            h.kill_reason = None
             if code == EXIT_OUT_OF_MEMORY and self._held_for_memory(h, now, exited=True):
                 continue
             while h.restarts and now - h.restarts[0] > self.policy.window_s:
@@ -227,7 +230,7 @@ class Supervisor:
             self.stop_coordinator.set()
             self.exit_code = EXIT_INTERRUPTED
         else:
-            self._kill_all()
+            self._kill_all("killed by a second stop request")
 
     def hang_up(self, signum: int | None = None, _frame: Any = None) -> None:
         """The terminal closed (an SSH session dropped, its window shut): stop as on Ctrl-C, so every worker saves
@@ -299,7 +302,8 @@ class Supervisor:
         return self.exit_code
 
     def _view(self) -> SwarmView:
-        return self.reader.view(self.handles, self.snapshot, self.events, self.started,
+        return self.reader.view(self.handles, self.snapshot, self.events,
+                                self.coordinator.instance if self.coordinator else None,
                                 self.coordinator.round if self.coordinator else None)
 
     def _record(self, snapshot: MonitorSnapshot | None) -> None:
@@ -363,10 +367,11 @@ class Supervisor:
         for h in self.handles:
             if h.process is not None:
                 h.process.join(timeout=max(0.1, deadline - time.monotonic()))
-        self._kill_all()
+        self._kill_all(f"killed: it did not stop within {SHUTDOWN_GRACE_S:.0f}s")
         if self.coordinator and self.coordinator.is_alive():
             self.coordinator.join(timeout=5)
         try:
+            self._reap()            # how each process ended, for the last view and the run's summary
             self.watch.folder()     # a folder back since the last check: the swarm can finish within its 2 s
             view = self._view()
             self.watch.learning(view)   # the last evaluations, which the workers wrote as they left
@@ -375,8 +380,9 @@ class Supervisor:
         finally:
             self.dashboard.stop()
 
-    def _kill_all(self) -> None:
+    def _kill_all(self, why: str) -> None:
         for h in self.handles:
             if h.process is not None and h.process.is_alive():
+                h.kill_reason = why
                 h.process.kill()
                 h.process.join(timeout=5)

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -140,6 +141,8 @@ def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal,
     done = {n: metrics_rows(exp, n)[-1]["round"] for n in ("worker-1", "worker-2")}
     for node, last in done.items():    # stopping saved a checkpoint of the last completed round
         assert (exp / "checkpoints" / node / f"round_{last:06d}").is_dir()
+        # the summary says how each worker ended, not the stage it was in
+        assert re.search(rf"^  {node}: stopped at round \d+, reward", output, re.MULTILINE), output[-3000:]
 
     assert "resuming" not in output
     # resumed with another learning rate: said on the console, used by the update, kept in config.json
@@ -152,6 +155,10 @@ def test_a_stop_signal_stops_cleanly_and_up_again_resumes(tmp_path, stop_signal,
     config = json.loads((exp / "config.json").read_text())
     assert config["learning_rate"] == 1e-4 and config["max_rounds"] == max(done.values()) + 2
     assert [change["settings"] for change in config["setting_changes"]] == [{"learning_rate": [None, 1e-4]}]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[rl-swarm]")]
+    # the resumed run's first line is not the run before's stopped, late workers; its last line is printed once
+    assert ", stopped |" not in lines[0] and "late" not in lines[0] and "gone" not in lines[0], lines[0]
+    assert lines[-1] != lines[-2] and ", finished |" in lines[-1], lines[-3:]
     for node in done:
         assert {r["learning_rate"] for r in metrics_rows(exp, node) if r["round"] > done[node]} == {1e-4}
         rounds = [r["round"] for r in metrics_rows(exp, node)]

@@ -106,9 +106,23 @@ def test_in_a_pipe_the_dashboard_prints_a_line_when_something_changes_not_a_tabl
         dashboard.update(view([row("worker-1"), row("worker-2", status="restarting")], round_=2))
     lines = out.getvalue().splitlines()
     assert [line.split(" | ")[0] for line in lines] == ["[rl-swarm] exp=exp round 1/10"] + \
-        ["[rl-swarm] exp=exp round 2/10"] * 3      # round 2, the restart, and the final line on stop
-    assert "worker-2: restarting" in lines[2] and "worker-2: restarting" in lines[3]
+        ["[rl-swarm] exp=exp round 2/10"] * 2      # round 2 and the restart; the stop's line said nothing new
+    assert "worker-2: restarting" in lines[2]
     assert "┃" not in out.getvalue() and "│" not in out.getvalue()
+
+
+def test_a_run_ends_in_a_pipe_with_its_final_line_printed_once():
+    out = io.StringIO()
+    with Dashboard(Console(file=out, force_terminal=False, width=80), line_interval_s=3600) as dashboard:
+        dashboard.update(view([row("worker-1", status="done")], round_=10, phase="finished"))
+        dashboard.update(view([row("worker-1", status="done")], round_=10, phase="finished"))   # the supervisor's last
+    assert out.getvalue().count("round 10/10") == 1
+    out = io.StringIO()
+    with Dashboard(Console(file=out, force_terminal=False, width=80), line_interval_s=3600) as dashboard:
+        dashboard.update(view([row("worker-1")], round_=4))
+        dashboard.update(view([row("worker-1", status="stopped")], round_=4, phase="stopped"))
+    assert [line.rsplit(" | ", 2)[1] for line in out.getvalue().splitlines()] == \
+        ["30.0 s/round, ETA 3m30s", "30.0 s/round, stopped"]        # what changed since the last line is printed
 
 
 def test_in_a_terminal_the_last_frame_stays_on_screen():

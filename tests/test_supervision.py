@@ -63,7 +63,7 @@ def test_a_worker_that_keeps_crashing_is_marked_failed_while_the_other_finishes(
         proc.kill()
     assert len(killed) == 3                           # the first run and R=2 restarts
     assert proc.returncode == 1, output               # finished, but not every worker made it
-    assert "worker-2: failed" in output and "worker-1: done, round 6" in output
+    assert "worker-2: failed" in output and "worker-1: finished at round 6" in output
     assert metrics_rows(exp, "worker-1")[-1]["round"] == 6
     events = [json.loads(line) for line in (exp / "logs" / "supervisor" / "events.jsonl").read_text().splitlines()]
     failed = [e for e in events if "failed (2 restarts within" in e["event"]]
