@@ -15,8 +15,8 @@ from swarm_supervisor.devices import CPU, devices_label, gpu_count
 from swarm_supervisor.preflight import (resolve_devices, settle_fit, resolve_model, warn_short_disk, worker_names,
                                         worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.recorded_config import write_recorded_config
-from swarm_supervisor.resume import ExperimentFinished, Resume, finished_note, plan_resume
+from workers.shared_folder.recorded_config import read_recorded_config, write_recorded_config
+from swarm_supervisor.resume import ExperimentFinished, Resume, finished_note, joined_settings, plan_resume
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.appends import open_append
@@ -104,8 +104,9 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
 def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     from workers.learning.tasks import check_tasks      # reasoning-gym loads only when a swarm starts
 
-    if role != "up":        # before the tasks and the model load: a finished experiment has nothing to join
-        refuse_finished(cfg, ExperimentFolder(cfg.experiment_dir))
+    keyring = None
+    if role != "up":        # before the tasks and the model load: they are the experiment's
+        cfg, keyring = join_experiment(cfg)
     check_tasks(cfg.tasks)
     gpus = gpu_count()
     devices, device_note = resolve_devices(cfg, gpus)
@@ -118,9 +119,8 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
         cfg, need_mib = settle_fit(cfg, gpus, lambda settings: worker_need_mib(settings, model_name, devices[0]))
     warn_short_disk([cfg], model_name, on_cuda=devices[0] != CPU)
     folder = ExperimentFolder(cfg.experiment_dir).create()
-    if role != "up":
-        return _run_swarm(cfg, folder, model_name, devices, join_when_ready(cfg, folder), dashboard=dashboard,
-                          need_mib=need_mib)
+    if keyring is not None:
+        return _run_swarm(cfg, folder, model_name, devices, keyring, dashboard=dashboard, need_mib=need_mib)
     key, keyring = coordinator_key(cfg, folder)
     claim = CoordinatorClaim(cfg, folder, key, keyring, "up")
     with claim.held():       # before the warm-up: a second `up` is refused while this one warms up too
@@ -186,6 +186,18 @@ def refuse_finished(cfg: SwarmConfig, folder: ExperimentFolder) -> None:
         raise ExperimentFinished(note)
 
 
+def join_experiment(cfg: SwarmConfig) -> tuple[SwarmConfig, KeyRing]:
+    """A joining machine's settings, the experiment's where they shape the rounds, and its keys of the experiment,
+    once the experiment is ready to join; ExperimentFinished when it has no round left."""
+    folder = ExperimentFolder(cfg.experiment_dir)
+    refuse_finished(cfg, folder)        # nothing is written into a finished experiment
+    keyring = join_when_ready(cfg, folder.create())
+    cfg, lines = joined_settings(folder, keyring, cfg)
+    for line in lines:
+        print(f"rl-swarm: {line}")
+    return cfg, keyring
+
+
 def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
     """A joining machine waits, within a bound, for the coordinator's key and the experiment's base/ (or a first
     round of a swarm that runs without one), pins the coordinator's key and prints it for the person to check.
@@ -215,18 +227,38 @@ def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
         keyring.public_key(COORDINATOR)
     except (UnknownSigner, OSError):      # not published yet, or a Drive hiccup
         return f"the coordinator's key ({folder.public_key_file(COORDINATOR)})"
+    if not _has_start(folder, keyring):
+        return f"the experiment's base model ({folder.base_dir}, made by the warm-up)"
+    if not _has_settings(folder, keyring):
+        return f"the experiment's settings ({folder.config_file}, written as its `rl-swarm up` starts)"
+    return None
+
+
+def _has_start(folder: ExperimentFolder, keyring: KeyRing) -> bool:
+    """Whether the coordinator's base/ is there, or a first round of a swarm that runs without one."""
     try:
         if signed_base_meta(folder, keyring) is not None:
-            return None
+            return True
     except RejectedFile as refused:     # a peer's, or one still syncing: the coordinator's is waited for
         warn_once(str(refused))
     except OSError:                     # a Drive hiccup: looked at again
         pass
     try:
-        started = newest_signed_round(folder, keyring)       # a swarm that runs without a base (WARMUP_STEPS=0)
+        return newest_signed_round(folder, keyring) is not None     # WARMUP_STEPS=0
     except OSError:
-        started = None
-    return None if started is not None else f"the experiment's base model ({folder.base_dir}, made by the warm-up)"
+        return False
+
+
+def _has_settings(folder: ExperimentFolder, keyring: KeyRing) -> bool:
+    """Whether config.json, whose settings a joiner plays with (resume.joined_settings), is there to read; one the
+    coordinator did not sign counts: the joiner says so and plays with its own."""
+    try:
+        read_recorded_config(folder, keyring)
+    except RejectedFile:
+        return True
+    except OSError:                     # not written yet (FileNotFoundError), or a Drive hiccup
+        return False
+    return True
 
 
 def pretrain(cfg: SwarmConfig) -> int:

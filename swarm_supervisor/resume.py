@@ -1,16 +1,20 @@
-"""Starting an experiment again: whether rounds are left to run, and what a resumed `up` says and records.
+"""Starting on an experiment that exists: whether rounds are left to run, what a resumed `up` says and records, and
+the settings a machine that joins takes from it.
 
 A resumed run goes on from its workers' checkpoints, so it must load the model they hold. Other settings that shape
 the rounds (the split, the tasks, the seed, the learning rate, ...) may change: the console says which, from what
 to what, and config.json keeps the change beside the settings the resumed run uses, so the record stays true of
-the rounds before it too.
+the rounds before it too. A machine that joins plays the rounds as the experiment does: peers drop groups of
+another G or longer than their MAX_NEW_TOKENS, so it takes those settings from config.json, as advice (a value the
+setting's own parser refuses is left out, and said so).
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from configs_env import SETTINGS, ConfigError, SwarmConfig, SwarmError
+from swarm_supervisor.readable import plain
 from workers.shared_folder.exchange import newest_signed_round, read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import SCHEMA
@@ -21,6 +25,12 @@ from workers.shared_folder.signing import KeyRing
 
 KEPT_CHANGES = 64       # config.json is read within 256 KiB: a run resumed with changes time and again keeps the last
 SHAPING = {s.attr: s.env for s in SETTINGS if s.shapes_run}
+# what a joining machine takes from config.json: what shapes the rounds, less NUM_WORKERS (this machine's own count
+# of workers), and the rounds' number (its round states then keep it current: a resumed coordinator may raise it)
+JOINED = {s.attr: s.env for s in SETTINGS if s.attr == "max_rounds" or (s.shapes_run and s.attr != "num_workers")}
+# a setting whose null means "unset" (LEARNING_RATE: the model's default rate) is taken as such
+UNSET_ALLOWED = {f.name for f in fields(SwarmConfig) if f.default is None}
+SHOWN_REFUSAL = 200     # characters of a refused config.json value's line: the file may hold a value of 256 KiB
 
 
 class ExperimentFinished(SwarmError):
@@ -88,10 +98,58 @@ def plan_resume(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig, mo
         raise ConfigError(f"{asked}: experiment {cfg.experiment_name!r} ran {newest.round} rounds of {before}, and "
                           f"its checkpoints hold that model; set MODEL_NAME={before} to resume it, or a new "
                           "EXPERIMENT_NAME")
+    return Resume(newest.round, recorded, changed_settings(recorded, cfg, SHAPING))
+
+
+def changed_settings(recorded: dict[str, Any], cfg: SwarmConfig, attrs: dict[str, str]) -> dict[str, tuple[Any, Any]]:
+    """Each of `attrs` whose value in config.json `recorded` differs from `cfg`'s: setting -> (recorded, now), as
+    JSON."""
     now = cfg.to_json()
-    changes = {attr: (recorded[attr], now[attr]) for attr in SHAPING
-               if attr in recorded and recorded[attr] != now[attr]}
-    return Resume(newest.round, recorded, changes)
+    return {attr: (recorded[attr], now[attr]) for attr in attrs if attr in recorded and recorded[attr] != now[attr]}
+
+
+def joined_settings(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig) -> tuple[SwarmConfig, list[str]]:
+    """This machine's settings with the experiment's values of JOINED, parsed as the environment's would be, and
+    what the console says of them (one line each: what was taken, what was refused)."""
+    recorded = _recorded(folder, keyring)
+    if not recorded:
+        return cfg, [f"experiment {cfg.experiment_name!r} has no config.json its coordinator signed: this machine "
+                     "plays its rounds with its own settings (check that G, TASKS and MAX_NEW_TOKENS match the "
+                     "swarm's)"]
+    taken, lines = {}, []
+    for attr, (theirs, mine) in changed_settings(recorded, cfg, JOINED).items():
+        try:
+            value = _parsed(attr, theirs)
+        except ConfigError as refused:
+            lines.append(_refusal(cfg, refused, f"this machine keeps {JOINED[attr]}={spelled(mine)}"))
+            continue
+        if value != getattr(cfg, attr):       # a value spelled otherwise (1e-05 and 0.00001) is no change
+            taken[attr] = value
+    joined = cfg.with_overrides(**taken)
+    try:
+        joined.check("join")
+    except ConfigError as refused:
+        return cfg, [*lines, _refusal(cfg, refused, "this machine plays with its own settings")]
+    if taken:
+        now = joined.to_json()
+        lines.append(f"joining experiment {cfg.experiment_name!r} with its settings (config.json): " + ", ".join(
+            f"{JOINED[attr]}={spelled(now[attr])} (this machine's: {spelled(cfg.to_json()[attr])})"
+            for attr in taken))
+    return joined, lines
+
+
+def _parsed(attr: str, recorded: Any) -> Any:
+    """A config.json value read as its environment variable would be: the same parser, the same bounds."""
+    if recorded is None and attr in UNSET_ALLOWED:
+        return None
+    setting = next(s for s in SETTINGS if s.attr == attr)
+    return setting.parse(setting.env, spelled(recorded))
+
+
+def _refusal(cfg: SwarmConfig, refused: ConfigError, instead: str) -> str:
+    """One line, of bounded length, for a config.json value this machine does not take."""
+    line = plain(f"config.json of experiment {cfg.experiment_name!r}: {refused}; {instead}")
+    return line if len(line) <= SHOWN_REFUSAL else f"{line[:SHOWN_REFUSAL - 3]}..."
 
 
 def _recorded(folder: ExperimentFolder, keyring: KeyRing) -> dict[str, Any]:

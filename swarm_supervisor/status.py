@@ -237,7 +237,8 @@ class SwarmReader:
         """The newest round state the coordinator signed: a half-synced or forged round_000099.json is no round."""
         return newest_round_state(self._state, rounds)
 
-    def _timing(self, round_: int, running: bool, rounds: list[int]) -> tuple[float, float | None, float | None]:
+    def _timing(self, round_: int, max_rounds: int, running: bool,
+                rounds: list[int]) -> tuple[float, float | None, float | None]:
         """Elapsed seconds, rounds per hour (pace.rounds_per_hour) and ETA, from the round state files' timestamps
         (`rounds`: listed).
 
@@ -254,7 +255,7 @@ class SwarmReader:
             end = max([newest.started_at if newest else first.started_at, *finished])
             return max(0.0, end - first.started_at), per_hour, None
         elapsed = max(0.0, time.time() - first.started_at)
-        eta = max(0, self.cfg.max_rounds - round_) / per_hour * 3600 if per_hour else None
+        eta = max(0, max_rounds - round_) / per_hour * 3600 if per_hour else None
         # a forged start time of -1e308 makes the rate tiny and the ETA infinite: no ETA rather than a crash
         return elapsed, per_hour, eta if eta is not None and math.isfinite(eta) else None
 
@@ -280,12 +281,14 @@ class SwarmReader:
         rounds = self.state_rounds()        # once a view: on a bucket a listing is a billed request
         newest = None if coordinator_round else self._newest_state(rounds)
         round_ = coordinator_round or (newest.round if newest else 0)
+        # a machine that joined counts to the rounds the coordinator's states carry, not to its own MAX_ROUNDS
+        max_rounds = newest.max_rounds if newest else self.cfg.max_rounds
         phase = self.phase(beats)
         if starting and phase != "finished":      # the folder still says how the run before ended
             phase = "starting"
-        elapsed, per_hour, eta = self._timing(round_, phase == "running", rounds)
+        elapsed, per_hour, eta = self._timing(round_, max_rounds, phase == "running", rounds)
         return SwarmView(experiment=self.cfg.experiment_name, model=self.model_label, device_label=self.device_label,
-                         round=round_, max_rounds=self.cfg.max_rounds, elapsed_s=elapsed, rounds_per_hour=per_hour,
+                         round=round_, max_rounds=max_rounds, elapsed_s=elapsed, rounds_per_hour=per_hour,
                          eta_s=eta, devices=snapshot.devices if snapshot else (), nodes=tuple(rows),
                          events=tuple(events), phase=phase,
                          rejected_files=self.rejected + sum(b.rejected for b in beats.values()))

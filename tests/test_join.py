@@ -37,7 +37,11 @@ def two_machines(tmp_path_factory, start_from_base) -> TwoMachines:
                           stderr=subprocess.STDOUT, text=True)
     try:
         with ThreadPoolExecutor(1) as other_machine:    # the same folder, as a mount
-            joining = other_machine.submit(join_from_another_machine, env, tmp_path / "other-machine")
+            # the second machine's own settings differ from the swarm's: TEST_MODE's 3 rounds (not 40), G=3 (not 4),
+            # MAX_NEW_TOKENS=16 (not 32); it plays the swarm's rounds all the same
+            own = {k: v for k, v in env.items() if k != "MAX_ROUNDS"}
+            joining = other_machine.submit(join_from_another_machine, own, tmp_path / "other-machine",
+                                           NUM_GENERATIONS="3", MAX_NEW_TOKENS="16")
             wait_for(lambda: (exp / "peers" / "worker-1.json").exists(), 120, "worker-1's heartbeat", up)
             twin = subprocess.run([sys.executable, "-m", "swarm_supervisor", "worker"],
                                   env={**env, "NUM_WORKERS": "1", "NODE_ID": "worker-1"}, capture_output=True,
@@ -53,10 +57,14 @@ def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(two_
     exp, up, joiner = two_machines.exp, two_machines.up, two_machines.joiner
     assert up.returncode == 0 and joiner.returncode == 0, up.stdout + joiner.stdout + joiner.stderr
     joined = metrics_rows(exp, "colab2")
-    assert joined and joined[-1]["round"] == 40
+    assert joined and joined[-1]["round"] == 40 and {r["completions"] for r in joined} == {2 * 4}
+    assert ("rl-swarm: joining experiment 'e2e' with its settings (config.json): MAX_ROUNDS=40 (this machine's: 3), "
+            "NUM_GENERATIONS=4 (this machine's: 3), MAX_NEW_TOKENS=32 (this machine's: 16)\n") in joiner.stdout
+    # its dashboard counts the swarm's rounds, not its own TEST_MODE's 3
+    assert "round 40/40" in joiner.stdout and "/3 |" not in joiner.stdout, joiner.stdout
     assert not (exp / "peers" / "coordinator.json").read_text().count("colab2")
     used_by_first = {r["round"]: r["external_available"] for r in metrics_rows(exp, "worker-1")}
-    # once the joiner publishes, worker-1 sees 2 peers x I=2 groups instead of 1 x 2
+    # once the joiner publishes, worker-1 sees 2 peers x I=2 groups instead of 1 x 2 (groups of G=3 it dropped)
     assert any(used_by_first[r["round"]] == 4 for r in joined if r["round"] in used_by_first)
     listed = json.loads((exp / "state" / "round_000040.json").read_text())["nodes"]
     assert "colab2" in listed

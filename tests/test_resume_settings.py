@@ -1,7 +1,8 @@
 """`rl-swarm up` run again on an experiment that already ran rounds, with other settings: a model its checkpoints
 do not hold is refused before anything is written; the split and the other settings that shape the rounds may
 change, and the console and config.json say which. (The same through the real CLI, a resume with another
-LEARNING_RATE: test_e2e.py's stop-and-resume test.)"""
+LEARNING_RATE: test_e2e.py's stop-and-resume test.) A machine that joins takes those settings from config.json,
+each through its setting's own parser (through the real CLI: test_join.py)."""
 
 import time
 
@@ -9,7 +10,7 @@ import pytest
 
 from configs_env import ConfigError
 from swarm_supervisor import cli
-from swarm_supervisor.resume import Resume, plan_resume
+from swarm_supervisor.resume import Resume, joined_settings, plan_resume
 from tests.helpers import keyring, node_key, write_as
 from tests.signed_folder import signed_experiment
 from workers.shared_folder.protocol import RoundState, SwarmFinished
@@ -62,3 +63,55 @@ def test_up_again_with_another_split_says_what_changed_and_config_json_keeps_bot
     same = plan_resume(folder, keyring(folder), again, MODEL)
     assert same.lines(again) == ["resuming experiment 'e2e' at round 2 of 4"]
     assert same.record(again, MODEL, "cpu")["setting_changes"] == record["setting_changes"]
+
+
+# -- a machine that joins ----------------------------------------------------------------------------
+
+def test_a_joining_machine_plays_with_the_experiments_settings_and_says_which_it_took(tmp_path):
+    """A joiner of G=4 in a G=8 swarm published groups every peer dropped (RaggedGroup), and one whose
+    MAX_NEW_TOKENS exceeded theirs, completions they cut: it now takes what shapes the rounds from config.json."""
+    cfg, folder = signed_experiment(tmp_path)
+    swarm = cfg.with_overrides(max_rounds=40, num_generations=8, tasks=(("chain_sum", 1.0),), max_new_tokens=64)
+    write_recorded_config(folder, Resume().record(swarm, MODEL, "cuda:0"), node_key(folder, "coordinator"))
+    mine = cfg.with_overrides(num_workers=1, learning_rate=1e-4, checkpoint_interval=7)
+    joined, lines = joined_settings(folder, keyring(folder), mine)
+    assert lines == ["joining experiment 'e2e' with its settings (config.json): MAX_ROUNDS=40 (this machine's: 3), "
+                     "NUM_GENERATIONS=8 (this machine's: 4), TASKS=chain_sum:1 (this machine's: "
+                     "chain_sum:1,basic_arithmetic:1), MAX_NEW_TOKENS=64 (this machine's: 256), LEARNING_RATE=unset "
+                     "(this machine's: 0.0001)"]
+    # what does not shape the rounds, and its own number of workers, stay this machine's
+    assert joined == swarm.with_overrides(num_workers=1, checkpoint_interval=7)
+
+
+def test_a_joining_machine_takes_no_value_of_config_json_that_its_setting_would_refuse_from_the_environment(tmp_path):
+    """config.json lies in a folder peers write: a value no environment variable could hold is not taken (one line
+    each, bounded, escaped), nor a set of values that breaks a rule between settings, nor an unsigned file."""
+    cfg, folder = signed_experiment(tmp_path)
+    coordinator = node_key(folder, "coordinator")
+    record = Resume().record(cfg.with_overrides(num_generations=8), MODEL, "cpu")
+    write_recorded_config(folder, {**record, "max_new_tokens": 10**6, "seed": "\x1b[2J", "tasks": "x" * 100_000,
+                                   "max_rounds": True}, coordinator)
+    joined, lines = joined_settings(folder, keyring(folder), cfg)
+    assert joined == cfg.with_overrides(num_generations=8)
+    assert lines[:2] == [
+        "config.json of experiment 'e2e': SEED='\\x1b[2J': expected an integer >= 0 (e.g. SEED=42); this machine keeps "
+        "SEED=42",
+        "config.json of experiment 'e2e': MAX_ROUNDS='True': expected an integer >= 1 (e.g. MAX_ROUNDS=2000); this "
+        "machine keeps MAX_ROUNDS=3"]
+    assert lines[2].startswith("config.json of experiment 'e2e': TASKS='xxx") and len(lines[2]) == 200
+    assert lines[3].startswith("config.json of experiment 'e2e': MAX_NEW_TOKENS='1000000': expected an integer >= 1 "
+                               "and <= 4096")
+    assert len(lines) == 5 and lines[4].startswith("joining experiment 'e2e' with its settings (config.json): "
+                                                   "NUM_GENERATIONS=8")
+
+    write_recorded_config(folder, {**record, "num_train_samples": 0, "num_transplant_trees": 0}, coordinator)
+    joined, lines = joined_settings(folder, keyring(folder), cfg)
+    assert joined == cfg and lines == [
+        "config.json of experiment 'e2e': NUM_TRAIN_SAMPLES=0 and NUM_TRANSPLANT_TREES=0: a round needs at least one "
+        "group to train on (e.g. NUM_TRAIN_SAMPLES=2); this machine plays with its own settings"]
+
+    write_as(folder, "worker-1", folder.config_file, record)        # a peer's config.json
+    joined, lines = joined_settings(folder, keyring(folder), cfg)
+    assert joined == cfg and lines == [
+        "experiment 'e2e' has no config.json its coordinator signed: this machine plays its rounds with its own "
+        "settings (check that G, TASKS and MAX_NEW_TOKENS match the swarm's)"]

@@ -18,6 +18,7 @@ import pytest
 from configs_env import SwarmError
 from swarm_supervisor.claim import CoordinatorClaim, Lease, coordinator_key
 from swarm_supervisor.coordinator import Coordinator
+from swarm_supervisor.resume import Resume
 from tests.helpers import (metrics_rows, node_exchange, node_key, peer_group, swarm_env,
                            wait_for, warnings_naming, write_as)
 from tests.signed_folder import EXPERIMENT, beat, signed_experiment
@@ -32,6 +33,7 @@ from workers.shared_folder.rejections import FolderError, RejectedFile
 from workers.shared_folder.safe_io import MAX_LISTED
 from workers.shared_folder.hostile import forger, plant_forgeries
 from workers.shared_folder.protocol import RoundState, Status
+from workers.shared_folder.recorded_config import write_recorded_config
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, local_key_dir
 
 
@@ -235,7 +237,8 @@ def test_an_up_with_another_machines_key_is_refused_and_so_is_an_experiment_of_u
 
 # -- a joiner waits for the base ---------------------------------------------------------------------
 
-def test_a_joiner_waits_for_the_coordinators_key_and_the_base_then_pins_the_key(swarm, capsys, monkeypatch):
+def test_a_joiner_waits_for_the_coordinators_key_the_base_and_the_settings_then_pins_the_key(swarm, capsys,
+                                                                                             monkeypatch):
     from swarm_supervisor import cli
 
     cfg, folder = swarm
@@ -255,6 +258,9 @@ def test_a_joiner_waits_for_the_coordinators_key_and_the_base_then_pins_the_key(
     joining.start()
     wait_until(lambda: "waiting for the experiment's base model" in capsys.readouterr().out)
     write_json_atomic(folder.base_dir / "meta.json", sign_base_meta({"model_name": "m"}, "0" * 64, coordinator))
+    # the settings it plays the rounds with, which `up` writes as it starts
+    wait_until(lambda: "waiting for the experiment's settings" in capsys.readouterr().out)
+    write_recorded_config(folder, Resume().record(cfg, "m", "cpu"), coordinator)
     joining.join(timeout=30)
     assert joined and f"coordinator key {coordinator.fingerprint} (pinned on this machine" in capsys.readouterr().out
 

@@ -90,6 +90,9 @@ class Worker:
         self.progress = Progress()
         self.held_out: list = []
         self.best: BestModel | None = None
+        # the experiment's MAX_ROUNDS as its coordinator's newest round state says: a machine that joined may have
+        # another of its own, and a coordinator resumed with a raised one carries its workers on
+        self.max_rounds: int | None = None
 
     # -- heartbeat -----------------------------------------------------------------------------------
     @property
@@ -138,7 +141,7 @@ class Worker:
                 self.outbox.flush(attempts=1)
                 self.update()
                 last_flush = time.monotonic()
-            if self.exchange.finished() is not None or at_least > self.cfg.max_rounds:
+            if self.exchange.finished() is not None or (self.max_rounds is not None and at_least > self.max_rounds):
                 return None
             if time.monotonic() - quiet_since > self.cfg.peer_timeout:
                 unheard_since = self._check_coordinator(at_least, unheard_since)
@@ -202,6 +205,7 @@ class Worker:
             state = self.wait_for_round(self.progress.last_done + 1)
             if state is None:
                 break
+            self.max_rounds = state.max_rounds
             self.update(status=Status.GENERATING, round=state.round)
             with profiled(state.round == self.cfg.profile_round, self.folder.log_dir(self.spec.node) /
                           f"profile-round-{state.round}.txt", node.policy.device, f"round {state.round}"):
@@ -271,7 +275,7 @@ class Worker:
         # the line to the restart (rewrite_lost_records); one before replays the round from the checkpoint before
         # (the same update: its seed and the peers' rollouts are in the folder), whose line is there (lined)
         self._writes_ended()
-        if round_ % cfg.checkpoint_interval == 0 or round_ >= cfg.max_rounds or progress.checkpoint_owed:
+        if round_ % cfg.checkpoint_interval == 0 or round_ >= state.max_rounds or progress.checkpoint_owed:
             progress.checkpoint_owed = not self._save(node, round_)
         metrics_file = self.folder.metrics_file(self.spec.node)
         # a line doubled by a retry after a write that did land is harmless: readers keep a round's last row

@@ -1,7 +1,8 @@
 """config.json of an experiment: the settings its coordinator's last `up` runs with, signed by that coordinator (a
 resume keeps the first start's time and what it changed: swarm_supervisor/resume.py).
 
-No worker reads it; `up` compares a resume's settings with it, the views show it (the model, MAX_ROUNDS, the
+No worker reads it; `up` compares a resume's settings with it, a joining machine takes the settings that shape the
+rounds from it (as advice: each through its setting's parser), the views show it (the model, MAX_ROUNDS, the
 split) and `rl-swarm validate` decides by it (EVAL_SIZE=0 asks for no held-out evaluation, ROLLOUT_CLEANUP_ENABLED
 retires rollouts on purpose). A peer can write the folder, so only a config.json the coordinator signed counts; an
 unsigned one only in a folder from before signed records (KeyRing.for_viewing).
