@@ -29,7 +29,7 @@ from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, Unknown
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status, summary
 from workers.shared_folder.protocol import Status
-from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections
+from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, joined_index, skip_exit_collections
 from swarm_supervisor.base_warmup import coordinators_base, ensure_base
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 
@@ -150,8 +150,8 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
     if claim is not None and resume is not None:
         write_recorded_config(folder, resume.record(cfg, model_name, devices_label(devices)), claim.key)
     publish_worker_keys(cfg, folder, nodes, keyring)
-    specs = [WorkerSpec(cfg=cfg, node=node, index=i, model_name=model_name, device=device, parent_pid=os.getpid())
-             for i, (node, device) in enumerate(zip(nodes, devices))]
+    specs = [WorkerSpec(cfg=cfg, node=node, index=i if claim is not None else joined_index(node), model_name=model_name,
+                        device=device, parent_pid=os.getpid()) for i, (node, device) in enumerate(zip(nodes, devices))]
     supervisor = Supervisor(cfg, specs, run_coordinator=claim is not None, model_label=model_name,
                             device_label=devices_label(devices), keyring=keyring, coordinator_key=claim and claim.key,
                             claim_lost=lambda: claim and claim.lost, dashboard=Dashboard(shown=dashboard),

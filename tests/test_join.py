@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from workers.shared_folder.folder import ExperimentFolder
 from tests.helpers import join_from_another_machine, metrics_rows, swarm_env, wait_for
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,16 @@ def test_two_supervisors_share_one_folder_and_train_on_each_others_rollouts(two_
     assert any(used_by_first[r["round"]] == 4 for r in joined if r["round"] in used_by_first)
     listed = json.loads((exp / "state" / "round_000040.json").read_text())["nodes"]
     assert "colab2" in listed
+    # the joiner asks its own questions: the other machine's first worker is not a second worker-1
+    folder = ExperimentFolder(exp)
+
+    def asked(round_: int, node: str) -> set[tuple]:
+        path = folder.rollout_file(round_, node)
+        groups = json.loads(path.read_text())["groups"] if path.is_file() else []
+        return {(g["task"], g["dataset_seed"], g["index"]) for g in groups}
+
+    both = [r for r in range(1, 41) if asked(r, "colab2") and asked(r, "worker-1")]
+    assert both and all(not asked(r, "colab2") & asked(r, "worker-1") for r in both)
     # each machine's supervisor appends to its own files only (two runtimes appending one file through Drive
     # would upload their copies over each other)
     logs = exp / "logs"

@@ -7,6 +7,7 @@ process imports it itself as it starts, in `start_worker` and `start_warmup`.
 
 import ctypes
 import gc
+import hashlib
 import os
 import signal
 from dataclasses import dataclass
@@ -29,6 +30,19 @@ class WorkerSpec:
     device: str
     parent_pid: int
     generation_splits: int = 1    # doubled by the supervisor after each CUDA out-of-memory exit
+
+
+# Indexes of the workers of a machine that joined: a worker's questions and sampling seeds follow SEED + its index
+# (worker.py, round_loop.round_seed), and the coordinator's machine numbers its own 0..N-1, as every joined machine
+# would too. Far from the warm-up's SEED + 7919 and below the held-out set's seeds (evaluation.EVAL_SEED).
+JOINED_INDEXES = (10_000, 910_000)
+
+
+def joined_index(node: str) -> int:
+    """A joined worker's index, from its name (NODE_IDs are unique in a swarm): its draws differ from every other
+    worker's, and stay the same across its restarts."""
+    low, high = JOINED_INDEXES
+    return low + int.from_bytes(hashlib.sha256(node.encode()).digest()[:8], "big") % (high - low)
 
 
 PR_SET_PDEATHSIG = 1      # prctl(2): a signal to this process when the thread that started it ends
