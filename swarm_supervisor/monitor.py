@@ -167,39 +167,42 @@ class Monitor:
 
 
 class PeakWindow:
-    """The most each process and GPU held across the samples since the last record.
+    """The most each node's process and each GPU held across the samples since the last record.
 
     Samples are taken every second and recorded every few: a record of the sample that happens to fall on it
     misses a checkpoint's or an evaluation's peak of a second or two, and a run shorter than one record interval
     (a test swarm) may never show a worker's GPU memory at all. Memory is the most of the window; the rest is the
-    newest sample's. A process seen alive in the window counts as alive in its record, so the last record of a
-    run keeps the workers that have just exited.
+    newest sample's. By node, not by process: a worker that crashed out of memory and restarted within the window
+    keeps the peak that ended it.
     """
 
     def __init__(self) -> None:
         self._newest: MonitorSnapshot | None = None
-        self._processes: dict[int, ProcessSnapshot] = {}
+        self._nodes: dict[str, ProcessSnapshot] = {}
         self._device_used: dict[str, float] = {}
 
-    def add(self, snapshot: MonitorSnapshot) -> None:
+    def add(self, snapshot: MonitorSnapshot, nodes: Mapping[int, str]) -> None:
+        """One sample; `nodes` names the node each sampled pid runs."""
         self._newest = snapshot
         for pid, now in snapshot.processes.items():
-            before = self._processes.get(pid)
-            if not now.alive:
+            node = nodes.get(pid)
+            if node is None or not now.alive:
                 continue
-            self._processes[pid] = now if before is None else replace(
+            before = self._nodes.get(node)
+            self._nodes[node] = now if before is None else replace(
                 now, rss_mib=_most(before.rss_mib, now.rss_mib), gpu_mib=_most(before.gpu_mib, now.gpu_mib))
         for device in snapshot.devices:
             self._device_used[device.label] = max(self._device_used.get(device.label, 0.0), device.used_mib)
 
-    def take(self) -> MonitorSnapshot | None:
-        """The window as one snapshot (None when nothing was sampled since the last take), and a new window."""
-        newest, processes, used = self._newest, self._processes, self._device_used
+    def take(self) -> tuple[MonitorSnapshot, dict[str, ProcessSnapshot]] | None:
+        """The window: its newest sample with the GPUs' peaks, and each node seen alive in it with its process's
+        peaks (None when nothing was sampled since the last take); a new window starts."""
+        newest, nodes, used = self._newest, self._nodes, self._device_used
         self.__init__()
         if newest is None:
             return None
         devices = tuple(replace(d, used_mib=used.get(d.label, d.used_mib)) for d in newest.devices)
-        return replace(newest, devices=devices, processes={**newest.processes, **processes})
+        return replace(newest, devices=devices), nodes
 
 
 def _most(a: float | None, b: float | None) -> float | None:

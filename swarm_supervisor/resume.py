@@ -9,6 +9,7 @@ another G or longer than their MAX_NEW_TOKENS, so it takes those settings from c
 setting's own parser refuses is left out, and said so).
 """
 
+import json
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -18,12 +19,12 @@ from swarm_supervisor.readable import plain
 from workers.shared_folder.exchange import newest_signed_round, read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import SCHEMA
-from workers.shared_folder.recorded_config import read_recorded_config
+from workers.shared_folder.recorded_config import CONFIG_BYTES, read_recorded_config
 from workers.shared_folder.rejections import RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.signing import KeyRing
 
-KEPT_CHANGES = 64       # config.json is read within 256 KiB: a run resumed with changes time and again keeps the last
+SIGNATURE_ROOM = 1024   # bytes of config.json beside its record: the signature and its key's name
 SHAPING = {s.attr: s.env for s in SETTINGS if s.shapes_run}
 # what a joining machine takes from config.json: what shapes the rounds, less NUM_WORKERS (this machine's own count
 # of workers), and the rounds' number (its round states then keep it current: a resumed coordinator may raise it)
@@ -80,8 +81,11 @@ class Resume:
                   "started_at": started if isinstance(started, (int, float)) else now}
         if self.round:
             record["resumed_at"] = now
+        # config.json is read within CONFIG_BYTES: a run resumed with changes time and again keeps the newest that fit
+        while changes and len(json.dumps({**record, "setting_changes": changes})) > CONFIG_BYTES - SIGNATURE_ROOM:
+            changes = changes[1:]
         if changes:
-            record["setting_changes"] = changes[-KEPT_CHANGES:]
+            record["setting_changes"] = changes
         return record
 
 

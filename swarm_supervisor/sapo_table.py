@@ -91,9 +91,10 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
     warned = set()
     for arm in arms:       # every swarm's settings are checked before any starts
         for warning in arm.config(env).warnings():
+            shape = forced and warning.startswith("NUM_TRANSPLANT_TREES=")
             line = (f"rl-swarm: TEST_MODE runs {family} swarms of 4 workers where the paper ran 8, so a split that "
                     "takes more groups than 3 peers publish trains every worker on the same ones (NUM_WORKERS=8 "
-                    "runs the paper's shape)" if forced else f"rl-swarm: {arm.label}: {warning}")
+                    "runs the paper's shape)" if shape else f"rl-swarm: {arm.label}: {warning}")
             if line not in warned:
                 print(line)
                 warned.add(line)

@@ -20,7 +20,7 @@ from swarm_supervisor.handles import RestartPolicy, WorkerHandle
 from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
 from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader, SwarmView
-from swarm_supervisor.monitor import Monitor, MonitorSnapshot, PeakWindow
+from swarm_supervisor.monitor import Monitor, MonitorSnapshot, PeakWindow, ProcessSnapshot
 from workers.shared_folder import storage
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.exchange import read_finished, read_heartbeats
@@ -281,7 +281,7 @@ class Supervisor:
             if now - last_sample >= MONITOR_S:
                 self.snapshot = self.monitor.sample(h.process.pid for h in self.handles if h.alive())
                 self.watch.memory(self.snapshot)
-                self.peaks.add(self.snapshot)
+                self.peaks.add(self.snapshot, self._nodes_by_pid())
                 last_sample = now
             if now - last_record >= RECORD_S:
                 self._record(self.peaks.take())
@@ -298,7 +298,6 @@ class Supervisor:
             self.exit_code = verdict if verdict is not None else EXIT_INTERRUPTED if self.interrupts else None
             if self.exit_code is None:
                 time.sleep(TICK_S)
-        self._record(self.peaks.take())      # the samples since the last record: a short run's only ones
         return self.exit_code
 
     def _view(self) -> SwarmView:
@@ -306,17 +305,17 @@ class Supervisor:
                                 self.coordinator.instance if self.coordinator else None,
                                 self.coordinator.round if self.coordinator else None)
 
-    def _record(self, snapshot: MonitorSnapshot | None) -> None:
+    def _nodes_by_pid(self) -> dict[int, str]:
+        return {h.process.pid: h.node for h in self.handles if h.process is not None}
+
+    def _record(self, window: tuple[MonitorSnapshot, dict[str, ProcessSnapshot]] | None) -> None:
         """Per-node GPU/RAM/CPU over time (memory as the most a window's samples saw: PeakWindow), for plots and for
         checking the memory budget after a run."""
-        if snapshot is None:
+        if window is None:
             return
-        nodes = {}
-        for h in self.handles:
-            proc = snapshot.processes.get(h.process.pid) if h.process is not None else None
-            if proc is not None and proc.alive:
-                nodes[h.node] = {"gpu_mib": proc.gpu_mib, "rss_mib": proc.rss_mib, "cpu_pct": proc.cpu_pct,
-                                 "device": h.spec.device}
+        snapshot, processes = window
+        nodes = {h.node: {"gpu_mib": proc.gpu_mib, "rss_mib": proc.rss_mib, "cpu_pct": proc.cpu_pct,
+                          "device": h.spec.device} for h in self.handles if (proc := processes.get(h.node))}
         devices = snapshot.devices
         try:
             append_jsonl(self.folder.monitor_file_of(self.machine), {
@@ -364,9 +363,11 @@ class Supervisor:
         self._ask_workers_to_stop()
         self.stop_coordinator.set()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for h in self.handles:
-            if h.process is not None:
-                h.process.join(timeout=max(0.1, deadline - time.monotonic()))
+        # sampled as in the run while the workers take their last checkpoints: the run's last record holds them
+        while (alive := [h for h in self.handles if h.alive()]) and time.monotonic() < deadline:
+            self.peaks.add(self.monitor.sample(h.process.pid for h in alive), self._nodes_by_pid())
+            alive[0].process.join(timeout=min(MONITOR_S, max(0.1, deadline - time.monotonic())))
+        self._record(self.peaks.take())      # the samples since the last record: a short run's only ones
         self._kill_all(f"killed: it did not stop within {SHUTDOWN_GRACE_S:.0f}s")
         if self.coordinator and self.coordinator.is_alive():
             self.coordinator.join(timeout=5)

@@ -170,18 +170,19 @@ def sample(at: float, used: float, **processes: tuple[float | None, float | None
     return MonitorSnapshot(at, (device,), procs, supervisor_cpu_pct=1.0, host_ram_used_mib=1, host_ram_total_mib=2)
 
 
-def test_a_record_keeps_the_peak_of_a_checkpoint_between_two_records_and_workers_that_just_exited():
+def test_a_record_keeps_the_peak_of_a_checkpoint_between_two_records_and_workers_that_exited_or_restarted():
     window = PeakWindow()
     assert window.take() is None                        # nothing sampled: nothing to record
-    window.add(sample(1.0, 5000, p7=(2000, 900), p8=(None, 800)))
-    window.add(sample(2.0, 6500, p7=(3100, 1900), p8=(2100, 850)))      # worker 7's checkpoint copy, one second
-    window.add(sample(3.0, 5100, p7=(2000, 950), p8=None))              # worker 8 has exited
-    record = window.take()
+    nodes = {7: "worker-1", 8: "worker-2", 9: "worker-1"}   # worker-1 restarts as pid 9
+    window.add(sample(1.0, 5000, p7=(2000, 900), p8=(None, 800)), nodes)
+    window.add(sample(2.0, 6500, p7=(3100, 1900), p8=(2100, 850)), nodes)    # worker-1's out-of-memory peak
+    window.add(sample(3.0, 5100, p7=None, p8=None, p9=(1500, 700)), nodes)   # it restarted; worker-2 exited
+    record, by_node = window.take()
     assert record.taken_at == 3.0 and record.devices[0].used_mib == 6500
-    assert (record.processes[7].gpu_mib, record.processes[7].rss_mib) == (3100, 1900)
-    assert record.processes[8].alive and (record.processes[8].gpu_mib, record.processes[8].rss_mib) == (2100, 850)
-    window.add(sample(4.0, 5000, p7=(2000, 900)))       # the next window starts afresh
-    assert window.take().processes[7].gpu_mib == 2000
+    assert (by_node["worker-1"].gpu_mib, by_node["worker-1"].rss_mib) == (3100, 1900)
+    assert (by_node["worker-2"].gpu_mib, by_node["worker-2"].rss_mib) == (2100, 850)
+    window.add(sample(4.0, 5000, p9=(2000, 900)), nodes)      # the next window starts afresh
+    assert window.take()[1]["worker-1"].gpu_mib == 2000
 
 
 def test_nvml_reports_the_device_and_this_processs_gpu_memory():

@@ -43,6 +43,18 @@ def test_up_again_with_a_model_its_checkpoints_do_not_hold_is_refused_and_writes
     assert {p: p.read_bytes() for p in folder.root.rglob("*") if p.is_file()} == before
 
 
+def test_an_experiment_resumed_with_changes_time_and_again_keeps_its_config_json_readable(tmp_path):
+    cfg, folder = ran_two_rounds(tmp_path)
+    every_task = tuple((f"task_{i:03d}_with_a_long_reasoning_gym_name", 1.0) for i in range(106))
+    history = [{"round": 2, "at": float(i), "settings": {"tasks": [every_task, every_task[::-1]]}} for i in range(80)]
+    resume = Resume(round=2, recorded={"started_at": 1.0, "setting_changes": history},
+                    changes={"num_generations": (4, 8)})
+    write_recorded_config(folder, resume.record(cfg, MODEL, "cpu"), node_key(folder, "coordinator"))
+    kept = read_recorded_config(folder, keyring(folder))          # within its read limit, so still read
+    assert kept["started_at"] == 1.0 and kept["setting_changes"][-1]["settings"] == {"num_generations": [4, 8]}
+    assert 1 < len(kept["setting_changes"]) < 81 and kept["setting_changes"][0]["at"] > 0.0    # the oldest went
+
+
 def test_up_again_with_another_split_says_what_changed_and_config_json_keeps_both(tmp_path):
     cfg, folder = ran_two_rounds(tmp_path)
     first = read_recorded_config(folder, keyring(folder))

@@ -13,7 +13,8 @@ import pickle
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -330,3 +331,21 @@ def rewrite_lost_records(folder: ExperimentFolder, node: str, meta: CheckpointMe
             with_retries(lambda path=reward_file, row=row: write_json_atomic(path, row), f"writing {reward_file}")
             rewritten.append(metrics.round)
     return sorted(set(rewritten)), {round_ for round_ in recorded if round_ > meta.round}
+
+
+@dataclass
+class Progress:
+    """Where a worker is in its record-keeping: the last round played, saved and written, and its recent metrics."""
+
+    last_done: int = 0
+    last_saved: int = 0                 # the last checkpoint taken: written, or being written
+    last_written: int = 0               # the last checkpoint on disk
+    history: deque = field(default_factory=lambda: deque(maxlen=METRICS_TAIL))
+    checkpoint_owed: bool = False       # a due checkpoint the folder refused: the next round tries again
+    lined: set[int] = field(default_factory=set)    # rounds after the checkpoint with a metrics line already
+
+    @classmethod
+    def resumed(cls, meta: CheckpointMeta | None) -> "Progress":
+        if meta is None:
+            return cls()
+        return cls(meta.round, meta.round, meta.round, deque(meta.metrics_tail, maxlen=METRICS_TAIL))

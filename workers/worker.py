@@ -8,15 +8,14 @@ import os
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 
 import torch
 
 from configs_env import SwarmConfig, SwarmError
 from workers.best_model import BestModel
-from workers.checkpoint import (METRICS_TAIL, CheckpointMeta, clear_leftovers, load_latest_checkpoint,
+from workers.checkpoint import (CheckpointMeta, Progress, clear_leftovers, load_latest_checkpoint,
                                 rewrite_lost_records, snapshot_checkpoint, write_checkpoint)
 from workers.checkpoint_writer import BackgroundWriter
 from workers.evaluation import eval_due, evaluate_held_out, held_out_questions
@@ -30,7 +29,7 @@ from workers.processes import COORDINATOR_PATIENCE, EXIT_ORPHANED, WorkerSpec
 from workers.profiling import profiled
 from workers.round_loop import Node, play_round, rehearse_largest_round
 from workers.shared_folder import mount
-from workers.shared_folder.exchange import NEWEST_LOOKED, Exchange, Outbox, newest_round_state
+from workers.shared_folder.exchange import NEWEST_LOOKED, Exchange, Outbox, newest_round_state, newest_signed_round
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.held_out import eval_file, read_held_out
 from workers.shared_folder.json_records import write_json_atomic
@@ -55,24 +54,6 @@ WRITES_EXIT_S = 300.0     # how long a worker that finished waits for its checkp
 
 class NoCoordinator(SwarmError):
     """No coordinator heartbeat for COORDINATOR_PATIENCE x PEER_TIMEOUT: restartable, unlike a bad setting."""
-
-
-@dataclass
-class Progress:
-    """Where a worker is in its record-keeping: the last round played, saved and written, and its recent metrics."""
-
-    last_done: int = 0
-    last_saved: int = 0                 # the last checkpoint taken: written, or being written
-    last_written: int = 0               # the last checkpoint on disk
-    history: deque = field(default_factory=lambda: deque(maxlen=METRICS_TAIL))
-    checkpoint_owed: bool = False       # a due checkpoint the folder refused: the next round tries again
-    lined: set[int] = field(default_factory=set)    # rounds after the checkpoint with a metrics line already
-
-    @classmethod
-    def resumed(cls, meta: CheckpointMeta | None) -> "Progress":
-        if meta is None:
-            return cls()
-        return cls(meta.round, meta.round, meta.round, deque(meta.metrics_tail, maxlen=METRICS_TAIL))
 
 
 class Worker:
@@ -250,9 +231,18 @@ class Worker:
         # that a crash cut off at its checkpoint's round; the file is the record, so none runs twice
         done = self.progress.last_done
         evaluated = {row.round for row in read_held_out(eval_file(self.folder, spec.node), self.exchange.keyring)[0]}
-        if self.held_out and eval_due(done, cfg.max_rounds, cfg.eval_every) and done not in evaluated:
+        if self.held_out and eval_due(done, self._round_limit(done), cfg.eval_every) and done not in evaluated:
             self._evaluate(node, done)
         return node
+
+    def _round_limit(self, done: int) -> int:
+        """MAX_ROUNDS as the coordinator's newest round state gives it (as _record reads it: a resumed coordinator
+        may raise it, and a machine that joined may hold an older config.json's)."""
+        try:
+            newest = newest_signed_round(self.folder, self.exchange.keyring) if done else None
+        except OSError:         # a Drive hiccup: this machine's own value decides one evaluation at most
+            newest = None
+        return newest.max_rounds if newest else self.cfg.max_rounds
 
     def _reference(self, policy: Policy) -> torch.nn.Module | None:
         """The KL anchor: the policy every worker started from (the base), frozen; kept only when beta > 0."""
