@@ -11,8 +11,8 @@ from pathlib import Path
 
 from configs_env import SETTINGS, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, devices_label, gpu_count
-from swarm_supervisor.preflight import (resolve_devices, settle_fit, resolve_model, warn_short_disk, worker_names,
-                                        worker_need_mib)
+from swarm_supervisor.preflight import (check_gdrive_path, check_writable_folder, resolve_devices, settle_fit,
+                                        resolve_model, warn_short_disk, worker_names, worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import write_recorded_config
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
@@ -25,6 +25,7 @@ from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_finished, read_heartbeats
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, fingerprint, local_key_dir
 from swarm_supervisor.readable import plain
+from swarm_supervisor.experiments import list_experiments, where_shown
 from swarm_supervisor.reports import run_validate, show_experiments, show_status, summary
 from workers.shared_folder.protocol import SCHEMA, Status
 from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, skip_exit_collections
@@ -34,6 +35,7 @@ from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 JOIN_POLL_S = 1.0
+COORDINATOR_KEY = "the coordinator"     # what a joiner waits for first (JoinWait)
 
 
 def shown_default(attr: str) -> str:
@@ -77,6 +79,9 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
 def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     from workers.learning.tasks import check_tasks      # reasoning-gym loads only when a swarm starts
 
+    # a joiner says what it waits for at once, before the seconds of the checks below; it makes no experiment
+    # folder of its own: the coordinator's `up` makes it, before or after this
+    joining = JoinWait(cfg, ExperimentFolder(cfg.experiment_dir)) if role != "up" else None
     check_tasks(cfg.tasks)
     gpus = gpu_count()
     devices, device_note = resolve_devices(cfg, gpus)
@@ -88,10 +93,11 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     if devices[0] != CPU:
         cfg, need_mib = settle_fit(cfg, gpus, lambda settings: worker_need_mib(settings, model_name, devices[0]))
     warn_short_disk([cfg], model_name, on_cuda=devices[0] != CPU)
-    folder = ExperimentFolder(cfg.experiment_dir).create()
-    if role != "up":
-        return _run_swarm(cfg, folder, model_name, devices, join_when_ready(cfg, folder), dashboard=dashboard,
+    if joining is not None:
+        keyring = joining.until_ready()
+        return _run_swarm(cfg, joining.folder.create(), model_name, devices, keyring, dashboard=dashboard,
                           need_mib=need_mib)
+    folder = ExperimentFolder(cfg.experiment_dir).create()
     key, keyring = coordinator_key(cfg, folder)
     claim = CoordinatorClaim(cfg, folder, key, keyring, "up")
     with claim.held():       # before the warm-up: a second `up` is refused while this one warms up too
@@ -143,24 +149,65 @@ def publish_worker_keys(cfg: SwarmConfig, folder: ExperimentFolder, nodes: list[
         with_retries(lambda key=key: keyring.publish(key), f"publishing the public key of {node}")
 
 
+class JoinWait:
+    """A joining machine's wait, within a bound, for the coordinator's key and the experiment's base/ (or a first
+    round of a swarm that runs without one). What it waits for is said on the console as soon as it is made, and
+    again when that changes; once ready it pins the coordinator's key and prints it for the person to check. It
+    never makes a base of its own nor starts from the raw model of a swarm that has one, and it writes nothing to
+    the experiment's folder before its coordinator is there (`experiments list` shows no folder of a joiner alone)."""
+
+    def __init__(self, cfg: SwarmConfig, folder: ExperimentFolder):
+        self.cfg, self.folder = cfg, folder
+        self.keyring = KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
+        self.bound = COORDINATOR_PATIENCE * cfg.peer_timeout
+        self.said: str | None = None
+        self.line = ""
+        self.waiting = self.look()
+
+    def look(self) -> str | None:
+        """What it still waits for (said when new), or None once it can start."""
+        waiting = _not_ready(self.folder, self.keyring)
+        if waiting is not None and waiting != self.said:
+            self.line = f"{waiting}{self._how(waiting)}"
+            print(f"rl-swarm: waiting up to {self.bound:.0f}s for {self.line}", flush=True)
+            self.said = waiting
+        self.waiting = waiting
+        return waiting
+
+    def _how(self, waiting: str) -> str:
+        """Where it looks, and what makes what it waits for."""
+        name, where = self.cfg.experiment_name, where_shown(self.cfg)
+        if waiting != COORDINATOR_KEY:
+            if self.cfg.swarm_url:      # the base is not in the bucket: each machine keeps its copy
+                return (f": copy experiments/{name}/base/ from the coordinator's machine to the same place under "
+                        "this GDRIVE_PATH")
+            return ": the coordinator's `rl-swarm up` makes it in its warm-up (or `rl-swarm pretrain`)"
+        line = (f" of experiment {name!r} under {where}: start it with `rl-swarm up` and the same GDRIVE_PATH"
+                f"{', SWARM_URL' if self.cfg.swarm_url else ''} and EXPERIMENT_NAME, before or after this")
+        try:
+            listing = list_experiments(self.cfg)
+        except SwarmError:          # the bucket cannot be listed now: the wait goes on all the same
+            return line
+        if not any(root.name == name for root in listing.roots):
+            line += f" (no such experiment there yet; {listing.known})" if listing.roots else \
+                " (no experiment there yet)"
+        return plain(line)
+
+    def until_ready(self) -> KeyRing:
+        self.deadline = time.monotonic() + self.bound      # counted from here: the checks before it took their time
+        while self.look() is not None:
+            if time.monotonic() >= self.deadline:
+                raise SwarmError(f"gave up after {self.bound:.0f}s waiting for {self.line}")
+            time.sleep(JOIN_POLL_S)
+        print(f"rl-swarm: coordinator key {fingerprint(self.keyring.public_key(COORDINATOR))} (pinned on this "
+              "machine: check that it is the one `rl-swarm up` printed)")
+        return self.keyring
+
+
 def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
-    """A joining machine waits, within a bound, for the coordinator's key and the experiment's base/ (or a first
-    round of a swarm that runs without one), pins the coordinator's key and prints it for the person to check.
-    It never makes a base of its own nor starts from the raw model of a swarm that has one."""
-    keyring = KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
-    bound = COORDINATOR_PATIENCE * cfg.peer_timeout
-    deadline, said = time.monotonic() + bound, None
-    while (waiting := _not_ready(folder, keyring)) is not None:
-        if said != waiting:
-            print(f"rl-swarm: waiting for {waiting} (up to {bound:.0f}s)")
-            said = waiting
-        if time.monotonic() >= deadline:
-            raise SwarmError(f"no {waiting} after {bound:.0f}s: start `rl-swarm up` on this GDRIVE_PATH and "
-                             f"EXPERIMENT_NAME first (it makes them), or check both names")
-        time.sleep(JOIN_POLL_S)
-    print(f"rl-swarm: coordinator key {fingerprint(keyring.public_key(COORDINATOR))} (pinned on this machine: "
-          "check that it is the one `rl-swarm up` printed)")
-    return keyring
+    """JoinWait's wait, from its start to the pinned key."""
+    return JoinWait(cfg, folder).until_ready()
+
 
 
 def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
@@ -171,7 +218,7 @@ def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
     try:
         keyring.public_key(COORDINATOR)
     except (UnknownSigner, OSError):      # not published yet, or a Drive hiccup
-        return f"the coordinator's key ({folder.public_key_file(COORDINATOR)})"
+        return COORDINATOR_KEY
     try:
         if signed_base_meta(folder, keyring) is not None:
             return None
@@ -183,7 +230,7 @@ def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
         started = newest_signed_round(folder, keyring)       # a swarm that runs without a base (WARMUP_STEPS=0)
     except OSError:
         started = None
-    return None if started is not None else f"the experiment's base model ({folder.base_dir}, made by the warm-up)"
+    return None if started is not None else f"the experiment's base model ({folder.base_dir})"
 
 
 def pretrain(cfg: SwarmConfig) -> int:
@@ -283,12 +330,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_written_folders(command: str, args: argparse.Namespace, cfg: SwarmConfig) -> None:
+    """Each command that writes under GDRIVE_PATH (or --dist, --out) checks it once, before anything starts: a file,
+    a folder it cannot write, or a missing one it could not make is one line naming it, not a traceback. A missing
+    one is made where it always was, by the command's first write."""
+    if command in ("up", "pretrain", "worker", "join"):
+        check_gdrive_path(cfg, experiment=True)
+    elif command == "sapo-table":
+        check_gdrive_path(cfg)
+    elif command == "pack":            # <GDRIVE_PATH>/dist unless --dist says where
+        if args.dist is None:
+            check_gdrive_path(cfg)
+        else:
+            check_writable_folder("--dist", args.dist, "give --dist a folder this machine can write")
+    elif command == "experiments" and args.action == "plot":       # <GDRIVE_PATH>/plots unless --out says where
+        if args.out is None:
+            check_gdrive_path(cfg)
+        else:
+            check_writable_folder("--out's folder", args.out.parent, "give --out a path this machine can write")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "up"
     try:
         cfg = SwarmConfig.from_env(role="join" if command in ("worker", "join") else "up")
         mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
+        check_written_folders(command, args, cfg)
         if command == "config" and args.markdown:
             print(settings_markdown())
             return 0

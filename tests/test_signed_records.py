@@ -242,18 +242,20 @@ def test_a_joiner_waits_for_the_coordinators_key_and_the_base_then_pins_the_key(
     cfg = cfg.with_overrides(peer_timeout=1.0)
     monkeypatch.setattr(cli, "JOIN_POLL_S", 0.05)
     monkeypatch.setattr(cli, "COORDINATOR_PATIENCE", 1)
-    with pytest.raises(SwarmError, match=r"no the coordinator's key .* after 1s: start `rl-swarm up` on this "):
+    with pytest.raises(SwarmError, match=r"gave up after 1s waiting for the coordinator of experiment .*: start it "
+                                         r"with `rl-swarm up` and the same GDRIVE_PATH and EXPERIMENT_NAME"):
         cli.join_when_ready(cfg, folder)
     coordinator = node_key(folder, COORDINATOR)
     folder.base_dir.mkdir()
     (folder.base_dir / "meta.json").write_text(json.dumps({"schema": 1, "model_name": "m"}))    # a peer's
-    with pytest.raises(SwarmError, match=r"no the experiment's base model .* after 1s"):
+    with pytest.raises(SwarmError, match=r"gave up after 1s waiting for the experiment's base model .*: the "
+                                         r"coordinator's `rl-swarm up` makes it"):
         cli.join_when_ready(cfg, folder)
     monkeypatch.setattr(cli, "COORDINATOR_PATIENCE", 60)
     joined = []
     joining = threading.Thread(target=lambda: joined.append(cli.join_when_ready(cfg, folder)))
     joining.start()
-    wait_until(lambda: "waiting for the experiment's base model" in capsys.readouterr().out)
+    wait_until(lambda: "waiting up to 60s for the experiment's base model" in capsys.readouterr().out)
     write_json_atomic(folder.base_dir / "meta.json", sign_base_meta({"model_name": "m"}, "0" * 64, coordinator))
     joining.join(timeout=30)
     assert joined and f"coordinator key {coordinator.fingerprint} (pinned on this machine" in capsys.readouterr().out
