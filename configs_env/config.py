@@ -57,7 +57,7 @@ MAX_DRIVE_LAG_S = 3600.0
 @dataclass(frozen=True)
 class SwarmConfig:
     # Where and what
-    gdrive_path: Path = setting(Path("./swarm-drive"), "GDRIVE_PATH", p.path,
+    gdrive_path: Path = setting(Path("./swarm-drive"), "GDRIVE_PATH", p.local_folder,
         "Shared folder of the swarm (a mounted Google Drive folder on Colab, any directory elsewhere)")
     swarm_url: str | None = setting(None, "SWARM_URL", p.store_url,
         "s3://bucket/prefix or gs://bucket/prefix: the swarm's shared records (state, peers, rollouts, rewards, "

@@ -106,6 +106,21 @@ def path(name: str, raw: str) -> Path:
     return Path(text(name, raw)).expanduser()
 
 
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_folder(name: str, raw: str) -> Path:
+    """GDRIVE_PATH: a folder on this machine. A URL (s3://, gs://) is refused, not made into a local folder named
+    `s3:`: the records go to a bucket through SWARM_URL, and checkpoints, the base model and logs stay here."""
+    value = text(name, raw)
+    if URL_SCHEME.match(value):
+        store = f"SWARM_URL={value.rstrip('/')}" if value.startswith(("s3://", "gs://")) else \
+            "SWARM_URL=s3://bucket/prefix or gs://bucket/prefix"
+        raise ConfigError(f"{name}={raw!r}: a URL, not a folder of this machine; an object store goes in {store}, "
+                          f"and {name} stays a local folder (checkpoints, the base model and logs)")
+    return Path(value).expanduser()
+
+
 STORE_URL = re.compile(r"(?P<scheme>s3|gs)://(?P<bucket>[a-z0-9][a-z0-9._-]{1,61}[a-z0-9])"
                        r"(?P<prefix>(/[A-Za-z0-9._-]+)*)/?")
 

@@ -12,30 +12,29 @@ from pathlib import Path
 
 from configs_env import SETTINGS, Setting, SwarmConfig, SwarmError
 from swarm_supervisor.devices import CPU, devices_label, gpu_count
-from swarm_supervisor.preflight import (resolve_devices, settle_fit, resolve_model, warn_short_disk, worker_names,
-                                        worker_need_mib)
+from swarm_supervisor.preflight import (check_gdrive_path, check_writable_folder, resolve_devices, settle_fit,
+                                        resolve_model, warn_short_disk, worker_names, worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.recorded_config import read_recorded_config, write_recorded_config
-from swarm_supervisor.resume import ExperimentFinished, Resume, finished_note, joined_settings, plan_resume
-from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
+from workers.shared_folder.recorded_config import write_recorded_config
+from swarm_supervisor.resume import Resume, finished_note, plan_resume
+from workers.shared_folder.rejections import FolderError
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.appends import open_append
 from workers.shared_folder.safe_io import remove_file
-from workers.shared_folder.base_meta import signed_base_meta
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_heartbeats
-from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, UnknownSigner, fingerprint, local_key_dir
+from workers.shared_folder.signing import KeyRing, NodeKey, local_key_dir
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status, summary
 from workers.shared_folder.protocol import Status
-from workers.processes import COORDINATOR_PATIENCE, WorkerSpec, joined_index, skip_exit_collections
+from workers.processes import WorkerSpec, joined_index, skip_exit_collections
 from swarm_supervisor.base_warmup import coordinators_base, ensure_base
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
+from swarm_supervisor.join import join_experiment
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-JOIN_POLL_S = 1.0
 
 
 def shown_default(attr: str) -> str:
@@ -173,94 +172,6 @@ def publish_worker_keys(cfg: SwarmConfig, folder: ExperimentFolder, nodes: list[
         with_retries(lambda key=key: keyring.publish(key), f"publishing the public key of {node}")
 
 
-def joiners_keyring(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
-    """A joining machine's keys of the experiment, its coordinator's pinned on this machine at first sight."""
-    return KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
-
-
-def refuse_finished(cfg: SwarmConfig, folder: ExperimentFolder) -> None:
-    """ExperimentFinished when the experiment's coordinator has ended it: a joiner would replay its last round
-    and write its metrics and evaluations into the finished experiment's results."""
-    note = finished_note(folder, joiners_keyring(cfg, folder), cfg, joining=True)
-    if note is not None:
-        raise ExperimentFinished(note)
-
-
-def join_experiment(cfg: SwarmConfig) -> tuple[SwarmConfig, KeyRing]:
-    """A joining machine's settings, the experiment's where they shape the rounds, and its keys of the experiment,
-    once the experiment is ready to join; ExperimentFinished when it has no round left."""
-    folder = ExperimentFolder(cfg.experiment_dir)
-    refuse_finished(cfg, folder)        # nothing is written into a finished experiment
-    keyring = join_when_ready(cfg, folder.create())
-    cfg, lines = joined_settings(folder, keyring, cfg)
-    for line in lines:
-        print(f"rl-swarm: {line}")
-    return cfg, keyring
-
-
-def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
-    """A joining machine waits, within a bound, for the coordinator's key and the experiment's base/ (or a first
-    round of a swarm that runs without one), pins the coordinator's key and prints it for the person to check.
-    It never makes a base of its own nor starts from the raw model of a swarm that has one."""
-    keyring = joiners_keyring(cfg, folder)
-    bound = COORDINATOR_PATIENCE * cfg.peer_timeout
-    deadline, said = time.monotonic() + bound, None
-    while (waiting := _not_ready(folder, keyring)) is not None:
-        if said != waiting:
-            print(f"rl-swarm: waiting for {waiting} (up to {bound:.0f}s)")
-            said = waiting
-        if time.monotonic() >= deadline:
-            raise SwarmError(f"no {waiting} after {bound:.0f}s: start `rl-swarm up` on this GDRIVE_PATH and "
-                             f"EXPERIMENT_NAME first (it makes them), or check both names")
-        time.sleep(JOIN_POLL_S)
-    print(f"rl-swarm: coordinator key {fingerprint(keyring.public_key(COORDINATOR))} (pinned on this machine: "
-          "check that it is the one `rl-swarm up` printed)")
-    return keyring
-
-
-def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
-    """What a joiner still waits for, or None once it can start."""
-    conflict = keyring.coordinator_conflict()
-    if conflict:
-        raise FolderError(conflict)
-    try:
-        keyring.public_key(COORDINATOR)
-    except (UnknownSigner, OSError):      # not published yet, or a Drive hiccup
-        return f"the coordinator's key ({folder.public_key_file(COORDINATOR)})"
-    if not _has_start(folder, keyring):
-        return f"the experiment's base model ({folder.base_dir}, made by the warm-up)"
-    if not _has_settings(folder, keyring):
-        return f"the experiment's settings ({folder.config_file}, written as its `rl-swarm up` starts)"
-    return None
-
-
-def _has_start(folder: ExperimentFolder, keyring: KeyRing) -> bool:
-    """Whether the coordinator's base/ is there, or a first round of a swarm that runs without one."""
-    try:
-        if signed_base_meta(folder, keyring) is not None:
-            return True
-    except RejectedFile as refused:     # a peer's, or one still syncing: the coordinator's is waited for
-        warn_once(str(refused))
-    except OSError:                     # a Drive hiccup: looked at again
-        pass
-    try:
-        return newest_signed_round(folder, keyring) is not None     # WARMUP_STEPS=0
-    except OSError:
-        return False
-
-
-def _has_settings(folder: ExperimentFolder, keyring: KeyRing) -> bool:
-    """Whether config.json, whose settings a joiner plays with (resume.joined_settings), is there to read; one the
-    coordinator did not sign counts: the joiner says so and plays with its own."""
-    try:
-        read_recorded_config(folder, keyring)
-    except RejectedFile:
-        return True
-    except OSError:                     # not written yet (FileNotFoundError), or a Drive hiccup
-        return False
-    return True
-
-
 def pretrain(cfg: SwarmConfig) -> int:
     """`rl-swarm pretrain`: the warm-up alone, so a swarm (or joining machines) can start from its base."""
     from workers.learning.tasks import check_tasks
@@ -362,12 +273,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_written_folders(command: str, args: argparse.Namespace, cfg: SwarmConfig) -> None:
+    """Each command that writes under GDRIVE_PATH (or --dist, --out) checks it once, before anything starts: a file,
+    a folder it cannot write, or a missing one it could not make is one line naming it, not a traceback. A missing
+    one is made where it always was, by the command's first write."""
+    if command in ("up", "pretrain", "worker", "join"):
+        check_gdrive_path(cfg, experiment=True)
+    elif command == "sapo-table":
+        check_gdrive_path(cfg)
+    elif command == "pack":            # <GDRIVE_PATH>/dist unless --dist says where
+        if args.dist is None:
+            check_gdrive_path(cfg)
+        else:
+            check_writable_folder("--dist", args.dist, "give --dist a folder this machine can write")
+    elif command == "experiments" and args.action == "plot":       # <GDRIVE_PATH>/plots unless --out says where
+        if args.out is None:
+            check_gdrive_path(cfg)
+        else:
+            check_writable_folder("--out's folder", args.out.parent, "give --out a path this machine can write")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "up"
     try:
         cfg = SwarmConfig.from_env(role="join" if command in ("worker", "join") else "up")
         mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
+        check_written_folders(command, args, cfg)
         if command == "config" and args.markdown:
             print(settings_markdown())
             return 0

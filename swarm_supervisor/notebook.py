@@ -99,7 +99,8 @@ class FolderTable:
     def frame(self) -> Frame | None:
         if self.reader is None:
             try:
-                self.reader = folder_reader(self.cfg)
+                # looked for every redraw until it is there: not a listing of every experiment each time
+                self.reader = folder_reader(self.cfg, name_others=False)
             except SwarmError:          # no experiment folder yet: the warm-up or the checks still run
                 return None
         in_bucket = storage.mounted(self.reader.folder.state_dir) is not None     # SWARM_URL: no mount to drop

@@ -1,13 +1,90 @@
-"""What `rl-swarm up` checks and settles before any process starts: each worker's device and name, the model,
-whether the workers fit on their GPUs, and whether the disk holds their checkpoints."""
+"""What `rl-swarm up` checks and settles before any process starts: the folders it writes, each worker's device and
+name, the model, whether the workers fit on their GPUs, and whether the disk holds their checkpoints."""
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Callable
 
-from configs_env import SwarmConfig
+from configs_env import ConfigError, SwarmConfig
 from swarm_supervisor.devices import device_fits, refuse_unfit, worker_devices, nvml_ids
 from swarm_supervisor.disk_room import disk_warning
 from swarm_supervisor.monitor import Monitor
 from workers.shared_folder.folder import ExperimentFolder
+
+
+PROBE_PREFIX = ".rl-swarm-probe."      # a hidden name: no listing of the folder shows it
+GDRIVE_FIX = "set GDRIVE_PATH to a folder this machine can write (on Colab, under the mounted Drive); a missing one " \
+             "is made"
+
+
+def shown_path(label: str, path: Path) -> str:
+    """`GDRIVE_PATH=swarm-drive (/home/me/swarm-drive)`: the value as set, and where a relative one points."""
+    return f"{label}={path}" + ("" if path.is_absolute() else f" ({path.absolute()})")
+
+
+def _write_error(folder: Path) -> OSError | None:
+    """Whether this process can write in `folder`, tried by writing (and removing) a hidden file there: permission
+    bits do not say it for root, a read-only mount, /proc or a Drive mount that refuses writes."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=PROBE_PREFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _why(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def check_writable_folder(label: str, path: Path, fix: str) -> None:
+    """Refuse, in one line naming `label` (GDRIVE_PATH, --dist), a `path` that cannot hold the files a command
+    writes: a file, a link to nothing, a folder this process cannot write, or a missing one whose nearest existing
+    parent is any of those (a missing folder is tried in that parent, and made by the command when it writes, as
+    always: a command refused later, by another setting, has made nothing). `fix` ends the line."""
+    shown, target = shown_path(label, path), Path(os.path.abspath(path))
+    nearest = target
+    try:
+        while not nearest.exists():           # follows links: GDRIVE_PATH may itself be a link to the Drive
+            if nearest.is_symlink():
+                raise ConfigError(f"{shown}: {nearest} is a link to nothing ({os.readlink(nearest)}); {fix}")
+            if nearest.parent == nearest:
+                break
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            where = "" if nearest == target else f"{nearest} is "
+            kind = "a file, not a folder" if nearest.is_file() else "not a folder"
+            raise ConfigError(f"{shown}: {where}{kind}; {fix}")
+    except OSError as exc:          # EACCES on a parent, ENOTCONN of a dropped Drive mount
+        raise ConfigError(f"{shown}: cannot be looked at ({_why(exc)}); {fix}") from None
+    error = _write_error(nearest)
+    if error is not None:
+        where = "not writable" if nearest == target else f"cannot be made: {nearest} is not writable"
+        raise ConfigError(f"{shown}: {where} ({_why(error)}); {fix}")
+
+
+def check_gdrive_path(cfg: SwarmConfig, experiment: bool = False) -> None:
+    """GDRIVE_PATH checked once, before any process starts, by a command that writes there: one line naming it and
+    the fix rather than a traceback from deep in the start. Its experiments/ too where it exists, and with
+    `experiment` EXPERIMENT_NAME's folder. With SWARM_URL the swarm's records are in the bucket, but checkpoints,
+    the base model and logs stay under GDRIVE_PATH, so it is checked all the same."""
+    check_writable_folder("GDRIVE_PATH", cfg.gdrive_path, GDRIVE_FIX)
+    inner = [("GDRIVE_PATH", str(cfg.gdrive_path), cfg.gdrive_path / "experiments")]
+    if experiment:
+        inner.append(("EXPERIMENT_NAME", cfg.experiment_name, cfg.experiment_dir))
+    for label, value, folder in inner:
+        if not os.path.lexists(folder):
+            continue
+        fix = f"move it away, or set another {label}"
+        if not folder.exists():
+            raise ConfigError(f"{label}={value}: {folder} is a link to nothing; {fix}")
+        if not folder.is_dir():
+            raise ConfigError(f"{label}={value}: {folder} is a file, not a folder; {fix}")
+        error = _write_error(folder)
+        if error is not None:
+            raise ConfigError(f"{label}={value}: {folder} is not writable ({_why(error)}); {fix}")
 
 
 def resolve_devices(cfg: SwarmConfig, gpus: int) -> tuple[list[str], str | None]:

@@ -43,16 +43,23 @@ def run_validate(cfg: SwarmConfig, name: str) -> int:
 
 def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bool, out: Path | None = None) -> int:
     from configs_env.parsing import safe_name
-    from swarm_supervisor.experiments import experiment_roots
+    from swarm_supervisor.experiments import list_experiments
 
-    roots = experiment_roots(cfg)
+    listing = list_experiments(cfg)
+    roots = listing.roots
     if names:
-        wanted = {safe_name("experiment", n) for n in names}
-        missing = wanted - {r.name for r in roots}
+        wanted = [safe_name("experiment", n) for n in names]
+        missing = [name for name in dict.fromkeys(wanted) if name not in {r.name for r in roots}]
         if missing:
-            where = f"{cfg.swarm_url}/experiments" if cfg.swarm_url else cfg.gdrive_path / "experiments"
-            raise FolderError(f"no experiment {', '.join(sorted(missing))} under {where}")
+            raise listing.unknown(missing)
         roots = [r for r in roots if r.name in wanted]
+    elif not roots:         # a wrong GDRIVE_PATH (or SWARM_URL) is said, not shown as an empty table
+        if listing.why_none or action == "plot":
+            raise FolderError(listing.none_found())
+        print(f"rl-swarm: {plain(listing.none_found())}", file=sys.stderr)
+        return 0
+    if listing.empty and not names:
+        print(f"rl-swarm: {plain(listing.empty_note().removeprefix('; '))}", file=sys.stderr)
     with skipped_files_told_once(roots):
         return _show(cfg, roots, action, as_csv, out)
 

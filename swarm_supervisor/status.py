@@ -367,9 +367,10 @@ def _coordinator_row(beat: Heartbeat | None, round_: int | None) -> NodeRow:
                    rejected=beat.rejected if beat else 0, rejected_names=beat.rejected_names if beat else ())
 
 
-def folder_reader(cfg: SwarmConfig) -> SwarmReader:
-    """A reader of an experiment from its folder alone, with the model, device and MAX_ROUNDS it was started with."""
-    folder = experiment_folder(cfg, cfg.experiment_name)
+def folder_reader(cfg: SwarmConfig, name_others: bool = True) -> SwarmReader:
+    """A reader of an experiment from its folder alone, with the model, device and MAX_ROUNDS it was started with;
+    FolderError when it is not there (`name_others`: naming those that are, from a listing of them all)."""
+    folder = experiment_folder(cfg, cfg.experiment_name, name_others)
     keyring = KeyRing.for_viewing(folder, cfg.cache_dir)
     recorded = experiment_config(folder, keyring)
     if isinstance(recorded.get("max_rounds"), int):

@@ -107,7 +107,8 @@ def test_experiments_list_and_compare_read_the_folder(test_mode_run):
     expected = sum(sum(v) / len(v) for v in per_round.values())
     assert float(rows[0]["cumulative_reward"]) == pytest.approx(expected)
     missing = rl_swarm(env, "experiments", "compare", "no-such-exp")
-    assert missing.returncode == 2 and "no experiment no-such-exp" in missing.stderr
+    assert missing.returncode == 2 and "no experiment named no-such-exp" in missing.stderr and "known: e2e" in \
+        missing.stderr
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

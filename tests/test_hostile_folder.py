@@ -283,12 +283,13 @@ def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_
 def test_experiments_lists_no_folder_a_peer_linked_into_the_shared_folder(swarm, tmp_path, caplog):
     """experiments/ is the shared folder's: a link a peer planted there (experiments/x -> a folder of this machine)
     is no experiment to list, read or plot."""
-    from swarm_supervisor.experiments import experiment_roots
+    from swarm_supervisor.experiments import list_experiments
 
     cfg, folder, _ = swarm
     (tmp_path / "this-machine").mkdir()
     (cfg.gdrive_path / "experiments" / "x").symlink_to(tmp_path / "this-machine")
-    assert experiment_roots(cfg) == [folder.root]
+    listing = list_experiments(cfg)       # the fixture's folder holds no record yet: an empty one, not the link
+    assert listing.roots + listing.empty == [folder.root]
     assert f"{cfg.gdrive_path / 'experiments' / 'x'}: a link, not an experiment; not followed" in caplog.text
 
 

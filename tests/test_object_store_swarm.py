@@ -140,11 +140,11 @@ def test_validate_names_a_record_missing_from_the_bucket_and_a_missing_experimen
         bucket.write(key, kept)
     assert code == 1 and out.splitlines()[-1] == "validate e2e: 7/8 checks passed, 1 FAILED", out
     assert "FAIL  rollouts and metrics per round: 1 gaps: round 3: worker-1 has no rollouts" in out
+    missing = f"rl-swarm: error: no experiment named nope under SWARM_URL={SWARM_URL}: known: e2e\n"
     code, _, err = rl_swarm(monkeypatch, capsys, tmp_path, "status", experiment="nope")
-    assert (code, err) == (2, f"rl-swarm: error: no experiment at {SWARM_URL}/experiments/nope: check SWARM_URL and "
-                              "the experiment name\n")
+    assert (code, err) == (2, missing)
     code, _, err = rl_swarm(monkeypatch, capsys, tmp_path, "experiments", "compare", "nope")
-    assert (code, err) == (2, f"rl-swarm: error: no experiment nope under {SWARM_URL}/experiments\n")
+    assert (code, err) == (2, missing)
 
 
 @pytest.mark.slow

@@ -119,15 +119,16 @@ def test_markup_and_control_characters_in_config_and_names_do_not_crash_experime
     sixty_fast_rounds(drive, "done", config={"model_resolved": f"{MARKUP} [/] {CLEAR_SCREEN}",
                                              "num_train_samples": "[/]"})
     write_json_atomic(drive / "experiments" / "e2e" / "state" / f"{CLEAR_SCREEN}[/].json", {"schema": 1})
-    (drive / "experiments" / f"odd{CLEAR_SCREEN}[red]name").mkdir()
+    write_json_atomic(drive / "experiments" / f"odd{CLEAR_SCREEN}[red]name" / "config.json", {"schema": 1})
+    (drive / "experiments" / f"empty{CLEAR_SCREEN}").mkdir()        # named in a line of its own, not listed
     monkeypatch.setenv("GDRIVE_PATH", str(drive))
     monkeypatch.setenv("COLUMNS", "80")
     for command in (["experiments", "list"], ["experiments", "compare"], ["experiments", "aggregate"],
                     ["experiments", "list", "--csv"]):
         assert main(command) == 0
-        out = capsys.readouterr().out
-        assert "\x1b" not in out and "…" not in out, command
-        assert f"odd{ESCAPED}[red]name" in out, command
+        out, err = capsys.readouterr()
+        assert "\x1b" not in out + err and "…" not in out, command
+        assert f"odd{ESCAPED}[red]name" in out and f"empty{ESCAPED}" in err, command
     main(["experiments", "list"])
     listing = capsys.readouterr().out
     assert f"{MARKUP} [/] {ESCAPED}" in listing and "60/2000" in listing

@@ -239,27 +239,34 @@ def test_an_up_with_another_machines_key_is_refused_and_so_is_an_experiment_of_u
 
 def test_a_joiner_waits_for_the_coordinators_key_the_base_and_the_settings_then_pins_the_key(swarm, capsys,
                                                                                              monkeypatch):
-    from swarm_supervisor import cli
+    from swarm_supervisor import join
+    from swarm_supervisor.join import join_when_ready
 
     cfg, folder = swarm
     cfg = cfg.with_overrides(peer_timeout=1.0)
-    monkeypatch.setattr(cli, "JOIN_POLL_S", 0.05)
-    monkeypatch.setattr(cli, "COORDINATOR_PATIENCE", 1)
-    with pytest.raises(SwarmError, match=r"no the coordinator's key .* after 1s: start `rl-swarm up` on this "):
-        cli.join_when_ready(cfg, folder)
+    monkeypatch.setattr(join, "JOIN_POLL_S", 0.05)
+    monkeypatch.setattr(join, "COORDINATOR_PATIENCE", 1)
+    with pytest.raises(SwarmError, match=r"gave up after 1s waiting for the coordinator of experiment .*: start it "
+                                         r"with `rl-swarm up` and the same GDRIVE_PATH and EXPERIMENT_NAME"):
+        join_when_ready(cfg, folder)
     coordinator = node_key(folder, COORDINATOR)
     folder.base_dir.mkdir()
     (folder.base_dir / "meta.json").write_text(json.dumps({"schema": 1, "model_name": "m"}))    # a peer's
-    with pytest.raises(SwarmError, match=r"no the experiment's base model .* after 1s"):
-        cli.join_when_ready(cfg, folder)
-    monkeypatch.setattr(cli, "COORDINATOR_PATIENCE", 60)
+    with pytest.raises(SwarmError, match=r"gave up after 1s waiting for the experiment's base model .*: the "
+                                         r"coordinator's `rl-swarm up` makes it"):
+        join_when_ready(cfg, folder)
+    monkeypatch.setattr(join, "COORDINATOR_PATIENCE", 60)
     joined = []
-    joining = threading.Thread(target=lambda: joined.append(cli.join_when_ready(cfg, folder)))
+    joining = threading.Thread(target=lambda: joined.append(join_when_ready(cfg, folder)))
     joining.start()
-    wait_until(lambda: "waiting for the experiment's base model" in capsys.readouterr().out)
+    wait_until(lambda: "waiting up to 60s for the experiment's base model" in capsys.readouterr().out)
     write_json_atomic(folder.base_dir / "meta.json", sign_base_meta({"model_name": "m"}, "0" * 64, coordinator))
     # the settings it plays the rounds with, which `up` writes as it starts
-    wait_until(lambda: "waiting for the experiment's settings" in capsys.readouterr().out)
+    wait_until(lambda: "for the experiment's settings" in capsys.readouterr().out)
+    # one a peer planted is not the coordinator's: the joiner waits on, rather than play with its own G
+    write_json_atomic(folder.config_file, {**Resume().record(cfg.with_overrides(num_generations=3), "m", "cpu")})
+    time.sleep(0.5)
+    assert joining.is_alive() and not joined
     write_recorded_config(folder, Resume().record(cfg, "m", "cpu"), coordinator)
     joining.join(timeout=30)
     assert joined and f"coordinator key {coordinator.fingerprint} (pinned on this machine" in capsys.readouterr().out

@@ -51,16 +51,19 @@ class ExperimentFolder:
         refuse_links_below(self.root)
 
     def create(self) -> "ExperimentFolder":
-        for sub in SUBFOLDERS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        mount.claim(self.root)
+        """The experiment's folders made (the CLI checked GDRIVE_PATH before: this is the last word, in one line,
+        for what changed since, or a caller that did not check)."""
         try:
+            for sub in SUBFOLDERS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            mount.claim(self.root)
             # mkstemp, not a name of ours: a link planted at a predictable name would have us truncate its target
             fd, probe = tempfile.mkstemp(dir=self.root / "state", prefix=".probe.")
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise FolderError(f"{self.root}: the shared folder is not writable ({exc.strerror}); "
+            where = f": {exc.filename}" if exc.filename else ""
+            raise FolderError(f"{self.root}: the shared folder is not writable ({exc.strerror or exc}{where}); "
                               "check GDRIVE_PATH and that the Drive is mounted") from exc
         return self
 

@@ -1,0 +1,149 @@
+"""A machine that joins a swarm whose coordinator runs elsewhere (`rl-swarm worker`): it refuses a finished
+experiment, waits (bounded, saying for what) for the coordinator's key, the experiment's base and its settings,
+then plays with the experiment's settings that shape the rounds (resume.joined_settings)."""
+
+import time
+
+from configs_env import SwarmConfig, SwarmError
+from swarm_supervisor.experiments import list_experiments, where_shown
+from swarm_supervisor.readable import plain
+from swarm_supervisor.resume import ExperimentFinished, finished_note, joined_settings
+from workers.processes import COORDINATOR_PATIENCE
+from workers.shared_folder.base_meta import signed_base_meta
+from workers.shared_folder.exchange import newest_signed_round
+from workers.shared_folder.folder import ExperimentFolder
+from workers.shared_folder.recorded_config import read_recorded_config
+from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
+from workers.shared_folder.signing import COORDINATOR, KeyRing, UnknownSigner, fingerprint, local_key_dir
+
+JOIN_POLL_S = 1.0
+COORDINATOR_KEY = "the coordinator"     # what a joiner waits for first
+SETTINGS = "the experiment's settings"
+
+
+def joiners_keyring(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
+    """A joining machine's keys of the experiment, its coordinator's pinned on this machine at first sight."""
+    return KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
+
+
+def join_experiment(cfg: SwarmConfig) -> tuple[SwarmConfig, KeyRing]:
+    """A joining machine's settings, the experiment's where they shape the rounds, and its keys of the experiment,
+    once the experiment is ready to join; ExperimentFinished when it has no round left. Nothing is written into
+    the experiment's folder before its coordinator made it."""
+    folder = ExperimentFolder(cfg.experiment_dir)
+    note = finished_note(folder, joiners_keyring(cfg, folder), cfg, joining=True)
+    if note is not None:    # a joiner would replay its last round into the finished experiment's results
+        raise ExperimentFinished(note)
+    keyring = JoinWait(cfg, folder).until_ready()
+    cfg, lines = joined_settings(folder, keyring, cfg)
+    for line in lines:
+        print(f"rl-swarm: {line}")
+    return cfg, keyring
+
+
+def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
+    """JoinWait's wait, from its start to the pinned key."""
+    return JoinWait(cfg, folder).until_ready()
+
+
+class JoinWait:
+    """A joining machine's wait, within a bound, for the coordinator's key, the experiment's base/ (or a first round
+    of a swarm that runs without one) and its signed config.json. What it waits for is said on the console as soon
+    as it is made, and again when that changes; once ready it pins the coordinator's key and prints it for the
+    person to check. It never makes a base of its own nor starts from the raw model of a swarm that has one."""
+
+    def __init__(self, cfg: SwarmConfig, folder: ExperimentFolder):
+        self.cfg, self.folder = cfg, folder
+        self.keyring = joiners_keyring(cfg, folder)
+        self.bound = COORDINATOR_PATIENCE * cfg.peer_timeout
+        self.said: str | None = None
+        self.line = ""
+        self.waiting = self.look()
+
+    def look(self) -> str | None:
+        """What it still waits for (said when new), or None once it can start."""
+        waiting = _not_ready(self.folder, self.keyring)
+        if waiting is not None and waiting != self.said:
+            self.line = f"{waiting}{self._how(waiting)}"
+            print(f"rl-swarm: waiting up to {self.bound:.0f}s for {self.line}", flush=True)
+            self.said = waiting
+        self.waiting = waiting
+        return waiting
+
+    def _how(self, waiting: str) -> str:
+        """Where it looks, and what makes what it waits for."""
+        name, where = self.cfg.experiment_name, where_shown(self.cfg)
+        if waiting == SETTINGS:
+            return f" ({self.folder.config_file}, signed by its coordinator as its `rl-swarm up` starts)"
+        if waiting != COORDINATOR_KEY:
+            if self.cfg.swarm_url:      # the base is not in the bucket: each machine keeps its copy
+                return (f": copy experiments/{name}/base/ from the coordinator's machine to the same place under "
+                        "this GDRIVE_PATH")
+            return ": the coordinator's `rl-swarm up` makes it in its warm-up (or `rl-swarm pretrain`)"
+        line = (f" of experiment {name!r} under {where}: start it with `rl-swarm up` and the same GDRIVE_PATH"
+                f"{', SWARM_URL' if self.cfg.swarm_url else ''} and EXPERIMENT_NAME, before or after this")
+        try:
+            listing = list_experiments(self.cfg)
+        except SwarmError:          # the bucket cannot be listed now: the wait goes on all the same
+            return line
+        if not any(root.name == name for root in listing.roots):
+            line += f" (no such experiment there yet; {listing.known})" if listing.roots else \
+                " (no experiment there yet)"
+        return plain(line)
+
+    def until_ready(self) -> KeyRing:
+        deadline = time.monotonic() + self.bound
+        while self.look() is not None:
+            if time.monotonic() >= deadline:
+                if self.waiting == SETTINGS:    # none the coordinator signed: joined_settings says it keeps its own
+                    break
+                raise SwarmError(f"gave up after {self.bound:.0f}s waiting for {self.line}")
+            time.sleep(JOIN_POLL_S)
+        print(f"rl-swarm: coordinator key {fingerprint(self.keyring.public_key(COORDINATOR))} (pinned on this "
+              "machine: check that it is the one `rl-swarm up` printed)")
+        return self.keyring
+
+
+def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
+    """What a joiner still waits for, or None once it can start."""
+    conflict = keyring.coordinator_conflict()
+    if conflict:
+        raise FolderError(conflict)
+    try:
+        keyring.public_key(COORDINATOR)
+    except (UnknownSigner, OSError):      # not published yet, or a Drive hiccup
+        return COORDINATOR_KEY
+    if not _has_start(folder, keyring):
+        return f"the experiment's base model ({folder.base_dir})"
+    if not _has_settings(folder, keyring):
+        return SETTINGS
+    return None
+
+
+def _has_start(folder: ExperimentFolder, keyring: KeyRing) -> bool:
+    """Whether the coordinator's base/ is there, or a first round of a swarm that runs without one."""
+    try:
+        if signed_base_meta(folder, keyring) is not None:
+            return True
+    except RejectedFile as refused:     # a peer's, or one still syncing: the coordinator's is waited for
+        warn_once(str(refused))
+    except OSError:                     # a Drive hiccup: looked at again
+        pass
+    try:
+        return newest_signed_round(folder, keyring) is not None     # WARMUP_STEPS=0
+    except OSError:
+        return False
+
+
+def _has_settings(folder: ExperimentFolder, keyring: KeyRing) -> bool:
+    """Whether the config.json its coordinator signed, whose settings a joiner plays with, is there to read. One it
+    did not sign (a peer's, or one still syncing) is waited past, up to the wait's bound: taken too early, the joiner
+    would play with its own G and MAX_NEW_TOKENS, and its peers would drop its groups."""
+    try:
+        read_recorded_config(folder, keyring)
+    except RejectedFile as refused:
+        warn_once(str(refused))
+        return False
+    except OSError:                     # not written yet (FileNotFoundError), or a Drive hiccup
+        return False
+    return True
