@@ -5,7 +5,7 @@ then plays with the experiment's settings that shape the rounds (resume.joined_s
 import time
 
 from configs_env import SwarmConfig, SwarmError
-from swarm_supervisor.experiments import list_experiments, where_shown
+from swarm_supervisor.listing import list_experiments, where_shown
 from swarm_supervisor.readable import plain
 from swarm_supervisor.resume import ExperimentFinished, finished_note, joined_settings
 from workers.processes import COORDINATOR_PATIENCE

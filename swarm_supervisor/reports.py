@@ -33,7 +33,7 @@ def show_status(cfg: SwarmConfig) -> int:
 
 
 def run_validate(cfg: SwarmConfig, name: str) -> int:
-    from swarm_supervisor.experiments import experiment_folder
+    from swarm_supervisor.listing import experiment_folder
     from swarm_supervisor.validation import format_checks, validate
 
     checks = validate(experiment_folder(cfg, name).root, cfg.cache_dir)
@@ -43,7 +43,7 @@ def run_validate(cfg: SwarmConfig, name: str) -> int:
 
 def show_experiments(cfg: SwarmConfig, action: str, names: list[str], as_csv: bool, out: Path | None = None) -> int:
     from configs_env.parsing import safe_name
-    from swarm_supervisor.experiments import list_experiments
+    from swarm_supervisor.listing import list_experiments
 
     listing = list_experiments(cfg)
     roots = listing.roots

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterable
 
 from configs_env import SwarmConfig
-from swarm_supervisor.experiments import experiment_config, experiment_folder, status_of
+from swarm_supervisor.experiments import experiment_config, status_of
+from swarm_supervisor.listing import experiment_folder
 from swarm_supervisor.machines import RecordedSample, restarted_node
 from swarm_supervisor.learning_health import RewardWatch, learning_alarm
 from swarm_supervisor.monitor import DeviceSnapshot, MonitorSnapshot, ProcessSnapshot

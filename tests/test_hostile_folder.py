@@ -283,7 +283,7 @@ def test_a_fifo_or_link_planted_in_a_checkpoint_is_skipped_without_blocking(tmp_
 def test_experiments_lists_no_folder_a_peer_linked_into_the_shared_folder(swarm, tmp_path, caplog):
     """experiments/ is the shared folder's: a link a peer planted there (experiments/x -> a folder of this machine)
     is no experiment to list, read or plot."""
-    from swarm_supervisor.experiments import list_experiments
+    from swarm_supervisor.listing import list_experiments
 
     cfg, folder, _ = swarm
     (tmp_path / "this-machine").mkdir()

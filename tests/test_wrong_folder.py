@@ -17,7 +17,7 @@ from swarm_supervisor import join
 from swarm_supervisor.join import join_when_ready
 from swarm_supervisor.resume import Resume
 from workers.shared_folder.recorded_config import write_recorded_config
-from swarm_supervisor.experiments import experiment_roots, holds_records
+from swarm_supervisor.listing import experiment_roots, holds_records
 from swarm_supervisor.preflight import check_gdrive_path
 from tests.helpers import node_key, swarm_env
 from workers.shared_folder.base_meta import sign_base_meta
