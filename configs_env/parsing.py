@@ -179,3 +179,14 @@ def seeds(name: str, raw: str) -> tuple[int, ...]:
         raise ConfigError(f"{name}={raw!r}: expected 1 to 32 distinct integers >= 0, comma-separated "
                           f"(e.g. {name}=1,2,3)")
     return tuple(int(part) for part in parts)
+
+
+def spelled(value: object) -> str:
+    """A setting's value, as read or as config.json records it, the way its variable spells it: TASKS's pairs as
+    chain_sum:1,basic_arithmetic:2, SEEDS as 1,2,3, None as unset."""
+    if value is None:
+        return "unset"
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{item[0]}:{item[1]:g}" if isinstance(item, (list, tuple)) and len(item) == 2
+                        and isinstance(item[1], (int, float)) else str(item) for item in value)
+    return str(value)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from configs_env import SETTINGS, Setting, SwarmConfig, SwarmError
+from configs_env.parsing import spelled
 from swarm_supervisor.devices import CPU, devices_label, gpu_count
 from swarm_supervisor.preflight import (check_gdrive_path, check_writable_folder, resolve_devices, settle_fit,
                                         resolve_model, warn_short_disk, worker_names, worker_need_mib)
@@ -41,16 +42,7 @@ def shown_default(attr: str) -> str:
     """A setting's default as its variable would spell it."""
     if attr == "cache_dir":
         return "~/.cache/rl-swarm"
-    return shown_value(attr, getattr(SwarmConfig(), attr))
-
-
-def shown_value(attr: str, value: object) -> str:
-    """A setting's value as its variable would spell it."""
-    if attr == "tasks":
-        return ",".join(f"{name}:{weight:g}" for name, weight in value)
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
+    return spelled(getattr(SwarmConfig(), attr))
 
 
 UNSET = re.compile(r"unset: ([^);]*)")
@@ -61,7 +53,7 @@ def resolved_settings(cfg: SwarmConfig) -> str:
     lines = []
     for s in SETTINGS:
         value = getattr(cfg, s.attr)
-        lines.append(plain(f"{s.env} = {without(s) if value is None else shown_value(s.attr, value)}"))
+        lines.append(plain(f"{s.env} = {without(s) if value is None else spelled(value)}"))
     return "\n".join(lines)
 
 

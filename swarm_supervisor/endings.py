@@ -4,10 +4,10 @@ Built from the supervisor's last view (status.NodeRow): a worker the supervisor 
 the stage its heartbeat last named. Many workers that ended alike are one line ("worker-1..24: stopped at round 12-13").
 """
 
-import math
 import re
 from dataclasses import dataclass
 
+from swarm_supervisor.experiments import mean_or_none
 from swarm_supervisor.status import NodeRow
 from workers.shared_folder.protocol import Status
 
@@ -52,8 +52,8 @@ class Ending:
     def numbers(self) -> str:
         """Reward, held-out start -> newest, restarts: a worker's own, or a group's means and restarts summed."""
         rows, mean = self.rows, "mean " if len(self.rows) > 1 else ""
-        reward = _mean([row.reward for row in rows])
-        held_out = [_mean([getattr(row, field) for row in rows]) for field in ("held_out_start", "held_out")]
+        reward = mean_or_none([row.reward for row in rows])
+        held_out = [mean_or_none([getattr(row, field) for row in rows]) for field in ("held_out_start", "held_out")]
         shown = " -> ".join(f"{value:.1%}" for value in held_out if value is not None) or "-"
         return f"{mean}reward {'-' if reward is None else f'{reward:.3f}'}, {mean}held-out {shown}, " \
                f"restarts {sum(row.restarts for row in rows)}"
@@ -92,6 +92,3 @@ def node_ranges(names: list[str]) -> str:
     return ", ".join(parts)
 
 
-def _mean(values: list[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None

@@ -3,6 +3,7 @@
 import csv
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -73,8 +74,10 @@ def held_out_by_node(folder: ExperimentFolder, keyring: KeyRing) -> tuple[dict[s
     return evals, bad
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def mean_or_none(values: list[float | None]) -> float | None:
+    """The mean of the finite values among `values`; None when there is none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 RUNNING_FRESH_S = 120.0      # a coordinator heartbeat this recent says the swarm runs, plus DRIVE_LAG
@@ -149,9 +152,9 @@ def summarize(root: Path, cache_dir: Path | None, last_n: int = 10) -> Summary:
         started=_when(cfg.get("started_at")), last_activity=_when(last_seen or None),
         cumulative_reward=cumulative,
         final_accuracy=sum(r.accuracy for r in tail) / len(tail) if tail else None,
-        held_out_start=_mean([rows[0].accuracy for rows in evals.values() if rows[0].round == 0]),
-        held_out_final=_mean([rows[-1].accuracy for rows in evals.values() if rows[-1].round > 0]),
-        held_out_best=_mean([max(r.accuracy for r in rows) for rows in evals.values()]),
+        held_out_start=mean_or_none([rows[0].accuracy for rows in evals.values() if rows[0].round == 0]),
+        held_out_final=mean_or_none([rows[-1].accuracy for rows in evals.values() if rows[-1].round > 0]),
+        held_out_best=mean_or_none([max(r.accuracy for r in rows) for rows in evals.values()]),
         rounds_per_hour=per_hour, restarts=count_restarts(folder),
         rejected_files=len(bad) + len(bad_evals) + sum(b.rejected for b in beats.values()))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from configs_env import SETTINGS, ConfigError, SwarmConfig, SwarmError
+from configs_env.parsing import spelled
 from swarm_supervisor.readable import plain
 from workers.shared_folder.exchange import newest_signed_round, read_finished
 from workers.shared_folder.folder import ExperimentFolder
@@ -166,13 +167,3 @@ def _recorded(folder: ExperimentFolder, keyring: KeyRing) -> dict[str, Any]:
     except RejectedFile as refused:
         warn_once(str(refused))
         return {}
-
-
-def spelled(value: Any) -> str:
-    """A recorded setting as its variable would spell it (TASKS=chain_sum:1,...; unset for None)."""
-    if value is None:
-        return "unset"
-    if isinstance(value, list):
-        return ",".join(f"{item[0]}:{item[1]:g}" if isinstance(item, list) and len(item) == 2
-                        and isinstance(item[1], (int, float)) else str(item) for item in value)
-    return str(value)

@@ -9,6 +9,7 @@ from swarm_supervisor.endings import endings, node_ranges
 from swarm_supervisor.handles import WorkerHandle
 from swarm_supervisor.reports import summary
 from swarm_supervisor.status import NodeRow, SwarmReader
+import swarm_supervisor.supervisor as supervisor_module
 from swarm_supervisor.supervisor import Supervisor
 from tests.helpers import node_exchange, viewer
 from workers.processes import WorkerSpec
@@ -70,7 +71,8 @@ def test_a_resumed_swarm_shows_its_workers_starting_not_what_the_run_before_left
     assert swarm.phase == "running" and "ETA" in status_line(swarm)
 
 
-def test_a_stopped_run_says_how_each_worker_ended_never_the_stage_it_was_in(tmp_path):
+def test_a_stopped_run_says_how_each_worker_ended_never_the_stage_it_was_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "SHUTDOWN_GRACE_S", 1.0)     # worker-2 hangs on: killed after it
     cfg = SwarmConfig.from_env({"GDRIVE_PATH": str(tmp_path / "drive"), "EXPERIMENT_NAME": "e2e",
                                 "MAX_ROUNDS": "100", "RL_SWARM_CACHE": str(tmp_path / "cache")})
     nodes = ["worker-1", "worker-2", "worker-3", "worker-4", "worker-5"]
@@ -92,7 +94,7 @@ def test_a_stopped_run_says_how_each_worker_ended_never_the_stage_it_was_in(tmp_
     printed = summary(supervisor, 1.0, 130)
     assert printed.splitlines()[1:] == [
         "  worker-1: stopped at round 12, reward -, held-out -, restarts 0",
-        "  worker-2: stopped at round 12 (killed: it did not stop within 30s), reward -, held-out -, restarts 0",
+        "  worker-2: stopped at round 12 (killed: it did not stop within 1s), reward -, held-out -, restarts 0",
         "  worker-3: failed at round 7: RuntimeError: boom, reward -, held-out -, restarts 0",
         "  worker-4: stopped while starting, reward -, held-out -, restarts 0",
         "  worker-5: finished at round 100, reward -, held-out -, restarts 0"]

@@ -43,7 +43,8 @@ MAX_NUMBER = 1e15
 TASK_NAME = re.compile(r"[a-z0-9_]{1,64}")      # reasoning-gym's dataset names
 # a file or group a node refused, as its heartbeat names it for people (never a path): the characters of the
 # layout's paths and of a group's name ("round 3 rollouts of w-9, group 0"), the newest few
-REFUSED_NAME = re.compile(r"[A-Za-z0-9._/, -]{1,160}")
+REFUSED_CHARACTERS = "A-Za-z0-9._/, -"         # of a refused file's name as a heartbeat carries it
+REFUSED_NAME = re.compile(f"[{REFUSED_CHARACTERS}]{{1,160}}")
 REFUSED_NAMES = 5
 # a field typed `X | None` may be absent or null: it was added after the first metrics files were written
 _OPTIONAL = {float | None: (float, True), int | None: (int, True)}
@@ -125,7 +126,7 @@ class SwarmFinished:
 
 def refused_name(name: str) -> str:
     """A refused file's or group's name as a heartbeat carries it: each character past REFUSED_NAME's a '?'."""
-    return re.sub(r"[^A-Za-z0-9._/, -]", "?", name)[:160] or "?"
+    return re.sub(f"[^{REFUSED_CHARACTERS}]", "?", name)[:160] or "?"
 
 
 @dataclass(frozen=True)
@@ -167,10 +168,10 @@ class Heartbeat:
             optional["progress_at"] = float(_need(record, "progress_at", (int, float), where))
         if "rejected" in record:
             optional["rejected"] = max(0, _need(record, "rejected", int, where))
-        if "rejected_names" in record:      # a name past the pattern is left out, not the node's liveness
-            names = [name for name in _need(record, "rejected_names", list, where)
-                     if isinstance(name, str) and REFUSED_NAME.fullmatch(name)]
-            optional["rejected_names"] = tuple(names[-REFUSED_NAMES:])
+        # a name past the pattern, or names that are no list, are left out, not the node's liveness
+        names = record.get("rejected_names")
+        optional["rejected_names"] = tuple([n for n in names if isinstance(n, str) and REFUSED_NAME.fullmatch(n)]
+                                           [-REFUSED_NAMES:]) if isinstance(names, (list, tuple)) else ()
         return cls(node=check_node_name(_need(record, "node", str, where)), role=_need(record, "role", str, where),
                    pid=_need(record, "pid", int, where), host=_need(record, "host", str, where)[:128],
                    instance=_need(record, "instance", str, where)[:64], status=_need(record, "status", str, where)[:32],
