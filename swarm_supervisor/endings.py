@@ -90,5 +90,3 @@ def node_ranges(names: list[str]) -> str:
                                                                   str(run[1])))
         prefix = run[0] if len(run) == 3 else None
     return ", ".join(parts)
-
-

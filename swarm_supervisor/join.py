@@ -14,6 +14,7 @@ from workers.shared_folder.exchange import newest_signed_round
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import read_recorded_config
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
+from workers.shared_folder.safe_io import is_visible
 from workers.shared_folder.signing import COORDINATOR, KeyRing, UnknownSigner, fingerprint, local_key_dir
 
 JOIN_POLL_S = 1.0
@@ -34,7 +35,7 @@ def join_experiment(cfg: SwarmConfig) -> tuple[SwarmConfig, KeyRing]:
     note = finished_note(folder, joiners_keyring(cfg, folder), cfg, joining=True)
     if note is not None:    # a joiner would replay its last round into the finished experiment's results
         raise ExperimentFinished(note)
-    keyring = JoinWait(cfg, folder).until_ready()
+    keyring = join_when_ready(cfg, folder)
     cfg, lines = joined_settings(folder, keyring, cfg)
     for line in lines:
         print(f"rl-swarm: {line}")
@@ -84,7 +85,7 @@ class JoinWait:
                 f"{', SWARM_URL' if self.cfg.swarm_url else ''} and EXPERIMENT_NAME, before or after this")
         try:
             listing = list_experiments(self.cfg)
-        except SwarmError:          # the bucket cannot be listed now: the wait goes on all the same
+        except (SwarmError, OSError):       # a bucket or a Drive that cannot be listed now: the wait goes on
             return line
         if not any(root.name == name for root in listing.roots):
             line += f" (no such experiment there yet; {listing.known})" if listing.roots else \
@@ -95,8 +96,8 @@ class JoinWait:
         deadline = time.monotonic() + self.bound
         while self.look() is not None:
             if time.monotonic() >= deadline:
-                if self.waiting == SETTINGS:    # none the coordinator signed: joined_settings says it keeps its own
-                    break
+                if self.waiting == SETTINGS and is_visible(self.folder.config_file):
+                    break       # one the coordinator did not sign: joined_settings says it keeps its own settings
                 raise SwarmError(f"gave up after {self.bound:.0f}s waiting for {self.line}")
             time.sleep(JOIN_POLL_S)
         print(f"rl-swarm: coordinator key {fingerprint(self.keyring.public_key(COORDINATOR))} (pinned on this "

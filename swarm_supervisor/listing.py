@@ -1,7 +1,6 @@
 """Which experiments a shared folder (or a bucket) holds, and one of them by name: a wrong GDRIVE_PATH, SWARM_URL
 or name is one line naming what is there, never an empty table."""
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.rejections import FolderError, warn_once
 from workers.shared_folder.safe_io import is_visible, list_folder, list_names
 from workers.shared_folder.storage import experiment_names, mount_experiment
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

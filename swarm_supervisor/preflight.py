@@ -1,6 +1,7 @@
 """What `rl-swarm up` checks and settles before any process starts: the folders it writes, each worker's device and
 name, the model, whether the workers fit on their GPUs, and whether the disk holds their checkpoints."""
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -28,10 +29,15 @@ def _write_error(folder: Path) -> OSError | None:
     bits do not say it for root, a read-only mount, /proc or a Drive mount that refuses writes."""
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=PROBE_PREFIX)
-        os.close(fd)
-        os.unlink(probe)
     except OSError as exc:
         return exc
+    try:
+        os.close(fd)
+    except OSError:         # a Drive mount may report a quota or I/O error at close: the folder took the file
+        pass
+    finally:
+        with contextlib.suppress(OSError):      # never left behind, whatever the close said
+            os.unlink(probe)
     return None
 
 
@@ -39,11 +45,12 @@ def _why(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def check_writable_folder(label: str, path: Path, fix: str) -> None:
+def check_writable_folder(label: str, path: Path, fix: str, probe: bool = True) -> None:
     """Refuse, in one line naming `label` (GDRIVE_PATH, --dist), a `path` that cannot hold the files a command
     writes: a file, a link to nothing, a folder this process cannot write, or a missing one whose nearest existing
     parent is any of those (a missing folder is tried in that parent, and made by the command when it writes, as
-    always: a command refused later, by another setting, has made nothing). `fix` ends the line."""
+    always: a command refused later, by another setting, has made nothing). `fix` ends the line. Without `probe`,
+    only what `path` is, not whether it can be written (a folder inside it is tried instead)."""
     shown, target = shown_path(label, path), Path(os.path.abspath(path))
     nearest = target
     try:
@@ -59,7 +66,7 @@ def check_writable_folder(label: str, path: Path, fix: str) -> None:
             raise ConfigError(f"{shown}: {where}{kind}; {fix}")
     except OSError as exc:          # EACCES on a parent, ENOTCONN of a dropped Drive mount
         raise ConfigError(f"{shown}: cannot be looked at ({_why(exc)}); {fix}") from None
-    error = _write_error(nearest)
+    error = _write_error(nearest) if probe else None
     if error is not None:
         where = "not writable" if nearest == target else f"cannot be made: {nearest} is not writable"
         raise ConfigError(f"{shown}: {where} ({_why(error)}); {fix}")
@@ -70,21 +77,27 @@ def check_gdrive_path(cfg: SwarmConfig, experiment: bool = False) -> None:
     the fix rather than a traceback from deep in the start. Its experiments/ too where it exists, and with
     `experiment` EXPERIMENT_NAME's folder. With SWARM_URL the swarm's records are in the bucket, but checkpoints,
     the base model and logs stay under GDRIVE_PATH, so it is checked all the same."""
-    check_writable_folder("GDRIVE_PATH", cfg.gdrive_path, GDRIVE_FIX)
     inner = [("GDRIVE_PATH", str(cfg.gdrive_path), cfg.gdrive_path / "experiments")]
     if experiment:
         inner.append(("EXPERIMENT_NAME", cfg.experiment_name, cfg.experiment_dir))
-    for label, value, folder in inner:
-        if not os.path.lexists(folder):
-            continue
+    existing = [level for level in inner if os.path.lexists(level[2])]
+    # a swarm writes into its experiment's folder alone: only the deepest of these folders that is there is tried
+    # (a GDRIVE_PATH this machine may not write, with an experiments/ or an experiment it may, is a setup that
+    # works); the other commands write into GDRIVE_PATH itself (dist/, plots/, tables/)
+    deepest = existing[-1] if existing and experiment else ("GDRIVE_PATH", str(cfg.gdrive_path), None)
+    check_writable_folder("GDRIVE_PATH", cfg.gdrive_path, GDRIVE_FIX, probe=deepest[2] is None)
+    for label, value, folder in existing:
         fix = f"move it away, or set another {label}"
         if not folder.exists():
             raise ConfigError(f"{label}={value}: {folder} is a link to nothing; {fix}")
         if not folder.is_dir():
             raise ConfigError(f"{label}={value}: {folder} is a file, not a folder; {fix}")
+    label, value, folder = deepest
+    if folder is not None:
         error = _write_error(folder)
         if error is not None:
-            raise ConfigError(f"{label}={value}: {folder} is not writable ({_why(error)}); {fix}")
+            raise ConfigError(f"{label}={value}: {folder} is not writable ({_why(error)}); give this machine write "
+                              f"access to it, or set another {label}")
 
 
 def resolve_devices(cfg: SwarmConfig, gpus: int) -> tuple[list[str], str | None]:

@@ -238,7 +238,7 @@ def test_an_up_with_another_machines_key_is_refused_and_so_is_an_experiment_of_u
 # -- a joiner waits for the base ---------------------------------------------------------------------
 
 def test_a_joiner_waits_for_the_coordinators_key_the_base_and_the_settings_then_pins_the_key(swarm, capsys,
-                                                                                             monkeypatch):
+                                                                                             monkeypatch, caplog):
     from swarm_supervisor import join
     from swarm_supervisor.join import join_when_ready
 
@@ -265,7 +265,7 @@ def test_a_joiner_waits_for_the_coordinators_key_the_base_and_the_settings_then_
     wait_until(lambda: "for the experiment's settings" in capsys.readouterr().out)
     # one a peer planted is not the coordinator's: the joiner waits on, rather than play with its own G
     write_json_atomic(folder.config_file, {**Resume().record(cfg.with_overrides(num_generations=3), "m", "cpu")})
-    time.sleep(0.5)
+    wait_until(lambda: f"{folder.config_file}: not the experiment's coordinator's" in caplog.text)
     assert joining.is_alive() and not joined
     write_recorded_config(folder, Resume().record(cfg, "m", "cpu"), coordinator)
     joining.join(timeout=30)
