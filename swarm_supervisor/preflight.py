@@ -15,6 +15,7 @@ from workers.shared_folder.folder import ExperimentFolder
 
 
 PROBE_PREFIX = ".rl-swarm-probe."      # a hidden name: no listing of the folder shows it
+COLAB_DRIVE = Path("/content/drive")     # where Colab mounts Google Drive (drive.mount)
 GDRIVE_FIX = "set GDRIVE_PATH to a folder this machine can write (on Colab, under the mounted Drive); a missing one " \
              "is made"
 
@@ -52,6 +53,11 @@ def check_writable_folder(label: str, path: Path, fix: str, probe: bool = True) 
     always: a command refused later, by another setting, has made nothing). `fix` ends the line. Without `probe`,
     only what `path` is, not whether it can be written (a folder inside it is tried instead)."""
     shown, target = shown_path(label, path), Path(os.path.abspath(path))
+    if target.is_relative_to(COLAB_DRIVE) and not os.path.ismount(COLAB_DRIVE):
+        # /content is the runtime's own disk: the folder would be made there, unseen by any other runtime, and
+        # lost with this one
+        raise ConfigError(f"{shown}: Google Drive is not mounted at {COLAB_DRIVE}; mount it first (from "
+                          "google.colab import drive; drive.mount('/content/drive')), or set GDRIVE_PATH elsewhere")
     nearest = target
     try:
         while not nearest.exists():           # follows links: GDRIVE_PATH may itself be a link to the Drive

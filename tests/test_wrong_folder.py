@@ -117,6 +117,21 @@ def test_a_missing_gdrive_path_is_checked_in_its_parent_and_made_by_the_command_
     assert (cfg.experiment_dir / "state").is_dir()
 
 
+def test_a_colab_gdrive_path_while_drive_is_not_mounted_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    import swarm_supervisor.preflight as preflight
+
+    content = tmp_path / "content"          # the runtime's own disk, which is writable: Drive is not mounted on it
+    monkeypatch.setattr(preflight, "COLAB_DRIVE", content / "drive")
+    cfg = SwarmConfig(gdrive_path=content / "drive" / "MyDrive" / "rl-swarm")
+    with pytest.raises(ConfigError, match=r"GDRIVE_PATH=.*/content/drive/MyDrive/rl-swarm: Google Drive is not "
+                                          r"mounted at .*/content/drive; mount it first"):
+        check_gdrive_path(cfg, experiment=True)
+    content.mkdir()
+    with pytest.raises(ConfigError, match="Google Drive is not mounted"):
+        check_gdrive_path(cfg, experiment=True)
+    assert list(content.iterdir()) == []
+
+
 def test_a_url_is_no_gdrive_path():
     with pytest.raises(ConfigError, match=r"GDRIVE_PATH='s3://bucket/team': a URL, not a folder of this machine; an "
                                           r"object store goes in SWARM_URL=s3://bucket/team, and GDRIVE_PATH stays a "
