@@ -100,6 +100,9 @@ def swarm_result(exp: Path, rounds: int, wall: float | None, profiled: str | Non
                     for v in row["nodes"].values()] or [0]) / 1024
 
     peak = peak_until(float("inf"))
+    # host RAM per worker: RSS counts in full the CUDA and torch libraries every worker maps; PSS shares them out
+    host = {key: max([(v.get(key) or 0) for row in samples for v in row["nodes"].values()] or [0]) / 1024 or None
+            for key in ("rss_mib", "pss_mib")}
     round_11 = json.loads((exp / "state" / "round_000011.json").read_text())["started_at"]
     metrics = [json.loads(line) for line in (exp / "metrics" / "worker-1" / "metrics.jsonl").read_text().splitlines()]
     # the allocator's own peak, exact, from every worker's metrics (NVML sampled once a second can miss a
@@ -119,6 +122,7 @@ def swarm_result(exp: Path, rounds: int, wall: float | None, profiled: str | Non
             **{key: timing[key] for key in ("quiet_rounds", "seconds_per_quiet_round", "quiet_worker_work_seconds",
                                             "held_out") if timing.get(key) is not None},
             "peak_gib_per_worker": peak, "peak_gib_by_round_10": peak_until(round_11),
+            "host_rss_gib_per_worker": host["rss_mib"], "host_pss_gib_per_worker": host["pss_mib"],
             "torch_peak_gib_by_round_10": torch_peak(10), "torch_peak_gib": torch_peak(rounds),
             "mean_completion_tokens": sum(m["mean_completion_tokens"] for m in metrics) / len(metrics),
             "final_reward_mean": sum(m["reward_mean"] for m in metrics[-5:]) / 5}

@@ -29,6 +29,9 @@ class ProcessSnapshot:
     rss_mib: float | None
     cpu_pct: float | None
     gpu_mib: float | None     # None: no GPU, or NVML cannot see the process (another PID namespace, no permission)
+    # the process's share of the pages it maps (Linux): what it costs the host, where RSS counts in full the CUDA
+    # and torch libraries every worker maps; None where the kernel does not say
+    pss_mib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class Monitor:
                 proc.cpu_percent(None)     # the first call only starts the measurement
             with proc.oneshot():
                 return ProcessSnapshot(pid=pid, alive=True, rss_mib=proc.memory_info().rss / MIB,
-                                       cpu_pct=proc.cpu_percent(None), gpu_mib=gpu.get(pid))
+                                       cpu_pct=proc.cpu_percent(None), gpu_mib=gpu.get(pid), pss_mib=_pss_mib(proc))
         except psutil.NoSuchProcess as exc:     # ZombieProcess is one too: exited, not yet reaped
             log.debug("pid %d: %s", pid, exc)
             self._procs.pop(pid, None)
@@ -166,6 +169,17 @@ class Monitor:
             self._nvml = None
 
 
+def _pss_mib(proc: psutil.Process) -> float | None:
+    """The process's proportional set size from /proc/PID/smaps_rollup; None off Linux, or where its maps may not
+    be read (another user's process shows its RSS but not its maps)."""
+    try:
+        pss = getattr(proc.memory_full_info(), "pss", None)
+    except psutil.AccessDenied as exc:
+        log.debug("pid %d: no PSS: %s", proc.pid, exc)
+        return None
+    return None if pss is None else pss / MIB
+
+
 class PeakWindow:
     """The most each node's process and each GPU held across the samples since the last record.
 
@@ -190,7 +204,8 @@ class PeakWindow:
                 continue
             before = self._nodes.get(node)
             self._nodes[node] = now if before is None else replace(
-                now, rss_mib=_most(before.rss_mib, now.rss_mib), gpu_mib=_most(before.gpu_mib, now.gpu_mib))
+                now, rss_mib=_most(before.rss_mib, now.rss_mib), gpu_mib=_most(before.gpu_mib, now.gpu_mib),
+                pss_mib=_most(before.pss_mib, now.pss_mib))
         for device in snapshot.devices:
             self._device_used[device.label] = max(self._device_used.get(device.label, 0.0), device.used_mib)
 

@@ -314,7 +314,8 @@ class Supervisor:
         if window is None:
             return
         snapshot, processes = window
-        nodes = {h.node: {"gpu_mib": proc.gpu_mib, "rss_mib": proc.rss_mib, "cpu_pct": proc.cpu_pct,
+        nodes = {h.node: {"gpu_mib": proc.gpu_mib, "rss_mib": proc.rss_mib, "pss_mib": proc.pss_mib,
+                          "cpu_pct": proc.cpu_pct,
                           "device": h.spec.device} for h in self.handles if (proc := processes.get(h.node))}
         devices = snapshot.devices
         try:

@@ -48,6 +48,8 @@ def test_monitor_on_a_cpu_machine_reports_ram_and_na_for_gpu():
         monitor.close()
     me = again.processes[os.getpid()]
     assert me.alive and me.rss_mib > 10 and me.cpu_pct is not None
+    if sys.platform == "linux":     # a share of the pages counted in RSS: never more than RSS
+        assert 0 < me.pss_mib <= me.rss_mib
     assert first.processes[dead.pid] == again.processes[dead.pid]
     assert not again.processes[dead.pid].alive and again.processes[dead.pid].rss_mib is None
     assert again.host_ram_total_mib > again.host_ram_used_mib > 0
