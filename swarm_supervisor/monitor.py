@@ -1,6 +1,7 @@
 """Snapshots of the GPU (NVML) and of processes (psutil); "no GPU" is a value (None), never an exception."""
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -10,6 +11,7 @@ import psutil
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+PSS_EVERY_S = 5.0      # as often as the supervisor records a sample (supervisor.RECORD_S)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Monitor:
         self._warned: set[str] = set()
         # psutil's cpu_percent is the share since the previous call on the same Process object, so keep them.
         self._procs: dict[int, psutil.Process] = {}
+        self._pss: dict[int, tuple[float, float | None]] = {}     # pid -> (when read, MiB)
         self._self = psutil.Process()
         self._self.cpu_percent(None)
         gpus = {"cuda:0": 0} if gpus is None else gpus
@@ -139,7 +142,7 @@ class Monitor:
                 proc.cpu_percent(None)     # the first call only starts the measurement
             with proc.oneshot():
                 return ProcessSnapshot(pid=pid, alive=True, rss_mib=proc.memory_info().rss / MIB,
-                                       cpu_pct=proc.cpu_percent(None), gpu_mib=gpu.get(pid), pss_mib=_pss_mib(proc))
+                                       cpu_pct=proc.cpu_percent(None), gpu_mib=gpu.get(pid), pss_mib=self._pss_of(proc))
         except psutil.NoSuchProcess as exc:     # ZombieProcess is one too: exited, not yet reaped
             log.debug("pid %d: %s", pid, exc)
             self._procs.pop(pid, None)
@@ -148,11 +151,21 @@ class Monitor:
             log.debug("pid %d: %s", pid, exc)
             return ProcessSnapshot(pid=pid, alive=True, rss_mib=None, cpu_pct=None, gpu_mib=gpu.get(pid))
 
+    def _pss_of(self, proc: psutil.Process) -> float | None:
+        """The process's PSS, read at most every PSS_EVERY_S: the kernel walks a CUDA worker's page tables for it
+        (11 ms for a GPT-2 worker on the H200's host), read at every 1 s sample, 32 workers cost a third of a core."""
+        now = time.monotonic()
+        when, mib = self._pss.get(proc.pid, (-math.inf, None))
+        if now - when >= PSS_EVERY_S:
+            self._pss[proc.pid] = (now, mib := _pss_mib(proc))
+        return mib
+
     def sample(self, pids: Iterable[int]) -> MonitorSnapshot:
         """One reading of the GPUs, the given processes, this process and host RAM."""
         wanted = list(dict.fromkeys(pids))
         for gone in self._procs.keys() - set(wanted):    # restarted workers get new pids; forget the old ones
             del self._procs[gone]
+            self._pss.pop(gone, None)
         devices, gpu = self._devices()
         ram = psutil.virtual_memory()
         return MonitorSnapshot(taken_at=time.time(), devices=devices,

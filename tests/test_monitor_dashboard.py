@@ -58,6 +58,27 @@ def test_monitor_on_a_cpu_machine_reports_ram_and_na_for_gpu():
     assert not monitor.gpu_available()      # closed
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="PSS is Linux's")
+def test_pss_is_read_once_per_record_interval_not_at_every_sample(monkeypatch):
+    """Reading a CUDA worker's PSS walks its page tables (11 ms on the H200's host): 32 workers sampled every
+    second must not cost the supervisor a third of a core."""
+    from swarm_supervisor import monitor as monitor_module
+    reads = []
+    real = monitor_module._pss_mib
+    monkeypatch.setattr(monitor_module, "_pss_mib", lambda proc: reads.append(proc.pid) or real(proc))
+    clock = [1000.0]
+    monkeypatch.setattr(monitor_module.time, "monotonic", lambda: clock[0])
+    monitor = Monitor(gpus={})
+    try:
+        first = [monitor.sample([os.getpid()]).processes[os.getpid()].pss_mib for _ in range(3)]
+        clock[0] += monitor_module.PSS_EVERY_S
+        later = monitor.sample([os.getpid()]).processes[os.getpid()].pss_mib
+    finally:
+        monitor.close()
+    assert reads == [os.getpid(), os.getpid()]      # once, then again only after PSS_EVERY_S
+    assert first[0] == first[1] == first[2] > 0 and later > 0
+
+
 def test_a_recorded_frame_has_a_row_per_node_with_the_failed_nodes_error():
     text = frame(view([row("worker-1"), row("worker-2", status="waiting"),
                        row("worker-3", status="failed", last_error="CUDA out of memory")]))
