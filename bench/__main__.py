@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.peers import read_profile, add_peers_arguments, bench_peers, peers_plan
-from bench.memory_probe import NAIVE_SETUP, WORKER_SETUP, measure_train, worker_peak
+from bench.memory_probe import GRAPHS_SETUP, NAIVE_SETUP, WORKER_SETUP, measure_train, worker_peak
 from bench.report import render
 from bench.swarm_stats import concurrent_timing, swarm_timing
 from bench.workload import MODEL, generation_tok_s, scaling_process
@@ -43,12 +43,13 @@ def bench_train(cache: Path) -> dict:
     # the naive path's optimizer, to tell what the chunked log-probs cost from what the memory savings cost
     fp32 = {**no_ckpt, "name": "ours without checkpointing, fp32 fused AdamW", "opt": "fp32"}
     big = {**WORKER_SETUP, "name": "ours with 1024-row chunks", "chunk": 1024}
-    rows = {"naive": NAIVE_SETUP, "ours": WORKER_SETUP, "ours_chunk_1024": big, "ours_no_checkpointing": no_ckpt,
-            "ours_fp32_adamw": fp32}
+    rows = {"naive": NAIVE_SETUP, "ours_graphs": GRAPHS_SETUP, "ours": WORKER_SETUP, "ours_chunk_1024": big,
+            "ours_no_checkpointing": no_ckpt, "ours_fp32_adamw": fp32}
     out = {}
     for key, setup in rows.items():
         row = measure_train(cache, setup)
-        out[key] = {"name": setup["name"], "seconds": row["seconds"], "peak_gib": row["peak_alloc_gib"]}
+        out[key] = {"name": setup["name"], "seconds": row["seconds"], "peak_gib": row["peak_alloc_gib"],
+                    "peak_reserved_gib": row["peak_reserved_gib"]}
     return out
 
 

@@ -20,8 +20,9 @@ import torch.multiprocessing as mp
 from bench.workload import MODEL, PROMPT_LEN, naive_logprobs
 from workers.learning.generation import generate_ids
 from workers.learning.grpo import build_batch, grpo_step
-from workers.learning.model import enable_activation_checkpointing, load_policy
+from workers.learning.model import enable_activation_checkpointing, load_policy, update_attention
 from workers.learning.optim import AdamWBf16Moments
+from workers.learning.update_graph import UpdateGraphs
 
 GIB = 2**30
 
@@ -38,9 +39,12 @@ def _optimizer(model, kind: str):
     return torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=True)
 
 
-def _step(policy, optimizer, batch, adv, setup: dict) -> None:
+def _step(policy, optimizer, batch, adv, setup: dict, graphs: UpdateGraphs | None = None) -> None:
     model = policy.model
-    if setup["path"] == "naive":
+    if graphs is not None:          # as round_loop.train_on_groups runs it
+        with update_attention(policy.device), torch.autocast("cuda", dtype=torch.bfloat16):
+            graphs.step(optimizer, batch, adv, real_rows=batch.input_ids.shape[0])
+    elif setup["path"] == "naive":
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logp = naive_logprobs(model, batch)
         loss = -(logp * adv[:, None] * batch.completion_mask).sum() / batch.completion_mask.sum()
@@ -57,6 +61,9 @@ def _step(policy, optimizer, batch, adv, setup: dict) -> None:
 # what a worker does on CUDA by default (workers/round_loop.py, workers/learning/optim.py, GRADIENT_CHECKPOINTING=auto)
 WORKER_SETUP = {"name": "ours: worker default (checkpointing, chunk 256, micro 16, bf16 moments)", "path": "ours",
                 "chunk": 256, "micro": 16, "opt": "bf16", "ckpt": True, "gen_rows": 8, "empty_cache": True}
+# the same, as a worker runs it on CUDA by default (UPDATE_GRAPHS=auto where the GPU has room)
+GRAPHS_SETUP = {**WORKER_SETUP, "path": "graphs", "name": "ours: the worker's update replayed from CUDA graphs "
+                "(checkpointing, chunk 256, micro 16, bf16 moments)"}
 NAIVE_SETUP = {"name": "naive: full logits, one batch, fp32 fused AdamW", "path": "naive", "opt": "fp32"}
 
 
@@ -87,18 +94,20 @@ def measure_train(cache: Path, setup: dict, rows: int = 16, completion_len: int 
     optimizer = _optimizer(policy.model, setup["opt"])
     batch = _batch(policy, rows, completion_len)
     adv = torch.randn(rows, device=policy.device)
-    _step(policy, optimizer, batch, adv, setup)
+    # its capture happens in the first step; its pool stays reserved, so compare graphs by reserved memory
+    graphs = UpdateGraphs(policy.model, setup["micro"], setup["chunk"]) if setup["path"] == "graphs" else None
+    _step(policy, optimizer, batch, adv, setup, graphs)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(repeats):
-        _step(policy, optimizer, batch, adv, setup)
+        _step(policy, optimizer, batch, adv, setup, graphs)
     torch.cuda.synchronize()
     out = {**setup, "seconds": (time.perf_counter() - started) / repeats,
            "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
            "attn_impl": policy.model.config._attn_implementation}
-    del policy, optimizer, batch
+    del policy, optimizer, batch, graphs
     gc.collect()
     torch.cuda.empty_cache()
     return out
