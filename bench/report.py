@@ -22,6 +22,9 @@ def _swarm_lines(s: dict) -> list[str]:
                f"{s['torch_peak_gib_by_round_10']:.3f} GiB by round 10, {s['torch_peak_gib']:.3f} GiB by round "
                f"{s['rounds']} (growth {100 * (s['torch_peak_gib'] / s['torch_peak_gib_by_round_10'] - 1):+.1f}%)"]
               if s.get("torch_peak_gib") and s.get("torch_peak_gib_by_round_10") else []),
+            *([f"- host RAM per worker, the most of any: {s['host_pss_gib_per_worker']:.2f} GiB by PSS (its share "
+               f"of the pages it maps; RSS, which counts in full the libraries every worker maps: "
+               f"{s['host_rss_gib_per_worker']:.2f} GiB)"] if s.get("host_pss_gib_per_worker") else []),
             f"- mean completion tokens: {s['mean_completion_tokens']:.1f}, mean reward of the last 5 rounds "
             f"(worker-1): {s['final_reward_mean']:.3f}", *_hop_lines(s)]
 
