@@ -83,6 +83,20 @@ def test_every_command_that_writes_refuses_a_gdrive_path_it_cannot_use_in_one_li
     assert sorted(tmp_path.iterdir()) == made and (tmp_path / "f").is_file()        # nothing made, nothing started
 
 
+@pytest.mark.parametrize("command, option, fix", [
+    (["pack", "--dist"], "--dist", "give --dist a folder this machine can write"),
+    (["experiments", "plot", "--out"], "--out's folder", "give --out a path this machine can write")], ids=str)
+def test_a_dist_or_out_folder_that_cannot_be_written_is_refused_in_one_line_while_gdrive_path_is_fine(
+        tmp_path, monkeypatch, capsys, command, option, fix):
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    for case, (bad, says) in bad_drives(tmp_path).items():
+        target = bad / "plot.png" if option == "--out's folder" else bad       # --out names a file in the folder
+        line = one_line_error(*rl_swarm(monkeypatch, capsys, drive, *command, str(target)))
+        assert line.startswith(f"{option}={bad}: ") and says in line and fix in line, (case, line)
+    assert list(drive.iterdir()) == []           # nothing started under GDRIVE_PATH
+
+
 def test_the_audits_reproduction_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "f").touch()
     result = subprocess.run([sys.executable, "-m", "swarm_supervisor", "up"], capture_output=True, text=True,
