@@ -45,10 +45,12 @@ def finished_note(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig, 
     finished = read_finished(folder, keyring)
     if finished is None or not (joining or finished.covers(cfg.max_rounds)):
         return None
-    fix = "its `rl-swarm up` continues it with a raised MAX_ROUNDS (join then)" if joining else \
-        "raise MAX_ROUNDS to continue it"
-    return f"experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; {fix}, or set a new " \
-           "EXPERIMENT_NAME"
+    if joining:
+        return f"experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; its `rl-swarm up` " \
+               "continues it with a raised MAX_ROUNDS (join then), or set a new EXPERIMENT_NAME"
+    return f"experiment {cfg.experiment_name!r} is finished (round {finished.rounds} of {finished.rounds}); nothing " \
+           f"to run: MAX_ROUNDS above {finished.rounds} extends it (e.g. MAX_ROUNDS={2 * finished.rounds}), " \
+           "another EXPERIMENT_NAME starts a new one"
 
 
 @dataclass(frozen=True)
