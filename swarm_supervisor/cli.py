@@ -155,7 +155,8 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
     joined_as = None if claim is not None else cfg.node_id
     _log_to_file(folder.supervisor_dir(joined_as))
     if claim is not None and resume is not None:
-        write_recorded_config(folder, resume.record(cfg, model_name, devices_label(devices)), claim.key)
+        write_recorded_config(folder, resume.record(cfg, model_name, devices_label(devices), claim.lease.instance),
+                              claim.key)
     publish_worker_keys(cfg, folder, nodes, keyring)
     specs = [WorkerSpec(cfg=cfg, node=node, index=i if claim is not None else joined_index(node), model_name=model_name,
                         device=device, parent_pid=os.getpid()) for i, (node, device) in enumerate(zip(nodes, devices))]

@@ -20,7 +20,7 @@ from swarm_supervisor.readable import plain
 from workers.shared_folder.exchange import newest_signed_round, read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import SCHEMA
-from workers.shared_folder.recorded_config import CONFIG_BYTES, read_recorded_config
+from workers.shared_folder.recorded_config import CONFIG_BYTES, COORDINATOR_INSTANCE, read_recorded_config
 from workers.shared_folder.rejections import RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.signing import KeyRing
@@ -71,8 +71,9 @@ class Resume:
                 *(f"{SHAPING[attr]} changed from {spelled(old)} to {spelled(new)} (config.json records both)"
                   for attr, (old, new) in self.changes.items())]
 
-    def record(self, cfg: SwarmConfig, model_name: str, device_label: str) -> dict[str, Any]:
-        """config.json: the settings this run uses; a resume keeps the experiment's first start and its changes."""
+    def record(self, cfg: SwarmConfig, model_name: str, device_label: str, instance: str) -> dict[str, Any]:
+        """config.json: the settings this run uses, and the lease `instance` of the `up` that runs with them; a
+        resume keeps the experiment's first start and its changes."""
         now = time.time()
         started = self.recorded.get("started_at") if self.round else None
         changes = self.recorded.get("setting_changes") if self.round else None
@@ -81,7 +82,7 @@ class Resume:
             changes.append({"round": self.round, "at": now,
                             "settings": {attr: [old, new] for attr, (old, new) in self.changes.items()}})
         record = {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name, "device_resolved": device_label,
-                  "started_at": started if isinstance(started, (int, float)) else now}
+                  "started_at": started if isinstance(started, (int, float)) else now, COORDINATOR_INSTANCE: instance}
         if self.round:
             record["resumed_at"] = now
         # config.json is read within CONFIG_BYTES: a run resumed with changes time and again keeps the newest that fit

@@ -248,6 +248,14 @@ def keyring(folder):
     return KeyRing(folder)
 
 
+def coordinators_up(folder, cfg):
+    """The claim an `up` of the experiment's coordinator holds while it runs (`with ....held() as claim:`), this
+    process standing for it; config.json names its lease's instance."""
+    from swarm_supervisor.claim import CoordinatorClaim
+
+    return CoordinatorClaim(cfg, folder, node_key(folder, "coordinator"), keyring(folder), "up")
+
+
 def append_as(folder, node: str, path: Path, record: dict) -> None:
     """`record` appended as a line of `path`, signed by `node` as that node appends its metrics and evaluations."""
     from workers.shared_folder.jsonl import append_jsonl
