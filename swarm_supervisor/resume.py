@@ -95,10 +95,14 @@ class Resume:
 
 def plan_resume(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig, model_name: str) -> Resume:
     """Where the experiment's rounds go on and what changed since config.json; ConfigError, before anything is
-    written, for a model other than its checkpoints hold."""
+    written, for a model other than its checkpoints hold or a MAX_ROUNDS below the round it reached."""
     newest = with_retries(lambda: newest_signed_round(folder, keyring), f"listing {folder.state_dir}")
     if newest is None:       # no round ran: nothing trained on the recorded settings, nothing to keep of them
         return Resume()
+    if newest.round > cfg.max_rounds:       # resumed, it would play a round past its MAX_ROUNDS and call it finished
+        raise ConfigError(f"MAX_ROUNDS={cfg.max_rounds}: experiment {cfg.experiment_name!r} already started round "
+                          f"{newest.round} (of {newest.max_rounds}); set MAX_ROUNDS={newest.max_rounds} (or anything "
+                          f"from {newest.round}) to resume it, or a new EXPERIMENT_NAME")
     recorded = _recorded(folder, keyring)
     before = recorded.get("model_resolved")
     if isinstance(before, str) and before != model_name:

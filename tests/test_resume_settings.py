@@ -45,6 +45,20 @@ def test_up_again_with_a_model_its_checkpoints_do_not_hold_is_refused_and_writes
     assert {p: p.read_bytes() for p in folder.root.rglob("*") if p.is_file()} == before
 
 
+def test_up_again_with_a_max_rounds_below_the_round_a_stopped_run_reached_is_refused_and_writes_nothing(tmp_path):
+    """It resumed at 'round 2 of 1', replayed round 2, called the experiment finished and left config.json saying
+    MAX_ROUNDS=1 beside round states saying 2."""
+    cfg, folder = ran_two_rounds(tmp_path)
+    folder.finished_file.unlink()           # stopped in round 2, not finished
+    before = {p: p.read_bytes() for p in folder.root.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as refused:
+        cli._prepare_rounds(folder, cfg.with_overrides(max_rounds=1), keyring(folder), MODEL)
+    assert str(refused.value) == ("MAX_ROUNDS=1: experiment 'e2e' already started round 2 (of 2); set MAX_ROUNDS=2 "
+                                  "(or anything from 2) to resume it, or a new EXPERIMENT_NAME")
+    assert {p: p.read_bytes() for p in folder.root.rglob("*") if p.is_file()} == before
+    assert cli._prepare_rounds(folder, cfg, keyring(folder), MODEL).round == 2      # its own MAX_ROUNDS resumes it
+
+
 def test_an_experiment_resumed_with_changes_time_and_again_keeps_its_config_json_readable(tmp_path):
     cfg, folder = ran_two_rounds(tmp_path)
     every_task = tuple((f"task_{i:03d}_with_a_long_reasoning_gym_name", 1.0) for i in range(106))
