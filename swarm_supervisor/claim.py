@@ -70,6 +70,13 @@ class Lease:
         return (time.time() if now is None else now) - self.renewed_at < peer_timeout
 
 
+def signed_lease(folder: ExperimentFolder, keyring: KeyRing) -> Lease:
+    """The experiment's lease as its coordinator signed it; FileNotFoundError while no `up` (or `pretrain`) holds
+    it, RejectedFile for one it did not sign, OSError for a Drive hiccup."""
+    path = folder.coordinator_lease_file
+    return Lease.from_json(read_signed(path, COORDINATOR, keyring, SMALL_RECORD_BYTES), str(path))
+
+
 def coordinator_key(cfg: SwarmConfig, folder: ExperimentFolder) -> tuple[NodeKey, KeyRing]:
     """This machine's coordinator key of the experiment, and a key ring that pins it."""
     key_dir = local_key_dir(cfg.cache_dir, folder.root)
@@ -137,9 +144,8 @@ class CoordinatorClaim:
 
     def _read_lease(self) -> Lease | None:
         """The lease in the folder when this coordinator's key signed it; None when it is gone or forged."""
-        path = self.folder.coordinator_lease_file
         try:
-            return Lease.from_json(read_signed(path, COORDINATOR, self.keyring, SMALL_RECORD_BYTES), str(path))
+            return signed_lease(self.folder, self.keyring)
         except FileNotFoundError:
             return None
         except (UnknownSigner, RejectedFile) as error:

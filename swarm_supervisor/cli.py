@@ -18,14 +18,14 @@ from swarm_supervisor.preflight import (check_gdrive_path, check_writable_folder
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import write_recorded_config
 from swarm_supervisor.resume import Resume, finished_note, plan_resume
-from workers.shared_folder.rejections import FolderError
+from workers.shared_folder.rejections import FolderError, RejectedFile
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.appends import open_append
-from workers.shared_folder.safe_io import remove_file
+from workers.shared_folder.safe_io import is_visible, remove_file
 from workers.shared_folder.leftovers import pid_alive
 from workers.shared_folder.storage import mount_experiment
 from workers.shared_folder.exchange import newest_signed_round, read_heartbeats
-from workers.shared_folder.signing import KeyRing, NodeKey, local_key_dir
+from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey, fingerprint, local_key_dir
 from swarm_supervisor.readable import plain
 from swarm_supervisor.reports import run_validate, show_experiments, show_status, summary
 from workers.shared_folder.protocol import Status
@@ -120,6 +120,22 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
         return _run_swarm(cfg, folder, model_name, devices, keyring, claim, dashboard=dashboard, need_mib=need_mib)
 
 
+def finished_before_start(cfg: SwarmConfig) -> str | None:
+    """Why `up` has no round to run, told before anything is written (the folder's write check, the claim) and before
+    the device's and the model's notes: one line. _prepare_rounds asks again under the claim."""
+    folder = ExperimentFolder(cfg.experiment_dir)
+    if not is_visible(folder.finished_file):      # a new experiment, or one stopped half-way
+        return None
+    key, keyring = coordinator_key(cfg, folder)
+    try:
+        published = KeyRing(folder).public_key(COORDINATOR)
+    except (RejectedFile, OSError):     # none, a bad one, or a Drive hiccup: the claim publishes it or says why not
+        return None
+    if fingerprint(published) != key.fingerprint:      # another coordinator's experiment: the claim refuses it
+        return None
+    return finished_note(folder, keyring, cfg)
+
+
 def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devices: list[str], keyring: KeyRing,
                claim: CoordinatorClaim | None = None, dashboard: bool = True, need_mib: float | None = None) -> int:
     """The supervisor with this machine's workers, and the coordinator when `claim` holds the experiment;
@@ -139,7 +155,8 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
     joined_as = None if claim is not None else cfg.node_id
     _log_to_file(folder.supervisor_dir(joined_as))
     if claim is not None and resume is not None:
-        write_recorded_config(folder, resume.record(cfg, model_name, devices_label(devices)), claim.key)
+        write_recorded_config(folder, resume.record(cfg, model_name, devices_label(devices), claim.lease.instance),
+                              claim.key)
     publish_worker_keys(cfg, folder, nodes, keyring)
     specs = [WorkerSpec(cfg=cfg, node=node, index=i if claim is not None else joined_index(node), model_name=model_name,
                         device=device, parent_pid=os.getpid()) for i, (node, device) in enumerate(zip(nodes, devices))]
@@ -291,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = SwarmConfig.from_env(role="join" if command in ("worker", "join") else "up")
         mount_experiment(cfg.swarm_url, cfg.experiment_dir, cfg.experiment_name)
+        if command == "up" and (note := finished_before_start(cfg)) is not None:
+            print(f"rl-swarm: {note}")
+            return 0
         check_written_folders(command, args, cfg)
         if command == "config" and args.markdown:
             print(settings_markdown())

@@ -196,15 +196,17 @@ def _mean(values: list[float]) -> float | None:
 def status_line(view: SwarmView) -> str:
     """One plain line for pipes, notebooks and CI logs."""
     workers = [n for n in view.nodes if n.role == "worker"]
-    running = sum(n.status not in NOT_RUNNING for n in workers)
+    starting = sum(n.status == Status.STARTING for n in workers)     # loading its model: not in a round yet
+    running = sum(n.status not in NOT_RUNNING for n in workers) - starting
     reward = _mean([n.reward for n in workers if n.reward is not None])
     acc = _mean([n.accuracy for n in workers if n.accuracy is not None])
     newest = [n.held_out if n.held_out is not None else n.held_out_start for n in workers]
     held_out = _mean([v for v in newest if v is not None])
     speed = f"{3600 / view.rounds_per_hour:.1f} s/round" if view.rounds_per_hour else "- s/round"
     gpu = _gpu_summary(view.devices)
-    line = (f"[rl-swarm] exp={view.experiment} round {view.round}/{view.max_rounds} | {running}/{len(workers)} "
-            f"workers running | reward {'-' if reward is None else f'{reward:.3f}'} "
+    counts = f"{running}/{len(workers)} workers running" + (f", {starting} starting" if starting else "")
+    line = (f"[rl-swarm] exp={view.experiment} round {view.round}/{view.max_rounds} | {counts} "
+            f"| reward {'-' if reward is None else f'{reward:.3f}'} "
             f"acc {'-' if acc is None else f'{acc:.1%}'} held-out {'-' if held_out is None else f'{held_out:.1%}'} "
             f"| {speed}, {_ending(view)} | {gpu}")
     trouble = [f"{n.node_id}: {n.status}" for n in workers if n.status in TROUBLE]

@@ -1,10 +1,13 @@
 """A machine that joins a swarm whose coordinator runs elsewhere (`rl-swarm worker`): it refuses a finished
-experiment, waits (bounded, saying for what) for the coordinator's key, the experiment's base and its settings,
-then plays with the experiment's settings that shape the rounds (resume.joined_settings)."""
+experiment, waits (bounded, saying for what) for the coordinator's key, the experiment's base and the settings of
+the coordinator that runs now (not those a run before it left), then plays with the experiment's settings that shape
+the rounds (resume.joined_settings)."""
 
 import time
+from typing import Any
 
 from configs_env import SwarmConfig, SwarmError
+from swarm_supervisor.claim import signed_lease
 from swarm_supervisor.listing import list_experiments, where_shown
 from swarm_supervisor.readable import plain
 from swarm_supervisor.resume import ExperimentFinished, finished_note, joined_settings
@@ -12,7 +15,7 @@ from workers.processes import COORDINATOR_PATIENCE
 from workers.shared_folder.base_meta import signed_base_meta
 from workers.shared_folder.exchange import newest_signed_round
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.recorded_config import read_recorded_config
+from workers.shared_folder.recorded_config import COORDINATOR_INSTANCE, read_recorded_config
 from workers.shared_folder.rejections import FolderError, RejectedFile, warn_once
 from workers.shared_folder.safe_io import is_visible
 from workers.shared_folder.signing import COORDINATOR, KeyRing, UnknownSigner, fingerprint, local_key_dir
@@ -20,6 +23,7 @@ from workers.shared_folder.signing import COORDINATOR, KeyRing, UnknownSigner, f
 JOIN_POLL_S = 1.0
 COORDINATOR_KEY = "the coordinator"     # what a joiner waits for first
 SETTINGS = "the experiment's settings"
+RUNNING_SETTINGS = "the settings of the experiment's running coordinator"
 
 
 def joiners_keyring(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
@@ -49,9 +53,10 @@ def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
 
 class JoinWait:
     """A joining machine's wait, within a bound, for the coordinator's key, the experiment's base/ (or a first round
-    of a swarm that runs without one) and its signed config.json. What it waits for is said on the console as soon
-    as it is made, and again when that changes; once ready it pins the coordinator's key and prints it for the
-    person to check. It never makes a base of its own nor starts from the raw model of a swarm that has one."""
+    of a swarm that runs without one) and the config.json signed by the coordinator's `up` that runs now. What it
+    waits for is said on the console as soon as it is made, and again when that changes; once ready it pins the
+    coordinator's key and prints it for the person to check. It never makes a base of its own nor starts from the
+    raw model of a swarm that has one."""
 
     def __init__(self, cfg: SwarmConfig, folder: ExperimentFolder):
         self.cfg, self.folder = cfg, folder
@@ -63,7 +68,7 @@ class JoinWait:
 
     def look(self) -> str | None:
         """What it still waits for (said when new), or None once it can start."""
-        waiting = _not_ready(self.folder, self.keyring)
+        waiting = _not_ready(self.folder, self.keyring, self.cfg.peer_timeout)
         if waiting is not None and waiting != self.said:
             self.line = f"{waiting}{self._how(waiting)}"
             print(f"rl-swarm: waiting up to {self.bound:.0f}s for {self.line}", flush=True)
@@ -76,6 +81,9 @@ class JoinWait:
         name, where = self.cfg.experiment_name, where_shown(self.cfg)
         if waiting == SETTINGS:
             return f" ({self.folder.config_file}, signed by its coordinator as its `rl-swarm up` starts)"
+        if waiting == RUNNING_SETTINGS:
+            return (f": {self.folder.config_file} holds those of a run that has ended (a resume may change them); "
+                    "its `rl-swarm up` writes its own as it starts, after its warm-up")
         if waiting != COORDINATOR_KEY:
             if self.cfg.swarm_url:      # the base is not in the bucket: each machine keeps its copy
                 return (f": copy experiments/{name}/base/ from the coordinator's machine to the same place under "
@@ -105,7 +113,7 @@ class JoinWait:
         return self.keyring
 
 
-def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
+def _not_ready(folder: ExperimentFolder, keyring: KeyRing, peer_timeout: float) -> str | None:
     """What a joiner still waits for, or None once it can start."""
     conflict = keyring.coordinator_conflict()
     if conflict:
@@ -116,8 +124,11 @@ def _not_ready(folder: ExperimentFolder, keyring: KeyRing) -> str | None:
         return COORDINATOR_KEY
     if not _has_start(folder, keyring):
         return f"the experiment's base model ({folder.base_dir})"
-    if not _has_settings(folder, keyring):
+    recorded = _signed_settings(folder, keyring)
+    if recorded is None:
         return SETTINGS
+    if recorded.get(COORDINATOR_INSTANCE) != _running_coordinator(folder, keyring, peer_timeout):
+        return RUNNING_SETTINGS
     return None
 
 
@@ -136,15 +147,27 @@ def _has_start(folder: ExperimentFolder, keyring: KeyRing) -> bool:
         return False
 
 
-def _has_settings(folder: ExperimentFolder, keyring: KeyRing) -> bool:
-    """Whether the config.json its coordinator signed, whose settings a joiner plays with, is there to read. One it
-    did not sign (a peer's, or one still syncing) is waited past, up to the wait's bound: taken too early, the joiner
-    would play with its own G and MAX_NEW_TOKENS, and its peers would drop its groups."""
+def _signed_settings(folder: ExperimentFolder, keyring: KeyRing) -> dict[str, Any] | None:
+    """The config.json its coordinator signed, whose settings a joiner plays with, or None while there is none to
+    read. One it did not sign (a peer's, or one still syncing) is waited past, up to the wait's bound: taken too
+    early, the joiner would play with its own G and MAX_NEW_TOKENS, and its peers would drop its groups."""
     try:
-        read_recorded_config(folder, keyring)
+        return read_recorded_config(folder, keyring)
     except RejectedFile as refused:
         warn_once(str(refused))
-        return False
+        return None
     except OSError:                     # not written yet (FileNotFoundError), or a Drive hiccup
-        return False
-    return True
+        return None
+
+
+def _running_coordinator(folder: ExperimentFolder, keyring: KeyRing, peer_timeout: float) -> str | None:
+    """The lease instance of the coordinator's `up` that runs now, or None while none does (a lease it signed, held
+    by a live process here or renewed within PEER_TIMEOUT elsewhere)."""
+    try:
+        lease = signed_lease(folder, keyring)
+    except RejectedFile as refused:     # a peer's, or one still syncing: the coordinator's is waited for
+        warn_once(str(refused))
+        return None
+    except OSError:                     # no `up` holds the experiment (FileNotFoundError), or a Drive hiccup
+        return None
+    return lease.instance if lease.alive(peer_timeout) else None

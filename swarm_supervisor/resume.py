@@ -20,7 +20,7 @@ from swarm_supervisor.readable import plain
 from workers.shared_folder.exchange import newest_signed_round, read_finished
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import SCHEMA
-from workers.shared_folder.recorded_config import CONFIG_BYTES, read_recorded_config
+from workers.shared_folder.recorded_config import CONFIG_BYTES, COORDINATOR_INSTANCE, read_recorded_config
 from workers.shared_folder.rejections import RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.signing import KeyRing
@@ -45,10 +45,12 @@ def finished_note(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig, 
     finished = read_finished(folder, keyring)
     if finished is None or not (joining or finished.covers(cfg.max_rounds)):
         return None
-    fix = "its `rl-swarm up` continues it with a raised MAX_ROUNDS (join then)" if joining else \
-        "raise MAX_ROUNDS to continue it"
-    return f"experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; {fix}, or set a new " \
-           "EXPERIMENT_NAME"
+    if joining:
+        return f"experiment {cfg.experiment_name!r} already finished its {finished.rounds} rounds; its `rl-swarm up` " \
+               "continues it with a raised MAX_ROUNDS (join then), or set a new EXPERIMENT_NAME"
+    return f"experiment {cfg.experiment_name!r} is finished (round {finished.rounds} of {finished.rounds}); nothing " \
+           f"to run: MAX_ROUNDS above {finished.rounds} extends it (e.g. MAX_ROUNDS={2 * finished.rounds}), " \
+           "another EXPERIMENT_NAME starts a new one"
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ class Resume:
                 *(f"{SHAPING[attr]} changed from {spelled(old)} to {spelled(new)} (config.json records both)"
                   for attr, (old, new) in self.changes.items())]
 
-    def record(self, cfg: SwarmConfig, model_name: str, device_label: str) -> dict[str, Any]:
-        """config.json: the settings this run uses; a resume keeps the experiment's first start and its changes."""
+    def record(self, cfg: SwarmConfig, model_name: str, device_label: str, instance: str) -> dict[str, Any]:
+        """config.json: the settings this run uses, and the lease `instance` of the `up` that runs with them; a
+        resume keeps the experiment's first start and its changes."""
         now = time.time()
         started = self.recorded.get("started_at") if self.round else None
         changes = self.recorded.get("setting_changes") if self.round else None
@@ -79,7 +82,7 @@ class Resume:
             changes.append({"round": self.round, "at": now,
                             "settings": {attr: [old, new] for attr, (old, new) in self.changes.items()}})
         record = {"schema": SCHEMA, **cfg.to_json(), "model_resolved": model_name, "device_resolved": device_label,
-                  "started_at": started if isinstance(started, (int, float)) else now}
+                  "started_at": started if isinstance(started, (int, float)) else now, COORDINATOR_INSTANCE: instance}
         if self.round:
             record["resumed_at"] = now
         # config.json is read within CONFIG_BYTES: a run resumed with changes time and again keeps the newest that fit
@@ -92,10 +95,14 @@ class Resume:
 
 def plan_resume(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig, model_name: str) -> Resume:
     """Where the experiment's rounds go on and what changed since config.json; ConfigError, before anything is
-    written, for a model other than its checkpoints hold."""
+    written, for a model other than its checkpoints hold or a MAX_ROUNDS below the round it reached."""
     newest = with_retries(lambda: newest_signed_round(folder, keyring), f"listing {folder.state_dir}")
     if newest is None:       # no round ran: nothing trained on the recorded settings, nothing to keep of them
         return Resume()
+    if newest.round > cfg.max_rounds:       # resumed, it would play a round past its MAX_ROUNDS and call it finished
+        raise ConfigError(f"MAX_ROUNDS={cfg.max_rounds}: experiment {cfg.experiment_name!r} already started round "
+                          f"{newest.round} (of {newest.max_rounds}); set MAX_ROUNDS={newest.max_rounds} (or anything "
+                          f"from {newest.round}) to resume it, or a new EXPERIMENT_NAME")
     recorded = _recorded(folder, keyring)
     before = recorded.get("model_resolved")
     if isinstance(before, str) and before != model_name:

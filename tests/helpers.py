@@ -94,6 +94,12 @@ def survivors(pids: list[int], grace_s: float) -> list[str]:
         time.sleep(0.2)
 
 
+def entries_of(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `root`, with its size and mtime: a file made and removed since changes its
+    folder's mtime."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in [root, *root.rglob("*")]}
+
+
 def metrics_rows(exp: Path, node: str) -> list[dict]:
     path = exp / "metrics" / node / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -240,6 +246,14 @@ def keyring(folder):
     from workers.shared_folder.signing import KeyRing
 
     return KeyRing(folder)
+
+
+def coordinators_up(folder, cfg):
+    """The claim an `up` of the experiment's coordinator holds while it runs (`with ....held() as claim:`), this
+    process standing for it; config.json names its lease's instance."""
+    from swarm_supervisor.claim import CoordinatorClaim
+
+    return CoordinatorClaim(cfg, folder, node_key(folder, "coordinator"), keyring(folder), "up")
 
 
 def append_as(folder, node: str, path: Path, record: dict) -> None:

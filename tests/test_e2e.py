@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import heartbeat, metrics_rows, run_up, survivors, swarm_env
+from tests.helpers import entries_of, heartbeat, metrics_rows, run_up, survivors, swarm_env
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +51,18 @@ def test_test_mode_swarm_runs_every_round_and_shares_rollouts(test_mode_run):
     assert (exp / "base" / "model.safetensors").exists()             # the warm-up ran once, before round 1
     assert "finished" in result.stdout and "warm-up 150 steps" in result.stdout
     assert "validate e2e: 8/8 checks passed" in result.stdout          # TEST_MODE validates its own folder
+
+
+def test_up_again_on_the_finished_experiment_says_so_in_one_line_and_changes_nothing(test_mode_run):
+    """It printed the coordinator's key before the finished line, and probed the folder by writing a file."""
+    tmp_path, _ = test_mode_run
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    before = entries_of(exp)
+    again = run_up(swarm_env(tmp_path, NUM_WORKERS="3"), timeout=120)
+    assert (again.returncode, again.stderr) == (0, ""), again.stdout + again.stderr
+    assert again.stdout == ("rl-swarm: experiment 'e2e' is finished (round 3 of 3); nothing to run: MAX_ROUNDS above 3 "
+                            "extends it (e.g. MAX_ROUNDS=6), another EXPERIMENT_NAME starts a new one\n")
+    assert entries_of(exp) == before
 
 
 def test_profile_round_writes_where_each_workers_round_went(test_mode_run):

@@ -119,6 +119,14 @@ def test_status_line_summarises_the_swarm():
     assert "rejected files 2" in line and "\n" not in line
 
 
+def test_status_line_counts_a_worker_still_loading_its_model_as_starting_not_running():
+    loading = row("worker-4", status="starting", round=None, reward=None, accuracy=None)
+    line = status_line(view([row("worker-1"), row("worker-2", status="waiting"), row("worker-3"), loading]))
+    assert " | 3/4 workers running, 1 starting | reward 0.312 " in line
+    all_loading = [row(f"worker-{i}", status="starting", round=None) for i in (1, 2)]
+    assert " | 0/2 workers running, 2 starting | " in status_line(view(all_loading, round_=0))
+
+
 def test_in_a_pipe_the_dashboard_prints_a_line_when_something_changes_not_a_table():
     out = io.StringIO()
     with Dashboard(Console(file=out, force_terminal=False, width=80), line_interval_s=3600) as dashboard:

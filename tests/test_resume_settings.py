@@ -8,10 +8,12 @@ import time
 
 import pytest
 
-from configs_env import ConfigError
+from configs_env import ConfigError, SwarmError
 from swarm_supervisor import cli
+from swarm_supervisor import join
+from swarm_supervisor.join import RUNNING_SETTINGS, JoinWait
 from swarm_supervisor.resume import Resume, joined_settings, plan_resume
-from tests.helpers import keyring, node_key, write_as
+from tests.helpers import coordinators_up, keyring, node_key, write_as
 from tests.signed_folder import signed_experiment
 from workers.shared_folder.protocol import RoundState, SwarmFinished
 from workers.shared_folder.recorded_config import read_recorded_config, write_recorded_config
@@ -23,7 +25,7 @@ def ran_two_rounds(tmp_path):
     """An experiment whose `up` (MAX_ROUNDS=2, the rest as signed_experiment's) ran its two rounds and finished."""
     cfg, folder = signed_experiment(tmp_path)
     cfg = cfg.with_overrides(max_rounds=2)
-    write_recorded_config(folder, Resume().record(cfg, MODEL, "cpu"), node_key(folder, "coordinator"))
+    write_recorded_config(folder, Resume().record(cfg, MODEL, "cpu", "i"), node_key(folder, "coordinator"))
     for round_ in (1, 2):
         write_as(folder, "coordinator", folder.round_state_file(round_),
                  RoundState(round=round_, max_rounds=2, started_at=time.time(), reason="start").to_json())
@@ -43,13 +45,27 @@ def test_up_again_with_a_model_its_checkpoints_do_not_hold_is_refused_and_writes
     assert {p: p.read_bytes() for p in folder.root.rglob("*") if p.is_file()} == before
 
 
+def test_up_again_with_a_max_rounds_below_the_round_a_stopped_run_reached_is_refused_and_writes_nothing(tmp_path):
+    """It resumed at 'round 2 of 1', replayed round 2, called the experiment finished and left config.json saying
+    MAX_ROUNDS=1 beside round states saying 2."""
+    cfg, folder = ran_two_rounds(tmp_path)
+    folder.finished_file.unlink()           # stopped in round 2, not finished
+    before = {p: p.read_bytes() for p in folder.root.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as refused:
+        cli._prepare_rounds(folder, cfg.with_overrides(max_rounds=1), keyring(folder), MODEL)
+    assert str(refused.value) == ("MAX_ROUNDS=1: experiment 'e2e' already started round 2 (of 2); set MAX_ROUNDS=2 "
+                                  "(or anything from 2) to resume it, or a new EXPERIMENT_NAME")
+    assert {p: p.read_bytes() for p in folder.root.rglob("*") if p.is_file()} == before
+    assert cli._prepare_rounds(folder, cfg, keyring(folder), MODEL).round == 2      # its own MAX_ROUNDS resumes it
+
+
 def test_an_experiment_resumed_with_changes_time_and_again_keeps_its_config_json_readable(tmp_path):
     cfg, folder = ran_two_rounds(tmp_path)
     every_task = tuple((f"task_{i:03d}_with_a_long_reasoning_gym_name", 1.0) for i in range(106))
     history = [{"round": 2, "at": float(i), "settings": {"tasks": [every_task, every_task[::-1]]}} for i in range(80)]
     resume = Resume(round=2, recorded={"started_at": 1.0, "setting_changes": history},
                     changes={"num_generations": (4, 8)})
-    write_recorded_config(folder, resume.record(cfg, MODEL, "cpu"), node_key(folder, "coordinator"))
+    write_recorded_config(folder, resume.record(cfg, MODEL, "cpu", "i"), node_key(folder, "coordinator"))
     kept = read_recorded_config(folder, keyring(folder))          # within its read limit, so still read
     assert kept["started_at"] == 1.0 and kept["setting_changes"][-1]["settings"] == {"num_generations": [4, 8]}
     assert 1 < len(kept["setting_changes"]) < 81 and kept["setting_changes"][0]["at"] > 0.0    # the oldest went
@@ -65,7 +81,7 @@ def test_up_again_with_another_split_says_what_changed_and_config_json_keeps_bot
     assert resume.lines(again) == ["resuming experiment 'e2e' at round 2 of 4 (MAX_ROUNDS was 2)",
                                    "NUM_WORKERS changed from 4 to 3 (config.json records both)",
                                    "NUM_GENERATIONS changed from 4 to 8 (config.json records both)"]
-    record = resume.record(again, MODEL, "cpu")
+    record = resume.record(again, MODEL, "cpu", "i")
     assert (record["num_generations"], record["num_workers"], record["max_rounds"]) == (8, 3, 4)
     assert record["started_at"] == first["started_at"] < record["resumed_at"]
     assert [(c["round"], c["settings"]) for c in record["setting_changes"]] == \
@@ -74,7 +90,7 @@ def test_up_again_with_another_split_says_what_changed_and_config_json_keeps_bot
     write_recorded_config(folder, record, node_key(folder, "coordinator"))
     same = plan_resume(folder, keyring(folder), again, MODEL)
     assert same.lines(again) == ["resuming experiment 'e2e' at round 2 of 4"]
-    assert same.record(again, MODEL, "cpu")["setting_changes"] == record["setting_changes"]
+    assert same.record(again, MODEL, "cpu", "i")["setting_changes"] == record["setting_changes"]
 
 
 # -- a machine that joins ----------------------------------------------------------------------------
@@ -84,7 +100,7 @@ def test_a_joining_machine_plays_with_the_experiments_settings_and_says_which_it
     MAX_NEW_TOKENS exceeded theirs, completions they cut: it now takes what shapes the rounds from config.json."""
     cfg, folder = signed_experiment(tmp_path)
     swarm = cfg.with_overrides(max_rounds=40, num_generations=8, tasks=(("chain_sum", 1.0),), max_new_tokens=64)
-    write_recorded_config(folder, Resume().record(swarm, MODEL, "cuda:0"), node_key(folder, "coordinator"))
+    write_recorded_config(folder, Resume().record(swarm, MODEL, "cuda:0", "i"), node_key(folder, "coordinator"))
     mine = cfg.with_overrides(num_workers=1, learning_rate=1e-4, checkpoint_interval=7)
     joined, lines = joined_settings(folder, keyring(folder), mine)
     assert lines == ["joining experiment 'e2e' with its settings (config.json): MAX_ROUNDS=40 (this machine's: 3), "
@@ -100,7 +116,7 @@ def test_a_joining_machine_takes_no_value_of_config_json_that_its_setting_would_
     each, bounded, escaped), nor a set of values that breaks a rule between settings, nor an unsigned file."""
     cfg, folder = signed_experiment(tmp_path)
     coordinator = node_key(folder, "coordinator")
-    record = Resume().record(cfg.with_overrides(num_generations=8), MODEL, "cpu")
+    record = Resume().record(cfg.with_overrides(num_generations=8), MODEL, "cpu", "i")
     write_recorded_config(folder, {**record, "max_new_tokens": 10**6, "seed": "\x1b[2J", "tasks": "x" * 100_000,
                                    "max_rounds": True}, coordinator)
     joined, lines = joined_settings(folder, keyring(folder), cfg)
@@ -127,3 +143,36 @@ def test_a_joining_machine_takes_no_value_of_config_json_that_its_setting_would_
     assert joined == cfg and lines == [
         "experiment 'e2e' has no config.json its coordinator signed: this machine plays its rounds with its own "
         "settings (check that G, TASKS and MAX_NEW_TOKENS match the swarm's)"]
+
+
+def test_a_machine_that_joins_before_a_resumed_up_plays_with_the_resumed_settings_not_the_stopped_runs(tmp_path,
+                                                                                                  monkeypatch, capsys):
+    """A joiner started before the resumed `up` took the settings the stopped run had left in config.json (G=4,
+    MAX_ROUNDS=3) and played with them beside a swarm of G=8: every peer dropped its groups. It now waits for the
+    settings the `up` that runs signed, as for missing ones."""
+    cfg, folder = signed_experiment(tmp_path)
+    coordinator = node_key(folder, "coordinator")
+    with coordinators_up(folder, cfg).held() as stopped:       # the run before: two rounds, then stopped
+        write_recorded_config(folder, Resume().record(cfg, MODEL, "cpu", stopped.lease.instance), coordinator)
+        for round_ in (1, 2):
+            write_as(folder, "coordinator", folder.round_state_file(round_),
+                     RoundState(round=round_, max_rounds=3, started_at=time.time(), reason="start").to_json())
+    joiner = cfg.with_overrides(peer_timeout=1.0, num_generations=3)
+    monkeypatch.setattr(join, "JOIN_POLL_S", 0.05)
+    monkeypatch.setattr(join, "COORDINATOR_PATIENCE", 1)
+    wait = JoinWait(joiner, folder)
+    assert wait.waiting == RUNNING_SETTINGS
+    assert capsys.readouterr().out == (
+        f"rl-swarm: waiting up to 1s for the settings of the experiment's running coordinator: {folder.config_file} "
+        "holds those of a run that has ended (a resume may change them); its `rl-swarm up` writes its own as it "
+        "starts, after its warm-up\n")
+    with pytest.raises(SwarmError, match="^gave up after 1s waiting for the settings of the experiment's running "
+                                         "coordinator"):
+        wait.until_ready()
+    resumed = cfg.with_overrides(num_generations=8, max_rounds=40)
+    with coordinators_up(folder, resumed).held() as up:      # the resumed `up`, still in its warm-up
+        assert wait.look() == RUNNING_SETTINGS
+        resume = plan_resume(folder, keyring(folder), resumed, MODEL)
+        write_recorded_config(folder, resume.record(resumed, MODEL, "cpu", up.lease.instance), coordinator)
+        joined, _ = joined_settings(folder, wait.until_ready(), joiner)
+    assert (joined.num_generations, joined.max_rounds) == (8, 40)

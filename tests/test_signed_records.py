@@ -19,7 +19,7 @@ from configs_env import SwarmError
 from swarm_supervisor.claim import CoordinatorClaim, Lease, coordinator_key
 from swarm_supervisor.coordinator import Coordinator
 from swarm_supervisor.resume import Resume
-from tests.helpers import (metrics_rows, node_exchange, node_key, peer_group, swarm_env,
+from tests.helpers import (coordinators_up, metrics_rows, node_exchange, node_key, peer_group, swarm_env,
                            wait_for, warnings_naming, write_as)
 from tests.signed_folder import EXPERIMENT, beat, signed_experiment
 from workers.learning.tasks import TaskMix
@@ -264,11 +264,12 @@ def test_a_joiner_waits_for_the_coordinators_key_the_base_and_the_settings_then_
     # the settings it plays the rounds with, which `up` writes as it starts
     wait_until(lambda: "for the experiment's settings" in capsys.readouterr().out)
     # one a peer planted is not the coordinator's: the joiner waits on, rather than play with its own G
-    write_json_atomic(folder.config_file, {**Resume().record(cfg.with_overrides(num_generations=3), "m", "cpu")})
+    write_json_atomic(folder.config_file, {**Resume().record(cfg.with_overrides(num_generations=3), "m", "cpu", "i")})
     wait_until(lambda: f"{folder.config_file}: not the experiment's coordinator's" in caplog.text)
     assert joining.is_alive() and not joined
-    write_recorded_config(folder, Resume().record(cfg, "m", "cpu"), coordinator)
-    joining.join(timeout=30)
+    with coordinators_up(folder, cfg).held() as up:      # the settings of the `up` that runs: its lease names it
+        write_recorded_config(folder, Resume().record(cfg, "m", "cpu", up.lease.instance), coordinator)
+        joining.join(timeout=30)
     assert joined and f"coordinator key {coordinator.fingerprint} (pinned on this machine" in capsys.readouterr().out
 
 

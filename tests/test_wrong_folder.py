@@ -19,7 +19,7 @@ from swarm_supervisor.resume import Resume
 from workers.shared_folder.recorded_config import write_recorded_config
 from swarm_supervisor.listing import experiment_roots, holds_records
 from swarm_supervisor.preflight import check_gdrive_path
-from tests.helpers import node_key, swarm_env
+from tests.helpers import coordinators_up, node_key, swarm_env
 from workers.shared_folder.base_meta import sign_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
@@ -252,7 +252,8 @@ def test_a_joiner_started_before_its_coordinator_joins_once_it_comes(tmp_path, c
     coordinator = node_key(folder, COORDINATOR)
     folder.base_dir.mkdir()
     write_json_atomic(folder.base_dir / "meta.json", sign_base_meta({"model_name": "m"}, "0" * 64, coordinator))
-    write_recorded_config(folder, Resume().record(cfg, "m", "cpu"), coordinator)
-    joining.join(timeout=30)
+    with coordinators_up(folder, cfg).held() as up:
+        write_recorded_config(folder, Resume().record(cfg, "m", "cpu", up.lease.instance), coordinator)
+        joining.join(timeout=30)
     assert joined and f"coordinator key {coordinator.fingerprint} (pinned on this machine" in capsys.readouterr().out
     assert folder.create() is folder

@@ -16,6 +16,9 @@ from workers.shared_folder.rejections import RejectedFile
 from workers.shared_folder.signing import COORDINATOR, KeyRing, NodeKey
 
 CONFIG_BYTES = 256 * 1024
+# the lease instance of the `up` that wrote it: a joiner takes the settings of the coordinator that runs now, not
+# those a run before it left (a resume may change them)
+COORDINATOR_INSTANCE = "coordinator_instance"
 
 
 def write_recorded_config(folder: ExperimentFolder, record: dict[str, Any], key: NodeKey) -> None:
