@@ -13,6 +13,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from swarm_supervisor.experiments import mean_or_none
 from swarm_supervisor.monitor import DeviceSnapshot
 from swarm_supervisor.readable import FittedTable, Packed, cell, plain
 from swarm_supervisor.status import NodeRow, SwarmView
@@ -188,20 +189,14 @@ def render(view: SwarmView, whole: bool = False) -> Group:
     return Group(*parts)
 
 
-def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
 def status_line(view: SwarmView) -> str:
     """One plain line for pipes, notebooks and CI logs."""
     workers = [n for n in view.nodes if n.role == "worker"]
     starting = sum(n.status == Status.STARTING for n in workers)     # loading its model: not in a round yet
     running = sum(n.status not in NOT_RUNNING for n in workers) - starting
-    reward = _mean([n.reward for n in workers if n.reward is not None])
-    acc = _mean([n.accuracy for n in workers if n.accuracy is not None])
-    newest = [n.held_out if n.held_out is not None else n.held_out_start for n in workers]
-    held_out = _mean([v for v in newest if v is not None])
+    reward = mean_or_none([n.reward for n in workers])
+    acc = mean_or_none([n.accuracy for n in workers])
+    held_out = mean_or_none([n.held_out if n.held_out is not None else n.held_out_start for n in workers])
     speed = f"{3600 / view.rounds_per_hour:.1f} s/round" if view.rounds_per_hour else "- s/round"
     gpu = _gpu_summary(view.devices)
     counts = f"{running}/{len(workers)} workers running" + (f", {starting} starting" if starting else "")

@@ -127,7 +127,9 @@ def _not_ready(folder: ExperimentFolder, keyring: KeyRing, peer_timeout: float) 
     recorded = _signed_settings(folder, keyring)
     if recorded is None:
         return SETTINGS
-    if recorded.get(COORDINATOR_INSTANCE) != _running_coordinator(folder, keyring, peer_timeout):
+    # a coordinator of a version before config.json named its `up` cannot be told from the one before it: taken
+    written_by = recorded.get(COORDINATOR_INSTANCE)
+    if written_by is not None and written_by != _running_coordinator(folder, keyring, peer_timeout):
         return RUNNING_SETTINGS
     return None
 
