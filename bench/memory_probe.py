@@ -58,9 +58,11 @@ def _step(policy, optimizer, batch, adv, setup: dict, graphs: UpdateGraphs | Non
             grpo_step(model, optimizer, batch, adv, chunk_size=setup["chunk"], micro_batch_size=setup["micro"])
 
 
-# what a worker does on CUDA by default (workers/round_loop.py, workers/learning/optim.py, GRADIENT_CHECKPOINTING=auto)
-WORKER_SETUP = {"name": "ours: worker default (checkpointing, chunk 256, micro 16, bf16 moments)", "path": "ours",
-                "chunk": 256, "micro": 16, "opt": "bf16", "ckpt": True, "gen_rows": 8, "empty_cache": True}
+# what a worker does on CUDA with UPDATE_GRAPHS=off (workers/round_loop.py, workers/learning/optim.py,
+# GRADIENT_CHECKPOINTING=auto)
+WORKER_SETUP = {"name": "ours, eager as with UPDATE_GRAPHS=off (checkpointing, chunk 256, micro 16, bf16 moments)",
+                "path": "ours", "chunk": 256, "micro": 16, "opt": "bf16", "ckpt": True, "gen_rows": 8,
+                "empty_cache": True}
 # the same, as a worker runs it on CUDA by default (UPDATE_GRAPHS=auto where the GPU has room)
 GRAPHS_SETUP = {**WORKER_SETUP, "path": "graphs", "name": "ours: the worker's update replayed from CUDA graphs "
                 "(checkpointing, chunk 256, micro 16, bf16 moments)"}

@@ -258,12 +258,17 @@ def _swarm_verdicts(results: dict, say: Callable[[bool, str], None]) -> None:
 
 def _part_verdicts(results: dict, say: Callable[[bool, str], None]) -> None:
     """The targets of one worker's parts: its memory, generation, the train step."""
-    s = results.get("swarm_default", {})
     w = results.get("worker_memory")
     if w:
-        peak = max(w["nvml_peak_gib"], s.get("peak_gib_per_worker", 0))
-        say(peak <= 3, f"<= 3 GiB per worker by NVML: {peak:.2f} GiB at the worst case; the pre-start estimate "
-            f"says {w['estimate_gib']:.2f} GiB, so 16 workers need {16 * w['estimate_gib']:.0f} GiB of an 80 GB GPU")
+        # the most any default-shaped worker held: alone at its worst, in the default swarm, in the worst-case swarm
+        peaks = {"one worker's worst case": w["nvml_peak_gib"]}
+        for key, what in (("swarm_default", "the default swarm"), ("swarm_worst_case", "the worst-case swarm")):
+            if results.get(key, {}).get("peak_gib_per_worker"):
+                peaks[what] = results[key]["peak_gib_per_worker"]
+        where, peak = max(peaks.items(), key=lambda item: item[1])
+        say(peak <= 3, f"<= 3 GiB per worker by NVML: {peak:.2f} GiB, in {where} (" + ", ".join(
+            f"{what} {gib:.2f}" for what, gib in peaks.items()) + f"); the pre-start estimate says "
+            f"{w['estimate_gib']:.2f} GiB, so 16 workers need {16 * w['estimate_gib']:.0f} GiB of an 80 GB GPU")
     g = results.get("generation")
     if g:
         speedups = {row["batch"]: row["fast_tok_s"] / row["plain_tok_s"] for row in g["rows"] if row.get("fast_tok_s")}
