@@ -14,7 +14,8 @@ from configs_env import SETTINGS, Setting, SwarmConfig, SwarmError
 from configs_env.parsing import spelled
 from swarm_supervisor.devices import CPU, devices_label, gpu_count
 from swarm_supervisor.preflight import (check_gdrive_path, check_writable_folder, resolve_devices, settle_fit,
-                                        resolve_model, warn_short_disk, worker_names, worker_need_mib)
+                                        resolve_model, warn_short_disk, warn_short_ram, worker_names,
+                                        worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import write_recorded_config
 from swarm_supervisor.resume import Resume, finished_note, plan_resume
@@ -109,6 +110,7 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     if devices[0] != CPU:
         cfg, need_mib = settle_fit(cfg, gpus, lambda settings: worker_need_mib(settings, model_name, devices[0]))
     warn_short_disk([cfg], model_name, on_cuda=devices[0] != CPU)
+    warn_short_ram(cfg.num_workers, cfg, model_name, on_cuda=devices[0] != CPU)
     folder = ExperimentFolder(cfg.experiment_dir).create()
     if keyring is not None:
         return _run_swarm(cfg, folder, model_name, devices, keyring, dashboard=dashboard, need_mib=need_mib)

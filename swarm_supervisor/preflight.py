@@ -10,6 +10,7 @@ from typing import Callable
 from configs_env import ConfigError, SwarmConfig
 from swarm_supervisor.devices import device_fits, refuse_unfit, worker_devices, nvml_ids
 from swarm_supervisor.disk_room import disk_warning
+from swarm_supervisor.ram_room import ram_warning
 from swarm_supervisor.monitor import Monitor
 from workers.shared_folder.folder import ExperimentFolder
 
@@ -152,6 +153,13 @@ def warn_short_disk(configs: list[SwarmConfig], model_name: str, on_cuda: bool) 
     """Say so when the disk under GDRIVE_PATH will not hold the checkpoints of these swarms' workers."""
     swarms = [(ExperimentFolder(c.experiment_dir), worker_names(c)) for c in configs]
     warning = disk_warning(configs[0].gdrive_path, swarms, model_config(configs[0], model_name), on_cuda, model_name)
+    if warning:
+        print(f"rl-swarm: {warning}")
+
+
+def warn_short_ram(workers: int, cfg: SwarmConfig, model_name: str, on_cuda: bool) -> None:
+    """Say so when this machine's RAM will not hold `workers` workers (those running at once) at their peak."""
+    warning = ram_warning(workers, model_config(cfg, model_name), on_cuda, model_name)
     if warning:
         print(f"rl-swarm: {warning}")
 

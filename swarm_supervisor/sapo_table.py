@@ -9,7 +9,7 @@ from configs_env import SwarmConfig, SwarmError
 from configs_env.presets import PAPER_CUMULATIVE_REWARD, TABLE_FAMILIES
 from swarm_supervisor.cli import EXIT_INTERRUPTED
 from swarm_supervisor.preflight import (free_mib, resolve_devices, resolve_model, settle_graphs, warn_short_disk,
-                                        worker_need_mib)
+                                        warn_short_ram, worker_need_mib)
 from swarm_supervisor.devices import CPU, DeviceFit, device_fits, gpu_count, worker_devices
 from swarm_supervisor.monitor import Monitor
 from swarm_supervisor.table import Arm, ArmRunner, share_warmups
@@ -103,6 +103,8 @@ def run_sapo_table(cfg: SwarmConfig, env: dict[str, str], family: str | None, pa
     gpus = gpu_count()
     devices, _ = resolve_devices(cfg, gpus)
     warn_short_disk([arm.config(env) for arm in arms], model_name, on_cuda=devices[0] != CPU)
+    warn_short_ram(sum(arm.config(env).num_workers for arm in arms[:parallel]), cfg, model_name,
+                   on_cuda=devices[0] != CPU)
     if devices[0] != CPU:
         env = settle_table_fit(arms, env, parallel, gpus, lambda c: worker_need_mib(c, model_name, devices[0]))
     logs = tables / "logs"

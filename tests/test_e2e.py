@@ -53,6 +53,23 @@ def test_test_mode_swarm_runs_every_round_and_shares_rollouts(test_mode_run):
     assert "validate e2e: 8/8 checks passed" in result.stdout          # TEST_MODE validates its own folder
 
 
+def test_the_host_ram_estimate_bounds_what_each_worker_held_by_pss(test_mode_run):
+    """The pre-start RAM warning counts each worker at the most it held (PSS, recorded by the supervisor): not
+    below it, or a short host would go unwarned, nor far above it, or a host with room would be warned."""
+    from transformers import AutoConfig
+
+    from workers.learning.memory import estimate_worker_host_mib
+    from workers.learning.model import model_source
+
+    tmp_path, result = test_mode_run
+    exp = tmp_path / "drive" / "experiments" / "e2e"
+    rows = [json.loads(line) for line in (exp / "logs" / "supervisor" / "monitor.jsonl").read_text().splitlines()]
+    held = max(values["pss_mib"] or 0 for row in rows for values in row["nodes"].values())
+    cache = swarm_env(tmp_path)["RL_SWARM_CACHE"]
+    estimate = estimate_worker_host_mib(AutoConfig.from_pretrained(model_source("rl-swarm/tiny-gpt2", cache)), False)
+    assert 0.5 * estimate < held <= estimate, (held, estimate)
+
+
 def test_up_again_on_the_finished_experiment_says_so_in_one_line_and_changes_nothing(test_mode_run):
     """It printed the coordinator's key before the finished line, and probed the folder by writing a file."""
     tmp_path, _ = test_mode_run

@@ -21,3 +21,12 @@ def test_swarm_on_cuda_reports_per_worker_gpu_memory(tmp_path):
     rows = [json.loads(line) for line in (exp / "logs" / "supervisor" / "monitor.jsonl").read_text().splitlines()]
     seen = {node for row in rows for node, values in row["nodes"].items() if values["gpu_mib"]}
     assert seen == {"worker-1", "worker-2"}
+    # the pre-start RAM warning's estimate is not below what a CUDA worker held of the host's RAM (its PSS)
+    from transformers import AutoConfig
+
+    from workers.learning.memory import estimate_worker_host_mib
+    from workers.learning.model import model_source
+
+    held = max(values["pss_mib"] or 0 for row in rows for values in row["nodes"].values())
+    config = AutoConfig.from_pretrained(model_source(env["MODEL_NAME"], env["RL_SWARM_CACHE"]))
+    assert 0 < held <= estimate_worker_host_mib(config, on_cuda=True), held

@@ -77,3 +77,17 @@ def update_graphs_mib(config, cfg: SwarmConfig) -> float:
     rows = cfg.num_train_samples * cfg.num_generations
     cache = layers * 2 * rows * (cfg.max_new_tokens + 48) * d * 2
     return (parameter_count(config) * 4 + 2 * cache) / MIB
+
+
+# Host RAM of one worker, by PSS (the monitor's records; bench/NOTES.md): what does not grow with the model (torch's,
+# CUDA's and the tasks' libraries, the tokenizer, Python) and bytes per parameter. On CUDA the host holds a
+# checkpoint's copy of the fp32 weights and bf16 moments (8 bytes); on a CPU the model lives there too: fp32 weights,
+# gradients and torch AdamW's two fp32 moments, and the copy of weights and moments (28 bytes). Measured: GPT-2 124M
+# on an H200 peaked at 2.92-3.11 GiB a worker (2240 MiB + 124M x 8 B); the tiny model on a 2-core CPU at 0.35 GiB.
+HOST_FIXED_MIB = {True: 2240, False: 330}
+HOST_BYTES_PER_PARAM = {True: 8, False: 28}
+
+
+def estimate_worker_host_mib(config, on_cuda: bool) -> float:
+    """One worker's peak host RAM (PSS, at a checkpoint) for a model of this config."""
+    return HOST_FIXED_MIB[on_cuda] + parameter_count(config) * HOST_BYTES_PER_PARAM[on_cuda] / MIB
