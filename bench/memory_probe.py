@@ -23,6 +23,7 @@ from workers.learning.grpo import build_batch, grpo_step
 from workers.learning.model import enable_activation_checkpointing, load_policy, update_attention
 from workers.learning.optim import AdamWBf16Moments
 from workers.learning.update_graph import UpdateGraphs
+from workers.processes import cuda_env_defaults
 
 GIB = 2**30
 
@@ -43,7 +44,9 @@ def _step(policy, optimizer, batch, adv, setup: dict, graphs: UpdateGraphs | Non
     model = policy.model
     if graphs is not None:          # as round_loop.train_on_groups runs it
         with update_attention(policy.device), torch.autocast("cuda", dtype=torch.bfloat16):
-            graphs.step(optimizer, batch, adv, real_rows=batch.input_ids.shape[0])
+            stats = graphs.step(optimizer, batch, adv, real_rows=batch.input_ids.shape[0])
+        if stats is None:           # a worker would train this batch eagerly: a timed no-op is no row
+            raise RuntimeError(f"no update graph served the batch: {graphs.broken or 'no capture for its shape'}")
     elif setup["path"] == "naive":
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logp = naive_logprobs(model, batch)
@@ -147,7 +150,7 @@ def worker_peak(cache: Path, setup: dict, cycles: int = 8) -> dict:
 
 def worker_loop(cache: str, setup: dict, cycles: int, results) -> None:
     """Spawn target: what one worker does each round, at the worst case (every completion 256 tokens)."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    cuda_env_defaults()
     stop, peak = threading.Event(), [0]
     sampler = threading.Thread(target=_nvml_sampler, args=(os.getpid(), stop, peak), daemon=True)
     sampler.start()

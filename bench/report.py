@@ -88,6 +88,13 @@ def _train(results: dict) -> Section | None:
     return "Train step (16 rows x 256 completion tokens + 48 prompt tokens, bf16 autocast)", "train", lines
 
 
+def _at(results: dict, part: str) -> str:
+    """' at <commit>' of the run that measured `part`, from the command recorded for it; '' where none was."""
+    command = results.get("commands", {}).get(part, "")
+    sha = command.split("GIT_SHA=", 1)[1].split()[0] if "GIT_SHA=" in command else None
+    return f" at {sha}" if sha else ""
+
+
 def _reserved(row: dict) -> float:
     """A train row's peak GiB reserved, a graph's pool included (older results kept only the allocated peak)."""
     return row.get("peak_reserved_gib", row["peak_gib"])
@@ -261,10 +268,11 @@ def _part_verdicts(results: dict, say: Callable[[bool, str], None]) -> None:
     w = results.get("worker_memory")
     if w:
         # the most any default-shaped worker held: alone at its worst, in the default swarm, in the worst-case swarm
-        peaks = {"one worker's worst case": w["nvml_peak_gib"]}
+        # each measured at its own commit: said beside it
+        peaks = {f"one worker's worst case{_at(results, 'worker_memory')}": w["nvml_peak_gib"]}
         for key, what in (("swarm_default", "the default swarm"), ("swarm_worst_case", "the worst-case swarm")):
             if results.get(key, {}).get("peak_gib_per_worker"):
-                peaks[what] = results[key]["peak_gib_per_worker"]
+                peaks[what + _at(results, key)] = results[key]["peak_gib_per_worker"]
         where, peak = max(peaks.items(), key=lambda item: item[1])
         say(peak <= 3, f"<= 3 GiB per worker by NVML: {peak:.2f} GiB, in {where} (" + ", ".join(
             f"{what} {gib:.2f}" for what, gib in peaks.items()) + f"); the pre-start estimate says "

@@ -11,7 +11,6 @@ import psutil
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
-PSS_EVERY_S = 5.0      # as often as the supervisor records a sample (supervisor.RECORD_S)
 
 
 @dataclass(frozen=True)
@@ -61,13 +60,17 @@ class Monitor:
     `nvml` stands in for pynvml in tests.
     """
 
-    def __init__(self, gpus: Mapping[str, int | str] | None = None, nvml: Any = None):
+    def __init__(self, gpus: Mapping[str, int | str] | None = None, nvml: Any = None, pss_every_s: float = 5.0):
         self._nvml = None
         self._handles: dict[str, Any] = {}
         self._warned: set[str] = set()
         # psutil's cpu_percent is the share since the previous call on the same Process object, so keep them.
         self._procs: dict[int, psutil.Process] = {}
+        # PSS: the kernel walks a CUDA worker's page tables for it (11 ms for a GPT-2 worker on the H200's host), so
+        # each process's is read every `pss_every_s` (the supervisor's record interval), a share of them per sample
         self._pss: dict[int, tuple[float, float | None]] = {}     # pid -> (when read, MiB)
+        self._pss_every_s = pss_every_s
+        self._pss_due: set[int] = set()
         self._self = psutil.Process()
         self._self.cpu_percent(None)
         gpus = {"cuda:0": 0} if gpus is None else gpus
@@ -136,6 +139,7 @@ class Monitor:
             proc = self._procs.get(pid)
             if proc is not None and not proc.is_running():   # exited, or its pid was reused by another process
                 del self._procs[pid]
+                self._pss.pop(pid, None)
                 return _dead(pid)
             if proc is None:
                 proc = self._procs[pid] = psutil.Process(pid)
@@ -146,26 +150,36 @@ class Monitor:
         except psutil.NoSuchProcess as exc:     # ZombieProcess is one too: exited, not yet reaped
             log.debug("pid %d: %s", pid, exc)
             self._procs.pop(pid, None)
+            self._pss.pop(pid, None)
             return _dead(pid)
         except psutil.AccessDenied as exc:      # alive, but another user's: nothing to show
             log.debug("pid %d: %s", pid, exc)
             return ProcessSnapshot(pid=pid, alive=True, rss_mib=None, cpu_pct=None, gpu_mib=gpu.get(pid))
 
     def _pss_of(self, proc: psutil.Process) -> float | None:
-        """The process's PSS, read at most every PSS_EVERY_S: the kernel walks a CUDA worker's page tables for it
-        (11 ms for a GPT-2 worker on the H200's host), read at every 1 s sample, 32 workers cost a third of a core."""
+        """The process's PSS: read anew when this sample is its turn (_plan_pss), else the last reading."""
+        if proc.pid in self._pss_due:
+            self._pss[proc.pid] = (time.monotonic(), _pss_mib(proc))
+        return self._pss.get(proc.pid, (0.0, None))[1]
+
+    def _plan_pss(self, wanted: list[int]) -> None:
+        """Whose PSS this sample reads: those not read for `pss_every_s`, the stalest first, at most a share of the
+        processes per sample (one every pss_every_s / n seconds), so 32 workers' readings are spread over the
+        interval instead of stalling one sample for a third of a second."""
         now = time.monotonic()
-        when, mib = self._pss.get(proc.pid, (-math.inf, None))
-        if now - when >= PSS_EVERY_S:
-            self._pss[proc.pid] = (now, mib := _pss_mib(proc))
-        return mib
+        stale = sorted((when, pid) for pid in wanted
+                       if now - (when := self._pss.get(pid, (-math.inf, None))[0]) >= self._pss_every_s)
+        share = max(1, math.ceil(len(wanted) / max(self._pss_every_s, 1.0)))
+        self._pss_due = {pid for _, pid in stale[:share]}
 
     def sample(self, pids: Iterable[int]) -> MonitorSnapshot:
         """One reading of the GPUs, the given processes, this process and host RAM."""
         wanted = list(dict.fromkeys(pids))
         for gone in self._procs.keys() - set(wanted):    # restarted workers get new pids; forget the old ones
             del self._procs[gone]
-            self._pss.pop(gone, None)
+        for gone in self._pss.keys() - set(wanted):
+            del self._pss[gone]
+        self._plan_pss(wanted)
         devices, gpu = self._devices()
         ram = psutil.virtual_memory()
         return MonitorSnapshot(taken_at=time.time(), devices=devices,

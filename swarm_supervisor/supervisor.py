@@ -87,7 +87,8 @@ class Supervisor:
             raise ValueError("a supervisor that runs the coordinator needs the coordinator's key")
         self.coordinator = (Coordinator(cfg, self.folder, self.stop_coordinator, self.local_workers, coordinator_key,
                                         self.keyring, self.event) if run_coordinator else None)
-        self.monitor = Monitor(nvml_ids([spec.device for spec in specs], cfg.cuda_visible_devices))
+        self.monitor = Monitor(nvml_ids([spec.device for spec in specs], cfg.cuda_visible_devices),
+                               pss_every_s=RECORD_S)
         self.snapshot: MonitorSnapshot | None = None
         self.peaks = PeakWindow()           # what monitor.jsonl records: the most of each window's samples
         self.dashboard = dashboard or Dashboard()

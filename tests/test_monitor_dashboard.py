@@ -59,24 +59,25 @@ def test_monitor_on_a_cpu_machine_reports_ram_and_na_for_gpu():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PSS is Linux's")
-def test_pss_is_read_once_per_record_interval_not_at_every_sample(monkeypatch):
-    """Reading a CUDA worker's PSS walks its page tables (11 ms on the H200's host): 32 workers sampled every
-    second must not cost the supervisor a third of a core."""
+def test_pss_is_read_once_per_interval_and_the_readings_are_spread_over_the_samples(monkeypatch):
+    """Reading a CUDA worker's PSS walks its page tables (11 ms on the H200's host): 32 workers read at every 1 s
+    sample would cost the supervisor a third of a core, and all read in one sample would stall it."""
     from swarm_supervisor import monitor as monitor_module
     reads = []
     real = monitor_module._pss_mib
     monkeypatch.setattr(monitor_module, "_pss_mib", lambda proc: reads.append(proc.pid) or real(proc))
-    clock = [1000.0]
-    monkeypatch.setattr(monitor_module.time, "monotonic", lambda: clock[0])
-    monitor = Monitor(gpus={})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monitor = Monitor(gpus={}, pss_every_s=2.0)       # two processes: one reading a sample
     try:
-        first = [monitor.sample([os.getpid()]).processes[os.getpid()].pss_mib for _ in range(3)]
-        clock[0] += monitor_module.PSS_EVERY_S
-        later = monitor.sample([os.getpid()]).processes[os.getpid()].pss_mib
+        pids = [os.getpid(), other.pid]
+        samples = [monitor.sample(pids) for _ in range(3)]
     finally:
         monitor.close()
-    assert reads == [os.getpid(), os.getpid()]      # once, then again only after PSS_EVERY_S
-    assert first[0] == first[1] == first[2] > 0 and later > 0
+        other.kill()
+        other.wait(timeout=30)
+    assert sorted(reads) == sorted(pids)                 # each once in three samples, one per sample
+    assert sum(p.pss_mib is not None for p in samples[0].processes.values()) == 1     # the other's turn is next
+    assert all(0 < p.pss_mib <= p.rss_mib for p in samples[2].processes.values())   # a share of RSS, kept
 
 
 def test_a_recorded_frame_has_a_row_per_node_with_the_failed_nodes_error():

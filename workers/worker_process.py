@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from configs_env import SwarmError
-from workers.processes import EXIT_CONFIG, EXIT_NO_COORDINATOR, EXIT_OUT_OF_MEMORY, WorkerSpec, stop_with_parent
+from workers.processes import (EXIT_CONFIG, EXIT_NO_COORDINATOR, EXIT_OUT_OF_MEMORY, WorkerSpec, cuda_env_defaults,
+                               stop_with_parent)
 from workers.shared_folder.drive_sim import simulate_drive
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.protocol import Status
@@ -23,11 +24,6 @@ from workers.shared_folder.storage import mount_experiment
 from workers.worker import NoCoordinator, Worker
 
 log = logging.getLogger("workers.worker")
-# cuBLAS's and cuBLASLt's workspaces, one of each per stream a worker multiplies on (its own, the sampler's and the
-# update's CUDA graphs'), 4 MiB each instead of torch's 32 MiB on Hopper (pre-Hopper GPUs, the A100 included, already
-# take ~4-8 MiB). On an H200 the default swarm's worker peaks at 2.89 GiB by NVML instead of 3.07, for 0.179 s a
-# round instead of 0.169 (bench/NOTES.md). A value set in the environment is kept.
-CUBLAS_WORKSPACES = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1", "CUBLASLT_WORKSPACE_SIZE": "4096"}
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -45,10 +41,7 @@ def worker_main(spec: WorkerSpec) -> None:
     if spec.device == "cpu":
         torch.set_num_threads(1)
     else:
-        # several processes share the GPU: expandable segments keep each one's cache from fragmenting
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        for name, value in CUBLAS_WORKSPACES.items():
-            os.environ.setdefault(name, value)
+        cuda_env_defaults()         # before this process's first CUDA call
         # a worker on cuda:1 makes no CUDA context on cuda:0 (one would cost every GPU-0 worker ~0.5 GiB)
         try:
             torch.cuda.set_device(torch.device(spec.device))
