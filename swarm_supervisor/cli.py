@@ -32,7 +32,7 @@ from workers.shared_folder.protocol import Status
 from workers.processes import WorkerSpec, joined_index, skip_exit_collections
 from swarm_supervisor.base_warmup import coordinators_base, ensure_base
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
-from swarm_supervisor.join import join_experiment
+from swarm_supervisor.join import join_experiment, refuse_finished
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "up" and (note := finished_before_start(cfg)) is not None:
             print(f"rl-swarm: {note}")
             return 0
+        if command in ("worker", "join"):     # before the write check's probe file: nothing lands in a finished one
+            refuse_finished(cfg)
         check_written_folders(command, args, cfg)
         if command == "config" and args.markdown:
             print(settings_markdown())

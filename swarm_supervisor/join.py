@@ -35,15 +35,22 @@ def join_experiment(cfg: SwarmConfig) -> tuple[SwarmConfig, KeyRing]:
     """A joining machine's settings, the experiment's where they shape the rounds, and its keys of the experiment,
     once the experiment is ready to join; ExperimentFinished when it has no round left. Nothing is written into
     the experiment's folder before its coordinator made it."""
+    refuse_finished(cfg)
     folder = ExperimentFolder(cfg.experiment_dir)
-    note = finished_note(folder, joiners_keyring(cfg, folder), cfg, joining=True)
-    if note is not None:    # a joiner would replay its last round into the finished experiment's results
-        raise ExperimentFinished(note)
     keyring = join_when_ready(cfg, folder)
     cfg, lines = joined_settings(folder, keyring, cfg)
     for line in lines:
         print(f"rl-swarm: {line}")
     return cfg, keyring
+
+
+def refuse_finished(cfg: SwarmConfig) -> None:
+    """ExperimentFinished when the experiment a machine would join has no round left: told before anything is
+    written (the folder's write check too), as `up` tells it."""
+    folder = ExperimentFolder(cfg.experiment_dir)
+    note = finished_note(folder, joiners_keyring(cfg, folder), cfg, joining=True)
+    if note is not None:    # a joiner would replay its last round into the finished experiment's results
+        raise ExperimentFinished(note)
 
 
 def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
