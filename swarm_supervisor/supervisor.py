@@ -18,6 +18,7 @@ from swarm_supervisor.dashboard import Dashboard
 from swarm_supervisor.events import EventJournal, Watches
 from swarm_supervisor.handles import RestartPolicy, WorkerHandle
 from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
+from swarm_supervisor.readable import one_line
 from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot, PeakWindow, ProcessSnapshot
@@ -49,12 +50,6 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 def view_interval(live_table: bool, on_store: bool) -> float:
     """Seconds between the supervisor's reads of the folder for its view."""
     return TICK_S if live_table and not on_store else QUIET_VIEW_S
-
-
-def one_line(error: BaseException) -> str:
-    """`KeyError: 'x'`: the type, and the first line of the message, if any."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 MEMORY_POLL_S = 5.0     # how often a restart held back for GPU memory looks again
@@ -170,7 +165,7 @@ class Supervisor:
             return False
         if not exited and h.memory_wait_since is None:
             return False
-        free = self._free_mib(h.spec.device)
+        free = self.monitor.free_mib(h.spec.device)
         need = self.worker_need_mib
         if free is None or need is None or free >= need:
             if h.memory_wait_since is not None:
@@ -191,15 +186,6 @@ class Supervisor:
             return False
         h.restart_at = now + MEMORY_POLL_S
         return True
-
-    def _free_mib(self, device: str) -> float | None:
-        """Free memory on the worker's GPU now, by NVML; None on a CPU or where NVML cannot read it."""
-        try:
-            snapshot = self.monitor.sample(())
-        except Exception as exc:  # noqa: BLE001 - NVML and psutil raise their own types; the wait is best effort
-            log.warning("no GPU memory reading for the restart of a worker: %s", exc)
-            return None
-        return next((d.free_mib for d in snapshot.devices if d.label == device), None)
 
     def _kill_hung(self) -> None:
         """A worker stuck in one stage (a deadlock, a wedged GPU call) is killed; _reap restarts it."""
