@@ -33,7 +33,7 @@ from workers.shared_folder.protocol import Status
 from workers.processes import WorkerSpec, joined_index, skip_exit_collections
 from swarm_supervisor.base_warmup import coordinators_base, ensure_base
 from swarm_supervisor.claim import CoordinatorClaim, coordinator_key
-from swarm_supervisor.join import join_experiment
+from swarm_supervisor.join import SettingsWatch, join_experiment, refuse_finished
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -96,9 +96,9 @@ def refuse_running_nodes(folder: ExperimentFolder, cfg: SwarmConfig, nodes: list
 def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     from workers.learning.tasks import check_tasks      # reasoning-gym loads only when a swarm starts
 
-    keyring = None
+    keyring = watch = None
     if role != "up":        # before the tasks and the model load: they are the experiment's
-        cfg, keyring = join_experiment(cfg)
+        cfg, keyring, watch = join_experiment(cfg)
     check_tasks(cfg.tasks)
     gpus = gpu_count()
     devices, device_note = resolve_devices(cfg, gpus)
@@ -113,7 +113,8 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
     warn_short_ram(cfg.num_workers, cfg, model_name, on_cuda=devices[0] != CPU)
     folder = ExperimentFolder(cfg.experiment_dir).create()
     if keyring is not None:
-        return _run_swarm(cfg, folder, model_name, devices, keyring, dashboard=dashboard, need_mib=need_mib)
+        return _run_swarm(cfg, folder, model_name, devices, keyring, dashboard=dashboard, need_mib=need_mib,
+                          watch=watch)
     key, keyring = coordinator_key(cfg, folder)
     claim = CoordinatorClaim(cfg, folder, key, keyring, "up")
     with claim.held():       # before the warm-up: a second `up` is refused while this one warms up too
@@ -139,9 +140,10 @@ def finished_before_start(cfg: SwarmConfig) -> str | None:
 
 
 def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devices: list[str], keyring: KeyRing,
-               claim: CoordinatorClaim | None = None, dashboard: bool = True, need_mib: float | None = None) -> int:
-    """The supervisor with this machine's workers, and the coordinator when `claim` holds the experiment;
-    dashboard=False: status lines only (a notebook draws the table itself)."""
+               claim: CoordinatorClaim | None = None, dashboard: bool = True, need_mib: float | None = None,
+               watch: SettingsWatch | None = None) -> int:
+    """The supervisor with this machine's workers, and the coordinator when `claim` holds the experiment (else
+    `watch` follows its settings); dashboard=False: status lines only (a notebook draws the table itself)."""
     from swarm_supervisor.dashboard import Dashboard
     from swarm_supervisor.supervisor import Supervisor
 
@@ -165,7 +167,8 @@ def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devi
     supervisor = Supervisor(cfg, specs, run_coordinator=claim is not None, model_label=model_name,
                             device_label=devices_label(devices), keyring=keyring, coordinator_key=claim and claim.key,
                             claim_lost=lambda: claim and claim.lost, dashboard=Dashboard(shown=dashboard),
-                            worker_need_mib=need_mib, joined_as=joined_as)
+                            worker_need_mib=need_mib, joined_as=joined_as,
+                            settings_changed=watch.look if watch else lambda cfg: None)
     started = time.monotonic()
     code = supervisor.run()
     print(summary(supervisor, time.monotonic() - started, code))
@@ -313,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "up" and (note := finished_before_start(cfg)) is not None:
             print(f"rl-swarm: {note}")
             return 0
+        if command in ("worker", "join"):     # before the write check's probe file: nothing lands in a finished one
+            refuse_finished(cfg)
         check_written_folders(command, args, cfg)
         if command == "config" and args.markdown:
             print(settings_markdown())

@@ -33,6 +33,7 @@ class WorkerHandle:
     kill_reason: str | None = None      # set when the supervisor itself killed the process
     memory_wait_since: float | None = None    # its restart waits for room on its GPU (monotonic start)
     memory_wait_gave_up: float | None = None  # when a wait last ran out: the next out-of-memory exit counts
+    respawn_asked: bool = False         # asked to stop to start again with a new spec: no crash, not finished
 
     @property
     def node(self) -> str:
@@ -40,3 +41,11 @@ class WorkerHandle:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
+
+    def restart_with(self, spec: WorkerSpec) -> None:
+        """Its processes run `spec` from now on: a live one is asked to stop as on Ctrl-C (it checkpoints its last
+        round) and is started again as it exits (Supervisor._reap)."""
+        self.spec = spec
+        if self.alive():
+            self.respawn_asked = True
+            self.process.terminate()

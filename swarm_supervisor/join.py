@@ -1,16 +1,19 @@
 """A machine that joins a swarm whose coordinator runs elsewhere (`rl-swarm worker`): it refuses a finished
 experiment, waits (bounded, saying for what) for the coordinator's key, the experiment's base and the settings of
 the coordinator that runs now (not those a run before it left), then plays with the experiment's settings that shape
-the rounds (resume.joined_settings)."""
+the rounds (resume.joined_settings), and follows them when its coordinator restarts with others (SettingsWatch)."""
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from configs_env import SwarmConfig, SwarmError
+from configs_env.parsing import spelled
 from swarm_supervisor.claim import signed_lease
 from swarm_supervisor.listing import list_experiments, where_shown
 from swarm_supervisor.readable import plain
-from swarm_supervisor.resume import ExperimentFinished, finished_note, joined_settings
+from swarm_supervisor.resume import (JOINED, SHAPING, ExperimentFinished, adopted_settings, finished_note,
+                                     joined_settings)
 from workers.processes import COORDINATOR_PATIENCE
 from workers.shared_folder.base_meta import signed_base_meta
 from workers.shared_folder.exchange import newest_signed_round
@@ -24,6 +27,9 @@ JOIN_POLL_S = 1.0
 COORDINATOR_KEY = "the coordinator"     # what a joiner waits for first
 SETTINGS = "the experiment's settings"
 RUNNING_SETTINGS = "the settings of the experiment's running coordinator"
+# how often a joiner reads config.json for the settings of a coordinator that restarted: a round or two of its
+# workers played with the old ones at most, for a read of one small file (a billed GET on an object store)
+SETTINGS_CHECK_S = 10.0
 
 
 def joiners_keyring(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
@@ -31,19 +37,28 @@ def joiners_keyring(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
     return KeyRing(folder, pins_dir=local_key_dir(cfg.cache_dir, folder.root) / "pins")
 
 
-def join_experiment(cfg: SwarmConfig) -> tuple[SwarmConfig, KeyRing]:
-    """A joining machine's settings, the experiment's where they shape the rounds, and its keys of the experiment,
-    once the experiment is ready to join; ExperimentFinished when it has no round left. Nothing is written into
-    the experiment's folder before its coordinator made it."""
+def join_experiment(cfg: SwarmConfig) -> tuple[SwarmConfig, KeyRing, "SettingsWatch"]:
+    """A joining machine's settings, the experiment's where they shape the rounds, its keys of the experiment, and
+    the watch that follows its coordinator's settings from then on, once the experiment is ready to join;
+    ExperimentFinished when it has no round left. Nothing is written into the experiment's folder before its
+    coordinator made it."""
+    refuse_finished(cfg)
+    folder = ExperimentFolder(cfg.experiment_dir)
+    keyring = join_when_ready(cfg, folder)
+    watch = SettingsWatch(cfg, folder, keyring)     # before they are taken: a config.json signed since is followed
+    joined, lines = joined_settings(folder, keyring, cfg)
+    for line in lines:
+        print(f"rl-swarm: {line}")
+    return joined, keyring, watch
+
+
+def refuse_finished(cfg: SwarmConfig) -> None:
+    """ExperimentFinished when the experiment a machine would join has no round left: told before anything is
+    written (the folder's write check too), as `up` tells it."""
     folder = ExperimentFolder(cfg.experiment_dir)
     note = finished_note(folder, joiners_keyring(cfg, folder), cfg, joining=True)
     if note is not None:    # a joiner would replay its last round into the finished experiment's results
         raise ExperimentFinished(note)
-    keyring = join_when_ready(cfg, folder)
-    cfg, lines = joined_settings(folder, keyring, cfg)
-    for line in lines:
-        print(f"rl-swarm: {line}")
-    return cfg, keyring
 
 
 def join_when_ready(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
@@ -173,3 +188,47 @@ def _running_coordinator(folder: ExperimentFolder, keyring: KeyRing, peer_timeou
     except OSError:                     # no `up` holds the experiment (FileNotFoundError), or a Drive hiccup
         return None
     return lease.instance if lease.alive(peer_timeout) else None
+
+
+@dataclass(frozen=True)
+class SettingsChange:
+    """What a joiner does of the settings its coordinator restarted with: lines to say, and the settings its workers
+    restart with (None: they play with them already)."""
+
+    lines: tuple[str, ...]
+    cfg: SwarmConfig | None
+
+
+class SettingsWatch:
+    """A joiner's look, every SETTINGS_CHECK_S, at config.json for one its coordinator signed as it restarted (that
+    of another `up`, which runs now): its workers, started with the settings of the `up` before, would publish
+    groups every peer drops and drop theirs. What shapes the rounds is then taken as at the join (adopted_settings
+    from this machine's own settings); a config.json of an `up` that does not run (one a peer put back) is not."""
+
+    def __init__(self, own: SwarmConfig, folder: ExperimentFolder, keyring: KeyRing):
+        self.own, self.folder, self.keyring = own, folder, keyring
+        recorded = _signed_settings(folder, keyring)
+        self.instance = recorded.get(COORDINATOR_INSTANCE) if recorded else None
+        self.next_look = time.monotonic() + SETTINGS_CHECK_S
+
+    def look(self, playing: SwarmConfig) -> SettingsChange | None:
+        """What changes for workers that play with `playing`, when a config.json of another `up` that runs now is
+        new since the last look (due every SETTINGS_CHECK_S); None otherwise."""
+        if time.monotonic() < self.next_look:
+            return None
+        self.next_look = time.monotonic() + SETTINGS_CHECK_S
+        recorded = _signed_settings(self.folder, self.keyring)      # None on a Drive hiccup: looked at again
+        written_by = recorded.get(COORDINATOR_INSTANCE) if recorded else None
+        if written_by is None or written_by == self.instance or \
+                written_by != _running_coordinator(self.folder, self.keyring, self.own.peer_timeout):
+            return None
+        self.instance = written_by
+        adopted, lines = adopted_settings(recorded, self.own)
+        followed = playing.with_overrides(**{attr: getattr(adopted, attr) for attr in JOINED})
+        changed = [attr for attr in SHAPING if getattr(followed, attr) != getattr(playing, attr)]
+        if not changed:
+            return SettingsChange(tuple(lines), None) if lines else None
+        was, now = playing.to_json(), followed.to_json()
+        said = ", ".join(f"{SHAPING[attr]} {spelled(was[attr])} -> {spelled(now[attr])}" for attr in changed)
+        return SettingsChange((*lines, plain(f"the coordinator restarted with other settings ({said}): this "
+                                             "machine's workers restart with them")), followed)

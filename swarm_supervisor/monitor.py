@@ -187,6 +187,15 @@ class Monitor:
                                supervisor_cpu_pct=self._self.cpu_percent(None),
                                host_ram_used_mib=(ram.total - ram.available) / MIB, host_ram_total_mib=ram.total / MIB)
 
+    def free_mib(self, device: str) -> float | None:
+        """Free memory on a worker's GPU now, by NVML; None on a CPU or where NVML cannot read it."""
+        try:
+            snapshot = self.sample(())
+        except Exception as exc:  # noqa: BLE001 - NVML and psutil raise their own types; the reading is best effort
+            log.warning("no GPU memory reading of %s: %s", device, exc)
+            return None
+        return next((d.free_mib for d in snapshot.devices if d.label == device), None)
+
     def close(self) -> None:
         if self._nvml is not None:
             try:

@@ -20,6 +20,12 @@ SEPARATOR = " · "
 COLUMN_GAP = 3                    # " │ " between two table columns
 
 
+def one_line(error: BaseException) -> str:
+    """`KeyError: 'x'`: the type, and the first line of the message, if any."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+
+
 def plain(value: object) -> str:
     """`value` as one line of text with each control character written out ("\\x1b", "\\n"); idempotent."""
     text = str(value)

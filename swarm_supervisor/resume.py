@@ -128,6 +128,19 @@ def joined_settings(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig
         return cfg, [f"experiment {cfg.experiment_name!r} has no config.json its coordinator signed: this machine "
                      "plays its rounds with its own settings (check that G, TASKS and MAX_NEW_TOKENS match the "
                      "swarm's)"]
+    joined, lines = adopted_settings(recorded, cfg)
+    taken = [attr for attr in JOINED if getattr(joined, attr) != getattr(cfg, attr)]
+    if taken:
+        now = joined.to_json()
+        lines.append(f"joining experiment {cfg.experiment_name!r} with its settings (config.json): " + ", ".join(
+            f"{JOINED[attr]}={spelled(now[attr])} (this machine's: {spelled(cfg.to_json()[attr])})"
+            for attr in taken))
+    return joined, lines
+
+
+def adopted_settings(recorded: dict[str, Any], cfg: SwarmConfig) -> tuple[SwarmConfig, list[str]]:
+    """This machine's settings `cfg` with the values of JOINED in config.json `recorded` that their parsers take,
+    and a line for each value (or set of values) refused, which this machine keeps its own of."""
     taken, lines = {}, []
     for attr, (theirs, mine) in changed_settings(recorded, cfg, JOINED).items():
         try:
@@ -142,11 +155,6 @@ def joined_settings(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig
         joined.check("join")
     except ConfigError as refused:
         return cfg, [*lines, _refusal(cfg, refused, "this machine plays with its own settings")]
-    if taken:
-        now = joined.to_json()
-        lines.append(f"joining experiment {cfg.experiment_name!r} with its settings (config.json): " + ", ".join(
-            f"{JOINED[attr]}={spelled(now[attr])} (this machine's: {spelled(cfg.to_json()[attr])})"
-            for attr in taken))
     return joined, lines
 
 

@@ -18,6 +18,8 @@ from swarm_supervisor.dashboard import Dashboard
 from swarm_supervisor.events import EventJournal, Watches
 from swarm_supervisor.handles import RestartPolicy, WorkerHandle
 from swarm_supervisor.hangup import on_hangup, print_nowhere, terminal_outputs
+from swarm_supervisor.join import SettingsChange
+from swarm_supervisor.readable import one_line
 from swarm_supervisor.devices import nvml_ids
 from swarm_supervisor.status import SwarmReader, SwarmView
 from swarm_supervisor.monitor import Monitor, MonitorSnapshot, PeakWindow, ProcessSnapshot
@@ -51,12 +53,6 @@ def view_interval(live_table: bool, on_store: bool) -> float:
     return TICK_S if live_table and not on_store else QUIET_VIEW_S
 
 
-def one_line(error: BaseException) -> str:
-    """`KeyError: 'x'`: the type, and the first line of the message, if any."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
-
-
 MEMORY_POLL_S = 5.0     # how often a restart held back for GPU memory looks again
 
 
@@ -65,13 +61,15 @@ class Supervisor:
                  model_label: str, device_label: str, dashboard: Dashboard | None = None,
                  keyring: KeyRing | None = None, coordinator_key: NodeKey | None = None,
                  claim_lost: Callable[[], str | None] = lambda: None, worker_need_mib: float | None = None,
-                 joined_as: str | None = None):
+                 joined_as: str | None = None,
+                 settings_changed: Callable[[SwarmConfig], SettingsChange | None] = lambda cfg: None):
         self.cfg = cfg
         self.worker_need_mib = worker_need_mib     # what one worker needs on its GPU (the start's fit check)
         self.folder = ExperimentFolder(cfg.experiment_dir)
         self.keyring = keyring or KeyRing(self.folder)
         self.machine = joined_as      # its events and monitor samples go to this machine's own files
         self.claim_lost = claim_lost       # why this `up` no longer holds the experiment, once it does not
+        self.settings_changed = settings_changed    # a joiner's: those its coordinator restarted with (SettingsWatch)
         self.ctx = mp.get_context("spawn")
         # Workers are asked to stop with SIGTERM, not a multiprocessing.Event: a worker killed with -9
         # while waiting on such an Event leaves its lock held, and the next set() blocks forever.
@@ -129,6 +127,10 @@ class Supervisor:
                 continue
             code = h.process.exitcode
             h.process.join(timeout=1)
+            if h.respawn_asked and not self.stopping:     # it stopped to restart with other settings: no crash
+                h.respawn_asked, h.kill_reason = False, None
+                self._spawn(h)
+                continue
             if code == 0:
                 h.exited_ok = True
                 continue
@@ -162,6 +164,16 @@ class Supervisor:
             h.restart_at = now + delay
             self.event(f"{h.node}: exited with code {code} ({h.last_error}); restart in {delay:.0f}s")
 
+    def _follow_settings(self) -> None:
+        """A joiner's workers restart from their checkpoints with the settings its coordinator restarted with."""
+        change = None if self.stopping else self.settings_changed(self.cfg)
+        for line in change.lines if change else ():
+            self.event(line, level="warning")
+        if change and change.cfg:
+            self.cfg = self.reader.cfg = change.cfg
+            for h in self.handles:
+                h.restart_with(replace(h.spec, cfg=change.cfg))
+
     def _held_for_memory(self, h: WorkerHandle, now: float, exited: bool = False) -> bool:
         """Whether a worker that ran out of CUDA memory waits to restart: while its GPU has less free memory
         than a worker needs, another process holds it, and a restart would only crash again and spend the
@@ -171,7 +183,7 @@ class Supervisor:
             return False
         if not exited and h.memory_wait_since is None:
             return False
-        free = self._free_mib(h.spec.device)
+        free = self.monitor.free_mib(h.spec.device)
         need = self.worker_need_mib
         if free is None or need is None or free >= need:
             if h.memory_wait_since is not None:
@@ -192,15 +204,6 @@ class Supervisor:
             return False
         h.restart_at = now + MEMORY_POLL_S
         return True
-
-    def _free_mib(self, device: str) -> float | None:
-        """Free memory on the worker's GPU now, by NVML; None on a CPU or where NVML cannot read it."""
-        try:
-            snapshot = self.monitor.sample(())
-        except Exception as exc:  # noqa: BLE001 - NVML and psutil raise their own types; the wait is best effort
-            log.warning("no GPU memory reading for the restart of a worker: %s", exc)
-            return None
-        return next((d.free_mib for d in snapshot.devices if d.label == device), None)
 
     def _kill_hung(self) -> None:
         """A worker stuck in one stage (a deadlock, a wedged GPU call) is killed; _reap restarts it."""
@@ -277,6 +280,7 @@ class Supervisor:
             if now - last_hang_check >= HANG_CHECK_S:
                 self.watch.folder()
                 self._kill_hung()
+                self._follow_settings()
                 last_hang_check = now
             self._reap()
             if now - last_sample >= MONITOR_S:

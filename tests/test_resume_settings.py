@@ -11,7 +11,7 @@ import pytest
 from configs_env import ConfigError, SwarmError
 from swarm_supervisor import cli
 from swarm_supervisor import join
-from swarm_supervisor.join import RUNNING_SETTINGS, JoinWait
+from swarm_supervisor.join import RUNNING_SETTINGS, JoinWait, SettingsWatch
 from swarm_supervisor.resume import Resume, joined_settings, plan_resume
 from tests.helpers import coordinators_up, keyring, node_key, write_as
 from tests.signed_folder import signed_experiment
@@ -181,3 +181,88 @@ def test_a_machine_that_joins_before_a_resumed_up_plays_with_the_resumed_setting
         write_recorded_config(folder, {k: v for k, v in record.items() if k != COORDINATOR_INSTANCE}, coordinator)
         assert wait.look() is None
     assert (joined.num_generations, joined.max_rounds) == (8, 40)
+
+
+def test_a_joiner_follows_its_coordinator_restarted_with_another_g_and_nothing_else(tmp_path, monkeypatch):
+    """A joiner's workers kept the G=4 they started with after its coordinator restarted with G=8: every peer
+    rejected their groups, and they rejected the peers'. Its watch now hands the supervisor the restarted `up`'s
+    settings, once; the same settings, a peer's config.json, or one an `up` that ended signed, change nothing."""
+    monkeypatch.setattr(join, "SETTINGS_CHECK_S", 0.0)
+    cfg, folder = signed_experiment(tmp_path)
+    coordinator = node_key(folder, "coordinator")
+    own = cfg.with_overrides(num_workers=1, checkpoint_interval=7)
+    with coordinators_up(folder, cfg).held() as first:
+        write_recorded_config(folder, Resume().record(cfg, MODEL, "cpu", first.lease.instance), coordinator)
+        watch = SettingsWatch(own, folder, keyring(folder))
+        playing, _ = joined_settings(folder, keyring(folder), own)
+        assert watch.look(playing) is None
+    resumed = cfg.with_overrides(num_generations=8, max_rounds=40)
+    with coordinators_up(folder, resumed).held() as up:
+        record = Resume().record(resumed, MODEL, "cpu", up.lease.instance)
+        write_as(folder, "worker-1", folder.config_file, {**record, "max_new_tokens": 8})    # a peer's: ignored
+        assert watch.look(playing) is None
+        write_recorded_config(folder, record, coordinator)
+        change = watch.look(playing)
+        assert change.lines == ("the coordinator restarted with other settings (NUM_GENERATIONS 4 -> 8): this "
+                                "machine's workers restart with them",)
+        assert change.cfg == playing.with_overrides(num_generations=8, max_rounds=40)
+        assert watch.look(change.cfg) is None                       # said once
+        playing = change.cfg
+    with coordinators_up(folder, resumed).held() as again:          # restarted once more, with the same settings
+        write_recorded_config(folder, Resume().record(resumed, MODEL, "cpu", again.lease.instance), coordinator)
+        assert watch.look(playing) is None
+    # config.json of the first `up`, put back by a peer while none runs: not followed
+    write_recorded_config(folder, Resume().record(cfg, MODEL, "cpu", first.lease.instance), coordinator)
+    assert watch.look(playing) is None
+    # a value this machine's parser refuses: it keeps its own, and says so once
+    with coordinators_up(folder, resumed).held() as last:
+        record = Resume().record(resumed.with_overrides(max_new_tokens=64), MODEL, "cpu", last.lease.instance)
+        write_recorded_config(folder, {**record, "seed": "\x1b[2J"}, coordinator)
+        change = watch.look(playing)
+        assert change.lines == (
+            "config.json of experiment 'e2e': SEED='\\x1b[2J': expected an integer >= 0 (e.g. SEED=42); this machine "
+            "keeps SEED=42",
+            "the coordinator restarted with other settings (MAX_NEW_TOKENS 256 -> 64): this machine's workers restart "
+            "with them")
+        assert change.cfg == playing.with_overrides(max_new_tokens=64) and watch.look(change.cfg) is None
+
+
+def test_a_joiners_worker_restarts_with_its_coordinators_new_settings_and_spends_no_restart(tmp_path, monkeypatch):
+    """The supervisor asks the worker to stop as on Ctrl-C (it checkpoints) and starts it again at once with the
+    new settings: neither a crash (with MAX_RESTARTS=1 and one crash behind it, a counted one would fail it) nor
+    finished."""
+    import multiprocessing as mp
+    import os
+
+    from swarm_supervisor.dashboard import Dashboard
+    from swarm_supervisor.join import SettingsChange
+    from swarm_supervisor.supervisor import Supervisor
+    from workers.processes import WorkerSpec
+
+    cfg, folder = signed_experiment(tmp_path)
+    cfg = cfg.with_overrides(max_restarts=1)
+    spec = WorkerSpec(cfg=cfg, node="colab-1", index=10_001, model_name="m", device="cpu", parent_pid=os.getpid())
+    line = "the coordinator restarted with other settings (NUM_GENERATIONS 4 -> 8): this machine's workers restart"
+    changes = [SettingsChange((line,), cfg.with_overrides(num_generations=8))]
+    supervisor = Supervisor(cfg, [spec], run_coordinator=False, model_label="m", device_label="cpu",
+                            dashboard=Dashboard(line_interval_s=3600), joined_as="colab",
+                            settings_changed=lambda playing: changes.pop() if changes else None)
+    spawned = []
+    monkeypatch.setattr(supervisor, "_spawn", lambda h: (spawned.append(h.spec), setattr(h, "restart_at", None)))
+    [worker] = supervisor.handles
+    worker.process = mp.get_context("spawn").Process(target=time.sleep, args=(600,))    # a worker waiting for a round
+    try:
+        worker.process.start()
+        worker.restarts.append(time.monotonic())
+        worker.total_restarts = 1
+        supervisor._follow_settings()
+        worker.process.join(timeout=30)
+        supervisor._reap()
+    finally:
+        if worker.process.is_alive():
+            worker.process.kill()
+        supervisor.monitor.close()
+    assert [s.cfg.num_generations for s in spawned] == [8] and spawned[0].node == "colab-1"
+    assert not worker.failed and not worker.exited_ok and (worker.total_restarts, len(worker.restarts)) == (1, 1)
+    assert supervisor.cfg.num_generations == supervisor.reader.cfg.num_generations == 8
+    assert line in folder.events_file_of("colab").read_text()

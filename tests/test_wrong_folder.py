@@ -19,10 +19,11 @@ from swarm_supervisor.resume import Resume
 from workers.shared_folder.recorded_config import write_recorded_config
 from swarm_supervisor.listing import experiment_roots, holds_records
 from swarm_supervisor.preflight import check_gdrive_path
-from tests.helpers import coordinators_up, node_key, swarm_env
+from tests.helpers import coordinators_up, entries_of, node_key, swarm_env, write_as
 from workers.shared_folder.base_meta import sign_base_meta
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.json_records import write_json_atomic
+from workers.shared_folder.protocol import SwarmFinished
 from workers.shared_folder.signing import COORDINATOR
 
 # every command that writes under GDRIVE_PATH
@@ -257,3 +258,16 @@ def test_a_joiner_started_before_its_coordinator_joins_once_it_comes(tmp_path, c
         joining.join(timeout=30)
     assert joined and f"coordinator key {coordinator.fingerprint} (pinned on this machine" in capsys.readouterr().out
     assert folder.create() is folder
+
+
+def test_a_joiner_of_a_finished_experiment_is_refused_before_it_writes_there(tmp_path, monkeypatch, capsys):
+    """The write check made and removed a probe file in the finished experiment's folder before the refusal."""
+    drive = tmp_path / "drive"
+    folder = ExperimentFolder(drive / "experiments" / "e2e").create()
+    write_as(folder, COORDINATOR, folder.finished_file, SwarmFinished(rounds=40, finished_at=time.time()).to_json())
+    before = entries_of(folder.root)
+    for command in ("worker", "join"):
+        assert one_line_error(*rl_swarm(monkeypatch, capsys, drive, command)) == (
+            "experiment 'e2e' already finished its 40 rounds; its `rl-swarm up` continues it with a raised MAX_ROUNDS "
+            "(join then), or set a new EXPERIMENT_NAME")
+    assert entries_of(folder.root) == before
