@@ -190,11 +190,11 @@ class Monitor:
     def free_mib(self, device: str) -> float | None:
         """Free memory on a worker's GPU now, by NVML; None on a CPU or where NVML cannot read it."""
         try:
-            snapshot = self.sample(())
-        except Exception as exc:  # noqa: BLE001 - NVML and psutil raise their own types; the reading is best effort
+            devices, _ = self._devices()     # the GPUs alone: the processes' readings (CPU share, PSS turns) stay
+        except Exception as exc:  # noqa: BLE001 - NVML raises its own types; the reading is best effort
             log.warning("no GPU memory reading of %s: %s", device, exc)
             return None
-        return next((d.free_mib for d in snapshot.devices if d.label == device), None)
+        return next((d.free_mib for d in devices if d.label == device), None)
 
     def close(self) -> None:
         if self._nvml is not None:

@@ -96,9 +96,7 @@ def test_a_worker_out_of_memory_because_another_process_fills_the_gpu_waits_for_
     supervisor = Supervisor(cfg, [spec], run_coordinator=False, model_label="m", device_label="cuda:0",
                             worker_need_mib=2048)
     free = [512.0]
-    monkeypatch.setattr(supervisor.monitor, "sample", lambda pids: MonitorSnapshot(
-        taken_at=0, devices=(DeviceSnapshot("H200", 143_000, 143_000 - free[0], free[0], None),), processes={},
-        supervisor_cpu_pct=None, host_ram_used_mib=0, host_ram_total_mib=1))
+    monkeypatch.setattr(supervisor.monitor, "free_mib", lambda device: free[0] if device == "cuda:0" else None)
     spawned = []
     monkeypatch.setattr(supervisor, "_spawn", lambda h: (spawned.append(h.node), setattr(h, "restart_at", None)))
     [worker] = supervisor.handles
