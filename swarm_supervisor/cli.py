@@ -18,7 +18,7 @@ from swarm_supervisor.preflight import (check_gdrive_path, check_writable_folder
                                         worker_need_mib)
 from workers.shared_folder.folder import ExperimentFolder
 from workers.shared_folder.recorded_config import write_recorded_config
-from swarm_supervisor.resume import Resume, finished_note, plan_resume
+from swarm_supervisor.resume import Resume, finished_note, plan_resume, refuse_past_max_rounds
 from workers.shared_folder.rejections import FolderError, RejectedFile
 from workers.shared_folder.retries import with_retries
 from workers.shared_folder.appends import open_append
@@ -124,10 +124,12 @@ def start(cfg: SwarmConfig, role: str, dashboard: bool = True) -> int:
 
 
 def finished_before_start(cfg: SwarmConfig) -> str | None:
-    """Why `up` has no round to run, told before anything is written (the folder's write check, the claim) and before
-    the device's and the model's notes: one line. _prepare_rounds asks again under the claim."""
+    """Why `up` has no round to run (one line, exit 0), or a ConfigError for a MAX_ROUNDS below the round a stopped
+    run reached: told before anything is written (the folder's write check, the claim) and before the device's and
+    the model's notes. _prepare_rounds asks again under the claim."""
     folder = ExperimentFolder(cfg.experiment_dir)
-    if not is_visible(folder.finished_file):      # a new experiment, or one stopped half-way
+    finished = is_visible(folder.finished_file)
+    if not finished and not is_visible(folder.round_state_file(1)):       # a new experiment
         return None
     key, keyring = coordinator_key(cfg, folder)
     try:
@@ -136,7 +138,12 @@ def finished_before_start(cfg: SwarmConfig) -> str | None:
         return None
     if fingerprint(published) != key.fingerprint:      # another coordinator's experiment: the claim refuses it
         return None
-    return finished_note(folder, keyring, cfg)
+    if finished and (note := finished_note(folder, keyring, cfg)) is not None:
+        return note
+    newest = with_retries(lambda: newest_signed_round(folder, keyring), f"listing {folder.state_dir}")
+    if newest is not None:
+        refuse_past_max_rounds(newest, cfg)
+    return None
 
 
 def _run_swarm(cfg: SwarmConfig, folder: ExperimentFolder, model_name: str, devices: list[str], keyring: KeyRing,

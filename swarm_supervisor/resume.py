@@ -19,7 +19,7 @@ from configs_env.parsing import spelled
 from swarm_supervisor.readable import plain
 from workers.shared_folder.exchange import newest_signed_round, read_finished
 from workers.shared_folder.folder import ExperimentFolder
-from workers.shared_folder.protocol import SCHEMA
+from workers.shared_folder.protocol import SCHEMA, RoundState
 from workers.shared_folder.recorded_config import CONFIG_BYTES, COORDINATOR_INSTANCE, read_recorded_config
 from workers.shared_folder.rejections import RejectedFile, warn_once
 from workers.shared_folder.retries import with_retries
@@ -93,16 +93,22 @@ class Resume:
         return record
 
 
+def refuse_past_max_rounds(newest: RoundState, cfg: SwarmConfig) -> None:
+    """ConfigError when the experiment already started a round past cfg's MAX_ROUNDS: resumed, it would play that
+    round past its MAX_ROUNDS and call the experiment finished."""
+    if newest.round > cfg.max_rounds:
+        raise ConfigError(f"MAX_ROUNDS={cfg.max_rounds}: experiment {cfg.experiment_name!r} already started round "
+                          f"{newest.round} (of {newest.max_rounds}); set MAX_ROUNDS={newest.max_rounds} (or anything "
+                          f"from {newest.round}) to resume it, or a new EXPERIMENT_NAME")
+
+
 def plan_resume(folder: ExperimentFolder, keyring: KeyRing, cfg: SwarmConfig, model_name: str) -> Resume:
     """Where the experiment's rounds go on and what changed since config.json; ConfigError, before anything is
     written, for a model other than its checkpoints hold or a MAX_ROUNDS below the round it reached."""
     newest = with_retries(lambda: newest_signed_round(folder, keyring), f"listing {folder.state_dir}")
     if newest is None:       # no round ran: nothing trained on the recorded settings, nothing to keep of them
         return Resume()
-    if newest.round > cfg.max_rounds:       # resumed, it would play a round past its MAX_ROUNDS and call it finished
-        raise ConfigError(f"MAX_ROUNDS={cfg.max_rounds}: experiment {cfg.experiment_name!r} already started round "
-                          f"{newest.round} (of {newest.max_rounds}); set MAX_ROUNDS={newest.max_rounds} (or anything "
-                          f"from {newest.round}) to resume it, or a new EXPERIMENT_NAME")
+    refuse_past_max_rounds(newest, cfg)
     recorded = _recorded(folder, keyring)
     before = recorded.get("model_resolved")
     if isinstance(before, str) and before != model_name:

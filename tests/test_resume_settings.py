@@ -13,7 +13,7 @@ from swarm_supervisor import cli
 from swarm_supervisor import join
 from swarm_supervisor.join import RUNNING_SETTINGS, JoinWait, SettingsWatch
 from swarm_supervisor.resume import Resume, joined_settings, plan_resume
-from tests.helpers import coordinators_up, keyring, node_key, write_as
+from tests.helpers import coordinators_up, entries_of, keyring, node_key, write_as
 from tests.signed_folder import signed_experiment
 from workers.shared_folder.protocol import RoundState, SwarmFinished
 from workers.shared_folder.recorded_config import COORDINATOR_INSTANCE, read_recorded_config, write_recorded_config
@@ -57,6 +57,32 @@ def test_up_again_with_a_max_rounds_below_the_round_a_stopped_run_reached_is_ref
                                   "(or anything from 2) to resume it, or a new EXPERIMENT_NAME")
     assert {p: p.read_bytes() for p in folder.root.rglob("*") if p.is_file()} == before
     assert cli._prepare_rounds(folder, cfg, keyring(folder), MODEL).round == 2      # its own MAX_ROUNDS resumes it
+
+
+def test_rl_swarm_up_with_a_max_rounds_below_the_reached_round_says_so_before_it_writes_anything(
+        tmp_path, monkeypatch, capsys):
+    """Through the command: the refusal came under the claim, after the folder's write check, the lease and the
+    coordinator key's line had touched the folder."""
+    from swarm_supervisor.claim import coordinator_key
+    from workers.shared_folder.json_records import write_json_atomic
+    from workers.shared_folder.signing import KeyRing
+
+    cfg, folder = signed_experiment(tmp_path)
+    key, _ = coordinator_key(cfg, folder)          # this machine's: the `up` that ran the rounds was here
+    KeyRing(folder).publish(key)
+    for round_ in (1, 2):                           # stopped in round 2 of 3
+        write_json_atomic(folder.round_state_file(round_), key.sign(
+            RoundState(round=round_, max_rounds=3, started_at=time.time(), reason="start").to_json()))
+    before = entries_of(folder.root)
+    for name, value in {"GDRIVE_PATH": str(cfg.gdrive_path), "EXPERIMENT_NAME": cfg.experiment_name,
+                        "RL_SWARM_CACHE": str(cfg.cache_dir), "MAX_ROUNDS": "1", "TEST_MODE": "True"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SWARM_URL", raising=False)
+    assert cli.main(["up"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("rl-swarm: error: MAX_ROUNDS=1: experiment 'e2e' already started round 2 (of 3); set "
+                                 "MAX_ROUNDS=3 (or anything from 2) to resume it, or a new EXPERIMENT_NAME\n")
+    assert entries_of(folder.root) == before
 
 
 def test_an_experiment_resumed_with_changes_time_and_again_keeps_its_config_json_readable(tmp_path):
