@@ -140,7 +140,10 @@ def finished_before_start(cfg: SwarmConfig) -> str | None:
         return None
     if finished and (note := finished_note(folder, keyring, cfg)) is not None:
         return note
-    newest = with_retries(lambda: newest_signed_round(folder, keyring), f"listing {folder.state_dir}")
+    try:
+        newest = with_retries(lambda: newest_signed_round(folder, keyring), f"listing {folder.state_dir}")
+    except OSError:         # the Drive away past the retries: the claim's own check asks again
+        return None
     if newest is not None:
         refuse_past_max_rounds(newest, cfg)
     return None

@@ -9,7 +9,7 @@ from typing import Any
 
 from configs_env import SwarmConfig, SwarmError
 from configs_env.parsing import spelled
-from swarm_supervisor.claim import signed_lease
+from swarm_supervisor.claim import Lease, signed_lease
 from swarm_supervisor.listing import list_experiments, where_shown
 from swarm_supervisor.readable import plain
 from swarm_supervisor.resume import (JOINED, SHAPING, ExperimentFinished, adopted_settings, finished_note,
@@ -178,8 +178,14 @@ def _signed_settings(folder: ExperimentFolder, keyring: KeyRing) -> dict[str, An
 
 
 def _running_coordinator(folder: ExperimentFolder, keyring: KeyRing, peer_timeout: float) -> str | None:
-    """The lease instance of the coordinator's `up` that runs now, or None while none does (a lease it signed, held
-    by a live process here or renewed within PEER_TIMEOUT elsewhere)."""
+    """The lease instance of the coordinator's `up` that runs now, or None while none does."""
+    lease = _running_lease(folder, keyring, peer_timeout)
+    return lease.instance if lease else None
+
+
+def _running_lease(folder: ExperimentFolder, keyring: KeyRing, peer_timeout: float) -> Lease | None:
+    """The lease of the coordinator's `up` that runs now, or None while none does (a lease it signed, held by a live
+    process here or renewed within PEER_TIMEOUT elsewhere)."""
     try:
         lease = signed_lease(folder, keyring)
     except RejectedFile as refused:     # a peer's, or one still syncing: the coordinator's is waited for
@@ -187,7 +193,7 @@ def _running_coordinator(folder: ExperimentFolder, keyring: KeyRing, peer_timeou
         return None
     except OSError:                     # no `up` holds the experiment (FileNotFoundError), or a Drive hiccup
         return None
-    return lease.instance if lease.alive(peer_timeout) else None
+    return lease if lease.alive(peer_timeout) else None
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,10 @@ class SettingsWatch:
         self.own, self.folder, self.keyring = own, folder, keyring
         recorded = _signed_settings(folder, keyring)
         self.instance = recorded.get(COORDINATOR_INSTANCE) if recorded else None
+        # only forward: a peer that puts back an ended `up`'s signed lease and config.json (both genuine, renewed
+        # within PEER_TIMEOUT) must not turn the joiners' workers back and forth
+        running = _running_lease(folder, keyring, own.peer_timeout)
+        self.since = running.started_at if running else float("-inf")
         self.next_look = time.monotonic() + SETTINGS_CHECK_S
 
     def look(self, playing: SwarmConfig) -> SettingsChange | None:
@@ -219,11 +229,14 @@ class SettingsWatch:
         self.next_look = time.monotonic() + SETTINGS_CHECK_S
         recorded = _signed_settings(self.folder, self.keyring)      # None on a Drive hiccup: looked at again
         written_by = recorded.get(COORDINATOR_INSTANCE) if recorded else None
-        if written_by is None or written_by == self.instance or \
-                written_by != _running_coordinator(self.folder, self.keyring, self.own.peer_timeout):
+        if written_by is None or written_by == self.instance:
             return None
-        self.instance = written_by
-        adopted, lines = adopted_settings(recorded, self.own)
+        running = _running_lease(self.folder, self.keyring, self.own.peer_timeout)
+        if running is None or running.instance != written_by or running.started_at <= self.since:
+            return None
+        self.instance, self.since = written_by, running.started_at
+        # from what its workers play with: a value this machine's parser refuses keeps theirs, not its own
+        adopted, lines = adopted_settings(recorded, playing)
         followed = playing.with_overrides(**{attr: getattr(adopted, attr) for attr in JOINED})
         changed = [attr for attr in SHAPING if getattr(followed, attr) != getattr(playing, attr)]
         if not changed:

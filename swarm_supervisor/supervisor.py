@@ -127,10 +127,12 @@ class Supervisor:
                 continue
             code = h.process.exitcode
             h.process.join(timeout=1)
-            if h.respawn_asked and not self.stopping:     # it stopped to restart with other settings: no crash
-                h.respawn_asked, h.kill_reason = False, None
+            clean = code == 0 or (code == -signal.SIGTERM and h.kill_reason is None)
+            if h.respawn_asked and clean and not self.stopping:    # stopped to restart with other settings: no crash
+                h.respawn_asked = False
                 self._spawn(h)
                 continue
+            h.respawn_asked = False     # it crashed on its way out: a crash, restarted (with its new spec) as one
             if code == 0:
                 h.exited_ok = True
                 continue

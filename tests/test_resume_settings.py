@@ -219,6 +219,7 @@ def test_a_joiner_follows_its_coordinator_restarted_with_another_g_and_nothing_e
     own = cfg.with_overrides(num_workers=1, checkpoint_interval=7)
     with coordinators_up(folder, cfg).held() as first:
         write_recorded_config(folder, Resume().record(cfg, MODEL, "cpu", first.lease.instance), coordinator)
+        first_lease = folder.coordinator_lease_file.read_bytes()
         watch = SettingsWatch(own, folder, keyring(folder))
         playing, _ = joined_settings(folder, keyring(folder), own)
         assert watch.look(playing) is None
@@ -240,6 +241,10 @@ def test_a_joiner_follows_its_coordinator_restarted_with_another_g_and_nothing_e
     # config.json of the first `up`, put back by a peer while none runs: not followed
     write_recorded_config(folder, Resume().record(cfg, MODEL, "cpu", first.lease.instance), coordinator)
     assert watch.look(playing) is None
+    # ... nor with its lease put back too (genuine, and its process alive here): the watch only goes forward
+    folder.coordinator_lease_file.write_bytes(first_lease)
+    assert watch.look(playing) is None
+    folder.coordinator_lease_file.unlink()          # (its process here is alive: the next `up` would be refused)
     # a value this machine's parser refuses: it keeps its own, and says so once
     with coordinators_up(folder, resumed).held() as last:
         record = Resume().record(resumed.with_overrides(max_new_tokens=64), MODEL, "cpu", last.lease.instance)
@@ -292,3 +297,35 @@ def test_a_joiners_worker_restarts_with_its_coordinators_new_settings_and_spends
     assert not worker.failed and not worker.exited_ok and (worker.total_restarts, len(worker.restarts)) == (1, 1)
     assert supervisor.cfg.num_generations == supervisor.reader.cfg.num_generations == 8
     assert line in folder.events_file_of("colab").read_text()
+
+
+def test_a_worker_that_crashes_on_its_way_to_a_settings_restart_is_a_crash(tmp_path, monkeypatch):
+    """A worker asked to restart with new settings that exits with an error (a failed checkpoint write, out of
+    memory) is restarted as a crash, counted, said, and failed past MAX_RESTARTS: not started again unseen."""
+    import multiprocessing as mp
+    import os
+    import sys
+
+    from swarm_supervisor.dashboard import Dashboard
+    from swarm_supervisor.supervisor import Supervisor
+    from workers.processes import WorkerSpec
+
+    cfg, folder = signed_experiment(tmp_path)
+    cfg = cfg.with_overrides(max_restarts=1)
+    spec = WorkerSpec(cfg=cfg, node="colab-1", index=10_001, model_name="m", device="cpu", parent_pid=os.getpid())
+    supervisor = Supervisor(cfg, [spec], run_coordinator=False, model_label="m", device_label="cpu",
+                            dashboard=Dashboard(line_interval_s=3600), joined_as="colab")
+    spawned = []
+    monkeypatch.setattr(supervisor, "_spawn", lambda h: spawned.append(h.spec))
+    [worker] = supervisor.handles
+    worker.process = mp.get_context("spawn").Process(target=sys.exit, args=(1,))
+    try:
+        worker.process.start()
+        worker.process.join(timeout=30)
+        worker.respawn_asked = True
+        worker.restarts.append(time.monotonic())
+        supervisor._reap()
+    finally:
+        supervisor.monitor.close()
+    assert spawned == [] and worker.failed and not worker.respawn_asked
+    assert "colab-1: failed" in folder.events_file_of("colab").read_text()
