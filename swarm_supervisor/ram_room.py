@@ -20,5 +20,6 @@ def ram_warning(workers: int, config, on_cuda: bool, model_name: str, available:
         return None
     fit = max(0, int((available - SUPERVISOR_MIB * 1024 ** 2) // per_worker))
     return (f"warning: {workers} workers of {model_name} need ~{need / GIB:.1f} GiB of host RAM at their peak "
-            f"(~{per_worker / GIB:.1f} GiB each, measured by PSS) and this machine has {available / GIB:.1f} GiB "
-            f"available; {fit} fit: lower NUM_WORKERS, or use a machine (a Colab runtime) with more RAM")
+            f"(~{per_worker / GIB:.1f} GiB each, from peaks measured by PSS) and this machine has "
+            f"{available / GIB:.1f} GiB available; {fit} fit: lower NUM_WORKERS, or use a machine (a Colab runtime) "
+            "with more RAM")

@@ -11,9 +11,9 @@ GIB = 1024 ** 3
 
 def test_four_gpt2_workers_on_a_12_gib_colab_runtime_are_warned_with_how_many_fit():
     line = ram_warning(4, GPT2_124M, on_cuda=True, model_name="gpt2", available=int(10 * GIB))
-    assert line == ("warning: 4 workers of gpt2 need ~12.7 GiB of host RAM at their peak (~3.1 GiB each, measured by "
-                    "PSS) and this machine has 10.0 GiB available; 3 fit: lower NUM_WORKERS, or use a machine (a "
-                    "Colab runtime) with more RAM")
+    assert line == ("warning: 4 workers of gpt2 need ~13.6 GiB of host RAM at their peak (~3.3 GiB each, from peaks "
+                    "measured by PSS) and this machine has 10.0 GiB available; 2 fit: lower NUM_WORKERS, or use a "
+                    "machine (a Colab runtime) with more RAM")
     assert ram_warning(4, GPT2_124M, on_cuda=True, model_name="gpt2", available=int(80 * GIB)) is None
 
 

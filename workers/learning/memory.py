@@ -83,8 +83,10 @@ def update_graphs_mib(config, cfg: SwarmConfig) -> float:
 # CUDA's and the tasks' libraries, the tokenizer, Python) and bytes per parameter. On CUDA the host holds a
 # checkpoint's copy of the fp32 weights and bf16 moments (8 bytes); on a CPU the model lives there too: fp32 weights,
 # gradients and torch AdamW's two fp32 moments, and the copy of weights and moments (28 bytes). Measured: GPT-2 124M
-# on an H200 peaked at 2.92-3.11 GiB a worker (2240 MiB + 124M x 8 B); the tiny model on a 2-core CPU at 0.35 GiB.
-HOST_FIXED_MIB = {True: 2240, False: 330}
+# on an H200 peaked at 2.92-3.11 GiB a worker (2240 MiB + 124M x 8 B); the tiny model on 2-core CPUs at 0.35-0.36 GiB
+# (330-343 MiB + 0.7M x 28 B), with Python 3.11 or 3.12. About a tenth more is counted: another Python, torch or
+# kernel maps a little more.
+HOST_FIXED_MIB = {True: 2450, False: 380}
 HOST_BYTES_PER_PARAM = {True: 8, False: 28}
 
 
