@@ -39,10 +39,9 @@ def joiners_keyring(cfg: SwarmConfig, folder: ExperimentFolder) -> KeyRing:
 
 def join_experiment(cfg: SwarmConfig) -> tuple[SwarmConfig, KeyRing, "SettingsWatch"]:
     """A joining machine's settings, the experiment's where they shape the rounds, its keys of the experiment, and
-    the watch that follows its coordinator's settings from then on, once the experiment is ready to join;
-    ExperimentFinished when it has no round left. Nothing is written into the experiment's folder before its
-    coordinator made it."""
-    refuse_finished(cfg)
+    the watch that follows its coordinator's settings from then on, once the experiment is ready to join. The
+    caller refuses a finished experiment first (refuse_finished, before its folder checks write anything). Nothing
+    is written into the experiment's folder before its coordinator made it."""
     folder = ExperimentFolder(cfg.experiment_dir)
     keyring = join_when_ready(cfg, folder)
     watch = SettingsWatch(cfg, folder, keyring)     # before they are taken: a config.json signed since is followed
@@ -144,7 +143,8 @@ def _not_ready(folder: ExperimentFolder, keyring: KeyRing, peer_timeout: float) 
         return SETTINGS
     # a coordinator of a version before config.json named its `up` cannot be told from the one before it: taken
     written_by = recorded.get(COORDINATOR_INSTANCE)
-    if written_by is not None and written_by != _running_coordinator(folder, keyring, peer_timeout):
+    running = _running_lease(folder, keyring, peer_timeout)
+    if written_by is not None and (running is None or written_by != running.instance):
         return RUNNING_SETTINGS
     return None
 
@@ -175,12 +175,6 @@ def _signed_settings(folder: ExperimentFolder, keyring: KeyRing) -> dict[str, An
         return None
     except OSError:                     # not written yet (FileNotFoundError), or a Drive hiccup
         return None
-
-
-def _running_coordinator(folder: ExperimentFolder, keyring: KeyRing, peer_timeout: float) -> str | None:
-    """The lease instance of the coordinator's `up` that runs now, or None while none does."""
-    lease = _running_lease(folder, keyring, peer_timeout)
-    return lease.instance if lease else None
 
 
 def _running_lease(folder: ExperimentFolder, keyring: KeyRing, peer_timeout: float) -> Lease | None:
